@@ -1,0 +1,152 @@
+#!/usr/bin/env bash
+# A RabbitMQ node of its own, on loopback, for development and tests.
+#
+#   deploy/broker.sh start [--dir DIR] [--port N] [--name NAME] [--watch PID]
+#       Starts a node (installing Debian's rabbitmq-server first when missing and
+#       running as root), waits until it serves, prints its AMQP URL as the last
+#       line. --watch PID stops the node when process PID exits.
+#   deploy/broker.sh stop [--dir DIR]      stops exactly the node started in DIR
+#   deploy/broker.sh ctl [--dir DIR] ARGS  rabbitmqctl against that node
+#   deploy/broker.sh url [--dir DIR]       prints the node's AMQP URL
+#
+# Each node has its own HOME (Erlang cookie), node name, AMQP and distribution
+# ports, data and log directories: it never touches another node on the machine.
+# Defaults: DIR=${TMPDIR:-/tmp}/warren-broker, port 5672, name warren-dev.
+set -euo pipefail
+
+RMQ_BIN=/usr/lib/rabbitmq/bin
+cmd=${1:-}
+shift || true
+dir=${TMPDIR:-/tmp}/warren-broker
+port=5672
+name=warren-dev
+watch=""
+while [ $# -gt 0 ]; do
+  case "$1" in
+    --dir) dir=$2; shift 2 ;;
+    --port) port=$2; shift 2 ;;
+    --name) name=$2; shift 2 ;;
+    --watch) watch=$2; shift 2 ;;
+    --) shift; break ;;
+    *) break ;;
+  esac
+done
+
+log() { echo "broker.sh: $*" >&2; }
+
+install_if_missing() {
+  [ -x "$RMQ_BIN/rabbitmq-server" ] && return 0
+  if [ "$(id -u)" != 0 ]; then
+    log "rabbitmq-server is not installed; run as root (it installs Debian's rabbitmq-server) or use 'docker compose up rabbitmq'"
+    exit 1
+  fi
+  log "installing Debian's rabbitmq-server"
+  export DEBIAN_FRONTEND=noninteractive
+  # The package's postinst must not start the system node: it would take 5672.
+  printf '#!/bin/sh\nexit 101\n' > /usr/sbin/policy-rc.d
+  chmod +x /usr/sbin/policy-rc.d
+  apt-get update -qq >&2
+  apt-get install -y -qq rabbitmq-server >&2
+  rm -f /usr/sbin/policy-rc.d
+}
+
+free_port() {
+  python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'
+}
+
+node_env() {
+  # shellcheck disable=SC1091
+  . "$dir/node.env"
+  export HOME="$dir/home" RABBITMQ_NODENAME="$NODE" RABBITMQ_NODE_IP_ADDRESS=127.0.0.1 \
+    RABBITMQ_NODE_PORT="$PORT" RABBITMQ_DIST_PORT="$DIST_PORT" \
+    RABBITMQ_MNESIA_BASE="$dir/mnesia" RABBITMQ_LOG_BASE="$dir/log" \
+    RABBITMQ_PID_FILE="$dir/rabbit.pid" RABBITMQ_CONFIG_FILE="$dir/rabbitmq.conf" \
+    RABBITMQ_ADVANCED_CONFIG_FILE="$dir/advanced.config" \
+    RABBITMQ_ENABLED_PLUGINS_FILE="$dir/enabled_plugins" \
+    RABBITMQ_CONF_ENV_FILE="$dir/rabbitmq-env.conf" \
+    RABBITMQ_CTL_DIST_PORT_MIN="$CTL_PORT" RABBITMQ_CTL_DIST_PORT_MAX="$((CTL_PORT + 10))"
+}
+
+ctl() { node_env; "$RMQ_BIN/rabbitmqctl" -n "$NODE" "$@"; }
+
+start() {
+  install_if_missing
+  if [ -f "$dir/rabbit.pid" ] && kill -0 "$(cat "$dir/rabbit.pid")" 2>/dev/null; then
+    log "a node already runs from $dir"
+    url
+    return 0
+  fi
+  [ "$port" = 0 ] && port=$(free_port)
+  mkdir -p "$dir/home" "$dir/mnesia" "$dir/log"
+  local dist ctlp
+  dist=$(free_port)
+  ctlp=$(free_port)
+  cat > "$dir/node.env" <<EOF
+NODE=$name@localhost
+PORT=$port
+DIST_PORT=$dist
+CTL_PORT=$ctlp
+EOF
+  cat > "$dir/rabbitmq.conf" <<EOF
+listeners.tcp.1 = 127.0.0.1:$port
+loopback_users.guest = true
+log.console = false
+log.file.level = warning
+disk_free_limit.absolute = 50MB
+EOF
+  echo '[].' > "$dir/advanced.config"
+  echo '[].' > "$dir/enabled_plugins"
+  : > "$dir/rabbitmq-env.conf"
+  node_env
+  rm -f "$dir/rabbit.pid"
+  setsid "$RMQ_BIN/rabbitmq-server" > "$dir/log/stdout.log" 2>&1 < /dev/null &
+  local waited=0
+  until [ -s "$dir/rabbit.pid" ]; do
+    sleep 0.2
+    waited=$((waited + 1))
+    if [ $waited -gt 300 ]; then
+      log "node did not write its pid file; see $dir/log"
+      tail -20 "$dir/log/stdout.log" >&2 || true
+      exit 1
+    fi
+  done
+  if ! "$RMQ_BIN/rabbitmqctl" -n "$NODE" wait --timeout 120 "$dir/rabbit.pid" > /dev/null 2>&1; then
+    log "node did not start; see $dir/log"
+    tail -20 "$dir/log/stdout.log" >&2 || true
+    exit 1
+  fi
+  if [ -n "$watch" ]; then
+    # Stop the node once the watched process is gone (test runs that crash).
+    (trap '' HUP; while kill -0 "$watch" 2>/dev/null; do sleep 1; done; "$0" stop --dir "$dir") \
+      > /dev/null 2>&1 < /dev/null &
+    disown || true
+  fi
+  log "node $NODE serves AMQP on 127.0.0.1:$PORT (data: $dir)"
+  url
+}
+
+url() {
+  # shellcheck disable=SC1091
+  . "$dir/node.env"
+  echo "amqp://guest:guest@127.0.0.1:$PORT/%2f"
+}
+
+stop() {
+  [ -f "$dir/node.env" ] || { log "no node in $dir"; return 0; }
+  node_env
+  if [ -f "$dir/rabbit.pid" ]; then
+    local pid
+    pid=$(cat "$dir/rabbit.pid")
+    "$RMQ_BIN/rabbitmqctl" -n "$NODE" stop "$dir/rabbit.pid" > /dev/null 2>&1 || kill "$pid" 2>/dev/null || true
+    rm -f "$dir/rabbit.pid"
+  fi
+  log "stopped $NODE"
+}
+
+case "$cmd" in
+  start) start ;;
+  stop) stop ;;
+  ctl) ctl "$@" ;;
+  url) url ;;
+  *) sed -n '2,15p' "$0" >&2; exit 2 ;;
+esac

@@ -1,0 +1,236 @@
+//! Connecting to the broker and publishing with confirms, for both roles.
+//!
+//! Every publish is persistent, `mandatory`, on a confirm-mode channel, and is
+//! reported as done only once the broker acked it; a nack, a return (no queue
+//! bound) or a confirm that does not come within the timeout is an error.
+//! Publishing is pipelined: [`Publisher::send`] returns a [`Pending`] confirm,
+//! so callers keep many in flight and await them later.
+
+use std::collections::VecDeque;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures_util::StreamExt;
+use lapin::options::{BasicPublishOptions, ConfirmSelectOptions};
+use lapin::uri::AMQPUri;
+use lapin::{
+    BasicProperties, Channel, Confirmation, Connection, ConnectionProperties, Event,
+    PublisherConfirm,
+};
+
+use crate::config::{redact_url, AmqpConfig};
+use crate::envelope::Task;
+use crate::error::Error;
+use crate::metrics::AmqpMetrics;
+use crate::topology::Topology;
+
+/// Connect with the configured heartbeat (unless the URL sets one) and a
+/// connection name that shows up in the management UI.
+pub async fn connect(cfg: &AmqpConfig, role: &str) -> Result<Connection, Error> {
+    let mut uri: AMQPUri =
+        cfg.url.expose().parse().map_err(|e: String| {
+            Error::Url(format!("{e} (in {})", redact_url(cfg.url.expose())))
+        })?;
+    if uri.query.heartbeat.is_none() {
+        uri.query.heartbeat = Some(cfg.heartbeat.as_secs().clamp(1, u16::MAX as u64) as u16);
+    }
+    let name = cfg.connection_name.clone().unwrap_or_else(|| {
+        let host = std::env::var("HOSTNAME").unwrap_or_else(|_| "local".into());
+        format!("{role}@{host}:{}", std::process::id())
+    });
+    let props = ConnectionProperties::default().with_connection_name(name.into());
+    let timeout = Duration::from_secs(15);
+    tokio::time::timeout(timeout, Connection::connect_uri(uri, props))
+        .await
+        .map_err(|_| Error::ConnectTimeout(timeout))?
+        .map_err(Error::from)
+}
+
+/// Watches a connection's events: the `blocked` flag follows
+/// connection.blocked/unblocked so callers can refuse work (503) instead of
+/// hanging on publishes.
+pub fn watch_connection(conn: &Connection, metrics: AmqpMetrics) -> Arc<AtomicBool> {
+    let blocked = Arc::new(AtomicBool::new(false));
+    let flag = blocked.clone();
+    let mut events = conn.events_listener();
+    tokio::spawn(async move {
+        while let Some(ev) = events.next().await {
+            match ev {
+                Event::ConnectionBlocked(reason) => {
+                    tracing::warn!(%reason, "broker blocked publishing on this connection");
+                    flag.store(true, Ordering::Relaxed);
+                    metrics.blocked.set(1);
+                }
+                Event::ConnectionUnblocked => {
+                    tracing::info!("broker unblocked publishing");
+                    flag.store(false, Ordering::Relaxed);
+                    metrics.blocked.set(0);
+                }
+                Event::Error(e) => {
+                    tracing::warn!(error = %e, "connection error");
+                    metrics.connected.set(0);
+                }
+                _ => {}
+            }
+        }
+    });
+    blocked
+}
+
+/// A confirm-mode channel. Cheap to clone; clones share the channel.
+#[derive(Clone)]
+pub struct Publisher {
+    channel: Channel,
+    confirm_timeout: Duration,
+}
+
+/// A publish the broker has not confirmed yet.
+#[must_use = "a publish is not done until its confirm is awaited"]
+pub struct Pending {
+    confirm: PublisherConfirm,
+    timeout: Duration,
+    exchange: String,
+    routing_key: String,
+}
+
+impl Pending {
+    /// Wait for the broker's verdict.
+    pub async fn confirmed(self) -> Result<(), Error> {
+        let c = tokio::time::timeout(self.timeout, self.confirm)
+            .await
+            .map_err(|_| Error::ConfirmTimeout(self.timeout))??;
+        match c {
+            Confirmation::Ack(None) => Ok(()),
+            Confirmation::Ack(Some(ret)) | Confirmation::Nack(Some(ret)) => {
+                Err(Error::Unroutable {
+                    exchange: self.exchange,
+                    routing_key: self.routing_key,
+                    reply: format!("{} {}", ret.reply_code, ret.reply_text),
+                })
+            }
+            Confirmation::Nack(None) => Err(Error::Nacked {
+                exchange: self.exchange,
+                routing_key: self.routing_key,
+            }),
+            Confirmation::NotRequested => Err(Error::NotConfirmed),
+        }
+    }
+}
+
+impl Publisher {
+    /// Open a channel on `conn` and put it in confirm mode.
+    pub async fn new(conn: &Connection, confirm_timeout: Duration) -> Result<Self, Error> {
+        let channel = conn.create_channel().await?;
+        channel
+            .confirm_select(ConfirmSelectOptions::default())
+            .await?;
+        Ok(Self {
+            channel,
+            confirm_timeout,
+        })
+    }
+
+    pub fn channel(&self) -> &Channel {
+        &self.channel
+    }
+
+    /// Whether the channel can still publish.
+    pub fn is_open(&self) -> bool {
+        self.channel.status().connected()
+    }
+
+    /// Publish without waiting for the confirm.
+    pub async fn send(
+        &self,
+        exchange: &str,
+        routing_key: &str,
+        properties: BasicProperties,
+        body: &[u8],
+    ) -> Result<Pending, Error> {
+        let confirm = self
+            .channel
+            .basic_publish(
+                exchange.into(),
+                routing_key.into(),
+                BasicPublishOptions {
+                    mandatory: true,
+                    ..BasicPublishOptions::default()
+                },
+                body,
+                properties,
+            )
+            .await?;
+        Ok(Pending {
+            confirm,
+            timeout: self.confirm_timeout,
+            exchange: exchange.to_owned(),
+            routing_key: routing_key.to_owned(),
+        })
+    }
+
+    /// Publish and wait for the confirm.
+    pub async fn publish(
+        &self,
+        exchange: &str,
+        routing_key: &str,
+        properties: BasicProperties,
+        body: &[u8],
+    ) -> Result<(), Error> {
+        self.send(exchange, routing_key, properties, body)
+            .await?
+            .confirmed()
+            .await
+    }
+
+    /// Send a task so that it is delivered after `delay` (zero: at once).
+    pub async fn send_task(
+        &self,
+        topo: &Topology,
+        task: &Task,
+        delay: Duration,
+    ) -> Result<Pending, Error> {
+        let (exchange, key) = topo.route(&task.name, delay);
+        self.send(&exchange, &key, task.properties(), &task.payload)
+            .await
+    }
+
+    /// Publish a task and wait for its confirm.
+    pub async fn publish_task(
+        &self,
+        topo: &Topology,
+        task: &Task,
+        delay: Duration,
+    ) -> Result<(), Error> {
+        self.send_task(topo, task, delay).await?.confirmed().await
+    }
+
+    /// Publish many tasks with up to `window` confirms outstanding; one result
+    /// per task, in order.
+    pub async fn publish_tasks<'a>(
+        &self,
+        topo: &Topology,
+        tasks: impl IntoIterator<Item = (&'a Task, Duration)>,
+        window: usize,
+    ) -> Vec<Result<(), Error>> {
+        let mut results = Vec::new();
+        let mut in_flight: VecDeque<(usize, Pending)> = VecDeque::new();
+        for (task, delay) in tasks {
+            let idx = results.len();
+            results.push(Ok(()));
+            match self.send_task(topo, task, delay).await {
+                Ok(p) => in_flight.push_back((idx, p)),
+                Err(e) => results[idx] = Err(e),
+            }
+            if in_flight.len() >= window.max(1) {
+                if let Some((i, p)) = in_flight.pop_front() {
+                    results[i] = p.confirmed().await;
+                }
+            }
+        }
+        for (i, p) in in_flight {
+            results[i] = p.confirmed().await;
+        }
+        results
+    }
+}

@@ -1,0 +1,427 @@
+//! Configuration: the sections both roles share and the one loader that layers
+//! defaults < TOML file < `WARREN_*` environment.
+//!
+//! Each binary defines one `#[serde(deny_unknown_fields, default)]` struct
+//! embedding these sections. Environment variables map onto keys with `__`
+//! between path segments (`WARREN_WORKER__CONCURRENCY=32` sets
+//! `worker.concurrency`); a few short aliases exist for what people set most
+//! (`WARREN_AMQP_URL`, `WARREN_HTTP_ADDR`, `WARREN_LOG_FORMAT`, `WARREN_LOG_LEVEL`).
+//! The environment is passed in, never read here, so tests can give a map.
+
+use std::fmt;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::de::DeserializeOwned;
+use serde::{Deserialize, Serialize};
+
+/// The default broker URL (documented).
+pub const DEFAULT_AMQP_URL: &str = "amqp://guest:guest@127.0.0.1:5672/%2f";
+
+/// Environment variables that name a config key without the `__` form.
+const ALIASES: &[(&str, &[&str])] = &[
+    ("WARREN_AMQP_URL", &["amqp", "url"]),
+    ("WARREN_HTTP_ADDR", &["http", "addr"]),
+    ("WARREN_LOG_FORMAT", &["log", "format"]),
+    ("WARREN_LOG_LEVEL", &["log", "level"]),
+];
+
+/// A value that must never be printed (the broker URL carries a password).
+#[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(transparent)]
+pub struct Secret(String);
+
+impl Secret {
+    pub fn new(s: impl Into<String>) -> Self {
+        Self(s.into())
+    }
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Debug for Secret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&redact_url(&self.0))
+    }
+}
+
+/// The URL with any password replaced, for logs.
+pub fn redact_url(url: &str) -> String {
+    let Some((scheme, rest)) = url.split_once("://") else {
+        return "<redacted>".into();
+    };
+    match rest.rsplit_once('@') {
+        Some((userinfo, host)) => {
+            let user = userinfo.split(':').next().unwrap_or("");
+            format!("{scheme}://{user}:***@{host}")
+        }
+        None => url.to_owned(),
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AmqpConfig {
+    pub url: Secret,
+    /// Heartbeat asked for when the URL has none: a silent connection is
+    /// dropped after about three of these (the broker would propose 60 s).
+    #[serde(with = "humantime_serde")]
+    pub heartbeat: Duration,
+    /// How long a publish may wait for its confirm (the broker blocks
+    /// publishers under a resource alarm, so an unbounded wait would hang).
+    #[serde(with = "humantime_serde")]
+    pub confirm_timeout: Duration,
+    /// Shown in the management UI next to the connection.
+    pub connection_name: Option<String>,
+}
+
+impl Default for AmqpConfig {
+    fn default() -> Self {
+        Self {
+            url: Secret::new(DEFAULT_AMQP_URL),
+            heartbeat: Duration::from_secs(10),
+            confirm_timeout: Duration::from_secs(15),
+            connection_name: None,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum QueueType {
+    #[default]
+    Classic,
+    Quorum,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct TopologyConfig {
+    /// Prefix of every AMQP object, so two deployments can share a vhost.
+    pub prefix: String,
+    pub queue_type: QueueType,
+    pub queues: Vec<QueueConfig>,
+}
+
+impl Default for TopologyConfig {
+    fn default() -> Self {
+        Self {
+            prefix: "warren".into(),
+            queue_type: QueueType::Classic,
+            queues: vec![QueueConfig::default()],
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct QueueConfig {
+    /// Short name; the queue is `<prefix>.<name>`.
+    pub name: String,
+    /// Topic patterns on the task exchange (`#` = every task).
+    pub bindings: Vec<String>,
+    /// `x-max-priority` for classic queues; 0 turns priorities off. Ignored on
+    /// quorum queues, which have no priorities in RabbitMQ 3.x.
+    pub max_priority: u8,
+}
+
+impl Default for QueueConfig {
+    fn default() -> Self {
+        Self {
+            name: "default".into(),
+            bindings: vec!["#".into()],
+            max_priority: 10,
+        }
+    }
+}
+
+impl TopologyConfig {
+    pub fn validate(&self) -> Result<(), String> {
+        if self.prefix.is_empty() || self.prefix.contains(['#', '*']) {
+            return Err(format!(
+                "topology.prefix: expected a non-empty name without # or *, got {:?}",
+                self.prefix
+            ));
+        }
+        if self.queues.is_empty() {
+            return Err("topology.queues: expected at least one work queue".into());
+        }
+        let mut seen = std::collections::HashSet::new();
+        for q in &self.queues {
+            if q.name.is_empty() || !seen.insert(q.name.as_str()) {
+                return Err(format!(
+                    "topology.queues: name {:?} is empty or used twice",
+                    q.name
+                ));
+            }
+            if q.bindings.is_empty() {
+                return Err(format!(
+                    "topology.queues.{}: expected at least one binding",
+                    q.name
+                ));
+            }
+        }
+        Ok(())
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HttpConfig {
+    /// Address of /metrics, /healthz, /readyz (and the producer's API).
+    pub addr: SocketAddr,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    #[default]
+    Text,
+    Json,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LogConfig {
+    pub format: LogFormat,
+    /// An `EnvFilter` directive; `RUST_LOG` wins when set.
+    pub level: String,
+}
+
+impl Default for LogConfig {
+    fn default() -> Self {
+        Self {
+            format: LogFormat::Text,
+            level: "info".into(),
+        }
+    }
+}
+
+/// Why configuration could not be loaded. Every variant names where.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read config file {path}: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("config file {path}: {message}")]
+    File { path: PathBuf, message: String },
+    #[error("environment ({vars}): {message}")]
+    Env { vars: String, message: String },
+    #[error("{origin}: {message}")]
+    Invalid { origin: String, message: String },
+}
+
+/// Load `T` from defaults, then `path` (if any), then `env` (`WARREN_*` pairs).
+pub fn load<T: DeserializeOwned>(
+    path: Option<&Path>,
+    env: impl IntoIterator<Item = (String, String)>,
+) -> Result<T, ConfigError> {
+    let mut table = match path {
+        Some(path) => {
+            let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+                path: path.to_owned(),
+                source,
+            })?;
+            // Parse straight into T first: toml's errors then carry line,
+            // column and the offending key.
+            toml::from_str::<T>(&text).map_err(|e| ConfigError::File {
+                path: path.to_owned(),
+                message: e.to_string().trim_end().to_owned(),
+            })?;
+            toml::from_str::<toml::Table>(&text).map_err(|e| ConfigError::File {
+                path: path.to_owned(),
+                message: e.to_string(),
+            })?
+        }
+        None => toml::Table::new(),
+    };
+    let mut applied = Vec::new();
+    for (key, raw) in env {
+        let Some(path) = env_path(&key) else { continue };
+        set_path(&mut table, &path, env_value(&raw)).map_err(|message| ConfigError::Env {
+            vars: key.clone(),
+            message,
+        })?;
+        applied.push(key);
+    }
+    if applied.is_empty() && path.is_some() {
+        return T::deserialize(table).map_err(|e| ConfigError::Invalid {
+            origin: origin(path),
+            message: e.to_string(),
+        });
+    }
+    T::deserialize(table).map_err(|e| ConfigError::Env {
+        vars: applied.join(", "),
+        message: e.to_string().trim_end().to_owned(),
+    })
+}
+
+/// Where a value came from, for validation errors raised after loading.
+pub fn origin(path: Option<&Path>) -> String {
+    match path {
+        Some(p) => format!("config file {} (or WARREN_* environment)", p.display()),
+        None => "configuration (defaults and WARREN_* environment)".into(),
+    }
+}
+
+fn env_path(key: &str) -> Option<Vec<String>> {
+    if let Some((_, path)) = ALIASES.iter().find(|(k, _)| *k == key) {
+        return Some(path.iter().map(|s| s.to_string()).collect());
+    }
+    let rest = key.strip_prefix("WARREN_")?;
+    if !rest.contains("__") {
+        return None;
+    }
+    Some(rest.split("__").map(|s| s.to_ascii_lowercase()).collect())
+}
+
+/// A value is read as a TOML literal when it is one (`32`, `true`, `["a"]`),
+/// else as a plain string (`amqp://…`, `10s`).
+fn env_value(raw: &str) -> toml::Value {
+    toml::from_str::<toml::Table>(&format!("v = {raw}"))
+        .ok()
+        .and_then(|mut t| t.remove("v"))
+        .unwrap_or_else(|| toml::Value::String(raw.to_owned()))
+}
+
+fn set_path(table: &mut toml::Table, path: &[String], value: toml::Value) -> Result<(), String> {
+    let (last, parents) = path.split_last().ok_or("empty key")?;
+    let mut cur = table;
+    for seg in parents {
+        let entry = cur
+            .entry(seg.clone())
+            .or_insert_with(|| toml::Value::Table(toml::Table::new()));
+        cur = entry
+            .as_table_mut()
+            .ok_or_else(|| format!("`{seg}` is not a table"))?;
+    }
+    cur.insert(last.clone(), value);
+    Ok(())
+}
+
+/// The `WARREN_*` variables of this process.
+pub fn process_env() -> impl Iterator<Item = (String, String)> {
+    std::env::vars().filter(|(k, _)| k.starts_with("WARREN_"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::Write;
+
+    #[derive(Debug, Deserialize, PartialEq)]
+    #[serde(deny_unknown_fields, default)]
+    struct Demo {
+        amqp: AmqpConfig,
+        topology: TopologyConfig,
+        worker: Worker,
+    }
+    #[derive(Debug, Deserialize, PartialEq)]
+    #[serde(deny_unknown_fields, default)]
+    struct Worker {
+        concurrency: u32,
+    }
+    impl Default for Demo {
+        fn default() -> Self {
+            Self {
+                amqp: AmqpConfig::default(),
+                topology: TopologyConfig::default(),
+                worker: Worker { concurrency: 8 },
+            }
+        }
+    }
+    impl Default for Worker {
+        fn default() -> Self {
+            Self { concurrency: 8 }
+        }
+    }
+
+    fn file(text: &str) -> tempfile::NamedTempFile {
+        let mut f = tempfile::NamedTempFile::new().unwrap();
+        f.write_all(text.as_bytes()).unwrap();
+        f
+    }
+
+    fn env(pairs: &[(&str, &str)]) -> Vec<(String, String)> {
+        pairs
+            .iter()
+            .map(|(a, b)| (a.to_string(), b.to_string()))
+            .collect()
+    }
+
+    #[test]
+    fn defaults_without_file() {
+        let d: Demo = load(None, env(&[])).unwrap();
+        assert_eq!(d, Demo::default());
+        assert_eq!(d.topology.queues[0].bindings, vec!["#"]);
+    }
+
+    #[test]
+    fn file_then_env_layering() {
+        let f = file("[worker]\nconcurrency = 3\n[amqp]\nheartbeat = \"5s\"\n");
+        let d: Demo = load(
+            Some(f.path()),
+            env(&[
+                ("WARREN_WORKER__CONCURRENCY", "42"),
+                ("WARREN_AMQP_URL", "amqp://u:p@h:1/v"),
+                ("WARREN_TEST_AMQP_URL", "ignored"),
+            ]),
+        )
+        .unwrap();
+        assert_eq!(d.worker.concurrency, 42);
+        assert_eq!(d.amqp.heartbeat, Duration::from_secs(5));
+        assert_eq!(d.amqp.url.expose(), "amqp://u:p@h:1/v");
+    }
+
+    #[test]
+    fn unknown_key_names_file_line_and_key() {
+        let f = file("[worker]\nconcurency = 3\n");
+        let e = load::<Demo>(Some(f.path()), env(&[]))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains(&f.path().display().to_string()), "{e}");
+        assert!(e.contains("line 2"), "{e}");
+        assert!(e.contains("concurency"), "{e}");
+    }
+
+    #[test]
+    fn bad_type_says_what_was_expected() {
+        let f = file("[worker]\nconcurrency = \"many\"\n");
+        let e = load::<Demo>(Some(f.path()), env(&[]))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("line 2") && e.contains("u32"), "{e}");
+    }
+
+    #[test]
+    fn bad_env_names_the_variable() {
+        let e = load::<Demo>(None, env(&[("WARREN_WORKER__CONCURRENCY", "lots")]))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("WARREN_WORKER__CONCURRENCY"), "{e}");
+        let e = load::<Demo>(None, env(&[("WARREN_WORKER__NOPE", "1")]))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("nope"), "{e}");
+    }
+
+    #[test]
+    fn secrets_are_not_printed() {
+        let s = Secret::new("amqp://guest:hunter2@host:5672/%2f");
+        let shown = format!("{s:?}");
+        assert!(!shown.contains("hunter2"), "{shown}");
+        assert!(shown.contains("host:5672"));
+    }
+
+    #[test]
+    fn topology_validation() {
+        let mut t = TopologyConfig::default();
+        assert!(t.validate().is_ok());
+        t.queues.push(QueueConfig::default());
+        assert!(t.validate().unwrap_err().contains("used twice"));
+    }
+}

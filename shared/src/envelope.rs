@@ -1,0 +1,581 @@
+//! The message contract: a [`Task`] and its mapping to and from an AMQP message.
+//!
+//! The body is the task's JSON payload, untouched. Everything else rides in
+//! standard AMQP properties (`message_id`, `type`, `timestamp`, `priority`,
+//! `correlation_id`) and in `x-warren-*` headers, so any AMQP client can publish a
+//! task with nothing but a routing key and a JSON body. Header names are
+//! defined here and nowhere else.
+
+use std::time::Duration;
+
+use chrono::{DateTime, TimeZone, Utc};
+use lapin::types::{AMQPValue, FieldTable, ShortString};
+use lapin::BasicProperties;
+
+use crate::delay;
+
+/// `x-warren-*` header names: the public contract (documented in the README).
+pub mod headers {
+    /// 1-based attempt number of this delivery (absent = 1).
+    pub const ATTEMPT: &str = "x-warren-attempt";
+    /// Attempts allowed before the task is dead-lettered (overrides config).
+    pub const MAX_ATTEMPTS: &str = "x-warren-max-attempts";
+    /// Handler timeout in milliseconds (overrides config).
+    pub const TIMEOUT_MS: &str = "x-warren-timeout-ms";
+    /// RFC 3339 instant before which the task must not run.
+    pub const NOT_BEFORE: &str = "x-warren-not-before";
+    /// Name of the schedule that fired the task.
+    pub const SCHEDULE: &str = "x-warren-schedule";
+    /// Text of the error of the previous attempt.
+    pub const LAST_ERROR: &str = "x-warren-last-error";
+    /// RFC 3339 instant of the first failure.
+    pub const FIRST_FAILED_AT: &str = "x-warren-first-failed-at";
+    /// Publish instant in Unix milliseconds (the AMQP timestamp has only seconds).
+    pub const PUBLISHED_AT_MS: &str = "x-warren-published-at-ms";
+    /// Retry policy overrides.
+    pub const RETRY_INITIAL_MS: &str = "x-warren-retry-initial-ms";
+    pub const RETRY_MULTIPLIER: &str = "x-warren-retry-multiplier";
+    pub const RETRY_MAX_MS: &str = "x-warren-retry-max-ms";
+    pub const RETRY_JITTER: &str = "x-warren-retry-jitter";
+    /// Opaque signature, carried through retries untouched (reserved).
+    pub const SIGNATURE: &str = "x-warren-signature";
+    /// Set on dead-lettered copies: why, what kind of failure, when, where from.
+    pub const DEAD_REASON: &str = "x-warren-dead-reason";
+    pub const DEAD_KIND: &str = "x-warren-dead-kind";
+    pub const DEAD_AT: &str = "x-warren-dead-at";
+    pub const ORIGINAL_QUEUE: &str = "x-warren-original-queue";
+    pub const ORIGINAL_ROUTING_KEY: &str = "x-warren-original-routing-key";
+}
+
+/// AMQP delivery mode for persistent messages.
+pub const PERSISTENT: u8 = 2;
+/// Content type of every body warren publishes.
+pub const CONTENT_TYPE: &str = "application/json";
+
+/// A task: what a handler runs, and what travels with it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Task {
+    /// Stable across retries (`message_id`).
+    pub id: String,
+    /// Task name (`type`, else the routing key without any delay prefix).
+    pub name: String,
+    /// Raw JSON body, validated at decode time.
+    pub payload: Vec<u8>,
+    pub attempt: u32,
+    pub max_attempts: Option<u32>,
+    pub timeout: Option<Duration>,
+    pub not_before: Option<DateTime<Utc>>,
+    pub priority: Option<u8>,
+    pub correlation_id: Option<String>,
+    /// AMQP `timestamp` (seconds) refined by [`headers::PUBLISHED_AT_MS`].
+    pub published_at: Option<DateTime<Utc>>,
+    pub schedule: Option<String>,
+    pub last_error: Option<String>,
+    pub first_failed_at: Option<DateTime<Utc>>,
+    pub retry: RetryOverrides,
+    /// Headers this module does not own (`x-warren-dead-*`, the broker's
+    /// `x-death`, users' own), carried through republishes.
+    pub extra_headers: FieldTable,
+}
+
+/// Per-message overrides of the retry policy.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct RetryOverrides {
+    pub initial: Option<Duration>,
+    pub multiplier: Option<f64>,
+    pub max_delay: Option<Duration>,
+    pub jitter: Option<f64>,
+}
+
+/// Why a message is not a valid task. Each is a poison reason: the message is
+/// dead-lettered with this text, never retried.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+pub enum EnvelopeError {
+    #[error("body is not valid JSON: {0}")]
+    InvalidJson(String),
+    #[error("body is {size} bytes, over the {limit}-byte limit")]
+    TooLarge { size: usize, limit: usize },
+    #[error("no task name: empty routing key and no `type` property")]
+    MissingName,
+    #[error("header {header}: expected {expected}, got {got}")]
+    BadHeader {
+        header: &'static str,
+        expected: &'static str,
+        got: String,
+    },
+    #[error("task name is {0} bytes, over the {max}-byte limit", max = delay::MAX_TASK_NAME_LEN)]
+    NameTooLong(usize),
+}
+
+impl EnvelopeError {
+    /// Short, bounded label for metrics and the dead-letter `kind` header.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Self::InvalidJson(_) => "invalid_json",
+            Self::TooLarge { .. } => "oversized",
+            Self::MissingName => "missing_name",
+            Self::BadHeader { .. } => "bad_header",
+            Self::NameTooLong(_) => "name_too_long",
+        }
+    }
+}
+
+impl Task {
+    /// A new first-attempt task with a fresh id. The payload must be JSON.
+    pub fn new(name: impl Into<String>, payload: &serde_json::Value) -> Self {
+        Self::from_raw(
+            name,
+            serde_json::to_vec(payload).unwrap_or_else(|_| b"null".to_vec()),
+        )
+    }
+
+    /// A new task from already-serialised JSON bytes (not re-validated).
+    pub fn from_raw(name: impl Into<String>, payload: Vec<u8>) -> Self {
+        Self {
+            id: new_id(),
+            name: name.into(),
+            payload,
+            attempt: 1,
+            max_attempts: None,
+            timeout: None,
+            not_before: None,
+            priority: None,
+            correlation_id: None,
+            published_at: None,
+            schedule: None,
+            last_error: None,
+            first_failed_at: None,
+            retry: RetryOverrides::default(),
+            extra_headers: FieldTable::default(),
+        }
+    }
+
+    /// Decode a delivered message. `max_body` bounds the body size.
+    pub fn decode(
+        routing_key: &str,
+        props: &BasicProperties,
+        body: &[u8],
+        max_body: usize,
+    ) -> Result<Self, EnvelopeError> {
+        if body.len() > max_body {
+            return Err(EnvelopeError::TooLarge {
+                size: body.len(),
+                limit: max_body,
+            });
+        }
+        let name = match props.kind() {
+            Some(t) if !t.as_str().is_empty() => t.as_str().to_owned(),
+            _ => delay::strip_prefix(routing_key).to_owned(),
+        };
+        if name.is_empty() {
+            return Err(EnvelopeError::MissingName);
+        }
+        if name.len() > delay::MAX_TASK_NAME_LEN {
+            return Err(EnvelopeError::NameTooLong(name.len()));
+        }
+        serde_json::from_slice::<serde::de::IgnoredAny>(body)
+            .map_err(|e| EnvelopeError::InvalidJson(e.to_string()))?;
+
+        let empty = FieldTable::default();
+        let h = props.headers().as_ref().unwrap_or(&empty);
+        let mut extra = FieldTable::default();
+        for (k, v) in h {
+            if !OWNED.contains(&k.as_str()) {
+                extra.insert(k.clone(), v.clone());
+            }
+        }
+        let attempt = get_u64(h, headers::ATTEMPT)?.unwrap_or(1);
+        let attempt =
+            u32::try_from(attempt.max(1)).map_err(|_| bad(headers::ATTEMPT, "u32", attempt))?;
+        let max_attempts = get_u64(h, headers::MAX_ATTEMPTS)?
+            .map(|v| u32::try_from(v).map_err(|_| bad(headers::MAX_ATTEMPTS, "u32", v)))
+            .transpose()?;
+        let ts_secs = props.timestamp().map(|s| s as i64);
+        let published_at = match get_u64(h, headers::PUBLISHED_AT_MS)? {
+            Some(ms) => Utc.timestamp_millis_opt(ms as i64).single(),
+            None => ts_secs.and_then(|s| Utc.timestamp_opt(s, 0).single()),
+        };
+        Ok(Self {
+            id: props
+                .message_id()
+                .as_ref()
+                .map(|s| s.as_str().to_owned())
+                .filter(|s| !s.is_empty())
+                .unwrap_or_else(new_id),
+            name,
+            payload: body.to_vec(),
+            attempt,
+            max_attempts,
+            timeout: get_u64(h, headers::TIMEOUT_MS)?.map(Duration::from_millis),
+            not_before: get_time(h, headers::NOT_BEFORE)?,
+            priority: *props.priority(),
+            correlation_id: props
+                .correlation_id()
+                .as_ref()
+                .map(|s| s.as_str().to_owned()),
+            published_at,
+            schedule: get_str(h, headers::SCHEDULE)?,
+            last_error: get_str(h, headers::LAST_ERROR)?,
+            first_failed_at: get_time(h, headers::FIRST_FAILED_AT)?,
+            retry: RetryOverrides {
+                initial: get_u64(h, headers::RETRY_INITIAL_MS)?.map(Duration::from_millis),
+                multiplier: get_f64(h, headers::RETRY_MULTIPLIER)?,
+                max_delay: get_u64(h, headers::RETRY_MAX_MS)?.map(Duration::from_millis),
+                jitter: get_f64(h, headers::RETRY_JITTER)?,
+            },
+            extra_headers: extra,
+        })
+    }
+
+    /// AMQP properties for publishing this task: persistent, JSON, `type` set,
+    /// publish instant stamped now.
+    pub fn properties(&self) -> BasicProperties {
+        let now = Utc::now();
+        let mut h = self.extra_headers.clone();
+        if self.attempt > 1 {
+            put(
+                &mut h,
+                headers::ATTEMPT,
+                AMQPValue::LongLongInt(self.attempt as i64),
+            );
+        }
+        if let Some(v) = self.max_attempts {
+            put(
+                &mut h,
+                headers::MAX_ATTEMPTS,
+                AMQPValue::LongLongInt(v as i64),
+            );
+        }
+        if let Some(v) = self.timeout {
+            put(&mut h, headers::TIMEOUT_MS, ms(v));
+        }
+        if let Some(v) = self.not_before {
+            put(&mut h, headers::NOT_BEFORE, time(v));
+        }
+        if let Some(v) = &self.schedule {
+            put(&mut h, headers::SCHEDULE, string(v));
+        }
+        if let Some(v) = &self.last_error {
+            put(&mut h, headers::LAST_ERROR, string(v));
+        }
+        if let Some(v) = self.first_failed_at {
+            put(&mut h, headers::FIRST_FAILED_AT, time(v));
+        }
+        if let Some(v) = self.retry.initial {
+            put(&mut h, headers::RETRY_INITIAL_MS, ms(v));
+        }
+        if let Some(v) = self.retry.multiplier {
+            put(&mut h, headers::RETRY_MULTIPLIER, AMQPValue::Double(v));
+        }
+        if let Some(v) = self.retry.max_delay {
+            put(&mut h, headers::RETRY_MAX_MS, ms(v));
+        }
+        if let Some(v) = self.retry.jitter {
+            put(&mut h, headers::RETRY_JITTER, AMQPValue::Double(v));
+        }
+        put(
+            &mut h,
+            headers::PUBLISHED_AT_MS,
+            AMQPValue::LongLongInt(now.timestamp_millis()),
+        );
+        let mut p = BasicProperties::default()
+            .with_content_type(CONTENT_TYPE.into())
+            .with_delivery_mode(PERSISTENT)
+            .with_message_id(self.id.as_str().into())
+            .with_type(self.name.as_str().into())
+            .with_timestamp(now.timestamp().max(0) as u64)
+            .with_headers(h);
+        if let Some(v) = self.priority {
+            p = p.with_priority(v);
+        }
+        if let Some(v) = &self.correlation_id {
+            p = p.with_correlation_id(v.as_str().into());
+        }
+        p
+    }
+
+    /// Typed view of the payload.
+    pub fn payload_as<T: serde::de::DeserializeOwned>(&self) -> serde_json::Result<T> {
+        serde_json::from_slice(&self.payload)
+    }
+
+    /// How long the task waited between its publish and `now`.
+    pub fn queue_wait(&self, now: DateTime<Utc>) -> Option<Duration> {
+        self.published_at.and_then(|p| (now - p).to_std().ok())
+    }
+}
+
+/// Headers decoded into typed fields (everything else goes to `extra_headers`).
+const OWNED: &[&str] = &[
+    headers::ATTEMPT,
+    headers::MAX_ATTEMPTS,
+    headers::TIMEOUT_MS,
+    headers::NOT_BEFORE,
+    headers::SCHEDULE,
+    headers::LAST_ERROR,
+    headers::FIRST_FAILED_AT,
+    headers::PUBLISHED_AT_MS,
+    headers::RETRY_INITIAL_MS,
+    headers::RETRY_MULTIPLIER,
+    headers::RETRY_MAX_MS,
+    headers::RETRY_JITTER,
+];
+
+/// A fresh task id.
+pub fn new_id() -> String {
+    uuid::Uuid::new_v4().to_string()
+}
+
+/// Read a string header; any header value type counts only if it is a string.
+pub fn header_str(h: &FieldTable, key: &str) -> Option<String> {
+    match h.inner().get(key)? {
+        AMQPValue::LongString(s) => Some(String::from_utf8_lossy(s.as_bytes()).into_owned()),
+        AMQPValue::ShortString(s) => Some(s.as_str().to_owned()),
+        _ => None,
+    }
+}
+
+/// Read an integer header of any AMQP integer width.
+pub fn header_i64(h: &FieldTable, key: &str) -> Option<i64> {
+    as_i64(h.inner().get(key)?)
+}
+
+fn as_i64(v: &AMQPValue) -> Option<i64> {
+    Some(match v {
+        AMQPValue::ShortShortInt(v) => *v as i64,
+        AMQPValue::ShortShortUInt(v) => *v as i64,
+        AMQPValue::ShortInt(v) => *v as i64,
+        AMQPValue::ShortUInt(v) => *v as i64,
+        AMQPValue::LongInt(v) => *v as i64,
+        AMQPValue::LongUInt(v) => *v as i64,
+        AMQPValue::LongLongInt(v) => *v,
+        AMQPValue::Timestamp(v) => *v as i64,
+        _ => return None,
+    })
+}
+
+fn describe(v: &AMQPValue) -> String {
+    match v {
+        AMQPValue::LongString(s) => format!("{:?}", String::from_utf8_lossy(s.as_bytes())),
+        AMQPValue::ShortString(s) => format!("{:?}", s.as_str()),
+        other => format!("{other:?}"),
+    }
+}
+
+fn bad(header: &'static str, expected: &'static str, got: impl std::fmt::Display) -> EnvelopeError {
+    EnvelopeError::BadHeader {
+        header,
+        expected,
+        got: got.to_string(),
+    }
+}
+
+/// Integers may come as any AMQP integer or as a decimal string (some clients
+/// and UIs only send strings).
+fn get_u64(h: &FieldTable, key: &'static str) -> Result<Option<u64>, EnvelopeError> {
+    let Some(v) = h.inner().get(key) else {
+        return Ok(None);
+    };
+    let parsed = match v {
+        AMQPValue::LongString(_) | AMQPValue::ShortString(_) => {
+            header_str(h, key).and_then(|s| s.trim().parse::<u64>().ok())
+        }
+        other => as_i64(other).and_then(|i| u64::try_from(i).ok()),
+    };
+    parsed
+        .map(Some)
+        .ok_or_else(|| bad(key, "a non-negative integer", describe(v)))
+}
+
+fn get_f64(h: &FieldTable, key: &'static str) -> Result<Option<f64>, EnvelopeError> {
+    let Some(v) = h.inner().get(key) else {
+        return Ok(None);
+    };
+    let parsed = match v {
+        AMQPValue::Float(f) => Some(*f as f64),
+        AMQPValue::Double(f) => Some(*f),
+        AMQPValue::LongString(_) | AMQPValue::ShortString(_) => {
+            header_str(h, key).and_then(|s| s.trim().parse::<f64>().ok())
+        }
+        other => as_i64(other).map(|i| i as f64),
+    };
+    parsed
+        .filter(|f| f.is_finite() && *f >= 0.0)
+        .map(Some)
+        .ok_or_else(|| bad(key, "a non-negative number", describe(v)))
+}
+
+fn get_str(h: &FieldTable, key: &'static str) -> Result<Option<String>, EnvelopeError> {
+    match h.inner().get(key) {
+        None => Ok(None),
+        Some(v) => header_str(h, key)
+            .map(Some)
+            .ok_or_else(|| bad(key, "a string", describe(v))),
+    }
+}
+
+fn get_time(h: &FieldTable, key: &'static str) -> Result<Option<DateTime<Utc>>, EnvelopeError> {
+    let Some(v) = h.inner().get(key) else {
+        return Ok(None);
+    };
+    header_str(h, key)
+        .and_then(|s| DateTime::parse_from_rfc3339(s.trim()).ok())
+        .map(|t| Some(t.with_timezone(&Utc)))
+        .ok_or_else(|| bad(key, "an RFC 3339 instant", describe(v)))
+}
+
+fn put(h: &mut FieldTable, key: &str, v: AMQPValue) {
+    h.insert(ShortString::from(key), v);
+}
+
+fn string(s: &str) -> AMQPValue {
+    AMQPValue::LongString(s.into())
+}
+
+/// RFC 3339 with milliseconds, UTC.
+pub fn rfc3339(t: DateTime<Utc>) -> String {
+    t.to_rfc3339_opts(chrono::SecondsFormat::Millis, true)
+}
+
+fn time(t: DateTime<Utc>) -> AMQPValue {
+    string(&rfc3339(t))
+}
+
+fn ms(d: Duration) -> AMQPValue {
+    AMQPValue::LongLongInt(d.as_millis().min(i64::MAX as u128) as i64)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const MAX: usize = 1 << 20;
+
+    fn full_task() -> Task {
+        let mut extra = FieldTable::default();
+        extra.insert("x-user-thing".into(), AMQPValue::LongString("kept".into()));
+        Task {
+            id: "abc-123".into(),
+            name: "email.send".into(),
+            payload: br#"{"to":"a@b.c"}"#.to_vec(),
+            attempt: 3,
+            max_attempts: Some(7),
+            timeout: Some(Duration::from_millis(2500)),
+            not_before: Some(Utc.timestamp_millis_opt(1_700_000_000_123).unwrap()),
+            priority: Some(5),
+            correlation_id: Some("corr".into()),
+            published_at: None,
+            schedule: Some("nightly".into()),
+            last_error: Some("boom".into()),
+            first_failed_at: Some(Utc.timestamp_millis_opt(1_700_000_000_000).unwrap()),
+            retry: RetryOverrides {
+                initial: Some(Duration::from_millis(200)),
+                multiplier: Some(3.0),
+                max_delay: Some(Duration::from_secs(60)),
+                jitter: Some(0.25),
+            },
+            extra_headers: extra,
+        }
+    }
+
+    #[test]
+    fn round_trips_every_property_and_header() {
+        let t = full_task();
+        let props = t.properties();
+        assert_eq!(props.delivery_mode(), &Some(PERSISTENT));
+        assert_eq!(
+            props.content_type().as_ref().map(|s| s.as_str()),
+            Some(CONTENT_TYPE)
+        );
+        let back = Task::decode("some.other.key", &props, &t.payload, MAX).unwrap();
+        let published = back.published_at.expect("publish time stamped");
+        assert!((Utc::now() - published).num_seconds().abs() < 5);
+        assert_eq!(
+            Task {
+                published_at: None,
+                ..back
+            },
+            t
+        );
+    }
+
+    #[test]
+    fn plain_client_message_is_a_task() {
+        let props = BasicProperties::default();
+        let t = Task::decode("report.daily", &props, br#"{"day":"mon"}"#, MAX).unwrap();
+        assert_eq!(t.name, "report.daily");
+        assert_eq!(t.attempt, 1);
+        assert!(!t.id.is_empty());
+        assert_eq!(t.max_attempts, None);
+        assert_eq!(t.published_at, None);
+        let again = Task::decode("report.daily", &props, b"{}", MAX).unwrap();
+        assert_ne!(t.id, again.id, "a generated id is fresh per decode");
+    }
+
+    #[test]
+    fn type_wins_over_delayed_routing_key() {
+        let key = delay::routing_key(Duration::from_secs(2), "a.b");
+        let t = Task::decode(&key, &BasicProperties::default(), b"1", MAX).unwrap();
+        assert_eq!(t.name, "a.b");
+        let props = BasicProperties::default().with_type("real.name".into());
+        let t = Task::decode(&key, &props, b"1", MAX).unwrap();
+        assert_eq!(t.name, "real.name");
+    }
+
+    #[test]
+    fn string_integers_are_accepted() {
+        let mut h = FieldTable::default();
+        h.insert(headers::ATTEMPT.into(), AMQPValue::LongString("4".into()));
+        h.insert(headers::MAX_ATTEMPTS.into(), AMQPValue::ShortShortUInt(9));
+        let props = BasicProperties::default().with_headers(h);
+        let t = Task::decode("t", &props, b"{}", MAX).unwrap();
+        assert_eq!((t.attempt, t.max_attempts), (4, Some(9)));
+    }
+
+    #[test]
+    fn poison_kinds_are_named() {
+        let p = BasicProperties::default();
+        let e = Task::decode("t", &p, b"{not json", MAX).unwrap_err();
+        assert_eq!(e.kind(), "invalid_json");
+        let e = Task::decode("t", &p, &[b' '; 11], 10).unwrap_err();
+        assert_eq!(
+            e,
+            EnvelopeError::TooLarge {
+                size: 11,
+                limit: 10
+            }
+        );
+        assert_eq!(
+            Task::decode("", &p, b"{}", MAX).unwrap_err(),
+            EnvelopeError::MissingName
+        );
+        let mut h = FieldTable::default();
+        h.insert(
+            headers::ATTEMPT.into(),
+            AMQPValue::LongString("three".into()),
+        );
+        let e = Task::decode("t", &p.clone().with_headers(h), b"{}", MAX).unwrap_err();
+        assert!(e.to_string().contains("x-warren-attempt"), "{e}");
+        let mut h = FieldTable::default();
+        h.insert(
+            headers::NOT_BEFORE.into(),
+            AMQPValue::LongString("tomorrow".into()),
+        );
+        let e = Task::decode("t", &p.clone().with_headers(h), b"{}", MAX).unwrap_err();
+        assert_eq!(e.kind(), "bad_header");
+        let long = "x".repeat(delay::MAX_TASK_NAME_LEN + 1);
+        assert_eq!(
+            Task::decode(&long, &p, b"{}", MAX).unwrap_err().kind(),
+            "name_too_long"
+        );
+    }
+
+    #[test]
+    fn first_attempt_has_no_attempt_header() {
+        let t = Task::new("a", &serde_json::json!({"k": 1}));
+        let props = t.properties();
+        let h = props.headers().clone().unwrap_or_default();
+        assert!(!h.contains_key(headers::ATTEMPT));
+        assert_eq!(t.payload_as::<serde_json::Value>().unwrap()["k"], 1);
+    }
+}

@@ -1,0 +1,31 @@
+//! `warren`: the contract and the plumbing both roles share.
+//!
+//! | module | owns |
+//! |---|---|
+//! | [`envelope`] | the message contract: [`Task`] ⇄ AMQP properties and `x-warren-*` headers |
+//! | [`topology`] | every exchange, queue and binding, declared idempotently |
+//! | [`delay`] | plugin-free delay levels: delay ⇄ routing-key bits |
+//! | [`retry`] | retry policy: attempts and backoff delays |
+//! | [`config`] | shared config sections and the defaults < file < env loader |
+//! | [`amqp`] | connecting and confirmed, pipelined publishing |
+//! | [`metrics`] | `/metrics`, `/healthz`, `/readyz` and connection metrics |
+//! | [`telemetry`] | log setup |
+//! | [`shutdown`] | SIGINT/SIGTERM → cancellation |
+//! | `testing` | (feature `testing`) throwaway broker nodes for tests |
+
+pub mod amqp;
+pub mod config;
+pub mod delay;
+pub mod envelope;
+pub mod error;
+pub mod metrics;
+pub mod retry;
+pub mod shutdown;
+pub mod telemetry;
+#[cfg(feature = "testing")]
+pub mod testing;
+pub mod topology;
+
+pub use envelope::Task;
+pub use error::Error;
+pub use topology::Topology;

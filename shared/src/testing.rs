@@ -1,0 +1,206 @@
+//! Test harness (feature `testing`): a throwaway RabbitMQ node per test run,
+//! unique names per test, and waiting on conditions with a deadline.
+//!
+//! [`broker_url`] returns `WARREN_TEST_AMQP_URL` when set (the test command
+//! starts one node for the whole run and sets it), else starts one node for
+//! this process through `deploy/broker.sh` (own node name, ports and temp data
+//! dir) that stops when the process exits. Fault tests that stop or restart a
+//! broker take a [`Node`] of their own.
+#![allow(clippy::unwrap_used)]
+
+use std::future::Future;
+use std::path::PathBuf;
+use std::process::{Command, Output};
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::OnceLock;
+use std::time::{Duration, Instant};
+
+use lapin::options::{ExchangeDeleteOptions, QueueDeleteOptions};
+use lapin::Connection;
+
+use crate::config::{AmqpConfig, QueueType, Secret, TopologyConfig};
+use crate::topology::{Object, Topology};
+
+/// The `deploy/broker.sh` script of this workspace.
+pub fn broker_script() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../deploy/broker.sh")
+}
+
+/// A RabbitMQ node this process started; stopped on drop.
+pub struct Node {
+    dir: tempfile::TempDir,
+    url: String,
+}
+
+static SEQ: AtomicU32 = AtomicU32::new(0);
+
+impl Node {
+    /// Start a node on free loopback ports in a fresh temp dir.
+    pub fn start() -> Node {
+        let dir = tempfile::Builder::new()
+            .prefix("warren-node-")
+            .tempdir()
+            .expect("temp dir");
+        let name = format!(
+            "warren-test-{}-{}",
+            std::process::id(),
+            SEQ.fetch_add(1, Ordering::Relaxed)
+        );
+        let out = Command::new("bash")
+            .arg(broker_script())
+            .args(["start", "--port", "0", "--name", &name, "--watch"])
+            .arg(std::process::id().to_string())
+            .arg("--dir")
+            .arg(dir.path())
+            .output()
+            .expect("run deploy/broker.sh");
+        assert!(
+            out.status.success(),
+            "deploy/broker.sh start failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let url = String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .last()
+            .unwrap_or_default()
+            .trim()
+            .to_owned();
+        Node { dir, url }
+    }
+
+    pub fn url(&self) -> &str {
+        &self.url
+    }
+
+    /// Run `rabbitmqctl` against this node.
+    pub fn ctl(&self, args: &[&str]) -> Output {
+        Command::new("bash")
+            .arg(broker_script())
+            .arg("ctl")
+            .arg("--dir")
+            .arg(self.dir.path())
+            .args(args)
+            .output()
+            .expect("run rabbitmqctl")
+    }
+
+    /// Stop the broker application (connections drop; the node stays up).
+    pub fn stop_app(&self) {
+        let o = self.ctl(&["stop_app"]);
+        assert!(
+            o.status.success(),
+            "stop_app: {}",
+            String::from_utf8_lossy(&o.stderr)
+        );
+    }
+
+    pub fn start_app(&self) {
+        let o = self.ctl(&["start_app"]);
+        assert!(
+            o.status.success(),
+            "start_app: {}",
+            String::from_utf8_lossy(&o.stderr)
+        );
+    }
+}
+
+impl Drop for Node {
+    fn drop(&mut self) {
+        let _ = Command::new("bash")
+            .arg(broker_script())
+            .arg("stop")
+            .arg("--dir")
+            .arg(self.dir.path())
+            .output();
+    }
+}
+
+/// The broker every test of this run shares.
+pub fn broker_url() -> &'static str {
+    static URL: OnceLock<String> = OnceLock::new();
+    URL.get_or_init(|| match std::env::var("WARREN_TEST_AMQP_URL") {
+        Ok(url) if !url.is_empty() => url,
+        _ => {
+            // Leaked on purpose: the node outlives every test of this process
+            // and broker.sh's --watch stops it when the process exits.
+            let node = Box::leak(Box::new(Node::start()));
+            node.url.clone()
+        }
+    })
+}
+
+/// A prefix no other test uses, so tests share a vhost without touching
+/// each other's objects.
+pub fn unique_prefix(test: &str) -> String {
+    format!(
+        "wt.{test}.{}.{}",
+        std::process::id(),
+        &uuid::Uuid::new_v4().simple().to_string()[..8]
+    )
+}
+
+/// AMQP settings for the shared test broker.
+pub fn amqp_config() -> AmqpConfig {
+    AmqpConfig {
+        url: Secret::new(broker_url()),
+        heartbeat: Duration::from_secs(5),
+        confirm_timeout: Duration::from_secs(10),
+        connection_name: None,
+    }
+}
+
+/// A topology config with a unique prefix and the default queue.
+pub fn topology_config(test: &str, queue_type: QueueType) -> TopologyConfig {
+    TopologyConfig {
+        prefix: unique_prefix(test),
+        queue_type,
+        ..TopologyConfig::default()
+    }
+}
+
+pub async fn connect() -> Connection {
+    crate::amqp::connect(&amqp_config(), "test")
+        .await
+        .expect("connect to test broker")
+}
+
+/// Delete everything a test declared (matters only on a reused broker).
+pub async fn delete_topology(conn: &Connection, topo: &Topology) {
+    let Ok(ch) = conn.create_channel().await else {
+        return;
+    };
+    for obj in topo.objects() {
+        match obj {
+            Object::Queue { name, .. } => {
+                let _ = ch
+                    .queue_delete(name.as_str().into(), QueueDeleteOptions::default())
+                    .await;
+            }
+            Object::Exchange { name, .. } => {
+                let _ = ch
+                    .exchange_delete(name.as_str().into(), ExchangeDeleteOptions::default())
+                    .await;
+            }
+            _ => {}
+        }
+    }
+}
+
+/// Poll `check` until it returns `Some` or `timeout` passes.
+pub async fn eventually<T, F, Fut>(timeout: Duration, what: &str, mut check: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Option<T>>,
+{
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Some(v) = check().await {
+            return v;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "timed out after {timeout:?} waiting for {what}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}

@@ -1,0 +1,460 @@
+//! Every AMQP object warren uses, as data, and the one idempotent `declare`
+//! both roles call at start and after each reconnect.
+//!
+//! ```text
+//! publish ──► <p>.tasks (topic) ──#/patterns──► <p>.<queue> ──reject/expire──► <p>.dead
+//! delayed ──► <p>.delay.K (topic) ─bit K=1─► queue <p>.delay.K (TTL 2^K ticks) ─DLX─┐
+//!                 └─bit K=0─► <p>.delay.K-1 ◄───────────────────────────────────────┘
+//!             <p>.delay.0 … ──► <p>.delivery (topic, alternate-exchange <p>.dead)
+//!                                  └─ *.(25).pattern ─► <p>.<queue>
+//! <p>.dead (fanout) ──► queue <p>.dead
+//! ```
+
+use std::time::Duration;
+
+use lapin::options::{
+    ExchangeBindOptions, ExchangeDeclareOptions, QueueBindOptions, QueueDeclareOptions,
+};
+use lapin::types::{AMQPValue, FieldTable, ShortString};
+use lapin::{Connection, ExchangeKind};
+
+use crate::config::{QueueType, TopologyConfig};
+use crate::delay;
+use crate::error::Error;
+
+/// A work queue as declared.
+#[derive(Debug, Clone, PartialEq)]
+pub struct WorkQueue {
+    pub name: String,
+    pub bindings: Vec<String>,
+    pub max_priority: u8,
+}
+
+/// Names and definitions of all objects for one prefix.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Topology {
+    prefix: String,
+    queue_type: QueueType,
+    queues: Vec<WorkQueue>,
+}
+
+/// One object to declare, as data.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Object {
+    Exchange {
+        name: String,
+        kind: ExchangeKind,
+        args: FieldTable,
+    },
+    Queue {
+        name: String,
+        args: FieldTable,
+    },
+    QueueBind {
+        queue: String,
+        exchange: String,
+        key: String,
+    },
+    ExchangeBind {
+        destination: String,
+        source: String,
+        key: String,
+    },
+}
+
+impl Topology {
+    pub fn new(cfg: &TopologyConfig) -> Self {
+        Self {
+            prefix: cfg.prefix.clone(),
+            queue_type: cfg.queue_type,
+            queues: cfg
+                .queues
+                .iter()
+                .map(|q| WorkQueue {
+                    name: format!("{}.{}", cfg.prefix, q.name),
+                    bindings: q.bindings.clone(),
+                    max_priority: q.max_priority,
+                })
+                .collect(),
+        }
+    }
+
+    pub fn prefix(&self) -> &str {
+        &self.prefix
+    }
+    pub fn queue_type(&self) -> QueueType {
+        self.queue_type
+    }
+    pub fn tasks_exchange(&self) -> String {
+        format!("{}.tasks", self.prefix)
+    }
+    pub fn dead_exchange(&self) -> String {
+        format!("{}.dead", self.prefix)
+    }
+    pub fn dead_queue(&self) -> String {
+        format!("{}.dead", self.prefix)
+    }
+    pub fn delivery_exchange(&self) -> String {
+        format!("{}.delivery", self.prefix)
+    }
+    pub fn level_exchange(&self, level: u32) -> String {
+        format!("{}.delay.{level}", self.prefix)
+    }
+    pub fn level_queue(&self, level: u32) -> String {
+        format!("{}.delay.{level}", self.prefix)
+    }
+    pub fn work_queues(&self) -> &[WorkQueue] {
+        &self.queues
+    }
+    /// Full name of a configured work queue given its short or full name.
+    pub fn work_queue(&self, name: &str) -> Option<&WorkQueue> {
+        let full = format!("{}.{name}", self.prefix);
+        self.queues
+            .iter()
+            .find(|q| q.name == name || q.name == full)
+    }
+
+    /// Exchange and routing key that deliver `task` after `delay`.
+    pub fn route(&self, task: &str, delay: Duration) -> (String, String) {
+        let task = delay::strip_prefix(task);
+        match delay::entry_level(delay) {
+            None => (self.tasks_exchange(), task.to_owned()),
+            Some(level) => (self.level_exchange(level), delay::routing_key(delay, task)),
+        }
+    }
+
+    fn queue_args(&self) -> FieldTable {
+        let mut a = FieldTable::default();
+        if self.queue_type == QueueType::Quorum {
+            put(
+                &mut a,
+                "x-queue-type",
+                AMQPValue::LongString("quorum".into()),
+            );
+            // Quorum dead-lettering is at-most-once unless both are set.
+            put(
+                &mut a,
+                "x-dead-letter-strategy",
+                AMQPValue::LongString("at-least-once".into()),
+            );
+            put(
+                &mut a,
+                "x-overflow",
+                AMQPValue::LongString("reject-publish".into()),
+            );
+        }
+        a
+    }
+
+    /// Everything to declare, in dependency order.
+    pub fn objects(&self) -> Vec<Object> {
+        let mut out = Vec::new();
+        let exchange = |name: String, kind: ExchangeKind, args: FieldTable| Object::Exchange {
+            name,
+            kind,
+            args,
+        };
+        out.push(exchange(
+            self.dead_exchange(),
+            ExchangeKind::Fanout,
+            FieldTable::default(),
+        ));
+        out.push(Object::Queue {
+            name: self.dead_queue(),
+            args: self.queue_args(),
+        });
+        out.push(Object::QueueBind {
+            queue: self.dead_queue(),
+            exchange: self.dead_exchange(),
+            key: String::new(),
+        });
+        out.push(exchange(
+            self.tasks_exchange(),
+            ExchangeKind::Topic,
+            FieldTable::default(),
+        ));
+        // A delayed message whose task no queue binds would otherwise be
+        // dropped (classic) or stall its level forever (quorum, at-least-once).
+        let mut delivery_args = FieldTable::default();
+        put(
+            &mut delivery_args,
+            "alternate-exchange",
+            AMQPValue::LongString(self.dead_exchange().into()),
+        );
+        out.push(exchange(
+            self.delivery_exchange(),
+            ExchangeKind::Topic,
+            delivery_args,
+        ));
+        for q in &self.queues {
+            let mut args = self.queue_args();
+            put(
+                &mut args,
+                "x-dead-letter-exchange",
+                AMQPValue::LongString(self.dead_exchange().into()),
+            );
+            if self.queue_type == QueueType::Classic && q.max_priority > 0 {
+                put(
+                    &mut args,
+                    "x-max-priority",
+                    AMQPValue::ShortShortUInt(q.max_priority),
+                );
+            }
+            out.push(Object::Queue {
+                name: q.name.clone(),
+                args,
+            });
+            for b in &q.bindings {
+                out.push(Object::QueueBind {
+                    queue: q.name.clone(),
+                    exchange: self.tasks_exchange(),
+                    key: b.clone(),
+                });
+                out.push(Object::QueueBind {
+                    queue: q.name.clone(),
+                    exchange: self.delivery_exchange(),
+                    key: delay::delivery_pattern(b),
+                });
+            }
+        }
+        for level in 0..delay::LEVELS {
+            let next = if level == 0 {
+                self.delivery_exchange()
+            } else {
+                self.level_exchange(level - 1)
+            };
+            out.push(exchange(
+                self.level_exchange(level),
+                ExchangeKind::Topic,
+                FieldTable::default(),
+            ));
+            let mut args = self.queue_args();
+            put(
+                &mut args,
+                "x-message-ttl",
+                AMQPValue::LongLongInt(delay::level_ttl_ms(level) as i64),
+            );
+            put(
+                &mut args,
+                "x-dead-letter-exchange",
+                AMQPValue::LongString(next.clone().into()),
+            );
+            out.push(Object::Queue {
+                name: self.level_queue(level),
+                args,
+            });
+            out.push(Object::QueueBind {
+                queue: self.level_queue(level),
+                exchange: self.level_exchange(level),
+                key: delay::level_pattern(level, true),
+            });
+        }
+        // Exchange-to-exchange bindings need both ends declared first.
+        for level in 0..delay::LEVELS {
+            let next = if level == 0 {
+                self.delivery_exchange()
+            } else {
+                self.level_exchange(level - 1)
+            };
+            out.push(Object::ExchangeBind {
+                destination: next,
+                source: self.level_exchange(level),
+                key: delay::level_pattern(level, false),
+            });
+        }
+        out
+    }
+}
+
+fn put(t: &mut FieldTable, k: &str, v: AMQPValue) {
+    t.insert(ShortString::from(k), v);
+}
+
+/// Declare every object, idempotently. A conflicting pre-existing object
+/// yields [`Error::TopologyConflict`] naming it and the argument that differs.
+pub async fn declare(conn: &Connection, topo: &Topology) -> Result<(), Error> {
+    // Own channel: a failed declare closes it, and the caller's channels
+    // must survive that.
+    let ch = conn.create_channel().await?;
+    let durable = ExchangeDeclareOptions {
+        durable: true,
+        ..ExchangeDeclareOptions::default()
+    };
+    let qdurable = QueueDeclareOptions {
+        durable: true,
+        ..QueueDeclareOptions::default()
+    };
+    for obj in topo.objects() {
+        let res = match &obj {
+            Object::Exchange { name, kind, args } => {
+                ch.exchange_declare(name.as_str().into(), kind.clone(), durable, args.clone())
+                    .await
+            }
+            Object::Queue { name, args } => ch
+                .queue_declare(name.as_str().into(), qdurable, args.clone())
+                .await
+                .map(|_| ()),
+            Object::QueueBind {
+                queue,
+                exchange,
+                key,
+            } => {
+                ch.queue_bind(
+                    queue.as_str().into(),
+                    exchange.as_str().into(),
+                    key.as_str().into(),
+                    QueueBindOptions::default(),
+                    FieldTable::default(),
+                )
+                .await
+            }
+            Object::ExchangeBind {
+                destination,
+                source,
+                key,
+            } => {
+                ch.exchange_bind(
+                    destination.as_str().into(),
+                    source.as_str().into(),
+                    key.as_str().into(),
+                    ExchangeBindOptions::default(),
+                    FieldTable::default(),
+                )
+                .await
+            }
+        };
+        if let Err(e) = res {
+            return Err(conflict(&obj, e));
+        }
+    }
+    let _ = ch.close(200, "topology declared".into()).await;
+    Ok(())
+}
+
+fn conflict(obj: &Object, e: lapin::Error) -> Error {
+    let text = match e.kind() {
+        lapin::ErrorKind::ProtocolError(p) => p.get_message().as_str().to_owned(),
+        _ => return Error::Amqp(e),
+    };
+    let object = match obj {
+        Object::Exchange { name, .. } => format!("exchange `{name}`"),
+        Object::Queue { name, .. } => format!("queue `{name}`"),
+        Object::QueueBind {
+            queue,
+            exchange,
+            key,
+        } => {
+            format!("binding of queue `{queue}` to `{exchange}` with `{key}`")
+        }
+        Object::ExchangeBind {
+            destination,
+            source,
+            key,
+        } => {
+            format!("binding of exchange `{destination}` to `{source}` with `{key}`")
+        }
+    };
+    match inequivalent_arg(&text) {
+        Some(argument) => Error::TopologyConflict {
+            object,
+            argument,
+            detail: text,
+        },
+        None => Error::Declare {
+            object,
+            detail: text,
+        },
+    }
+}
+
+/// The argument named in RabbitMQ's `inequivalent arg 'x'` refusal.
+fn inequivalent_arg(text: &str) -> Option<String> {
+    let rest = text.split_once("inequivalent arg '")?.1;
+    Some(rest.split_once('\'')?.0.to_owned())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::QueueConfig;
+
+    fn topo(qt: QueueType) -> Topology {
+        Topology::new(&TopologyConfig {
+            prefix: "t".into(),
+            queue_type: qt,
+            queues: vec![
+                QueueConfig::default(),
+                QueueConfig {
+                    name: "q.emails".into(),
+                    bindings: vec!["email.*".into()],
+                    max_priority: 0,
+                },
+            ],
+        })
+    }
+
+    #[test]
+    fn routes_zero_delay_straight_to_tasks() {
+        let t = topo(QueueType::Classic);
+        assert_eq!(
+            t.route("a.b", Duration::ZERO),
+            ("t.tasks".into(), "a.b".into())
+        );
+        let (ex, key) = t.route("a.b", Duration::from_millis(1700));
+        assert_eq!(ex, "t.delay.4");
+        assert!(key.ends_with(".a.b"));
+    }
+
+    #[test]
+    fn every_level_dead_letters_one_level_down() {
+        let t = topo(QueueType::Classic);
+        let objs = t.objects();
+        for level in 0..delay::LEVELS {
+            let q = objs
+                .iter()
+                .find_map(|o| match o {
+                    Object::Queue { name, args } if *name == t.level_queue(level) => {
+                        Some(args.clone())
+                    }
+                    _ => None,
+                })
+                .expect("level queue");
+            let dlx = q.inner().get("x-dead-letter-exchange").cloned();
+            let want = if level == 0 {
+                t.delivery_exchange()
+            } else {
+                t.level_exchange(level - 1)
+            };
+            assert_eq!(dlx, Some(AMQPValue::LongString(want.into())));
+            assert_eq!(
+                q.inner().get("x-message-ttl"),
+                Some(&AMQPValue::LongLongInt(delay::level_ttl_ms(level) as i64))
+            );
+        }
+    }
+
+    #[test]
+    fn quorum_gets_at_least_once_dead_lettering_and_no_priority() {
+        let t = topo(QueueType::Quorum);
+        for o in t.objects() {
+            if let Object::Queue { args, name } = o {
+                assert_eq!(
+                    args.inner().get("x-dead-letter-strategy"),
+                    Some(&AMQPValue::LongString("at-least-once".into())),
+                    "{name}"
+                );
+                assert!(!args.contains_key("x-max-priority"));
+            }
+        }
+        let c = topo(QueueType::Classic);
+        let prio = c.objects().into_iter().any(|o| matches!(o, Object::Queue { name, args } if name == "t.default" && args.contains_key("x-max-priority")));
+        assert!(prio);
+    }
+
+    #[test]
+    fn parses_broker_refusal() {
+        let text = "PRECONDITION_FAILED - inequivalent arg 'x-max-priority' for queue 't.default' in vhost '/': received the value '10' of type 'byte' but current value is '5' of type 'signedint'";
+        assert_eq!(inequivalent_arg(text).as_deref(), Some("x-max-priority"));
+        assert_eq!(inequivalent_arg("NOT_FOUND - no exchange"), None);
+    }
+}
