@@ -1,0 +1,34 @@
+#!/usr/bin/env bash
+# The test command: lints, then every unit and integration test against one
+# throwaway RabbitMQ node for the whole run (installed from Debian when
+# missing), stopped at the end. Extra arguments go to `cargo nextest run`.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+if [ ! -x /usr/lib/rabbitmq/bin/rabbitmq-server ] || ! command -v python3 >/dev/null; then
+  if [ "$(id -u)" = 0 ]; then
+    export DEBIAN_FRONTEND=noninteractive
+    printf '#!/bin/sh\nexit 101\n' > /usr/sbin/policy-rc.d && chmod +x /usr/sbin/policy-rc.d
+    apt-get update -qq
+    apt-get install -y -qq rabbitmq-server python3 >/dev/null
+    rm -f /usr/sbin/policy-rc.d
+  else
+    echo "test.sh: install rabbitmq-server (Debian package) or run as root" >&2
+    exit 1
+  fi
+fi
+if ! command -v cargo-nextest >/dev/null; then
+  cargo install --locked cargo-nextest
+fi
+
+cargo fmt --all -- --check
+cargo clippy --workspace --all-targets --all-features -- -D warnings
+cargo build --workspace --all-targets --all-features
+
+node_dir=$(mktemp -d -t warren-test-broker.XXXXXX)
+cleanup() { bash deploy/broker.sh stop --dir "$node_dir" || true; rm -rf "$node_dir"; }
+trap cleanup EXIT
+WARREN_TEST_AMQP_URL=$(bash deploy/broker.sh start --dir "$node_dir" --port 0 --name "warren-test-$$" --watch $$ | tail -n 1)
+export WARREN_TEST_AMQP_URL
+
+cargo nextest run --workspace --all-features --no-fail-fast "$@"

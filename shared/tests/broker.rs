@@ -1,0 +1,383 @@
+//! The contract, topology, delay levels and confirmed publishing against a
+//! real RabbitMQ node (see `warren::testing`).
+#![allow(clippy::unwrap_used)]
+
+use std::time::{Duration, Instant};
+
+use futures_util::StreamExt;
+use lapin::options::{
+    BasicAckOptions, BasicConsumeOptions, BasicGetOptions, BasicPublishOptions, QueueDeclareOptions,
+};
+use lapin::types::{AMQPValue, FieldTable};
+use lapin::{BasicProperties, Connection};
+use warren::amqp::Publisher;
+use warren::config::{QueueConfig, QueueType, TopologyConfig};
+use warren::envelope::{headers, RetryOverrides};
+use warren::testing::{self, eventually};
+use warren::topology::{self, Topology};
+use warren::{Error, Task};
+
+const MAX_BODY: usize = 1 << 20;
+
+async fn setup(test: &str, qt: QueueType) -> (Connection, Topology, Publisher) {
+    let conn = testing::connect().await;
+    let topo = Topology::new(&testing::topology_config(test, qt));
+    topology::declare(&conn, &topo).await.expect("declare");
+    let publisher = Publisher::new(&conn, Duration::from_secs(10))
+        .await
+        .expect("publisher");
+    (conn, topo, publisher)
+}
+
+async fn get_one(conn: &Connection, queue: &str) -> Option<lapin::message::Delivery> {
+    let ch = conn.create_channel().await.unwrap();
+    let msg = ch
+        .basic_get(queue.into(), BasicGetOptions { no_ack: true })
+        .await
+        .unwrap();
+    msg.map(|m| m.delivery)
+}
+
+async fn wait_one(conn: &Connection, queue: &str, within: Duration) -> lapin::message::Delivery {
+    let ch = conn.create_channel().await.unwrap();
+    eventually(within, &format!("a message in {queue}"), || {
+        let ch = ch.clone();
+        let queue = queue.to_owned();
+        async move {
+            ch.basic_get(queue.as_str().into(), BasicGetOptions { no_ack: true })
+                .await
+                .unwrap()
+                .map(|m| m.delivery)
+        }
+    })
+    .await
+}
+
+#[tokio::test]
+async fn envelope_round_trips_through_the_broker() {
+    let (conn, topo, publisher) = setup("envelope", QueueType::Classic).await;
+    let mut extra = FieldTable::default();
+    extra.insert("x-custom".into(), AMQPValue::LongString("v".into()));
+    let task = Task {
+        max_attempts: Some(4),
+        timeout: Some(Duration::from_millis(1500)),
+        not_before: Some(
+            chrono::DateTime::parse_from_rfc3339("2030-01-02T03:04:05.678Z")
+                .unwrap()
+                .into(),
+        ),
+        priority: Some(7),
+        correlation_id: Some("corr-1".into()),
+        schedule: Some("nightly".into()),
+        last_error: Some("previous failure".into()),
+        first_failed_at: Some(
+            chrono::DateTime::parse_from_rfc3339("2029-01-01T00:00:00.000Z")
+                .unwrap()
+                .into(),
+        ),
+        attempt: 2,
+        retry: RetryOverrides {
+            initial: Some(Duration::from_millis(300)),
+            multiplier: Some(1.5),
+            max_delay: Some(Duration::from_secs(9)),
+            jitter: Some(0.1),
+        },
+        extra_headers: extra,
+        ..Task::new(
+            "report.daily",
+            &serde_json::json!({"day": "mon", "n": [1, 2]}),
+        )
+    };
+    publisher
+        .publish_task(&topo, &task, Duration::ZERO)
+        .await
+        .expect("confirmed");
+    let queue = &topo.work_queues()[0].name;
+    let d = wait_one(&conn, queue, Duration::from_secs(5)).await;
+    assert_eq!(d.properties.delivery_mode(), &Some(2), "persistent");
+    let back = Task::decode(d.routing_key.as_str(), &d.properties, &d.data, MAX_BODY).unwrap();
+    assert!(back.published_at.is_some());
+    assert_eq!(
+        Task {
+            published_at: None,
+            ..back
+        },
+        task
+    );
+
+    // A plain client: routing key and JSON body, nothing else.
+    let ch = conn.create_channel().await.unwrap();
+    ch.basic_publish(
+        topo.tasks_exchange().as_str().into(),
+        "email.send".into(),
+        BasicPublishOptions::default(),
+        br#"{"to":"x@y.z"}"#,
+        BasicProperties::default(),
+    )
+    .await
+    .unwrap();
+    let d = wait_one(&conn, queue, Duration::from_secs(5)).await;
+    let plain = Task::decode(d.routing_key.as_str(), &d.properties, &d.data, MAX_BODY).unwrap();
+    assert_eq!(plain.name, "email.send");
+    assert_eq!(plain.attempt, 1);
+    assert!(!plain.id.is_empty());
+    assert_eq!(
+        plain.payload_as::<serde_json::Value>().unwrap()["to"],
+        "x@y.z"
+    );
+    testing::delete_topology(&conn, &topo).await;
+}
+
+#[tokio::test]
+async fn declaring_twice_is_a_no_op() {
+    let (conn, topo, _) = setup("twice", QueueType::Classic).await;
+    topology::declare(&conn, &topo)
+        .await
+        .expect("second declare");
+    let (conn_q, topo_q, _) = setup("twiceq", QueueType::Quorum).await;
+    topology::declare(&conn_q, &topo_q)
+        .await
+        .expect("second quorum declare");
+    testing::delete_topology(&conn, &topo).await;
+    testing::delete_topology(&conn_q, &topo_q).await;
+}
+
+#[tokio::test]
+async fn conflicting_queue_names_object_and_argument() {
+    let conn = testing::connect().await;
+    let cfg = testing::topology_config("conflict", QueueType::Classic);
+    let topo = Topology::new(&cfg);
+    let queue = topo.work_queues()[0].name.clone();
+    let ch = conn.create_channel().await.unwrap();
+    let mut args = FieldTable::default();
+    args.insert("x-max-priority".into(), AMQPValue::ShortShortUInt(3));
+    args.insert(
+        "x-dead-letter-exchange".into(),
+        AMQPValue::LongString(topo.dead_exchange().into()),
+    );
+    ch.queue_declare(
+        queue.as_str().into(),
+        QueueDeclareOptions {
+            durable: true,
+            ..QueueDeclareOptions::default()
+        },
+        args,
+    )
+    .await
+    .unwrap();
+    let err = topology::declare(&conn, &topo).await.unwrap_err();
+    match &err {
+        Error::TopologyConflict {
+            object, argument, ..
+        } => {
+            assert!(object.contains(&queue), "{err}");
+            assert_eq!(argument, "x-max-priority", "{err}");
+        }
+        other => panic!("expected a topology conflict, got {other}"),
+    }
+    assert!(!err.is_transient());
+    // The caller's connection survives the refusal.
+    assert!(conn.status().connected());
+    testing::delete_topology(&conn, &topo).await;
+}
+
+async fn delays_arrive_on_time(qt: QueueType, test: &str) {
+    let (conn, topo, publisher) = setup(test, qt).await;
+    let queue = topo.work_queues()[0].name.clone();
+    let ch = conn.create_channel().await.unwrap();
+    let mut consumer = ch
+        .basic_consume(
+            queue.as_str().into(),
+            "t".into(),
+            BasicConsumeOptions::default(),
+            FieldTable::default(),
+        )
+        .await
+        .unwrap();
+    let delays = [0u64, 250, 1700, 3300];
+    let start = Instant::now();
+    for ms in delays {
+        let task = Task::new(format!("delay.t{ms}"), &serde_json::json!({"ms": ms}));
+        publisher
+            .publish_task(&topo, &task, Duration::from_millis(ms))
+            .await
+            .expect("confirmed");
+    }
+    let mut seen = Vec::new();
+    while seen.len() < delays.len() {
+        let d = tokio::time::timeout(Duration::from_secs(15), consumer.next())
+            .await
+            .expect("all delayed tasks arrive")
+            .unwrap()
+            .unwrap();
+        let elapsed = start.elapsed();
+        let task = Task::decode(d.routing_key.as_str(), &d.properties, &d.data, MAX_BODY).unwrap();
+        d.ack(BasicAckOptions::default()).await.unwrap();
+        let ms: u64 = task.payload_as::<serde_json::Value>().unwrap()["ms"]
+            .as_u64()
+            .unwrap();
+        assert_eq!(
+            task.name,
+            format!("delay.t{ms}"),
+            "task name survives the levels"
+        );
+        assert!(
+            elapsed >= Duration::from_millis(ms),
+            "{ms} ms task arrived early, after {elapsed:?}"
+        );
+        assert!(
+            elapsed < Duration::from_millis(ms + 3000),
+            "{ms} ms task arrived far too late, after {elapsed:?}"
+        );
+        seen.push(ms);
+    }
+    assert_eq!(seen, delays.to_vec(), "arrival order follows the delays");
+    testing::delete_topology(&conn, &topo).await;
+}
+
+#[tokio::test]
+async fn delays_on_classic_queues() {
+    delays_arrive_on_time(QueueType::Classic, "delayc").await;
+}
+
+#[tokio::test]
+async fn delays_on_quorum_queues() {
+    delays_arrive_on_time(QueueType::Quorum, "delayq").await;
+}
+
+async fn unroutable_at_last_hop_goes_dead(qt: QueueType, test: &str) {
+    let conn = testing::connect().await;
+    let cfg = TopologyConfig {
+        queues: vec![QueueConfig {
+            name: "emails".into(),
+            bindings: vec!["email.*".into()],
+            max_priority: 0,
+        }],
+        ..testing::topology_config(test, qt)
+    };
+    let topo = Topology::new(&cfg);
+    topology::declare(&conn, &topo).await.unwrap();
+    let publisher = Publisher::new(&conn, Duration::from_secs(10))
+        .await
+        .unwrap();
+    // Routable when published (into the level), unroutable when it leaves it.
+    let lost = Task::new("report.daily", &serde_json::json!({}));
+    publisher
+        .publish_task(&topo, &lost, Duration::from_millis(300))
+        .await
+        .unwrap();
+    let behind = Task::new("email.send", &serde_json::json!({}));
+    publisher
+        .publish_task(&topo, &behind, Duration::from_millis(300))
+        .await
+        .unwrap();
+
+    let d = wait_one(&conn, &topo.dead_queue(), Duration::from_secs(10)).await;
+    assert_eq!(
+        d.properties.message_id().as_ref().unwrap().as_str(),
+        lost.id
+    );
+    assert_eq!(
+        d.properties.kind().as_ref().unwrap().as_str(),
+        "report.daily"
+    );
+    let d = wait_one(&conn, &topo.work_queues()[0].name, Duration::from_secs(10)).await;
+    assert_eq!(
+        d.properties.message_id().as_ref().unwrap().as_str(),
+        behind.id
+    );
+    assert!(
+        get_one(&conn, &topo.dead_queue()).await.is_none(),
+        "only the unroutable one is dead"
+    );
+    testing::delete_topology(&conn, &topo).await;
+}
+
+#[tokio::test]
+async fn unroutable_after_delay_is_dead_lettered_classic() {
+    unroutable_at_last_hop_goes_dead(QueueType::Classic, "unroutc").await;
+}
+
+#[tokio::test]
+async fn unroutable_after_delay_is_dead_lettered_quorum() {
+    unroutable_at_last_hop_goes_dead(QueueType::Quorum, "unroutq").await;
+}
+
+#[tokio::test]
+async fn confirmed_publish_reports_unroutable_and_missing_exchange() {
+    let conn = testing::connect().await;
+    let cfg = TopologyConfig {
+        queues: vec![QueueConfig {
+            name: "emails".into(),
+            bindings: vec!["email.*".into()],
+            max_priority: 0,
+        }],
+        ..testing::topology_config("unroutable", QueueType::Classic)
+    };
+    let topo = Topology::new(&cfg);
+    topology::declare(&conn, &topo).await.unwrap();
+    let publisher = Publisher::new(&conn, Duration::from_secs(10))
+        .await
+        .unwrap();
+
+    let task = Task::new("nobody.listens", &serde_json::json!({}));
+    let err = publisher
+        .publish_task(&topo, &task, Duration::ZERO)
+        .await
+        .unwrap_err();
+    assert!(matches!(err, Error::Unroutable { .. }), "{err}");
+    assert!(err.to_string().contains("nobody.listens"), "{err}");
+
+    // Pipelined: one bad among good ones is singled out.
+    let good: Vec<Task> = (0..50)
+        .map(|i| Task::new("email.send", &serde_json::json!({"i": i})))
+        .collect();
+    let mut batch: Vec<(&Task, Duration)> = good.iter().map(|t| (t, Duration::ZERO)).collect();
+    batch.insert(25, (&task, Duration::ZERO));
+    let results = publisher.publish_tasks(&topo, batch, 16).await;
+    assert_eq!(results.iter().filter(|r| r.is_ok()).count(), 50);
+    assert!(matches!(results[25], Err(Error::Unroutable { .. })));
+
+    let other = Publisher::new(&conn, Duration::from_secs(10))
+        .await
+        .unwrap();
+    let err = other
+        .publish("wt.no-such-exchange", "x", task.properties(), &task.payload)
+        .await
+        .unwrap_err();
+    assert!(
+        err.to_string().contains("no-such-exchange") || err.to_string().contains("NOT_FOUND"),
+        "{err}"
+    );
+    testing::delete_topology(&conn, &topo).await;
+}
+
+#[tokio::test]
+async fn headers_survive_as_plain_clients_send_them() {
+    // pika and rabbitmqadmin send header integers as signed 32/64-bit or strings.
+    let (conn, topo, _) = setup("hdrs", QueueType::Classic).await;
+    let ch = conn.create_channel().await.unwrap();
+    let mut h = FieldTable::default();
+    h.insert(headers::MAX_ATTEMPTS.into(), AMQPValue::LongInt(2));
+    h.insert(
+        headers::TIMEOUT_MS.into(),
+        AMQPValue::LongString("2500".into()),
+    );
+    ch.basic_publish(
+        topo.tasks_exchange().as_str().into(),
+        "x.y".into(),
+        BasicPublishOptions::default(),
+        b"[]",
+        BasicProperties::default()
+            .with_headers(h)
+            .with_message_id("given-id".into()),
+    )
+    .await
+    .unwrap();
+    let d = wait_one(&conn, &topo.work_queues()[0].name, Duration::from_secs(5)).await;
+    let t = Task::decode(d.routing_key.as_str(), &d.properties, &d.data, MAX_BODY).unwrap();
+    assert_eq!(t.id, "given-id");
+    assert_eq!(t.max_attempts, Some(2));
+    assert_eq!(t.timeout, Some(Duration::from_millis(2500)));
+    testing::delete_topology(&conn, &topo).await;
+}
