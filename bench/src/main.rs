@@ -1,0 +1,386 @@
+//! `warren-bench`: warren's hot paths against a plain lapin loop on the same
+//! broker, side by side in one run, so the ratios mean something on a shared
+//! machine whose absolute speed drifts.
+//!
+//! * `publish`: N persistent messages with publisher confirms, 1,000 in flight:
+//!   plain `basic_publish` loop vs `warren::amqp::Publisher::publish_tasks`.
+//! * `e2e`: a consumer is running; N tasks are published (pipelined confirms)
+//!   and the clock stops when the consumer has acked all of them. Plain: a lapin
+//!   consumer that acks each delivery without awaiting it in the loop. warren: the
+//!   `warren-consumer` binary with a `noop` handler, counted through its
+//!   `/metrics`. Also the consumer process's peak RSS.
+//!
+//! Runs alternate between the two sides; the report gives each run and the
+//! median ratio. Run with `cargo run --release -p warren-bench -- --help`.
+
+use std::collections::VecDeque;
+use std::path::PathBuf;
+use std::process::Stdio;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context, Result};
+use clap::Parser;
+use futures_util::StreamExt;
+use lapin::options::{
+    BasicAckOptions, BasicConsumeOptions, BasicPublishOptions, BasicQosOptions,
+    ConfirmSelectOptions,
+};
+use lapin::types::FieldTable;
+use lapin::{BasicProperties, Confirmation, Connection};
+use warren::amqp::Publisher;
+use warren::config::{AmqpConfig, QueueType, Secret, TopologyConfig};
+use warren::topology::{self, Topology};
+use warren::Task;
+
+#[derive(Parser)]
+struct Args {
+    /// Messages per run.
+    #[arg(long, default_value_t = 20_000)]
+    messages: usize,
+    /// Runs per side.
+    #[arg(long, default_value_t = 5)]
+    runs: usize,
+    /// Broker to use; default: start a throwaway node (deploy/broker.sh).
+    #[arg(long, env = "WARREN_BENCH_AMQP_URL")]
+    url: Option<String>,
+    /// `publish`, `e2e` or `all`.
+    #[arg(long, default_value = "all")]
+    scenario: String,
+    /// Prefetch for both consumers.
+    #[arg(long, default_value_t = 256)]
+    prefetch: u16,
+    /// The warren-consumer binary (default: next to this one).
+    #[arg(long)]
+    consumer_bin: Option<PathBuf>,
+}
+
+const WINDOW: usize = 1000;
+const BODY: &[u8] = br#"{"user":42,"action":"bench","tags":["a","b"]}"#;
+
+#[tokio::main]
+async fn main() -> Result<()> {
+    let args = Args::parse();
+    let _node;
+    let url = match &args.url {
+        Some(u) => u.clone(),
+        None => {
+            let node = warren::testing::Node::start();
+            let u = node.url().to_owned();
+            _node = node;
+            u
+        }
+    };
+    let amqp = AmqpConfig {
+        url: Secret::new(url.clone()),
+        ..AmqpConfig::default()
+    };
+    let conn = warren::amqp::connect(&amqp, "bench").await?;
+    println!(
+        "warren-bench: {} messages x {} runs per side, body {} bytes, window {WINDOW}, prefetch {}",
+        args.messages,
+        args.runs,
+        BODY.len(),
+        args.prefetch
+    );
+    if args.scenario == "publish" || args.scenario == "all" {
+        publish_scenario(&conn, &args).await?;
+    }
+    if args.scenario == "e2e" || args.scenario == "all" {
+        e2e_scenario(&conn, &args, &url).await?;
+    }
+    conn.close(200, "bye".into()).await.ok();
+    Ok(())
+}
+
+fn topo(name: &str) -> Topology {
+    Topology::new(&TopologyConfig {
+        prefix: format!("bench.{name}.{}", std::process::id()),
+        queue_type: QueueType::Classic,
+        ..TopologyConfig::default()
+    })
+}
+
+fn report(name: &str, plain: &[f64], warren: &[f64]) {
+    let fmt = |v: &[f64]| {
+        v.iter()
+            .map(|x| format!("{x:.0}"))
+            .collect::<Vec<_>>()
+            .join(", ")
+    };
+    let mut ratios: Vec<f64> = plain.iter().zip(warren).map(|(p, w)| w / p).collect();
+    ratios.sort_by(f64::total_cmp);
+    let median = ratios.get(ratios.len() / 2).copied().unwrap_or(0.0);
+    println!("{name}: plain lapin msgs/s  [{}]", fmt(plain));
+    println!("{name}: warren      msgs/s  [{}]", fmt(warren));
+    println!(
+        "{name}: warren / plain per run [{}], median {median:.2}",
+        ratios
+            .iter()
+            .map(|r| format!("{r:.2}"))
+            .collect::<Vec<_>>()
+            .join(", ")
+    );
+}
+
+async fn plain_publish(conn: &Connection, exchange: &str, key: &str, n: usize) -> Result<()> {
+    let ch = conn.create_channel().await?;
+    ch.confirm_select(ConfirmSelectOptions::default()).await?;
+    let mut pending = VecDeque::with_capacity(WINDOW);
+    for _ in 0..n {
+        let c = ch
+            .basic_publish(
+                exchange.into(),
+                key.into(),
+                BasicPublishOptions {
+                    mandatory: true,
+                    ..BasicPublishOptions::default()
+                },
+                BODY,
+                BasicProperties::default()
+                    .with_delivery_mode(2)
+                    .with_content_type("application/json".into()),
+            )
+            .await?;
+        pending.push_back(c);
+        if pending.len() >= WINDOW {
+            if let Some(c) = pending.pop_front() {
+                check(c.await?)?;
+            }
+        }
+    }
+    for c in pending {
+        check(c.await?)?;
+    }
+    ch.close(200, "done".into()).await.ok();
+    Ok(())
+}
+
+fn check(c: Confirmation) -> Result<()> {
+    match c {
+        Confirmation::Ack(None) => Ok(()),
+        other => bail!("publish not confirmed: {other:?}"),
+    }
+}
+
+async fn warren_publish(conn: &Connection, topo: &Topology, n: usize) -> Result<()> {
+    let publisher = Publisher::new(conn, Duration::from_secs(30)).await?;
+    let tasks: Vec<Task> = (0..n)
+        .map(|_| Task::from_raw("bench.noop", BODY.to_vec()))
+        .collect();
+    let results = publisher
+        .publish_tasks(topo, tasks.iter().map(|t| (t, Duration::ZERO)), WINDOW)
+        .await;
+    if let Some(Err(e)) = results.into_iter().find(|r| r.is_err()) {
+        bail!("warren publish failed: {e}");
+    }
+    publisher.channel().close(200, "done".into()).await.ok();
+    Ok(())
+}
+
+async fn purge(conn: &Connection, topo: &Topology) -> Result<()> {
+    let ch = conn.create_channel().await?;
+    for q in topo.work_queues() {
+        ch.queue_purge(q.name.as_str().into(), Default::default())
+            .await?;
+    }
+    Ok(())
+}
+
+async fn publish_scenario(conn: &Connection, args: &Args) -> Result<()> {
+    let t = topo("publish");
+    topology::declare(conn, &t).await?;
+    let (mut plain, mut warren) = (Vec::new(), Vec::new());
+    for run in 0..args.runs {
+        for side in if run % 2 == 0 { [0, 1] } else { [1, 0] } {
+            purge(conn, &t).await?;
+            let start = Instant::now();
+            if side == 0 {
+                plain_publish(conn, &t.tasks_exchange(), "bench.noop", args.messages).await?;
+                plain.push(args.messages as f64 / start.elapsed().as_secs_f64());
+            } else {
+                warren_publish(conn, &t, args.messages).await?;
+                warren.push(args.messages as f64 / start.elapsed().as_secs_f64());
+            }
+        }
+    }
+    report("publish", &plain, &warren);
+    warren::testing::delete_topology(conn, &t).await;
+    Ok(())
+}
+
+async fn plain_consume_until(
+    conn: &Connection,
+    queue: &str,
+    n: usize,
+    prefetch: u16,
+) -> Result<()> {
+    let ch = conn.create_channel().await?;
+    ch.basic_qos(prefetch, BasicQosOptions::default()).await?;
+    let mut consumer = ch
+        .basic_consume(
+            queue.into(),
+            "plain".into(),
+            BasicConsumeOptions::default(),
+            FieldTable::default(),
+        )
+        .await?;
+    let mut seen = 0;
+    while seen < n {
+        let d = tokio::time::timeout(Duration::from_secs(60), consumer.next())
+            .await
+            .context("plain consumer stalled")?
+            .context("consumer ended")??;
+        // Parse the JSON as any task queue must, then ack without awaiting in
+        // the loop: the fast plain-lapin shape.
+        let _: serde_json::Value = serde_json::from_slice(&d.data)?;
+        tokio::spawn(async move { d.ack(BasicAckOptions::default()).await });
+        seen += 1;
+    }
+    ch.close(200, "done".into()).await.ok();
+    Ok(())
+}
+
+struct ConsumerProc {
+    child: tokio::process::Child,
+    metrics: String,
+    _dir: tempfile::TempDir,
+}
+
+fn free_port() -> Result<u16> {
+    Ok(std::net::TcpListener::bind("127.0.0.1:0")?
+        .local_addr()?
+        .port())
+}
+
+async fn start_consumer(
+    bin: &PathBuf,
+    url: &str,
+    t: &Topology,
+    prefetch: u16,
+) -> Result<ConsumerProc> {
+    let dir = tempfile::tempdir()?;
+    let cfg = dir.path().join("consumer.toml");
+    std::fs::write(
+        &cfg,
+        format!(
+            "[worker]\nprefetch = {prefetch}\nconcurrency = {prefetch}\n[log]\nlevel = \"warn\"\n[handlers.\"bench.*\"]\nkind = \"noop\"\n"
+        ),
+    )?;
+    let port = free_port()?;
+    let child = tokio::process::Command::new(bin)
+        .arg("--config")
+        .arg(&cfg)
+        .env("WARREN_AMQP_URL", url)
+        .env("WARREN_HTTP_ADDR", format!("127.0.0.1:{port}"))
+        .env("WARREN_TOPOLOGY__PREFIX", t.prefix())
+        .stdout(Stdio::null())
+        .kill_on_drop(true)
+        .spawn()
+        .with_context(|| format!("start {}", bin.display()))?;
+    let base = format!("http://127.0.0.1:{port}");
+    let http = reqwest::Client::new();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        if let Ok(r) = http.get(format!("{base}/readyz")).send().await {
+            if r.status().is_success() {
+                break;
+            }
+        }
+        if Instant::now() > deadline {
+            bail!("warren-consumer did not become ready");
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    Ok(ConsumerProc {
+        child,
+        metrics: format!("{base}/metrics"),
+        _dir: dir,
+    })
+}
+
+/// Sum of `warren_consumer_tasks_total` over all labels.
+async fn tasks_done(http: &reqwest::Client, url: &str) -> Result<f64> {
+    let text = http.get(url).send().await?.text().await?;
+    Ok(text
+        .lines()
+        .filter(|l| l.starts_with("warren_consumer_tasks_total"))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum())
+}
+
+fn peak_rss_kib(pid: u32) -> Option<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    status
+        .lines()
+        .find(|l| l.starts_with("VmHWM:"))?
+        .split_whitespace()
+        .nth(1)?
+        .parse()
+        .ok()
+}
+
+async fn e2e_scenario(conn: &Connection, args: &Args, url: &str) -> Result<()> {
+    let bin = match &args.consumer_bin {
+        Some(b) => b.clone(),
+        None => std::env::current_exe()?.with_file_name("warren-consumer"),
+    };
+    let http = reqwest::Client::new();
+    let (mut plain, mut warren) = (Vec::new(), Vec::new());
+    let mut rss = Vec::new();
+    for run in 0..args.runs {
+        for side in if run % 2 == 0 { [0, 1] } else { [1, 0] } {
+            let t = topo(&format!("e2e{run}{side}"));
+            topology::declare(conn, &t).await?;
+            let queue = t.work_queues()[0].name.clone();
+            if side == 0 {
+                let consumer = {
+                    let conn2 = warren::amqp::connect(
+                        &AmqpConfig {
+                            url: Secret::new(url),
+                            ..AmqpConfig::default()
+                        },
+                        "bench-plain",
+                    )
+                    .await?;
+                    let n = args.messages;
+                    let prefetch = args.prefetch;
+                    tokio::spawn(async move {
+                        let r = plain_consume_until(&conn2, &queue, n, prefetch).await;
+                        conn2.close(200, "done".into()).await.ok();
+                        r
+                    })
+                };
+                tokio::time::sleep(Duration::from_millis(200)).await;
+                let start = Instant::now();
+                plain_publish(conn, &t.tasks_exchange(), "bench.noop", args.messages).await?;
+                consumer.await??;
+                plain.push(args.messages as f64 / start.elapsed().as_secs_f64());
+            } else {
+                let mut proc = start_consumer(&bin, url, &t, args.prefetch).await?;
+                let start = Instant::now();
+                warren_publish(conn, &t, args.messages).await?;
+                let deadline = Instant::now() + Duration::from_secs(120);
+                while tasks_done(&http, &proc.metrics).await? < args.messages as f64 {
+                    if Instant::now() > deadline {
+                        bail!("warren-consumer did not finish the run");
+                    }
+                    tokio::time::sleep(Duration::from_millis(10)).await;
+                }
+                warren.push(args.messages as f64 / start.elapsed().as_secs_f64());
+                if let Some(pid) = proc.child.id() {
+                    rss.extend(peak_rss_kib(pid));
+                }
+                proc.child.kill().await.ok();
+            }
+            warren::testing::delete_topology(conn, &t).await;
+        }
+    }
+    report("e2e", &plain, &warren);
+    if let Some(max) = rss.iter().max() {
+        println!(
+            "e2e: warren-consumer peak RSS {:.1} MiB (max over runs)",
+            *max as f64 / 1024.0
+        );
+    }
+    Ok(())
+}
