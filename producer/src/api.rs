@@ -1,0 +1,407 @@
+//! The HTTP API under `/v1`: publish tasks, list schedules, trigger a
+//! schedule now. Bearer tokens with `read` / `publish` scopes, compared in
+//! constant time; every error is a JSON body `{"error": code, "message": text}`.
+
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::body::Bytes;
+use axum::extract::rejection::BytesRejection;
+use axum::extract::{DefaultBodyLimit, Path, State};
+use axum::http::{header, HeaderMap, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use chrono::{SecondsFormat, Utc};
+use serde_json::json;
+use subtle::ConstantTimeEq;
+
+use crate::app::Ctx;
+use crate::config::{ApiConfig, Scope};
+use crate::metrics::Source;
+use crate::request::TaskRequest;
+
+/// Configured tokens and their scopes.
+#[derive(Default)]
+pub struct Tokens(Vec<(Vec<u8>, Vec<Scope>)>);
+
+impl Tokens {
+    pub fn from_config(cfg: &ApiConfig) -> anyhow::Result<Self> {
+        let mut out = Vec::new();
+        let mut add = |token: &str, scopes: Vec<Scope>, origin: &str| -> anyhow::Result<()> {
+            if token.len() < 16 {
+                anyhow::bail!("{origin}: API tokens must be at least 16 characters");
+            }
+            out.push((token.as_bytes().to_vec(), scopes));
+            Ok(())
+        };
+        if let Some(t) = &cfg.read_token {
+            add(t.expose(), vec![Scope::Read], "api.read_token")?;
+        }
+        if let Some(t) = &cfg.publish_token {
+            add(
+                t.expose(),
+                vec![Scope::Read, Scope::Publish],
+                "api.publish_token",
+            )?;
+        }
+        for (i, t) in cfg.tokens.iter().enumerate() {
+            add(t.token.expose(), t.scopes.clone(), &format!("api.tokens[{i}]"))?;
+        }
+        if let Some(path) = &cfg.tokens_file {
+            let text = std::fs::read_to_string(path).map_err(|e| {
+                anyhow::anyhow!("api.tokens_file {}: cannot read: {e}", path.display())
+            })?;
+            for (n, line) in text.lines().enumerate() {
+                let line = line.trim();
+                if line.is_empty() || line.starts_with('#') {
+                    continue;
+                }
+                let origin = format!("api.tokens_file {} line {}", path.display(), n + 1);
+                let (scopes, token) = line.split_once(char::is_whitespace).ok_or_else(|| {
+                    anyhow::anyhow!("{origin}: expected `<scope>[,<scope>] <token>`")
+                })?;
+                let scopes = scopes
+                    .split(',')
+                    .map(|s| match s {
+                        "read" => Ok(Scope::Read),
+                        "publish" => Ok(Scope::Publish),
+                        other => Err(anyhow::anyhow!(
+                            "{origin}: unknown scope `{other}` (read, publish)"
+                        )),
+                    })
+                    .collect::<anyhow::Result<Vec<_>>>()?;
+                add(token.trim(), scopes, &origin)?;
+            }
+        }
+        Ok(Self(out))
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+
+    /// Scopes of `presented`, comparing against every token in constant time.
+    fn scopes(&self, presented: &[u8]) -> Option<&[Scope]> {
+        let mut found = None;
+        for (token, scopes) in &self.0 {
+            if bool::from(token.as_slice().ct_eq(presented)) {
+                found = Some(scopes.as_slice());
+            }
+        }
+        found
+    }
+}
+
+/// An API error: status plus a JSON body.
+#[derive(Debug)]
+pub struct ApiError {
+    status: StatusCode,
+    code: &'static str,
+    message: String,
+    extra: Option<serde_json::Value>,
+}
+
+impl ApiError {
+    fn new(status: StatusCode, code: &'static str, message: impl Into<String>) -> Self {
+        Self {
+            status,
+            code,
+            message: message.into(),
+            extra: None,
+        }
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let mut body = json!({"error": self.code, "message": self.message});
+        if let (Some(serde_json::Value::Object(extra)), Some(obj)) =
+            (self.extra, body.as_object_mut())
+        {
+            obj.extend(extra);
+        }
+        let mut resp = (self.status, Json(body)).into_response();
+        if self.status == StatusCode::UNAUTHORIZED {
+            resp.headers_mut().insert(
+                header::WWW_AUTHENTICATE,
+                header::HeaderValue::from_static("Bearer"),
+            );
+        }
+        resp
+    }
+}
+
+fn authorize(ctx: &Ctx, headers: &HeaderMap, scope: Scope) -> Result<(), ApiError> {
+    let unauthorized = |m: &str| ApiError::new(StatusCode::UNAUTHORIZED, "unauthorized", m);
+    let value = headers
+        .get(header::AUTHORIZATION)
+        .ok_or_else(|| unauthorized("missing `Authorization: Bearer <token>` header"))?;
+    let token = value
+        .to_str()
+        .ok()
+        .and_then(|v| {
+            v.strip_prefix("Bearer ")
+                .or_else(|| v.strip_prefix("bearer "))
+        })
+        .map(str::trim)
+        .ok_or_else(|| unauthorized("expected `Authorization: Bearer <token>`"))?;
+    let scopes = ctx
+        .tokens
+        .scopes(token.as_bytes())
+        .ok_or_else(|| unauthorized("unknown token"))?;
+    if scopes.contains(&scope) {
+        Ok(())
+    } else {
+        let s = match scope {
+            Scope::Read => "read",
+            Scope::Publish => "publish",
+        };
+        Err(ApiError::new(
+            StatusCode::FORBIDDEN,
+            "forbidden",
+            format!("this token lacks the `{s}` scope"),
+        ))
+    }
+}
+
+pub fn router(ctx: Arc<Ctx>) -> Router {
+    let limit = ctx.cfg.api.max_body_bytes;
+    Router::new()
+        .route("/v1/tasks", post(post_tasks))
+        .route("/v1/schedules", get(get_schedules))
+        .route("/v1/schedules/{name}/trigger", post(trigger))
+        .layer(DefaultBodyLimit::max(limit))
+        .with_state(ctx)
+}
+
+fn body_error(r: BytesRejection) -> ApiError {
+    if r.status() == StatusCode::PAYLOAD_TOO_LARGE {
+        ApiError::new(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "payload_too_large",
+            "request body exceeds api.max_body_bytes",
+        )
+    } else {
+        ApiError::new(StatusCode::BAD_REQUEST, "bad_request", r.body_text())
+    }
+}
+
+/// The publisher, or 503 while the broker connection is down or blocked.
+fn publisher(ctx: &Ctx) -> Result<crate::app::ApiPublisher, ApiError> {
+    let p = ctx.api_publisher().ok_or_else(|| {
+        ApiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "broker_unavailable",
+            "not connected to the broker; retry later",
+        )
+    })?;
+    if p.blocked.load(Ordering::Relaxed) {
+        return Err(ApiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "broker_blocked",
+            "the broker is blocking publishers (resource alarm); retry later",
+        ));
+    }
+    Ok(p)
+}
+
+async fn post_tasks(
+    State(ctx): State<Arc<Ctx>>,
+    headers: HeaderMap,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<Response, ApiError> {
+    authorize(&ctx, &headers, Scope::Publish)?;
+    let body = body.map_err(body_error)?;
+    let value: serde_json::Value = serde_json::from_slice(&body).map_err(|e| {
+        ApiError::new(
+            StatusCode::BAD_REQUEST,
+            "bad_json",
+            format!("body is not valid JSON: {e}"),
+        )
+    })?;
+    let single = value.is_object();
+    let items = match value {
+        serde_json::Value::Array(a) => a,
+        v @ serde_json::Value::Object(_) => vec![v],
+        _ => {
+            return Err(ApiError::new(
+                StatusCode::UNPROCESSABLE_ENTITY,
+                "invalid_task",
+                "expected a task object or an array of task objects",
+            ))
+        }
+    };
+    if items.is_empty() {
+        return Err(ApiError::new(
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "invalid_task",
+            "empty array",
+        ));
+    }
+    if items.len() > ctx.cfg.api.max_batch {
+        return Err(ApiError::new(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "batch_too_large",
+            format!(
+                "{} tasks; at most {} per request (api.max_batch)",
+                items.len(),
+                ctx.cfg.api.max_batch
+            ),
+        ));
+    }
+    let now = Utc::now();
+    let mut tasks = Vec::with_capacity(items.len());
+    for (i, item) in items.into_iter().enumerate() {
+        let parsed = serde_json::from_value::<TaskRequest>(item)
+            .map_err(|e| e.to_string())
+            .and_then(|r| r.into_task(now));
+        match parsed {
+            Ok(t) => tasks.push(t),
+            Err(e) => {
+                let msg = if single {
+                    e
+                } else {
+                    format!("task [{i}]: {e}")
+                };
+                return Err(ApiError::new(
+                    StatusCode::UNPROCESSABLE_ENTITY,
+                    "invalid_task",
+                    msg,
+                ));
+            }
+        }
+    }
+    let p = publisher(&ctx)?;
+    let results = p
+        .publisher
+        .publish_tasks(&ctx.topo, pairs(&tasks), 256)
+        .await;
+    let mut ids = Vec::new();
+    let mut failed = Vec::new();
+    let mut transient = true;
+    for ((task, _), r) in tasks.iter().zip(results) {
+        match r {
+            Ok(()) => ids.push(task.id.clone()),
+            Err(e) => {
+                transient &= e.is_transient();
+                failed.push(json!({"id": task.id, "error": e.to_string()}));
+            }
+        }
+    }
+    let m = &ctx.metrics;
+    m.published
+        .with_label_values(&[Source::Api.label()])
+        .inc_by(ids.len() as u64);
+    if failed.is_empty() {
+        return Ok((StatusCode::ACCEPTED, Json(json!({ "ids": ids }))).into_response());
+    }
+    m.publish_failures
+        .with_label_values(&[Source::Api.label()])
+        .inc_by(failed.len() as u64);
+    let (status, code) = if transient {
+        (StatusCode::SERVICE_UNAVAILABLE, "broker_unavailable")
+    } else {
+        (StatusCode::UNPROCESSABLE_ENTITY, "not_published")
+    };
+    let mut e = ApiError::new(
+        status,
+        code,
+        format!("{} of {} tasks were not confirmed", failed.len(), tasks.len()),
+    );
+    e.extra = Some(json!({"ids": ids, "failed": failed}));
+    Err(e)
+}
+
+/// `(task, delay)` pairs by reference, as `publish_tasks` takes them (a
+/// concrete `Vec` keeps the future `Send`).
+pub fn pairs(tasks: &[(warren::Task, Duration)]) -> Vec<(&warren::Task, Duration)> {
+    tasks.iter().map(|(t, d)| (t, *d)).collect()
+}
+
+fn fmt_time(t: Option<chrono::DateTime<Utc>>) -> serde_json::Value {
+    t.map(|t| json!(t.to_rfc3339_opts(SecondsFormat::AutoSi, true)))
+        .unwrap_or(serde_json::Value::Null)
+}
+
+async fn get_schedules(
+    State(ctx): State<Arc<Ctx>>,
+    headers: HeaderMap,
+) -> Result<Response, ApiError> {
+    authorize(&ctx, &headers, Scope::Read)?;
+    let set = ctx.schedules.borrow().clone();
+    let leader = ctx.is_leader();
+    let now = Utc::now();
+    let list: Vec<_> = set
+        .iter()
+        .map(|s| {
+            let st = ctx.status_of(s.name());
+            let next = if s.cfg.enabled {
+                st.next_fire.or_else(|| s.spec.next_after(now))
+            } else {
+                None
+            };
+            let tz = s.spec.tz();
+            json!({
+                "name": s.name(),
+                "cron": s.cfg.cron,
+                "timezone": s.cfg.timezone,
+                "task": s.cfg.task,
+                "enabled": s.cfg.enabled,
+                "misfire": s.cfg.misfire,
+                "misfire_grace": humantime::format_duration(s.cfg.misfire_grace).to_string(),
+                "dst_gap": s.cfg.dst_gap,
+                "dst_overlap": s.cfg.dst_overlap,
+                "next_fire": fmt_time(next),
+                "next_fire_local": next.map(|n| n.with_timezone(&tz).to_rfc3339()),
+                "last_fire": fmt_time(st.last_fired),
+            })
+        })
+        .collect();
+    Ok(Json(json!({"leader": leader, "instance": ctx.instance, "schedules": list})).into_response())
+}
+
+async fn trigger(
+    State(ctx): State<Arc<Ctx>>,
+    headers: HeaderMap,
+    Path(name): Path<String>,
+) -> Result<Response, ApiError> {
+    authorize(&ctx, &headers, Scope::Publish)?;
+    let set = ctx.schedules.borrow().clone();
+    let s = set.iter().find(|s| s.name() == name).ok_or_else(|| {
+        ApiError::new(
+            StatusCode::NOT_FOUND,
+            "not_found",
+            format!("no schedule named `{name}`"),
+        )
+    })?;
+    let id = format!("{}@manual-{}", s.name(), uuid::Uuid::new_v4());
+    let task = s.task(id.clone());
+    let p = publisher(&ctx)?;
+    match p
+        .publisher
+        .publish_task(&ctx.topo, &task, Duration::ZERO)
+        .await
+    {
+        Ok(()) => {
+            ctx.metrics
+                .published
+                .with_label_values(&[Source::Api.label()])
+                .inc();
+            Ok((StatusCode::ACCEPTED, Json(json!({"id": id}))).into_response())
+        }
+        Err(e) => {
+            ctx.metrics
+                .publish_failures
+                .with_label_values(&[Source::Api.label()])
+                .inc();
+            let status = if e.is_transient() {
+                StatusCode::SERVICE_UNAVAILABLE
+            } else {
+                StatusCode::UNPROCESSABLE_ENTITY
+            };
+            Err(ApiError::new(status, "not_published", e.to_string()))
+        }
+    }
+}

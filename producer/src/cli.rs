@@ -1,0 +1,239 @@
+//! Command line: `run` (default), `schedules check|next`, `publish`.
+
+use std::io::{BufRead, Read, Write};
+use std::path::PathBuf;
+
+use anyhow::Context;
+use chrono::{DateTime, SecondsFormat, Utc};
+use clap::{Args, Parser, Subcommand};
+use warren::amqp::Publisher;
+use warren::Topology;
+
+use crate::config::{self, ProducerConfig};
+use crate::request::TaskRequest;
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "warren-producer",
+    version,
+    about = "warren's cron producer: schedules, leader election, ad-hoc publishing"
+)]
+pub struct Cli {
+    /// Config file (TOML). Without one, defaults and WARREN_* environment apply.
+    #[arg(long, env = "WARREN_CONFIG", global = true)]
+    pub config: Option<PathBuf>,
+    #[command(subcommand)]
+    pub command: Option<Command>,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Run the scheduler and the HTTP API (the default).
+    Run,
+    /// Validate or preview the schedules of a config.
+    Schedules {
+        #[command(subcommand)]
+        command: SchedulesCommand,
+    },
+    /// Publish one task (or many with --batch) and wait for the broker's confirm.
+    Publish(PublishArgs),
+}
+
+#[derive(Debug, Subcommand)]
+pub enum SchedulesCommand {
+    /// Validate the config; exit non-zero listing every error.
+    Check,
+    /// Print the upcoming fire instants of each schedule (UTC and local).
+    Next {
+        /// How many instants per schedule.
+        #[arg(long, default_value_t = 5)]
+        count: usize,
+    },
+}
+
+#[derive(Debug, Args)]
+pub struct PublishArgs {
+    /// Task name (routing key), e.g. `email.send`.
+    #[arg(required_unless_present = "batch", conflicts_with = "batch")]
+    pub task: Option<String>,
+    /// JSON payload, `@file` to read it from a file, or `-` for stdin.
+    #[arg(long)]
+    pub payload: Option<String>,
+    /// Deliver after this long (e.g. `90s`, `1h 30m`).
+    #[arg(long, conflicts_with = "at")]
+    pub delay: Option<humantime::Duration>,
+    /// Deliver at this RFC 3339 instant.
+    #[arg(long)]
+    pub at: Option<DateTime<Utc>>,
+    #[arg(long)]
+    pub priority: Option<u8>,
+    #[arg(long)]
+    pub max_attempts: Option<u32>,
+    /// Task id (default: a fresh UUID).
+    #[arg(long)]
+    pub id: Option<String>,
+    /// Read newline-delimited JSON tasks from stdin (`{"task": ..., "payload": ...}`
+    /// per line) and publish them with pipelined confirms.
+    #[arg(long, conflicts_with_all = ["payload", "delay", "at", "priority", "max_attempts", "id"])]
+    pub batch: bool,
+    /// Confirms outstanding at once in --batch mode.
+    #[arg(long, default_value_t = 1000)]
+    pub window: usize,
+}
+
+/// `schedules check`.
+pub fn check(path: Option<&std::path::Path>) -> anyhow::Result<()> {
+    let (_, schedules) = config::load_checked(path)?;
+    let enabled = schedules.iter().filter(|s| s.cfg.enabled).count();
+    println!(
+        "ok: {} schedule(s), {} enabled ({})",
+        schedules.len(),
+        enabled,
+        warren::config::origin(path)
+    );
+    Ok(())
+}
+
+/// `schedules next`.
+pub fn next(path: Option<&std::path::Path>, count: usize) -> anyhow::Result<()> {
+    let (_, schedules) = config::load_checked(path)?;
+    let now = Utc::now();
+    let mut out = std::io::stdout().lock();
+    for s in &schedules {
+        let state = if s.cfg.enabled { "" } else { " [disabled]" };
+        writeln!(
+            out,
+            "{}  `{}`  {}  → {}{state}",
+            s.name(),
+            s.cfg.cron,
+            s.cfg.timezone,
+            s.cfg.task
+        )?;
+        let tz = s.spec.tz();
+        let mut cur = now;
+        for _ in 0..count {
+            let Some(t) = s.spec.next_after(cur) else {
+                writeln!(out, "  (no further fires)")?;
+                break;
+            };
+            writeln!(
+                out,
+                "  {}  {}",
+                t.to_rfc3339_opts(SecondsFormat::AutoSi, true),
+                t.with_timezone(&tz).format("%Y-%m-%d %H:%M:%S %Z (%:z)")
+            )?;
+            cur = t;
+        }
+    }
+    Ok(())
+}
+
+fn read_payload(arg: Option<&str>) -> anyhow::Result<serde_json::Value> {
+    let text = match arg {
+        None => return Ok(serde_json::Value::Object(Default::default())),
+        Some("-") => {
+            let mut s = String::new();
+            std::io::stdin()
+                .read_to_string(&mut s)
+                .context("reading the payload from stdin")?;
+            s
+        }
+        Some(a) if a.starts_with('@') => std::fs::read_to_string(&a[1..])
+            .with_context(|| format!("reading the payload from {}", &a[1..]))?,
+        Some(a) => a.to_owned(),
+    };
+    serde_json::from_str(&text).context("--payload is not valid JSON")
+}
+
+async fn connect(cfg: &ProducerConfig) -> anyhow::Result<(lapin::Connection, Publisher, Topology)> {
+    let conn = warren::amqp::connect(&cfg.amqp, "producer-cli")
+        .await
+        .context("connecting to the broker")?;
+    let topo = Topology::new(&cfg.topology);
+    warren::topology::declare(&conn, &topo)
+        .await
+        .context("declaring the topology")?;
+    let publisher = Publisher::new(&conn, cfg.amqp.confirm_timeout).await?;
+    Ok((conn, publisher, topo))
+}
+
+/// `publish`.
+pub async fn publish(cfg: ProducerConfig, args: PublishArgs) -> anyhow::Result<()> {
+    if args.batch {
+        return publish_batch(cfg, args.window).await;
+    }
+    let req = TaskRequest {
+        task: args.task.unwrap_or_default(),
+        payload: Some(read_payload(args.payload.as_deref())?),
+        id: args.id,
+        priority: args.priority,
+        max_attempts: args.max_attempts,
+        timeout: None,
+        delay: args.delay.map(Into::into),
+        at: args.at,
+        correlation_id: None,
+    };
+    let (task, delay) = req.into_task(Utc::now()).map_err(anyhow::Error::msg)?;
+    let (conn, publisher, topo) = connect(&cfg).await?;
+    let res = publisher.publish_task(&topo, &task, delay).await;
+    let _ = conn.close(200, "done".into()).await;
+    res.with_context(|| format!("publishing task `{}` ({})", task.name, task.id))?;
+    println!("{}", task.id);
+    Ok(())
+}
+
+async fn publish_batch(cfg: ProducerConfig, window: usize) -> anyhow::Result<()> {
+    const CHUNK: usize = 10_000;
+    let (conn, publisher, topo) = connect(&cfg).await?;
+    let stdin = std::io::stdin();
+    let mut lines = stdin.lock().lines();
+    let (mut confirmed, mut failed, mut line_no) = (0u64, 0u64, 0u64);
+    let mut done = false;
+    while !done {
+        let mut chunk = Vec::with_capacity(CHUNK);
+        let now = Utc::now();
+        while chunk.len() < CHUNK {
+            let Some(line) = lines.next() else {
+                done = true;
+                break;
+            };
+            line_no += 1;
+            let line = line.context("reading stdin")?;
+            if line.trim().is_empty() {
+                continue;
+            }
+            match serde_json::from_str::<TaskRequest>(&line)
+                .map_err(|e| e.to_string())
+                .and_then(|r| r.into_task(now))
+            {
+                Ok(t) => chunk.push(t),
+                Err(e) => {
+                    failed += 1;
+                    eprintln!("line {line_no}: {e}");
+                }
+            }
+        }
+        if chunk.is_empty() {
+            continue;
+        }
+        let results = publisher
+            .publish_tasks(&topo, crate::api::pairs(&chunk), window)
+            .await;
+        for ((task, _), r) in chunk.iter().zip(results) {
+            match r {
+                Ok(()) => confirmed += 1,
+                Err(e) => {
+                    failed += 1;
+                    eprintln!("task {} ({}): {e}", task.id, task.name);
+                }
+            }
+        }
+    }
+    let _ = conn.close(200, "done".into()).await;
+    println!("{confirmed} confirmed, {failed} failed");
+    if failed > 0 {
+        anyhow::bail!("{failed} task(s) were not published");
+    }
+    Ok(())
+}
+

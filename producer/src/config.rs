@@ -1,0 +1,392 @@
+//! The producer's configuration: one `ProducerConfig` (defaults < TOML file <
+//! `WARREN_*` environment, unknown keys rejected) and its validation into
+//! compiled [`Schedule`]s. Every key is documented in `producer/README.md`.
+
+use std::collections::HashSet;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+use warren::config::{AmqpConfig, HttpConfig, LogConfig, Secret, TopologyConfig};
+
+use crate::schedule::{self, DstGap, DstOverlap, MisfirePolicy, Spec};
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ProducerConfig {
+    pub amqp: AmqpConfig,
+    pub topology: TopologyConfig,
+    pub http: HttpConfig,
+    pub log: LogConfig,
+    pub api: ApiConfig,
+    pub leader: LeaderConfig,
+    pub schedules: Vec<ScheduleConfig>,
+}
+
+impl Default for ProducerConfig {
+    fn default() -> Self {
+        Self {
+            amqp: AmqpConfig::default(),
+            topology: TopologyConfig::default(),
+            http: HttpConfig {
+                addr: SocketAddr::from(([0, 0, 0, 0], 8080)),
+            },
+            log: LogConfig::default(),
+            api: ApiConfig::default(),
+            leader: LeaderConfig::default(),
+            schedules: Vec::new(),
+        }
+    }
+}
+
+/// The HTTP API (`/v1/...`) and its bearer tokens.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ApiConfig {
+    /// Serve `/v1/...` at all.
+    pub enabled: bool,
+    /// Token with the `read` scope (env `WARREN_API__READ_TOKEN`).
+    pub read_token: Option<Secret>,
+    /// Token with the `read` and `publish` scopes (env `WARREN_API__PUBLISH_TOKEN`).
+    pub publish_token: Option<Secret>,
+    /// More tokens, each with its own scopes.
+    pub tokens: Vec<TokenConfig>,
+    /// A file of tokens, one per line: `<scope>[,<scope>] <token>`; `#` comments.
+    pub tokens_file: Option<PathBuf>,
+    /// Largest request body accepted (bytes); larger → 413.
+    pub max_body_bytes: usize,
+    /// Most tasks in one `POST /v1/tasks` array; more → 413.
+    pub max_batch: usize,
+}
+
+impl Default for ApiConfig {
+    fn default() -> Self {
+        Self {
+            enabled: true,
+            read_token: None,
+            publish_token: None,
+            tokens: Vec::new(),
+            tokens_file: None,
+            max_body_bytes: 1024 * 1024,
+            max_batch: 1000,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Scope {
+    Read,
+    Publish,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TokenConfig {
+    pub token: Secret,
+    pub scopes: Vec<Scope>,
+}
+
+/// Leader election (see README: "Leader election").
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LeaderConfig {
+    /// Elect one scheduler among replicas. Off: this process always fires
+    /// (only safe with a single replica).
+    pub enabled: bool,
+    /// How often a standby tries to take the lock.
+    #[serde(with = "humantime_serde")]
+    pub retry_interval: Duration,
+    /// A leader whose own runtime stalled this long (SIGSTOP, VM pause, swap)
+    /// steps down instead of publishing: the broker may have dropped its lock
+    /// meanwhile. Default: the AMQP heartbeat.
+    #[serde(with = "humantime_serde")]
+    pub stall_threshold: Option<Duration>,
+}
+
+impl Default for LeaderConfig {
+    fn default() -> Self {
+        Self {
+            enabled: true,
+            retry_interval: Duration::from_secs(1),
+            stall_threshold: None,
+        }
+    }
+}
+
+/// One `[[schedules]]` entry.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ScheduleConfig {
+    pub name: String,
+    pub cron: String,
+    #[serde(default = "default_tz")]
+    pub timezone: String,
+    pub task: String,
+    #[serde(default = "default_payload")]
+    pub payload: toml::Value,
+    #[serde(default)]
+    pub priority: Option<u8>,
+    #[serde(default)]
+    pub max_attempts: Option<u32>,
+    #[serde(default, with = "humantime_serde")]
+    pub timeout: Option<Duration>,
+    #[serde(default)]
+    pub retry: Option<RetryOverridesConfig>,
+    #[serde(default)]
+    pub misfire: MisfirePolicy,
+    #[serde(default = "default_grace", with = "humantime_serde")]
+    pub misfire_grace: Duration,
+    #[serde(default = "default_max_catch_up")]
+    pub max_catch_up: usize,
+    #[serde(default)]
+    pub dst_gap: DstGap,
+    #[serde(default)]
+    pub dst_overlap: DstOverlap,
+    #[serde(default = "default_true")]
+    pub enabled: bool,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RetryOverridesConfig {
+    #[serde(default, with = "humantime_serde")]
+    pub initial: Option<Duration>,
+    #[serde(default)]
+    pub multiplier: Option<f64>,
+    #[serde(default, with = "humantime_serde")]
+    pub max_delay: Option<Duration>,
+    #[serde(default)]
+    pub jitter: Option<f64>,
+}
+
+fn default_tz() -> String {
+    "UTC".into()
+}
+fn default_payload() -> toml::Value {
+    toml::Value::Table(toml::Table::new())
+}
+fn default_grace() -> Duration {
+    Duration::from_secs(300)
+}
+fn default_max_catch_up() -> usize {
+    100
+}
+fn default_true() -> bool {
+    true
+}
+
+/// A validated schedule, ready to fire.
+#[derive(Debug, Clone)]
+pub struct Schedule {
+    pub cfg: ScheduleConfig,
+    pub spec: Spec,
+    /// The payload as JSON bytes.
+    pub payload: Vec<u8>,
+}
+
+/// The schedules in force (replaced whole on reload).
+pub type ScheduleSet = Arc<Vec<Schedule>>;
+
+impl Schedule {
+    pub fn name(&self) -> &str {
+        &self.cfg.name
+    }
+
+    /// The task for the fire at `instant` (or a manual trigger with `id`).
+    pub fn task(&self, id: String) -> warren::Task {
+        let mut t = warren::Task::from_raw(self.cfg.task.clone(), self.payload.clone());
+        t.id = id;
+        t.schedule = Some(self.cfg.name.clone());
+        t.priority = self.cfg.priority;
+        t.max_attempts = self.cfg.max_attempts;
+        t.timeout = self.cfg.timeout;
+        if let Some(r) = &self.cfg.retry {
+            t.retry.initial = r.initial;
+            t.retry.multiplier = r.multiplier;
+            t.retry.max_delay = r.max_delay;
+            t.retry.jitter = r.jitter;
+        }
+        t
+    }
+}
+
+/// Validate every schedule; all problems at once, each naming its schedule.
+pub fn compile_schedules(list: &[ScheduleConfig]) -> Result<Vec<Schedule>, Vec<String>> {
+    let mut errors = Vec::new();
+    let mut out = Vec::new();
+    let mut names = HashSet::new();
+    for (i, s) in list.iter().enumerate() {
+        let who = if s.name.is_empty() {
+            format!("schedules[{i}]")
+        } else {
+            format!("schedule `{}`", s.name)
+        };
+        let mut err = |m: String| errors.push(format!("{who}: {m}"));
+        if s.name.is_empty() {
+            err("`name` is empty".into());
+        } else if !s
+            .name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.' | ':'))
+        {
+            err("`name` may only contain ASCII letters, digits, `-`, `_`, `.` and `:`".into());
+        } else if !names.insert(s.name.clone()) {
+            err("duplicate name (schedule names must be unique)".into());
+        }
+        if s.task.is_empty() {
+            err("`task` is empty".into());
+        } else if s.task.len() > warren::delay::MAX_TASK_NAME_LEN {
+            err(format!(
+                "`task` is longer than {} bytes",
+                warren::delay::MAX_TASK_NAME_LEN
+            ));
+        }
+        if s.max_catch_up == 0 {
+            err("`max_catch_up` must be at least 1".into());
+        }
+        let payload = match serde_json::to_vec(&s.payload) {
+            Ok(p) => p,
+            Err(e) => {
+                err(format!("`payload` is not representable as JSON: {e}"));
+                continue;
+            }
+        };
+        let tz = match schedule::parse_tz(&s.timezone) {
+            Ok(tz) => tz,
+            Err(e) => {
+                err(format!("timezone: {e}"));
+                continue;
+            }
+        };
+        let spec = match schedule::parse(&s.cron, tz, s.dst_gap, s.dst_overlap) {
+            Ok(spec) => spec,
+            Err(e) => {
+                err(format!("cron: {e}"));
+                continue;
+            }
+        };
+        if s.enabled && spec.next_after(chrono::Utc::now()).is_none() {
+            err(format!("cron: `{}` never fires again", s.cron));
+            continue;
+        }
+        out.push(Schedule {
+            cfg: s.clone(),
+            spec,
+            payload,
+        });
+    }
+    if errors.is_empty() {
+        Ok(out)
+    } else {
+        Err(errors)
+    }
+}
+
+/// The config file to use: `--config`, else `WARREN_CONFIG`, else none.
+pub fn load(path: Option<&Path>) -> anyhow::Result<ProducerConfig> {
+    let cfg: ProducerConfig = warren::config::load(path, warren::config::process_env())?;
+    if let Err(e) = cfg.topology.validate() {
+        anyhow::bail!("{}: {e}", warren::config::origin(path));
+    }
+    Ok(cfg)
+}
+
+/// Load and validate everything, with every schedule error in one message.
+pub fn load_checked(path: Option<&Path>) -> anyhow::Result<(ProducerConfig, Vec<Schedule>)> {
+    let cfg = load(path)?;
+    match compile_schedules(&cfg.schedules) {
+        Ok(s) => Ok((cfg, s)),
+        Err(errors) => anyhow::bail!(
+            "{}: {} invalid schedule(s):\n  {}",
+            warren::config::origin(path),
+            errors.len(),
+            errors.join("\n  ")
+        ),
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+
+    fn parse(text: &str) -> ProducerConfig {
+        toml::from_str(text).unwrap()
+    }
+
+    #[test]
+    fn runs_without_any_config() {
+        let cfg: ProducerConfig = warren::config::load(None, Vec::new()).unwrap();
+        assert!(cfg.schedules.is_empty());
+        assert_eq!(cfg.http.addr.port(), 8080);
+        assert!(cfg.leader.enabled);
+    }
+
+    #[test]
+    fn full_schedule_parses() {
+        let cfg = parse(
+            r#"
+            [[schedules]]
+            name = "nightly-report"
+            cron = "0 2 * * *"
+            timezone = "Europe/Berlin"
+            task = "report.daily"
+            payload = { format = "pdf", recipients = ["ops@example.com"] }
+            priority = 5
+            max_attempts = 3
+            timeout = "10m"
+            retry = { initial = "30s", multiplier = 2.0 }
+            misfire = "fire_once"
+            misfire_grace = "2h"
+            dst_gap = "skip"
+            dst_overlap = "both"
+            "#,
+        );
+        let s = compile_schedules(&cfg.schedules).unwrap();
+        assert_eq!(s.len(), 1);
+        let t = s[0].task("x".into());
+        assert_eq!(t.name, "report.daily");
+        assert_eq!(t.priority, Some(5));
+        assert_eq!(t.schedule.as_deref(), Some("nightly-report"));
+        let v: serde_json::Value = serde_json::from_slice(&t.payload).unwrap();
+        assert_eq!(v["format"], "pdf");
+        assert_eq!(s[0].cfg.misfire, MisfirePolicy::FireOnce);
+    }
+
+    #[test]
+    fn errors_name_the_schedule() {
+        let cfg = parse(
+            r#"
+            [[schedules]]
+            name = "a"
+            cron = "0 2 * *"
+            task = "t"
+            [[schedules]]
+            name = "b"
+            cron = "@daily"
+            timezone = "Europe/Atlantis"
+            task = "t"
+            [[schedules]]
+            name = "a"
+            cron = "@daily"
+            task = "t"
+            "#,
+        );
+        let errs = compile_schedules(&cfg.schedules).unwrap_err();
+        assert_eq!(errs.len(), 3, "{errs:?}");
+        assert!(errs[0].starts_with("schedule `a`: cron:"), "{errs:?}");
+        assert!(errs[1].contains("schedule `b`: timezone"), "{errs:?}");
+        assert!(errs[2].contains("schedule `a`: duplicate"), "{errs:?}");
+    }
+
+    #[test]
+    fn unknown_keys_are_rejected() {
+        let e = toml::from_str::<ProducerConfig>("[[schedules]]\nname='a'\ncron='@daily'\ntask='t'\nmisfier='skip'\n")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("misfier"), "{e}");
+    }
+}

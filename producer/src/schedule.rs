@@ -1,0 +1,744 @@
+//! Pure schedule math: parsing every accepted syntax into a [`Spec`], the next
+//! fire instant after a given instant (with the DST rules), and the misfire
+//! [`plan`] that decides which overdue instants still fire.
+//!
+//! Nothing here reads a clock or does I/O: every function takes `now` or
+//! `after` as an argument, so the rules are unit-tested exactly.
+//!
+//! Cron expressions are evaluated in *local wall-clock time* of the schedule's
+//! zone, then mapped to UTC instants:
+//!
+//! * a local time inside a spring-forward gap does not exist: [`DstGap::Shift`]
+//!   (default) moves it forward by the length of the gap (02:30 → 03:30 on the
+//!   US spring-forward day), [`DstGap::Skip`] drops it;
+//! * a local time inside a fall-back overlap happens twice:
+//!   [`DstOverlap::First`] (default) fires at the earlier instant only,
+//!   [`DstOverlap::Last`] at the later one, [`DstOverlap::Both`] at both.
+//!
+//! `@every <duration>` is not wall-clock based: it fires at every whole multiple
+//! of the duration since the Unix epoch (UTC), so all replicas agree on the
+//! instants (and therefore on the task ids) and DST never affects it.
+
+use std::str::FromStr;
+use std::time::Duration;
+
+use chrono::{DateTime, NaiveDateTime, Offset, SecondsFormat, TimeZone, Utc};
+use chrono_tz::Tz;
+use serde::{Deserialize, Serialize};
+
+/// What to do with a local time that falls into a spring-forward gap.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum DstGap {
+    /// Move it forward by the gap's length (like `java.time` and JS Temporal).
+    #[default]
+    Shift,
+    /// Do not fire.
+    Skip,
+}
+
+/// What to do with a local time that occurs twice in a fall-back overlap.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum DstOverlap {
+    /// Fire at the first (daylight-time) occurrence only.
+    #[default]
+    First,
+    /// Fire at the second (standard-time) occurrence only.
+    Last,
+    /// Fire at both occurrences (two distinct instants, two ids).
+    Both,
+}
+
+/// What happens to fires that were due while nobody could publish them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum MisfirePolicy {
+    /// Drop every fire that is late by more than [`ON_TIME`].
+    Skip,
+    /// Fire the most recent overdue instant once if it is within the grace;
+    /// drop the others.
+    FireOnce,
+    /// Fire every overdue instant within the grace, oldest first, at most
+    /// `max_catch_up` of them (the most recent ones).
+    #[default]
+    CatchUp,
+}
+
+/// How late a fire may be and still count as on time under [`MisfirePolicy::Skip`].
+pub const ON_TIME: Duration = Duration::from_secs(2);
+
+/// Largest offset change a zone makes at one transition, with margin.
+const TRANSITION_WINDOW: chrono::TimeDelta = chrono::TimeDelta::hours(3);
+
+/// Candidates examined per `next_after` call before giving up.
+const MAX_CANDIDATES: usize = 200_000;
+
+/// A parsed schedule expression in its zone.
+#[derive(Debug, Clone)]
+pub enum Spec {
+    Cron {
+        /// Fires when any of them matches (two for a 5-field expression that
+        /// restricts both day-of-month and day-of-week: crontab ORs them).
+        schedules: Vec<cron::Schedule>,
+        tz: Tz,
+        gap: DstGap,
+        overlap: DstOverlap,
+    },
+    Every {
+        period_ms: i64,
+    },
+}
+
+/// Parse `expr` (any accepted syntax) in zone `tz` with the given DST rules.
+pub fn parse(expr: &str, tz: Tz, gap: DstGap, overlap: DstOverlap) -> Result<Spec, String> {
+    let expr = expr.trim();
+    if let Some(rest) = expr.strip_prefix("@every") {
+        let rest = rest.trim();
+        if rest.is_empty() {
+            return Err("`@every` needs a duration, e.g. `@every 5s`".into());
+        }
+        let d = humantime::parse_duration(rest)
+            .map_err(|e| format!("`@every {rest}`: bad duration: {e}"))?;
+        if d < Duration::from_secs(1) {
+            return Err(format!("`@every {rest}`: the period must be at least 1s"));
+        }
+        let period_ms = i64::try_from(d.as_millis())
+            .map_err(|_| format!("`@every {rest}`: period too long"))?;
+        return Ok(Spec::Every { period_ms });
+    }
+    let crons = to_cron_crate(expr)?;
+    let schedules = crons
+        .iter()
+        .map(|c| {
+            cron::Schedule::from_str(c).map_err(|e| format!("bad cron expression `{expr}`: {e}"))
+        })
+        .collect::<Result<Vec<_>, _>>()?;
+    Ok(Spec::Cron {
+        schedules,
+        tz,
+        gap,
+        overlap,
+    })
+}
+
+/// Parse an IANA zone name.
+pub fn parse_tz(name: &str) -> Result<Tz, String> {
+    name.parse::<Tz>()
+        .map_err(|_| format!("unknown time zone `{name}` (expected an IANA name such as `Europe/Berlin` or `UTC`)"))
+}
+
+/// Translate any accepted syntax into the `cron` crate's 6/7-field syntax
+/// (seconds first, day-of-week 1 = Sunday).
+fn to_cron_crate(expr: &str) -> Result<Vec<String>, String> {
+    let descriptor = match expr.to_ascii_lowercase().as_str() {
+        "@yearly" | "@annually" => Some("0 0 0 1 1 *"),
+        "@monthly" => Some("0 0 0 1 * *"),
+        "@weekly" => Some("0 0 0 * * 1"),
+        "@daily" | "@midnight" => Some("0 0 0 * * *"),
+        "@hourly" => Some("0 0 * * * *"),
+        _ => None,
+    };
+    if let Some(d) = descriptor {
+        return Ok(vec![d.to_owned()]);
+    }
+    if expr.starts_with('@') {
+        return Err(format!(
+            "unknown descriptor `{expr}` (expected @yearly, @annually, @monthly, @weekly, @daily, @midnight, @hourly or `@every <duration>`)"
+        ));
+    }
+    let fields: Vec<&str> = expr.split_whitespace().collect();
+    match fields.len() {
+        5 => {
+            let dow = crontab_dow(fields[4])
+                .map_err(|e| format!("bad cron expression `{expr}`: day of week: {e}"))?;
+            let (min, hour, dom, mon) = (fields[0], fields[1], fields[2], fields[3]);
+            let restricted = |f: &str| f != "*" && f != "?";
+            if restricted(dom) && restricted(fields[4]) {
+                // crontab: a day matches when EITHER field matches.
+                Ok(vec![
+                    format!("0 {min} {hour} {dom} {mon} *"),
+                    format!("0 {min} {hour} * {mon} {dow}"),
+                ])
+            } else {
+                Ok(vec![format!("0 {min} {hour} {dom} {mon} {dow}")])
+            }
+        }
+        6 | 7 => Ok(vec![expr.to_owned()]),
+        n => Err(format!(
+            "bad cron expression `{expr}`: expected 5 fields (min hour dom mon dow), 6 or 7 (sec min hour dom mon dow [year]), got {n}"
+        )),
+    }
+}
+
+/// Translate a crontab day-of-week field (0-7, 0 and 7 = Sunday, names,
+/// ranges, steps, lists) into the `cron` crate's numbering (1 = Sunday).
+fn crontab_dow(field: &str) -> Result<String, String> {
+    if field == "*" || field == "?" {
+        return Ok(field.to_owned());
+    }
+    let mut days = [false; 7];
+    for item in field.split(',') {
+        let (range, step) = match item.split_once('/') {
+            Some((r, s)) => (
+                r,
+                s.parse::<u32>()
+                    .ok()
+                    .filter(|s| *s > 0)
+                    .ok_or_else(|| format!("bad step in `{item}`"))?,
+            ),
+            None => (item, 1),
+        };
+        let (lo, hi) = if range == "*" {
+            (0, 6)
+        } else if let Some((a, b)) = range.split_once('-') {
+            (dow_value(a)?, dow_value(b)?)
+        } else {
+            let v = dow_value(range)?;
+            (v, if item.contains('/') { 6 } else { v })
+        };
+        if lo > hi {
+            return Err(format!("range `{range}` runs backwards"));
+        }
+        let mut d = lo;
+        while d <= hi {
+            days[(d % 7) as usize] = true;
+            d += step;
+        }
+    }
+    let list: Vec<String> = (0..7)
+        .filter(|d| days[*d as usize])
+        .map(|d: u32| (d + 1).to_string())
+        .collect();
+    Ok(list.join(","))
+}
+
+fn dow_value(s: &str) -> Result<u32, String> {
+    const NAMES: [&str; 7] = ["sun", "mon", "tue", "wed", "thu", "fri", "sat"];
+    if let Ok(n) = s.parse::<u32>() {
+        return if n <= 7 {
+            Ok(n)
+        } else {
+            Err(format!("`{s}` is not a day (0-7)"))
+        };
+    }
+    let lower = s.to_ascii_lowercase();
+    NAMES
+        .iter()
+        .position(|n| lower.starts_with(n) && lower.len() >= 3)
+        .map(|p| p as u32)
+        .ok_or_else(|| format!("`{s}` is not a day of the week"))
+}
+
+impl Spec {
+    /// The first fire instant strictly after `after`, or `None` if the
+    /// expression never fires again.
+    pub fn next_after(&self, after: DateTime<Utc>) -> Option<DateTime<Utc>> {
+        match self {
+            Spec::Every { period_ms } => {
+                let t = after.timestamp_millis();
+                let next = (t.div_euclid(*period_ms) + 1).checked_mul(*period_ms)?;
+                Utc.timestamp_millis_opt(next).single()
+            }
+            Spec::Cron {
+                schedules,
+                tz,
+                gap,
+                overlap,
+            } => schedules
+                .iter()
+                .filter_map(|s| next_cron(s, tz, *gap, *overlap, after))
+                .min(),
+        }
+    }
+
+    /// Fire instants in `(after, until]`, oldest first, at most `limit`.
+    pub fn fires_between(
+        &self,
+        after: DateTime<Utc>,
+        until: DateTime<Utc>,
+        limit: usize,
+    ) -> Vec<DateTime<Utc>> {
+        let mut out = Vec::new();
+        let mut cur = after;
+        while out.len() < limit {
+            match self.next_after(cur) {
+                Some(t) if t <= until => {
+                    out.push(t);
+                    cur = t;
+                }
+                _ => break,
+            }
+        }
+        out
+    }
+
+    /// The zone instants are shown in (UTC for `@every`).
+    pub fn tz(&self) -> Tz {
+        match self {
+            Spec::Cron { tz, .. } => *tz,
+            Spec::Every { .. } => Tz::UTC,
+        }
+    }
+}
+
+/// Whether the zone's UTC offset changes anywhere in `[t - 3h, t + 3h]`.
+fn transition_near(tz: &Tz, t: DateTime<Utc>) -> bool {
+    let off = |t: DateTime<Utc>| tz.offset_from_utc_datetime(&t.naive_utc()).fix();
+    let here = off(t);
+    off(t - TRANSITION_WINDOW) != here || off(t + TRANSITION_WINDOW) != here
+}
+
+/// UTC instants a local wall-clock time maps to under the DST rules.
+fn map_local(tz: &Tz, gap: DstGap, overlap: DstOverlap, n: NaiveDateTime) -> Vec<DateTime<Utc>> {
+    use chrono::LocalResult;
+    match tz.from_local_datetime(&n) {
+        LocalResult::Single(t) => vec![t.with_timezone(&Utc)],
+        LocalResult::Ambiguous(a, b) => {
+            let (a, b) = (a.with_timezone(&Utc), b.with_timezone(&Utc));
+            let (first, last) = if a <= b { (a, b) } else { (b, a) };
+            match overlap {
+                DstOverlap::First => vec![first],
+                DstOverlap::Last => vec![last],
+                DstOverlap::Both => vec![first, last],
+            }
+        }
+        LocalResult::None => match gap {
+            DstGap::Skip => vec![],
+            DstGap::Shift => {
+                // The offset in force before the gap: read it a day earlier.
+                let probe = n - chrono::TimeDelta::days(1);
+                let before = match tz.offset_from_local_datetime(&probe).earliest() {
+                    Some(o) => o.fix().local_minus_utc(),
+                    None => return vec![],
+                };
+                let utc = n - chrono::TimeDelta::seconds(i64::from(before));
+                vec![Utc.from_utc_datetime(&utc)]
+            }
+        },
+    }
+}
+
+fn next_cron(
+    s: &cron::Schedule,
+    tz: &Tz,
+    gap: DstGap,
+    overlap: DstOverlap,
+    after: DateTime<Utc>,
+) -> Option<DateTime<Utc>> {
+    // Walk candidate wall-clock times (the cron crate iterates a "UTC" clock
+    // that we read as naive local time) and map each to instants. Near a DST
+    // transition local time is not monotonic in UTC, so there we start a few
+    // hours early and keep scanning a few hours past the first hit.
+    let local_after = after.with_timezone(tz).naive_local();
+    let near_start = transition_near(tz, after);
+    let start = if near_start {
+        local_after - TRANSITION_WINDOW
+    } else {
+        local_after
+    };
+    let mut best: Option<DateTime<Utc>> = None;
+    let mut scan_until: Option<NaiveDateTime> = None;
+    for (i, cand) in s.after(&Utc.from_utc_datetime(&start)).enumerate() {
+        let n = cand.naive_utc();
+        if i >= MAX_CANDIDATES {
+            break;
+        }
+        if let Some(limit) = scan_until {
+            if n > limit {
+                break;
+            }
+        }
+        for t in map_local(tz, gap, overlap, n) {
+            if t > after && best.is_none_or(|b| t < b) {
+                best = Some(t);
+            }
+        }
+        if let (Some(b), None) = (best, scan_until) {
+            if !near_start && !transition_near(tz, b) {
+                return best;
+            }
+            scan_until = Some(n + TRANSITION_WINDOW);
+        }
+    }
+    best
+}
+
+/// The deterministic task id of a scheduled fire:
+/// `<schedule>@<fire instant, RFC 3339 UTC>`.
+pub fn fire_id(schedule: &str, instant: DateTime<Utc>) -> String {
+    format!(
+        "{schedule}@{}",
+        instant.to_rfc3339_opts(SecondsFormat::AutoSi, true)
+    )
+}
+
+/// What to do with the instants that came due.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Plan {
+    /// Publish these, oldest first.
+    pub fire: Vec<DateTime<Utc>>,
+    /// Count these as missed.
+    pub missed: u64,
+}
+
+/// Decide which due instants (sorted, oldest first, all `<= now`) fire.
+/// `earlier_missed` counts due instants older than the listed ones that were
+/// not enumerated (they are all outside the grace).
+pub fn plan(
+    policy: MisfirePolicy,
+    grace: Duration,
+    max_catch_up: usize,
+    due: &[DateTime<Utc>],
+    earlier_missed: u64,
+    now: DateTime<Utc>,
+) -> Plan {
+    let late = |t: &DateTime<Utc>| (now - *t).to_std().unwrap_or(Duration::ZERO);
+    let total = due.len() as u64 + earlier_missed;
+    let fire: Vec<DateTime<Utc>> = match policy {
+        MisfirePolicy::Skip => due
+            .last()
+            .filter(|t| late(t) <= ON_TIME.min(grace.max(Duration::from_millis(1))))
+            .into_iter()
+            .copied()
+            .collect(),
+        MisfirePolicy::FireOnce => due
+            .last()
+            .filter(|t| late(t) <= grace)
+            .into_iter()
+            .copied()
+            .collect(),
+        MisfirePolicy::CatchUp => {
+            let within: Vec<_> = due.iter().filter(|t| late(t) <= grace).copied().collect();
+            let skip = within.len().saturating_sub(max_catch_up);
+            within[skip..].to_vec()
+        }
+    };
+    Plan {
+        missed: total - fire.len() as u64,
+        fire,
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+
+    fn utc(s: &str) -> DateTime<Utc> {
+        DateTime::parse_from_rfc3339(s).unwrap().with_timezone(&Utc)
+    }
+
+    fn spec(expr: &str, tz: &str) -> Spec {
+        parse(expr, parse_tz(tz).unwrap(), DstGap::Shift, DstOverlap::First).unwrap()
+    }
+
+    fn spec_with(expr: &str, tz: &str, gap: DstGap, overlap: DstOverlap) -> Spec {
+        parse(expr, parse_tz(tz).unwrap(), gap, overlap).unwrap()
+    }
+
+    fn next_n(s: &Spec, after: &str, n: usize) -> Vec<String> {
+        let mut out = Vec::new();
+        let mut cur = utc(after);
+        for _ in 0..n {
+            cur = s.next_after(cur).unwrap();
+            out.push(cur.to_rfc3339_opts(SecondsFormat::Secs, true));
+        }
+        out
+    }
+
+    #[test]
+    fn five_field_crontab() {
+        let s = spec("*/15 9 * * *", "UTC");
+        assert_eq!(
+            next_n(&s, "2026-01-01T09:20:00Z", 3),
+            [
+                "2026-01-01T09:30:00Z",
+                "2026-01-01T09:45:00Z",
+                "2026-01-02T09:00:00Z"
+            ]
+        );
+    }
+
+    #[test]
+    fn five_field_day_of_week_is_crontab_numbering() {
+        // 2026-01-05 is a Monday. crontab 1-5 = Mon..Fri; 0 and 7 = Sunday.
+        let s = spec("0 8 * * 1-5", "UTC");
+        assert_eq!(
+            next_n(&s, "2026-01-02T12:00:00Z", 2), // Friday noon
+            ["2026-01-05T08:00:00Z", "2026-01-06T08:00:00Z"]
+        );
+        let sun = spec("0 8 * * 7", "UTC");
+        assert_eq!(next_n(&sun, "2026-01-05T00:00:00Z", 1), ["2026-01-11T08:00:00Z"]);
+        let sun0 = spec("0 8 * * 0", "UTC");
+        assert_eq!(next_n(&sun0, "2026-01-05T00:00:00Z", 1), ["2026-01-11T08:00:00Z"]);
+        let named = spec("0 8 * * sat,sun", "UTC");
+        assert_eq!(
+            next_n(&named, "2026-01-05T00:00:00Z", 2),
+            ["2026-01-10T08:00:00Z", "2026-01-11T08:00:00Z"]
+        );
+    }
+
+    #[test]
+    fn five_field_dom_and_dow_are_ored() {
+        // crontab: "on the 1st, or on any Monday".
+        let s = spec("0 0 1 * mon", "UTC");
+        assert_eq!(
+            next_n(&s, "2026-01-01T12:00:00Z", 3),
+            [
+                "2026-01-05T00:00:00Z",
+                "2026-01-12T00:00:00Z",
+                "2026-01-19T00:00:00Z"
+            ]
+        );
+        assert_eq!(next_n(&s, "2026-01-26T12:00:00Z", 1), ["2026-02-01T00:00:00Z"]);
+    }
+
+    #[test]
+    fn six_and_seven_fields_with_seconds_and_year() {
+        let s = spec("*/10 * * * * *", "UTC");
+        assert_eq!(
+            next_n(&s, "2026-01-01T00:00:05Z", 2),
+            ["2026-01-01T00:00:10Z", "2026-01-01T00:00:20Z"]
+        );
+        let y = spec("0 0 12 1 1 * 2027", "UTC");
+        assert_eq!(next_n(&y, "2026-01-01T00:00:00Z", 1), ["2027-01-01T12:00:00Z"]);
+        assert_eq!(y.next_after(utc("2027-06-01T00:00:00Z")), None);
+    }
+
+    #[test]
+    fn descriptors() {
+        let at = "2026-03-15T10:20:30Z";
+        assert_eq!(next_n(&spec("@hourly", "UTC"), at, 1), ["2026-03-15T11:00:00Z"]);
+        assert_eq!(next_n(&spec("@daily", "UTC"), at, 1), ["2026-03-16T00:00:00Z"]);
+        assert_eq!(next_n(&spec("@midnight", "UTC"), at, 1), ["2026-03-16T00:00:00Z"]);
+        // 2026-03-15 is a Sunday: @weekly is Sunday midnight.
+        assert_eq!(next_n(&spec("@weekly", "UTC"), at, 1), ["2026-03-22T00:00:00Z"]);
+        assert_eq!(next_n(&spec("@monthly", "UTC"), at, 1), ["2026-04-01T00:00:00Z"]);
+        assert_eq!(next_n(&spec("@yearly", "UTC"), at, 1), ["2027-01-01T00:00:00Z"]);
+        assert_eq!(next_n(&spec("@annually", "UTC"), at, 1), ["2027-01-01T00:00:00Z"]);
+        // Descriptors are local to the zone.
+        assert_eq!(
+            next_n(&spec("@daily", "Europe/Berlin"), at, 1),
+            ["2026-03-15T23:00:00Z"]
+        );
+    }
+
+    #[test]
+    fn every_is_epoch_aligned_and_zone_free() {
+        let s = spec("@every 5s", "America/New_York");
+        assert_eq!(
+            next_n(&s, "2026-01-01T00:00:03Z", 3),
+            [
+                "2026-01-01T00:00:05Z",
+                "2026-01-01T00:00:10Z",
+                "2026-01-01T00:00:15Z"
+            ]
+        );
+        // Exactly on an instant: strictly after.
+        assert_eq!(next_n(&s, "2026-01-01T00:00:05Z", 1), ["2026-01-01T00:00:10Z"]);
+        let m = spec("@every 1h 30m", "UTC");
+        assert_eq!(next_n(&m, "1970-01-01T00:00:00Z", 2), ["1970-01-01T01:30:00Z", "1970-01-01T03:00:00Z"]);
+        // Across the US spring-forward: still every 5 s of real time.
+        let d = next_n(&s, "2026-03-08T06:59:58Z", 2);
+        assert_eq!(d, ["2026-03-08T07:00:00Z", "2026-03-08T07:00:05Z"]);
+        let ms = spec("@every 1500ms", "UTC");
+        let t = ms.next_after(utc("2026-01-01T00:00:00Z")).unwrap();
+        assert_eq!(fire_id("x", t), "x@2026-01-01T00:00:01.500Z");
+    }
+
+    // America/New_York 2026: spring forward 2026-03-08 02:00 EST → 03:00 EDT
+    // (07:00Z); fall back 2026-11-01 02:00 EDT → 01:00 EST (06:00Z).
+
+    #[test]
+    fn new_york_spring_forward_gap() {
+        let shift = spec("30 2 * * *", "America/New_York");
+        assert_eq!(
+            next_n(&shift, "2026-03-07T12:00:00Z", 3),
+            [
+                "2026-03-08T07:30:00Z", // 02:30 does not exist → 03:30 EDT
+                "2026-03-09T06:30:00Z", // 02:30 EDT
+                "2026-03-10T06:30:00Z",
+            ]
+        );
+        let skip = spec_with("30 2 * * *", "America/New_York", DstGap::Skip, DstOverlap::First);
+        assert_eq!(
+            next_n(&skip, "2026-03-07T12:00:00Z", 2),
+            ["2026-03-09T06:30:00Z", "2026-03-10T06:30:00Z"]
+        );
+        // Times outside the gap are unaffected; 03:00 is the first EDT minute.
+        let three = spec("0 3 * * *", "America/New_York");
+        assert_eq!(
+            next_n(&three, "2026-03-07T12:00:00Z", 2),
+            ["2026-03-08T07:00:00Z", "2026-03-09T07:00:00Z"]
+        );
+        // Hourly across the gap: 01:00 EST, (02:00 → 03:00 EDT), 03:00 EDT is the same instant: once.
+        let hourly = spec("0 * * * *", "America/New_York");
+        assert_eq!(
+            next_n(&hourly, "2026-03-08T05:30:00Z", 3),
+            [
+                "2026-03-08T06:00:00Z",
+                "2026-03-08T07:00:00Z",
+                "2026-03-08T08:00:00Z"
+            ]
+        );
+    }
+
+    #[test]
+    fn new_york_fall_back_overlap() {
+        let at = "2026-10-31T12:00:00Z";
+        let first = spec("30 1 * * *", "America/New_York");
+        assert_eq!(
+            next_n(&first, at, 2),
+            ["2026-11-01T05:30:00Z", "2026-11-02T06:30:00Z"] // 01:30 EDT, then 01:30 EST next day
+        );
+        let last = spec_with("30 1 * * *", "America/New_York", DstGap::Shift, DstOverlap::Last);
+        assert_eq!(
+            next_n(&last, at, 2),
+            ["2026-11-01T06:30:00Z", "2026-11-02T06:30:00Z"]
+        );
+        let both = spec_with("30 1 * * *", "America/New_York", DstGap::Shift, DstOverlap::Both);
+        assert_eq!(
+            next_n(&both, at, 3),
+            [
+                "2026-11-01T05:30:00Z",
+                "2026-11-01T06:30:00Z",
+                "2026-11-02T06:30:00Z"
+            ]
+        );
+        // Every 20 min through the overlap with Both: strictly increasing instants.
+        let dense = spec_with("*/20 * * * *", "America/New_York", DstGap::Shift, DstOverlap::Both);
+        let v = next_n(&dense, "2026-11-01T04:50:00Z", 8);
+        assert_eq!(
+            v,
+            [
+                "2026-11-01T05:00:00Z", // 01:00 EDT
+                "2026-11-01T05:20:00Z",
+                "2026-11-01T05:40:00Z",
+                "2026-11-01T06:00:00Z", // 01:00 EST
+                "2026-11-01T06:20:00Z",
+                "2026-11-01T06:40:00Z",
+                "2026-11-01T07:00:00Z", // 02:00 EST
+                "2026-11-01T07:20:00Z",
+            ]
+        );
+        // With First, the repeated hour is skipped.
+        let dense_first = spec("*/20 * * * *", "America/New_York");
+        assert_eq!(
+            next_n(&dense_first, "2026-11-01T05:50:00Z", 2),
+            ["2026-11-01T07:00:00Z", "2026-11-01T07:20:00Z"]
+        );
+    }
+
+    // Europe/Berlin 2026: spring forward 2026-03-29 02:00 CET → 03:00 CEST
+    // (01:00Z); fall back 2026-10-25 03:00 CEST → 02:00 CET (01:00Z).
+
+    #[test]
+    fn berlin_spring_forward_gap() {
+        let s = spec("15 2 * * *", "Europe/Berlin");
+        assert_eq!(
+            next_n(&s, "2026-03-28T12:00:00Z", 3),
+            [
+                "2026-03-29T01:15:00Z", // 02:15 missing → 03:15 CEST
+                "2026-03-30T00:15:00Z",
+                "2026-03-31T00:15:00Z"
+            ]
+        );
+        let skip = spec_with("15 2 * * *", "Europe/Berlin", DstGap::Skip, DstOverlap::First);
+        assert_eq!(next_n(&skip, "2026-03-28T12:00:00Z", 1), ["2026-03-30T00:15:00Z"]);
+    }
+
+    #[test]
+    fn berlin_fall_back_overlap() {
+        let at = "2026-10-24T12:00:00Z";
+        let first = spec("30 2 * * *", "Europe/Berlin");
+        assert_eq!(
+            next_n(&first, at, 2),
+            ["2026-10-25T00:30:00Z", "2026-10-26T01:30:00Z"]
+        );
+        let last = spec_with("30 2 * * *", "Europe/Berlin", DstGap::Shift, DstOverlap::Last);
+        assert_eq!(next_n(&last, at, 1), ["2026-10-25T01:30:00Z"]);
+        let both = spec_with("30 2 * * *", "Europe/Berlin", DstGap::Shift, DstOverlap::Both);
+        assert_eq!(
+            next_n(&both, at, 3),
+            [
+                "2026-10-25T00:30:00Z",
+                "2026-10-25T01:30:00Z",
+                "2026-10-26T01:30:00Z"
+            ]
+        );
+    }
+
+    #[test]
+    fn bad_expressions_and_zones() {
+        let tz = Tz::UTC;
+        let bad = |e: &str| parse(e, tz, DstGap::Shift, DstOverlap::First).unwrap_err();
+        assert!(bad("* * *").contains("expected 5 fields"), "{}", bad("* * *"));
+        assert!(bad("61 * * * *").contains("bad cron expression"));
+        assert!(bad("0 25 * * *").contains("bad cron expression"));
+        assert!(bad("0 0 * * 8").contains("day of week"));
+        assert!(bad("0 0 * * funday").contains("day of week"));
+        assert!(bad("@fortnightly").contains("unknown descriptor"));
+        assert!(bad("@every").contains("needs a duration"));
+        assert!(bad("@every soon").contains("bad duration"));
+        assert!(bad("@every 500ms").contains("at least 1s"));
+        assert!(parse_tz("Mars/Olympus").unwrap_err().contains("unknown time zone"));
+        assert!(parse_tz("Europe/Berlin").is_ok());
+    }
+
+    #[test]
+    fn fires_between_is_half_open() {
+        let s = spec("* * * * * *", "UTC");
+        let v = s.fires_between(utc("2026-01-01T00:00:00Z"), utc("2026-01-01T00:00:03Z"), 10);
+        assert_eq!(v.len(), 3);
+        assert_eq!(v[0], utc("2026-01-01T00:00:01Z"));
+        assert_eq!(v[2], utc("2026-01-01T00:00:03Z"));
+        assert_eq!(s.fires_between(utc("2026-01-01T00:00:00Z"), utc("2026-01-01T01:00:00Z"), 5).len(), 5);
+    }
+
+    #[test]
+    fn fire_ids_are_deterministic() {
+        assert_eq!(
+            fire_id("nightly", utc("2026-03-08T07:30:00Z")),
+            "nightly@2026-03-08T07:30:00Z"
+        );
+    }
+
+    #[test]
+    fn misfire_plans() {
+        let now = utc("2026-01-01T00:10:00Z");
+        let due: Vec<_> = (1..=5)
+            .map(|m| utc(&format!("2026-01-01T00:0{}:00Z", m * 2 - 1)))
+            .collect(); // 00:01, 00:03, 00:05, 00:07, 00:09
+        let grace = Duration::from_secs(300);
+        // catch_up: every due instant within 5 min (00:05, 00:07, 00:09).
+        let p = plan(MisfirePolicy::CatchUp, grace, 100, &due, 2, now);
+        assert_eq!(p.fire, due[2..].to_vec());
+        assert_eq!(p.missed, 4);
+        // bounded
+        let p = plan(MisfirePolicy::CatchUp, grace, 1, &due, 0, now);
+        assert_eq!(p.fire, vec![due[4]]);
+        assert_eq!(p.missed, 4);
+        // fire_once: the latest, once.
+        let p = plan(MisfirePolicy::FireOnce, grace, 100, &due, 0, now);
+        assert_eq!(p.fire, vec![due[4]]);
+        assert_eq!(p.missed, 4);
+        // fire_once outside the grace: nothing.
+        let p = plan(MisfirePolicy::FireOnce, Duration::from_secs(30), 100, &due, 0, now);
+        assert!(p.fire.is_empty());
+        assert_eq!(p.missed, 5);
+        // skip: only an on-time fire.
+        let p = plan(MisfirePolicy::Skip, grace, 100, &due, 0, now);
+        assert!(p.fire.is_empty());
+        assert_eq!(p.missed, 5);
+        let on_time = [utc("2026-01-01T00:09:59Z")];
+        let p = plan(MisfirePolicy::Skip, grace, 100, &on_time, 0, now);
+        assert_eq!(p.fire, on_time.to_vec());
+        assert_eq!(p.missed, 0);
+        // Normal operation: one due instant, a few ms late, fires under every policy.
+        for policy in [MisfirePolicy::Skip, MisfirePolicy::FireOnce, MisfirePolicy::CatchUp] {
+            let p = plan(policy, grace, 100, &[now - chrono::TimeDelta::milliseconds(3)], 0, now);
+            assert_eq!(p.fire.len(), 1, "{policy:?}");
+        }
+    }
+}

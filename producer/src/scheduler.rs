@@ -1,0 +1,369 @@
+//! The scheduler: the election loop (candidate → leader → candidate) and, while
+//! leading, the fire loop that sleeps until the next instant, applies the
+//! misfire plan, publishes each tick with a confirm on the lock connection and
+//! records the cursors in the state queue.
+
+use std::collections::HashMap;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::Duration;
+
+use backon::BackoffBuilder;
+use chrono::{DateTime, Utc};
+use lapin::Connection;
+use tokio_util::sync::CancellationToken;
+use warren::amqp::Publisher;
+
+use crate::app::Ctx;
+use crate::config::{Schedule, ScheduleSet};
+use crate::leader::{self, Attempt, Fence};
+use crate::metrics::Source;
+use crate::schedule::{self, plan, ON_TIME};
+use crate::state::{self, Entry, Snapshot};
+
+/// Longest single sleep: guards against wall-clock jumps (NTP steps) while
+/// sleeping on the monotonic clock. Not a polling loop: a wake-up with
+/// nothing due just sleeps again.
+const MAX_SLEEP: Duration = Duration::from_secs(30);
+
+/// Most overdue instants enumerated per schedule per wake-up.
+const MAX_DUE: usize = 100_000;
+
+/// Run the election loop until shutdown.
+pub async fn run(ctx: Arc<Ctx>, shutdown: CancellationToken) {
+    let lock_queue = leader::lock_queue(ctx.topo.prefix());
+    loop {
+        if shutdown.is_cancelled() {
+            return;
+        }
+        let Some(conn) = crate::app::connect_retry(&ctx, "producer-lock", &shutdown).await else {
+            return;
+        };
+        let conn = Arc::new(conn);
+        match candidate(&ctx, &conn, &lock_queue, &shutdown).await {
+            Ok(true) => {
+                let stall = ctx.cfg.leader.stall_threshold.unwrap_or(ctx.cfg.amqp.heartbeat);
+                let fence = Fence::start(conn.clone(), stall, &shutdown);
+                tracing::info!(instance = %ctx.instance, "elected leader: this replica fires the schedules");
+                ctx.leader.store(true, Ordering::SeqCst);
+                ctx.metrics.leader.set(1);
+                let res = lead(&ctx, &conn, &fence, &shutdown).await;
+                fence.step_down();
+                ctx.leader.store(false, Ordering::SeqCst);
+                ctx.metrics.leader.set(0);
+                match res {
+                    Ok(()) if shutdown.is_cancelled() => {}
+                    Ok(()) => tracing::warn!("lost leadership; rejoining as a candidate"),
+                    Err(e) => tracing::warn!(error = %e, "leader term ended with an error; rejoining as a candidate"),
+                }
+            }
+            Ok(false) => {}
+            Err(e) => tracing::warn!(error = %e, "lock connection failed; reconnecting"),
+        }
+        // The lock dies with this connection: never reuse it.
+        let _ = tokio::time::timeout(
+            Duration::from_secs(2),
+            conn.close(200, "producer leaving the election".into()),
+        )
+        .await;
+    }
+}
+
+/// Wait until this connection holds the lock (`Ok(true)`), shutdown
+/// (`Ok(false)`), or the connection fails.
+async fn candidate(
+    ctx: &Ctx,
+    conn: &Connection,
+    lock_queue: &str,
+    shutdown: &CancellationToken,
+) -> anyhow::Result<bool> {
+    if !ctx.cfg.leader.enabled {
+        return Ok(true);
+    }
+    let mut logged = false;
+    loop {
+        match leader::try_acquire(conn, lock_queue).await? {
+            Attempt::Acquired => return Ok(true),
+            Attempt::HeldElsewhere => {
+                if !logged {
+                    tracing::info!("standby: another replica holds the scheduler lock");
+                    logged = true;
+                }
+            }
+        }
+        tokio::select! {
+            _ = shutdown.cancelled() => return Ok(false),
+            _ = tokio::time::sleep(ctx.cfg.leader.retry_interval) => {}
+        }
+    }
+}
+
+/// Per-schedule state of the fire loop.
+struct Cursor {
+    /// Every instant `<= cursor` has been decided.
+    cursor: DateTime<Utc>,
+    last_fired: Option<DateTime<Utc>>,
+    /// The expression it was computed for (a changed expression restarts at now).
+    key: String,
+}
+
+fn spec_key(s: &Schedule) -> String {
+    format!(
+        "{}|{}|{:?}|{:?}",
+        s.cfg.cron, s.cfg.timezone, s.cfg.dst_gap, s.cfg.dst_overlap
+    )
+}
+
+enum FireOutcome {
+    Published,
+    Missed,
+    Fenced,
+}
+
+async fn lead(
+    ctx: &Ctx,
+    conn: &Connection,
+    fence: &Fence,
+    shutdown: &CancellationToken,
+) -> anyhow::Result<()> {
+    warren::topology::declare(conn, &ctx.topo).await?;
+    let state_queue = state::state_queue(ctx.topo.prefix());
+    state::declare(conn, &state_queue, ctx.topo.queue_type()).await?;
+    let publisher = Publisher::new(conn, ctx.cfg.amqp.confirm_timeout).await?;
+    let snapshot = state::read(conn, &state_queue).await?;
+    if !snapshot.schedules.is_empty() {
+        tracing::info!(
+            writer = %snapshot.writer,
+            schedules = snapshot.schedules.len(),
+            "resuming from the previous leader's state"
+        );
+    }
+    let mut rx = ctx.schedules.subscribe();
+    let mut cursors: HashMap<String, Cursor> = HashMap::new();
+    let now = Utc::now();
+    for (name, e) in &snapshot.schedules {
+        cursors.insert(
+            name.clone(),
+            Cursor {
+                cursor: e.cursor.min(now),
+                last_fired: e.last_fired,
+                key: String::new(),
+            },
+        );
+    }
+    let mut first = true;
+    loop {
+        let set: ScheduleSet = rx.borrow_and_update().clone();
+        let now = Utc::now();
+        // Align cursors with the schedules in force.
+        cursors.retain(|name, _| set.iter().any(|s| s.name() == name && s.cfg.enabled));
+        for s in set.iter().filter(|s| s.cfg.enabled) {
+            let key = spec_key(s);
+            match cursors.get_mut(s.name()) {
+                Some(c) if first && c.key.is_empty() => c.key = key,
+                Some(c) if c.key != key => {
+                    c.cursor = c.cursor.max(now);
+                    c.key = key;
+                }
+                Some(_) => {}
+                None => {
+                    cursors.insert(
+                        s.name().to_owned(),
+                        Cursor {
+                            cursor: now,
+                            last_fired: None,
+                            key,
+                        },
+                    );
+                }
+            }
+        }
+        first = false;
+        // Next instant per schedule.
+        let mut wake: Option<DateTime<Utc>> = None;
+        for s in set.iter().filter(|s| s.cfg.enabled) {
+            let Some(c) = cursors.get(s.name()) else {
+                continue;
+            };
+            let next = s.spec.next_after(c.cursor);
+            ctx.set_next(s.name(), next);
+            if let Some(n) = next {
+                wake = Some(wake.map_or(n, |w| w.min(n)));
+            }
+        }
+        let sleep = wake
+            .map(|w| (w - Utc::now()).to_std().unwrap_or(Duration::ZERO))
+            .unwrap_or(MAX_SLEEP)
+            .min(MAX_SLEEP);
+        tokio::select! {
+            _ = tokio::time::sleep(sleep) => {}
+            r = rx.changed() => {
+                if r.is_err() { return Ok(()); }
+                tracing::info!("schedules reloaded");
+                continue;
+            }
+            _ = fence.lost() => return Ok(()),
+            _ = shutdown.cancelled() => return Ok(()),
+        }
+        let now = Utc::now();
+        let mut decided = false;
+        for s in set.iter().filter(|s| s.cfg.enabled) {
+            let Some(c) = cursors.get_mut(s.name()) else {
+                continue;
+            };
+            match s.spec.next_after(c.cursor) {
+                Some(n) if n <= now => {}
+                _ => continue,
+            }
+            // Overdue instants older than grace can never fire: count them
+            // without listing them all.
+            let horizon = s.cfg.misfire_grace.max(ON_TIME) + Duration::from_secs(1);
+            let window_start = now - chrono::TimeDelta::from_std(horizon).unwrap_or_default();
+            let mut earlier = 0u64;
+            let mut from = c.cursor;
+            if c.cursor < window_start {
+                earlier = s.spec.fires_between(c.cursor, window_start, 10_000).len() as u64;
+                from = window_start;
+            }
+            let due = s.spec.fires_between(from, now, MAX_DUE);
+            let Some(&latest) = due.last() else {
+                c.cursor = c.cursor.max(from);
+                continue;
+            };
+            let p = plan(
+                s.cfg.misfire,
+                s.cfg.misfire_grace,
+                s.cfg.max_catch_up,
+                &due,
+                earlier,
+                now,
+            );
+            if p.missed > 0 {
+                tracing::warn!(
+                    schedule = s.name(),
+                    missed = p.missed,
+                    firing = p.fire.len(),
+                    policy = ?s.cfg.misfire,
+                    "overdue fires handled by the misfire policy"
+                );
+                ctx.metrics
+                    .missed
+                    .with_label_values(&[s.name()])
+                    .inc_by(p.missed);
+            }
+            for t in p.fire {
+                match fire(ctx, &publisher, fence, s, t).await {
+                    FireOutcome::Published => c.last_fired = Some(t),
+                    FireOutcome::Missed => {}
+                    FireOutcome::Fenced => return Ok(()),
+                }
+                c.cursor = t;
+            }
+            c.cursor = latest;
+            decided = true;
+        }
+        if decided {
+            let snap = Snapshot {
+                v: 1,
+                writer: ctx.instance.clone(),
+                written_at: Some(Utc::now()),
+                schedules: cursors
+                    .iter()
+                    .map(|(k, c)| {
+                        (
+                            k.clone(),
+                            Entry {
+                                cursor: c.cursor,
+                                last_fired: c.last_fired,
+                            },
+                        )
+                    })
+                    .collect(),
+            };
+            if !fence.holds() {
+                return Ok(());
+            }
+            if let Err(e) = state::write(&publisher, &state_queue, &snap).await {
+                tracing::warn!(error = %e, "could not record the scheduler state");
+                if !publisher.is_open() || !fence.holds() {
+                    return Ok(());
+                }
+            }
+        }
+    }
+}
+
+/// Publish one tick, retrying transient failures with backoff until the
+/// misfire grace runs out. Checks leadership right before every attempt.
+async fn fire(
+    ctx: &Ctx,
+    publisher: &Publisher,
+    fence: &Fence,
+    s: &Schedule,
+    t: DateTime<Utc>,
+) -> FireOutcome {
+    let id = schedule::fire_id(s.name(), t);
+    let task = s.task(id.clone());
+    let grace = chrono::TimeDelta::from_std(s.cfg.misfire_grace.max(ON_TIME)).unwrap_or_default();
+    let deadline = t + grace;
+    let (exchange, key) = ctx.topo.route(&task.name, Duration::ZERO);
+    let mut backoff = backon::ExponentialBuilder::default()
+        .with_min_delay(Duration::from_millis(100))
+        .with_max_delay(Duration::from_secs(5))
+        .with_jitter()
+        .without_max_times()
+        .build();
+    loop {
+        if !fence.holds() {
+            return FireOutcome::Fenced;
+        }
+        let props = task.properties().with_app_id(ctx.instance.as_str().into());
+        match publisher
+            .publish(&exchange, &key, props, &task.payload)
+            .await
+        {
+            Ok(()) => {
+                let lag = (Utc::now() - t).to_std().unwrap_or(Duration::ZERO);
+                ctx.metrics.fires.with_label_values(&[s.name()]).inc();
+                ctx.metrics
+                    .fire_lag
+                    .with_label_values(&[s.name()])
+                    .observe(lag.as_secs_f64());
+                ctx.metrics
+                    .published
+                    .with_label_values(&[Source::Schedule.label()])
+                    .inc();
+                ctx.metrics
+                    .last_fire
+                    .with_label_values(&[s.name()])
+                    .set(t.timestamp_millis() as f64 / 1000.0);
+                ctx.set_last(s.name(), t);
+                tracing::debug!(schedule = s.name(), %id, lag_ms = lag.as_millis() as u64, "fired");
+                return FireOutcome::Published;
+            }
+            Err(e) => {
+                ctx.metrics
+                    .publish_failures
+                    .with_label_values(&[Source::Schedule.label()])
+                    .inc();
+                if !publisher.is_open() || !fence.holds() {
+                    tracing::warn!(schedule = s.name(), %id, error = %e, "tick publish failed on the lock connection: stepping down");
+                    fence.step_down();
+                    return FireOutcome::Fenced;
+                }
+                let delay = backoff.next().unwrap_or(Duration::from_secs(5));
+                let retry_at = Utc::now() + chrono::TimeDelta::from_std(delay).unwrap_or_default();
+                if !e.is_transient() || retry_at > deadline {
+                    tracing::error!(schedule = s.name(), %id, error = %e, "tick not published: counted as missed");
+                    ctx.metrics.missed.with_label_values(&[s.name()]).inc();
+                    return FireOutcome::Missed;
+                }
+                tracing::warn!(schedule = s.name(), %id, error = %e, retry_in_ms = delay.as_millis() as u64, "tick publish failed; retrying");
+                tokio::select! {
+                    _ = tokio::time::sleep(delay) => {}
+                    _ = fence.lost() => return FireOutcome::Fenced,
+                }
+            }
+        }
+    }
+}
