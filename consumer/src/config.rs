@@ -1,0 +1,445 @@
+//! The consumer's configuration: one [`ConsumerConfig`] loaded from defaults <
+//! TOML file < `WARREN_*` environment (see [`warren::config`]), validated before
+//! anything connects. Every key is documented in `consumer/README.md` and in
+//! `deploy/consumer.toml`.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+use warren::config::{AmqpConfig, HttpConfig, LogConfig, TopologyConfig};
+use warren::retry::RetryPolicy;
+
+/// Default address of `/metrics`, `/healthz`, `/readyz`.
+pub const DEFAULT_HTTP_ADDR: &str = "0.0.0.0:9090";
+
+/// Everything `warren-consumer` reads.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ConsumerConfig {
+    pub amqp: AmqpConfig,
+    pub topology: TopologyConfig,
+    pub http: HttpConfig,
+    pub log: LogConfig,
+    pub worker: WorkerConfig,
+    pub retry: RetryConfig,
+    /// Task name (or topic pattern with `*` / `#`) → built-in handler.
+    pub handlers: BTreeMap<String, HandlerSpec>,
+}
+
+impl Default for ConsumerConfig {
+    fn default() -> Self {
+        Self {
+            amqp: AmqpConfig::default(),
+            topology: TopologyConfig::default(),
+            http: HttpConfig {
+                addr: default_http_addr(),
+            },
+            log: LogConfig::default(),
+            worker: WorkerConfig::default(),
+            retry: RetryConfig::default(),
+            handlers: BTreeMap::new(),
+        }
+    }
+}
+
+fn default_http_addr() -> SocketAddr {
+    SocketAddr::from(([0, 0, 0, 0], 9090))
+}
+
+/// How deliveries are taken and run.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct WorkerConfig {
+    /// Short names of the `topology.queues` to consume; empty = all of them.
+    pub queues: Vec<String>,
+    /// Unacked deliveries the broker may push per queue (per-channel QoS).
+    pub prefetch: u16,
+    /// Tasks running at once in this process.
+    pub concurrency: usize,
+    /// Time a handler may take before the attempt counts as failed
+    /// (retryable); the `x-warren-timeout-ms` header overrides it per task.
+    #[serde(with = "humantime_serde")]
+    pub task_timeout: Duration,
+    /// Largest body accepted; bigger messages are dead-lettered as `oversized`.
+    pub max_body_bytes: usize,
+    /// On SIGTERM/SIGINT, how long running tasks may still finish before the
+    /// connection is closed (unfinished tasks go back to the queue).
+    #[serde(with = "humantime_serde")]
+    pub drain_grace: Duration,
+}
+
+impl Default for WorkerConfig {
+    fn default() -> Self {
+        Self {
+            queues: Vec::new(),
+            prefetch: 64,
+            concurrency: 32,
+            task_timeout: Duration::from_secs(300),
+            max_body_bytes: 1 << 20,
+            drain_grace: Duration::from_secs(30),
+        }
+    }
+}
+
+/// The default retry policy and per-task-name overrides.
+#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RetryConfig {
+    pub default: RetryPolicy,
+    /// Task name (or pattern) → fields that differ from `default`.
+    pub tasks: BTreeMap<String, RetryOverride>,
+}
+
+/// Partial retry policy: unset fields come from `retry.default`.
+#[derive(Debug, Clone, Copy, PartialEq, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RetryOverride {
+    pub max_attempts: Option<u32>,
+    #[serde(with = "humantime_serde")]
+    pub initial_delay: Option<Duration>,
+    pub multiplier: Option<f64>,
+    #[serde(with = "humantime_serde")]
+    pub max_delay: Option<Duration>,
+    pub jitter: Option<f64>,
+}
+
+impl RetryOverride {
+    pub fn apply(&self, mut p: RetryPolicy) -> RetryPolicy {
+        if let Some(v) = self.max_attempts {
+            p.max_attempts = v;
+        }
+        if let Some(v) = self.initial_delay {
+            p.initial_delay = v;
+        }
+        if let Some(v) = self.multiplier {
+            p.multiplier = v;
+        }
+        if let Some(v) = self.max_delay {
+            p.max_delay = v;
+        }
+        if let Some(v) = self.jitter {
+            p.jitter = v;
+        }
+        p
+    }
+}
+
+impl RetryConfig {
+    /// The configured policy for a task name (before message header overrides).
+    pub fn policy_for(&self, task: &str) -> RetryPolicy {
+        if let Some(o) = self.tasks.get(task) {
+            return o.apply(self.default);
+        }
+        self.tasks
+            .iter()
+            .find(|(pat, _)| crate::handler::pattern_matches(pat, task))
+            .map(|(_, o)| o.apply(self.default))
+            .unwrap_or(self.default)
+    }
+}
+
+/// A built-in handler selected from config (`kind = "..."`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "lowercase", deny_unknown_fields)]
+pub enum HandlerSpec {
+    /// Does nothing but log the task at info.
+    Noop {},
+    /// Sleeps for the payload's `sleep_ms` (number) or `duration` ("2s"),
+    /// else for `duration` from config.
+    Sleep {
+        #[serde(default = "default_sleep", with = "humantime_serde")]
+        duration: Duration,
+    },
+    /// POSTs the payload to `url`.
+    Http {
+        url: String,
+        /// Per-request timeout (connect + response).
+        #[serde(default = "default_http_timeout", with = "humantime_serde")]
+        timeout: Duration,
+        /// Extra request headers (e.g. `Authorization`).
+        #[serde(default)]
+        headers: BTreeMap<String, String>,
+    },
+    /// Runs `argv` (no shell) with the payload on stdin.
+    Exec {
+        argv: Vec<String>,
+        /// Exit codes that fail the task permanently (others are retryable).
+        #[serde(default)]
+        permanent_exit_codes: Vec<i32>,
+        /// Working directory (default: the consumer's).
+        #[serde(default)]
+        cwd: Option<PathBuf>,
+        /// Extra environment variables for the process.
+        #[serde(default)]
+        env: BTreeMap<String, String>,
+        /// Kill the process group after this long (default: the task timeout).
+        #[serde(default, with = "humantime_serde")]
+        timeout: Option<Duration>,
+    },
+}
+
+fn default_sleep() -> Duration {
+    Duration::from_secs(1)
+}
+
+fn default_http_timeout() -> Duration {
+    Duration::from_secs(30)
+}
+
+/// A config value that is out of range: names the key and the value.
+#[derive(Debug, thiserror::Error)]
+#[error("{origin}: {key} = {value}: {message}")]
+pub struct InvalidConfig {
+    pub origin: String,
+    pub key: String,
+    pub value: String,
+    pub message: String,
+}
+
+impl ConsumerConfig {
+    /// Load from defaults < `path` < `env`, then validate.
+    pub fn load(
+        path: Option<&Path>,
+        env: impl IntoIterator<Item = (String, String)>,
+    ) -> anyhow::Result<Self> {
+        let cfg: Self = warren::config::load(path, env)?;
+        cfg.validate()
+            .map_err(|(key, value, message)| InvalidConfig {
+                origin: warren::config::origin(path),
+                key,
+                value,
+                message,
+            })?;
+        Ok(cfg)
+    }
+
+    /// Checks what serde cannot: `Err((key, value, why))`.
+    pub fn validate(&self) -> Result<(), (String, String, String)> {
+        let err = |k: &str, v: &dyn std::fmt::Debug, m: &str| {
+            Err((k.to_owned(), format!("{v:?}"), m.to_owned()))
+        };
+        if let Err(m) = self.topology.validate() {
+            return err("topology", &self.topology.prefix, &m);
+        }
+        let topo = warren::Topology::new(&self.topology);
+        for q in &self.worker.queues {
+            if topo.work_queue(q).is_none() {
+                return err(
+                    "worker.queues",
+                    q,
+                    "not one of topology.queues (declare it there first)",
+                );
+            }
+        }
+        let w = &self.worker;
+        if w.prefetch == 0 {
+            return err("worker.prefetch", &w.prefetch, "must be at least 1");
+        }
+        if w.concurrency == 0 || w.concurrency > 100_000 {
+            return err(
+                "worker.concurrency",
+                &w.concurrency,
+                "must be within 1..=100000",
+            );
+        }
+        if w.task_timeout.is_zero() {
+            return err("worker.task_timeout", &w.task_timeout, "must be positive");
+        }
+        if w.max_body_bytes == 0 {
+            return err(
+                "worker.max_body_bytes",
+                &w.max_body_bytes,
+                "must be positive",
+            );
+        }
+        if let Err(m) = self.retry.default.validate() {
+            return err("retry.default", &self.retry.default, &m);
+        }
+        for (name, o) in &self.retry.tasks {
+            if let Err(m) = o.apply(self.retry.default).validate() {
+                return err(&format!("retry.tasks.\"{name}\""), o, &m);
+            }
+        }
+        for (name, spec) in &self.handlers {
+            let key = format!("handlers.\"{name}\"");
+            if name.is_empty() {
+                return err(&key, name, "task name must not be empty");
+            }
+            match spec {
+                HandlerSpec::Http { url, timeout, .. } => {
+                    match reqwest::Url::parse(url) {
+                        Ok(u) if matches!(u.scheme(), "http" | "https") => {}
+                        _ => return err(&format!("{key}.url"), url, "expected an http(s) URL"),
+                    }
+                    if timeout.is_zero() {
+                        return err(&format!("{key}.timeout"), timeout, "must be positive");
+                    }
+                }
+                HandlerSpec::Exec { argv, timeout, .. } => {
+                    if argv.first().is_none_or(|p| p.is_empty()) {
+                        return err(
+                            &format!("{key}.argv"),
+                            argv,
+                            "expected at least the program path",
+                        );
+                    }
+                    if timeout.is_some_and(|t| t.is_zero()) {
+                        return err(&format!("{key}.timeout"), timeout, "must be positive");
+                    }
+                }
+                HandlerSpec::Noop {} | HandlerSpec::Sleep { .. } => {}
+            }
+        }
+        Ok(())
+    }
+
+    /// Full names of the queues this worker consumes.
+    pub fn queue_names(&self) -> Vec<String> {
+        let topo = warren::Topology::new(&self.topology);
+        if self.worker.queues.is_empty() {
+            topo.work_queues().iter().map(|q| q.name.clone()).collect()
+        } else {
+            self.worker
+                .queues
+                .iter()
+                .filter_map(|q| topo.work_queue(q).map(|w| w.name.clone()))
+                .collect()
+        }
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+    use std::io::Write;
+
+    fn file(text: &str) -> tempfile::NamedTempFile {
+        let mut f = tempfile::NamedTempFile::new().unwrap();
+        f.write_all(text.as_bytes()).unwrap();
+        f
+    }
+
+    fn load(text: &str) -> anyhow::Result<ConsumerConfig> {
+        let f = file(text);
+        ConsumerConfig::load(Some(f.path()), Vec::new())
+    }
+
+    #[test]
+    fn runs_on_defaults_without_a_file() {
+        let c = ConsumerConfig::load(None, Vec::new()).unwrap();
+        assert_eq!(c.queue_names(), vec!["warren.default".to_string()]);
+        assert_eq!(c.http.addr.to_string(), DEFAULT_HTTP_ADDR);
+        assert!(c.handlers.is_empty());
+    }
+
+    #[test]
+    fn parses_every_handler_kind() {
+        let c = load(
+            r#"
+            [handlers."demo.hello"]
+            kind = "noop"
+            [handlers."bench.*"]
+            kind = "sleep"
+            duration = "250ms"
+            [handlers."email.send"]
+            kind = "http"
+            url = "http://127.0.0.1:8080/hook"
+            timeout = "5s"
+            headers = { Authorization = "Bearer x" }
+            [handlers."report.build"]
+            kind = "exec"
+            argv = ["/bin/cat"]
+            permanent_exit_codes = [2]
+            timeout = "1m"
+            "#,
+        )
+        .unwrap();
+        assert_eq!(c.handlers["demo.hello"], HandlerSpec::Noop {});
+        assert_eq!(
+            c.handlers["bench.*"],
+            HandlerSpec::Sleep {
+                duration: Duration::from_millis(250)
+            }
+        );
+        assert!(
+            matches!(&c.handlers["email.send"], HandlerSpec::Http { timeout, .. } if *timeout == Duration::from_secs(5))
+        );
+        assert!(
+            matches!(&c.handlers["report.build"], HandlerSpec::Exec { permanent_exit_codes, timeout, .. } if permanent_exit_codes == &[2] && *timeout == Some(Duration::from_secs(60)))
+        );
+    }
+
+    #[test]
+    fn unknown_handler_kind_or_key_is_refused() {
+        let e = load("[handlers.a]\nkind = \"shell\"\n")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("shell"), "{e}");
+        let e = load("[handlers.a]\nkind = \"noop\"\nurl = \"x\"\n")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("url"), "{e}");
+        let e = load("[handlers.a]\nkind = \"http\"\n")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("url"), "{e}");
+    }
+
+    #[test]
+    fn bad_values_name_key_and_value() {
+        let f = file("[worker]\nconcurrency = 0\n");
+        let e = ConsumerConfig::load(Some(f.path()), Vec::new())
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("worker.concurrency") && e.contains('0'), "{e}");
+        assert!(e.contains(&f.path().display().to_string()), "{e}");
+        let e = load("[handlers.a]\nkind = \"http\"\nurl = \"ftp://x\"\n")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("handlers.\"a\".url") && e.contains("ftp://x"),
+            "{e}"
+        );
+        let e = load("[handlers.a]\nkind = \"exec\"\nargv = []\n")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("argv"), "{e}");
+        let e = load("[worker]\nqueues = [\"nope\"]\n")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("worker.queues") && e.contains("nope"), "{e}");
+        let e = load("[retry.tasks.\"a.b\"]\nmultiplier = 0.5\n")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("retry.tasks.\"a.b\"") && e.contains("multiplier"),
+            "{e}"
+        );
+        let e = ConsumerConfig::load(None, vec![("WARREN_WORKER__PREFETCH".into(), "0".into())])
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("worker.prefetch"), "{e}");
+    }
+
+    #[test]
+    fn per_task_retry_overrides_merge_onto_default() {
+        let c = load(
+            r#"
+            [retry.default]
+            max_attempts = 3
+            initial_delay = "2s"
+            [retry.tasks."email.*"]
+            max_attempts = 10
+            "#,
+        )
+        .unwrap();
+        let p = c.retry.policy_for("email.send");
+        assert_eq!(p.max_attempts, 10);
+        assert_eq!(p.initial_delay, Duration::from_secs(2));
+        assert_eq!(c.retry.policy_for("other").max_attempts, 3);
+    }
+}

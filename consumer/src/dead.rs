@@ -1,0 +1,358 @@
+//! Dead-letter tooling: look at, replay and purge what sits in `<prefix>.dead`.
+//! Safe while consumers run (nobody consumes the dead queue).
+//!
+//! Messages are fetched with `basic.get` without auto-ack on a channel of our
+//! own: what is not acked (everything, for `list`; what does not match, for
+//! `replay`/`purge`) returns to the queue when that channel closes, so
+//! nothing is lost if the tool dies half-way. A replayed task is published
+//! (confirmed) to the task exchange with its attempts reset *before* its dead
+//! copy is acked: a crash in between leaves a duplicate, never a loss.
+
+use std::time::Duration;
+
+use lapin::options::{BasicAckOptions, BasicGetOptions, QueuePurgeOptions};
+use lapin::types::{AMQPValue, FieldTable};
+use lapin::{BasicProperties, Connection};
+use serde::Serialize;
+use warren::amqp::Publisher;
+use warren::envelope::{header_i64, header_str, headers};
+use warren::{Task, Topology};
+
+/// Reason shown for a message that reached the dead queue through the
+/// delivery exchange's alternate exchange (no dead headers, no `x-death`).
+pub const UNROUTABLE_AFTER_DELAY: &str = "unroutable after delay";
+
+/// One dead message as the tooling shows it.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct DeadTask {
+    pub id: Option<String>,
+    pub task: String,
+    pub reason: String,
+    pub kind: String,
+    pub attempts: Option<i64>,
+    pub failed_at: Option<String>,
+    pub first_failed_at: Option<String>,
+    pub original_queue: Option<String>,
+    pub original_routing_key: Option<String>,
+    pub last_error: Option<String>,
+    pub body_bytes: usize,
+}
+
+/// What the dead headers (or the broker's `x-death`) say about a message.
+pub fn describe(routing_key: &str, props: &BasicProperties, body: &[u8]) -> DeadTask {
+    let empty = FieldTable::default();
+    let h = props.headers().as_ref().unwrap_or(&empty);
+    let task = props
+        .kind()
+        .as_ref()
+        .map(|t| t.as_str().to_owned())
+        .filter(|t| !t.is_empty())
+        .unwrap_or_else(|| warren::delay::strip_prefix(routing_key).to_owned());
+    let x_death = first_x_death(h);
+    let (reason, kind) = match (header_str(h, headers::DEAD_REASON), &x_death) {
+        (Some(r), _) => (
+            r,
+            header_str(h, headers::DEAD_KIND).unwrap_or_else(|| "unknown".into()),
+        ),
+        (None, Some((reason, queue))) => (
+            format!("dead-lettered by the broker ({reason}) from queue {queue}"),
+            format!("broker_{reason}"),
+        ),
+        (None, None) => (UNROUTABLE_AFTER_DELAY.to_owned(), "unroutable".to_owned()),
+    };
+    DeadTask {
+        id: props.message_id().as_ref().map(|s| s.as_str().to_owned()),
+        task,
+        reason,
+        kind,
+        attempts: header_i64(h, headers::ATTEMPT).or(Some(1)),
+        failed_at: header_str(h, headers::DEAD_AT),
+        first_failed_at: header_str(h, headers::FIRST_FAILED_AT),
+        original_queue: header_str(h, headers::ORIGINAL_QUEUE)
+            .or_else(|| x_death.as_ref().map(|(_, q)| q.clone())),
+        original_routing_key: header_str(h, headers::ORIGINAL_ROUTING_KEY)
+            .or_else(|| Some(routing_key.to_owned())),
+        last_error: header_str(h, headers::LAST_ERROR),
+        body_bytes: body.len(),
+    }
+}
+
+/// `(reason, queue)` of the newest `x-death` entry.
+fn first_x_death(h: &FieldTable) -> Option<(String, String)> {
+    let AMQPValue::FieldArray(arr) = h.inner().get("x-death")? else {
+        return None;
+    };
+    let AMQPValue::FieldTable(t) = arr.as_slice().first()? else {
+        return None;
+    };
+    Some((
+        header_str(t, "reason").unwrap_or_else(|| "unknown".into()),
+        header_str(t, "queue").unwrap_or_else(|| "unknown".into()),
+    ))
+}
+
+/// Which dead messages an operation applies to.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Selector {
+    All,
+    Ids(Vec<String>),
+    Task(String),
+}
+
+impl Selector {
+    pub fn matches(&self, d: &DeadTask) -> bool {
+        match self {
+            Self::All => true,
+            Self::Ids(ids) => d.id.as_ref().is_some_and(|id| ids.contains(id)),
+            Self::Task(t) => crate::handler::pattern_matches(t, &d.task),
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum DeadError {
+    #[error(transparent)]
+    Amqp(#[from] lapin::Error),
+    #[error(transparent)]
+    Warren(#[from] warren::Error),
+}
+
+/// Up to `limit` dead tasks, oldest first, left in the queue.
+pub async fn list(
+    conn: &Connection,
+    topo: &Topology,
+    limit: usize,
+) -> Result<Vec<DeadTask>, DeadError> {
+    let ch = conn.create_channel().await?;
+    let mut out = Vec::new();
+    while out.len() < limit {
+        let Some(m) = ch
+            .basic_get(
+                topo.dead_queue().as_str().into(),
+                BasicGetOptions { no_ack: false },
+            )
+            .await?
+        else {
+            break;
+        };
+        let d = &m.delivery;
+        out.push(describe(d.routing_key.as_str(), &d.properties, &d.data));
+    }
+    // Closing the channel returns every fetched message to the queue.
+    ch.close(200, "dead list done".into()).await?;
+    Ok(out)
+}
+
+/// Result of a replay.
+#[derive(Debug, Default, Clone, PartialEq, Serialize)]
+pub struct ReplayReport {
+    pub replayed: Vec<String>,
+    /// `(id, why)` of selected messages that could not be replayed (kept).
+    pub failed: Vec<(String, String)>,
+}
+
+/// Headers a replayed copy must not carry.
+fn is_dead_header(k: &str) -> bool {
+    k.starts_with("x-warren-dead-")
+        || k == headers::ORIGINAL_QUEUE
+        || k == headers::ORIGINAL_ROUTING_KEY
+        || k.starts_with("x-death")
+        || k.starts_with("x-first-death")
+        || k.starts_with("x-last-death")
+}
+
+/// The task a dead message becomes when replayed: same id, name, payload and
+/// user headers; attempts and failure history reset.
+pub fn revive(routing_key: &str, props: &BasicProperties, body: &[u8]) -> Result<Task, String> {
+    let mut t = Task::decode(routing_key, props, body, usize::MAX).map_err(|e| e.to_string())?;
+    t.attempt = 1;
+    t.last_error = None;
+    t.first_failed_at = None;
+    let mut h = FieldTable::default();
+    for (k, v) in t.extra_headers.inner() {
+        if !is_dead_header(k.as_str()) {
+            h.insert(k.clone(), v.clone());
+        }
+    }
+    t.extra_headers = h;
+    Ok(t)
+}
+
+/// Republish the selected dead tasks (confirmed, attempts reset) and remove
+/// them from the dead queue. Looks at up to `limit` messages.
+pub async fn replay(
+    conn: &Connection,
+    topo: &Topology,
+    selector: &Selector,
+    mut limit: usize,
+    confirm_timeout: Duration,
+) -> Result<ReplayReport, DeadError> {
+    let publisher = Publisher::new(conn, confirm_timeout).await?;
+    let ch = conn.create_channel().await?;
+    let mut report = ReplayReport::default();
+    let mut seen = 0;
+    while seen < limit {
+        let Some(m) = ch
+            .basic_get(
+                topo.dead_queue().as_str().into(),
+                BasicGetOptions { no_ack: false },
+            )
+            .await?
+        else {
+            break;
+        };
+        if seen == 0 {
+            // Only what was there at the start: replayed tasks that fail
+            // again must not be picked up again by this run.
+            limit = limit.min(m.message_count as usize + 1);
+        }
+        seen += 1;
+        let d = &m.delivery;
+        let info = describe(d.routing_key.as_str(), &d.properties, &d.data);
+        if !selector.matches(&info) {
+            continue;
+        }
+        let id = info.id.clone().unwrap_or_default();
+        let task = match revive(d.routing_key.as_str(), &d.properties, &d.data) {
+            Ok(t) => t,
+            Err(e) => {
+                report.failed.push((id, format!("not a valid task: {e}")));
+                continue;
+            }
+        };
+        match publisher.publish_task(topo, &task, Duration::ZERO).await {
+            Ok(()) => {
+                d.acker.ack(BasicAckOptions::default()).await?;
+                report.replayed.push(id);
+            }
+            Err(e) => report.failed.push((id, e.to_string())),
+        }
+    }
+    ch.close(200, "dead replay done".into()).await?;
+    let _ = publisher
+        .channel()
+        .close(200, "dead replay done".into())
+        .await;
+    Ok(report)
+}
+
+/// Delete the selected dead tasks; returns how many.
+pub async fn purge(
+    conn: &Connection,
+    topo: &Topology,
+    selector: &Selector,
+    mut limit: usize,
+) -> Result<u64, DeadError> {
+    let ch = conn.create_channel().await?;
+    let n = if *selector == Selector::All {
+        u64::from(
+            ch.queue_purge(
+                topo.dead_queue().as_str().into(),
+                QueuePurgeOptions::default(),
+            )
+            .await?,
+        )
+    } else {
+        let mut n = 0;
+        let mut seen = 0;
+        while seen < limit {
+            let Some(m) = ch
+                .basic_get(
+                    topo.dead_queue().as_str().into(),
+                    BasicGetOptions { no_ack: false },
+                )
+                .await?
+            else {
+                break;
+            };
+            if seen == 0 {
+                limit = limit.min(m.message_count as usize + 1);
+            }
+            seen += 1;
+            let d = &m.delivery;
+            if selector.matches(&describe(d.routing_key.as_str(), &d.properties, &d.data)) {
+                d.acker.ack(BasicAckOptions::default()).await?;
+                n += 1;
+            }
+        }
+        n
+    };
+    ch.close(200, "dead purge done".into()).await?;
+    Ok(n)
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+    use lapin::types::FieldArray;
+
+    fn with(h: &[(&str, AMQPValue)]) -> BasicProperties {
+        let mut t = FieldTable::default();
+        for (k, v) in h {
+            t.insert((*k).into(), v.clone());
+        }
+        BasicProperties::default()
+            .with_message_id("m1".into())
+            .with_headers(t)
+    }
+
+    fn s(v: &str) -> AMQPValue {
+        AMQPValue::LongString(v.into())
+    }
+
+    #[test]
+    fn reason_from_dead_headers_x_death_or_alternate_exchange() {
+        let p = with(&[
+            (headers::DEAD_REASON, s("permanent error: no")),
+            (headers::DEAD_KIND, s("permanent")),
+            (headers::ATTEMPT, AMQPValue::LongLongInt(3)),
+        ]);
+        let d = describe("a.b", &p, b"{}");
+        assert_eq!(
+            (d.reason.as_str(), d.kind.as_str()),
+            ("permanent error: no", "permanent")
+        );
+        assert_eq!(d.attempts, Some(3));
+
+        let mut death = FieldTable::default();
+        death.insert("reason".into(), s("rejected"));
+        death.insert("queue".into(), s("warren.default"));
+        let arr = FieldArray::from(vec![AMQPValue::FieldTable(death)]);
+        let d = describe(
+            "a.b",
+            &with(&[("x-death", AMQPValue::FieldArray(arr))]),
+            b"{}",
+        );
+        assert!(
+            d.reason.contains("rejected") && d.reason.contains("warren.default"),
+            "{d:?}"
+        );
+
+        let key = warren::delay::routing_key(Duration::from_secs(1), "lost.task");
+        let d = describe(&key, &BasicProperties::default(), b"{}");
+        assert_eq!(d.reason, UNROUTABLE_AFTER_DELAY);
+        assert_eq!(d.task, "lost.task");
+    }
+
+    #[test]
+    fn revive_resets_attempts_and_strips_dead_headers() {
+        let p = with(&[
+            (headers::DEAD_REASON, s("x")),
+            (headers::ATTEMPT, AMQPValue::LongLongInt(5)),
+            (headers::LAST_ERROR, s("boom")),
+            (headers::ORIGINAL_QUEUE, s("q")),
+            ("x-user", s("kept")),
+        ])
+        .with_type("a.b".into());
+        let t = revive("a.b", &p, b"{}").unwrap();
+        assert_eq!(
+            (t.attempt, t.id.as_str(), t.last_error.clone()),
+            (1, "m1", None)
+        );
+        assert!(!t.extra_headers.contains_key(headers::DEAD_REASON));
+        assert!(!t.extra_headers.contains_key(headers::ORIGINAL_QUEUE));
+        assert!(t.extra_headers.contains_key("x-user"));
+        assert!(revive("a.b", &p, b"{nope").is_err());
+    }
+}

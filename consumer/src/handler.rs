@@ -1,0 +1,326 @@
+//! What runs a task: the [`Handler`] trait, the [`TaskError`] it returns, and
+//! the [`Registry`] that maps task names (or topic patterns) to handlers.
+//!
+//! ```
+//! use warren_consumer::{Handler, Registry, TaskError};
+//! use warren::Task;
+//!
+//! struct Greet;
+//! impl Handler for Greet {
+//!     async fn run(&self, task: Task) -> Result<(), TaskError> {
+//!         let who: String = task.payload_as().map_err(TaskError::permanent)?;
+//!         println!("hello {who}");
+//!         Ok(())
+//!     }
+//! }
+//!
+//! let mut registry = Registry::new();
+//! registry.register("greet", Greet).unwrap();
+//! assert!(registry.register("greet", Greet).is_err());
+//! ```
+
+use std::fmt;
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::time::Duration;
+
+use serde::de::DeserializeOwned;
+use warren::Task;
+
+/// Whether a failed attempt is worth retrying.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ErrorKind {
+    /// Try again later (through the delay levels), until attempts run out.
+    Retryable,
+    /// Never going to work: dead-letter at once.
+    Permanent,
+}
+
+/// A failed attempt.
+#[derive(Debug, Clone, PartialEq)]
+pub struct TaskError {
+    pub kind: ErrorKind,
+    pub message: String,
+    /// Wait at least this long before the next attempt (e.g. HTTP `Retry-After`).
+    pub retry_after: Option<Duration>,
+}
+
+impl TaskError {
+    pub fn retryable(e: impl fmt::Display) -> Self {
+        Self {
+            kind: ErrorKind::Retryable,
+            message: e.to_string(),
+            retry_after: None,
+        }
+    }
+    pub fn permanent(e: impl fmt::Display) -> Self {
+        Self {
+            kind: ErrorKind::Permanent,
+            message: e.to_string(),
+            retry_after: None,
+        }
+    }
+    pub fn with_retry_after(mut self, d: Duration) -> Self {
+        self.retry_after = Some(d);
+        self
+    }
+    pub fn is_permanent(&self) -> bool {
+        self.kind == ErrorKind::Permanent
+    }
+}
+
+impl fmt::Display for TaskError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.message)
+    }
+}
+
+impl std::error::Error for TaskError {}
+
+/// Runs tasks of the names it is registered under. Write it with `async fn`.
+pub trait Handler: Send + Sync + 'static {
+    fn run(&self, task: Task) -> impl Future<Output = Result<(), TaskError>> + Send;
+}
+
+/// Object-safe form of [`Handler`], used inside the registry.
+pub(crate) type BoxFut = Pin<Box<dyn Future<Output = Result<(), TaskError>> + Send>>;
+
+trait DynHandler: Send + Sync + 'static {
+    fn call(self: Arc<Self>, task: Task) -> BoxFut;
+}
+
+impl<H: Handler> DynHandler for H {
+    fn call(self: Arc<Self>, task: Task) -> BoxFut {
+        Box::pin(async move { self.run(task).await })
+    }
+}
+
+/// A handler from an async closure over the whole [`Task`].
+pub struct FnHandler<F>(pub F);
+
+impl<F, Fut> Handler for FnHandler<F>
+where
+    F: Fn(Task) -> Fut + Send + Sync + 'static,
+    Fut: Future<Output = Result<(), TaskError>> + Send,
+{
+    fn run(&self, task: Task) -> impl Future<Output = Result<(), TaskError>> + Send {
+        (self.0)(task)
+    }
+}
+
+/// A handler from an async closure over a typed payload; a payload that does
+/// not deserialize into `P` fails the task permanently.
+pub struct TypedHandler<P, F> {
+    f: F,
+    _p: std::marker::PhantomData<fn() -> P>,
+}
+
+impl<P, F, Fut> Handler for TypedHandler<P, F>
+where
+    P: DeserializeOwned + Send + 'static,
+    F: Fn(P, Task) -> Fut + Send + Sync + 'static,
+    Fut: Future<Output = Result<(), TaskError>> + Send,
+{
+    async fn run(&self, task: Task) -> Result<(), TaskError> {
+        let payload: P = task
+            .payload_as()
+            .map_err(|e| TaskError::permanent(format!("payload does not fit the handler: {e}")))?;
+        (self.f)(payload, task).await
+    }
+}
+
+/// Refused registration.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+pub enum RegistryError {
+    #[error("a handler for task `{0}` is already registered")]
+    Duplicate(String),
+    #[error("task name must not be empty")]
+    Empty,
+}
+
+#[derive(Clone)]
+struct Entry {
+    key: String,
+    pattern: bool,
+    handler: Arc<dyn DynHandler>,
+}
+
+/// Task name → handler. A key containing `*` (one word) or `#` (zero or more
+/// words) is a topic pattern; exact names win over patterns, and patterns are
+/// tried in registration order.
+#[derive(Clone, Default)]
+pub struct Registry {
+    entries: Vec<Entry>,
+}
+
+/// A handler found for a task, and the bounded metrics label it reports under
+/// (the exact name, or the pattern that matched).
+#[derive(Clone)]
+pub struct Resolved {
+    pub label: String,
+    handler: Arc<dyn DynHandler>,
+}
+
+impl Resolved {
+    pub(crate) fn call(&self, task: Task) -> BoxFut {
+        self.handler.clone().call(task)
+    }
+}
+
+impl Registry {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Register `handler` for a task name or pattern; a key registered twice
+    /// is refused.
+    pub fn register(
+        &mut self,
+        name: impl Into<String>,
+        handler: impl Handler,
+    ) -> Result<&mut Self, RegistryError> {
+        let key = name.into();
+        if key.is_empty() {
+            return Err(RegistryError::Empty);
+        }
+        if self.entries.iter().any(|e| e.key == key) {
+            return Err(RegistryError::Duplicate(key));
+        }
+        let pattern = key.split('.').any(|w| w == "*" || w == "#");
+        self.entries.push(Entry {
+            key,
+            pattern,
+            handler: Arc::new(handler),
+        });
+        Ok(self)
+    }
+
+    /// Register an async closure over the task.
+    pub fn register_fn<F, Fut>(
+        &mut self,
+        name: impl Into<String>,
+        f: F,
+    ) -> Result<&mut Self, RegistryError>
+    where
+        F: Fn(Task) -> Fut + Send + Sync + 'static,
+        Fut: Future<Output = Result<(), TaskError>> + Send + 'static,
+    {
+        self.register(name, FnHandler(f))
+    }
+
+    /// Register an async closure over a typed payload (and the task).
+    pub fn register_typed<P, F, Fut>(
+        &mut self,
+        name: impl Into<String>,
+        f: F,
+    ) -> Result<&mut Self, RegistryError>
+    where
+        P: DeserializeOwned + Send + 'static,
+        F: Fn(P, Task) -> Fut + Send + Sync + 'static,
+        Fut: Future<Output = Result<(), TaskError>> + Send + 'static,
+    {
+        self.register(
+            name,
+            TypedHandler {
+                f,
+                _p: std::marker::PhantomData,
+            },
+        )
+    }
+
+    /// The handler for `task`, if any.
+    pub fn resolve(&self, task: &str) -> Option<Resolved> {
+        let e = self
+            .entries
+            .iter()
+            .find(|e| !e.pattern && e.key == task)
+            .or_else(|| {
+                self.entries
+                    .iter()
+                    .find(|e| e.pattern && pattern_matches(&e.key, task))
+            })?;
+        Some(Resolved {
+            label: e.key.clone(),
+            handler: e.handler.clone(),
+        })
+    }
+
+    /// Registered names and patterns, in registration order.
+    pub fn names(&self) -> impl Iterator<Item = &str> {
+        self.entries.iter().map(|e| e.key.as_str())
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.entries.is_empty()
+    }
+}
+
+/// AMQP topic matching: words split on `.`, `*` = exactly one word, `#` = zero
+/// or more words.
+pub fn pattern_matches(pattern: &str, name: &str) -> bool {
+    fn go(p: &[&str], n: &[&str]) -> bool {
+        match p.split_first() {
+            None => n.is_empty(),
+            Some((&"#", rest)) => (0..=n.len()).any(|i| go(rest, &n[i..])),
+            Some((w, rest)) => match n.split_first() {
+                Some((nw, nrest)) => (*w == "*" || w == nw) && go(rest, nrest),
+                None => false,
+            },
+        }
+    }
+    let p: Vec<&str> = pattern.split('.').collect();
+    let n: Vec<&str> = name.split('.').collect();
+    go(&p, &n)
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn topic_patterns() {
+        assert!(pattern_matches("a.*", "a.b"));
+        assert!(!pattern_matches("a.*", "a.b.c"));
+        assert!(pattern_matches("a.#", "a"));
+        assert!(pattern_matches("a.#", "a.b.c"));
+        assert!(pattern_matches("#", "anything.at.all"));
+        assert!(pattern_matches("*.send", "email.send"));
+        assert!(!pattern_matches("email.send", "email.sent"));
+    }
+
+    #[test]
+    fn duplicates_are_refused_and_exact_beats_pattern() {
+        let mut r = Registry::new();
+        r.register_fn("email.*", |_| async { Ok(()) }).unwrap();
+        r.register_fn("email.send", |_| async { Ok(()) }).unwrap();
+        assert_eq!(
+            r.register_fn("email.send", |_| async { Ok(()) }).err(),
+            Some(RegistryError::Duplicate("email.send".into()))
+        );
+        assert_eq!(r.resolve("email.send").unwrap().label, "email.send");
+        assert_eq!(r.resolve("email.other").unwrap().label, "email.*");
+        assert!(r.resolve("sms.send").is_none());
+    }
+
+    #[tokio::test]
+    async fn typed_handler_rejects_a_payload_of_the_wrong_shape() {
+        let mut r = Registry::new();
+        r.register_typed("n", |n: u32, _t| async move {
+            if n > 0 {
+                Ok(())
+            } else {
+                Err(TaskError::retryable("zero"))
+            }
+        })
+        .unwrap();
+        let h = r.resolve("n").unwrap();
+        assert!(h.call(Task::new("n", &serde_json::json!(1))).await.is_ok());
+        let e = h
+            .call(Task::new("n", &serde_json::json!("x")))
+            .await
+            .unwrap_err();
+        assert!(e.is_permanent(), "{e:?}");
+    }
+}

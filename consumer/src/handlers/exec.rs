@@ -1,0 +1,208 @@
+//! `exec`: runs an argv fixed in config — no shell — with the task's JSON
+//! payload on stdin. Off unless configured.
+//!
+//! The process runs in its own process group; when the timeout passes (or the
+//! attempt is abandoned, e.g. the worker's task timeout fires) the whole group
+//! is killed with SIGKILL, so grandchildren do not linger. Exit 0 → success;
+//! an exit code listed in `permanent_exit_codes` → permanent; any other exit
+//! or a signal → retryable. The last lines of stderr become the error text.
+//! The process sees `WARREN_TASK_ID`, `WARREN_TASK_NAME`, `WARREN_TASK_ATTEMPT`.
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::process::Stdio;
+use std::time::Duration;
+
+use nix::sys::signal::{killpg, Signal};
+use nix::unistd::Pid;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use warren::Task;
+
+use crate::handler::{Handler, TaskError};
+
+pub struct Exec {
+    pub argv: Vec<String>,
+    pub permanent_exit_codes: Vec<i32>,
+    pub cwd: Option<PathBuf>,
+    pub env: BTreeMap<String, String>,
+    pub timeout: Duration,
+}
+
+/// Kills the process group when dropped unless disarmed (the process exited).
+struct GroupGuard(Option<i32>);
+
+impl GroupGuard {
+    fn kill(&mut self) {
+        if let Some(pgid) = self.0.take() {
+            let _ = killpg(Pid::from_raw(pgid), Signal::SIGKILL);
+        }
+    }
+}
+
+impl Drop for GroupGuard {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+const STDERR_KEEP: usize = 2000;
+
+impl Handler for Exec {
+    async fn run(&self, task: Task) -> Result<(), TaskError> {
+        let (program, args) = self
+            .argv
+            .split_first()
+            .ok_or_else(|| TaskError::permanent("exec handler has an empty argv"))?;
+        let mut cmd = tokio::process::Command::new(program);
+        cmd.args(args)
+            .envs(&self.env)
+            .env("WARREN_TASK_ID", &task.id)
+            .env("WARREN_TASK_NAME", &task.name)
+            .env("WARREN_TASK_ATTEMPT", task.attempt.to_string())
+            .stdin(Stdio::piped())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .process_group(0)
+            .kill_on_drop(true);
+        if let Some(dir) = &self.cwd {
+            cmd.current_dir(dir);
+        }
+        let mut child = cmd
+            .spawn()
+            .map_err(|e| TaskError::retryable(format!("cannot start {program}: {e}")))?;
+        let mut guard = GroupGuard(child.id().and_then(|id| i32::try_from(id).ok()));
+        let stdin = child.stdin.take();
+        let payload = task.payload;
+        let feed = async move {
+            if let Some(mut stdin) = stdin {
+                // A program that ignores stdin closes the pipe: not an error.
+                let _ = stdin.write_all(&payload).await;
+                let _ = stdin.shutdown().await;
+            }
+        };
+        let mut stderr = child.stderr.take();
+        let collect = async move {
+            let mut buf = Vec::new();
+            if let Some(s) = stderr.as_mut() {
+                let _ = s.read_to_end(&mut buf).await;
+            }
+            buf
+        };
+        let run = async {
+            let (_, err, status) = tokio::join!(feed, collect, child.wait());
+            (err, status)
+        };
+        let (err, status) = match tokio::time::timeout(self.timeout, run).await {
+            Ok(r) => r,
+            Err(_) => {
+                guard.kill();
+                return Err(TaskError::retryable(format!(
+                    "{program} timed out after {}; process group killed",
+                    humantime::format_duration(self.timeout)
+                )));
+            }
+        };
+        // The leader exited; anything it left behind in its group goes too.
+        guard.kill();
+        let status =
+            status.map_err(|e| TaskError::retryable(format!("waiting for {program}: {e}")))?;
+        if status.success() {
+            return Ok(());
+        }
+        let text = String::from_utf8_lossy(&err);
+        let tail: String = {
+            let t = text.trim_end();
+            let start = t.len().saturating_sub(STDERR_KEEP);
+            let start = (start..=t.len())
+                .find(|i| t.is_char_boundary(*i))
+                .unwrap_or(t.len());
+            t[start..].to_owned()
+        };
+        match status.code() {
+            Some(code) if self.permanent_exit_codes.contains(&code) => Err(TaskError::permanent(
+                format!("{program} exited with {code}: {tail}"),
+            )),
+            Some(code) => Err(TaskError::retryable(format!(
+                "{program} exited with {code}: {tail}"
+            ))),
+            None => Err(TaskError::retryable(format!(
+                "{program} was killed by a signal ({status}): {tail}"
+            ))),
+        }
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+
+    fn exec(script: &str, timeout: Duration) -> Exec {
+        Exec {
+            argv: vec!["/bin/sh".into(), "-c".into(), script.into()],
+            permanent_exit_codes: vec![3],
+            cwd: None,
+            env: BTreeMap::new(),
+            timeout,
+        }
+    }
+
+    fn task() -> Task {
+        Task::new("t", &serde_json::json!({"k": "v"}))
+    }
+
+    #[tokio::test]
+    async fn payload_on_stdin_and_exit_codes() {
+        let ok = exec(r#"grep -q '"k":"v"'"#, Duration::from_secs(10));
+        ok.run(task()).await.unwrap();
+        let e = exec("echo nope >&2; exit 3", Duration::from_secs(10))
+            .run(task())
+            .await
+            .unwrap_err();
+        assert!(e.is_permanent() && e.message.contains("nope"), "{e:?}");
+        let e = exec("exit 1", Duration::from_secs(10))
+            .run(task())
+            .await
+            .unwrap_err();
+        assert!(!e.is_permanent(), "{e:?}");
+    }
+
+    #[tokio::test]
+    async fn timeout_kills_the_whole_process_group() {
+        let dir = tempfile::tempdir().unwrap();
+        let marker = dir.path().join("grandchild.pid");
+        // The grandchild writes its pid, then would live for a minute.
+        let script = format!(
+            "sh -c 'echo $$ > {}; exec sleep 60' & wait",
+            marker.display()
+        );
+        let start = std::time::Instant::now();
+        let e = exec(&script, Duration::from_millis(500))
+            .run(task())
+            .await
+            .unwrap_err();
+        assert!(e.message.contains("timed out"), "{e:?}");
+        assert!(start.elapsed() < Duration::from_secs(5));
+        let pid: i32 = std::fs::read_to_string(&marker)
+            .unwrap()
+            .trim()
+            .parse()
+            .unwrap();
+        // Killed processes are reaped by init; wait until the pid is gone.
+        let deadline = std::time::Instant::now() + Duration::from_secs(5);
+        loop {
+            let alive = nix::sys::signal::kill(Pid::from_raw(pid), None).is_ok()
+                && !std::fs::read_to_string(format!("/proc/{pid}/stat"))
+                    .map(|s| s.contains(") Z "))
+                    .unwrap_or(true);
+            if !alive {
+                break;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "grandchild {pid} still alive"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+}

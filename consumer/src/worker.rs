@@ -1,0 +1,662 @@
+//! The worker: connect, declare, consume, run each delivery in its own task,
+//! carry out the [`Action`](crate::outcome::Action) its outcome decides, and
+//! survive the broker going away.
+//!
+//! * One connection per session; one channel per consumed queue with
+//!   per-channel prefetch (`basic_qos`, global = false); one confirm-mode
+//!   publisher channel for retries and dead letters.
+//! * The consume loop only takes deliveries: it first acquires a semaphore
+//!   permit, then moves permit and delivery into a spawned task, so acks and
+//!   confirms never serialise the loop and at most `concurrency` tasks run.
+//! * Each task keeps its delivery's channel alive and acks only on it; if the
+//!   channel died meanwhile, the ack is refused and the broker redelivers.
+//! * Connection or channel loss → reconnect with exponential backoff
+//!   (`backon`), re-declare, re-consume. A consumer the broker cancelled
+//!   (queue deleted) is re-declared and re-consumed on a fresh channel.
+//! * Shutdown: `basic.cancel`, wait for running tasks up to the grace, close
+//!   the connection (whatever is unacked goes back to its queue).
+
+use std::panic::AssertUnwindSafe;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use backon::{ExponentialBuilder, Retryable};
+use chrono::Utc;
+use futures_util::stream::{self, BoxStream, SelectAll};
+use futures_util::{FutureExt, StreamExt};
+use lapin::message::Delivery;
+use lapin::options::{BasicAckOptions, BasicCancelOptions, BasicConsumeOptions, BasicQosOptions};
+use lapin::types::{AMQPValue, FieldTable, ShortString};
+use lapin::{BasicProperties, Channel, Connection};
+use tokio::sync::Semaphore;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tracing::Instrument;
+use warren::amqp::Publisher;
+use warren::envelope::{headers, rfc3339, PERSISTENT};
+use warren::metrics::{AmqpMetrics, Health};
+use warren::{Task, Topology};
+
+use crate::config::ConsumerConfig;
+use crate::handler::Registry;
+use crate::metrics::{ConsumerMetrics, UNKNOWN_TASK};
+use crate::outcome::{self, decide, Action, Outcome};
+
+/// Builds a [`Worker`] from a config and a registry of handlers.
+pub struct WorkerBuilder {
+    cfg: ConsumerConfig,
+    registry: Registry,
+    prometheus: Option<prometheus::Registry>,
+    health: Option<Health>,
+}
+
+impl WorkerBuilder {
+    /// The handlers to run (default: none, so every task is dead-lettered
+    /// with kind `no_handler`).
+    pub fn registry(mut self, registry: Registry) -> Self {
+        self.registry = registry;
+        self
+    }
+
+    /// Register metrics here (default: a fresh registry, see [`Worker::prometheus`]).
+    pub fn prometheus(mut self, registry: prometheus::Registry) -> Self {
+        self.prometheus = Some(registry);
+        self
+    }
+
+    /// Readiness flag to drive (default: a fresh one, see [`Worker::health`]).
+    pub fn health(mut self, health: Health) -> Self {
+        self.health = Some(health);
+        self
+    }
+
+    pub fn build(self) -> anyhow::Result<Worker> {
+        let prom = self.prometheus.unwrap_or_default();
+        let metrics = ConsumerMetrics::register(&prom)?;
+        let amqp_metrics = AmqpMetrics::register(&prom)?;
+        let topo = Topology::new(&self.cfg.topology);
+        let queues = self.cfg.queue_names();
+        anyhow::ensure!(!queues.is_empty(), "no work queue to consume");
+        Ok(Worker {
+            shared: Arc::new(Shared {
+                topo,
+                registry: self.registry,
+                metrics,
+                cfg: self.cfg,
+            }),
+            queues,
+            amqp_metrics,
+            health: self.health.unwrap_or_default(),
+            prom,
+        })
+    }
+}
+
+/// A running consumer: see the module docs.
+pub struct Worker {
+    shared: Arc<Shared>,
+    queues: Vec<String>,
+    amqp_metrics: AmqpMetrics,
+    health: Health,
+    prom: prometheus::Registry,
+}
+
+struct Shared {
+    cfg: ConsumerConfig,
+    topo: Topology,
+    registry: Registry,
+    metrics: ConsumerMetrics,
+}
+
+/// One connection and what lives on it.
+struct Session {
+    conn: Connection,
+    publisher: Publisher,
+    consumers: Vec<(Channel, ShortString)>,
+    /// Cancelled by a task whose publish failed: the session is unusable.
+    broken: CancellationToken,
+}
+
+// Deliveries move by value: boxing each would cost an allocation per message.
+#[allow(clippy::large_enum_variant)]
+enum Ev {
+    Delivery(usize, lapin::Result<Delivery>),
+    Ended(usize),
+}
+
+enum End {
+    Shutdown,
+    Lost,
+}
+
+impl Worker {
+    pub fn builder(cfg: ConsumerConfig) -> WorkerBuilder {
+        WorkerBuilder {
+            cfg,
+            registry: Registry::new(),
+            prometheus: None,
+            health: None,
+        }
+    }
+
+    /// Ready while connected and consuming.
+    pub fn health(&self) -> Health {
+        self.health.clone()
+    }
+
+    /// The metrics registry (serve it with [`warren::metrics::ops_router`]).
+    pub fn prometheus(&self) -> prometheus::Registry {
+        self.prom.clone()
+    }
+
+    pub fn metrics(&self) -> ConsumerMetrics {
+        self.shared.metrics.clone()
+    }
+
+    /// Consume until `shutdown` is cancelled, then drain. Returns an error only
+    /// for problems no reconnect can fix (bad URL, conflicting topology).
+    pub async fn run(self, shutdown: CancellationToken) -> anyhow::Result<()> {
+        let tracker = TaskTracker::new();
+        let sem = Arc::new(Semaphore::new(self.shared.cfg.worker.concurrency));
+        let mut sessions = 0u64;
+        loop {
+            let Some(session) = self.connect(&shutdown).await? else {
+                break;
+            };
+            sessions += 1;
+            if sessions > 1 {
+                self.amqp_metrics.reconnects.inc();
+            }
+            self.amqp_metrics.connected.set(1);
+            let (end, session) = self.consume(session, &shutdown, &tracker, &sem).await;
+            self.health.set_ready(false);
+            match end {
+                End::Shutdown => {
+                    self.drain(session, &tracker).await;
+                    return Ok(());
+                }
+                End::Lost => {
+                    self.amqp_metrics.connected.set(0);
+                    tracing::warn!(
+                        "connection lost; reconnecting (unacked deliveries will be redelivered)"
+                    );
+                    // Unacked deliveries of this session go back to their
+                    // queues; late acks from its tasks are refused.
+                    let _ = tokio::time::timeout(
+                        Duration::from_secs(2),
+                        session
+                            .conn
+                            .close(320, "warren consumer reconnecting".into()),
+                    )
+                    .await;
+                }
+            }
+        }
+        self.health.set_ready(false);
+        tracker.close();
+        let _ = tokio::time::timeout(self.shared.cfg.worker.drain_grace, tracker.wait()).await;
+        Ok(())
+    }
+
+    /// Open a session, retrying with backoff; `None` on shutdown.
+    async fn connect(&self, shutdown: &CancellationToken) -> anyhow::Result<Option<Session>> {
+        let backoff = ExponentialBuilder::default()
+            .with_min_delay(Duration::from_millis(100))
+            .with_max_delay(Duration::from_secs(10))
+            .with_jitter()
+            .without_max_times();
+        let attempt = (|| self.open_session())
+            .retry(backoff)
+            .when(|e: &warren::Error| !is_fatal(e))
+            .notify(|e, d| {
+                tracing::warn!(error = %e, retry_in = ?d, "cannot open AMQP session");
+            });
+        tokio::select! {
+            _ = shutdown.cancelled() => Ok(None),
+            r = attempt => Ok(Some(r?)),
+        }
+    }
+
+    async fn open_session(&self) -> Result<Session, warren::Error> {
+        let cfg = &self.shared.cfg;
+        let conn = warren::amqp::connect(&cfg.amqp, "warren-consumer").await?;
+        let res = async {
+            warren::amqp::watch_connection(&conn, self.amqp_metrics.clone());
+            warren::topology::declare(&conn, &self.shared.topo).await?;
+            let publisher = Publisher::new(&conn, cfg.amqp.confirm_timeout).await?;
+            Ok::<_, warren::Error>(publisher)
+        }
+        .await;
+        match res {
+            Ok(publisher) => Ok(Session {
+                conn,
+                publisher,
+                consumers: Vec::new(),
+                broken: CancellationToken::new(),
+            }),
+            Err(e) => {
+                let _ = conn.close(200, "setup failed".into()).await;
+                Err(e)
+            }
+        }
+    }
+
+    async fn start_consumer(
+        &self,
+        conn: &Connection,
+        idx: usize,
+    ) -> Result<(Channel, ShortString, BoxStream<'static, Ev>), warren::Error> {
+        let queue = &self.queues[idx];
+        let ch = conn.create_channel().await?;
+        ch.basic_qos(
+            self.shared.cfg.worker.prefetch,
+            BasicQosOptions { global: false },
+        )
+        .await?;
+        let tag = format!(
+            "warren-consumer.{}.{}",
+            std::process::id(),
+            &uuid::Uuid::new_v4().simple().to_string()[..8]
+        );
+        let consumer = ch
+            .basic_consume(
+                queue.as_str().into(),
+                tag.as_str().into(),
+                BasicConsumeOptions::default(),
+                FieldTable::default(),
+            )
+            .await?;
+        let s = consumer
+            .map(move |d| Ev::Delivery(idx, d))
+            .chain(stream::once(async move { Ev::Ended(idx) }))
+            .boxed();
+        tracing::info!(queue = %queue, prefetch = self.shared.cfg.worker.prefetch, "consuming");
+        Ok((ch, tag.as_str().into(), s))
+    }
+
+    async fn consume(
+        &self,
+        mut session: Session,
+        shutdown: &CancellationToken,
+        tracker: &TaskTracker,
+        sem: &Arc<Semaphore>,
+    ) -> (End, Session) {
+        let mut streams: SelectAll<BoxStream<'static, Ev>> = SelectAll::new();
+        let mut channels: Vec<Channel> = Vec::new();
+        for idx in 0..self.queues.len() {
+            match self.start_consumer(&session.conn, idx).await {
+                Ok((ch, tag, s)) => {
+                    session.consumers.push((ch.clone(), tag));
+                    channels.push(ch);
+                    streams.push(s);
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, queue = %self.queues[idx], "cannot consume");
+                    return (End::Lost, session);
+                }
+            }
+        }
+        self.health.set_ready(true);
+        let queues: Vec<Arc<str>> = self.queues.iter().map(|q| Arc::from(q.as_str())).collect();
+        loop {
+            let permit = tokio::select! {
+                biased;
+                _ = shutdown.cancelled() => return (End::Shutdown, session),
+                _ = session.broken.cancelled() => return (End::Lost, session),
+                p = sem.clone().acquire_owned() => match p {
+                    Ok(p) => p,
+                    Err(_) => return (End::Shutdown, session),
+                },
+            };
+            let ev = tokio::select! {
+                biased;
+                _ = shutdown.cancelled() => return (End::Shutdown, session),
+                _ = session.broken.cancelled() => return (End::Lost, session),
+                ev = streams.next() => ev,
+            };
+            match ev {
+                Some(Ev::Delivery(idx, Ok(delivery))) => {
+                    let shared = self.shared.clone();
+                    let publisher = session.publisher.clone();
+                    let channel = channels[idx].clone();
+                    let queue = queues[idx].clone();
+                    let broken = session.broken.clone();
+                    tracker.spawn(async move {
+                        let _permit = permit;
+                        handle(shared, publisher, channel, queue, delivery, broken).await;
+                    });
+                }
+                Some(Ev::Delivery(idx, Err(e))) => {
+                    tracing::warn!(error = %e, queue = %self.queues[idx], "consumer failed");
+                }
+                Some(Ev::Ended(idx)) => {
+                    if !session.conn.status().connected() {
+                        return (End::Lost, session);
+                    }
+                    // Cancelled by the broker (queue deleted) or its channel
+                    // closed: re-declare and consume again on a new channel.
+                    tracing::warn!(queue = %self.queues[idx], "consumer ended; re-declaring and re-consuming");
+                    self.health.set_ready(false);
+                    if let Err(e) =
+                        warren::topology::declare(&session.conn, &self.shared.topo).await
+                    {
+                        tracing::warn!(error = %e, "re-declare failed");
+                        return (End::Lost, session);
+                    }
+                    match self.start_consumer(&session.conn, idx).await {
+                        Ok((ch, tag, s)) => {
+                            session.consumers.push((ch.clone(), tag));
+                            channels[idx] = ch;
+                            streams.push(s);
+                            self.health.set_ready(true);
+                        }
+                        Err(e) => {
+                            tracing::warn!(error = %e, "re-consume failed");
+                            return (End::Lost, session);
+                        }
+                    }
+                }
+                None => return (End::Lost, session),
+            }
+        }
+    }
+
+    async fn drain(&self, session: Session, tracker: &TaskTracker) {
+        let grace = self.shared.cfg.worker.drain_grace;
+        for (ch, tag) in &session.consumers {
+            if ch.status().connected() {
+                let _ = ch
+                    .basic_cancel(tag.clone(), BasicCancelOptions::default())
+                    .await;
+            }
+        }
+        tracker.close();
+        let running = tracker.len();
+        tracing::info!(running, grace = ?grace, "draining: consumers cancelled, waiting for running tasks");
+        if tokio::time::timeout(grace, tracker.wait()).await.is_err() {
+            tracing::warn!(
+                unfinished = tracker.len(),
+                "drain grace over; unfinished tasks return to the queue unacked"
+            );
+        }
+        let _ = tokio::time::timeout(
+            Duration::from_secs(5),
+            session
+                .conn
+                .close(200, "warren consumer shutting down".into()),
+        )
+        .await;
+        self.amqp_metrics.connected.set(0);
+        tracing::info!("consumer stopped");
+    }
+}
+
+/// Errors a reconnect cannot fix.
+fn is_fatal(e: &warren::Error) -> bool {
+    matches!(
+        e,
+        warren::Error::Url(_)
+            | warren::Error::TopologyConflict { .. }
+            | warren::Error::Declare { .. }
+    )
+}
+
+/// `headers` without the broker's dead-lettering records.
+pub fn strip_death_headers(headers: &FieldTable) -> FieldTable {
+    let mut out = FieldTable::default();
+    for (k, v) in headers.inner() {
+        let k_ = k.as_str();
+        if !(k_ == "x-death" || k_.starts_with("x-first-death-") || k_.starts_with("x-last-death-"))
+        {
+            out.insert(k.clone(), v.clone());
+        }
+    }
+    out
+}
+
+/// Decrements the in-flight gauge however the task ends.
+struct InFlight(prometheus::IntGauge);
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        self.0.dec();
+    }
+}
+
+async fn handle(
+    shared: Arc<Shared>,
+    publisher: Publisher,
+    channel: Channel,
+    queue: Arc<str>,
+    delivery: Delivery,
+    broken: CancellationToken,
+) {
+    let m = &shared.metrics;
+    m.in_flight.inc();
+    let _in_flight = InFlight(m.in_flight.clone());
+    let cfg = &shared.cfg.worker;
+    let d = Delivered {
+        shared: &shared,
+        publisher: &publisher,
+        queue: &queue,
+        delivery: &delivery,
+        broken: &broken,
+    };
+    let task = match Task::decode(
+        delivery.routing_key.as_str(),
+        &delivery.properties,
+        &delivery.data,
+        cfg.max_body_bytes,
+    ) {
+        Ok(t) => t,
+        Err(e) => {
+            m.deliveries.with_label_values(&[UNKNOWN_TASK]).inc();
+            tracing::warn!(error = %e, kind = e.kind(), routing_key = %delivery.routing_key, "poison message; dead-lettering");
+            if d.dead_letter_raw(&e.to_string(), e.kind()).await {
+                m.outcome(UNKNOWN_TASK, "rejected");
+            }
+            drop(channel);
+            return;
+        }
+    };
+    let span = tracing::info_span!("task", task.id = %task.id, task.name = %task.name, task.attempt = task.attempt);
+    async {
+        let Some(handler) = shared.registry.resolve(&task.name) else {
+            m.deliveries.with_label_values(&[UNKNOWN_TASK]).inc();
+            tracing::warn!("no handler for this task; dead-lettering");
+            let reason = format!("no handler for task `{}`", task.name);
+            let mut t = task;
+            t.last_error = Some(reason.clone());
+            if d.dead_letter(t, &reason, outcome::kind::NO_HANDLER).await {
+                m.outcome(UNKNOWN_TASK, "rejected");
+            }
+            return;
+        };
+        let label = handler.label.as_str();
+        m.deliveries.with_label_values(&[label]).inc();
+        let now = Utc::now();
+        if let Some(nb) = task.not_before {
+            if let Ok(wait) = (nb - now).to_std() {
+                if wait > warren::delay::RESOLUTION {
+                    // Early (published without a delay): park it until due.
+                    tracing::debug!(wait = ?wait, "not due yet; delaying");
+                    d.republish(&task, wait).await;
+                    return;
+                }
+            }
+        }
+        if let Some(w) = task.queue_wait(now) {
+            m.queue_wait
+                .with_label_values(&[label])
+                .observe(w.as_secs_f64());
+        }
+        let timeout = task.timeout.unwrap_or(cfg.task_timeout);
+        let started = Instant::now();
+        let run = AssertUnwindSafe(handler.call(task.clone())).catch_unwind();
+        let outcome = match tokio::time::timeout(timeout, run).await {
+            Ok(Ok(Ok(()))) => Outcome::Succeeded,
+            Ok(Ok(Err(e))) => Outcome::Failed(e),
+            Ok(Err(panic)) => Outcome::Panicked(panic_message(&*panic)),
+            Err(_) => Outcome::TimedOut(timeout),
+        };
+        m.duration
+            .with_label_values(&[label])
+            .observe(started.elapsed().as_secs_f64());
+        let policy = shared
+            .cfg
+            .retry
+            .policy_for(&task.name)
+            .with_overrides(task.max_attempts, &task.retry);
+        let action = decide(&outcome, task.attempt, &policy, rand::random::<f64>());
+        let done = match &action {
+            Action::Ack => {
+                tracing::debug!("task succeeded");
+                d.ack().await
+            }
+            Action::Retry { delay, error } => {
+                tracing::warn!(error = %error, retry_in = ?delay, "task failed; retrying");
+                let mut next = task;
+                next.attempt = next.attempt.saturating_add(1);
+                next.last_error = Some(error.clone());
+                next.first_failed_at.get_or_insert(now);
+                d.republish(&next, *delay).await
+            }
+            Action::DeadLetter {
+                reason,
+                kind,
+                error,
+            } => {
+                tracing::warn!(reason = %reason, kind, "task dead-lettered");
+                let mut t = task;
+                t.last_error = Some(error.clone());
+                t.first_failed_at.get_or_insert(now);
+                d.dead_letter(t, reason, kind).await
+            }
+        };
+        if done {
+            m.outcome(label, outcome::label(&action));
+        }
+    }
+    .instrument(span)
+    .await;
+    drop(channel);
+}
+
+fn panic_message(p: &(dyn std::any::Any + Send)) -> String {
+    if let Some(s) = p.downcast_ref::<&str>() {
+        (*s).to_owned()
+    } else if let Some(s) = p.downcast_ref::<String>() {
+        s.clone()
+    } else {
+        "non-string panic payload".into()
+    }
+}
+
+/// A delivery being finished: every path acks at most once, and only after
+/// any copy it publishes is confirmed.
+struct Delivered<'a> {
+    shared: &'a Shared,
+    publisher: &'a Publisher,
+    queue: &'a str,
+    delivery: &'a Delivery,
+    broken: &'a CancellationToken,
+}
+
+impl Delivered<'_> {
+    async fn ack(&self) -> bool {
+        match self.delivery.acker.ack(BasicAckOptions::default()).await {
+            Ok(true) => true,
+            Ok(false) => {
+                tracing::info!("channel closed before the ack; the broker will redeliver");
+                false
+            }
+            Err(e) => {
+                tracing::info!(error = %e, "ack failed; the broker will redeliver");
+                false
+            }
+        }
+    }
+
+    /// A publish failed: leave the delivery unacked and end the session, so
+    /// the connection closes and the broker redelivers it.
+    fn publish_failed(&self, e: &warren::Error) {
+        tracing::warn!(error = %e, "publish failed; delivery left unacked, reconnecting");
+        self.broken.cancel();
+    }
+
+    /// Publish a retry copy (or a not-yet-due task) after `delay`, then ack.
+    async fn republish(&self, task: &Task, delay: Duration) -> bool {
+        let topo = &self.shared.topo;
+        // The broker's own death records must not travel with the copy:
+        // RabbitMQ drops a message whose `x-death` already lists a delay
+        // level it expires from again (dead-letter cycle detection).
+        let mut task = task.clone();
+        task.extra_headers = strip_death_headers(&task.extra_headers);
+        let task = &task;
+        let res = match self.publisher.send_task(topo, task, delay).await {
+            Ok(p) => p.confirmed().await,
+            Err(e) => Err(e),
+        };
+        match res {
+            Ok(()) => self.ack().await,
+            Err(e @ warren::Error::Unroutable { .. }) => {
+                let reason = format!("cannot reschedule: {e}");
+                let mut t = task.clone();
+                t.attempt = t.attempt.saturating_sub(1).max(1);
+                self.dead_letter(t, &reason, outcome::kind::UNROUTABLE)
+                    .await
+            }
+            Err(e) => {
+                self.publish_failed(&e);
+                false
+            }
+        }
+    }
+
+    fn dead_headers(&self, h: &mut FieldTable, reason: &str, kind: &str) {
+        let s = |v: &str| AMQPValue::LongString(v.into());
+        h.insert(headers::DEAD_REASON.into(), s(reason));
+        h.insert(headers::DEAD_KIND.into(), s(kind));
+        h.insert(headers::DEAD_AT.into(), s(&rfc3339(Utc::now())));
+        h.insert(headers::ORIGINAL_QUEUE.into(), s(self.queue));
+        h.insert(
+            headers::ORIGINAL_ROUTING_KEY.into(),
+            s(self.delivery.routing_key.as_str()),
+        );
+    }
+
+    /// Publish `task` to the dead exchange with why, then ack.
+    async fn dead_letter(&self, mut task: Task, reason: &str, kind: &str) -> bool {
+        let mut h = strip_death_headers(&task.extra_headers);
+        self.dead_headers(&mut h, reason, kind);
+        // Always present on dead copies (the envelope omits attempt 1).
+        h.insert(
+            headers::ATTEMPT.into(),
+            AMQPValue::LongLongInt(i64::from(task.attempt)),
+        );
+        task.extra_headers = h;
+        let props = task.properties();
+        self.publish_dead(&task.name, props, &task.payload).await
+    }
+
+    /// Dead-letter an undecodable message as it came, plus the dead headers.
+    async fn dead_letter_raw(&self, reason: &str, kind: &str) -> bool {
+        let props = self.delivery.properties.clone();
+        let mut h = props.headers().clone().unwrap_or_default();
+        self.dead_headers(&mut h, reason, kind);
+        let props = props.with_headers(h).with_delivery_mode(PERSISTENT);
+        let key = warren::delay::strip_prefix(self.delivery.routing_key.as_str()).to_owned();
+        self.publish_dead(&key, props, &self.delivery.data).await
+    }
+
+    async fn publish_dead(&self, key: &str, props: BasicProperties, body: &[u8]) -> bool {
+        let ex = self.shared.topo.dead_exchange();
+        match self.publisher.publish(&ex, key, props, body).await {
+            Ok(()) => self.ack().await,
+            Err(e) => {
+                self.publish_failed(&e);
+                false
+            }
+        }
+    }
+}

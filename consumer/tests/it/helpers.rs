@@ -1,0 +1,357 @@
+//! Starting workers (in-process or as child processes) and looking at queues.
+
+use std::collections::HashMap;
+use std::io::{BufRead, BufReader};
+use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use lapin::message::Delivery;
+use lapin::options::{BasicGetOptions, QueueDeclareOptions};
+use lapin::types::FieldTable;
+use lapin::{BasicProperties, Connection};
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+use warren::amqp::Publisher;
+use warren::config::{QueueType, Secret};
+use warren::retry::RetryPolicy;
+use warren::testing::{self, eventually};
+use warren::{Task, Topology};
+use warren_consumer::{ConsumerConfig, Registry, Worker};
+
+pub const WAIT: Duration = Duration::from_secs(30);
+
+/// A config for one test: unique prefix, fast retries, ephemeral HTTP port.
+pub fn config(test: &str) -> ConsumerConfig {
+    let mut c = ConsumerConfig {
+        amqp: testing::amqp_config(),
+        topology: testing::topology_config(test, QueueType::Classic),
+        ..Default::default()
+    };
+    c.http.addr = "127.0.0.1:0".parse().unwrap();
+    c.retry.default = RetryPolicy {
+        max_attempts: 3,
+        initial_delay: Duration::from_millis(200),
+        multiplier: 2.0,
+        max_delay: Duration::from_secs(5),
+        jitter: 0.0,
+    };
+    c.worker.task_timeout = Duration::from_secs(10);
+    c.worker.drain_grace = Duration::from_secs(5);
+    c
+}
+
+/// A worker running in this process, plus a client connection to poke it.
+pub struct App {
+    pub cfg: ConsumerConfig,
+    pub topo: Topology,
+    pub conn: Connection,
+    pub publisher: Publisher,
+    pub prom: prometheus::Registry,
+    pub health: warren::metrics::Health,
+    pub shutdown: CancellationToken,
+    pub worker: Option<JoinHandle<anyhow::Result<()>>>,
+}
+
+pub async fn spawn_worker(cfg: ConsumerConfig, registry: Registry) -> App {
+    warren::telemetry::init(&warren::config::LogConfig {
+        level: "warn".into(),
+        ..Default::default()
+    });
+    let conn = warren::amqp::connect(&cfg.amqp, "test-client")
+        .await
+        .expect("connect test client");
+    let worker = Worker::builder(cfg.clone())
+        .registry(registry)
+        .build()
+        .expect("build worker");
+    let prom = worker.prometheus();
+    let health = worker.health();
+    let shutdown = CancellationToken::new();
+    let handle = tokio::spawn(worker.run(shutdown.clone()));
+    let h = health.clone();
+    eventually(WAIT, "worker ready", || {
+        let h = h.clone();
+        async move { h.is_ready().then_some(()) }
+    })
+    .await;
+    let publisher = Publisher::new(&conn, Duration::from_secs(10))
+        .await
+        .expect("publisher");
+    App {
+        topo: Topology::new(&cfg.topology),
+        cfg,
+        conn,
+        publisher,
+        prom,
+        health,
+        shutdown,
+        worker: Some(handle),
+    }
+}
+
+impl App {
+    pub fn queue(&self) -> String {
+        self.topo.work_queues()[0].name.clone()
+    }
+
+    pub async fn publish(&self, task: &Task) {
+        self.publisher
+            .publish_task(&self.topo, task, Duration::ZERO)
+            .await
+            .expect("publish task");
+    }
+
+    /// Publish raw bytes with the given routing key and properties.
+    pub async fn publish_raw(&self, key: &str, props: BasicProperties, body: &[u8]) {
+        self.publisher
+            .publish(&self.topo.tasks_exchange(), key, props, body)
+            .await
+            .expect("publish raw");
+    }
+
+    /// Take (and ack) exactly `n` messages from the dead queue.
+    pub async fn take_dead(&self, n: usize) -> Vec<Delivery> {
+        take(&self.conn, &self.topo.dead_queue(), n).await
+    }
+
+    pub fn counter(&self, name: &str, labels: &[(&str, &str)]) -> f64 {
+        metric_value(&self.prom, name, labels)
+    }
+
+    pub async fn stop(mut self) {
+        self.shutdown.cancel();
+        if let Some(h) = self.worker.take() {
+            tokio::time::timeout(WAIT, h)
+                .await
+                .expect("worker stops in time")
+                .expect("worker task")
+                .expect("worker result");
+        }
+        testing::delete_topology(&self.conn, &self.topo).await;
+        let _ = self.conn.close(200, "test done".into()).await;
+    }
+}
+
+/// Take (and ack) exactly `n` messages from `queue`, waiting for them.
+pub async fn take(conn: &Connection, queue: &str, n: usize) -> Vec<Delivery> {
+    let ch = conn.create_channel().await.expect("channel");
+    let mut out = Vec::new();
+    let deadline = Instant::now() + WAIT;
+    while out.len() < n {
+        match ch
+            .basic_get(queue.into(), BasicGetOptions { no_ack: true })
+            .await
+            .expect("basic_get")
+        {
+            Some(m) => out.push(m.delivery),
+            None => {
+                assert!(
+                    Instant::now() < deadline,
+                    "only {} of {n} messages arrived in {queue}",
+                    out.len()
+                );
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        }
+    }
+    let _ = ch.close(200, "done".into()).await;
+    out
+}
+
+/// Ready messages in `queue`.
+pub async fn queue_len(conn: &Connection, queue: &str) -> u32 {
+    let ch = conn.create_channel().await.expect("channel");
+    let q = ch
+        .queue_declare(
+            queue.into(),
+            QueueDeclareOptions {
+                passive: true,
+                ..Default::default()
+            },
+            FieldTable::default(),
+        )
+        .await
+        .expect("passive declare");
+    let _ = ch.close(200, "done".into()).await;
+    q.message_count()
+}
+
+/// Sum of a metric's samples whose labels include `labels`.
+pub fn metric_value(prom: &prometheus::Registry, name: &str, labels: &[(&str, &str)]) -> f64 {
+    let mut total = 0.0;
+    for fam in prom.gather() {
+        if fam.name() != name {
+            continue;
+        }
+        for m in fam.get_metric() {
+            let ok = labels.iter().all(|(k, v)| {
+                m.get_label()
+                    .iter()
+                    .any(|l| l.name() == *k && l.value() == *v)
+            });
+            if !ok {
+                continue;
+            }
+            total += match fam.get_field_type() {
+                prometheus::proto::MetricType::COUNTER => m.get_counter().get_value(),
+                prometheus::proto::MetricType::GAUGE => m.get_gauge().get_value(),
+                _ => m.get_histogram().get_sample_count() as f64,
+            };
+        }
+    }
+    total
+}
+
+pub fn header(d: &Delivery, key: &str) -> Option<String> {
+    let h = d.properties.headers().as_ref()?;
+    warren::envelope::header_str(h, key)
+        .or_else(|| warren::envelope::header_i64(h, key).map(|v| v.to_string()))
+}
+
+/// Runs of a test handler: task id → attempts seen with their start instants.
+#[derive(Clone, Default)]
+pub struct Runs(pub Arc<Mutex<RunLog>>);
+
+pub type RunLog = HashMap<String, Vec<(u32, Instant)>>;
+
+impl Runs {
+    pub fn record(&self, t: &Task) {
+        self.0
+            .lock()
+            .unwrap()
+            .entry(t.id.clone())
+            .or_default()
+            .push((t.attempt, Instant::now()));
+    }
+    pub fn total(&self) -> usize {
+        self.0.lock().unwrap().values().map(Vec::len).sum()
+    }
+    pub fn of(&self, id: &str) -> Vec<(u32, Instant)> {
+        self.0.lock().unwrap().get(id).cloned().unwrap_or_default()
+    }
+    pub async fn wait_total(&self, n: usize) {
+        let me = self.clone();
+        eventually(WAIT, &format!("{n} handler runs"), || {
+            let me = me.clone();
+            async move { (me.total() >= n).then_some(()) }
+        })
+        .await;
+    }
+}
+
+/// A `warren-consumer` child process with its stderr (JSON log lines) captured.
+pub struct Proc {
+    pub child: Child,
+    pub lines: Arc<Mutex<Vec<String>>>,
+    _dir: tempfile::TempDir,
+}
+
+/// Start the binary with `toml` as its config file; waits until it consumes.
+pub fn spawn_process(cfg: &ConsumerConfig, toml: &str) -> Proc {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("consumer.toml");
+    std::fs::write(&path, toml).unwrap();
+    let mut child = Command::new(env!("CARGO_BIN_EXE_warren-consumer"))
+        .arg("--config")
+        .arg(&path)
+        .env("WARREN_AMQP_URL", cfg.amqp.url.expose())
+        .env("WARREN_TOPOLOGY__PREFIX", &cfg.topology.prefix)
+        .env("WARREN_HTTP_ADDR", "127.0.0.1:0")
+        .env("WARREN_LOG_FORMAT", "json")
+        .env("RUST_LOG", "info")
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn warren-consumer");
+    let stderr = child.stderr.take().unwrap();
+    let lines = Arc::new(Mutex::new(Vec::new()));
+    let l = lines.clone();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stderr).lines() {
+            let Ok(line) = line else { break };
+            l.lock().unwrap().push(line);
+        }
+    });
+    Proc {
+        child,
+        lines,
+        _dir: dir,
+    }
+}
+
+impl Proc {
+    pub fn logs(&self) -> Vec<serde_json::Value> {
+        self.lines
+            .lock()
+            .unwrap()
+            .iter()
+            .filter_map(|l| serde_json::from_str(l).ok())
+            .collect()
+    }
+
+    /// Log events whose message is `msg`.
+    pub fn events(&self, msg: &str) -> Vec<serde_json::Value> {
+        self.logs()
+            .into_iter()
+            .filter(|v| v["message"] == msg)
+            .collect()
+    }
+
+    pub async fn wait_log(&self, msg: &str, n: usize) {
+        eventually(WAIT, &format!("{n} x log {msg:?}"), || async {
+            (self.events(msg).len() >= n).then_some(())
+        })
+        .await;
+    }
+
+    pub fn signal(&self, sig: nix::sys::signal::Signal) {
+        nix::sys::signal::kill(nix::unistd::Pid::from_raw(self.child.id() as i32), sig)
+            .expect("signal child");
+    }
+
+    /// Wait for exit with a deadline; returns the exit status.
+    pub async fn wait_exit(&mut self, within: Duration) -> std::process::ExitStatus {
+        let deadline = Instant::now() + within;
+        loop {
+            if let Some(s) = self.child.try_wait().unwrap() {
+                return s;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "child did not exit in {within:?}"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    /// Task ids the child's handlers finished (from its logs).
+    pub fn handled_ids(&self) -> Vec<String> {
+        self.logs()
+            .into_iter()
+            .filter(|v| v["message"] == "noop handled task" || v["message"] == "sleep handled task")
+            .filter_map(|v| {
+                v["task.id"]
+                    .as_str()
+                    .or_else(|| v["fields"]["task.id"].as_str())
+                    .map(str::to_owned)
+            })
+            .collect()
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// AMQP config pointing at `url` (for a dedicated node).
+pub fn amqp_for(url: &str) -> warren::config::AmqpConfig {
+    warren::config::AmqpConfig {
+        url: Secret::new(url),
+        ..testing::amqp_config()
+    }
+}

@@ -1,0 +1,9 @@
+//! Integration tests against a real RabbitMQ (`WARREN_TEST_AMQP_URL`, or a
+//! node this process starts). Each test uses its own topology prefix.
+#![allow(clippy::unwrap_used)]
+
+mod dead;
+mod helpers;
+mod outcomes;
+mod processes;
+mod reconnect;
