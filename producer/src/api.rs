@@ -47,7 +47,11 @@ impl Tokens {
             )?;
         }
         for (i, t) in cfg.tokens.iter().enumerate() {
-            add(t.token.expose(), t.scopes.clone(), &format!("api.tokens[{i}]"))?;
+            add(
+                t.token.expose(),
+                t.scopes.clone(),
+                &format!("api.tokens[{i}]"),
+            )?;
         }
         if let Some(path) = &cfg.tokens_file {
             let text = std::fs::read_to_string(path).map_err(|e| {
@@ -308,7 +312,11 @@ async fn post_tasks(
     let mut e = ApiError::new(
         status,
         code,
-        format!("{} of {} tasks were not confirmed", failed.len(), tasks.len()),
+        format!(
+            "{} of {} tasks were not confirmed",
+            failed.len(),
+            tasks.len()
+        ),
     );
     e.extra = Some(json!({"ids": ids, "failed": failed}));
     Err(e)
@@ -359,7 +367,10 @@ async fn get_schedules(
             })
         })
         .collect();
-    Ok(Json(json!({"leader": leader, "instance": ctx.instance, "schedules": list})).into_response())
+    Ok(
+        Json(json!({"leader": leader, "instance": ctx.instance, "schedules": list}))
+            .into_response(),
+    )
 }
 
 async fn trigger(

@@ -214,7 +214,10 @@ async fn reload_on_sighup(ctx: Arc<Ctx>, shutdown: CancellationToken) {
 pub fn apply_schedules(ctx: &Ctx, schedules: Vec<Schedule>) {
     let old = ctx.schedules.borrow().clone();
     for s in old.iter() {
-        if !schedules.iter().any(|n| n.name() == s.name() && n.cfg.enabled) {
+        if !schedules
+            .iter()
+            .any(|n| n.name() == s.name() && n.cfg.enabled)
+        {
             ctx.metrics.forget_schedule(s.name());
             if let Ok(mut m) = ctx.status.lock() {
                 m.remove(s.name());
@@ -269,7 +272,8 @@ pub async fn run(
     if ctx.cfg.api.enabled {
         router = router.merge(crate::api::router(ctx.clone()));
     }
-    let (addr, server) = warren::metrics::serve(ctx.cfg.http.addr, router, shutdown.clone()).await?;
+    let (addr, server) =
+        warren::metrics::serve(ctx.cfg.http.addr, router, shutdown.clone()).await?;
     tracing::info!(%addr, instance = %ctx.instance, "warren-producer running");
 
     shutdown.cancelled().await;

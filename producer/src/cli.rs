@@ -236,4 +236,3 @@ async fn publish_batch(cfg: ProducerConfig, window: usize) -> anyhow::Result<()>
     }
     Ok(())
 }
-

@@ -384,9 +384,11 @@ mod tests {
 
     #[test]
     fn unknown_keys_are_rejected() {
-        let e = toml::from_str::<ProducerConfig>("[[schedules]]\nname='a'\ncron='@daily'\ntask='t'\nmisfier='skip'\n")
-            .unwrap_err()
-            .to_string();
+        let e = toml::from_str::<ProducerConfig>(
+            "[[schedules]]\nname='a'\ncron='@daily'\ntask='t'\nmisfier='skip'\n",
+        )
+        .unwrap_err()
+        .to_string();
         assert!(e.contains("misfier"), "{e}");
     }
 }

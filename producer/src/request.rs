@@ -102,16 +102,28 @@ mod tests {
         assert_eq!(t.name, "a.b");
         assert_eq!(t.payload, b"{}");
         assert!(d.is_zero());
-        let (t, d) = req(r#"{"task":"a","payload":[1],"id":"x","priority":3,"delay":"90s"}"#).unwrap();
-        assert_eq!((t.id.as_str(), t.priority, d), ("x", Some(3), Duration::from_secs(90)));
+        let (t, d) =
+            req(r#"{"task":"a","payload":[1],"id":"x","priority":3,"delay":"90s"}"#).unwrap();
+        assert_eq!(
+            (t.id.as_str(), t.priority, d),
+            ("x", Some(3), Duration::from_secs(90))
+        );
         assert!(t.not_before.is_some());
     }
 
     #[test]
     fn rejects() {
         assert!(req(r#"{"task":""}"#).unwrap_err().contains("empty"));
-        assert!(req(r#"{"task":"a","delay":"1s","at":"2030-01-01T00:00:00Z"}"#).unwrap_err().contains("not both"));
-        assert!(req(r#"{"task":"a","delay":"100days"}"#).unwrap_err().contains("maximum"));
-        assert!(req(r#"{"task":"a","bogus":1}"#).unwrap_err().contains("bogus"));
+        assert!(
+            req(r#"{"task":"a","delay":"1s","at":"2030-01-01T00:00:00Z"}"#)
+                .unwrap_err()
+                .contains("not both")
+        );
+        assert!(req(r#"{"task":"a","delay":"100days"}"#)
+            .unwrap_err()
+            .contains("maximum"));
+        assert!(req(r#"{"task":"a","bogus":1}"#)
+            .unwrap_err()
+            .contains("bogus"));
     }
 }

@@ -124,8 +124,11 @@ pub fn parse(expr: &str, tz: Tz, gap: DstGap, overlap: DstOverlap) -> Result<Spe
 
 /// Parse an IANA zone name.
 pub fn parse_tz(name: &str) -> Result<Tz, String> {
-    name.parse::<Tz>()
-        .map_err(|_| format!("unknown time zone `{name}` (expected an IANA name such as `Europe/Berlin` or `UTC`)"))
+    name.parse::<Tz>().map_err(|_| {
+        format!(
+            "unknown time zone `{name}` (expected an IANA name such as `Europe/Berlin` or `UTC`)"
+        )
+    })
 }
 
 /// Translate any accepted syntax into the `cron` crate's 6/7-field syntax
@@ -430,7 +433,13 @@ mod tests {
     }
 
     fn spec(expr: &str, tz: &str) -> Spec {
-        parse(expr, parse_tz(tz).unwrap(), DstGap::Shift, DstOverlap::First).unwrap()
+        parse(
+            expr,
+            parse_tz(tz).unwrap(),
+            DstGap::Shift,
+            DstOverlap::First,
+        )
+        .unwrap()
     }
 
     fn spec_with(expr: &str, tz: &str, gap: DstGap, overlap: DstOverlap) -> Spec {
@@ -469,9 +478,15 @@ mod tests {
             ["2026-01-05T08:00:00Z", "2026-01-06T08:00:00Z"]
         );
         let sun = spec("0 8 * * 7", "UTC");
-        assert_eq!(next_n(&sun, "2026-01-05T00:00:00Z", 1), ["2026-01-11T08:00:00Z"]);
+        assert_eq!(
+            next_n(&sun, "2026-01-05T00:00:00Z", 1),
+            ["2026-01-11T08:00:00Z"]
+        );
         let sun0 = spec("0 8 * * 0", "UTC");
-        assert_eq!(next_n(&sun0, "2026-01-05T00:00:00Z", 1), ["2026-01-11T08:00:00Z"]);
+        assert_eq!(
+            next_n(&sun0, "2026-01-05T00:00:00Z", 1),
+            ["2026-01-11T08:00:00Z"]
+        );
         let named = spec("0 8 * * sat,sun", "UTC");
         assert_eq!(
             next_n(&named, "2026-01-05T00:00:00Z", 2),
@@ -491,7 +506,10 @@ mod tests {
                 "2026-01-19T00:00:00Z"
             ]
         );
-        assert_eq!(next_n(&s, "2026-01-26T12:00:00Z", 1), ["2026-02-01T00:00:00Z"]);
+        assert_eq!(
+            next_n(&s, "2026-01-26T12:00:00Z", 1),
+            ["2026-02-01T00:00:00Z"]
+        );
     }
 
     #[test]
@@ -502,21 +520,45 @@ mod tests {
             ["2026-01-01T00:00:10Z", "2026-01-01T00:00:20Z"]
         );
         let y = spec("0 0 12 1 1 * 2027", "UTC");
-        assert_eq!(next_n(&y, "2026-01-01T00:00:00Z", 1), ["2027-01-01T12:00:00Z"]);
+        assert_eq!(
+            next_n(&y, "2026-01-01T00:00:00Z", 1),
+            ["2027-01-01T12:00:00Z"]
+        );
         assert_eq!(y.next_after(utc("2027-06-01T00:00:00Z")), None);
     }
 
     #[test]
     fn descriptors() {
         let at = "2026-03-15T10:20:30Z";
-        assert_eq!(next_n(&spec("@hourly", "UTC"), at, 1), ["2026-03-15T11:00:00Z"]);
-        assert_eq!(next_n(&spec("@daily", "UTC"), at, 1), ["2026-03-16T00:00:00Z"]);
-        assert_eq!(next_n(&spec("@midnight", "UTC"), at, 1), ["2026-03-16T00:00:00Z"]);
+        assert_eq!(
+            next_n(&spec("@hourly", "UTC"), at, 1),
+            ["2026-03-15T11:00:00Z"]
+        );
+        assert_eq!(
+            next_n(&spec("@daily", "UTC"), at, 1),
+            ["2026-03-16T00:00:00Z"]
+        );
+        assert_eq!(
+            next_n(&spec("@midnight", "UTC"), at, 1),
+            ["2026-03-16T00:00:00Z"]
+        );
         // 2026-03-15 is a Sunday: @weekly is Sunday midnight.
-        assert_eq!(next_n(&spec("@weekly", "UTC"), at, 1), ["2026-03-22T00:00:00Z"]);
-        assert_eq!(next_n(&spec("@monthly", "UTC"), at, 1), ["2026-04-01T00:00:00Z"]);
-        assert_eq!(next_n(&spec("@yearly", "UTC"), at, 1), ["2027-01-01T00:00:00Z"]);
-        assert_eq!(next_n(&spec("@annually", "UTC"), at, 1), ["2027-01-01T00:00:00Z"]);
+        assert_eq!(
+            next_n(&spec("@weekly", "UTC"), at, 1),
+            ["2026-03-22T00:00:00Z"]
+        );
+        assert_eq!(
+            next_n(&spec("@monthly", "UTC"), at, 1),
+            ["2026-04-01T00:00:00Z"]
+        );
+        assert_eq!(
+            next_n(&spec("@yearly", "UTC"), at, 1),
+            ["2027-01-01T00:00:00Z"]
+        );
+        assert_eq!(
+            next_n(&spec("@annually", "UTC"), at, 1),
+            ["2027-01-01T00:00:00Z"]
+        );
         // Descriptors are local to the zone.
         assert_eq!(
             next_n(&spec("@daily", "Europe/Berlin"), at, 1),
@@ -536,9 +578,15 @@ mod tests {
             ]
         );
         // Exactly on an instant: strictly after.
-        assert_eq!(next_n(&s, "2026-01-01T00:00:05Z", 1), ["2026-01-01T00:00:10Z"]);
+        assert_eq!(
+            next_n(&s, "2026-01-01T00:00:05Z", 1),
+            ["2026-01-01T00:00:10Z"]
+        );
         let m = spec("@every 1h 30m", "UTC");
-        assert_eq!(next_n(&m, "1970-01-01T00:00:00Z", 2), ["1970-01-01T01:30:00Z", "1970-01-01T03:00:00Z"]);
+        assert_eq!(
+            next_n(&m, "1970-01-01T00:00:00Z", 2),
+            ["1970-01-01T01:30:00Z", "1970-01-01T03:00:00Z"]
+        );
         // Across the US spring-forward: still every 5 s of real time.
         let d = next_n(&s, "2026-03-08T06:59:58Z", 2);
         assert_eq!(d, ["2026-03-08T07:00:00Z", "2026-03-08T07:00:05Z"]);
@@ -561,7 +609,12 @@ mod tests {
                 "2026-03-10T06:30:00Z",
             ]
         );
-        let skip = spec_with("30 2 * * *", "America/New_York", DstGap::Skip, DstOverlap::First);
+        let skip = spec_with(
+            "30 2 * * *",
+            "America/New_York",
+            DstGap::Skip,
+            DstOverlap::First,
+        );
         assert_eq!(
             next_n(&skip, "2026-03-07T12:00:00Z", 2),
             ["2026-03-09T06:30:00Z", "2026-03-10T06:30:00Z"]
@@ -592,12 +645,22 @@ mod tests {
             next_n(&first, at, 2),
             ["2026-11-01T05:30:00Z", "2026-11-02T06:30:00Z"] // 01:30 EDT, then 01:30 EST next day
         );
-        let last = spec_with("30 1 * * *", "America/New_York", DstGap::Shift, DstOverlap::Last);
+        let last = spec_with(
+            "30 1 * * *",
+            "America/New_York",
+            DstGap::Shift,
+            DstOverlap::Last,
+        );
         assert_eq!(
             next_n(&last, at, 2),
             ["2026-11-01T06:30:00Z", "2026-11-02T06:30:00Z"]
         );
-        let both = spec_with("30 1 * * *", "America/New_York", DstGap::Shift, DstOverlap::Both);
+        let both = spec_with(
+            "30 1 * * *",
+            "America/New_York",
+            DstGap::Shift,
+            DstOverlap::Both,
+        );
         assert_eq!(
             next_n(&both, at, 3),
             [
@@ -607,7 +670,12 @@ mod tests {
             ]
         );
         // Every 20 min through the overlap with Both: strictly increasing instants.
-        let dense = spec_with("*/20 * * * *", "America/New_York", DstGap::Shift, DstOverlap::Both);
+        let dense = spec_with(
+            "*/20 * * * *",
+            "America/New_York",
+            DstGap::Shift,
+            DstOverlap::Both,
+        );
         let v = next_n(&dense, "2026-11-01T04:50:00Z", 8);
         assert_eq!(
             v,
@@ -644,8 +712,16 @@ mod tests {
                 "2026-03-31T00:15:00Z"
             ]
         );
-        let skip = spec_with("15 2 * * *", "Europe/Berlin", DstGap::Skip, DstOverlap::First);
-        assert_eq!(next_n(&skip, "2026-03-28T12:00:00Z", 1), ["2026-03-30T00:15:00Z"]);
+        let skip = spec_with(
+            "15 2 * * *",
+            "Europe/Berlin",
+            DstGap::Skip,
+            DstOverlap::First,
+        );
+        assert_eq!(
+            next_n(&skip, "2026-03-28T12:00:00Z", 1),
+            ["2026-03-30T00:15:00Z"]
+        );
     }
 
     #[test]
@@ -656,9 +732,19 @@ mod tests {
             next_n(&first, at, 2),
             ["2026-10-25T00:30:00Z", "2026-10-26T01:30:00Z"]
         );
-        let last = spec_with("30 2 * * *", "Europe/Berlin", DstGap::Shift, DstOverlap::Last);
+        let last = spec_with(
+            "30 2 * * *",
+            "Europe/Berlin",
+            DstGap::Shift,
+            DstOverlap::Last,
+        );
         assert_eq!(next_n(&last, at, 1), ["2026-10-25T01:30:00Z"]);
-        let both = spec_with("30 2 * * *", "Europe/Berlin", DstGap::Shift, DstOverlap::Both);
+        let both = spec_with(
+            "30 2 * * *",
+            "Europe/Berlin",
+            DstGap::Shift,
+            DstOverlap::Both,
+        );
         assert_eq!(
             next_n(&both, at, 3),
             [
@@ -673,7 +759,11 @@ mod tests {
     fn bad_expressions_and_zones() {
         let tz = Tz::UTC;
         let bad = |e: &str| parse(e, tz, DstGap::Shift, DstOverlap::First).unwrap_err();
-        assert!(bad("* * *").contains("expected 5 fields"), "{}", bad("* * *"));
+        assert!(
+            bad("* * *").contains("expected 5 fields"),
+            "{}",
+            bad("* * *")
+        );
         assert!(bad("61 * * * *").contains("bad cron expression"));
         assert!(bad("0 25 * * *").contains("bad cron expression"));
         assert!(bad("0 0 * * 8").contains("day of week"));
@@ -682,7 +772,9 @@ mod tests {
         assert!(bad("@every").contains("needs a duration"));
         assert!(bad("@every soon").contains("bad duration"));
         assert!(bad("@every 500ms").contains("at least 1s"));
-        assert!(parse_tz("Mars/Olympus").unwrap_err().contains("unknown time zone"));
+        assert!(parse_tz("Mars/Olympus")
+            .unwrap_err()
+            .contains("unknown time zone"));
         assert!(parse_tz("Europe/Berlin").is_ok());
     }
 
@@ -693,7 +785,11 @@ mod tests {
         assert_eq!(v.len(), 3);
         assert_eq!(v[0], utc("2026-01-01T00:00:01Z"));
         assert_eq!(v[2], utc("2026-01-01T00:00:03Z"));
-        assert_eq!(s.fires_between(utc("2026-01-01T00:00:00Z"), utc("2026-01-01T01:00:00Z"), 5).len(), 5);
+        assert_eq!(
+            s.fires_between(utc("2026-01-01T00:00:00Z"), utc("2026-01-01T01:00:00Z"), 5)
+                .len(),
+            5
+        );
     }
 
     #[test]
@@ -724,7 +820,14 @@ mod tests {
         assert_eq!(p.fire, vec![due[4]]);
         assert_eq!(p.missed, 4);
         // fire_once outside the grace: nothing.
-        let p = plan(MisfirePolicy::FireOnce, Duration::from_secs(30), 100, &due, 0, now);
+        let p = plan(
+            MisfirePolicy::FireOnce,
+            Duration::from_secs(30),
+            100,
+            &due,
+            0,
+            now,
+        );
         assert!(p.fire.is_empty());
         assert_eq!(p.missed, 5);
         // skip: only an on-time fire.
@@ -736,8 +839,19 @@ mod tests {
         assert_eq!(p.fire, on_time.to_vec());
         assert_eq!(p.missed, 0);
         // Normal operation: one due instant, a few ms late, fires under every policy.
-        for policy in [MisfirePolicy::Skip, MisfirePolicy::FireOnce, MisfirePolicy::CatchUp] {
-            let p = plan(policy, grace, 100, &[now - chrono::TimeDelta::milliseconds(3)], 0, now);
+        for policy in [
+            MisfirePolicy::Skip,
+            MisfirePolicy::FireOnce,
+            MisfirePolicy::CatchUp,
+        ] {
+            let p = plan(
+                policy,
+                grace,
+                100,
+                &[now - chrono::TimeDelta::milliseconds(3)],
+                0,
+                now,
+            );
             assert_eq!(p.fire.len(), 1, "{policy:?}");
         }
     }

@@ -42,7 +42,11 @@ pub async fn run(ctx: Arc<Ctx>, shutdown: CancellationToken) {
         let conn = Arc::new(conn);
         match candidate(&ctx, &conn, &lock_queue, &shutdown).await {
             Ok(true) => {
-                let stall = ctx.cfg.leader.stall_threshold.unwrap_or(ctx.cfg.amqp.heartbeat);
+                let stall = ctx
+                    .cfg
+                    .leader
+                    .stall_threshold
+                    .unwrap_or(ctx.cfg.amqp.heartbeat);
                 let fence = Fence::start(conn.clone(), stall, &shutdown);
                 tracing::info!(instance = %ctx.instance, "elected leader: this replica fires the schedules");
                 ctx.leader.store(true, Ordering::SeqCst);
@@ -54,7 +58,9 @@ pub async fn run(ctx: Arc<Ctx>, shutdown: CancellationToken) {
                 match res {
                     Ok(()) if shutdown.is_cancelled() => {}
                     Ok(()) => tracing::warn!("lost leadership; rejoining as a candidate"),
-                    Err(e) => tracing::warn!(error = %e, "leader term ended with an error; rejoining as a candidate"),
+                    Err(e) => {
+                        tracing::warn!(error = %e, "leader term ended with an error; rejoining as a candidate")
+                    }
                 }
             }
             Ok(false) => {}
@@ -114,6 +120,38 @@ fn spec_key(s: &Schedule) -> String {
     )
 }
 
+fn set_cursor(
+    cursors: &mut HashMap<String, Cursor>,
+    name: &str,
+    cursor: DateTime<Utc>,
+    last_fired: Option<DateTime<Utc>>,
+) {
+    if let Some(c) = cursors.get_mut(name) {
+        c.cursor = cursor;
+        c.last_fired = last_fired;
+    }
+}
+
+fn snapshot(ctx: &Ctx, cursors: &HashMap<String, Cursor>) -> Snapshot {
+    Snapshot {
+        v: 1,
+        writer: ctx.instance.clone(),
+        written_at: Some(Utc::now()),
+        schedules: cursors
+            .iter()
+            .map(|(k, c)| {
+                (
+                    k.clone(),
+                    Entry {
+                        cursor: c.cursor,
+                        last_fired: c.last_fired,
+                    },
+                )
+            })
+            .collect(),
+    }
+}
+
 enum FireOutcome {
     Published,
     Missed,
@@ -130,18 +168,18 @@ async fn lead(
     let state_queue = state::state_queue(ctx.topo.prefix());
     state::declare(conn, &state_queue, ctx.topo.queue_type()).await?;
     let publisher = Publisher::new(conn, ctx.cfg.amqp.confirm_timeout).await?;
-    let snapshot = state::read(conn, &state_queue).await?;
-    if !snapshot.schedules.is_empty() {
+    let previous = state::read(conn, &state_queue).await?;
+    if !previous.schedules.is_empty() {
         tracing::info!(
-            writer = %snapshot.writer,
-            schedules = snapshot.schedules.len(),
+            writer = %previous.writer,
+            schedules = previous.schedules.len(),
             "resuming from the previous leader's state"
         );
     }
     let mut rx = ctx.schedules.subscribe();
     let mut cursors: HashMap<String, Cursor> = HashMap::new();
     let now = Utc::now();
-    for (name, e) in &snapshot.schedules {
+    for (name, e) in &previous.schedules {
         cursors.insert(
             name.clone(),
             Cursor {
@@ -206,12 +244,14 @@ async fn lead(
             _ = shutdown.cancelled() => return Ok(()),
         }
         let now = Utc::now();
-        let mut decided = false;
+        // Whether some cursor moved past what the last snapshot sent says.
+        let mut dirty = false;
         for s in set.iter().filter(|s| s.cfg.enabled) {
-            let Some(c) = cursors.get_mut(s.name()) else {
+            let Some(c) = cursors.get(s.name()) else {
                 continue;
             };
-            match s.spec.next_after(c.cursor) {
+            let (cursor, mut last_fired) = (c.cursor, c.last_fired);
+            match s.spec.next_after(cursor) {
                 Some(n) if n <= now => {}
                 _ => continue,
             }
@@ -220,14 +260,13 @@ async fn lead(
             let horizon = s.cfg.misfire_grace.max(ON_TIME) + Duration::from_secs(1);
             let window_start = now - chrono::TimeDelta::from_std(horizon).unwrap_or_default();
             let mut earlier = 0u64;
-            let mut from = c.cursor;
-            if c.cursor < window_start {
-                earlier = s.spec.fires_between(c.cursor, window_start, 10_000).len() as u64;
+            let mut from = cursor;
+            if cursor < window_start {
+                earlier = s.spec.fires_between(cursor, window_start, 10_000).len() as u64;
                 from = window_start;
             }
             let due = s.spec.fires_between(from, now, MAX_DUE);
             let Some(&latest) = due.last() else {
-                c.cursor = c.cursor.max(from);
                 continue;
             };
             let p = plan(
@@ -251,35 +290,26 @@ async fn lead(
                     .with_label_values(&[s.name()])
                     .inc_by(p.missed);
             }
+            let fired_latest = p.fire.last() == Some(&latest);
             for t in p.fire {
-                match fire(ctx, &publisher, fence, s, t).await {
-                    FireOutcome::Published => c.last_fired = Some(t),
-                    FireOutcome::Missed => {}
+                // The snapshot as it will be once this tick is confirmed,
+                // pipelined right behind the tick, so that a crash can hardly
+                // fall between the two (a new leader would re-fire the tick,
+                // under the same id).
+                set_cursor(&mut cursors, s.name(), t, Some(t));
+                let snap = snapshot(ctx, &cursors);
+                match fire(ctx, &publisher, fence, s, t, &state_queue, &snap).await {
+                    FireOutcome::Published => last_fired = Some(t),
+                    FireOutcome::Missed => dirty = true,
                     FireOutcome::Fenced => return Ok(()),
                 }
-                c.cursor = t;
+                set_cursor(&mut cursors, s.name(), t, last_fired);
             }
-            c.cursor = latest;
-            decided = true;
+            set_cursor(&mut cursors, s.name(), latest, last_fired);
+            dirty = dirty || !fired_latest;
         }
-        if decided {
-            let snap = Snapshot {
-                v: 1,
-                writer: ctx.instance.clone(),
-                written_at: Some(Utc::now()),
-                schedules: cursors
-                    .iter()
-                    .map(|(k, c)| {
-                        (
-                            k.clone(),
-                            Entry {
-                                cursor: c.cursor,
-                                last_fired: c.last_fired,
-                            },
-                        )
-                    })
-                    .collect(),
-            };
+        if dirty {
+            let snap = snapshot(ctx, &cursors);
             if !fence.holds() {
                 return Ok(());
             }
@@ -301,6 +331,8 @@ async fn fire(
     fence: &Fence,
     s: &Schedule,
     t: DateTime<Utc>,
+    state_queue: &str,
+    snap: &Snapshot,
 ) -> FireOutcome {
     let id = schedule::fire_id(s.name(), t);
     let task = s.task(id.clone());
@@ -318,11 +350,24 @@ async fn fire(
             return FireOutcome::Fenced;
         }
         let props = task.properties().with_app_id(ctx.instance.as_str().into());
-        match publisher
-            .publish(&exchange, &key, props, &task.payload)
-            .await
-        {
-            Ok(()) => {
+        let sent = async {
+            let tick = publisher
+                .send(&exchange, &key, props, &task.payload)
+                .await?;
+            let state = state::send(publisher, state_queue, snap).await;
+            tick.confirmed().await?;
+            Ok::<_, warren::Error>(state)
+        };
+        match sent.await {
+            Ok(state) => {
+                match state {
+                    Ok(p) => {
+                        if let Err(e) = p.confirmed().await {
+                            tracing::warn!(error = %e, "could not record the scheduler state");
+                        }
+                    }
+                    Err(e) => tracing::warn!(error = %e, "could not record the scheduler state"),
+                }
                 let lag = (Utc::now() - t).to_std().unwrap_or(Duration::ZERO);
                 ctx.metrics.fires.with_label_values(&[s.name()]).inc();
                 ctx.metrics

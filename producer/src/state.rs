@@ -18,7 +18,7 @@ use lapin::options::{BasicGetOptions, BasicRejectOptions, QueueDeclareOptions};
 use lapin::types::{AMQPValue, FieldTable, ShortString};
 use lapin::{BasicProperties, Connection};
 use serde::{Deserialize, Serialize};
-use warren::amqp::Publisher;
+use warren::amqp::{Pending, Publisher};
 use warren::config::QueueType;
 
 pub fn state_queue(prefix: &str) -> String {
@@ -95,11 +95,20 @@ pub async fn write(
     queue: &str,
     snap: &Snapshot,
 ) -> Result<(), warren::Error> {
+    send(publisher, queue, snap).await?.confirmed().await
+}
+
+/// Send a replacement snapshot without waiting for its confirm.
+pub async fn send(
+    publisher: &Publisher,
+    queue: &str,
+    snap: &Snapshot,
+) -> Result<Pending, warren::Error> {
     let body = serde_json::to_vec(snap).unwrap_or_default();
     let props = BasicProperties::default()
         .with_content_type("application/json".into())
         .with_delivery_mode(warren::envelope::PERSISTENT);
-    publisher.publish("", queue, props, &body).await
+    publisher.send("", queue, props, &body).await
 }
 
 #[cfg(test)]

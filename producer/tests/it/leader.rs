@@ -1,0 +1,277 @@
+use std::time::Duration;
+
+use chrono::{DateTime, TimeDelta, Utc};
+
+use crate::helpers::{duplicates, Msg, Producer, World};
+
+/// Three per-second schedules, one per misfire policy.
+const POLICIES: &str = r#"
+[[schedules]]
+name = "cu"
+cron = "* * * * * *"
+task = "it.cu"
+misfire = "catch_up"
+misfire_grace = "60s"
+
+[[schedules]]
+name = "once"
+cron = "* * * * * *"
+task = "it.once"
+misfire = "fire_once"
+misfire_grace = "60s"
+
+[[schedules]]
+name = "skip"
+cron = "* * * * * *"
+task = "it.skip"
+misfire = "skip"
+"#;
+
+fn instants(msgs: &[Msg]) -> Vec<DateTime<Utc>> {
+    let mut v: Vec<_> = msgs.iter().filter_map(Msg::instant).collect();
+    v.sort();
+    v
+}
+
+/// Seconds missing between consecutive instants.
+fn holes(v: &[DateTime<Utc>]) -> i64 {
+    v.windows(2).map(|w| (w[1] - w[0]).num_seconds() - 1).sum()
+}
+
+/// Checks the gap between the old leader's last tick and the new leader's
+/// first one against the misfire policy and the new leader's missed counter.
+async fn check_policies(all: &[Msg], old: &Producer, new: &Producer) {
+    let of = |s: &str| -> Vec<Msg> {
+        all.iter()
+            .filter(|m| m.schedule.as_deref() == Some(s))
+            .cloned()
+            .collect()
+    };
+    for (schedule, policy) in [("cu", "catch_up"), ("once", "fire_once"), ("skip", "skip")] {
+        let msgs = of(schedule);
+        let old_i = instants(
+            &msgs
+                .iter()
+                .filter(|m| m.from_pid(old.pid))
+                .cloned()
+                .collect::<Vec<_>>(),
+        );
+        let new_i = instants(
+            &msgs
+                .iter()
+                .filter(|m| m.from_pid(new.pid))
+                .cloned()
+                .collect::<Vec<_>>(),
+        );
+        assert!(
+            !old_i.is_empty() && !new_i.is_empty(),
+            "{schedule}: both fired"
+        );
+        let last_old = *old_i.last().unwrap();
+        assert!(
+            new_i[0] > last_old,
+            "{schedule}: the new leader re-fired {} (old leader's last {last_old})",
+            new_i[0]
+        );
+        let gap_holes = (new_i[0] - last_old).num_seconds() - 1;
+        assert_eq!(
+            holes(&new_i),
+            0,
+            "{schedule}: new leader has holes: {new_i:?}"
+        );
+        let missed = new
+            .metric(&format!(
+                r#"warren_producer_missed_fires_total{{schedule="{schedule}"}}"#
+            ))
+            .await
+            .unwrap_or(-1.0);
+        eprintln!("{policy}: {gap_holes} tick(s) not fired across the failover, new leader counted {missed} missed");
+        match policy {
+            "catch_up" => assert_eq!(gap_holes, 0, "catch_up fires every overdue tick"),
+            _ => assert_eq!(
+                gap_holes as f64, missed,
+                "{policy}: ticks left out must be the ones counted as missed"
+            ),
+        }
+    }
+}
+
+/// Two producers: only one fires; `kill -9` of the leader → the standby takes
+/// over within 10 s, no id is published twice, the gap follows each policy.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_producers_one_fires_and_kill_9_fails_over() {
+    let w = World::new("failover").await;
+    let rx = w.collect().await;
+    let cfg = w.write_config("p.toml", POLICIES);
+    let mut a = w.start("a", &cfg, &[]);
+    a.wait_leader(Duration::from_secs(20), true).await;
+    let b = w.start("b", &cfg, &[]);
+    b.wait_ready(Duration::from_secs(20)).await;
+    // Three more seconds of ticks with both running.
+    let start = Utc::now();
+    rx.wait_for(
+        Duration::from_secs(15),
+        "ticks with both replicas up",
+        |m| {
+            m.iter()
+                .filter(|m| m.schedule.as_deref() == Some("cu"))
+                .filter(|m| {
+                    m.instant()
+                        .is_some_and(|t| t > start + TimeDelta::seconds(3))
+                })
+                .count()
+                > 0
+        },
+    )
+    .await;
+    assert!(
+        rx.all().iter().all(|m| m.from_pid(a.pid)),
+        "only the leader fires"
+    );
+    b.wait_leader(Duration::from_secs(1), false).await;
+
+    // Kill between ticks: right after one arrived, well before the next.
+    let n = rx.of_schedule("cu").len();
+    rx.wait_for(Duration::from_secs(5), "the next tick", |m| {
+        m.iter()
+            .filter(|m| m.schedule.as_deref() == Some("cu"))
+            .count()
+            > n
+    })
+    .await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let killed = a.kill9();
+    let killed_at = Utc::now();
+    b.wait_leader(Duration::from_secs(10), true).await;
+    let takeover = killed.elapsed();
+    let first_b = rx
+        .wait_for(
+            Duration::from_secs(10),
+            "the new leader's first tick",
+            |m| m.iter().any(|m| m.from_pid(b.pid)),
+        )
+        .await;
+    let first_b_at = first_b
+        .iter()
+        .filter(|m| m.from_pid(b.pid))
+        .map(|m| m.received)
+        .min()
+        .unwrap();
+    let tick_gap = first_b_at - killed_at;
+    assert!(
+        tick_gap < TimeDelta::seconds(10),
+        "first tick after {tick_gap}"
+    );
+    eprintln!(
+        "kill -9 failover: leadership after {} ms, first tick after {} ms",
+        takeover.as_millis(),
+        tick_gap.num_milliseconds()
+    );
+    // A few on-time ticks from the new leader.
+    let all = rx
+        .wait_for(
+            Duration::from_secs(15),
+            "on-time ticks of the new leader",
+            |m| {
+                ["cu", "once", "skip"].iter().all(|s| {
+                    m.iter().any(|m| {
+                        m.schedule.as_deref() == Some(*s)
+                            && m.instant()
+                                .is_some_and(|t| t > killed_at + TimeDelta::seconds(4))
+                    })
+                })
+            },
+        )
+        .await;
+    assert!(
+        duplicates(&all).is_empty(),
+        "ids published twice: {:?}",
+        duplicates(&all)
+    );
+    check_policies(&all, &a, &b).await;
+}
+
+/// The leader frozen with SIGSTOP for 30 s: the standby takes over once the
+/// broker drops the frozen connection, and the resumed process publishes
+/// nothing after that (fenced), then rejoins as a standby.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn frozen_leader_is_fenced_after_sigstop() {
+    let w = World::new("sigstop").await;
+    let rx = w.collect().await;
+    let cfg = w.write_config("p.toml", POLICIES);
+    let mut a = w.start("a", &cfg, &[]);
+    a.wait_leader(Duration::from_secs(20), true).await;
+    let b = w.start("b", &cfg, &[]);
+    b.wait_ready(Duration::from_secs(20)).await;
+    let n = rx
+        .wait_for(Duration::from_secs(10), "ticks from the leader", |m| {
+            m.len() >= 6
+        })
+        .await
+        .len();
+    // Freeze between ticks, like the kill test (see there).
+    rx.wait_for(Duration::from_secs(5), "the next tick", |m| m.len() > n)
+        .await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let stopped_at = Utc::now();
+    let stopped = std::time::Instant::now();
+    a.signal("STOP");
+    b.wait_leader(Duration::from_secs(30), true).await;
+    let takeover = stopped.elapsed();
+    eprintln!(
+        "SIGSTOP failover: standby took over after {} ms",
+        takeover.as_millis()
+    );
+    // Keep the old leader frozen for 30 s in total.
+    tokio::time::sleep(Duration::from_secs(30).saturating_sub(stopped.elapsed())).await;
+    let resumed_at = Utc::now();
+    a.signal("CONT");
+    a.wait_leader(Duration::from_secs(10), false).await;
+    let all = rx
+        .wait_for(Duration::from_secs(15), "ticks after the resume", |m| {
+            m.iter().any(|m| {
+                m.from_pid(b.pid)
+                    && m.instant()
+                        .is_some_and(|t| t > resumed_at + TimeDelta::seconds(4))
+            })
+        })
+        .await;
+    let late: Vec<_> = all
+        .iter()
+        .filter(|m| m.from_pid(a.pid))
+        .filter(|m| {
+            m.instant()
+                .is_some_and(|t| t > stopped_at + TimeDelta::milliseconds(500))
+        })
+        .map(|m| m.id.clone())
+        .collect();
+    assert!(
+        late.is_empty(),
+        "the frozen leader published after it was replaced: {late:?}"
+    );
+    assert!(
+        duplicates(&all).is_empty(),
+        "ids published twice: {:?}",
+        duplicates(&all)
+    );
+    assert!(
+        a.is_running(),
+        "the resumed process keeps running as a standby"
+    );
+    b.wait_leader(Duration::from_secs(1), true).await;
+    let logs = a.logs();
+    assert!(
+        logs.contains("stepping down") || logs.contains("lost leadership"),
+        "the resumed process noticed it lost the lock:\n{logs}"
+    );
+    check_policies(&all, &a, &b).await;
+    // skip and fire_once really left ticks out during a gap this long.
+    let missed_skip = b
+        .metric(r#"warren_producer_missed_fires_total{schedule="skip"}"#)
+        .await
+        .unwrap_or(0.0);
+    assert!(
+        missed_skip >= 2.0,
+        "skip dropped the overdue ticks: {missed_skip}"
+    );
+}

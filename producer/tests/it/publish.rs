@@ -1,0 +1,152 @@
+use std::time::Duration;
+
+use chrono::Utc;
+
+use crate::helpers::World;
+
+/// `publish <task>` prints the id once the broker confirmed; the message is
+/// in the work queue with its payload, name and priority.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn publish_single_task_prints_id_after_confirm() {
+    let w = World::new("publish_single").await;
+    let rx = w.collect().await;
+    let out = w.cli(
+        &[
+            "publish",
+            "it.single",
+            "--payload",
+            r#"{"to":"a@b.c"}"#,
+            "--id",
+            "my-id-1",
+            "--priority",
+            "4",
+        ],
+        b"",
+    );
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "my-id-1");
+    let got = rx
+        .wait_for(Duration::from_secs(10), "the published task", |m| {
+            !m.is_empty()
+        })
+        .await;
+    assert_eq!(got[0].id, "my-id-1");
+    assert_eq!(got[0].name.as_deref(), Some("it.single"));
+    assert_eq!(got[0].body, br#"{"to":"a@b.c"}"#);
+
+    // Payload from a file, generated id.
+    let file = w.write_config("payload.json", r#"{"from":"file"}"#);
+    let out = w.cli(
+        &[
+            "publish",
+            "it.file",
+            "--payload",
+            &format!("@{}", file.display()),
+        ],
+        b"",
+    );
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let id = String::from_utf8_lossy(&out.stdout).trim().to_owned();
+    assert!(uuid::Uuid::parse_str(&id).is_ok(), "a UUID: {id}");
+    let got = rx
+        .wait_for(Duration::from_secs(10), "the second task", |m| m.len() >= 2)
+        .await;
+    assert_eq!(got[1].id, id);
+    assert_eq!(got[1].body, br#"{"from":"file"}"#);
+
+    // Bad JSON payload: non-zero, nothing published.
+    let out = w.cli(&["publish", "it.bad", "--payload", "{nope"], b"");
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("not valid JSON"));
+}
+
+/// `publish --delay 3s` arrives no earlier than 3 s after the command started.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn publish_delayed_task_arrives_no_earlier_than_the_delay() {
+    let w = World::new("publish_delayed").await;
+    let rx = w.collect().await;
+    let started = Utc::now();
+    let out = w.cli(
+        &["publish", "it.later", "--delay", "3s", "--payload", "-"],
+        b"[1,2]",
+    );
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let got = rx
+        .wait_for(Duration::from_secs(15), "the delayed task", |m| {
+            !m.is_empty()
+        })
+        .await;
+    let waited = got[0].received - started;
+    assert!(
+        waited >= chrono::TimeDelta::seconds(3),
+        "arrived after {waited}, before the 3 s delay"
+    );
+    assert!(
+        waited < chrono::TimeDelta::seconds(8),
+        "arrived only after {waited}"
+    );
+    assert_eq!(got[0].name.as_deref(), Some("it.later"));
+    assert_eq!(got[0].body, b"[1,2]");
+    eprintln!("delayed 3s: arrived after {} ms", waited.num_milliseconds());
+}
+
+/// `publish --batch` of 10,000 NDJSON tasks: all confirmed and in the queue;
+/// a bad line makes the command fail loudly.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn publish_batch_of_10000() {
+    let w = World::new("publish_batch").await;
+    let mut input = String::new();
+    for i in 0..10_000 {
+        input.push_str(&format!(
+            "{{\"task\":\"it.batch\",\"id\":\"b-{i}\",\"payload\":{{\"i\":{i}}}}}\n"
+        ));
+    }
+    let started = std::time::Instant::now();
+    let out = w.cli(&["publish", "--batch"], input.as_bytes());
+    let took = started.elapsed();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout).trim(),
+        "10000 confirmed, 0 failed"
+    );
+    let q = w.work_queue();
+    warren::testing::eventually(
+        Duration::from_secs(10),
+        "10,000 messages in the queue",
+        || async { (w.queue_len(&q).await == 10_000).then_some(()) },
+    )
+    .await;
+    eprintln!(
+        "batch of 10,000: {} ms including process start and topology declare",
+        took.as_millis()
+    );
+
+    let out = w.cli(
+        &["publish", "--batch"],
+        b"{\"task\":\"it.batch\"}\nnot json\n{\"task\":\"it.batch\",\"bogus\":1}\n",
+    );
+    assert!(!out.status.success(), "bad lines must fail the batch");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(stdout.trim(), "1 confirmed, 2 failed");
+    assert!(
+        stderr.contains("line 2") && stderr.contains("line 3"),
+        "{stderr}"
+    );
+}

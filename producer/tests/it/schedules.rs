@@ -1,0 +1,82 @@
+use std::time::Duration;
+
+use chrono::{TimeDelta, Utc};
+
+use crate::helpers::{duplicates, World};
+
+const PER_SECOND: &str = r#"
+[[schedules]]
+name = "every-second"
+cron = "* * * * * *"
+task = "it.tick"
+payload = { n = 1 }
+"#;
+
+/// A per-second schedule publishes exactly one message per second, each with
+/// the deterministic id `<schedule>@<instant>`, promptly after its instant.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn per_second_schedule_publishes_n_messages_with_deterministic_ids() {
+    const N: i64 = 5;
+    let w = World::new("per_second").await;
+    let rx = w.collect().await;
+    let cfg = w.write_config("p.toml", PER_SECOND);
+    let p = w.start("producer", &cfg, &[]);
+
+    let first = rx
+        .wait_for(Duration::from_secs(20), "a first tick", |m| !m.is_empty())
+        .await;
+    let t0 = first[0].instant().expect("tick id carries its instant");
+    let end = t0 + TimeDelta::seconds(N);
+    // Wait for the tick after the window, so the window is complete.
+    let all = rx
+        .wait_for(Duration::from_secs(20), "N more ticks", |m| {
+            m.iter().any(|m| m.instant().is_some_and(|t| t >= end))
+        })
+        .await;
+    let window: Vec<_> = all
+        .iter()
+        .filter(|m| m.instant().is_some_and(|t| t >= t0 && t < end))
+        .collect();
+    let expected: Vec<String> = (0..N)
+        .map(|i| {
+            format!(
+                "every-second@{}",
+                (t0 + TimeDelta::seconds(i)).to_rfc3339_opts(chrono::SecondsFormat::Secs, true)
+            )
+        })
+        .collect();
+    let got: Vec<String> = window.iter().map(|m| m.id.clone()).collect();
+    assert_eq!(got, expected, "{}", p.logs());
+    assert!(
+        duplicates(&all).is_empty(),
+        "duplicates: {:?}",
+        duplicates(&all)
+    );
+    let mut max_lag = TimeDelta::zero();
+    for m in &window {
+        assert_eq!(m.schedule.as_deref(), Some("every-second"));
+        assert_eq!(m.name.as_deref(), Some("it.tick"));
+        assert_eq!(m.body, br#"{"n":1}"#);
+        assert!(
+            m.from_pid(p.pid),
+            "app_id names the firing replica: {:?}",
+            m.app_id
+        );
+        let instant = m.instant().unwrap();
+        let published = chrono::DateTime::from_timestamp_millis(m.published_ms.unwrap()).unwrap();
+        assert!(published >= instant, "never early: {published} < {instant}");
+        max_lag = max_lag.max(published - instant);
+    }
+    assert!(max_lag < TimeDelta::milliseconds(500), "fire lag {max_lag}");
+    eprintln!(
+        "per-second schedule: {N} ticks, max publish lag {} ms",
+        max_lag.num_milliseconds()
+    );
+    // The lag histogram counted the fires.
+    let fires = p
+        .metric(r#"warren_producer_fires_total{schedule="every-second"}"#)
+        .await
+        .unwrap_or(0.0);
+    assert!(fires >= N as f64, "fires_total {fires}");
+    let _ = Utc::now();
+}
