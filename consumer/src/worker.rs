@@ -491,6 +491,7 @@ async fn handle(
                 .observe(w.as_secs_f64());
         }
         let timeout = task.timeout.unwrap_or(cfg.task_timeout);
+        tracing::debug!(redelivered = delivery.redelivered, "task started");
         let started = Instant::now();
         let run = AssertUnwindSafe(handler.call(task.clone())).catch_unwind();
         let outcome = match tokio::time::timeout(timeout, run).await {

@@ -43,7 +43,6 @@ pub fn config(test: &str) -> ConsumerConfig {
 
 /// A worker running in this process, plus a client connection to poke it.
 pub struct App {
-    pub cfg: ConsumerConfig,
     pub topo: Topology,
     pub conn: Connection,
     pub publisher: Publisher,
@@ -80,7 +79,6 @@ pub async fn spawn_worker(cfg: ConsumerConfig, registry: Registry) -> App {
         .expect("publisher");
     App {
         topo: Topology::new(&cfg.topology),
-        cfg,
         conn,
         publisher,
         prom,
@@ -249,6 +247,11 @@ pub struct Proc {
 
 /// Start the binary with `toml` as its config file; waits until it consumes.
 pub fn spawn_process(cfg: &ConsumerConfig, toml: &str) -> Proc {
+    spawn_process_env(cfg, toml, &[])
+}
+
+/// [`spawn_process`] with extra environment (e.g. `RUST_LOG`).
+pub fn spawn_process_env(cfg: &ConsumerConfig, toml: &str, env: &[(&str, &str)]) -> Proc {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("consumer.toml");
     std::fs::write(&path, toml).unwrap();
@@ -260,6 +263,7 @@ pub fn spawn_process(cfg: &ConsumerConfig, toml: &str) -> Proc {
         .env("WARREN_HTTP_ADDR", "127.0.0.1:0")
         .env("WARREN_LOG_FORMAT", "json")
         .env("RUST_LOG", "info")
+        .envs(env.iter().copied())
         .stdin(Stdio::null())
         .stdout(Stdio::null())
         .stderr(Stdio::piped())
@@ -328,13 +332,19 @@ impl Proc {
 
     /// Task ids the child's handlers finished (from its logs).
     pub fn handled_ids(&self) -> Vec<String> {
-        self.logs()
+        let mut ids = self.ids_of("noop handled task");
+        ids.extend(self.ids_of("sleep handled task"));
+        ids
+    }
+
+    /// Task ids of the log events `msg` (event or span field `task.id`).
+    pub fn ids_of(&self, msg: &str) -> Vec<String> {
+        self.events(msg)
             .into_iter()
-            .filter(|v| v["message"] == "noop handled task" || v["message"] == "sleep handled task")
             .filter_map(|v| {
                 v["task.id"]
                     .as_str()
-                    .or_else(|| v["fields"]["task.id"].as_str())
+                    .or_else(|| v["span"]["task.id"].as_str())
                     .map(str::to_owned)
             })
             .collect()
