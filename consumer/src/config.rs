@@ -426,6 +426,34 @@ mod tests {
     }
 
     #[test]
+    fn the_example_deploy_config_is_valid() {
+        let text = include_str!("../../deploy/consumer.toml");
+        let c = load(text).unwrap();
+        assert_eq!(c.handlers["demo.hello"], HandlerSpec::Noop {});
+        assert_eq!(c.worker, WorkerConfig::default());
+        assert_eq!(c.retry.default, RetryPolicy::default());
+        // The commented examples are valid too once uncommented.
+        let uncommented: String = text
+            .lines()
+            .map(|l| match l.strip_prefix("# ") {
+                Some(rest)
+                    if rest.starts_with('[')
+                        || rest.split_once(" = ").is_some_and(|(k, _)| {
+                            k.chars().all(|c| c.is_ascii_lowercase() || c == '_')
+                        }) =>
+                {
+                    rest
+                }
+                _ => l,
+            })
+            .collect::<Vec<_>>()
+            .join("\n");
+        let c = load(&uncommented).unwrap();
+        assert_eq!(c.handlers.len(), 4, "{:?}", c.handlers.keys());
+        assert_eq!(c.retry.policy_for("email.send").max_attempts, 10);
+    }
+
+    #[test]
     fn per_task_retry_overrides_merge_onto_default() {
         let c = load(
             r#"

@@ -3,6 +3,7 @@
 #![allow(clippy::unwrap_used)]
 
 mod dead;
+mod handlers;
 mod helpers;
 mod outcomes;
 mod processes;
