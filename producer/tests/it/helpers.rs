@@ -225,7 +225,7 @@ impl Msg {
             .map(|t| t.with_timezone(&Utc))
     }
 
-    pub fn from_pid(&self, pid: u32) -> bool {
+    pub fn sent_by(&self, pid: u32) -> bool {
         self.app_id
             .as_deref()
             .is_some_and(|a| a.ends_with(&format!(":{pid}")))

@@ -52,14 +52,14 @@ async fn check_policies(all: &[Msg], old: &Producer, new: &Producer) {
         let old_i = instants(
             &msgs
                 .iter()
-                .filter(|m| m.from_pid(old.pid))
+                .filter(|m| m.sent_by(old.pid))
                 .cloned()
                 .collect::<Vec<_>>(),
         );
         let new_i = instants(
             &msgs
                 .iter()
-                .filter(|m| m.from_pid(new.pid))
+                .filter(|m| m.sent_by(new.pid))
                 .cloned()
                 .collect::<Vec<_>>(),
         );
@@ -125,7 +125,7 @@ async fn two_producers_one_fires_and_kill_9_fails_over() {
     )
     .await;
     assert!(
-        rx.all().iter().all(|m| m.from_pid(a.pid)),
+        rx.all().iter().all(|m| m.sent_by(a.pid)),
         "only the leader fires"
     );
     b.wait_leader(Duration::from_secs(1), false).await;
@@ -148,12 +148,12 @@ async fn two_producers_one_fires_and_kill_9_fails_over() {
         .wait_for(
             Duration::from_secs(10),
             "the new leader's first tick",
-            |m| m.iter().any(|m| m.from_pid(b.pid)),
+            |m| m.iter().any(|m| m.sent_by(b.pid)),
         )
         .await;
     let first_b_at = first_b
         .iter()
-        .filter(|m| m.from_pid(b.pid))
+        .filter(|m| m.sent_by(b.pid))
         .map(|m| m.received)
         .min()
         .unwrap();
@@ -230,7 +230,7 @@ async fn frozen_leader_is_fenced_after_sigstop() {
     let all = rx
         .wait_for(Duration::from_secs(15), "ticks after the resume", |m| {
             m.iter().any(|m| {
-                m.from_pid(b.pid)
+                m.sent_by(b.pid)
                     && m.instant()
                         .is_some_and(|t| t > resumed_at + TimeDelta::seconds(4))
             })
@@ -238,7 +238,7 @@ async fn frozen_leader_is_fenced_after_sigstop() {
         .await;
     let late: Vec<_> = all
         .iter()
-        .filter(|m| m.from_pid(a.pid))
+        .filter(|m| m.sent_by(a.pid))
         .filter(|m| {
             m.instant()
                 .is_some_and(|t| t > stopped_at + TimeDelta::milliseconds(500))

@@ -58,7 +58,7 @@ async fn per_second_schedule_publishes_n_messages_with_deterministic_ids() {
         assert_eq!(m.name.as_deref(), Some("it.tick"));
         assert_eq!(m.body, br#"{"n":1}"#);
         assert!(
-            m.from_pid(p.pid),
+            m.sent_by(p.pid),
             "app_id names the firing replica: {:?}",
             m.app_id
         );
