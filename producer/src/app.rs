@@ -53,12 +53,9 @@ pub struct Ctx {
 
 impl Ctx {
     pub fn set_next(&self, name: &str, next: Option<DateTime<Utc>>) {
-        if let Some(n) = next {
-            self.metrics
-                .next_fire
-                .with_label_values(&[name])
-                .set(n.timestamp_millis() as f64 / 1000.0);
-        }
+        // 0 = no further fire (e.g. a 7-field expression whose years are over).
+        let v = next.map_or(0.0, |n| n.timestamp_millis() as f64 / 1000.0);
+        self.metrics.next_fire.with_label_values(&[name]).set(v);
         if let Ok(mut m) = self.status.lock() {
             m.entry(name.to_owned()).or_default().next_fire = next;
         }
@@ -131,7 +128,10 @@ async fn api_connection(ctx: Arc<Ctx>, shutdown: CancellationToken) {
             Ok(publisher) => {
                 let blocked = warren::amqp::watch_connection(&conn, ctx.amqp_metrics.clone());
                 if let Ok(mut g) = ctx.api_publisher.write() {
-                    *g = Some(ApiPublisher { publisher, blocked });
+                    *g = Some(ApiPublisher {
+                        publisher: publisher.clone(),
+                        blocked,
+                    });
                 }
                 if !first {
                     ctx.amqp_metrics.reconnects.inc();
@@ -154,6 +154,9 @@ async fn api_connection(ctx: Arc<Ctx>, shutdown: CancellationToken) {
                 ctx.amqp_metrics.connected.set(0);
                 if let Ok(mut g) = ctx.api_publisher.write() {
                     *g = None;
+                }
+                if conn.status().connected() {
+                    let _ = publisher.channel().close(200, "shutting down".into()).await;
                 }
             }
             Err(e) => {
