@@ -120,6 +120,12 @@ async fn run(cfg: ConsumerConfig) -> anyhow::Result<()> {
         let names: Vec<&str> = registry.names().collect();
         tracing::info!(handlers = ?names, "handlers registered");
     }
+    if cfg.worker.task_timeout >= std::time::Duration::from_secs(30 * 60) {
+        tracing::warn!(
+            task_timeout = ?cfg.worker.task_timeout,
+            "task_timeout reaches RabbitMQ's default consumer_timeout (30 min): raise consumer_timeout on the broker or deliveries will be requeued mid-task"
+        );
+    }
     let shutdown = warren::shutdown::token();
     let addr = cfg.http.addr;
     let worker = Worker::builder(cfg).registry(registry).build()?;
