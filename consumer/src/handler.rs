@@ -78,8 +78,14 @@ impl fmt::Display for TaskError {
 
 impl std::error::Error for TaskError {}
 
-/// Runs tasks of the names it is registered under. Write it with `async fn`.
+/// Runs tasks of the names it is registered under. Write `run` with `async fn`.
 pub trait Handler: Send + Sync + 'static {
+    /// Task names (or patterns) this handler serves, for [`Registry::add`].
+    /// Handlers registered with [`Registry::register`] may leave it empty.
+    fn names(&self) -> Vec<String> {
+        Vec::new()
+    }
+
     fn run(&self, task: Task) -> impl Future<Output = Result<(), TaskError>> + Send;
 }
 
@@ -135,7 +141,7 @@ where
 pub enum RegistryError {
     #[error("a handler for task `{0}` is already registered")]
     Duplicate(String),
-    #[error("task name must not be empty")]
+    #[error("task name must not be empty (and a handler added with `add` must name at least one)")]
     Empty,
 }
 
@@ -187,12 +193,38 @@ impl Registry {
         if self.entries.iter().any(|e| e.key == key) {
             return Err(RegistryError::Duplicate(key));
         }
-        let pattern = key.split('.').any(|w| w == "*" || w == "#");
+        let pattern = is_pattern(&key);
         self.entries.push(Entry {
             key,
             pattern,
             handler: Arc::new(handler),
         });
+        Ok(self)
+    }
+
+    /// Register `handler` under every name its [`Handler::names`] returns.
+    pub fn add<H: Handler>(&mut self, handler: H) -> Result<&mut Self, RegistryError> {
+        let names = handler.names();
+        if names.is_empty() {
+            return Err(RegistryError::Empty);
+        }
+        for n in &names {
+            if n.is_empty() {
+                return Err(RegistryError::Empty);
+            }
+            if self.entries.iter().any(|e| e.key == *n) {
+                return Err(RegistryError::Duplicate(n.clone()));
+            }
+        }
+        let handler: Arc<dyn DynHandler> = Arc::new(handler);
+        for key in names {
+            let pattern = is_pattern(&key);
+            self.entries.push(Entry {
+                key,
+                pattern,
+                handler: handler.clone(),
+            });
+        }
         Ok(self)
     }
 
@@ -256,6 +288,10 @@ impl Registry {
     }
 }
 
+fn is_pattern(key: &str) -> bool {
+    key.split('.').any(|w| w == "*" || w == "#")
+}
+
 /// AMQP topic matching: words split on `.`, `*` = exactly one word, `#` = zero
 /// or more words.
 pub fn pattern_matches(pattern: &str, name: &str) -> bool {
@@ -302,6 +338,28 @@ mod tests {
         assert_eq!(r.resolve("email.send").unwrap().label, "email.send");
         assert_eq!(r.resolve("email.other").unwrap().label, "email.*");
         assert!(r.resolve("sms.send").is_none());
+    }
+
+    struct Multi;
+    impl Handler for Multi {
+        fn names(&self) -> Vec<String> {
+            vec!["a.one".into(), "a.two".into()]
+        }
+        async fn run(&self, _task: Task) -> Result<(), TaskError> {
+            Ok(())
+        }
+    }
+
+    #[test]
+    fn add_uses_the_handlers_own_names() {
+        let mut r = Registry::new();
+        r.add(Multi).unwrap();
+        assert!(r.resolve("a.one").is_some() && r.resolve("a.two").is_some());
+        assert_eq!(
+            r.add(Multi).err(),
+            Some(RegistryError::Duplicate("a.one".into()))
+        );
+        assert_eq!(r.names().count(), 2, "a refused add registers nothing");
     }
 
     #[tokio::test]
