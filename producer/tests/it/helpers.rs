@@ -24,6 +24,7 @@ pub const READ_TOKEN: &str = "it-read-token-0123456789abc";
 
 /// One test's world: a unique prefix, its declared topology, a temp dir.
 pub struct World {
+    pub url: String,
     pub prefix: String,
     #[allow(dead_code)]
     pub topo: Topology,
@@ -33,18 +34,37 @@ pub struct World {
 
 impl World {
     pub async fn new(test: &str) -> World {
+        Self::on(test, warren::testing::broker_url()).await
+    }
+
+    /// A world on a broker of the test's own (see `warren::testing::Node`).
+    pub async fn on(test: &str, url: &str) -> World {
         let cfg = warren::testing::topology_config(test, QueueType::Classic);
         let topo = Topology::new(&cfg);
-        let conn = warren::testing::connect().await;
+        let mut amqp = warren::testing::amqp_config();
+        amqp.url = warren::config::Secret::new(url);
+        let conn = warren::amqp::connect(&amqp, "test")
+            .await
+            .expect("connect to the test broker");
         warren::topology::declare(&conn, &topo)
             .await
             .expect("declare topology");
         World {
+            url: url.to_owned(),
             prefix: cfg.prefix,
             topo,
             conn,
             dir: tempfile::tempdir().expect("temp dir"),
         }
+    }
+
+    /// A fresh connection for this world (after the broker went away).
+    pub async fn reconnect(&mut self) {
+        let mut amqp = warren::testing::amqp_config();
+        amqp.url = warren::config::Secret::new(self.url.as_str());
+        self.conn = warren::amqp::connect(&amqp, "test")
+            .await
+            .expect("reconnect to the test broker");
     }
 
     pub fn work_queue(&self) -> String {
@@ -60,10 +80,7 @@ impl World {
     /// Environment every producer child gets.
     pub fn env(&self) -> Vec<(String, String)> {
         vec![
-            (
-                "WARREN_AMQP_URL".into(),
-                warren::testing::broker_url().into(),
-            ),
+            ("WARREN_AMQP_URL".into(), self.url.clone()),
             ("WARREN_TOPOLOGY__PREFIX".into(), self.prefix.clone()),
             ("WARREN_AMQP__HEARTBEAT".into(), "2s".into()),
             ("WARREN_AMQP__CONFIRM_TIMEOUT".into(), "5s".into()),
