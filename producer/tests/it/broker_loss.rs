@@ -12,9 +12,10 @@ task = "it.tick"
 misfire = "skip"
 "#;
 
-/// The broker goes away and comes back: the producer reports not-ready and
-/// answers 503 meanwhile, then reconnects on its own, re-declares, becomes
-/// leader again and fires on.
+/// A memory alarm blocks publishers: the API answers 503 `broker_blocked`
+/// and recovers when it clears. The broker goes away and comes back: the
+/// producer reports not-ready and answers 503 meanwhile, then reconnects on
+/// its own, re-declares, becomes leader again and fires on.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn reconnects_after_broker_loss() {
     let node = tokio::task::spawn_blocking(warren::testing::Node::start)
@@ -28,6 +29,47 @@ async fn reconnects_after_broker_loss() {
     rx.wait_for(Duration::from_secs(10), "ticks", |m| m.len() >= 2)
         .await;
 
+    // A memory alarm blocks publishers: the API answers 503 instead of hanging.
+    let node = tokio::task::spawn_blocking(move || {
+        let o = node.ctl(&["set_vm_memory_high_watermark", "0"]);
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+        node
+    })
+    .await
+    .expect("alarm");
+    let post = || async {
+        let resp = reqwest::Client::new()
+            .post(p.url("/v1/tasks"))
+            .bearer_auth(PUBLISH_TOKEN)
+            .body(r#"{"task":"it.x"}"#)
+            .send()
+            .await
+            .expect("POST");
+        let status = resp.status().as_u16();
+        let body: serde_json::Value =
+            serde_json::from_str(&resp.text().await.expect("body")).expect("JSON body");
+        (status, body)
+    };
+    warren::testing::eventually(Duration::from_secs(20), "503 broker_blocked", || async {
+        let (status, body) = post().await;
+        (status == 503 && body["error"] == "broker_blocked").then_some(())
+    })
+    .await;
+    assert_eq!(p.metric("warren_amqp_blocked").await, Some(1.0));
+    let node = tokio::task::spawn_blocking(move || {
+        let o = node.ctl(&["set_vm_memory_high_watermark", "0.4"]);
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+        node
+    })
+    .await
+    .expect("clear alarm");
+    warren::testing::eventually(Duration::from_secs(20), "202 once unblocked", || async {
+        let (status, _) = post().await;
+        (status == 202).then_some(())
+    })
+    .await;
+    assert_eq!(p.metric("warren_amqp_blocked").await, Some(0.0));
+
     let node = tokio::task::spawn_blocking(move || {
         node.stop_app();
         node
@@ -39,16 +81,8 @@ async fn reconnects_after_broker_loss() {
         (r.status().as_u16() == 503).then_some(())
     })
     .await;
-    let resp = reqwest::Client::new()
-        .post(p.url("/v1/tasks"))
-        .bearer_auth(PUBLISH_TOKEN)
-        .body(r#"{"task":"it.x"}"#)
-        .send()
-        .await
-        .expect("POST");
-    assert_eq!(resp.status().as_u16(), 503);
-    let body: serde_json::Value =
-        serde_json::from_str(&resp.text().await.expect("body")).expect("JSON");
+    let (status, body) = post().await;
+    assert_eq!(status, 503);
     assert_eq!(body["error"], "broker_unavailable");
     p.wait_leader(Duration::from_secs(10), false).await;
 
