@@ -153,3 +153,53 @@ async fn bad_config_exits_non_zero_naming_file_key_and_value() {
     assert_eq!(out.status.code(), Some(2), "{err}");
     assert!(err.contains("prefech") && err.contains("line 2"), "{err}");
 }
+
+#[tokio::test]
+async fn exec_handler_abandoned_by_the_worker_timeout_loses_its_process_group() {
+    let dir = tempfile::tempdir().unwrap();
+    let marker = dir.path().join("child.pid");
+    let mut specs = BTreeMap::new();
+    specs.insert(
+        "x.run".to_string(),
+        HandlerSpec::Exec {
+            argv: vec![
+                "/bin/sh".into(),
+                "-c".into(),
+                format!(
+                    "read payload; sh -c 'echo $$ > {}; exec sleep 60' & wait",
+                    marker.display()
+                ),
+            ],
+            permanent_exit_codes: vec![],
+            cwd: None,
+            env: BTreeMap::new(),
+            // The handler's own timeout is long: the worker's must win.
+            timeout: Some(Duration::from_secs(120)),
+        },
+    );
+    let mut cfg = config("exec");
+    cfg.worker.task_timeout = Duration::from_millis(700);
+    cfg.retry.default.max_attempts = 1;
+    let reg = registry_from_config(&specs, cfg.worker.task_timeout).unwrap();
+    let w = spawn_worker(cfg, reg).await;
+    w.publish(&Task::new("x.run", &json!({"go": true}))).await;
+    let dead = w.take_dead(1).await;
+    assert_eq!(
+        header(&dead[0], headers::LAST_ERROR).unwrap(),
+        "timed out after 700ms"
+    );
+    let pid: i32 = std::fs::read_to_string(&marker)
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap();
+    warren::testing::eventually(WAIT, "grandchild killed", || async {
+        let gone = match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+            Err(_) => true,
+            Ok(stat) => stat.contains(") Z "),
+        };
+        gone.then_some(())
+    })
+    .await;
+    w.stop().await;
+}

@@ -496,3 +496,93 @@ async fn metrics_pass_promtool_and_readyz_follows_the_worker() {
     assert_eq!(r.status(), 503);
     stop.cancel();
 }
+
+#[tokio::test]
+async fn quorum_queues_run_retry_and_dead_letter() {
+    let runs = Runs::default();
+    let mut reg = Registry::new();
+    let r = runs.clone();
+    reg.register_fn("t.q", move |t| {
+        let r = r.clone();
+        async move {
+            r.record(&t);
+            Err(TaskError::retryable("again"))
+        }
+    })
+    .unwrap();
+    let mut cfg = config("quorum");
+    cfg.topology = warren::testing::topology_config("quorum", warren::config::QueueType::Quorum);
+    let app = spawn_worker(cfg, reg).await;
+    let task = Task::new("t.q", &json!({}));
+    app.publish(&task).await;
+    let d = app.take_dead(1).await;
+    assert_eq!(header(&d[0], headers::DEAD_KIND).unwrap(), "exhausted");
+    assert_eq!(runs.of(&task.id).len(), 3);
+    app.stop().await;
+}
+
+#[tokio::test]
+async fn consumes_only_the_selected_queues() {
+    let (reg, runs) = {
+        let runs = Runs::default();
+        let r = runs.clone();
+        let mut reg = Registry::new();
+        reg.register_fn("email.send", move |t| {
+            let r = r.clone();
+            async move {
+                r.record(&t);
+                Ok(())
+            }
+        })
+        .unwrap();
+        (reg, runs)
+    };
+    let mut cfg = config("select");
+    cfg.topology.queues.push(warren::config::QueueConfig {
+        name: "q.emails".into(),
+        bindings: vec!["email.*".into()],
+        max_priority: 0,
+    });
+    cfg.worker.queues = vec!["q.emails".into()];
+    let app = spawn_worker(cfg, reg).await;
+    let t = Task::new("email.send", &json!({}));
+    app.publish(&t).await;
+    runs.wait_total(1).await;
+    // The default queue (binding `#`) got its copy too, and nobody consumes it.
+    let default = app.topo.work_queues()[0].name.clone();
+    eventually(
+        WAIT,
+        "copy waiting in the unconsumed default queue",
+        || async { (queue_len(&app.conn, &default).await == 1).then_some(()) },
+    )
+    .await;
+    assert_eq!(runs.total(), 1);
+    app.stop().await;
+}
+
+#[tokio::test]
+async fn a_task_that_is_not_due_yet_waits_for_its_not_before() {
+    let runs = Runs::default();
+    let mut reg = Registry::new();
+    let r = runs.clone();
+    reg.register_fn("t.later", move |t| {
+        let r = r.clone();
+        async move {
+            r.record(&t);
+            Ok(())
+        }
+    })
+    .unwrap();
+    let app = spawn_worker(config("notbefore"), reg).await;
+    let mut t = Task::new("t.later", &json!({}));
+    let start = std::time::Instant::now();
+    let due = chrono::Utc::now() + chrono::Duration::milliseconds(800);
+    t.not_before = Some(due);
+    app.publish(&t).await;
+    runs.wait_total(1).await;
+    let ran = runs.of(&t.id);
+    assert_eq!(ran[0].0, 1, "parking is not an attempt");
+    let waited = ran[0].1 - start;
+    assert!(waited >= Duration::from_millis(750), "ran after {waited:?}");
+    app.stop().await;
+}
