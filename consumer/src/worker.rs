@@ -112,6 +112,7 @@ struct Shared {
 struct Session {
     conn: Connection,
     publisher: Publisher,
+    /// Channel and consumer tag per consumed queue (same order as `queues`).
     consumers: Vec<(Channel, ShortString)>,
     /// Cancelled by a task whose publish failed: the session is unusable.
     broken: CancellationToken,
@@ -159,10 +160,23 @@ impl Worker {
         let tracker = TaskTracker::new();
         let sem = Arc::new(Semaphore::new(self.shared.cfg.worker.concurrency));
         let mut sessions = 0u64;
+        // Sessions that die young (e.g. consuming is refused while connecting
+        // works) must not turn into a hot reconnect loop.
+        let mut short_lived = 0u32;
         loop {
+            if short_lived > 0 {
+                let pause = Duration::from_millis(100)
+                    .saturating_mul(1 << short_lived.min(7))
+                    .min(Duration::from_secs(10));
+                tokio::select! {
+                    _ = shutdown.cancelled() => break,
+                    _ = tokio::time::sleep(pause) => {}
+                }
+            }
             let Some(session) = self.connect(&shutdown).await? else {
                 break;
             };
+            let opened = Instant::now();
             sessions += 1;
             if sessions > 1 {
                 self.amqp_metrics.reconnects.inc();
@@ -177,6 +191,11 @@ impl Worker {
                 }
                 End::Lost => {
                     self.amqp_metrics.connected.set(0);
+                    short_lived = if opened.elapsed() < Duration::from_secs(10) {
+                        short_lived.saturating_add(1)
+                    } else {
+                        0
+                    };
                     tracing::warn!(
                         "connection lost; reconnecting (unacked deliveries will be redelivered)"
                     );
@@ -282,12 +301,10 @@ impl Worker {
         sem: &Arc<Semaphore>,
     ) -> (End, Session) {
         let mut streams: SelectAll<BoxStream<'static, Ev>> = SelectAll::new();
-        let mut channels: Vec<Channel> = Vec::new();
         for idx in 0..self.queues.len() {
             match self.start_consumer(&session.conn, idx).await {
                 Ok((ch, tag, s)) => {
-                    session.consumers.push((ch.clone(), tag));
-                    channels.push(ch);
+                    session.consumers.push((ch, tag));
                     streams.push(s);
                 }
                 Err(e) => {
@@ -318,7 +335,7 @@ impl Worker {
                 Some(Ev::Delivery(idx, Ok(delivery))) => {
                     let shared = self.shared.clone();
                     let publisher = session.publisher.clone();
-                    let channel = channels[idx].clone();
+                    let channel = session.consumers[idx].0.clone();
                     let queue = queues[idx].clone();
                     let broken = session.broken.clone();
                     tracker.spawn(async move {
@@ -345,8 +362,9 @@ impl Worker {
                     }
                     match self.start_consumer(&session.conn, idx).await {
                         Ok((ch, tag, s)) => {
-                            session.consumers.push((ch.clone(), tag));
-                            channels[idx] = ch;
+                            // The old channel closes once its running tasks
+                            // (which hold it for their acks) are done.
+                            session.consumers[idx] = (ch, tag);
                             streams.push(s);
                             self.health.set_ready(true);
                         }
