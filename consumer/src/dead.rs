@@ -54,6 +54,11 @@ pub fn describe(routing_key: &str, props: &BasicProperties, body: &[u8]) -> Dead
             r,
             header_str(h, headers::DEAD_KIND).unwrap_or_else(|| "unknown".into()),
         ),
+        // Expired out of a delay level, then dropped by the delivery
+        // exchange into its alternate exchange: no work queue binds the task.
+        (None, Some((reason, queue))) if reason == "expired" && is_delay_level(queue) => {
+            (UNROUTABLE_AFTER_DELAY.to_owned(), "unroutable".to_owned())
+        }
         (None, Some((reason, queue))) => (
             format!("dead-lettered by the broker ({reason}) from queue {queue}"),
             format!("broker_{reason}"),
@@ -75,6 +80,13 @@ pub fn describe(routing_key: &str, props: &BasicProperties, body: &[u8]) -> Dead
         last_error: header_str(h, headers::LAST_ERROR),
         body_bytes: body.len(),
     }
+}
+
+/// Whether `queue` is a delay level (`<prefix>.delay.<k>`).
+fn is_delay_level(queue: &str) -> bool {
+    queue
+        .rsplit_once(".delay.")
+        .is_some_and(|(_, k)| !k.is_empty() && k.bytes().all(|b| b.is_ascii_digit()))
 }
 
 /// `(reason, queue)` of the newest `x-death` entry.
@@ -328,6 +340,17 @@ mod tests {
             d.reason.contains("rejected") && d.reason.contains("warren.default"),
             "{d:?}"
         );
+
+        let mut death = FieldTable::default();
+        death.insert("reason".into(), s("expired"));
+        death.insert("queue".into(), s("warren.delay.3"));
+        let arr = FieldArray::from(vec![AMQPValue::FieldTable(death)]);
+        let d = describe(
+            "a.b",
+            &with(&[("x-death", AMQPValue::FieldArray(arr))]),
+            b"{}",
+        );
+        assert_eq!(d.reason, UNROUTABLE_AFTER_DELAY);
 
         let key = warren::delay::routing_key(Duration::from_secs(1), "lost.task");
         let d = describe(&key, &BasicProperties::default(), b"{}");

@@ -138,3 +138,25 @@ async fn dead_list_replay_and_purge() {
     assert!(!ok && err.contains("--id"), "{err}");
     app.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_delayed_task_nobody_binds_is_listed_as_unroutable_after_delay() {
+    let mut cfg = config("unroutable");
+    cfg.topology.queues[0].bindings = vec!["email.*".into()];
+    let app = spawn_worker(cfg.clone(), Registry::new()).await;
+    let t = Task::new("sms.send", &json!({}));
+    app.publisher
+        .publish_task(&app.topo, &t, std::time::Duration::from_millis(200))
+        .await
+        .expect("a delayed publish is routable into the delay levels");
+    warren::testing::eventually(WAIT, "dead via the alternate exchange", || async {
+        (queue_len(&app.conn, &app.topo.dead_queue()).await == 1).then_some(())
+    })
+    .await;
+    let l = list(&cfg);
+    assert_eq!(l.len(), 1);
+    assert_eq!(l[0]["id"], t.id.as_str());
+    assert_eq!(l[0]["task"], "sms.send");
+    assert_eq!(l[0]["reason"], "unroutable after delay");
+    app.stop().await;
+}
