@@ -5,12 +5,13 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-if [ ! -x /usr/lib/rabbitmq/bin/rabbitmq-server ] || ! command -v python3 >/dev/null; then
+# rabbitmq-server for the broker; prometheus for promtool, which lints /metrics.
+if [ ! -x /usr/lib/rabbitmq/bin/rabbitmq-server ] || ! command -v promtool >/dev/null || ! command -v python3 >/dev/null; then
   if [ "$(id -u)" = 0 ]; then
     export DEBIAN_FRONTEND=noninteractive
     printf '#!/bin/sh\nexit 101\n' > /usr/sbin/policy-rc.d && chmod +x /usr/sbin/policy-rc.d
     apt-get update -qq
-    apt-get install -y -qq rabbitmq-server python3 >/dev/null
+    apt-get install -y -qq rabbitmq-server prometheus python3 >/dev/null
     rm -f /usr/sbin/policy-rc.d
   else
     echo "test.sh: install rabbitmq-server (Debian package) or run as root" >&2
@@ -32,3 +33,5 @@ WARREN_TEST_AMQP_URL=$(bash deploy/broker.sh start --dir "$node_dir" --port 0 --
 export WARREN_TEST_AMQP_URL
 
 cargo nextest run --workspace --all-features --no-fail-fast "$@"
+# nextest does not run doctests (the README-style examples in the crates).
+cargo test --workspace --all-features --doc --quiet
