@@ -1,6 +1,6 @@
 //! The producer's configuration: one `ProducerConfig` (defaults < TOML file <
 //! `WARREN_*` environment, unknown keys rejected) and its validation into
-//! compiled [`Schedule`]s. Every key is documented in `producer/README.md`.
+//! compiled [`Schedule`]s. Every key is documented in the top-level README.
 
 use std::collections::HashSet;
 use std::net::SocketAddr;
