@@ -9,6 +9,8 @@
 //!   consumer that acks each delivery without awaiting it in the loop. warren: the
 //!   `warren-consumer` binary with a `noop` handler, counted through its
 //!   `/metrics`. Also the consumer process's peak RSS.
+//! * `delay`: how late delayed tasks arrive through the delay levels (never
+//!   early: that is a test's job), 10 tasks each at 250 ms, 1.7 s and 3.3 s.
 //!
 //! Runs alternate between the two sides; the report gives each run and the
 //! median ratio. Run with `cargo run --release -p warren-bench -- --help`.
@@ -43,7 +45,7 @@ struct Args {
     /// Broker to use; default: start a throwaway node (deploy/broker.sh).
     #[arg(long, env = "WARREN_BENCH_AMQP_URL")]
     url: Option<String>,
-    /// `publish`, `e2e` or `all`.
+    /// `publish`, `e2e`, `delay` or `all`.
     #[arg(long, default_value = "all")]
     scenario: String,
     /// Prefetch for both consumers.
@@ -87,6 +89,9 @@ async fn main() -> Result<()> {
     }
     if args.scenario == "e2e" || args.scenario == "all" {
         e2e_scenario(&conn, &args, &url).await?;
+    }
+    if args.scenario == "delay" || args.scenario == "all" {
+        delay_scenario(&conn).await?;
     }
     conn.close(200, "bye".into()).await.ok();
     Ok(())
@@ -382,5 +387,54 @@ async fn e2e_scenario(conn: &Connection, args: &Args, url: &str) -> Result<()> {
             *max as f64 / 1024.0
         );
     }
+    Ok(())
+}
+
+async fn delay_scenario(conn: &Connection) -> Result<()> {
+    let t = topo("delay");
+    topology::declare(conn, &t).await?;
+    let publisher = Publisher::new(conn, Duration::from_secs(30)).await?;
+    let ch = conn.create_channel().await?;
+    let mut consumer = ch
+        .basic_consume(
+            t.work_queues()[0].name.as_str().into(),
+            "delay".into(),
+            BasicConsumeOptions::default(),
+            FieldTable::default(),
+        )
+        .await?;
+    let delays = [250u64, 1700, 3300];
+    let mut sent = std::collections::HashMap::new();
+    for i in 0..10 {
+        for ms in delays {
+            let task = Task::from_raw("bench.delay", format!("{{\"ms\":{ms},\"i\":{i}}}").into_bytes());
+            let at = Instant::now();
+            publisher.publish_task(&t, &task, Duration::from_millis(ms)).await?;
+            sent.insert(task.id.clone(), (ms, at));
+        }
+        tokio::time::sleep(Duration::from_millis(37)).await;
+    }
+    let mut late: std::collections::BTreeMap<u64, Vec<f64>> = Default::default();
+    for _ in 0..sent.len() {
+        let d = tokio::time::timeout(Duration::from_secs(30), consumer.next())
+            .await
+            .context("delayed task did not arrive")?
+            .context("consumer ended")??;
+        let id = d.properties.message_id().as_ref().map(|s| s.to_string()).unwrap_or_default();
+        let (ms, at) = sent.get(&id).copied().context("unknown message")?;
+        let lateness = at.elapsed().as_secs_f64() * 1000.0 - ms as f64;
+        late.entry(ms).or_default().push(lateness);
+        d.ack(BasicAckOptions::default()).await?;
+    }
+    for (ms, mut v) in late {
+        v.sort_by(f64::total_cmp);
+        println!(
+            "delay {ms} ms: lateness (from publish start) min {:.0} ms, median {:.0} ms, max {:.0} ms",
+            v[0],
+            v[v.len() / 2],
+            v[v.len() - 1]
+        );
+    }
+    warren::testing::delete_topology(conn, &t).await;
     Ok(())
 }
