@@ -107,23 +107,16 @@ pub struct RetryOverride {
 }
 
 impl RetryOverride {
-    pub fn apply(&self, mut p: RetryPolicy) -> RetryPolicy {
-        if let Some(v) = self.max_attempts {
-            p.max_attempts = v;
-        }
-        if let Some(v) = self.initial_delay {
-            p.initial_delay = v;
-        }
-        if let Some(v) = self.multiplier {
-            p.multiplier = v;
-        }
-        if let Some(v) = self.max_delay {
-            p.max_delay = v;
-        }
-        if let Some(v) = self.jitter {
-            p.jitter = v;
-        }
-        p
+    pub fn apply(&self, p: RetryPolicy) -> RetryPolicy {
+        p.with_overrides(
+            self.max_attempts,
+            &warren::envelope::RetryOverrides {
+                initial: self.initial_delay,
+                multiplier: self.multiplier,
+                max_delay: self.max_delay,
+                jitter: self.jitter,
+            },
+        )
     }
 }
 

@@ -10,9 +10,10 @@
 
 use std::time::Duration;
 
+use lapin::message::Delivery;
 use lapin::options::{BasicAckOptions, BasicGetOptions, QueuePurgeOptions};
 use lapin::types::{AMQPValue, FieldTable};
-use lapin::{BasicProperties, Connection};
+use lapin::{BasicProperties, Channel, Connection};
 use serde::Serialize;
 use warren::amqp::Publisher;
 use warren::envelope::{header_i64, header_str, headers};
@@ -136,23 +137,57 @@ pub async fn list(
     limit: usize,
 ) -> Result<Vec<DeadTask>, DeadError> {
     let ch = conn.create_channel().await?;
+    let mut scan = Scan::new(&ch, topo, limit);
     let mut out = Vec::new();
-    while out.len() < limit {
-        let Some(m) = ch
-            .basic_get(
-                topo.dead_queue().as_str().into(),
-                BasicGetOptions { no_ack: false },
-            )
-            .await?
-        else {
-            break;
-        };
-        let d = &m.delivery;
+    while let Some(d) = scan.next().await? {
         out.push(describe(d.routing_key.as_str(), &d.properties, &d.data));
     }
     // Closing the channel returns every fetched message to the queue.
     ch.close(200, "dead list done".into()).await?;
     Ok(out)
+}
+
+/// One pass over what the dead queue holds when the pass starts, fetched
+/// unacked: tasks dead-lettered meanwhile (a replayed task failing again) are
+/// not seen twice, and whatever the caller does not ack goes back to the queue
+/// when the channel closes.
+struct Scan<'a> {
+    ch: &'a Channel,
+    queue: String,
+    limit: usize,
+    seen: usize,
+}
+
+impl<'a> Scan<'a> {
+    fn new(ch: &'a Channel, topo: &Topology, limit: usize) -> Self {
+        Self {
+            ch,
+            queue: topo.dead_queue(),
+            limit,
+            seen: 0,
+        }
+    }
+
+    async fn next(&mut self) -> Result<Option<Delivery>, DeadError> {
+        if self.seen >= self.limit {
+            return Ok(None);
+        }
+        let Some(m) = self
+            .ch
+            .basic_get(
+                self.queue.as_str().into(),
+                BasicGetOptions { no_ack: false },
+            )
+            .await?
+        else {
+            return Ok(None);
+        };
+        if self.seen == 0 {
+            self.limit = self.limit.min(m.message_count as usize + 1);
+        }
+        self.seen += 1;
+        Ok(Some(m.delivery))
+    }
 }
 
 /// Result of a replay.
@@ -196,30 +231,15 @@ pub async fn replay(
     conn: &Connection,
     topo: &Topology,
     selector: &Selector,
-    mut limit: usize,
+    limit: usize,
     confirm_timeout: Duration,
 ) -> Result<ReplayReport, DeadError> {
     let publisher = Publisher::new(conn, confirm_timeout).await?;
     let ch = conn.create_channel().await?;
     let mut report = ReplayReport::default();
-    let mut seen = 0;
-    while seen < limit {
-        let Some(m) = ch
-            .basic_get(
-                topo.dead_queue().as_str().into(),
-                BasicGetOptions { no_ack: false },
-            )
-            .await?
-        else {
-            break;
-        };
-        if seen == 0 {
-            // Only what was there at the start: replayed tasks that fail
-            // again must not be picked up again by this run.
-            limit = limit.min(m.message_count as usize + 1);
-        }
-        seen += 1;
-        let d = &m.delivery;
+    let mut scan = Scan::new(&ch, topo, limit);
+    while let Some(delivery) = scan.next().await? {
+        let d = &delivery;
         let info = describe(d.routing_key.as_str(), &d.properties, &d.data);
         if !selector.matches(&info) {
             continue;
@@ -253,7 +273,7 @@ pub async fn purge(
     conn: &Connection,
     topo: &Topology,
     selector: &Selector,
-    mut limit: usize,
+    limit: usize,
 ) -> Result<u64, DeadError> {
     let ch = conn.create_channel().await?;
     let n = if *selector == Selector::All {
@@ -266,22 +286,9 @@ pub async fn purge(
         )
     } else {
         let mut n = 0;
-        let mut seen = 0;
-        while seen < limit {
-            let Some(m) = ch
-                .basic_get(
-                    topo.dead_queue().as_str().into(),
-                    BasicGetOptions { no_ack: false },
-                )
-                .await?
-            else {
-                break;
-            };
-            if seen == 0 {
-                limit = limit.min(m.message_count as usize + 1);
-            }
-            seen += 1;
-            let d = &m.delivery;
+        let mut scan = Scan::new(&ch, topo, limit);
+        while let Some(delivery) = scan.next().await? {
+            let d = &delivery;
             if selector.matches(&describe(d.routing_key.as_str(), &d.properties, &d.data)) {
                 d.acker.ack(BasicAckOptions::default()).await?;
                 n += 1;
