@@ -407,9 +407,14 @@ async fn delay_scenario(conn: &Connection) -> Result<()> {
     let mut sent = std::collections::HashMap::new();
     for i in 0..10 {
         for ms in delays {
-            let task = Task::from_raw("bench.delay", format!("{{\"ms\":{ms},\"i\":{i}}}").into_bytes());
+            let task = Task::from_raw(
+                "bench.delay",
+                format!("{{\"ms\":{ms},\"i\":{i}}}").into_bytes(),
+            );
             let at = Instant::now();
-            publisher.publish_task(&t, &task, Duration::from_millis(ms)).await?;
+            publisher
+                .publish_task(&t, &task, Duration::from_millis(ms))
+                .await?;
             sent.insert(task.id.clone(), (ms, at));
         }
         tokio::time::sleep(Duration::from_millis(37)).await;
@@ -420,7 +425,12 @@ async fn delay_scenario(conn: &Connection) -> Result<()> {
             .await
             .context("delayed task did not arrive")?
             .context("consumer ended")??;
-        let id = d.properties.message_id().as_ref().map(|s| s.to_string()).unwrap_or_default();
+        let id = d
+            .properties
+            .message_id()
+            .as_ref()
+            .map(|s| s.to_string())
+            .unwrap_or_default();
         let (ms, at) = sent.get(&id).copied().context("unknown message")?;
         let lateness = at.elapsed().as_secs_f64() * 1000.0 - ms as f64;
         late.entry(ms).or_default().push(lateness);
