@@ -1,13 +1,15 @@
 #!/usr/bin/env bash
 # A RabbitMQ node of its own, on loopback, for development and tests.
 #
-#   deploy/broker.sh start [--dir DIR] [--port N] [--name NAME] [--watch PID]
+#   deploy/broker.sh start [--dir DIR] [--port N] [--name NAME] [--watch PID] [--tls]
 #       Starts a node (installing Debian's rabbitmq-server first when missing and
 #       running as root), waits until it serves, prints its AMQP URL as the last
-#       line. --watch PID stops the node when process PID exits.
+#       line. --watch PID stops the node when process PID exits. --tls adds an
+#       amqps listener with a throwaway CA (DIR/tls/ca.pem); see tls-url.
 #   deploy/broker.sh stop [--dir DIR]      stops exactly the node started in DIR
 #   deploy/broker.sh ctl [--dir DIR] ARGS  rabbitmqctl against that node
 #   deploy/broker.sh url [--dir DIR]       prints the node's AMQP URL
+#   deploy/broker.sh tls-url [--dir DIR]   prints its amqps URL (nodes started with --tls)
 #
 # Each node has its own HOME (Erlang cookie), node name, AMQP and distribution
 # ports, data and log directories: it never touches another node on the machine.
@@ -21,12 +23,14 @@ dir=${TMPDIR:-/tmp}/warren-broker
 port=5672
 name=warren-dev
 watch=""
+tls=""
 while [ $# -gt 0 ]; do
   case "$1" in
     --dir) dir=$2; shift 2 ;;
     --port) port=$2; shift 2 ;;
     --name) name=$2; shift 2 ;;
     --watch) watch=$2; shift 2 ;;
+    --tls) tls=1; shift ;;
     --) shift; break ;;
     *) break ;;
   esac
@@ -54,6 +58,19 @@ free_port() {
   python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'
 }
 
+# A CA and a server certificate for localhost/127.0.0.1, valid for a week.
+make_certs() {
+  local t="$dir/tls"
+  mkdir -p "$t"
+  openssl req -x509 -newkey rsa:2048 -nodes -days 7 -subj "/CN=warren throwaway CA" \
+    -keyout "$t/ca.key" -out "$t/ca.pem" 2>/dev/null
+  openssl req -newkey rsa:2048 -nodes -subj "/CN=localhost" \
+    -keyout "$t/server.key" -out "$t/server.csr" 2>/dev/null
+  printf 'subjectAltName=DNS:localhost,IP:127.0.0.1\nbasicConstraints=CA:FALSE\nextendedKeyUsage=serverAuth\n' > "$t/ext.cnf"
+  openssl x509 -req -in "$t/server.csr" -CA "$t/ca.pem" -CAkey "$t/ca.key" -CAcreateserial \
+    -days 7 -extfile "$t/ext.cnf" -out "$t/server.pem" 2>/dev/null
+}
+
 node_env() {
   # shellcheck disable=SC1091
   . "$dir/node.env"
@@ -78,14 +95,16 @@ start() {
   fi
   [ "$port" = 0 ] && port=$(free_port)
   mkdir -p "$dir/home" "$dir/mnesia" "$dir/log"
-  local dist ctlp
+  local dist ctlp tls_port=""
   dist=$(free_port)
   ctlp=$(free_port)
+  [ -n "$tls" ] && tls_port=$(free_port)
   cat > "$dir/node.env" <<EOF
 NODE=$name@localhost
 PORT=$port
 DIST_PORT=$dist
 CTL_PORT=$ctlp
+TLS_PORT=$tls_port
 EOF
   cat > "$dir/rabbitmq.conf" <<EOF
 listeners.tcp.1 = 127.0.0.1:$port
@@ -94,6 +113,17 @@ log.console = false
 log.file.level = warning
 disk_free_limit.absolute = 50MB
 EOF
+  if [ -n "$tls" ]; then
+    make_certs
+    cat >> "$dir/rabbitmq.conf" <<EOF
+listeners.ssl.default = 127.0.0.1:$tls_port
+ssl_options.cacertfile = $dir/tls/ca.pem
+ssl_options.certfile = $dir/tls/server.pem
+ssl_options.keyfile = $dir/tls/server.key
+ssl_options.verify = verify_none
+ssl_options.fail_if_no_peer_cert = false
+EOF
+  fi
   echo '[].' > "$dir/advanced.config"
   echo '[].' > "$dir/enabled_plugins"
   : > "$dir/rabbitmq-env.conf"
@@ -131,6 +161,13 @@ url() {
   echo "amqp://guest:guest@127.0.0.1:$PORT/%2f"
 }
 
+tls_url() {
+  # shellcheck disable=SC1091
+  . "$dir/node.env"
+  [ -n "${TLS_PORT:-}" ] || { log "the node in $dir has no TLS listener (start it with --tls)"; exit 1; }
+  echo "amqps://guest:guest@localhost:$TLS_PORT/%2f"
+}
+
 stop() {
   [ -f "$dir/node.env" ] || { log "no node in $dir"; return 0; }
   node_env
@@ -148,5 +185,6 @@ case "$cmd" in
   stop) stop ;;
   ctl) ctl "$@" ;;
   url) url ;;
-  *) sed -n '2,15p' "$0" >&2; exit 2 ;;
+  tls-url) tls_url ;;
+  *) sed -n '2,18p' "$0" >&2; exit 2 ;;
 esac

@@ -13,6 +13,7 @@ use std::time::Duration;
 
 use futures_util::StreamExt;
 use lapin::options::{BasicPublishOptions, ConfirmSelectOptions};
+use lapin::tcp::OwnedTLSConfig;
 use lapin::uri::AMQPUri;
 use lapin::{
     BasicProperties, Channel, Confirmation, Connection, ConnectionProperties, Event,
@@ -40,11 +41,27 @@ pub async fn connect(cfg: &AmqpConfig, role: &str) -> Result<Connection, Error> 
         format!("{role}@{host}:{}", std::process::id())
     });
     let props = ConnectionProperties::default().with_connection_name(name.into());
+    let tls = match &cfg.tls_ca_file {
+        Some(path) => OwnedTLSConfig {
+            identity: None,
+            cert_chain: Some(std::fs::read_to_string(path).map_err(|e| {
+                Error::Tls(format!(
+                    "cannot read amqp.tls_ca_file {}: {e}",
+                    path.display()
+                ))
+            })?),
+        },
+        None => OwnedTLSConfig::default(),
+    };
+    let runtime = lapin::runtime::default_runtime()?;
     let timeout = Duration::from_secs(15);
-    tokio::time::timeout(timeout, Connection::connect_uri(uri, props))
-        .await
-        .map_err(|_| Error::ConnectTimeout(timeout))?
-        .map_err(Error::from)
+    tokio::time::timeout(
+        timeout,
+        Connection::connect_uri_with_config(uri, props, tls, runtime),
+    )
+    .await
+    .map_err(|_| Error::ConnectTimeout(timeout))?
+    .map_err(Error::from)
 }
 
 /// Watches a connection's events: the `blocked` flag follows

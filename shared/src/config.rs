@@ -75,6 +75,9 @@ pub struct AmqpConfig {
     pub confirm_timeout: Duration,
     /// Shown in the management UI next to the connection.
     pub connection_name: Option<String>,
+    /// PEM file of CA certificates trusted for `amqps://`, besides the
+    /// system's (for brokers with a private CA or a self-signed certificate).
+    pub tls_ca_file: Option<PathBuf>,
 }
 
 impl Default for AmqpConfig {
@@ -84,6 +87,7 @@ impl Default for AmqpConfig {
             heartbeat: Duration::from_secs(10),
             confirm_timeout: Duration::from_secs(15),
             connection_name: None,
+            tls_ca_file: None,
         }
     }
 }

@@ -6,6 +6,8 @@
 pub enum Error {
     #[error("invalid AMQP URL: {0}")]
     Url(String),
+    #[error("TLS setup: {0}")]
+    Tls(String),
     #[error("AMQP: {0}")]
     Amqp(#[from] lapin::Error),
     #[error("timed out after {0:?} connecting to the broker")]
@@ -45,6 +47,7 @@ impl Error {
             Self::Amqp(e) => e.can_be_recovered(),
             Self::ConnectTimeout(_) | Self::ConfirmTimeout(_) | Self::Nacked { .. } => true,
             Self::Url(_)
+            | Self::Tls(_)
             | Self::TopologyConflict { .. }
             | Self::Declare { .. }
             | Self::Unroutable { .. }

@@ -37,6 +37,16 @@ static SEQ: AtomicU32 = AtomicU32::new(0);
 impl Node {
     /// Start a node on free loopback ports in a fresh temp dir.
     pub fn start() -> Node {
+        Self::start_with(false)
+    }
+
+    /// Start a node that also serves amqps with a throwaway CA
+    /// ([`Node::tls_url`], [`Node::ca_file`]).
+    pub fn start_tls() -> Node {
+        Self::start_with(true)
+    }
+
+    fn start_with(tls: bool) -> Node {
         let dir = tempfile::Builder::new()
             .prefix("warren-node-")
             .tempdir()
@@ -50,6 +60,7 @@ impl Node {
             .arg(broker_script())
             .args(["start", "--port", "0", "--name", &name, "--watch"])
             .arg(std::process::id().to_string())
+            .args(if tls { &["--tls"][..] } else { &[][..] })
             .arg("--dir")
             .arg(dir.path())
             .output()
@@ -70,6 +81,28 @@ impl Node {
 
     pub fn url(&self) -> &str {
         &self.url
+    }
+
+    /// The amqps URL of a node started with [`Node::start_tls`].
+    pub fn tls_url(&self) -> String {
+        let out = Command::new("bash")
+            .arg(broker_script())
+            .arg("tls-url")
+            .arg("--dir")
+            .arg(self.dir.path())
+            .output()
+            .expect("run deploy/broker.sh");
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).trim().to_owned()
+    }
+
+    /// PEM of the CA that signed a TLS node's certificate.
+    pub fn ca_file(&self) -> PathBuf {
+        self.dir.path().join("tls/ca.pem")
     }
 
     /// Run `rabbitmqctl` against this node.
@@ -146,6 +179,7 @@ pub fn amqp_config() -> AmqpConfig {
         heartbeat: Duration::from_secs(5),
         confirm_timeout: Duration::from_secs(10),
         connection_name: None,
+        tls_ca_file: None,
     }
 }
 
