@@ -220,6 +220,41 @@ pub async fn delete_topology(conn: &Connection, topo: &Topology) {
     }
 }
 
+/// Lint a `/metrics` body with `promtool check metrics`. promtool ships with
+/// Debian's `prometheus` package, which `deploy/test.sh` installs; only outside
+/// CI (`CI` unset) may a missing promtool skip the lint, and it says so.
+pub fn assert_promtool_ok(metrics: &str) {
+    use std::io::Write;
+    use std::process::Stdio;
+    let child = Command::new("promtool")
+        .args(["check", "metrics"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn();
+    let mut child = match child {
+        Ok(c) => c,
+        Err(e) if std::env::var_os("CI").is_none() => {
+            eprintln!("promtool not available ({e}): skipped `promtool check metrics`");
+            return;
+        }
+        Err(e) => panic!("promtool is required in CI: {e}"),
+    };
+    child
+        .stdin
+        .take()
+        .expect("promtool stdin")
+        .write_all(metrics.as_bytes())
+        .expect("write to promtool");
+    let out = child.wait_with_output().expect("promtool runs");
+    assert!(
+        out.status.success(),
+        "promtool check metrics: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
 /// Poll `check` until it returns `Some` or `timeout` passes.
 pub async fn eventually<T, F, Fut>(timeout: Duration, what: &str, mut check: F) -> T
 where

@@ -463,33 +463,7 @@ async fn metrics_pass_promtool_and_readyz_follows_the_worker() {
     ] {
         assert!(text.contains(name), "{name} missing from\n{text}");
     }
-    // promtool ships with Debian's `prometheus` package; deploy/test.sh
-    // should install it. Without it only this lint is skipped, loudly.
-    match std::process::Command::new("promtool")
-        .args(["check", "metrics"])
-        .stdin(std::process::Stdio::piped())
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-    {
-        Ok(mut child) => {
-            use std::io::Write;
-            child
-                .stdin
-                .take()
-                .unwrap()
-                .write_all(text.as_bytes())
-                .unwrap();
-            let out = child.wait_with_output().unwrap();
-            assert!(
-                out.status.success(),
-                "promtool: {}{}",
-                String::from_utf8_lossy(&out.stdout),
-                String::from_utf8_lossy(&out.stderr)
-            );
-        }
-        Err(e) => eprintln!("promtool not available ({e}): skipped `promtool check metrics`"),
-    }
+    warren::testing::assert_promtool_ok(&text);
     let health = app.health.clone();
     app.stop().await;
     assert!(!health.is_ready());
