@@ -1,11 +1,13 @@
 #!/usr/bin/env bash
 # A RabbitMQ node of its own, on loopback, for development and tests.
 #
-#   deploy/broker.sh start [--dir DIR] [--port N] [--name NAME] [--watch PID] [--tls]
+#   deploy/broker.sh start [--dir DIR] [--port N] [--name NAME] [--watch PID] [--tls] [--listen IP]
 #       Starts a node (installing Debian's rabbitmq-server first when missing and
 #       running as root), waits until it serves, prints its AMQP URL as the last
 #       line. --watch PID stops the node when process PID exits. --tls adds an
 #       amqps listener with a throwaway CA (DIR/tls/ca.pem); see tls-url.
+#       --listen IP also serves AMQP on IP (another loopback address, e.g. 127.0.0.2:
+#       fault tests cut one client off by address without touching the others).
 #   deploy/broker.sh stop [--dir DIR]      stops exactly the node started in DIR
 #   deploy/broker.sh ctl [--dir DIR] ARGS  rabbitmqctl against that node
 #   deploy/broker.sh url [--dir DIR]       prints the node's AMQP URL
@@ -24,6 +26,7 @@ port=5672
 name=warren-dev
 watch=""
 tls=""
+extra_ip=""
 while [ $# -gt 0 ]; do
   case "$1" in
     --dir) dir=$2; shift 2 ;;
@@ -31,6 +34,7 @@ while [ $# -gt 0 ]; do
     --name) name=$2; shift 2 ;;
     --watch) watch=$2; shift 2 ;;
     --tls) tls=1; shift ;;
+    --listen) extra_ip=$2; shift 2 ;;
     --) shift; break ;;
     *) break ;;
   esac
@@ -113,6 +117,7 @@ log.console = false
 log.file.level = warning
 disk_free_limit.absolute = 50MB
 EOF
+  [ -n "$extra_ip" ] && echo "listeners.tcp.2 = $extra_ip:$port" >> "$dir/rabbitmq.conf"
   if [ -n "$tls" ]; then
     make_certs
     cat >> "$dir/rabbitmq.conf" <<EOF
@@ -186,5 +191,5 @@ case "$cmd" in
   ctl) ctl "$@" ;;
   url) url ;;
   tls-url) tls_url ;;
-  *) sed -n '2,18p' "$0" >&2; exit 2 ;;
+  *) sed -n '2,20p' "$0" >&2; exit 2 ;;
 esac

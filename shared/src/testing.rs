@@ -37,16 +37,22 @@ static SEQ: AtomicU32 = AtomicU32::new(0);
 impl Node {
     /// Start a node on free loopback ports in a fresh temp dir.
     pub fn start() -> Node {
-        Self::start_with(false)
+        Self::start_with(&[])
     }
 
     /// Start a node that also serves amqps with a throwaway CA
     /// ([`Node::tls_url`], [`Node::ca_file`]).
     pub fn start_tls() -> Node {
-        Self::start_with(true)
+        Self::start_with(&["--tls"])
     }
 
-    fn start_with(tls: bool) -> Node {
+    /// Start a node that also serves AMQP on loopback address `ip` (e.g.
+    /// `127.0.0.2`), so a test can cut off the clients of that address alone.
+    pub fn start_also_on(ip: &str) -> Node {
+        Self::start_with(&["--listen", ip])
+    }
+
+    fn start_with(options: &[&str]) -> Node {
         let dir = tempfile::Builder::new()
             .prefix("warren-node-")
             .tempdir()
@@ -60,7 +66,7 @@ impl Node {
             .arg(broker_script())
             .args(["start", "--port", "0", "--name", &name, "--watch"])
             .arg(std::process::id().to_string())
-            .args(if tls { &["--tls"][..] } else { &[][..] })
+            .args(options)
             .arg("--dir")
             .arg(dir.path())
             .output()
@@ -81,6 +87,20 @@ impl Node {
 
     pub fn url(&self) -> &str {
         &self.url
+    }
+
+    /// The AMQP URL of this node on another address it listens on.
+    pub fn url_on(&self, ip: &str) -> String {
+        self.url.replacen("127.0.0.1", ip, 1)
+    }
+
+    /// The node's AMQP port.
+    pub fn port(&self) -> u16 {
+        self.url
+            .rsplit_once(':')
+            .and_then(|(_, rest)| rest.split('/').next())
+            .and_then(|p| p.parse().ok())
+            .expect("port in the node URL")
     }
 
     /// The amqps URL of a node started with [`Node::start_tls`].
@@ -217,6 +237,67 @@ pub async fn delete_topology(conn: &Connection, topo: &Topology) {
             }
             _ => {}
         }
+    }
+}
+
+/// Cuts the clients of one loopback address off from a broker port: an
+/// nftables table of its own drops both directions of that traffic, silently
+/// (no RST), like a pulled cable. Removed on drop. Needs `nft` and root
+/// (`deploy/test.sh` installs nftables); `None` outside CI when unavailable.
+pub struct CutOff {
+    table: String,
+}
+
+impl CutOff {
+    pub fn new(ip: &str, port: u16) -> Option<CutOff> {
+        let table = format!(
+            "warren_cut_{}_{}",
+            std::process::id(),
+            SEQ.fetch_add(1, Ordering::Relaxed)
+        );
+        let script = format!(
+            "table inet {table} {{\n  chain out {{\n    type filter hook output priority 0; policy accept;\n    ip daddr {ip} tcp dport {port} drop\n    ip saddr {ip} tcp sport {port} drop\n  }}\n}}\n"
+        );
+        let res = Command::new("nft")
+            .args(["-f", "-"])
+            .stdin(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .and_then(|mut child| {
+                use std::io::Write;
+                child
+                    .stdin
+                    .take()
+                    .expect("nft stdin")
+                    .write_all(script.as_bytes())?;
+                child.wait_with_output()
+            });
+        match res {
+            Ok(out) if out.status.success() => Some(CutOff { table }),
+            other => {
+                let why = match other {
+                    Ok(out) => String::from_utf8_lossy(&out.stderr).into_owned(),
+                    Err(e) => e.to_string(),
+                };
+                assert!(
+                    std::env::var_os("CI").is_none(),
+                    "nftables is required in CI: {why}"
+                );
+                eprintln!("nftables unavailable ({why}): skipping the cut-off");
+                None
+            }
+        }
+    }
+
+    /// Let the traffic through again.
+    pub fn heal(self) {}
+}
+
+impl Drop for CutOff {
+    fn drop(&mut self) {
+        let _ = Command::new("nft")
+            .args(["delete", "table", "inet", &self.table])
+            .output();
     }
 }
 

@@ -275,3 +275,82 @@ async fn frozen_leader_is_fenced_after_sigstop() {
         "skip dropped the overdue ticks: {missed_skip}"
     );
 }
+
+/// The leader cut off from the broker (nftables silently drops its traffic,
+/// like a pulled cable): the standby takes over within the heartbeat timeout
+/// plus a few seconds, and the cut-off process publishes no tick after it was
+/// replaced, neither during the cut nor once the network heals.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cut_off_leader_is_replaced_within_the_heartbeat_timeout() {
+    const ALIAS: &str = "127.0.0.2";
+    let node = warren::testing::Node::start_also_on(ALIAS);
+    let w = World::on("cutoff", node.url()).await;
+    let rx = w.collect().await;
+    let cfg = w.write_config("p.toml", POLICIES);
+    // A reaches the broker through the second address only, so that address
+    // can be cut without touching B or the test's own connection.
+    let a_url = node.url_on(ALIAS);
+    let a = w.start("a", &cfg, &[("WARREN_AMQP_URL", a_url.as_str())]);
+    a.wait_leader(Duration::from_secs(20), true).await;
+    let b = w.start("b", &cfg, &[]);
+    b.wait_ready(Duration::from_secs(20)).await;
+    rx.wait_for(Duration::from_secs(10), "ticks from the leader", |m| {
+        m.iter().any(|m| m.sent_by(a.pid))
+    })
+    .await;
+    let cut_at = Utc::now();
+    let cut = std::time::Instant::now();
+    let Some(fw) = warren::testing::CutOff::new(ALIAS, node.port()) else {
+        return;
+    };
+    b.wait_leader(Duration::from_secs(30), true).await;
+    let takeover = cut.elapsed();
+    eprintln!(
+        "cut-off failover: standby took over after {} ms",
+        takeover.as_millis()
+    );
+    // Heartbeat 2 s in these tests: the broker drops a silent connection
+    // after about three heartbeats; the standby retries every 500 ms.
+    assert!(
+        takeover < Duration::from_secs(2 * 3 + 5),
+        "takeover took {takeover:?}"
+    );
+    // Keep the old leader cut off a while longer, then heal the network.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    fw.heal();
+    let healed_at = Utc::now();
+    a.wait_ready(Duration::from_secs(30)).await;
+    let all = rx
+        .wait_for(Duration::from_secs(15), "ticks after the heal", |m| {
+            m.iter().any(|m| {
+                m.sent_by(b.pid)
+                    && m.instant()
+                        .is_some_and(|t| t > healed_at + TimeDelta::seconds(3))
+            })
+        })
+        .await;
+    let late: Vec<_> = all
+        .iter()
+        .filter(|m| m.sent_by(a.pid))
+        .filter(|m| {
+            m.instant()
+                .is_some_and(|t| t > cut_at + TimeDelta::milliseconds(500))
+        })
+        .map(|m| m.id.clone())
+        .collect();
+    assert!(
+        late.is_empty(),
+        "the cut-off leader published after the cut: {late:?}"
+    );
+    assert!(
+        duplicates(&all).is_empty(),
+        "ids published twice: {:?}",
+        duplicates(&all)
+    );
+    assert_eq!(
+        a.metric("warren_producer_leader").await,
+        Some(0.0),
+        "A rejoined as a standby"
+    );
+    check_policies(&all, &a, &b).await;
+}
