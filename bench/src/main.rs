@@ -195,20 +195,33 @@ async fn publish_scenario(conn: &Connection, args: &Args) -> Result<()> {
     let t = topo("publish");
     topology::declare(conn, &t).await?;
     let (mut plain, mut warren) = (Vec::new(), Vec::new());
+    let (mut plain_cpu, mut warren_cpu) = (Vec::new(), Vec::new());
     for run in 0..args.runs {
         for side in if run % 2 == 0 { [0, 1] } else { [1, 0] } {
             purge(conn, &t).await?;
             let start = Instant::now();
+            let cpu = cpu_seconds(std::process::id());
             if side == 0 {
                 plain_publish(conn, &t.tasks_exchange(), "bench.noop", args.messages).await?;
                 plain.push(args.messages as f64 / start.elapsed().as_secs_f64());
+                plain_cpu.extend(per_message_us(cpu, args.messages));
             } else {
                 warren_publish(conn, &t, args.messages).await?;
                 warren.push(args.messages as f64 / start.elapsed().as_secs_f64());
+                warren_cpu.extend(per_message_us(cpu, args.messages));
             }
         }
     }
     report("publish", &plain, &warren);
+    let median = |v: &mut Vec<f64>| {
+        v.sort_by(f64::total_cmp);
+        v.get(v.len() / 2).copied().unwrap_or(0.0)
+    };
+    println!(
+        "publish: client CPU per message, median: plain lapin {:.1} µs, warren {:.1} µs",
+        median(&mut plain_cpu),
+        median(&mut warren_cpu)
+    );
     warren::testing::delete_topology(conn, &t).await;
     Ok(())
 }
@@ -313,6 +326,22 @@ async fn tasks_done(http: &reqwest::Client, url: &str) -> Result<f64> {
         .sum())
 }
 
+/// User + system CPU seconds of a process so far (from `/proc/<pid>/stat`).
+fn cpu_seconds(pid: u32) -> Option<f64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // Fields after the parenthesised command name; utime and stime are the
+    // 14th and 15th fields of the whole line, in clock ticks (100 per second).
+    let rest = stat.rsplit_once(')')?.1;
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    let ticks: f64 = fields.get(11)?.parse::<f64>().ok()? + fields.get(12)?.parse::<f64>().ok()?;
+    Some(ticks / 100.0)
+}
+
+fn per_message_us(before: Option<f64>, n: usize) -> Option<f64> {
+    let after = cpu_seconds(std::process::id())?;
+    Some((after - before?) * 1e6 / n as f64)
+}
+
 fn peak_rss_kib(pid: u32) -> Option<u64> {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
     status
@@ -332,6 +361,7 @@ async fn e2e_scenario(conn: &Connection, args: &Args, url: &str) -> Result<()> {
     let http = reqwest::Client::new();
     let (mut plain, mut warren) = (Vec::new(), Vec::new());
     let mut rss = Vec::new();
+    let mut consumer_cpu = Vec::new();
     for run in 0..args.runs {
         for side in if run % 2 == 0 { [0, 1] } else { [1, 0] } {
             let t = topo(&format!("e2e{run}{side}"));
@@ -374,6 +404,7 @@ async fn e2e_scenario(conn: &Connection, args: &Args, url: &str) -> Result<()> {
                 warren.push(args.messages as f64 / start.elapsed().as_secs_f64());
                 if let Some(pid) = proc.child.id() {
                     rss.extend(peak_rss_kib(pid));
+                    consumer_cpu.extend(cpu_seconds(pid).map(|s| s * 1e6 / args.messages as f64));
                 }
                 proc.child.kill().await.ok();
             }
@@ -381,6 +412,10 @@ async fn e2e_scenario(conn: &Connection, args: &Args, url: &str) -> Result<()> {
         }
     }
     report("e2e", &plain, &warren);
+    consumer_cpu.sort_by(f64::total_cmp);
+    if let Some(us) = consumer_cpu.get(consumer_cpu.len() / 2) {
+        println!("e2e: warren-consumer process CPU per task (incl. start-up), median {us:.1} µs");
+    }
     if let Some(max) = rss.iter().max() {
         println!(
             "e2e: warren-consumer peak RSS {:.1} MiB (max over runs)",
