@@ -168,7 +168,27 @@ async fn lead(
     let state_queue = state::state_queue(ctx.topo.prefix());
     state::declare(conn, &state_queue, ctx.topo.queue_type()).await?;
     let publisher = Publisher::new(conn, ctx.cfg.amqp.confirm_timeout).await?;
-    let previous = state::read(conn, &state_queue).await?;
+    let res = lead_term(ctx, conn, fence, shutdown, &publisher, &state_queue).await;
+    // Close the tick channel before the caller closes the connection: a
+    // channel dropped while its connection closes makes lapin log an error.
+    if publisher.is_open() {
+        let _ = publisher
+            .channel()
+            .close(200, "leader term over".into())
+            .await;
+    }
+    res
+}
+
+async fn lead_term(
+    ctx: &Ctx,
+    conn: &Connection,
+    fence: &Fence,
+    shutdown: &CancellationToken,
+    publisher: &Publisher,
+    state_queue: &str,
+) -> anyhow::Result<()> {
+    let previous = state::read(conn, state_queue).await?;
     if !previous.schedules.is_empty() {
         tracing::info!(
             writer = %previous.writer,
@@ -298,7 +318,7 @@ async fn lead(
                 // under the same id).
                 set_cursor(&mut cursors, s.name(), t, Some(t));
                 let snap = snapshot(ctx, &cursors);
-                match fire(ctx, &publisher, fence, s, t, &state_queue, &snap).await {
+                match fire(ctx, publisher, fence, s, t, state_queue, &snap).await {
                     FireOutcome::Published => last_fired = Some(t),
                     FireOutcome::Missed => dirty = true,
                     FireOutcome::Fenced => return Ok(()),
@@ -313,7 +333,7 @@ async fn lead(
             if !fence.holds() {
                 return Ok(());
             }
-            if let Err(e) = state::write(&publisher, &state_queue, &snap).await {
+            if let Err(e) = state::write(publisher, state_queue, &snap).await {
                 tracing::warn!(error = %e, "could not record the scheduler state");
                 if !publisher.is_open() || !fence.holds() {
                     return Ok(());
