@@ -20,6 +20,8 @@ use lapin::{
     PublisherConfirm,
 };
 
+use tokio::sync::{mpsc, oneshot};
+
 use crate::config::{redact_url, AmqpConfig};
 use crate::envelope::Task;
 use crate::error::Error;
@@ -100,38 +102,99 @@ pub fn watch_connection(conn: &Connection, metrics: AmqpMetrics) -> Arc<AtomicBo
 pub struct Publisher {
     channel: Channel,
     confirm_timeout: Duration,
+    /// Publishes in delivery-tag order, for the [`sequence`] task. The lock
+    /// spans `basic_publish` and the enqueue so both happen in the same order.
+    order: Arc<tokio::sync::Mutex<mpsc::UnboundedSender<Tracked>>>,
 }
 
 /// A publish the broker has not confirmed yet.
 #[must_use = "a publish is not done until its confirm is awaited"]
 pub struct Pending {
-    confirm: PublisherConfirm,
+    verdict: oneshot::Receiver<Result<(), Error>>,
     timeout: Duration,
-    exchange: String,
-    routing_key: String,
 }
 
 impl Pending {
     /// Wait for the broker's verdict.
     pub async fn confirmed(self) -> Result<(), Error> {
-        let c = tokio::time::timeout(self.timeout, self.confirm)
-            .await
-            .map_err(|_| Error::ConfirmTimeout(self.timeout))??;
-        match c {
-            Confirmation::Ack(None) => Ok(()),
-            Confirmation::Ack(Some(ret)) | Confirmation::Nack(Some(ret)) => {
-                Err(Error::Unroutable {
-                    exchange: self.exchange,
-                    routing_key: self.routing_key,
-                    reply: format!("{} {}", ret.reply_code, ret.reply_text),
-                })
-            }
-            Confirmation::Nack(None) => Err(Error::Nacked {
-                exchange: self.exchange,
-                routing_key: self.routing_key,
-            }),
-            Confirmation::NotRequested => Err(Error::NotConfirmed),
+        match tokio::time::timeout(self.timeout, self.verdict).await {
+            Err(_) => Err(Error::ConfirmTimeout(self.timeout)),
+            Ok(Err(_)) => Err(Error::ChannelGone),
+            Ok(Ok(verdict)) => verdict,
         }
+    }
+}
+
+/// What a `basic.return` says about the message it returns.
+#[derive(Debug, Clone, PartialEq)]
+struct Identity {
+    exchange: String,
+    routing_key: String,
+    message_id: Option<String>,
+}
+
+struct Tracked {
+    confirm: PublisherConfirm,
+    identity: Identity,
+    done: oneshot::Sender<Result<(), Error>>,
+}
+
+/// Most returns a sequencer remembers before dropping the oldest; only
+/// reached if the broker returned messages this channel never published.
+const MAX_UNMATCHED_RETURNS: usize = 10_000;
+
+/// Resolves every publish of one channel in delivery-tag order.
+///
+/// lapin hands a `basic.return` to whichever confirm resolves next, and a
+/// multiple-ack resolves several at once, so under pipelining the return of
+/// publish N can arrive on the confirm of publish N-2 (seen in a test under
+/// load). The broker always sends a message's return before its ack, so the
+/// return of publish N rides on a confirm with a tag <= N: walking confirms in
+/// tag order and matching returns by identity gives each publish its own
+/// verdict.
+async fn sequence(mut queue: mpsc::UnboundedReceiver<Tracked>) {
+    let mut returned: VecDeque<(Identity, String)> = VecDeque::new();
+    while let Some(t) = queue.recv().await {
+        let verdict = match t.confirm.await {
+            Err(e) => Err(Error::Amqp(e)),
+            Ok(Confirmation::NotRequested) => Err(Error::NotConfirmed),
+            Ok(c) => {
+                let nacked = c.is_nack();
+                if let Some(ret) = c.take_message() {
+                    let d = &ret.delivery;
+                    let identity = Identity {
+                        exchange: d.exchange.as_str().to_owned(),
+                        routing_key: d.routing_key.as_str().to_owned(),
+                        message_id: d
+                            .properties
+                            .message_id()
+                            .as_ref()
+                            .map(|s| s.as_str().to_owned()),
+                    };
+                    if returned.len() >= MAX_UNMATCHED_RETURNS {
+                        returned.pop_front();
+                    }
+                    returned
+                        .push_back((identity, format!("{} {}", ret.reply_code, ret.reply_text)));
+                }
+                match returned.iter().position(|(id, _)| *id == t.identity) {
+                    Some(i) => {
+                        let reply = returned.remove(i).map(|(_, r)| r).unwrap_or_default();
+                        Err(Error::Unroutable {
+                            exchange: t.identity.exchange,
+                            routing_key: t.identity.routing_key,
+                            reply,
+                        })
+                    }
+                    None if nacked => Err(Error::Nacked {
+                        exchange: t.identity.exchange,
+                        routing_key: t.identity.routing_key,
+                    }),
+                    None => Ok(()),
+                }
+            }
+        };
+        let _ = t.done.send(verdict);
     }
 }
 
@@ -142,9 +205,12 @@ impl Publisher {
         channel
             .confirm_select(ConfirmSelectOptions::default())
             .await?;
+        let (tx, rx) = mpsc::unbounded_channel();
+        tokio::spawn(sequence(rx));
         Ok(Self {
             channel,
             confirm_timeout,
+            order: Arc::new(tokio::sync::Mutex::new(tx)),
         })
     }
 
@@ -165,6 +231,16 @@ impl Publisher {
         properties: BasicProperties,
         body: &[u8],
     ) -> Result<Pending, Error> {
+        let identity = Identity {
+            exchange: exchange.to_owned(),
+            routing_key: routing_key.to_owned(),
+            message_id: properties
+                .message_id()
+                .as_ref()
+                .map(|s| s.as_str().to_owned()),
+        };
+        let (done, verdict) = oneshot::channel();
+        let order = self.order.lock().await;
         let confirm = self
             .channel
             .basic_publish(
@@ -178,11 +254,17 @@ impl Publisher {
                 properties,
             )
             .await?;
+        order
+            .send(Tracked {
+                confirm,
+                identity,
+                done,
+            })
+            .map_err(|_| Error::ChannelGone)?;
+        drop(order);
         Ok(Pending {
-            confirm,
+            verdict,
             timeout: self.confirm_timeout,
-            exchange: exchange.to_owned(),
-            routing_key: routing_key.to_owned(),
         })
     }
 

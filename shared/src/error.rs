@@ -37,6 +37,8 @@ pub enum Error {
     ConfirmTimeout(std::time::Duration),
     #[error("the channel is not in confirm mode")]
     NotConfirmed,
+    #[error("the publishing channel went away before the broker confirmed")]
+    ChannelGone,
 }
 
 impl Error {
@@ -45,7 +47,10 @@ impl Error {
     pub fn is_transient(&self) -> bool {
         match self {
             Self::Amqp(e) => e.can_be_recovered(),
-            Self::ConnectTimeout(_) | Self::ConfirmTimeout(_) | Self::Nacked { .. } => true,
+            Self::ConnectTimeout(_)
+            | Self::ConfirmTimeout(_)
+            | Self::Nacked { .. }
+            | Self::ChannelGone => true,
             Self::Url(_)
             | Self::Tls(_)
             | Self::TopologyConflict { .. }

@@ -336,7 +336,61 @@ async fn confirmed_publish_reports_unroutable_and_missing_exchange() {
     batch.insert(25, (&task, Duration::ZERO));
     let results = publisher.publish_tasks(&topo, batch, 16).await;
     assert_eq!(results.iter().filter(|r| r.is_ok()).count(), 50);
-    assert!(matches!(results[25], Err(Error::Unroutable { .. })));
+    let errs: Vec<(usize, String)> = results
+        .iter()
+        .enumerate()
+        .filter_map(|(i, r)| r.as_ref().err().map(|e| (i, e.to_string())))
+        .collect();
+    assert!(
+        matches!(results[25], Err(Error::Unroutable { .. })),
+        "errors: {errs:?}"
+    );
+
+    // Under pipelining the broker acks many publishes at once and lapin hands a
+    // return to whichever confirm resolves first: every verdict must still
+    // land on its own publish, from one batch and from concurrent callers.
+    let mixed: Vec<Task> = (0..2000)
+        .map(|i| {
+            let name = if i % 7 == 3 {
+                "nobody.listens"
+            } else {
+                "email.send"
+            };
+            Task::new(name, &serde_json::json!({ "i": i }))
+        })
+        .collect();
+    let results = publisher
+        .publish_tasks(&topo, mixed.iter().map(|t| (t, Duration::ZERO)), 500)
+        .await;
+    for (t, r) in mixed.iter().zip(&results) {
+        match (t.name.as_str(), r) {
+            ("email.send", Ok(())) => {}
+            ("nobody.listens", Err(Error::Unroutable { routing_key, .. })) => {
+                assert_eq!(routing_key, "nobody.listens")
+            }
+            (name, r) => panic!("{name}: wrong verdict {r:?}"),
+        }
+    }
+    let callers: Vec<_> = (0..8)
+        .map(|c| {
+            let publisher = publisher.clone();
+            let topo = topo.clone();
+            tokio::spawn(async move {
+                for i in 0..100 {
+                    let bad = (i + c) % 5 == 0;
+                    let t = Task::new(
+                        if bad { "nobody.listens" } else { "email.send" },
+                        &serde_json::json!({}),
+                    );
+                    let r = publisher.publish_task(&topo, &t, Duration::ZERO).await;
+                    assert_eq!(r.is_err(), bad, "caller {c} task {i}: {r:?}");
+                }
+            })
+        })
+        .collect();
+    for c in callers {
+        c.await.unwrap();
+    }
 
     let other = Publisher::new(&conn, Duration::from_secs(10))
         .await
