@@ -201,10 +201,18 @@ async fn sequence(mut queue: mpsc::UnboundedReceiver<Tracked>) {
 impl Publisher {
     /// Open a channel on `conn` and put it in confirm mode.
     pub async fn new(conn: &Connection, confirm_timeout: Duration) -> Result<Self, Error> {
-        let channel = conn.create_channel().await?;
-        channel
-            .confirm_select(ConfirmSelectOptions::default())
-            .await?;
+        // Bounded like every other broker round trip: a broker that accepted
+        // the connection but does not answer must not hang the caller.
+        let open = async {
+            let channel = conn.create_channel().await?;
+            channel
+                .confirm_select(ConfirmSelectOptions::default())
+                .await?;
+            Ok::<_, Error>(channel)
+        };
+        let channel = tokio::time::timeout(confirm_timeout, open)
+            .await
+            .map_err(|_| Error::ConnectTimeout(confirm_timeout))??;
         let (tx, rx) = mpsc::unbounded_channel();
         tokio::spawn(sequence(rx));
         Ok(Self {

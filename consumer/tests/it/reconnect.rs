@@ -38,22 +38,32 @@ fn spawn_publisher(
 ) -> tokio::task::JoinHandle<()> {
     tokio::spawn(async move {
         while !stop.is_cancelled() {
-            let Ok(conn) = warren::amqp::connect(&amqp, "test-publisher").await else {
-                tokio::time::sleep(Duration::from_millis(100)).await;
-                continue;
-            };
-            let Ok(p) = warren::amqp::Publisher::new(&conn, Duration::from_secs(5)).await else {
-                continue;
-            };
-            while !stop.is_cancelled() {
-                let t = Task::new("t.flow", &json!({}));
-                if p.publish_task(&topo, &t, Duration::ZERO).await.is_err() {
-                    break;
+            let conn = match warren::amqp::connect(&amqp, "test-publisher").await {
+                Ok(c) => c,
+                Err(e) => {
+                    eprintln!("test publisher: connect: {e}");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    continue;
                 }
-                confirmed.lock().unwrap().push(t.id);
-                tokio::time::sleep(Duration::from_millis(5)).await;
+            };
+            match warren::amqp::Publisher::new(&conn, Duration::from_secs(5)).await {
+                Ok(p) => {
+                    while !stop.is_cancelled() {
+                        let t = Task::new("t.flow", &json!({}));
+                        if let Err(e) = p.publish_task(&topo, &t, Duration::ZERO).await {
+                            eprintln!("test publisher: publish: {e}");
+                            break;
+                        }
+                        confirmed.lock().unwrap().push(t.id);
+                        tokio::time::sleep(Duration::from_millis(5)).await;
+                    }
+                }
+                Err(e) => {
+                    eprintln!("test publisher: channel: {e}");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
             }
-            let _ = conn.close(200, "".into()).await;
+            let _ = tokio::time::timeout(Duration::from_secs(2), conn.close(200, "".into())).await;
         }
     })
 }
