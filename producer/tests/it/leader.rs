@@ -2,7 +2,7 @@ use std::time::Duration;
 
 use chrono::{DateTime, TimeDelta, Utc};
 
-use crate::helpers::{duplicates, Msg, Producer, World};
+use crate::helpers::{duplicates, Collector, Msg, Producer, World};
 
 /// Three per-second schedules, one per misfire policy.
 const POLICIES: &str = r#"
@@ -191,6 +191,47 @@ async fn two_producers_one_fires_and_kill_9_fails_over() {
     check_policies(&all, &a, &b).await;
 }
 
+/// Waits until the new leader `new` ticked past `until`, then checks that the
+/// old leader published nothing scheduled after it was stopped or cut off at
+/// `lost_at`, and that no id went out twice. Returns everything received.
+async fn assert_fenced(
+    rx: &Collector,
+    old: &Producer,
+    new: &Producer,
+    lost_at: DateTime<Utc>,
+    until: DateTime<Utc>,
+) -> Vec<Msg> {
+    let all = rx
+        .wait_for(
+            Duration::from_secs(15),
+            "the new leader's later ticks",
+            |m| {
+                m.iter()
+                    .any(|m| m.sent_by(new.pid) && m.instant().is_some_and(|t| t > until))
+            },
+        )
+        .await;
+    let late: Vec<_> = all
+        .iter()
+        .filter(|m| m.sent_by(old.pid))
+        .filter(|m| {
+            m.instant()
+                .is_some_and(|t| t > lost_at + TimeDelta::milliseconds(500))
+        })
+        .map(|m| m.id.clone())
+        .collect();
+    assert!(
+        late.is_empty(),
+        "the old leader published after it was replaced: {late:?}"
+    );
+    assert!(
+        duplicates(&all).is_empty(),
+        "ids published twice: {:?}",
+        duplicates(&all)
+    );
+    all
+}
+
 /// The leader frozen with SIGSTOP for 30 s: the standby takes over once the
 /// broker drops the frozen connection, and the resumed process publishes
 /// nothing after that (fenced), then rejoins as a standby.
@@ -227,33 +268,7 @@ async fn frozen_leader_is_fenced_after_sigstop() {
     let resumed_at = Utc::now();
     a.signal("CONT");
     a.wait_leader(Duration::from_secs(10), false).await;
-    let all = rx
-        .wait_for(Duration::from_secs(15), "ticks after the resume", |m| {
-            m.iter().any(|m| {
-                m.sent_by(b.pid)
-                    && m.instant()
-                        .is_some_and(|t| t > resumed_at + TimeDelta::seconds(4))
-            })
-        })
-        .await;
-    let late: Vec<_> = all
-        .iter()
-        .filter(|m| m.sent_by(a.pid))
-        .filter(|m| {
-            m.instant()
-                .is_some_and(|t| t > stopped_at + TimeDelta::milliseconds(500))
-        })
-        .map(|m| m.id.clone())
-        .collect();
-    assert!(
-        late.is_empty(),
-        "the frozen leader published after it was replaced: {late:?}"
-    );
-    assert!(
-        duplicates(&all).is_empty(),
-        "ids published twice: {:?}",
-        duplicates(&all)
-    );
+    let all = assert_fenced(&rx, &a, &b, stopped_at, resumed_at + TimeDelta::seconds(4)).await;
     assert!(
         a.is_running(),
         "the resumed process keeps running as a standby"
@@ -329,33 +344,7 @@ async fn cut_off_leader_is_replaced_within_the_heartbeat_timeout() {
     fw.heal();
     let healed_at = Utc::now();
     a.wait_ready(Duration::from_secs(30)).await;
-    let all = rx
-        .wait_for(Duration::from_secs(15), "ticks after the heal", |m| {
-            m.iter().any(|m| {
-                m.sent_by(b.pid)
-                    && m.instant()
-                        .is_some_and(|t| t > healed_at + TimeDelta::seconds(3))
-            })
-        })
-        .await;
-    let late: Vec<_> = all
-        .iter()
-        .filter(|m| m.sent_by(a.pid))
-        .filter(|m| {
-            m.instant()
-                .is_some_and(|t| t > cut_at + TimeDelta::milliseconds(500))
-        })
-        .map(|m| m.id.clone())
-        .collect();
-    assert!(
-        late.is_empty(),
-        "the cut-off leader published after the cut: {late:?}"
-    );
-    assert!(
-        duplicates(&all).is_empty(),
-        "ids published twice: {:?}",
-        duplicates(&all)
-    );
+    let all = assert_fenced(&rx, &a, &b, cut_at, healed_at + TimeDelta::seconds(3)).await;
     assert_eq!(
         a.metric("warren_producer_leader").await,
         Some(0.0),
