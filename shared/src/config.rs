@@ -107,6 +107,12 @@ pub struct TopologyConfig {
     pub prefix: String,
     pub queue_type: QueueType,
     pub queues: Vec<QueueConfig>,
+    /// Quorum work queues only (`x-delivery-limit`): after this many
+    /// deliveries of one message — redeliveries after consumer crashes, lost
+    /// connections or drains past the grace — the broker dead-letters it, so a
+    /// task that kills every consumer that runs it cannot crash-loop the fleet.
+    /// 0 = unlimited. warren's own retries are new messages and do not count.
+    pub delivery_limit: u32,
 }
 
 impl Default for TopologyConfig {
@@ -115,6 +121,7 @@ impl Default for TopologyConfig {
             prefix: "warren".into(),
             queue_type: QueueType::Classic,
             queues: vec![QueueConfig::default()],
+            delivery_limit: 20,
         }
     }
 }

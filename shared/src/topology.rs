@@ -36,6 +36,7 @@ pub struct Topology {
     prefix: String,
     queue_type: QueueType,
     queues: Vec<WorkQueue>,
+    delivery_limit: u32,
 }
 
 /// One object to declare, as data.
@@ -76,6 +77,7 @@ impl Topology {
                     max_priority: q.max_priority,
                 })
                 .collect(),
+            delivery_limit: cfg.delivery_limit,
         }
     }
 
@@ -193,6 +195,13 @@ impl Topology {
                 "x-dead-letter-exchange",
                 AMQPValue::LongString(self.dead_exchange().into()),
             );
+            if self.queue_type == QueueType::Quorum && self.delivery_limit > 0 {
+                put(
+                    &mut args,
+                    "x-delivery-limit",
+                    AMQPValue::LongLongInt(self.delivery_limit.into()),
+                );
+            }
             if self.queue_type == QueueType::Classic && q.max_priority > 0 {
                 put(
                     &mut args,
@@ -390,6 +399,7 @@ mod tests {
                     max_priority: 0,
                 },
             ],
+            delivery_limit: 20,
         })
     }
 
@@ -446,6 +456,15 @@ mod tests {
                 assert!(!args.contains_key("x-max-priority"));
             }
         }
+        let work = t.objects().into_iter().find_map(|o| match o {
+            Object::Queue { name, args } if name == "t.default" => Some(args),
+            _ => None,
+        });
+        assert_eq!(
+            work.and_then(|a| a.inner().get("x-delivery-limit").cloned()),
+            Some(AMQPValue::LongLongInt(20)),
+            "quorum work queues bound redeliveries"
+        );
         let c = topo(QueueType::Classic);
         let prio = c.objects().into_iter().any(|o| matches!(o, Object::Queue { name, args } if name == "t.default" && args.contains_key("x-max-priority")));
         assert!(prio);

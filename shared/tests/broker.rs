@@ -482,3 +482,55 @@ async fn amqps_with_a_private_ca() {
     );
     conn.close(200, "bye".into()).await.ok();
 }
+
+#[tokio::test]
+async fn quorum_queue_dead_letters_a_task_redelivered_past_the_limit() {
+    // A task whose consumer dies every time it runs it (here: a channel that
+    // closes without acking) must not crash-loop the fleet forever.
+    let conn = testing::connect().await;
+    let cfg = TopologyConfig {
+        delivery_limit: 2,
+        ..testing::topology_config("dlimit", QueueType::Quorum)
+    };
+    let topo = Topology::new(&cfg);
+    topology::declare(&conn, &topo).await.unwrap();
+    let publisher = Publisher::new(&conn, Duration::from_secs(10))
+        .await
+        .unwrap();
+    let task = Task::new("crashes.everything", &serde_json::json!({}));
+    publisher
+        .publish_task(&topo, &task, Duration::ZERO)
+        .await
+        .unwrap();
+    let queue = topo.work_queues()[0].name.clone();
+    let mut deliveries = 0;
+    loop {
+        let ch = conn.create_channel().await.unwrap();
+        let got = ch
+            .basic_get(queue.as_str().into(), BasicGetOptions { no_ack: false })
+            .await
+            .unwrap();
+        // Closing the channel unacked returns the message, as a crash would.
+        ch.close(200, "crash".into()).await.unwrap();
+        match got {
+            Some(_) => deliveries += 1,
+            None if deliveries > 0 => break,
+            None => tokio::time::sleep(Duration::from_millis(20)).await,
+        }
+        assert!(
+            deliveries <= 3,
+            "delivered {deliveries} times past a limit of 2"
+        );
+    }
+    let d = wait_one(&conn, &topo.dead_queue(), Duration::from_secs(10)).await;
+    assert_eq!(
+        d.properties.message_id().as_ref().unwrap().as_str(),
+        task.id
+    );
+    let h = d.properties.headers().clone().unwrap_or_default();
+    assert_eq!(
+        warren::envelope::header_str(&h, "x-first-death-reason").as_deref(),
+        Some("delivery_limit")
+    );
+    testing::delete_topology(&conn, &topo).await;
+}
