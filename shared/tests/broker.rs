@@ -245,16 +245,21 @@ async fn delays_on_quorum_queues() {
     delays_arrive_on_time(QueueType::Quorum, "delayq").await;
 }
 
-async fn unroutable_at_last_hop_goes_dead(qt: QueueType, test: &str) {
-    let conn = testing::connect().await;
-    let cfg = TopologyConfig {
+/// One work queue that binds only `email.*`: every other task name is unroutable.
+fn emails_only(test: &str, qt: QueueType) -> TopologyConfig {
+    TopologyConfig {
         queues: vec![QueueConfig {
             name: "emails".into(),
             bindings: vec!["email.*".into()],
             max_priority: 0,
         }],
         ..testing::topology_config(test, qt)
-    };
+    }
+}
+
+async fn unroutable_at_last_hop_goes_dead(qt: QueueType, test: &str) {
+    let conn = testing::connect().await;
+    let cfg = emails_only(test, qt);
     let topo = Topology::new(&cfg);
     topology::declare(&conn, &topo).await.unwrap();
     let publisher = Publisher::new(&conn, Duration::from_secs(10))
@@ -306,14 +311,7 @@ async fn unroutable_after_delay_is_dead_lettered_quorum() {
 #[tokio::test]
 async fn confirmed_publish_reports_unroutable_and_missing_exchange() {
     let conn = testing::connect().await;
-    let cfg = TopologyConfig {
-        queues: vec![QueueConfig {
-            name: "emails".into(),
-            bindings: vec!["email.*".into()],
-            max_priority: 0,
-        }],
-        ..testing::topology_config("unroutable", QueueType::Classic)
-    };
+    let cfg = emails_only("unroutable", QueueType::Classic);
     let topo = Topology::new(&cfg);
     topology::declare(&conn, &topo).await.unwrap();
     let publisher = Publisher::new(&conn, Duration::from_secs(10))

@@ -365,3 +365,19 @@ pub fn amqp_for(url: &str) -> warren::config::AmqpConfig {
         ..testing::amqp_config()
     }
 }
+
+/// A registry that records every run of `name` and succeeds at once.
+pub fn recording(name: &str) -> (Registry, Runs) {
+    let runs = Runs::default();
+    let r = runs.clone();
+    let mut reg = Registry::new();
+    reg.register_fn(name, move |t| {
+        let r = r.clone();
+        async move {
+            r.record(&t);
+            Ok(())
+        }
+    })
+    .unwrap();
+    (reg, runs)
+}

@@ -17,17 +17,7 @@ use crate::helpers::*;
 
 #[tokio::test]
 async fn success_acks_each_task_once() {
-    let runs = Runs::default();
-    let mut reg = Registry::new();
-    let r = runs.clone();
-    reg.register_fn("t.ok", move |t| {
-        let r = r.clone();
-        async move {
-            r.record(&t);
-            Ok(())
-        }
-    })
-    .unwrap();
+    let (reg, runs) = recording("t.ok");
     let app = spawn_worker(config("success"), reg).await;
     let tasks: Vec<Task> = (0..20)
         .map(|i| Task::new("t.ok", &json!({ "i": i })))
@@ -318,17 +308,7 @@ async fn panic_is_retried_and_the_worker_survives() {
 
 #[tokio::test]
 async fn every_poison_kind_is_dead_lettered_at_once() {
-    let runs = Runs::default();
-    let mut reg = Registry::new();
-    let r = runs.clone();
-    reg.register_fn("t.good", move |t| {
-        let r = r.clone();
-        async move {
-            r.record(&t);
-            Ok(())
-        }
-    })
-    .unwrap();
+    let (reg, runs) = recording("t.good");
     let mut cfg = config("poison");
     cfg.worker.max_body_bytes = 1024;
     let app = spawn_worker(cfg, reg).await;
@@ -541,17 +521,7 @@ async fn consumes_only_the_selected_queues() {
 
 #[tokio::test]
 async fn a_task_that_is_not_due_yet_waits_for_its_not_before() {
-    let runs = Runs::default();
-    let mut reg = Registry::new();
-    let r = runs.clone();
-    reg.register_fn("t.later", move |t| {
-        let r = r.clone();
-        async move {
-            r.record(&t);
-            Ok(())
-        }
-    })
-    .unwrap();
+    let (reg, runs) = recording("t.later");
     let app = spawn_worker(config("notbefore"), reg).await;
     let mut t = Task::new("t.later", &json!({}));
     let start = std::time::Instant::now();

@@ -8,7 +8,6 @@ use nix::sys::signal::Signal;
 use serde_json::json;
 use warren::testing::eventually;
 use warren::Task;
-use warren_consumer::Registry;
 
 use crate::helpers::*;
 
@@ -60,22 +59,6 @@ async fn client(
         .await
         .expect("publisher");
     (conn, p, topo)
-}
-
-/// A registry that records every run of `name` and succeeds at once.
-fn recording(name: &str) -> (Registry, Runs) {
-    let runs = Runs::default();
-    let r = runs.clone();
-    let mut reg = Registry::new();
-    reg.register_fn(name, move |t| {
-        let r = r.clone();
-        async move {
-            r.record(&t);
-            Ok(())
-        }
-    })
-    .unwrap();
-    (reg, runs)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -9,24 +9,8 @@ use serde_json::json;
 use tokio_util::sync::CancellationToken;
 use warren::testing::{eventually, Node};
 use warren::Task;
-use warren_consumer::Registry;
 
 use crate::helpers::*;
-
-fn recording(name: &str) -> (Registry, Runs) {
-    let runs = Runs::default();
-    let r = runs.clone();
-    let mut reg = Registry::new();
-    reg.register_fn(name, move |t| {
-        let r = r.clone();
-        async move {
-            r.record(&t);
-            Ok(())
-        }
-    })
-    .unwrap();
-    (reg, runs)
-}
 
 /// Publishes a task every few ms, reconnecting on failure; records what the
 /// broker confirmed.
