@@ -100,6 +100,8 @@ fn main() -> ExitCode {
             Command::Dead(cmd) => dead_cmd(cfg, cmd).await,
         }
     });
+    // Lines still queued for the log writer would die with the process.
+    warren::telemetry::flush();
     match res {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {

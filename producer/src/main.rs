@@ -47,6 +47,8 @@ fn main() -> std::process::ExitCode {
             runtime()?.block_on(app::run(cfg, cli.config.clone(), schedules))
         }),
     };
+    // Lines still queued for the log writer would die with the process.
+    warren::telemetry::flush();
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(e) => {

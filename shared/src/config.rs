@@ -199,6 +199,9 @@ pub struct LogConfig {
     pub format: LogFormat,
     /// An `EnvFilter` directive; `RUST_LOG` wins when set.
     pub level: String,
+    /// Let the AMQP client's own message and frame dumps (which hold task
+    /// payloads) through. Off: no payload byte reaches any log at any level.
+    pub payloads: bool,
 }
 
 impl Default for LogConfig {
@@ -206,6 +209,7 @@ impl Default for LogConfig {
         Self {
             format: LogFormat::Text,
             level: "info".into(),
+            payloads: false,
         }
     }
 }

@@ -8,3 +8,4 @@ mod helpers;
 mod outcomes;
 mod processes;
 mod reconnect;
+mod surroundings;

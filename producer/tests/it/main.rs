@@ -11,3 +11,4 @@ mod leader;
 mod publish;
 mod reload;
 mod schedules;
+mod surroundings;

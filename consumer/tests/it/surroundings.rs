@@ -1,0 +1,167 @@
+//! The process's own surroundings fail: its log pipe closes under it, or it
+//! starts with stdout/stderr closed. Tasks must still finish and be acked,
+//! and signals must still stop the process.
+
+use std::io::{BufRead, BufReader};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use nix::sys::signal::{kill, Signal};
+use nix::unistd::Pid;
+use serde_json::json;
+use warren::testing::eventually;
+use warren::Task;
+
+use crate::helpers::*;
+
+const NOOP_TOML: &str = r#"
+[handlers."t.noop"]
+kind = "noop"
+"#;
+
+fn command(cfg: &warren_consumer::ConsumerConfig, dir: &tempfile::TempDir) -> Command {
+    let path = dir.path().join("consumer.toml");
+    std::fs::write(&path, NOOP_TOML).unwrap();
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_warren-consumer"));
+    cmd.arg("--config")
+        .arg(&path)
+        .env("WARREN_AMQP_URL", cfg.amqp.url.expose())
+        .env("WARREN_TOPOLOGY__PREFIX", &cfg.topology.prefix)
+        .env("WARREN_HTTP_ADDR", "127.0.0.1:0")
+        // Every delivery logs several lines: the first write after the
+        // reader is gone used to panic inside the task that logged.
+        .env("RUST_LOG", "debug")
+        .stdin(Stdio::null());
+    cmd
+}
+
+async fn wait_exit(child: &mut Child, within: Duration) -> std::process::ExitStatus {
+    let deadline = Instant::now() + within;
+    loop {
+        if let Some(s) = child.try_wait().unwrap() {
+            return s;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the consumer did not exit within {within:?} of SIGTERM"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// This test's view of the broker: its topology declared, no worker.
+struct Client {
+    conn: lapin::Connection,
+    publisher: warren::amqp::Publisher,
+    topo: warren::Topology,
+}
+
+async fn client_app(cfg: &warren_consumer::ConsumerConfig) -> Client {
+    let conn = warren::amqp::connect(&cfg.amqp, "test-client")
+        .await
+        .expect("connect");
+    let topo = warren::Topology::new(&cfg.topology);
+    warren::topology::declare(&conn, &topo)
+        .await
+        .expect("declare");
+    let publisher = warren::amqp::Publisher::new(&conn, Duration::from_secs(10))
+        .await
+        .expect("publisher");
+    Client {
+        conn,
+        publisher,
+        topo,
+    }
+}
+
+impl Client {
+    fn queue(&self) -> String {
+        self.topo.work_queues()[0].name.clone()
+    }
+
+    async fn stop(self) {
+        warren::testing::delete_topology(&self.conn, &self.topo).await;
+        let _ = self.conn.close(200, "test done".into()).await;
+    }
+}
+
+/// Publish `n` noop tasks, then wait until the consumer has taken them all.
+async fn publish_and_drain(app: &Client, n: usize) {
+    for i in 0..n {
+        let t = Task::new("t.noop", &json!({ "i": i }));
+        app.publisher
+            .publish_task(&app.topo, &t, Duration::ZERO)
+            .await
+            .expect("publish");
+    }
+    let (conn, queue) = (&app.conn, app.queue());
+    eventually(WAIT, "the consumer takes every task", || async {
+        (queue_len(conn, &queue).await == 0).then_some(())
+    })
+    .await;
+}
+
+async fn assert_stops_and_acked(app: &Client, child: &mut Child) {
+    kill(Pid::from_raw(child.id() as i32), Signal::SIGTERM).unwrap();
+    let status = wait_exit(child, Duration::from_secs(20)).await;
+    assert!(
+        status.success(),
+        "consumer exit status after SIGTERM: {status}"
+    );
+    // Nothing was left unacked: the closed connection would have put it back.
+    assert_eq!(
+        queue_len(&app.conn, &app.queue()).await,
+        0,
+        "unacked tasks came back"
+    );
+}
+
+#[tokio::test]
+async fn closed_log_pipe_neither_wedges_tasks_nor_signals() {
+    // The queue exists (declared by this in-process client) before the child starts.
+    let cfg = config("surround_logpipe");
+    let app = client_app(&cfg).await;
+    let dir = tempfile::tempdir().unwrap();
+    let mut child = command(&cfg, &dir)
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    // Read until it consumes, then close the pipe's only reader, as a log
+    // shipper that dies (or `| tee` after Ctrl-C) does.
+    let stderr = child.stderr.take().unwrap();
+    let reader = std::thread::spawn(move || {
+        let mut lines = BufReader::new(stderr).lines();
+        for line in lines.by_ref() {
+            if line.map(|l| l.contains("consuming")).unwrap_or(true) {
+                return true;
+            }
+        }
+        false
+    });
+    assert!(reader.join().unwrap(), "consumer never logged `consuming`");
+    publish_and_drain(&app, 20).await;
+    assert_stops_and_acked(&app, &mut child).await;
+    app.stop().await;
+}
+
+#[tokio::test]
+async fn closed_stdout_and_stderr_from_the_start() {
+    let cfg = config("surround_closedfds");
+    let app = client_app(&cfg).await;
+    let dir = tempfile::tempdir().unwrap();
+    // `1>&- 2>&-`: both descriptors closed, not /dev/null.
+    let inner = command(&cfg, &dir);
+    let mut child = Command::new("sh")
+        .arg("-c")
+        .arg("exec \"$0\" \"$@\" 1>&- 2>&-")
+        .arg(inner.get_program())
+        .args(inner.get_args())
+        .envs(inner.get_envs().filter_map(|(k, v)| v.map(|v| (k, v))))
+        .stdin(Stdio::null())
+        .spawn()
+        .unwrap();
+    publish_and_drain(&app, 20).await;
+    assert_stops_and_acked(&app, &mut child).await;
+    app.stop().await;
+}
