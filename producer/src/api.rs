@@ -222,7 +222,11 @@ async fn post_tasks(
         ApiError::new(
             StatusCode::BAD_REQUEST,
             "bad_json",
-            format!("body is not valid JSON: {e}"),
+            format!(
+                "body, line {}: {}",
+                e.line(),
+                crate::request::json_error(&e)
+            ),
         )
     })?;
     let single = value.is_object();
@@ -259,7 +263,7 @@ async fn post_tasks(
     let mut tasks = Vec::with_capacity(items.len());
     for (i, item) in items.into_iter().enumerate() {
         let parsed = serde_json::from_value::<TaskRequest>(item)
-            .map_err(|e| e.to_string())
+            .map_err(|e| crate::request::json_error(&e))
             .and_then(|r| r.into_task(now));
         match parsed {
             Ok(t) => tasks.push(t),

@@ -202,10 +202,7 @@ async fn publish_batch(cfg: ProducerConfig, window: usize) -> anyhow::Result<()>
             if line.trim().is_empty() {
                 continue;
             }
-            match serde_json::from_str::<TaskRequest>(&line)
-                .map_err(|e| e.to_string())
-                .and_then(|r| r.into_task(now))
-            {
+            match TaskRequest::from_line(&line).and_then(|r| r.into_task(now)) {
                 Ok(t) => chunk.push(t),
                 Err(e) => {
                     failed += 1;

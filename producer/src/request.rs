@@ -40,6 +40,12 @@ pub struct TaskRequest {
 }
 
 impl TaskRequest {
+    /// One NDJSON line, with an error that speaks of the line as the user
+    /// wrote it (serde's own says "line 1" of a one-line document).
+    pub fn from_line(line: &str) -> Result<TaskRequest, String> {
+        serde_json::from_str(line).map_err(|e| json_error(&e))
+    }
+
     /// Validate and build the task and its delay, relative to `now`.
     pub fn into_task(self, now: DateTime<Utc>) -> Result<(Task, Duration), String> {
         if self.task.is_empty() {
@@ -51,19 +57,30 @@ impl TaskRequest {
         if self.task.contains(['*', '#']) {
             return Err("`task` may not contain `*` or `#`".into());
         }
-        let delay = match (self.delay, self.at) {
+        let wait = match (self.delay, self.at) {
             (Some(_), Some(_)) => return Err("give `delay` or `at`, not both".into()),
             (Some(d), None) => d,
             (None, Some(at)) => (at - now).to_std().unwrap_or(Duration::ZERO),
             (None, None) => Duration::ZERO,
         };
-        if delay > MAX_DELAY {
-            return Err(format!(
-                "delay {} is longer than the maximum {}",
-                humantime::format_duration(delay),
-                humantime::format_duration(MAX_DELAY)
-            ));
-        }
+        // An ETA of any length: the first trip through the delay levels is
+        // capped at their range and `x-warren-not-before` keeps the real
+        // instant, so a consumer that receives it early parks it again.
+        let not_before = if wait.is_zero() {
+            None
+        } else {
+            let ahead = chrono::TimeDelta::from_std(wait)
+                .ok()
+                .and_then(|d| now.checked_add_signed(d))
+                .ok_or_else(|| {
+                    format!(
+                        "the task would start {} from now, past any representable instant",
+                        humantime::format_duration(wait)
+                    )
+                })?;
+            Some(ahead)
+        };
+        let delay = wait.min(MAX_DELAY);
         let payload = self
             .payload
             .unwrap_or_else(|| serde_json::Value::Object(Default::default()));
@@ -78,10 +95,28 @@ impl TaskRequest {
         task.max_attempts = self.max_attempts;
         task.timeout = self.timeout;
         task.correlation_id = self.correlation_id;
-        if !delay.is_zero() {
-            task.not_before = chrono::TimeDelta::from_std(delay).ok().map(|d| now + d);
-        }
+        task.not_before = not_before;
         Ok((task, delay))
+    }
+}
+
+/// serde_json's reason without its position suffix, in words for people; a
+/// syntax error says the column (the caller knows the line).
+pub fn json_error(e: &serde_json::Error) -> String {
+    use serde_json::error::Category;
+    let msg = e.to_string();
+    let reason = msg.rfind(" at line ").map_or(msg.as_str(), |i| &msg[..i]);
+    let reason = match reason {
+        "expected ident" => "a bare word where a JSON value should be (quote strings)",
+        "expected value" => "a JSON value was expected",
+        "key must be a string" => "an object key must be a quoted string",
+        r => r,
+    };
+    match e.classify() {
+        Category::Syntax | Category::Eof => {
+            format!("not valid JSON at column {}: {reason}", e.column())
+        }
+        Category::Data | Category::Io => reason.to_owned(),
     }
 }
 
@@ -111,6 +146,46 @@ mod tests {
         assert!(t.not_before.is_some());
     }
 
+    /// Past the levels' range (~38.8 days) the first trip is capped and the
+    /// not-before instant is exact: the consumer parks it again on arrival.
+    #[test]
+    fn eta_of_any_length() {
+        let now = Utc::now();
+        let at = now + chrono::TimeDelta::days(400);
+        let json = format!(r#"{{"task":"a","at":"{}"}}"#, at.to_rfc3339());
+        let (t, d) = serde_json::from_str::<TaskRequest>(&json)
+            .unwrap()
+            .into_task(now)
+            .unwrap();
+        assert_eq!(d, MAX_DELAY);
+        // RFC 3339 text keeps nanoseconds: the instant survives exactly.
+        assert_eq!(t.not_before, Some(at));
+        let (t, d) = req(r#"{"task":"a","delay":"100days"}"#).unwrap();
+        assert_eq!(d, MAX_DELAY);
+        let ahead = t.not_before.unwrap() - Utc::now();
+        assert!(ahead > chrono::TimeDelta::days(99), "{ahead}");
+        let (t, d) = req(r#"{"task":"a","delay":"10s"}"#).unwrap();
+        assert_eq!(d, Duration::from_secs(10));
+        assert!(t.not_before.is_some());
+    }
+
+    #[test]
+    fn line_errors_speak_of_the_line() {
+        let e = TaskRequest::from_line(r#"{"task": tru}"#).unwrap_err();
+        assert_eq!(
+            e,
+            "not valid JSON at column 13: a bare word where a JSON value should be (quote strings)"
+        );
+        let e = TaskRequest::from_line("{task: 1}").unwrap_err();
+        assert!(
+            e.starts_with("not valid JSON at column 2: an object key must be a quoted string"),
+            "{e}"
+        );
+        let e = TaskRequest::from_line(r#"{"task":"a","bogus":1}"#).unwrap_err();
+        assert!(e.starts_with("unknown field `bogus`"), "{e}");
+        assert!(!e.contains("line 1"), "{e}");
+    }
+
     #[test]
     fn rejects() {
         assert!(req(r#"{"task":""}"#).unwrap_err().contains("empty"));
@@ -119,9 +194,9 @@ mod tests {
                 .unwrap_err()
                 .contains("not both")
         );
-        assert!(req(r#"{"task":"a","delay":"100days"}"#)
+        assert!(req(r#"{"task":"a","delay":"1000000000years"}"#)
             .unwrap_err()
-            .contains("maximum"));
+            .contains("representable"));
         assert!(req(r#"{"task":"a","bogus":1}"#)
             .unwrap_err()
             .contains("bogus"));

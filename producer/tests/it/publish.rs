@@ -146,7 +146,57 @@ async fn publish_batch_of_10000() {
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert_eq!(stdout.trim(), "1 confirmed, 2 failed");
     assert!(
-        stderr.contains("line 2") && stderr.contains("line 3"),
+        stderr.contains("line 2: not valid JSON at column 2")
+            && stderr.contains("line 3: unknown field `bogus`"),
         "{stderr}"
+    );
+    assert!(
+        !stderr.contains("line 1 column"),
+        "serde's own position: {stderr}"
+    );
+}
+
+/// `publish --at` 100 days ahead (past the delay levels' ~38.8-day range) is
+/// accepted: the task waits in the top level and carries the exact instant
+/// in `x-warren-not-before`, so the consumer parks it again on arrival.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn publish_at_beyond_the_delay_range_is_accepted() {
+    let w = World::new("publish_far_eta").await;
+    let at = (Utc::now() + chrono::TimeDelta::days(100))
+        .to_rfc3339_opts(chrono::SecondsFormat::Millis, true);
+    let out = w.cli(&["publish", "it.far", "--at", &at], b"");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let top = format!("{}.delay.{}", w.prefix, warren::delay::LEVELS - 1);
+    assert_eq!(
+        w.queue_len(&top).await,
+        1,
+        "the task waits in the top level"
+    );
+    let ch = w.conn.create_channel().await.unwrap();
+    let msg = ch
+        .basic_get(
+            top.as_str().into(),
+            lapin::options::BasicGetOptions { no_ack: true },
+        )
+        .await
+        .unwrap()
+        .expect("the parked task");
+    let headers = msg
+        .delivery
+        .properties
+        .headers()
+        .clone()
+        .unwrap_or_default();
+    let nb = warren::envelope::header_str(&headers, warren::envelope::headers::NOT_BEFORE)
+        .expect("x-warren-not-before");
+    let nb = chrono::DateTime::parse_from_rfc3339(&nb).unwrap();
+    let want = chrono::DateTime::parse_from_rfc3339(&at).unwrap();
+    assert!(
+        (nb - want).abs() < chrono::TimeDelta::seconds(1),
+        "not-before {nb} for --at {at}"
     );
 }
