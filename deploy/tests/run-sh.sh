@@ -11,9 +11,6 @@
 # Uses debug binaries (WARREN_PROFILE=debug; build them first), free ports and
 # a node of its own per scenario. Prints "N passed, N failed".
 set -uo pipefail
-# Job control: without it bash starts background commands with SIGINT
-# ignored, and an ignored signal cannot be trapped by the script under test.
-set -m
 cd "$(dirname "$0")/../.."
 
 BOUND=${RUN_SH_STOP_BOUND:-45}   # seconds from the signal to everything gone
@@ -21,6 +18,13 @@ work=$(mktemp -d -t warren-run-sh.XXXXXX)
 passed=0
 failed=0
 
+# New session, SIGINT back to its default: a background command of a script
+# (this one, or whatever started it) inherits SIGINT ignored, and bash cannot
+# trap a signal ignored on entry, as a terminal's run.sh can.
+session=(python3 -c 'import os, signal, sys
+signal.signal(signal.SIGINT, signal.SIG_DFL)
+os.setsid()
+os.execvp(sys.argv[1], sys.argv[1:])')
 free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
 listening() { (exec 3<>/dev/tcp/127.0.0.1/"$1") 2>/dev/null; }
 session_pids() { ps -e -o pid=,sid= | awk -v s="$1" '$2 == s { print $1 }'; }
@@ -37,9 +41,9 @@ scenario() {
   # A session of its own: its id names every process the script starts,
   # except the broker (broker.sh gives it its own session; checked by pid).
   if [ "$name" = pipe-ctrl-c ]; then
-    env "${env[@]}" setsid bash -c 'bash deploy/run.sh 2>&1 | tee "$0" > /dev/null' "$log" < /dev/null &
+    env "${env[@]}" "${session[@]}" bash -c 'bash deploy/run.sh 2>&1 | tee "$0" > /dev/null' "$log" < /dev/null &
   else
-    env "${env[@]}" setsid bash deploy/run.sh > "$log" 2>&1 < /dev/null &
+    env "${env[@]}" "${session[@]}" bash deploy/run.sh > "$log" 2>&1 < /dev/null &
   fi
   local leader=$!
   local sid=$leader

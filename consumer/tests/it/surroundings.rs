@@ -165,3 +165,78 @@ async fn closed_stdout_and_stderr_from_the_start() {
     assert_stops_and_acked(&app, &mut child).await;
     app.stop().await;
 }
+
+/// A full disk on the broker (`disk_free_limit` above the free space) blocks
+/// every publisher: the retry copies of tasks that fail meanwhile cannot be
+/// confirmed. Their deliveries are left unacked and come back; once the alarm
+/// clears every task ends (here: succeeds on a later attempt), none is lost
+/// and none is dead-lettered.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn disk_alarm_blocks_retries_and_loses_nothing() {
+    const N: usize = 10;
+    let node = tokio::task::spawn_blocking(warren::testing::Node::start)
+        .await
+        .unwrap();
+    let mut cfg = config("surround_disk");
+    cfg.amqp = amqp_for(node.url());
+    cfg.amqp.confirm_timeout = Duration::from_secs(2);
+    let gate = std::sync::Arc::new(tokio::sync::Semaphore::new(0));
+    let runs = Runs::default();
+    let mut reg = warren_consumer::Registry::new();
+    let (g, r) = (gate.clone(), runs.clone());
+    reg.register_fn("t.flaky", move |t: Task| {
+        let (g, r) = (g.clone(), r.clone());
+        async move {
+            r.record(&t);
+            if t.attempt == 1 {
+                // Hold the first attempts until the alarm is on, then fail
+                // them: their retry publishes meet a blocked broker.
+                let _ = g.acquire().await.map(|p| p.forget());
+                return Err(warren_consumer::TaskError::retryable("first attempt fails"));
+            }
+            Ok(())
+        }
+    })
+    .unwrap();
+    let app = spawn_worker(cfg, reg).await;
+    for i in 0..N {
+        app.publish(&Task::new("t.flaky", &json!({ "i": i }))).await;
+    }
+    runs.wait_total(N).await;
+
+    let node = tokio::task::spawn_blocking(move || {
+        let o = node.ctl(&["set_disk_free_limit", "1000000GB"]);
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+        node
+    })
+    .await
+    .unwrap();
+    gate.add_permits(1_000_000);
+    // Blocked retries time out and the session starts over; the tasks come
+    // back and fail again, still blocked, until the disk frees up.
+    eventually(WAIT, "a retry publish refused by the alarm", || async {
+        (app.counter("warren_amqp_reconnects_total", &[]) >= 1.0).then_some(())
+    })
+    .await;
+    let node = tokio::task::spawn_blocking(move || {
+        let o = node.ctl(&["set_disk_free_limit", "50MB"]);
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+        node
+    })
+    .await
+    .unwrap();
+    eventually(WAIT, "every task succeeded once the alarm cleared", || async {
+        let done = runs
+            .0
+            .lock()
+            .unwrap()
+            .values()
+            .filter(|v| v.iter().any(|(a, _)| *a >= 2))
+            .count();
+        (done == N).then_some(())
+    })
+    .await;
+    assert_eq!(queue_len(&app.conn, &app.topo.dead_queue()).await, 0, "nothing dead");
+    app.stop().await;
+    drop(node);
+}
