@@ -34,6 +34,11 @@ trap cleanup EXIT
 WARREN_TEST_AMQP_URL=$(bash deploy/broker.sh start --dir "$node_dir" --port 0 --name "warren-test-$$" --watch $$ | tail -n 1)
 export WARREN_TEST_AMQP_URL
 
-cargo nextest run --workspace --all-features --no-fail-fast "$@"
+status=0
+cargo nextest run --workspace --all-features --no-fail-fast "$@" || status=$?
 # nextest does not run doctests (the README-style examples in the crates).
-cargo test --workspace --all-features --doc --quiet
+cargo test --workspace --all-features --doc --quiet || status=$?
+# The scripts people run: deploy/run.sh starts and stops cleanly however it
+# is signalled (uses the debug binaries built above).
+bash deploy/tests/run-sh.sh || status=$?
+exit "$status"

@@ -85,7 +85,7 @@ pub struct PublishArgs {
 pub fn check(path: Option<&std::path::Path>) -> anyhow::Result<()> {
     let (_, schedules) = config::load_checked(path)?;
     let enabled = schedules.iter().filter(|s| s.cfg.enabled).count();
-    println!(
+    warren::outln!(
         "ok: {} schedule(s), {} enabled ({})",
         schedules.len(),
         enabled,
@@ -178,7 +178,7 @@ pub async fn publish(cfg: ProducerConfig, args: PublishArgs) -> anyhow::Result<(
     let res = publisher.publish_task(&topo, &task, delay).await;
     let _ = conn.close(200, "done".into()).await;
     res.with_context(|| format!("publishing task `{}` ({})", task.name, task.id))?;
-    println!("{}", task.id);
+    warren::outln!("{}", task.id);
     Ok(())
 }
 
@@ -206,7 +206,7 @@ async fn publish_batch(cfg: ProducerConfig, window: usize) -> anyhow::Result<()>
                 Ok(t) => chunk.push(t),
                 Err(e) => {
                     failed += 1;
-                    eprintln!("line {line_no}: {e}");
+                    warren::errln!("line {line_no}: {e}");
                 }
             }
         }
@@ -221,13 +221,13 @@ async fn publish_batch(cfg: ProducerConfig, window: usize) -> anyhow::Result<()>
                 Ok(()) => confirmed += 1,
                 Err(e) => {
                     failed += 1;
-                    eprintln!("task {} ({}): {e}", task.id, task.name);
+                    warren::errln!("task {} ({}): {e}", task.id, task.name);
                 }
             }
         }
     }
     let _ = conn.close(200, "done".into()).await;
-    println!("{confirmed} confirmed, {failed} failed");
+    warren::outln!("{confirmed} confirmed, {failed} failed");
     if failed > 0 {
         anyhow::bail!("{failed} task(s) were not published");
     }

@@ -76,6 +76,30 @@ pub fn stderr_line(line: std::fmt::Arguments<'_>) {
     let _ = err.write_all(b"\n");
 }
 
+/// Write a line of command output to stdout; a closed stdout (`| head`)
+/// loses it rather than panicking (as `println!` would).
+pub fn stdout_line(line: std::fmt::Arguments<'_>) {
+    let mut out = std::io::stdout().lock();
+    let _ = out.write_fmt(line);
+    let _ = out.write_all(b"\n");
+}
+
+/// `println!` for command output that a closed stdout cannot turn into a panic.
+#[macro_export]
+macro_rules! outln {
+    ($($arg:tt)*) => {
+        $crate::telemetry::stdout_line(format_args!($($arg)*))
+    };
+}
+
+/// `eprintln!` that a closed stderr cannot turn into a panic.
+#[macro_export]
+macro_rules! errln {
+    ($($arg:tt)*) => {
+        $crate::telemetry::stderr_line(format_args!($($arg)*))
+    };
+}
+
 /// Callsites of the AMQP client that print message contents: the returned
 /// message dump and the frame dumps (body frames are payload bytes).
 fn may_hold_payload(meta: &Metadata<'_>) -> bool {
