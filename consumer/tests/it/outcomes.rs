@@ -508,15 +508,22 @@ async fn consumes_only_the_selected_queues() {
     let app = spawn_worker(cfg, reg).await;
     let t = Task::new("email.send", &json!({}));
     app.publish(&t).await;
+    // A task for the unconsumed catch-all queue waits there.
+    let other = Task::new("report.daily", &json!({}));
+    app.publish(&other).await;
     runs.wait_total(1).await;
-    // The default queue (binding `#`) got its copy too, and nobody consumes it.
     let default = app.topo.work_queues()[0].name.clone();
     eventually(
         WAIT,
-        "copy waiting in the unconsumed default queue",
+        "report waiting in the unconsumed default queue",
         || async { (queue_len(&app.conn, &default).await == 1).then_some(()) },
     )
     .await;
+    // The catch-all (`#`) does not get a copy of what `email.*` claims:
+    // the one message there is the report.
+    let waiting = take(&app.conn, &default, 1).await;
+    assert_eq!(waiting[0].routing_key.as_str(), "report.daily");
+    assert_eq!(queue_len(&app.conn, &default).await, 0);
     assert_eq!(runs.total(), 1);
     app.stop().await;
 }
