@@ -10,6 +10,11 @@
 //!   confirms never serialise the loop and at most `concurrency` tasks run.
 //! * Each task keeps its delivery's channel alive and acks only on it; if the
 //!   channel died meanwhile, the ack is refused and the broker redelivers.
+//! * Every delivery ends through its `settle::Ticket`: acked, or given back
+//!   (nack with requeue, else its channel closed, else the session ended).
+//!   Each task is supervised: a panic anywhere in handling gives the delivery
+//!   back instead of leaving it unacked until the connection closes.
+//!   [`fault`] has the fail points the fault-injection tests use.
 //! * Connection or channel loss → reconnect with exponential backoff
 //!   (`backon`), re-declare, re-consume. A consumer the broker cancelled
 //!   (queue deleted) is re-declared and re-consumed on a fresh channel.
