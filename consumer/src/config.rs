@@ -168,6 +168,11 @@ pub enum HandlerSpec {
         /// Extra environment variables for the process.
         #[serde(default)]
         env: BTreeMap<String, String>,
+        /// Variables of the consumer's own environment the process may see
+        /// besides the safe set (PATH, HOME, LANG, LC_*, TZ, TMPDIR); a
+        /// `WARREN_*` one only when named here.
+        #[serde(default)]
+        pass_env: Vec<String>,
         /// Kill the process group after this long (default: the task timeout).
         #[serde(default, with = "humantime_serde")]
         timeout: Option<Duration>,

@@ -86,6 +86,15 @@ pub trait Handler: Send + Sync + 'static {
         Vec::new()
     }
 
+    /// This handler's own time limit per attempt, if it has one. The worker
+    /// computes one timeout per attempt — the task's `x-warren-timeout-ms`
+    /// header, else this, else `worker.task_timeout` — enforces it, and
+    /// passes it to [`run`](Handler::run) in `task.timeout` (always set
+    /// there), so a handler that must clean up (kill a child) uses that.
+    fn timeout(&self) -> Option<Duration> {
+        None
+    }
+
     fn run(&self, task: Task) -> impl Future<Output = Result<(), TaskError>> + Send;
 }
 
@@ -94,11 +103,15 @@ pub(crate) type BoxFut = Pin<Box<dyn Future<Output = Result<(), TaskError>> + Se
 
 trait DynHandler: Send + Sync + 'static {
     fn call(self: Arc<Self>, task: Task) -> BoxFut;
+    fn own_timeout(&self) -> Option<Duration>;
 }
 
 impl<H: Handler> DynHandler for H {
     fn call(self: Arc<Self>, task: Task) -> BoxFut {
         Box::pin(async move { self.run(task).await })
+    }
+    fn own_timeout(&self) -> Option<Duration> {
+        self.timeout()
     }
 }
 
@@ -171,6 +184,11 @@ pub struct Resolved {
 impl Resolved {
     pub(crate) fn call(&self, task: Task) -> BoxFut {
         self.handler.clone().call(task)
+    }
+
+    /// The handler's own time limit ([`Handler::timeout`]).
+    pub fn timeout(&self) -> Option<Duration> {
+        self.handler.own_timeout()
     }
 }
 

@@ -3,7 +3,9 @@
 //! pattern, or `<unknown>` for anything without a handler, so label values
 //! stay bounded whatever arrives.
 
-use prometheus::{HistogramOpts, HistogramVec, IntCounterVec, IntGauge, Opts, Registry};
+use prometheus::{
+    HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, Opts, Registry,
+};
 
 /// `task` label for deliveries without a handler (including undecodable ones).
 pub const UNKNOWN_TASK: &str = "<unknown>";
@@ -15,6 +17,7 @@ pub struct ConsumerMetrics {
     pub duration: HistogramVec,
     pub queue_wait: HistogramVec,
     pub in_flight: IntGauge,
+    pub panics: IntCounter,
 }
 
 const BUCKETS: &[f64] = &[
@@ -34,7 +37,7 @@ impl ConsumerMetrics {
             tasks: IntCounterVec::new(
                 Opts::new(
                     "warren_consumer_tasks_total",
-                    "Finished deliveries by outcome (succeeded, retried, dead_lettered, rejected = poison)",
+                    "Deliveries that left this consumer, by outcome (succeeded, retried, dead_lettered, rejected = poison, parked = not due yet, requeued = given back unfinished)",
                 ),
                 &["task", "outcome"],
             )?,
@@ -58,12 +61,17 @@ impl ConsumerMetrics {
                 "warren_consumer_in_flight",
                 "Tasks being handled right now",
             )?,
+            panics: IntCounter::new(
+                "warren_consumer_panics_total",
+                "Panics while handling a delivery outside the handler call (the delivery was given back to its queue)",
+            )?,
         };
         registry.register(Box::new(m.deliveries.clone()))?;
         registry.register(Box::new(m.tasks.clone()))?;
         registry.register(Box::new(m.duration.clone()))?;
         registry.register(Box::new(m.queue_wait.clone()))?;
         registry.register(Box::new(m.in_flight.clone()))?;
+        registry.register(Box::new(m.panics.clone()))?;
         Ok(m)
     }
 

@@ -84,12 +84,30 @@ fn fmt_duration(d: Duration) -> String {
     humantime::format_duration(Duration::from_millis(d.as_millis() as u64)).to_string()
 }
 
+/// `outcome` label values of `warren_consumer_tasks_total`: every delivery
+/// is counted under exactly one, once it has left this consumer.
+pub mod labels {
+    /// The handler succeeded; acked.
+    pub const SUCCEEDED: &str = "succeeded";
+    /// A retry copy was confirmed; acked.
+    pub const RETRIED: &str = "retried";
+    /// A dead-letter copy was confirmed; acked.
+    pub const DEAD_LETTERED: &str = "dead_lettered";
+    /// Poison (undecodable, no handler): dead-lettered at once; acked.
+    pub const REJECTED: &str = "rejected";
+    /// Not due yet (`x-warren-not-before`): parked in the delay levels; acked.
+    pub const PARKED: &str = "parked";
+    /// Given back to its queue unfinished (a publish or ack failed, or a
+    /// panic outside the handler): the broker delivers it again.
+    pub const REQUEUED: &str = "requeued";
+}
+
 /// Outcome label for metrics.
 pub fn label(action: &Action) -> &'static str {
     match action {
-        Action::Ack => "succeeded",
-        Action::Retry { .. } => "retried",
-        Action::DeadLetter { .. } => "dead_lettered",
+        Action::Ack => labels::SUCCEEDED,
+        Action::Retry { .. } => labels::RETRIED,
+        Action::DeadLetter { .. } => labels::DEAD_LETTERED,
     }
 }
 

@@ -10,6 +10,11 @@
 //!   confirms never serialise the loop and at most `concurrency` tasks run.
 //! * Each task keeps its delivery's channel alive and acks only on it; if the
 //!   channel died meanwhile, the ack is refused and the broker redelivers.
+//! * Every delivery ends through its `settle::Ticket`: acked, or given back
+//!   (nack with requeue, else its channel closed, else the session ended).
+//!   Each task is supervised: a panic anywhere in handling gives the delivery
+//!   back instead of leaving it unacked until the connection closes.
+//!   [`fault`] has the fail points the fault-injection tests use.
 //! * Connection or channel loss → reconnect with exponential backoff
 //!   (`backon`), re-declare, re-consume. A consumer the broker cancelled
 //!   (queue deleted) is re-declared and re-consumed on a fresh channel.
@@ -25,7 +30,7 @@ use chrono::Utc;
 use futures_util::stream::{self, BoxStream, SelectAll};
 use futures_util::{FutureExt, StreamExt};
 use lapin::message::Delivery;
-use lapin::options::{BasicAckOptions, BasicCancelOptions, BasicConsumeOptions, BasicQosOptions};
+use lapin::options::{BasicCancelOptions, BasicConsumeOptions, BasicQosOptions};
 use lapin::types::{AMQPValue, FieldTable, ShortString};
 use lapin::{BasicProperties, Channel, Connection};
 use tokio::sync::Semaphore;
@@ -38,9 +43,15 @@ use warren::metrics::{AmqpMetrics, Health};
 use warren::{Task, Topology};
 
 use crate::config::ConsumerConfig;
-use crate::handler::Registry;
+use crate::handler::{Registry, TaskError};
 use crate::metrics::{ConsumerMetrics, UNKNOWN_TASK};
-use crate::outcome::{self, decide, Action, Outcome};
+use crate::outcome::{self, decide, labels, Action, Outcome};
+
+pub mod fault;
+mod settle;
+
+use fault::Step;
+use settle::Ticket;
 
 /// Builds a [`Worker`] from a config and a registry of handlers.
 pub struct WorkerBuilder {
@@ -340,7 +351,7 @@ impl Worker {
                     let broken = session.broken.clone();
                     tracker.spawn(async move {
                         let _permit = permit;
-                        handle(shared, publisher, channel, queue, delivery, broken).await;
+                        supervise(shared, publisher, channel, queue, delivery, broken).await;
                     });
                 }
                 Some(Ev::Delivery(idx, Err(e))) => {
@@ -441,7 +452,11 @@ impl Drop for InFlight {
     }
 }
 
-async fn handle(
+/// Runs [`handle`] and catches a panic anywhere in it (decode, resolve,
+/// metrics, decide, publish, ack — the handler call has its own catch): the
+/// delivery is then given back to its queue, so it never stays in flight
+/// until the connection closes.
+async fn supervise(
     shared: Arc<Shared>,
     publisher: Publisher,
     channel: Channel,
@@ -449,56 +464,91 @@ async fn handle(
     delivery: Delivery,
     broken: CancellationToken,
 ) {
+    let m = shared.metrics.clone();
+    let ticket = Ticket::new(delivery.acker.clone(), channel, m.clone());
+    let run = handle(&shared, &publisher, &queue, &delivery, &broken, &ticket);
+    if let Err(panic) = AssertUnwindSafe(run).catch_unwind().await {
+        m.panics.inc();
+        // The message is the panic's own text (code, not payload bytes).
+        tracing::error!(
+            panic = %panic_message(&*panic),
+            routing_key = %warren::delay::strip_prefix(delivery.routing_key.as_str()),
+            "panic while handling a delivery; giving it back to its queue"
+        );
+        ticket.after_panic().await;
+    }
+}
+
+async fn handle(
+    shared: &Shared,
+    publisher: &Publisher,
+    queue: &str,
+    delivery: &Delivery,
+    broken: &CancellationToken,
+    ticket: &Ticket,
+) {
     let m = &shared.metrics;
     m.in_flight.inc();
     let _in_flight = InFlight(m.in_flight.clone());
     let cfg = &shared.cfg.worker;
+    let prefix = shared.topo.prefix();
     let d = Delivered {
-        shared: &shared,
-        publisher: &publisher,
-        queue: &queue,
-        delivery: &delivery,
-        broken: &broken,
+        shared,
+        publisher,
+        queue,
+        delivery,
+        broken,
+        ticket,
     };
-    let task = match Task::decode(
-        delivery.routing_key.as_str(),
-        &delivery.properties,
-        &delivery.data,
-        cfg.max_body_bytes,
-    ) {
+    let decoded = fault::check(prefix, Step::Decode)
+        .map_err(|text| (text, "injected"))
+        .and_then(|()| {
+            Task::decode(
+                delivery.routing_key.as_str(),
+                &delivery.properties,
+                &delivery.data,
+                cfg.max_body_bytes,
+            )
+            .map_err(|e| (e.to_string(), e.kind()))
+        });
+    let task = match decoded {
         Ok(t) => t,
-        Err(e) => {
-            m.deliveries.with_label_values(&[UNKNOWN_TASK]).inc();
-            tracing::warn!(error = %e, kind = e.kind(), routing_key = %delivery.routing_key, "poison message; dead-lettering");
-            if d.dead_letter_raw(&e.to_string(), e.kind()).await {
-                m.outcome(UNKNOWN_TASK, "rejected");
-            }
-            drop(channel);
+        Err((error, kind)) => {
+            ticket.received(UNKNOWN_TASK);
+            tracing::warn!(error = %error, kind, routing_key = %delivery.routing_key, "poison message; dead-lettering");
+            d.dead_letter_raw(&error, kind).await;
             return;
         }
     };
     let span = tracing::info_span!("task", task.id = %task.id, task.name = %task.name, task.attempt = task.attempt);
     async {
-        let Some(handler) = shared.registry.resolve(&task.name) else {
-            m.deliveries.with_label_values(&[UNKNOWN_TASK]).inc();
+        let resolved = match fault::check(prefix, Step::Resolve) {
+            Ok(()) => shared.registry.resolve(&task.name),
+            Err(text) => {
+                tracing::warn!(error = %text, "handler lookup failed");
+                None
+            }
+        };
+        let Some(handler) = resolved else {
+            ticket.received(UNKNOWN_TASK);
             tracing::warn!("no handler for this task; dead-lettering");
             let reason = format!("no handler for task `{}`", task.name);
             let mut t = task;
             t.last_error = Some(reason.clone());
-            if d.dead_letter(t, &reason, outcome::kind::NO_HANDLER).await {
-                m.outcome(UNKNOWN_TASK, "rejected");
-            }
+            d.dead_letter(t, &reason, outcome::kind::NO_HANDLER, labels::REJECTED)
+                .await;
             return;
         };
         let label = handler.label.as_str();
-        m.deliveries.with_label_values(&[label]).inc();
+        ticket.received(label);
         let now = Utc::now();
         if let Some(nb) = task.not_before {
             if let Ok(wait) = (nb - now).to_std() {
                 if wait > warren::delay::RESOLUTION {
                     // Early (published without a delay): park it until due.
+                    // Not an attempt: the copy keeps its attempt number.
                     tracing::debug!(wait = ?wait, "not due yet; delaying");
-                    d.republish(&task, wait).await;
+                    d.republish(&task, wait, task.attempt, labels::PARKED).await;
                     return;
                 }
             }
@@ -508,10 +558,22 @@ async fn handle(
                 .with_label_values(&[label])
                 .observe(w.as_secs_f64());
         }
-        let timeout = task.timeout.unwrap_or(cfg.task_timeout);
+        // One timeout per attempt, for every kind of handler: the task's
+        // header, else the handler's own, else the worker's default. The
+        // handler gets it in `task.timeout` (e.g. exec kills its child then).
+        let timeout = task
+            .timeout
+            .or(handler.timeout())
+            .unwrap_or(cfg.task_timeout);
         tracing::debug!(redelivered = delivery.redelivered, "task started");
         let started = Instant::now();
-        let run = AssertUnwindSafe(handler.call(task.clone())).catch_unwind();
+        let mut attempt = task.clone();
+        attempt.timeout = Some(timeout);
+        let call = async {
+            fault::check(prefix, Step::Run).map_err(TaskError::retryable)?;
+            handler.call(attempt).await
+        };
+        let run = AssertUnwindSafe(call).catch_unwind();
         let outcome = match tokio::time::timeout(timeout, run).await {
             Ok(Ok(Ok(()))) => Outcome::Succeeded,
             Ok(Ok(Err(e))) => Outcome::Failed(e),
@@ -527,18 +589,20 @@ async fn handle(
             .policy_for(&task.name)
             .with_overrides(task.max_attempts, &task.retry);
         let action = decide(&outcome, task.attempt, &policy, rand::random::<f64>());
-        let done = match &action {
+        let counted = outcome::label(&action);
+        match action {
             Action::Ack => {
                 tracing::debug!("task succeeded");
-                d.ack().await
+                d.ack(counted).await
             }
             Action::Retry { delay, error } => {
                 tracing::warn!(error = %error, retry_in = ?delay, "task failed; retrying");
+                let done = task.attempt;
                 let mut next = task;
                 next.attempt = next.attempt.saturating_add(1);
-                next.last_error = Some(error.clone());
+                next.last_error = Some(error);
                 next.first_failed_at.get_or_insert(now);
-                d.republish(&next, *delay).await
+                d.republish(&next, delay, done, counted).await
             }
             Action::DeadLetter {
                 reason,
@@ -547,18 +611,14 @@ async fn handle(
             } => {
                 tracing::warn!(reason = %reason, kind, "task dead-lettered");
                 let mut t = task;
-                t.last_error = Some(error.clone());
+                t.last_error = Some(error);
                 t.first_failed_at.get_or_insert(now);
-                d.dead_letter(t, reason, kind).await
+                d.dead_letter(t, &reason, kind, counted).await
             }
-        };
-        if done {
-            m.outcome(label, outcome::label(&action));
         }
     }
     .instrument(span)
     .await;
-    drop(channel);
 }
 
 fn panic_message(p: &(dyn std::any::Any + Send)) -> String {
@@ -571,64 +631,69 @@ fn panic_message(p: &(dyn std::any::Any + Send)) -> String {
     }
 }
 
-/// A delivery being finished: every path acks at most once, and only after
-/// any copy it publishes is confirmed.
+/// A delivery being finished: every path settles it exactly once through
+/// its [`Ticket`] (ack or give back), and acks only after any copy it
+/// publishes is confirmed.
 struct Delivered<'a> {
     shared: &'a Shared,
     publisher: &'a Publisher,
     queue: &'a str,
     delivery: &'a Delivery,
     broken: &'a CancellationToken,
+    ticket: &'a Ticket,
 }
 
 impl Delivered<'_> {
-    async fn ack(&self) -> bool {
-        match self.delivery.acker.ack(BasicAckOptions::default()).await {
-            Ok(true) => true,
-            Ok(false) => {
-                tracing::info!("channel closed before the ack; the broker will redeliver");
-                false
-            }
-            Err(e) => {
-                tracing::info!(error = %e, "ack failed; the broker will redeliver");
-                false
-            }
-        }
+    fn prefix(&self) -> &str {
+        self.shared.topo.prefix()
+    }
+
+    async fn ack(&self, outcome: &'static str) {
+        let fault = fault::check(self.prefix(), Step::Ack);
+        self.ticket.ack(outcome, fault).await
     }
 
     /// A publish failed: leave the delivery unacked and end the session, so
     /// the connection closes and the broker redelivers it.
     fn publish_failed(&self, e: &warren::Error) {
         tracing::warn!(error = %e, "publish failed; delivery left unacked, reconnecting");
+        self.ticket.left_to_session();
         self.broken.cancel();
     }
 
-    /// Publish a retry copy (or a not-yet-due task) after `delay`, then ack.
-    async fn republish(&self, task: &Task, delay: Duration) -> bool {
+    /// Publish `copy` (a retry copy, or a task parked until due) after
+    /// `delay`, then ack counting `outcome`. If no queue takes it, the task
+    /// is dead-lettered as it is now: attempt `attempts_made`.
+    async fn republish(
+        &self,
+        copy: &Task,
+        delay: Duration,
+        attempts_made: u32,
+        outcome: &'static str,
+    ) {
         let topo = &self.shared.topo;
         // The broker's own death records must not travel with the copy:
         // RabbitMQ drops a message whose `x-death` already lists a delay
         // level it expires from again (dead-letter cycle detection).
-        let mut task = task.clone();
-        task.extra_headers = strip_death_headers(&task.extra_headers);
-        let task = &task;
-        let res = match self.publisher.send_task(topo, task, delay).await {
-            Ok(p) => p.confirmed().await,
-            Err(e) => Err(e),
+        let mut copy = copy.clone();
+        copy.extra_headers = strip_death_headers(&copy.extra_headers);
+        let res = match fault::check(self.prefix(), Step::RetryPublish) {
+            Err(text) => Err(injected_nack(&text)),
+            Ok(()) => match self.publisher.send_task(topo, &copy, delay).await {
+                Ok(p) => p.confirmed().await,
+                Err(e) => Err(e),
+            },
         };
         match res {
-            Ok(()) => self.ack().await,
+            Ok(()) => self.ack(outcome).await,
             Err(e @ warren::Error::Unroutable { .. }) => {
                 let reason = format!("cannot reschedule: {e}");
-                let mut t = task.clone();
-                t.attempt = t.attempt.saturating_sub(1).max(1);
-                self.dead_letter(t, &reason, outcome::kind::UNROUTABLE)
+                let mut t = copy;
+                t.attempt = attempts_made;
+                self.dead_letter(t, &reason, outcome::kind::UNROUTABLE, labels::DEAD_LETTERED)
                     .await
             }
-            Err(e) => {
-                self.publish_failed(&e);
-                false
-            }
+            Err(e) => self.publish_failed(&e),
         }
     }
 
@@ -638,14 +703,17 @@ impl Delivered<'_> {
         h.insert(headers::DEAD_KIND.into(), s(kind));
         h.insert(headers::DEAD_AT.into(), s(&rfc3339(Utc::now())));
         h.insert(headers::ORIGINAL_QUEUE.into(), s(self.queue));
+        // The task's own key: a retried task arrives with a delay prefix.
         h.insert(
             headers::ORIGINAL_ROUTING_KEY.into(),
-            s(self.delivery.routing_key.as_str()),
+            s(warren::delay::strip_prefix(
+                self.delivery.routing_key.as_str(),
+            )),
         );
     }
 
-    /// Publish `task` to the dead exchange with why, then ack.
-    async fn dead_letter(&self, mut task: Task, reason: &str, kind: &str) -> bool {
+    /// Publish `task` to the dead exchange with why, then ack counting `outcome`.
+    async fn dead_letter(&self, mut task: Task, reason: &str, kind: &str, outcome: &'static str) {
         let mut h = strip_death_headers(&task.extra_headers);
         self.dead_headers(&mut h, reason, kind);
         // Always present on dead copies (the envelope omits attempt 1).
@@ -655,27 +723,45 @@ impl Delivered<'_> {
         );
         task.extra_headers = h;
         let props = task.properties();
-        self.publish_dead(&task.name, props, &task.payload).await
+        self.publish_dead(&task.name, props, &task.payload, outcome)
+            .await
     }
 
     /// Dead-letter an undecodable message as it came, plus the dead headers.
-    async fn dead_letter_raw(&self, reason: &str, kind: &str) -> bool {
+    async fn dead_letter_raw(&self, reason: &str, kind: &str) {
         let props = self.delivery.properties.clone();
         let mut h = props.headers().clone().unwrap_or_default();
         self.dead_headers(&mut h, reason, kind);
         let props = props.with_headers(h).with_delivery_mode(PERSISTENT);
         let key = warren::delay::strip_prefix(self.delivery.routing_key.as_str()).to_owned();
-        self.publish_dead(&key, props, &self.delivery.data).await
+        self.publish_dead(&key, props, &self.delivery.data, labels::REJECTED)
+            .await
     }
 
-    async fn publish_dead(&self, key: &str, props: BasicProperties, body: &[u8]) -> bool {
+    async fn publish_dead(
+        &self,
+        key: &str,
+        props: BasicProperties,
+        body: &[u8],
+        outcome: &'static str,
+    ) {
         let ex = self.shared.topo.dead_exchange();
-        match self.publisher.publish(&ex, key, props, body).await {
-            Ok(()) => self.ack().await,
-            Err(e) => {
-                self.publish_failed(&e);
-                false
-            }
+        let res = match fault::check(self.prefix(), Step::DeadPublish) {
+            Err(text) => Err(injected_nack(&text)),
+            Ok(()) => self.publisher.publish(&ex, key, props, body).await,
+        };
+        match res {
+            Ok(()) => self.ack(outcome).await,
+            Err(e) => self.publish_failed(&e),
         }
+    }
+}
+
+/// A publish the `failpoints` tests made fail, as the broker would: a nack.
+fn injected_nack(text: &str) -> warren::Error {
+    tracing::warn!(error = %text, "publish failed (fault injected)");
+    warren::Error::Nacked {
+        exchange: "(fault injected)".into(),
+        routing_key: String::new(),
     }
 }

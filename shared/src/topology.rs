@@ -2,13 +2,28 @@
 //! both roles call at start and after each reconnect.
 //!
 //! ```text
-//! publish ──► <p>.tasks (topic) ──#/patterns──► <p>.<queue> ──reject/expire──► <p>.dead
+//! publish ──► <p>.tasks (topic) ──#──► <p>.route (topic, alternate-exchange <p>.unclaimed)
+//!                                        ├─ specific patterns ─► <p>.<queue>
+//!                                        └─ nothing matched ─► <p>.unclaimed ─#─► catch-all queue
 //! delayed ──► <p>.delay.K (topic) ─bit K=1─► queue <p>.delay.K (TTL 2^K ticks) ─DLX─┐
 //!                 └─bit K=0─► <p>.delay.K-1 ◄───────────────────────────────────────┘
-//!             <p>.delay.0 … ──► <p>.delivery (topic, alternate-exchange <p>.dead)
-//!                                  └─ *.(25).pattern ─► <p>.<queue>
+//!             <p>.delay.0 … ──► <p>.delivery (topic) ──#──► <p>.delivery.route
+//!                 (alternate-exchange <p>.delivery.unclaimed, whose own is <p>.dead)
+//!                  └─ *.(25).pattern ─► <p>.<queue>, the same split as above
 //! <p>.dead (fanout) ──► queue <p>.dead
 //! ```
+//!
+//! **Why two stages.** A queue bound `#` next to one bound `email.*` on one
+//! topic exchange gets a copy of every email task too: it runs twice or is
+//! dead-lettered as `no_handler`. So a catch-all binding (exactly `#`) is not
+//! made on the routing exchange but on its alternate exchange, which the
+//! broker uses only when no other binding matched: a catch-all queue gets
+//! what no other queue claims. `<p>.tasks` and `<p>.delivery` keep their
+//! original arguments and forward everything (`#`) to the routing stage, so
+//! existing deployments upgrade by declaring (no exchange to delete), and the
+//! bindings an older warren made on them directly are removed by `declare`.
+//! A message nothing claims and no catch-all queue takes is still unroutable
+//! (a `mandatory` publish is returned); a delayed one goes to `<p>.dead`.
 
 use std::time::Duration;
 
@@ -61,7 +76,17 @@ pub enum Object {
         source: String,
         key: String,
     },
+    /// A binding an older layout made: removed (a no-op when absent).
+    QueueUnbind {
+        queue: String,
+        exchange: String,
+        key: String,
+    },
 }
+
+/// The binding that makes a queue the catch-all: it gets what no other
+/// queue's binding claims.
+pub const CATCH_ALL: &str = "#";
 
 impl Topology {
     pub fn new(cfg: &TopologyConfig) -> Self {
@@ -98,6 +123,22 @@ impl Topology {
     }
     pub fn delivery_exchange(&self) -> String {
         format!("{}.delivery", self.prefix)
+    }
+    /// Where work queues bind their specific patterns (behind `tasks`).
+    pub fn route_exchange(&self) -> String {
+        format!("{}.route", self.prefix)
+    }
+    /// Alternate exchange of [`Self::route_exchange`]: the catch-all queue's.
+    pub fn unclaimed_exchange(&self) -> String {
+        format!("{}.unclaimed", self.prefix)
+    }
+    /// The routing stage behind `delivery`, for delayed tasks.
+    pub fn delivery_route_exchange(&self) -> String {
+        format!("{}.delivery.route", self.prefix)
+    }
+    /// Alternate exchange of [`Self::delivery_route_exchange`].
+    pub fn delivery_unclaimed_exchange(&self) -> String {
+        format!("{}.delivery.unclaimed", self.prefix)
     }
     pub fn level_exchange(&self, level: u32) -> String {
         format!("{}.delay.{level}", self.prefix)
@@ -170,24 +211,53 @@ impl Topology {
             exchange: self.dead_exchange(),
             key: String::new(),
         });
+        let with_alternate = |ae: String| {
+            let mut args = FieldTable::default();
+            put(
+                &mut args,
+                "alternate-exchange",
+                AMQPValue::LongString(ae.into()),
+            );
+            args
+        };
+        // Undelayed: tasks ─#─► route (AE unclaimed). Nothing behind
+        // `unclaimed`: unclaimed and no catch-all queue stays unroutable.
+        out.push(exchange(
+            self.unclaimed_exchange(),
+            ExchangeKind::Topic,
+            FieldTable::default(),
+        ));
+        out.push(exchange(
+            self.route_exchange(),
+            ExchangeKind::Topic,
+            with_alternate(self.unclaimed_exchange()),
+        ));
         out.push(exchange(
             self.tasks_exchange(),
             ExchangeKind::Topic,
             FieldTable::default(),
         ));
-        // A delayed message whose task no queue binds would otherwise be
-        // dropped (classic) or stall its level forever (quorum, at-least-once).
-        let mut delivery_args = FieldTable::default();
-        put(
-            &mut delivery_args,
-            "alternate-exchange",
-            AMQPValue::LongString(self.dead_exchange().into()),
-        );
+        // Delayed: delivery ─#─► delivery.route (AE delivery.unclaimed, AE
+        // dead). A delayed task whose name no queue binds any more would
+        // otherwise be dropped (classic) or stall its level forever (quorum,
+        // at-least-once): it goes to the dead queue instead. `delivery` keeps
+        // the dead exchange as its own alternate, as declared before.
+        out.push(exchange(
+            self.delivery_unclaimed_exchange(),
+            ExchangeKind::Topic,
+            with_alternate(self.dead_exchange()),
+        ));
+        out.push(exchange(
+            self.delivery_route_exchange(),
+            ExchangeKind::Topic,
+            with_alternate(self.delivery_unclaimed_exchange()),
+        ));
         out.push(exchange(
             self.delivery_exchange(),
             ExchangeKind::Topic,
-            delivery_args,
+            with_alternate(self.dead_exchange()),
         ));
+        let mut old_bindings = Vec::new();
         for q in &self.queues {
             let mut args = self.queue_args();
             put(
@@ -214,18 +284,50 @@ impl Topology {
                 args,
             });
             for b in &q.bindings {
+                let (now, delayed) = if b == CATCH_ALL {
+                    (
+                        self.unclaimed_exchange(),
+                        self.delivery_unclaimed_exchange(),
+                    )
+                } else {
+                    (self.route_exchange(), self.delivery_route_exchange())
+                };
                 out.push(Object::QueueBind {
+                    queue: q.name.clone(),
+                    exchange: now,
+                    key: b.clone(),
+                });
+                out.push(Object::QueueBind {
+                    queue: q.name.clone(),
+                    exchange: delayed,
+                    key: delay::delivery_pattern(b),
+                });
+                old_bindings.push(Object::QueueUnbind {
                     queue: q.name.clone(),
                     exchange: self.tasks_exchange(),
                     key: b.clone(),
                 });
-                out.push(Object::QueueBind {
+                old_bindings.push(Object::QueueUnbind {
                     queue: q.name.clone(),
                     exchange: self.delivery_exchange(),
                     key: delay::delivery_pattern(b),
                 });
             }
         }
+        // Forward only once the queues are bound behind the routing stage.
+        out.push(Object::ExchangeBind {
+            destination: self.route_exchange(),
+            source: self.tasks_exchange(),
+            key: "#".into(),
+        });
+        out.push(Object::ExchangeBind {
+            destination: self.delivery_route_exchange(),
+            source: self.delivery_exchange(),
+            key: "#".into(),
+        });
+        // The direct bindings of the one-stage layout would deliver a second
+        // copy; removed once the new path is in place (no gap in routing).
+        out.extend(old_bindings);
         for level in 0..delay::LEVELS {
             let next = if level == 0 {
                 self.delivery_exchange()
@@ -317,6 +419,19 @@ pub async fn declare(conn: &Connection, topo: &Topology) -> Result<(), Error> {
                 )
                 .await
             }
+            Object::QueueUnbind {
+                queue,
+                exchange,
+                key,
+            } => {
+                ch.queue_unbind(
+                    queue.as_str().into(),
+                    exchange.as_str().into(),
+                    key.as_str().into(),
+                    FieldTable::default(),
+                )
+                .await
+            }
             Object::ExchangeBind {
                 destination,
                 source,
@@ -361,6 +476,13 @@ fn conflict(obj: &Object, e: lapin::Error) -> Error {
             key,
         } => {
             format!("binding of exchange `{destination}` to `{source}` with `{key}`")
+        }
+        Object::QueueUnbind {
+            queue,
+            exchange,
+            key,
+        } => {
+            format!("removing the old binding of queue `{queue}` to `{exchange}` with `{key}`")
         }
     };
     match inequivalent_arg(&text) {
@@ -468,6 +590,65 @@ mod tests {
         let c = topo(QueueType::Classic);
         let prio = c.objects().into_iter().any(|o| matches!(o, Object::Queue { name, args } if name == "t.default" && args.contains_key("x-max-priority")));
         assert!(prio);
+    }
+
+    #[test]
+    fn the_catch_all_binds_behind_the_alternate_exchange_only() {
+        let t = topo(QueueType::Classic);
+        let binds: Vec<(String, String, String)> = t
+            .objects()
+            .into_iter()
+            .filter_map(|o| match o {
+                Object::QueueBind {
+                    queue,
+                    exchange,
+                    key,
+                } if !queue.contains(".delay.") && queue != t.dead_queue() => {
+                    Some((queue, exchange, key))
+                }
+                _ => None,
+            })
+            .collect();
+        let b = |q: &str, x: String, k: String| (q.to_owned(), x, k);
+        assert_eq!(
+            binds,
+            vec![
+                b("t.default", t.unclaimed_exchange(), "#".into()),
+                b(
+                    "t.default",
+                    t.delivery_unclaimed_exchange(),
+                    delay::delivery_pattern("#")
+                ),
+                b("t.q.emails", t.route_exchange(), "email.*".into()),
+                b(
+                    "t.q.emails",
+                    t.delivery_route_exchange(),
+                    delay::delivery_pattern("email.*")
+                ),
+            ]
+        );
+        let args = |name: String| {
+            t.objects().into_iter().find_map(|o| match o {
+                Object::Exchange { name: n, args, .. } if n == name => Some(args),
+                _ => None,
+            })
+        };
+        let ae =
+            |name: String| args(name).and_then(|a| a.inner().get("alternate-exchange").cloned());
+        let s = |v: String| Some(AMQPValue::LongString(v.into()));
+        assert_eq!(ae(t.tasks_exchange()), None, "the front door is unchanged");
+        assert_eq!(ae(t.route_exchange()), s(t.unclaimed_exchange()));
+        assert_eq!(
+            ae(t.unclaimed_exchange()),
+            None,
+            "unclaimed stays unroutable"
+        );
+        assert_eq!(ae(t.delivery_exchange()), s(t.dead_exchange()));
+        assert_eq!(
+            ae(t.delivery_route_exchange()),
+            s(t.delivery_unclaimed_exchange())
+        );
+        assert_eq!(ae(t.delivery_unclaimed_exchange()), s(t.dead_exchange()));
     }
 
     #[test]

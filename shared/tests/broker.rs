@@ -532,3 +532,106 @@ async fn quorum_queue_dead_letters_a_task_redelivered_past_the_limit() {
     );
     testing::delete_topology(&conn, &topo).await;
 }
+
+/// Ready messages in `queue`.
+async fn ready(conn: &Connection, queue: &str) -> u32 {
+    let ch = conn.create_channel().await.unwrap();
+    let q = ch
+        .queue_declare(
+            queue.into(),
+            QueueDeclareOptions {
+                passive: true,
+                ..Default::default()
+            },
+            FieldTable::default(),
+        )
+        .await
+        .unwrap();
+    let _ = ch.close(200, "done".into()).await;
+    q.message_count()
+}
+
+/// Names of the tasks waiting in `queue` (taking them).
+async fn drain_names(conn: &Connection, queue: &str) -> Vec<String> {
+    let mut out = Vec::new();
+    while let Some(d) = get_one(conn, queue).await {
+        let t = Task::decode(d.routing_key.as_str(), &d.properties, &d.data, MAX_BODY).unwrap();
+        out.push(t.name);
+    }
+    out.sort();
+    out
+}
+
+/// The README's two-queue layout: `default` binds `#`, `emails` binds
+/// `email.*`. Each task lands on exactly one queue, published directly (with
+/// warren or a plain client) or delayed; a deployment declared by an older
+/// warren (the catch-all bound straight to the tasks exchange) is fixed by
+/// declaring again.
+async fn overlapping_bindings(qt: QueueType, test: &str) {
+    let mut cfg = testing::topology_config(test, qt);
+    cfg.queues.push(QueueConfig {
+        name: "emails".into(),
+        bindings: vec!["email.*".into()],
+        max_priority: 0,
+    });
+    let conn = testing::connect().await;
+    let topo = Topology::new(&cfg);
+    let default = topo.work_queues()[0].name.clone();
+    let emails = topo.work_queues()[1].name.clone();
+    topology::declare(&conn, &topo).await.unwrap();
+    // What the one-stage layout had bound: a second path for every task.
+    let ch = conn.create_channel().await.unwrap();
+    ch.queue_bind(
+        default.as_str().into(),
+        topo.tasks_exchange().as_str().into(),
+        "#".into(),
+        Default::default(),
+        FieldTable::default(),
+    )
+    .await
+    .unwrap();
+    topology::declare(&conn, &topo)
+        .await
+        .expect("declaring over the old layout");
+    let publisher = Publisher::new(&conn, Duration::from_secs(10))
+        .await
+        .unwrap();
+    for name in ["email.send", "report.daily"] {
+        for delay in [Duration::ZERO, Duration::from_millis(300)] {
+            publisher
+                .publish_task(&topo, &Task::new(name, &serde_json::json!({})), delay)
+                .await
+                .unwrap();
+        }
+        // A plain client, straight to the front door.
+        ch.basic_publish(
+            topo.tasks_exchange().as_str().into(),
+            name.into(),
+            BasicPublishOptions::default(),
+            b"{}",
+            BasicProperties::default(),
+        )
+        .await
+        .unwrap();
+    }
+    // Routing a message to all its queues is one step, so once the expected
+    // number arrived a duplicate would be there too.
+    eventually(Duration::from_secs(10), "all six tasks routed", || async {
+        (ready(&conn, &default).await + ready(&conn, &emails).await >= 6).then_some(())
+    })
+    .await;
+    assert_eq!(drain_names(&conn, &emails).await, vec!["email.send"; 3]);
+    assert_eq!(drain_names(&conn, &default).await, vec!["report.daily"; 3]);
+    assert!(get_one(&conn, &topo.dead_queue()).await.is_none());
+    testing::delete_topology(&conn, &topo).await;
+}
+
+#[tokio::test]
+async fn overlapping_bindings_deliver_each_task_once_classic() {
+    overlapping_bindings(QueueType::Classic, "overlapc").await;
+}
+
+#[tokio::test]
+async fn overlapping_bindings_deliver_each_task_once_quorum() {
+    overlapping_bindings(QueueType::Quorum, "overlapq").await;
+}

@@ -7,6 +7,12 @@
 //! an exit code listed in `permanent_exit_codes` → permanent; any other exit
 //! or a signal → retryable. The last lines of stderr become the error text.
 //! The process sees `WARREN_TASK_ID`, `WARREN_TASK_NAME`, `WARREN_TASK_ATTEMPT`.
+//!
+//! The environment is built, not inherited: the consumer's own holds the
+//! broker URL with its password and other `WARREN_*` secrets, and a handler
+//! script must not see (or log) them. The process gets only [`SAFE_ENV`] from
+//! the consumer's environment, the names in `pass_env`, the configured `env`,
+//! and the task variables above.
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
@@ -24,8 +30,52 @@ pub struct Exec {
     pub argv: Vec<String>,
     pub permanent_exit_codes: Vec<i32>,
     pub cwd: Option<PathBuf>,
+    /// Variables set for the process.
     pub env: BTreeMap<String, String>,
-    pub timeout: Duration,
+    /// Variables passed through from the consumer's environment.
+    pub pass_env: Vec<String>,
+    /// This handler's configured timeout ([`Handler::timeout`]).
+    pub timeout: Option<Duration>,
+    /// Limit when neither the task nor the config set one (a worker always
+    /// sets the task's).
+    pub default_timeout: Duration,
+}
+
+/// Variables passed through from the consumer's environment unasked:
+/// what programs need to find binaries, a home, a locale and a temp dir.
+pub const SAFE_ENV: &[&str] = &["PATH", "HOME", "LANG", "TZ", "TMPDIR"];
+
+/// Whether the process may see the consumer's variable `name`.
+pub fn passes(name: &str, pass_env: &[String]) -> bool {
+    if pass_env.iter().any(|p| p == name) {
+        return true;
+    }
+    if name.starts_with("WARREN_") {
+        return false;
+    }
+    SAFE_ENV.contains(&name) || name.starts_with("LC_")
+}
+
+impl Exec {
+    /// The process environment, from the consumer's `inherited` one.
+    fn environment(
+        &self,
+        inherited: impl IntoIterator<Item = (std::ffi::OsString, std::ffi::OsString)>,
+        task: &Task,
+    ) -> Vec<(std::ffi::OsString, std::ffi::OsString)> {
+        let mut out: Vec<_> = inherited
+            .into_iter()
+            .filter(|(k, _)| k.to_str().is_some_and(|k| passes(k, &self.pass_env)))
+            .collect();
+        out.extend(self.env.iter().map(|(k, v)| (k.into(), v.into())));
+        out.push(("WARREN_TASK_ID".into(), task.id.clone().into()));
+        out.push(("WARREN_TASK_NAME".into(), task.name.clone().into()));
+        out.push((
+            "WARREN_TASK_ATTEMPT".into(),
+            task.attempt.to_string().into(),
+        ));
+        out
+    }
 }
 
 /// Kills the process group when dropped unless disarmed (the process exited).
@@ -48,17 +98,24 @@ impl Drop for GroupGuard {
 const STDERR_KEEP: usize = 2000;
 
 impl Handler for Exec {
+    fn timeout(&self) -> Option<Duration> {
+        self.timeout
+    }
+
     async fn run(&self, task: Task) -> Result<(), TaskError> {
+        // The attempt's one timeout, computed by the worker.
+        let timeout = task
+            .timeout
+            .or(self.timeout)
+            .unwrap_or(self.default_timeout);
         let (program, args) = self
             .argv
             .split_first()
             .ok_or_else(|| TaskError::permanent("exec handler has an empty argv"))?;
         let mut cmd = tokio::process::Command::new(program);
         cmd.args(args)
-            .envs(&self.env)
-            .env("WARREN_TASK_ID", &task.id)
-            .env("WARREN_TASK_NAME", &task.name)
-            .env("WARREN_TASK_ATTEMPT", task.attempt.to_string())
+            .env_clear()
+            .envs(self.environment(std::env::vars_os(), &task))
             .stdin(Stdio::piped())
             .stdout(Stdio::null())
             .stderr(Stdio::piped())
@@ -92,13 +149,13 @@ impl Handler for Exec {
             let (_, err, status) = tokio::join!(feed, collect, child.wait());
             (err, status)
         };
-        let (err, status) = match tokio::time::timeout(self.timeout, run).await {
+        let (err, status) = match tokio::time::timeout(timeout, run).await {
             Ok(r) => r,
             Err(_) => {
                 guard.kill();
                 return Err(TaskError::retryable(format!(
                     "{program} timed out after {}; process group killed",
-                    humantime::format_duration(self.timeout)
+                    humantime::format_duration(timeout)
                 )));
             }
         };
@@ -143,8 +200,59 @@ mod tests {
             permanent_exit_codes: vec![3],
             cwd: None,
             env: BTreeMap::new(),
-            timeout,
+            pass_env: Vec::new(),
+            timeout: Some(timeout),
+            default_timeout: Duration::from_secs(300),
         }
+    }
+
+    #[test]
+    fn environment_keeps_the_safe_set_and_drops_warren_secrets() {
+        let mut e = exec("true", Duration::from_secs(1));
+        e.env.insert("BUCKET".into(), "reports".into());
+        let inherited = [
+            ("PATH", "/bin"),
+            ("LC_ALL", "C"),
+            ("WARREN_AMQP_URL", "amqp://u:secret@h/"),
+            ("SECRET_X", "1"),
+            ("OPTED", "yes"),
+            ("WARREN_OPTED", "yes"),
+        ]
+        .map(|(k, v)| (k.into(), v.into()));
+        let names = |e: &Exec| -> Vec<String> {
+            let mut n: Vec<String> = e
+                .environment(inherited.clone(), &task())
+                .into_iter()
+                .map(|(k, _)| k.into_string().unwrap())
+                .collect();
+            n.sort();
+            n
+        };
+        assert_eq!(
+            names(&e),
+            [
+                "BUCKET",
+                "LC_ALL",
+                "PATH",
+                "WARREN_TASK_ATTEMPT",
+                "WARREN_TASK_ID",
+                "WARREN_TASK_NAME"
+            ]
+        );
+        e.pass_env = vec!["OPTED".into(), "WARREN_OPTED".into()];
+        let n = names(&e);
+        assert!(n.contains(&"OPTED".to_string()) && n.contains(&"WARREN_OPTED".to_string()));
+        assert!(!n.contains(&"WARREN_AMQP_URL".to_string()));
+    }
+
+    #[tokio::test]
+    async fn the_tasks_timeout_wins_over_the_configured_one() {
+        let mut t = task();
+        t.timeout = Some(Duration::from_secs(20));
+        exec("sleep 1", Duration::from_millis(200))
+            .run(t)
+            .await
+            .unwrap();
     }
 
     fn task() -> Task {

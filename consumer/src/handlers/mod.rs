@@ -13,7 +13,8 @@ use crate::config::HandlerSpec;
 use crate::handler::{Registry, RegistryError};
 
 /// A registry with one built-in handler per configured task name or pattern.
-/// `task_timeout` bounds `exec` handlers that set no timeout of their own.
+/// `task_timeout` bounds `exec` handlers run outside a worker (which always
+/// passes each attempt's timeout in the task) that set no timeout of their own.
 pub fn registry_from_config(
     specs: &BTreeMap<String, HandlerSpec>,
     task_timeout: Duration,
@@ -41,6 +42,7 @@ pub fn registry_from_config(
                 permanent_exit_codes,
                 cwd,
                 env,
+                pass_env,
                 timeout,
             } => r.register(
                 name.clone(),
@@ -49,7 +51,9 @@ pub fn registry_from_config(
                     permanent_exit_codes: permanent_exit_codes.clone(),
                     cwd: cwd.clone(),
                     env: env.clone(),
-                    timeout: timeout.unwrap_or(task_timeout),
+                    pass_env: pass_env.clone(),
+                    timeout: *timeout,
+                    default_timeout: task_timeout,
                 },
             )?,
         };

@@ -173,8 +173,9 @@ async fn exec_handler_abandoned_by_the_worker_timeout_loses_its_process_group() 
             permanent_exit_codes: vec![],
             cwd: None,
             env: BTreeMap::new(),
-            // The handler's own timeout is long: the worker's must win.
-            timeout: Some(Duration::from_secs(120)),
+            pass_env: Vec::new(),
+            // No timeout of its own: the worker's default applies.
+            timeout: None,
         },
     );
     let mut cfg = config("exec");
@@ -184,10 +185,9 @@ async fn exec_handler_abandoned_by_the_worker_timeout_loses_its_process_group() 
     let w = spawn_worker(cfg, reg).await;
     w.publish(&Task::new("x.run", &json!({"go": true}))).await;
     let dead = w.take_dead(1).await;
-    assert_eq!(
-        header(&dead[0], headers::LAST_ERROR).unwrap(),
-        "timed out after 700ms"
-    );
+    // The worker and the handler enforce the same timeout; either may fire.
+    let err = header(&dead[0], headers::LAST_ERROR).unwrap();
+    assert!(err.contains("timed out after 700ms"), "{err}");
     let pid: i32 = std::fs::read_to_string(&marker)
         .unwrap()
         .trim()
@@ -202,4 +202,119 @@ async fn exec_handler_abandoned_by_the_worker_timeout_loses_its_process_group() 
     })
     .await;
     w.stop().await;
+}
+
+fn exec_spec(script: &str, timeout: Option<Duration>, pass_env: &[&str]) -> HandlerSpec {
+    HandlerSpec::Exec {
+        argv: vec!["/bin/sh".into(), "-c".into(), script.into()],
+        permanent_exit_codes: vec![],
+        cwd: None,
+        env: BTreeMap::new(),
+        pass_env: pass_env.iter().map(|s| s.to_string()).collect(),
+        timeout,
+    }
+}
+
+#[tokio::test]
+async fn timeout_header_lengthens_an_exec_handlers_configured_timeout() {
+    let mut specs = BTreeMap::new();
+    specs.insert(
+        "x.slow".to_string(),
+        exec_spec("sleep 2", Some(Duration::from_secs(1)), &[]),
+    );
+    let mut cfg = config("exec_timeout");
+    cfg.retry.default.max_attempts = 1;
+    let reg = registry_from_config(&specs, cfg.worker.task_timeout).unwrap();
+    let w = spawn_worker(cfg, reg).await;
+    let mut longer = Task::new("x.slow", &json!({}));
+    longer.timeout = Some(Duration::from_millis(4000));
+    let plain = Task::new("x.slow", &json!({}));
+    w.publish(&longer).await;
+    w.publish(&plain).await;
+    let dead = w.take_dead(1).await;
+    assert_eq!(
+        dead[0].properties.message_id().as_ref().unwrap().as_str(),
+        plain.id,
+        "only the task without the header times out"
+    );
+    let err = header(&dead[0], headers::LAST_ERROR).unwrap();
+    assert!(err.contains("timed out after 1s"), "{err}");
+    warren::testing::eventually(WAIT, "the 4 s task succeeded", || async {
+        (w.counter(
+            "warren_consumer_tasks_total",
+            &[("task", "x.slow"), ("outcome", "succeeded")],
+        ) == 1.0)
+            .then_some(())
+    })
+    .await;
+    assert_eq!(queue_len(&w.conn, &w.topo.dead_queue()).await, 0);
+    w.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn exec_handlers_do_not_inherit_warren_secrets() {
+    let dir = tempfile::tempdir().unwrap();
+    let dump = |name: &str| dir.path().join(format!("{name}.env"));
+    // Written whole, then renamed: the test never reads half a dump.
+    let script = |name: &str| {
+        let f = dump(name);
+        format!("env > {0}.tmp && mv {0}.tmp {0}", f.display())
+    };
+    let toml = format!(
+        "[handlers.\"env.plain\"]\nkind = \"exec\"\nargv = [\"/bin/sh\", \"-c\", {plain:?}]\n\
+         [handlers.\"env.opted\"]\nkind = \"exec\"\nargv = [\"/bin/sh\", \"-c\", {opted:?}]\n\
+         pass_env = [\"SECRET_X\", \"WARREN_AMQP_URL\"]\n",
+        plain = script("plain"),
+        opted = script("opted"),
+    );
+    let cfg = config("exec_env");
+    let url = cfg.amqp.url.expose().to_owned();
+    let password = url
+        .split_once("://")
+        .and_then(|(_, rest)| rest.split_once('@'))
+        .and_then(|(userinfo, _)| userinfo.split_once(':'))
+        .map(|(_, pw)| pw.to_owned())
+        .expect("the test broker URL has a password");
+    let p = spawn_process_env(&cfg, &toml, &[("SECRET_X", "1")]);
+    p.wait_log("consuming", 1).await;
+    let conn = warren::amqp::connect(&cfg.amqp, "test-client")
+        .await
+        .unwrap();
+    let topo = warren::Topology::new(&cfg.topology);
+    let publisher = warren::amqp::Publisher::new(&conn, Duration::from_secs(10))
+        .await
+        .unwrap();
+    for name in ["env.plain", "env.opted"] {
+        publisher
+            .publish_task(&topo, &Task::new(name, &json!({})), Duration::ZERO)
+            .await
+            .unwrap();
+    }
+    let read = |name: &str| {
+        let path = dump(name);
+        async move { std::fs::read_to_string(path).ok() }
+    };
+    let plain = warren::testing::eventually(WAIT, "plain env dump", || read("plain")).await;
+    let opted = warren::testing::eventually(WAIT, "opted env dump", || read("opted")).await;
+    let has = |dump: &str, var: &str| dump.lines().any(|l| l.starts_with(&format!("{var}=")));
+    assert!(!has(&plain, "WARREN_AMQP_URL"), "{plain}");
+    assert!(!has(&plain, "SECRET_X"), "{plain}");
+    assert!(!plain.contains(&format!(":{password}@")), "password leaked");
+    assert!(
+        plain
+            .lines()
+            .all(|l| !l.starts_with("WARREN_") || l.starts_with("WARREN_TASK_")),
+        "{plain}"
+    );
+    assert!(
+        has(&plain, "PATH") && has(&plain, "WARREN_TASK_ID"),
+        "{plain}"
+    );
+    assert!(
+        has(&opted, "SECRET_X") && has(&opted, "WARREN_AMQP_URL"),
+        "{opted}"
+    );
+    drop(p);
+    warren::testing::delete_topology(&conn, &topo).await;
+    let _ = conn.close(200, "test done".into()).await;
 }

@@ -117,7 +117,9 @@ impl App {
         metric_value(&self.prom, name, labels)
     }
 
-    pub async fn stop(mut self) {
+    /// Stop the worker (drain, close its connection) but keep the topology,
+    /// so the test can look at what is left in the queues.
+    pub async fn halt(&mut self) {
         self.shutdown.cancel();
         if let Some(h) = self.worker.take() {
             tokio::time::timeout(WAIT, h)
@@ -126,6 +128,10 @@ impl App {
                 .expect("worker task")
                 .expect("worker result");
         }
+    }
+
+    pub async fn stop(mut self) {
+        self.halt().await;
         testing::delete_topology(&self.conn, &self.topo).await;
         let _ = self.conn.close(200, "test done".into()).await;
     }

@@ -3,6 +3,8 @@
 #![allow(clippy::unwrap_used)]
 
 mod dead;
+#[cfg(feature = "failpoints")]
+mod faults;
 mod handlers;
 mod helpers;
 mod outcomes;

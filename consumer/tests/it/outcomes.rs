@@ -141,9 +141,11 @@ async fn exhaustion_dead_letters_with_headers() {
     assert_eq!(header(d, headers::ATTEMPT).unwrap(), "3");
     assert_eq!(header(d, headers::LAST_ERROR).unwrap(), "still broken");
     assert_eq!(header(d, headers::ORIGINAL_QUEUE).unwrap(), app.queue());
-    assert!(header(d, headers::ORIGINAL_ROUTING_KEY)
-        .unwrap()
-        .ends_with("t.broken"));
+    // The task's own key, not the delay-level key the last retry came with.
+    assert_eq!(
+        header(d, headers::ORIGINAL_ROUTING_KEY).unwrap(),
+        "t.broken"
+    );
     let first = header(d, headers::FIRST_FAILED_AT).unwrap();
     let at = header(d, headers::DEAD_AT).unwrap();
     let first = chrono::DateTime::parse_from_rfc3339(&first).unwrap();
@@ -506,15 +508,22 @@ async fn consumes_only_the_selected_queues() {
     let app = spawn_worker(cfg, reg).await;
     let t = Task::new("email.send", &json!({}));
     app.publish(&t).await;
+    // A task for the unconsumed catch-all queue waits there.
+    let other = Task::new("report.daily", &json!({}));
+    app.publish(&other).await;
     runs.wait_total(1).await;
-    // The default queue (binding `#`) got its copy too, and nobody consumes it.
     let default = app.topo.work_queues()[0].name.clone();
     eventually(
         WAIT,
-        "copy waiting in the unconsumed default queue",
+        "report waiting in the unconsumed default queue",
         || async { (queue_len(&app.conn, &default).await == 1).then_some(()) },
     )
     .await;
+    // The catch-all (`#`) does not get a copy of what `email.*` claims:
+    // the one message there is the report.
+    let waiting = take(&app.conn, &default, 1).await;
+    assert_eq!(waiting[0].routing_key.as_str(), "report.daily");
+    assert_eq!(queue_len(&app.conn, &default).await, 0);
     assert_eq!(runs.total(), 1);
     app.stop().await;
 }
@@ -533,5 +542,70 @@ async fn a_task_that_is_not_due_yet_waits_for_its_not_before() {
     assert_eq!(ran[0].0, 1, "parking is not an attempt");
     let waited = ran[0].1 - start;
     assert!(waited >= Duration::from_millis(750), "ran after {waited:?}");
+    // Two deliveries (parked, then run), each counted under one outcome.
+    eventually(WAIT, "parked and succeeded counted", || async {
+        let n = |o: &str| {
+            app.counter(
+                "warren_consumer_tasks_total",
+                &[("task", "t.later"), ("outcome", o)],
+            )
+        };
+        (n("parked") == 1.0 && n("succeeded") == 1.0).then_some(())
+    })
+    .await;
+    assert_eq!(
+        app.counter("warren_consumer_deliveries_total", &[("task", "t.later")]),
+        2.0
+    );
+    assert_eq!(
+        app.counter("warren_consumer_tasks_total", &[("task", "t.later")]),
+        2.0
+    );
+    app.stop().await;
+}
+
+#[tokio::test]
+async fn a_parked_task_that_cannot_be_rescheduled_is_dead_lettered_with_its_own_attempt() {
+    let (reg, runs) = recording("t.park");
+    let app = spawn_worker(config("park_unroutable"), reg).await;
+    // Without the levels a 0.2–1.5 s wait enters, the park is unroutable.
+    let ch = app.conn.create_channel().await.unwrap();
+    for level in 1..=3 {
+        ch.queue_delete(
+            app.topo.level_queue(level).as_str().into(),
+            Default::default(),
+        )
+        .await
+        .unwrap();
+    }
+    let mut t = Task::new("t.park", &json!({}));
+    t.attempt = 3;
+    t.max_attempts = Some(5);
+    t.not_before = Some(chrono::Utc::now() + chrono::Duration::milliseconds(1400));
+    app.publish(&t).await;
+    let dead = app.take_dead(1).await;
+    assert_eq!(header(&dead[0], headers::DEAD_KIND).unwrap(), "unroutable");
+    assert_eq!(
+        header(&dead[0], headers::ATTEMPT).unwrap(),
+        "3",
+        "parking is not an attempt: the dead copy keeps attempt 3"
+    );
+    eventually(WAIT, "counted once, as dead_lettered", || async {
+        (app.counter(
+            "warren_consumer_tasks_total",
+            &[("task", "t.park"), ("outcome", "dead_lettered")],
+        ) == 1.0)
+            .then_some(())
+    })
+    .await;
+    assert_eq!(
+        app.counter("warren_consumer_tasks_total", &[("task", "t.park")]),
+        1.0
+    );
+    assert_eq!(
+        app.counter("warren_consumer_deliveries_total", &[("task", "t.park")]),
+        1.0
+    );
+    assert_eq!(runs.total(), 0);
     app.stop().await;
 }

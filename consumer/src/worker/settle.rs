@@ -1,0 +1,136 @@
+//! [`Ticket`]: the one way a delivery leaves this consumer — acked, or given
+//! back to its queue — and the once-per-delivery metric accounting, shared by
+//! the task that handles the delivery and the supervisor that catches its
+//! panics.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Mutex;
+
+use lapin::options::{BasicAckOptions, BasicNackOptions};
+use lapin::Acker;
+use lapin::Channel;
+
+use crate::metrics::{ConsumerMetrics, UNKNOWN_TASK};
+use crate::outcome::labels as label;
+
+pub(super) struct Ticket {
+    acker: Acker,
+    channel: Channel,
+    metrics: ConsumerMetrics,
+    /// Acked, given back, or left to a session that is being closed.
+    settled: AtomicBool,
+    /// The `task` label the delivery was counted under, once counted.
+    counted: Mutex<Option<String>>,
+    /// An outcome was counted.
+    finished: AtomicBool,
+}
+
+impl Ticket {
+    pub(super) fn new(acker: Acker, channel: Channel, metrics: ConsumerMetrics) -> Self {
+        Self {
+            acker,
+            channel,
+            metrics,
+            settled: AtomicBool::new(false),
+            counted: Mutex::new(None),
+            finished: AtomicBool::new(false),
+        }
+    }
+
+    /// Count the delivery (`deliveries_total`) under `task`.
+    pub(super) fn received(&self, task: &str) {
+        self.metrics.deliveries.with_label_values(&[task]).inc();
+        if let Ok(mut c) = self.counted.lock() {
+            *c = Some(task.to_owned());
+        }
+    }
+
+    /// Count how the delivery ended (`tasks_total`), once.
+    pub(super) fn finished(&self, outcome: &str) {
+        if self.finished.swap(true, Ordering::SeqCst) {
+            return;
+        }
+        let task = self
+            .counted
+            .lock()
+            .ok()
+            .and_then(|c| c.clone())
+            .unwrap_or_else(|| UNKNOWN_TASK.to_owned());
+        self.metrics.outcome(&task, outcome);
+    }
+
+    fn was_counted(&self) -> bool {
+        self.counted.lock().map(|c| c.is_some()).unwrap_or(true)
+    }
+
+    /// Ack and count `outcome`; if the ack fails the delivery is given back
+    /// (counted `requeued`). `fault` is the ack step's fail point.
+    pub(super) async fn ack(&self, outcome: &'static str, fault: Result<(), String>) {
+        let res = match fault {
+            Ok(()) => self.acker.ack(BasicAckOptions::default()).await,
+            Err(text) => {
+                tracing::warn!(error = %text, "ack failed; giving the delivery back");
+                // As if the ack never reached the broker: still unacked.
+                return self.give_back().await;
+            }
+        };
+        match res {
+            Ok(true) => {
+                self.settled.store(true, Ordering::SeqCst);
+                self.finished(outcome);
+            }
+            Ok(false) => {
+                tracing::info!("channel closed before the ack; the broker will redeliver");
+                self.give_back().await
+            }
+            Err(e) => {
+                tracing::info!(error = %e, "ack failed; the broker will redeliver");
+                self.give_back().await
+            }
+        }
+    }
+
+    /// The session is being closed (a publish failed): the broker requeues
+    /// the delivery with everything else unacked on it.
+    pub(super) fn left_to_session(&self) {
+        self.settled.store(true, Ordering::SeqCst);
+        self.finished(label::REQUEUED);
+    }
+
+    /// Return the delivery to its queue: nack it with requeue while the ack
+    /// handle is unused; if it was used (an ack of unknown fate) or the nack
+    /// fails, close its channel, which requeues everything unacked on it (the
+    /// worker then consumes on a fresh channel). Never leaves it in flight.
+    pub(super) async fn give_back(&self) {
+        if self.settled.swap(true, Ordering::SeqCst) {
+            return;
+        }
+        self.finished(label::REQUEUED);
+        if self.acker.usable() {
+            let requeue = BasicNackOptions {
+                requeue: true,
+                multiple: false,
+            };
+            if let Ok(true) = self.acker.nack(requeue).await {
+                return;
+            }
+        }
+        if self.channel.status().connected() {
+            tracing::warn!("closing the delivery's channel so the broker requeues it");
+            let _ = self
+                .channel
+                .close(200, "warren: delivery given back".into())
+                .await;
+        }
+    }
+
+    /// After a panic anywhere in handling: make sure the delivery ended and
+    /// was counted exactly once.
+    pub(super) async fn after_panic(&self) {
+        if !self.was_counted() {
+            self.received(UNKNOWN_TASK);
+        }
+        // Settling counts the outcome; a settled delivery was counted.
+        self.give_back().await;
+    }
+}
