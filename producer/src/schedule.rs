@@ -113,9 +113,10 @@ pub fn parse(expr: &str, tz: Tz, gap: DstGap, overlap: DstOverlap) -> Result<Spe
     let tz = match prefix_tz {
         // `timezone` left at its default (UTC) or naming the same zone.
         Some(p) if tz == Tz::UTC || tz == p => p,
-        Some(p) => return Err(format!(
-            "`{original}` names the zone {p} but the schedule's timezone is {tz}: keep one of them"
-        )),
+        Some(p) => {
+            let why = format!("names the zone {p} but the schedule's timezone is {tz}");
+            return Err(format!("`{original}` {why}: keep one of them"));
+        }
         None => tz,
     };
     Ok(Spec::Cron {
