@@ -8,12 +8,12 @@ cd "$(dirname "$0")/.."
 # rabbitmq-server for the broker; prometheus for promtool, which lints /metrics;
 # nftables for the test that cuts a producer off the network; openssl for TLS.
 if [ ! -x /usr/lib/rabbitmq/bin/rabbitmq-server ] || ! command -v promtool >/dev/null \
-  || ! command -v nft >/dev/null || ! command -v openssl >/dev/null || ! command -v python3 >/dev/null; then
+  || ! command -v nft >/dev/null || ! command -v openssl >/dev/null || ! command -v python3 >/dev/null || ! command -v faketime >/dev/null; then
   if [ "$(id -u)" = 0 ]; then
     export DEBIAN_FRONTEND=noninteractive
     printf '#!/bin/sh\nexit 101\n' > /usr/sbin/policy-rc.d && chmod +x /usr/sbin/policy-rc.d
     apt-get update -qq
-    apt-get install -y -qq rabbitmq-server prometheus nftables openssl python3 >/dev/null
+    apt-get install -y -qq rabbitmq-server prometheus nftables openssl python3 faketime >/dev/null
     rm -f /usr/sbin/policy-rc.d
   else
     echo "test.sh: install rabbitmq-server (Debian package) or run as root" >&2

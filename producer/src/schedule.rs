@@ -19,10 +19,11 @@
 //! of the duration since the Unix epoch (UTC), so all replicas agree on the
 //! instants (and therefore on the task ids) and DST never affects it.
 
-use std::str::FromStr;
+mod expr;
+
 use std::time::Duration;
 
-use chrono::{DateTime, NaiveDateTime, Offset, SecondsFormat, TimeZone, Utc};
+use chrono::{DateTime, NaiveDateTime, Offset, SecondsFormat, TimeZone, Timelike, Utc};
 use chrono_tz::Tz;
 use serde::{Deserialize, Serialize};
 
@@ -78,9 +79,7 @@ const MAX_CANDIDATES: usize = 200_000;
 #[derive(Debug, Clone)]
 pub enum Spec {
     Cron {
-        /// Fires when any of them matches (two for a 5-field expression that
-        /// restricts both day-of-month and day-of-week: crontab ORs them).
-        schedules: Vec<cron::Schedule>,
+        cron: Box<croner::Cron>,
         tz: Tz,
         gap: DstGap,
         overlap: DstOverlap,
@@ -91,8 +90,11 @@ pub enum Spec {
 }
 
 /// Parse `expr` (any accepted syntax) in zone `tz` with the given DST rules.
+/// A `CRON_TZ=Zone` / `TZ=Zone` prefix names the zone instead of `tz`.
 pub fn parse(expr: &str, tz: Tz, gap: DstGap, overlap: DstOverlap) -> Result<Spec, String> {
-    let expr = expr.trim();
+    let original = expr.trim();
+    let bad = |e: String| format!("bad cron expression `{original}`: {e}");
+    let (prefix_tz, expr) = expr::split_tz_prefix(original).map_err(bad)?;
     if let Some(rest) = expr.strip_prefix("@every") {
         let rest = rest.trim();
         if rest.is_empty() {
@@ -107,15 +109,18 @@ pub fn parse(expr: &str, tz: Tz, gap: DstGap, overlap: DstOverlap) -> Result<Spe
             .map_err(|_| format!("`@every {rest}`: period too long"))?;
         return Ok(Spec::Every { period_ms });
     }
-    let crons = to_cron_crate(expr)?;
-    let schedules = crons
-        .iter()
-        .map(|c| {
-            cron::Schedule::from_str(c).map_err(|e| format!("bad cron expression `{expr}`: {e}"))
-        })
-        .collect::<Result<Vec<_>, _>>()?;
+    let cron = expr::parse(expr).map_err(bad)?;
+    let tz = match prefix_tz {
+        // `timezone` left at its default (UTC) or naming the same zone.
+        Some(p) if tz == Tz::UTC || tz == p => p,
+        Some(p) => {
+            let why = format!("names the zone {p} but the schedule's timezone is {tz}");
+            return Err(format!("`{original}` {why}: keep one of them"));
+        }
+        None => tz,
+    };
     Ok(Spec::Cron {
-        schedules,
+        cron: Box::new(cron),
         tz,
         gap,
         overlap,
@@ -131,108 +136,6 @@ pub fn parse_tz(name: &str) -> Result<Tz, String> {
     })
 }
 
-/// Translate any accepted syntax into the `cron` crate's 6/7-field syntax
-/// (seconds first, day-of-week 1 = Sunday).
-fn to_cron_crate(expr: &str) -> Result<Vec<String>, String> {
-    let descriptor = match expr.to_ascii_lowercase().as_str() {
-        "@yearly" | "@annually" => Some("0 0 0 1 1 *"),
-        "@monthly" => Some("0 0 0 1 * *"),
-        "@weekly" => Some("0 0 0 * * 1"),
-        "@daily" | "@midnight" => Some("0 0 0 * * *"),
-        "@hourly" => Some("0 0 * * * *"),
-        _ => None,
-    };
-    if let Some(d) = descriptor {
-        return Ok(vec![d.to_owned()]);
-    }
-    if expr.starts_with('@') {
-        return Err(format!(
-            "unknown descriptor `{expr}` (expected @yearly, @annually, @monthly, @weekly, @daily, @midnight, @hourly or `@every <duration>`)"
-        ));
-    }
-    let fields: Vec<&str> = expr.split_whitespace().collect();
-    match fields.len() {
-        5 => {
-            let dow = crontab_dow(fields[4])
-                .map_err(|e| format!("bad cron expression `{expr}`: day of week: {e}"))?;
-            let (min, hour, dom, mon) = (fields[0], fields[1], fields[2], fields[3]);
-            let restricted = |f: &str| f != "*" && f != "?";
-            if restricted(dom) && restricted(fields[4]) {
-                // crontab: a day matches when EITHER field matches.
-                Ok(vec![
-                    format!("0 {min} {hour} {dom} {mon} *"),
-                    format!("0 {min} {hour} * {mon} {dow}"),
-                ])
-            } else {
-                Ok(vec![format!("0 {min} {hour} {dom} {mon} {dow}")])
-            }
-        }
-        6 | 7 => Ok(vec![expr.to_owned()]),
-        n => Err(format!(
-            "bad cron expression `{expr}`: expected 5 fields (min hour dom mon dow), 6 or 7 (sec min hour dom mon dow [year]), got {n}"
-        )),
-    }
-}
-
-/// Translate a crontab day-of-week field (0-7, 0 and 7 = Sunday, names,
-/// ranges, steps, lists) into the `cron` crate's numbering (1 = Sunday).
-fn crontab_dow(field: &str) -> Result<String, String> {
-    if field == "*" || field == "?" {
-        return Ok(field.to_owned());
-    }
-    let mut days = [false; 7];
-    for item in field.split(',') {
-        let (range, step) = match item.split_once('/') {
-            Some((r, s)) => (
-                r,
-                s.parse::<u32>()
-                    .ok()
-                    .filter(|s| *s > 0)
-                    .ok_or_else(|| format!("bad step in `{item}`"))?,
-            ),
-            None => (item, 1),
-        };
-        let (lo, hi) = if range == "*" {
-            (0, 6)
-        } else if let Some((a, b)) = range.split_once('-') {
-            (dow_value(a)?, dow_value(b)?)
-        } else {
-            let v = dow_value(range)?;
-            (v, if item.contains('/') { 6 } else { v })
-        };
-        if lo > hi {
-            return Err(format!("range `{range}` runs backwards"));
-        }
-        let mut d = lo;
-        while d <= hi {
-            days[(d % 7) as usize] = true;
-            d += step;
-        }
-    }
-    let list: Vec<String> = (0..7)
-        .filter(|d| days[*d as usize])
-        .map(|d: u32| (d + 1).to_string())
-        .collect();
-    Ok(list.join(","))
-}
-
-fn dow_value(s: &str) -> Result<u32, String> {
-    const NAMES: [&str; 7] = ["sun", "mon", "tue", "wed", "thu", "fri", "sat"];
-    if let Ok(n) = s.parse::<u32>() {
-        return if n <= 7 {
-            Ok(n)
-        } else {
-            Err(format!("`{s}` is not a day (0-7)"))
-        };
-    }
-    let lower = s.to_ascii_lowercase();
-    NAMES
-        .iter()
-        .position(|n| lower.starts_with(n) && lower.len() >= 3)
-        .map(|p| p as u32)
-        .ok_or_else(|| format!("`{s}` is not a day of the week"))
-}
-
 impl Spec {
     /// The first fire instant strictly after `after`, or `None` if the
     /// expression never fires again.
@@ -244,14 +147,11 @@ impl Spec {
                 Utc.timestamp_millis_opt(next).single()
             }
             Spec::Cron {
-                schedules,
+                cron,
                 tz,
                 gap,
                 overlap,
-            } => schedules
-                .iter()
-                .filter_map(|s| next_cron(s, tz, *gap, *overlap, after))
-                .min(),
+            } => next_cron(cron, tz, *gap, *overlap, after),
         }
     }
 
@@ -323,16 +223,16 @@ fn map_local(tz: &Tz, gap: DstGap, overlap: DstOverlap, n: NaiveDateTime) -> Vec
 }
 
 fn next_cron(
-    s: &cron::Schedule,
+    cron: &croner::Cron,
     tz: &Tz,
     gap: DstGap,
     overlap: DstOverlap,
     after: DateTime<Utc>,
 ) -> Option<DateTime<Utc>> {
-    // Walk candidate wall-clock times (the cron crate iterates a "UTC" clock
-    // that we read as naive local time) and map each to instants. Near a DST
-    // transition local time is not monotonic in UTC, so there we start a few
-    // hours early and keep scanning a few hours past the first hit.
+    // Walk matching wall-clock times (naive local time) and map each to
+    // instants. Near a DST transition local time is not monotonic in UTC, so
+    // there we start a few hours early and keep scanning a few hours past the
+    // first hit.
     let local_after = after.with_timezone(tz).naive_local();
     let near_start = transition_near(tz, after);
     let start = if near_start {
@@ -340,13 +240,14 @@ fn next_cron(
     } else {
         local_after
     };
+    // Whole seconds: the walk steps from one matching second to the next.
+    let mut cur = start.with_nanosecond(0)?;
     let mut best: Option<DateTime<Utc>> = None;
     let mut scan_until: Option<NaiveDateTime> = None;
-    for (i, cand) in s.after(&Utc.from_utc_datetime(&start)).enumerate() {
-        let n = cand.naive_utc();
-        if i >= MAX_CANDIDATES {
-            break;
-        }
+    for _ in 0..MAX_CANDIDATES {
+        // An error means no match before croner's year limit: never again.
+        let n = cron.find_next_occurrence(&cur, false).ok()?;
+        cur = n;
         if let Some(limit) = scan_until {
             if n > limit {
                 break;
@@ -766,8 +667,8 @@ mod tests {
         );
         assert!(bad("61 * * * *").contains("bad cron expression"));
         assert!(bad("0 25 * * *").contains("bad cron expression"));
-        assert!(bad("0 0 * * 8").contains("day of week"));
-        assert!(bad("0 0 * * funday").contains("day of week"));
+        assert!(bad("0 0 * * 8").contains("day-of-week"));
+        assert!(bad("0 0 * * funday").contains("day-of-week"));
         assert!(bad("@fortnightly").contains("unknown descriptor"));
         assert!(bad("@every").contains("needs a duration"));
         assert!(bad("@every soon").contains("bad duration"));
@@ -854,5 +755,397 @@ mod tests {
             );
             assert_eq!(p.fire.len(), 1, "{policy:?}");
         }
+    }
+
+    /// robfig/cron v3 `TestActivation` (5 fields, `ParseStandard`): whether
+    /// the expression fires at that wall-clock minute.
+    #[test]
+    fn robfig_activation_table() {
+        let table: &[(&str, &str, bool)] = &[
+            ("2012-07-09T15:00:00Z", "0/15 * * * *", true),
+            ("2012-07-09T15:45:00Z", "0/15 * * * *", true),
+            ("2012-07-09T15:40:00Z", "0/15 * * * *", false),
+            ("2012-07-09T15:05:00Z", "5/15 * * * *", true),
+            ("2012-07-09T15:20:00Z", "5/15 * * * *", true),
+            ("2012-07-09T15:50:00Z", "5/15 * * * *", true),
+            ("2012-07-15T15:00:00Z", "0/15 * * Jul *", true),
+            ("2012-07-15T15:00:00Z", "0/15 * * Jun *", false),
+            ("2012-07-15T08:30:00Z", "30 08 ? Jul Sun", true),
+            ("2012-07-15T08:30:00Z", "30 08 15 Jul ?", true),
+            ("2012-07-16T08:30:00Z", "30 08 ? Jul Sun", false),
+            ("2012-07-16T08:30:00Z", "30 08 15 Jul ?", false),
+            ("2012-07-09T15:00:00Z", "@hourly", true),
+            ("2012-07-09T15:04:00Z", "@hourly", false),
+            ("2012-07-09T15:00:00Z", "@daily", false),
+            ("2012-07-09T00:00:00Z", "@daily", true),
+            ("2012-07-09T00:00:00Z", "@weekly", false),
+            ("2012-07-08T00:00:00Z", "@weekly", true),
+            ("2012-07-08T01:00:00Z", "@weekly", false),
+            ("2012-07-08T00:00:00Z", "@monthly", false),
+            ("2012-07-01T00:00:00Z", "@monthly", true),
+            // Both day fields restricted: either may match.
+            ("2012-07-15T00:00:00Z", "* * 1,15 * Sun", true),
+            ("2012-06-15T00:00:00Z", "* * 1,15 * Sun", true),
+            ("2012-08-01T00:00:00Z", "* * 1,15 * Sun", true),
+            ("2012-07-15T00:00:00Z", "* * */10 * Sun", true),
+            // One of them `*`: both must match.
+            ("2012-07-15T00:00:00Z", "* * * * Mon", false),
+            ("2012-07-09T00:00:00Z", "* * 1,15 * *", false),
+            ("2012-07-15T00:00:00Z", "* * 1,15 * *", true),
+            ("2012-07-15T00:00:00Z", "* * */2 * Sun", true),
+        ];
+        for (at, expr, fires) in table {
+            let t = utc(at);
+            let s = spec(expr, "UTC");
+            let got = s.next_after(t - chrono::TimeDelta::seconds(1)) == Some(t);
+            assert_eq!(got, *fires, "`{expr}` at {at}");
+        }
+    }
+
+    /// robfig/cron v3 `TestNext` (seconds first), including its `TZ=` rows.
+    /// robfig skips a time in a spring-forward gap and fires at both
+    /// occurrences in a fall-back overlap: warren's `dst_gap = "skip"`,
+    /// `dst_overlap = "both"`.
+    #[test]
+    fn robfig_next_table() {
+        let table: &[(&str, &str, Option<&str>)] = &[
+            (
+                "2012-07-09T14:45:00Z",
+                "0 0/15 * * * *",
+                Some("2012-07-09T15:00:00Z"),
+            ),
+            (
+                "2012-07-09T14:59:00Z",
+                "0 0/15 * * * *",
+                Some("2012-07-09T15:00:00Z"),
+            ),
+            (
+                "2012-07-09T14:59:59Z",
+                "0 0/15 * * * *",
+                Some("2012-07-09T15:00:00Z"),
+            ),
+            (
+                "2012-07-09T15:45:00Z",
+                "0 20-35/15 * * * *",
+                Some("2012-07-09T16:20:00Z"),
+            ),
+            (
+                "2012-07-09T23:46:00Z",
+                "0 */15 * * * *",
+                Some("2012-07-10T00:00:00Z"),
+            ),
+            (
+                "2012-07-09T23:45:00Z",
+                "0 20-35/15 * * * *",
+                Some("2012-07-10T00:20:00Z"),
+            ),
+            (
+                "2012-07-09T23:35:51Z",
+                "15/35 20-35/15 * * * *",
+                Some("2012-07-10T00:20:15Z"),
+            ),
+            (
+                "2012-07-09T23:35:51Z",
+                "15/35 20-35/15 1/2 * * *",
+                Some("2012-07-10T01:20:15Z"),
+            ),
+            (
+                "2012-07-09T23:35:51Z",
+                "15/35 20-35/15 10-12 * * *",
+                Some("2012-07-10T10:20:15Z"),
+            ),
+            (
+                "2012-07-09T23:35:51Z",
+                "15/35 20-35/15 1/2 */2 * *",
+                Some("2012-07-11T01:20:15Z"),
+            ),
+            (
+                "2012-07-09T23:35:51Z",
+                "15/35 20-35/15 * 9-20 * *",
+                Some("2012-07-10T00:20:15Z"),
+            ),
+            (
+                "2012-07-09T23:35:51Z",
+                "15/35 20-35/15 * 9-20 Jul *",
+                Some("2012-07-10T00:20:15Z"),
+            ),
+            (
+                "2012-07-09T23:35:00Z",
+                "0 0 0 9 Apr-Oct ?",
+                Some("2012-08-09T00:00:00Z"),
+            ),
+            (
+                "2012-07-09T23:35:00Z",
+                "0 0 0 */5 Apr,Aug,Oct Mon",
+                Some("2012-08-01T00:00:00Z"),
+            ),
+            (
+                "2012-07-09T23:35:00Z",
+                "0 0 0 */5 Oct Mon",
+                Some("2012-10-01T00:00:00Z"),
+            ),
+            (
+                "2012-07-09T23:35:00Z",
+                "0 0 0 * Feb Mon",
+                Some("2013-02-04T00:00:00Z"),
+            ),
+            (
+                "2012-07-09T23:35:00Z",
+                "0 0 0 * Feb Mon/2",
+                Some("2013-02-01T00:00:00Z"),
+            ),
+            (
+                "2012-12-31T23:59:45Z",
+                "0 * * * * *",
+                Some("2013-01-01T00:00:00Z"),
+            ),
+            (
+                "2012-07-09T23:35:00Z",
+                "0 0 0 29 Feb ?",
+                Some("2016-02-29T00:00:00Z"),
+            ),
+            ("2012-07-09T23:35:00Z", "0 0 0 30 Feb ?", None),
+            ("2012-07-09T23:35:00Z", "0 0 0 31 Apr ?", None),
+            // Spring forward in New York: 2am EST → 3am EDT.
+            (
+                "2012-03-11T00:00:00-05:00",
+                "TZ=America/New_York 0 30 2 11 Mar ?",
+                Some("2013-03-11T02:30:00-04:00"),
+            ),
+            (
+                "2012-03-11T00:00:00-05:00",
+                "TZ=America/New_York 0 0 * * * ?",
+                Some("2012-03-11T01:00:00-05:00"),
+            ),
+            (
+                "2012-03-11T01:00:00-05:00",
+                "TZ=America/New_York 0 0 * * * ?",
+                Some("2012-03-11T03:00:00-04:00"),
+            ),
+            (
+                "2012-03-11T00:00:00-05:00",
+                "TZ=America/New_York 0 0 2 * * ?",
+                Some("2012-03-12T02:00:00-04:00"),
+            ),
+            // Fall back in New York: 2am EDT → 1am EST.
+            (
+                "2012-11-04T00:00:00-04:00",
+                "TZ=America/New_York 0 30 2 04 Nov ?",
+                Some("2012-11-04T02:30:00-05:00"),
+            ),
+            (
+                "2012-11-04T01:45:00-04:00",
+                "TZ=America/New_York 0 30 1 04 Nov ?",
+                Some("2012-11-04T01:30:00-05:00"),
+            ),
+            (
+                "2012-11-04T00:00:00-04:00",
+                "TZ=America/New_York 0 0 * * * ?",
+                Some("2012-11-04T01:00:00-04:00"),
+            ),
+            (
+                "2012-11-04T01:00:00-04:00",
+                "TZ=America/New_York 0 0 * * * ?",
+                Some("2012-11-04T01:00:00-05:00"),
+            ),
+            (
+                "2012-11-04T01:00:00-05:00",
+                "TZ=America/New_York 0 0 * * * ?",
+                Some("2012-11-04T02:00:00-05:00"),
+            ),
+            (
+                "2012-11-04T00:00:00-04:00",
+                "CRON_TZ=America/New_York 0 0 3 3 * ?",
+                Some("2012-12-03T03:00:00-05:00"),
+            ),
+            // Midnight missing on a DST day (robfig issue 157).
+            (
+                "2018-10-17T05:00:00-04:00",
+                "TZ=America/Sao_Paulo 0 0 9 10 * ?",
+                Some("2018-11-10T06:00:00-05:00"),
+            ),
+            (
+                "2018-02-14T05:00:00-05:00",
+                "TZ=America/Sao_Paulo 0 0 9 22 * ?",
+                Some("2018-02-22T07:00:00-05:00"),
+            ),
+        ];
+        for (after, expr, next) in table {
+            let s = spec_with(expr, "UTC", DstGap::Skip, DstOverlap::Both);
+            assert_eq!(
+                s.next_after(utc(after)),
+                next.map(utc),
+                "`{expr}` after {after}"
+            );
+        }
+    }
+
+    #[test]
+    fn one_weekday_numbering_and_day_rule_for_five_six_and_seven_fields() {
+        // 2026-01-05 is a Monday, 2026-01-11 a Sunday.
+        let at = "2026-01-03T12:00:00Z"; // Saturday
+        for expr in ["0 9 * * 1", "0 0 9 * * 1", "0 0 9 * * 1 *", "0 0 9 * * mon"] {
+            assert_eq!(
+                next_n(&spec(expr, "UTC"), at, 1),
+                ["2026-01-05T09:00:00Z"],
+                "{expr}"
+            );
+        }
+        for expr in ["0 0 9 * * 0", "0 0 9 * * 7", "0 0 9 * * SUN"] {
+            assert_eq!(
+                next_n(&spec(expr, "UTC"), at, 1),
+                ["2026-01-04T09:00:00Z"],
+                "{expr}"
+            );
+        }
+        assert_eq!(
+            next_n(&spec("0 0 9 * * 1-5", "UTC"), "2026-01-02T12:00:00Z", 2),
+            ["2026-01-05T09:00:00Z", "2026-01-06T09:00:00Z"] // Fri noon → Mon, Tue
+        );
+        assert_eq!(
+            next_n(&spec("0 0 9 * * 0,6", "UTC"), "2026-01-05T00:00:00Z", 2),
+            ["2026-01-10T09:00:00Z", "2026-01-11T09:00:00Z"]
+        );
+        assert_eq!(
+            next_n(&spec("0 0 9 * * fri-sun", "UTC"), "2026-01-05T00:00:00Z", 3),
+            [
+                "2026-01-09T09:00:00Z",
+                "2026-01-10T09:00:00Z",
+                "2026-01-11T09:00:00Z"
+            ]
+        );
+        // `Mon/2` = Monday, Wednesday, Friday (robfig: N/step ends on Saturday).
+        assert_eq!(
+            next_n(&spec("0 0 9 * * Mon/2", "UTC"), "2026-01-04T00:00:00Z", 4),
+            [
+                "2026-01-05T09:00:00Z",
+                "2026-01-07T09:00:00Z",
+                "2026-01-09T09:00:00Z",
+                "2026-01-12T09:00:00Z"
+            ]
+        );
+        // Friday the 13th in 6 fields ORs like 5 fields: the 13th or any Friday.
+        let f13 = spec("0 0 0 13 * FRI", "UTC");
+        assert_eq!(
+            next_n(&f13, "2026-01-01T00:00:00Z", 3),
+            [
+                "2026-01-02T00:00:00Z",
+                "2026-01-09T00:00:00Z",
+                "2026-01-13T00:00:00Z"
+            ]
+        );
+        // robfig, not Vixie: `*/2` restricts, so odd days OR Mondays.
+        // 2026-01-05 (Mon, odd), 2026-01-07 (Wed, odd), 2026-01-12 (Mon, even).
+        let v = next_n(&spec("0 0 */2 * 1", "UTC"), "2026-01-04T00:00:00Z", 5);
+        assert!(v.contains(&"2026-01-12T00:00:00Z".to_owned()), "{v:?}");
+        assert!(v.contains(&"2026-01-07T00:00:00Z".to_owned()), "{v:?}");
+    }
+
+    #[test]
+    fn last_nth_and_nearest_weekday() {
+        let at = "2026-01-01T00:00:00Z";
+        // Last day of the month; last weekday; weekday nearest the 17th
+        // (Saturday 2026-01-17 → Friday 16th); last Friday; second Tuesday.
+        let cases = [
+            ("0 0 L * *", "2026-01-31T00:00:00Z"),
+            ("0 0 LW * *", "2026-01-30T00:00:00Z"),
+            ("0 0 17W * *", "2026-01-16T00:00:00Z"),
+            ("0 0 * * 5L", "2026-01-30T00:00:00Z"),
+            ("0 0 * * fri#L", "2026-01-30T00:00:00Z"),
+            ("0 0 * * 2#2", "2026-01-13T00:00:00Z"),
+        ];
+        for (expr, next) in cases {
+            assert_eq!(next_n(&spec(expr, "UTC"), at, 1), [next], "{expr}");
+        }
+    }
+
+    #[test]
+    fn fires_after_2100() {
+        let s = spec("0 0 12 1 1 * 2101", "UTC");
+        assert_eq!(
+            next_n(&s, "2026-01-01T00:00:00Z", 1),
+            ["2101-01-01T12:00:00Z"]
+        );
+        let far = spec("0 0 0 29 2 * 2400-2404", "UTC");
+        assert_eq!(
+            next_n(&far, "2026-01-01T00:00:00Z", 2),
+            ["2400-02-29T00:00:00Z", "2404-02-29T00:00:00Z"]
+        );
+        assert_eq!(far.next_after(utc("2404-03-01T00:00:00Z")), None);
+    }
+
+    #[test]
+    fn zone_prefix() {
+        let s = spec("CRON_TZ=Asia/Tokyo 0 6 * * ?", "UTC");
+        assert_eq!(s.tz(), parse_tz("Asia/Tokyo").unwrap());
+        assert_eq!(
+            next_n(&s, "2026-01-01T00:00:00Z", 1),
+            ["2026-01-01T21:00:00Z"]
+        );
+        assert_eq!(
+            next_n(
+                &spec("TZ=Europe/Berlin @daily", "Europe/Berlin"),
+                "2026-03-15T10:00:00Z",
+                1
+            ),
+            ["2026-03-15T23:00:00Z"]
+        );
+        let tz = parse_tz("Europe/Berlin").unwrap();
+        let e = parse(
+            "CRON_TZ=Asia/Tokyo 0 6 * * *",
+            tz,
+            DstGap::Shift,
+            DstOverlap::First,
+        )
+        .unwrap_err();
+        assert_eq!(e, "`CRON_TZ=Asia/Tokyo 0 6 * * *` names the zone Asia/Tokyo but the schedule's timezone is Europe/Berlin: keep one of them");
+        let e = parse(
+            "CRON_TZ=Mars/Base 0 6 * * *",
+            Tz::UTC,
+            DstGap::Shift,
+            DstOverlap::First,
+        )
+        .unwrap_err();
+        assert!(
+            e.contains("`CRON_TZ=Mars/Base`: unknown time zone `Mars/Base`"),
+            "{e}"
+        );
+    }
+
+    /// Every message names the user's own expression, the field, and what
+    /// is wrong (with the allowed range).
+    #[test]
+    fn error_messages_speak_of_what_the_user_wrote() {
+        let cases = [
+            ("60 * * * *", "minute 60 out of range 0-59"),
+            ("0 24 * * *", "hour 24 out of range 0-23"),
+            ("0 0 32 * *", "day-of-month 32 out of range 1-31"),
+            ("0 0 0 * *", "day-of-month 0 out of range 1-31"),
+            ("0 0 1 13 *", "month 13 out of range 1-12 or jan-dec"),
+            ("60 0 0 * * *", "second 60 out of range 0-59"),
+            ("0 0 * * 8", "day-of-week 8 out of range 0-7 (0 and 7 = Sunday) or sun-sat"),
+            ("0 0 0 1 1 * 1969", "year 1969 out of range 1970-4999"),
+            ("*/-5 * * * *", "minute: step `-5` in `*/-5` is not a positive whole number"),
+            ("*/0 * * * *", "minute: step in `*/0` must be at least 1"),
+            ("*/ * * * *", "minute: `*/` has no step after `/`"),
+            ("/5 * * * *", "minute: `/5` has nothing before `/`"),
+            ("0,,5 * * * *", "minute: empty item in the list `0,,5`"),
+            ("0, * * * *", "minute: empty item in the list `0,`"),
+            ("0 0 * * MON-", "day-of-week: range `MON-` has no end"),
+            ("0 0 * * -MON", "day-of-week: range `-MON` has no start"),
+            ("0 0 * * 5-1", "day-of-week: range `5-1` runs backwards (5 is after 1); write it as a list of two ranges"),
+            ("0 0 * * funday", "day-of-week: `funday` is not a day-of-week (expected 0-7 (0 and 7 = Sunday) or sun-sat)"),
+            ("0 0 * foo *", "month: `foo` is not a month (expected 1-12 or jan-dec)"),
+            ("x * * * *", "minute: `x` is not a minute (expected 0-59)"),
+            ("0 0 * * 5#6", "day-of-week: `5#6`: the occurrence after `#` must be 1-5 or L"),
+            ("0 0 * *", "expected 5 fields (minute hour day-of-month month day-of-week), 6 (second first) or 7 (second first, year last), got 4"),
+        ];
+        for (expr, want) in cases {
+            let e = parse(expr, Tz::UTC, DstGap::Shift, DstOverlap::First).unwrap_err();
+            assert_eq!(e, format!("bad cron expression `{expr}`: {want}"));
+        }
+        // Never the internally rewritten form.
+        let e = parse("60 * * * *", Tz::UTC, DstGap::Shift, DstOverlap::First).unwrap_err();
+        assert!(!e.contains("0 60"), "{e}");
     }
 }

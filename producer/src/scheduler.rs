@@ -10,6 +10,7 @@ use std::time::Duration;
 
 use backon::BackoffBuilder;
 use chrono::{DateTime, Utc};
+use futures_util::FutureExt;
 use lapin::Connection;
 use tokio_util::sync::CancellationToken;
 use warren::amqp::Publisher;
@@ -19,7 +20,10 @@ use crate::config::{Schedule, ScheduleSet};
 use crate::leader::{self, Attempt, Fence};
 use crate::metrics::Source;
 use crate::schedule::{self, plan, ON_TIME};
+use crate::scheduler::clock::{Sample, Step, Track};
 use crate::state::{self, Entry, Snapshot};
+
+mod clock;
 
 /// Longest single sleep: guards against wall-clock jumps (NTP steps) while
 /// sleeping on the monotonic clock. Not a polling loop: a wake-up with
@@ -51,10 +55,15 @@ pub async fn run(ctx: Arc<Ctx>, shutdown: CancellationToken) {
                 tracing::info!(instance = %ctx.instance, "elected leader: this replica fires the schedules");
                 ctx.leader.store(true, Ordering::SeqCst);
                 ctx.metrics.leader.set(1);
-                let res = lead(&ctx, &conn, &fence, &shutdown).await;
+                let term = std::panic::AssertUnwindSafe(lead(&ctx, &conn, &fence, &shutdown));
+                let res = term.catch_unwind().await;
                 fence.step_down();
                 ctx.leader.store(false, Ordering::SeqCst);
                 ctx.metrics.leader.set(0);
+                let res = match res {
+                    Ok(res) => res,
+                    Err(panic) => abandon_leadership(&conn, panic_text(&panic).to_owned()).await,
+                };
                 match res {
                     Ok(()) if shutdown.is_cancelled() => {}
                     Ok(()) => tracing::warn!("lost leadership; rejoining as a candidate"),
@@ -73,6 +82,23 @@ pub async fn run(ctx: Arc<Ctx>, shutdown: CancellationToken) {
         )
         .await;
     }
+}
+
+/// The leader term panicked outside the per-schedule guard: its state is
+/// unknown, so release the lock (close its connection) for a standby and
+/// exit non-zero so the supervisor restarts this replica, instead of
+/// holding the lock with no fire loop behind it.
+async fn abandon_leadership(conn: &Connection, panic: String) -> ! {
+    tracing::error!(
+        panic,
+        "the scheduler panicked: releasing the leader lock and exiting (status 1) so that a standby takes over"
+    );
+    let _ = tokio::time::timeout(
+        Duration::from_secs(2),
+        conn.close(200, "producer scheduler failed".into()),
+    )
+    .await;
+    std::process::exit(1)
 }
 
 /// Wait until this connection holds the lock (`Ok(true)`), shutdown
@@ -106,8 +132,8 @@ async fn candidate(
 
 /// Per-schedule state of the fire loop.
 struct Cursor {
-    /// Every instant `<= cursor` has been decided.
-    cursor: DateTime<Utc>,
+    /// Which instants are still to be decided.
+    track: Track,
     last_fired: Option<DateTime<Utc>>,
     /// The expression it was computed for (a changed expression restarts at now).
     key: String,
@@ -127,7 +153,7 @@ fn set_cursor(
     last_fired: Option<DateTime<Utc>>,
 ) {
     if let Some(c) = cursors.get_mut(name) {
-        c.cursor = cursor;
+        c.track.advance(cursor);
         c.last_fired = last_fired;
     }
 }
@@ -143,12 +169,107 @@ fn snapshot(ctx: &Ctx, cursors: &HashMap<String, Cursor>) -> Snapshot {
                 (
                     k.clone(),
                     Entry {
-                        cursor: c.cursor,
+                        // After a backward clock step the cursor sits below
+                        // instants already fired: a successor must not
+                        // fire those again.
+                        cursor: c.track.high_water(),
                         last_fired: c.last_fired,
                     },
                 )
             })
             .collect(),
+    }
+}
+
+/// What one wake-up decided for one schedule.
+struct TickPlan {
+    plan: schedule::Plan,
+    /// The latest due instant: the cursor moves there.
+    latest: DateTime<Utc>,
+}
+
+/// The overdue instants of one schedule at `now` and the misfire plan for
+/// them; `None` when nothing is due. Pure schedule math, no I/O.
+fn plan_tick(s: &Schedule, track: &Track, now: DateTime<Utc>) -> Option<TickPlan> {
+    #[cfg(feature = "fault-injection")]
+    fault::maybe_panic(s.name());
+    if track.next(&s.spec)? > now {
+        return None;
+    }
+    // Overdue instants older than grace can never fire: count them
+    // without listing them all.
+    let horizon = s.cfg.misfire_grace.max(ON_TIME) + Duration::from_secs(1);
+    let window_start = now - chrono::TimeDelta::from_std(horizon).unwrap_or_default();
+    let mut earlier = 0u64;
+    let mut from = track.cursor;
+    if from < window_start {
+        earlier = s
+            .spec
+            .fires_between(from, window_start, 10_000)
+            .into_iter()
+            .filter(|t| !track.skips(*t))
+            .count() as u64;
+        from = window_start;
+    }
+    let mut due = s.spec.fires_between(from, now, MAX_DUE);
+    let latest = *due.last()?;
+    due.retain(|t| !track.skips(*t));
+    let plan = plan(
+        s.cfg.misfire,
+        s.cfg.misfire_grace,
+        s.cfg.max_catch_up,
+        &due,
+        earlier,
+        now,
+    );
+    Some(TickPlan { plan, latest })
+}
+
+/// `plan_tick`, surviving a panic in it: a bug in the schedule math of one
+/// schedule must not stop the others (nor take the leader lock down with
+/// the task). The instants due now count as missed, and the cursor moves
+/// on, so a panic costs one wake-up of one schedule, loudly.
+fn plan_tick_guarded(
+    ctx: &Ctx,
+    s: &Schedule,
+    track: &Track,
+    now: DateTime<Utc>,
+) -> Result<Option<TickPlan>, ()> {
+    let run = std::panic::AssertUnwindSafe(|| plan_tick(s, track, now));
+    std::panic::catch_unwind(run).map_err(|panic| {
+        tracing::error!(
+            schedule = s.name(),
+            panic = panic_text(&panic),
+            "schedule computation panicked: this tick is counted as missed; the other schedules go on"
+        );
+        ctx.metrics.missed.with_label_values(&[s.name()]).inc();
+    })
+}
+
+fn panic_text(p: &Box<dyn std::any::Any + Send>) -> &str {
+    p.downcast_ref::<&str>()
+        .copied()
+        .or_else(|| p.downcast_ref::<String>().map(String::as_str))
+        .unwrap_or("(no message)")
+}
+
+/// Test-only faults, compiled in with the `fault-injection` feature.
+#[cfg(feature = "fault-injection")]
+mod fault {
+    /// Panic in the schedule math of the schedule named by
+    /// `WARREN_FAULT_PANIC_SCHEDULE`.
+    pub fn maybe_panic(schedule: &str) {
+        if std::env::var("WARREN_FAULT_PANIC_SCHEDULE").is_ok_and(|n| n == schedule) {
+            panic!("injected fault: WARREN_FAULT_PANIC_SCHEDULE={schedule}");
+        }
+    }
+
+    /// Panic in the leader term (outside the per-schedule guard) when
+    /// `WARREN_FAULT_PANIC_TERM` is set.
+    pub fn maybe_panic_term() {
+        if std::env::var_os("WARREN_FAULT_PANIC_TERM").is_some() {
+            panic!("injected fault: WARREN_FAULT_PANIC_TERM");
+        }
     }
 }
 
@@ -198,12 +319,12 @@ async fn lead_term(
     }
     let mut rx = ctx.schedules.subscribe();
     let mut cursors: HashMap<String, Cursor> = HashMap::new();
-    let now = Utc::now();
+    let mut sample = Sample::now();
     for (name, e) in &previous.schedules {
         cursors.insert(
             name.clone(),
             Cursor {
-                cursor: e.cursor.min(now),
+                track: Track::resumed(e.cursor, sample.wall),
                 last_fired: e.last_fired,
                 key: String::new(),
             },
@@ -212,7 +333,7 @@ async fn lead_term(
     let mut first = true;
     loop {
         let set: ScheduleSet = rx.borrow_and_update().clone();
-        let now = Utc::now();
+        let now = observe_clock(&mut sample, &mut cursors);
         // Align cursors with the schedules in force.
         cursors.retain(|name, _| set.iter().any(|s| s.name() == name && s.cfg.enabled));
         for s in set.iter().filter(|s| s.cfg.enabled) {
@@ -220,7 +341,7 @@ async fn lead_term(
             match cursors.get_mut(s.name()) {
                 Some(c) if first && c.key.is_empty() => c.key = key,
                 Some(c) if c.key != key => {
-                    c.cursor = c.cursor.max(now);
+                    c.track.advance(now);
                     c.key = key;
                 }
                 Some(_) => {}
@@ -228,7 +349,7 @@ async fn lead_term(
                     cursors.insert(
                         s.name().to_owned(),
                         Cursor {
-                            cursor: now,
+                            track: Track::fresh(now),
                             last_fired: None,
                             key,
                         },
@@ -243,7 +364,10 @@ async fn lead_term(
             let Some(c) = cursors.get(s.name()) else {
                 continue;
             };
-            let next = s.spec.next_after(c.cursor);
+            // A panic here is reported by `plan_tick_guarded` on the next wake.
+            let next =
+                std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| c.track.next(&s.spec)))
+                    .unwrap_or_default();
             ctx.set_next(s.name(), next);
             if let Some(n) = next {
                 wake = Some(wake.map_or(n, |w| w.min(n)));
@@ -263,40 +387,27 @@ async fn lead_term(
             _ = fence.lost() => return Ok(()),
             _ = shutdown.cancelled() => return Ok(()),
         }
-        let now = Utc::now();
+        #[cfg(feature = "fault-injection")]
+        fault::maybe_panic_term();
+        let now = observe_clock(&mut sample, &mut cursors);
         // Whether some cursor moved past what the last snapshot sent says.
         let mut dirty = false;
         for s in set.iter().filter(|s| s.cfg.enabled) {
-            let Some(c) = cursors.get(s.name()) else {
+            let Some(c) = cursors.get_mut(s.name()) else {
                 continue;
             };
-            let (cursor, mut last_fired) = (c.cursor, c.last_fired);
-            match s.spec.next_after(cursor) {
-                Some(n) if n <= now => {}
-                _ => continue,
-            }
-            // Overdue instants older than grace can never fire: count them
-            // without listing them all.
-            let horizon = s.cfg.misfire_grace.max(ON_TIME) + Duration::from_secs(1);
-            let window_start = now - chrono::TimeDelta::from_std(horizon).unwrap_or_default();
-            let mut earlier = 0u64;
-            let mut from = cursor;
-            if cursor < window_start {
-                earlier = s.spec.fires_between(cursor, window_start, 10_000).len() as u64;
-                from = window_start;
-            }
-            let due = s.spec.fires_between(from, now, MAX_DUE);
-            let Some(&latest) = due.last() else {
-                continue;
+            let last_fired_before = c.last_fired;
+            let tick = match plan_tick_guarded(ctx, s, &c.track, now) {
+                Ok(Some(t)) => t,
+                Ok(None) => continue,
+                Err(()) => {
+                    c.track.advance(now);
+                    dirty = true;
+                    continue;
+                }
             };
-            let p = plan(
-                s.cfg.misfire,
-                s.cfg.misfire_grace,
-                s.cfg.max_catch_up,
-                &due,
-                earlier,
-                now,
-            );
+            let (p, latest) = (tick.plan, tick.latest);
+            let mut last_fired = last_fired_before;
             if p.missed > 0 {
                 tracing::warn!(
                     schedule = s.name(),
@@ -341,6 +452,30 @@ async fn lead_term(
             }
         }
     }
+}
+
+/// Read the clocks; on a wall-clock step apply the rules of [`clock`] and
+/// say so. Returns the wall-clock now.
+fn observe_clock(sample: &mut Sample, cursors: &mut HashMap<String, Cursor>) -> DateTime<Utc> {
+    let now = Sample::now();
+    match clock::detect(*sample, now) {
+        Step::None => {}
+        Step::Backward(d) => {
+            tracing::warn!(
+                step_ms = d.as_millis() as u64,
+                "wall clock stepped back: schedules fire from the new time on; instants already fired are not fired again"
+            );
+            for c in cursors.values_mut() {
+                c.track.stepped_back(now.wall);
+            }
+        }
+        Step::Forward(d) => tracing::warn!(
+            step_ms = d.as_millis() as u64,
+            "wall clock stepped forward: the instants jumped over are overdue and follow each schedule's misfire policy"
+        ),
+    }
+    *sample = now;
+    now.wall
 }
 
 /// Publish one tick, retrying transient failures with backoff until the

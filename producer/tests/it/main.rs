@@ -5,6 +5,8 @@
 
 mod broker_loss;
 mod cli;
+mod clock_step;
+mod faults;
 mod helpers;
 mod http;
 mod leader;

@@ -1,0 +1,352 @@
+//! Cron expression syntax: one grammar for 5, 6 and 7 fields, checked field
+//! by field so that every error names the field, the user's text and the
+//! allowed range, then compiled into an all-numeric pattern for `croner`,
+//! which finds the matching wall-clock times.
+//!
+//! The rules are robfig/cron v3's (the Go library most cron dialects with a
+//! seconds field follow) wherever robfig accepts the expression:
+//!
+//! * fields: `[sec] min hour dom month dow [year]` — 5 fields have no
+//!   seconds (second 0) and 6 fields put seconds first; a 7th field is a year;
+//! * day of week 0-7, 0 and 7 = Sunday, 1 = Monday, names `sun`…`sat`, in
+//!   every form (5, 6 or 7 fields);
+//! * day of month and day of week: a day matches when **either** matches,
+//!   unless one of them is unrestricted (`*` or `?`, also `*/1`), then both
+//!   must. `*/2` is restricted (robfig; Vixie cron would AND it);
+//! * `N/step` means `N-max/step`; in the day-of-week field max is Saturday,
+//!   so `mon/2` is Monday, Wednesday, Friday;
+//! * a leading `CRON_TZ=Zone` or `TZ=Zone` names the expression's zone.
+//!
+//! Beyond robfig: 7 for Sunday, full day and month names, `L` (last day of
+//! the month), `LW` (last weekday), `15W` (weekday nearest the 15th), `5L`
+//! (last Friday), `5#2` (second Friday) and the year field.
+
+use std::collections::BTreeSet;
+
+use chrono_tz::Tz;
+use croner::parser::{CronParser, Seconds, Year};
+
+/// Strip a robfig-style `CRON_TZ=Zone ` / `TZ=Zone ` prefix.
+pub fn split_tz_prefix(expr: &str) -> Result<(Option<Tz>, &str), String> {
+    let expr = expr.trim();
+    let (first, rest) = expr.split_once(char::is_whitespace).unwrap_or((expr, ""));
+    let zone = first
+        .strip_prefix("CRON_TZ=")
+        .or_else(|| first.strip_prefix("TZ="));
+    let Some(zone) = zone else {
+        return Ok((None, expr));
+    };
+    let tz = super::parse_tz(zone).map_err(|e| format!("`{first}`: {e}"))?;
+    let rest = rest.trim();
+    if rest.is_empty() {
+        return Err(format!("`{first}` must be followed by an expression"));
+    }
+    Ok((Some(tz), rest))
+}
+
+/// The descriptors and the 5-field expressions they stand for.
+const DESCRIPTORS: &[(&str, &str)] = &[
+    ("@yearly", "0 0 1 1 *"),
+    ("@annually", "0 0 1 1 *"),
+    ("@monthly", "0 0 1 * *"),
+    ("@weekly", "0 0 * * 0"),
+    ("@daily", "0 0 * * *"),
+    ("@midnight", "0 0 * * *"),
+    ("@hourly", "0 * * * *"),
+];
+
+/// Parse a cron expression or descriptor (no `@every`, no zone prefix).
+/// Errors say what is wrong, in terms of what the user wrote; the caller
+/// prefixes the whole expression.
+pub fn parse(expr: &str) -> Result<croner::Cron, String> {
+    let expr = expr.trim();
+    if expr.starts_with('@') {
+        let Some((_, five)) = DESCRIPTORS
+            .iter()
+            .find(|(d, _)| d.eq_ignore_ascii_case(expr))
+        else {
+            return Err(format!(
+                "unknown descriptor `{expr}` (expected @yearly, @annually, @monthly, @weekly, @daily, @midnight, @hourly or `@every <duration>`)"
+            ));
+        };
+        return parse(five);
+    }
+    let fields: Vec<&str> = expr.split_whitespace().collect();
+    let (texts, defs): (Vec<&str>, &[&Field]) = match fields.len() {
+        5 => (
+            [&["0"], &fields[..], &["*"]].concat(),
+            &[&SECOND, &MINUTE, &HOUR, &DOM, &MONTH, &DOW, &YEAR],
+        ),
+        6 => (
+            [&fields[..], &["*"]].concat(),
+            &[&SECOND, &MINUTE, &HOUR, &DOM, &MONTH, &DOW, &YEAR],
+        ),
+        7 => (
+            fields.clone(),
+            &[&SECOND, &MINUTE, &HOUR, &DOM, &MONTH, &DOW, &YEAR],
+        ),
+        n => {
+            return Err(format!(
+                "expected 5 fields (minute hour day-of-month month day-of-week), 6 (second first) or 7 (second first, year last), got {n}"
+            ))
+        }
+    };
+    let compiled = texts
+        .iter()
+        .zip(defs)
+        .map(|(text, def)| compile_field(def, text))
+        .collect::<Result<Vec<_>, _>>()?;
+    let pattern = compiled.join(" ");
+    // Every field is all-numeric and in range by now, so croner refusing it
+    // would be a bug here, not a user error: say so.
+    CronParser::builder()
+        .seconds(Seconds::Required)
+        .year(Year::Required)
+        .build()
+        .parse(&pattern)
+        .map_err(|e| format!("internal error: the cron engine refused it ({e})"))
+}
+
+#[derive(Debug, PartialEq, Eq)]
+enum Kind {
+    Plain,
+    DayOfMonth,
+    DayOfWeek,
+}
+
+struct Field {
+    name: &'static str,
+    min: u32,
+    max: u32,
+    /// Upper end of `*` and of `N/step`.
+    star_max: u32,
+    /// Names for `min + index` (three-letter and full).
+    names: &'static [(&'static str, &'static str)],
+    kind: Kind,
+}
+
+const SECOND: Field = plain("second", 0, 59);
+const MINUTE: Field = plain("minute", 0, 59);
+const HOUR: Field = plain("hour", 0, 23);
+// croner searches up to the year 5000.
+const YEAR: Field = plain("year", 1970, 4999);
+const DOM: Field = Field {
+    name: "day-of-month",
+    min: 1,
+    max: 31,
+    star_max: 31,
+    names: &[],
+    kind: Kind::DayOfMonth,
+};
+const MONTH: Field = Field {
+    name: "month",
+    min: 1,
+    max: 12,
+    star_max: 12,
+    names: &[
+        ("jan", "january"),
+        ("feb", "february"),
+        ("mar", "march"),
+        ("apr", "april"),
+        ("may", "may"),
+        ("jun", "june"),
+        ("jul", "july"),
+        ("aug", "august"),
+        ("sep", "september"),
+        ("oct", "october"),
+        ("nov", "november"),
+        ("dec", "december"),
+    ],
+    kind: Kind::Plain,
+};
+const DOW: Field = Field {
+    name: "day-of-week",
+    min: 0,
+    max: 7,
+    // robfig: `*` and `N/step` end on Saturday (`mon/2` = Mon, Wed, Fri).
+    star_max: 6,
+    names: &[
+        ("sun", "sunday"),
+        ("mon", "monday"),
+        ("tue", "tuesday"),
+        ("wed", "wednesday"),
+        ("thu", "thursday"),
+        ("fri", "friday"),
+        ("sat", "saturday"),
+    ],
+    kind: Kind::DayOfWeek,
+};
+
+const fn plain(name: &'static str, min: u32, max: u32) -> Field {
+    Field {
+        name,
+        min,
+        max,
+        star_max: max,
+        names: &[],
+        kind: Kind::Plain,
+    }
+}
+
+impl Field {
+    fn range_text(&self) -> String {
+        let mut s = format!("{}-{}", self.min, self.max);
+        if self.kind == Kind::DayOfWeek {
+            s.push_str(" (0 and 7 = Sunday) or sun-sat");
+        } else if !self.names.is_empty() {
+            s.push_str(" or jan-dec");
+        }
+        s
+    }
+
+    /// One value: a number in range or a name.
+    fn value(&self, s: &str) -> Result<u32, String> {
+        let name = self.name;
+        if s.is_empty() {
+            return Err(format!("{name}: a value is missing"));
+        }
+        if s.bytes().all(|b| b.is_ascii_digit()) {
+            return match s.parse::<u32>() {
+                Ok(v) if (self.min..=self.max).contains(&v) => Ok(v),
+                _ => Err(format!("{name} {s} out of range {}", self.range_text())),
+            };
+        }
+        let lower = s.to_ascii_lowercase();
+        self.names
+            .iter()
+            .position(|(short, long)| lower == *short || lower == *long)
+            .map(|i| self.min + i as u32)
+            .ok_or_else(|| {
+                format!(
+                    "{name}: `{s}` is not a {name} (expected {})",
+                    self.range_text()
+                )
+            })
+    }
+}
+
+/// Compile one field into croner's numeric syntax: `*` when unrestricted
+/// (robfig's "star" rule, which decides the day-field OR), else a list.
+fn compile_field(f: &Field, text: &str) -> Result<String, String> {
+    let name = f.name;
+    let mut values = BTreeSet::new();
+    let mut specials: Vec<String> = Vec::new();
+    let mut star = false;
+    for item in text.split(',') {
+        if item.is_empty() {
+            return Err(format!("{name}: empty item in the list `{text}`"));
+        }
+        if let Some(special) = special_item(f, item)? {
+            specials.push(special);
+            continue;
+        }
+        let (range, step) = match item.split_once('/') {
+            None => (item, None),
+            Some((r, s)) => (r, Some(step(f, item, s)?)),
+        };
+        let (lo, hi, is_star) = if range.is_empty() {
+            return Err(format!("{name}: `{item}` has nothing before `/`"));
+        } else if range == "*" || range == "?" {
+            (f.min, f.star_max, true)
+        } else if let Some((a, b)) = range.split_once('-') {
+            if a.is_empty() {
+                return Err(format!("{name}: range `{range}` has no start"));
+            }
+            if b.is_empty() {
+                return Err(format!("{name}: range `{range}` has no end"));
+            }
+            let lo = f.value(a)?;
+            let mut hi = f.value(b)?;
+            // `fri-sun`: a range ending on Sunday by name ends on day 7.
+            if f.kind == Kind::DayOfWeek && hi == 0 && lo > 0 {
+                hi = 7;
+            }
+            if lo > hi {
+                return Err(format!(
+                    "{name}: range `{range}` runs backwards ({lo} is after {hi}); write it as a list of two ranges"
+                ));
+            }
+            (lo, hi, false)
+        } else {
+            let v = f.value(range)?;
+            // robfig: `N/step` runs from N to the end of the field.
+            (v, if step.is_some() { f.star_max.max(v) } else { v }, false)
+        };
+        let step = step.unwrap_or(1);
+        // robfig: `*` and `*/1` leave the field unrestricted, `*/2` does not.
+        star |= is_star && step == 1;
+        let mut v = lo;
+        while v <= hi {
+            values.insert(if f.kind == Kind::DayOfWeek { v % 7 } else { v });
+            v += step;
+        }
+    }
+    if star {
+        return Ok("*".into());
+    }
+    let mut out: Vec<String> = values.iter().map(u32::to_string).collect();
+    out.extend(specials);
+    Ok(out.join(","))
+}
+
+fn step(f: &Field, item: &str, s: &str) -> Result<u32, String> {
+    let name = f.name;
+    if s.is_empty() {
+        return Err(format!("{name}: `{item}` has no step after `/`"));
+    }
+    if s.contains('/') {
+        return Err(format!("{name}: `{item}` has more than one `/`"));
+    }
+    match s.parse::<u32>() {
+        Ok(0) => Err(format!("{name}: step in `{item}` must be at least 1")),
+        Ok(n) if s.bytes().all(|b| b.is_ascii_digit()) => Ok(n),
+        _ => Err(format!(
+            "{name}: step `{s}` in `{item}` is not a positive whole number"
+        )),
+    }
+}
+
+/// `L`, `LW`, `15W` (day of month), `5L`, `5#2`, `fri#L` (day of week), in
+/// croner's spelling; `None` for an ordinary item.
+fn special_item(f: &Field, item: &str) -> Result<Option<String>, String> {
+    let name = f.name;
+    let upper = item.to_ascii_uppercase();
+    match f.kind {
+        Kind::DayOfMonth => {
+            if upper == "L" || upper == "LW" {
+                return Ok(Some(upper));
+            }
+            if let Some(day) = upper.strip_suffix('W') {
+                let d = f
+                    .value(day)
+                    .map_err(|e| format!("{e} (in `{item}`: `nW` is the weekday nearest day n)"))?;
+                return Ok(Some(format!("{d}W")));
+            }
+            Ok(None)
+        }
+        Kind::DayOfWeek => {
+            if let Some((day, nth)) = item.split_once('#') {
+                let d = f.value(day)? % 7;
+                let n = match nth {
+                    "L" | "l" => "L".to_owned(),
+                    "1" | "2" | "3" | "4" | "5" => nth.to_owned(),
+                    _ => {
+                        return Err(format!(
+                            "{name}: `{item}`: the occurrence after `#` must be 1-5 or L"
+                        ))
+                    }
+                };
+                return Ok(Some(format!("{d}#{n}")));
+            }
+            if upper.len() > 1 && upper.ends_with('L') {
+                let day = &item[..item.len() - 1];
+                // `sunday`-like names do not end in L, so this is `5L`/`friL`.
+                if let Ok(d) = f.value(day) {
+                    return Ok(Some(format!("{}#L", d % 7)));
+                }
+            }
+            Ok(None)
+        }
+        Kind::Plain => Ok(None),
+    }
+}
