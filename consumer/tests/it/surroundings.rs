@@ -225,18 +225,26 @@ async fn disk_alarm_blocks_retries_and_loses_nothing() {
     })
     .await
     .unwrap();
-    eventually(WAIT, "every task succeeded once the alarm cleared", || async {
-        let done = runs
-            .0
-            .lock()
-            .unwrap()
-            .values()
-            .filter(|v| v.iter().any(|(a, _)| *a >= 2))
-            .count();
-        (done == N).then_some(())
-    })
+    eventually(
+        WAIT,
+        "every task succeeded once the alarm cleared",
+        || async {
+            let done = runs
+                .0
+                .lock()
+                .unwrap()
+                .values()
+                .filter(|v| v.iter().any(|(a, _)| *a >= 2))
+                .count();
+            (done == N).then_some(())
+        },
+    )
     .await;
-    assert_eq!(queue_len(&app.conn, &app.topo.dead_queue()).await, 0, "nothing dead");
+    assert_eq!(
+        queue_len(&app.conn, &app.topo.dead_queue()).await,
+        0,
+        "nothing dead"
+    );
     app.stop().await;
     drop(node);
 }
