@@ -38,3 +38,24 @@ pub fn token() -> CancellationToken {
     });
     token
 }
+
+/// For a process with nothing to reload: SIGHUP (which would otherwise kill
+/// it on the spot, without a drain) is logged and otherwise ignored.
+pub fn ignore_hangup(role: &'static str) {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{signal, SignalKind};
+        match signal(SignalKind::hangup()) {
+            Ok(mut hup) => {
+                tokio::spawn(async move {
+                    while hup.recv().await.is_some() {
+                        tracing::warn!(
+                            "SIGHUP ignored: {role} reloads nothing; restart it to apply config changes"
+                        );
+                    }
+                });
+            }
+            Err(e) => tracing::warn!(error = %e, "cannot listen for SIGHUP"),
+        }
+    }
+}
