@@ -3,7 +3,7 @@
 # One image, both roles:
 #   /usr/local/bin/warren-producer   (HTTP: health, metrics, API on 8080)
 #   /usr/local/bin/warren-consumer   (HTTP: health, metrics on 9090)
-# Pick the role with the command, e.g.
+# Pick the role with the command (the CMD; the ENTRYPOINT is tini), e.g.
 #   docker run --rm warren warren-producer --config /etc/warren/producer.toml
 #
 # Build: docker build -t warren .   (BuildKit, the default builder since Docker 23)
@@ -26,8 +26,9 @@ RUN --mount=type=cache,target=/usr/local/cargo/registry,sharing=locked \
 FROM debian:bookworm-slim AS runtime
 
 # ca-certificates: amqps:// brokers and the `http` handler's https:// targets.
+# tini: PID 1 (see ENTRYPOINT).
 RUN apt-get update \
- && apt-get install -y --no-install-recommends ca-certificates \
+ && apt-get install -y --no-install-recommends ca-certificates tini \
  && rm -rf /var/lib/apt/lists/* \
  && groupadd --system --gid 10001 warren \
  && useradd --system --uid 10001 --gid warren --home-dir /nonexistent \
@@ -45,6 +46,14 @@ USER 10001:10001
 # 8080: producer (health, metrics, API); 9090: consumer (health, metrics).
 EXPOSE 8080 9090
 
-# The binaries handle SIGTERM themselves (graceful drain), so they can be PID 1.
+# tini is PID 1 and the warren binary its child. An `exec` handler's command
+# runs in its own process group; whatever it leaves running when it exits
+# (a daemonised grandchild, `cmd &`) is re-parented to PID 1, and only an
+# init reaps it: with warren itself as PID 1 those would stay zombies until
+# the pod's PID limit is hit. tini forwards SIGTERM to warren only (no -g),
+# which drains gracefully, and exits with warren's exit code.
+# `docker run --init` would do the same but Kubernetes has no such flag, so
+# the manifests set `args` (the CMD), never `command` (the ENTRYPOINT).
 STOPSIGNAL SIGTERM
+ENTRYPOINT ["/usr/bin/tini", "--"]
 CMD ["warren-consumer"]
