@@ -5,21 +5,26 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-# rabbitmq-server for the broker; prometheus for promtool, which lints /metrics;
-# nftables for the test that cuts a producer off the network; openssl for TLS.
+# rabbitmq-server for the broker; prometheus for promtool, which lints /metrics
+# and the alert rules; nftables for the test that cuts a producer off the
+# network; openssl for TLS; faketime for the clock-step test; python3 with
+# PyYAML for the manifest and docs checks; tini for the image's init check.
 if [ ! -x /usr/lib/rabbitmq/bin/rabbitmq-server ] || ! command -v promtool >/dev/null \
-  || ! command -v nft >/dev/null || ! command -v openssl >/dev/null || ! command -v python3 >/dev/null || ! command -v faketime >/dev/null; then
+  || ! command -v nft >/dev/null || ! command -v openssl >/dev/null || ! command -v faketime >/dev/null \
+  || ! command -v tini >/dev/null || ! python3 -c 'import yaml' >/dev/null 2>&1; then
   if [ "$(id -u)" = 0 ]; then
     export DEBIAN_FRONTEND=noninteractive
     printf '#!/bin/sh\nexit 101\n' > /usr/sbin/policy-rc.d && chmod +x /usr/sbin/policy-rc.d
     apt-get update -qq
-    apt-get install -y -qq rabbitmq-server prometheus nftables openssl python3 faketime >/dev/null
+    apt-get install -y -qq rabbitmq-server prometheus nftables openssl python3 python3-yaml faketime tini >/dev/null
     rm -f /usr/sbin/policy-rc.d
   else
     echo "test.sh: install rabbitmq-server (Debian package) or run as root" >&2
     exit 1
   fi
 fi
+# A python3 other than Debian's (pyenv) does not see python3-yaml.
+python3 -c 'import yaml' >/dev/null 2>&1 || python3 -m pip install -q pyyaml
 if ! command -v cargo-nextest >/dev/null; then
   cargo install --locked cargo-nextest
 fi
@@ -41,4 +46,8 @@ cargo test --workspace --all-features --doc --quiet || status=$?
 # The scripts people run: deploy/run.sh starts and stops cleanly however it
 # is signalled (uses the debug binaries built above).
 bash deploy/tests/run-sh.sh || status=$?
+# Deploy files (alerts, manifests, dashboard metric names against a live
+# scrape) and docs (links, documented commands and flags) cannot drift.
+bash deploy/tests/deploy-checks.sh || status=$?
+bash deploy/tests/docs-check.sh || status=$?
 exit "$status"
