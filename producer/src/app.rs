@@ -8,7 +8,6 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 
-use backon::{ExponentialBuilder, Retryable};
 use chrono::{DateTime, Utc};
 use lapin::Connection;
 use prometheus::Registry;
@@ -33,7 +32,7 @@ pub struct Status {
 #[derive(Clone)]
 pub struct ApiPublisher {
     pub publisher: Publisher,
-    pub blocked: Arc<AtomicBool>,
+    pub blocked: warren::amqp::Blocked,
 }
 
 pub struct Ctx {
@@ -49,6 +48,8 @@ pub struct Ctx {
     pub instance: String,
     pub api_publisher: RwLock<Option<ApiPublisher>>,
     pub tokens: crate::api::Tokens,
+    /// Why the process must stop (exit 1), set once.
+    pub fatal: std::sync::OnceLock<String>,
 }
 
 impl Ctx {
@@ -84,31 +85,28 @@ impl Ctx {
     }
 }
 
-/// This replica's name in logs, the state snapshot and the `app_id` of ticks.
+/// This replica's name in logs, the state snapshot and the `app_id` of ticks:
+/// `<host>:<pid>`, unique among replicas even without `$HOSTNAME`.
 pub fn instance_id() -> String {
-    let host = std::env::var("HOSTNAME").unwrap_or_else(|_| "local".into());
-    format!("{host}:{}", std::process::id())
+    format!("{}:{}", warren::config::host_name(), std::process::id())
 }
 
-/// Connect with exponential backoff until it works or shutdown.
+/// Connect with [`warren::amqp::connect_with_backoff`] until it works or
+/// shutdown (`None`). An error no retry can cure (credentials or vhost
+/// refused, unreadable TLS file) ends the process with exit 1.
 pub async fn connect_retry(
     ctx: &Ctx,
     role: &str,
     shutdown: &CancellationToken,
 ) -> Option<Connection> {
-    let attempt = || warren::amqp::connect(&ctx.cfg.amqp, role);
-    let retry = attempt
-        .retry(
-            ExponentialBuilder::default()
-                .with_min_delay(Duration::from_millis(200))
-                .with_max_delay(Duration::from_secs(10))
-                .with_jitter()
-                .without_max_times(),
-        )
-        .notify(|e, d| tracing::warn!(role, error = %e, retry_in_ms = d.as_millis() as u64, "cannot connect to the broker"));
-    tokio::select! {
-        _ = shutdown.cancelled() => None,
-        r = retry => r.ok(),
+    match warren::amqp::connect_with_backoff(&ctx.cfg.amqp, role, shutdown).await {
+        Ok(conn) => conn,
+        Err(e) => {
+            tracing::error!(role, error = %e, "cannot connect to the broker; not retrying");
+            let _ = ctx.fatal.set(format!("cannot connect to the broker: {e}"));
+            shutdown.cancel();
+            None
+        }
     }
 }
 
@@ -263,6 +261,7 @@ pub async fn run(
         instance: instance_id(),
         api_publisher: RwLock::new(None),
         tokens,
+        fatal: std::sync::OnceLock::new(),
     });
     apply_schedules(&ctx, schedules);
 
@@ -288,5 +287,8 @@ pub async fn run(
         tracing::warn!("some tasks did not stop within 10s");
     }
     let _ = tokio::time::timeout(Duration::from_secs(5), server).await;
-    Ok(())
+    match ctx.fatal.get() {
+        Some(why) => Err(anyhow::anyhow!("{why}")),
+        None => Ok(()),
+    }
 }

@@ -244,6 +244,23 @@ pub fn compile_schedules(list: &[ScheduleConfig]) -> Result<Vec<Schedule>, Vec<S
                 warren::delay::MAX_TASK_NAME_LEN
             ));
         }
+        if let Some(r) = &s.retry {
+            let o = warren::envelope::RetryOverrides {
+                initial: r.initial,
+                multiplier: r.multiplier,
+                max_delay: r.max_delay,
+                jitter: r.jitter,
+            };
+            if let Err(e) = warren::retry::check_fields(s.max_attempts, &o) {
+                let field = match e.field {
+                    "max_attempts" => "max_attempts".to_owned(),
+                    f => format!("retry.{f}"),
+                };
+                err(format!("`{field}` = {}: {}", e.value, e.rule));
+            }
+        } else if s.max_attempts == Some(0) {
+            err("`max_attempts` = 0: must be at least 1".into());
+        }
         if s.max_catch_up == 0 {
             err("`max_catch_up` must be at least 1".into());
         }
@@ -285,26 +302,73 @@ pub fn compile_schedules(list: &[ScheduleConfig]) -> Result<Vec<Schedule>, Vec<S
     }
 }
 
-/// The config file to use: `--config`, else `WARREN_CONFIG`, else none.
+/// Load the config (defaults < file < environment) and validate everything
+/// but the schedules: what `publish` needs. Every error is a
+/// [`ConfigError`](warren::config::ConfigError), so `main` exits 2 on it.
 pub fn load(path: Option<&Path>) -> anyhow::Result<ProducerConfig> {
     let cfg: ProducerConfig = warren::config::load(path, warren::config::process_env())?;
-    if let Err(e) = cfg.topology.validate() {
-        anyhow::bail!("{}: {e}", warren::config::origin(path));
+    let errors = cfg.validate();
+    if !errors.is_empty() {
+        return Err(invalid(path, errors).into());
     }
     Ok(cfg)
 }
 
-/// Load and validate everything, with every schedule error in one message.
+/// The one validation of the producer, used by `run`, `schedules check`,
+/// `schedules next` and SIGHUP: the whole config, schedules included, with
+/// every problem in one message.
 pub fn load_checked(path: Option<&Path>) -> anyhow::Result<(ProducerConfig, Vec<Schedule>)> {
-    let cfg = load(path)?;
-    match compile_schedules(&cfg.schedules) {
-        Ok(s) => Ok((cfg, s)),
-        Err(errors) => anyhow::bail!(
-            "{}: {} invalid schedule(s):\n  {}",
-            warren::config::origin(path),
-            errors.len(),
-            errors.join("\n  ")
-        ),
+    let cfg: ProducerConfig = warren::config::load(path, warren::config::process_env())?;
+    let mut errors = cfg.validate();
+    let schedules = compile_schedules(&cfg.schedules).unwrap_or_else(|e| {
+        errors.extend(e);
+        Vec::new()
+    });
+    if !errors.is_empty() {
+        return Err(invalid(path, errors).into());
+    }
+    Ok((cfg, schedules))
+}
+
+fn invalid(path: Option<&Path>, errors: Vec<String>) -> warren::config::ConfigError {
+    let message = match errors.as_slice() {
+        [one] => one.clone(),
+        many => format!("{} problems:\n  {}", many.len(), many.join("\n  ")),
+    };
+    warren::config::ConfigError::Invalid {
+        origin: warren::config::origin(path),
+        message,
+    }
+}
+
+impl ProducerConfig {
+    /// What serde cannot check, outside `[[schedules]]` (see
+    /// [`compile_schedules`]): every problem, each naming its key.
+    pub fn validate(&self) -> Vec<String> {
+        let mut errors = Vec::new();
+        if let Err(e) = self.amqp.validate() {
+            errors.push(e);
+        }
+        if let Err(e) = self.topology.validate() {
+            errors.push(e);
+        }
+        // The tokens `run` would serve with, tokens file included.
+        if let Err(e) = crate::api::Tokens::from_config(&self.api) {
+            errors.push(format!("{e:#}"));
+        }
+        if self.api.max_body_bytes == 0 {
+            errors.push("api.max_body_bytes = 0: must be positive".into());
+        }
+        if self.api.max_batch == 0 {
+            errors.push("api.max_batch = 0: must be at least 1".into());
+        }
+        if self.leader.retry_interval.is_zero() {
+            errors.push("leader.retry_interval = 0s: must be positive".into());
+        }
+        if self.leader.stall_threshold.is_some_and(|d| d.is_zero()) {
+            errors.push("leader.stall_threshold = 0s: must be positive".into());
+        }
+        errors
     }
 }
 
