@@ -580,6 +580,60 @@ mod tests {
         assert!(shown.contains("host:5672"));
     }
 
+    fn url_error(url: &str) -> String {
+        let cfg = AmqpConfig {
+            url: Secret::new(url),
+            ..AmqpConfig::default()
+        };
+        let e = cfg.validate().unwrap_err();
+        assert!(e.starts_with("amqp.url"), "{e}");
+        assert!(!e.contains("s3cret") && !e.contains("cret@"), "{e}");
+        e
+    }
+
+    #[test]
+    fn malformed_urls_are_refused_without_the_password() {
+        assert!(url_error("guest:s3cret@host:5672").contains("without `amqp://`"));
+        assert!(url_error("http://guest:s3cret@host:5672/%2f").contains("not `http`"));
+        assert!(url_error("amqp://guest:s3cret@host:99999/%2f").contains("port 99999"));
+        assert!(url_error("amqp://guest:s3cret@host:0").contains("port 0"));
+        assert!(url_error("amqp://guest:s3cret@host:56x2").contains("not a number"));
+        assert!(url_error("amqp://guest:s3cret@:5672/%2f").contains("no host"));
+        assert!(url_error("amqp://guest:s3cret@host/").contains("vhost is empty"));
+        assert!(url_error("amqp://guest:s3/cret@host:5672").contains("percent-encode"));
+        assert!(url_error("amqp://guest:s3cret@host/%2f?heartbeat=often").contains("not a valid AMQP URL"));
+        assert!(url_error("amqp://guest:s3cret@[::1:5672/").contains("`]`"));
+        for ok in [
+            DEFAULT_AMQP_URL,
+            "amqps://u:p@broker.example.com/prod",
+            "amqp://broker",
+            "amqp://u:p%2Fq@[::1]:5672/%2f?heartbeat=5",
+        ] {
+            let cfg = AmqpConfig {
+                url: Secret::new(ok),
+                ..AmqpConfig::default()
+            };
+            assert_eq!(cfg.validate(), Ok(()), "{ok}");
+        }
+    }
+
+    #[test]
+    fn toml_errors_do_not_quote_secret_lines() {
+        let f = file("[amqp]\nurl = guest:s3cret@host\n");
+        let e = load::<Demo>(Some(f.path()), env(&[]))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("line 2") && !e.contains("s3cret"), "{e}");
+        // A numeric-looking secret from the environment stays a string.
+        let d: Demo = load(None, env(&[("WARREN_AMQP__URL", "12345")])).unwrap();
+        assert_eq!(d.amqp.url.expose(), "12345");
+    }
+
+    #[test]
+    fn host_name_is_never_empty() {
+        assert!(!host_name().trim().is_empty());
+    }
+
     #[test]
     fn topology_validation() {
         let mut t = TopologyConfig::default();
