@@ -316,7 +316,11 @@ impl ConsumerConfig {
                         }
                     }
                     if timeout.is_zero() {
-                        return err(&format!("{key}.timeout"), &secs(timeout), "must be positive");
+                        return err(
+                            &format!("{key}.timeout"),
+                            &secs(timeout),
+                            "must be positive",
+                        );
                     }
                 }
                 HandlerSpec::Exec { argv, timeout, .. } => {

@@ -34,22 +34,23 @@ use crate::topology::Topology;
 pub async fn connect(cfg: &AmqpConfig, role: &str) -> Result<Connection, Error> {
     // Config loading validates the URL already; this keeps library callers
     // from ever seeing lapin's parse error, which quotes the whole URL.
-    let mut uri: AMQPUri = match check_amqp_url(cfg.url.expose()) {
-        Err(UrlProblem::NoScheme) => {
-            return Err(Error::Url(
-                "expected amqp://[user[:password]@]host[:port][/vhost]".into(),
-            ))
-        }
-        Err(UrlProblem::Other(why)) => {
-            return Err(Error::Url(format!(
-                "{} ({why})",
-                redact_url(cfg.url.expose())
-            )))
-        }
-        Ok(()) => cfg.url.expose().parse().map_err(|_| {
-            Error::Url(format!("{} is not valid", redact_url(cfg.url.expose())))
-        })?,
-    };
+    let mut uri: AMQPUri =
+        match check_amqp_url(cfg.url.expose()) {
+            Err(UrlProblem::NoScheme) => {
+                return Err(Error::Url(
+                    "expected amqp://[user[:password]@]host[:port][/vhost]".into(),
+                ))
+            }
+            Err(UrlProblem::Other(why)) => {
+                return Err(Error::Url(format!(
+                    "{} ({why})",
+                    redact_url(cfg.url.expose())
+                )))
+            }
+            Ok(()) => cfg.url.expose().parse().map_err(|_| {
+                Error::Url(format!("{} is not valid", redact_url(cfg.url.expose())))
+            })?,
+        };
     if uri.query.heartbeat.is_none() {
         uri.query.heartbeat = Some(cfg.heartbeat.as_secs().clamp(1, u16::MAX as u64) as u16);
     }
@@ -84,12 +85,14 @@ pub async fn connect(cfg: &AmqpConfig, role: &str) -> Result<Connection, Error> 
     .map_err(Error::from)
 }
 
-/// The one reconnect backoff of warren: 100 ms doubling, with jitter, up to
-/// [`MAX_CONNECT_BACKOFF`], forever (callers stop it on shutdown).
+/// The one reconnect backoff of warren: 100 ms doubling, with jitter, never
+/// more than [`MAX_CONNECT_BACKOFF`] between attempts, forever (callers stop
+/// it on shutdown).
 pub fn connect_backoff() -> ExponentialBuilder {
     ExponentialBuilder::default()
         .with_min_delay(Duration::from_millis(100))
-        .with_max_delay(MAX_CONNECT_BACKOFF)
+        // backon's jitter adds up to 100 % on top of the delay.
+        .with_max_delay(MAX_CONNECT_BACKOFF / 2)
         .with_jitter()
         .without_max_times()
 }
@@ -416,5 +419,22 @@ impl Publisher {
             results[i] = p.confirmed().await;
         }
         results
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use backon::BackoffBuilder;
+
+    #[test]
+    fn connect_backoff_grows_but_stays_short() {
+        let delays: Vec<Duration> = connect_backoff().build().take(200).collect();
+        assert!(
+            delays.iter().all(|d| *d <= MAX_CONNECT_BACKOFF),
+            "{delays:?}"
+        );
+        assert!(delays[0] < Duration::from_millis(250), "{delays:?}");
+        assert!(delays[100..].iter().all(|d| *d >= MAX_CONNECT_BACKOFF / 2));
     }
 }

@@ -601,7 +601,8 @@ mod tests {
         assert!(url_error("amqp://guest:s3cret@:5672/%2f").contains("no host"));
         assert!(url_error("amqp://guest:s3cret@host/").contains("vhost is empty"));
         assert!(url_error("amqp://guest:s3/cret@host:5672").contains("percent-encode"));
-        assert!(url_error("amqp://guest:s3cret@host/%2f?heartbeat=often").contains("not a valid AMQP URL"));
+        assert!(url_error("amqp://guest:s3cret@host/%2f?heartbeat=often")
+            .contains("not a valid AMQP URL"));
         assert!(url_error("amqp://guest:s3cret@[::1:5672/").contains("`]`"));
         for ok in [
             DEFAULT_AMQP_URL,

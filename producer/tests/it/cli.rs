@@ -212,3 +212,49 @@ fn refused_credentials_or_vhost_stop_the_producer() {
         assert!(!err.contains("s3cret"), "{err}");
     }
 }
+
+/// Without `$HOSTNAME` (plain `docker run`, systemd, cron) the instance id is
+/// still `<host>:<pid>` with the machine's real name, not `local:<pid>`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn instance_id_uses_the_real_host_name() {
+    let w = World::new("instance").await;
+    let port = crate::helpers::free_port();
+    let mut cmd = std::process::Command::new(crate::helpers::BIN);
+    cmd.arg("run");
+    for (k, _) in std::env::vars() {
+        if k.starts_with("WARREN_") || k == "RUST_LOG" {
+            cmd.env_remove(k);
+        }
+    }
+    cmd.env_remove("HOSTNAME")
+        .envs(w.env())
+        .env("WARREN_HTTP_ADDR", format!("127.0.0.1:{port}"))
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null());
+    struct Killed(std::process::Child);
+    impl Drop for Killed {
+        fn drop(&mut self) {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+    let child = Killed(cmd.spawn().expect("spawn warren-producer"));
+    let url = format!("http://127.0.0.1:{port}/v1/schedules");
+    let instance = warren::testing::eventually(
+        std::time::Duration::from_secs(20),
+        "GET /v1/schedules",
+        || async {
+            let r = reqwest::Client::new()
+                .get(&url)
+                .bearer_auth(crate::helpers::READ_TOKEN)
+                .send()
+                .await
+                .ok()?;
+            let v: serde_json::Value = serde_json::from_str(&r.text().await.ok()?).ok()?;
+            v["instance"].as_str().map(str::to_owned)
+        },
+    )
+    .await;
+    let host = std::fs::read_to_string("/proc/sys/kernel/hostname").unwrap();
+    assert_eq!(instance, format!("{}:{}", host.trim(), child.0.id()));
+}
