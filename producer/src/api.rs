@@ -22,7 +22,7 @@ use crate::metrics::Source;
 use crate::request::TaskRequest;
 
 /// Configured tokens and their scopes.
-#[derive(Default)]
+#[derive(Default, PartialEq)]
 pub struct Tokens(Vec<(Vec<u8>, Vec<Scope>)>);
 
 impl Tokens {
@@ -83,6 +83,10 @@ impl Tokens {
 
     pub fn is_empty(&self) -> bool {
         self.0.is_empty()
+    }
+
+    pub fn len(&self) -> usize {
+        self.0.len()
     }
 
     /// Scopes of `presented`, comparing against every token in constant time.
@@ -150,8 +154,8 @@ fn authorize(ctx: &Ctx, headers: &HeaderMap, scope: Scope) -> Result<(), ApiErro
         })
         .map(str::trim)
         .ok_or_else(|| unauthorized("expected `Authorization: Bearer <token>`"))?;
-    let scopes = ctx
-        .tokens
+    let tokens = ctx.tokens();
+    let scopes = tokens
         .scopes(token.as_bytes())
         .ok_or_else(|| unauthorized("unknown token"))?;
     if scopes.contains(&scope) {

@@ -47,7 +47,8 @@ pub struct Ctx {
     pub leader: AtomicBool,
     pub instance: String,
     pub api_publisher: RwLock<Option<ApiPublisher>>,
-    pub tokens: crate::api::Tokens,
+    /// Replaced whole on SIGHUP, so a rotated token works at once.
+    pub tokens: RwLock<Arc<crate::api::Tokens>>,
     /// Why the process must stop (exit 1), set once.
     pub fatal: std::sync::OnceLock<String>,
 }
@@ -78,6 +79,15 @@ impl Ctx {
 
     pub fn is_leader(&self) -> bool {
         self.leader.load(Ordering::SeqCst)
+    }
+
+    /// The API tokens in force.
+    pub fn tokens(&self) -> Arc<crate::api::Tokens> {
+        match self.tokens.read() {
+            Ok(g) => g.clone(),
+            // A writer panicked mid-swap: the Arc inside is still whole.
+            Err(poisoned) => poisoned.into_inner().clone(),
+        }
     }
 
     pub fn api_publisher(&self) -> Option<ApiPublisher> {
@@ -198,8 +208,11 @@ async fn reload_on_sighup(ctx: Arc<Ctx>, shutdown: CancellationToken) {
         };
         match config::load_checked(Some(&path)) {
             Ok((new_cfg, schedules)) => {
-                if new_cfg.amqp != ctx.cfg.amqp || new_cfg.topology != ctx.cfg.topology {
-                    tracing::warn!("SIGHUP: changes outside [[schedules]] need a restart; applying the schedules only");
+                reload_tokens(&ctx, &new_cfg);
+                let changed = config::restart_only_changes(&ctx.cfg, &new_cfg);
+                if !changed.is_empty() {
+                    let keys = changed.join(", ");
+                    tracing::warn!(keys = %keys, "SIGHUP: {keys} changed; restart to apply");
                 }
                 apply_schedules(&ctx, schedules);
                 ctx.metrics.reload_success.set(1.0);
@@ -208,6 +221,28 @@ async fn reload_on_sighup(ctx: Arc<Ctx>, shutdown: CancellationToken) {
                 ctx.metrics.reload_success.set(0.0);
                 tracing::error!(error = %format!("{e:#}"), "SIGHUP: config rejected; keeping the running schedules");
             }
+        }
+    }
+}
+
+/// Swap in the tokens of a reloaded config (tokens file re-read), so a
+/// rotation needs no restart. Logs counts, never tokens.
+fn reload_tokens(ctx: &Ctx, cfg: &ProducerConfig) {
+    match crate::api::Tokens::from_config(&cfg.api) {
+        Ok(tokens) => {
+            if *ctx.tokens() == tokens {
+                return;
+            }
+            let count = tokens.len();
+            match ctx.tokens.write() {
+                Ok(mut g) => *g = Arc::new(tokens),
+                Err(poisoned) => *poisoned.into_inner() = Arc::new(tokens),
+            }
+            tracing::info!(tokens = count, "SIGHUP: API tokens reloaded");
+        }
+        // The file changed again between validation and now.
+        Err(e) => {
+            tracing::error!(error = %format!("{e:#}"), "SIGHUP: API tokens not reloaded; the previous ones stay")
         }
     }
 }
@@ -260,7 +295,7 @@ pub async fn run(
         leader: AtomicBool::new(false),
         instance: instance_id(),
         api_publisher: RwLock::new(None),
-        tokens,
+        tokens: RwLock::new(Arc::new(tokens)),
         fatal: std::sync::OnceLock::new(),
     });
     apply_schedules(&ctx, schedules);

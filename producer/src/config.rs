@@ -330,6 +330,55 @@ pub fn load_checked(path: Option<&Path>) -> anyhow::Result<(ProducerConfig, Vec<
     Ok((cfg, schedules))
 }
 
+/// Keys SIGHUP applies without a restart: the schedules and the API tokens.
+const RELOADABLE: &[&str] = &[
+    "schedules",
+    "api.read_token",
+    "api.publish_token",
+    "api.tokens",
+    "api.tokens_file",
+];
+
+/// The keys that differ between the running config and a reloaded one but
+/// only take effect after a restart (`http.addr`, `leader.enabled`, ...).
+/// Names only: values may be secrets.
+pub fn restart_only_changes(running: &ProducerConfig, reloaded: &ProducerConfig) -> Vec<String> {
+    fn walk(prefix: &str, a: &serde_json::Value, b: &serde_json::Value, out: &mut Vec<String>) {
+        if RELOADABLE.contains(&prefix) || a == b {
+            return;
+        }
+        match (a, b) {
+            (serde_json::Value::Object(a), serde_json::Value::Object(b)) => {
+                let keys: std::collections::BTreeSet<&String> = a.keys().chain(b.keys()).collect();
+                for k in keys {
+                    let path = if prefix.is_empty() {
+                        k.clone()
+                    } else {
+                        format!("{prefix}.{k}")
+                    };
+                    let null = serde_json::Value::Null;
+                    walk(
+                        &path,
+                        a.get(k).unwrap_or(&null),
+                        b.get(k).unwrap_or(&null),
+                        out,
+                    );
+                }
+            }
+            _ => out.push(prefix.to_owned()),
+        }
+    }
+    let (Ok(a), Ok(b)) = (
+        serde_json::to_value(running),
+        serde_json::to_value(reloaded),
+    ) else {
+        return vec!["(config not comparable)".into()];
+    };
+    let mut out = Vec::new();
+    walk("", &a, &b, &mut out);
+    out
+}
+
 fn invalid(path: Option<&Path>, errors: Vec<String>) -> warren::config::ConfigError {
     let message = match errors.as_slice() {
         [one] => one.clone(),
@@ -444,6 +493,20 @@ mod tests {
         assert!(errs[0].starts_with("schedule `a`: cron:"), "{errs:?}");
         assert!(errs[1].contains("schedule `b`: timezone"), "{errs:?}");
         assert!(errs[2].contains("schedule `a`: duplicate"), "{errs:?}");
+    }
+
+    #[test]
+    fn reload_names_restart_only_keys_but_not_tokens_or_schedules() {
+        let running = ProducerConfig::default();
+        let mut reloaded = parse(
+            "[http]\naddr = \"127.0.0.1:9\"\n[leader]\nenabled = false\n\
+             [api]\npublish_token = \"a-rotated-token-0123456789\"\n\
+             [[schedules]]\nname = \"a\"\ncron = \"@daily\"\ntask = \"t\"\n",
+        );
+        reloaded.amqp.url = Secret::new("amqp://u:other-password@elsewhere/%2f");
+        let keys = restart_only_changes(&running, &reloaded);
+        assert_eq!(keys, ["amqp.url", "http.addr", "leader.enabled"]);
+        assert!(restart_only_changes(&running, &running).is_empty());
     }
 
     #[test]
