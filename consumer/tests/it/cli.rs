@@ -30,10 +30,13 @@ fn exits(args: &[&str], env: &[(&str, &str)]) -> Output {
     child.wait_with_output().expect("output")
 }
 
+/// What is wrong, the file, extra environment, what stderr must say.
+type Case<'a> = (&'a str, &'a str, &'a [(&'a str, &'a str)], &'a str);
+
 #[test]
 fn config_errors_exit_2_in_check_and_run() {
     let dir = tempfile::tempdir().unwrap();
-    let cases: &[(&str, &str, &[(&str, &str)], &str)] = &[
+    let cases: &[Case] = &[
         ("unknown key", "[worker]\nconcurency = 3\n", &[], "concurency"),
         ("bad type", "[worker]\nprefetch = \"many\"\n", &[], "prefetch"),
         (

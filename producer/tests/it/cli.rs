@@ -113,10 +113,13 @@ fn exits(args: &[&str], env: &[(&str, &str)]) -> std::process::Output {
 /// Every kind of config error makes `schedules check` and `run` alike exit 2
 /// naming the key, from the file or the environment; a malformed broker URL
 /// never shows its password.
+/// What is wrong, the file, extra environment, what stderr must say.
+type Case<'a> = (&'a str, &'a str, &'a [(&'a str, &'a str)], &'a str);
+
 #[test]
 fn config_errors_exit_2_in_check_and_run() {
     let dir = tempfile::tempdir().unwrap();
-    let cases: &[(&str, &str, &[(&str, &str)], &str)] = &[
+    let cases: &[Case] = &[
         ("unknown key", "[api]\npublsh_token = \"x\"\n", &[], "publsh_token"),
         ("bad type", "[leader]\nretry_interval = 5\n", &[], "retry_interval"),
         (
