@@ -146,7 +146,7 @@ async fn run(cfg: ConsumerConfig, registry: Registry) -> anyhow::Result<()> {
     }
     if cfg.worker.task_timeout >= std::time::Duration::from_secs(30 * 60) {
         tracing::warn!(
-            task_timeout = ?cfg.worker.task_timeout,
+            task_timeout = %humantime::format_duration(cfg.worker.task_timeout),
             "task_timeout reaches RabbitMQ's default consumer_timeout (30 min): raise consumer_timeout on the broker or deliveries will be requeued mid-task"
         );
     }

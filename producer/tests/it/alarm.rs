@@ -61,6 +61,7 @@ async fn first_request_under_an_alarm_is_refused_at_once() {
     let started = Instant::now();
     let (status, body) = post("during").await;
     let took = started.elapsed();
+    eprintln!("503 broker_blocked after {took:?}");
     assert_eq!(
         (status, &body["error"]),
         (503, &"broker_blocked".into()),
