@@ -188,13 +188,33 @@ fn default_http_timeout() -> Duration {
 }
 
 /// A config value that is out of range: names the key and the value.
-#[derive(Debug, thiserror::Error)]
-#[error("{origin}: {key} = {value}: {message}")]
+#[derive(Debug)]
 pub struct InvalidConfig {
     pub origin: String,
     pub key: String,
+    /// Empty when the value is not shown (a secret, a whole section).
     pub value: String,
     pub message: String,
+}
+
+impl std::fmt::Display for InvalidConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}: {}", self.origin, self.key)?;
+        if !self.value.is_empty() {
+            write!(f, " = {}", self.value)?;
+        }
+        write!(f, ": {}", self.message)
+    }
+}
+
+impl std::error::Error for InvalidConfig {}
+
+/// A shared section's message (`key = value: why` or `key: why`) as the
+/// `(key, value, why)` of [`ConsumerConfig::validate`].
+fn split_message(m: String) -> (String, String, String) {
+    let (head, why) = m.split_once(": ").unwrap_or((m.as_str(), ""));
+    let (key, value) = head.split_once(" = ").unwrap_or((head, ""));
+    (key.to_owned(), value.to_owned(), why.to_owned())
 }
 
 impl ConsumerConfig {
@@ -214,20 +234,23 @@ impl ConsumerConfig {
         Ok(cfg)
     }
 
-    /// Checks what serde cannot: `Err((key, value, why))`.
+    /// Checks what serde cannot: `Err((key, value, why))`, the value as a
+    /// person would write it in the file. Never shows a secret: the broker
+    /// URL's check ([`AmqpConfig::validate`]) redacts its own message.
     pub fn validate(&self) -> Result<(), (String, String, String)> {
-        let err = |k: &str, v: &dyn std::fmt::Debug, m: &str| {
-            Err((k.to_owned(), format!("{v:?}"), m.to_owned()))
+        let err = |k: &str, v: &dyn std::fmt::Display, m: &str| {
+            Err((k.to_owned(), v.to_string(), m.to_owned()))
         };
-        if let Err(m) = self.topology.validate() {
-            return err("topology", &self.topology.prefix, &m);
-        }
+        let secs = |d: &Duration| humantime::format_duration(*d).to_string();
+        let quoted = |s: &str| format!("\"{s}\"");
+        self.amqp.validate().map_err(split_message)?;
+        self.topology.validate().map_err(split_message)?;
         let topo = warren::Topology::new(&self.topology);
         for q in &self.worker.queues {
             if topo.work_queue(q).is_none() {
                 return err(
                     "worker.queues",
-                    q,
+                    &quoted(q),
                     "not one of topology.queues (declare it there first)",
                 );
             }
@@ -244,7 +267,11 @@ impl ConsumerConfig {
             );
         }
         if w.task_timeout.is_zero() {
-            return err("worker.task_timeout", &w.task_timeout, "must be positive");
+            return err(
+                "worker.task_timeout",
+                &secs(&w.task_timeout),
+                "must be positive",
+            );
         }
         if w.max_body_bytes == 0 {
             return err(
@@ -253,39 +280,65 @@ impl ConsumerConfig {
                 "must be positive",
             );
         }
-        if let Err(m) = self.retry.default.validate() {
-            return err("retry.default", &self.retry.default, &m);
+        if let Err(e) = self.retry.default.validate() {
+            return err(&format!("retry.default.{}", e.field), &e.value, &e.rule);
         }
         for (name, o) in &self.retry.tasks {
-            if let Err(m) = o.apply(self.retry.default).validate() {
-                return err(&format!("retry.tasks.\"{name}\""), o, &m);
+            // Each field on its own first, so the message names the field
+            // the user wrote under this task, then the merged policy.
+            let own = warren::retry::check_fields(
+                o.max_attempts,
+                &warren::envelope::RetryOverrides {
+                    initial: o.initial_delay,
+                    multiplier: o.multiplier,
+                    max_delay: o.max_delay,
+                    jitter: o.jitter,
+                },
+            );
+            if let Err(e) = own.and_then(|()| o.apply(self.retry.default).validate()) {
+                return err(
+                    &format!("retry.tasks.\"{name}\".{}", e.field),
+                    &e.value,
+                    &e.rule,
+                );
             }
         }
         for (name, spec) in &self.handlers {
             let key = format!("handlers.\"{name}\"");
             if name.is_empty() {
-                return err(&key, name, "task name must not be empty");
+                return err(&key, &quoted(name), "task name must not be empty");
             }
             match spec {
                 HandlerSpec::Http { url, timeout, .. } => {
                     match reqwest::Url::parse(url) {
                         Ok(u) if matches!(u.scheme(), "http" | "https") => {}
-                        _ => return err(&format!("{key}.url"), url, "expected an http(s) URL"),
+                        _ => {
+                            return err(
+                                &format!("{key}.url"),
+                                &quoted(url),
+                                "expected an http(s) URL",
+                            )
+                        }
                     }
                     if timeout.is_zero() {
-                        return err(&format!("{key}.timeout"), timeout, "must be positive");
+                        return err(
+                            &format!("{key}.timeout"),
+                            &secs(timeout),
+                            "must be positive",
+                        );
                     }
                 }
                 HandlerSpec::Exec { argv, timeout, .. } => {
                     if argv.first().is_none_or(|p| p.is_empty()) {
+                        let shown: Vec<String> = argv.iter().map(|a| quoted(a)).collect();
                         return err(
                             &format!("{key}.argv"),
-                            argv,
+                            &format!("[{}]", shown.join(", ")),
                             "expected at least the program path",
                         );
                     }
-                    if timeout.is_some_and(|t| t.is_zero()) {
-                        return err(&format!("{key}.timeout"), timeout, "must be positive");
+                    if let Some(t) = timeout.filter(|t| t.is_zero()) {
+                        return err(&format!("{key}.timeout"), &secs(&t), "must be positive");
                     }
                 }
                 HandlerSpec::Noop {} | HandlerSpec::Sleep { .. } => {}

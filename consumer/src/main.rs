@@ -1,13 +1,13 @@
 //! `warren-consumer [--config FILE] [run]` runs the worker;
 //! `warren-consumer dead list|replay|purge` manages the dead-letter queue.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 use anyhow::Context;
 use clap::{Args, Parser, Subcommand};
 use warren_consumer::dead::{self, Selector};
-use warren_consumer::{handlers, ConsumerConfig, Worker};
+use warren_consumer::{handlers, ConsumerConfig, Registry, Worker};
 
 #[derive(Parser)]
 #[command(
@@ -27,6 +27,9 @@ struct Cli {
 enum Command {
     /// Consume and execute tasks (the default).
     Run,
+    /// Validate the config (everything `run` checks, handlers included) and
+    /// exit: 0 if it is valid, 2 listing the problem otherwise.
+    Check,
     /// Inspect, replay or purge dead-lettered tasks.
     #[command(subcommand)]
     Dead(DeadCommand),
@@ -80,13 +83,25 @@ impl Select {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    let cfg = match ConsumerConfig::load(cli.config.as_deref(), warren::config::process_env()) {
+    // One validation for every subcommand, before anything starts: a config
+    // error is exit 2 whether it is found by `check`, `run` or `dead`.
+    let (cfg, registry) = match load_checked(cli.config.as_deref()) {
         Ok(c) => c,
         Err(e) => {
             eprintln!("warren-consumer: {e:#}");
             return ExitCode::from(2);
         }
     };
+    let command = cli.command.unwrap_or(Command::Run);
+    if let Command::Check = command {
+        println!(
+            "ok: {} handler(s), queues {} ({})",
+            registry.names().count(),
+            cfg.queue_names().join(", "),
+            warren::config::origin(cli.config.as_deref())
+        );
+        return ExitCode::SUCCESS;
+    }
     let rt = match tokio::runtime::Runtime::new() {
         Ok(rt) => rt,
         Err(e) => {
@@ -95,8 +110,9 @@ fn main() -> ExitCode {
         }
     };
     let res = rt.block_on(async move {
-        match cli.command.unwrap_or(Command::Run) {
-            Command::Run => run(cfg).await,
+        match command {
+            Command::Run => run(cfg, registry).await,
+            Command::Check => Ok(()),
             Command::Dead(cmd) => dead_cmd(cfg, cmd).await,
         }
     });
@@ -111,9 +127,17 @@ fn main() -> ExitCode {
     }
 }
 
-async fn run(cfg: ConsumerConfig) -> anyhow::Result<()> {
+/// The config and the handlers it names, validated: what `check` reports
+/// and what `run` starts with.
+fn load_checked(path: Option<&Path>) -> anyhow::Result<(ConsumerConfig, Registry)> {
+    let cfg = ConsumerConfig::load(path, warren::config::process_env())?;
+    let registry = handlers::registry_from_config(&cfg.handlers, cfg.worker.task_timeout)
+        .with_context(|| warren::config::origin(path))?;
+    Ok((cfg, registry))
+}
+
+async fn run(cfg: ConsumerConfig, registry: Registry) -> anyhow::Result<()> {
     warren::telemetry::init(&cfg.log);
-    let registry = handlers::registry_from_config(&cfg.handlers, cfg.worker.task_timeout)?;
     if registry.is_empty() {
         tracing::warn!(
             "no handlers configured: every task will be dead-lettered with kind `no_handler`"
@@ -124,7 +148,7 @@ async fn run(cfg: ConsumerConfig) -> anyhow::Result<()> {
     }
     if cfg.worker.task_timeout >= std::time::Duration::from_secs(30 * 60) {
         tracing::warn!(
-            task_timeout = ?cfg.worker.task_timeout,
+            task_timeout = %humantime::format_duration(cfg.worker.task_timeout),
             "task_timeout reaches RabbitMQ's default consumer_timeout (30 min): raise consumer_timeout on the broker or deliveries will be requeued mid-task"
         );
     }

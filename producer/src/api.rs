@@ -2,7 +2,6 @@
 //! schedule now. Bearer tokens with `read` / `publish` scopes, compared in
 //! constant time; every error is a JSON body `{"error": code, "message": text}`.
 
-use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -23,7 +22,7 @@ use crate::metrics::Source;
 use crate::request::TaskRequest;
 
 /// Configured tokens and their scopes.
-#[derive(Default)]
+#[derive(Default, PartialEq)]
 pub struct Tokens(Vec<(Vec<u8>, Vec<Scope>)>);
 
 impl Tokens {
@@ -84,6 +83,10 @@ impl Tokens {
 
     pub fn is_empty(&self) -> bool {
         self.0.is_empty()
+    }
+
+    pub fn len(&self) -> usize {
+        self.0.len()
     }
 
     /// Scopes of `presented`, comparing against every token in constant time.
@@ -151,8 +154,8 @@ fn authorize(ctx: &Ctx, headers: &HeaderMap, scope: Scope) -> Result<(), ApiErro
         })
         .map(str::trim)
         .ok_or_else(|| unauthorized("expected `Authorization: Bearer <token>`"))?;
-    let scopes = ctx
-        .tokens
+    let tokens = ctx.tokens();
+    let scopes = tokens
         .scopes(token.as_bytes())
         .ok_or_else(|| unauthorized("unknown token"))?;
     if scopes.contains(&scope) {
@@ -201,14 +204,20 @@ fn publisher(ctx: &Ctx) -> Result<crate::app::ApiPublisher, ApiError> {
             "not connected to the broker; retry later",
         )
     })?;
-    if p.blocked.load(Ordering::Relaxed) {
-        return Err(ApiError::new(
-            StatusCode::SERVICE_UNAVAILABLE,
-            "broker_blocked",
-            "the broker is blocking publishers (resource alarm); retry later",
-        ));
+    if p.blocked.is_blocked() {
+        return Err(blocked_error());
     }
     Ok(p)
+}
+
+fn blocked_error() -> ApiError {
+    ApiError::new(
+        StatusCode::SERVICE_UNAVAILABLE,
+        "broker_blocked",
+        "the broker is blocking publishers (resource alarm); retry later \
+         (a task sent just before the block may still be delivered once it clears: \
+         set your own `id` to recognise it)",
+    )
 }
 
 async fn post_tasks(
@@ -282,10 +291,19 @@ async fn post_tasks(
         }
     }
     let p = publisher(&ctx)?;
-    let results = p
-        .publisher
-        .publish_tasks(&ctx.topo, pairs(&tasks), 256)
-        .await;
+    // The broker only reports "blocked" once a publish reaches it during an
+    // alarm, so the first request after an alarm would wait out the confirm
+    // timeout: answer 503 as soon as the block is reported instead.
+    let results = tokio::select! {
+        r = p.publisher.publish_tasks(&ctx.topo, pairs(&tasks), 256) => r,
+        () = p.blocked.until_blocked() => {
+            ctx.metrics
+                .publish_failures
+                .with_label_values(&[Source::Api.label()])
+                .inc_by(tasks.len() as u64);
+            return Err(blocked_error());
+        }
+    };
     let mut ids = Vec::new();
     let mut failed = Vec::new();
     let mut transient = true;
@@ -394,11 +412,18 @@ async fn trigger(
     let id = format!("{}@manual-{}", s.name(), uuid::Uuid::new_v4());
     let task = s.task(id.clone());
     let p = publisher(&ctx)?;
-    match p
-        .publisher
-        .publish_task(&ctx.topo, &task, Duration::ZERO)
-        .await
-    {
+    let published = tokio::select! {
+        r = p.publisher.publish_task(&ctx.topo, &task, Duration::ZERO) => r,
+        // As in `post_tasks`: do not wait out the confirm timeout.
+        () = p.blocked.until_blocked() => {
+            ctx.metrics
+                .publish_failures
+                .with_label_values(&[Source::Api.label()])
+                .inc();
+            return Err(blocked_error());
+        }
+    };
+    match published {
         Ok(()) => {
             ctx.metrics
                 .published

@@ -8,7 +8,6 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 
-use backon::{ExponentialBuilder, Retryable};
 use chrono::{DateTime, Utc};
 use lapin::Connection;
 use prometheus::Registry;
@@ -33,7 +32,7 @@ pub struct Status {
 #[derive(Clone)]
 pub struct ApiPublisher {
     pub publisher: Publisher,
-    pub blocked: Arc<AtomicBool>,
+    pub blocked: warren::amqp::Blocked,
 }
 
 pub struct Ctx {
@@ -48,7 +47,10 @@ pub struct Ctx {
     pub leader: AtomicBool,
     pub instance: String,
     pub api_publisher: RwLock<Option<ApiPublisher>>,
-    pub tokens: crate::api::Tokens,
+    /// Replaced whole on SIGHUP, so a rotated token works at once.
+    pub tokens: RwLock<Arc<crate::api::Tokens>>,
+    /// Why the process must stop (exit 1), set once.
+    pub fatal: std::sync::OnceLock<String>,
 }
 
 impl Ctx {
@@ -79,36 +81,42 @@ impl Ctx {
         self.leader.load(Ordering::SeqCst)
     }
 
+    /// The API tokens in force.
+    pub fn tokens(&self) -> Arc<crate::api::Tokens> {
+        match self.tokens.read() {
+            Ok(g) => g.clone(),
+            // A writer panicked mid-swap: the Arc inside is still whole.
+            Err(poisoned) => poisoned.into_inner().clone(),
+        }
+    }
+
     pub fn api_publisher(&self) -> Option<ApiPublisher> {
         self.api_publisher.read().ok().and_then(|g| g.clone())
     }
 }
 
-/// This replica's name in logs, the state snapshot and the `app_id` of ticks.
+/// This replica's name in logs, the state snapshot and the `app_id` of ticks:
+/// `<host>:<pid>`, unique among replicas even without `$HOSTNAME`.
 pub fn instance_id() -> String {
-    let host = std::env::var("HOSTNAME").unwrap_or_else(|_| "local".into());
-    format!("{host}:{}", std::process::id())
+    format!("{}:{}", warren::config::host_name(), std::process::id())
 }
 
-/// Connect with exponential backoff until it works or shutdown.
+/// Connect with [`warren::amqp::connect_with_backoff`] until it works or
+/// shutdown (`None`). An error no retry can cure (credentials or vhost
+/// refused, unreadable TLS file) ends the process with exit 1.
 pub async fn connect_retry(
     ctx: &Ctx,
     role: &str,
     shutdown: &CancellationToken,
 ) -> Option<Connection> {
-    let attempt = || warren::amqp::connect(&ctx.cfg.amqp, role);
-    let retry = attempt
-        .retry(
-            ExponentialBuilder::default()
-                .with_min_delay(Duration::from_millis(200))
-                .with_max_delay(Duration::from_secs(10))
-                .with_jitter()
-                .without_max_times(),
-        )
-        .notify(|e, d| tracing::warn!(role, error = %e, retry_in_ms = d.as_millis() as u64, "cannot connect to the broker"));
-    tokio::select! {
-        _ = shutdown.cancelled() => None,
-        r = retry => r.ok(),
+    match warren::amqp::connect_with_backoff(&ctx.cfg.amqp, role, shutdown).await {
+        Ok(conn) => conn,
+        Err(e) => {
+            tracing::error!(role, error = %e, "cannot connect to the broker; not retrying");
+            let _ = ctx.fatal.set(format!("cannot connect to the broker: {e}"));
+            shutdown.cancel();
+            None
+        }
     }
 }
 
@@ -200,8 +208,11 @@ async fn reload_on_sighup(ctx: Arc<Ctx>, shutdown: CancellationToken) {
         };
         match config::load_checked(Some(&path)) {
             Ok((new_cfg, schedules)) => {
-                if new_cfg.amqp != ctx.cfg.amqp || new_cfg.topology != ctx.cfg.topology {
-                    tracing::warn!("SIGHUP: changes outside [[schedules]] need a restart; applying the schedules only");
+                reload_tokens(&ctx, &new_cfg);
+                let changed = config::restart_only_changes(&ctx.cfg, &new_cfg);
+                if !changed.is_empty() {
+                    let keys = changed.join(", ");
+                    tracing::warn!(keys = %keys, "SIGHUP: {keys} changed; restart to apply");
                 }
                 apply_schedules(&ctx, schedules);
                 ctx.metrics.reload_success.set(1.0);
@@ -210,6 +221,28 @@ async fn reload_on_sighup(ctx: Arc<Ctx>, shutdown: CancellationToken) {
                 ctx.metrics.reload_success.set(0.0);
                 tracing::error!(error = %format!("{e:#}"), "SIGHUP: config rejected; keeping the running schedules");
             }
+        }
+    }
+}
+
+/// Swap in the tokens of a reloaded config (tokens file re-read), so a
+/// rotation needs no restart. Logs counts, never tokens.
+fn reload_tokens(ctx: &Ctx, cfg: &ProducerConfig) {
+    match crate::api::Tokens::from_config(&cfg.api) {
+        Ok(tokens) => {
+            if *ctx.tokens() == tokens {
+                return;
+            }
+            let count = tokens.len();
+            match ctx.tokens.write() {
+                Ok(mut g) => *g = Arc::new(tokens),
+                Err(poisoned) => *poisoned.into_inner() = Arc::new(tokens),
+            }
+            tracing::info!(tokens = count, "SIGHUP: API tokens reloaded");
+        }
+        // The file changed again between validation and now.
+        Err(e) => {
+            tracing::error!(error = %format!("{e:#}"), "SIGHUP: API tokens not reloaded; the previous ones stay")
         }
     }
 }
@@ -262,7 +295,8 @@ pub async fn run(
         leader: AtomicBool::new(false),
         instance: instance_id(),
         api_publisher: RwLock::new(None),
-        tokens,
+        tokens: RwLock::new(Arc::new(tokens)),
+        fatal: std::sync::OnceLock::new(),
     });
     apply_schedules(&ctx, schedules);
 
@@ -288,5 +322,8 @@ pub async fn run(
         tracing::warn!("some tasks did not stop within 10s");
     }
     let _ = tokio::time::timeout(Duration::from_secs(5), server).await;
-    Ok(())
+    match ctx.fatal.get() {
+        Some(why) => Err(anyhow::anyhow!("{why}")),
+        None => Ok(()),
+    }
 }

@@ -244,6 +244,23 @@ pub fn compile_schedules(list: &[ScheduleConfig]) -> Result<Vec<Schedule>, Vec<S
                 warren::delay::MAX_TASK_NAME_LEN
             ));
         }
+        if let Some(r) = &s.retry {
+            let o = warren::envelope::RetryOverrides {
+                initial: r.initial,
+                multiplier: r.multiplier,
+                max_delay: r.max_delay,
+                jitter: r.jitter,
+            };
+            if let Err(e) = warren::retry::check_fields(s.max_attempts, &o) {
+                let field = match e.field {
+                    "max_attempts" => "max_attempts".to_owned(),
+                    f => format!("retry.{f}"),
+                };
+                err(format!("`{field}` = {}: {}", e.value, e.rule));
+            }
+        } else if s.max_attempts == Some(0) {
+            err("`max_attempts` = 0: must be at least 1".into());
+        }
         if s.max_catch_up == 0 {
             err("`max_catch_up` must be at least 1".into());
         }
@@ -285,26 +302,122 @@ pub fn compile_schedules(list: &[ScheduleConfig]) -> Result<Vec<Schedule>, Vec<S
     }
 }
 
-/// The config file to use: `--config`, else `WARREN_CONFIG`, else none.
+/// Load the config (defaults < file < environment) and validate everything
+/// but the schedules: what `publish` needs. Every error is a
+/// [`ConfigError`](warren::config::ConfigError), so `main` exits 2 on it.
 pub fn load(path: Option<&Path>) -> anyhow::Result<ProducerConfig> {
     let cfg: ProducerConfig = warren::config::load(path, warren::config::process_env())?;
-    if let Err(e) = cfg.topology.validate() {
-        anyhow::bail!("{}: {e}", warren::config::origin(path));
+    let errors = cfg.validate();
+    if !errors.is_empty() {
+        return Err(invalid(path, errors).into());
     }
     Ok(cfg)
 }
 
-/// Load and validate everything, with every schedule error in one message.
+/// The one validation of the producer, used by `run`, `schedules check`,
+/// `schedules next` and SIGHUP: the whole config, schedules included, with
+/// every problem in one message.
 pub fn load_checked(path: Option<&Path>) -> anyhow::Result<(ProducerConfig, Vec<Schedule>)> {
-    let cfg = load(path)?;
-    match compile_schedules(&cfg.schedules) {
-        Ok(s) => Ok((cfg, s)),
-        Err(errors) => anyhow::bail!(
-            "{}: {} invalid schedule(s):\n  {}",
-            warren::config::origin(path),
-            errors.len(),
-            errors.join("\n  ")
-        ),
+    let cfg: ProducerConfig = warren::config::load(path, warren::config::process_env())?;
+    let mut errors = cfg.validate();
+    let schedules = compile_schedules(&cfg.schedules).unwrap_or_else(|e| {
+        errors.extend(e);
+        Vec::new()
+    });
+    if !errors.is_empty() {
+        return Err(invalid(path, errors).into());
+    }
+    Ok((cfg, schedules))
+}
+
+/// Keys SIGHUP applies without a restart: the schedules and the API tokens.
+const RELOADABLE: &[&str] = &[
+    "schedules",
+    "api.read_token",
+    "api.publish_token",
+    "api.tokens",
+    "api.tokens_file",
+];
+
+/// The keys that differ between the running config and a reloaded one but
+/// only take effect after a restart (`http.addr`, `leader.enabled`, ...).
+/// Names only: values may be secrets.
+pub fn restart_only_changes(running: &ProducerConfig, reloaded: &ProducerConfig) -> Vec<String> {
+    fn walk(prefix: &str, a: &serde_json::Value, b: &serde_json::Value, out: &mut Vec<String>) {
+        if RELOADABLE.contains(&prefix) || a == b {
+            return;
+        }
+        match (a, b) {
+            (serde_json::Value::Object(a), serde_json::Value::Object(b)) => {
+                let keys: std::collections::BTreeSet<&String> = a.keys().chain(b.keys()).collect();
+                for k in keys {
+                    let path = if prefix.is_empty() {
+                        k.clone()
+                    } else {
+                        format!("{prefix}.{k}")
+                    };
+                    let null = serde_json::Value::Null;
+                    walk(
+                        &path,
+                        a.get(k).unwrap_or(&null),
+                        b.get(k).unwrap_or(&null),
+                        out,
+                    );
+                }
+            }
+            _ => out.push(prefix.to_owned()),
+        }
+    }
+    let (Ok(a), Ok(b)) = (
+        serde_json::to_value(running),
+        serde_json::to_value(reloaded),
+    ) else {
+        return vec!["(config not comparable)".into()];
+    };
+    let mut out = Vec::new();
+    walk("", &a, &b, &mut out);
+    out
+}
+
+fn invalid(path: Option<&Path>, errors: Vec<String>) -> warren::config::ConfigError {
+    let message = match errors.as_slice() {
+        [one] => one.clone(),
+        many => format!("{} problems:\n  {}", many.len(), many.join("\n  ")),
+    };
+    warren::config::ConfigError::Invalid {
+        origin: warren::config::origin(path),
+        message,
+    }
+}
+
+impl ProducerConfig {
+    /// What serde cannot check, outside `[[schedules]]` (see
+    /// [`compile_schedules`]): every problem, each naming its key.
+    pub fn validate(&self) -> Vec<String> {
+        let mut errors = Vec::new();
+        if let Err(e) = self.amqp.validate() {
+            errors.push(e);
+        }
+        if let Err(e) = self.topology.validate() {
+            errors.push(e);
+        }
+        // The tokens `run` would serve with, tokens file included.
+        if let Err(e) = crate::api::Tokens::from_config(&self.api) {
+            errors.push(format!("{e:#}"));
+        }
+        if self.api.max_body_bytes == 0 {
+            errors.push("api.max_body_bytes = 0: must be positive".into());
+        }
+        if self.api.max_batch == 0 {
+            errors.push("api.max_batch = 0: must be at least 1".into());
+        }
+        if self.leader.retry_interval.is_zero() {
+            errors.push("leader.retry_interval = 0s: must be positive".into());
+        }
+        if self.leader.stall_threshold.is_some_and(|d| d.is_zero()) {
+            errors.push("leader.stall_threshold = 0s: must be positive".into());
+        }
+        errors
     }
 }
 
@@ -380,6 +493,20 @@ mod tests {
         assert!(errs[0].starts_with("schedule `a`: cron:"), "{errs:?}");
         assert!(errs[1].contains("schedule `b`: timezone"), "{errs:?}");
         assert!(errs[2].contains("schedule `a`: duplicate"), "{errs:?}");
+    }
+
+    #[test]
+    fn reload_names_restart_only_keys_but_not_tokens_or_schedules() {
+        let running = ProducerConfig::default();
+        let mut reloaded = parse(
+            "[http]\naddr = \"127.0.0.1:9\"\n[leader]\nenabled = false\n\
+             [api]\npublish_token = \"a-rotated-token-0123456789\"\n\
+             [[schedules]]\nname = \"a\"\ncron = \"@daily\"\ntask = \"t\"\n",
+        );
+        reloaded.amqp.url = Secret::new("amqp://u:other-password@elsewhere/%2f");
+        let keys = restart_only_changes(&running, &reloaded);
+        assert_eq!(keys, ["amqp.url", "http.addr", "leader.enabled"]);
+        assert!(restart_only_changes(&running, &running).is_empty());
     }
 
     #[test]

@@ -53,8 +53,19 @@ fn main() -> std::process::ExitCode {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("warren-producer: {e:#}");
-            std::process::ExitCode::FAILURE
+            exit_code(&e)
         }
+    }
+}
+
+/// 2 for a configuration the process refused (every subcommand validates
+/// through [`config::load`] / [`config::load_checked`], whose errors are all
+/// `ConfigError`s), 1 for anything that went wrong while running.
+fn exit_code(e: &anyhow::Error) -> std::process::ExitCode {
+    if e.downcast_ref::<warren::config::ConfigError>().is_some() {
+        std::process::ExitCode::from(2)
+    } else {
+        std::process::ExitCode::FAILURE
     }
 }
 

@@ -7,7 +7,6 @@
 //! so callers keep many in flight and await them later.
 
 use std::collections::VecDeque;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -20,9 +19,11 @@ use lapin::{
     PublisherConfirm,
 };
 
-use tokio::sync::{mpsc, oneshot};
+use backon::{ExponentialBuilder, Retryable};
+use tokio::sync::{mpsc, oneshot, watch};
+use tokio_util::sync::CancellationToken;
 
-use crate::config::{redact_url, AmqpConfig};
+use crate::config::{check_amqp_url, redact_url, AmqpConfig, UrlProblem};
 use crate::envelope::Task;
 use crate::error::Error;
 use crate::metrics::AmqpMetrics;
@@ -31,16 +32,34 @@ use crate::topology::Topology;
 /// Connect with the configured heartbeat (unless the URL sets one) and a
 /// connection name that shows up in the management UI.
 pub async fn connect(cfg: &AmqpConfig, role: &str) -> Result<Connection, Error> {
+    // Config loading validates the URL already; this keeps library callers
+    // from ever seeing lapin's parse error, which quotes the whole URL.
     let mut uri: AMQPUri =
-        cfg.url.expose().parse().map_err(|e: String| {
-            Error::Url(format!("{e} (in {})", redact_url(cfg.url.expose())))
-        })?;
+        match check_amqp_url(cfg.url.expose()) {
+            Err(UrlProblem::NoScheme) => {
+                return Err(Error::Url(
+                    "expected amqp://[user[:password]@]host[:port][/vhost]".into(),
+                ))
+            }
+            Err(UrlProblem::Other(why)) => {
+                return Err(Error::Url(format!(
+                    "{} ({why})",
+                    redact_url(cfg.url.expose())
+                )))
+            }
+            Ok(()) => cfg.url.expose().parse().map_err(|_| {
+                Error::Url(format!("{} is not valid", redact_url(cfg.url.expose())))
+            })?,
+        };
     if uri.query.heartbeat.is_none() {
         uri.query.heartbeat = Some(cfg.heartbeat.as_secs().clamp(1, u16::MAX as u64) as u16);
     }
     let name = cfg.connection_name.clone().unwrap_or_else(|| {
-        let host = std::env::var("HOSTNAME").unwrap_or_else(|_| "local".into());
-        format!("{role}@{host}:{}", std::process::id())
+        format!(
+            "{role}@{}:{}",
+            crate::config::host_name(),
+            std::process::id()
+        )
     });
     let props = ConnectionProperties::default().with_connection_name(name.into());
     let tls = match &cfg.tls_ca_file {
@@ -66,24 +85,85 @@ pub async fn connect(cfg: &AmqpConfig, role: &str) -> Result<Connection, Error> 
     .map_err(Error::from)
 }
 
-/// Watches a connection's events: the `blocked` flag follows
+/// The one reconnect backoff of warren: 100 ms doubling, with jitter, never
+/// more than [`MAX_CONNECT_BACKOFF`] between attempts, forever (callers stop
+/// it on shutdown).
+pub fn connect_backoff() -> ExponentialBuilder {
+    ExponentialBuilder::default()
+        .with_min_delay(Duration::from_millis(100))
+        // backon's jitter adds up to 100 % on top of the delay.
+        .with_max_delay(MAX_CONNECT_BACKOFF / 2)
+        .with_jitter()
+        .without_max_times()
+}
+
+/// Longest wait between two connect attempts. Kept short on purpose: a
+/// process started before its broker (compose, Kubernetes) should be up
+/// within about this long after the broker is, not after a 10 s sleep; a
+/// refused TCP connect costs the broker nothing.
+pub const MAX_CONNECT_BACKOFF: Duration = Duration::from_secs(2);
+
+/// Connect, retrying transient failures (broker down, refused, timed out)
+/// with [`connect_backoff`]; a permanent one (bad URL, TLS file, refused
+/// credentials or vhost) is returned at once. `Ok(None)` on shutdown.
+pub async fn connect_with_backoff(
+    cfg: &AmqpConfig,
+    role: &str,
+    shutdown: &CancellationToken,
+) -> Result<Option<Connection>, Error> {
+    let attempt = || connect(cfg, role);
+    let retry = attempt
+        .retry(connect_backoff())
+        .when(Error::is_transient)
+        .notify(|e, d| {
+            tracing::warn!(role, error = %e, retry_in_ms = d.as_millis() as u64, "cannot connect to the broker");
+        });
+    tokio::select! {
+        _ = shutdown.cancelled() => Ok(None),
+        r = retry => r.map(Some),
+    }
+}
+
+/// Whether the broker blocks publishing on a connection (resource alarm),
+/// following connection.blocked/unblocked. Cheap to clone.
+#[derive(Clone)]
+pub struct Blocked(watch::Receiver<bool>);
+
+impl Blocked {
+    pub fn is_blocked(&self) -> bool {
+        *self.0.borrow()
+    }
+
+    /// Resolves when the broker blocks the connection (at once if it is
+    /// blocked now); never if the connection goes away first. The broker
+    /// only says "blocked" once a publish arrives during an alarm, so a
+    /// caller races its confirm against this rather than only checking
+    /// [`is_blocked`](Self::is_blocked) before publishing.
+    pub async fn until_blocked(&self) {
+        let mut rx = self.0.clone();
+        if rx.wait_for(|b| *b).await.is_err() {
+            std::future::pending::<()>().await;
+        }
+    }
+}
+
+/// Watches a connection's events: [`Blocked`] follows
 /// connection.blocked/unblocked so callers can refuse work (503) instead of
 /// hanging on publishes.
-pub fn watch_connection(conn: &Connection, metrics: AmqpMetrics) -> Arc<AtomicBool> {
-    let blocked = Arc::new(AtomicBool::new(false));
-    let flag = blocked.clone();
+pub fn watch_connection(conn: &Connection, metrics: AmqpMetrics) -> Blocked {
+    let (flag, blocked) = watch::channel(false);
     let mut events = conn.events_listener();
     tokio::spawn(async move {
         while let Some(ev) = events.next().await {
             match ev {
                 Event::ConnectionBlocked(reason) => {
                     tracing::warn!(%reason, "broker blocked publishing on this connection");
-                    flag.store(true, Ordering::Relaxed);
+                    flag.send_replace(true);
                     metrics.blocked.set(1);
                 }
                 Event::ConnectionUnblocked => {
                     tracing::info!("broker unblocked publishing");
-                    flag.store(false, Ordering::Relaxed);
+                    flag.send_replace(false);
                     metrics.blocked.set(0);
                 }
                 Event::Error(e) => {
@@ -94,7 +174,7 @@ pub fn watch_connection(conn: &Connection, metrics: AmqpMetrics) -> Arc<AtomicBo
             }
         }
     });
-    blocked
+    Blocked(blocked)
 }
 
 /// A confirm-mode channel. Cheap to clone; clones share the channel.
@@ -339,5 +419,22 @@ impl Publisher {
             results[i] = p.confirmed().await;
         }
         results
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use backon::BackoffBuilder;
+
+    #[test]
+    fn connect_backoff_grows_but_stays_short() {
+        let delays: Vec<Duration> = connect_backoff().build().take(200).collect();
+        assert!(
+            delays.iter().all(|d| *d <= MAX_CONNECT_BACKOFF),
+            "{delays:?}"
+        );
+        assert!(delays[0] < Duration::from_millis(250), "{delays:?}");
+        assert!(delays[100..].iter().all(|d| *d >= MAX_CONNECT_BACKOFF / 2));
     }
 }

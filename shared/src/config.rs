@@ -80,6 +80,120 @@ pub struct AmqpConfig {
     pub tls_ca_file: Option<PathBuf>,
 }
 
+impl AmqpConfig {
+    /// Checks what serde cannot, so a malformed broker URL is a config error
+    /// at start-up (exit 2) instead of a connect error retried forever. The
+    /// message names `amqp.url` and never contains the password.
+    pub fn validate(&self) -> Result<(), String> {
+        check_amqp_url(self.url.expose()).map_err(|why| match why {
+            UrlProblem::NoScheme => "amqp.url: expected amqp://[user[:password]@]host[:port][/vhost] \
+                 (or amqps://), got a value without `amqp://` (not shown: it may contain a password)"
+                .to_owned(),
+            UrlProblem::Other(why) => {
+                format!("amqp.url = {}: {why}", redact_url(self.url.expose()))
+            }
+        })?;
+        if self.heartbeat.is_zero() {
+            return Err("amqp.heartbeat = 0s: must be at least 1s".into());
+        }
+        if self.confirm_timeout.is_zero() {
+            return Err("amqp.confirm_timeout = 0s: must be positive".into());
+        }
+        Ok(())
+    }
+}
+
+/// Why a broker URL is unusable (never quoting the URL itself).
+#[derive(Debug, PartialEq)]
+pub enum UrlProblem {
+    /// Without a scheme we cannot tell the password from the rest, so the
+    /// value cannot be shown even redacted.
+    NoScheme,
+    Other(String),
+}
+
+/// Validate a broker URL: scheme `amqp`/`amqps`, a host, a port in
+/// 1..=65535, a non-empty vhost, and whatever else lapin's parser needs.
+pub fn check_amqp_url(url: &str) -> Result<(), UrlProblem> {
+    let other = |m: &str| Err(UrlProblem::Other(m.to_owned()));
+    let Some((scheme, rest)) = url.split_once("://") else {
+        return Err(UrlProblem::NoScheme);
+    };
+    if !matches!(scheme.to_ascii_lowercase().as_str(), "amqp" | "amqps") {
+        // Quote the scheme only when it cannot be a piece of userinfo.
+        let plain = scheme.len() <= 16
+            && scheme
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || matches!(c, '+' | '-' | '.'));
+        return other(&if plain {
+            format!("the scheme must be `amqp` or `amqps`, not `{scheme}`")
+        } else {
+            "the scheme must be `amqp` or `amqps`".to_owned()
+        });
+    }
+    let end = rest.find(['/', '?', '#']).unwrap_or(rest.len());
+    let (authority, tail) = rest.split_at(end);
+    if !authority.contains('@') && tail.contains('@') {
+        // `amqp://user:pa/ss@host`: the userinfo was cut at a reserved
+        // character, so what looks like a port is part of the password.
+        return other(
+            "the user name or password contains `/`, `?` or `#`: percent-encode it (`%2F`, `%3F`, `%23`)",
+        );
+    }
+    let host_port = authority.rsplit_once('@').map_or(authority, |(_, h)| h);
+    // `[::1]:5672`: the port follows the bracket; `host:5672` the last colon.
+    let (host, port) = match host_port.strip_prefix('[') {
+        Some(v6) => match v6.split_once(']') {
+            Some((h, p)) => (h, p.strip_prefix(':')),
+            None => return other("an IPv6 host needs a closing `]`"),
+        },
+        None => match host_port.rsplit_once(':') {
+            Some((h, p)) => (h, Some(p)),
+            None => (host_port, None),
+        },
+    };
+    if host.is_empty() {
+        return other("no host (expected amqp://user:password@host:port/vhost)");
+    }
+    if let Some(p) = port {
+        match p.parse::<u64>() {
+            _ if p.is_empty() => return other("empty port after `:`"),
+            Ok(n) if (1..=65535).contains(&n) => {}
+            Ok(n) => return other(&format!("port {n} is out of range (1-65535)")),
+            Err(_) => return other(&format!("port `{p}` is not a number")),
+        }
+    }
+    let path = tail.split(['?', '#']).next().unwrap_or("");
+    if path == "/" {
+        return other(
+            "the vhost is empty (the URL ends in `/`); write `%2f` for the default vhost `/`, \
+             or leave the path out",
+        );
+    }
+    // Whatever lapin still refuses (bad percent-encoding, query values). Its
+    // messages may quote the input, so only ours are shown.
+    if url.parse::<lapin::uri::AMQPUri>().is_err() {
+        return other("not a valid AMQP URL (check percent-encoding and query parameters)");
+    }
+    Ok(())
+}
+
+/// The machine's host name: `$HOSTNAME` (Kubernetes sets it to the pod name),
+/// else the kernel's, else `unknown-host`. Used in connection names and
+/// instance ids, so two replicas never share one.
+pub fn host_name() -> String {
+    std::env::var("HOSTNAME")
+        .ok()
+        .filter(|h| !h.trim().is_empty())
+        .or_else(|| {
+            std::fs::read_to_string("/proc/sys/kernel/hostname")
+                .ok()
+                .map(|h| h.trim().to_owned())
+                .filter(|h| !h.is_empty())
+        })
+        .unwrap_or_else(|| "unknown-host".into())
+}
+
 impl Default for AmqpConfig {
     fn default() -> Self {
         Self {
@@ -245,11 +359,11 @@ pub fn load<T: DeserializeOwned>(
             // column and the offending key.
             toml::from_str::<T>(&text).map_err(|e| ConfigError::File {
                 path: path.to_owned(),
-                message: e.to_string().trim_end().to_owned(),
+                message: scrub_snippet(e.to_string().trim_end()),
             })?;
             toml::from_str::<toml::Table>(&text).map_err(|e| ConfigError::File {
                 path: path.to_owned(),
-                message: e.to_string(),
+                message: scrub_snippet(&e.to_string()),
             })?
         }
         None => toml::Table::new(),
@@ -257,7 +371,14 @@ pub fn load<T: DeserializeOwned>(
     let mut applied = Vec::new();
     for (key, raw) in env {
         let Some(path) = env_path(&key) else { continue };
-        set_path(&mut table, &path, env_value(&raw)).map_err(|message| ConfigError::Env {
+        // A secret stays the string it was (a numeric token is still a
+        // token), so a type error can never quote it.
+        let value = if path.last().is_some_and(|k| is_secret_key(k)) {
+            toml::Value::String(raw)
+        } else {
+            env_value(&raw)
+        };
+        set_path(&mut table, &path, value).map_err(|message| ConfigError::Env {
             vars: key.clone(),
             message,
         })?;
@@ -273,6 +394,37 @@ pub fn load<T: DeserializeOwned>(
         vars: applied.join(", "),
         message: e.to_string().trim_end().to_owned(),
     })
+}
+
+/// Keys whose values must never appear in a message.
+fn is_secret_key(key: &str) -> bool {
+    let k = key.to_ascii_lowercase();
+    ["url", "token", "password", "secret", "keys"]
+        .iter()
+        .any(|s| k.contains(s))
+}
+
+/// toml's errors quote the offending source line; when that line sets a
+/// secret (`url = guest:pw@host`, a token), show the key only.
+fn scrub_snippet(message: &str) -> String {
+    message
+        .lines()
+        .map(|line| {
+            let Some((gutter, text)) = line.split_once(" | ") else {
+                return line.to_owned();
+            };
+            let key = text.split('=').next().unwrap_or("");
+            if gutter.trim().chars().all(|c| c.is_ascii_digit())
+                && !gutter.trim().is_empty()
+                && (is_secret_key(key) || text.contains('@'))
+            {
+                format!("{gutter} | {}= <not shown>", key)
+            } else {
+                line.to_owned()
+            }
+        })
+        .collect::<Vec<_>>()
+        .join("\n")
 }
 
 /// Where a value came from, for validation errors raised after loading.
@@ -430,6 +582,61 @@ mod tests {
         let shown = format!("{s:?}");
         assert!(!shown.contains("hunter2"), "{shown}");
         assert!(shown.contains("host:5672"));
+    }
+
+    fn url_error(url: &str) -> String {
+        let cfg = AmqpConfig {
+            url: Secret::new(url),
+            ..AmqpConfig::default()
+        };
+        let e = cfg.validate().unwrap_err();
+        assert!(e.starts_with("amqp.url"), "{e}");
+        assert!(!e.contains("s3cret") && !e.contains("cret@"), "{e}");
+        e
+    }
+
+    #[test]
+    fn malformed_urls_are_refused_without_the_password() {
+        assert!(url_error("guest:s3cret@host:5672").contains("without `amqp://`"));
+        assert!(url_error("http://guest:s3cret@host:5672/%2f").contains("not `http`"));
+        assert!(url_error("amqp://guest:s3cret@host:99999/%2f").contains("port 99999"));
+        assert!(url_error("amqp://guest:s3cret@host:0").contains("port 0"));
+        assert!(url_error("amqp://guest:s3cret@host:56x2").contains("not a number"));
+        assert!(url_error("amqp://guest:s3cret@:5672/%2f").contains("no host"));
+        assert!(url_error("amqp://guest:s3cret@host/").contains("vhost is empty"));
+        assert!(url_error("amqp://guest:s3/cret@host:5672").contains("percent-encode"));
+        assert!(url_error("amqp://guest:s3cret@host/%2f?heartbeat=often")
+            .contains("not a valid AMQP URL"));
+        assert!(url_error("amqp://guest:s3cret@[::1:5672/").contains("`]`"));
+        for ok in [
+            DEFAULT_AMQP_URL,
+            "amqps://u:p@broker.example.com/prod",
+            "amqp://broker",
+            "amqp://u:p%2Fq@[::1]:5672/%2f?heartbeat=5",
+        ] {
+            let cfg = AmqpConfig {
+                url: Secret::new(ok),
+                ..AmqpConfig::default()
+            };
+            assert_eq!(cfg.validate(), Ok(()), "{ok}");
+        }
+    }
+
+    #[test]
+    fn toml_errors_do_not_quote_secret_lines() {
+        let f = file("[amqp]\nurl = guest:s3cret@host\n");
+        let e = load::<Demo>(Some(f.path()), env(&[]))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("line 2") && !e.contains("s3cret"), "{e}");
+        // A numeric-looking secret from the environment stays a string.
+        let d: Demo = load(None, env(&[("WARREN_AMQP__URL", "12345")])).unwrap();
+        assert_eq!(d.amqp.url.expose(), "12345");
+    }
+
+    #[test]
+    fn host_name_is_never_empty() {
+        assert!(!host_name().trim().is_empty());
     }
 
     #[test]

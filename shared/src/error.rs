@@ -4,13 +4,14 @@
 /// Errors from connecting, declaring and publishing.
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
+    /// Never holds the URL as written: it may carry a password.
     #[error("invalid AMQP URL: {0}")]
     Url(String),
     #[error("TLS setup: {0}")]
     Tls(String),
     #[error("AMQP: {0}")]
     Amqp(#[from] lapin::Error),
-    #[error("timed out after {0:?} connecting to the broker")]
+    #[error("timed out after {} connecting to the broker", humantime::format_duration(*.0))]
     ConnectTimeout(std::time::Duration),
     #[error("{object} already exists with a different `{argument}`; delete it or make the config match (broker said: {detail})")]
     TopologyConflict {
@@ -33,7 +34,7 @@ pub enum Error {
         routing_key: String,
         reply: String,
     },
-    #[error("no publisher confirm within {0:?} (is the broker blocking publishers under a resource alarm?)")]
+    #[error("no publisher confirm within {} (is the broker blocking publishers under a resource alarm?)", humantime::format_duration(*.0))]
     ConfirmTimeout(std::time::Duration),
     #[error("the channel is not in confirm mode")]
     NotConfirmed,
@@ -46,7 +47,10 @@ impl Error {
     /// an alarm clears). Configuration and routing mistakes never do.
     pub fn is_transient(&self) -> bool {
         match self {
-            Self::Amqp(e) => e.can_be_recovered(),
+            // The broker refusing the credentials (403) or the vhost (530)
+            // will refuse them again; lapin counts every protocol error as
+            // recoverable.
+            Self::Amqp(e) => e.can_be_recovered() && !refused(e),
             Self::ConnectTimeout(_)
             | Self::ConfirmTimeout(_)
             | Self::Nacked { .. }
@@ -58,5 +62,18 @@ impl Error {
             | Self::Unroutable { .. }
             | Self::NotConfirmed => false,
         }
+    }
+}
+
+/// Access refused (403) or not allowed (530, e.g. no such vhost).
+fn refused(e: &lapin::Error) -> bool {
+    use lapin::protocol::{AMQPErrorKind, AMQPHardError, AMQPSoftError};
+    match e.kind() {
+        lapin::ErrorKind::ProtocolError(p) => matches!(
+            p.kind(),
+            AMQPErrorKind::Soft(AMQPSoftError::ACCESSREFUSED)
+                | AMQPErrorKind::Hard(AMQPHardError::NOTALLOWED)
+        ),
+        _ => false,
     }
 }

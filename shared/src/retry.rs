@@ -79,22 +79,79 @@ impl RetryPolicy {
         self.delay(attempt, rand::random::<f64>())
     }
 
-    /// Validation for config loading: what is wrong, if anything.
-    pub fn validate(&self) -> Result<(), String> {
-        if self.max_attempts == 0 {
-            return Err("max_attempts must be at least 1".into());
-        }
-        if !(self.multiplier.is_finite() && self.multiplier >= 1.0) {
-            return Err(format!("multiplier must be >= 1, got {}", self.multiplier));
-        }
-        if !(0.0..=1.0).contains(&self.jitter) {
-            return Err(format!("jitter must be within [0, 1], got {}", self.jitter));
-        }
-        if self.max_delay < self.initial_delay {
-            return Err("max_delay must not be shorter than initial_delay".into());
-        }
-        Ok(())
+    /// Validation for config loading: the first field out of range, if any.
+    /// Callers put the section in front (`retry.default.` + `jitter = 5.0:
+    /// must be between 0 and 1`).
+    pub fn validate(&self) -> Result<(), Invalid> {
+        check_fields(
+            Some(self.max_attempts),
+            &RetryOverrides {
+                initial: Some(self.initial_delay),
+                multiplier: Some(self.multiplier),
+                max_delay: Some(self.max_delay),
+                jitter: Some(self.jitter),
+            },
+        )
     }
+}
+
+/// A retry setting out of range: the field, its value as a person writes it
+/// (`5.0`, `1h 30m`), and the rule it breaks.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+#[error("{field} = {value}: {rule}")]
+pub struct Invalid {
+    pub field: &'static str,
+    pub value: String,
+    pub rule: String,
+}
+
+/// Check the fields that are set, each on its own, and `max_delay` against
+/// `initial_delay` when both are. For whole policies and for partial ones (a
+/// schedule's or a task name's overrides), whose unset fields come from
+/// elsewhere.
+pub fn check_fields(max_attempts: Option<u32>, o: &RetryOverrides) -> Result<(), Invalid> {
+    let bad = |field, value: String, rule: &str| {
+        Err(Invalid {
+            field,
+            value,
+            rule: rule.to_owned(),
+        })
+    };
+    if max_attempts == Some(0) {
+        return bad("max_attempts", "0".into(), "must be at least 1");
+    }
+    if let Some(m) = o.multiplier.filter(|m| !(m.is_finite() && *m >= 1.0)) {
+        return bad("multiplier", number(m), "must be at least 1");
+    }
+    if let Some(j) = o.jitter.filter(|j| !(0.0..=1.0).contains(j)) {
+        return bad("jitter", number(j), "must be between 0 and 1");
+    }
+    if let (Some(initial), Some(max)) = (o.initial, o.max_delay) {
+        if max < initial {
+            return bad(
+                "max_delay",
+                duration(max),
+                &format!(
+                    "must not be shorter than initial_delay ({})",
+                    duration(initial)
+                ),
+            );
+        }
+    }
+    Ok(())
+}
+
+/// `5.0`, `0.25`: a float as it would be written in TOML.
+fn number(v: f64) -> String {
+    if v.is_finite() && v.fract() == 0.0 {
+        format!("{v:.1}")
+    } else {
+        v.to_string()
+    }
+}
+
+fn duration(d: Duration) -> String {
+    humantime::format_duration(d).to_string()
 }
 
 #[cfg(test)]
@@ -160,12 +217,49 @@ mod tests {
     }
 
     #[test]
+    fn validation_speaks_of_fields_not_structs() {
+        let text = |p: RetryPolicy| p.validate().unwrap_err().to_string();
+        assert_eq!(
+            text(RetryPolicy {
+                jitter: 5.0,
+                ..policy()
+            }),
+            "jitter = 5.0: must be between 0 and 1"
+        );
+        assert_eq!(
+            text(RetryPolicy {
+                multiplier: 0.5,
+                ..policy()
+            }),
+            "multiplier = 0.5: must be at least 1"
+        );
+        assert_eq!(
+            text(RetryPolicy {
+                initial_delay: Duration::from_secs(90),
+                max_delay: Duration::from_secs(60),
+                ..policy()
+            }),
+            "max_delay = 1m: must not be shorter than initial_delay (1m 30s)"
+        );
+        // Partial overrides are checked field by field.
+        let o = RetryOverrides {
+            jitter: Some(-0.5),
+            ..RetryOverrides::default()
+        };
+        assert_eq!(
+            check_fields(None, &o).unwrap_err().to_string(),
+            "jitter = -0.5: must be between 0 and 1"
+        );
+        assert!(check_fields(None, &RetryOverrides::default()).is_ok());
+    }
+
+    #[test]
     fn validation_names_the_problem() {
         let bad = RetryPolicy {
             multiplier: 0.5,
             ..policy()
         };
-        assert!(bad.validate().unwrap_err().contains("multiplier"));
+        assert_eq!(bad.validate().unwrap_err().field, "multiplier");
         assert!(RetryPolicy {
             max_attempts: 0,
             ..policy()

@@ -2,6 +2,7 @@
 //! node this process starts). Each test uses its own topology prefix.
 #![allow(clippy::unwrap_used)]
 
+mod cli;
 mod dead;
 #[cfg(feature = "failpoints")]
 mod faults;

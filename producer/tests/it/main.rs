@@ -3,6 +3,7 @@
 //! test on its own topology prefix.
 #![allow(clippy::unwrap_used)]
 
+mod alarm;
 mod broker_loss;
 mod cli;
 mod clock_step;

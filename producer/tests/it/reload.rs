@@ -117,3 +117,65 @@ async fn sighup_reload_adds_and_removes_schedules() {
     assert!(duplicates(&all).is_empty());
     assert!(p.logs().contains("schedules reloaded"));
 }
+
+const OLD_TOKEN: &str = "it-rotated-old-token-0123456789";
+const NEW_TOKEN: &str = "it-rotated-new-token-9876543210";
+
+/// SIGHUP rotates API tokens without a restart, from the file and from its
+/// tokens file: the new token is accepted, the old one refused. A changed
+/// key that needs a restart is named in a warning.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sighup_rotates_api_tokens_and_names_restart_only_keys() {
+    let w = World::new("reload_tokens").await;
+    let tokens_file = w.write_config("tokens", &format!("publish {OLD_TOKEN}\n"));
+    let config = |token: &str, max_batch: usize| {
+        format!(
+            "[api]\nmax_batch = {max_batch}\ntokens_file = \"{}\"\n\
+             [[api.tokens]]\ntoken = \"{token}\"\nscopes = [\"read\"]\n",
+            tokens_file.display()
+        )
+    };
+    let cfg = w.write_config("p.toml", &config(&format!("{OLD_TOKEN}-r"), 1000));
+    let p = w.start("producer", &cfg, &[]);
+    p.wait_ready(Duration::from_secs(20)).await;
+    let status = |method: reqwest::Method, path: &str, token: String| {
+        let url = p.url(path);
+        async move {
+            reqwest::Client::new()
+                .request(method, url)
+                .bearer_auth(token)
+                .body(r#"{"task":"it.rotated"}"#)
+                .send()
+                .await
+                .expect("request")
+                .status()
+                .as_u16()
+        }
+    };
+    let post = |t: &str| status(reqwest::Method::POST, "/v1/tasks", t.to_owned());
+    let get = |t: String| status(reqwest::Method::GET, "/v1/schedules", t);
+    assert_eq!(post(OLD_TOKEN).await, 202);
+    assert_eq!(get(format!("{OLD_TOKEN}-r")).await, 200);
+    assert_eq!(post(NEW_TOKEN).await, 401);
+
+    std::fs::write(&tokens_file, format!("publish {NEW_TOKEN}\n")).unwrap();
+    std::fs::write(&cfg, config(&format!("{NEW_TOKEN}-r"), 10)).unwrap();
+    p.signal("HUP");
+    warren::testing::eventually(Duration::from_secs(10), "the new token", || async {
+        (post(NEW_TOKEN).await == 202).then_some(())
+    })
+    .await;
+    assert_eq!(post(OLD_TOKEN).await, 401);
+    assert_eq!(get(format!("{NEW_TOKEN}-r")).await, 200);
+    assert_eq!(get(format!("{OLD_TOKEN}-r")).await, 401);
+    let logs = p.logs();
+    assert!(
+        logs.contains("api.max_batch changed; restart to apply"),
+        "{logs}"
+    );
+    assert!(
+        !logs.contains(OLD_TOKEN) && !logs.contains(NEW_TOKEN),
+        "a token in the log: {logs}"
+    );
+    assert!(logs.contains("API tokens reloaded"), "{logs}");
+}

@@ -1,0 +1,113 @@
+//! Configuration errors at the command line: `check` and `run` (and the
+//! `dead` tools) refuse the same configs with exit 2, naming the key.
+
+use std::process::{Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+/// Run the consumer with only `env` (no inherited `WARREN_*`), to exit
+/// within a generous deadline: a config error must stop it before it
+/// connects or serves anything.
+fn exits(args: &[&str], env: &[(&str, &str)]) -> Output {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_warren-consumer"));
+    cmd.args(args);
+    for (k, _) in std::env::vars() {
+        if k.starts_with("WARREN_") || k == "RUST_LOG" {
+            cmd.env_remove(k);
+        }
+    }
+    cmd.env("WARREN_HTTP_ADDR", "127.0.0.1:0");
+    cmd.envs(env.iter().copied());
+    cmd.stdout(Stdio::piped()).stderr(Stdio::piped());
+    let mut child = cmd.spawn().expect("spawn warren-consumer");
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while child.try_wait().expect("wait").is_none() {
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    child.wait_with_output().expect("output")
+}
+
+/// What is wrong, the file, extra environment, what stderr must say.
+type Case<'a> = (&'a str, &'a str, &'a [(&'a str, &'a str)], &'a str);
+
+#[test]
+fn config_errors_exit_2_in_check_and_run() {
+    let dir = tempfile::tempdir().unwrap();
+    let cases: &[Case] = &[
+        ("unknown key", "[worker]\nconcurency = 3\n", &[], "concurency"),
+        ("bad type", "[worker]\nprefetch = \"many\"\n", &[], "prefetch"),
+        (
+            "bad value",
+            "[worker]\nconcurrency = 0\n",
+            &[],
+            "worker.concurrency = 0: must be within 1..=100000",
+        ),
+        (
+            "URL without scheme (file)",
+            "[amqp]\nurl = \"guest:s3cret@host:5672\"\n",
+            &[],
+            "amqp.url",
+        ),
+        (
+            "URL without scheme (env)",
+            "",
+            &[("WARREN_AMQP_URL", "guest:s3cret@host:5672")],
+            "amqp.url",
+        ),
+        (
+            "port out of range",
+            "",
+            &[("WARREN_AMQP_URL", "amqp://guest:s3cret@host:99999/%2f")],
+            "amqp.url = amqp://guest:***@host:99999/%2f: port 99999 is out of range",
+        ),
+        (
+            "bad retry value",
+            "[retry.default]\njitter = 5.0\n",
+            &[],
+            "retry.default.jitter = 5.0: must be between 0 and 1",
+        ),
+        (
+            "bad per-task retry value",
+            "[retry.tasks.\"email.*\"]\nmultiplier = 0.5\n",
+            &[],
+            "retry.tasks.\"email.*\".multiplier = 0.5: must be at least 1",
+        ),
+        (
+            "handler that cannot be built",
+            "[handlers.a]\nkind = \"http\"\nurl = \"http://127.0.0.1:1/\"\nheaders = { \"bad header\" = \"v\" }\n",
+            &[],
+            "bad header",
+        ),
+    ];
+    for (i, (what, text, env, names)) in cases.iter().enumerate() {
+        let path = dir.path().join(format!("{i}.toml"));
+        std::fs::write(&path, text).unwrap();
+        let path = path.display().to_string();
+        for cmd in [&["check"][..], &["run"][..], &["dead", "list"][..]] {
+            let args: Vec<&str> = ["--config", path.as_str()]
+                .into_iter()
+                .chain(cmd.iter().copied())
+                .collect();
+            let out = exits(&args, env);
+            let err = String::from_utf8_lossy(&out.stderr);
+            assert_eq!(out.status.code(), Some(2), "{what}, {cmd:?}: {err}");
+            assert!(err.contains(names), "{what}, {cmd:?}: {err}");
+            assert!(!err.contains("s3cret"), "{what}, {cmd:?}: {err}");
+            assert!(!err.contains(" { "), "Rust debug text: {what}: {err}");
+        }
+    }
+    // A valid config passes `check`, which connects to nothing.
+    let path = dir.path().join("good.toml");
+    std::fs::write(&path, "[handlers.\"demo.*\"]\nkind = \"noop\"\n").unwrap();
+    let out = exits(&["--config", &path.display().to_string(), "check"], &[]);
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(String::from_utf8_lossy(&out.stdout).starts_with("ok: 1 handler"));
+}
