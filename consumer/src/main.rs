@@ -153,6 +153,7 @@ async fn run(cfg: ConsumerConfig, registry: Registry) -> anyhow::Result<()> {
         );
     }
     let shutdown = warren::shutdown::token();
+    warren::shutdown::ignore_hangup("warren-consumer");
     let addr = cfg.http.addr;
     let worker = Worker::builder(cfg).registry(registry).build()?;
     let router = warren::metrics::ops_router(worker.prometheus(), worker.health());

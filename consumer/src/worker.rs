@@ -25,7 +25,7 @@ use std::panic::AssertUnwindSafe;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use backon::{ExponentialBuilder, Retryable};
+use backon::Retryable;
 use chrono::Utc;
 use futures_util::stream::{self, BoxStream, SelectAll};
 use futures_util::{FutureExt, StreamExt};
@@ -230,13 +230,8 @@ impl Worker {
 
     /// Open a session, retrying with backoff; `None` on shutdown.
     async fn connect(&self, shutdown: &CancellationToken) -> anyhow::Result<Option<Session>> {
-        let backoff = ExponentialBuilder::default()
-            .with_min_delay(Duration::from_millis(100))
-            .with_max_delay(Duration::from_secs(10))
-            .with_jitter()
-            .without_max_times();
         let attempt = (|| self.open_session())
-            .retry(backoff)
+            .retry(warren::amqp::connect_backoff())
             .when(|e: &warren::Error| !is_fatal(e))
             .notify(|e, d| {
                 tracing::warn!(error = %e, retry_in = ?d, "cannot open AMQP session");
@@ -422,12 +417,14 @@ impl Worker {
 
 /// Errors a reconnect cannot fix.
 fn is_fatal(e: &warren::Error) -> bool {
-    matches!(
-        e,
-        warren::Error::Url(_)
-            | warren::Error::TopologyConflict { .. }
-            | warren::Error::Declare { .. }
-    )
+    e.is_refused()
+        || matches!(
+            e,
+            warren::Error::Url(_)
+                | warren::Error::Tls(_)
+                | warren::Error::TopologyConflict { .. }
+                | warren::Error::Declare { .. }
+        )
 }
 
 /// `headers` without the broker's dead-lettering records.

@@ -63,6 +63,11 @@ impl Error {
             | Self::NotConfirmed => false,
         }
     }
+
+    /// The broker refused the credentials or the vhost: no retry will help.
+    pub fn is_refused(&self) -> bool {
+        matches!(self, Self::Amqp(e) if refused(e))
+    }
 }
 
 /// Access refused (403) or not allowed (530, e.g. no such vhost).

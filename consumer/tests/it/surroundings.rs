@@ -248,3 +248,81 @@ async fn disk_alarm_blocks_retries_and_loses_nothing() {
     app.stop().await;
     drop(node);
 }
+
+/// SIGHUP (a `kill -HUP` meant for the producer, a closed terminal) neither
+/// kills the consumer nor stops its work: it used to end the process at once.
+#[tokio::test]
+async fn sighup_is_logged_and_ignored() {
+    let cfg = config("surround_hup");
+    let app = client_app(&cfg).await;
+    let dir = tempfile::tempdir().unwrap();
+    let mut child = command(&cfg, &dir)
+        .env("RUST_LOG", "info")
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let stderr = child.stderr.take().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+            let _ = tx.send(line);
+        }
+    });
+    let wait_line = |what: &str| {
+        let deadline = Instant::now() + WAIT;
+        while Instant::now() < deadline {
+            if let Ok(l) = rx.recv_timeout(Duration::from_millis(200)) {
+                if l.contains(what) {
+                    return;
+                }
+            }
+        }
+        panic!("no log line with {what:?}");
+    };
+    wait_line("consuming");
+    kill(Pid::from_raw(child.id() as i32), Signal::SIGHUP).unwrap();
+    wait_line("SIGHUP ignored");
+    assert!(
+        child.try_wait().unwrap().is_none(),
+        "SIGHUP ended the consumer"
+    );
+    publish_and_drain(&app, 5).await;
+    assert_stops_and_acked(&app, &mut child).await;
+    app.stop().await;
+}
+
+/// Credentials the broker refuses will be refused again: the consumer exits 1
+/// at once instead of retrying forever.
+#[tokio::test]
+async fn refused_credentials_stop_the_consumer() {
+    let cfg = config("surround_refused");
+    let dir = tempfile::tempdir().unwrap();
+    let url = cfg
+        .amqp
+        .url
+        .expose()
+        .replacen("guest:guest@", "guest:wrong@", 1);
+    assert_ne!(url, cfg.amqp.url.expose(), "test URL carries guest:guest");
+    let mut child = command(&cfg, &dir)
+        .env("WARREN_AMQP_URL", &url)
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let started = Instant::now();
+    let status = loop {
+        if let Some(s) = child.try_wait().unwrap() {
+            break s;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(20),
+            "the consumer kept retrying refused credentials"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    let mut err = String::new();
+    std::io::Read::read_to_string(&mut child.stderr.take().unwrap(), &mut err).unwrap();
+    assert_eq!(status.code(), Some(1), "{err}");
+    assert!(!err.contains("wrong"), "the password in the output: {err}");
+}
