@@ -12,6 +12,8 @@
 #   deploy/broker.sh ctl [--dir DIR] ARGS  rabbitmqctl against that node
 #   deploy/broker.sh url [--dir DIR]       prints the node's AMQP URL
 #   deploy/broker.sh tls-url [--dir DIR]   prints its amqps URL (nodes started with --tls)
+#   deploy/broker.sh cluster start|stop|urls|ctl N|kill N|restart N|cut N|heal N [--nodes 3] [--dir DIR]
+#       a local cluster, one loopback address per node: see deploy/cluster.sh
 #
 # Each node has its own HOME (Erlang cookie), node name, AMQP and distribution
 # ports, data and log directories: it never touches another node on the machine.
@@ -186,10 +188,12 @@ stop() {
 }
 
 case "$cmd" in
+  install) install_if_missing ;;
+  cluster) exec bash "$(dirname "$0")/cluster.sh" "$@" ;;
   start) start ;;
   stop) stop ;;
   ctl) ctl "$@" ;;
   url) url ;;
   tls-url) tls_url ;;
-  *) sed -n '2,20p' "$0" >&2; exit 2 ;;
+  *) sed -n '2,22p' "$0" >&2; exit 2 ;;
 esac

@@ -31,26 +31,75 @@ use crate::topology::Topology;
 
 /// Connect with the configured heartbeat (unless the URL sets one) and a
 /// connection name that shows up in the management UI.
+///
+/// With several nodes (a cluster), they are tried in a fresh random order,
+/// so a fleet spreads over the cluster and a dead node costs one short
+/// timeout, not the connection; the first that accepts wins.
 pub async fn connect(cfg: &AmqpConfig, role: &str) -> Result<Connection, Error> {
+    let mut nodes = cfg.endpoints();
+    if nodes.is_empty() {
+        return Err(Error::Url("no broker URL configured".into()));
+    }
+    rand::seq::SliceRandom::shuffle(nodes.as_mut_slice(), &mut rand::rng());
+    let timeout = if nodes.len() > 1 {
+        NODE_CONNECT_TIMEOUT
+    } else {
+        CONNECT_TIMEOUT
+    };
+    let mut failure: Option<Error> = None;
+    for url in nodes {
+        match connect_to(cfg, url, role, timeout).await {
+            Ok(conn) => {
+                tracing::info!(role, node = node_of(url), "connected to the broker");
+                return Ok(conn);
+            }
+            Err(e) => {
+                tracing::debug!(role, node = node_of(url), error = %e, "broker node did not accept the connection");
+                // A refusal that no retry fixes (credentials, vhost, a bad
+                // URL) is what the caller must hear about, not a timeout.
+                if failure.as_ref().is_none_or(Error::is_transient) {
+                    failure = Some(e);
+                }
+            }
+        }
+    }
+    Err(failure.unwrap_or(Error::ChannelGone))
+}
+
+/// One attempt on a single node.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(15);
+/// One attempt on one node of several: a node that is down or cut off must
+/// not hold up the others for long.
+const NODE_CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// `host:port` of a broker URL, for logs (never the user info).
+pub fn node_of(url: &str) -> &str {
+    let rest = url.split_once("://").map_or(url, |(_, r)| r);
+    let rest = rest.rsplit_once('@').map_or(rest, |(_, h)| h);
+    rest.split(['/', '?']).next().unwrap_or(rest)
+}
+
+async fn connect_to(
+    cfg: &AmqpConfig,
+    url: &str,
+    role: &str,
+    timeout: Duration,
+) -> Result<Connection, Error> {
     // Config loading validates the URL already; this keeps library callers
     // from ever seeing lapin's parse error, which quotes the whole URL.
-    let mut uri: AMQPUri =
-        match check_amqp_url(cfg.url.expose()) {
-            Err(UrlProblem::NoScheme) => {
-                return Err(Error::Url(
-                    "expected amqp://[user[:password]@]host[:port][/vhost]".into(),
-                ))
-            }
-            Err(UrlProblem::Other(why)) => {
-                return Err(Error::Url(format!(
-                    "{} ({why})",
-                    redact_url(cfg.url.expose())
-                )))
-            }
-            Ok(()) => cfg.url.expose().parse().map_err(|_| {
-                Error::Url(format!("{} is not valid", redact_url(cfg.url.expose())))
-            })?,
-        };
+    let mut uri: AMQPUri = match check_amqp_url(url) {
+        Err(UrlProblem::NoScheme) => {
+            return Err(Error::Url(
+                "expected amqp://[user[:password]@]host[:port][/vhost]".into(),
+            ))
+        }
+        Err(UrlProblem::Other(why)) => {
+            return Err(Error::Url(format!("{} ({why})", redact_url(url))))
+        }
+        Ok(()) => url
+            .parse()
+            .map_err(|_| Error::Url(format!("{} is not valid", redact_url(url))))?,
+    };
     if uri.query.heartbeat.is_none() {
         uri.query.heartbeat = Some(cfg.heartbeat.as_secs().clamp(1, u16::MAX as u64) as u16);
     }
@@ -75,7 +124,6 @@ pub async fn connect(cfg: &AmqpConfig, role: &str) -> Result<Connection, Error> 
         None => OwnedTLSConfig::default(),
     };
     let runtime = lapin::runtime::default_runtime()?;
-    let timeout = Duration::from_secs(15);
     tokio::time::timeout(
         timeout,
         Connection::connect_uri_with_config(uri, props, tls, runtime),
@@ -436,5 +484,12 @@ mod tests {
         );
         assert!(delays[0] < Duration::from_millis(250), "{delays:?}");
         assert!(delays[100..].iter().all(|d| *d >= MAX_CONNECT_BACKOFF / 2));
+    }
+
+    #[test]
+    fn node_of_shows_host_and_port_only() {
+        assert_eq!(node_of("amqp://u:s3cret@10.0.0.1:5672/%2f"), "10.0.0.1:5672");
+        assert_eq!(node_of("amqps://broker.example.com/prod?heartbeat=5"), "broker.example.com");
+        assert_eq!(node_of("amqp://u:p@[::1]:5672"), "[::1]:5672");
     }
 }

@@ -64,7 +64,12 @@ pub fn redact_url(url: &str) -> String {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct AmqpConfig {
+    /// One broker node, or several separated by commas (`WARREN_AMQP_URL`
+    /// holds a cluster's list that way).
     pub url: Secret,
+    /// The nodes of a cluster; when given, `url` must stay unset. Every
+    /// (re)connect tries them in a fresh random order.
+    pub urls: Vec<Secret>,
     /// Heartbeat asked for when the URL has none: a silent connection is
     /// dropped after about three of these (the broker would propose 60 s).
     #[serde(with = "humantime_serde")]
@@ -85,14 +90,27 @@ impl AmqpConfig {
     /// at start-up (exit 2) instead of a connect error retried forever. The
     /// message names `amqp.url` and never contains the password.
     pub fn validate(&self) -> Result<(), String> {
-        check_amqp_url(self.url.expose()).map_err(|why| match why {
-            UrlProblem::NoScheme => "amqp.url: expected amqp://[user[:password]@]host[:port][/vhost] \
-                 (or amqps://), got a value without `amqp://` (not shown: it may contain a password)"
-                .to_owned(),
-            UrlProblem::Other(why) => {
-                format!("amqp.url = {}: {why}", redact_url(self.url.expose()))
-            }
-        })?;
+        if !self.urls.is_empty() && self.url.expose() != DEFAULT_AMQP_URL {
+            return Err("amqp.url and amqp.urls are both set: give the node list in one of them".into());
+        }
+        let (key, list) = self.endpoint_list();
+        if list.is_empty() {
+            return Err(format!("{key}: the list of broker URLs is empty"));
+        }
+        for (i, url) in list.iter().enumerate() {
+            let key = if list.len() > 1 {
+                format!("{key}[{i}]")
+            } else {
+                key.to_owned()
+            };
+            check_amqp_url(url).map_err(|why| match why {
+                UrlProblem::NoScheme => format!(
+                    "{key}: expected amqp://[user[:password]@]host[:port][/vhost] \
+                     (or amqps://), got a value without `amqp://` (not shown: it may contain a password)"
+                ),
+                UrlProblem::Other(why) => format!("{key} = {}: {why}", redact_url(url)),
+            })?;
+        }
         if self.heartbeat.is_zero() {
             return Err("amqp.heartbeat = 0s: must be at least 1s".into());
         }
@@ -194,10 +212,33 @@ pub fn host_name() -> String {
         .unwrap_or_else(|| "unknown-host".into())
 }
 
+impl AmqpConfig {
+    /// The broker nodes to try, as configured (see [`AmqpConfig::urls`]).
+    pub fn endpoints(&self) -> Vec<&str> {
+        self.endpoint_list().1
+    }
+
+    fn endpoint_list(&self) -> (&'static str, Vec<&str>) {
+        if self.urls.is_empty() {
+            let list = self
+                .url
+                .expose()
+                .split(',')
+                .map(str::trim)
+                .filter(|u| !u.is_empty())
+                .collect();
+            ("amqp.url", list)
+        } else {
+            ("amqp.urls", self.urls.iter().map(|u| u.expose().trim()).collect())
+        }
+    }
+}
+
 impl Default for AmqpConfig {
     fn default() -> Self {
         Self {
             url: Secret::new(DEFAULT_AMQP_URL),
+            urls: Vec::new(),
             heartbeat: Duration::from_secs(10),
             confirm_timeout: Duration::from_secs(15),
             connection_name: None,
@@ -620,6 +661,51 @@ mod tests {
             };
             assert_eq!(cfg.validate(), Ok(()), "{ok}");
         }
+    }
+
+    #[test]
+    fn a_cluster_is_a_list_of_urls_in_either_key() {
+        let a = "amqp://u:s3cret@127.0.0.11:5672/%2f";
+        let b = "amqp://u:s3cret@127.0.0.12:5672/%2f";
+        let comma = AmqpConfig {
+            url: Secret::new(format!("{a}, {b}")),
+            ..AmqpConfig::default()
+        };
+        assert_eq!(comma.validate(), Ok(()));
+        assert_eq!(comma.endpoints(), [a, b]);
+        let list = AmqpConfig {
+            urls: vec![Secret::new(a), Secret::new(b)],
+            ..AmqpConfig::default()
+        };
+        assert_eq!(list.validate(), Ok(()));
+        assert_eq!(list.endpoints(), [a, b]);
+
+        let bad = |cfg: AmqpConfig| {
+            let e = cfg.validate().unwrap_err();
+            assert!(!e.contains("s3cret"), "{e}");
+            e
+        };
+        let e = bad(AmqpConfig {
+            url: Secret::new(format!("{a},u:s3cret@host")),
+            ..AmqpConfig::default()
+        });
+        assert!(e.starts_with("amqp.url[1]: expected amqp://"), "{e}");
+        let e = bad(AmqpConfig {
+            urls: vec![Secret::new(a), Secret::new("amqp://u:s3cret@h:99999/%2f")],
+            ..AmqpConfig::default()
+        });
+        assert!(e.starts_with("amqp.urls[1] = amqp://u:***@h:99999/%2f"), "{e}");
+        let e = bad(AmqpConfig {
+            url: Secret::new(" , "),
+            ..AmqpConfig::default()
+        });
+        assert_eq!(e, "amqp.url: the list of broker URLs is empty");
+        let e = bad(AmqpConfig {
+            url: Secret::new(a),
+            urls: vec![Secret::new(b)],
+            ..AmqpConfig::default()
+        });
+        assert!(e.contains("both set"), "{e}");
     }
 
     #[test]
