@@ -488,8 +488,14 @@ mod tests {
 
     #[test]
     fn node_of_shows_host_and_port_only() {
-        assert_eq!(node_of("amqp://u:s3cret@10.0.0.1:5672/%2f"), "10.0.0.1:5672");
-        assert_eq!(node_of("amqps://broker.example.com/prod?heartbeat=5"), "broker.example.com");
+        assert_eq!(
+            node_of("amqp://u:s3cret@10.0.0.1:5672/%2f"),
+            "10.0.0.1:5672"
+        );
+        assert_eq!(
+            node_of("amqps://broker.example.com/prod?heartbeat=5"),
+            "broker.example.com"
+        );
         assert_eq!(node_of("amqp://u:p@[::1]:5672"), "[::1]:5672");
     }
 }

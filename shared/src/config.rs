@@ -91,7 +91,9 @@ impl AmqpConfig {
     /// message names `amqp.url` and never contains the password.
     pub fn validate(&self) -> Result<(), String> {
         if !self.urls.is_empty() && self.url.expose() != DEFAULT_AMQP_URL {
-            return Err("amqp.url and amqp.urls are both set: give the node list in one of them".into());
+            return Err(
+                "amqp.url and amqp.urls are both set: give the node list in one of them".into(),
+            );
         }
         let (key, list) = self.endpoint_list();
         if list.is_empty() {
@@ -229,7 +231,10 @@ impl AmqpConfig {
                 .collect();
             ("amqp.url", list)
         } else {
-            ("amqp.urls", self.urls.iter().map(|u| u.expose().trim()).collect())
+            (
+                "amqp.urls",
+                self.urls.iter().map(|u| u.expose().trim()).collect(),
+            )
         }
     }
 }
@@ -694,7 +699,10 @@ mod tests {
             urls: vec![Secret::new(a), Secret::new("amqp://u:s3cret@h:99999/%2f")],
             ..AmqpConfig::default()
         });
-        assert!(e.starts_with("amqp.urls[1] = amqp://u:***@h:99999/%2f"), "{e}");
+        assert!(
+            e.starts_with("amqp.urls[1] = amqp://u:***@h:99999/%2f"),
+            "{e}"
+        );
         let e = bad(AmqpConfig {
             url: Secret::new(" , "),
             ..AmqpConfig::default()

@@ -18,6 +18,9 @@ use std::time::{Duration, Instant};
 use lapin::options::{ExchangeDeleteOptions, QueueDeleteOptions};
 use lapin::Connection;
 
+mod cluster;
+pub use cluster::Cluster;
+
 use crate::config::{AmqpConfig, QueueType, Secret, TopologyConfig};
 use crate::topology::{Object, Topology};
 
@@ -198,8 +201,7 @@ pub fn amqp_config() -> AmqpConfig {
         url: Secret::new(broker_url()),
         heartbeat: Duration::from_secs(5),
         confirm_timeout: Duration::from_secs(10),
-        connection_name: None,
-        tls_ca_file: None,
+        ..AmqpConfig::default()
     }
 }
 

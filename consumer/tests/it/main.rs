@@ -3,6 +3,7 @@
 #![allow(clippy::unwrap_used)]
 
 mod cli;
+mod cluster;
 mod dead;
 #[cfg(feature = "failpoints")]
 mod faults;
