@@ -1,21 +1,17 @@
 //! [`Ticket`]: the one way a delivery leaves this consumer — acked, or given
 //! back to its queue — and the once-per-delivery metric accounting, shared by
 //! the task that handles the delivery and the supervisor that catches its
-//! panics.
+//! panics. It settles through a [`Broker`], so it is tested without one.
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Mutex;
 
-use lapin::options::{BasicAckOptions, BasicNackOptions};
-use lapin::Acker;
-use lapin::Channel;
-
+use super::broker::{AckResult, Broker};
 use crate::metrics::{ConsumerMetrics, UNKNOWN_TASK};
 use crate::outcome::labels as label;
 
-pub(super) struct Ticket {
-    acker: Acker,
-    channel: Channel,
+pub(super) struct Ticket<'a, B> {
+    broker: &'a B,
     metrics: ConsumerMetrics,
     /// Acked, given back, or left to a session that is being closed.
     settled: AtomicBool,
@@ -25,16 +21,20 @@ pub(super) struct Ticket {
     finished: AtomicBool,
 }
 
-impl Ticket {
-    pub(super) fn new(acker: Acker, channel: Channel, metrics: ConsumerMetrics) -> Self {
+impl<'a, B: Broker> Ticket<'a, B> {
+    pub(super) fn new(broker: &'a B, metrics: ConsumerMetrics) -> Self {
         Self {
-            acker,
-            channel,
+            broker,
             metrics,
             settled: AtomicBool::new(false),
             counted: Mutex::new(None),
             finished: AtomicBool::new(false),
         }
+    }
+
+    /// The broker this delivery settles through (its copies go there too).
+    pub(super) fn broker(&self) -> &'a B {
+        self.broker
     }
 
     /// Count the delivery (`deliveries_total`) under `task`.
@@ -46,7 +46,7 @@ impl Ticket {
     }
 
     /// Count how the delivery ended (`tasks_total`), once.
-    pub(super) fn finished(&self, outcome: &str) {
+    fn finished(&self, outcome: &str) {
         if self.finished.swap(true, Ordering::SeqCst) {
             return;
         }
@@ -66,62 +66,42 @@ impl Ticket {
     /// Ack and count `outcome`; if the ack fails the delivery is given back
     /// (counted `requeued`). `fault` is the ack step's fail point.
     pub(super) async fn ack(&self, outcome: &'static str, fault: Result<(), String>) {
-        let res = match fault {
-            Ok(()) => self.acker.ack(BasicAckOptions::default()).await,
-            Err(text) => {
-                tracing::warn!(error = %text, "ack failed; giving the delivery back");
-                // As if the ack never reached the broker: still unacked.
-                return self.give_back().await;
-            }
-        };
-        match res {
-            Ok(true) => {
+        if let Err(text) = fault {
+            tracing::warn!(error = %text, "ack failed; giving the delivery back");
+            // As if the ack never reached the broker: still unacked.
+            return self.give_back().await;
+        }
+        match self.broker.ack().await {
+            AckResult::Acked => {
                 self.settled.store(true, Ordering::SeqCst);
                 self.finished(outcome);
             }
-            Ok(false) => {
+            AckResult::ChannelClosed => {
                 tracing::info!("channel closed before the ack; the broker will redeliver");
                 self.give_back().await
             }
-            Err(e) => {
+            AckResult::Failed(e) => {
                 tracing::info!(error = %e, "ack failed; the broker will redeliver");
                 self.give_back().await
             }
         }
     }
 
-    /// The session is being closed (a publish failed): the broker requeues
+    /// A publish failed: end the session, whose closing connection requeues
     /// the delivery with everything else unacked on it.
     pub(super) fn left_to_session(&self) {
         self.settled.store(true, Ordering::SeqCst);
         self.finished(label::REQUEUED);
+        self.broker.abandon_session();
     }
 
-    /// Return the delivery to its queue: nack it with requeue while the ack
-    /// handle is unused; if it was used (an ack of unknown fate) or the nack
-    /// fails, close its channel, which requeues everything unacked on it (the
-    /// worker then consumes on a fresh channel). Never leaves it in flight.
+    /// Return the delivery to its queue (see [`Broker::requeue`]), once.
     pub(super) async fn give_back(&self) {
         if self.settled.swap(true, Ordering::SeqCst) {
             return;
         }
         self.finished(label::REQUEUED);
-        if self.acker.usable() {
-            let requeue = BasicNackOptions {
-                requeue: true,
-                multiple: false,
-            };
-            if let Ok(true) = self.acker.nack(requeue).await {
-                return;
-            }
-        }
-        if self.channel.status().connected() {
-            tracing::warn!("closing the delivery's channel so the broker requeues it");
-            let _ = self
-                .channel
-                .close(200, "warren: delivery given back".into())
-                .await;
-        }
+        self.broker.requeue().await;
     }
 
     /// After a panic anywhere in handling: make sure the delivery ended and

@@ -30,6 +30,18 @@ fn exits(args: &[&str], env: &[(&str, &str)]) -> Output {
     child.wait_with_output().expect("output")
 }
 
+/// A stdout whose reader is gone, as after `| head` exits: writing to it
+/// fails with EPIPE.
+pub(crate) fn closed_stdout() -> Stdio {
+    let mut reader = Command::new("true")
+        .stdin(Stdio::piped())
+        .spawn()
+        .expect("spawn true");
+    let pipe = reader.stdin.take().expect("piped stdin");
+    reader.wait().expect("wait for true");
+    Stdio::from(pipe)
+}
+
 /// What is wrong, the file, extra environment, what stderr must say.
 type Case<'a> = (&'a str, &'a str, &'a [(&'a str, &'a str)], &'a str);
 
@@ -110,4 +122,23 @@ fn config_errors_exit_2_in_check_and_run() {
         String::from_utf8_lossy(&out.stderr)
     );
     assert!(String::from_utf8_lossy(&out.stdout).starts_with("ok: 1 handler"));
+}
+
+#[test]
+fn check_survives_a_closed_stdout() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("good.toml");
+    std::fs::write(&path, "[handlers.\"demo.*\"]\nkind = \"noop\"\n").unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_warren-consumer"))
+        .args(["--config", &path.display().to_string(), "check"])
+        .env_remove("WARREN_CONFIG")
+        .stdout(closed_stdout())
+        .output()
+        .expect("run warren-consumer check");
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
 }

@@ -160,3 +160,24 @@ async fn a_delayed_task_nobody_binds_is_listed_as_unroutable_after_delay() {
     assert_eq!(l[0]["reason"], "unroutable after delay");
     app.stop().await;
 }
+
+/// `dead list | head` with nothing read: the listing's header meets a closed
+/// stdout, and the command still ends cleanly.
+#[test]
+fn dead_list_survives_a_closed_stdout() {
+    let cfg = config("deadpipe");
+    let out = Command::new(env!("CARGO_BIN_EXE_warren-consumer"))
+        .args(["dead", "list"])
+        .env("WARREN_AMQP_URL", cfg.amqp.url.expose())
+        .env("WARREN_TOPOLOGY__PREFIX", &cfg.topology.prefix)
+        .env_remove("WARREN_CONFIG")
+        .stdout(crate::cli::closed_stdout())
+        .output()
+        .expect("run warren-consumer dead list");
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}

@@ -1,0 +1,107 @@
+//! [`Broker`]: the port through which the handling of one delivery reaches
+//! RabbitMQ — confirmed publishes (retry, parked and dead-letter copies), the
+//! delivery's ack, giving it back, and giving up on the session — and
+//! [`LapinBroker`], its implementation on a live session.
+//!
+//! The per-delivery logic ([`super::delivery`]) talks only to this trait, so
+//! every branch of it is unit-tested with a recording broker; the real one is
+//! covered by the integration tests.
+
+use std::future::Future;
+
+use lapin::options::{BasicAckOptions, BasicNackOptions};
+use lapin::{Acker, BasicProperties, Channel};
+use tokio_util::sync::CancellationToken;
+use warren::amqp::Publisher;
+
+/// How an ack attempt ended.
+#[derive(Debug, Clone, PartialEq)]
+pub(crate) enum AckResult {
+    Acked,
+    /// The delivery's channel closed first: the broker redelivers it.
+    ChannelClosed,
+    /// The ack was refused or could not be sent (the error's text).
+    Failed(String),
+}
+
+/// What the handling of one delivery may do to the broker.
+pub(crate) trait Broker: Send + Sync {
+    /// Publish `body` (mandatory, persistent as `props` say) and wait for the
+    /// broker's confirm; an unroutable message is an error.
+    fn publish(
+        &self,
+        exchange: &str,
+        routing_key: &str,
+        props: BasicProperties,
+        body: &[u8],
+    ) -> impl Future<Output = Result<(), warren::Error>> + Send;
+
+    /// Ack the delivery.
+    fn ack(&self) -> impl Future<Output = AckResult> + Send;
+
+    /// Give the delivery back to its queue, whatever it takes.
+    fn requeue(&self) -> impl Future<Output = ()> + Send;
+
+    /// A publish failed: the session is unusable. Ending it closes the
+    /// connection, which requeues the delivery with everything unacked.
+    fn abandon_session(&self);
+}
+
+/// [`Broker`] for a delivery of a live session.
+pub(crate) struct LapinBroker {
+    pub(crate) publisher: Publisher,
+    pub(crate) acker: Acker,
+    /// The channel the delivery came on: acks are valid only there.
+    pub(crate) channel: Channel,
+    /// Cancelled to end the session.
+    pub(crate) broken: CancellationToken,
+}
+
+impl Broker for LapinBroker {
+    async fn publish(
+        &self,
+        exchange: &str,
+        routing_key: &str,
+        props: BasicProperties,
+        body: &[u8],
+    ) -> Result<(), warren::Error> {
+        self.publisher
+            .publish(exchange, routing_key, props, body)
+            .await
+    }
+
+    async fn ack(&self) -> AckResult {
+        match self.acker.ack(BasicAckOptions::default()).await {
+            Ok(true) => AckResult::Acked,
+            Ok(false) => AckResult::ChannelClosed,
+            Err(e) => AckResult::Failed(e.to_string()),
+        }
+    }
+
+    /// Nack with requeue while the ack handle is unused; if it was used (an
+    /// ack of unknown fate) or the nack fails, close the delivery's channel,
+    /// which requeues everything unacked on it (the worker then consumes on a
+    /// fresh channel). Never leaves the delivery in flight.
+    async fn requeue(&self) {
+        if self.acker.usable() {
+            let requeue = BasicNackOptions {
+                requeue: true,
+                multiple: false,
+            };
+            if let Ok(true) = self.acker.nack(requeue).await {
+                return;
+            }
+        }
+        if self.channel.status().connected() {
+            tracing::warn!("closing the delivery's channel so the broker requeues it");
+            let _ = self
+                .channel
+                .close(200, "warren: delivery given back".into())
+                .await;
+        }
+    }
+
+    fn abandon_session(&self) {
+        self.broken.cancel();
+    }
+}

@@ -1,0 +1,355 @@
+//! What happens to one delivery: decode it, find its handler, run it under
+//! its timeout, [`decide`] what follows, and carry that out through a
+//! [`Broker`] — park, retry, dead-letter, ack or give back — counting the
+//! delivery's outcome exactly once.
+//!
+//! Knows nothing of connections or channels, so every branch is unit-tested
+//! here without a broker (see the tests at the bottom).
+
+use std::panic::AssertUnwindSafe;
+use std::time::{Duration, Instant};
+
+use chrono::Utc;
+use futures_util::FutureExt;
+use lapin::types::{AMQPValue, FieldTable};
+use lapin::BasicProperties;
+use tracing::Instrument;
+use warren::envelope::{headers, rfc3339, PERSISTENT};
+use warren::Task;
+
+use super::broker::Broker;
+use super::fault::{self, Step};
+use super::settle::Ticket;
+use super::Shared;
+use crate::handler::TaskError;
+use crate::metrics::UNKNOWN_TASK;
+use crate::outcome::{self, decide, labels, Action, Outcome};
+
+/// The parts of a delivery its handling reads.
+pub(super) struct Incoming<'a> {
+    /// The work queue it came from.
+    pub(super) queue: &'a str,
+    /// As delivered: a retried or parked task keeps its delay prefix.
+    pub(super) routing_key: &'a str,
+    pub(super) properties: &'a BasicProperties,
+    pub(super) body: &'a [u8],
+    pub(super) redelivered: bool,
+}
+
+/// `headers` without the broker's dead-lettering records.
+pub fn strip_death_headers(headers: &FieldTable) -> FieldTable {
+    let mut out = FieldTable::default();
+    for (k, v) in headers.inner() {
+        let k_ = k.as_str();
+        if !(k_ == "x-death" || k_.starts_with("x-first-death-") || k_.starts_with("x-last-death-"))
+        {
+            out.insert(k.clone(), v.clone());
+        }
+    }
+    out
+}
+
+/// Decrements the in-flight gauge however the task ends.
+struct InFlight(prometheus::IntGauge);
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        self.0.dec();
+    }
+}
+
+/// Runs [`handle`] and catches a panic anywhere in it (decode, resolve,
+/// metrics, decide, publish, ack — the handler call has its own catch): the
+/// delivery is then given back to its queue, so it never stays in flight
+/// until the connection closes.
+pub(super) async fn supervise<B: Broker>(shared: &Shared, broker: &B, msg: Incoming<'_>) {
+    let m = &shared.metrics;
+    let ticket = Ticket::new(broker, m.clone());
+    let run = handle(shared, &msg, &ticket);
+    if let Err(panic) = AssertUnwindSafe(run).catch_unwind().await {
+        m.panics.inc();
+        // The message is the panic's own text (code, not payload bytes).
+        tracing::error!(
+            panic = %panic_message(&*panic),
+            routing_key = %warren::delay::strip_prefix(msg.routing_key),
+            "panic while handling a delivery; giving it back to its queue"
+        );
+        ticket.after_panic().await;
+    }
+}
+
+async fn handle<B: Broker>(shared: &Shared, msg: &Incoming<'_>, ticket: &Ticket<'_, B>) {
+    let m = &shared.metrics;
+    m.in_flight.inc();
+    let _in_flight = InFlight(m.in_flight.clone());
+    let cfg = &shared.cfg.worker;
+    let prefix = shared.topo.prefix();
+    let d = Delivered {
+        shared,
+        msg,
+        ticket,
+    };
+    let decoded = fault::check(prefix, Step::Decode)
+        .map_err(|text| (text, "injected"))
+        .and_then(|()| {
+            Task::decode(
+                msg.routing_key,
+                msg.properties,
+                msg.body,
+                cfg.max_body_bytes,
+            )
+            .map_err(|e| (e.to_string(), e.kind()))
+        });
+    let task = match decoded {
+        Ok(t) => t,
+        Err((error, kind)) => {
+            ticket.received(UNKNOWN_TASK);
+            tracing::warn!(error = %error, kind, routing_key = %msg.routing_key, "poison message; dead-lettering");
+            d.dead_letter_raw(&error, kind).await;
+            return;
+        }
+    };
+    let span = tracing::info_span!("task", task.id = %task.id, task.name = %task.name, task.attempt = task.attempt);
+    async {
+        let resolved = match fault::check(prefix, Step::Resolve) {
+            Ok(()) => shared.registry.resolve(&task.name),
+            Err(text) => {
+                tracing::warn!(error = %text, "handler lookup failed");
+                None
+            }
+        };
+        let Some(handler) = resolved else {
+            ticket.received(UNKNOWN_TASK);
+            tracing::warn!("no handler for this task; dead-lettering");
+            let reason = format!("no handler for task `{}`", task.name);
+            let mut t = task;
+            t.last_error = Some(reason.clone());
+            d.dead_letter(t, &reason, outcome::kind::NO_HANDLER, labels::REJECTED)
+                .await;
+            return;
+        };
+        let label = handler.label.as_str();
+        ticket.received(label);
+        let now = Utc::now();
+        if let Some(nb) = task.not_before {
+            if let Ok(wait) = (nb - now).to_std() {
+                if wait > warren::delay::RESOLUTION {
+                    // Early (published without a delay): park it until due.
+                    // Not an attempt: the copy keeps its attempt number.
+                    tracing::debug!(wait = ?wait, "not due yet; delaying");
+                    d.republish(&task, wait, task.attempt, labels::PARKED).await;
+                    return;
+                }
+            }
+        }
+        if let Some(w) = task.queue_wait(now) {
+            m.queue_wait
+                .with_label_values(&[label])
+                .observe(w.as_secs_f64());
+        }
+        // One timeout per attempt, for every kind of handler: the task's
+        // header, else the handler's own, else the worker's default. The
+        // handler gets it in `task.timeout` (e.g. exec kills its child then).
+        let timeout = task
+            .timeout
+            .or(handler.timeout())
+            .unwrap_or(cfg.task_timeout);
+        tracing::debug!(redelivered = msg.redelivered, "task started");
+        let started = Instant::now();
+        let mut attempt = task.clone();
+        attempt.timeout = Some(timeout);
+        let call = async {
+            fault::check(prefix, Step::Run).map_err(TaskError::retryable)?;
+            handler.call(attempt).await
+        };
+        let run = AssertUnwindSafe(call).catch_unwind();
+        let outcome = match tokio::time::timeout(timeout, run).await {
+            Ok(Ok(Ok(()))) => Outcome::Succeeded,
+            Ok(Ok(Err(e))) => Outcome::Failed(e),
+            Ok(Err(panic)) => Outcome::Panicked(panic_message(&*panic)),
+            Err(_) => Outcome::TimedOut(timeout),
+        };
+        m.duration
+            .with_label_values(&[label])
+            .observe(started.elapsed().as_secs_f64());
+        let policy = shared
+            .cfg
+            .retry
+            .policy_for(&task.name)
+            .with_overrides(task.max_attempts, &task.retry);
+        let action = decide(&outcome, task.attempt, &policy, rand::random::<f64>());
+        let counted = outcome::label(&action);
+        match action {
+            Action::Ack => {
+                tracing::debug!("task succeeded");
+                d.ack(counted).await
+            }
+            Action::Retry { delay, error } => {
+                tracing::warn!(error = %error, retry_in = ?delay, "task failed; retrying");
+                let done = task.attempt;
+                let mut next = task;
+                next.attempt = next.attempt.saturating_add(1);
+                next.last_error = Some(error);
+                next.first_failed_at.get_or_insert(now);
+                d.republish(&next, delay, done, counted).await
+            }
+            Action::DeadLetter {
+                reason,
+                kind,
+                error,
+            } => {
+                tracing::warn!(reason = %reason, kind, "task dead-lettered");
+                let mut t = task;
+                t.last_error = Some(error);
+                t.first_failed_at.get_or_insert(now);
+                d.dead_letter(t, &reason, kind, counted).await
+            }
+        }
+    }
+    .instrument(span)
+    .await;
+}
+
+fn panic_message(p: &(dyn std::any::Any + Send)) -> String {
+    if let Some(s) = p.downcast_ref::<&str>() {
+        (*s).to_owned()
+    } else if let Some(s) = p.downcast_ref::<String>() {
+        s.clone()
+    } else {
+        "non-string panic payload".into()
+    }
+}
+
+/// A delivery being finished: every path settles it exactly once through
+/// its [`Ticket`] (ack or give back), and acks only after any copy it
+/// publishes is confirmed.
+struct Delivered<'a, 'b, B> {
+    shared: &'a Shared,
+    msg: &'a Incoming<'b>,
+    ticket: &'a Ticket<'a, B>,
+}
+
+impl<B: Broker> Delivered<'_, '_, B> {
+    fn prefix(&self) -> &str {
+        self.shared.topo.prefix()
+    }
+
+    async fn ack(&self, outcome: &'static str) {
+        let fault = fault::check(self.prefix(), Step::Ack);
+        self.ticket.ack(outcome, fault).await
+    }
+
+    /// A publish failed: leave the delivery unacked and end the session, so
+    /// the connection closes and the broker redelivers it.
+    fn publish_failed(&self, e: &warren::Error) {
+        tracing::warn!(error = %e, "publish failed; delivery left unacked, reconnecting");
+        self.ticket.left_to_session();
+    }
+
+    /// Publish `copy` (a retry copy, or a task parked until due) after
+    /// `delay`, then ack counting `outcome`. If no queue takes it, the task
+    /// is dead-lettered as it is now: attempt `attempts_made`.
+    async fn republish(
+        &self,
+        copy: &Task,
+        delay: Duration,
+        attempts_made: u32,
+        outcome: &'static str,
+    ) {
+        // The broker's own death records must not travel with the copy:
+        // RabbitMQ drops a message whose `x-death` already lists a delay
+        // level it expires from again (dead-letter cycle detection).
+        let mut copy = copy.clone();
+        copy.extra_headers = strip_death_headers(&copy.extra_headers);
+        let res = match fault::check(self.prefix(), Step::RetryPublish) {
+            Err(text) => Err(injected_nack(&text)),
+            Ok(()) => {
+                let (exchange, key) = self.shared.topo.route(&copy.name, delay);
+                self.ticket
+                    .broker()
+                    .publish(&exchange, &key, copy.properties(), &copy.payload)
+                    .await
+            }
+        };
+        match res {
+            Ok(()) => self.ack(outcome).await,
+            Err(e @ warren::Error::Unroutable { .. }) => {
+                let reason = format!("cannot reschedule: {e}");
+                let mut t = copy;
+                t.attempt = attempts_made;
+                self.dead_letter(t, &reason, outcome::kind::UNROUTABLE, labels::DEAD_LETTERED)
+                    .await
+            }
+            Err(e) => self.publish_failed(&e),
+        }
+    }
+
+    fn dead_headers(&self, h: &mut FieldTable, reason: &str, kind: &str) {
+        let s = |v: &str| AMQPValue::LongString(v.into());
+        h.insert(headers::DEAD_REASON.into(), s(reason));
+        h.insert(headers::DEAD_KIND.into(), s(kind));
+        h.insert(headers::DEAD_AT.into(), s(&rfc3339(Utc::now())));
+        h.insert(headers::ORIGINAL_QUEUE.into(), s(self.msg.queue));
+        // The task's own key: a retried task arrives with a delay prefix.
+        h.insert(
+            headers::ORIGINAL_ROUTING_KEY.into(),
+            s(warren::delay::strip_prefix(self.msg.routing_key)),
+        );
+    }
+
+    /// Publish `task` to the dead exchange with why, then ack counting `outcome`.
+    async fn dead_letter(&self, mut task: Task, reason: &str, kind: &str, outcome: &'static str) {
+        let mut h = strip_death_headers(&task.extra_headers);
+        self.dead_headers(&mut h, reason, kind);
+        // Always present on dead copies (the envelope omits attempt 1).
+        h.insert(
+            headers::ATTEMPT.into(),
+            AMQPValue::LongLongInt(i64::from(task.attempt)),
+        );
+        task.extra_headers = h;
+        let props = task.properties();
+        self.publish_dead(&task.name, props, &task.payload, outcome)
+            .await
+    }
+
+    /// Dead-letter an undecodable message as it came, plus the dead headers.
+    async fn dead_letter_raw(&self, reason: &str, kind: &str) {
+        let props = self.msg.properties.clone();
+        let mut h = props.headers().clone().unwrap_or_default();
+        self.dead_headers(&mut h, reason, kind);
+        let props = props.with_headers(h).with_delivery_mode(PERSISTENT);
+        let key = warren::delay::strip_prefix(self.msg.routing_key);
+        self.publish_dead(key, props, self.msg.body, labels::REJECTED)
+            .await
+    }
+
+    async fn publish_dead(
+        &self,
+        key: &str,
+        props: BasicProperties,
+        body: &[u8],
+        outcome: &'static str,
+    ) {
+        let ex = self.shared.topo.dead_exchange();
+        let res = match fault::check(self.prefix(), Step::DeadPublish) {
+            Err(text) => Err(injected_nack(&text)),
+            Ok(()) => self.ticket.broker().publish(&ex, key, props, body).await,
+        };
+        match res {
+            Ok(()) => self.ack(outcome).await,
+            Err(e) => self.publish_failed(&e),
+        }
+    }
+}
+
+/// A publish the `failpoints` tests made fail, as the broker would: a nack.
+fn injected_nack(text: &str) -> warren::Error {
+    tracing::warn!(error = %text, "publish failed (fault injected)");
+    warren::Error::Nacked {
+        exchange: "(fault injected)".into(),
+        routing_key: String::new(),
+    }
+}
+
+#[cfg(test)]
+mod tests;

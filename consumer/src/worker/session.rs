@@ -1,0 +1,237 @@
+//! One AMQP session of the worker — a connection, its confirm-mode publisher
+//! and one consuming channel per work queue — and its consume loop: take a
+//! delivery only once a concurrency permit is free, hand it to a supervised
+//! task ([`super::delivery`]), re-consume a queue whose consumer the broker
+//! cancelled, and drain on shutdown.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures_util::stream::{self, BoxStream, SelectAll};
+use futures_util::StreamExt;
+use lapin::message::Delivery;
+use lapin::options::{BasicCancelOptions, BasicConsumeOptions, BasicQosOptions};
+use lapin::types::{FieldTable, ShortString};
+use lapin::{Channel, Connection};
+use tokio::sync::Semaphore;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use warren::amqp::Publisher;
+
+use super::broker::LapinBroker;
+use super::delivery::{self, Incoming};
+use super::Worker;
+
+/// One connection and what lives on it.
+pub(super) struct Session {
+    pub(super) conn: Connection,
+    publisher: Publisher,
+    /// Channel and consumer tag per consumed queue (same order as `queues`).
+    consumers: Vec<(Channel, ShortString)>,
+    /// Cancelled by a task whose publish failed: the session is unusable.
+    broken: CancellationToken,
+}
+
+// Deliveries move by value: boxing each would cost an allocation per message.
+#[allow(clippy::large_enum_variant)]
+enum Ev {
+    Delivery(usize, lapin::Result<Delivery>),
+    Ended(usize),
+}
+
+/// Why a session's consume loop returned.
+pub(super) enum End {
+    Shutdown,
+    Lost,
+}
+
+impl Worker {
+    /// Connect, declare the topology and open the publisher.
+    pub(super) async fn open_session(&self) -> Result<Session, warren::Error> {
+        let cfg = &self.shared.cfg;
+        let conn = warren::amqp::connect(&cfg.amqp, "warren-consumer").await?;
+        let res = async {
+            warren::amqp::watch_connection(&conn, self.amqp_metrics.clone());
+            warren::topology::declare(&conn, &self.shared.topo).await?;
+            let publisher = Publisher::new(&conn, cfg.amqp.confirm_timeout).await?;
+            Ok::<_, warren::Error>(publisher)
+        }
+        .await;
+        match res {
+            Ok(publisher) => Ok(Session {
+                conn,
+                publisher,
+                consumers: Vec::new(),
+                broken: CancellationToken::new(),
+            }),
+            Err(e) => {
+                let _ = conn.close(200, "setup failed".into()).await;
+                Err(e)
+            }
+        }
+    }
+
+    async fn start_consumer(
+        &self,
+        conn: &Connection,
+        idx: usize,
+    ) -> Result<(Channel, ShortString, BoxStream<'static, Ev>), warren::Error> {
+        let queue = &self.queues[idx];
+        let ch = conn.create_channel().await?;
+        ch.basic_qos(
+            self.shared.cfg.worker.prefetch,
+            BasicQosOptions { global: false },
+        )
+        .await?;
+        let tag = format!(
+            "warren-consumer.{}.{}",
+            std::process::id(),
+            &uuid::Uuid::new_v4().simple().to_string()[..8]
+        );
+        let consumer = ch
+            .basic_consume(
+                queue.as_str().into(),
+                tag.as_str().into(),
+                BasicConsumeOptions::default(),
+                FieldTable::default(),
+            )
+            .await?;
+        let s = consumer
+            .map(move |d| Ev::Delivery(idx, d))
+            .chain(stream::once(async move { Ev::Ended(idx) }))
+            .boxed();
+        tracing::info!(queue = %queue, prefetch = self.shared.cfg.worker.prefetch, "consuming");
+        Ok((ch, tag.as_str().into(), s))
+    }
+
+    /// Consume on `session` until shutdown or until the session is lost.
+    pub(super) async fn consume(
+        &self,
+        mut session: Session,
+        shutdown: &CancellationToken,
+        tracker: &TaskTracker,
+        sem: &Arc<Semaphore>,
+    ) -> (End, Session) {
+        let mut streams: SelectAll<BoxStream<'static, Ev>> = SelectAll::new();
+        for idx in 0..self.queues.len() {
+            match self.start_consumer(&session.conn, idx).await {
+                Ok((ch, tag, s)) => {
+                    session.consumers.push((ch, tag));
+                    streams.push(s);
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, queue = %self.queues[idx], "cannot consume");
+                    return (End::Lost, session);
+                }
+            }
+        }
+        self.health.set_ready(true);
+        let queues: Vec<Arc<str>> = self.queues.iter().map(|q| Arc::from(q.as_str())).collect();
+        loop {
+            let permit = tokio::select! {
+                biased;
+                _ = shutdown.cancelled() => return (End::Shutdown, session),
+                _ = session.broken.cancelled() => return (End::Lost, session),
+                p = sem.clone().acquire_owned() => match p {
+                    Ok(p) => p,
+                    Err(_) => return (End::Shutdown, session),
+                },
+            };
+            let ev = tokio::select! {
+                biased;
+                _ = shutdown.cancelled() => return (End::Shutdown, session),
+                _ = session.broken.cancelled() => return (End::Lost, session),
+                ev = streams.next() => ev,
+            };
+            match ev {
+                Some(Ev::Delivery(idx, Ok(d))) => {
+                    let shared = self.shared.clone();
+                    let queue = queues[idx].clone();
+                    // The task keeps the delivery's channel alive and acks
+                    // only on it; if it died meanwhile the ack is refused
+                    // and the broker redelivers.
+                    let broker = LapinBroker {
+                        publisher: session.publisher.clone(),
+                        acker: d.acker.clone(),
+                        channel: session.consumers[idx].0.clone(),
+                        broken: session.broken.clone(),
+                    };
+                    tracker.spawn(async move {
+                        let _permit = permit;
+                        let msg = Incoming {
+                            queue: &queue,
+                            routing_key: d.routing_key.as_str(),
+                            properties: &d.properties,
+                            body: &d.data,
+                            redelivered: d.redelivered,
+                        };
+                        delivery::supervise(&shared, &broker, msg).await;
+                    });
+                }
+                Some(Ev::Delivery(idx, Err(e))) => {
+                    tracing::warn!(error = %e, queue = %self.queues[idx], "consumer failed");
+                }
+                Some(Ev::Ended(idx)) => {
+                    if !session.conn.status().connected() {
+                        return (End::Lost, session);
+                    }
+                    // Cancelled by the broker (queue deleted) or its channel
+                    // closed: re-declare and consume again on a new channel.
+                    tracing::warn!(queue = %self.queues[idx], "consumer ended; re-declaring and re-consuming");
+                    self.health.set_ready(false);
+                    if let Err(e) =
+                        warren::topology::declare(&session.conn, &self.shared.topo).await
+                    {
+                        tracing::warn!(error = %e, "re-declare failed");
+                        return (End::Lost, session);
+                    }
+                    match self.start_consumer(&session.conn, idx).await {
+                        Ok((ch, tag, s)) => {
+                            // The old channel closes once its running tasks
+                            // (which hold it for their acks) are done.
+                            session.consumers[idx] = (ch, tag);
+                            streams.push(s);
+                            self.health.set_ready(true);
+                        }
+                        Err(e) => {
+                            tracing::warn!(error = %e, "re-consume failed");
+                            return (End::Lost, session);
+                        }
+                    }
+                }
+                None => return (End::Lost, session),
+            }
+        }
+    }
+
+    /// Shutdown: cancel the consumers, wait for running tasks up to the
+    /// grace, close the connection (whatever is unacked goes back).
+    pub(super) async fn drain(&self, session: Session, tracker: &TaskTracker) {
+        let grace = self.shared.cfg.worker.drain_grace;
+        for (ch, tag) in &session.consumers {
+            if ch.status().connected() {
+                let _ = ch
+                    .basic_cancel(tag.clone(), BasicCancelOptions::default())
+                    .await;
+            }
+        }
+        tracker.close();
+        let running = tracker.len();
+        tracing::info!(running, grace = ?grace, "draining: consumers cancelled, waiting for running tasks");
+        if tokio::time::timeout(grace, tracker.wait()).await.is_err() {
+            tracing::warn!(
+                unfinished = tracker.len(),
+                "drain grace over; unfinished tasks return to the queue unacked"
+            );
+        }
+        let _ = tokio::time::timeout(
+            Duration::from_secs(5),
+            session
+                .conn
+                .close(200, "warren consumer shutting down".into()),
+        )
+        .await;
+        self.amqp_metrics.connected.set(0);
+        tracing::info!("consumer stopped");
+    }
+}
