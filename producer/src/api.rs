@@ -1,180 +1,36 @@
 //! The HTTP API under `/v1`: publish tasks, list schedules, trigger a
-//! schedule now. Bearer tokens with `read` / `publish` scopes, compared in
-//! constant time; every error is a JSON body `{"error": code, "message": text}`.
+//! schedule now. Each handler names the scope it needs as a
+//! [`RequireScope`] argument ([`crate::auth`]); every error is a JSON body
+//! `{"error": code, "message": text}` ([`crate::error`]).
 
 use std::sync::Arc;
 use std::time::Duration;
 
 use axum::body::Bytes;
 use axum::extract::rejection::BytesRejection;
-use axum::extract::{DefaultBodyLimit, Path, State};
-use axum::http::{header, HeaderMap, StatusCode};
+use axum::extract::{DefaultBodyLimit, FromRef, Path, State};
+use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
 use chrono::{SecondsFormat, Utc};
 use serde_json::json;
-use subtle::ConstantTimeEq;
 
-use crate::app::Ctx;
-use crate::config::{ApiConfig, Scope};
+use crate::auth::{Publish, Read, RequireScope, TokenStore};
+use crate::context::{ApiPublisher, Ctx};
+use crate::error::ApiError;
 use crate::metrics::Source;
-use crate::request::TaskRequest;
+use crate::request::{pairs, RequestError, TaskRequest};
 
-/// Configured tokens and their scopes.
-#[derive(Default, PartialEq)]
-pub struct Tokens(Vec<(Vec<u8>, Vec<Scope>)>);
-
-impl Tokens {
-    pub fn from_config(cfg: &ApiConfig) -> anyhow::Result<Self> {
-        let mut out = Vec::new();
-        let mut add = |token: &str, scopes: Vec<Scope>, origin: &str| -> anyhow::Result<()> {
-            if token.len() < 16 {
-                anyhow::bail!("{origin}: API tokens must be at least 16 characters");
-            }
-            out.push((token.as_bytes().to_vec(), scopes));
-            Ok(())
-        };
-        if let Some(t) = &cfg.read_token {
-            add(t.expose(), vec![Scope::Read], "api.read_token")?;
-        }
-        if let Some(t) = &cfg.publish_token {
-            add(
-                t.expose(),
-                vec![Scope::Read, Scope::Publish],
-                "api.publish_token",
-            )?;
-        }
-        for (i, t) in cfg.tokens.iter().enumerate() {
-            add(
-                t.token.expose(),
-                t.scopes.clone(),
-                &format!("api.tokens[{i}]"),
-            )?;
-        }
-        if let Some(path) = &cfg.tokens_file {
-            let text = std::fs::read_to_string(path).map_err(|e| {
-                anyhow::anyhow!("api.tokens_file {}: cannot read: {e}", path.display())
-            })?;
-            for (n, line) in text.lines().enumerate() {
-                let line = line.trim();
-                if line.is_empty() || line.starts_with('#') {
-                    continue;
-                }
-                let origin = format!("api.tokens_file {} line {}", path.display(), n + 1);
-                let (scopes, token) = line.split_once(char::is_whitespace).ok_or_else(|| {
-                    anyhow::anyhow!("{origin}: expected `<scope>[,<scope>] <token>`")
-                })?;
-                let scopes = scopes
-                    .split(',')
-                    .map(|s| match s {
-                        "read" => Ok(Scope::Read),
-                        "publish" => Ok(Scope::Publish),
-                        other => Err(anyhow::anyhow!(
-                            "{origin}: unknown scope `{other}` (read, publish)"
-                        )),
-                    })
-                    .collect::<anyhow::Result<Vec<_>>>()?;
-                add(token.trim(), scopes, &origin)?;
-            }
-        }
-        Ok(Self(out))
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.0.is_empty()
-    }
-
-    pub fn len(&self) -> usize {
-        self.0.len()
-    }
-
-    /// Scopes of `presented`, comparing against every token in constant time.
-    fn scopes(&self, presented: &[u8]) -> Option<&[Scope]> {
-        let mut found = None;
-        for (token, scopes) in &self.0 {
-            if bool::from(token.as_slice().ct_eq(presented)) {
-                found = Some(scopes.as_slice());
-            }
-        }
-        found
-    }
-}
-
-/// An API error: status plus a JSON body.
-#[derive(Debug)]
-pub struct ApiError {
-    status: StatusCode,
-    code: &'static str,
-    message: String,
-    extra: Option<serde_json::Value>,
-}
-
-impl ApiError {
-    fn new(status: StatusCode, code: &'static str, message: impl Into<String>) -> Self {
-        Self {
-            status,
-            code,
-            message: message.into(),
-            extra: None,
-        }
-    }
-}
-
-impl IntoResponse for ApiError {
-    fn into_response(self) -> Response {
-        let mut body = json!({"error": self.code, "message": self.message});
-        if let (Some(serde_json::Value::Object(extra)), Some(obj)) =
-            (self.extra, body.as_object_mut())
-        {
-            obj.extend(extra);
-        }
-        let mut resp = (self.status, Json(body)).into_response();
-        if self.status == StatusCode::UNAUTHORIZED {
-            resp.headers_mut().insert(
-                header::WWW_AUTHENTICATE,
-                header::HeaderValue::from_static("Bearer"),
-            );
-        }
-        resp
-    }
-}
-
-fn authorize(ctx: &Ctx, headers: &HeaderMap, scope: Scope) -> Result<(), ApiError> {
-    let unauthorized = |m: &str| ApiError::new(StatusCode::UNAUTHORIZED, "unauthorized", m);
-    let value = headers
-        .get(header::AUTHORIZATION)
-        .ok_or_else(|| unauthorized("missing `Authorization: Bearer <token>` header"))?;
-    let token = value
-        .to_str()
-        .ok()
-        .and_then(|v| {
-            v.strip_prefix("Bearer ")
-                .or_else(|| v.strip_prefix("bearer "))
-        })
-        .map(str::trim)
-        .ok_or_else(|| unauthorized("expected `Authorization: Bearer <token>`"))?;
-    let tokens = ctx.tokens();
-    let scopes = tokens
-        .scopes(token.as_bytes())
-        .ok_or_else(|| unauthorized("unknown token"))?;
-    if scopes.contains(&scope) {
-        Ok(())
-    } else {
-        let s = match scope {
-            Scope::Read => "read",
-            Scope::Publish => "publish",
-        };
-        Err(ApiError::new(
-            StatusCode::FORBIDDEN,
-            "forbidden",
-            format!("this token lacks the `{s}` scope"),
-        ))
+/// The extractor of [`crate::auth`] finds the tokens in force here.
+impl FromRef<Arc<Ctx>> for TokenStore {
+    fn from_ref(ctx: &Arc<Ctx>) -> TokenStore {
+        ctx.tokens().clone()
     }
 }
 
 pub fn router(ctx: Arc<Ctx>) -> Router {
-    let limit = ctx.cfg.api.max_body_bytes;
+    let limit = ctx.cfg().api.max_body_bytes;
     Router::new()
         .route("/v1/tasks", post(post_tasks))
         .route("/v1/schedules", get(get_schedules))
@@ -196,7 +52,7 @@ fn body_error(r: BytesRejection) -> ApiError {
 }
 
 /// The publisher, or 503 while the broker connection is down or blocked.
-fn publisher(ctx: &Ctx) -> Result<crate::app::ApiPublisher, ApiError> {
+fn publisher(ctx: &Ctx) -> Result<ApiPublisher, ApiError> {
     let p = ctx.api_publisher().ok_or_else(|| {
         ApiError::new(
             StatusCode::SERVICE_UNAVAILABLE,
@@ -221,11 +77,10 @@ fn blocked_error() -> ApiError {
 }
 
 async fn post_tasks(
+    _: RequireScope<Publish>,
     State(ctx): State<Arc<Ctx>>,
-    headers: HeaderMap,
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Response, ApiError> {
-    authorize(&ctx, &headers, Scope::Publish)?;
     let body = body.map_err(body_error)?;
     let value: serde_json::Value = serde_json::from_slice(&body).map_err(|e| {
         ApiError::new(
@@ -257,14 +112,14 @@ async fn post_tasks(
             "empty array",
         ));
     }
-    if items.len() > ctx.cfg.api.max_batch {
+    if items.len() > ctx.cfg().api.max_batch {
         return Err(ApiError::new(
             StatusCode::PAYLOAD_TOO_LARGE,
             "batch_too_large",
             format!(
                 "{} tasks; at most {} per request (api.max_batch)",
                 items.len(),
-                ctx.cfg.api.max_batch
+                ctx.cfg().api.max_batch
             ),
         ));
     }
@@ -272,13 +127,13 @@ async fn post_tasks(
     let mut tasks = Vec::with_capacity(items.len());
     for (i, item) in items.into_iter().enumerate() {
         let parsed = serde_json::from_value::<TaskRequest>(item)
-            .map_err(|e| crate::request::json_error(&e))
+            .map_err(|e| RequestError::Json(crate::request::json_error(&e)))
             .and_then(|r| r.into_task(now));
         match parsed {
             Ok(t) => tasks.push(t),
             Err(e) => {
                 let msg = if single {
-                    e
+                    e.to_string()
                 } else {
                     format!("task [{i}]: {e}")
                 };
@@ -295,9 +150,9 @@ async fn post_tasks(
     // alarm, so the first request after an alarm would wait out the confirm
     // timeout: answer 503 as soon as the block is reported instead.
     let results = tokio::select! {
-        r = p.publisher.publish_tasks(&ctx.topo, pairs(&tasks), 256) => r,
+        r = p.publisher.publish_tasks(ctx.topo(), pairs(&tasks), 256) => r,
         () = p.blocked.until_blocked() => {
-            ctx.metrics
+            ctx.metrics()
                 .publish_failures
                 .with_label_values(&[Source::Api.label()])
                 .inc_by(tasks.len() as u64);
@@ -316,7 +171,7 @@ async fn post_tasks(
             }
         }
     }
-    let m = &ctx.metrics;
+    let m = ctx.metrics();
     m.published
         .with_label_values(&[Source::Api.label()])
         .inc_by(ids.len() as u64);
@@ -331,7 +186,7 @@ async fn post_tasks(
     } else {
         (StatusCode::UNPROCESSABLE_ENTITY, "not_published")
     };
-    let mut e = ApiError::new(
+    Err(ApiError::new(
         status,
         code,
         format!(
@@ -339,15 +194,8 @@ async fn post_tasks(
             failed.len(),
             tasks.len()
         ),
-    );
-    e.extra = Some(json!({"ids": ids, "failed": failed}));
-    Err(e)
-}
-
-/// `(task, delay)` pairs by reference, as `publish_tasks` takes them (a
-/// concrete `Vec` keeps the future `Send`).
-pub fn pairs(tasks: &[(warren::Task, Duration)]) -> Vec<(&warren::Task, Duration)> {
-    tasks.iter().map(|(t, d)| (t, *d)).collect()
+    )
+    .with_extra(json!({"ids": ids, "failed": failed})))
 }
 
 fn fmt_time(t: Option<chrono::DateTime<Utc>>) -> serde_json::Value {
@@ -356,11 +204,10 @@ fn fmt_time(t: Option<chrono::DateTime<Utc>>) -> serde_json::Value {
 }
 
 async fn get_schedules(
+    _: RequireScope<Read>,
     State(ctx): State<Arc<Ctx>>,
-    headers: HeaderMap,
 ) -> Result<Response, ApiError> {
-    authorize(&ctx, &headers, Scope::Read)?;
-    let set = ctx.schedules.borrow().clone();
+    let set = ctx.schedules();
     let leader = ctx.is_leader();
     let now = Utc::now();
     let list: Vec<_> = set
@@ -390,18 +237,17 @@ async fn get_schedules(
         })
         .collect();
     Ok(
-        Json(json!({"leader": leader, "instance": ctx.instance, "schedules": list}))
+        Json(json!({"leader": leader, "instance": ctx.instance(), "schedules": list}))
             .into_response(),
     )
 }
 
 async fn trigger(
+    _: RequireScope<Publish>,
     State(ctx): State<Arc<Ctx>>,
-    headers: HeaderMap,
     Path(name): Path<String>,
 ) -> Result<Response, ApiError> {
-    authorize(&ctx, &headers, Scope::Publish)?;
-    let set = ctx.schedules.borrow().clone();
+    let set = ctx.schedules();
     let s = set.iter().find(|s| s.name() == name).ok_or_else(|| {
         ApiError::new(
             StatusCode::NOT_FOUND,
@@ -413,10 +259,10 @@ async fn trigger(
     let task = s.task(id.clone());
     let p = publisher(&ctx)?;
     let published = tokio::select! {
-        r = p.publisher.publish_task(&ctx.topo, &task, Duration::ZERO) => r,
+        r = p.publisher.publish_task(ctx.topo(), &task, Duration::ZERO) => r,
         // As in `post_tasks`: do not wait out the confirm timeout.
         () = p.blocked.until_blocked() => {
-            ctx.metrics
+            ctx.metrics()
                 .publish_failures
                 .with_label_values(&[Source::Api.label()])
                 .inc();
@@ -425,14 +271,14 @@ async fn trigger(
     };
     match published {
         Ok(()) => {
-            ctx.metrics
+            ctx.metrics()
                 .published
                 .with_label_values(&[Source::Api.label()])
                 .inc();
             Ok((StatusCode::ACCEPTED, Json(json!({"id": id}))).into_response())
         }
         Err(e) => {
-            ctx.metrics
+            ctx.metrics()
                 .publish_failures
                 .with_label_values(&[Source::Api.label()])
                 .inc();

@@ -10,7 +10,35 @@ use warren::amqp::Publisher;
 use warren::Topology;
 
 use crate::config::{self, ProducerConfig};
-use crate::request::TaskRequest;
+use crate::request::{pairs, RequestError, TaskRequest};
+
+/// What the user wrote on the command line cannot work (exit 2, like a bad
+/// config): the payload is not JSON or its file cannot be read, the task is
+/// invalid. Failures while publishing stay runtime failures (exit 1).
+#[derive(Debug, thiserror::Error)]
+pub enum UsageError {
+    #[error("reading the payload from {path}: {error}")]
+    PayloadFile { path: String, error: std::io::Error },
+    #[error("--payload is not valid JSON: {0}")]
+    PayloadJson(serde_json::Error),
+    #[error("{0}")]
+    Task(RequestError),
+}
+
+/// The process exit code for an error of any subcommand: 2 for a
+/// configuration or command line the process refused (every subcommand
+/// validates through [`config::load`] / [`config::load_checked`], whose
+/// errors are all `ConfigError`s, and `publish` reports its arguments as
+/// [`UsageError`]s), 1 for anything that went wrong while running.
+pub fn exit_code(e: &anyhow::Error) -> std::process::ExitCode {
+    if e.downcast_ref::<warren::config::ConfigError>().is_some()
+        || e.downcast_ref::<UsageError>().is_some()
+    {
+        std::process::ExitCode::from(2)
+    } else {
+        std::process::ExitCode::FAILURE
+    }
+}
 
 #[derive(Debug, Parser)]
 #[command(
@@ -138,11 +166,15 @@ fn read_payload(arg: Option<&str>) -> anyhow::Result<serde_json::Value> {
                 .context("reading the payload from stdin")?;
             s
         }
-        Some(a) if a.starts_with('@') => std::fs::read_to_string(&a[1..])
-            .with_context(|| format!("reading the payload from {}", &a[1..]))?,
+        Some(a) if a.starts_with('@') => {
+            std::fs::read_to_string(&a[1..]).map_err(|error| UsageError::PayloadFile {
+                path: a[1..].to_owned(),
+                error,
+            })?
+        }
         Some(a) => a.to_owned(),
     };
-    serde_json::from_str(&text).context("--payload is not valid JSON")
+    Ok(serde_json::from_str(&text).map_err(UsageError::PayloadJson)?)
 }
 
 async fn connect(cfg: &ProducerConfig) -> anyhow::Result<(lapin::Connection, Publisher, Topology)> {
@@ -173,7 +205,7 @@ pub async fn publish(cfg: ProducerConfig, args: PublishArgs) -> anyhow::Result<(
         at: args.at,
         correlation_id: None,
     };
-    let (task, delay) = req.into_task(Utc::now()).map_err(anyhow::Error::msg)?;
+    let (task, delay) = req.into_task(Utc::now()).map_err(UsageError::Task)?;
     let (conn, publisher, topo) = connect(&cfg).await?;
     let res = publisher.publish_task(&topo, &task, delay).await;
     let _ = conn.close(200, "done".into()).await;
@@ -213,9 +245,7 @@ async fn publish_batch(cfg: ProducerConfig, window: usize) -> anyhow::Result<()>
         if chunk.is_empty() {
             continue;
         }
-        let results = publisher
-            .publish_tasks(&topo, crate::api::pairs(&chunk), window)
-            .await;
+        let results = publisher.publish_tasks(&topo, pairs(&chunk), window).await;
         for ((task, _), r) in chunk.iter().zip(results) {
             match r {
                 Ok(()) => confirmed += 1,

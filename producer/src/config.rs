@@ -82,6 +82,87 @@ pub enum Scope {
     Publish,
 }
 
+impl Scope {
+    /// The name as configs and error messages spell it.
+    pub fn name(self) -> &'static str {
+        match self {
+            Scope::Read => "read",
+            Scope::Publish => "publish",
+        }
+    }
+}
+
+/// One configured token and what it may do (see [`ApiConfig::grants`]).
+#[derive(PartialEq)]
+pub struct Grant {
+    pub token: Vec<u8>,
+    pub scopes: Vec<Scope>,
+}
+
+impl ApiConfig {
+    /// Every token this config grants, from all four places (the tokens
+    /// file is read now), each at least 16 characters. The HTTP layer
+    /// (`auth`) only compares them; reading them is config's job, so `run`,
+    /// `schedules check` and SIGHUP refuse the same files.
+    pub fn grants(&self) -> anyhow::Result<Vec<Grant>> {
+        let mut out = Vec::new();
+        let mut add = |token: &str, scopes: Vec<Scope>, origin: &str| -> anyhow::Result<()> {
+            if token.len() < 16 {
+                anyhow::bail!("{origin}: API tokens must be at least 16 characters");
+            }
+            out.push(Grant {
+                token: token.as_bytes().to_vec(),
+                scopes,
+            });
+            Ok(())
+        };
+        if let Some(t) = &self.read_token {
+            add(t.expose(), vec![Scope::Read], "api.read_token")?;
+        }
+        if let Some(t) = &self.publish_token {
+            add(
+                t.expose(),
+                vec![Scope::Read, Scope::Publish],
+                "api.publish_token",
+            )?;
+        }
+        for (i, t) in self.tokens.iter().enumerate() {
+            add(
+                t.token.expose(),
+                t.scopes.clone(),
+                &format!("api.tokens[{i}]"),
+            )?;
+        }
+        if let Some(path) = &self.tokens_file {
+            let text = std::fs::read_to_string(path).map_err(|e| {
+                anyhow::anyhow!("api.tokens_file {}: cannot read: {e}", path.display())
+            })?;
+            for (n, line) in text.lines().enumerate() {
+                let line = line.trim();
+                if line.is_empty() || line.starts_with('#') {
+                    continue;
+                }
+                let origin = format!("api.tokens_file {} line {}", path.display(), n + 1);
+                let (scopes, token) = line.split_once(char::is_whitespace).ok_or_else(|| {
+                    anyhow::anyhow!("{origin}: expected `<scope>[,<scope>] <token>`")
+                })?;
+                let scopes = scopes
+                    .split(',')
+                    .map(|s| match s {
+                        "read" => Ok(Scope::Read),
+                        "publish" => Ok(Scope::Publish),
+                        other => Err(anyhow::anyhow!(
+                            "{origin}: unknown scope `{other}` (read, publish)"
+                        )),
+                    })
+                    .collect::<anyhow::Result<Vec<_>>>()?;
+                add(token.trim(), scopes, &origin)?;
+            }
+        }
+        Ok(out)
+    }
+}
+
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct TokenConfig {
@@ -319,6 +400,16 @@ pub fn load(path: Option<&Path>) -> anyhow::Result<ProducerConfig> {
 /// every problem in one message.
 pub fn load_checked(path: Option<&Path>) -> anyhow::Result<(ProducerConfig, Vec<Schedule>)> {
     let cfg: ProducerConfig = warren::config::load(path, warren::config::process_env())?;
+    check(cfg, path)
+}
+
+/// Validate a config however it was made (a file, or built in code by a
+/// library user): everything, schedules included, as one
+/// [`ConfigError`](warren::config::ConfigError) naming `path` as its origin.
+pub fn check(
+    cfg: ProducerConfig,
+    path: Option<&Path>,
+) -> anyhow::Result<(ProducerConfig, Vec<Schedule>)> {
     let mut errors = cfg.validate();
     let schedules = compile_schedules(&cfg.schedules).unwrap_or_else(|e| {
         errors.extend(e);
@@ -402,7 +493,7 @@ impl ProducerConfig {
             errors.push(e);
         }
         // The tokens `run` would serve with, tokens file included.
-        if let Err(e) = crate::api::Tokens::from_config(&self.api) {
+        if let Err(e) = self.api.grants() {
             errors.push(format!("{e:#}"));
         }
         if self.api.max_body_bytes == 0 {

@@ -1,32 +1,10 @@
-//! `warren-producer`: the cron producer of warren.
-//!
-//! | module | owns |
-//! |---|---|
-//! | [`schedule`] | pure next-fire math: syntaxes, zones, DST rules, misfire plan |
-//! | [`config`] | `ProducerConfig` and schedule validation |
-//! | [`leader`] | election on an exclusive queue and the fence before each tick |
-//! | [`state`] | the last-fire snapshot a new leader resumes from (in RabbitMQ) |
-//! | [`scheduler`] | election loop and fire loop |
-//! | [`api`] | the `/v1` HTTP API with bearer-token scopes |
-//! | [`request`] | ad-hoc task requests (CLI batch lines, API bodies) |
-//! | [`cli`] | command line |
-//! | [`app`] | wiring of `run` |
-//! | [`metrics`] | the producer's Prometheus metrics |
-
-mod api;
-mod app;
-mod cli;
-mod config;
-mod leader;
-mod metrics;
-mod request;
-mod schedule;
-mod scheduler;
-mod state;
+//! The `warren-producer` binary: parse the command line, load the config,
+//! call into the library ([`warren_producer`]), and turn the outcome into an
+//! exit code: 0 ok, 1 runtime failure, 2 bad configuration or usage.
 
 use clap::Parser;
-
-use crate::cli::{Cli, Command, SchedulesCommand};
+use warren_producer::cli::{self, Cli, Command, SchedulesCommand};
+use warren_producer::{config, App};
 
 fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
@@ -42,9 +20,12 @@ fn main() -> std::process::ExitCode {
             warren::telemetry::init(&cfg.log);
             runtime()?.block_on(cli::publish(cfg, args))
         }),
-        Command::Run => config::load_checked(path).and_then(|(cfg, schedules)| {
+        Command::Run => config::load_checked(path).and_then(|(cfg, _)| {
             warren::telemetry::init(&cfg.log);
-            runtime()?.block_on(app::run(cfg, cli.config.clone(), schedules))
+            runtime()?.block_on(async {
+                let app = App::build(cfg).await?.reload_from(cli.config.clone());
+                app.run(warren::shutdown::token()).await
+            })
         }),
     };
     // Lines still queued for the log writer would die with the process.
@@ -53,19 +34,8 @@ fn main() -> std::process::ExitCode {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("warren-producer: {e:#}");
-            exit_code(&e)
+            cli::exit_code(&e)
         }
-    }
-}
-
-/// 2 for a configuration the process refused (every subcommand validates
-/// through [`config::load`] / [`config::load_checked`], whose errors are all
-/// `ConfigError`s), 1 for anything that went wrong while running.
-fn exit_code(e: &anyhow::Error) -> std::process::ExitCode {
-    if e.downcast_ref::<warren::config::ConfigError>().is_some() {
-        std::process::ExitCode::from(2)
-    } else {
-        std::process::ExitCode::FAILURE
     }
 }
 

@@ -1,16 +1,16 @@
 //! The producer's Prometheus metrics. Names are a public contract (dashboards
 //! and alerts use them); label values are bounded: schedule names from config
-//! and the three publish sources, never task ids.
+//! and the two publish sources, never task ids.
 
 use prometheus::{
     Gauge, GaugeVec, HistogramOpts, HistogramVec, IntCounterVec, IntGauge, Opts, Registry,
 };
 
-/// Where a publish came from (the `source` label).
+/// Where a publish came from (the `source` label). `publish` on the command
+/// line is a process of its own that serves no metrics, so it has no source.
 #[derive(Debug, Clone, Copy)]
 pub enum Source {
     Schedule,
-    Cli,
     Api,
 }
 
@@ -18,7 +18,6 @@ impl Source {
     pub fn label(self) -> &'static str {
         match self {
             Source::Schedule => "schedule",
-            Source::Cli => "cli",
             Source::Api => "api",
         }
     }
@@ -112,7 +111,7 @@ impl Metrics {
         r.register(Box::new(m.leader.clone()))?;
         r.register(Box::new(m.reload_success.clone()))?;
         m.reload_success.set(1.0);
-        for s in [Source::Schedule, Source::Cli, Source::Api] {
+        for s in [Source::Schedule, Source::Api] {
             m.published.with_label_values(&[s.label()]);
             m.publish_failures.with_label_values(&[s.label()]);
         }

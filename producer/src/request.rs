@@ -9,6 +9,27 @@ use serde::Deserialize;
 use warren::delay::{MAX_DELAY, MAX_TASK_NAME_LEN};
 use warren::Task;
 
+/// Why a request is not a task. The messages are part of the API and CLI
+/// output (docs/api.md quotes them).
+#[derive(Debug, thiserror::Error)]
+pub enum RequestError {
+    /// Not JSON, or JSON of the wrong shape: [`json_error`]'s words.
+    #[error("{0}")]
+    Json(String),
+    #[error("`task` is empty")]
+    EmptyName,
+    #[error("`task` is longer than {MAX_TASK_NAME_LEN} bytes")]
+    NameTooLong,
+    #[error("`task` may not contain `*` or `#`")]
+    Wildcard,
+    #[error("give `delay` or `at`, not both")]
+    DelayAndAt,
+    #[error("the task would start {} from now, past any representable instant", humantime::format_duration(*.0))]
+    Unrepresentable(Duration),
+    #[error("`id` must be 1 to 255 bytes")]
+    BadId,
+}
+
 /// `{"task": "email.send", "payload": {...}, "delay": "90s", ...}`.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -42,23 +63,23 @@ pub struct TaskRequest {
 impl TaskRequest {
     /// One NDJSON line, with an error that speaks of the line as the user
     /// wrote it (serde's own says "line 1" of a one-line document).
-    pub fn from_line(line: &str) -> Result<TaskRequest, String> {
-        serde_json::from_str(line).map_err(|e| json_error(&e))
+    pub fn from_line(line: &str) -> Result<TaskRequest, RequestError> {
+        serde_json::from_str(line).map_err(|e| RequestError::Json(json_error(&e)))
     }
 
     /// Validate and build the task and its delay, relative to `now`.
-    pub fn into_task(self, now: DateTime<Utc>) -> Result<(Task, Duration), String> {
+    pub fn into_task(self, now: DateTime<Utc>) -> Result<(Task, Duration), RequestError> {
         if self.task.is_empty() {
-            return Err("`task` is empty".into());
+            return Err(RequestError::EmptyName);
         }
         if self.task.len() > MAX_TASK_NAME_LEN {
-            return Err(format!("`task` is longer than {MAX_TASK_NAME_LEN} bytes"));
+            return Err(RequestError::NameTooLong);
         }
         if self.task.contains(['*', '#']) {
-            return Err("`task` may not contain `*` or `#`".into());
+            return Err(RequestError::Wildcard);
         }
         let wait = match (self.delay, self.at) {
-            (Some(_), Some(_)) => return Err("give `delay` or `at`, not both".into()),
+            (Some(_), Some(_)) => return Err(RequestError::DelayAndAt),
             (Some(d), None) => d,
             (None, Some(at)) => (at - now).to_std().unwrap_or(Duration::ZERO),
             (None, None) => Duration::ZERO,
@@ -72,12 +93,7 @@ impl TaskRequest {
             let ahead = chrono::TimeDelta::from_std(wait)
                 .ok()
                 .and_then(|d| now.checked_add_signed(d))
-                .ok_or_else(|| {
-                    format!(
-                        "the task would start {} from now, past any representable instant",
-                        humantime::format_duration(wait)
-                    )
-                })?;
+                .ok_or(RequestError::Unrepresentable(wait))?;
             Some(ahead)
         };
         let delay = wait.min(MAX_DELAY);
@@ -87,7 +103,7 @@ impl TaskRequest {
         let mut task = Task::new(self.task, &payload);
         if let Some(id) = self.id {
             if id.is_empty() || id.len() > 255 {
-                return Err("`id` must be 1 to 255 bytes".into());
+                return Err(RequestError::BadId);
             }
             task.id = id;
         }
@@ -98,6 +114,12 @@ impl TaskRequest {
         task.not_before = not_before;
         Ok((task, delay))
     }
+}
+
+/// `(task, delay)` pairs by reference, as `publish_tasks` takes them (a
+/// concrete `Vec` keeps the future `Send`).
+pub fn pairs(tasks: &[(Task, Duration)]) -> Vec<(&Task, Duration)> {
+    tasks.iter().map(|(t, d)| (t, *d)).collect()
 }
 
 /// serde_json's reason without its position suffix, in words for people; a
@@ -129,6 +151,7 @@ mod tests {
         serde_json::from_str::<TaskRequest>(json)
             .map_err(|e| e.to_string())?
             .into_task(Utc::now())
+            .map_err(|e| e.to_string())
     }
 
     #[test]
@@ -171,19 +194,46 @@ mod tests {
 
     #[test]
     fn line_errors_speak_of_the_line() {
-        let e = TaskRequest::from_line(r#"{"task": tru}"#).unwrap_err();
+        let line_error = |l: &str| TaskRequest::from_line(l).unwrap_err().to_string();
+        let e = line_error(r#"{"task": tru}"#);
         assert_eq!(
             e,
             "not valid JSON at column 13: a bare word where a JSON value should be (quote strings)"
         );
-        let e = TaskRequest::from_line("{task: 1}").unwrap_err();
+        let e = line_error("{task: 1}");
         assert!(
             e.starts_with("not valid JSON at column 2: an object key must be a quoted string"),
             "{e}"
         );
-        let e = TaskRequest::from_line(r#"{"task":"a","bogus":1}"#).unwrap_err();
+        let e = line_error(r#"{"task":"a","bogus":1}"#);
         assert!(e.starts_with("unknown field `bogus`"), "{e}");
         assert!(!e.contains("line 1"), "{e}");
+    }
+
+    /// API bodies, CLI errors and docs/api.md quote these words.
+    #[test]
+    fn messages_stay_word_for_word() {
+        assert_eq!(req(r#"{"task":""}"#).unwrap_err(), "`task` is empty");
+        assert_eq!(
+            req(&format!(r#"{{"task":"{}"}}"#, "a".repeat(300))).unwrap_err(),
+            format!("`task` is longer than {MAX_TASK_NAME_LEN} bytes")
+        );
+        assert_eq!(
+            req(r#"{"task":"a.*"}"#).unwrap_err(),
+            "`task` may not contain `*` or `#`"
+        );
+        assert_eq!(
+            req(r#"{"task":"a","delay":"1s","at":"2030-01-01T00:00:00Z"}"#).unwrap_err(),
+            "give `delay` or `at`, not both"
+        );
+        assert_eq!(
+            req(r#"{"task":"a","delay":"1000000000years"}"#).unwrap_err(),
+            "the task would start 1000000000years from now, past any representable instant"
+        );
+        assert_eq!(
+            req(r#"{"task":"a","id":""}"#).unwrap_err(),
+            "`id` must be 1 to 255 bytes"
+        );
     }
 
     #[test]

@@ -4,7 +4,6 @@
 //! records the cursors in the state queue.
 
 use std::collections::HashMap;
-use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -15,8 +14,9 @@ use lapin::Connection;
 use tokio_util::sync::CancellationToken;
 use warren::amqp::Publisher;
 
-use crate::app::Ctx;
 use crate::config::{Schedule, ScheduleSet};
+use crate::connection::connect_retry;
+use crate::context::Ctx;
 use crate::leader::{self, Attempt, Fence};
 use crate::metrics::Source;
 use crate::schedule::{self, plan, ON_TIME};
@@ -35,31 +35,29 @@ const MAX_DUE: usize = 100_000;
 
 /// Run the election loop until shutdown.
 pub async fn run(ctx: Arc<Ctx>, shutdown: CancellationToken) {
-    let lock_queue = leader::lock_queue(ctx.topo.prefix());
+    let lock_queue = leader::lock_queue(ctx.topo().prefix());
     loop {
         if shutdown.is_cancelled() {
             return;
         }
-        let Some(conn) = crate::app::connect_retry(&ctx, "producer-lock", &shutdown).await else {
+        let Some(conn) = connect_retry(&ctx, "producer-lock", &shutdown).await else {
             return;
         };
         let conn = Arc::new(conn);
         match candidate(&ctx, &conn, &lock_queue, &shutdown).await {
             Ok(true) => {
                 let stall = ctx
-                    .cfg
+                    .cfg()
                     .leader
                     .stall_threshold
-                    .unwrap_or(ctx.cfg.amqp.heartbeat);
+                    .unwrap_or(ctx.cfg().amqp.heartbeat);
                 let fence = Fence::start(conn.clone(), stall, &shutdown);
-                tracing::info!(instance = %ctx.instance, "elected leader: this replica fires the schedules");
-                ctx.leader.store(true, Ordering::SeqCst);
-                ctx.metrics.leader.set(1);
+                tracing::info!(instance = %ctx.instance(), "elected leader: this replica fires the schedules");
+                ctx.set_leader(true);
                 let term = std::panic::AssertUnwindSafe(lead(&ctx, &conn, &fence, &shutdown));
                 let res = term.catch_unwind().await;
                 fence.step_down();
-                ctx.leader.store(false, Ordering::SeqCst);
-                ctx.metrics.leader.set(0);
+                ctx.set_leader(false);
                 let res = match res {
                     Ok(res) => res,
                     Err(panic) => abandon_leadership(&conn, panic_text(&panic).to_owned()).await,
@@ -109,7 +107,7 @@ async fn candidate(
     lock_queue: &str,
     shutdown: &CancellationToken,
 ) -> anyhow::Result<bool> {
-    if !ctx.cfg.leader.enabled {
+    if !ctx.cfg().leader.enabled {
         return Ok(true);
     }
     let mut logged = false;
@@ -125,7 +123,7 @@ async fn candidate(
         }
         tokio::select! {
             _ = shutdown.cancelled() => return Ok(false),
-            _ = tokio::time::sleep(ctx.cfg.leader.retry_interval) => {}
+            _ = tokio::time::sleep(ctx.cfg().leader.retry_interval) => {}
         }
     }
 }
@@ -161,7 +159,7 @@ fn set_cursor(
 fn snapshot(ctx: &Ctx, cursors: &HashMap<String, Cursor>) -> Snapshot {
     Snapshot {
         v: 1,
-        writer: ctx.instance.clone(),
+        writer: ctx.instance().to_owned(),
         written_at: Some(Utc::now()),
         schedules: cursors
             .iter()
@@ -242,7 +240,7 @@ fn plan_tick_guarded(
             panic = panic_text(&panic),
             "schedule computation panicked: this tick is counted as missed; the other schedules go on"
         );
-        ctx.metrics.missed.with_label_values(&[s.name()]).inc();
+        ctx.metrics().missed.with_label_values(&[s.name()]).inc();
     })
 }
 
@@ -285,10 +283,10 @@ async fn lead(
     fence: &Fence,
     shutdown: &CancellationToken,
 ) -> anyhow::Result<()> {
-    warren::topology::declare(conn, &ctx.topo).await?;
-    let state_queue = state::state_queue(ctx.topo.prefix());
-    state::declare(conn, &state_queue, ctx.topo.queue_type()).await?;
-    let publisher = Publisher::new(conn, ctx.cfg.amqp.confirm_timeout).await?;
+    warren::topology::declare(conn, ctx.topo()).await?;
+    let state_queue = state::state_queue(ctx.topo().prefix());
+    state::declare(conn, &state_queue, ctx.topo().queue_type()).await?;
+    let publisher = Publisher::new(conn, ctx.cfg().amqp.confirm_timeout).await?;
     let res = lead_term(ctx, conn, fence, shutdown, &publisher, &state_queue).await;
     // Close the tick channel before the caller closes the connection: a
     // channel dropped while its connection closes makes lapin log an error.
@@ -317,7 +315,7 @@ async fn lead_term(
             "resuming from the previous leader's state"
         );
     }
-    let mut rx = ctx.schedules.subscribe();
+    let mut rx = ctx.subscribe_schedules();
     let mut cursors: HashMap<String, Cursor> = HashMap::new();
     let mut sample = Sample::now();
     for (name, e) in &previous.schedules {
@@ -416,7 +414,7 @@ async fn lead_term(
                     policy = ?s.cfg.misfire,
                     "overdue fires handled by the misfire policy"
                 );
-                ctx.metrics
+                ctx.metrics()
                     .missed
                     .with_label_values(&[s.name()])
                     .inc_by(p.missed);
@@ -493,7 +491,7 @@ async fn fire(
     let task = s.task(id.clone());
     let grace = chrono::TimeDelta::from_std(s.cfg.misfire_grace.max(ON_TIME)).unwrap_or_default();
     let deadline = t + grace;
-    let (exchange, key) = ctx.topo.route(&task.name, Duration::ZERO);
+    let (exchange, key) = ctx.topo().route(&task.name, Duration::ZERO);
     let mut backoff = backon::ExponentialBuilder::default()
         .with_min_delay(Duration::from_millis(100))
         .with_max_delay(Duration::from_secs(5))
@@ -504,7 +502,7 @@ async fn fire(
         if !fence.holds() {
             return FireOutcome::Fenced;
         }
-        let props = task.properties().with_app_id(ctx.instance.as_str().into());
+        let props = task.properties().with_app_id(ctx.instance().into());
         let sent = async {
             let tick = publisher
                 .send(&exchange, &key, props, &task.payload)
@@ -524,16 +522,16 @@ async fn fire(
                     Err(e) => tracing::warn!(error = %e, "could not record the scheduler state"),
                 }
                 let lag = (Utc::now() - t).to_std().unwrap_or(Duration::ZERO);
-                ctx.metrics.fires.with_label_values(&[s.name()]).inc();
-                ctx.metrics
+                ctx.metrics().fires.with_label_values(&[s.name()]).inc();
+                ctx.metrics()
                     .fire_lag
                     .with_label_values(&[s.name()])
                     .observe(lag.as_secs_f64());
-                ctx.metrics
+                ctx.metrics()
                     .published
                     .with_label_values(&[Source::Schedule.label()])
                     .inc();
-                ctx.metrics
+                ctx.metrics()
                     .last_fire
                     .with_label_values(&[s.name()])
                     .set(t.timestamp_millis() as f64 / 1000.0);
@@ -542,7 +540,7 @@ async fn fire(
                 return FireOutcome::Published;
             }
             Err(e) => {
-                ctx.metrics
+                ctx.metrics()
                     .publish_failures
                     .with_label_values(&[Source::Schedule.label()])
                     .inc();
@@ -555,7 +553,7 @@ async fn fire(
                 let retry_at = Utc::now() + chrono::TimeDelta::from_std(delay).unwrap_or_default();
                 if !e.is_transient() || retry_at > deadline {
                     tracing::error!(schedule = s.name(), %id, error = %e, "tick not published: counted as missed");
-                    ctx.metrics.missed.with_label_values(&[s.name()]).inc();
+                    ctx.metrics().missed.with_label_values(&[s.name()]).inc();
                     return FireOutcome::Missed;
                 }
                 tracing::warn!(schedule = s.name(), %id, error = %e, retry_in_ms = delay.as_millis() as u64, "tick publish failed; retrying");

@@ -192,6 +192,50 @@ fn config_errors_exit_2_in_check_and_run() {
     assert!(err.contains("amqp.url") && !err.contains("s3cret"), "{err}");
 }
 
+/// What the user typed after `publish` is checked before anything connects:
+/// a payload that is not JSON, a payload file that cannot be read or an
+/// invalid task name exit 2 saying what is wrong, never echoing the payload;
+/// a broker that cannot be reached is a runtime failure (exit 1).
+#[test]
+fn publish_usage_errors_exit_2_and_runtime_failures_1() {
+    let dir = tempfile::tempdir().unwrap();
+    let missing = dir.path().join("no-such-payload.json");
+    let missing_arg = format!("@{}", missing.display());
+    // Nothing listens here: reaching the broker would fail with exit 1.
+    let closed = format!(
+        "amqp://guest:guest@127.0.0.1:{}/%2f",
+        crate::helpers::free_port()
+    );
+    let env = [("WARREN_AMQP_URL", closed.as_str())];
+    let cases: &[(&[&str], &str)] = &[
+        (
+            &["publish", "it.x", "--payload", "{\"secret-mark\": nope"],
+            "--payload is not valid JSON",
+        ),
+        (
+            &["publish", "it.x", "--payload", &missing_arg],
+            "reading the payload from",
+        ),
+        (
+            &["publish", "it.#", "--payload", "{}"],
+            "`task` may not contain `*` or `#`",
+        ),
+        (&["publish", ""], "`task` is empty"),
+    ];
+    for (args, says) in cases {
+        let out = exits(args, &env);
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{args:?}: {err}");
+        assert!(err.contains(says), "{args:?}: {err}");
+        assert!(!err.contains("secret-mark"), "{args:?}: {err}");
+        assert!(out.stdout.is_empty(), "{args:?}");
+    }
+    let out = exits(&["publish", "it.x", "--payload", "{}"], &env);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(err.contains("connecting to the broker"), "{err}");
+}
+
 /// Only transient connect errors are retried: a broker that refuses the
 /// credentials or the vhost refuses them again, so `run` stops with exit 1
 /// and says why instead of retrying forever.

@@ -23,18 +23,23 @@ pub const PUBLISH_TOKEN: &str = "it-publish-token-0123456789";
 pub const READ_TOKEN: &str = "it-read-token-0123456789abc";
 
 /// One test's world: a unique prefix, its declared topology, a temp dir.
+/// On the shared test broker its queues and exchanges are deleted when it
+/// drops (see `Drop for World`).
 pub struct World {
     pub url: String,
     pub prefix: String,
-    #[allow(dead_code)]
     pub topo: Topology,
     pub conn: Connection,
     pub dir: tempfile::TempDir,
+    /// On a node of the test's own, which goes away with it: nothing to delete.
+    shared_broker: bool,
 }
 
 impl World {
     pub async fn new(test: &str) -> World {
-        Self::on(test, warren::testing::broker_url()).await
+        let mut w = Self::on(test, warren::testing::broker_url()).await;
+        w.shared_broker = true;
+        w
     }
 
     /// A world on a broker of the test's own (see `warren::testing::Node`).
@@ -55,6 +60,7 @@ impl World {
             topo,
             conn,
             dir: tempfile::tempdir().expect("temp dir"),
+            shared_broker: false,
         }
     }
 
@@ -204,6 +210,51 @@ impl World {
         let _ = ch.close(200, "".into()).await;
         q.message_count()
     }
+}
+
+/// Tests declare `World` first, so it drops last: the producers it started
+/// are gone by then and cannot declare the topology again.
+impl Drop for World {
+    fn drop(&mut self) {
+        if !self.shared_broker {
+            return;
+        }
+        let (url, topo) = (self.url.clone(), self.topo.clone());
+        // Drop cannot await and runs inside the test's runtime: clean up on
+        // a thread with a runtime and a connection of its own.
+        let cleanup = std::thread::spawn(move || {
+            let Ok(rt) = tokio::runtime::Builder::new_multi_thread()
+                .worker_threads(1)
+                .enable_all()
+                .build()
+            else {
+                return;
+            };
+            rt.block_on(async {
+                let _ =
+                    tokio::time::timeout(Duration::from_secs(10), delete_all(&url, &topo)).await;
+            });
+        });
+        let _ = cleanup.join();
+    }
+}
+
+/// Delete a test's topology and the producer's state queue (the leader's
+/// lock queue is exclusive and went with its connection).
+async fn delete_all(url: &str, topo: &Topology) {
+    let mut amqp = warren::testing::amqp_config();
+    amqp.url = warren::config::Secret::new(url);
+    let Ok(conn) = warren::amqp::connect(&amqp, "test-cleanup").await else {
+        return;
+    };
+    warren::testing::delete_topology(&conn, topo).await;
+    if let Ok(ch) = conn.create_channel().await {
+        let state = format!("{}.producer.state", topo.prefix());
+        let _ = ch
+            .queue_delete(state.as_str().into(), Default::default())
+            .await;
+    }
+    let _ = conn.close(200, "test done".into()).await;
 }
 
 fn clean_env(cmd: &mut Command) {

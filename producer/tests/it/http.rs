@@ -36,94 +36,37 @@ async fn call(
     (status, json)
 }
 
-/// Auth (missing / wrong / insufficient scope), bad JSON, invalid task,
-/// oversized body, success with the ids after confirms, schedules listing
-/// and manual trigger; plus `/metrics` passes `promtool check metrics`.
+/// The binary serves the API end to end: a refused and an accepted publish,
+/// the schedules listing and a manual trigger, and `/metrics` (counting
+/// them) passes `promtool check metrics`. Every refusal and success of `/v1`
+/// is checked in process in `api.rs`.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn http_api_auth_errors_and_success() {
+async fn http_api_through_the_binary() {
     use reqwest::Method;
     let w = World::new("http").await;
     let rx = w.collect().await;
     let cfg = w.write_config("p.toml", CFG);
-    let p = w.start("producer", &cfg, &[("WARREN_API__MAX_BODY_BYTES", "4096")]);
+    let p = w.start("producer", &cfg, &[]);
     p.wait_ready(Duration::from_secs(20)).await;
     let tasks = p.url("/v1/tasks");
     let one = br#"{"task":"it.api","payload":{"x":1},"id":"api-1"}"#.to_vec();
 
-    // 401: no token, and a wrong token.
     let (s, b) = call(Method::POST, &tasks, None, Some(one.clone())).await;
     assert_eq!((s, b["error"].as_str()), (401, Some("unauthorized")), "{b}");
-    let (s, b) = call(
-        Method::POST,
-        &tasks,
-        Some("wrong-token-wrong-token"),
-        Some(one.clone()),
-    )
-    .await;
-    assert_eq!((s, b["error"].as_str()), (401, Some("unauthorized")), "{b}");
-    // 403: a read-only token may not publish.
     let (s, b) = call(Method::POST, &tasks, Some(READ_TOKEN), Some(one.clone())).await;
     assert_eq!((s, b["error"].as_str()), (403, Some("forbidden")), "{b}");
-    // 400: not JSON.
-    let (s, b) = call(
-        Method::POST,
-        &tasks,
-        Some(PUBLISH_TOKEN),
-        Some(b"{not json".to_vec()),
-    )
-    .await;
-    assert_eq!((s, b["error"].as_str()), (400, Some("bad_json")), "{b}");
-    // 422: JSON, but not a valid task.
-    let (s, b) = call(
-        Method::POST,
-        &tasks,
-        Some(PUBLISH_TOKEN),
-        Some(br#"{"payload":{}}"#.to_vec()),
-    )
-    .await;
-    assert_eq!((s, b["error"].as_str()), (422, Some("invalid_task")), "{b}");
-    let (s, b) = call(
-        Method::POST,
-        &tasks,
-        Some(PUBLISH_TOKEN),
-        Some(br#"[{"task":"a"},{"task":""}]"#.to_vec()),
-    )
-    .await;
-    assert_eq!(s, 422, "{b}");
-    assert!(b["message"].as_str().unwrap().contains("[1]"), "{b}");
-    // 413: over api.max_body_bytes.
-    let big = format!(r#"{{"task":"it.big","payload":"{}"}}"#, "x".repeat(8192));
-    let (s, b) = call(
-        Method::POST,
-        &tasks,
-        Some(PUBLISH_TOKEN),
-        Some(big.into_bytes()),
-    )
-    .await;
-    assert_eq!(
-        (s, b["error"].as_str()),
-        (413, Some("payload_too_large")),
-        "{b}"
-    );
     assert!(rx.all().is_empty(), "nothing published by refused requests");
 
-    // 202: one task, then a batch.
     let (s, b) = call(Method::POST, &tasks, Some(PUBLISH_TOKEN), Some(one)).await;
     assert_eq!(s, 202, "{b}");
     assert_eq!(b["ids"], serde_json::json!(["api-1"]));
-    let batch =
-        br#"[{"task":"it.api","payload":1},{"task":"it.api","delay":"1s"},{"name":"it.api"}]"#
-            .to_vec();
-    let (s, b) = call(Method::POST, &tasks, Some(PUBLISH_TOKEN), Some(batch)).await;
-    assert_eq!(s, 202, "{b}");
-    assert_eq!(b["ids"].as_array().map(Vec::len), Some(3), "{b}");
     let got = rx
-        .wait_for(Duration::from_secs(10), "4 published tasks", |m| {
-            m.len() >= 4
+        .wait_for(Duration::from_secs(10), "the published task", |m| {
+            m.iter().any(|m| m.id == "api-1")
         })
         .await;
-    assert_eq!(got[0].id, "api-1");
-    assert_eq!(got[0].body, br#"{"x":1}"#);
+    let m = got.iter().find(|m| m.id == "api-1").unwrap();
+    assert_eq!(m.body, br#"{"x":1}"#);
 
     // Schedules: read scope suffices; publish token includes read.
     let (s, b) = call(Method::GET, &p.url("/v1/schedules"), Some(READ_TOKEN), None).await;
@@ -170,7 +113,7 @@ async fn http_api_auth_errors_and_success() {
         "warren_producer_fires_total",
         "warren_producer_fire_lag_seconds",
         "warren_producer_missed_fires_total",
-        "warren_producer_published_total{source=\"api\"} 5",
+        "warren_producer_published_total{source=\"api\"} 2",
         "warren_producer_publish_failures_total",
         "warren_producer_next_fire_timestamp_seconds",
         "warren_producer_leader",
@@ -180,6 +123,8 @@ async fn http_api_auth_errors_and_success() {
     ] {
         assert!(text.contains(name), "missing {name} in\n{text}");
     }
+    // `publish` is a process of its own: no series that can only be 0.
+    assert!(!text.contains("source=\"cli\""), "{text}");
     warren::testing::assert_promtool_ok(&text);
     let (s, _) = call(Method::GET, &p.url("/healthz"), None, None).await;
     assert_eq!(s, 200);

@@ -1,9 +1,11 @@
-//! Integration tests of `warren-producer`: the built binary as child
-//! processes against a real broker (`warren::testing::broker_url()`), each
-//! test on its own topology prefix.
+//! Integration tests of `warren-producer` against a real broker
+//! (`warren::testing::broker_url()`), each test on its own topology prefix
+//! (deleted when the test's `World` drops): the built binary as child
+//! processes, and the HTTP API in process through `warren_producer::App`.
 #![allow(clippy::unwrap_used)]
 
 mod alarm;
+mod api;
 mod broker_loss;
 mod cli;
 mod clock_step;

@@ -109,7 +109,12 @@ async fn returned_publish_logs_no_payload_byte() {
     let leaks = |text: &str| text.contains(mark) || text.contains(&as_bytes);
     let out = run(&[]);
     let err = String::from_utf8_lossy(&out.stderr);
-    assert!(!out.status.success(), "an unroutable publish must fail");
+    // A returned publish is a runtime failure, not a usage error.
+    assert_eq!(
+        out.status.code(),
+        Some(1),
+        "an unroutable publish fails: {err}"
+    );
     assert!(
         err.contains("report.daily"),
         "the error names the task: {err}"

@@ -1,0 +1,90 @@
+//! The producer's broker connections: connecting with retries (shared by the
+//! API connection here and the lock connection of [`crate::scheduler`]),
+//! and keeping the API's publishing connection up. Readiness follows it.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use lapin::Connection;
+use tokio_util::sync::CancellationToken;
+use warren::amqp::Publisher;
+
+use crate::context::{ApiPublisher, Ctx};
+
+/// Connect with [`warren::amqp::connect_with_backoff`] until it works or
+/// shutdown (`None`). An error no retry can cure (credentials or vhost
+/// refused, unreadable TLS file) stops the producer with exit 1: it is
+/// recorded in `ctx` and `stop` is cancelled.
+pub async fn connect_retry(ctx: &Ctx, role: &str, stop: &CancellationToken) -> Option<Connection> {
+    match warren::amqp::connect_with_backoff(&ctx.cfg().amqp, role, stop).await {
+        Ok(conn) => conn,
+        Err(e) => {
+            tracing::error!(role, error = %e, "cannot connect to the broker; not retrying");
+            ctx.fail(format!("cannot connect to the broker: {e}"));
+            stop.cancel();
+            None
+        }
+    }
+}
+
+/// Keep the API's publishing connection up: connect, declare the topology,
+/// serve, and start over when it drops.
+pub async fn api_connection(ctx: Arc<Ctx>, stop: CancellationToken) {
+    let mut first = true;
+    loop {
+        let Some(conn) = connect_retry(&ctx, "producer", &stop).await else {
+            return;
+        };
+        let setup = async {
+            warren::topology::declare(&conn, ctx.topo()).await?;
+            Publisher::new(&conn, ctx.cfg().amqp.confirm_timeout).await
+        };
+        match setup.await {
+            Ok(publisher) => {
+                let blocked = warren::amqp::watch_connection(&conn, ctx.amqp_metrics().clone());
+                ctx.set_api_publisher(Some(ApiPublisher {
+                    publisher: publisher.clone(),
+                    blocked,
+                }));
+                if !first {
+                    ctx.amqp_metrics().reconnects.inc();
+                }
+                first = false;
+                ctx.amqp_metrics().connected.set(1);
+                ctx.health().set_ready(true);
+                tracing::info!("connected to the broker");
+                loop {
+                    tokio::select! {
+                        _ = stop.cancelled() => break,
+                        _ = tokio::time::sleep(Duration::from_millis(250)) => {}
+                    }
+                    if !conn.status().connected() {
+                        tracing::warn!("publishing connection lost; reconnecting");
+                        break;
+                    }
+                }
+                ctx.health().set_ready(false);
+                ctx.amqp_metrics().connected.set(0);
+                ctx.set_api_publisher(None);
+                if conn.status().connected() {
+                    let _ = publisher.channel().close(200, "shutting down".into()).await;
+                }
+            }
+            Err(e) => {
+                tracing::error!(error = %e, "cannot set up the topology; retrying");
+                tokio::select! {
+                    _ = stop.cancelled() => {}
+                    _ = tokio::time::sleep(Duration::from_secs(2)) => {}
+                }
+            }
+        }
+        let _ = tokio::time::timeout(
+            Duration::from_secs(2),
+            conn.close(200, "producer shutting down".into()),
+        )
+        .await;
+        if stop.is_cancelled() {
+            return;
+        }
+    }
+}

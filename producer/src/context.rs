@@ -1,0 +1,213 @@
+//! What the parts of a running producer share: the config it started with,
+//! the topology, metrics and health, the schedules in force (replaced whole
+//! on reload) and what each has done, whether this replica leads, the API's
+//! publisher while connected, the API tokens, and why the process must stop.
+//!
+//! It sits below [`crate::api`], [`crate::scheduler`] and [`crate::app`] and
+//! knows none of them: they all read and write through these methods.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, OnceLock, RwLock};
+
+use chrono::{DateTime, Utc};
+use tokio::sync::watch;
+use warren::amqp::Publisher;
+use warren::metrics::{AmqpMetrics, Health};
+use warren::Topology;
+
+use crate::auth::TokenStore;
+use crate::config::{ProducerConfig, Schedule, ScheduleSet};
+use crate::metrics::Metrics;
+
+/// What one schedule looks like from outside (API, metrics).
+#[derive(Debug, Clone, Default)]
+pub struct Status {
+    pub next_fire: Option<DateTime<Utc>>,
+    pub last_fired: Option<DateTime<Utc>>,
+}
+
+/// The publishing side the API uses: present while connected.
+#[derive(Clone)]
+pub struct ApiPublisher {
+    pub publisher: Publisher,
+    pub blocked: warren::amqp::Blocked,
+}
+
+pub struct Ctx {
+    cfg: ProducerConfig,
+    config_path: Option<PathBuf>,
+    topo: Topology,
+    metrics: Metrics,
+    amqp_metrics: AmqpMetrics,
+    health: Health,
+    schedules: watch::Sender<ScheduleSet>,
+    status: Mutex<HashMap<String, Status>>,
+    leader: AtomicBool,
+    instance: String,
+    api_publisher: RwLock<Option<ApiPublisher>>,
+    tokens: TokenStore,
+    /// Why the process must stop (exit 1), set once.
+    fatal: OnceLock<String>,
+}
+
+impl Ctx {
+    pub fn new(
+        cfg: ProducerConfig,
+        metrics: Metrics,
+        amqp_metrics: AmqpMetrics,
+        health: Health,
+        tokens: TokenStore,
+    ) -> Self {
+        let (schedules, _) = watch::channel::<ScheduleSet>(Arc::new(Vec::new()));
+        Self {
+            topo: Topology::new(&cfg.topology),
+            cfg,
+            config_path: None,
+            metrics,
+            amqp_metrics,
+            health,
+            schedules,
+            status: Mutex::new(HashMap::new()),
+            leader: AtomicBool::new(false),
+            instance: instance_id(),
+            api_publisher: RwLock::new(None),
+            tokens,
+            fatal: OnceLock::new(),
+        }
+    }
+
+    /// The file SIGHUP re-reads.
+    pub fn with_config_path(mut self, path: Option<PathBuf>) -> Self {
+        self.config_path = path;
+        self
+    }
+
+    /// The config the process started with (SIGHUP swaps schedules and
+    /// tokens, nothing else).
+    pub fn cfg(&self) -> &ProducerConfig {
+        &self.cfg
+    }
+
+    pub fn config_path(&self) -> Option<&Path> {
+        self.config_path.as_deref()
+    }
+
+    pub fn topo(&self) -> &Topology {
+        &self.topo
+    }
+
+    pub fn metrics(&self) -> &Metrics {
+        &self.metrics
+    }
+
+    pub fn amqp_metrics(&self) -> &AmqpMetrics {
+        &self.amqp_metrics
+    }
+
+    pub fn health(&self) -> &Health {
+        &self.health
+    }
+
+    /// This replica's name (`<host>:<pid>`).
+    pub fn instance(&self) -> &str {
+        &self.instance
+    }
+
+    pub fn tokens(&self) -> &TokenStore {
+        &self.tokens
+    }
+
+    /// The schedules in force now.
+    pub fn schedules(&self) -> ScheduleSet {
+        self.schedules.borrow().clone()
+    }
+
+    /// Told of every schedule swap (the fire loop re-plans on it).
+    pub fn subscribe_schedules(&self) -> watch::Receiver<ScheduleSet> {
+        self.schedules.subscribe()
+    }
+
+    /// Put `schedules` in force: series of removed ones are dropped, those
+    /// of new ones exist from now on (zero, not absent).
+    pub fn apply_schedules(&self, schedules: Vec<Schedule>) {
+        let old = self.schedules();
+        for s in old.iter() {
+            if !schedules
+                .iter()
+                .any(|n| n.name() == s.name() && n.cfg.enabled)
+            {
+                self.metrics.forget_schedule(s.name());
+                if let Ok(mut m) = self.status.lock() {
+                    m.remove(s.name());
+                }
+            }
+        }
+        for s in schedules.iter().filter(|s| s.cfg.enabled) {
+            self.metrics.init_schedule(s.name());
+        }
+        let names: Vec<&str> = schedules.iter().map(|s| s.name()).collect();
+        tracing::info!(schedules = ?names, "schedules in force");
+        self.schedules.send_replace(Arc::new(schedules));
+    }
+
+    pub fn set_next(&self, name: &str, next: Option<DateTime<Utc>>) {
+        // 0 = no further fire (e.g. a 7-field expression whose years are over).
+        let v = next.map_or(0.0, |n| n.timestamp_millis() as f64 / 1000.0);
+        self.metrics.next_fire.with_label_values(&[name]).set(v);
+        if let Ok(mut m) = self.status.lock() {
+            m.entry(name.to_owned()).or_default().next_fire = next;
+        }
+    }
+
+    pub fn set_last(&self, name: &str, t: DateTime<Utc>) {
+        if let Ok(mut m) = self.status.lock() {
+            m.entry(name.to_owned()).or_default().last_fired = Some(t);
+        }
+    }
+
+    pub fn status_of(&self, name: &str) -> Status {
+        self.status
+            .lock()
+            .ok()
+            .and_then(|m| m.get(name).cloned())
+            .unwrap_or_default()
+    }
+
+    pub fn is_leader(&self) -> bool {
+        self.leader.load(Ordering::SeqCst)
+    }
+
+    /// Record (and export as `warren_producer_leader`) whether this replica
+    /// is the active scheduler.
+    pub fn set_leader(&self, leading: bool) {
+        self.leader.store(leading, Ordering::SeqCst);
+        self.metrics.leader.set(i64::from(leading));
+    }
+
+    pub fn api_publisher(&self) -> Option<ApiPublisher> {
+        self.api_publisher.read().ok().and_then(|g| g.clone())
+    }
+
+    pub fn set_api_publisher(&self, publisher: Option<ApiPublisher>) {
+        if let Ok(mut g) = self.api_publisher.write() {
+            *g = publisher;
+        }
+    }
+
+    /// Record why the process must stop with exit 1 (the first reason wins).
+    pub fn fail(&self, why: String) {
+        let _ = self.fatal.set(why);
+    }
+
+    pub fn fatal(&self) -> Option<&str> {
+        self.fatal.get().map(String::as_str)
+    }
+}
+
+/// This replica's name in logs, the state snapshot and the `app_id` of ticks:
+/// `<host>:<pid>`, unique among replicas even without `$HOSTNAME`.
+fn instance_id() -> String {
+    format!("{}:{}", warren::config::host_name(), std::process::id())
+}

@@ -1,0 +1,44 @@
+//! `warren-producer` as a library: the cron producer of warren. The binary
+//! (`main.rs`) only parses the command line, loads the config and calls in
+//! here; tests build an [`App`] in process the same way.
+//!
+//! | module | owns |
+//! |---|---|
+//! | [`app`] | [`App`]: build (validate, bind), run, orderly shutdown |
+//! | `api` | the `/v1` HTTP handlers |
+//! | `auth` | bearer tokens, scopes as types, the `RequireScope` extractor |
+//! | `error` | the JSON error body of every `/v1` answer |
+//! | `scheduler` | election loop and fire loop |
+//! | `reload` | SIGHUP: schedules and API tokens swapped at runtime |
+//! | `connection` | broker connections: retries, the API's publisher |
+//! | `context` | `Ctx`, the state the parts above share (below all of them) |
+//! | `leader` | election on an exclusive queue and the fence before each tick |
+//! | `state` | the last-fire snapshot a new leader resumes from (in RabbitMQ) |
+//! | [`request`] | ad-hoc task requests (CLI batch lines, API bodies) |
+//! | [`cli`] | command line: `run`, `schedules check|next`, `publish` |
+//! | [`config`] | `ProducerConfig`, token files, schedule validation |
+//! | `schedule` | pure next-fire math: syntaxes, zones, DST rules, misfire plan |
+//! | `metrics` | the producer's Prometheus metrics |
+//!
+//! Dependencies point down this table (from `app` to `context` and the
+//! pure modules below it); nothing below `app` knows it, and `api` and
+//! `scheduler` meet only in `context`.
+
+pub mod app;
+pub mod cli;
+pub mod config;
+pub mod request;
+
+mod api;
+mod auth;
+mod connection;
+mod context;
+mod error;
+mod leader;
+mod metrics;
+mod reload;
+mod schedule;
+mod scheduler;
+mod state;
+
+pub use app::App;
