@@ -44,7 +44,12 @@ impl World {
 
     /// A world on a broker of the test's own (see `warren::testing::Node`).
     pub async fn on(test: &str, url: &str) -> World {
-        let cfg = warren::testing::topology_config(test, QueueType::Classic);
+        Self::on_with(test, url, QueueType::Classic).await
+    }
+
+    /// [`World::on`] with a queue type (quorum on a cluster).
+    pub async fn on_with(test: &str, url: &str, queue_type: QueueType) -> World {
+        let cfg = warren::testing::topology_config(test, queue_type);
         let topo = Topology::new(&cfg);
         let mut amqp = warren::testing::amqp_config();
         amqp.url = warren::config::Secret::new(url);

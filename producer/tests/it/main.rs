@@ -9,6 +9,7 @@ mod api;
 mod broker_loss;
 mod cli;
 mod clock_step;
+mod cluster;
 mod faults;
 mod helpers;
 mod http;
