@@ -38,10 +38,10 @@ async fn partition_of_the_leaders_node_never_fires_a_tick_twice() {
     let logs = a.logs();
     let host = logs
         .lines()
+        .rev()
         .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
         .filter(|v| v["message"] == "connected to the broker" && v["role"] == "producer-lock")
-        .filter_map(|v| Some(v["node"].as_str()?.split(':').next()?.to_owned()))
-        .last()
+        .find_map(|v| Some(v["node"].as_str()?.split(':').next()?.to_owned()))
         .expect("the leader logs the node of its lock connection");
     let node = cluster.node_by_host(&host).expect("a node of this cluster");
     // Read the ticks through a node that stays in the majority.
