@@ -12,7 +12,8 @@ use lapin::types::{AMQPValue, FieldTable};
 use lapin::{BasicProperties, Connection};
 use warren::amqp::Publisher;
 use warren::config::{QueueConfig, QueueType, TopologyConfig};
-use warren::envelope::{headers, RetryOverrides};
+use warren::envelope::headers;
+use warren::retry::RetryOverrides;
 use warren::testing::{self, eventually};
 use warren::topology::{self, Topology};
 use warren::{Error, Task};
@@ -77,7 +78,8 @@ async fn envelope_round_trips_through_the_broker() {
         ),
         attempt: 2,
         retry: RetryOverrides {
-            initial: Some(Duration::from_millis(300)),
+            max_attempts: None,
+            initial_delay: Some(Duration::from_millis(300)),
             multiplier: Some(1.5),
             max_delay: Some(Duration::from_secs(9)),
             jitter: Some(0.1),
