@@ -226,11 +226,14 @@ async fn publish_scenario(conn: &Connection, args: &Args) -> Result<()> {
     Ok(())
 }
 
+/// Consume `n` messages; `ready` fires once the broker registered the
+/// consumer, so the timed publishing starts against a live consumer.
 async fn plain_consume_until(
     conn: &Connection,
     queue: &str,
     n: usize,
     prefetch: u16,
+    ready: tokio::sync::oneshot::Sender<()>,
 ) -> Result<()> {
     let ch = conn.create_channel().await?;
     ch.basic_qos(prefetch, BasicQosOptions::default()).await?;
@@ -242,6 +245,7 @@ async fn plain_consume_until(
             FieldTable::default(),
         )
         .await?;
+    let _ = ready.send(());
     let mut seen = 0;
     while seen < n {
         let d = tokio::time::timeout(Duration::from_secs(60), consumer.next())
@@ -319,11 +323,7 @@ async fn start_consumer(
 /// Sum of `warren_consumer_tasks_total` over all labels.
 async fn tasks_done(http: &reqwest::Client, url: &str) -> Result<f64> {
     let text = http.get(url).send().await?.text().await?;
-    Ok(text
-        .lines()
-        .filter(|l| l.starts_with("warren_consumer_tasks_total"))
-        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-        .sum())
+    Ok(warren::testing::scraped_value(&text, "warren_consumer_tasks_total", &[]).unwrap_or(0.0))
 }
 
 /// User + system CPU seconds of a process so far (from `/proc/<pid>/stat`).
@@ -368,7 +368,7 @@ async fn e2e_scenario(conn: &Connection, args: &Args, url: &str) -> Result<()> {
             topology::declare(conn, &t).await?;
             let queue = t.work_queues()[0].name.clone();
             if side == 0 {
-                let consumer = {
+                let (consumer, consuming) = {
                     let conn2 = warren::amqp::connect(
                         &AmqpConfig {
                             url: Secret::new(url),
@@ -379,13 +379,19 @@ async fn e2e_scenario(conn: &Connection, args: &Args, url: &str) -> Result<()> {
                     .await?;
                     let n = args.messages;
                     let prefetch = args.prefetch;
-                    tokio::spawn(async move {
-                        let r = plain_consume_until(&conn2, &queue, n, prefetch).await;
+                    let (ready, consuming) = tokio::sync::oneshot::channel();
+                    let task = tokio::spawn(async move {
+                        let r = plain_consume_until(&conn2, &queue, n, prefetch, ready).await;
                         conn2.close(200, "done".into()).await.ok();
                         r
-                    })
+                    });
+                    (task, consuming)
                 };
-                tokio::time::sleep(Duration::from_millis(200)).await;
+                if consuming.await.is_err() {
+                    // It stopped before consuming: its error says why.
+                    consumer.await??;
+                    bail!("the plain consumer stopped before consuming");
+                }
                 let start = Instant::now();
                 plain_publish(conn, &t.tasks_exchange(), "bench.noop", args.messages).await?;
                 consumer.await??;

@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 use warren::config::{AmqpConfig, HttpConfig, LogConfig, TopologyConfig};
-use warren::retry::RetryPolicy;
+use warren::retry::{RetryOverrides, RetryPolicy};
 
 /// Default address of `/metrics`, `/healthz`, `/readyz`.
 pub const DEFAULT_HTTP_ADDR: &str = "0.0.0.0:9090";
@@ -89,35 +89,9 @@ impl Default for WorkerConfig {
 #[serde(deny_unknown_fields, default)]
 pub struct RetryConfig {
     pub default: RetryPolicy,
-    /// Task name (or pattern) → fields that differ from `default`.
-    pub tasks: BTreeMap<String, RetryOverride>,
-}
-
-/// Partial retry policy: unset fields come from `retry.default`.
-#[derive(Debug, Clone, Copy, PartialEq, Default, Serialize, Deserialize)]
-#[serde(deny_unknown_fields, default)]
-pub struct RetryOverride {
-    pub max_attempts: Option<u32>,
-    #[serde(with = "humantime_serde")]
-    pub initial_delay: Option<Duration>,
-    pub multiplier: Option<f64>,
-    #[serde(with = "humantime_serde")]
-    pub max_delay: Option<Duration>,
-    pub jitter: Option<f64>,
-}
-
-impl RetryOverride {
-    pub fn apply(&self, p: RetryPolicy) -> RetryPolicy {
-        p.with_overrides(
-            self.max_attempts,
-            &warren::envelope::RetryOverrides {
-                initial: self.initial_delay,
-                multiplier: self.multiplier,
-                max_delay: self.max_delay,
-                jitter: self.jitter,
-            },
-        )
-    }
+    /// Task name (or pattern) → fields that differ from `default` (unset
+    /// fields come from `default`).
+    pub tasks: BTreeMap<String, RetryOverrides>,
 }
 
 impl RetryConfig {
@@ -281,25 +255,23 @@ impl ConsumerConfig {
             );
         }
         if let Err(e) = self.retry.default.validate() {
-            return err(&format!("retry.default.{}", e.field), &e.value, &e.rule);
+            return err(
+                &format!("retry.default.{}", e.field()),
+                &e.value(),
+                &e.rule(),
+            );
         }
         for (name, o) in &self.retry.tasks {
             // Each field on its own first, so the message names the field
             // the user wrote under this task, then the merged policy.
-            let own = warren::retry::check_fields(
-                o.max_attempts,
-                &warren::envelope::RetryOverrides {
-                    initial: o.initial_delay,
-                    multiplier: o.multiplier,
-                    max_delay: o.max_delay,
-                    jitter: o.jitter,
-                },
-            );
-            if let Err(e) = own.and_then(|()| o.apply(self.retry.default).validate()) {
+            if let Err(e) = o
+                .validate()
+                .and_then(|()| o.apply(self.retry.default).validate())
+            {
                 return err(
-                    &format!("retry.tasks.\"{name}\".{}", e.field),
-                    &e.value,
-                    &e.rule,
+                    &format!("retry.tasks.\"{name}\".{}", e.field()),
+                    &e.value(),
+                    &e.rule(),
                 );
             }
         }

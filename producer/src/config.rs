@@ -10,6 +10,7 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 use warren::config::{AmqpConfig, HttpConfig, LogConfig, Secret, TopologyConfig};
+use warren::retry::RetryOverrides;
 
 use crate::schedule::{self, DstGap, DstOverlap, MisfirePolicy, Spec};
 
@@ -214,8 +215,9 @@ pub struct ScheduleConfig {
     pub max_attempts: Option<u32>,
     #[serde(default, with = "humantime_serde")]
     pub timeout: Option<Duration>,
+    /// The same keys as the consumer's `retry.tasks."<name>"`.
     #[serde(default)]
-    pub retry: Option<RetryOverridesConfig>,
+    pub retry: Option<RetryOverrides>,
     #[serde(default)]
     pub misfire: MisfirePolicy,
     #[serde(default = "default_grace", with = "humantime_serde")]
@@ -230,17 +232,16 @@ pub struct ScheduleConfig {
     pub enabled: bool,
 }
 
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct RetryOverridesConfig {
-    #[serde(default, with = "humantime_serde")]
-    pub initial: Option<Duration>,
-    #[serde(default)]
-    pub multiplier: Option<f64>,
-    #[serde(default, with = "humantime_serde")]
-    pub max_delay: Option<Duration>,
-    #[serde(default)]
-    pub jitter: Option<f64>,
+impl ScheduleConfig {
+    /// The retry overrides of this schedule's tasks: `retry`, with the
+    /// schedule's own `max_attempts` (validation allows only one of the two).
+    pub fn retry(&self) -> RetryOverrides {
+        let r = self.retry.unwrap_or_default();
+        RetryOverrides {
+            max_attempts: self.max_attempts.or(r.max_attempts),
+            ..r
+        }
+    }
 }
 
 fn default_tz() -> String {
@@ -282,14 +283,13 @@ impl Schedule {
         t.id = id;
         t.schedule = Some(self.cfg.name.clone());
         t.priority = self.cfg.priority;
-        t.max_attempts = self.cfg.max_attempts;
         t.timeout = self.cfg.timeout;
-        if let Some(r) = &self.cfg.retry {
-            t.retry.initial = r.initial;
-            t.retry.multiplier = r.multiplier;
-            t.retry.max_delay = r.max_delay;
-            t.retry.jitter = r.jitter;
-        }
+        let retry = self.cfg.retry();
+        t.max_attempts = retry.max_attempts;
+        t.retry = RetryOverrides {
+            max_attempts: None,
+            ..retry
+        };
         t
     }
 }
@@ -325,22 +325,17 @@ pub fn compile_schedules(list: &[ScheduleConfig]) -> Result<Vec<Schedule>, Vec<S
                 warren::delay::MAX_TASK_NAME_LEN
             ));
         }
-        if let Some(r) = &s.retry {
-            let o = warren::envelope::RetryOverrides {
-                initial: r.initial,
-                multiplier: r.multiplier,
-                max_delay: r.max_delay,
-                jitter: r.jitter,
+        let in_retry = s.retry.and_then(|r| r.max_attempts);
+        if s.max_attempts.is_some() && in_retry.is_some() {
+            err("`max_attempts` is set both on the schedule and in `retry`: keep one".into());
+        } else if let Err(e) = s.retry().validate() {
+            let field = match &e {
+                warren::retry::Invalid::NoAttempts if in_retry.is_none() => {
+                    "max_attempts".to_owned()
+                }
+                _ => format!("retry.{}", e.field()),
             };
-            if let Err(e) = warren::retry::check_fields(s.max_attempts, &o) {
-                let field = match e.field {
-                    "max_attempts" => "max_attempts".to_owned(),
-                    f => format!("retry.{f}"),
-                };
-                err(format!("`{field}` = {}: {}", e.value, e.rule));
-            }
-        } else if s.max_attempts == Some(0) {
-            err("`max_attempts` = 0: must be at least 1".into());
+            err(format!("`{field}` = {}: {}", e.value(), e.rule()));
         }
         if s.max_catch_up == 0 {
             err("`max_catch_up` must be at least 1".into());
@@ -542,7 +537,7 @@ mod tests {
             priority = 5
             max_attempts = 3
             timeout = "10m"
-            retry = { initial = "30s", multiplier = 2.0 }
+            retry = { initial_delay = "30s", multiplier = 2.0 }
             misfire = "fire_once"
             misfire_grace = "2h"
             dst_gap = "skip"
@@ -558,6 +553,63 @@ mod tests {
         let v: serde_json::Value = serde_json::from_slice(&t.payload).unwrap();
         assert_eq!(v["format"], "pdf");
         assert_eq!(s[0].cfg.misfire, MisfirePolicy::FireOnce);
+        assert_eq!(t.max_attempts, Some(3));
+        assert_eq!(t.retry.initial_delay, Some(Duration::from_secs(30)));
+        assert_eq!(t.retry.multiplier, Some(2.0));
+    }
+
+    /// A schedule's `retry` table takes the consumer's `retry.tasks` keys and
+    /// is checked by the same validation, with the same messages.
+    #[test]
+    fn schedule_retry_uses_the_consumer_keys_and_checks() {
+        let e = toml::from_str::<ProducerConfig>(
+            "[[schedules]]\nname='a'\ncron='@daily'\ntask='t'\nretry={initial='30s'}\n",
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(
+            e.contains("`initial`") && e.contains("initial_delay"),
+            "{e}"
+        );
+
+        let one = |retry: &str, extra: &str| {
+            let cfg = parse(&format!(
+                "[[schedules]]\nname='a'\ncron='@daily'\ntask='t'\n{extra}retry={retry}\n"
+            ));
+            compile_schedules(&cfg.schedules)
+        };
+        let s = one(
+            "{ max_attempts = 4, initial_delay = '1s', max_delay = '1m' }",
+            "",
+        )
+        .unwrap();
+        let t = s[0].task("x".into());
+        assert_eq!(t.max_attempts, Some(4));
+        assert_eq!(t.retry.max_attempts, None);
+        assert_eq!(t.retry.max_delay, Some(Duration::from_secs(60)));
+
+        let errs = one("{ jitter = 5.0 }", "").unwrap_err();
+        assert_eq!(
+            errs,
+            ["schedule `a`: `retry.jitter` = 5.0: must be between 0 and 1"]
+        );
+        let errs = one("{ initial_delay = '90s', max_delay = '1m' }", "").unwrap_err();
+        assert_eq!(
+            errs,
+            ["schedule `a`: `retry.max_delay` = 1m: must not be shorter than initial_delay (1m 30s)"]
+        );
+        let errs = one("{ max_attempts = 0 }", "").unwrap_err();
+        assert_eq!(
+            errs,
+            ["schedule `a`: `retry.max_attempts` = 0: must be at least 1"]
+        );
+        let errs = one("{}", "max_attempts = 0\n").unwrap_err();
+        assert_eq!(
+            errs,
+            ["schedule `a`: `max_attempts` = 0: must be at least 1"]
+        );
+        let errs = one("{ max_attempts = 3 }", "max_attempts = 2\n").unwrap_err();
+        assert!(errs[0].contains("set both"), "{errs:?}");
     }
 
     #[test]

@@ -13,6 +13,8 @@ use lapin::types::{AMQPValue, FieldTable, ShortString};
 use lapin::BasicProperties;
 
 use crate::delay;
+/// The type lives with the policy it overrides; the name stays here too.
+pub use crate::retry::RetryOverrides;
 
 /// `x-warren-*` header names: the public contract (documented in the README).
 pub mod headers {
@@ -37,7 +39,9 @@ pub mod headers {
     pub const RETRY_MULTIPLIER: &str = "x-warren-retry-multiplier";
     pub const RETRY_MAX_MS: &str = "x-warren-retry-max-ms";
     pub const RETRY_JITTER: &str = "x-warren-retry-jitter";
-    /// Opaque signature, carried through retries untouched (reserved).
+    /// Opaque signature, carried through retries untouched. Nothing reads it
+    /// yet: signing is planned (issue 11, DESIGN "Signing"), and the name is
+    /// fixed here so that publishers can already set it.
     pub const SIGNATURE: &str = "x-warren-signature";
     /// Set on dead-lettered copies: why, what kind of failure, when, where from.
     pub const DEAD_REASON: &str = "x-warren-dead-reason";
@@ -62,6 +66,9 @@ pub struct Task {
     /// Raw JSON body, validated at decode time.
     pub payload: Vec<u8>,
     pub attempt: u32,
+    /// `x-warren-max-attempts`. Decoding puts it here, never in
+    /// `retry.max_attempts`; when publishing, either may be set (this one
+    /// wins).
     pub max_attempts: Option<u32>,
     pub timeout: Option<Duration>,
     pub not_before: Option<DateTime<Utc>>,
@@ -72,19 +79,11 @@ pub struct Task {
     pub schedule: Option<String>,
     pub last_error: Option<String>,
     pub first_failed_at: Option<DateTime<Utc>>,
+    /// `x-warren-retry-*`: the backoff overrides of this message.
     pub retry: RetryOverrides,
     /// Headers this module does not own (`x-warren-dead-*`, the broker's
     /// `x-death`, users' own), carried through republishes.
     pub extra_headers: FieldTable,
-}
-
-/// Per-message overrides of the retry policy.
-#[derive(Debug, Clone, Default, PartialEq)]
-pub struct RetryOverrides {
-    pub initial: Option<Duration>,
-    pub multiplier: Option<f64>,
-    pub max_delay: Option<Duration>,
-    pub jitter: Option<f64>,
 }
 
 /// Why a message is not a valid task. Each is a poison reason: the message is
@@ -218,7 +217,8 @@ impl Task {
             last_error: get_str(h, headers::LAST_ERROR)?,
             first_failed_at: get_time(h, headers::FIRST_FAILED_AT)?,
             retry: RetryOverrides {
-                initial: get_u64(h, headers::RETRY_INITIAL_MS)?.map(Duration::from_millis),
+                max_attempts: None,
+                initial_delay: get_u64(h, headers::RETRY_INITIAL_MS)?.map(Duration::from_millis),
                 multiplier: get_f64(h, headers::RETRY_MULTIPLIER)?,
                 max_delay: get_u64(h, headers::RETRY_MAX_MS)?.map(Duration::from_millis),
                 jitter: get_f64(h, headers::RETRY_JITTER)?,
@@ -239,7 +239,7 @@ impl Task {
                 AMQPValue::LongLongInt(self.attempt as i64),
             );
         }
-        if let Some(v) = self.max_attempts {
+        if let Some(v) = self.max_attempts.or(self.retry.max_attempts) {
             put(
                 &mut h,
                 headers::MAX_ATTEMPTS,
@@ -261,7 +261,7 @@ impl Task {
         if let Some(v) = self.first_failed_at {
             put(&mut h, headers::FIRST_FAILED_AT, time(v));
         }
-        if let Some(v) = self.retry.initial {
+        if let Some(v) = self.retry.initial_delay {
             put(&mut h, headers::RETRY_INITIAL_MS, ms(v));
         }
         if let Some(v) = self.retry.multiplier {
@@ -469,7 +469,8 @@ mod tests {
             last_error: Some("boom".into()),
             first_failed_at: Some(Utc.timestamp_millis_opt(1_700_000_000_000).unwrap()),
             retry: RetryOverrides {
-                initial: Some(Duration::from_millis(200)),
+                max_attempts: None,
+                initial_delay: Some(Duration::from_millis(200)),
                 multiplier: Some(3.0),
                 max_delay: Some(Duration::from_secs(60)),
                 jitter: Some(0.25),
@@ -568,6 +569,20 @@ mod tests {
             Task::decode(&long, &p, b"{}", MAX).unwrap_err().kind(),
             "name_too_long"
         );
+    }
+
+    /// A schedule copies its whole `retry` table, `max_attempts` included,
+    /// into a task: that still becomes `x-warren-max-attempts`.
+    #[test]
+    fn max_attempts_in_the_overrides_becomes_the_header() {
+        let mut t = Task::new("a", &serde_json::json!({}));
+        t.retry.max_attempts = Some(6);
+        let back = Task::decode("a", &t.properties(), &t.payload, MAX).unwrap();
+        assert_eq!(back.max_attempts, Some(6));
+        assert_eq!(back.retry.max_attempts, None, "decoded into one place");
+        t.max_attempts = Some(2);
+        let back = Task::decode("a", &t.properties(), &t.payload, MAX).unwrap();
+        assert_eq!(back.max_attempts, Some(2), "the field wins");
     }
 
     #[test]

@@ -1,11 +1,13 @@
 //! Retry policy: how many attempts a task gets and how long it waits between
 //! them. Pure arithmetic; the consumer applies it, the delay levels carry it out.
+//!
+//! [`RetryOverrides`] is the one partial form of a policy, with the same key
+//! names wherever a user writes one: a consumer's `retry.tasks."<name>"`, a
+//! schedule's `retry = { ... }`, and (as `x-warren-*` headers) a message.
 
 use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
-
-use crate::envelope::RetryOverrides;
 
 /// Exponential backoff: attempt `n` (1-based, the one that just failed) waits
 /// `min(initial * multiplier^(n-1), max_delay)`, then a random `±jitter`
@@ -36,25 +38,98 @@ impl Default for RetryPolicy {
     }
 }
 
+/// Some fields of a [`RetryPolicy`]; the unset ones come from the policy it
+/// is applied to. Key names are the policy's own, so a per-task override, a
+/// schedule's overrides and `retry.default` read alike.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RetryOverrides {
+    pub max_attempts: Option<u32>,
+    #[serde(with = "humantime_serde")]
+    pub initial_delay: Option<Duration>,
+    pub multiplier: Option<f64>,
+    #[serde(with = "humantime_serde")]
+    pub max_delay: Option<Duration>,
+    pub jitter: Option<f64>,
+}
+
+impl RetryOverrides {
+    /// Whether no field is set.
+    pub fn is_empty(&self) -> bool {
+        *self == Self::default()
+    }
+
+    /// `policy` with the fields that are set here replaced.
+    pub fn apply(&self, mut policy: RetryPolicy) -> RetryPolicy {
+        if let Some(v) = self.max_attempts {
+            policy.max_attempts = v;
+        }
+        if let Some(v) = self.initial_delay {
+            policy.initial_delay = v;
+        }
+        if let Some(v) = self.multiplier {
+            policy.multiplier = v;
+        }
+        if let Some(v) = self.max_delay {
+            policy.max_delay = v;
+        }
+        if let Some(v) = self.jitter {
+            policy.jitter = v;
+        }
+        policy
+    }
+
+    /// The one validation of retry settings, for whole policies and partial
+    /// ones alike: each field that is set on its own, and `max_delay` against
+    /// `initial_delay` when both are. The first problem found, if any.
+    /// Callers put the section in front (`retry.default.` + `jitter = 5.0:
+    /// must be between 0 and 1`).
+    pub fn validate(&self) -> Result<(), Invalid> {
+        if self.max_attempts == Some(0) {
+            return Err(Invalid::NoAttempts);
+        }
+        if let Some(m) = self.multiplier.filter(|m| !(m.is_finite() && *m >= 1.0)) {
+            return Err(Invalid::Multiplier(m));
+        }
+        if let Some(j) = self.jitter.filter(|j| !(0.0..=1.0).contains(j)) {
+            return Err(Invalid::Jitter(j));
+        }
+        if let (Some(initial_delay), Some(max_delay)) = (self.initial_delay, self.max_delay) {
+            if max_delay < initial_delay {
+                return Err(Invalid::MaxBelowInitial {
+                    max_delay,
+                    initial_delay,
+                });
+            }
+        }
+        Ok(())
+    }
+}
+
+impl From<RetryPolicy> for RetryOverrides {
+    /// Every field set: a whole policy, as overrides.
+    fn from(p: RetryPolicy) -> Self {
+        Self {
+            max_attempts: Some(p.max_attempts),
+            initial_delay: Some(p.initial_delay),
+            multiplier: Some(p.multiplier),
+            max_delay: Some(p.max_delay),
+            jitter: Some(p.jitter),
+        }
+    }
+}
+
 impl RetryPolicy {
-    /// The policy with a message's header overrides applied.
-    pub fn with_overrides(mut self, max_attempts: Option<u32>, o: &RetryOverrides) -> Self {
-        if let Some(v) = max_attempts {
-            self.max_attempts = v;
+    /// The policy with a message's overrides applied: the `x-warren-retry-*`
+    /// headers in `o` and `x-warren-max-attempts` in `max_attempts`, which
+    /// wins over `o.max_attempts` (a [`Task`](crate::Task) carries it in its
+    /// own field).
+    pub fn with_overrides(self, max_attempts: Option<u32>, o: &RetryOverrides) -> Self {
+        RetryOverrides {
+            max_attempts: max_attempts.or(o.max_attempts),
+            ..*o
         }
-        if let Some(v) = o.initial {
-            self.initial_delay = v;
-        }
-        if let Some(v) = o.multiplier {
-            self.multiplier = v;
-        }
-        if let Some(v) = o.max_delay {
-            self.max_delay = v;
-        }
-        if let Some(v) = o.jitter {
-            self.jitter = v;
-        }
-        self
+        .apply(self)
     }
 
     /// Whether a task whose attempt `attempt` just failed may run again.
@@ -74,71 +149,68 @@ impl RetryPolicy {
         Duration::try_from_secs_f64(secs).unwrap_or(self.max_delay)
     }
 
-    /// Same as [`delay`](Self::delay) with a random jitter draw.
-    pub fn delay_random(&self, attempt: u32) -> Duration {
-        self.delay(attempt, rand::random::<f64>())
-    }
-
-    /// Validation for config loading: the first field out of range, if any.
-    /// Callers put the section in front (`retry.default.` + `jitter = 5.0:
-    /// must be between 0 and 1`).
+    /// Validation for config loading: [`RetryOverrides::validate`] with every
+    /// field set.
     pub fn validate(&self) -> Result<(), Invalid> {
-        check_fields(
-            Some(self.max_attempts),
-            &RetryOverrides {
-                initial: Some(self.initial_delay),
-                multiplier: Some(self.multiplier),
-                max_delay: Some(self.max_delay),
-                jitter: Some(self.jitter),
-            },
-        )
+        RetryOverrides::from(*self).validate()
     }
 }
 
-/// A retry setting out of range: the field, its value as a person writes it
-/// (`5.0`, `1h 30m`), and the rule it breaks.
+/// A retry setting out of range. Displays as the field, its value as a
+/// person writes it (`5.0`, `1h 30m`) and the rule it breaks; [`field`],
+/// [`value`] and [`rule`] give the parts, for callers that put a section in
+/// front of the field.
+///
+/// [`field`]: Invalid::field
+/// [`value`]: Invalid::value
+/// [`rule`]: Invalid::rule
 #[derive(Debug, Clone, PartialEq, thiserror::Error)]
-#[error("{field} = {value}: {rule}")]
-pub struct Invalid {
-    pub field: &'static str,
-    pub value: String,
-    pub rule: String,
+pub enum Invalid {
+    #[error("max_attempts = 0: must be at least 1")]
+    NoAttempts,
+    #[error("multiplier = {}: must be at least 1", number(*.0))]
+    Multiplier(f64),
+    #[error("jitter = {}: must be between 0 and 1", number(*.0))]
+    Jitter(f64),
+    #[error(
+        "max_delay = {}: must not be shorter than initial_delay ({})",
+        duration(*max_delay),
+        duration(*initial_delay)
+    )]
+    MaxBelowInitial {
+        max_delay: Duration,
+        initial_delay: Duration,
+    },
 }
 
-/// Check the fields that are set, each on its own, and `max_delay` against
-/// `initial_delay` when both are. For whole policies and for partial ones (a
-/// schedule's or a task name's overrides), whose unset fields come from
-/// elsewhere.
-pub fn check_fields(max_attempts: Option<u32>, o: &RetryOverrides) -> Result<(), Invalid> {
-    let bad = |field, value: String, rule: &str| {
-        Err(Invalid {
-            field,
-            value,
-            rule: rule.to_owned(),
-        })
-    };
-    if max_attempts == Some(0) {
-        return bad("max_attempts", "0".into(), "must be at least 1");
-    }
-    if let Some(m) = o.multiplier.filter(|m| !(m.is_finite() && *m >= 1.0)) {
-        return bad("multiplier", number(m), "must be at least 1");
-    }
-    if let Some(j) = o.jitter.filter(|j| !(0.0..=1.0).contains(j)) {
-        return bad("jitter", number(j), "must be between 0 and 1");
-    }
-    if let (Some(initial), Some(max)) = (o.initial, o.max_delay) {
-        if max < initial {
-            return bad(
-                "max_delay",
-                duration(max),
-                &format!(
-                    "must not be shorter than initial_delay ({})",
-                    duration(initial)
-                ),
-            );
+impl Invalid {
+    /// The key at fault, as written in a config file.
+    pub fn field(&self) -> &'static str {
+        match self {
+            Self::NoAttempts => "max_attempts",
+            Self::Multiplier(_) => "multiplier",
+            Self::Jitter(_) => "jitter",
+            Self::MaxBelowInitial { .. } => "max_delay",
         }
     }
-    Ok(())
+
+    /// The value at fault, as written in a config file.
+    pub fn value(&self) -> String {
+        match self {
+            Self::NoAttempts => "0".into(),
+            Self::Multiplier(v) | Self::Jitter(v) => number(*v),
+            Self::MaxBelowInitial { max_delay, .. } => duration(*max_delay),
+        }
+    }
+
+    /// The rule the value breaks.
+    pub fn rule(&self) -> String {
+        let text = self.to_string();
+        match text.split_once(": ") {
+            Some((_, rule)) => rule.to_owned(),
+            None => text,
+        }
+    }
 }
 
 /// `5.0`, `0.25`: a float as it would be written in TOML.
@@ -200,14 +272,48 @@ mod tests {
     #[test]
     fn overrides_apply() {
         let o = RetryOverrides {
-            initial: Some(Duration::from_secs(2)),
+            max_attempts: Some(1),
+            initial_delay: Some(Duration::from_secs(2)),
             multiplier: Some(3.0),
             max_delay: Some(Duration::from_secs(100)),
             jitter: Some(0.0),
         };
         let p = policy().with_overrides(Some(9), &o);
-        assert_eq!(p.max_attempts, 9);
+        assert_eq!(p.max_attempts, 9, "the message's own max_attempts wins");
         assert_eq!(p.delay(3, 0.5), Duration::from_secs(18));
+        assert_eq!(policy().with_overrides(None, &o).max_attempts, 1);
+        assert_eq!(RetryOverrides::default().apply(policy()), policy());
+        assert_eq!(RetryOverrides::from(policy()).apply(p), policy());
+    }
+
+    /// The same keys as `RetryPolicy` (and so as `retry.default`): the
+    /// consumer's per-task overrides and a schedule's `retry` table share them.
+    #[test]
+    fn overrides_read_the_policy_key_names() {
+        let o: RetryOverrides = serde_json::from_value(serde_json::json!({
+            "max_attempts": 4,
+            "initial_delay": "30s",
+            "multiplier": 1.5,
+            "max_delay": "30m",
+            "jitter": 0.1,
+        }))
+        .unwrap();
+        assert_eq!(
+            o,
+            RetryOverrides {
+                max_attempts: Some(4),
+                initial_delay: Some(Duration::from_secs(30)),
+                multiplier: Some(1.5),
+                max_delay: Some(Duration::from_secs(1800)),
+                jitter: Some(0.1),
+            }
+        );
+        let e = serde_json::from_value::<RetryOverrides>(serde_json::json!({"initial": "30s"}))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("unknown field `initial`"), "{e}");
+        assert!(e.contains("initial_delay"), "{e}");
+        assert!(RetryOverrides::default().is_empty());
     }
 
     #[test]
@@ -247,10 +353,10 @@ mod tests {
             ..RetryOverrides::default()
         };
         assert_eq!(
-            check_fields(None, &o).unwrap_err().to_string(),
+            o.validate().unwrap_err().to_string(),
             "jitter = -0.5: must be between 0 and 1"
         );
-        assert!(check_fields(None, &RetryOverrides::default()).is_ok());
+        assert!(RetryOverrides::default().validate().is_ok());
     }
 
     #[test]
@@ -259,7 +365,11 @@ mod tests {
             multiplier: 0.5,
             ..policy()
         };
-        assert_eq!(bad.validate().unwrap_err().field, "multiplier");
+        let e = bad.validate().unwrap_err();
+        assert_eq!(
+            (e.field(), e.value(), e.rule().as_str()),
+            ("multiplier", "0.5".to_owned(), "must be at least 1")
+        );
         assert!(RetryPolicy {
             max_attempts: 0,
             ..policy()

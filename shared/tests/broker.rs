@@ -12,12 +12,16 @@ use lapin::types::{AMQPValue, FieldTable};
 use lapin::{BasicProperties, Connection};
 use warren::amqp::Publisher;
 use warren::config::{QueueConfig, QueueType, TopologyConfig};
-use warren::envelope::{headers, RetryOverrides};
+use warren::envelope::headers;
+use warren::retry::RetryOverrides;
 use warren::testing::{self, eventually};
 use warren::topology::{self, Topology};
 use warren::{Error, Task};
 
 const MAX_BODY: usize = 1 << 20;
+/// Deadline for anything to happen: generous, so a loaded machine only makes
+/// a test slower, never fail.
+const WAIT: Duration = Duration::from_secs(60);
 
 async fn setup(test: &str, qt: QueueType) -> (Connection, Topology, Publisher) {
     let conn = testing::connect().await;
@@ -36,21 +40,6 @@ async fn get_one(conn: &Connection, queue: &str) -> Option<lapin::message::Deliv
         .await
         .unwrap();
     msg.map(|m| m.delivery)
-}
-
-async fn wait_one(conn: &Connection, queue: &str, within: Duration) -> lapin::message::Delivery {
-    let ch = conn.create_channel().await.unwrap();
-    eventually(within, &format!("a message in {queue}"), || {
-        let ch = ch.clone();
-        let queue = queue.to_owned();
-        async move {
-            ch.basic_get(queue.as_str().into(), BasicGetOptions { no_ack: true })
-                .await
-                .unwrap()
-                .map(|m| m.delivery)
-        }
-    })
-    .await
 }
 
 #[tokio::test]
@@ -77,7 +66,8 @@ async fn envelope_round_trips_through_the_broker() {
         ),
         attempt: 2,
         retry: RetryOverrides {
-            initial: Some(Duration::from_millis(300)),
+            max_attempts: None,
+            initial_delay: Some(Duration::from_millis(300)),
             multiplier: Some(1.5),
             max_delay: Some(Duration::from_secs(9)),
             jitter: Some(0.1),
@@ -93,7 +83,7 @@ async fn envelope_round_trips_through_the_broker() {
         .await
         .expect("confirmed");
     let queue = &topo.work_queues()[0].name;
-    let d = wait_one(&conn, queue, Duration::from_secs(5)).await;
+    let d = testing::take_one(&conn, queue, WAIT).await;
     assert_eq!(d.properties.delivery_mode(), &Some(2), "persistent");
     let back = Task::decode(d.routing_key.as_str(), &d.properties, &d.data, MAX_BODY).unwrap();
     assert!(back.published_at.is_some());
@@ -116,7 +106,7 @@ async fn envelope_round_trips_through_the_broker() {
     )
     .await
     .unwrap();
-    let d = wait_one(&conn, queue, Duration::from_secs(5)).await;
+    let d = testing::take_one(&conn, queue, WAIT).await;
     let plain = Task::decode(d.routing_key.as_str(), &d.properties, &d.data, MAX_BODY).unwrap();
     assert_eq!(plain.name, "email.send");
     assert_eq!(plain.attempt, 1);
@@ -205,7 +195,7 @@ async fn delays_arrive_on_time(qt: QueueType, test: &str) {
     }
     let mut seen = Vec::new();
     while seen.len() < delays.len() {
-        let d = tokio::time::timeout(Duration::from_secs(15), consumer.next())
+        let d = tokio::time::timeout(WAIT, consumer.next())
             .await
             .expect("all delayed tasks arrive")
             .unwrap()
@@ -221,16 +211,19 @@ async fn delays_arrive_on_time(qt: QueueType, test: &str) {
             format!("delay.t{ms}"),
             "task name survives the levels"
         );
+        // Never early is the contract and holds however loaded the machine
+        // is; how late is a matter of load, so it is printed, not asserted
+        // (`WAIT` bounds it).
         assert!(
             elapsed >= Duration::from_millis(ms),
             "{ms} ms task arrived early, after {elapsed:?}"
         );
-        assert!(
-            elapsed < Duration::from_millis(ms + 3000),
-            "{ms} ms task arrived far too late, after {elapsed:?}"
-        );
+        eprintln!("{ms} ms task arrived after {elapsed:?}");
         seen.push(ms);
     }
+    // Each task is published only after the one before was confirmed, and
+    // the delays are at least 250 ms apart: a longer delay overtaking a
+    // shorter one would mean a level blocked it (head of line), not load.
     assert_eq!(seen, delays.to_vec(), "arrival order follows the delays");
     testing::delete_topology(&conn, &topo).await;
 }
@@ -277,7 +270,7 @@ async fn unroutable_at_last_hop_goes_dead(qt: QueueType, test: &str) {
         .await
         .unwrap();
 
-    let d = wait_one(&conn, &topo.dead_queue(), Duration::from_secs(10)).await;
+    let d = testing::take_one(&conn, &topo.dead_queue(), WAIT).await;
     assert_eq!(
         d.properties.message_id().as_ref().unwrap().as_str(),
         lost.id
@@ -286,7 +279,7 @@ async fn unroutable_at_last_hop_goes_dead(qt: QueueType, test: &str) {
         d.properties.kind().as_ref().unwrap().as_str(),
         "report.daily"
     );
-    let d = wait_one(&conn, &topo.work_queues()[0].name, Duration::from_secs(10)).await;
+    let d = testing::take_one(&conn, &topo.work_queues()[0].name, WAIT).await;
     assert_eq!(
         d.properties.message_id().as_ref().unwrap().as_str(),
         behind.id
@@ -426,7 +419,7 @@ async fn headers_survive_as_plain_clients_send_them() {
     )
     .await
     .unwrap();
-    let d = wait_one(&conn, &topo.work_queues()[0].name, Duration::from_secs(5)).await;
+    let d = testing::take_one(&conn, &topo.work_queues()[0].name, WAIT).await;
     let t = Task::decode(d.routing_key.as_str(), &d.properties, &d.data, MAX_BODY).unwrap();
     assert_eq!(t.id, "given-id");
     assert_eq!(t.max_attempts, Some(2));
@@ -455,7 +448,7 @@ async fn amqps_with_a_private_ca() {
         .publish_task(&topo, &task, Duration::ZERO)
         .await
         .expect("confirmed over TLS");
-    let d = wait_one(&conn, &topo.work_queues()[0].name, Duration::from_secs(5)).await;
+    let d = testing::take_one(&conn, &topo.work_queues()[0].name, WAIT).await;
     assert_eq!(
         d.properties.message_id().as_ref().unwrap().as_str(),
         task.id
@@ -501,26 +494,34 @@ async fn quorum_queue_dead_letters_a_task_redelivered_past_the_limit() {
         .await
         .unwrap();
     let queue = topo.work_queues()[0].name.clone();
-    let mut deliveries = 0;
-    loop {
-        let ch = conn.create_channel().await.unwrap();
-        let got = ch
-            .basic_get(queue.as_str().into(), BasicGetOptions { no_ack: false })
-            .await
-            .unwrap();
-        // Closing the channel unacked returns the message, as a crash would.
-        ch.close(200, "crash".into()).await.unwrap();
-        match got {
-            Some(_) => deliveries += 1,
-            None if deliveries > 0 => break,
-            None => tokio::time::sleep(Duration::from_millis(20)).await,
-        }
-        assert!(
-            deliveries <= 3,
-            "delivered {deliveries} times past a limit of 2"
-        );
-    }
-    let d = wait_one(&conn, &topo.dead_queue(), Duration::from_secs(10)).await;
+    let dead = topo.dead_queue();
+    let deliveries = std::sync::atomic::AtomicU32::new(0);
+    // Take it and "crash" until the broker dead-letters it: the state waited
+    // on is the dead queue, since a returned message may take a moment to be
+    // ready again.
+    eventually(
+        WAIT,
+        "the task dead-lettered past its delivery limit",
+        || async {
+            if testing::queue_len(&conn, &dead).await > 0 {
+                return Some(());
+            }
+            let ch = conn.create_channel().await.unwrap();
+            let got = ch
+                .basic_get(queue.as_str().into(), BasicGetOptions { no_ack: false })
+                .await
+                .unwrap();
+            // Closing the channel unacked returns the message, as a crash would.
+            ch.close(200, "crash".into()).await.unwrap();
+            if got.is_some() {
+                let n = deliveries.fetch_add(1, std::sync::atomic::Ordering::Relaxed) + 1;
+                assert!(n <= 3, "delivered {n} times past a limit of 2");
+            }
+            None
+        },
+    )
+    .await;
+    let d = testing::take_one(&conn, &topo.dead_queue(), WAIT).await;
     assert_eq!(
         d.properties.message_id().as_ref().unwrap().as_str(),
         task.id
@@ -531,24 +532,6 @@ async fn quorum_queue_dead_letters_a_task_redelivered_past_the_limit() {
         Some("delivery_limit")
     );
     testing::delete_topology(&conn, &topo).await;
-}
-
-/// Ready messages in `queue`.
-async fn ready(conn: &Connection, queue: &str) -> u32 {
-    let ch = conn.create_channel().await.unwrap();
-    let q = ch
-        .queue_declare(
-            queue.into(),
-            QueueDeclareOptions {
-                passive: true,
-                ..Default::default()
-            },
-            FieldTable::default(),
-        )
-        .await
-        .unwrap();
-    let _ = ch.close(200, "done".into()).await;
-    q.message_count()
 }
 
 /// Names of the tasks waiting in `queue` (taking them).
@@ -616,8 +599,9 @@ async fn overlapping_bindings(qt: QueueType, test: &str) {
     }
     // Routing a message to all its queues is one step, so once the expected
     // number arrived a duplicate would be there too.
-    eventually(Duration::from_secs(10), "all six tasks routed", || async {
-        (ready(&conn, &default).await + ready(&conn, &emails).await >= 6).then_some(())
+    eventually(WAIT, "all six tasks routed", || async {
+        (testing::queue_len(&conn, &default).await + testing::queue_len(&conn, &emails).await >= 6)
+            .then_some(())
     })
     .await;
     assert_eq!(drain_names(&conn, &emails).await, vec!["email.send"; 3]);

@@ -1,14 +1,12 @@
 //! Starting workers (in-process or as child processes) and looking at queues.
 
 use std::collections::HashMap;
-use std::io::{BufRead, BufReader};
-use std::process::{Child, Command, Stdio};
+use std::ops::{Deref, DerefMut};
+use std::process::Command;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use lapin::message::Delivery;
-use lapin::options::{BasicGetOptions, QueueDeclareOptions};
-use lapin::types::FieldTable;
 use lapin::{BasicProperties, Connection};
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
@@ -137,80 +135,26 @@ impl App {
     }
 }
 
+// The generic helpers live in `warren::testing`; these keep the names and
+// signatures the consumer's tests were written against.
+
 /// Take (and ack) exactly `n` messages from `queue`, waiting for them.
 pub async fn take(conn: &Connection, queue: &str, n: usize) -> Vec<Delivery> {
-    let ch = conn.create_channel().await.expect("channel");
-    let mut out = Vec::new();
-    let deadline = Instant::now() + WAIT;
-    while out.len() < n {
-        match ch
-            .basic_get(queue.into(), BasicGetOptions { no_ack: true })
-            .await
-            .expect("basic_get")
-        {
-            Some(m) => out.push(m.delivery),
-            None => {
-                assert!(
-                    Instant::now() < deadline,
-                    "only {} of {n} messages arrived in {queue}",
-                    out.len()
-                );
-                tokio::time::sleep(Duration::from_millis(50)).await;
-            }
-        }
-    }
-    let _ = ch.close(200, "done".into()).await;
-    out
+    testing::take(conn, queue, n, WAIT).await
 }
 
 /// Ready messages in `queue`.
 pub async fn queue_len(conn: &Connection, queue: &str) -> u32 {
-    let ch = conn.create_channel().await.expect("channel");
-    let q = ch
-        .queue_declare(
-            queue.into(),
-            QueueDeclareOptions {
-                passive: true,
-                ..Default::default()
-            },
-            FieldTable::default(),
-        )
-        .await
-        .expect("passive declare");
-    let _ = ch.close(200, "done".into()).await;
-    q.message_count()
+    testing::queue_len(conn, queue).await
 }
 
 /// Sum of a metric's samples whose labels include `labels`.
 pub fn metric_value(prom: &prometheus::Registry, name: &str, labels: &[(&str, &str)]) -> f64 {
-    let mut total = 0.0;
-    for fam in prom.gather() {
-        if fam.name() != name {
-            continue;
-        }
-        for m in fam.get_metric() {
-            let ok = labels.iter().all(|(k, v)| {
-                m.get_label()
-                    .iter()
-                    .any(|l| l.name() == *k && l.value() == *v)
-            });
-            if !ok {
-                continue;
-            }
-            total += match fam.get_field_type() {
-                prometheus::proto::MetricType::COUNTER => m.get_counter().get_value(),
-                prometheus::proto::MetricType::GAUGE => m.get_gauge().get_value(),
-                _ => m.get_histogram().get_sample_count() as f64,
-            };
-        }
-    }
-    total
+    testing::registry_value(prom, name, labels)
 }
 
 pub fn header(d: &Delivery, key: &str) -> Option<String> {
-    let h = d.properties.headers().as_ref()?;
-    warren::envelope::header_str(h, key)
-        .or_else(|| warren::envelope::header_i64(h, key).map(|v| v.to_string()))
+    testing::header(d, key)
 }
 
 /// Runs of a test handler: task id → attempts seen with their start instants.
@@ -244,11 +188,24 @@ impl Runs {
     }
 }
 
-/// A `warren-consumer` child process with its stderr (JSON log lines) captured.
+/// A `warren-consumer` child process with its log lines captured (a
+/// [`testing::Process`], plus the temp dir holding its config file).
 pub struct Proc {
-    pub child: Child,
-    pub lines: Arc<Mutex<Vec<String>>>,
+    process: testing::Process,
     _dir: tempfile::TempDir,
+}
+
+impl Deref for Proc {
+    type Target = testing::Process;
+    fn deref(&self) -> &testing::Process {
+        &self.process
+    }
+}
+
+impl DerefMut for Proc {
+    fn deref_mut(&mut self) -> &mut testing::Process {
+        &mut self.process
+    }
 }
 
 /// Start the binary with `toml` as its config file; waits until it consumes.
@@ -261,79 +218,28 @@ pub fn spawn_process_env(cfg: &ConsumerConfig, toml: &str, env: &[(&str, &str)])
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("consumer.toml");
     std::fs::write(&path, toml).unwrap();
-    let mut child = Command::new(env!("CARGO_BIN_EXE_warren-consumer"))
-        .arg("--config")
-        .arg(&path)
-        .env("WARREN_AMQP_URL", cfg.amqp.url.expose())
-        .env("WARREN_TOPOLOGY__PREFIX", &cfg.topology.prefix)
-        .env("WARREN_HTTP_ADDR", "127.0.0.1:0")
-        .env("WARREN_LOG_FORMAT", "json")
-        .env("RUST_LOG", "info")
-        .envs(env.iter().copied())
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("spawn warren-consumer");
-    let stderr = child.stderr.take().unwrap();
-    let lines = Arc::new(Mutex::new(Vec::new()));
-    let l = lines.clone();
-    std::thread::spawn(move || {
-        for line in BufReader::new(stderr).lines() {
-            let Ok(line) = line else { break };
-            l.lock().unwrap().push(line);
-        }
-    });
-    Proc {
-        child,
-        lines,
-        _dir: dir,
-    }
+    let process = testing::Process::spawn(
+        Command::new(env!("CARGO_BIN_EXE_warren-consumer"))
+            .arg("--config")
+            .arg(&path)
+            .env("WARREN_AMQP_URL", cfg.amqp.url.expose())
+            .env("WARREN_TOPOLOGY__PREFIX", &cfg.topology.prefix)
+            .env("WARREN_HTTP_ADDR", "127.0.0.1:0")
+            .env("WARREN_LOG_FORMAT", "json")
+            .env("RUST_LOG", "info")
+            .envs(env.iter().copied()),
+    )
+    .expect("spawn warren-consumer");
+    Proc { process, _dir: dir }
 }
 
 impl Proc {
-    pub fn logs(&self) -> Vec<serde_json::Value> {
-        self.lines
-            .lock()
-            .unwrap()
-            .iter()
-            .filter_map(|l| serde_json::from_str(l).ok())
-            .collect()
-    }
-
-    /// Log events whose message is `msg`.
-    pub fn events(&self, msg: &str) -> Vec<serde_json::Value> {
-        self.logs()
-            .into_iter()
-            .filter(|v| v["message"] == msg)
-            .collect()
-    }
-
     pub async fn wait_log(&self, msg: &str, n: usize) {
-        eventually(WAIT, &format!("{n} x log {msg:?}"), || async {
-            (self.events(msg).len() >= n).then_some(())
-        })
-        .await;
+        self.process.wait_log(msg, n, WAIT).await
     }
 
     pub fn signal(&self, sig: nix::sys::signal::Signal) {
-        nix::sys::signal::kill(nix::unistd::Pid::from_raw(self.child.id() as i32), sig)
-            .expect("signal child");
-    }
-
-    /// Wait for exit with a deadline; returns the exit status.
-    pub async fn wait_exit(&mut self, within: Duration) -> std::process::ExitStatus {
-        let deadline = Instant::now() + within;
-        loop {
-            if let Some(s) = self.child.try_wait().unwrap() {
-                return s;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "child did not exit in {within:?}"
-            );
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
+        self.process.signal(sig.as_str())
     }
 
     /// Task ids the child's handlers finished (from its logs).
@@ -345,22 +251,7 @@ impl Proc {
 
     /// Task ids of the log events `msg` (event or span field `task.id`).
     pub fn ids_of(&self, msg: &str) -> Vec<String> {
-        self.events(msg)
-            .into_iter()
-            .filter_map(|v| {
-                v["task.id"]
-                    .as_str()
-                    .or_else(|| v["span"]["task.id"].as_str())
-                    .map(str::to_owned)
-            })
-            .collect()
-    }
-}
-
-impl Drop for Proc {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+        self.process.field_of(msg, "task.id")
     }
 }
 

@@ -187,7 +187,7 @@ async fn header_overrides_max_attempts() {
     let app = spawn_worker(config("override"), reg).await;
     let mut task = Task::new("t.broken", &json!({}));
     task.max_attempts = Some(2);
-    task.retry.initial = Some(Duration::from_millis(100));
+    task.retry.initial_delay = Some(Duration::from_millis(100));
     app.publish(&task).await;
     let d = app.take_dead(1).await;
     assert_eq!(header(&d[0], headers::ATTEMPT).unwrap(), "2");

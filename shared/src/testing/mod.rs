@@ -6,7 +6,19 @@
 //! this process through `deploy/broker.sh` (own node name, ports and temp data
 //! dir) that stops when the process exits. Fault tests that stop or restart a
 //! broker take a [`Node`] of their own.
+//!
+//! Besides the broker: [`queues`] (queue length, taking messages),
+//! [`metrics`] (reading a registry or scraped `/metrics` text), [`process`]
+//! (a child process with its log lines captured), [`free_port`].
 #![allow(clippy::unwrap_used)]
+
+pub mod metrics;
+pub mod process;
+pub mod queues;
+
+pub use metrics::{registry_value, scraped_value};
+pub use process::Process;
+pub use queues::{header, queue_len, take, take_one};
 
 use std::future::Future;
 use std::path::PathBuf;
@@ -336,6 +348,15 @@ pub fn assert_promtool_ok(metrics: &str) {
         String::from_utf8_lossy(&out.stdout),
         String::from_utf8_lossy(&out.stderr)
     );
+}
+
+/// A TCP port on 127.0.0.1 that was free a moment ago (for a child process
+/// that must be told its port up front; prefer binding port 0 in-process).
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("a free port on 127.0.0.1")
 }
 
 /// Poll `check` until it returns `Some` or `timeout` passes.
