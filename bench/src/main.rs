@@ -15,6 +15,8 @@
 //! Runs alternate between the two sides; the report gives each run and the
 //! median ratio. Run with `cargo run --release -p warren-bench -- --help`.
 
+mod cluster;
+
 use std::collections::VecDeque;
 use std::path::PathBuf;
 use std::process::Stdio;
@@ -45,7 +47,8 @@ struct Args {
     /// Broker to use; default: start a throwaway node (deploy/broker.sh).
     #[arg(long, env = "WARREN_BENCH_AMQP_URL")]
     url: Option<String>,
-    /// `publish`, `e2e`, `delay` or `all`.
+    /// `publish`, `e2e`, `delay`, `all`, or `cluster` (quorum queue on a
+    /// local 3-node cluster against a classic queue on one node).
     #[arg(long, default_value = "all")]
     scenario: String,
     /// Prefetch for both consumers.
@@ -92,6 +95,10 @@ async fn main() -> Result<()> {
     }
     if args.scenario == "delay" || args.scenario == "all" {
         delay_scenario(&conn).await?;
+    }
+    // Not part of `all`: it starts a 3-node cluster of its own.
+    if args.scenario == "cluster" {
+        cluster::cluster_scenario(&args).await?;
     }
     conn.close(200, "bye".into()).await.ok();
     Ok(())

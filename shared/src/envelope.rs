@@ -354,12 +354,27 @@ fn as_i64(v: &AMQPValue) -> Option<i64> {
     })
 }
 
+/// A header value as a person would write it (never Rust debug text).
 fn describe(v: &AMQPValue) -> String {
     match v {
         AMQPValue::LongString(s) => format!("{:?}", String::from_utf8_lossy(s.as_bytes())),
         AMQPValue::ShortString(s) => format!("{:?}", s.as_str()),
-        other => format!("{other:?}"),
+        AMQPValue::Boolean(b) => format!("{b} (a boolean)"),
+        AMQPValue::Float(f) => f.to_string(),
+        AMQPValue::Double(f) => f.to_string(),
+        AMQPValue::DecimalValue(d) => decimal(d).to_string(),
+        AMQPValue::FieldArray(a) => format!("an array of {} values", a.as_slice().len()),
+        AMQPValue::FieldTable(t) => format!("a table of {} entries", t.inner().len()),
+        AMQPValue::ByteArray(b) => format!("{} raw bytes", b.as_slice().len()),
+        AMQPValue::Void => "no value".to_owned(),
+        other => as_i64(other).map_or_else(|| "an unsupported value".to_owned(), |i| i.to_string()),
     }
+}
+
+/// An AMQP decimal (`value` × 10^-`scale`), which some clients send for
+/// numbers like 1.5.
+fn decimal(d: &lapin::types::DecimalValue) -> f64 {
+    f64::from(d.value) / 10f64.powi(i32::from(d.scale))
 }
 
 fn bad(header: &'static str, expected: &'static str, got: impl std::fmt::Display) -> EnvelopeError {
@@ -394,6 +409,7 @@ fn get_f64(h: &FieldTable, key: &'static str) -> Result<Option<f64>, EnvelopeErr
     let parsed = match v {
         AMQPValue::Float(f) => Some(*f as f64),
         AMQPValue::Double(f) => Some(*f),
+        AMQPValue::DecimalValue(d) => Some(decimal(d)),
         AMQPValue::LongString(_) | AMQPValue::ShortString(_) => {
             header_str(h, key).and_then(|s| s.trim().parse::<f64>().ok())
         }
@@ -531,6 +547,67 @@ mod tests {
         let props = BasicProperties::default().with_headers(h);
         let t = Task::decode("t", &props, b"{}", MAX).unwrap();
         assert_eq!((t.attempt, t.max_attempts), (4, Some(9)));
+    }
+
+    /// Header values are described as a person would write them, and an
+    /// AMQP decimal (what some clients send for 1.5) counts as a number.
+    #[test]
+    fn header_errors_speak_of_values_not_structs() {
+        let p = BasicProperties::default();
+        let with = |k: &str, v: AMQPValue| {
+            let mut h = FieldTable::default();
+            h.insert(k.into(), v);
+            p.clone().with_headers(h)
+        };
+        let d = lapin::types::DecimalValue {
+            scale: 1,
+            value: 15,
+        };
+        let t = Task::decode(
+            "t",
+            &with(headers::RETRY_MULTIPLIER, AMQPValue::DecimalValue(d)),
+            b"{}",
+            MAX,
+        )
+        .unwrap();
+        assert_eq!(t.retry.multiplier, Some(1.5));
+        let e = Task::decode(
+            "t",
+            &with(headers::ATTEMPT, AMQPValue::DecimalValue(d)),
+            b"{}",
+            MAX,
+        )
+        .unwrap_err()
+        .to_string();
+        assert_eq!(
+            e,
+            "header x-warren-attempt: expected a non-negative integer, got 1.5"
+        );
+        let e = Task::decode(
+            "t",
+            &with(headers::ATTEMPT, AMQPValue::Boolean(true)),
+            b"{}",
+            MAX,
+        )
+        .unwrap_err()
+        .to_string();
+        assert_eq!(
+            e,
+            "header x-warren-attempt: expected a non-negative integer, got true (a boolean)"
+        );
+        let e = Task::decode(
+            "t",
+            &with(
+                headers::NOT_BEFORE,
+                AMQPValue::FieldTable(FieldTable::default()),
+            ),
+            b"{}",
+            MAX,
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(e.ends_with("got a table of 0 entries"), "{e}");
+        assert!(!e.contains('{'), "{e}");
     }
 
     #[test]

@@ -371,3 +371,38 @@ async fn delays_and_retries_survive_a_node_kill() {
     }
     drop(cluster);
 }
+
+/// The work queue's leader node is cut off from the other two (nftables)
+/// for 20 s under load, then healed: with `pause_minority` it stops serving,
+/// the workers and publishers on it move to the majority, and no confirmed
+/// task is lost.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn partitioned_node_clients_move_to_the_majority() {
+    let cluster = start_cluster().await;
+    let cfg = cluster_config("cl_cut", &cluster);
+    let fleet = fleet(&cfg).await;
+    let queue = fleet.apps[0].queue();
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let publisher = publish_until(cfg.clone(), stop.clone());
+    fleet.seen.wait_for(500).await;
+    let node = cluster
+        .leader_of(1, &queue)
+        .expect("the work queue's leader");
+    let cut = Instant::now();
+    let cluster = tokio::task::spawn_blocking(move || {
+        cluster.cut(node);
+        std::thread::sleep(Duration::from_secs(20));
+        cluster.heal(node);
+        cluster.wait_whole(3, Duration::from_secs(120));
+        cluster
+    })
+    .await
+    .unwrap();
+    eprintln!("node {node} (leader of {queue}) was cut off for 20 s");
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let confirmed = tokio::task::spawn_blocking(move || publisher.join().unwrap())
+        .await
+        .unwrap();
+    fleet.check("partition", &confirmed, cut).await;
+    drop(cluster);
+}

@@ -90,7 +90,7 @@ async fn partition_of_the_leaders_node_never_fires_a_tick_twice() {
     tokio::time::sleep(rest).await;
     let cluster = tokio::task::spawn_blocking(move || {
         cluster.heal(node);
-        cluster.wait_whole(3, Duration::from_secs(90));
+        cluster.wait_whole(3, Duration::from_secs(120));
         cluster
     })
     .await

@@ -155,20 +155,26 @@ impl Cluster {
         })
     }
 
-    /// Wait until every node reports all `n` nodes running again.
+    /// Wait until a node reports all `n` nodes running again (asking each
+    /// node in turn: a node that was paused may answer slowly).
     pub fn wait_whole(&self, n: usize, within: Duration) {
         let deadline = std::time::Instant::now() + within;
-        loop {
-            let o = self.ctl(1, &["cluster_status", "--formatter", "json"]);
+        for via in (1..=n).cycle() {
+            let o = self.ctl(via, &["cluster_status", "--formatter", "json"]);
             let running = serde_json::from_slice::<serde_json::Value>(&o.stdout)
                 .ok()
                 .and_then(|v| v["running_nodes"].as_array().map(Vec::len));
             if running == Some(n) {
                 return;
             }
+            let last = format!(
+                "node {via}: {}{}",
+                String::from_utf8_lossy(&o.stdout),
+                String::from_utf8_lossy(&o.stderr)
+            );
             assert!(
                 std::time::Instant::now() < deadline,
-                "the cluster did not become whole within {within:?}"
+                "the cluster did not become whole within {within:?}; last answer from {last}"
             );
             std::thread::sleep(Duration::from_millis(500));
         }
