@@ -33,15 +33,20 @@ async fn one_run(conn: &lapin::Connection, t: &Topology, args: &Args) -> Result<
     purge(conn, t).await?;
     let queue = t.work_queues()[0].name.clone();
     let (ready, is_ready) = tokio::sync::oneshot::channel();
-    let consumer = {
-        let conn = conn.clone();
-        let (n, prefetch) = (args.messages, args.prefetch);
-        tokio::spawn(async move { plain_consume_until(&conn, &queue, n, prefetch, ready).await })
+    let consume = plain_consume_until(conn, &queue, args.messages, args.prefetch, ready);
+    let start = std::cell::Cell::new(None);
+    let publish = async {
+        let _ = is_ready.await;
+        start.set(Some(Instant::now()));
+        warren_publish(conn, t, args.messages).await
     };
-    let _ = is_ready.await;
-    let start = Instant::now();
-    warren_publish(conn, t, args.messages).await?;
-    tokio::time::timeout(Duration::from_secs(300), consumer).await???;
+    let (consumed, published) = tokio::time::timeout(Duration::from_secs(300), async {
+        tokio::join!(consume, publish)
+    })
+    .await?;
+    consumed?;
+    published?;
+    let start = start.get().unwrap_or_else(Instant::now);
     Ok(args.messages as f64 / start.elapsed().as_secs_f64())
 }
 
