@@ -183,9 +183,10 @@ impl std::fmt::Display for InvalidConfig {
 
 impl std::error::Error for InvalidConfig {}
 
-/// A shared section's message (`key = value: why` or `key: why`) as the
-/// `(key, value, why)` of [`ConsumerConfig::validate`].
-fn split_message(m: String) -> (String, String, String) {
+/// A shared section's error, whose message reads `key = value: why` or
+/// `key: why`, as the `(key, value, why)` of [`ConsumerConfig::validate`].
+fn split_message(e: impl std::fmt::Display) -> (String, String, String) {
+    let m = e.to_string();
     let (head, why) = m.split_once(": ").unwrap_or((m.as_str(), ""));
     let (key, value) = head.split_once(" = ").unwrap_or((head, ""));
     (key.to_owned(), value.to_owned(), why.to_owned())

@@ -482,10 +482,10 @@ impl ProducerConfig {
     pub fn validate(&self) -> Vec<String> {
         let mut errors = Vec::new();
         if let Err(e) = self.amqp.validate() {
-            errors.push(e);
+            errors.push(e.to_string());
         }
         if let Err(e) = self.topology.validate() {
-            errors.push(e);
+            errors.push(e.to_string());
         }
         // The tokens `run` would serve with, tokens file included.
         if let Err(e) = self.api.grants() {

@@ -85,19 +85,45 @@ pub struct AmqpConfig {
     pub tls_ca_file: Option<PathBuf>,
 }
 
+/// Why the `[amqp]` section is unusable. Names the key; never holds a
+/// password (URLs are kept redacted, or not at all).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum InvalidAmqp {
+    #[error("amqp.url and amqp.urls are both set: give the node list in one of them")]
+    UrlAndUrls,
+    #[error("{key}: the list of broker URLs is empty")]
+    NoUrls { key: &'static str },
+    /// Without a scheme the password cannot be told from the rest, so the
+    /// value is not shown at all.
+    #[error(
+        "{key}: expected amqp://[user[:password]@]host[:port][/vhost] \
+         (or amqps://), got a value without `amqp://` (not shown: it may contain a password)"
+    )]
+    NoScheme { key: String },
+    #[error("{key} = {redacted}: {why}")]
+    BadUrl {
+        key: String,
+        /// The URL with its password replaced ([`redact_url`]).
+        redacted: String,
+        why: String,
+    },
+    #[error("amqp.heartbeat = 0s: must be at least 1s")]
+    ZeroHeartbeat,
+    #[error("amqp.confirm_timeout = 0s: must be positive")]
+    ZeroConfirmTimeout,
+}
+
 impl AmqpConfig {
     /// Checks what serde cannot, so a malformed broker URL is a config error
     /// at start-up (exit 2) instead of a connect error retried forever. The
     /// message names `amqp.url` and never contains the password.
-    pub fn validate(&self) -> Result<(), String> {
+    pub fn validate(&self) -> Result<(), InvalidAmqp> {
         if !self.urls.is_empty() && self.url.expose() != DEFAULT_AMQP_URL {
-            return Err(
-                "amqp.url and amqp.urls are both set: give the node list in one of them".into(),
-            );
+            return Err(InvalidAmqp::UrlAndUrls);
         }
         let (key, list) = self.endpoint_list();
         if list.is_empty() {
-            return Err(format!("{key}: the list of broker URLs is empty"));
+            return Err(InvalidAmqp::NoUrls { key });
         }
         for (i, url) in list.iter().enumerate() {
             let key = if list.len() > 1 {
@@ -106,18 +132,19 @@ impl AmqpConfig {
                 key.to_owned()
             };
             check_amqp_url(url).map_err(|why| match why {
-                UrlProblem::NoScheme => format!(
-                    "{key}: expected amqp://[user[:password]@]host[:port][/vhost] \
-                     (or amqps://), got a value without `amqp://` (not shown: it may contain a password)"
-                ),
-                UrlProblem::Other(why) => format!("{key} = {}: {why}", redact_url(url)),
+                UrlProblem::NoScheme => InvalidAmqp::NoScheme { key },
+                UrlProblem::Other(why) => InvalidAmqp::BadUrl {
+                    key,
+                    redacted: redact_url(url),
+                    why,
+                },
             })?;
         }
         if self.heartbeat.is_zero() {
-            return Err("amqp.heartbeat = 0s: must be at least 1s".into());
+            return Err(InvalidAmqp::ZeroHeartbeat);
         }
         if self.confirm_timeout.is_zero() {
-            return Err("amqp.confirm_timeout = 0s: must be positive".into());
+            return Err(InvalidAmqp::ZeroConfirmTimeout);
         }
         Ok(())
     }
@@ -308,30 +335,34 @@ impl Default for QueueConfig {
     }
 }
 
+/// Why the `[topology]` section is unusable. Names the key.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum InvalidTopology {
+    #[error("topology.prefix: expected a non-empty name without # or *, got {0:?}")]
+    Prefix(String),
+    #[error("topology.queues: expected at least one work queue")]
+    NoQueues,
+    #[error("topology.queues: name {0:?} is empty or used twice")]
+    QueueName(String),
+    #[error("topology.queues.{0}: expected at least one binding")]
+    NoBindings(String),
+}
+
 impl TopologyConfig {
-    pub fn validate(&self) -> Result<(), String> {
+    pub fn validate(&self) -> Result<(), InvalidTopology> {
         if self.prefix.is_empty() || self.prefix.contains(['#', '*']) {
-            return Err(format!(
-                "topology.prefix: expected a non-empty name without # or *, got {:?}",
-                self.prefix
-            ));
+            return Err(InvalidTopology::Prefix(self.prefix.clone()));
         }
         if self.queues.is_empty() {
-            return Err("topology.queues: expected at least one work queue".into());
+            return Err(InvalidTopology::NoQueues);
         }
         let mut seen = std::collections::HashSet::new();
         for q in &self.queues {
             if q.name.is_empty() || !seen.insert(q.name.as_str()) {
-                return Err(format!(
-                    "topology.queues: name {:?} is empty or used twice",
-                    q.name
-                ));
+                return Err(InvalidTopology::QueueName(q.name.clone()));
             }
             if q.bindings.is_empty() {
-                return Err(format!(
-                    "topology.queues.{}: expected at least one binding",
-                    q.name
-                ));
+                return Err(InvalidTopology::NoBindings(q.name.clone()));
             }
         }
         Ok(())
@@ -635,7 +666,7 @@ mod tests {
             url: Secret::new(url),
             ..AmqpConfig::default()
         };
-        let e = cfg.validate().unwrap_err();
+        let e = cfg.validate().unwrap_err().to_string();
         assert!(e.starts_with("amqp.url"), "{e}");
         assert!(!e.contains("s3cret") && !e.contains("cret@"), "{e}");
         e
@@ -686,7 +717,7 @@ mod tests {
         assert_eq!(list.endpoints(), [a, b]);
 
         let bad = |cfg: AmqpConfig| {
-            let e = cfg.validate().unwrap_err();
+            let e = cfg.validate().unwrap_err().to_string();
             assert!(!e.contains("s3cret"), "{e}");
             e
         };
@@ -738,6 +769,83 @@ mod tests {
         let mut t = TopologyConfig::default();
         assert!(t.validate().is_ok());
         t.queues.push(QueueConfig::default());
-        assert!(t.validate().unwrap_err().contains("used twice"));
+        assert!(t.validate().unwrap_err().to_string().contains("used twice"));
+    }
+
+    /// Each kind of mistake is its own variant, and reads as it did when
+    /// these checks returned strings.
+    #[test]
+    fn validation_errors_are_typed_and_read_as_before() {
+        let amqp = |f: fn(&mut AmqpConfig)| {
+            let mut cfg = AmqpConfig::default();
+            f(&mut cfg);
+            cfg.validate().unwrap_err()
+        };
+        let e = amqp(|c| c.heartbeat = Duration::ZERO);
+        assert_eq!(e, InvalidAmqp::ZeroHeartbeat);
+        assert_eq!(e.to_string(), "amqp.heartbeat = 0s: must be at least 1s");
+        let e = amqp(|c| c.confirm_timeout = Duration::ZERO);
+        assert_eq!(e, InvalidAmqp::ZeroConfirmTimeout);
+        assert_eq!(e.to_string(), "amqp.confirm_timeout = 0s: must be positive");
+        let e = amqp(|c| c.url = Secret::new("amqp://u:s3cret@h:0/%2f"));
+        assert!(
+            matches!(&e, InvalidAmqp::BadUrl { key, redacted, .. }
+                if key == "amqp.url" && !redacted.contains("s3cret")),
+            "{e:?}"
+        );
+        assert_eq!(
+            e.to_string(),
+            "amqp.url = amqp://u:***@h:0/%2f: port 0 is out of range (1-65535)"
+        );
+        let e = amqp(|c| c.url = Secret::new("u:s3cret@h"));
+        assert_eq!(
+            e,
+            InvalidAmqp::NoScheme {
+                key: "amqp.url".into()
+            }
+        );
+        assert_eq!(
+            e.to_string(),
+            "amqp.url: expected amqp://[user[:password]@]host[:port][/vhost] (or amqps://), \
+             got a value without `amqp://` (not shown: it may contain a password)"
+        );
+        let e = amqp(|c| {
+            c.url = Secret::new("amqp://a");
+            c.urls = vec![Secret::new("amqp://b")];
+        });
+        assert_eq!(e, InvalidAmqp::UrlAndUrls);
+        assert_eq!(
+            e.to_string(),
+            "amqp.url and amqp.urls are both set: give the node list in one of them"
+        );
+
+        let topo = |f: fn(&mut TopologyConfig)| {
+            let mut t = TopologyConfig::default();
+            f(&mut t);
+            t.validate().unwrap_err()
+        };
+        let e = topo(|t| t.prefix = "a.#".into());
+        assert_eq!(e, InvalidTopology::Prefix("a.#".into()));
+        assert_eq!(
+            e.to_string(),
+            r#"topology.prefix: expected a non-empty name without # or *, got "a.#""#
+        );
+        let e = topo(|t| t.queues.clear());
+        assert_eq!(e, InvalidTopology::NoQueues);
+        assert_eq!(
+            e.to_string(),
+            "topology.queues: expected at least one work queue"
+        );
+        let e = topo(|t| t.queues[0].name.clear());
+        assert_eq!(
+            e.to_string(),
+            r#"topology.queues: name "" is empty or used twice"#
+        );
+        let e = topo(|t| t.queues[0].bindings.clear());
+        assert_eq!(e, InvalidTopology::NoBindings("default".into()));
+        assert_eq!(
+            e.to_string(),
+            "topology.queues.default: expected at least one binding"
+        );
     }
 }

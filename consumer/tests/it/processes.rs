@@ -153,11 +153,17 @@ async fn tasks_past_the_drain_grace_go_to_another_consumer() {
     wait_started(&p, &tasks).await;
     let started = std::time::Instant::now();
     p.signal(Signal::SIGTERM);
+    // The tasks sleep 60 s, twice WAIT: exiting within WAIT, with the grace's
+    // own log line and no task finished, shows the drain ended at the grace
+    // rather than with the tasks. How long it took is printed, not asserted.
     assert!(p.wait_exit(WAIT).await.success());
-    assert!(
-        started.elapsed() < Duration::from_secs(10),
-        "exit after the grace"
+    eprintln!(
+        "drain grace 500 ms: exited {} ms after SIGTERM",
+        started.elapsed().as_millis()
     );
+    let over = p.events("drain grace over; unfinished tasks return to the queue unacked");
+    assert_eq!(over.len(), 1, "the drain ended at the grace");
+    assert_eq!(over[0]["unfinished"], 3, "{}", over[0]);
     assert!(
         p.handled_ids().is_empty(),
         "nothing finished within the grace"

@@ -13,7 +13,9 @@ use warren::Task;
 use crate::helpers::*;
 
 /// Publishes a task every few ms, reconnecting on failure; records what the
-/// broker confirmed.
+/// broker confirmed. Its sleeps pace a load generator and space its retries
+/// while the broker is down; no test step waits on them (the test waits on
+/// the confirmed count and the worker's health instead).
 fn spawn_publisher(
     amqp: warren::config::AmqpConfig,
     topo: warren::Topology,

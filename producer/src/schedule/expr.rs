@@ -26,8 +26,75 @@ use std::collections::BTreeSet;
 use chrono_tz::Tz;
 use croner::parser::{CronParser, Seconds, Year};
 
+use super::UnknownZone;
+
+/// What is wrong with a cron expression, in terms of what the user wrote.
+/// The caller prefixes the whole expression ([`super::ScheduleError::Cron`]).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum CronError {
+    // The inner errors are part of the message, not a `source`, so that an
+    // error chain printer does not repeat them.
+    #[error("`{prefix}`: {zone}")]
+    Zone { prefix: String, zone: UnknownZone },
+    #[error("`{prefix}` must be followed by an expression")]
+    NothingAfterZone { prefix: String },
+    #[error("unknown descriptor `{0}` (expected @yearly, @annually, @monthly, @weekly, @daily, @midnight, @hourly or `@every <duration>`)")]
+    UnknownDescriptor(String),
+    #[error("expected 5 fields (minute hour day-of-month month day-of-week), 6 (second first) or 7 (second first, year last), got {0}")]
+    FieldCount(usize),
+    /// Every field was checked first, so this is a bug here, not a user error.
+    #[error("internal error: the cron engine refused it ({0})")]
+    Engine(String),
+    #[error("{field}: a value is missing")]
+    ValueMissing { field: &'static str },
+    #[error("{field} {value} out of range {range}")]
+    OutOfRange {
+        field: &'static str,
+        value: String,
+        range: String,
+    },
+    #[error("{field}: `{value}` is not a {field} (expected {range})")]
+    NotAValue {
+        field: &'static str,
+        value: String,
+        range: String,
+    },
+    #[error("{field}: empty item in the list `{list}`")]
+    EmptyItem { field: &'static str, list: String },
+    #[error("{field}: `{item}` has nothing before `/`")]
+    NothingBeforeSlash { field: &'static str, item: String },
+    #[error("{field}: range `{range}` has no start")]
+    RangeWithoutStart { field: &'static str, range: String },
+    #[error("{field}: range `{range}` has no end")]
+    RangeWithoutEnd { field: &'static str, range: String },
+    #[error("{field}: range `{range}` runs backwards ({lo} is after {hi}); write it as a list of two ranges")]
+    RangeBackwards {
+        field: &'static str,
+        range: String,
+        lo: u32,
+        hi: u32,
+    },
+    #[error("{field}: `{item}` has no step after `/`")]
+    NoStep { field: &'static str, item: String },
+    #[error("{field}: `{item}` has more than one `/`")]
+    TwoSlashes { field: &'static str, item: String },
+    #[error("{field}: step in `{item}` must be at least 1")]
+    ZeroStep { field: &'static str, item: String },
+    #[error("{field}: step `{step}` in `{item}` is not a positive whole number")]
+    BadStep {
+        field: &'static str,
+        step: String,
+        item: String,
+    },
+    /// The day of a `nW` item is wrong: says what `nW` means.
+    #[error("{day} (in `{item}`: `nW` is the weekday nearest day n)")]
+    NearestWeekday { item: String, day: Box<CronError> },
+    #[error("{field}: `{item}`: the occurrence after `#` must be 1-5 or L")]
+    BadOccurrence { field: &'static str, item: String },
+}
+
 /// Strip a robfig-style `CRON_TZ=Zone ` / `TZ=Zone ` prefix.
-pub fn split_tz_prefix(expr: &str) -> Result<(Option<Tz>, &str), String> {
+pub fn split_tz_prefix(expr: &str) -> Result<(Option<Tz>, &str), CronError> {
     let expr = expr.trim();
     let (first, rest) = expr.split_once(char::is_whitespace).unwrap_or((expr, ""));
     let zone = first
@@ -36,10 +103,15 @@ pub fn split_tz_prefix(expr: &str) -> Result<(Option<Tz>, &str), String> {
     let Some(zone) = zone else {
         return Ok((None, expr));
     };
-    let tz = super::parse_tz(zone).map_err(|e| format!("`{first}`: {e}"))?;
+    let tz = super::parse_tz(zone).map_err(|zone| CronError::Zone {
+        prefix: first.to_owned(),
+        zone,
+    })?;
     let rest = rest.trim();
     if rest.is_empty() {
-        return Err(format!("`{first}` must be followed by an expression"));
+        return Err(CronError::NothingAfterZone {
+            prefix: first.to_owned(),
+        });
     }
     Ok((Some(tz), rest))
 }
@@ -58,16 +130,14 @@ const DESCRIPTORS: &[(&str, &str)] = &[
 /// Parse a cron expression or descriptor (no `@every`, no zone prefix).
 /// Errors say what is wrong, in terms of what the user wrote; the caller
 /// prefixes the whole expression.
-pub fn parse(expr: &str) -> Result<croner::Cron, String> {
+pub fn parse(expr: &str) -> Result<croner::Cron, CronError> {
     let expr = expr.trim();
     if expr.starts_with('@') {
         let Some((_, five)) = DESCRIPTORS
             .iter()
             .find(|(d, _)| d.eq_ignore_ascii_case(expr))
         else {
-            return Err(format!(
-                "unknown descriptor `{expr}` (expected @yearly, @annually, @monthly, @weekly, @daily, @midnight, @hourly or `@every <duration>`)"
-            ));
+            return Err(CronError::UnknownDescriptor(expr.to_owned()));
         };
         return parse(five);
     }
@@ -85,11 +155,7 @@ pub fn parse(expr: &str) -> Result<croner::Cron, String> {
             fields.clone(),
             &[&SECOND, &MINUTE, &HOUR, &DOM, &MONTH, &DOW, &YEAR],
         ),
-        n => {
-            return Err(format!(
-                "expected 5 fields (minute hour day-of-month month day-of-week), 6 (second first) or 7 (second first, year last), got {n}"
-            ))
-        }
+        n => return Err(CronError::FieldCount(n)),
     };
     let compiled = texts
         .iter()
@@ -104,7 +170,7 @@ pub fn parse(expr: &str) -> Result<croner::Cron, String> {
         .year(Year::Required)
         .build()
         .parse(&pattern)
-        .map_err(|e| format!("internal error: the cron engine refused it ({e})"))
+        .map_err(|e| CronError::Engine(e.to_string()))
 }
 
 #[derive(Debug, PartialEq, Eq)]
@@ -200,15 +266,19 @@ impl Field {
     }
 
     /// One value: a number in range or a name.
-    fn value(&self, s: &str) -> Result<u32, String> {
-        let name = self.name;
+    fn value(&self, s: &str) -> Result<u32, CronError> {
+        let field = self.name;
         if s.is_empty() {
-            return Err(format!("{name}: a value is missing"));
+            return Err(CronError::ValueMissing { field });
         }
         if s.bytes().all(|b| b.is_ascii_digit()) {
             return match s.parse::<u32>() {
                 Ok(v) if (self.min..=self.max).contains(&v) => Ok(v),
-                _ => Err(format!("{name} {s} out of range {}", self.range_text())),
+                _ => Err(CronError::OutOfRange {
+                    field,
+                    value: s.to_owned(),
+                    range: self.range_text(),
+                }),
             };
         }
         let lower = s.to_ascii_lowercase();
@@ -216,25 +286,27 @@ impl Field {
             .iter()
             .position(|(short, long)| lower == *short || lower == *long)
             .map(|i| self.min + i as u32)
-            .ok_or_else(|| {
-                format!(
-                    "{name}: `{s}` is not a {name} (expected {})",
-                    self.range_text()
-                )
+            .ok_or_else(|| CronError::NotAValue {
+                field,
+                value: s.to_owned(),
+                range: self.range_text(),
             })
     }
 }
 
 /// Compile one field into croner's numeric syntax: `*` when unrestricted
 /// (robfig's "star" rule, which decides the day-field OR), else a list.
-fn compile_field(f: &Field, text: &str) -> Result<String, String> {
-    let name = f.name;
+fn compile_field(f: &Field, text: &str) -> Result<String, CronError> {
+    let field = f.name;
     let mut values = BTreeSet::new();
     let mut specials: Vec<String> = Vec::new();
     let mut star = false;
     for item in text.split(',') {
         if item.is_empty() {
-            return Err(format!("{name}: empty item in the list `{text}`"));
+            return Err(CronError::EmptyItem {
+                field,
+                list: text.to_owned(),
+            });
         }
         if let Some(special) = special_item(f, item)? {
             specials.push(special);
@@ -245,15 +317,24 @@ fn compile_field(f: &Field, text: &str) -> Result<String, String> {
             Some((r, s)) => (r, Some(step(f, item, s)?)),
         };
         let (lo, hi, is_star) = if range.is_empty() {
-            return Err(format!("{name}: `{item}` has nothing before `/`"));
+            return Err(CronError::NothingBeforeSlash {
+                field,
+                item: item.to_owned(),
+            });
         } else if range == "*" || range == "?" {
             (f.min, f.star_max, true)
         } else if let Some((a, b)) = range.split_once('-') {
             if a.is_empty() {
-                return Err(format!("{name}: range `{range}` has no start"));
+                return Err(CronError::RangeWithoutStart {
+                    field,
+                    range: range.to_owned(),
+                });
             }
             if b.is_empty() {
-                return Err(format!("{name}: range `{range}` has no end"));
+                return Err(CronError::RangeWithoutEnd {
+                    field,
+                    range: range.to_owned(),
+                });
             }
             let lo = f.value(a)?;
             let mut hi = f.value(b)?;
@@ -262,9 +343,12 @@ fn compile_field(f: &Field, text: &str) -> Result<String, String> {
                 hi = 7;
             }
             if lo > hi {
-                return Err(format!(
-                    "{name}: range `{range}` runs backwards ({lo} is after {hi}); write it as a list of two ranges"
-                ));
+                return Err(CronError::RangeBackwards {
+                    field,
+                    range: range.to_owned(),
+                    lo,
+                    hi,
+                });
             }
             (lo, hi, false)
         } else {
@@ -289,27 +373,28 @@ fn compile_field(f: &Field, text: &str) -> Result<String, String> {
     Ok(out.join(","))
 }
 
-fn step(f: &Field, item: &str, s: &str) -> Result<u32, String> {
-    let name = f.name;
+fn step(f: &Field, item: &str, s: &str) -> Result<u32, CronError> {
+    let (field, item) = (f.name, item.to_owned());
     if s.is_empty() {
-        return Err(format!("{name}: `{item}` has no step after `/`"));
+        return Err(CronError::NoStep { field, item });
     }
     if s.contains('/') {
-        return Err(format!("{name}: `{item}` has more than one `/`"));
+        return Err(CronError::TwoSlashes { field, item });
     }
     match s.parse::<u32>() {
-        Ok(0) => Err(format!("{name}: step in `{item}` must be at least 1")),
+        Ok(0) => Err(CronError::ZeroStep { field, item }),
         Ok(n) if s.bytes().all(|b| b.is_ascii_digit()) => Ok(n),
-        _ => Err(format!(
-            "{name}: step `{s}` in `{item}` is not a positive whole number"
-        )),
+        _ => Err(CronError::BadStep {
+            field,
+            step: s.to_owned(),
+            item,
+        }),
     }
 }
 
 /// `L`, `LW`, `15W` (day of month), `5L`, `5#2`, `fri#L` (day of week), in
 /// croner's spelling; `None` for an ordinary item.
-fn special_item(f: &Field, item: &str) -> Result<Option<String>, String> {
-    let name = f.name;
+fn special_item(f: &Field, item: &str) -> Result<Option<String>, CronError> {
     let upper = item.to_ascii_uppercase();
     match f.kind {
         Kind::DayOfMonth => {
@@ -317,9 +402,10 @@ fn special_item(f: &Field, item: &str) -> Result<Option<String>, String> {
                 return Ok(Some(upper));
             }
             if let Some(day) = upper.strip_suffix('W') {
-                let d = f
-                    .value(day)
-                    .map_err(|e| format!("{e} (in `{item}`: `nW` is the weekday nearest day n)"))?;
+                let d = f.value(day).map_err(|e| CronError::NearestWeekday {
+                    item: item.to_owned(),
+                    day: Box::new(e),
+                })?;
                 return Ok(Some(format!("{d}W")));
             }
             Ok(None)
@@ -331,9 +417,10 @@ fn special_item(f: &Field, item: &str) -> Result<Option<String>, String> {
                     "L" | "l" => "L".to_owned(),
                     "1" | "2" | "3" | "4" | "5" => nth.to_owned(),
                     _ => {
-                        return Err(format!(
-                            "{name}: `{item}`: the occurrence after `#` must be 1-5 or L"
-                        ))
+                        return Err(CronError::BadOccurrence {
+                            field: f.name,
+                            item: item.to_owned(),
+                        })
                     }
                 };
                 return Ok(Some(format!("{d}#{n}")));

@@ -67,7 +67,12 @@ async fn per_second_schedule_publishes_n_messages_with_deterministic_ids() {
         assert!(published >= instant, "never early: {published} < {instant}");
         max_lag = max_lag.max(published - instant);
     }
-    assert!(max_lag < TimeDelta::milliseconds(500), "fire lag {max_lag}");
+    // A bound on a stuck scheduler, not on speed (measured lag is printed
+    // below; a loaded machine stretches it).
+    assert!(
+        max_lag < TimeDelta::seconds(10),
+        "a tick was published {max_lag} after its instant"
+    );
     eprintln!(
         "per-second schedule: {N} ticks, max publish lag {} ms",
         max_lag.num_milliseconds()
