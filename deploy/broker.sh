@@ -60,8 +60,22 @@ install_if_missing() {
   rm -f /usr/sbin/policy-rc.d
 }
 
+# A free port below Linux's ephemeral range (32768+), so that no outgoing
+# connection or port-0 listener of another test takes it between this pick
+# and the node binding it.
 free_port() {
-  python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'
+  python3 - <<'PY'
+import random, socket, sys
+for _ in range(200):
+    p = random.randrange(10000, 32000)
+    try:
+        s = socket.socket(); s.bind(("0.0.0.0", p)); s.close()
+    except OSError:
+        continue
+    print(p); break
+else:
+    sys.exit("no free port")
+PY
 }
 
 # A CA and a server certificate for localhost/127.0.0.1, valid for a week.

@@ -46,8 +46,23 @@ done
 log() { echo "cluster.sh: $*" >&2; }
 die() { log "$*"; exit 2; }
 
+# A free port below Linux's ephemeral range (32768+), so that no outgoing
+# connection or port-0 listener of another test takes it between this pick
+# and the node binding it.
 free_port() {
-  python3 -c 'import socket, sys; s=socket.socket(); s.bind((sys.argv[1],0)); print(s.getsockname()[1])' "$1"
+  python3 - "$1" <<'PY'
+import random, socket, sys
+for _ in range(200):
+    p = random.randrange(10000, 32000)
+    try:
+        for ip in (sys.argv[1], "0.0.0.0"):
+            s = socket.socket(); s.bind((ip, p)); s.close()
+    except OSError:
+        continue
+    print(p); break
+else:
+    sys.exit("no free port")
+PY
 }
 
 # Loads node i's settings (written at start) into the environment the

@@ -96,6 +96,8 @@ async fn abandon_leadership(conn: &Connection, panic: String) -> ! {
         conn.close(200, "producer scheduler failed".into()),
     )
     .await;
+    // The log writer is a thread: what it still holds dies with an exit.
+    warren::telemetry::flush();
     std::process::exit(1)
 }
 

@@ -20,10 +20,22 @@ impl Cluster {
     /// Start `nodes` clustered nodes on a loopback subnet no other test of
     /// this run uses (so a `cut` here never touches another test's nodes).
     pub fn start(nodes: usize) -> Cluster {
+        // A boot can fail for reasons outside the code under test (a port
+        // taken between its pick and its bind): one more try, then fail.
+        match Self::try_start(nodes) {
+            Ok(c) => c,
+            Err(first) => {
+                eprintln!("cluster start failed once, retrying: {first}");
+                Self::try_start(nodes).unwrap_or_else(|e| panic!("cluster start failed: {e}"))
+            }
+        }
+    }
+
+    fn try_start(nodes: usize) -> Result<Cluster, String> {
         let dir = tempfile::Builder::new()
             .prefix("warren-cluster-")
             .tempdir()
-            .expect("temp dir");
+            .map_err(|e| format!("temp dir: {e}"))?;
         let seq = SEQ.fetch_add(1, Ordering::Relaxed);
         let pid = std::process::id();
         let subnet = format!("127.{}.{}", 100 + pid % 150, (pid / 150 + seq) % 250);
@@ -36,12 +48,10 @@ impl Cluster {
             .arg("--dir")
             .arg(dir.path())
             .output()
-            .expect("run deploy/broker.sh cluster start");
-        assert!(
-            out.status.success(),
-            "cluster start failed: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
+            .map_err(|e| format!("run deploy/broker.sh cluster start: {e}"))?;
+        if !out.status.success() {
+            return Err(String::from_utf8_lossy(&out.stderr).into_owned());
+        }
         let last = String::from_utf8_lossy(&out.stdout)
             .lines()
             .last()
@@ -49,8 +59,10 @@ impl Cluster {
             .trim()
             .to_owned();
         let urls: Vec<String> = last.split(',').map(str::to_owned).collect();
-        assert_eq!(urls.len(), nodes, "URL list: {last}");
-        Cluster { dir, urls }
+        if urls.len() != nodes {
+            return Err(format!("URL list: {last}"));
+        }
+        Ok(Cluster { dir, urls })
     }
 
     /// Node URLs, node 1 first.
