@@ -192,8 +192,12 @@ impl Worker {
                     tracing::warn!(
                         "connection lost; reconnecting (unacked deliveries will be redelivered)"
                     );
-                    // Unacked deliveries of this session go back to their
-                    // queues; late acks from its tasks are refused.
+                    // Finished tasks' acks go out first (the consuming
+                    // channels may well be fine: a publish failure also
+                    // ends the session). Unacked deliveries of this session
+                    // go back to their queues; late acks from its tasks are
+                    // refused.
+                    session.flush_acks().await;
                     let _ = tokio::time::timeout(
                         Duration::from_secs(2),
                         session

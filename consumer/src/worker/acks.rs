@@ -339,4 +339,112 @@ mod tests {
         l.finished(3, 3);
         assert_eq!(l.take_run(), Some((3, 1)));
     }
+
+    /// On a real broker: deliveries finish out of order, one is requeued in
+    /// the middle of a run. A multiple-ack that swallowed the nack would
+    /// settle the requeued delivery (it would never come back) and the late
+    /// nack of an unknown tag would close the channel; a tag acked twice
+    /// would close it too. So: the requeued task comes back exactly once, the
+    /// channel stays open, and nothing is left in the queue.
+    #[tokio::test]
+    async fn out_of_order_acks_and_a_requeue_on_a_real_channel() {
+        use futures_util::StreamExt;
+        use lapin::options::{
+            BasicConsumeOptions, BasicPublishOptions, BasicQosOptions, QueueDeclareOptions,
+            QueueDeleteOptions,
+        };
+        use lapin::types::FieldTable;
+        use lapin::BasicProperties;
+
+        use super::AckBook;
+
+        let conn = warren::testing::connect().await;
+        let queue = format!("warren.test.acks.{}", uuid::Uuid::new_v4().simple());
+        let setup = conn.create_channel().await.expect("channel");
+        setup
+            .queue_declare(
+                queue.as_str().into(),
+                QueueDeclareOptions::default(),
+                FieldTable::default(),
+            )
+            .await
+            .expect("declare");
+        for i in 1..=5u8 {
+            setup
+                .basic_publish(
+                    "".into(),
+                    queue.as_str().into(),
+                    BasicPublishOptions::default(),
+                    &[i],
+                    BasicProperties::default(),
+                )
+                .await
+                .expect("publish");
+        }
+        let ch = conn.create_channel().await.expect("channel");
+        ch.basic_qos(10, BasicQosOptions::default())
+            .await
+            .expect("qos");
+        let mut consumer = ch
+            .basic_consume(
+                queue.as_str().into(),
+                "acks-test".into(),
+                BasicConsumeOptions::default(),
+                FieldTable::default(),
+            )
+            .await
+            .expect("consume");
+        let book = AckBook::new(ch.clone());
+        async fn next(c: &mut lapin::Consumer) -> lapin::message::Delivery {
+            tokio::time::timeout(std::time::Duration::from_secs(10), c.next())
+                .await
+                .expect("a delivery within 10 s")
+                .expect("consumer open")
+                .expect("delivery")
+        }
+        let mut d = Vec::new();
+        for _ in 0..5 {
+            let x = next(&mut consumer).await;
+            book.delivered(x.delivery_tag);
+            d.push(x);
+        }
+        let body = |i: usize| d[i].data[0];
+        assert_eq!(
+            (1..=5).map(|i| body(i - 1)).collect::<Vec<_>>(),
+            vec![1, 2, 3, 4, 5]
+        );
+        // 4 and 5 finish first, then 1 and 2; 3 is given back last.
+        for i in [3, 4, 0, 1] {
+            assert!(book.ack(d[i].delivery_tag, d[i].acker.clone()));
+        }
+        assert!(book.requeue(d[2].delivery_tag, d[2].acker.clone()).await);
+        let again = next(&mut consumer).await;
+        assert_eq!(again.data, vec![3], "the requeued task comes back");
+        assert!(again.redelivered);
+        book.delivered(again.delivery_tag);
+        assert!(book.ack(again.delivery_tag, again.acker.clone()));
+        book.flush().await;
+        // A synchronous round trip on the channel: it is still open.
+        ch.basic_qos(10, BasicQosOptions::default())
+            .await
+            .expect("the channel survived every ack");
+        ch.close(200, "done".into()).await.expect("close");
+        // Anything unacked went back to the queue when the channel closed.
+        let left = setup
+            .queue_declare(
+                queue.as_str().into(),
+                QueueDeclareOptions {
+                    passive: true,
+                    ..QueueDeclareOptions::default()
+                },
+                FieldTable::default(),
+            )
+            .await
+            .expect("passive declare");
+        assert_eq!(left.message_count(), 0, "every delivery acked exactly once");
+        let _ = setup
+            .queue_delete(queue.as_str().into(), QueueDeleteOptions::default())
+            .await;
+        let _ = conn.close(200, "done".into()).await;
+    }
 }

@@ -47,6 +47,17 @@ pub(super) enum End {
     Lost,
 }
 
+impl Session {
+    /// Send the acks of finished tasks that are still deferred or queued in
+    /// the channels' [`AckBook`]s: call before closing the connection, or
+    /// those deliveries run again.
+    pub(super) async fn flush_acks(&self) {
+        for (_, _, acks) in &self.consumers {
+            let _ = tokio::time::timeout(Duration::from_secs(5), acks.flush()).await;
+        }
+    }
+}
+
 impl Worker {
     /// Connect, declare the topology and open the publisher.
     pub(super) async fn open_session(&self) -> Result<Session, warren::Error> {
@@ -235,11 +246,7 @@ impl Worker {
                 "drain grace over; unfinished tasks return to the queue unacked"
             );
         }
-        // Finished tasks' acks may still be deferred or queued: send them
-        // before the connection closes, or their deliveries run again.
-        for (_, _, acks) in &session.consumers {
-            let _ = tokio::time::timeout(Duration::from_secs(5), acks.flush()).await;
-        }
+        session.flush_acks().await;
         let _ = tokio::time::timeout(
             Duration::from_secs(5),
             session
