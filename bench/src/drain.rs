@@ -17,7 +17,9 @@
 //! setting of the work queue is measured in the same run too. Reported per
 //! side: each run's rate, the median, the warren / plain ratio per run and
 //! its median, consumer CPU per task over the timed window (from
-//! `/proc/<pid>/stat`) and the consumer's peak RSS (`VmHWM`).
+//! `/proc/<pid>/stat`; for the plain side the bench process, which does
+//! nothing else meanwhile), the broker's too with `--broker-pid`, and the
+//! consumer's peak RSS (`VmHWM`).
 
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
@@ -48,6 +50,8 @@ struct Drained {
     rate: f64,
     /// Consumer CPU per task over the timed window, µs.
     cpu_us: Option<f64>,
+    /// Broker CPU per task over the timed window, µs (with `--broker-pid`).
+    broker_us: Option<f64>,
     /// Consumer peak RSS, KiB (warren side only: the plain side shares the
     /// bench process).
     rss_kib: Option<u64>,
@@ -94,10 +98,18 @@ pub async fn drain_scenario(conn: &Connection, args: &Args, url: &str) -> Result
                 plain_publish_body(conn, &t.tasks_exchange(), "bench.noop", args.messages, BODY)
                     .await?;
                 let queue = t.work_queues()[0].name.clone();
+                let broker = Meter::new(args.broker_pid);
                 let r = if side == 0 {
-                    plain_drain(conn, &queue, args.messages, args.drain_plain_prefetch).await?
+                    plain_drain(
+                        conn,
+                        &queue,
+                        args.messages,
+                        args.drain_plain_prefetch,
+                        broker,
+                    )
+                    .await?
                 } else {
-                    warren_drain(&bin, url, &t, prio, args.messages).await?
+                    warren_drain(&bin, url, &t, prio, args.messages, broker).await?
                 };
                 let who = if side == 0 { "plain " } else { "warren" };
                 println!(
@@ -148,6 +160,16 @@ pub async fn drain_scenario(conn: &Connection, args: &Args, url: &str) -> Result
             list(&cpu(&warren[pi]), 1),
             median(&cpu(&warren[pi]))
         );
+        let broker = |v: &[Drained]| v.iter().filter_map(|d| d.broker_us).collect::<Vec<_>>();
+        if args.broker_pid.is_some() {
+            println!(
+                "drain max_priority {prio}: broker CPU per task µs: plain [{}] median {:.1}; warren [{}] median {:.1}",
+                list(&broker(&plain[pi]), 1),
+                median(&broker(&plain[pi])),
+                list(&broker(&warren[pi]), 1),
+                median(&broker(&warren[pi]))
+            );
+        }
         if let Some(kib) = rss {
             println!(
                 "drain max_priority {prio}: warren-consumer peak RSS {:.1} MiB (max over runs)",
@@ -172,8 +194,37 @@ pub async fn drain_scenario(conn: &Connection, args: &Args, url: &str) -> Result
     Ok(())
 }
 
+/// CPU seconds of an optional process (the broker), from a start point.
+#[derive(Clone, Copy)]
+struct Meter {
+    pid: Option<u32>,
+    start: Option<f64>,
+}
+
+impl Meter {
+    fn new(pid: Option<u32>) -> Self {
+        Self { pid, start: None }
+    }
+
+    fn start(&mut self) {
+        self.start = self.pid.and_then(cpu_seconds);
+    }
+
+    /// µs per task since [`Meter::start`].
+    fn per_task_us(&self, tasks: f64) -> Option<f64> {
+        let now = cpu_seconds(self.pid?)?;
+        Some((now - self.start?) * 1e6 / tasks)
+    }
+}
+
 /// Drain `n` deliveries with a plain lapin consumer on its own channel.
-async fn plain_drain(conn: &Connection, queue: &str, n: usize, prefetch: u16) -> Result<Drained> {
+async fn plain_drain(
+    conn: &Connection,
+    queue: &str,
+    n: usize,
+    prefetch: u16,
+    mut broker: Meter,
+) -> Result<Drained> {
     let ch = conn.create_channel().await?;
     ch.basic_qos(prefetch, BasicQosOptions::default()).await?;
     let mut consumer = ch
@@ -193,6 +244,7 @@ async fn plain_drain(conn: &Connection, queue: &str, n: usize, prefetch: u16) ->
             .context("plain consumer stalled")?
             .context("consumer ended")??;
         if first.is_none() {
+            broker.start();
             first = Some((Instant::now(), cpu_seconds(std::process::id())));
         }
         let _: serde_json::Value = serde_json::from_slice(&d.data)?;
@@ -216,10 +268,12 @@ async fn plain_drain(conn: &Connection, queue: &str, n: usize, prefetch: u16) ->
     let cpu_us = cpu_seconds(std::process::id())
         .zip(cpu0)
         .map(|(b, a)| (b - a) * 1e6 / n as f64);
+    let broker_us = broker.per_task_us(n as f64);
     ch.close(200, "done".into()).await.ok();
     Ok(Drained {
         rate: n as f64 / secs,
         cpu_us,
+        broker_us,
         rss_kib: None,
     })
 }
@@ -231,6 +285,7 @@ async fn warren_drain(
     t: &Topology,
     max_priority: u8,
     n: usize,
+    mut broker: Meter,
 ) -> Result<Drained> {
     // The default worker config; only the work queue's priority setting (so
     // the consumer's declaration matches ours), log level and handler.
@@ -250,6 +305,7 @@ async fn warren_drain(
             if done >= target {
                 bail!("warren-consumer drained everything before the first scrape: use more --messages");
             }
+            broker.start();
             first = Some((now, done, cpu_seconds(pid)));
         }
         if done >= target {
@@ -268,11 +324,13 @@ async fn warren_drain(
     let cpu_us = cpu_seconds(pid)
         .zip(cpu0)
         .map(|(b, a)| (b - a) * 1e6 / counted);
+    let broker_us = broker.per_task_us(counted);
     let rss_kib = peak_rss_kib(pid);
     proc.child.kill().await.ok();
     Ok(Drained {
         rate,
         cpu_us,
+        broker_us,
         rss_kib,
     })
 }

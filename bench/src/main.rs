@@ -66,6 +66,11 @@ struct Args {
     /// measured in the same run (e.g. `10,0`).
     #[arg(long, value_delimiter = ',', default_value = "10")]
     max_priority: Vec<u8>,
+    /// `drain`: the broker's OS pid (e.g. `$(cat DIR/rabbit.pid)` of
+    /// `deploy/broker.sh`), to report its CPU per drained task too. Only
+    /// meaningful when nothing else uses that broker meanwhile.
+    #[arg(long)]
+    broker_pid: Option<u32>,
     /// `drain`: the plain lapin consumer's prefetch (warren's default is 64).
     #[arg(long, default_value_t = 64)]
     drain_plain_prefetch: u16,
