@@ -9,6 +9,9 @@
 //!   consumer that acks each delivery without awaiting it in the loop. warren: the
 //!   `warren-consumer` binary with a `noop` handler, counted through its
 //!   `/metrics`. Also the consumer process's peak RSS.
+//! * `drain` (not part of `all`): a pre-filled backlog emptied by a plain
+//!   lapin consumer and by `warren-consumer` with its default config; see
+//!   [`drain`].
 //! * `delay`: how late delayed tasks arrive through the delay levels (never
 //!   early: that is a test's job), 10 tasks each at 250 ms, 1.7 s and 3.3 s.
 //!
@@ -16,6 +19,7 @@
 //! median ratio. Run with `cargo run --release -p warren-bench -- --help`.
 
 mod cluster;
+mod drain;
 
 use std::collections::VecDeque;
 use std::path::PathBuf;
@@ -47,8 +51,9 @@ struct Args {
     /// Broker to use; default: start a throwaway node (deploy/broker.sh).
     #[arg(long, env = "WARREN_BENCH_AMQP_URL")]
     url: Option<String>,
-    /// `publish`, `e2e`, `delay`, `all`, or `cluster` (quorum queue on a
-    /// local 3-node cluster against a classic queue on one node).
+    /// `publish`, `e2e`, `delay`, `all`, `drain` (a pre-filled backlog, see
+    /// `--max-priority`), or `cluster` (quorum queue on a local 3-node cluster
+    /// against a classic queue on one node).
     #[arg(long, default_value = "all")]
     scenario: String,
     /// Prefetch for both consumers.
@@ -57,6 +62,18 @@ struct Args {
     /// The warren-consumer binary (default: next to this one).
     #[arg(long)]
     consumer_bin: Option<PathBuf>,
+    /// `drain`: the work queue's `x-max-priority`, one or more settings
+    /// measured in the same run (e.g. `10,0`).
+    #[arg(long, value_delimiter = ',', default_value = "10")]
+    max_priority: Vec<u8>,
+    /// `drain`: the broker's OS pid (e.g. `$(cat DIR/rabbit.pid)` of
+    /// `deploy/broker.sh`), to report its CPU per drained task too. Only
+    /// meaningful when nothing else uses that broker meanwhile.
+    #[arg(long)]
+    broker_pid: Option<u32>,
+    /// `drain`: the plain lapin consumer's prefetch (warren's default is 64).
+    #[arg(long, default_value_t = 64)]
+    drain_plain_prefetch: u16,
 }
 
 const WINDOW: usize = 1000;
@@ -95,6 +112,10 @@ async fn main() -> Result<()> {
     }
     if args.scenario == "delay" || args.scenario == "all" {
         delay_scenario(&conn).await?;
+    }
+    // Not part of `all`: it takes minutes at a useful backlog size.
+    if args.scenario == "drain" {
+        drain::drain_scenario(&conn, &args, &url).await?;
     }
     // Not part of `all`: it starts a 3-node cluster of its own.
     if args.scenario == "cluster" {
@@ -135,6 +156,16 @@ fn report(name: &str, plain: &[f64], warren: &[f64]) {
 }
 
 async fn plain_publish(conn: &Connection, exchange: &str, key: &str, n: usize) -> Result<()> {
+    plain_publish_body(conn, exchange, key, n, BODY).await
+}
+
+async fn plain_publish_body(
+    conn: &Connection,
+    exchange: &str,
+    key: &str,
+    n: usize,
+    body: &[u8],
+) -> Result<()> {
     let ch = conn.create_channel().await?;
     ch.confirm_select(ConfirmSelectOptions::default()).await?;
     let mut pending = VecDeque::with_capacity(WINDOW);
@@ -147,7 +178,7 @@ async fn plain_publish(conn: &Connection, exchange: &str, key: &str, n: usize) -
                     mandatory: true,
                     ..BasicPublishOptions::default()
                 },
-                BODY,
+                body,
                 BasicProperties::default()
                     .with_delivery_mode(2)
                     .with_content_type("application/json".into()),
@@ -287,14 +318,23 @@ async fn start_consumer(
     t: &Topology,
     prefetch: u16,
 ) -> Result<ConsumerProc> {
+    let config = format!(
+        "[worker]\nprefetch = {prefetch}\nconcurrency = {prefetch}\n[log]\nlevel = \"warn\"\n[handlers.\"bench.*\"]\nkind = \"noop\"\n"
+    );
+    start_consumer_with(bin, url, t, &config).await
+}
+
+/// Start `warren-consumer` with `config` (TOML) on topology `t` and wait
+/// until it is ready.
+async fn start_consumer_with(
+    bin: &std::path::Path,
+    url: &str,
+    t: &Topology,
+    config: &str,
+) -> Result<ConsumerProc> {
     let dir = tempfile::tempdir()?;
     let cfg = dir.path().join("consumer.toml");
-    std::fs::write(
-        &cfg,
-        format!(
-            "[worker]\nprefetch = {prefetch}\nconcurrency = {prefetch}\n[log]\nlevel = \"warn\"\n[handlers.\"bench.*\"]\nkind = \"noop\"\n"
-        ),
-    )?;
+    std::fs::write(&cfg, config)?;
     let port = free_port()?;
     let child = tokio::process::Command::new(bin)
         .arg("--config")
@@ -360,11 +400,15 @@ fn peak_rss_kib(pid: u32) -> Option<u64> {
         .ok()
 }
 
-async fn e2e_scenario(conn: &Connection, args: &Args, url: &str) -> Result<()> {
-    let bin = match &args.consumer_bin {
+fn consumer_bin(args: &Args) -> Result<PathBuf> {
+    Ok(match &args.consumer_bin {
         Some(b) => b.clone(),
         None => std::env::current_exe()?.with_file_name("warren-consumer"),
-    };
+    })
+}
+
+async fn e2e_scenario(conn: &Connection, args: &Args, url: &str) -> Result<()> {
+    let bin = consumer_bin(args)?;
     let http = reqwest::Client::new();
     let (mut plain, mut warren) = (Vec::new(), Vec::new());
     let mut rss = Vec::new();

@@ -7,6 +7,7 @@
 //! |---|---|
 //! | `session` | one connection: consumers, the consume loop, drain |
 //! | `delivery` | one delivery: decode, handler, decision, its side effects |
+//! | `acks` | one channel's acks, coalesced into multiple-acks over contiguous runs |
 //! | `broker` | the port a delivery reaches RabbitMQ through (publish, ack, requeue) |
 //! | `settle` | the ticket that ends a delivery and counts it exactly once |
 //! | [`fault`] | fail points for the fault-injection tests |
@@ -17,8 +18,10 @@
 //! * The consume loop only takes deliveries: it first acquires a semaphore
 //!   permit, then moves permit and delivery into a spawned task, so acks and
 //!   confirms never serialise the loop and at most `concurrency` tasks run.
-//! * Each task keeps its delivery's channel alive and acks only on it; if the
-//!   channel died meanwhile, the ack is refused and the broker redelivers.
+//! * Each task keeps its delivery's channel alive and acks only on it, through
+//!   the channel's `acks::AckBook` (one `multiple` ack per contiguous run of
+//!   finished deliveries); if the channel died meanwhile, the ack is refused
+//!   and the broker redelivers.
 //! * Every delivery ends through its `settle::Ticket`: acked, or given back
 //!   (nack with requeue, else its channel closed, else the session ended).
 //!   Each task is supervised: a panic anywhere in handling gives the delivery
@@ -44,6 +47,7 @@ use crate::config::ConsumerConfig;
 use crate::handler::Registry;
 use crate::metrics::ConsumerMetrics;
 
+mod acks;
 mod broker;
 mod delivery;
 pub mod fault;
@@ -188,8 +192,12 @@ impl Worker {
                     tracing::warn!(
                         "connection lost; reconnecting (unacked deliveries will be redelivered)"
                     );
-                    // Unacked deliveries of this session go back to their
-                    // queues; late acks from its tasks are refused.
+                    // Finished tasks' acks go out first (the consuming
+                    // channels may well be fine: a publish failure also
+                    // ends the session). Unacked deliveries of this session
+                    // go back to their queues; late acks from its tasks are
+                    // refused.
+                    session.flush_acks().await;
                     let _ = tokio::time::timeout(
                         Duration::from_secs(2),
                         session

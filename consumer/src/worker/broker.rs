@@ -9,10 +9,13 @@
 
 use std::future::Future;
 
-use lapin::options::{BasicAckOptions, BasicNackOptions};
-use lapin::{Acker, BasicProperties, Channel};
+use std::sync::Arc;
+
+use lapin::{Acker, BasicProperties};
 use tokio_util::sync::CancellationToken;
 use warren::amqp::Publisher;
+
+use super::acks::AckBook;
 
 /// How an ack attempt ended.
 #[derive(Debug, Clone, PartialEq)]
@@ -20,7 +23,10 @@ pub(crate) enum AckResult {
     Acked,
     /// The delivery's channel closed first: the broker redelivers it.
     ChannelClosed,
-    /// The ack was refused or could not be sent (the error's text).
+    /// The ack was refused or could not be sent (the error's text). The
+    /// lapin broker hands acks to its `AckBook` and never answers this (the
+    /// book closes the channel instead); the recording broker of the tests does.
+    #[allow(dead_code)]
     Failed(String),
 }
 
@@ -51,8 +57,10 @@ pub(crate) trait Broker: Send + Sync {
 pub(crate) struct LapinBroker {
     pub(crate) publisher: Publisher,
     pub(crate) acker: Acker,
-    /// The channel the delivery came on: acks are valid only there.
-    pub(crate) channel: Channel,
+    pub(crate) delivery_tag: u64,
+    /// The acks of the channel the delivery came on (acks are valid only
+    /// there); it holds that channel.
+    pub(crate) acks: Arc<AckBook>,
     /// Cancelled to end the session.
     pub(crate) broken: CancellationToken,
 }
@@ -70,32 +78,36 @@ impl Broker for LapinBroker {
             .await
     }
 
+    /// Hands the ack to the channel's [`AckBook`], which sends it with the
+    /// contiguous run it completes (or on its own shortly after): the task
+    /// does not wait for the frame. If the ack then fails, the book closes
+    /// the channel and the broker redelivers.
     async fn ack(&self) -> AckResult {
-        match self.acker.ack(BasicAckOptions::default()).await {
-            Ok(true) => AckResult::Acked,
-            Ok(false) => AckResult::ChannelClosed,
-            Err(e) => AckResult::Failed(e.to_string()),
+        if self.acks.ack(self.delivery_tag, self.acker.clone()) {
+            AckResult::Acked
+        } else {
+            AckResult::ChannelClosed
         }
     }
 
-    /// Nack with requeue while the ack handle is unused; if it was used (an
-    /// ack of unknown fate) or the nack fails, close the delivery's channel,
-    /// which requeues everything unacked on it (the worker then consumes on a
-    /// fresh channel). Never leaves the delivery in flight.
+    /// Nack with requeue (through the book, so no multiple-ack can overtake
+    /// it) while the ack handle is unused; if it was used (an ack of unknown
+    /// fate) or the nack fails, close the delivery's channel, which requeues
+    /// everything unacked on it (the worker then consumes on a fresh
+    /// channel). Never leaves the delivery in flight.
     async fn requeue(&self) {
-        if self.acker.usable() {
-            let requeue = BasicNackOptions {
-                requeue: true,
-                multiple: false,
-            };
-            if let Ok(true) = self.acker.nack(requeue).await {
-                return;
-            }
+        if self.acker.usable()
+            && self
+                .acks
+                .requeue(self.delivery_tag, self.acker.clone())
+                .await
+        {
+            return;
         }
-        if self.channel.status().connected() {
+        let channel = self.acks.channel();
+        if channel.status().connected() {
             tracing::warn!("closing the delivery's channel so the broker requeues it");
-            let _ = self
-                .channel
+            let _ = channel
                 .close(200, "warren: delivery given back".into())
                 .await;
         }

@@ -18,6 +18,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use warren::amqp::Publisher;
 
+use super::acks::AckBook;
 use super::broker::LapinBroker;
 use super::delivery::{self, Incoming};
 use super::Worker;
@@ -26,8 +27,9 @@ use super::Worker;
 pub(super) struct Session {
     pub(super) conn: Connection,
     publisher: Publisher,
-    /// Channel and consumer tag per consumed queue (same order as `queues`).
-    consumers: Vec<(Channel, ShortString)>,
+    /// Channel, consumer tag and acks per consumed queue (same order as
+    /// `queues`).
+    consumers: Vec<(Channel, ShortString, Arc<AckBook>)>,
     /// Cancelled by a task whose publish failed: the session is unusable.
     broken: CancellationToken,
 }
@@ -43,6 +45,17 @@ enum Ev {
 pub(super) enum End {
     Shutdown,
     Lost,
+}
+
+impl Session {
+    /// Send the acks of finished tasks that are still deferred or queued in
+    /// the channels' [`AckBook`]s: call before closing the connection, or
+    /// those deliveries run again.
+    pub(super) async fn flush_acks(&self) {
+        for (_, _, acks) in &self.consumers {
+            let _ = tokio::time::timeout(Duration::from_secs(5), acks.flush()).await;
+        }
+    }
 }
 
 impl Worker {
@@ -116,7 +129,8 @@ impl Worker {
         for idx in 0..self.queues.len() {
             match self.start_consumer(&session.conn, idx).await {
                 Ok((ch, tag, s)) => {
-                    session.consumers.push((ch, tag));
+                    let book = AckBook::new(ch.clone());
+                    session.consumers.push((ch, tag, book));
                     streams.push(s);
                 }
                 Err(e) => {
@@ -150,13 +164,20 @@ impl Worker {
                     // The task keeps the delivery's channel alive and acks
                     // only on it; if it died meanwhile the ack is refused
                     // and the broker redelivers.
+                    let acks = session.consumers[idx].2.clone();
+                    // In delivery order, before any task can finish.
+                    acks.delivered(d.delivery_tag);
                     let broker = LapinBroker {
                         publisher: session.publisher.clone(),
                         acker: d.acker.clone(),
-                        channel: session.consumers[idx].0.clone(),
+                        delivery_tag: d.delivery_tag,
+                        acks,
                         broken: session.broken.clone(),
                     };
-                    tracker.spawn(async move {
+                    // Boxed: tokio copies a task's future into its cell and
+                    // its output over it, and this one is kilobytes (the
+                    // delivery and the whole handling state machine).
+                    tracker.spawn(Box::pin(async move {
                         let _permit = permit;
                         let msg = Incoming {
                             queue: &queue,
@@ -166,7 +187,7 @@ impl Worker {
                             redelivered: d.redelivered,
                         };
                         delivery::supervise(&shared, &broker, msg).await;
-                    });
+                    }));
                 }
                 Some(Ev::Delivery(idx, Err(e))) => {
                     tracing::warn!(error = %e, queue = %self.queues[idx], "consumer failed");
@@ -189,7 +210,8 @@ impl Worker {
                         Ok((ch, tag, s)) => {
                             // The old channel closes once its running tasks
                             // (which hold it for their acks) are done.
-                            session.consumers[idx] = (ch, tag);
+                            let book = AckBook::new(ch.clone());
+                            session.consumers[idx] = (ch, tag, book);
                             streams.push(s);
                             self.health.set_ready(true);
                         }
@@ -208,7 +230,7 @@ impl Worker {
     /// grace, close the connection (whatever is unacked goes back).
     pub(super) async fn drain(&self, session: Session, tracker: &TaskTracker) {
         let grace = self.shared.cfg.worker.drain_grace;
-        for (ch, tag) in &session.consumers {
+        for (ch, tag, _) in &session.consumers {
             if ch.status().connected() {
                 let _ = ch
                     .basic_cancel(tag.clone(), BasicCancelOptions::default())
@@ -224,6 +246,7 @@ impl Worker {
                 "drain grace over; unfinished tasks return to the queue unacked"
             );
         }
+        session.flush_acks().await;
         let _ = tokio::time::timeout(
             Duration::from_secs(5),
             session

@@ -1,0 +1,450 @@
+//! [`AckBook`]: coalesces the acks of one consuming channel.
+//!
+//! One `basic.ack` frame per delivery is what the broker and lapin's I/O
+//! thread spend most on in a backlog drain. Deliveries finish out of order,
+//! so a finished delivery is acked with `multiple = true` once every delivery
+//! before it on the channel has finished too: one frame then settles a whole
+//! contiguous run.
+//!
+//! The rules that keep this safe (a wrong multiple-ack loses a task, a tag
+//! acked twice closes the channel):
+//!
+//! * A tag stays *unfinished* from delivery until it is acked or nacked
+//!   through this book; a delivery left unsettled for its session to requeue
+//!   (a failed publish) stays unfinished for good, so no multiple-ack ever
+//!   covers it.
+//! * A multiple-ack is sent only on the highest finished tag below the lowest
+//!   unfinished one, so it covers finished deliveries only, each once.
+//! * Every frame (ack or nack) leaves through one sender task per channel.
+//!   It picks the run to ack when it is free to send, so while one frame is
+//!   on its way the next run grows (the busier the channel, the fewer the
+//!   frames). A tag being requeued stays unfinished until its nack went out,
+//!   so no multiple-ack can overtake the nack.
+//! * A finished tag above an unfinished one (a slow task) is acked on its own
+//!   after [`FLUSH_AFTER`], so a long task never holds the others' acks (and
+//!   prefetch slots, and `consumer_timeout`) hostage.
+//! * A failed ack or nack closes the channel: the broker then requeues
+//!   everything unacked on it, and the worker consumes on a fresh channel.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::{Arc, Mutex, Weak};
+use std::time::Duration;
+
+use lapin::options::{BasicAckOptions, BasicNackOptions};
+use lapin::{Acker, Channel};
+use tokio::sync::{mpsc, oneshot, Notify};
+use tokio::time::Instant;
+
+/// How long a finished delivery may wait for an earlier one before it is
+/// acked on its own.
+pub(crate) const FLUSH_AFTER: Duration = Duration::from_millis(50);
+
+/// Work for the sender besides acking finished runs.
+#[derive(Debug)]
+enum Frame {
+    /// Nack with requeue; the answer goes back (`true`: sent).
+    Requeue {
+        tag: u64,
+        acker: Acker,
+        done: oneshot::Sender<bool>,
+    },
+    /// Ack every deferred tag now; answer once all finished tags went out.
+    Flush(oneshot::Sender<()>),
+}
+
+/// The bookkeeping alone, without I/O, so its rules are unit-tested.
+struct Ledger<A> {
+    unfinished: BTreeSet<u64>,
+    /// Finished, waiting for an ack, with what acks them.
+    ready: BTreeMap<u64, A>,
+}
+
+impl<A> Ledger<A> {
+    fn new() -> Self {
+        Self {
+            unfinished: BTreeSet::new(),
+            ready: BTreeMap::new(),
+        }
+    }
+
+    fn delivered(&mut self, tag: u64) {
+        self.unfinished.insert(tag);
+    }
+
+    /// The finished run that can be acked with one multiple-ack: the highest
+    /// ready tag below the lowest unfinished one, and how many it settles.
+    fn take_run(&mut self) -> Option<(A, usize)> {
+        let below = match self.unfinished.first() {
+            Some(&low) => {
+                let rest = self.ready.split_off(&low);
+                std::mem::replace(&mut self.ready, rest)
+            }
+            None => std::mem::take(&mut self.ready),
+        };
+        let n = below.len();
+        below.into_iter().next_back().map(|(_, a)| (a, n))
+    }
+
+    /// `tag` finished and is to be acked.
+    fn finished(&mut self, tag: u64, acker: A) {
+        self.unfinished.remove(&tag);
+        self.ready.insert(tag, acker);
+    }
+
+    /// `tag` was nacked: it no longer holds back the run above it.
+    fn released(&mut self, tag: u64) {
+        self.unfinished.remove(&tag);
+    }
+
+    /// Every deferred tag, to be acked one by one.
+    fn deferred(&mut self) -> Vec<A> {
+        std::mem::take(&mut self.ready).into_values().collect()
+    }
+}
+
+/// Acks of one consuming channel: see the module docs.
+pub(crate) struct AckBook {
+    channel: Channel,
+    ledger: Mutex<Ledger<Acker>>,
+    /// Wakes the sender: a delivery finished.
+    finished: Arc<Notify>,
+    frames: mpsc::UnboundedSender<Frame>,
+}
+
+impl AckBook {
+    /// A book for `channel`, with its sender task (which ends when the book
+    /// is dropped).
+    pub(crate) fn new(channel: Channel) -> Arc<Self> {
+        let (tx, rx) = mpsc::unbounded_channel();
+        let finished = Arc::new(Notify::new());
+        let book = Arc::new(Self {
+            channel,
+            ledger: Mutex::new(Ledger::new()),
+            finished: finished.clone(),
+            frames: tx,
+        });
+        tokio::spawn(send_frames(Arc::downgrade(&book), finished, rx));
+        book
+    }
+
+    /// The channel the deliveries came on.
+    pub(crate) fn channel(&self) -> &Channel {
+        &self.channel
+    }
+
+    /// Record a delivery; call in delivery order, before handling it.
+    pub(crate) fn delivered(&self, tag: u64) {
+        self.ledger().delivered(tag);
+    }
+
+    fn ledger(&self) -> std::sync::MutexGuard<'_, Ledger<Acker>> {
+        // Every ledger operation completes under the lock without panicking
+        // midway: a poisoned lock still holds a consistent ledger.
+        self.ledger.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// `tag` finished: the sender acks it with its run, or on its own after
+    /// [`FLUSH_AFTER`]. `false` if the channel is gone (the broker
+    /// redelivers).
+    pub(crate) fn ack(&self, tag: u64, acker: Acker) -> bool {
+        if !acker.usable() || !self.channel.status().connected() {
+            return false;
+        }
+        self.ledger().finished(tag, acker);
+        // notify_one keeps the wake-up if the sender is busy sending.
+        self.finished.notify_one();
+        true
+    }
+
+    /// Nack `tag` with requeue, before any multiple-ack above it. `false` if
+    /// the nack could not be sent (the channel is then closed, which
+    /// requeues it too).
+    pub(crate) async fn requeue(&self, tag: u64, acker: Acker) -> bool {
+        let (done, answer) = oneshot::channel();
+        if self
+            .frames
+            .send(Frame::Requeue { tag, acker, done })
+            .is_err()
+        {
+            return false;
+        }
+        answer.await.unwrap_or(false)
+    }
+
+    /// Ack every finished delivery now and wait until those acks went out
+    /// (before closing the connection on shutdown).
+    pub(crate) async fn flush(&self) {
+        let (done, answer) = oneshot::channel();
+        if self.frames.send(Frame::Flush(done)).is_ok() {
+            let _ = answer.await;
+        }
+    }
+}
+
+/// The channel's one sender of acks and nacks: see the module docs.
+async fn send_frames(
+    book: Weak<AckBook>,
+    finished: Arc<Notify>,
+    mut frames: mpsc::UnboundedReceiver<Frame>,
+) {
+    // A steady stream of finishes must not postpone deferred acks forever.
+    let mut next_flush = Instant::now() + FLUSH_AFTER;
+    loop {
+        let mut flush_deferred = false;
+        let frame = tokio::select! {
+            biased;
+            f = frames.recv() => match f {
+                Some(f) => Some(f),
+                None => return,
+            },
+            () = finished.notified() => None,
+            () = tokio::time::sleep_until(next_flush) => {
+                next_flush = Instant::now() + FLUSH_AFTER;
+                flush_deferred = true;
+                None
+            }
+        };
+        let Some(book) = book.upgrade() else { return };
+        let mut flushed = None;
+        let ok = match frame {
+            Some(Frame::Requeue { tag, acker, done }) => {
+                let requeue = BasicNackOptions {
+                    requeue: true,
+                    multiple: false,
+                };
+                let ok = matches!(acker.nack(requeue).await, Ok(true));
+                if ok {
+                    // Only now may a multiple-ack reach past it.
+                    book.ledger().released(tag);
+                }
+                let _ = done.send(ok);
+                ok
+            }
+            Some(Frame::Flush(done)) => {
+                flush_deferred = true;
+                flushed = Some(done);
+                true
+            }
+            None => true,
+        };
+        let ok = ok && ack_run(&book).await && (!flush_deferred || ack_deferred(&book).await);
+        if let Some(done) = flushed {
+            let _ = done.send(());
+        }
+        if !ok {
+            // Unknown fate: no later frame may assume it arrived. Closing the
+            // channel requeues everything unacked on it.
+            if book.channel.status().connected() {
+                tracing::warn!(
+                    "ack or nack failed; closing the channel so the broker requeues its deliveries"
+                );
+                let _ = book
+                    .channel
+                    .close(200, "warren: ack failed, deliveries given back".into())
+                    .await;
+            }
+            return;
+        }
+    }
+}
+
+async fn ack(acker: &Acker, multiple: bool) -> bool {
+    matches!(acker.ack(BasicAckOptions { multiple }).await, Ok(true))
+}
+
+/// Ack the finished run below the lowest unfinished tag, in one frame.
+async fn ack_run(book: &AckBook) -> bool {
+    let run = book.ledger().take_run();
+    match run {
+        Some((acker, n)) => ack(&acker, n > 1).await,
+        None => true,
+    }
+}
+
+/// Ack every finished tag above an unfinished one, each on its own.
+async fn ack_deferred(book: &AckBook) -> bool {
+    let deferred = book.ledger().deferred();
+    for acker in deferred {
+        if !ack(&acker, false).await {
+            return false;
+        }
+    }
+    true
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Ledger;
+
+    /// Stand-in for an acker: its tag.
+    fn ledger(tags: &[u64]) -> Ledger<u64> {
+        let mut l = Ledger::new();
+        for &t in tags {
+            l.delivered(t);
+        }
+        l
+    }
+
+    #[test]
+    fn in_order_finishes_form_one_run() {
+        let mut l = ledger(&[1, 2, 3, 4]);
+        l.finished(1, 1);
+        l.finished(2, 2);
+        l.finished(3, 3);
+        // One multiple-ack on 3 settles 1..=3; 4 still runs.
+        assert_eq!(l.take_run(), Some((3, 3)));
+        assert_eq!(l.take_run(), None);
+        l.finished(4, 4);
+        assert_eq!(l.take_run(), Some((4, 1)));
+        assert!(l.ready.is_empty() && l.unfinished.is_empty());
+    }
+
+    #[test]
+    fn out_of_order_finishes_wait_for_the_lowest() {
+        let mut l = ledger(&[1, 2, 3, 4]);
+        l.finished(3, 3);
+        l.finished(2, 2);
+        assert_eq!(l.take_run(), None);
+        l.finished(1, 1);
+        assert_eq!(l.take_run(), Some((3, 3)));
+    }
+
+    #[test]
+    fn a_multiple_ack_never_covers_a_tag_being_requeued_or_left_unsettled() {
+        let mut l = ledger(&[1, 2, 3, 4, 5]);
+        // 2 is being nacked: the run below it may go, nothing above it yet.
+        l.finished(1, 1);
+        l.finished(3, 3);
+        assert_eq!(l.take_run(), Some((1, 1)));
+        assert_eq!(l.take_run(), None);
+        // Its nack went out: 3 may go.
+        l.released(2);
+        assert_eq!(l.take_run(), Some((3, 1)));
+        // 4 is left to its session (never finished nor released): 5 waits,
+        // and only the deferred flush acks it, on its own.
+        l.finished(5, 5);
+        assert_eq!(l.take_run(), None);
+        assert_eq!(l.deferred(), vec![5]);
+        assert_eq!(l.unfinished.iter().copied().collect::<Vec<_>>(), vec![4]);
+    }
+
+    #[test]
+    fn a_tag_is_acked_once_even_after_a_flush() {
+        let mut l = ledger(&[1, 2, 3]);
+        l.finished(2, 2);
+        assert_eq!(l.deferred(), vec![2]);
+        // 2 was acked on its own: no run names it again.
+        l.finished(1, 1);
+        assert_eq!(l.take_run(), Some((1, 1)));
+        l.finished(3, 3);
+        assert_eq!(l.take_run(), Some((3, 1)));
+    }
+
+    /// On a real broker: deliveries finish out of order, one is requeued in
+    /// the middle of a run. A multiple-ack that swallowed the nack would
+    /// settle the requeued delivery (it would never come back) and the late
+    /// nack of an unknown tag would close the channel; a tag acked twice
+    /// would close it too. So: the requeued task comes back exactly once, the
+    /// channel stays open, and nothing is left in the queue.
+    #[tokio::test]
+    async fn out_of_order_acks_and_a_requeue_on_a_real_channel() {
+        use futures_util::StreamExt;
+        use lapin::options::{
+            BasicConsumeOptions, BasicPublishOptions, BasicQosOptions, QueueDeclareOptions,
+            QueueDeleteOptions,
+        };
+        use lapin::types::FieldTable;
+        use lapin::BasicProperties;
+
+        use super::AckBook;
+
+        let conn = warren::testing::connect().await;
+        let queue = format!("warren.test.acks.{}", uuid::Uuid::new_v4().simple());
+        let setup = conn.create_channel().await.expect("channel");
+        setup
+            .queue_declare(
+                queue.as_str().into(),
+                QueueDeclareOptions::default(),
+                FieldTable::default(),
+            )
+            .await
+            .expect("declare");
+        for i in 1..=5u8 {
+            setup
+                .basic_publish(
+                    "".into(),
+                    queue.as_str().into(),
+                    BasicPublishOptions::default(),
+                    &[i],
+                    BasicProperties::default(),
+                )
+                .await
+                .expect("publish");
+        }
+        let ch = conn.create_channel().await.expect("channel");
+        ch.basic_qos(10, BasicQosOptions::default())
+            .await
+            .expect("qos");
+        let mut consumer = ch
+            .basic_consume(
+                queue.as_str().into(),
+                "acks-test".into(),
+                BasicConsumeOptions::default(),
+                FieldTable::default(),
+            )
+            .await
+            .expect("consume");
+        let book = AckBook::new(ch.clone());
+        async fn next(c: &mut lapin::Consumer) -> lapin::message::Delivery {
+            tokio::time::timeout(std::time::Duration::from_secs(10), c.next())
+                .await
+                .expect("a delivery within 10 s")
+                .expect("consumer open")
+                .expect("delivery")
+        }
+        let mut d = Vec::new();
+        for _ in 0..5 {
+            let x = next(&mut consumer).await;
+            book.delivered(x.delivery_tag);
+            d.push(x);
+        }
+        let body = |i: usize| d[i].data[0];
+        assert_eq!(
+            (1..=5).map(|i| body(i - 1)).collect::<Vec<_>>(),
+            vec![1, 2, 3, 4, 5]
+        );
+        // 4 and 5 finish first, then 1 and 2; 3 is given back last.
+        for i in [3, 4, 0, 1] {
+            assert!(book.ack(d[i].delivery_tag, d[i].acker.clone()));
+        }
+        assert!(book.requeue(d[2].delivery_tag, d[2].acker.clone()).await);
+        let again = next(&mut consumer).await;
+        assert_eq!(again.data, vec![3], "the requeued task comes back");
+        assert!(again.redelivered);
+        book.delivered(again.delivery_tag);
+        assert!(book.ack(again.delivery_tag, again.acker.clone()));
+        book.flush().await;
+        // A synchronous round trip on the channel: it is still open.
+        ch.basic_qos(10, BasicQosOptions::default())
+            .await
+            .expect("the channel survived every ack");
+        ch.close(200, "done".into()).await.expect("close");
+        // Anything unacked went back to the queue when the channel closed.
+        let left = setup
+            .queue_declare(
+                queue.as_str().into(),
+                QueueDeclareOptions {
+                    passive: true,
+                    ..QueueDeclareOptions::default()
+                },
+                FieldTable::default(),
+            )
+            .await
+            .expect("passive declare");
+        assert_eq!(left.message_count(), 0, "every delivery acked exactly once");
+        let _ = setup
+            .queue_delete(queue.as_str().into(), QueueDeleteOptions::default())
+            .await;
+        let _ = conn.close(200, "done".into()).await;
+    }
+}
