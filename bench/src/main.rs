@@ -313,7 +313,7 @@ fn free_port() -> Result<u16> {
 }
 
 async fn start_consumer(
-    bin: &PathBuf,
+    bin: &std::path::Path,
     url: &str,
     t: &Topology,
     prefetch: u16,
