@@ -75,7 +75,7 @@ node_env() {
   local d="$dir/$i"
   export HOME="$d/home" RABBITMQ_NODENAME="$NODE" RABBITMQ_USE_LONGNAME=true \
     RABBITMQ_NODE_IP_ADDRESS="$IP" RABBITMQ_NODE_PORT="$PORT" RABBITMQ_DIST_PORT="$DIST_PORT" \
-    RABBITMQ_MNESIA_BASE="$d/mnesia" RABBITMQ_LOG_BASE="$d/log" \
+    RABBITMQ_MNESIA_BASE="$d/mnesia" RABBITMQ_LOG_BASE="$d/log" ERL_CRASH_DUMP="$d/erl_crash.dump" \
     RABBITMQ_PID_FILE="$d/rabbit.pid" RABBITMQ_CONFIG_FILE="$d/rabbitmq.conf" \
     RABBITMQ_ADVANCED_CONFIG_FILE="$d/advanced.config" \
     RABBITMQ_ENABLED_PLUGINS_FILE="$d/enabled_plugins" \
