@@ -11,12 +11,13 @@ cd "$(dirname "$0")/.."
 # PyYAML for the manifest and docs checks; tini for the image's init check.
 if [ ! -x /usr/lib/rabbitmq/bin/rabbitmq-server ] || ! command -v promtool >/dev/null \
   || ! command -v nft >/dev/null || ! command -v openssl >/dev/null || ! command -v faketime >/dev/null \
-  || ! command -v tini >/dev/null || ! python3 -c 'import yaml' >/dev/null 2>&1; then
+  || ! command -v tini >/dev/null || ! python3 -c 'import yaml' >/dev/null 2>&1 \
+  || ! python3 -c 'import pika' >/dev/null 2>&1; then
   if [ "$(id -u)" = 0 ]; then
     export DEBIAN_FRONTEND=noninteractive
     printf '#!/bin/sh\nexit 101\n' > /usr/sbin/policy-rc.d && chmod +x /usr/sbin/policy-rc.d
     apt-get update -qq
-    apt-get install -y -qq rabbitmq-server prometheus nftables openssl python3 python3-yaml faketime tini >/dev/null
+    apt-get install -y -qq rabbitmq-server prometheus nftables openssl python3 python3-yaml python3-pika faketime tini >/dev/null
     rm -f /usr/sbin/policy-rc.d
   else
     echo "test.sh: install rabbitmq-server (Debian package) or run as root" >&2
@@ -25,6 +26,8 @@ if [ ! -x /usr/lib/rabbitmq/bin/rabbitmq-server ] || ! command -v promtool >/dev
 fi
 # A python3 other than Debian's (pyenv) does not see python3-yaml.
 python3 -c 'import yaml' >/dev/null 2>&1 || python3 -m pip install -q pyyaml
+# pika: the signed-publisher example of docs/contract.md runs in the consumer tests.
+python3 -c 'import pika' >/dev/null 2>&1 || python3 -m pip install -q pika
 if ! command -v cargo-nextest >/dev/null; then
   cargo install --locked cargo-nextest
 fi

@@ -6,6 +6,7 @@
 //! Publishing is pipelined: [`Publisher::send`] returns a [`Pending`] confirm,
 //! so callers keep many in flight and await them later.
 
+use std::borrow::Cow;
 use std::collections::VecDeque;
 use std::sync::Arc;
 use std::time::Duration;
@@ -27,6 +28,7 @@ use crate::config::{check_amqp_url, redact_url, AmqpConfig, UrlProblem};
 use crate::envelope::Task;
 use crate::error::Error;
 use crate::metrics::AmqpMetrics;
+use crate::security::Seal;
 use crate::topology::Topology;
 
 /// Connect with the configured heartbeat (unless the URL sets one) and a
@@ -233,6 +235,8 @@ pub struct Publisher {
     /// Publishes in delivery-tag order, for the [`sequence`] task. The lock
     /// spans `basic_publish` and the enqueue so both happen in the same order.
     order: Arc<tokio::sync::Mutex<mpsc::UnboundedSender<Tracked>>>,
+    /// Signs and/or encrypts every task sent (the producer's publishers).
+    seal: Option<Arc<Seal>>,
 }
 
 /// A publish the broker has not confirmed yet.
@@ -347,7 +351,27 @@ impl Publisher {
             channel,
             confirm_timeout,
             order: Arc::new(tokio::sync::Mutex::new(tx)),
+            seal: None,
         })
+    }
+
+    /// Seal every task this publisher sends ([`Publisher::send_task`] and
+    /// the calls built on it, [`Publisher::wire`]). Republishing a task that
+    /// is already sealed (a retry, a replay) must not go through a sealing
+    /// publisher: its signature stays valid as it is.
+    pub fn sealed(mut self, seal: Option<Arc<Seal>>) -> Self {
+        self.seal = seal;
+        self
+    }
+
+    /// The properties and body `task` goes out with: signed and encrypted
+    /// when this publisher seals.
+    pub fn wire<'t>(&self, task: &'t Task) -> Result<(BasicProperties, Cow<'t, [u8]>), Error> {
+        let props = task.properties();
+        match &self.seal {
+            None => Ok((props, Cow::Borrowed(&task.payload))),
+            Some(seal) => seal.apply(props, &task.payload).map_err(Error::Seal),
+        }
     }
 
     pub fn channel(&self) -> &Channel {
@@ -426,8 +450,8 @@ impl Publisher {
         delay: Duration,
     ) -> Result<Pending, Error> {
         let (exchange, key) = topo.route(&task.name, delay);
-        self.send(&exchange, &key, task.properties(), &task.payload)
-            .await
+        let (props, body) = self.wire(task)?;
+        self.send(&exchange, &key, props, &body).await
     }
 
     /// Publish a task and wait for its confirm.

@@ -39,9 +39,8 @@ pub mod headers {
     pub const RETRY_MULTIPLIER: &str = "x-warren-retry-multiplier";
     pub const RETRY_MAX_MS: &str = "x-warren-retry-max-ms";
     pub const RETRY_JITTER: &str = "x-warren-retry-jitter";
-    /// Opaque signature, carried through retries untouched. Nothing reads it
-    /// yet: signing is planned (issue 11, DESIGN "Signing"), and the name is
-    /// fixed here so that publishers can already set it.
+    /// `v1:<key id>:<base64 HMAC-SHA256>` over the canonical form of
+    /// [`crate::security::canonical`]; carried through retries untouched.
     pub const SIGNATURE: &str = "x-warren-signature";
     /// Set on dead-lettered copies: why, what kind of failure, when, where from.
     pub const DEAD_REASON: &str = "x-warren-dead-reason";
@@ -74,8 +73,17 @@ pub struct Task {
     pub not_before: Option<DateTime<Utc>>,
     pub priority: Option<u8>,
     pub correlation_id: Option<String>,
-    /// AMQP `timestamp` (seconds) refined by [`headers::PUBLISHED_AT_MS`].
+    /// AMQP `timestamp` (seconds) refined by [`headers::PUBLISHED_AT_MS`]:
+    /// when this copy was published.
     pub published_at: Option<DateTime<Utc>>,
+    /// AMQP `timestamp` (Unix seconds) of the first publish, kept by every
+    /// republish (a signature covers it). Set when a task is created.
+    pub timestamp: Option<u64>,
+    /// AMQP `content_type` as first published (`None`: [`CONTENT_TYPE`]).
+    pub content_type: Option<String>,
+    /// AMQP `content_encoding`, kept by every republish (an encrypted task
+    /// carries its key id here, and `payload` is then the ciphertext).
+    pub content_encoding: Option<String>,
     pub schedule: Option<String>,
     pub last_error: Option<String>,
     pub first_failed_at: Option<DateTime<Utc>>,
@@ -141,6 +149,9 @@ impl Task {
             priority: None,
             correlation_id: None,
             published_at: None,
+            timestamp: Some(Utc::now().timestamp().max(0) as u64),
+            content_type: None,
+            content_encoding: None,
             schedule: None,
             last_error: None,
             first_failed_at: None,
@@ -149,7 +160,9 @@ impl Task {
         }
     }
 
-    /// Decode a delivered message. `max_body` bounds the body size.
+    /// Decode a delivered message. `max_body` bounds the body size. An
+    /// encrypted body ([`crate::security::is_encrypted`]) is kept as it is,
+    /// unchecked: its JSON is checked once decrypted ([`check_json`]).
     pub fn decode(
         routing_key: &str,
         props: &BasicProperties,
@@ -172,8 +185,9 @@ impl Task {
         if name.len() > delay::MAX_TASK_NAME_LEN {
             return Err(EnvelopeError::NameTooLong(name.len()));
         }
-        serde_json::from_slice::<serde::de::IgnoredAny>(body)
-            .map_err(|e| EnvelopeError::InvalidJson(e.to_string()))?;
+        if !crate::security::is_encrypted(props) {
+            check_json(body)?;
+        }
 
         let empty = FieldTable::default();
         let h = props.headers().as_ref().unwrap_or(&empty);
@@ -213,6 +227,19 @@ impl Task {
                 .as_ref()
                 .map(|s| s.as_str().to_owned()),
             published_at,
+            timestamp: *props.timestamp(),
+            // Absent and the default are one thing (`None`), as in the
+            // canonical form a signature covers.
+            content_type: props
+                .content_type()
+                .as_ref()
+                .map(|s| s.as_str())
+                .filter(|s| *s != CONTENT_TYPE)
+                .map(str::to_owned),
+            content_encoding: props
+                .content_encoding()
+                .as_ref()
+                .map(|s| s.as_str().to_owned()),
             schedule: get_str(h, headers::SCHEDULE)?,
             last_error: get_str(h, headers::LAST_ERROR)?,
             first_failed_at: get_time(h, headers::FIRST_FAILED_AT)?,
@@ -228,7 +255,8 @@ impl Task {
     }
 
     /// AMQP properties for publishing this task: persistent, JSON, `type` set,
-    /// publish instant stamped now.
+    /// this copy's publish instant stamped now (`x-warren-published-at-ms`),
+    /// `timestamp`, content type and encoding as first published.
     pub fn properties(&self) -> BasicProperties {
         let now = Utc::now();
         let mut h = self.extra_headers.clone();
@@ -279,12 +307,17 @@ impl Task {
             AMQPValue::LongLongInt(now.timestamp_millis()),
         );
         let mut p = BasicProperties::default()
-            .with_content_type(CONTENT_TYPE.into())
+            .with_content_type(self.content_type.as_deref().unwrap_or(CONTENT_TYPE).into())
             .with_delivery_mode(PERSISTENT)
             .with_message_id(self.id.as_str().into())
             .with_type(self.name.as_str().into())
-            .with_timestamp(now.timestamp().max(0) as u64)
             .with_headers(h);
+        if let Some(v) = self.timestamp {
+            p = p.with_timestamp(v);
+        }
+        if let Some(v) = &self.content_encoding {
+            p = p.with_content_encoding(v.as_str().into());
+        }
         if let Some(v) = self.priority {
             p = p.with_priority(v);
         }
@@ -320,6 +353,13 @@ const OWNED: &[&str] = &[
     headers::RETRY_MAX_MS,
     headers::RETRY_JITTER,
 ];
+
+/// The body must be JSON (a poison reason otherwise).
+pub fn check_json(body: &[u8]) -> Result<(), EnvelopeError> {
+    serde_json::from_slice::<serde::de::IgnoredAny>(body)
+        .map(drop)
+        .map_err(|e| EnvelopeError::InvalidJson(e.to_string()))
+}
 
 /// A fresh task id.
 pub fn new_id() -> String {
@@ -481,6 +521,9 @@ mod tests {
             priority: Some(5),
             correlation_id: Some("corr".into()),
             published_at: None,
+            timestamp: Some(1_700_000_000),
+            content_type: Some("application/vnd.x+json".into()),
+            content_encoding: Some("gzip".into()),
             schedule: Some("nightly".into()),
             last_error: Some("boom".into()),
             first_failed_at: Some(Utc.timestamp_millis_opt(1_700_000_000_000).unwrap()),
@@ -502,8 +545,14 @@ mod tests {
         assert_eq!(props.delivery_mode(), &Some(PERSISTENT));
         assert_eq!(
             props.content_type().as_ref().map(|s| s.as_str()),
+            Some("application/vnd.x+json")
+        );
+        let fresh = Task::new("a", &serde_json::json!({})).properties();
+        assert_eq!(
+            fresh.content_type().as_ref().map(|s| s.as_str()),
             Some(CONTENT_TYPE)
         );
+        assert!(fresh.timestamp().is_some(), "a new task is stamped");
         let back = Task::decode("some.other.key", &props, &t.payload, MAX).unwrap();
         let published = back.published_at.expect("publish time stamped");
         assert!((Utc::now() - published).num_seconds().abs() < 5);

@@ -40,6 +40,9 @@ pub enum Error {
     NotConfirmed,
     #[error("the publishing channel went away before the broker confirmed")]
     ChannelGone,
+    /// Signing or encrypting a task failed (never holds key or payload).
+    #[error("cannot seal the task: {0}")]
+    Seal(String),
 }
 
 impl Error {
@@ -60,7 +63,8 @@ impl Error {
             | Self::TopologyConflict { .. }
             | Self::Declare { .. }
             | Self::Unroutable { .. }
-            | Self::NotConfirmed => false,
+            | Self::NotConfirmed
+            | Self::Seal(_) => false,
         }
     }
 

@@ -6,6 +6,7 @@
 //! | [`topology`] | every exchange, queue and binding, declared idempotently |
 //! | [`delay`] | plugin-free delay levels: delay ⇄ routing-key bits |
 //! | [`retry`] | retry policy: attempts and backoff delays |
+//! | [`security`] | signed and encrypted tasks: keys, HMAC signatures, AES-GCM payloads |
 //! | [`config`] | shared config sections and the defaults < file < env loader |
 //! | [`amqp`] | connecting and confirmed, pipelined publishing |
 //! | [`metrics`] | `/metrics`, `/healthz`, `/readyz` and connection metrics |
@@ -20,6 +21,7 @@ pub mod envelope;
 pub mod error;
 pub mod metrics;
 pub mod retry;
+pub mod security;
 pub mod shutdown;
 pub mod telemetry;
 #[cfg(feature = "testing")]
