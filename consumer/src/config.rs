@@ -11,6 +11,7 @@ use std::time::Duration;
 use serde::{Deserialize, Serialize};
 use warren::config::{AmqpConfig, HttpConfig, LogConfig, TopologyConfig};
 use warren::retry::{RetryOverrides, RetryPolicy};
+use warren::security::SecurityConfig;
 
 /// Default address of `/metrics`, `/healthz`, `/readyz`.
 pub const DEFAULT_HTTP_ADDR: &str = "0.0.0.0:9090";
@@ -27,6 +28,8 @@ pub struct ConsumerConfig {
     pub retry: RetryConfig,
     /// Task name (or topic pattern with `*` / `#`) → built-in handler.
     pub handlers: BTreeMap<String, HandlerSpec>,
+    /// Keys; signature verification (`verify`) and decryption.
+    pub security: SecurityConfig,
 }
 
 impl Default for ConsumerConfig {
@@ -41,6 +44,7 @@ impl Default for ConsumerConfig {
             worker: WorkerConfig::default(),
             retry: RetryConfig::default(),
             handlers: BTreeMap::new(),
+            security: SecurityConfig::default(),
         }
     }
 }
@@ -220,6 +224,10 @@ impl ConsumerConfig {
         let quoted = |s: &str| format!("\"{s}\"");
         self.amqp.validate().map_err(split_message)?;
         self.topology.validate().map_err(split_message)?;
+        // Reads every secret now: a missing key file is a config error.
+        self.security
+            .keyring()
+            .map_err(|e| (e.key, e.value, e.why))?;
         let topo = warren::Topology::new(&self.topology);
         for q in &self.worker.queues {
             if topo.work_queue(q).is_none() {

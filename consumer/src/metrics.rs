@@ -18,6 +18,7 @@ pub struct ConsumerMetrics {
     pub queue_wait: HistogramVec,
     pub in_flight: IntGauge,
     pub panics: IntCounter,
+    pub refused: IntCounterVec,
 }
 
 const BUCKETS: &[f64] = &[
@@ -65,13 +66,27 @@ impl ConsumerMetrics {
                 "warren_consumer_panics_total",
                 "Panics while handling a delivery outside the handler call (the delivery was given back to its queue)",
             )?,
+            refused: IntCounterVec::new(
+                Opts::new(
+                    "warren_consumer_refused_total",
+                    "Deliveries dead-lettered unrun by security.*, by kind (bad_signature: missing, malformed, unknown key or mismatch; undecryptable)",
+                ),
+                &["kind"],
+            )?,
         };
+        for kind in [
+            warren::security::open::kind::BAD_SIGNATURE,
+            warren::security::open::kind::UNDECRYPTABLE,
+        ] {
+            m.refused.with_label_values(&[kind]);
+        }
         registry.register(Box::new(m.deliveries.clone()))?;
         registry.register(Box::new(m.tasks.clone()))?;
         registry.register(Box::new(m.duration.clone()))?;
         registry.register(Box::new(m.queue_wait.clone()))?;
         registry.register(Box::new(m.in_flight.clone()))?;
         registry.register(Box::new(m.panics.clone()))?;
+        registry.register(Box::new(m.refused.clone()))?;
         Ok(m)
     }
 

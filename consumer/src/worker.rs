@@ -90,6 +90,7 @@ impl WorkerBuilder {
         let metrics = ConsumerMetrics::register(&prom)?;
         let amqp_metrics = AmqpMetrics::register(&prom)?;
         let topo = Topology::new(&self.cfg.topology);
+        let opener = warren::security::Opener::from_config(&self.cfg.security)?;
         let queues = self.cfg.queue_names();
         anyhow::ensure!(!queues.is_empty(), "no work queue to consume");
         Ok(Worker {
@@ -97,6 +98,7 @@ impl WorkerBuilder {
                 topo,
                 registry: self.registry,
                 metrics,
+                opener,
                 cfg: self.cfg,
             }),
             queues,
@@ -121,6 +123,8 @@ struct Shared {
     topo: Topology,
     registry: Registry,
     metrics: ConsumerMetrics,
+    /// Verifies signatures and decrypts, before any handler runs.
+    opener: warren::security::Opener,
 }
 
 impl Worker {

@@ -1,4 +1,5 @@
-//! What happens to one delivery: decode it, find its handler, run it under
+//! What happens to one delivery: verify and decrypt it (`security.*`; a
+//! refusal is dead-lettered unrun), decode it, find its handler, run it under
 //! its timeout, [`decide`] what follows, and carry that out through a
 //! [`Broker`] — park, retry, dead-letter, ack or give back — counting the
 //! delivery's outcome exactly once.
@@ -89,6 +90,22 @@ async fn handle<B: Broker>(shared: &Shared, msg: &Incoming<'_>, ticket: &Ticket<
         msg,
         ticket,
     };
+    // Before anything reads the task: a forged or undecryptable delivery is
+    // never run, never retried.
+    let plaintext = match shared
+        .opener
+        .open(msg.routing_key, msg.properties, msg.body)
+    {
+        Ok(p) => p,
+        Err(refusal) => {
+            ticket.received(UNKNOWN_TASK);
+            m.refused.with_label_values(&[refusal.kind()]).inc();
+            let reason = refusal.to_string();
+            tracing::warn!(reason = %reason, kind = refusal.kind(), routing_key = %warren::delay::strip_prefix(msg.routing_key), "delivery refused by security checks; dead-lettering");
+            d.dead_letter_raw(&reason, refusal.kind()).await;
+            return;
+        }
+    };
     let decoded = fault::check(prefix, Step::Decode)
         .map_err(|text| (text, "injected"))
         .and_then(|()| {
@@ -98,6 +115,10 @@ async fn handle<B: Broker>(shared: &Shared, msg: &Incoming<'_>, ticket: &Ticket<
                 msg.body,
                 cfg.max_body_bytes,
             )
+            .and_then(|t| match &plaintext {
+                Some(p) => warren::envelope::check_json(p).map(|()| t),
+                None => Ok(t),
+            })
             .map_err(|e| (e.to_string(), e.kind()))
         });
     let task = match decoded {
@@ -156,8 +177,14 @@ async fn handle<B: Broker>(shared: &Shared, msg: &Incoming<'_>, ticket: &Ticket<
             .unwrap_or(cfg.task_timeout);
         tracing::debug!(redelivered = msg.redelivered, "task started");
         let started = Instant::now();
+        // Retries and dead letters republish `task` as it came (ciphertext,
+        // signature intact); only the handler sees the plaintext.
         let mut attempt = task.clone();
         attempt.timeout = Some(timeout);
+        if let Some(p) = plaintext {
+            attempt.payload = p;
+            attempt.content_encoding = None;
+        }
         let call = async {
             fault::check(prefix, Step::Run).map_err(TaskError::retryable)?;
             handler.call(attempt).await

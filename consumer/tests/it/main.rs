@@ -12,4 +12,5 @@ mod helpers;
 mod outcomes;
 mod processes;
 mod reconnect;
+mod security;
 mod surroundings;

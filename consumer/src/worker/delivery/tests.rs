@@ -205,6 +205,8 @@ impl Worker {
                 topo: Topology::new(&cfg.topology),
                 registry,
                 metrics,
+                opener: warren::security::Opener::from_config(&cfg.security)
+                    .expect("test keys load"),
                 cfg,
             },
             calls,
