@@ -42,6 +42,7 @@ impl App {
         if cfg.api.enabled && tokens.is_empty() {
             tracing::warn!("no API tokens configured: every /v1 request will be refused (set api.publish_token / api.read_token)");
         }
+        let seal = warren::security::Seal::from_config(&cfg.security)?.map(Arc::new);
         let listener = TcpListener::bind(cfg.http.addr).await?;
         let addr = listener.local_addr()?;
         let ctx = Ctx::new(
@@ -50,7 +51,8 @@ impl App {
             amqp_metrics,
             Health::default(),
             TokenStore::new(tokens),
-        );
+        )
+        .with_seal(seal);
         Ok(App {
             ctx,
             schedules,

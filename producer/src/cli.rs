@@ -185,7 +185,17 @@ async fn connect(cfg: &ProducerConfig) -> anyhow::Result<(lapin::Connection, Pub
     warren::topology::declare(&conn, &topo)
         .await
         .context("declaring the topology")?;
-    let publisher = Publisher::new(&conn, cfg.amqp.confirm_timeout).await?;
+    // `config::load` validated the keys; reading them again cannot
+    // fail but for a file removed meanwhile.
+    let seal = warren::security::Seal::from_config(&cfg.security)
+        .map_err(|e| warren::config::ConfigError::Invalid {
+            origin: "configuration".into(),
+            message: e.to_string(),
+        })?
+        .map(std::sync::Arc::new);
+    let publisher = Publisher::new(&conn, cfg.amqp.confirm_timeout)
+        .await?
+        .sealed(seal);
     Ok((conn, publisher, topo))
 }
 

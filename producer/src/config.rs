@@ -11,6 +11,7 @@ use std::time::Duration;
 use serde::{Deserialize, Serialize};
 use warren::config::{AmqpConfig, HttpConfig, LogConfig, Secret, TopologyConfig};
 use warren::retry::RetryOverrides;
+use warren::security::SecurityConfig;
 
 use crate::schedule::{self, DstGap, DstOverlap, MisfirePolicy, Spec};
 
@@ -24,6 +25,8 @@ pub struct ProducerConfig {
     pub api: ApiConfig,
     pub leader: LeaderConfig,
     pub schedules: Vec<ScheduleConfig>,
+    /// Keys; `sign_with` and `encrypt_with` apply to every publish.
+    pub security: SecurityConfig,
 }
 
 impl Default for ProducerConfig {
@@ -38,6 +41,7 @@ impl Default for ProducerConfig {
             api: ApiConfig::default(),
             leader: LeaderConfig::default(),
             schedules: Vec::new(),
+            security: SecurityConfig::default(),
         }
     }
 }
@@ -490,6 +494,11 @@ impl ProducerConfig {
         // The tokens `run` would serve with, tokens file included.
         if let Err(e) = self.api.grants() {
             errors.push(format!("{e:#}"));
+        }
+        // Reads every secret now: `run`, `check`, `publish` and SIGHUP
+        // refuse the same missing or short key.
+        if let Err(e) = self.security.keyring() {
+            errors.push(e.to_string());
         }
         if self.api.max_body_bytes == 0 {
             errors.push("api.max_body_bytes = 0: must be positive".into());

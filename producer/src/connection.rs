@@ -37,7 +37,9 @@ pub async fn api_connection(ctx: Arc<Ctx>, stop: CancellationToken) {
         };
         let setup = async {
             warren::topology::declare(&conn, ctx.topo()).await?;
-            Publisher::new(&conn, ctx.cfg().amqp.confirm_timeout).await
+            Publisher::new(&conn, ctx.cfg().amqp.confirm_timeout)
+                .await
+                .map(|p| p.sealed(ctx.seal()))
         };
         match setup.await {
             Ok(publisher) => {

@@ -15,6 +15,7 @@ use chrono::{DateTime, Utc};
 use tokio::sync::watch;
 use warren::amqp::Publisher;
 use warren::metrics::{AmqpMetrics, Health};
+use warren::security::Seal;
 use warren::Topology;
 
 use crate::auth::TokenStore;
@@ -50,6 +51,8 @@ pub struct Ctx {
     tokens: TokenStore,
     /// Why the process must stop (exit 1), set once.
     fatal: OnceLock<String>,
+    /// Signs and encrypts every task published (`security.*`).
+    seal: Option<Arc<Seal>>,
 }
 
 impl Ctx {
@@ -75,7 +78,20 @@ impl Ctx {
             api_publisher: RwLock::new(None),
             tokens,
             fatal: OnceLock::new(),
+            seal: None,
         }
+    }
+
+    /// Seal every task this producer publishes (read at start; a change
+    /// needs a restart).
+    pub fn with_seal(mut self, seal: Option<Arc<Seal>>) -> Self {
+        self.seal = seal;
+        self
+    }
+
+    /// What publishers of this producer seal tasks with.
+    pub fn seal(&self) -> Option<Arc<Seal>> {
+        self.seal.clone()
     }
 
     /// The file SIGHUP re-reads.

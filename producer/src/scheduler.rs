@@ -288,7 +288,9 @@ async fn lead(
     warren::topology::declare(conn, ctx.topo()).await?;
     let state_queue = state::state_queue(ctx.topo().prefix());
     state::declare(conn, &state_queue, ctx.topo().queue_type()).await?;
-    let publisher = Publisher::new(conn, ctx.cfg().amqp.confirm_timeout).await?;
+    let publisher = Publisher::new(conn, ctx.cfg().amqp.confirm_timeout)
+        .await?
+        .sealed(ctx.seal());
     let res = lead_term(ctx, conn, fence, shutdown, &publisher, &state_queue).await;
     // Close the tick channel before the caller closes the connection: a
     // channel dropped while its connection closes makes lapin log an error.
@@ -504,11 +506,11 @@ async fn fire(
         if !fence.holds() {
             return FireOutcome::Fenced;
         }
-        let props = task.properties().with_app_id(ctx.instance().into());
         let sent = async {
-            let tick = publisher
-                .send(&exchange, &key, props, &task.payload)
-                .await?;
+            // Signed and encrypted as configured (`security.*`).
+            let (props, body) = publisher.wire(&task)?;
+            let props = props.with_app_id(ctx.instance().into());
+            let tick = publisher.send(&exchange, &key, props, &body).await?;
             let state = state::send(publisher, state_queue, snap).await;
             tick.confirmed().await?;
             Ok::<_, warren::Error>(state)

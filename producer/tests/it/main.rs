@@ -17,4 +17,5 @@ mod leader;
 mod publish;
 mod reload;
 mod schedules;
+mod security;
 mod surroundings;
