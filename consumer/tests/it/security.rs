@@ -477,3 +477,75 @@ async fn the_documented_pika_publisher_is_accepted_under_required() {
     assert_eq!(app.counter("warren_consumer_refused_total", &[]), 0.0);
     app.stop().await;
 }
+
+/// The binary end to end: `[security]` from its TOML file, an encrypted
+/// task decrypted for an exec handler (which writes its stdin to a file),
+/// no secret or plaintext in its logs; `check` refuses a missing key file.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_binary_decrypts_for_an_exec_handler_and_refuses_a_missing_key_file() {
+    let keys = Keys::new();
+    let out = keys.dir.path().join("stdin.json");
+    let script = format!("cat > {0}.tmp && mv {0}.tmp {0}", out.display());
+    let security = format!(
+        "[security]\nverify = \"required\"\n\
+         [[security.keys]]\nid = \"k1\"\nsecret_file = {k1:?}\n\
+         [[security.keys]]\nid = \"e1\"\nkind = \"encrypt\"\nsecret_file = {e1:?}\n",
+        k1 = keys.path("k1").display().to_string(),
+        e1 = keys.path("e1").display().to_string(),
+    );
+    let toml = format!(
+        "{security}[handlers.\"sec.exec\"]\nkind = \"exec\"\nargv = [\"/bin/sh\", \"-c\", {script:?}]\n"
+    );
+    let cfg = config("enc_exec");
+    let p = spawn_process(&cfg, &toml);
+    p.wait_log("consuming", 1).await;
+    let conn = warren::amqp::connect(&cfg.amqp, "test-client")
+        .await
+        .unwrap();
+    let topo = warren::Topology::new(&cfg.topology);
+    let publisher = Publisher::new(&conn, Duration::from_secs(10))
+        .await
+        .unwrap()
+        .sealed(Some(keys.seal(Some("k1"), Some("e1"))));
+    let payload = r#"{"patient":"Marie Curie"}"#;
+    let task = Task::from_raw("sec.exec", payload.as_bytes().to_vec());
+    publisher
+        .publish_task(&topo, &task, Duration::ZERO)
+        .await
+        .unwrap();
+    let got = eventually(WAIT, "the exec handler's stdin", || {
+        let out = out.clone();
+        async move { std::fs::read_to_string(out).ok() }
+    })
+    .await;
+    assert_eq!(got, payload, "the handler sees the plaintext");
+    let logs = p.lines().join("\n");
+    assert!(!logs.contains("Curie"), "payload in logs: {logs}");
+    assert!(
+        !logs.contains("k1-secret") && !logs.contains("5a5a5a"),
+        "secret in logs"
+    );
+    drop(p);
+    warren::testing::delete_topology(&conn, &topo).await;
+    let _ = conn.close(200, "test done".into()).await;
+
+    let bad = keys.dir.path().join("bad.toml");
+    std::fs::write(
+        &bad,
+        security.replace(&keys.path("e1").display().to_string(), "/nonexistent/e1"),
+    )
+    .unwrap();
+    let check = std::process::Command::new(env!("CARGO_BIN_EXE_warren-consumer"))
+        .arg("--config")
+        .arg(&bad)
+        .arg("check")
+        .env_remove("WARREN_CONFIG")
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&check.stderr);
+    assert_eq!(check.status.code(), Some(2), "{err}");
+    assert!(
+        err.contains("security.keys[1].secret_file = \"/nonexistent/e1\": cannot read"),
+        "{err}"
+    );
+}
