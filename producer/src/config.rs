@@ -420,9 +420,11 @@ pub fn check(
     Ok((cfg, schedules))
 }
 
-/// Keys SIGHUP applies without a restart: the schedules and the API tokens.
+/// Keys SIGHUP applies without a restart: the schedules, the API tokens
+/// and the signing and encryption keys.
 const RELOADABLE: &[&str] = &[
     "schedules",
+    "security",
     "api.read_token",
     "api.publish_token",
     "api.tokens",

@@ -37,9 +37,7 @@ pub async fn api_connection(ctx: Arc<Ctx>, stop: CancellationToken) {
         };
         let setup = async {
             warren::topology::declare(&conn, ctx.topo()).await?;
-            Publisher::new(&conn, ctx.cfg().amqp.confirm_timeout)
-                .await
-                .map(|p| p.sealed(ctx.seal()))
+            Publisher::new(&conn, ctx.cfg().amqp.confirm_timeout).await
         };
         match setup.await {
             Ok(publisher) => {

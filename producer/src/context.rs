@@ -51,8 +51,9 @@ pub struct Ctx {
     tokens: TokenStore,
     /// Why the process must stop (exit 1), set once.
     fatal: OnceLock<String>,
-    /// Signs and encrypts every task published (`security.*`).
-    seal: Option<Arc<Seal>>,
+    /// Signs and encrypts every task published (`security.*`); replaced
+    /// whole on reload.
+    seal: RwLock<Option<Arc<Seal>>>,
 }
 
 impl Ctx {
@@ -78,20 +79,26 @@ impl Ctx {
             api_publisher: RwLock::new(None),
             tokens,
             fatal: OnceLock::new(),
-            seal: None,
+            seal: RwLock::new(None),
         }
     }
 
-    /// Seal every task this producer publishes (read at start; a change
-    /// needs a restart).
-    pub fn with_seal(mut self, seal: Option<Arc<Seal>>) -> Self {
-        self.seal = seal;
+    /// Seal every task this producer publishes.
+    pub fn with_seal(self, seal: Option<Arc<Seal>>) -> Self {
+        self.set_seal(seal);
         self
     }
 
-    /// What publishers of this producer seal tasks with.
+    /// What publishers of this producer seal tasks with now.
     pub fn seal(&self) -> Option<Arc<Seal>> {
-        self.seal.clone()
+        self.seal.read().ok().and_then(|g| g.clone())
+    }
+
+    /// Put new keys in force (SIGHUP): every publish from now on uses them.
+    pub fn set_seal(&self, seal: Option<Arc<Seal>>) {
+        if let Ok(mut g) = self.seal.write() {
+            *g = seal;
+        }
     }
 
     /// The file SIGHUP re-reads.
@@ -202,8 +209,13 @@ impl Ctx {
         self.metrics.leader.set(i64::from(leading));
     }
 
+    /// The API's publisher, sealing with the keys in force now.
     pub fn api_publisher(&self) -> Option<ApiPublisher> {
-        self.api_publisher.read().ok().and_then(|g| g.clone())
+        let p = self.api_publisher.read().ok().and_then(|g| g.clone())?;
+        Some(ApiPublisher {
+            publisher: p.publisher.sealed(self.seal()),
+            blocked: p.blocked,
+        })
     }
 
     pub fn set_api_publisher(&self, publisher: Option<ApiPublisher>) {

@@ -1,6 +1,7 @@
-//! SIGHUP: re-read the config file, swap in its schedules and API tokens
-//! (a rotated token works at once), and name the keys that only a restart
-//! applies. A file that does not validate is rejected whole; what runs stays.
+//! SIGHUP: re-read the config file, swap in its schedules, API tokens and
+//! `security` keys (a rotated token or signing key works at once), and name
+//! the keys that only a restart applies. A file that does not validate (a
+//! key file gone, too short) is rejected whole; what runs stays.
 
 use std::sync::Arc;
 
@@ -31,6 +32,7 @@ pub async fn on_sighup(ctx: Arc<Ctx>, stop: CancellationToken) {
         match config::load_checked(Some(path)) {
             Ok((new_cfg, schedules)) => {
                 reload_tokens(&ctx, &new_cfg);
+                reload_seal(&ctx, &new_cfg);
                 let changed = config::restart_only_changes(ctx.cfg(), &new_cfg);
                 if !changed.is_empty() {
                     let keys = changed.join(", ");
@@ -43,6 +45,25 @@ pub async fn on_sighup(ctx: Arc<Ctx>, stop: CancellationToken) {
                 ctx.metrics().reload_success.set(0.0);
                 tracing::error!(error = %format!("{e:#}"), "SIGHUP: config rejected; keeping the running schedules");
             }
+        }
+    }
+}
+
+/// Swap in the keys of a reloaded config (key files re-read). Logs key
+/// ids, never secrets.
+fn reload_seal(ctx: &Ctx, cfg: &ProducerConfig) {
+    match warren::security::Seal::from_config(&cfg.security) {
+        Ok(seal) => {
+            ctx.set_seal(seal.map(Arc::new));
+            tracing::info!(
+                sign_with = cfg.security.sign_with.as_deref().unwrap_or("none"),
+                encrypt_with = cfg.security.encrypt_with.as_deref().unwrap_or("none"),
+                "SIGHUP: security keys reloaded"
+            );
+        }
+        // A key file changed again between validation and now.
+        Err(e) => {
+            tracing::error!(error = %e, "SIGHUP: security keys not reloaded; the previous ones stay")
         }
     }
 }

@@ -288,9 +288,7 @@ async fn lead(
     warren::topology::declare(conn, ctx.topo()).await?;
     let state_queue = state::state_queue(ctx.topo().prefix());
     state::declare(conn, &state_queue, ctx.topo().queue_type()).await?;
-    let publisher = Publisher::new(conn, ctx.cfg().amqp.confirm_timeout)
-        .await?
-        .sealed(ctx.seal());
+    let publisher = Publisher::new(conn, ctx.cfg().amqp.confirm_timeout).await?;
     let res = lead_term(ctx, conn, fence, shutdown, &publisher, &state_queue).await;
     // Close the tick channel before the caller closes the connection: a
     // channel dropped while its connection closes makes lapin log an error.
@@ -507,8 +505,9 @@ async fn fire(
             return FireOutcome::Fenced;
         }
         let sent = async {
-            // Signed and encrypted as configured (`security.*`).
-            let (props, body) = publisher.wire(&task)?;
+            // Signed and encrypted with the keys in force now
+            // (`security.*`, reloaded on SIGHUP).
+            let (props, body) = publisher.clone().sealed(ctx.seal()).wire(&task)?;
             let props = props.with_app_id(ctx.instance().into());
             let tick = publisher.send(&exchange, &key, props, &body).await?;
             let state = state::send(publisher, state_queue, snap).await;

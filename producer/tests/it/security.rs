@@ -206,3 +206,25 @@ async fn broken_key_config_exits_2_naming_the_key() {
         }
     }
 }
+
+/// Rotation by SIGHUP: a running producer moves its ticks from k1 to k2
+/// without a restart; every tick verifies.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sighup_switches_the_signing_key() {
+    let w = World::new("sec_hup").await;
+    let schedule = "[[schedules]]\nname = \"tick\"\ncron = \"@every 1s\"\ntask = \"it.tick\"\n";
+    let cfg = w.write_config("p.toml", &format!("{}{schedule}", keys(&w, "k1", false)));
+    let p = w.start("hup", &cfg, &[]);
+    let first = warren::testing::take(&w.conn, &w.work_queue(), 1, Duration::from_secs(20)).await;
+    assert_eq!(open(&w, &first[0]).1, "k1");
+    std::fs::write(&cfg, format!("{}{schedule}", keys(&w, "k2", false))).unwrap();
+    p.signal("HUP");
+    warren::testing::eventually(Duration::from_secs(30), "a tick signed with k2", || async {
+        let d = warren::testing::take(&w.conn, &w.work_queue(), 1, Duration::from_secs(10)).await;
+        let (_, key) = open(&w, &d[0]);
+        (key == "k2").then_some(())
+    })
+    .await;
+    assert!(p.logs().contains("security keys reloaded"), "{}", p.logs());
+    assert!(!p.logs().contains("restart to apply"), "{}", p.logs());
+}
