@@ -15,6 +15,9 @@ pub async fn run(cfg: ConsumerConfig, registry: Registry) -> anyhow::Result<()> 
         let names: Vec<&str> = registry.names().collect();
         tracing::info!(handlers = ?names, "handlers registered");
     }
+    // Ids and the mode only: which tasks this fleet will refuse.
+    let keys: Vec<&str> = cfg.security.keys.iter().map(|k| k.id.as_str()).collect();
+    tracing::info!(verify = cfg.security.verify_mode().name(), keys = ?keys, "security");
     if cfg.worker.task_timeout >= std::time::Duration::from_secs(30 * 60) {
         tracing::warn!(
             task_timeout = %humantime::format_duration(cfg.worker.task_timeout),

@@ -56,7 +56,10 @@ impl Seal {
 
     /// The properties and body a message goes out with. `props` must carry
     /// `type`, `message_id` and `timestamp` (every [`Task`](crate::Task)'s
-    /// properties do). A body that is already encrypted is left as it is.
+    /// properties do). A body that already has a content encoding is not
+    /// encrypted again, and a message that already carries a signature keeps
+    /// it: a dead task republished through a sealing publisher is never
+    /// re-signed, so a forged one stays refused.
     pub fn apply<'b>(
         &self,
         mut props: BasicProperties,
@@ -73,7 +76,11 @@ impl Seal {
                 props = props.with_content_encoding(encrypt::encoding(id).as_str().into());
             }
         }
-        if let Some(id) = &self.sign_with {
+        let signed = props
+            .headers()
+            .as_ref()
+            .is_some_and(|h| h.contains_key(headers::SIGNATURE));
+        if let Some(id) = self.sign_with.as_ref().filter(|_| !signed) {
             let value = {
                 let fields = Fields::of("", &props, &body).map_err(str::to_owned)?;
                 self.ring
@@ -168,6 +175,11 @@ mod tests {
         let seal = Seal::new(ring(), Some("k1".into()), None).unwrap();
         let (signed, body) = seal.apply(plain, &task.payload).unwrap();
         assert_eq!(required.open("a", &signed, &body), Ok(None));
+        // A forged signature is kept, never replaced by a valid one.
+        let forged = signed.clone().with_type("b".into());
+        let (kept, _) = seal.apply(forged.clone(), &body).unwrap();
+        assert_eq!(kept.headers(), forged.headers());
+        assert!(required.open("b", &kept, &body).is_err());
         let off = Opener::off();
         assert_eq!(off.open("a", &signed, b"tampered"), Ok(None));
         assert!(when.open("a", &signed, b"tampered").is_err());
