@@ -91,11 +91,16 @@ async fn handle<B: Broker>(shared: &Shared, msg: &Incoming<'_>, ticket: &Ticket<
         ticket,
     };
     // Before anything reads the task: a forged or undecryptable delivery is
-    // never run, never retried.
-    let plaintext = match shared
-        .opener
-        .open(msg.routing_key, msg.properties, msg.body)
-    {
+    // never run, never retried. An oversized body is left to the decode step
+    // (poison `oversized`) rather than hashed or decrypted whole.
+    let checked = if msg.body.len() > cfg.max_body_bytes {
+        Ok(None)
+    } else {
+        shared
+            .opener
+            .open(msg.routing_key, msg.properties, msg.body)
+    };
+    let plaintext = match checked {
         Ok(p) => p,
         Err(refusal) => {
             ticket.received(UNKNOWN_TASK);

@@ -549,3 +549,24 @@ async fn the_binary_decrypts_for_an_exec_handler_and_refuses_a_missing_key_file(
         "{err}"
     );
 }
+
+/// An oversized delivery is poison before it is hashed or decrypted.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_oversized_delivery_is_rejected_before_any_signature_work() {
+    let keys = Keys::new();
+    let mut cfg = config("sig_oversized");
+    cfg.security = keys.config(&["k1"], Some(Verify::Required));
+    cfg.worker.max_body_bytes = 64;
+    let (reg, runs) = recording("sec.*");
+    let app = spawn_worker(cfg, reg).await;
+    let big = Task::new("sec.run", &json!({ "pad": "x".repeat(100) }));
+    app.publish(&big).await;
+    let dead = app.take_dead(1).await;
+    assert_eq!(
+        header(&dead[0], headers::DEAD_KIND).as_deref(),
+        Some("oversized")
+    );
+    assert_eq!(app.counter("warren_consumer_refused_total", &[]), 0.0);
+    assert_eq!(runs.total(), 0);
+    app.stop().await;
+}
