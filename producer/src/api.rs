@@ -1,5 +1,5 @@
 //! The HTTP API under `/v1`: publish tasks, list schedules, trigger a
-//! schedule now. Each handler names the scope it needs as a
+//! schedule now; the dead-letter endpoints live in [`dead`]. Each handler names the scope it needs as a
 //! [`RequireScope`] argument ([`crate::auth`]); every error is a JSON body
 //! `{"error": code, "message": text}` ([`crate::error`]).
 
@@ -23,6 +23,8 @@ use crate::error::ApiError;
 use crate::metrics::Source;
 use crate::request::{pairs, RequestError, TaskRequest};
 
+mod dead;
+
 /// The extractor of [`crate::auth`] finds the tokens in force here.
 impl FromRef<Arc<Ctx>> for TokenStore {
     fn from_ref(ctx: &Arc<Ctx>) -> TokenStore {
@@ -36,6 +38,7 @@ pub fn router(ctx: Arc<Ctx>) -> Router {
         .route("/v1/tasks", post(post_tasks))
         .route("/v1/schedules", get(get_schedules))
         .route("/v1/schedules/{name}/trigger", post(trigger))
+        .merge(dead::routes())
         .layer(DefaultBodyLimit::max(limit))
         .with_state(ctx)
 }

@@ -62,6 +62,9 @@ pub struct ApiConfig {
     pub max_body_bytes: usize,
     /// Most tasks in one `POST /v1/tasks` array; more → 413.
     pub max_batch: usize,
+    /// Most dead messages one `/v1/dead` request looks at (overview, list,
+    /// inspect, replay, purge of a selection); counts come from the broker.
+    pub dead_scan_limit: usize,
 }
 
 impl Default for ApiConfig {
@@ -75,6 +78,7 @@ impl Default for ApiConfig {
             tokens_file: None,
             max_body_bytes: 1024 * 1024,
             max_batch: 1000,
+            dead_scan_limit: 10_000,
         }
     }
 }
@@ -539,6 +543,9 @@ impl ProducerConfig {
         }
         if self.api.max_batch == 0 {
             errors.push("api.max_batch = 0: must be at least 1".into());
+        }
+        if self.api.dead_scan_limit == 0 {
+            errors.push("api.dead_scan_limit = 0: must be at least 1".into());
         }
         if self.leader.retry_interval.is_zero() {
             errors.push("leader.retry_interval = 0s: must be positive".into());

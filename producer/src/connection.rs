@@ -35,6 +35,7 @@ pub async fn api_connection(ctx: Arc<Ctx>, stop: CancellationToken) {
         let Some(conn) = connect_retry(&ctx, "producer", &stop).await else {
             return;
         };
+        let conn = Arc::new(conn);
         let setup = async {
             warren::topology::declare(&conn, ctx.topo()).await?;
             Publisher::new(&conn, ctx.cfg().amqp.confirm_timeout).await
@@ -45,6 +46,7 @@ pub async fn api_connection(ctx: Arc<Ctx>, stop: CancellationToken) {
                 ctx.set_api_publisher(Some(ApiPublisher {
                     publisher: publisher.clone(),
                     blocked,
+                    conn: conn.clone(),
                 }));
                 if !first {
                     ctx.amqp_metrics().reconnects.inc();

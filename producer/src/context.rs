@@ -33,6 +33,8 @@ pub struct Status {
 pub struct ApiPublisher {
     pub publisher: Publisher,
     pub blocked: warren::amqp::Blocked,
+    /// The API connection itself (the dead-letter endpoints open channels on it).
+    pub conn: Arc<lapin::Connection>,
 }
 
 pub struct Ctx {
