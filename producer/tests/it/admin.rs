@@ -382,3 +382,140 @@ fn urlencode(s: &str) -> String {
         })
         .collect()
 }
+
+const PAUSABLE: &str = r#"
+[[schedules]]
+name = "clock"
+cron = "* * * * * *"
+task = "it.clock"
+
+[[schedules]]
+name = "pausable"
+cron = "* * * * * *"
+task = "it.pausable"
+misfire = "catch_up"
+misfire_grace = "60s"
+"#;
+
+async fn schedule_json(p: &crate::helpers::Producer, name: &str) -> serde_json::Value {
+    let (s, v) = call(
+        reqwest::Method::GET,
+        &p.url("/v1/schedules"),
+        READ_TOKEN,
+        None,
+    )
+    .await;
+    assert_eq!(s, 200, "{v}");
+    v["schedules"]
+        .as_array()
+        .and_then(|a| a.iter().find(|s| s["name"] == name).cloned())
+        .unwrap_or_else(|| panic!("no schedule {name} in {v}"))
+}
+
+/// Pausing through a standby reaches the leader and its state: after the
+/// leader's `kill -9` the new leader keeps the schedule paused (a per-second
+/// witness schedule fires on meanwhile), and a resume makes it fire again
+/// without catching up the paused span (even under `catch_up`).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pause_survives_a_leader_kill_and_resume_skips_the_paused_span() {
+    use reqwest::Method;
+    let w = World::new("pause").await;
+    let rx = w.collect().await;
+    let cfg = w.write_config("p.toml", PAUSABLE);
+    let mut a = w.start("a", &cfg, &[]);
+    a.wait_leader(Duration::from_secs(20), true).await;
+    let b = w.start("b", &cfg, &[]);
+    b.wait_ready(Duration::from_secs(20)).await;
+    b.wait_leader(Duration::from_secs(10), false).await;
+    let of = |msgs: &[crate::helpers::Msg], s: &str| -> Vec<chrono::DateTime<chrono::Utc>> {
+        msgs.iter()
+            .filter(|m| m.schedule.as_deref() == Some(s))
+            .filter_map(|m| m.instant())
+            .collect()
+    };
+    rx.wait_for(Duration::from_secs(20), "a tick of `pausable`", |m| {
+        !of(m, "pausable").is_empty()
+    })
+    .await;
+
+    // Only `admin` may pause; an unknown name is 404; the standby relays.
+    let pause = b.url("/v1/schedules/pausable/pause");
+    assert_eq!(call(Method::POST, &pause, PUBLISH_TOKEN, None).await.0, 403);
+    let (s, _) = call(
+        Method::POST,
+        &b.url("/v1/schedules/nope/pause"),
+        ADMIN_TOKEN,
+        None,
+    )
+    .await;
+    assert_eq!(s, 404);
+    let (s, v) = call(Method::POST, &pause, ADMIN_TOKEN, None).await;
+    assert_eq!(s, 200, "{v}\n{}", b.logs());
+    let paused_at = chrono::Utc::now();
+    let st = schedule_json(&b, "pausable").await;
+    assert_eq!(
+        (st["paused"].as_bool(), st["next_fire"].is_null()),
+        (Some(true), true),
+        "{st}"
+    );
+    warren::testing::eventually(
+        Duration::from_secs(10),
+        "the leader to show it paused",
+        || async { (schedule_json(&a, "pausable").await["paused"] == true).then_some(()) },
+    )
+    .await;
+
+    // kill -9 the leader; the standby takes over and keeps it paused while
+    // the witness fires on for a few seconds.
+    let killed = chrono::Utc::now();
+    a.kill9();
+    b.wait_leader(Duration::from_secs(60), true).await;
+    let window = killed + chrono::TimeDelta::seconds(3);
+    let seen = rx
+        .wait_for(
+            Duration::from_secs(30),
+            "the new leader's witness ticks",
+            |m| {
+                m.iter()
+                    .any(|m| m.sent_by(b.pid) && m.instant().is_some_and(|t| t > window))
+            },
+        )
+        .await;
+    let during: Vec<_> = of(&seen, "pausable")
+        .into_iter()
+        .filter(|t| *t > paused_at)
+        .collect();
+    assert!(during.is_empty(), "fired while paused: {during:?}");
+    assert_eq!(schedule_json(&b, "pausable").await["paused"], true);
+
+    // Resume: it fires again, from now on.
+    let resume_sent = chrono::Utc::now();
+    let (s, v) = call(
+        Method::POST,
+        &b.url("/v1/schedules/pausable/resume"),
+        ADMIN_TOKEN,
+        None,
+    )
+    .await;
+    assert_eq!(s, 200, "{v}");
+    let after = rx
+        .wait_for(Duration::from_secs(20), "a tick after the resume", |m| {
+            of(m, "pausable").iter().any(|t| *t > resume_sent)
+        })
+        .await;
+    let caught_up: Vec<_> = of(&after, "pausable")
+        .into_iter()
+        .filter(|t| *t > paused_at && *t < resume_sent)
+        .collect();
+    assert!(
+        caught_up.is_empty(),
+        "the paused span was caught up: {caught_up:?}"
+    );
+    assert_eq!(schedule_json(&b, "pausable").await["paused"], false);
+    let audit = audit_lines(&b.logs());
+    for action in ["pause", "resume"] {
+        let line =
+            format!(r#"who="admin_token" action="{action}" target="pausable" result="ok" count=1"#);
+        assert!(audit.iter().any(|l| l.contains(&line)), "{audit:#?}");
+    }
+}
