@@ -9,6 +9,7 @@
 //! | [`security`] | signed and encrypted tasks: keys, HMAC signatures, AES-GCM payloads |
 //! | [`config`] | shared config sections and the defaults < file < env loader |
 //! | [`amqp`] | connecting and confirmed, pipelined publishing |
+//! | [`dead`] | the dead-letter engine: groups by fingerprint, inspect, replay (edited), purge |
 //! | [`metrics`] | `/metrics`, `/healthz`, `/readyz` and connection metrics |
 //! | [`telemetry`] | log setup |
 //! | [`shutdown`] | SIGINT/SIGTERM → cancellation |
@@ -16,6 +17,7 @@
 
 pub mod amqp;
 pub mod config;
+pub mod dead;
 pub mod delay;
 pub mod envelope;
 pub mod error;
