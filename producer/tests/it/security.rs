@@ -228,3 +228,45 @@ async fn sighup_switches_the_signing_key() {
     assert!(p.logs().contains("security keys reloaded"), "{}", p.logs());
     assert!(!p.logs().contains("restart to apply"), "{}", p.logs());
 }
+
+/// An operator's edit of a dead task gets the producer's signature (and
+/// encryption): a consumer under `verify = required` accepts the copy. The
+/// old signature cannot cover the new body, so without this the edit would
+/// be dead-lettered again as `bad_signature`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_edited_dead_letter_replay_is_signed_and_sealed() {
+    use lapin::options::BasicPublishOptions;
+    let w = World::new("sec_edit").await;
+    let cfg = w.write_config("producer.toml", &keys(&w, "k1", true));
+    let task = warren::Task::new("it.edited", &serde_json::json!({"v": 1}));
+    let ch = w.conn.create_channel().await.unwrap();
+    ch.basic_publish(
+        "".into(),
+        w.topo.dead_queue().as_str().into(),
+        BasicPublishOptions::default(),
+        &task.payload,
+        task.properties(),
+    )
+    .await
+    .unwrap()
+    .await
+    .unwrap();
+
+    let p = w.start("sec-edit", &cfg, &[]);
+    p.wait_ready(Duration::from_secs(20)).await;
+    let resp = reqwest::Client::new()
+        .post(p.url(&format!("/v1/dead/messages/{}/replay", task.id)))
+        .bearer_auth(PUBLISH_TOKEN)
+        .header("content-type", "application/json")
+        .body(r#"{"payload":{"v":2,"secret":"edited-plaintext"}}"#)
+        .send()
+        .await
+        .unwrap();
+    assert!(resp.status().is_success(), "{}", resp.text().await.unwrap());
+    let got = warren::testing::take(&w.conn, &w.work_queue(), 1, Duration::from_secs(10)).await;
+    assert!(!String::from_utf8_lossy(&got[0].data).contains("plaintext"));
+    let (plain, key) = open(&w, &got[0]);
+    assert_eq!(key, "k1");
+    let v: serde_json::Value = serde_json::from_slice(&plain).unwrap();
+    assert_eq!(v["secret"], "edited-plaintext");
+}
