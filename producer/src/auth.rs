@@ -36,6 +36,11 @@ impl Tokens {
         self.0.len()
     }
 
+    /// Scopes of a token typed into the console's sign-in form.
+    pub fn scopes_of(&self, presented: &[u8]) -> Option<Vec<Scope>> {
+        self.scopes(presented).map(<[Scope]>::to_vec)
+    }
+
     /// Scopes of `presented`, comparing against every token in constant time
     /// (no early exit: how long it takes says nothing about which matched).
     fn scopes(&self, presented: &[u8]) -> Option<&[Scope]> {

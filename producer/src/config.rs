@@ -23,6 +23,7 @@ pub struct ProducerConfig {
     pub log: LogConfig,
     pub api: ApiConfig,
     pub leader: LeaderConfig,
+    pub console: ConsoleConfig,
     pub schedules: Vec<ScheduleConfig>,
 }
 
@@ -37,6 +38,7 @@ impl Default for ProducerConfig {
             log: LogConfig::default(),
             api: ApiConfig::default(),
             leader: LeaderConfig::default(),
+            console: ConsoleConfig::default(),
             schedules: Vec::new(),
         }
     }
@@ -60,6 +62,8 @@ pub struct ApiConfig {
     pub max_body_bytes: usize,
     /// Most tasks in one `POST /v1/tasks` array; more → 413.
     pub max_batch: usize,
+    /// Serve the operator console under `/ui/` (see [`ConsoleConfig`]).
+    pub console: bool,
 }
 
 impl Default for ApiConfig {
@@ -72,6 +76,7 @@ impl Default for ApiConfig {
             tokens_file: None,
             max_body_bytes: 1024 * 1024,
             max_batch: 1000,
+            console: true,
         }
     }
 }
@@ -169,6 +174,27 @@ impl ApiConfig {
 pub struct TokenConfig {
     pub token: Secret,
     pub scopes: Vec<Scope>,
+}
+
+/// The operator console under `/ui/` (on while `api.console`; docs/console.md).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ConsoleConfig {
+    /// A session unused this long is signed out.
+    #[serde(with = "humantime_serde")]
+    pub session_ttl: Duration,
+    /// RabbitMQ management API (`http://user:pass@host:15672`): publish and
+    /// deliver rates and unacked counts. Optional; never required.
+    pub management_url: Option<Secret>,
+}
+
+impl Default for ConsoleConfig {
+    fn default() -> Self {
+        Self {
+            session_ttl: Duration::from_secs(8 * 3600),
+            management_url: None,
+        }
+    }
 }
 
 /// Leader election (see README: "Leader election").
@@ -496,6 +522,18 @@ impl ProducerConfig {
         }
         if self.api.max_batch == 0 {
             errors.push("api.max_batch = 0: must be at least 1".into());
+        }
+        if self.console.session_ttl.is_zero() {
+            errors.push("console.session_ttl = 0s: must be positive".into());
+        }
+        if let Some(url) = &self.console.management_url {
+            let u = url.expose();
+            if !(u.starts_with("http://") || u.starts_with("https://")) {
+                errors.push(format!(
+                    "console.management_url = {}: must start with http:// or https://",
+                    warren::config::redact_url(u)
+                ));
+            }
         }
         if self.leader.retry_interval.is_zero() {
             errors.push("leader.retry_interval = 0s: must be positive".into());

@@ -7,6 +7,7 @@
 //! | [`app`] | [`App`]: build (validate, bind), run, orderly shutdown |
 //! | `api` | the `/v1` HTTP handlers |
 //! | `auth` | bearer tokens, scopes as types, the `RequireScope` extractor |
+//! | `console` | the operator console under `/ui/` (sessions, pages) |
 //! | `error` | the JSON error body of every `/v1` answer |
 //! | `scheduler` | election loop and fire loop |
 //! | `reload` | SIGHUP: schedules and API tokens swapped at runtime |
@@ -21,8 +22,8 @@
 //! | `metrics` | the producer's Prometheus metrics |
 //!
 //! Dependencies point down this table (from `app` to `context` and the
-//! pure modules below it); nothing below `app` knows it, and `api` and
-//! `scheduler` meet only in `context`.
+//! pure modules below it); nothing below `app` knows it, and `api`,
+//! `console` and `scheduler` meet only in `context`.
 
 pub mod app;
 pub mod cli;
@@ -32,6 +33,7 @@ pub mod request;
 mod api;
 mod auth;
 mod connection;
+mod console;
 mod context;
 mod error;
 mod leader;

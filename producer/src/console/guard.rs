@@ -1,0 +1,99 @@
+//! The checks every console request passes: a live session (else a redirect
+//! to the sign-in page), and before any action the session's CSRF token and
+//! the scope the action needs (else 403).
+
+use axum::extract::FromRequestParts;
+use axum::http::request::Parts;
+use axum::http::{header, HeaderMap, StatusCode};
+use axum::response::{IntoResponse, Redirect, Response};
+
+use super::layout;
+use super::session::{self, Session};
+use super::Console;
+use crate::config::Scope;
+
+/// A request from a signed-in browser.
+pub struct Signed(pub Session);
+
+impl FromRequestParts<Console> for Signed {
+    type Rejection = Response;
+
+    async fn from_request_parts(parts: &mut Parts, state: &Console) -> Result<Self, Response> {
+        session_id(&parts.headers)
+            .and_then(|id| state.sessions.touch(id))
+            .map(Signed)
+            .ok_or_else(|| Redirect::to("/ui/login").into_response())
+    }
+}
+
+/// The session cookie's value, from any `Cookie` header.
+pub fn session_id(headers: &HeaderMap) -> Option<&str> {
+    headers
+        .get_all(header::COOKIE)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .find_map(session::from_cookie_header)
+}
+
+/// Whether the browser reached us over TLS (directly or through a proxy
+/// that says so): the session cookie is then marked `Secure`.
+pub fn over_tls(headers: &HeaderMap) -> bool {
+    headers
+        .get("x-forwarded-proto")
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.eq_ignore_ascii_case("https"))
+}
+
+/// An `application/x-www-form-urlencoded` body, keeping repeated keys (a
+/// selection of messages sends `id` once per message).
+pub struct Fields(Vec<(String, String)>);
+
+impl Fields {
+    pub fn parse(body: &[u8]) -> Self {
+        Self(form_urlencoded::parse(body).into_owned().collect())
+    }
+
+    pub fn get(&self, key: &str) -> Option<&str> {
+        self.0
+            .iter()
+            .find(|(k, _)| k == key)
+            .map(|(_, v)| v.as_str())
+    }
+
+    /// A field that may be left empty: empty counts as absent.
+    pub fn opt(&self, key: &str) -> Option<&str> {
+        self.get(key).map(str::trim).filter(|v| !v.is_empty())
+    }
+
+    pub fn all(&self, key: &str) -> Vec<&str> {
+        self.0
+            .iter()
+            .filter(|(k, _)| k == key)
+            .map(|(_, v)| v.as_str())
+            .collect()
+    }
+}
+
+/// Whether `s` may perform an action needing `scope` with this form: the
+/// CSRF token first (a forged request learns nothing about scopes), then
+/// the scope.
+pub fn allowed(s: &Session, f: &Fields, scope: Scope) -> Result<(), Response> {
+    if !s.csrf_ok(f.get("csrf")) {
+        return Err(forbidden(s, "The form's CSRF token is missing or wrong: reload the page and try again."));
+    }
+    if !s.may(scope) {
+        return Err(forbidden(
+            s,
+            &format!("This needs the `{}` scope; your token lacks it.", scope.name()),
+        ));
+    }
+    Ok(())
+}
+
+fn forbidden(s: &Session, why: &str) -> Response {
+    (
+        StatusCode::FORBIDDEN,
+        layout::page("Forbidden", Some(s), layout::Nav::None, layout::message(why)),
+    )
+        .into_response()
+}

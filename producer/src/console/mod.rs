@@ -1,0 +1,63 @@
+//! The operator console under `/ui/`: server-rendered pages (maud) for the
+//! overview, the schedules, the dead-letter workbench and a publish form,
+//! with one small embedded script and stylesheet (no CDN, no build step).
+//!
+//! | module | owns |
+//! |---|---|
+//! | `session` | the session table, cookies, CSRF tokens |
+//! | `guard` | the signed-in extractor, form fields, the checks before an action |
+//! | `layout` | the page shell, embedded assets, security headers |
+//! | `sample` | queue depths (and optional management API rates), cached |
+//! | `actions` | publishing on behalf of the console, the audit line |
+//! | `login`, `overview`, `schedules`, `publish` | one page each |
+//!
+//! Like [`crate::api`], it only talks to [`crate::context::Ctx`]; the
+//! scheduler does not know it exists.
+
+mod actions;
+mod guard;
+mod layout;
+mod login;
+mod overview;
+mod publish;
+mod sample;
+mod schedules;
+mod session;
+
+use std::sync::Arc;
+
+use axum::extract::DefaultBodyLimit;
+use axum::response::Redirect;
+use axum::routing::{get, post};
+use axum::Router;
+
+use crate::context::Ctx;
+
+/// What every console handler gets.
+#[derive(Clone)]
+pub struct Console {
+    ctx: Arc<Ctx>,
+    sessions: Arc<session::Sessions>,
+    sampler: Arc<sample::Sampler>,
+}
+
+pub fn router(ctx: Arc<Ctx>) -> Router {
+    let limit = ctx.cfg().api.max_body_bytes;
+    let state = Console {
+        sessions: Arc::new(session::Sessions::new(ctx.cfg().console.session_ttl)),
+        sampler: Arc::new(sample::Sampler::new()),
+        ctx,
+    };
+    Router::new()
+        .route("/ui", get(|| async { Redirect::to("/ui/") }))
+        .route("/ui/", get(overview::page))
+        .route("/ui/overview/fragment", get(overview::fragment))
+        .route("/ui/login", get(login::form).post(login::sign_in))
+        .route("/ui/logout", post(login::sign_out))
+        .route("/ui/assets/{file}", get(layout::asset))
+        .route("/ui/schedules", get(schedules::page))
+        .route("/ui/schedules/{name}/trigger", post(schedules::trigger))
+        .route("/ui/publish", get(publish::form).post(publish::submit))
+        .layer(DefaultBodyLimit::max(limit))
+        .with_state(state)
+}
