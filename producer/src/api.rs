@@ -16,7 +16,8 @@ use axum::{Json, Router};
 use chrono::{SecondsFormat, Utc};
 use serde_json::json;
 
-use crate::auth::{Publish, Read, RequireScope, TokenStore};
+use crate::audit;
+use crate::auth::{Caller, Publish, Read, RequireScope, TokenStore};
 use crate::context::{ApiPublisher, Ctx};
 use crate::error::ApiError;
 use crate::metrics::Source;
@@ -77,7 +78,7 @@ fn blocked_error() -> ApiError {
 }
 
 async fn post_tasks(
-    _: RequireScope<Publish>,
+    scope: RequireScope<Publish>,
     State(ctx): State<Arc<Ctx>>,
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Response, ApiError> {
@@ -156,6 +157,7 @@ async fn post_tasks(
                 .publish_failures
                 .with_label_values(&[Source::Api.label()])
                 .inc_by(tasks.len() as u64);
+            audit_publish(&ctx, scope.caller(), &tasks, audit::FAILED, 0);
             return Err(blocked_error());
         }
     };
@@ -175,6 +177,12 @@ async fn post_tasks(
     m.published
         .with_label_values(&[Source::Api.label()])
         .inc_by(ids.len() as u64);
+    let result = if failed.is_empty() {
+        audit::OK
+    } else {
+        audit::FAILED
+    };
+    audit_publish(&ctx, scope.caller(), &tasks, result, ids.len() as u64);
     if failed.is_empty() {
         return Ok((StatusCode::ACCEPTED, Json(json!({ "ids": ids }))).into_response());
     }
@@ -196,6 +204,31 @@ async fn post_tasks(
         ),
     )
     .with_extra(json!({"ids": ids, "failed": failed})))
+}
+
+/// The audit line of an ad-hoc publish: its task names (a few), never payloads.
+fn audit_publish<T>(
+    ctx: &Ctx,
+    caller: &Caller,
+    tasks: &[(warren::Task, T)],
+    result: &str,
+    count: u64,
+) {
+    let mut names: Vec<&str> = tasks.iter().map(|(t, _)| t.name.as_str()).collect();
+    names.sort_unstable();
+    names.dedup();
+    let target = match names.len() {
+        0..=3 => names.join(","),
+        n => format!("{},+{} more", names[..3].join(","), n - 3),
+    };
+    audit::record(
+        ctx.metrics(),
+        &caller.name,
+        "publish",
+        &target,
+        result,
+        count,
+    );
 }
 
 fn fmt_time(t: Option<chrono::DateTime<Utc>>) -> serde_json::Value {
@@ -243,7 +276,7 @@ async fn get_schedules(
 }
 
 async fn trigger(
-    _: RequireScope<Publish>,
+    scope: RequireScope<Publish>,
     State(ctx): State<Arc<Ctx>>,
     Path(name): Path<String>,
 ) -> Result<Response, ApiError> {
@@ -266,9 +299,24 @@ async fn trigger(
                 .publish_failures
                 .with_label_values(&[Source::Api.label()])
                 .inc();
+            audit::record(ctx.metrics(), &scope.caller().name, "trigger", s.name(), audit::FAILED, 0);
             return Err(blocked_error());
         }
     };
+    let result = if published.is_ok() {
+        audit::OK
+    } else {
+        audit::FAILED
+    };
+    let count = u64::from(published.is_ok());
+    audit::record(
+        ctx.metrics(),
+        &scope.caller().name,
+        "trigger",
+        s.name(),
+        result,
+        count,
+    );
     match published {
         Ok(()) => {
             ctx.metrics()

@@ -6,6 +6,7 @@
 //! |---|---|
 //! | [`app`] | [`App`]: build (validate, bind), run, orderly shutdown |
 //! | `api` | the `/v1` HTTP handlers |
+//! | `audit` | the audit line and counter of every mutating request |
 //! | `auth` | bearer tokens, scopes as types, the `RequireScope` extractor |
 //! | `console` | the operator console under `/ui/` (sessions, pages) |
 //! | `error` | the JSON error body of every `/v1` answer |
@@ -31,6 +32,7 @@ pub mod config;
 pub mod request;
 
 mod api;
+mod audit;
 mod auth;
 mod connection;
 mod console;

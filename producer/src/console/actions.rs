@@ -1,6 +1,6 @@
 //! What the console does to the world: publish tasks (a trigger, the
 //! publish form, later replays) through the API's publisher, counted under
-//! `source="console"`, and one audit line per action naming who did it.
+//! `source="console"`, and the audit record of each action.
 
 use std::time::Duration;
 
@@ -56,8 +56,13 @@ fn count(ctx: &Ctx, ok: usize, failed: usize) {
         .inc_by(failed as u64);
 }
 
-/// One line per action: who (the grant's name), what, on what, how many.
-/// Never a payload or a token.
-pub fn audit(who: &str, action: &str, target: &str, count: usize, ok: bool) {
-    tracing::info!(who, action, target, count, ok, "console action");
+/// The audit line and counter of one action ([`crate::audit`]): who (the
+/// grant's name), what, on what, how many. Never a payload or a token.
+pub fn audit(ctx: &Ctx, who: &str, action: &str, target: &str, count: usize, ok: bool) {
+    let result = if ok {
+        crate::audit::OK
+    } else {
+        crate::audit::FAILED
+    };
+    crate::audit::record(ctx.metrics(), who, action, target, result, count as u64);
 }

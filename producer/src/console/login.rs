@@ -40,21 +40,14 @@ fn login_page(status: StatusCode, error: Option<&str>) -> Response {
 pub async fn sign_in(State(c): State<Console>, headers: HeaderMap, body: Bytes) -> Response {
     let fields = Fields::parse(&body);
     let token = fields.get("token").unwrap_or("").trim();
-    let Some((who, scopes)) = authenticate(&c, token) else {
+    let Some(caller) = c.ctx.tokens().authenticate(token.as_bytes()) else {
         tracing::info!("console sign-in refused: unknown token");
         return login_page(StatusCode::UNAUTHORIZED, Some("Unknown token."));
     };
-    let s = c.sessions.create(who, scopes);
+    let s = c.sessions.create(caller.name, caller.scopes);
     tracing::info!(who = %s.who, "console sign-in");
     let cookie = session::set_cookie(&s.id, c.sessions.ttl(), guard::over_tls(&headers));
     with_cookie(Redirect::to("/ui/").into_response(), &cookie)
-}
-
-/// Who a pasted token is, and what it may do.
-fn authenticate(c: &Console, token: &str) -> Option<(String, Vec<crate::config::Scope>)> {
-    let scopes = c.ctx.tokens().current().scopes_of(token.as_bytes())?;
-    let who = format!("{} token", scopes.last().map_or("no", |s| s.name()));
-    Some((who, scopes))
 }
 
 pub async fn sign_out(

@@ -70,7 +70,7 @@ pub async fn submit(State(c): State<Console>, Signed(s): Signed, body: Bytes) ->
     };
     let name = task.0.name.clone();
     let result = actions::publish(&c.ctx, &[task]).await;
-    actions::audit(&s.who, "publish", &name, 1, result.is_ok());
+    actions::audit(&c.ctx, &s.who, "publish", &name, 1, result.is_ok());
     match result {
         Ok(ids) => layout::see_other(
             "/ui/publish",

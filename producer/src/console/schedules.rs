@@ -105,7 +105,7 @@ pub async fn trigger(
     let id = format!("{}@manual-{}", sch.name(), uuid::Uuid::new_v4());
     let task = sch.task(id.clone());
     let result = actions::publish(&c.ctx, &[(task, std::time::Duration::ZERO)]).await;
-    actions::audit(&s.who, "trigger", &name, 1, result.is_ok());
+    actions::audit(&c.ctx, &s.who, "trigger", &name, 1, result.is_ok());
     match result {
         Ok(_) => layout::see_other("/ui/schedules", &format!("Triggered `{name}`: task {id}.")),
         Err(e) => layout::see_other("/ui/schedules", &format!("`{name}` was not triggered: {e}")),
