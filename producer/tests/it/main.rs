@@ -10,6 +10,7 @@ mod api;
 mod broker_loss;
 mod cli;
 mod clock_step;
+mod console;
 mod cluster;
 mod faults;
 mod helpers;

@@ -1,0 +1,296 @@
+//! The console's security over plain HTTP (no browser): sessions, sign-in,
+//! CSRF, scopes, escaping. The browser scenarios are in `browser.rs`.
+
+use std::time::Duration;
+
+use crate::helpers::{Producer, World, ADMIN_TOKEN, PUBLISH_TOKEN, READ_TOKEN};
+
+pub const HOURLY: &str = r#"
+[[schedules]]
+name = "hourly"
+cron = "0 * * * *"
+task = "it.hourly"
+"#;
+
+/// A browser without cookie jar or redirects, so each answer is seen as is.
+pub fn client() -> reqwest::Client {
+    reqwest::Client::builder()
+        .redirect(reqwest::redirect::Policy::none())
+        .build()
+        .expect("HTTP client")
+}
+
+pub fn form(pairs: &[(&str, &str)]) -> String {
+    form_urlencoded::Serializer::new(String::new())
+        .extend_pairs(pairs)
+        .finish()
+}
+
+/// A signed-in session: its cookie and its CSRF token.
+pub struct Signed {
+    pub cookie: String,
+    pub csrf: String,
+}
+
+pub async fn sign_in(p: &Producer, token: &str) -> Signed {
+    let r = client()
+        .post(p.url("/ui/login"))
+        .header("content-type", "application/x-www-form-urlencoded")
+        .body(form(&[("token", token)]))
+        .send()
+        .await
+        .expect("sign in");
+    assert_eq!(r.status().as_u16(), 303, "sign-in answer");
+    let set = r
+        .headers()
+        .get("set-cookie")
+        .and_then(|v| v.to_str().ok())
+        .expect("a session cookie")
+        .to_owned();
+    let cookie = set.split(';').next().expect("cookie pair").to_owned();
+    let page = get(p, &cookie, "/ui/schedules").await;
+    assert_eq!(page.0, 200);
+    let csrf = between(&page.1, r#"name="csrf" value=""#, "\"").expect("a CSRF field");
+    Signed { cookie, csrf }
+}
+
+pub async fn get(p: &Producer, cookie: &str, path: &str) -> (u16, String) {
+    let r = client()
+        .get(p.url(path))
+        .header("cookie", cookie)
+        .send()
+        .await
+        .expect("GET");
+    let status = r.status().as_u16();
+    (status, r.text().await.unwrap_or_default())
+}
+
+pub async fn post(p: &Producer, cookie: &str, path: &str, body: &str) -> reqwest::Response {
+    client()
+        .post(p.url(path))
+        .header("cookie", cookie)
+        .header("content-type", "application/x-www-form-urlencoded")
+        .body(body.to_owned())
+        .send()
+        .await
+        .expect("POST")
+}
+
+pub fn between(text: &str, start: &str, end: &str) -> Option<String> {
+    let from = text.find(start)? + start.len();
+    let len = text[from..].find(end)?;
+    Some(text[from..from + len].to_owned())
+}
+
+async fn started(w: &World, extra: &[(&str, &str)]) -> Producer {
+    let cfg = w.write_config("p.toml", HOURLY);
+    let p = w.start("producer", &cfg, extra);
+    p.wait_ready(Duration::from_secs(20)).await;
+    p
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn no_page_without_a_session() {
+    let w = World::new("ui-nosession").await;
+    let p = started(&w, &[]).await;
+    for path in [
+        "/ui/",
+        "/ui/schedules",
+        "/ui/publish",
+        "/ui/overview/fragment",
+    ] {
+        let r = client().get(p.url(path)).send().await.expect("GET");
+        assert_eq!(r.status().as_u16(), 303, "{path}");
+        assert_eq!(
+            r.headers().get("location").and_then(|v| v.to_str().ok()),
+            Some("/ui/login"),
+            "{path}"
+        );
+    }
+    // A made-up cookie is no session either, and a POST does nothing.
+    let (status, _) = get(&p, "warren_session=0123abcd", "/ui/").await;
+    assert_eq!(status, 303);
+    let r = post(&p, "", "/ui/schedules/hourly/trigger", "csrf=x").await;
+    assert_eq!(r.status().as_u16(), 303);
+    let (status, login) = get(&p, "", "/ui/login").await;
+    assert_eq!(status, 200);
+    assert!(login.contains(r#"type="password""#), "{login}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sign_in_sets_a_strict_cookie_and_wrong_tokens_are_refused() {
+    let w = World::new("ui-signin").await;
+    let p = started(&w, &[]).await;
+    let wrong = "not-a-configured-token-000";
+    let r = client()
+        .post(p.url("/ui/login"))
+        .header("content-type", "application/x-www-form-urlencoded")
+        .body(form(&[("token", wrong)]))
+        .send()
+        .await
+        .expect("sign in");
+    assert_eq!(r.status().as_u16(), 401);
+    assert!(r.headers().get("set-cookie").is_none());
+    assert!(r.text().await.unwrap_or_default().contains("Unknown token"));
+
+    let r = client()
+        .post(p.url("/ui/login"))
+        .header("content-type", "application/x-www-form-urlencoded")
+        .header("x-forwarded-proto", "https")
+        .body(form(&[("token", READ_TOKEN)]))
+        .send()
+        .await
+        .expect("sign in");
+    assert_eq!(r.status().as_u16(), 303);
+    let cookie = r
+        .headers()
+        .get("set-cookie")
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or_default()
+        .to_owned();
+    for attr in ["HttpOnly", "SameSite=Strict", "Secure", "Path=/ui", "Max-Age=28800"] {
+        assert!(cookie.contains(attr), "{attr} in {cookie}");
+    }
+
+    // Signed in: pages answer, with the headers that keep scripts out.
+    let s = sign_in(&p, READ_TOKEN).await;
+    let r = client()
+        .get(p.url("/ui/"))
+        .header("cookie", &s.cookie)
+        .send()
+        .await
+        .expect("GET");
+    assert_eq!(r.status().as_u16(), 200);
+    let csp = r
+        .headers()
+        .get("content-security-policy")
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or_default();
+    assert!(csp.contains("script-src 'self'"), "{csp}");
+    assert!(r.text().await.unwrap_or_default().contains("read_token"));
+
+    // Signing out ends the session on the server, not just in the browser.
+    let r = post(&p, &s.cookie, "/ui/logout", &form(&[("csrf", &s.csrf)])).await;
+    assert_eq!(r.status().as_u16(), 303);
+    assert_eq!(get(&p, &s.cookie, "/ui/").await.0, 303);
+
+    let logs = p.logs();
+    for token in [wrong, READ_TOKEN, s.cookie.trim_start_matches("warren_session=")] {
+        assert!(!logs.contains(token), "a secret in the log");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn actions_need_the_sessions_csrf_token() {
+    let w = World::new("ui-csrf").await;
+    let rx = w.collect().await;
+    let p = started(&w, &[]).await;
+    let s = sign_in(&p, PUBLISH_TOKEN).await;
+    let path = "/ui/schedules/hourly/trigger";
+
+    let r = post(&p, &s.cookie, path, "").await;
+    assert_eq!(r.status().as_u16(), 403, "no CSRF token");
+    let r = post(&p, &s.cookie, path, &form(&[("csrf", "0000")])).await;
+    assert_eq!(r.status().as_u16(), 403, "a wrong CSRF token");
+    // Another session's token is wrong for this one.
+    let other = sign_in(&p, PUBLISH_TOKEN).await;
+    let r = post(&p, &s.cookie, path, &form(&[("csrf", &other.csrf)])).await;
+    assert_eq!(r.status().as_u16(), 403, "another session's CSRF token");
+    let r = post(&p, &s.cookie, "/ui/publish", &form(&[("task", "it.x")])).await;
+    assert_eq!(r.status().as_u16(), 403, "publish form without CSRF token");
+
+    let r = post(&p, &s.cookie, path, &form(&[("csrf", &s.csrf)])).await;
+    assert_eq!(r.status().as_u16(), 303);
+    let msgs = rx
+        .wait_for(Duration::from_secs(10), "the triggered task", |m| {
+            !m.is_empty()
+        })
+        .await;
+    assert_eq!(msgs.len(), 1, "only the accepted trigger published");
+    assert_eq!(msgs[0].schedule.as_deref(), Some("hourly"));
+    warren::testing::eventually(Duration::from_secs(10), "the audit line", || async {
+        let logs = p.logs();
+        logs.lines()
+            .any(|l| l.contains("audit") && l.contains("publish_token") && l.contains("trigger"))
+            .then_some(())
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_read_token_sees_pages_but_cannot_act() {
+    let w = World::new("ui-read").await;
+    let rx = w.collect().await;
+    let p = started(&w, &[]).await;
+    let s = sign_in(&p, READ_TOKEN).await;
+    let (status, page) = get(&p, &s.cookie, "/ui/schedules").await;
+    assert_eq!(status, 200);
+    assert!(page.contains("hourly"));
+    assert!(
+        page.contains("disabled") && page.contains("needs the publish scope"),
+        "action buttons disabled"
+    );
+    let r = post(
+        &p,
+        &s.cookie,
+        "/ui/schedules/hourly/trigger",
+        &form(&[("csrf", &s.csrf)]),
+    )
+    .await;
+    assert_eq!(r.status().as_u16(), 403);
+    assert!(r.text().await.unwrap_or_default().contains("`publish` scope"));
+    let r = post(
+        &p,
+        &s.cookie,
+        "/ui/publish",
+        &form(&[("csrf", &s.csrf), ("task", "it.x"), ("payload", "{}")]),
+    )
+    .await;
+    assert_eq!(r.status().as_u16(), 403);
+
+    // The same actions with an admin token go through.
+    let a = sign_in(&p, ADMIN_TOKEN).await;
+    let r = post(
+        &p,
+        &a.cookie,
+        "/ui/publish",
+        &form(&[("csrf", &a.csrf), ("task", "it.x"), ("payload", "{}")]),
+    )
+    .await;
+    assert_eq!(r.status().as_u16(), 303);
+    rx.wait_for(Duration::from_secs(10), "the published task", |m| {
+        m.iter().any(|m| m.name.as_deref() == Some("it.x"))
+    })
+    .await;
+    assert_eq!(rx.all().len(), 1, "the read token published nothing");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn what_the_user_typed_is_shown_escaped() {
+    let w = World::new("ui-escape").await;
+    let p = started(&w, &[]).await;
+    let s = sign_in(&p, PUBLISH_TOKEN).await;
+    let evil = r#"{"x": "</textarea><script>alert(1)</script>""#;
+    let r = post(
+        &p,
+        &s.cookie,
+        "/ui/publish",
+        &form(&[("csrf", &s.csrf), ("task", "it.x"), ("payload", evil)]),
+    )
+    .await;
+    assert_eq!(r.status().as_u16(), 422, "invalid JSON refused by the server");
+    let page = r.text().await.unwrap_or_default();
+    assert!(page.contains("Payload, line 1"), "{page}");
+    assert!(!page.contains("<script>alert"), "{page}");
+    assert!(page.contains("&lt;script&gt;alert(1)&lt;/script&gt;"), "{page}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn api_console_false_turns_it_off() {
+    let w = World::new("ui-off").await;
+    let p = started(&w, &[("WARREN_API__CONSOLE", "false")]).await;
+    let r = client().get(p.url("/ui/login")).send().await.expect("GET");
+    assert_eq!(r.status().as_u16(), 404);
+    let r = client().get(p.url("/v1/schedules")).send().await.expect("GET");
+    assert_eq!(r.status().as_u16(), 401, "the API is still there");
+}
