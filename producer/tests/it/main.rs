@@ -8,6 +8,7 @@ mod admin;
 mod alarm;
 mod api;
 mod broker_loss;
+mod browser;
 mod cli;
 mod clock_step;
 mod console;

@@ -1,0 +1,180 @@
+//! The console in a real headless Chromium against a running producer and
+//! consumer (the built binaries) on the test broker. Each scenario leaves a
+//! screenshot of the pages it saw in `target/console-screenshots/`.
+
+mod driver;
+
+use std::process::Command;
+use std::time::Duration;
+
+use warren::testing::Process;
+
+use crate::helpers::{free_port, Producer, World, PUBLISH_TOKEN, READ_TOKEN};
+use driver::Browser;
+
+const WAIT: Duration = Duration::from_secs(20);
+
+/// The consumer's handlers: `it.ok` and the schedules' tasks succeed;
+/// `it.check` succeeds only for a payload with `"ok": true` and fails
+/// permanently otherwise; any other name has no handler.
+const CONSUMER: &str = r#"
+[handlers."it.ok"]
+kind = "noop"
+[handlers."it.hourly"]
+kind = "noop"
+[handlers."it.often"]
+kind = "noop"
+[handlers."it.check"]
+kind = "exec"
+argv = ["grep", "-q", "\"ok\": *true"]
+permanent_exit_codes = [1]
+"#;
+
+pub const PRODUCER: &str = r#"
+[[schedules]]
+name = "hourly"
+cron = "0 * * * *"
+timezone = "Europe/Berlin"
+task = "it.hourly"
+payload = { report = "<b>daily</b>" }
+
+[[schedules]]
+name = "often"
+cron = "* * * * * *"
+task = "it.often"
+misfire = "skip"
+"#;
+
+pub fn binary(name: &str) -> String {
+    let dir = std::path::Path::new(crate::helpers::BIN)
+        .parent()
+        .expect("target dir");
+    dir.join(name).display().to_string()
+}
+
+/// `warren-consumer` on the world's topology, logging JSON at debug.
+pub fn start_consumer(w: &World) -> Process {
+    let cfg = w.write_config("consumer.toml", CONSUMER);
+    let bin = binary("warren-consumer");
+    let mut cmd = Command::new(&bin);
+    cmd.arg("--config").arg(cfg).arg("run");
+    for (k, v) in w.env() {
+        if !k.starts_with("WARREN_API") && !k.starts_with("WARREN_LEADER") {
+            cmd.env(k, v);
+        }
+    }
+    cmd.env("WARREN_HTTP_ADDR", format!("127.0.0.1:{}", free_port()))
+        .env("WARREN_LOG_FORMAT", "json")
+        .env("RUST_LOG", "info,warren_consumer=debug");
+    Process::spawn(&mut cmd)
+        .unwrap_or_else(|e| panic!("start {bin} (cargo build -p warren-consumer): {e}"))
+}
+
+/// Tasks named `name` that the consumer finished successfully.
+pub fn succeeded(c: &Process, name: &str) -> usize {
+    c.field_of("task succeeded", "task.name")
+        .iter()
+        .filter(|n| *n == name)
+        .count()
+}
+
+pub async fn sign_in(b: &Browser, p: &Producer, token: &str) {
+    b.goto(&p.url("/ui/")).await;
+    b.wait_path("/ui/login").await;
+    b.fill("#token", token).await;
+    b.click("form.login button").await;
+    b.wait_path("/ui/").await;
+}
+
+pub async fn sign_out(b: &Browser) {
+    b.click("form.who button").await;
+    b.wait_path("/ui/login").await;
+}
+
+/// Sign in, read the overview and the schedules, trigger one and see the
+/// consumer run it, publish from the form (JSON checked as typed), then
+/// come back with a read token and find every action refused.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn operator_signs_in_triggers_and_publishes() {
+    let w = World::new("ui-browser").await;
+    let cfg = w.write_config("p.toml", PRODUCER);
+    let p = w.start("producer", &cfg, &[]);
+    p.wait_ready(WAIT).await;
+    let consumer = start_consumer(&w);
+    let b = Browser::start().await;
+
+    b.goto(&p.url("/ui/schedules")).await;
+    b.wait_path("/ui/login").await;
+    b.shot("login").await;
+    b.fill("#token", "a-wrong-token-0123456789").await;
+    b.click("form.login button").await;
+    b.wait_text("p.error", "Unknown token").await;
+    sign_in(&b, &p, PUBLISH_TOKEN).await;
+
+    // The overview names the work queue and counts its consumer; the
+    // fragment refreshes in place.
+    let queue = w.work_queue();
+    let row = format!("tr[data-queue='{queue}']");
+    b.wait_text(&row, &queue).await;
+    b.wait_text(".card", "leader").await;
+    warren::testing::eventually(WAIT, "the consumer counted on the overview", || async {
+        b.client.refresh().await.ok()?;
+        let cells = b.text(&format!("{row} td:nth-child(3)")).await;
+        (cells.trim() == "1").then_some(())
+    })
+    .await;
+    b.shot("overview").await;
+
+    b.click("nav a[href='/ui/schedules']").await;
+    b.wait_path("/ui/schedules").await;
+    let hourly = b.text("tr[data-schedule='hourly']").await;
+    assert!(hourly.contains("0 * * * *"), "{hourly}");
+    assert!(hourly.contains("Europe/Berlin"), "{hourly}");
+    assert!(hourly.contains("CE"), "local time in the schedule's zone: {hourly}");
+    b.shot("schedules").await;
+    b.click("tr[data-schedule='hourly'] form[action$='/trigger'] button")
+        .await;
+    b.wait_text("p.flash", "Triggered `hourly`").await;
+    warren::testing::eventually(WAIT, "the consumer ran the triggered task", || async {
+        (succeeded(&consumer, "it.hourly") == 1).then_some(())
+    })
+    .await;
+
+    b.click("nav a[href='/ui/publish']").await;
+    b.fill("#task", "it.ok").await;
+    b.fill("#payload", "{\"to\": ").await;
+    b.wait_text("p.json-error", "Not valid JSON").await;
+    b.click("form.publish button").await;
+    // The browser refuses to send an invalid form: still on the form.
+    assert!(b
+        .client
+        .find(fantoccini::Locator::Css("p.flash"))
+        .await
+        .is_err());
+    b.fill("#payload", "{\"to\": \"ada@example.com\"}").await;
+    b.wait_text("p.json-error", "").await;
+    b.shot("publish").await;
+    b.click("form.publish button").await;
+    b.wait_text("p.flash", "Published `it.ok`").await;
+    warren::testing::eventually(WAIT, "the consumer ran the published task", || async {
+        (succeeded(&consumer, "it.ok") == 1).then_some(())
+    })
+    .await;
+
+    // A read token: the pages, but no action.
+    sign_out(&b).await;
+    sign_in(&b, &p, READ_TOKEN).await;
+    b.goto(&p.url("/ui/schedules")).await;
+    let button = b
+        .el("tr[data-schedule='hourly'] form[action$='/trigger'] button")
+        .await;
+    assert!(!button.is_enabled().await.expect("enabled?"));
+    b.goto(&p.url("/ui/publish")).await;
+    assert!(!b
+        .el("form.publish button")
+        .await
+        .is_enabled()
+        .await
+        .expect("enabled?"));
+    b.close().await;
+}
