@@ -59,5 +59,22 @@ pub fn router(ctx: Arc<Ctx>) -> Router {
         .route("/ui/schedules/{name}/trigger", post(schedules::trigger))
         .route("/ui/publish", get(publish::form).post(publish::submit))
         .layer(DefaultBodyLimit::max(limit))
+        .layer(axum::middleware::from_fn(server_timing))
         .with_state(state)
+}
+
+/// `Server-Timing: app;dur=<ms>` on every answer: what the console spent on
+/// it (broker samples and dead-letter scans included), visible in the
+/// browser's network panel and measured by the render-time test.
+async fn server_timing(
+    req: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> axum::response::Response {
+    let start = std::time::Instant::now();
+    let mut r = next.run(req).await;
+    let ms = start.elapsed().as_secs_f64() * 1000.0;
+    if let Ok(v) = axum::http::HeaderValue::from_str(&format!("app;dur={ms:.1}")) {
+        r.headers_mut().insert("server-timing", v);
+    }
+    r
 }

@@ -294,3 +294,100 @@ async fn api_console_false_turns_it_off() {
     let r = client().get(p.url("/v1/schedules")).send().await.expect("GET");
     assert_eq!(r.status().as_u16(), 401, "the API is still there");
 }
+
+/// Put `n` dead letters straight into the world's dead queue: `kinds`
+/// task names and failure kinds in turn, each reason carrying numbers and
+/// ids that the workbench's fingerprint strips.
+pub async fn fill_dead(w: &World, n: usize) {
+    use lapin::options::{BasicPublishOptions, ConfirmSelectOptions};
+    use lapin::types::{AMQPValue, FieldTable, ShortString};
+    use warren::envelope::headers;
+
+    let ch = w.conn.create_channel().await.expect("channel");
+    ch.confirm_select(ConfirmSelectOptions::default())
+        .await
+        .expect("confirms");
+    let queue = w.topo.dead_queue();
+    let kinds = [("it.report", "exhausted"), ("it.mail", "permanent")];
+    for i in 0..n {
+        let (task, kind) = kinds[i % kinds.len()];
+        let mut h = FieldTable::default();
+        let s = |v: String| AMQPValue::LongString(v.into());
+        h.insert(ShortString::from(headers::DEAD_KIND), s(kind.into()));
+        h.insert(
+            ShortString::from(headers::DEAD_REASON),
+            s(format!("timeout after {} ms for id {i:08x}", 1000 + i)),
+        );
+        h.insert(
+            ShortString::from(headers::DEAD_AT),
+            s(chrono::Utc::now().to_rfc3339()),
+        );
+        h.insert(ShortString::from(headers::ATTEMPT), AMQPValue::LongLongInt(3));
+        let props = lapin::BasicProperties::default()
+            .with_message_id(format!("dead-{i}").into())
+            .with_kind(task.into())
+            .with_content_type("application/json".into())
+            .with_delivery_mode(2)
+            .with_headers(h);
+        let body = format!(r#"{{"n": {i}, "note": "<script>alert({i})</script>"}}"#);
+        ch.basic_publish(
+            "".into(),
+            queue.as_str().into(),
+            BasicPublishOptions::default(),
+            body.as_bytes(),
+            props,
+        )
+        .await
+        .expect("publish a dead letter");
+    }
+    ch.wait_for_confirms().await.expect("confirms");
+    let _ = ch.close(200, "".into()).await;
+}
+
+/// Server time of each page with 10,000 dead letters and 200 schedules,
+/// printed (`--no-capture` shows it), never asserted: a loaded machine
+/// must not fail the suite. The target is 200 ms a page.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn page_render_time_with_10000_dead_letters_and_200_schedules() {
+    let w = World::new("ui-render").await;
+    let mut cfg = String::new();
+    for i in 0..200 {
+        cfg.push_str(&format!(
+            "[[schedules]]\nname = \"s{i:03}\"\ncron = \"{} {} * * *\"\ntimezone = \"America/New_York\"\ntask = \"it.s{i}\"\n",
+            i % 60,
+            i % 24
+        ));
+    }
+    fill_dead(&w, 10_000).await;
+    assert_eq!(w.queue_len(&w.topo.dead_queue()).await, 10_000);
+    let path = w.write_config("p.toml", &cfg);
+    let p = w.start("producer", &path, &[]);
+    p.wait_ready(Duration::from_secs(20)).await;
+    let s = sign_in(&p, ADMIN_TOKEN).await;
+    let group = "/ui/dead/group?task=it.report&kind=exhausted";
+    for page in ["/ui/", "/ui/schedules", "/ui/dead", group, "/ui/publish"] {
+        let mut times = Vec::new();
+        // The first load of a page opens the console's broker channel.
+        for _ in 0..4 {
+            let r = client()
+                .get(p.url(page))
+                .header("cookie", &s.cookie)
+                .send()
+                .await
+                .expect("GET");
+            assert!(r.status().is_success(), "{page}: {}", r.status());
+            let timing = r
+                .headers()
+                .get("server-timing")
+                .and_then(|v| v.to_str().ok())
+                .and_then(|v| v.strip_prefix("app;dur="))
+                .and_then(|v| v.parse::<f64>().ok())
+                .expect("a Server-Timing header");
+            times.push(timing);
+        }
+        println!(
+            "console render {page}: first {:.1} ms, then {:.1} / {:.1} / {:.1} ms",
+            times[0], times[1], times[2], times[3]
+        );
+    }
+}
