@@ -74,20 +74,23 @@ impl Fields {
     }
 }
 
-/// Whether `s` may perform an action needing `scope` with this form: the
-/// CSRF token first (a forged request learns nothing about scopes), then
-/// the scope.
-pub fn allowed(s: &Session, f: &Fields, scope: Scope) -> Result<(), Response> {
+/// The 403 page if `s` may not perform an action needing `scope` with this
+/// form: the CSRF token is checked first (a forged request learns nothing
+/// about scopes), then the scope.
+pub fn refused(s: &Session, f: &Fields, scope: Scope) -> Option<Response> {
     if !s.csrf_ok(f.get("csrf")) {
-        return Err(forbidden(s, "The form's CSRF token is missing or wrong: reload the page and try again."));
+        return Some(forbidden(
+            s,
+            "The form's CSRF token is missing or wrong: reload the page and try again.",
+        ));
     }
     if !s.may(scope) {
-        return Err(forbidden(
+        return Some(forbidden(
             s,
             &format!("This needs the `{}` scope; your token lacks it.", scope.name()),
         ));
     }
-    Ok(())
+    None
 }
 
 fn forbidden(s: &Session, why: &str) -> Response {

@@ -11,7 +11,7 @@ use maud::html;
 use serde_json::{json, Map, Value};
 
 use super::actions;
-use super::guard::{allowed, Fields, Signed};
+use super::guard::{refused, Fields, Signed};
 use super::layout::{self, Nav};
 use super::schedules::Flash;
 use super::session::Session;
@@ -52,7 +52,7 @@ fn render(s: &Session, flash: Option<&str>, error: Option<&str>, f: &Fields) -> 
 
 pub async fn submit(State(c): State<Console>, Signed(s): Signed, body: Bytes) -> Response {
     let f = Fields::parse(&body);
-    if let Err(r) = allowed(&s, &f, Scope::Publish) {
+    if let Some(r) = refused(&s, &f, Scope::Publish) {
         return r;
     }
     let refuse = |e: String| {

@@ -10,7 +10,7 @@ use maud::{html, Markup};
 use serde::Deserialize;
 
 use super::actions;
-use super::guard::{allowed, Fields, Signed};
+use super::guard::{refused, Fields, Signed};
 use super::layout::{self, Nav};
 use super::Console;
 use crate::config::Scope;
@@ -95,7 +95,7 @@ pub async fn trigger(
     body: Bytes,
 ) -> Response {
     let f = Fields::parse(&body);
-    if let Err(r) = allowed(&s, &f, Scope::Publish) {
+    if let Some(r) = refused(&s, &f, Scope::Publish) {
         return r;
     }
     let set = c.ctx.schedules();

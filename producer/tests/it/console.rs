@@ -325,7 +325,7 @@ pub async fn fill_dead(w: &World, n: usize) {
         h.insert(ShortString::from(headers::ATTEMPT), AMQPValue::LongLongInt(3));
         let props = lapin::BasicProperties::default()
             .with_message_id(format!("dead-{i}").into())
-            .with_kind(task.into())
+            .with_type(task.into())
             .with_content_type("application/json".into())
             .with_delivery_mode(2)
             .with_headers(h);
