@@ -5,6 +5,7 @@
 mod cli;
 mod cluster;
 mod dead;
+mod dead_engine;
 #[cfg(feature = "failpoints")]
 mod faults;
 mod handlers;
