@@ -228,6 +228,9 @@ pub struct ConsoleConfig {
     /// RabbitMQ management API (`http://user:pass@host:15672`): publish and
     /// deliver rates and unacked counts. Optional; never required.
     pub management_url: Option<Secret>,
+    /// Dead letters the workbench reads to group them and to find one
+    /// (counts come from the broker); replay and purge go through all.
+    pub dead_scan_limit: usize,
 }
 
 impl Default for ConsoleConfig {
@@ -235,6 +238,7 @@ impl Default for ConsoleConfig {
         Self {
             session_ttl: Duration::from_secs(8 * 3600),
             management_url: None,
+            dead_scan_limit: 1000,
         }
     }
 }
@@ -568,6 +572,9 @@ impl ProducerConfig {
         }
         if self.console.session_ttl.is_zero() {
             errors.push("console.session_ttl = 0s: must be positive".into());
+        }
+        if self.console.dead_scan_limit == 0 {
+            errors.push("console.dead_scan_limit = 0: must be at least 1".into());
         }
         if let Some(url) = &self.console.management_url {
             let u = url.expose();

@@ -44,6 +44,17 @@ pub fn over_tls(headers: &HeaderMap) -> bool {
         .is_some_and(|v| v.eq_ignore_ascii_case("https"))
 }
 
+/// A reload that asks for fresh numbers (the browser's hard reload sends
+/// `Cache-Control: no-cache`): the console then skips its short caches.
+pub fn wants_fresh(headers: &HeaderMap) -> bool {
+    [header::CACHE_CONTROL, header::PRAGMA].iter().any(|h| {
+        headers
+            .get(h)
+            .and_then(|v| v.to_str().ok())
+            .is_some_and(|v| v.contains("no-cache"))
+    })
+}
+
 /// An `application/x-www-form-urlencoded` body, keeping repeated keys (a
 /// selection of messages sends `id` once per message).
 pub struct Fields(Vec<(String, String)>);

@@ -7,14 +7,16 @@
 //! | `session` | the session table, cookies, CSRF tokens |
 //! | `guard` | the signed-in extractor, form fields, the checks before an action |
 //! | `layout` | the page shell, embedded assets, security headers |
-//! | `sample` | queue depths (and optional management API rates), cached |
+//! | `sample` | the console's broker connection; queue depths (and optional management API rates), cached |
 //! | `actions` | publishing on behalf of the console, the audit line |
+//! | `dead` | the dead-letter workbench on [`warren::dead`] |
 //! | `login`, `overview`, `schedules`, `publish` | one page each |
 //!
 //! Like [`crate::api`], it only talks to [`crate::context::Ctx`]; the
 //! scheduler does not know it exists.
 
 mod actions;
+mod dead;
 mod guard;
 mod layout;
 mod login;
@@ -39,6 +41,8 @@ pub struct Console {
     ctx: Arc<Ctx>,
     sessions: Arc<session::Sessions>,
     sampler: Arc<sample::Sampler>,
+    broker: Arc<sample::Broker>,
+    dead: Arc<dead::Workbench>,
 }
 
 pub fn router(ctx: Arc<Ctx>) -> Router {
@@ -46,6 +50,8 @@ pub fn router(ctx: Arc<Ctx>) -> Router {
     let state = Console {
         sessions: Arc::new(session::Sessions::new(ctx.cfg().console.session_ttl)),
         sampler: Arc::new(sample::Sampler::new()),
+        broker: Arc::default(),
+        dead: Arc::default(),
         ctx,
     };
     Router::new()
@@ -58,6 +64,12 @@ pub fn router(ctx: Arc<Ctx>) -> Router {
         .route("/ui/schedules", get(schedules::page))
         .route("/ui/schedules/{name}/trigger", post(schedules::trigger))
         .route("/ui/publish", get(publish::form).post(publish::submit))
+        .route("/ui/dead", get(dead::page))
+        .route("/ui/dead/group", get(dead::group))
+        .route("/ui/dead/message", get(dead::message))
+        .route("/ui/dead/replay", post(dead::replay))
+        .route("/ui/dead/edit", post(dead::edit))
+        .route("/ui/dead/purge", post(dead::purge))
         .layer(DefaultBodyLimit::max(limit))
         .layer(axum::middleware::from_fn(server_timing))
         .with_state(state)

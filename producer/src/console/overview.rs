@@ -3,11 +3,11 @@
 //! holds a fragment that the script reloads every few seconds.
 
 use axum::extract::State;
-use axum::http::StatusCode;
+use axum::http::{HeaderMap, StatusCode};
 use axum::response::Response;
 use maud::{html, Markup};
 
-use super::guard::Signed;
+use super::guard::{wants_fresh, Signed};
 use super::layout::{self, Nav};
 use super::sample::Sample;
 use super::Console;
@@ -15,8 +15,8 @@ use super::Console;
 /// Seconds between two reloads of the fragment in the browser.
 const REFRESH_SECS: u32 = 5;
 
-pub async fn page(State(c): State<Console>, Signed(s): Signed) -> Response {
-    let inner = fragment_markup(&c).await;
+pub async fn page(State(c): State<Console>, Signed(s): Signed, headers: HeaderMap) -> Response {
+    let inner = fragment_markup(&c, wants_fresh(&headers)).await;
     let body = html! {
         div #overview data-refresh="/ui/overview/fragment" data-every=(REFRESH_SECS) {
             (inner)
@@ -26,28 +26,31 @@ pub async fn page(State(c): State<Console>, Signed(s): Signed) -> Response {
 }
 
 pub async fn fragment(State(c): State<Console>, Signed(_): Signed) -> Response {
-    layout::html_response(StatusCode::OK, fragment_markup(&c).await)
+    layout::html_response(StatusCode::OK, fragment_markup(&c, false).await)
 }
 
-async fn fragment_markup(c: &Console) -> Markup {
-    let sample = c.sampler.get(&c.ctx).await;
+async fn fragment_markup(c: &Console, fresh: bool) -> Markup {
+    let sample = c.sampler.get(&c.ctx, &c.broker, fresh).await;
+    let latest = super::dead::latest(c, fresh).await;
     let connected = c.ctx.api_publisher().is_some();
     html! {
         section.cards {
-            div.card {
+            div.card.producer {
                 h2 { "Producer" }
                 p { "This replica: " code { (c.ctx.instance()) } }
                 p { @if c.ctx.is_leader() { span.ok { "leader" } " — fires the schedules" }
                     @else { span.warn { "standby" } " — another replica fires" } }
                 p { "Broker: " @if connected { span.ok { "connected" } } @else { span.bad { "disconnected" } } }
             }
-            div.card {
+            div.card.dead {
                 h2 { "Dead letters" }
                 p.big { @if let Some(n) = sample.dead { a href="/ui/dead" { (n) } } @else { "?" } }
                 p.hint { code { (c.ctx.topo().dead_queue()) } }
             }
         }
         (queues(&sample))
+        h2 { "Latest failures" }
+        (latest)
         @if let Some(p) = &sample.problem { p.error { (p) } }
         p.hint.stamp { "Sampled " (chrono::Utc::now().format("%H:%M:%S UTC")) "; refreshes every " (REFRESH_SECS) " s." }
     }

@@ -48,8 +48,29 @@ pub struct Sample {
     pub problem: Option<String>,
 }
 
+/// The console's own broker connection, opened on first use and again
+/// after it dropped; the sampler and the dead-letter workbench share it.
+#[derive(Default)]
+pub struct Broker {
+    conn: Mutex<Option<Arc<Connection>>>,
+}
+
+impl Broker {
+    pub async fn connection(&self, ctx: &Ctx) -> Result<Arc<Connection>, String> {
+        let mut g = self.conn.lock().await;
+        if let Some(c) = g.as_ref().filter(|c| c.status().connected()) {
+            return Ok(c.clone());
+        }
+        let c = warren::amqp::connect(&ctx.cfg().amqp, "console")
+            .await
+            .map_err(|e| format!("broker: {e}"))?;
+        let c = Arc::new(c);
+        *g = Some(c.clone());
+        Ok(c)
+    }
+}
+
 struct State {
-    conn: Option<Connection>,
     channel: Option<Channel>,
     last: Option<Arc<Sample>>,
 }
@@ -63,7 +84,6 @@ impl Sampler {
     pub fn new() -> Self {
         Self {
             state: Mutex::new(State {
-                conn: None,
                 channel: None,
                 last: None,
             }),
@@ -74,27 +94,28 @@ impl Sampler {
         }
     }
 
-    /// The latest sample, taken now if the last one is older than [`FRESH`].
-    /// Concurrent callers wait for one sample instead of each taking one.
-    pub async fn get(&self, ctx: &Ctx) -> Arc<Sample> {
+    /// The latest sample, taken now if the last one is older than [`FRESH`]
+    /// or `fresh` is asked. Concurrent callers wait for one sample instead
+    /// of each taking one.
+    pub async fn get(&self, ctx: &Ctx, broker: &Broker, fresh: bool) -> Arc<Sample> {
         let mut st = self.state.lock().await;
-        if let Some(last) = &st.last {
+        if let Some(last) = st.last.as_ref().filter(|_| !fresh) {
             if last.taken.elapsed() < FRESH {
                 return last.clone();
             }
         }
-        let sample = Arc::new(self.take(ctx, &mut st).await);
+        let sample = Arc::new(self.take(ctx, broker, &mut st).await);
         st.last = Some(sample.clone());
         sample
     }
 
-    async fn take(&self, ctx: &Ctx, st: &mut State) -> Sample {
+    async fn take(&self, ctx: &Ctx, broker: &Broker, st: &mut State) -> Sample {
         let topo = ctx.topo();
         let previous = st.last.clone();
         let mut problem = None;
         let mut queues = Vec::new();
         for q in topo.work_queues() {
-            let (ready, consumers) = match depth(ctx, st, &q.name).await {
+            let (ready, consumers) = match depth(ctx, broker, st, &q.name).await {
                 Ok(d) => (Some(d.0), Some(d.1)),
                 Err(e) => {
                     problem.get_or_insert(e);
@@ -117,7 +138,7 @@ impl Sampler {
                 deliver_rate: None,
             });
         }
-        let dead = match depth(ctx, st, &topo.dead_queue()).await {
+        let dead = match depth(ctx, broker, st, &topo.dead_queue()).await {
             Ok(d) => Some(d.0),
             Err(e) => {
                 problem.get_or_insert(e);
@@ -204,9 +225,14 @@ struct MgmtRate {
 /// Ready messages and consumers of `queue`, (re)opening the console's
 /// connection and channel as needed. A failed declare closes the channel
 /// (404 for a missing queue), so the next call opens a new one.
-async fn depth(ctx: &Ctx, st: &mut State, queue: &str) -> Result<(u32, u32), String> {
+async fn depth(
+    ctx: &Ctx,
+    broker: &Broker,
+    st: &mut State,
+    queue: &str,
+) -> Result<(u32, u32), String> {
     let result = tokio::time::timeout(ASK_TIMEOUT, async {
-        let ch = channel(ctx, st).await?;
+        let ch = channel(ctx, broker, st).await?;
         let q = ch
             .queue_declare(
                 queue.into(),
@@ -224,26 +250,17 @@ async fn depth(ctx: &Ctx, st: &mut State, queue: &str) -> Result<(u32, u32), Str
     .unwrap_or_else(|_| Err("the broker did not answer in time".into()));
     if result.is_err() {
         st.channel = None;
-        if st.conn.as_ref().is_some_and(|c| !c.status().connected()) {
-            st.conn = None;
-        }
     }
     result
 }
 
-async fn channel(ctx: &Ctx, st: &mut State) -> Result<Channel, String> {
+async fn channel(ctx: &Ctx, broker: &Broker, st: &mut State) -> Result<Channel, String> {
     if let Some(ch) = &st.channel {
         if ch.status().connected() {
             return Ok(ch.clone());
         }
     }
-    if st.conn.as_ref().is_none_or(|c| !c.status().connected()) {
-        let conn = warren::amqp::connect(&ctx.cfg().amqp, "console")
-            .await
-            .map_err(|e| format!("broker: {e}"))?;
-        st.conn = Some(conn);
-    }
-    let conn = st.conn.as_ref().ok_or("broker: not connected")?;
+    let conn = broker.connection(ctx).await?;
     let ch = conn
         .create_channel()
         .await

@@ -116,7 +116,7 @@ async fn operator_signs_in_triggers_and_publishes() {
     let queue = w.work_queue();
     let row = format!("tr[data-queue='{queue}']");
     b.wait_text(&row, &queue).await;
-    b.wait_text(".card", "leader").await;
+    b.wait_text(".card.producer", "leader").await;
     warren::testing::eventually(WAIT, "the consumer counted on the overview", || async {
         b.client.refresh().await.ok()?;
         let cells = b.text(&format!("{row} td:nth-child(3)")).await;
@@ -176,5 +176,93 @@ async fn operator_signs_in_triggers_and_publishes() {
         .is_enabled()
         .await
         .expect("enabled?"));
+    b.close().await;
+}
+
+/// POST `/v1/tasks` with the publish token.
+async fn publish_api(p: &Producer, body: &str) {
+    let r = reqwest::Client::new()
+        .post(p.url("/v1/tasks"))
+        .bearer_auth(PUBLISH_TOKEN)
+        .header("content-type", "application/json")
+        .body(body.to_owned())
+        .send()
+        .await
+        .expect("POST /v1/tasks");
+    assert_eq!(r.status().as_u16(), 202);
+}
+
+/// Tasks that die two ways show as two groups; one is edited and replayed
+/// and then succeeds; the other group is purged after the confirmation.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn operator_works_the_dead_letters() {
+    let w = World::new("ui-browser-dead").await;
+    let cfg = w.write_config("p.toml", "");
+    let p = w.start("producer", &cfg, &[]);
+    p.wait_ready(WAIT).await;
+    let consumer = start_consumer(&w);
+    let dead_q = w.topo.dead_queue();
+    publish_api(
+        &p,
+        r#"[{"task": "it.check", "id": "check-1", "payload": {"ok": false, "note": "<i>x</i>"}},
+            {"task": "it.check", "id": "check-2", "payload": {"ok": false}},
+            {"task": "it.nohandler", "id": "lost-1"}]"#,
+    )
+    .await;
+    warren::testing::eventually(WAIT, "three dead letters", || async {
+        (w.queue_len(&dead_q).await == 3).then_some(())
+    })
+    .await;
+
+    let b = Browser::start().await;
+    sign_in(&b, &p, crate::helpers::ADMIN_TOKEN).await;
+    b.wait_text(".card.dead", "3").await;
+    b.wait_text("table.latest", "it.nohandler").await;
+    b.click("nav a[href='/ui/dead']").await;
+    b.wait_path("/ui/dead").await;
+    let check = b.text("tr.group[data-task='it.check']").await;
+    assert!(check.contains("permanent"), "{check}");
+    assert_eq!(b.text("tr.group[data-task='it.check'] td.count").await, "2");
+    let lost = b.text("tr.group[data-task='it.nohandler']").await;
+    assert!(lost.contains("no_handler"), "{lost}");
+    let groups = b
+        .client
+        .find_all(fantoccini::Locator::Css("tr.group"))
+        .await
+        .expect("groups");
+    assert_eq!(groups.len(), 2);
+    b.shot("dead").await;
+
+    // Drill down to the message and replay it with a payload that passes.
+    b.click("tr.group[data-task='it.check'] td a").await;
+    b.wait_path("/ui/dead/group").await;
+    b.click("a[href='/ui/dead/message?id=check-1']").await;
+    b.wait_path("/ui/dead/message").await;
+    let payload = b.text("pre.payload").await;
+    assert!(payload.contains("<i>x</i>"), "shown as text: {payload}");
+    b.shot("dead-message").await;
+    b.fill("#payload", "{\"ok\": true, \"edited\": 1").await;
+    b.wait_text("p.json-error", "Not valid JSON").await;
+    b.fill("#payload", "{\"ok\": true}").await;
+    b.click("form.edit button").await;
+    b.wait_text("p.flash", "Replayed check-1").await;
+    warren::testing::eventually(WAIT, "the edited task succeeded", || async {
+        (succeeded(&consumer, "it.check") == 1).then_some(())
+    })
+    .await;
+
+    // Purge the other group, confirming first.
+    b.goto(&p.url("/ui/dead")).await;
+    b.click("tr.group[data-task='it.nohandler'] button.purge")
+        .await;
+    b.wait_text("p.notice", "Purge").await;
+    b.click("form.confirm button").await;
+    b.wait_text("p.flash", "Purged 1").await;
+    assert_eq!(w.queue_len(&dead_q).await, 1, "check-2 is left");
+    assert!(b
+        .client
+        .find(fantoccini::Locator::Css("tr.group[data-task='it.nohandler']"))
+        .await
+        .is_err());
     b.close().await;
 }
