@@ -1,5 +1,5 @@
 //! The HTTP API under `/v1`: publish tasks, list schedules, trigger a
-//! schedule now. Each handler names the scope it needs as a
+//! schedule now; the dead-letter endpoints live in [`dead`]. Each handler names the scope it needs as a
 //! [`RequireScope`] argument ([`crate::auth`]); every error is a JSON body
 //! `{"error": code, "message": text}` ([`crate::error`]).
 
@@ -17,11 +17,14 @@ use chrono::{SecondsFormat, Utc};
 use serde_json::json;
 
 use crate::audit;
-use crate::auth::{Caller, Publish, Read, RequireScope, TokenStore};
+use crate::auth::{Admin, Caller, Publish, Read, RequireScope, TokenStore};
 use crate::context::{ApiPublisher, Ctx};
+use crate::control::ControlError;
 use crate::error::ApiError;
 use crate::metrics::Source;
 use crate::request::{pairs, RequestError, TaskRequest};
+
+mod dead;
 
 /// The extractor of [`crate::auth`] finds the tokens in force here.
 impl FromRef<Arc<Ctx>> for TokenStore {
@@ -36,6 +39,9 @@ pub fn router(ctx: Arc<Ctx>) -> Router {
         .route("/v1/tasks", post(post_tasks))
         .route("/v1/schedules", get(get_schedules))
         .route("/v1/schedules/{name}/trigger", post(trigger))
+        .route("/v1/schedules/{name}/pause", post(pause))
+        .route("/v1/schedules/{name}/resume", post(resume))
+        .merge(dead::routes())
         .layer(DefaultBodyLimit::max(limit))
         .with_state(ctx)
 }
@@ -247,7 +253,7 @@ async fn get_schedules(
         .iter()
         .map(|s| {
             let st = ctx.status_of(s.name());
-            let next = if s.cfg.enabled {
+            let next = if s.cfg.enabled && !st.paused {
                 st.next_fire.or_else(|| s.spec.next_after(now))
             } else {
                 None
@@ -259,6 +265,7 @@ async fn get_schedules(
                 "timezone": s.cfg.timezone,
                 "task": s.cfg.task,
                 "enabled": s.cfg.enabled,
+                "paused": st.paused,
                 "misfire": s.cfg.misfire,
                 "misfire_grace": humantime::format_duration(s.cfg.misfire_grace).to_string(),
                 "dst_gap": s.cfg.dst_gap,
@@ -337,5 +344,66 @@ async fn trigger(
             };
             Err(ApiError::new(status, "not_published", e.to_string()))
         }
+    }
+}
+
+async fn pause(
+    scope: RequireScope<Admin>,
+    State(ctx): State<Arc<Ctx>>,
+    Path(name): Path<String>,
+) -> Result<Response, ApiError> {
+    let r = ctx.pause(&name).await;
+    pause_answer(&ctx, scope.caller(), "pause", &name, r, true)
+}
+
+async fn resume(
+    scope: RequireScope<Admin>,
+    State(ctx): State<Arc<Ctx>>,
+    Path(name): Path<String>,
+) -> Result<Response, ApiError> {
+    let r = ctx.resume(&name).await;
+    pause_answer(&ctx, scope.caller(), "resume", &name, r, false)
+}
+
+/// Audit a pause or resume and answer it.
+fn pause_answer(
+    ctx: &Ctx,
+    caller: &Caller,
+    action: &str,
+    name: &str,
+    r: Result<(), ControlError>,
+    paused: bool,
+) -> Result<Response, ApiError> {
+    let result = if r.is_ok() { audit::OK } else { audit::FAILED };
+    audit::record(
+        ctx.metrics(),
+        &caller.name,
+        action,
+        name,
+        result,
+        u64::from(r.is_ok()),
+    );
+    match r {
+        Ok(()) => Ok(Json(json!({"name": name, "paused": paused})).into_response()),
+        Err(e @ ControlError::NotFound(_)) => Err(ApiError::new(
+            StatusCode::NOT_FOUND,
+            "not_found",
+            e.to_string(),
+        )),
+        Err(e @ ControlError::Refused(_)) => Err(ApiError::new(
+            StatusCode::CONFLICT,
+            "refused_by_leader",
+            e.to_string(),
+        )),
+        Err(e @ ControlError::Unavailable) => Err(ApiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "broker_unavailable",
+            e.to_string(),
+        )),
+        Err(e @ ControlError::NoLeader) => Err(ApiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "no_leader",
+            e.to_string(),
+        )),
     }
 }

@@ -66,6 +66,9 @@ pub struct ApiConfig {
     pub max_batch: usize,
     /// Serve the operator console under `/ui/` (see [`ConsoleConfig`]).
     pub console: bool,
+    /// Most dead messages one `/v1/dead` request looks at (overview, list,
+    /// inspect, replay, purge of a selection); counts come from the broker.
+    pub dead_scan_limit: usize,
 }
 
 impl Default for ApiConfig {
@@ -80,6 +83,7 @@ impl Default for ApiConfig {
             max_body_bytes: 1024 * 1024,
             max_batch: 1000,
             console: true,
+            dead_scan_limit: 10_000,
         }
     }
 }
@@ -584,6 +588,9 @@ impl ProducerConfig {
                     warren::config::redact_url(u)
                 ));
             }
+        }
+        if self.api.dead_scan_limit == 0 {
+            errors.push("api.dead_scan_limit = 0: must be at least 1".into());
         }
         if self.leader.retry_interval.is_zero() {
             errors.push("leader.retry_interval = 0s: must be positive".into());

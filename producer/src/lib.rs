@@ -14,6 +14,7 @@
 //! | `reload` | SIGHUP: schedules and API tokens swapped at runtime |
 //! | `connection` | broker connections: retries, the API's publisher |
 //! | `context` | `Ctx`, the state the parts above share (below all of them) |
+//! | `control` | pause/resume requests to the leader, paused-set events to every replica |
 //! | `leader` | election on an exclusive queue and the fence before each tick |
 //! | `state` | the last-fire snapshot a new leader resumes from (in RabbitMQ) |
 //! | [`request`] | ad-hoc task requests (CLI batch lines, API bodies) |
@@ -37,6 +38,7 @@ mod auth;
 mod connection;
 mod console;
 mod context;
+mod control;
 mod error;
 mod leader;
 mod metrics;

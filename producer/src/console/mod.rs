@@ -63,6 +63,8 @@ pub fn router(ctx: Arc<Ctx>) -> Router {
         .route("/ui/assets/{file}", get(layout::asset))
         .route("/ui/schedules", get(schedules::page))
         .route("/ui/schedules/{name}/trigger", post(schedules::trigger))
+        .route("/ui/schedules/{name}/pause", post(schedules::pause))
+        .route("/ui/schedules/{name}/resume", post(schedules::resume))
         .route("/ui/publish", get(publish::form).post(publish::submit))
         .route("/ui/dead", get(dead::page))
         .route("/ui/dead/group", get(dead::group))

@@ -43,6 +43,7 @@ fn table(c: &Console, s: &super::session::Session) -> Markup {
     let set = c.ctx.schedules();
     let now = Utc::now();
     let can_publish = s.may(Scope::Publish);
+    let can_admin = s.may(Scope::Admin);
     html! {
         @if set.is_empty() {
             p.notice { "No schedules configured (" code { "[[schedules]]" } " in the producer's config)." }
@@ -60,9 +61,9 @@ fn table(c: &Console, s: &super::session::Session) -> Markup {
                 tbody {
                     @for sch in set.iter() {
                         @let st = c.ctx.status_of(sch.name());
-                        @let next = if sch.cfg.enabled { st.next_fire.or_else(|| sch.spec.next_after(now)) } else { None };
+                        @let next = if sch.cfg.enabled && !st.paused { st.next_fire.or_else(|| sch.spec.next_after(now)) } else { None };
                         @let late = next.map(|n| now - n).filter(|d| d.num_seconds() >= 2);
-                        tr data-schedule=(sch.name()) {
+                        tr data-schedule=(sch.name()) data-paused=(st.paused) {
                             td.name { (sch.name()) }
                             td { code { (sch.cfg.task) } }
                             td { code { (sch.cfg.cron) } }
@@ -72,12 +73,23 @@ fn table(c: &Console, s: &super::session::Session) -> Markup {
                             td { @if let Some(l) = st.last_fired { (layout::utc(l)) " (" (layout::span(now - l)) " ago)" } @else { "never (here)" } }
                             td.late[late.is_some()] { @if let Some(l) = late { (layout::span(l)) } @else { "on time" } }
                             td { (json_name(&sch.cfg.misfire)) " · grace " (humantime::format_duration(sch.cfg.misfire_grace)) }
-                            td.state { @if sch.cfg.enabled { "enabled" } @else { "disabled" } }
+                            td.state {
+                                @if !sch.cfg.enabled { "disabled" }
+                                @else if st.paused { span.warn { "paused" } }
+                                @else { "enabled" }
+                            }
                             td.actions {
                                 form method="post" action=(format!("/ui/schedules/{}/trigger", sch.name())) {
                                     (layout::csrf(s))
                                     button type="submit" disabled[!can_publish]
                                         title=(if can_publish { "publish one task now, as a manual fire" } else { "needs the publish scope" }) { "Trigger now" }
+                                }
+                                " "
+                                @let (verb, label) = if st.paused { ("resume", "Resume") } else { ("pause", "Pause") };
+                                form method="post" action=(format!("/ui/schedules/{}/{verb}", sch.name())) {
+                                    (layout::csrf(s))
+                                    button.secondary type="submit" disabled[!can_admin || !sch.cfg.enabled]
+                                        title=(if can_admin { "instants while paused are skipped" } else { "needs the admin scope" }) { (label) }
                                 }
                             }
                         }
@@ -118,4 +130,52 @@ fn json_name<T: serde::Serialize>(v: &T) -> String {
         .ok()
         .and_then(|v| v.as_str().map(str::to_owned))
         .unwrap_or_default()
+}
+
+pub async fn pause(
+    State(c): State<Console>,
+    Signed(s): Signed,
+    Path(name): Path<String>,
+    body: Bytes,
+) -> Response {
+    pause_or_resume(&c, &s, &name, &body, true).await
+}
+
+pub async fn resume(
+    State(c): State<Console>,
+    Signed(s): Signed,
+    Path(name): Path<String>,
+    body: Bytes,
+) -> Response {
+    pause_or_resume(&c, &s, &name, &body, false).await
+}
+
+/// Through the leader (`Ctx::pause` / `resume`), like the API: the state
+/// survives a failover.
+async fn pause_or_resume(
+    c: &Console,
+    s: &super::session::Session,
+    name: &str,
+    body: &[u8],
+    pause: bool,
+) -> Response {
+    let f = Fields::parse(body);
+    if let Some(r) = refused(s, &f, Scope::Admin) {
+        return r;
+    }
+    let (action, done) = if pause {
+        ("pause", "Paused")
+    } else {
+        ("resume", "Resumed")
+    };
+    let r = if pause {
+        c.ctx.pause(name).await
+    } else {
+        c.ctx.resume(name).await
+    };
+    actions::audit(&c.ctx, &s.who, action, name, usize::from(r.is_ok()), r.is_ok());
+    match r {
+        Ok(()) => layout::see_other("/ui/schedules", &format!("{done} `{name}`.")),
+        Err(e) => layout::see_other("/ui/schedules", &format!("`{name}`: {action} failed: {e}")),
+    }
 }

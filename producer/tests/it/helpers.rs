@@ -192,6 +192,14 @@ impl World {
                         &headers,
                         warren::envelope::headers::PUBLISHED_AT_MS,
                     ),
+                    edited_by: warren::envelope::header_str(
+                        &headers,
+                        warren::envelope::headers::EDITED_BY,
+                    ),
+                    attempt: warren::envelope::header_i64(
+                        &headers,
+                        warren::envelope::headers::ATTEMPT,
+                    ),
                     body: d.data.clone(),
                     received: Utc::now(),
                 };
@@ -287,6 +295,9 @@ pub struct Msg {
     pub name: Option<String>,
     pub schedule: Option<String>,
     pub published_ms: Option<i64>,
+    /// `x-warren-edited-by` of a dead task replayed with a new payload.
+    pub edited_by: Option<String>,
+    pub attempt: Option<i64>,
     pub body: Vec<u8>,
     pub received: DateTime<Utc>,
 }
