@@ -24,6 +24,8 @@ kind = "noop"
 kind = "noop"
 [handlers."it.often"]
 kind = "noop"
+[handlers."it.tick"]
+kind = "noop"
 [handlers."it.check"]
 kind = "exec"
 argv = ["grep", "-q", "\"ok\": *true"]
@@ -42,6 +44,13 @@ payload = { report = "<b>daily</b>" }
 name = "often"
 cron = "* * * * * *"
 task = "it.often"
+misfire = "skip"
+
+# A witness that keeps firing while `often` is paused.
+[[schedules]]
+name = "tick"
+cron = "* * * * * *"
+task = "it.tick"
 misfire = "skip"
 "#;
 
@@ -264,5 +273,55 @@ async fn operator_works_the_dead_letters() {
         .find(fantoccini::Locator::Css("tr.group[data-task='it.nohandler']"))
         .await
         .is_err());
+    b.close().await;
+}
+
+/// Pause a schedule from the page: it stops firing (while another schedule
+/// goes on ticking), says so, and fires again once resumed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn operator_pauses_and_resumes_a_schedule() {
+    let w = World::new("ui-browser-pause").await;
+    let cfg = w.write_config("p.toml", PRODUCER);
+    let p = w.start("producer", &cfg, &[]);
+    p.wait_ready(WAIT).await;
+    let consumer = start_consumer(&w);
+    warren::testing::eventually(WAIT, "`often` firing", || async {
+        (succeeded(&consumer, "it.often") >= 1).then_some(())
+    })
+    .await;
+
+    let b = Browser::start().await;
+    sign_in(&b, &p, crate::helpers::ADMIN_TOKEN).await;
+    b.goto(&p.url("/ui/schedules")).await;
+    b.click("tr[data-schedule='often'] form[action$='/pause'] button")
+        .await;
+    b.wait_text("p.flash", "Paused `often`").await;
+    assert_eq!(b.text("tr[data-schedule='often'] td.state").await, "paused");
+    b.shot("schedules-paused").await;
+
+    // A fire decided just before the pause may still arrive: take the
+    // count once the witness has fired since, then watch three more ticks.
+    let ticks = succeeded(&consumer, "it.tick");
+    let wait_ticks = |n: usize| {
+        let consumer = &consumer;
+        async move {
+            warren::testing::eventually(WAIT, "the witness schedule ticking", || async move {
+                (succeeded(consumer, "it.tick") >= n).then_some(())
+            })
+            .await;
+        }
+    };
+    wait_ticks(ticks + 1).await;
+    let often = succeeded(&consumer, "it.often");
+    wait_ticks(ticks + 4).await;
+    assert_eq!(succeeded(&consumer, "it.often"), often, "a paused schedule fired");
+
+    b.click("tr[data-schedule='often'] form[action$='/resume'] button")
+        .await;
+    b.wait_text("p.flash", "Resumed `often`").await;
+    warren::testing::eventually(WAIT, "`often` firing again", || async {
+        (succeeded(&consumer, "it.often") > often).then_some(())
+    })
+    .await;
     b.close().await;
 }
