@@ -248,6 +248,14 @@ async fn a_read_token_sees_pages_but_cannot_act() {
     .await;
     assert_eq!(r.status().as_u16(), 403);
 
+    // Pausing needs `admin`: a publish token is refused too.
+    let pb = sign_in(&p, PUBLISH_TOKEN).await;
+    for s in [&s, &pb] {
+        let r = post(&p, &s.cookie, "/ui/schedules/hourly/pause", &form(&[("csrf", &s.csrf)])).await;
+        assert_eq!(r.status().as_u16(), 403);
+        assert!(r.text().await.unwrap_or_default().contains("`admin` scope"));
+    }
+
     // The same actions with an admin token go through.
     let a = sign_in(&p, ADMIN_TOKEN).await;
     let r = post(

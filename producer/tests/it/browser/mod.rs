@@ -227,6 +227,7 @@ async fn operator_works_the_dead_letters() {
     sign_in(&b, &p, crate::helpers::ADMIN_TOKEN).await;
     b.wait_text(".card.dead", "3").await;
     b.wait_text("table.latest", "it.nohandler").await;
+    b.shot("overview-failures").await;
     b.click("nav a[href='/ui/dead']").await;
     b.wait_path("/ui/dead").await;
     let check = b.text("tr.group[data-task='it.check']").await;
