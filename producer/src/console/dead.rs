@@ -231,16 +231,22 @@ pub async fn latest(c: &Console, fresh: bool) -> Markup {
     }
 }
 
-pub async fn group(State(c): State<Console>, Signed(s): Signed, Query(q): Query<GroupKey>) -> Response {
+pub async fn group(
+    State(c): State<Console>,
+    Signed(s): Signed,
+    Query(q): Query<GroupKey>,
+) -> Response {
     let selector = q.selector();
     let limit = c.ctx.cfg().console.dead_scan_limit;
     let listing = c
         .dead
         .exclusive(|| async {
             let conn = c.broker.connection(&c.ctx).await?;
-            dead::list_where(&conn, c.ctx.topo(), limit, GROUP_PAGE, |t| selector.matches(t))
-                .await
-                .map_err(|e| e.to_string())
+            dead::list_where(&conn, c.ctx.topo(), limit, GROUP_PAGE, |t| {
+                selector.matches(t)
+            })
+            .await
+            .map_err(|e| e.to_string())
         })
         .await;
     let l = match listing {
@@ -288,7 +294,11 @@ pub struct MessageKey {
     flash: Option<String>,
 }
 
-pub async fn message(State(c): State<Console>, Signed(s): Signed, Query(q): Query<MessageKey>) -> Response {
+pub async fn message(
+    State(c): State<Console>,
+    Signed(s): Signed,
+    Query(q): Query<MessageKey>,
+) -> Response {
     let limit = c.ctx.cfg().console.dead_scan_limit;
     let found = c
         .dead
@@ -427,7 +437,10 @@ pub async fn replay(State(c): State<Console>, Signed(s): Signed, body: Bytes) ->
             actions::audit(&c.ctx, &s.who, "replay", &target, r.replayed.len(), ok);
             let mut msg = format!("Replayed {} dead letters ({target}).", r.replayed.len());
             if let Some((id, why)) = r.failed.first() {
-                msg.push_str(&format!(" {} not replayed, e.g. {id}: {why}", r.failed.len()));
+                msg.push_str(&format!(
+                    " {} not replayed, e.g. {id}: {why}",
+                    r.failed.len()
+                ));
             }
             layout::see_other(&back(&f), &msg)
         }
@@ -455,7 +468,10 @@ pub async fn edit(State(c): State<Console>, Signed(s): Signed, body: Bytes) -> R
     if let Err(e) = serde_json::from_str::<serde::de::IgnoredAny>(payload) {
         return layout::see_other(
             &back,
-            &format!("Not replayed: the payload is not JSON ({})", crate::request::json_error(&e)),
+            &format!(
+                "Not replayed: the payload is not JSON ({})",
+                crate::request::json_error(&e)
+            ),
         );
     }
     let new_id = f.get("new_id").is_some();
@@ -464,16 +480,27 @@ pub async fn edit(State(c): State<Console>, Signed(s): Signed, body: Bytes) -> R
         .dead
         .exclusive(|| async {
             let conn = c.broker.connection(&c.ctx).await.map_err(|e| (false, e))?;
-            dead::replay_edited(&conn, c.ctx.topo(), &id, payload.as_bytes().to_vec(), new_id, &s.who, timeout)
-                .await
-                .map_err(|e| (matches!(e, DeadError::NotFound(_)), e.to_string()))
+            dead::replay_edited(
+                &conn,
+                c.ctx.topo(),
+                &id,
+                payload.as_bytes().to_vec(),
+                new_id,
+                &s.who,
+                timeout,
+            )
+            .await
+            .map_err(|e| (matches!(e, DeadError::NotFound(_)), e.to_string()))
         })
         .await;
     match report {
         Ok(r) if r.failed.is_empty() => {
             actions::audit(&c.ctx, &s.who, "replay_edited", &id, 1, true);
             let new = r.replayed.first().cloned().unwrap_or_default();
-            layout::see_other("/ui/dead", &format!("Replayed {id} with the edited payload as task {new}."))
+            layout::see_other(
+                "/ui/dead",
+                &format!("Replayed {id} with the edited payload as task {new}."),
+            )
         }
         Ok(r) => {
             actions::audit(&c.ctx, &s.who, "replay_edited", &id, 0, false);

@@ -98,7 +98,10 @@ pub fn refused(s: &Session, f: &Fields, scope: Scope) -> Option<Response> {
     if !s.may(scope) {
         return Some(forbidden(
             s,
-            &format!("This needs the `{}` scope; your token lacks it.", scope.name()),
+            &format!(
+                "This needs the `{}` scope; your token lacks it.",
+                scope.name()
+            ),
         ));
     }
     None
@@ -107,7 +110,12 @@ pub fn refused(s: &Session, f: &Fields, scope: Scope) -> Option<Response> {
 fn forbidden(s: &Session, why: &str) -> Response {
     (
         StatusCode::FORBIDDEN,
-        layout::page("Forbidden", Some(s), layout::Nav::None, layout::message(why)),
+        layout::page(
+            "Forbidden",
+            Some(s),
+            layout::Nav::None,
+            layout::message(why),
+        ),
     )
         .into_response()
 }

@@ -112,7 +112,8 @@ mod tests {
 
     #[test]
     fn form_fields_go_through_the_api_rules() {
-        let f = Fields::parse(b"task=a.b&payload=%7B%22x%22%3A1%7D&delay=90s&priority=&max_attempts=3");
+        let f =
+            Fields::parse(b"task=a.b&payload=%7B%22x%22%3A1%7D&delay=90s&priority=&max_attempts=3");
         let (t, d) = request_of(&f).unwrap().into_task(Utc::now()).unwrap();
         assert_eq!(t.name, "a.b");
         assert_eq!(t.max_attempts, Some(3));
@@ -120,7 +121,10 @@ mod tests {
         let bad = Fields::parse(b"task=a&payload=%7Bx");
         assert!(request_of(&bad).unwrap_err().starts_with("Payload, line 1"));
         let both = Fields::parse(b"task=a&delay=1s&at=2030-01-01T00:00:00Z");
-        let e = request_of(&both).unwrap().into_task(Utc::now()).unwrap_err();
+        let e = request_of(&both)
+            .unwrap()
+            .into_task(Utc::now())
+            .unwrap_err();
         assert_eq!(e.to_string(), "give `delay` or `at`, not both");
         let wild = Fields::parse(b"task=a.%2A");
         assert!(request_of(&wild).unwrap().into_task(Utc::now()).is_err());

@@ -194,7 +194,9 @@ impl Sampler {
             if let Some(m) = by_name.get(q.name.as_str()) {
                 q.unacked = m.messages_unacknowledged;
                 let stats = m.message_stats.as_ref();
-                q.publish_rate = stats.and_then(|s| s.publish_details.as_ref()).map(|d| d.rate);
+                q.publish_rate = stats
+                    .and_then(|s| s.publish_details.as_ref())
+                    .map(|d| d.rate);
                 q.deliver_rate = stats
                     .and_then(|s| s.deliver_get_details.as_ref())
                     .map(|d| d.rate);

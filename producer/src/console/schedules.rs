@@ -27,11 +27,7 @@ impl Flash {
     }
 }
 
-pub async fn page(
-    State(c): State<Console>,
-    Signed(s): Signed,
-    Query(q): Query<Flash>,
-) -> Response {
+pub async fn page(State(c): State<Console>, Signed(s): Signed, Query(q): Query<Flash>) -> Response {
     let body = html! {
         (layout::flash(q.flash()))
         (table(&c, &s))
@@ -173,7 +169,14 @@ async fn pause_or_resume(
     } else {
         c.ctx.resume(name).await
     };
-    actions::audit(&c.ctx, &s.who, action, name, usize::from(r.is_ok()), r.is_ok());
+    actions::audit(
+        &c.ctx,
+        &s.who,
+        action,
+        name,
+        usize::from(r.is_ok()),
+        r.is_ok(),
+    );
     match r {
         Ok(()) => layout::see_other("/ui/schedules", &format!("{done} `{name}`.")),
         Err(e) => layout::see_other("/ui/schedules", &format!("`{name}`: {action} failed: {e}")),

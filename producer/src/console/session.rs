@@ -209,7 +209,10 @@ mod tests {
         assert_eq!(from_cookie_header("warren_session="), None);
         assert_eq!(from_cookie_header("other=1"), None);
         let c = set_cookie("x", Duration::from_secs(10), false);
-        assert!(c.contains("HttpOnly") && c.contains("SameSite=Strict"), "{c}");
+        assert!(
+            c.contains("HttpOnly") && c.contains("SameSite=Strict"),
+            "{c}"
+        );
         assert!(!c.contains("Secure"));
         assert!(set_cookie("x", Duration::from_secs(10), true).ends_with("; Secure"));
     }

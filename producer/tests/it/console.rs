@@ -148,7 +148,13 @@ async fn sign_in_sets_a_strict_cookie_and_wrong_tokens_are_refused() {
         .and_then(|v| v.to_str().ok())
         .unwrap_or_default()
         .to_owned();
-    for attr in ["HttpOnly", "SameSite=Strict", "Secure", "Path=/ui", "Max-Age=28800"] {
+    for attr in [
+        "HttpOnly",
+        "SameSite=Strict",
+        "Secure",
+        "Path=/ui",
+        "Max-Age=28800",
+    ] {
         assert!(cookie.contains(attr), "{attr} in {cookie}");
     }
 
@@ -175,7 +181,11 @@ async fn sign_in_sets_a_strict_cookie_and_wrong_tokens_are_refused() {
     assert_eq!(get(&p, &s.cookie, "/ui/").await.0, 303);
 
     let logs = p.logs();
-    for token in [wrong, READ_TOKEN, s.cookie.trim_start_matches("warren_session=")] {
+    for token in [
+        wrong,
+        READ_TOKEN,
+        s.cookie.trim_start_matches("warren_session="),
+    ] {
         assert!(!logs.contains(token), "a secret in the log");
     }
 }
@@ -238,7 +248,11 @@ async fn a_read_token_sees_pages_but_cannot_act() {
     )
     .await;
     assert_eq!(r.status().as_u16(), 403);
-    assert!(r.text().await.unwrap_or_default().contains("`publish` scope"));
+    assert!(r
+        .text()
+        .await
+        .unwrap_or_default()
+        .contains("`publish` scope"));
     let r = post(
         &p,
         &s.cookie,
@@ -251,7 +265,13 @@ async fn a_read_token_sees_pages_but_cannot_act() {
     // Pausing needs `admin`: a publish token is refused too.
     let pb = sign_in(&p, PUBLISH_TOKEN).await;
     for s in [&s, &pb] {
-        let r = post(&p, &s.cookie, "/ui/schedules/hourly/pause", &form(&[("csrf", &s.csrf)])).await;
+        let r = post(
+            &p,
+            &s.cookie,
+            "/ui/schedules/hourly/pause",
+            &form(&[("csrf", &s.csrf)]),
+        )
+        .await;
         assert_eq!(r.status().as_u16(), 403);
         assert!(r.text().await.unwrap_or_default().contains("`admin` scope"));
     }
@@ -286,11 +306,18 @@ async fn what_the_user_typed_is_shown_escaped() {
         &form(&[("csrf", &s.csrf), ("task", "it.x"), ("payload", evil)]),
     )
     .await;
-    assert_eq!(r.status().as_u16(), 422, "invalid JSON refused by the server");
+    assert_eq!(
+        r.status().as_u16(),
+        422,
+        "invalid JSON refused by the server"
+    );
     let page = r.text().await.unwrap_or_default();
     assert!(page.contains("Payload, line 1"), "{page}");
     assert!(!page.contains("<script>alert"), "{page}");
-    assert!(page.contains("&lt;script&gt;alert(1)&lt;/script&gt;"), "{page}");
+    assert!(
+        page.contains("&lt;script&gt;alert(1)&lt;/script&gt;"),
+        "{page}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -299,7 +326,11 @@ async fn api_console_false_turns_it_off() {
     let p = started(&w, &[("WARREN_API__CONSOLE", "false")]).await;
     let r = client().get(p.url("/ui/login")).send().await.expect("GET");
     assert_eq!(r.status().as_u16(), 404);
-    let r = client().get(p.url("/v1/schedules")).send().await.expect("GET");
+    let r = client()
+        .get(p.url("/v1/schedules"))
+        .send()
+        .await
+        .expect("GET");
     assert_eq!(r.status().as_u16(), 401, "the API is still there");
 }
 
@@ -330,7 +361,10 @@ pub async fn fill_dead(w: &World, n: usize) {
             ShortString::from(headers::DEAD_AT),
             s(chrono::Utc::now().to_rfc3339()),
         );
-        h.insert(ShortString::from(headers::ATTEMPT), AMQPValue::LongLongInt(3));
+        h.insert(
+            ShortString::from(headers::ATTEMPT),
+            AMQPValue::LongLongInt(3),
+        );
         let props = lapin::BasicProperties::default()
             .with_message_id(format!("dead-{i}").into())
             .with_type(task.into())
@@ -375,10 +409,21 @@ async fn page_render_time_with_10000_dead_letters_and_200_schedules() {
     let fp = warren::dead::fingerprint("timeout after 1000 ms for id 00000000");
     let group = format!(
         "/ui/dead/group?{}",
-        form(&[("task", "it.report"), ("kind", "exhausted"), ("fingerprint", &fp)])
+        form(&[
+            ("task", "it.report"),
+            ("kind", "exhausted"),
+            ("fingerprint", &fp)
+        ])
     );
     let group = group.as_str();
-    let pages = ["/ui/", "/ui/schedules", "/ui/dead", group, "/ui/dead/message?id=dead-900", "/ui/publish"];
+    let pages = [
+        "/ui/",
+        "/ui/schedules",
+        "/ui/dead",
+        group,
+        "/ui/dead/message?id=dead-900",
+        "/ui/publish",
+    ];
     for page in pages {
         // `no-cache` (a hard reload) skips the console's short caches: each
         // load samples the queues and scans the dead letters again.
@@ -418,41 +463,98 @@ async fn dead_letters_escaped_and_guarded() {
     let r = sign_in(&p, READ_TOKEN).await;
     let (status, page) = get(&p, &r.cookie, "/ui/dead").await;
     assert_eq!(status, 200);
-    assert!(page.contains("it.report") && page.contains("it.mail"), "{page}");
+    assert!(
+        page.contains("it.report") && page.contains("it.mail"),
+        "{page}"
+    );
     let (status, msg) = get(&p, &r.cookie, "/ui/dead/message?id=dead-0").await;
     assert_eq!(status, 200);
-    assert!(!msg.contains("<script>alert"), "markup must be escaped: {msg}");
-    assert!(msg.contains("&lt;script&gt;alert(0)&lt;/script&gt;"), "{msg}");
+    assert!(
+        !msg.contains("<script>alert"),
+        "markup must be escaped: {msg}"
+    );
+    assert!(
+        msg.contains("&lt;script&gt;alert(0)&lt;/script&gt;"),
+        "{msg}"
+    );
     for (path, body) in [
-        ("/ui/dead/replay", form(&[("csrf", &r.csrf), ("what", "all")])),
-        ("/ui/dead/replay", form(&[("csrf", &r.csrf), ("what", "ids"), ("id", "dead-0")])),
-        ("/ui/dead/edit", form(&[("csrf", &r.csrf), ("id", "dead-0"), ("payload", "{}")])),
-        ("/ui/dead/purge", form(&[("csrf", &r.csrf), ("what", "all"), ("confirm", "yes")])),
+        (
+            "/ui/dead/replay",
+            form(&[("csrf", &r.csrf), ("what", "all")]),
+        ),
+        (
+            "/ui/dead/replay",
+            form(&[("csrf", &r.csrf), ("what", "ids"), ("id", "dead-0")]),
+        ),
+        (
+            "/ui/dead/edit",
+            form(&[("csrf", &r.csrf), ("id", "dead-0"), ("payload", "{}")]),
+        ),
+        (
+            "/ui/dead/purge",
+            form(&[("csrf", &r.csrf), ("what", "all"), ("confirm", "yes")]),
+        ),
     ] {
         let resp = post(&p, &r.cookie, path, &body).await;
         assert_eq!(resp.status().as_u16(), 403, "{path} with a read token");
     }
     // A publish token may replay but not purge.
     let pb = sign_in(&p, PUBLISH_TOKEN).await;
-    let resp = post(&p, &pb.cookie, "/ui/dead/purge", &form(&[("csrf", &pb.csrf), ("what", "all"), ("confirm", "yes")])).await;
+    let resp = post(
+        &p,
+        &pb.cookie,
+        "/ui/dead/purge",
+        &form(&[("csrf", &pb.csrf), ("what", "all"), ("confirm", "yes")]),
+    )
+    .await;
     assert_eq!(resp.status().as_u16(), 403);
     assert_eq!(w.queue_len(&dead_q).await, 4, "nothing replayed or purged");
 
     // An edited payload that is not JSON is refused by the server too.
-    let resp = post(&p, &pb.cookie, "/ui/dead/edit", &form(&[("csrf", &pb.csrf), ("id", "dead-1"), ("payload", "{oops")])).await;
+    let resp = post(
+        &p,
+        &pb.cookie,
+        "/ui/dead/edit",
+        &form(&[("csrf", &pb.csrf), ("id", "dead-1"), ("payload", "{oops")]),
+    )
+    .await;
     assert_eq!(resp.status().as_u16(), 303);
-    let to = resp.headers().get("location").and_then(|v| v.to_str().ok()).unwrap_or_default().to_owned();
+    let to = resp
+        .headers()
+        .get("location")
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or_default()
+        .to_owned();
     assert!(to.contains("not+JSON") || to.contains("not%20JSON"), "{to}");
     assert_eq!(w.queue_len(&dead_q).await, 4);
 
     // Purge: the first POST only asks; the confirmed one deletes.
     let a = sign_in(&p, ADMIN_TOKEN).await;
-    let resp = post(&p, &a.cookie, "/ui/dead/purge", &form(&[("csrf", &a.csrf), ("what", "all")])).await;
+    let resp = post(
+        &p,
+        &a.cookie,
+        "/ui/dead/purge",
+        &form(&[("csrf", &a.csrf), ("what", "all")]),
+    )
+    .await;
     assert_eq!(resp.status().as_u16(), 200);
     let page = resp.text().await.unwrap_or_default();
-    assert!(page.contains("Yes, purge") && page.contains("all 4 dead letters"), "{page}");
-    assert_eq!(w.queue_len(&dead_q).await, 4, "not purged before the confirmation");
-    let resp = post(&p, &a.cookie, "/ui/dead/purge", &form(&[("csrf", &a.csrf), ("what", "all"), ("confirm", "yes")])).await;
+    assert!(
+        page.contains("Yes, purge") && page.contains("all 4 dead letters"),
+        "{page}"
+    );
+    assert_eq!(
+        w.queue_len(&dead_q).await,
+        4,
+        "not purged before the confirmation"
+    );
+    let resp = post(
+        &p,
+        &a.cookie,
+        "/ui/dead/purge",
+        &form(&[("csrf", &a.csrf), ("what", "all"), ("confirm", "yes")]),
+    )
+    .await;
     assert_eq!(resp.status().as_u16(), 303);
     assert_eq!(w.queue_len(&dead_q).await, 0);
 }

@@ -139,7 +139,10 @@ async fn operator_signs_in_triggers_and_publishes() {
     let hourly = b.text("tr[data-schedule='hourly']").await;
     assert!(hourly.contains("0 * * * *"), "{hourly}");
     assert!(hourly.contains("Europe/Berlin"), "{hourly}");
-    assert!(hourly.contains("CE"), "local time in the schedule's zone: {hourly}");
+    assert!(
+        hourly.contains("CE"),
+        "local time in the schedule's zone: {hourly}"
+    );
     b.shot("schedules").await;
     b.click("tr[data-schedule='hourly'] form[action$='/trigger'] button")
         .await;
@@ -271,7 +274,9 @@ async fn operator_works_the_dead_letters() {
     assert_eq!(w.queue_len(&dead_q).await, 1, "check-2 is left");
     assert!(b
         .client
-        .find(fantoccini::Locator::Css("tr.group[data-task='it.nohandler']"))
+        .find(fantoccini::Locator::Css(
+            "tr.group[data-task='it.nohandler']"
+        ))
         .await
         .is_err());
     b.close().await;
@@ -315,7 +320,11 @@ async fn operator_pauses_and_resumes_a_schedule() {
     wait_ticks(ticks + 1).await;
     let often = succeeded(&consumer, "it.often");
     wait_ticks(ticks + 4).await;
-    assert_eq!(succeeded(&consumer, "it.often"), often, "a paused schedule fired");
+    assert_eq!(
+        succeeded(&consumer, "it.often"),
+        often,
+        "a paused schedule fired"
+    );
 
     b.click("tr[data-schedule='often'] form[action$='/resume'] button")
         .await;
