@@ -7,6 +7,7 @@
 //! Scans of the dead queue run one at a time per replica: two concurrent
 //! scans would each hide from the other the messages they hold unacked.
 
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -26,8 +27,8 @@ use super::session::Session;
 use super::Console;
 use crate::config::Scope;
 
-/// How long a grouping is shown before the queue is scanned again (an
-/// action on this replica rescans at once).
+/// Age after which a page shows the grouping it has and has it rescanned
+/// in the background (an action on this replica forgets it at once).
 const FRESH: Duration = Duration::from_secs(5);
 
 /// Most messages listed on a group's page.
@@ -36,19 +37,37 @@ const GROUP_PAGE: usize = 200;
 /// The one-at-a-time scans and the latest grouping.
 #[derive(Default)]
 pub struct Workbench {
-    lock: Mutex<Option<(Instant, Arc<Overview>)>>,
+    /// Held by whoever reads the dead queue.
+    scan: Mutex<()>,
+    latest: std::sync::Mutex<Option<(Instant, Arc<Overview>)>>,
+    refreshing: AtomicBool,
 }
 
 impl Workbench {
-    /// The grouping of the first `console.dead_scan_limit` dead letters,
-    /// scanned again if older than [`FRESH`] or `fresh` is asked.
+    /// The grouping of the first `console.dead_scan_limit` dead letters.
+    /// A page never waits for a rescan while it has a grouping to show:
+    /// an old one is shown and rescanned in the background (the page says
+    /// how old). Only the first page, one after an action, and a hard
+    /// reload (`fresh`) wait for the scan.
     pub async fn overview(&self, c: &Console, fresh: bool) -> Result<Arc<Overview>, String> {
-        let mut g = self.lock.lock().await;
-        if let Some((at, o)) = g.as_ref().filter(|_| !fresh) {
-            if at.elapsed() < FRESH {
-                return Ok(o.clone());
+        let cached = self.latest.lock().ok().and_then(|g| g.clone());
+        match cached {
+            Some((at, o)) if !fresh => {
+                if at.elapsed() >= FRESH && !self.refreshing.swap(true, Ordering::SeqCst) {
+                    let c = c.clone();
+                    tokio::spawn(async move {
+                        let _ = c.dead.rescan(&c).await;
+                        c.dead.refreshing.store(false, Ordering::SeqCst);
+                    });
+                }
+                Ok(o)
             }
+            _ => self.rescan(c).await,
         }
+    }
+
+    async fn rescan(&self, c: &Console) -> Result<Arc<Overview>, String> {
+        let _scan = self.scan.lock().await;
         let conn = c.broker.connection(&c.ctx).await?;
         let limit = c.ctx.cfg().console.dead_scan_limit;
         let o = Arc::new(
@@ -56,8 +75,18 @@ impl Workbench {
                 .await
                 .map_err(|e| e.to_string())?,
         );
-        *g = Some((Instant::now(), o.clone()));
+        if let Ok(mut g) = self.latest.lock() {
+            *g = Some((Instant::now(), o.clone()));
+        }
         Ok(o)
+    }
+
+    /// How old the grouping shown is.
+    pub fn age(&self) -> Option<Duration> {
+        self.latest
+            .lock()
+            .ok()
+            .and_then(|g| g.as_ref().map(|(at, _)| at.elapsed()))
     }
 
     /// Run `op` alone on the dead queue, then forget the grouping.
@@ -66,9 +95,11 @@ impl Workbench {
         F: FnOnce() -> Fut,
         Fut: std::future::Future<Output = T>,
     {
-        let mut g = self.lock.lock().await;
+        let _scan = self.scan.lock().await;
         let out = op().await;
-        *g = None;
+        if let Ok(mut g) = self.latest.lock() {
+            *g = None;
+        }
         out
     }
 }
@@ -152,6 +183,7 @@ pub async fn page(
                 " (" code { "console.dead_scan_limit" } "); replay and purge act on the whole queue"
             }
             "."
+            @if let Some(age) = c.dead.age() { " Grouped " (age.as_secs()) " s ago." }
         }
         @if o.groups.is_empty() {
             p.notice { "Nothing is dead." }
