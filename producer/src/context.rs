@@ -204,10 +204,14 @@ impl Ctx {
         }
     }
 
-    /// A control event from the leader: adopt its paused set and wake
-    /// whoever waits for the answer to a request.
+    /// A control event from the leader: adopt its paused set (unless this
+    /// replica leads: its own set is the truth, and its events come back
+    /// through the broker later than it changed it) and wake whoever waits
+    /// for the answer to a request.
     pub fn on_event(&self, event: control::Event) {
-        self.set_paused(event.paused.clone());
+        if !self.is_leader() {
+            self.set_paused(event.paused.clone());
+        }
         let _ = self.events.send(event);
     }
 

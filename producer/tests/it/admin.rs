@@ -519,3 +519,30 @@ async fn a_pause_survives_a_leader_kill_and_resume_skips_the_paused_span() {
         assert!(audit.iter().any(|l| l.contains(&line)), "{audit:#?}");
     }
 }
+
+/// `warren-producer schedules pause|resume NAME` goes through the broker to
+/// the leader like the API; an unknown name is a usage error (exit 2), no
+/// leader a runtime failure (exit 1).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pause_and_resume_from_the_command_line() {
+    let w = World::new("pausecli").await;
+    let cfg = w.write_config("p.toml", PAUSABLE);
+    let path = cfg.display().to_string();
+    let no_leader = w.cli(&["--config", &path, "schedules", "pause", "pausable"], b"");
+    assert_eq!(no_leader.status.code(), Some(1), "{no_leader:?}");
+    let p = w.start("p", &cfg, &[]);
+    p.wait_leader(Duration::from_secs(20), true).await;
+    let out = w.cli(&["--config", &path, "schedules", "pause", "pausable"], b"");
+    assert_eq!(out.status.code(), Some(0), "{out:?}\n{}", p.logs());
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout).trim(),
+        "pausable: paused"
+    );
+    assert_eq!(schedule_json(&p, "pausable").await["paused"], true);
+    let out = w.cli(&["--config", &path, "schedules", "resume", "pausable"], b"");
+    assert_eq!(out.status.code(), Some(0), "{out:?}");
+    assert_eq!(schedule_json(&p, "pausable").await["paused"], false);
+    let out = w.cli(&["--config", &path, "schedules", "pause", "nope"], b"");
+    assert_eq!(out.status.code(), Some(2), "{out:?}");
+    assert!(String::from_utf8_lossy(&out.stderr).contains("no schedule named `nope`"));
+}
