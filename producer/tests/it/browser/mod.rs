@@ -144,6 +144,30 @@ async fn operator_signs_in_triggers_and_publishes() {
         "local time in the schedule's zone: {hourly}"
     );
     b.shot("schedules").await;
+
+    // On a phone the page does not scroll sideways: wide tables scroll
+    // inside their own box.
+    b.client.set_window_size(390, 844).await.expect("resize");
+    for page in ["/ui/", "/ui/schedules"] {
+        b.goto(&p.url(page)).await;
+        b.el("main h1").await;
+        let wide = b
+            .client
+            .execute(
+                "return document.documentElement.scrollWidth > window.innerWidth + 1;",
+                vec![],
+            )
+            .await
+            .expect("script");
+        assert_eq!(
+            wide,
+            serde_json::Value::Bool(false),
+            "{page} overflows a phone"
+        );
+    }
+    b.shot("schedules-phone").await;
+    b.client.set_window_size(1280, 900).await.expect("resize");
+
     b.click("tr[data-schedule='hourly'] form[action$='/trigger'] button")
         .await;
     b.wait_text("p.flash", "Triggered `hourly`").await;
