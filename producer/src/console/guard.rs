@@ -19,10 +19,19 @@ impl FromRequestParts<Console> for Signed {
     type Rejection = Response;
 
     async fn from_request_parts(parts: &mut Parts, state: &Console) -> Result<Self, Response> {
-        session_id(&parts.headers)
+        let to_login = || Redirect::to("/ui/login").into_response();
+        let mut s = session_id(&parts.headers)
             .and_then(|id| state.sessions.touch(id))
-            .map(Signed)
-            .ok_or_else(|| Redirect::to("/ui/login").into_response())
+            .ok_or_else(to_login)?;
+        // The tokens in force decide, not those at sign-in (SIGHUP).
+        let Some(caller) = state.ctx.tokens().authenticate(s.token.expose().as_bytes()) else {
+            tracing::info!(who = %s.who, "console session ended: its token is no longer configured");
+            state.sessions.remove(&s.id);
+            return Err(to_login());
+        };
+        s.who = caller.name;
+        s.scopes = caller.scopes;
+        Ok(Signed(s))
     }
 }
 

@@ -44,7 +44,9 @@ pub async fn sign_in(State(c): State<Console>, headers: HeaderMap, body: Bytes) 
         tracing::info!("console sign-in refused: unknown token");
         return login_page(StatusCode::UNAUTHORIZED, Some("Unknown token."));
     };
-    let s = c.sessions.create(caller.name, caller.scopes);
+    let s = c
+        .sessions
+        .create(caller.name, caller.scopes, session::Token::new(token));
     tracing::info!(who = %s.who, "console sign-in");
     let cookie = session::set_cookie(&s.id, c.sessions.ttl(), guard::over_tls(&headers));
     with_cookie(Redirect::to("/ui/").into_response(), &cookie)

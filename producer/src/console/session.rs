@@ -1,7 +1,12 @@
 //! Console sessions: a random id in an HttpOnly, SameSite=Strict cookie
 //! points into a server-side table; each entry remembers who signed in
-//! (grant name and scopes, never the token), its CSRF token and when it was
-//! last used. An entry unused for `console.session_ttl` is gone.
+//! (grant name and scopes), its CSRF token and when it was last used. An
+//! entry unused for `console.session_ttl` is gone.
+//!
+//! The entry also keeps the token it was opened with, in memory only (the
+//! token store holds it there anyway), so that every request checks it
+//! again against the tokens in force: a token removed or narrowed by SIGHUP
+//! ends or narrows its sessions at once.
 //!
 //! The table lives in one process: a session is valid on the replica that
 //! created it (a load balancer in front of several replicas needs sticky
@@ -22,6 +27,26 @@ pub const COOKIE: &str = "warren_session";
 /// Most live sessions kept; signing in past it drops the least recently used.
 const MAX_SESSIONS: usize = 10_000;
 
+/// A token kept to check it again on every request; `Debug` never shows it.
+#[derive(Clone)]
+pub struct Token(String);
+
+impl Token {
+    pub fn new(t: &str) -> Self {
+        Self(t.to_owned())
+    }
+
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl std::fmt::Debug for Token {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("<token>")
+    }
+}
+
 /// Who is signed in, as the console sees them.
 #[derive(Debug, Clone)]
 pub struct Session {
@@ -30,6 +55,8 @@ pub struct Session {
     pub who: String,
     pub scopes: Vec<Scope>,
     pub csrf: String,
+    /// The token signed in with (redacted in `Debug`; never shown).
+    pub token: Token,
 }
 
 impl Session {
@@ -66,13 +93,14 @@ impl Sessions {
         self.ttl
     }
 
-    /// A new session for `who` with `scopes`.
-    pub fn create(&self, who: String, scopes: Vec<Scope>) -> Session {
+    /// A new session for `who` with `scopes`, signed in with `token`.
+    pub fn create(&self, who: String, scopes: Vec<Scope>, token: Token) -> Session {
         let session = Session {
             id: random_hex(32),
             who,
             scopes,
             csrf: random_hex(32),
+            token,
         };
         let now = Instant::now();
         if let Ok(mut t) = self.table.lock() {
@@ -166,7 +194,7 @@ mod tests {
     #[test]
     fn a_session_expires_after_idle_ttl_and_use_extends_it() {
         let s = Sessions::new(Duration::from_secs(60));
-        let a = s.create("ops".into(), vec![Scope::Read]);
+        let a = s.create("ops".into(), vec![Scope::Read], Token::new("t"));
         let t0 = Instant::now();
         assert!(s.touch_at(&a.id, t0 + Duration::from_secs(50)).is_some());
         // Used at 50 s: still alive at 100 s.
@@ -179,8 +207,8 @@ mod tests {
     #[test]
     fn ids_and_csrf_tokens_are_random_and_distinct() {
         let s = Sessions::new(Duration::from_secs(60));
-        let a = s.create("a".into(), vec![]);
-        let b = s.create("a".into(), vec![]);
+        let a = s.create("a".into(), vec![], Token::new("t"));
+        let b = s.create("a".into(), vec![], Token::new("t"));
         assert_ne!(a.id, b.id);
         assert_ne!(a.csrf, a.id);
         assert_eq!(a.id.len(), 64);
@@ -191,8 +219,18 @@ mod tests {
     }
 
     #[test]
+    fn the_token_never_shows_in_debug() {
+        let s = Sessions::new(Duration::from_secs(60)).create(
+            "a".into(),
+            vec![],
+            Token::new("sekrit-0123456789abcdef"),
+        );
+        assert!(!format!("{s:?}").contains("sekrit"));
+    }
+
+    #[test]
     fn csrf_check() {
-        let s = Sessions::new(Duration::from_secs(60)).create("a".into(), vec![]);
+        let s = Sessions::new(Duration::from_secs(60)).create("a".into(), vec![], Token::new("t"));
         let good = s.csrf.clone();
         assert!(s.csrf_ok(Some(&good)));
         assert!(!s.csrf_ok(None));

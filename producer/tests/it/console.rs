@@ -558,3 +558,56 @@ async fn dead_letters_escaped_and_guarded() {
     assert_eq!(resp.status().as_u16(), 303);
     assert_eq!(w.queue_len(&dead_q).await, 0);
 }
+
+/// A token removed by SIGHUP ends the console sessions opened with it at
+/// their next request; one whose scopes shrink loses those actions.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sighup_ends_the_sessions_of_a_removed_token() {
+    const GONE: &str = "it-console-gone-token-0123456789";
+    const NARROWED: &str = "it-console-narrowed-token-012345";
+    let w = World::new("ui-reload").await;
+    let tokens = w.write_config(
+        "tokens",
+        &format!("read,publish {GONE}\nread,publish {NARROWED}\n"),
+    );
+    let cfg = w.write_config(
+        "p.toml",
+        &format!("{HOURLY}\n[api]\ntokens_file = \"{}\"\n", tokens.display()),
+    );
+    let p = w.start("producer", &cfg, &[]);
+    p.wait_ready(Duration::from_secs(20)).await;
+    let gone = sign_in(&p, GONE).await;
+    let narrowed = sign_in(&p, NARROWED).await;
+    assert_eq!(get(&p, &gone.cookie, "/ui/").await.0, 200);
+
+    std::fs::write(&tokens, format!("read {NARROWED}\n")).expect("rewrite tokens");
+    p.signal("HUP");
+    warren::testing::eventually(Duration::from_secs(10), "the reload", || async {
+        let r = reqwest::Client::new()
+            .get(p.url("/v1/schedules"))
+            .bearer_auth(GONE)
+            .send()
+            .await
+            .ok()?;
+        (r.status().as_u16() == 401).then_some(())
+    })
+    .await;
+    assert_eq!(
+        get(&p, &gone.cookie, "/ui/").await.0,
+        303,
+        "session of a removed token"
+    );
+    assert_eq!(get(&p, &narrowed.cookie, "/ui/").await.0, 200);
+    let r = post(
+        &p,
+        &narrowed.cookie,
+        "/ui/schedules/hourly/trigger",
+        &form(&[("csrf", &narrowed.csrf)]),
+    )
+    .await;
+    assert_eq!(
+        r.status().as_u16(),
+        403,
+        "publish scope gone with the reload"
+    );
+}
