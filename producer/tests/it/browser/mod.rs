@@ -249,12 +249,32 @@ async fn operator_works_the_dead_letters() {
         (w.queue_len(&dead_q).await == 3).then_some(())
     })
     .await;
+    // (A fourth arrives while the overview is open, below.)
 
     let b = Browser::start().await;
     sign_in(&b, &p, crate::helpers::ADMIN_TOKEN).await;
-    b.wait_text(".card.dead", "3").await;
+    b.wait_text(".card.dead p.big", "3").await;
     b.wait_text("table.latest", "it.nohandler").await;
     b.shot("overview-failures").await;
+
+    // The overview refreshes itself: one more dead letter shows up without
+    // a reload (a marker set in the page survives).
+    b.client
+        .execute("window.__stay = 1;", vec![])
+        .await
+        .expect("script");
+    publish_api(&p, r#"{"task": "it.nohandler", "id": "lost-2"}"#).await;
+    b.wait_text(".card.dead p.big", "4").await;
+    let stayed = b
+        .client
+        .execute("return window.__stay === 1;", vec![])
+        .await
+        .expect("script");
+    assert_eq!(
+        stayed,
+        serde_json::Value::Bool(true),
+        "the page was reloaded"
+    );
     b.click("nav a[href='/ui/dead']").await;
     b.wait_path("/ui/dead").await;
     let check = b.text("tr.group[data-task='it.check']").await;
@@ -294,7 +314,7 @@ async fn operator_works_the_dead_letters() {
         .await;
     b.wait_text("p.notice", "Purge").await;
     b.click("form.confirm button").await;
-    b.wait_text("p.flash", "Purged 1").await;
+    b.wait_text("p.flash", "Purged 2").await;
     assert_eq!(w.queue_len(&dead_q).await, 1, "check-2 is left");
     assert!(b
         .client
