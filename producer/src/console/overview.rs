@@ -57,7 +57,9 @@ async fn fragment_markup(c: &Console, fresh: bool) -> Markup {
 }
 
 fn queues(sample: &Sample) -> Markup {
-    let rates = sample.queues.iter().any(|q| q.publish_rate.is_some());
+    // Columns from the management API whenever it answered (rates stay
+    // "—" until the broker has collected its first statistics).
+    let rates = sample.queues.iter().any(|q| q.unacked.is_some());
     html! {
         h2 { "Work queues" }
         div.scroll { table.queues {
