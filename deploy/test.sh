@@ -7,17 +7,18 @@ cd "$(dirname "$0")/.."
 
 # rabbitmq-server for the broker; prometheus for promtool, which lints /metrics
 # and the alert rules; nftables for the test that cuts a producer off the
-# network; openssl for TLS; faketime for the clock-step test; python3 with
+# network; openssl for TLS; faketime for the clock-step test; chromium and
+# chromium-driver for the console's browser tests; python3 with
 # PyYAML for the manifest and docs checks; tini for the image's init check.
 if [ ! -x /usr/lib/rabbitmq/bin/rabbitmq-server ] || ! command -v promtool >/dev/null \
   || ! command -v nft >/dev/null || ! command -v openssl >/dev/null || ! command -v faketime >/dev/null \
-  || ! command -v tini >/dev/null || ! python3 -c 'import yaml' >/dev/null 2>&1 \
+  || ! command -v tini >/dev/null || ! command -v chromedriver >/dev/null || ! python3 -c 'import yaml' >/dev/null 2>&1 \
   || ! python3 -c 'import pika' >/dev/null 2>&1; then
   if [ "$(id -u)" = 0 ]; then
     export DEBIAN_FRONTEND=noninteractive
     printf '#!/bin/sh\nexit 101\n' > /usr/sbin/policy-rc.d && chmod +x /usr/sbin/policy-rc.d
     apt-get update -qq
-    apt-get install -y -qq rabbitmq-server prometheus nftables openssl python3 python3-yaml python3-pika faketime tini >/dev/null
+    apt-get install -y -qq rabbitmq-server prometheus nftables openssl python3 python3-yaml python3-pika faketime tini chromium chromium-driver >/dev/null
     rm -f /usr/sbin/policy-rc.d
   else
     echo "test.sh: install rabbitmq-server (Debian package) or run as root" >&2

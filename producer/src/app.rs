@@ -118,6 +118,9 @@ fn router(ctx: &Arc<Ctx>, registry: Registry) -> Router {
     let mut router = warren::metrics::ops_router(registry, ctx.health().clone());
     if ctx.cfg().api.enabled {
         router = router.merge(crate::api::router(ctx.clone()));
+        if ctx.cfg().api.console {
+            router = router.merge(crate::console::router(ctx.clone()));
+        }
     }
     router
 }

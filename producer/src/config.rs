@@ -24,6 +24,7 @@ pub struct ProducerConfig {
     pub log: LogConfig,
     pub api: ApiConfig,
     pub leader: LeaderConfig,
+    pub console: ConsoleConfig,
     pub schedules: Vec<ScheduleConfig>,
     /// Keys; `sign_with` and `encrypt_with` apply to every publish.
     pub security: SecurityConfig,
@@ -40,6 +41,7 @@ impl Default for ProducerConfig {
             log: LogConfig::default(),
             api: ApiConfig::default(),
             leader: LeaderConfig::default(),
+            console: ConsoleConfig::default(),
             schedules: Vec::new(),
             security: SecurityConfig::default(),
         }
@@ -66,6 +68,8 @@ pub struct ApiConfig {
     pub max_body_bytes: usize,
     /// Most tasks in one `POST /v1/tasks` array; more → 413.
     pub max_batch: usize,
+    /// Serve the operator console under `/ui/` (see [`ConsoleConfig`]).
+    pub console: bool,
     /// Most dead messages one `/v1/dead` request looks at (overview, list,
     /// inspect, replay, purge of a selection); counts come from the broker.
     pub dead_scan_limit: usize,
@@ -82,6 +86,7 @@ impl Default for ApiConfig {
             tokens_file: None,
             max_body_bytes: 1024 * 1024,
             max_batch: 1000,
+            console: true,
             dead_scan_limit: 10_000,
         }
     }
@@ -219,6 +224,31 @@ pub struct TokenConfig {
     /// Who uses it, in logs and audit lines (default `tokens[<index>]`).
     #[serde(default)]
     pub name: Option<String>,
+}
+
+/// The operator console under `/ui/` (on while `api.console`; docs/console.md).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ConsoleConfig {
+    /// A session unused this long is signed out.
+    #[serde(with = "humantime_serde")]
+    pub session_ttl: Duration,
+    /// RabbitMQ management API (`http://user:pass@host:15672`): publish and
+    /// deliver rates and unacked counts. Optional; never required.
+    pub management_url: Option<Secret>,
+    /// Dead letters the workbench reads to group them and to find one
+    /// (counts come from the broker); replay and purge go through all.
+    pub dead_scan_limit: usize,
+}
+
+impl Default for ConsoleConfig {
+    fn default() -> Self {
+        Self {
+            session_ttl: Duration::from_secs(8 * 3600),
+            management_url: None,
+            dead_scan_limit: 1000,
+        }
+    }
 }
 
 /// Leader election (see README: "Leader election").
@@ -554,6 +584,21 @@ impl ProducerConfig {
         }
         if self.api.max_batch == 0 {
             errors.push("api.max_batch = 0: must be at least 1".into());
+        }
+        if self.console.session_ttl.is_zero() {
+            errors.push("console.session_ttl = 0s: must be positive".into());
+        }
+        if self.console.dead_scan_limit == 0 {
+            errors.push("console.dead_scan_limit = 0: must be at least 1".into());
+        }
+        if let Some(url) = &self.console.management_url {
+            let u = url.expose();
+            if !(u.starts_with("http://") || u.starts_with("https://")) {
+                errors.push(format!(
+                    "console.management_url = {}: must start with http:// or https://",
+                    warren::config::redact_url(u)
+                ));
+            }
         }
         if self.api.dead_scan_limit == 0 {
             errors.push("api.dead_scan_limit = 0: must be at least 1".into());

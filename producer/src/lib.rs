@@ -8,6 +8,7 @@
 //! | `api` | the `/v1` HTTP handlers |
 //! | `audit` | the audit line and counter of every mutating request |
 //! | `auth` | bearer tokens, scopes as types, the `RequireScope` extractor |
+//! | `console` | the operator console under `/ui/` (sessions, pages) |
 //! | `error` | the JSON error body of every `/v1` answer |
 //! | `scheduler` | election loop and fire loop |
 //! | `reload` | SIGHUP: schedules and API tokens swapped at runtime |
@@ -23,8 +24,8 @@
 //! | `metrics` | the producer's Prometheus metrics |
 //!
 //! Dependencies point down this table (from `app` to `context` and the
-//! pure modules below it); nothing below `app` knows it, and `api` and
-//! `scheduler` meet only in `context`.
+//! pure modules below it); nothing below `app` knows it, and `api`,
+//! `console` and `scheduler` meet only in `context`.
 
 pub mod app;
 pub mod cli;
@@ -35,6 +36,7 @@ mod api;
 mod audit;
 mod auth;
 mod connection;
+mod console;
 mod context;
 mod control;
 mod error;

@@ -1,6 +1,6 @@
 //! The producer's Prometheus metrics. Names are a public contract (dashboards
 //! and alerts use them); label values are bounded: schedule names from config
-//! and the two publish sources, never task ids.
+//! and the publish sources, never task ids.
 
 use prometheus::{
     Gauge, GaugeVec, HistogramOpts, HistogramVec, IntCounterVec, IntGauge, Opts, Registry,
@@ -12,6 +12,7 @@ use prometheus::{
 pub enum Source {
     Schedule,
     Api,
+    Console,
 }
 
 impl Source {
@@ -19,6 +20,7 @@ impl Source {
         match self {
             Source::Schedule => "schedule",
             Source::Api => "api",
+            Source::Console => "console",
         }
     }
 }
@@ -120,7 +122,7 @@ impl Metrics {
         r.register(Box::new(m.reload_success.clone()))?;
         r.register(Box::new(m.actions.clone()))?;
         m.reload_success.set(1.0);
-        for s in [Source::Schedule, Source::Api] {
+        for s in [Source::Schedule, Source::Api, Source::Console] {
             m.published.with_label_values(&[s.label()]);
             m.publish_failures.with_label_values(&[s.label()]);
         }

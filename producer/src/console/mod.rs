@@ -1,0 +1,94 @@
+//! The operator console under `/ui/`: server-rendered pages (maud) for the
+//! overview, the schedules, the dead-letter workbench and a publish form,
+//! with one small embedded script and stylesheet (no CDN, no build step).
+//!
+//! | module | owns |
+//! |---|---|
+//! | `session` | the session table, cookies, CSRF tokens |
+//! | `guard` | the signed-in extractor, form fields, the checks before an action |
+//! | `layout` | the page shell, embedded assets, security headers |
+//! | `sample` | the console's broker connection; queue depths (and optional management API rates), cached |
+//! | `actions` | publishing on behalf of the console, the audit line |
+//! | `dead` | the dead-letter workbench on [`warren::dead`] |
+//! | `login`, `overview`, `schedules`, `publish` | one page each |
+//!
+//! Like [`crate::api`], it only talks to [`crate::context::Ctx`]; the
+//! scheduler does not know it exists.
+
+mod actions;
+mod dead;
+mod guard;
+mod layout;
+mod login;
+mod overview;
+mod publish;
+mod sample;
+mod schedules;
+mod session;
+
+use std::sync::Arc;
+
+use axum::extract::DefaultBodyLimit;
+use axum::response::Redirect;
+use axum::routing::{get, post};
+use axum::Router;
+
+use crate::context::Ctx;
+
+/// What every console handler gets.
+#[derive(Clone)]
+pub struct Console {
+    ctx: Arc<Ctx>,
+    sessions: Arc<session::Sessions>,
+    sampler: Arc<sample::Sampler>,
+    broker: Arc<sample::Broker>,
+    dead: Arc<dead::Workbench>,
+}
+
+pub fn router(ctx: Arc<Ctx>) -> Router {
+    let limit = ctx.cfg().api.max_body_bytes;
+    let state = Console {
+        sessions: Arc::new(session::Sessions::new(ctx.cfg().console.session_ttl)),
+        sampler: Arc::new(sample::Sampler::new()),
+        broker: Arc::default(),
+        dead: Arc::default(),
+        ctx,
+    };
+    Router::new()
+        .route("/ui", get(|| async { Redirect::to("/ui/") }))
+        .route("/ui/", get(overview::page))
+        .route("/ui/overview/fragment", get(overview::fragment))
+        .route("/ui/login", get(login::form).post(login::sign_in))
+        .route("/ui/logout", post(login::sign_out))
+        .route("/ui/assets/{file}", get(layout::asset))
+        .route("/ui/schedules", get(schedules::page))
+        .route("/ui/schedules/{name}/trigger", post(schedules::trigger))
+        .route("/ui/schedules/{name}/pause", post(schedules::pause))
+        .route("/ui/schedules/{name}/resume", post(schedules::resume))
+        .route("/ui/publish", get(publish::form).post(publish::submit))
+        .route("/ui/dead", get(dead::page))
+        .route("/ui/dead/group", get(dead::group))
+        .route("/ui/dead/message", get(dead::message))
+        .route("/ui/dead/replay", post(dead::replay))
+        .route("/ui/dead/edit", post(dead::edit))
+        .route("/ui/dead/purge", post(dead::purge))
+        .layer(DefaultBodyLimit::max(limit))
+        .layer(axum::middleware::from_fn(server_timing))
+        .with_state(state)
+}
+
+/// `Server-Timing: app;dur=<ms>` on every answer: what the console spent on
+/// it (broker samples and dead-letter scans included), visible in the
+/// browser's network panel and measured by the render-time test.
+async fn server_timing(
+    req: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> axum::response::Response {
+    let start = std::time::Instant::now();
+    let mut r = next.run(req).await;
+    let ms = start.elapsed().as_secs_f64() * 1000.0;
+    if let Ok(v) = axum::http::HeaderValue::from_str(&format!("app;dur={ms:.1}")) {
+        r.headers_mut().insert("server-timing", v);
+    }
+    r
+}

@@ -1,0 +1,184 @@
+//! The schedules page: every schedule with its cron, zone, next fire (UTC
+//! and the schedule's local time), last fire, lateness and misfire policy,
+//! and the actions on it.
+
+use axum::body::Bytes;
+use axum::extract::{Path, Query, State};
+use axum::response::Response;
+use chrono::Utc;
+use maud::{html, Markup};
+use serde::Deserialize;
+
+use super::actions;
+use super::guard::{refused, Fields, Signed};
+use super::layout::{self, Nav};
+use super::Console;
+use crate::config::Scope;
+
+/// The notice a redirect after an action carries (`?flash=`).
+#[derive(Deserialize)]
+pub struct Flash {
+    flash: Option<String>,
+}
+
+impl Flash {
+    pub fn flash(&self) -> Option<&str> {
+        self.flash.as_deref()
+    }
+}
+
+pub async fn page(State(c): State<Console>, Signed(s): Signed, Query(q): Query<Flash>) -> Response {
+    let body = html! {
+        (layout::flash(q.flash()))
+        (table(&c, &s))
+    };
+    layout::page("Schedules", Some(&s), Nav::Schedules, body)
+}
+
+fn table(c: &Console, s: &super::session::Session) -> Markup {
+    let set = c.ctx.schedules();
+    let now = Utc::now();
+    let can_publish = s.may(Scope::Publish);
+    let can_admin = s.may(Scope::Admin);
+    html! {
+        @if set.is_empty() {
+            p.notice { "No schedules configured (" code { "[[schedules]]" } " in the producer's config)." }
+        } @else {
+            p.hint {
+                (set.len()) " schedules · this replica "
+                @if c.ctx.is_leader() { strong { "leads" } " and fires them" } @else { "is a standby (another replica fires)" }
+            }
+            div.scroll { table.schedules {
+                thead { tr {
+                    th { "Name" } th { "Task" } th { "Cron" } th { "Zone" }
+                    th { "Next fire (UTC)" } th { "Next fire (local)" } th { "Last fire" }
+                    th { "Late by" } th { "Misfire" } th { "State" } th { "Actions" }
+                } }
+                tbody {
+                    @for sch in set.iter() {
+                        @let st = c.ctx.status_of(sch.name());
+                        @let next = if sch.cfg.enabled && !st.paused { st.next_fire.or_else(|| sch.spec.next_after(now)) } else { None };
+                        @let late = next.map(|n| now - n).filter(|d| d.num_seconds() >= 2);
+                        tr data-schedule=(sch.name()) data-paused=(st.paused) {
+                            td.name { (sch.name()) }
+                            td { code { (sch.cfg.task) } }
+                            td { code { (sch.cfg.cron) } }
+                            td { (sch.cfg.timezone) }
+                            td { @if let Some(n) = next { time datetime=(layout::utc(n)) { (layout::utc(n)) } } @else { "—" } }
+                            td { @if let Some(n) = next { (n.with_timezone(&sch.spec.tz()).format("%Y-%m-%d %H:%M:%S %Z")) } @else { "—" } }
+                            td { @if let Some(l) = st.last_fired { (layout::utc(l)) " (" (layout::span(now - l)) " ago)" } @else { "never (here)" } }
+                            td.late[late.is_some()] { @if let Some(l) = late { (layout::span(l)) } @else { "on time" } }
+                            td { (json_name(&sch.cfg.misfire)) " · grace " (humantime::format_duration(sch.cfg.misfire_grace)) }
+                            td.state {
+                                @if !sch.cfg.enabled { "disabled" }
+                                @else if st.paused { span.warn { "paused" } }
+                                @else { "enabled" }
+                            }
+                            td.actions {
+                                form method="post" action=(format!("/ui/schedules/{}/trigger", sch.name())) {
+                                    (layout::csrf(s))
+                                    button type="submit" disabled[!can_publish]
+                                        title=(if can_publish { "publish one task now, as a manual fire" } else { "needs the publish scope" }) { "Trigger now" }
+                                }
+                                " "
+                                @let (verb, label) = if st.paused { ("resume", "Resume") } else { ("pause", "Pause") };
+                                form method="post" action=(format!("/ui/schedules/{}/{verb}", sch.name())) {
+                                    (layout::csrf(s))
+                                    button.secondary type="submit" disabled[!can_admin || !sch.cfg.enabled]
+                                        title=(if can_admin { "instants while paused are skipped" } else { "needs the admin scope" }) { (label) }
+                                }
+                            }
+                        }
+                    }
+                }
+            } }
+        }
+    }
+}
+
+pub async fn trigger(
+    State(c): State<Console>,
+    Signed(s): Signed,
+    Path(name): Path<String>,
+    body: Bytes,
+) -> Response {
+    let f = Fields::parse(&body);
+    if let Some(r) = refused(&s, &f, Scope::Publish) {
+        return r;
+    }
+    let set = c.ctx.schedules();
+    let Some(sch) = set.iter().find(|x| x.name() == name) else {
+        return layout::see_other("/ui/schedules", &format!("No schedule named `{name}`."));
+    };
+    let id = format!("{}@manual-{}", sch.name(), uuid::Uuid::new_v4());
+    let task = sch.task(id.clone());
+    let result = actions::publish(&c.ctx, &[(task, std::time::Duration::ZERO)]).await;
+    actions::audit(&c.ctx, &s.who, "trigger", &name, 1, result.is_ok());
+    match result {
+        Ok(_) => layout::see_other("/ui/schedules", &format!("Triggered `{name}`: task {id}.")),
+        Err(e) => layout::see_other("/ui/schedules", &format!("`{name}` was not triggered: {e}")),
+    }
+}
+
+/// A config enum as the config file spells it (`fire_once`).
+fn json_name<T: serde::Serialize>(v: &T) -> String {
+    serde_json::to_value(v)
+        .ok()
+        .and_then(|v| v.as_str().map(str::to_owned))
+        .unwrap_or_default()
+}
+
+pub async fn pause(
+    State(c): State<Console>,
+    Signed(s): Signed,
+    Path(name): Path<String>,
+    body: Bytes,
+) -> Response {
+    pause_or_resume(&c, &s, &name, &body, true).await
+}
+
+pub async fn resume(
+    State(c): State<Console>,
+    Signed(s): Signed,
+    Path(name): Path<String>,
+    body: Bytes,
+) -> Response {
+    pause_or_resume(&c, &s, &name, &body, false).await
+}
+
+/// Through the leader (`Ctx::pause` / `resume`), like the API: the state
+/// survives a failover.
+async fn pause_or_resume(
+    c: &Console,
+    s: &super::session::Session,
+    name: &str,
+    body: &[u8],
+    pause: bool,
+) -> Response {
+    let f = Fields::parse(body);
+    if let Some(r) = refused(s, &f, Scope::Admin) {
+        return r;
+    }
+    let (action, done) = if pause {
+        ("pause", "Paused")
+    } else {
+        ("resume", "Resumed")
+    };
+    let r = if pause {
+        c.ctx.pause(name).await
+    } else {
+        c.ctx.resume(name).await
+    };
+    actions::audit(
+        &c.ctx,
+        &s.who,
+        action,
+        name,
+        usize::from(r.is_ok()),
+        r.is_ok(),
+    );
+    match r {
+        Ok(()) => layout::see_other("/ui/schedules", &format!("{done} `{name}`.")),
+        Err(e) => layout::see_other("/ui/schedules", &format!("`{name}`: {action} failed: {e}")),
+    }
+}

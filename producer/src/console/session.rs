@@ -1,0 +1,257 @@
+//! Console sessions: a random id in an HttpOnly, SameSite=Strict cookie
+//! points into a server-side table; each entry remembers who signed in
+//! (grant name and scopes), its CSRF token and when it was last used. An
+//! entry unused for `console.session_ttl` is gone.
+//!
+//! The entry also keeps the token it was opened with, in memory only (the
+//! token store holds it there anyway), so that every request checks it
+//! again against the tokens in force: a token removed or narrowed by SIGHUP
+//! ends or narrows its sessions at once.
+//!
+//! The table lives in one process: a session is valid on the replica that
+//! created it (a load balancer in front of several replicas needs sticky
+//! sessions, or the operator signs in again).
+
+use std::collections::HashMap;
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use rand::RngCore;
+use subtle::ConstantTimeEq;
+
+use crate::config::Scope;
+
+/// The cookie's name.
+pub const COOKIE: &str = "warren_session";
+
+/// Most live sessions kept; signing in past it drops the least recently used.
+const MAX_SESSIONS: usize = 10_000;
+
+/// A token kept to check it again on every request; `Debug` never shows it.
+#[derive(Clone)]
+pub struct Token(String);
+
+impl Token {
+    pub fn new(t: &str) -> Self {
+        Self(t.to_owned())
+    }
+
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl std::fmt::Debug for Token {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("<token>")
+    }
+}
+
+/// Who is signed in, as the console sees them.
+#[derive(Debug, Clone)]
+pub struct Session {
+    pub id: String,
+    /// The grant's name (for the audit trail and the header line).
+    pub who: String,
+    pub scopes: Vec<Scope>,
+    pub csrf: String,
+    /// The token signed in with (redacted in `Debug`; never shown).
+    pub token: Token,
+}
+
+impl Session {
+    pub fn may(&self, scope: Scope) -> bool {
+        self.scopes.contains(&scope)
+    }
+
+    /// Whether `presented` is this session's CSRF token (constant time).
+    pub fn csrf_ok(&self, presented: Option<&str>) -> bool {
+        presented.is_some_and(|p| bool::from(p.as_bytes().ct_eq(self.csrf.as_bytes())))
+    }
+}
+
+struct Entry {
+    session: Session,
+    last_used: Instant,
+}
+
+/// The server-side session table.
+pub struct Sessions {
+    ttl: Duration,
+    table: Mutex<HashMap<String, Entry>>,
+}
+
+impl Sessions {
+    pub fn new(ttl: Duration) -> Self {
+        Self {
+            ttl,
+            table: Mutex::new(HashMap::new()),
+        }
+    }
+
+    pub fn ttl(&self) -> Duration {
+        self.ttl
+    }
+
+    /// A new session for `who` with `scopes`, signed in with `token`.
+    pub fn create(&self, who: String, scopes: Vec<Scope>, token: Token) -> Session {
+        let session = Session {
+            id: random_hex(32),
+            who,
+            scopes,
+            csrf: random_hex(32),
+            token,
+        };
+        let now = Instant::now();
+        if let Ok(mut t) = self.table.lock() {
+            t.retain(|_, e| now.duration_since(e.last_used) < self.ttl);
+            if t.len() >= MAX_SESSIONS {
+                let oldest = t
+                    .iter()
+                    .min_by_key(|(_, e)| e.last_used)
+                    .map(|(k, _)| k.clone());
+                if let Some(k) = oldest {
+                    t.remove(&k);
+                }
+            }
+            t.insert(
+                session.id.clone(),
+                Entry {
+                    session: session.clone(),
+                    last_used: now,
+                },
+            );
+        }
+        session
+    }
+
+    /// The live session `id` names, its idle clock restarted.
+    pub fn touch(&self, id: &str) -> Option<Session> {
+        self.touch_at(id, Instant::now())
+    }
+
+    fn touch_at(&self, id: &str, now: Instant) -> Option<Session> {
+        let mut t = self.table.lock().ok()?;
+        let expired = match t.get_mut(id) {
+            None => return None,
+            Some(e) if now.duration_since(e.last_used) >= self.ttl => true,
+            Some(e) => {
+                e.last_used = now;
+                return Some(e.session.clone());
+            }
+        };
+        if expired {
+            t.remove(id);
+        }
+        None
+    }
+
+    pub fn remove(&self, id: &str) {
+        if let Ok(mut t) = self.table.lock() {
+            t.remove(id);
+        }
+    }
+}
+
+/// The session id in a `Cookie` header value, if any.
+pub fn from_cookie_header(value: &str) -> Option<&str> {
+    value
+        .split(';')
+        .filter_map(|kv| kv.trim().split_once('='))
+        .find(|(k, _)| *k == COOKIE)
+        .map(|(_, v)| v.trim())
+        .filter(|v| !v.is_empty())
+}
+
+/// `Set-Cookie` for a new session; `secure` when served over TLS.
+pub fn set_cookie(id: &str, ttl: Duration, secure: bool) -> String {
+    format!(
+        "{COOKIE}={id}; Path=/ui; HttpOnly; SameSite=Strict; Max-Age={}{}",
+        ttl.as_secs(),
+        if secure { "; Secure" } else { "" }
+    )
+}
+
+/// `Set-Cookie` that makes the browser forget the session.
+pub fn clear_cookie(secure: bool) -> String {
+    format!(
+        "{COOKIE}=; Path=/ui; HttpOnly; SameSite=Strict; Max-Age=0{}",
+        if secure { "; Secure" } else { "" }
+    )
+}
+
+fn random_hex(bytes: usize) -> String {
+    let mut buf = vec![0u8; bytes];
+    rand::rng().fill_bytes(&mut buf);
+    buf.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_session_expires_after_idle_ttl_and_use_extends_it() {
+        let s = Sessions::new(Duration::from_secs(60));
+        let a = s.create("ops".into(), vec![Scope::Read], Token::new("t"));
+        let t0 = Instant::now();
+        assert!(s.touch_at(&a.id, t0 + Duration::from_secs(50)).is_some());
+        // Used at 50 s: still alive at 100 s.
+        assert!(s.touch_at(&a.id, t0 + Duration::from_secs(100)).is_some());
+        assert!(s.touch_at(&a.id, t0 + Duration::from_secs(161)).is_none());
+        // Gone for good, not revived by a later lookup.
+        assert!(s.touch_at(&a.id, t0 + Duration::from_secs(100)).is_none());
+    }
+
+    #[test]
+    fn ids_and_csrf_tokens_are_random_and_distinct() {
+        let s = Sessions::new(Duration::from_secs(60));
+        let a = s.create("a".into(), vec![], Token::new("t"));
+        let b = s.create("a".into(), vec![], Token::new("t"));
+        assert_ne!(a.id, b.id);
+        assert_ne!(a.csrf, a.id);
+        assert_eq!(a.id.len(), 64);
+        assert!(s.touch("nope").is_none());
+        s.remove(&a.id);
+        assert!(s.touch(&a.id).is_none());
+        assert!(s.touch(&b.id).is_some());
+    }
+
+    #[test]
+    fn the_token_never_shows_in_debug() {
+        let s = Sessions::new(Duration::from_secs(60)).create(
+            "a".into(),
+            vec![],
+            Token::new("sekrit-0123456789abcdef"),
+        );
+        assert!(!format!("{s:?}").contains("sekrit"));
+    }
+
+    #[test]
+    fn csrf_check() {
+        let s = Sessions::new(Duration::from_secs(60)).create("a".into(), vec![], Token::new("t"));
+        let good = s.csrf.clone();
+        assert!(s.csrf_ok(Some(&good)));
+        assert!(!s.csrf_ok(None));
+        assert!(!s.csrf_ok(Some("")));
+        assert!(!s.csrf_ok(Some(&good[1..])));
+    }
+
+    #[test]
+    fn cookie_parsing_and_attributes() {
+        assert_eq!(
+            from_cookie_header("a=1; warren_session=abc ; b=2"),
+            Some("abc")
+        );
+        assert_eq!(from_cookie_header("warren_session="), None);
+        assert_eq!(from_cookie_header("other=1"), None);
+        let c = set_cookie("x", Duration::from_secs(10), false);
+        assert!(
+            c.contains("HttpOnly") && c.contains("SameSite=Strict"),
+            "{c}"
+        );
+        assert!(!c.contains("Secure"));
+        assert!(set_cookie("x", Duration::from_secs(10), true).ends_with("; Secure"));
+    }
+}
