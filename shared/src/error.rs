@@ -11,6 +11,8 @@ pub enum Error {
     Tls(String),
     #[error("AMQP: {0}")]
     Amqp(#[from] lapin::Error),
+    #[error("the broker closed the connection during the TLS handshake; if it requires a client certificate, set amqp.tls_cert_file and amqp.tls_key_file to one it trusts ({0})")]
+    TlsReset(lapin::Error),
     #[error("timed out after {} connecting to the broker", humantime::format_duration(*.0))]
     ConnectTimeout(std::time::Duration),
     #[error("{object} already exists with a different `{argument}`; delete it or make the config match (broker said: {detail})")]
@@ -54,7 +56,8 @@ impl Error {
             Self::ConnectTimeout(_)
             | Self::ConfirmTimeout(_)
             | Self::Nacked { .. }
-            | Self::ChannelGone => true,
+            | Self::ChannelGone
+            | Self::TlsReset(_) => true,
             Self::Url(_)
             | Self::Tls(_)
             | Self::TopologyConflict { .. }
