@@ -381,6 +381,10 @@ pub struct TopologyConfig {
     /// task that kills every consumer that runs it cannot crash-loop the fleet.
     /// 0 = unlimited. warren's own retries are new messages and do not count.
     pub delivery_limit: u32,
+    /// Declare the topology (needs configure permission on it). Off: only
+    /// check that the exchanges and queues this config names exist, so the
+    /// role's broker user needs no configure permission (a deployer declares).
+    pub declare: bool,
 }
 
 impl Default for TopologyConfig {
@@ -390,6 +394,7 @@ impl Default for TopologyConfig {
             queue_type: QueueType::Classic,
             queues: vec![QueueConfig::default()],
             delivery_limit: 20,
+            declare: true,
         }
     }
 }

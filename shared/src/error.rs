@@ -23,6 +23,8 @@ pub enum Error {
     },
     #[error("declaring {object} failed: {detail}")]
     Declare { object: String, detail: String },
+    #[error("{object} does not exist; declare it with a role that has configure permission, or set topology.declare = true")]
+    Missing { object: String },
     #[error("broker nacked the publish to `{exchange}` with key `{routing_key}`")]
     Nacked {
         exchange: String,
@@ -62,6 +64,7 @@ impl Error {
             | Self::Tls(_)
             | Self::TopologyConflict { .. }
             | Self::Declare { .. }
+            | Self::Missing { .. }
             | Self::Unroutable { .. }
             | Self::NotConfirmed => false,
         }
