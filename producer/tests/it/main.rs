@@ -4,6 +4,7 @@
 //! processes, and the HTTP API in process through `warren_producer::App`.
 #![allow(clippy::unwrap_used)]
 
+mod access;
 mod alarm;
 mod api;
 mod broker_loss;
