@@ -145,6 +145,7 @@ mod tests {
             id: id.map(str::to_owned),
             task: task.into(),
             reason: reason.into(),
+            fingerprint: dead::fingerprint(reason),
             kind: "permanent".into(),
             attempts,
             failed_at: attempts.map(|_| "2024-05-01T10:00:00Z".into()),

@@ -310,39 +310,12 @@ fn is_pattern(key: &str) -> bool {
     key.split('.').any(|w| w == "*" || w == "#")
 }
 
-/// AMQP topic matching: words split on `.`, `*` = exactly one word, `#` = zero
-/// or more words.
-pub fn pattern_matches(pattern: &str, name: &str) -> bool {
-    fn go(p: &[&str], n: &[&str]) -> bool {
-        match p.split_first() {
-            None => n.is_empty(),
-            Some((&"#", rest)) => (0..=n.len()).any(|i| go(rest, &n[i..])),
-            Some((w, rest)) => match n.split_first() {
-                Some((nw, nrest)) => (*w == "*" || w == nw) && go(rest, nrest),
-                None => false,
-            },
-        }
-    }
-    let p: Vec<&str> = pattern.split('.').collect();
-    let n: Vec<&str> = name.split('.').collect();
-    go(&p, &n)
-}
+pub use warren::topology::pattern_matches;
 
 #[cfg(test)]
 #[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn topic_patterns() {
-        assert!(pattern_matches("a.*", "a.b"));
-        assert!(!pattern_matches("a.*", "a.b.c"));
-        assert!(pattern_matches("a.#", "a"));
-        assert!(pattern_matches("a.#", "a.b.c"));
-        assert!(pattern_matches("#", "anything.at.all"));
-        assert!(pattern_matches("*.send", "email.send"));
-        assert!(!pattern_matches("email.send", "email.sent"));
-    }
 
     #[test]
     fn duplicates_are_refused_and_exact_beats_pattern() {

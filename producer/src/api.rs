@@ -1,5 +1,5 @@
 //! The HTTP API under `/v1`: publish tasks, list schedules, trigger a
-//! schedule now. Each handler names the scope it needs as a
+//! schedule now; the dead-letter endpoints live in [`dead`]. Each handler names the scope it needs as a
 //! [`RequireScope`] argument ([`crate::auth`]); every error is a JSON body
 //! `{"error": code, "message": text}` ([`crate::error`]).
 
@@ -16,11 +16,15 @@ use axum::{Json, Router};
 use chrono::{SecondsFormat, Utc};
 use serde_json::json;
 
-use crate::auth::{Publish, Read, RequireScope, TokenStore};
+use crate::audit;
+use crate::auth::{Admin, Caller, Publish, Read, RequireScope, TokenStore};
 use crate::context::{ApiPublisher, Ctx};
+use crate::control::ControlError;
 use crate::error::ApiError;
 use crate::metrics::Source;
 use crate::request::{pairs, RequestError, TaskRequest};
+
+mod dead;
 
 /// The extractor of [`crate::auth`] finds the tokens in force here.
 impl FromRef<Arc<Ctx>> for TokenStore {
@@ -35,6 +39,9 @@ pub fn router(ctx: Arc<Ctx>) -> Router {
         .route("/v1/tasks", post(post_tasks))
         .route("/v1/schedules", get(get_schedules))
         .route("/v1/schedules/{name}/trigger", post(trigger))
+        .route("/v1/schedules/{name}/pause", post(pause))
+        .route("/v1/schedules/{name}/resume", post(resume))
+        .merge(dead::routes())
         .layer(DefaultBodyLimit::max(limit))
         .with_state(ctx)
 }
@@ -77,7 +84,7 @@ fn blocked_error() -> ApiError {
 }
 
 async fn post_tasks(
-    _: RequireScope<Publish>,
+    scope: RequireScope<Publish>,
     State(ctx): State<Arc<Ctx>>,
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Response, ApiError> {
@@ -156,6 +163,7 @@ async fn post_tasks(
                 .publish_failures
                 .with_label_values(&[Source::Api.label()])
                 .inc_by(tasks.len() as u64);
+            audit_publish(&ctx, scope.caller(), &tasks, audit::FAILED, 0);
             return Err(blocked_error());
         }
     };
@@ -175,6 +183,12 @@ async fn post_tasks(
     m.published
         .with_label_values(&[Source::Api.label()])
         .inc_by(ids.len() as u64);
+    let result = if failed.is_empty() {
+        audit::OK
+    } else {
+        audit::FAILED
+    };
+    audit_publish(&ctx, scope.caller(), &tasks, result, ids.len() as u64);
     if failed.is_empty() {
         return Ok((StatusCode::ACCEPTED, Json(json!({ "ids": ids }))).into_response());
     }
@@ -198,6 +212,31 @@ async fn post_tasks(
     .with_extra(json!({"ids": ids, "failed": failed})))
 }
 
+/// The audit line of an ad-hoc publish: its task names (a few), never payloads.
+fn audit_publish<T>(
+    ctx: &Ctx,
+    caller: &Caller,
+    tasks: &[(warren::Task, T)],
+    result: &str,
+    count: u64,
+) {
+    let mut names: Vec<&str> = tasks.iter().map(|(t, _)| t.name.as_str()).collect();
+    names.sort_unstable();
+    names.dedup();
+    let target = match names.len() {
+        0..=3 => names.join(","),
+        n => format!("{},+{} more", names[..3].join(","), n - 3),
+    };
+    audit::record(
+        ctx.metrics(),
+        &caller.name,
+        "publish",
+        &target,
+        result,
+        count,
+    );
+}
+
 fn fmt_time(t: Option<chrono::DateTime<Utc>>) -> serde_json::Value {
     t.map(|t| json!(t.to_rfc3339_opts(SecondsFormat::AutoSi, true)))
         .unwrap_or(serde_json::Value::Null)
@@ -214,7 +253,7 @@ async fn get_schedules(
         .iter()
         .map(|s| {
             let st = ctx.status_of(s.name());
-            let next = if s.cfg.enabled {
+            let next = if s.cfg.enabled && !st.paused {
                 st.next_fire.or_else(|| s.spec.next_after(now))
             } else {
                 None
@@ -226,6 +265,7 @@ async fn get_schedules(
                 "timezone": s.cfg.timezone,
                 "task": s.cfg.task,
                 "enabled": s.cfg.enabled,
+                "paused": st.paused,
                 "misfire": s.cfg.misfire,
                 "misfire_grace": humantime::format_duration(s.cfg.misfire_grace).to_string(),
                 "dst_gap": s.cfg.dst_gap,
@@ -243,7 +283,7 @@ async fn get_schedules(
 }
 
 async fn trigger(
-    _: RequireScope<Publish>,
+    scope: RequireScope<Publish>,
     State(ctx): State<Arc<Ctx>>,
     Path(name): Path<String>,
 ) -> Result<Response, ApiError> {
@@ -266,9 +306,24 @@ async fn trigger(
                 .publish_failures
                 .with_label_values(&[Source::Api.label()])
                 .inc();
+            audit::record(ctx.metrics(), &scope.caller().name, "trigger", s.name(), audit::FAILED, 0);
             return Err(blocked_error());
         }
     };
+    let result = if published.is_ok() {
+        audit::OK
+    } else {
+        audit::FAILED
+    };
+    let count = u64::from(published.is_ok());
+    audit::record(
+        ctx.metrics(),
+        &scope.caller().name,
+        "trigger",
+        s.name(),
+        result,
+        count,
+    );
     match published {
         Ok(()) => {
             ctx.metrics()
@@ -289,5 +344,66 @@ async fn trigger(
             };
             Err(ApiError::new(status, "not_published", e.to_string()))
         }
+    }
+}
+
+async fn pause(
+    scope: RequireScope<Admin>,
+    State(ctx): State<Arc<Ctx>>,
+    Path(name): Path<String>,
+) -> Result<Response, ApiError> {
+    let r = ctx.pause(&name).await;
+    pause_answer(&ctx, scope.caller(), "pause", &name, r, true)
+}
+
+async fn resume(
+    scope: RequireScope<Admin>,
+    State(ctx): State<Arc<Ctx>>,
+    Path(name): Path<String>,
+) -> Result<Response, ApiError> {
+    let r = ctx.resume(&name).await;
+    pause_answer(&ctx, scope.caller(), "resume", &name, r, false)
+}
+
+/// Audit a pause or resume and answer it.
+fn pause_answer(
+    ctx: &Ctx,
+    caller: &Caller,
+    action: &str,
+    name: &str,
+    r: Result<(), ControlError>,
+    paused: bool,
+) -> Result<Response, ApiError> {
+    let result = if r.is_ok() { audit::OK } else { audit::FAILED };
+    audit::record(
+        ctx.metrics(),
+        &caller.name,
+        action,
+        name,
+        result,
+        u64::from(r.is_ok()),
+    );
+    match r {
+        Ok(()) => Ok(Json(json!({"name": name, "paused": paused})).into_response()),
+        Err(e @ ControlError::NotFound(_)) => Err(ApiError::new(
+            StatusCode::NOT_FOUND,
+            "not_found",
+            e.to_string(),
+        )),
+        Err(e @ ControlError::Refused(_)) => Err(ApiError::new(
+            StatusCode::CONFLICT,
+            "refused_by_leader",
+            e.to_string(),
+        )),
+        Err(e @ ControlError::Unavailable) => Err(ApiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "broker_unavailable",
+            e.to_string(),
+        )),
+        Err(e @ ControlError::NoLeader) => Err(ApiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "no_leader",
+            e.to_string(),
+        )),
     }
 }

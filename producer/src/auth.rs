@@ -3,6 +3,9 @@
 //! whose `Authorization: Bearer <token>` names a configured token holding
 //! the `publish` scope (401 without a known token, 403 without the scope).
 //!
+//! The extractor yields the [`Caller`]: the grant's name (never the token)
+//! for logs and audit lines, and its scopes.
+//!
 //! Tokens are compared in constant time against every configured token. The
 //! set lives in a [`TokenStore`] that SIGHUP replaces whole, so a rotated
 //! token works on the next request; the extractor finds the store in any
@@ -18,6 +21,20 @@ use subtle::ConstantTimeEq;
 
 use crate::config::{ApiConfig, Grant, Scope};
 use crate::error::ApiError;
+
+/// The authenticated grant behind a request: its name (`publish_token`,
+/// `tokens[2]`, a configured name, `<file>:<line>`) and what it may do.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Caller {
+    pub name: String,
+    pub scopes: Vec<Scope>,
+}
+
+impl Caller {
+    pub fn has(&self, scope: Scope) -> bool {
+        self.scopes.contains(&scope)
+    }
+}
 
 /// Configured tokens and their scopes.
 #[derive(Default, PartialEq)]
@@ -36,21 +53,33 @@ impl Tokens {
         self.0.len()
     }
 
-    /// Scopes of `presented`, comparing against every token in constant time
-    /// (no early exit: how long it takes says nothing about which matched).
-    fn scopes(&self, presented: &[u8]) -> Option<&[Scope]> {
+    /// The grant of `presented`, comparing against every token in constant
+    /// time (no early exit: how long it takes says nothing about which matched).
+    fn grant(&self, presented: &[u8]) -> Option<&Grant> {
         let mut found = None;
         for grant in &self.0 {
             if bool::from(grant.token.as_slice().ct_eq(presented)) {
-                found = Some(grant.scopes.as_slice());
+                found = Some(grant);
             }
         }
         found
     }
 
+    /// Who presents `token`, if anyone.
+    pub fn authenticate(&self, token: &[u8]) -> Option<Caller> {
+        self.grant(token).map(|g| Caller {
+            name: g.name.clone(),
+            scopes: g.scopes.clone(),
+        })
+    }
+
     /// What a request presenting `authorization` (the header's value, if
     /// any) may do about `scope`.
-    fn authorize(&self, authorization: Option<&HeaderValue>, scope: Scope) -> Result<(), ApiError> {
+    fn authorize(
+        &self,
+        authorization: Option<&HeaderValue>,
+        scope: Scope,
+    ) -> Result<Caller, ApiError> {
         let unauthorized = |m: &str| ApiError::new(StatusCode::UNAUTHORIZED, "unauthorized", m);
         let value = authorization
             .ok_or_else(|| unauthorized("missing `Authorization: Bearer <token>` header"))?;
@@ -63,11 +92,11 @@ impl Tokens {
             })
             .map(str::trim)
             .ok_or_else(|| unauthorized("expected `Authorization: Bearer <token>`"))?;
-        let scopes = self
-            .scopes(token.as_bytes())
+        let caller = self
+            .authenticate(token.as_bytes())
             .ok_or_else(|| unauthorized("unknown token"))?;
-        if scopes.contains(&scope) {
-            Ok(())
+        if caller.has(scope) {
+            Ok(caller)
         } else {
             Err(ApiError::new(
                 StatusCode::FORBIDDEN,
@@ -86,6 +115,13 @@ pub struct TokenStore(Arc<RwLock<Arc<Tokens>>>);
 impl TokenStore {
     pub fn new(tokens: Tokens) -> Self {
         Self(Arc::new(RwLock::new(Arc::new(tokens))))
+    }
+
+    /// Who presents `token` under the tokens in force (constant time, as
+    /// for requests): the console checks a pasted token with it.
+    #[allow(dead_code)] // until the console (issue 10) signs in with it
+    pub fn authenticate(&self, token: &[u8]) -> Option<Caller> {
+        self.current().authenticate(token)
     }
 
     pub fn current(&self) -> Arc<Tokens> {
@@ -109,12 +145,16 @@ pub trait ScopeMarker: Send + Sync + 'static {
     const SCOPE: Scope;
 }
 
-/// The `read` scope: listing schedules.
+/// The `read` scope: listing schedules and dead letters.
 pub struct Read;
 
-/// The `publish` scope: publishing tasks, triggering schedules (a
-/// `publish_token` also holds `read`).
+/// The `publish` scope: publishing tasks, triggering schedules, replaying
+/// dead letters (a `publish_token` also holds `read`).
 pub struct Publish;
+
+/// The `admin` scope: pausing schedules, purging dead letters (an
+/// `admin_token` also holds `read` and `publish`).
+pub struct Admin;
 
 impl ScopeMarker for Read {
     const SCOPE: Scope = Scope::Read;
@@ -124,8 +164,22 @@ impl ScopeMarker for Publish {
     const SCOPE: Scope = Scope::Publish;
 }
 
+impl ScopeMarker for Admin {
+    const SCOPE: Scope = Scope::Admin;
+}
+
 /// Proof that the request holds scope `S`; extracting it is the check.
-pub struct RequireScope<S>(PhantomData<S>);
+pub struct RequireScope<S> {
+    caller: Caller,
+    scope: PhantomData<S>,
+}
+
+impl<S> RequireScope<S> {
+    /// Who made the request.
+    pub fn caller(&self) -> &Caller {
+        &self.caller
+    }
+}
 
 impl<S, St> FromRequestParts<St> for RequireScope<S>
 where
@@ -137,10 +191,13 @@ where
 
     async fn from_request_parts(parts: &mut Parts, state: &St) -> Result<Self, ApiError> {
         let header = parts.headers.get(header::AUTHORIZATION);
-        TokenStore::from_ref(state)
+        let caller = TokenStore::from_ref(state)
             .current()
             .authorize(header, S::SCOPE)?;
-        Ok(Self(PhantomData))
+        Ok(Self {
+            caller,
+            scope: PhantomData,
+        })
     }
 }
 
@@ -154,12 +211,13 @@ mod tests {
         let cfg = ApiConfig {
             read_token: Some(Secret::new("read-token-0123456789")),
             publish_token: Some(Secret::new("publish-token-0123456789")),
+            admin_token: Some(Secret::new("admin-token-0123456789")),
             ..ApiConfig::default()
         };
         Tokens::from_config(&cfg).unwrap()
     }
 
-    fn status(r: Result<(), ApiError>) -> Option<u16> {
+    fn status(r: Result<Caller, ApiError>) -> Option<u16> {
         use axum::response::IntoResponse;
         r.err().map(|e| e.into_response().status().as_u16())
     }
@@ -182,6 +240,37 @@ mod tests {
         assert_eq!(status(t.authorize(Some(&basic), Scope::Read)), Some(401));
         let prefix = bearer("Bearer read-token-012345678");
         assert_eq!(status(t.authorize(Some(&prefix), Scope::Read)), Some(401));
+    }
+
+    #[test]
+    fn admin_token_holds_every_scope_and_publish_lacks_admin() {
+        let t = tokens();
+        let admin = bearer("Bearer admin-token-0123456789");
+        let publish = bearer("Bearer publish-token-0123456789");
+        for scope in [Scope::Read, Scope::Publish, Scope::Admin] {
+            assert_eq!(status(t.authorize(Some(&admin), scope)), None);
+        }
+        assert_eq!(status(t.authorize(Some(&publish), Scope::Admin)), Some(403));
+    }
+
+    #[test]
+    fn the_caller_is_named_after_its_grant() {
+        let store = TokenStore::new(tokens());
+        let admin = store.authenticate(b"admin-token-0123456789").unwrap();
+        assert_eq!(admin.name, "admin_token");
+        assert!(admin.has(Scope::Admin));
+        let read = store.authenticate(b"read-token-0123456789").unwrap();
+        assert_eq!(read.name, "read_token");
+        assert_eq!(read.scopes, vec![Scope::Read]);
+        assert_eq!(store.authenticate(b"read-token-012345678"), None);
+        let via_header = store
+            .current()
+            .authorize(
+                Some(&bearer("Bearer publish-token-0123456789")),
+                Scope::Read,
+            )
+            .unwrap();
+        assert_eq!(via_header.name, "publish_token");
     }
 
     #[test]

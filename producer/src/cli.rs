@@ -1,4 +1,4 @@
-//! Command line: `run` (default), `schedules check|next`, `publish`.
+//! Command line: `run` (default), `schedules check|next|pause|resume`, `publish`.
 
 use std::io::{BufRead, Read, Write};
 use std::path::PathBuf;
@@ -23,6 +23,8 @@ pub enum UsageError {
     PayloadJson(serde_json::Error),
     #[error("{0}")]
     Task(RequestError),
+    #[error("no schedule named `{0}` in the config")]
+    Schedule(String),
 }
 
 /// The process exit code for an error of any subcommand: 2 for a
@@ -76,6 +78,17 @@ pub enum SchedulesCommand {
         /// How many instants per schedule.
         #[arg(long, default_value_t = 5)]
         count: usize,
+    },
+    /// Pause a schedule on the running producers (through the broker; the
+    /// leader records it). Its instants are skipped until `resume`.
+    Pause {
+        /// Schedule name.
+        name: String,
+    },
+    /// Resume a paused schedule: it fires from its next instant on.
+    Resume {
+        /// Schedule name.
+        name: String,
     },
 }
 
@@ -153,6 +166,55 @@ pub fn next(path: Option<&std::path::Path>, count: usize) -> anyhow::Result<()> 
             cur = t;
         }
     }
+    Ok(())
+}
+
+/// `schedules pause|resume NAME`: send the request to the leader over the
+/// broker and wait for it to be recorded (exit 1 if no leader answers).
+pub async fn pause_or_resume(
+    cfg: ProducerConfig,
+    schedules: &[config::Schedule],
+    name: &str,
+    pause: bool,
+) -> anyhow::Result<()> {
+    use crate::control::{self, Op};
+    if !schedules.iter().any(|s| s.name() == name) {
+        return Err(UsageError::Schedule(name.to_owned()).into());
+    }
+    let conn = warren::amqp::connect(&cfg.amqp, "producer-cli")
+        .await
+        .context("connecting to the broker")?;
+    let prefix = cfg.topology.prefix.as_str();
+    let res = async {
+        control::declare(&conn, prefix, cfg.topology.queue_type).await?;
+        let (_ch, mut events) = control::subscribe(&conn, prefix).await?;
+        let req = control::Request {
+            id: uuid::Uuid::new_v4().to_string(),
+            op: if pause { Op::Pause } else { Op::Resume },
+            schedule: Some(name.to_owned()),
+        };
+        control::send(&conn, prefix, &req).await?;
+        let answer = async {
+            while let Some((_, ev)) = control::next::<control::Event>(&mut events).await {
+                match ev {
+                    Some(ev) if ev.answers.as_deref() == Some(req.id.as_str()) => return Some(ev),
+                    _ => {}
+                }
+            }
+            None
+        };
+        match tokio::time::timeout(control::REPLY_TIMEOUT, answer).await {
+            Ok(Some(control::Event { error: None, .. })) => Ok(()),
+            Ok(Some(control::Event { error: Some(e), .. })) => {
+                Err(anyhow::anyhow!("the leader refused: {e}"))
+            }
+            _ => Err(anyhow::anyhow!("{}", control::ControlError::NoLeader)),
+        }
+    }
+    .await;
+    let _ = conn.close(200, "done".into()).await;
+    res?;
+    warren::outln!("{name}: {}", if pause { "paused" } else { "resumed" });
     Ok(())
 }
 

@@ -52,14 +52,19 @@ pub struct ApiConfig {
     pub read_token: Option<Secret>,
     /// Token with the `read` and `publish` scopes (env `WARREN_API__PUBLISH_TOKEN`).
     pub publish_token: Option<Secret>,
+    /// Token with the `read`, `publish` and `admin` scopes (env `WARREN_API__ADMIN_TOKEN`).
+    pub admin_token: Option<Secret>,
     /// More tokens, each with its own scopes.
     pub tokens: Vec<TokenConfig>,
-    /// A file of tokens, one per line: `<scope>[,<scope>] <token>`; `#` comments.
+    /// A file of tokens, one per line: `<scope>[,<scope>] <token> [name]`; `#` comments.
     pub tokens_file: Option<PathBuf>,
     /// Largest request body accepted (bytes); larger → 413.
     pub max_body_bytes: usize,
     /// Most tasks in one `POST /v1/tasks` array; more → 413.
     pub max_batch: usize,
+    /// Most dead messages one `/v1/dead` request looks at (overview, list,
+    /// inspect, replay, purge of a selection); counts come from the broker.
+    pub dead_scan_limit: usize,
 }
 
 impl Default for ApiConfig {
@@ -68,10 +73,12 @@ impl Default for ApiConfig {
             enabled: true,
             read_token: None,
             publish_token: None,
+            admin_token: None,
             tokens: Vec::new(),
             tokens_file: None,
             max_body_bytes: 1024 * 1024,
             max_batch: 1000,
+            dead_scan_limit: 10_000,
         }
     }
 }
@@ -81,6 +88,8 @@ impl Default for ApiConfig {
 pub enum Scope {
     Read,
     Publish,
+    /// Pausing schedules and purging dead letters.
+    Admin,
 }
 
 impl Scope {
@@ -89,6 +98,16 @@ impl Scope {
         match self {
             Scope::Read => "read",
             Scope::Publish => "publish",
+            Scope::Admin => "admin",
+        }
+    }
+
+    fn parse(s: &str) -> Option<Self> {
+        match s {
+            "read" => Some(Scope::Read),
+            "publish" => Some(Scope::Publish),
+            "admin" => Some(Scope::Admin),
+            _ => None,
         }
     }
 }
@@ -98,6 +117,10 @@ impl Scope {
 pub struct Grant {
     pub token: Vec<u8>,
     pub scopes: Vec<Scope>,
+    /// Who presents it, in logs and audit lines (never the token itself):
+    /// the config key (`publish_token`, `tokens[2]`), a configured name, or
+    /// `<file>:<line>`.
+    pub name: String,
 }
 
 impl ApiConfig {
@@ -107,32 +130,49 @@ impl ApiConfig {
     /// `schedules check` and SIGHUP refuse the same files.
     pub fn grants(&self) -> anyhow::Result<Vec<Grant>> {
         let mut out = Vec::new();
-        let mut add = |token: &str, scopes: Vec<Scope>, origin: &str| -> anyhow::Result<()> {
-            if token.len() < 16 {
-                anyhow::bail!("{origin}: API tokens must be at least 16 characters");
-            }
-            out.push(Grant {
-                token: token.as_bytes().to_vec(),
-                scopes,
-            });
-            Ok(())
-        };
+        let mut add =
+            |token: &str, scopes: Vec<Scope>, origin: &str, name: String| -> anyhow::Result<()> {
+                if token.len() < 16 {
+                    anyhow::bail!("{origin}: API tokens must be at least 16 characters");
+                }
+                out.push(Grant {
+                    token: token.as_bytes().to_vec(),
+                    scopes,
+                    name,
+                });
+                Ok(())
+            };
         if let Some(t) = &self.read_token {
-            add(t.expose(), vec![Scope::Read], "api.read_token")?;
+            add(
+                t.expose(),
+                vec![Scope::Read],
+                "api.read_token",
+                "read_token".into(),
+            )?;
         }
         if let Some(t) = &self.publish_token {
             add(
                 t.expose(),
                 vec![Scope::Read, Scope::Publish],
                 "api.publish_token",
+                "publish_token".into(),
+            )?;
+        }
+        if let Some(t) = &self.admin_token {
+            add(
+                t.expose(),
+                vec![Scope::Read, Scope::Publish, Scope::Admin],
+                "api.admin_token",
+                "admin_token".into(),
             )?;
         }
         for (i, t) in self.tokens.iter().enumerate() {
-            add(
-                t.token.expose(),
-                t.scopes.clone(),
-                &format!("api.tokens[{i}]"),
-            )?;
+            let origin = format!("api.tokens[{i}]");
+            if t.name.as_deref().is_some_and(|n| n.trim().is_empty()) {
+                anyhow::bail!("{origin}.name: must not be empty");
+            }
+            let name = t.name.clone().unwrap_or_else(|| format!("tokens[{i}]"));
+            add(t.token.expose(), t.scopes.clone(), &origin, name)?;
         }
         if let Some(path) = &self.tokens_file {
             let text = std::fs::read_to_string(path).map_err(|e| {
@@ -144,20 +184,23 @@ impl ApiConfig {
                     continue;
                 }
                 let origin = format!("api.tokens_file {} line {}", path.display(), n + 1);
-                let (scopes, token) = line.split_once(char::is_whitespace).ok_or_else(|| {
-                    anyhow::anyhow!("{origin}: expected `<scope>[,<scope>] <token>`")
-                })?;
+                let fields: Vec<&str> = line.split_whitespace().collect();
+                let (scopes, token, name) = match fields.as_slice() {
+                    [scopes, token] => (*scopes, *token, None),
+                    [scopes, token, name] => (*scopes, *token, Some(*name)),
+                    _ => anyhow::bail!("{origin}: expected `<scope>[,<scope>] <token> [name]`"),
+                };
                 let scopes = scopes
                     .split(',')
-                    .map(|s| match s {
-                        "read" => Ok(Scope::Read),
-                        "publish" => Ok(Scope::Publish),
-                        other => Err(anyhow::anyhow!(
-                            "{origin}: unknown scope `{other}` (read, publish)"
-                        )),
+                    .map(|s| {
+                        Scope::parse(s).ok_or_else(|| {
+                            anyhow::anyhow!("{origin}: unknown scope `{s}` (read, publish, admin)")
+                        })
                     })
                     .collect::<anyhow::Result<Vec<_>>>()?;
-                add(token.trim(), scopes, &origin)?;
+                let name =
+                    name.map_or_else(|| format!("{}:{}", path.display(), n + 1), str::to_owned);
+                add(token, scopes, &origin, name)?;
             }
         }
         Ok(out)
@@ -169,6 +212,9 @@ impl ApiConfig {
 pub struct TokenConfig {
     pub token: Secret,
     pub scopes: Vec<Scope>,
+    /// Who uses it, in logs and audit lines (default `tokens[<index>]`).
+    #[serde(default)]
+    pub name: Option<String>,
 }
 
 /// Leader election (see README: "Leader election").
@@ -421,6 +467,7 @@ const RELOADABLE: &[&str] = &[
     "schedules",
     "api.read_token",
     "api.publish_token",
+    "api.admin_token",
     "api.tokens",
     "api.tokens_file",
 ];
@@ -497,6 +544,9 @@ impl ProducerConfig {
         if self.api.max_batch == 0 {
             errors.push("api.max_batch = 0: must be at least 1".into());
         }
+        if self.api.dead_scan_limit == 0 {
+            errors.push("api.dead_scan_limit = 0: must be at least 1".into());
+        }
         if self.leader.retry_interval.is_zero() {
             errors.push("leader.retry_interval = 0s: must be positive".into());
         }
@@ -514,6 +564,57 @@ mod tests {
 
     fn parse(text: &str) -> ProducerConfig {
         toml::from_str(text).unwrap()
+    }
+
+    #[test]
+    fn every_grant_has_a_name_and_admin_is_a_scope() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("tokens");
+        std::fs::write(
+            &file,
+            "# scopes token [name]\nadmin,read file-token-a-0123456789 ops-oncall\n\
+             read file-token-b-0123456789\n",
+        )
+        .unwrap();
+        let mut cfg = parse(
+            r#"
+            [api]
+            admin_token = "admin-token-0123456789"
+            tokens = [
+              { token = "cfg-token-a-0123456789", scopes = ["publish"], name = "ci" },
+              { token = "cfg-token-b-0123456789", scopes = ["admin"] },
+            ]
+            "#,
+        );
+        cfg.api.tokens_file = Some(file.clone());
+        let grants = cfg.api.grants().unwrap();
+        let named: Vec<(&str, &[Scope])> = grants
+            .iter()
+            .map(|g| (g.name.as_str(), g.scopes.as_slice()))
+            .collect();
+        let second_line = format!("{}:3", file.display());
+        assert_eq!(
+            named,
+            vec![
+                (
+                    "admin_token",
+                    &[Scope::Read, Scope::Publish, Scope::Admin][..]
+                ),
+                ("ci", &[Scope::Publish][..]),
+                ("tokens[1]", &[Scope::Admin][..]),
+                ("ops-oncall", &[Scope::Admin, Scope::Read][..]),
+                (second_line.as_str(), &[Scope::Read][..]),
+            ]
+        );
+        std::fs::write(&file, "root file-token-c-0123456789\n").unwrap();
+        let err = cfg.api.grants().err().unwrap().to_string();
+        assert!(
+            err.contains("unknown scope `root` (read, publish, admin)"),
+            "{err}"
+        );
+        std::fs::write(&file, "read file-token-c-0123456789 a b\n").unwrap();
+        let err = cfg.api.grants().err().unwrap().to_string();
+        assert!(err.contains("line 1: expected"), "{err}");
     }
 
     #[test]

@@ -10,6 +10,46 @@ use tokio_util::sync::CancellationToken;
 use warren::amqp::Publisher;
 
 use crate::context::{ApiPublisher, Ctx};
+use crate::control;
+
+/// Hear the leader's paused-set events, and ask for the current set now
+/// (this replica may have missed changes while disconnected).
+async fn listen(ctx: &Ctx, conn: &Connection) -> Option<(lapin::Channel, lapin::Consumer)> {
+    let prefix = ctx.topo().prefix();
+    let sub = control::subscribe(conn, prefix)
+        .await
+        .map_err(|e| tracing::warn!(error = %e, "cannot subscribe to producer events"))
+        .ok()?;
+    let sync = control::Request {
+        id: uuid::Uuid::new_v4().to_string(),
+        op: control::Op::Sync,
+        schedule: None,
+    };
+    if let Err(e) = control::send(conn, prefix, &sync).await {
+        tracing::warn!(error = %e, "cannot ask the leader for the paused schedules");
+    }
+    Some(sub)
+}
+
+/// The next event; never resolves without a subscription (the 250 ms
+/// connection check retries it).
+async fn next_event(
+    events: &mut Option<(lapin::Channel, lapin::Consumer)>,
+) -> Option<control::Event> {
+    let Some((_, consumer)) = events.as_mut() else {
+        return std::future::pending().await;
+    };
+    loop {
+        match control::next::<control::Event>(consumer).await {
+            Some((_, Some(ev))) => return Some(ev),
+            Some((_, None)) => {}
+            None => {
+                *events = None;
+                return None;
+            }
+        }
+    }
+}
 
 /// Connect with [`warren::amqp::connect_with_backoff`] until it works or
 /// shutdown (`None`). An error no retry can cure (credentials or vhost
@@ -53,8 +93,10 @@ pub async fn api_connection(ctx: Arc<Ctx>, stop: CancellationToken) {
         let Some(conn) = connect_retry(&ctx, "producer", &stop).await else {
             return;
         };
+        let conn = Arc::new(conn);
         let setup = async {
             warren::topology::declare(&conn, ctx.topo()).await?;
+            control::declare(&conn, ctx.topo().prefix(), ctx.topo().queue_type()).await?;
             Publisher::new(&conn, ctx.cfg().amqp.confirm_timeout).await
         };
         match setup.await {
@@ -63,6 +105,7 @@ pub async fn api_connection(ctx: Arc<Ctx>, stop: CancellationToken) {
                 ctx.set_api_publisher(Some(ApiPublisher {
                     publisher: publisher.clone(),
                     blocked,
+                    conn: conn.clone(),
                 }));
                 if !first {
                     ctx.amqp_metrics().reconnects.inc();
@@ -71,10 +114,18 @@ pub async fn api_connection(ctx: Arc<Ctx>, stop: CancellationToken) {
                 ctx.amqp_metrics().connected.set(1);
                 ctx.health().set_ready(true);
                 tracing::info!("connected to the broker");
+                let mut events = listen(&ctx, &conn).await;
                 loop {
                     tokio::select! {
                         _ = stop.cancelled() => break,
                         _ = tokio::time::sleep(Duration::from_millis(250)) => {}
+                        ev = next_event(&mut events) => match ev {
+                            Some(ev) => ctx.on_event(ev),
+                            None => {
+                                tracing::warn!("producer events subscription ended; subscribing again");
+                                events = listen(&ctx, &conn).await;
+                            }
+                        },
                     }
                     if !conn.status().connected() {
                         tracing::warn!("publishing connection lost; reconnecting");

@@ -6,19 +6,20 @@
 //! It sits below [`crate::api`], [`crate::scheduler`] and [`crate::app`] and
 //! knows none of them: they all read and write through these methods.
 
-use std::collections::HashMap;
+use std::collections::{BTreeSet, HashMap};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, OnceLock, RwLock};
 
 use chrono::{DateTime, Utc};
-use tokio::sync::watch;
+use tokio::sync::{broadcast, watch};
 use warren::amqp::Publisher;
 use warren::metrics::{AmqpMetrics, Health};
 use warren::Topology;
 
 use crate::auth::TokenStore;
 use crate::config::{ProducerConfig, Schedule, ScheduleSet};
+use crate::control::{self, ControlError, Op};
 use crate::metrics::Metrics;
 
 /// What one schedule looks like from outside (API, metrics).
@@ -26,6 +27,8 @@ use crate::metrics::Metrics;
 pub struct Status {
     pub next_fire: Option<DateTime<Utc>>,
     pub last_fired: Option<DateTime<Utc>>,
+    /// Paused by an operator (as this replica last heard from the leader).
+    pub paused: bool,
 }
 
 /// The publishing side the API uses: present while connected.
@@ -33,6 +36,8 @@ pub struct Status {
 pub struct ApiPublisher {
     pub publisher: Publisher,
     pub blocked: warren::amqp::Blocked,
+    /// The API connection itself (the dead-letter endpoints open channels on it).
+    pub conn: Arc<lapin::Connection>,
 }
 
 pub struct Ctx {
@@ -48,6 +53,10 @@ pub struct Ctx {
     instance: String,
     api_publisher: RwLock<Option<ApiPublisher>>,
     tokens: TokenStore,
+    /// Paused schedules: the leader's own set, or what a standby last heard.
+    paused: RwLock<BTreeSet<String>>,
+    /// Every control event heard (a relayed pause waits for its answer here).
+    events: broadcast::Sender<control::Event>,
     /// Why the process must stop (exit 1), set once.
     fatal: OnceLock<String>,
 }
@@ -74,6 +83,8 @@ impl Ctx {
             instance: instance_id(),
             api_publisher: RwLock::new(None),
             tokens,
+            paused: RwLock::new(BTreeSet::new()),
+            events: broadcast::channel(64).0,
             fatal: OnceLock::new(),
         }
     }
@@ -168,11 +179,84 @@ impl Ctx {
     }
 
     pub fn status_of(&self, name: &str) -> Status {
-        self.status
+        let mut st = self
+            .status
             .lock()
             .ok()
             .and_then(|m| m.get(name).cloned())
-            .unwrap_or_default()
+            .unwrap_or_default();
+        st.paused = self.is_paused(name);
+        st
+    }
+
+    pub fn is_paused(&self, name: &str) -> bool {
+        self.paused.read().is_ok_and(|p| p.contains(name))
+    }
+
+    pub fn paused(&self) -> BTreeSet<String> {
+        self.paused.read().map(|p| p.clone()).unwrap_or_default()
+    }
+
+    /// Put `paused` in force (the leader, from its snapshot or a request).
+    pub fn set_paused(&self, paused: BTreeSet<String>) {
+        if let Ok(mut p) = self.paused.write() {
+            *p = paused;
+        }
+    }
+
+    /// A control event from the leader: adopt its paused set (unless this
+    /// replica leads: its own set is the truth, and its events come back
+    /// through the broker later than it changed it) and wake whoever waits
+    /// for the answer to a request.
+    pub fn on_event(&self, event: control::Event) {
+        if !self.is_leader() {
+            self.set_paused(event.paused.clone());
+        }
+        let _ = self.events.send(event);
+    }
+
+    /// Pause schedule `name` through the leader (see [`crate::control`]):
+    /// `Ok` once the leader recorded it in its state snapshot.
+    pub async fn pause(&self, name: &str) -> Result<(), ControlError> {
+        self.control(Op::Pause, name).await
+    }
+
+    /// Resume schedule `name`; its instants while paused are skipped.
+    pub async fn resume(&self, name: &str) -> Result<(), ControlError> {
+        self.control(Op::Resume, name).await
+    }
+
+    async fn control(&self, op: Op, name: &str) -> Result<(), ControlError> {
+        if !self.schedules().iter().any(|s| s.name() == name) {
+            return Err(ControlError::NotFound(name.to_owned()));
+        }
+        let conn = self.api_publisher().ok_or(ControlError::Unavailable)?.conn;
+        let req = control::Request {
+            id: uuid::Uuid::new_v4().to_string(),
+            op,
+            schedule: Some(name.to_owned()),
+        };
+        // Subscribed before sending: the answer cannot slip past.
+        let mut rx = self.events.subscribe();
+        control::send(&conn, self.topo.prefix(), &req)
+            .await
+            .map_err(|_| ControlError::Unavailable)?;
+        let answer = async {
+            loop {
+                match rx.recv().await {
+                    Ok(ev) if ev.answers.as_deref() == Some(req.id.as_str()) => return Some(ev),
+                    Ok(_) | Err(broadcast::error::RecvError::Lagged(_)) => {}
+                    Err(broadcast::error::RecvError::Closed) => return None,
+                }
+            }
+        };
+        match tokio::time::timeout(control::REPLY_TIMEOUT, answer).await {
+            Ok(Some(ev)) => match ev.error {
+                None => Ok(()),
+                Some(e) => Err(ControlError::Refused(e)),
+            },
+            _ => Err(ControlError::NoLeader),
+        }
     }
 
     pub fn is_leader(&self) -> bool {

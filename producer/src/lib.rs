@@ -6,12 +6,14 @@
 //! |---|---|
 //! | [`app`] | [`App`]: build (validate, bind), run, orderly shutdown |
 //! | `api` | the `/v1` HTTP handlers |
+//! | `audit` | the audit line and counter of every mutating request |
 //! | `auth` | bearer tokens, scopes as types, the `RequireScope` extractor |
 //! | `error` | the JSON error body of every `/v1` answer |
 //! | `scheduler` | election loop and fire loop |
 //! | `reload` | SIGHUP: schedules and API tokens swapped at runtime |
 //! | `connection` | broker connections: retries, the API's publisher |
 //! | `context` | `Ctx`, the state the parts above share (below all of them) |
+//! | `control` | pause/resume requests to the leader, paused-set events to every replica |
 //! | `leader` | election on an exclusive queue and the fence before each tick |
 //! | `state` | the last-fire snapshot a new leader resumes from (in RabbitMQ) |
 //! | [`request`] | ad-hoc task requests (CLI batch lines, API bodies) |
@@ -30,9 +32,11 @@ pub mod config;
 pub mod request;
 
 mod api;
+mod audit;
 mod auth;
 mod connection;
 mod context;
+mod control;
 mod error;
 mod leader;
 mod metrics;

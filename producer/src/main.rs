@@ -16,6 +16,12 @@ fn main() -> std::process::ExitCode {
         Command::Schedules {
             command: SchedulesCommand::Next { count },
         } => cli::next(path, count),
+        Command::Schedules {
+            command: SchedulesCommand::Pause { name },
+        } => pause_or_resume(path, &name, true),
+        Command::Schedules {
+            command: SchedulesCommand::Resume { name },
+        } => pause_or_resume(path, &name, false),
         Command::Publish(args) => config::load(path).and_then(|cfg| {
             warren::telemetry::init(&cfg.log);
             runtime()?.block_on(cli::publish(cfg, args))
@@ -37,6 +43,12 @@ fn main() -> std::process::ExitCode {
             cli::exit_code(&e)
         }
     }
+}
+
+fn pause_or_resume(path: Option<&std::path::Path>, name: &str, pause: bool) -> anyhow::Result<()> {
+    let (cfg, schedules) = config::load_checked(path)?;
+    warren::telemetry::init(&cfg.log);
+    runtime()?.block_on(cli::pause_or_resume(cfg, &schedules, name, pause))
 }
 
 fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {

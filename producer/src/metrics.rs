@@ -34,6 +34,7 @@ pub struct Metrics {
     pub last_fire: GaugeVec,
     pub leader: IntGauge,
     pub reload_success: Gauge,
+    pub actions: IntCounterVec,
 }
 
 impl Metrics {
@@ -100,6 +101,13 @@ impl Metrics {
                 "warren_producer_config_last_reload_successful",
                 "1 if the last schedule reload (SIGHUP) succeeded, 0 if it was rejected",
             )?,
+            actions: IntCounterVec::new(
+                Opts::new(
+                    "warren_producer_actions_total",
+                    "Mutating API requests (trigger, publish, pause, resume, replay, purge), by result",
+                ),
+                &["action", "result"],
+            )?,
         };
         r.register(Box::new(m.fires.clone()))?;
         r.register(Box::new(m.fire_lag.clone()))?;
@@ -110,6 +118,7 @@ impl Metrics {
         r.register(Box::new(m.last_fire.clone()))?;
         r.register(Box::new(m.leader.clone()))?;
         r.register(Box::new(m.reload_success.clone()))?;
+        r.register(Box::new(m.actions.clone()))?;
         m.reload_success.set(1.0);
         for s in [Source::Schedule, Source::Api] {
             m.published.with_label_values(&[s.label()]);

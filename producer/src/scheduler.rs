@@ -10,6 +10,7 @@ use std::time::Duration;
 use backon::BackoffBuilder;
 use chrono::{DateTime, Utc};
 use futures_util::FutureExt;
+use lapin::options::BasicAckOptions;
 use lapin::Connection;
 use tokio_util::sync::CancellationToken;
 use warren::amqp::Publisher;
@@ -17,6 +18,7 @@ use warren::amqp::Publisher;
 use crate::config::{Schedule, ScheduleSet};
 use crate::connection::connect_retry;
 use crate::context::Ctx;
+use crate::control;
 use crate::leader::{self, Attempt, Fence};
 use crate::metrics::Source;
 use crate::schedule::{self, plan, ON_TIME};
@@ -184,6 +186,7 @@ fn snapshot(ctx: &Ctx, cursors: &HashMap<String, Cursor>) -> Snapshot {
                 )
             })
             .collect(),
+        paused: ctx.paused(),
     }
 }
 
@@ -294,6 +297,7 @@ async fn lead(
     warren::topology::declare(conn, ctx.topo()).await?;
     let state_queue = state::state_queue(ctx.topo().prefix());
     state::declare(conn, &state_queue, ctx.topo().queue_type()).await?;
+    control::declare(conn, ctx.topo().prefix(), ctx.topo().queue_type()).await?;
     let publisher = Publisher::new(conn, ctx.cfg().amqp.confirm_timeout).await?;
     let res = lead_term(ctx, conn, fence, shutdown, &publisher, &state_queue).await;
     // Close the tick channel before the caller closes the connection: a
@@ -323,6 +327,11 @@ async fn lead_term(
             "resuming from the previous leader's state"
         );
     }
+    ctx.set_paused(previous.paused.clone());
+    // Consumed only while leading: requests wait in the queue (or expire)
+    // while no replica leads.
+    let (_control_channel, mut control) = control::serve(conn, ctx.topo().prefix()).await?;
+    announce(ctx, publisher, None, None).await;
     let mut rx = ctx.subscribe_schedules();
     let mut cursors: HashMap<String, Cursor> = HashMap::new();
     let mut sample = Sample::now();
@@ -370,6 +379,10 @@ async fn lead_term(
             let Some(c) = cursors.get(s.name()) else {
                 continue;
             };
+            if ctx.is_paused(s.name()) {
+                ctx.set_next(s.name(), None);
+                continue;
+            }
             // A panic here is reported by `plan_tick_guarded` on the next wake.
             let next =
                 std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| c.track.next(&s.spec)))
@@ -390,6 +403,19 @@ async fn lead_term(
                 tracing::info!("schedules reloaded");
                 continue;
             }
+            r = control::next::<control::Request>(&mut control) => {
+                let Some((delivery, req)) = r else {
+                    anyhow::bail!("the control queue consumer ended");
+                };
+                if let Some(req) = req {
+                    let now = observe_clock(&mut sample, &mut cursors);
+                    if !apply_control(ctx, fence, publisher, state_queue, &set, &mut cursors, req, now).await {
+                        return Ok(());
+                    }
+                }
+                delivery.acker.ack(BasicAckOptions::default()).await?;
+                continue;
+            }
             _ = fence.lost() => return Ok(()),
             _ = shutdown.cancelled() => return Ok(()),
         }
@@ -402,6 +428,9 @@ async fn lead_term(
             let Some(c) = cursors.get_mut(s.name()) else {
                 continue;
             };
+            if ctx.is_paused(s.name()) {
+                continue;
+            }
             let last_fired_before = c.last_fired;
             let tick = match plan_tick_guarded(ctx, s, &c.track, now) {
                 Ok(Some(t)) => t,
@@ -457,6 +486,79 @@ async fn lead_term(
                 }
             }
         }
+    }
+}
+
+/// Apply a pause, resume or sync request: record the new paused set in the
+/// state snapshot (confirmed) before telling anyone, then announce it. A
+/// resumed schedule restarts at `now`: the instants it was paused over are
+/// skipped, not caught up. `false` when leadership was lost meanwhile.
+#[allow(clippy::too_many_arguments)]
+async fn apply_control(
+    ctx: &Ctx,
+    fence: &Fence,
+    publisher: &Publisher,
+    state_queue: &str,
+    set: &ScheduleSet,
+    cursors: &mut HashMap<String, Cursor>,
+    req: control::Request,
+    now: DateTime<Utc>,
+) -> bool {
+    let before = ctx.paused();
+    let next = match control::apply(&before, &req, |n| set.iter().any(|s| s.name() == n)) {
+        Ok(next) => next,
+        Err(why) => {
+            announce(ctx, publisher, Some(req.id), Some(why)).await;
+            return true;
+        }
+    };
+    if next == before {
+        announce(ctx, publisher, Some(req.id), None).await;
+        return true;
+    }
+    for resumed in before.difference(&next) {
+        if let Some(c) = cursors.get_mut(resumed) {
+            c.track.advance(now);
+        }
+    }
+    ctx.set_paused(next);
+    if !fence.holds() {
+        ctx.set_paused(before);
+        return false;
+    }
+    if let Err(e) = state::write(publisher, state_queue, &snapshot(ctx, cursors)).await {
+        tracing::warn!(error = %e, "could not record a pause or resume in the scheduler state");
+        ctx.set_paused(before);
+        let why = format!("the leader could not record it: {e}");
+        announce(ctx, publisher, Some(req.id), Some(why)).await;
+        return publisher.is_open() && fence.holds();
+    }
+    tracing::info!(op = ?req.op, schedule = req.schedule.as_deref().unwrap_or(""), "schedule pause state recorded");
+    announce(ctx, publisher, Some(req.id), None).await;
+    true
+}
+
+/// Tell every replica the paused set (and answer request `answers`).
+async fn announce(
+    ctx: &Ctx,
+    publisher: &Publisher,
+    answers: Option<String>,
+    error: Option<String>,
+) {
+    let event = control::Event {
+        answers,
+        error,
+        paused: ctx.paused(),
+        leader: ctx.instance().to_owned(),
+    };
+    // This replica hears its own events too; apply them here as well in case
+    // its API connection is down.
+    ctx.on_event(event.clone());
+    let body = serde_json::to_vec(&event).unwrap_or_default();
+    let props = lapin::BasicProperties::default().with_content_type("application/json".into());
+    let exchange = control::events_exchange(ctx.topo().prefix());
+    if let Err(e) = publisher.publish(&exchange, "", props, &body).await {
+        tracing::debug!(error = %e, "producer event not delivered (no replica listening?)");
     }
 }
 

@@ -2,7 +2,7 @@
 //! `<prefix>.producer.state` holds exactly one message (`x-max-length = 1`,
 //! overflow drops the head), the latest snapshot of every schedule's cursor
 //! (the last instant already decided: fired or counted as missed) and last
-//! confirmed fire.
+//! confirmed fire, and which schedules an operator paused.
 //!
 //! Only the leader writes it, on the lock connection, with a confirm, right
 //! after the ticks it covers were confirmed; a new leader reads it with
@@ -11,7 +11,7 @@
 //! trap of a per-fire log where frequent schedules push the records of rare
 //! ones out of a length-limited queue.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 
 use chrono::{DateTime, Utc};
 use lapin::options::{BasicGetOptions, BasicRejectOptions, QueueDeclareOptions};
@@ -32,6 +32,9 @@ pub struct Snapshot {
     pub writer: String,
     pub written_at: Option<DateTime<Utc>>,
     pub schedules: BTreeMap<String, Entry>,
+    /// Schedules an operator paused (absent in snapshots of older versions).
+    #[serde(default, skip_serializing_if = "BTreeSet::is_empty")]
+    pub paused: BTreeSet<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

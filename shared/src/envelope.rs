@@ -49,6 +49,10 @@ pub mod headers {
     pub const DEAD_AT: &str = "x-warren-dead-at";
     pub const ORIGINAL_QUEUE: &str = "x-warren-original-queue";
     pub const ORIGINAL_ROUTING_KEY: &str = "x-warren-original-routing-key";
+    /// Set on a dead task replayed with an edited payload: who edited it
+    /// (an API grant's name) and when (RFC 3339).
+    pub const EDITED_BY: &str = "x-warren-edited-by";
+    pub const EDITED_AT: &str = "x-warren-edited-at";
 }
 
 /// AMQP delivery mode for persistent messages.

@@ -15,6 +15,7 @@
 
 pub mod amqp;
 pub mod config;
+pub mod dead;
 pub mod delay;
 pub mod envelope;
 pub mod error;

@@ -575,9 +575,38 @@ fn inequivalent_arg(text: &str) -> Option<String> {
     Some(rest.split_once('\'')?.0.to_owned())
 }
 
+/// AMQP topic matching: words split on `.`, `*` = exactly one word, `#` = zero
+/// or more words.
+pub fn pattern_matches(pattern: &str, name: &str) -> bool {
+    fn go(p: &[&str], n: &[&str]) -> bool {
+        match p.split_first() {
+            None => n.is_empty(),
+            Some((&"#", rest)) => (0..=n.len()).any(|i| go(rest, &n[i..])),
+            Some((w, rest)) => match n.split_first() {
+                Some((nw, nrest)) => (*w == "*" || w == nw) && go(rest, nrest),
+                None => false,
+            },
+        }
+    }
+    let p: Vec<&str> = pattern.split('.').collect();
+    let n: Vec<&str> = name.split('.').collect();
+    go(&p, &n)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn topic_patterns() {
+        assert!(pattern_matches("a.*", "a.b"));
+        assert!(!pattern_matches("a.*", "a.b.c"));
+        assert!(pattern_matches("a.#", "a"));
+        assert!(pattern_matches("a.#", "a.b.c"));
+        assert!(pattern_matches("#", "anything.at.all"));
+        assert!(pattern_matches("*.send", "email.send"));
+        assert!(!pattern_matches("email.send", "email.sent"));
+    }
     use crate::config::QueueConfig;
 
     fn topo(qt: QueueType) -> Topology {

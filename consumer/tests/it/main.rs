@@ -6,6 +6,7 @@ mod access;
 mod cli;
 mod cluster;
 mod dead;
+mod dead_engine;
 #[cfg(feature = "failpoints")]
 mod faults;
 mod handlers;

@@ -21,6 +21,7 @@ use warren::Topology;
 pub const BIN: &str = env!("CARGO_BIN_EXE_warren-producer");
 pub const PUBLISH_TOKEN: &str = "it-publish-token-0123456789";
 pub const READ_TOKEN: &str = "it-read-token-0123456789abc";
+pub const ADMIN_TOKEN: &str = "it-admin-token-0123456789ab";
 
 /// One test's world: a unique prefix, its declared topology, a temp dir.
 /// On the shared test broker its queues and exchanges are deleted when it
@@ -98,6 +99,7 @@ impl World {
             ("WARREN_LEADER__RETRY_INTERVAL".into(), "500ms".into()),
             ("WARREN_API__PUBLISH_TOKEN".into(), PUBLISH_TOKEN.into()),
             ("WARREN_API__READ_TOKEN".into(), READ_TOKEN.into()),
+            ("WARREN_API__ADMIN_TOKEN".into(), ADMIN_TOKEN.into()),
             ("RUST_LOG".into(), "info,warren_producer=debug".into()),
         ]
     }
@@ -189,6 +191,14 @@ impl World {
                     published_ms: warren::envelope::header_i64(
                         &headers,
                         warren::envelope::headers::PUBLISHED_AT_MS,
+                    ),
+                    edited_by: warren::envelope::header_str(
+                        &headers,
+                        warren::envelope::headers::EDITED_BY,
+                    ),
+                    attempt: warren::envelope::header_i64(
+                        &headers,
+                        warren::envelope::headers::ATTEMPT,
                     ),
                     body: d.data.clone(),
                     received: Utc::now(),
@@ -285,6 +295,9 @@ pub struct Msg {
     pub name: Option<String>,
     pub schedule: Option<String>,
     pub published_ms: Option<i64>,
+    /// `x-warren-edited-by` of a dead task replayed with a new payload.
+    pub edited_by: Option<String>,
+    pub attempt: Option<i64>,
     pub body: Vec<u8>,
     pub received: DateTime<Utc>,
 }

@@ -5,6 +5,7 @@
 #![allow(clippy::unwrap_used)]
 
 mod access;
+mod admin;
 mod alarm;
 mod api;
 mod broker_loss;

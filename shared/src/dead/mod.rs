@@ -1,0 +1,503 @@
+//! The dead-letter engine: look at, group, inspect, replay (as is or with
+//! an edited payload) and purge what sits in `<prefix>.dead`. Safe while
+//! consumers run (nobody consumes the dead queue). The consumer's
+//! `warren-consumer dead ...` and the producer's `/v1/dead` API both use it.
+//!
+//! | part | owns |
+//! |---|---|
+//! | here | [`DeadTask`] (what the dead headers say), [`Selector`], list, replay, purge |
+//! | [`fingerprint()`] | a failure reason without its numbers, ids and instants |
+//! | [`overview()`] | groups by task, kind and fingerprint, from a bounded scan |
+//! | [`inspect()`], [`replay_edited()`] | one message in full; replay it with a new payload |
+//!
+//! Every operation looks at no more than a scan limit of messages (a dead
+//! queue can hold 100,000): counts of the whole queue come from the broker
+//! (a passive declare), never from reading it all.
+//!
+//! Messages are fetched with `basic.get` without auto-ack on a channel of our
+//! own: what is not acked (everything, for `list`; what does not match, for
+//! `replay`/`purge`) returns to the queue when that channel closes, so
+//! nothing is lost if the tool dies half-way. A replayed task is published
+//! (confirmed) to the task exchange with its attempts reset *before* its dead
+//! copy is acked: a crash in between leaves a duplicate, never a loss.
+
+mod edit;
+mod fingerprint;
+mod overview;
+
+use std::time::Duration;
+
+use lapin::message::Delivery;
+use lapin::options::{BasicAckOptions, BasicGetOptions, QueueDeclareOptions, QueuePurgeOptions};
+use lapin::types::{AMQPValue, FieldTable};
+use lapin::{BasicProperties, Channel, Connection};
+use serde::Serialize;
+
+use crate::amqp::Publisher;
+use crate::envelope::{header_i64, header_str, headers};
+use crate::topology::pattern_matches;
+use crate::{Task, Topology};
+
+pub use edit::{inspect, replay_edited, DeadMessage};
+pub use fingerprint::fingerprint;
+pub use overview::{overview, Group, Overview};
+
+/// Reason shown for a message that reached the dead queue through the
+/// delivery exchange's alternate exchange (no dead headers, no `x-death`).
+pub const UNROUTABLE_AFTER_DELAY: &str = "unroutable after delay";
+
+/// One dead message as the tooling shows it.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct DeadTask {
+    pub id: Option<String>,
+    pub task: String,
+    pub reason: String,
+    /// [`fingerprint()`] of `reason`: what groups it with its likes.
+    pub fingerprint: String,
+    pub kind: String,
+    pub attempts: Option<i64>,
+    pub failed_at: Option<String>,
+    pub first_failed_at: Option<String>,
+    pub original_queue: Option<String>,
+    pub original_routing_key: Option<String>,
+    pub last_error: Option<String>,
+    pub body_bytes: usize,
+}
+
+/// What the dead headers (or the broker's `x-death`) say about a message.
+pub fn describe(routing_key: &str, props: &BasicProperties, body: &[u8]) -> DeadTask {
+    let empty = FieldTable::default();
+    let h = props.headers().as_ref().unwrap_or(&empty);
+    let task = props
+        .kind()
+        .as_ref()
+        .map(|t| t.as_str().to_owned())
+        .filter(|t| !t.is_empty())
+        .unwrap_or_else(|| crate::delay::strip_prefix(routing_key).to_owned());
+    let x_death = first_x_death(h);
+    let (reason, kind) = match (header_str(h, headers::DEAD_REASON), &x_death) {
+        (Some(r), _) => (
+            r,
+            header_str(h, headers::DEAD_KIND).unwrap_or_else(|| "unknown".into()),
+        ),
+        // Expired out of a delay level, then dropped by the delivery
+        // exchange into its alternate exchange: no work queue binds the task.
+        (None, Some((reason, queue))) if reason == "expired" && is_delay_level(queue) => {
+            (UNROUTABLE_AFTER_DELAY.to_owned(), "unroutable".to_owned())
+        }
+        (None, Some((reason, queue))) => (
+            format!("dead-lettered by the broker ({reason}) from queue {queue}"),
+            format!("broker_{reason}"),
+        ),
+        (None, None) => (UNROUTABLE_AFTER_DELAY.to_owned(), "unroutable".to_owned()),
+    };
+    DeadTask {
+        id: props.message_id().as_ref().map(|s| s.as_str().to_owned()),
+        task,
+        fingerprint: fingerprint(&reason),
+        reason,
+        kind,
+        attempts: header_i64(h, headers::ATTEMPT).or(Some(1)),
+        failed_at: header_str(h, headers::DEAD_AT),
+        first_failed_at: header_str(h, headers::FIRST_FAILED_AT),
+        original_queue: header_str(h, headers::ORIGINAL_QUEUE)
+            .or_else(|| x_death.as_ref().map(|(_, q)| q.clone())),
+        original_routing_key: header_str(h, headers::ORIGINAL_ROUTING_KEY)
+            .or_else(|| Some(routing_key.to_owned())),
+        last_error: header_str(h, headers::LAST_ERROR),
+        body_bytes: body.len(),
+    }
+}
+
+/// Whether `queue` is a delay level (`<prefix>.delay.<k>`).
+fn is_delay_level(queue: &str) -> bool {
+    queue
+        .rsplit_once(".delay.")
+        .is_some_and(|(_, k)| !k.is_empty() && k.bytes().all(|b| b.is_ascii_digit()))
+}
+
+/// `(reason, queue)` of the newest `x-death` entry.
+fn first_x_death(h: &FieldTable) -> Option<(String, String)> {
+    let AMQPValue::FieldArray(arr) = h.inner().get("x-death")? else {
+        return None;
+    };
+    let AMQPValue::FieldTable(t) = arr.as_slice().first()? else {
+        return None;
+    };
+    Some((
+        header_str(t, "reason").unwrap_or_else(|| "unknown".into()),
+        header_str(t, "queue").unwrap_or_else(|| "unknown".into()),
+    ))
+}
+
+/// Which dead messages an operation applies to.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Selector {
+    All,
+    Ids(Vec<String>),
+    /// A task name or an AMQP topic pattern (`email.*`).
+    Task(String),
+    /// One group of [`overview()`]: exactly this task, kind and fingerprint.
+    Group {
+        task: String,
+        kind: String,
+        fingerprint: String,
+    },
+}
+
+impl Selector {
+    pub fn matches(&self, d: &DeadTask) -> bool {
+        match self {
+            Self::All => true,
+            Self::Ids(ids) => d.id.as_ref().is_some_and(|id| ids.contains(id)),
+            Self::Task(t) => pattern_matches(t, &d.task),
+            Self::Group {
+                task,
+                kind,
+                fingerprint,
+            } => *task == d.task && *kind == d.kind && *fingerprint == d.fingerprint,
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum DeadError {
+    #[error(transparent)]
+    Amqp(#[from] lapin::Error),
+    #[error(transparent)]
+    Warren(#[from] crate::Error),
+    /// No dead message with this id among those looked at.
+    #[error("no dead task with id `{0}` in the dead queue")]
+    NotFound(String),
+    /// The dead message cannot be replayed as a task (bad name, bad body...).
+    #[error("dead task `{id}` cannot be replayed: {why}")]
+    Invalid { id: String, why: String },
+}
+
+impl DeadError {
+    /// Worth trying again (connection trouble), as opposed to a wrong request.
+    pub fn is_transient(&self) -> bool {
+        match self {
+            Self::Amqp(_) => true,
+            Self::Warren(e) => e.is_transient(),
+            Self::NotFound(_) | Self::Invalid { .. } => false,
+        }
+    }
+}
+
+/// How many messages the dead queue holds now, as the broker counts them
+/// (ready ones: a scan in progress elsewhere hides what it holds unacked).
+pub async fn count(conn: &Connection, topo: &Topology) -> Result<u64, DeadError> {
+    let ch = conn.create_channel().await?;
+    let q = ch
+        .queue_declare(
+            topo.dead_queue().as_str().into(),
+            QueueDeclareOptions {
+                passive: true,
+                ..Default::default()
+            },
+            FieldTable::default(),
+        )
+        .await?;
+    ch.close(200, "dead count done".into()).await?;
+    Ok(u64::from(q.message_count()))
+}
+
+/// A page of dead tasks: those of the first `scanned` messages that matched.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct Listing {
+    /// Messages in the dead queue (the broker's count).
+    pub total: u64,
+    /// Messages looked at.
+    pub scanned: u64,
+    /// The scan stopped at its limit before the end of the queue.
+    pub truncated: bool,
+    pub tasks: Vec<DeadTask>,
+}
+
+/// Up to `limit` dead tasks matching `keep` among the first `scan_limit`
+/// messages, oldest first, all left in the queue.
+pub async fn list_where(
+    conn: &Connection,
+    topo: &Topology,
+    scan_limit: usize,
+    limit: usize,
+    keep: impl Fn(&DeadTask) -> bool,
+) -> Result<Listing, DeadError> {
+    let total = count(conn, topo).await?;
+    let ch = conn.create_channel().await?;
+    let mut scan = Scan::new(&ch, topo, scan_limit);
+    let mut tasks = Vec::new();
+    while tasks.len() < limit {
+        let Some(d) = scan.next().await? else { break };
+        let t = describe(d.routing_key.as_str(), &d.properties, &d.data);
+        if keep(&t) {
+            tasks.push(t);
+        }
+    }
+    let scanned = scan.seen as u64;
+    ch.close(200, "dead list done".into()).await?;
+    Ok(Listing {
+        total,
+        scanned,
+        truncated: scanned < total,
+        tasks,
+    })
+}
+
+/// Up to `limit` dead tasks, oldest first, left in the queue.
+pub async fn list(
+    conn: &Connection,
+    topo: &Topology,
+    limit: usize,
+) -> Result<Vec<DeadTask>, DeadError> {
+    let ch = conn.create_channel().await?;
+    let mut scan = Scan::new(&ch, topo, limit);
+    let mut out = Vec::new();
+    while let Some(d) = scan.next().await? {
+        out.push(describe(d.routing_key.as_str(), &d.properties, &d.data));
+    }
+    // Closing the channel returns every fetched message to the queue.
+    ch.close(200, "dead list done".into()).await?;
+    Ok(out)
+}
+
+/// One pass over what the dead queue holds when the pass starts, fetched
+/// unacked: tasks dead-lettered meanwhile (a replayed task failing again) are
+/// not seen twice, and whatever the caller does not ack goes back to the queue
+/// when the channel closes.
+struct Scan<'a> {
+    ch: &'a Channel,
+    queue: String,
+    limit: usize,
+    seen: usize,
+}
+
+impl<'a> Scan<'a> {
+    fn new(ch: &'a Channel, topo: &Topology, limit: usize) -> Self {
+        Self {
+            ch,
+            queue: topo.dead_queue(),
+            limit,
+            seen: 0,
+        }
+    }
+
+    async fn next(&mut self) -> Result<Option<Delivery>, DeadError> {
+        if self.seen >= self.limit {
+            return Ok(None);
+        }
+        let Some(m) = self
+            .ch
+            .basic_get(
+                self.queue.as_str().into(),
+                BasicGetOptions { no_ack: false },
+            )
+            .await?
+        else {
+            return Ok(None);
+        };
+        if self.seen == 0 {
+            self.limit = self.limit.min(m.message_count as usize + 1);
+        }
+        self.seen += 1;
+        Ok(Some(m.delivery))
+    }
+}
+
+/// Result of a replay.
+#[derive(Debug, Default, Clone, PartialEq, Serialize)]
+pub struct ReplayReport {
+    pub replayed: Vec<String>,
+    /// `(id, why)` of selected messages that could not be replayed (kept).
+    pub failed: Vec<(String, String)>,
+}
+
+/// Headers a replayed copy must not carry.
+fn is_dead_header(k: &str) -> bool {
+    k.starts_with("x-warren-dead-")
+        || k == headers::ORIGINAL_QUEUE
+        || k == headers::ORIGINAL_ROUTING_KEY
+        || k.starts_with("x-death")
+        || k.starts_with("x-first-death")
+        || k.starts_with("x-last-death")
+}
+
+/// The task a dead message becomes when replayed: same id, name, payload and
+/// user headers; attempts and failure history reset.
+pub fn revive(routing_key: &str, props: &BasicProperties, body: &[u8]) -> Result<Task, String> {
+    let mut t = Task::decode(routing_key, props, body, usize::MAX).map_err(|e| e.to_string())?;
+    t.attempt = 1;
+    t.last_error = None;
+    t.first_failed_at = None;
+    let mut h = FieldTable::default();
+    for (k, v) in t.extra_headers.inner() {
+        if !is_dead_header(k.as_str()) {
+            h.insert(k.clone(), v.clone());
+        }
+    }
+    t.extra_headers = h;
+    Ok(t)
+}
+
+/// Republish the selected dead tasks (confirmed, attempts reset) and remove
+/// them from the dead queue. Looks at up to `limit` messages.
+pub async fn replay(
+    conn: &Connection,
+    topo: &Topology,
+    selector: &Selector,
+    limit: usize,
+    confirm_timeout: Duration,
+) -> Result<ReplayReport, DeadError> {
+    let publisher = Publisher::new(conn, confirm_timeout).await?;
+    let ch = conn.create_channel().await?;
+    let mut report = ReplayReport::default();
+    let mut scan = Scan::new(&ch, topo, limit);
+    while let Some(delivery) = scan.next().await? {
+        let d = &delivery;
+        let info = describe(d.routing_key.as_str(), &d.properties, &d.data);
+        if !selector.matches(&info) {
+            continue;
+        }
+        let id = info.id.clone().unwrap_or_default();
+        let task = match revive(d.routing_key.as_str(), &d.properties, &d.data) {
+            Ok(t) => t,
+            Err(e) => {
+                report.failed.push((id, format!("not a valid task: {e}")));
+                continue;
+            }
+        };
+        match publisher.publish_task(topo, &task, Duration::ZERO).await {
+            Ok(()) => {
+                d.acker.ack(BasicAckOptions::default()).await?;
+                report.replayed.push(id);
+            }
+            Err(e) => report.failed.push((id, e.to_string())),
+        }
+    }
+    ch.close(200, "dead replay done".into()).await?;
+    let _ = publisher
+        .channel()
+        .close(200, "dead replay done".into())
+        .await;
+    Ok(report)
+}
+
+/// Delete the selected dead tasks; returns how many.
+pub async fn purge(
+    conn: &Connection,
+    topo: &Topology,
+    selector: &Selector,
+    limit: usize,
+) -> Result<u64, DeadError> {
+    let ch = conn.create_channel().await?;
+    let n = if *selector == Selector::All {
+        u64::from(
+            ch.queue_purge(
+                topo.dead_queue().as_str().into(),
+                QueuePurgeOptions::default(),
+            )
+            .await?,
+        )
+    } else {
+        let mut n = 0;
+        let mut scan = Scan::new(&ch, topo, limit);
+        while let Some(delivery) = scan.next().await? {
+            let d = &delivery;
+            if selector.matches(&describe(d.routing_key.as_str(), &d.properties, &d.data)) {
+                d.acker.ack(BasicAckOptions::default()).await?;
+                n += 1;
+            }
+        }
+        n
+    };
+    ch.close(200, "dead purge done".into()).await?;
+    Ok(n)
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+    use lapin::types::FieldArray;
+
+    fn with(h: &[(&str, AMQPValue)]) -> BasicProperties {
+        let mut t = FieldTable::default();
+        for (k, v) in h {
+            t.insert((*k).into(), v.clone());
+        }
+        BasicProperties::default()
+            .with_message_id("m1".into())
+            .with_headers(t)
+    }
+
+    fn s(v: &str) -> AMQPValue {
+        AMQPValue::LongString(v.into())
+    }
+
+    #[test]
+    fn reason_from_dead_headers_x_death_or_alternate_exchange() {
+        let p = with(&[
+            (headers::DEAD_REASON, s("permanent error: no")),
+            (headers::DEAD_KIND, s("permanent")),
+            (headers::ATTEMPT, AMQPValue::LongLongInt(3)),
+        ]);
+        let d = describe("a.b", &p, b"{}");
+        assert_eq!(
+            (d.reason.as_str(), d.kind.as_str()),
+            ("permanent error: no", "permanent")
+        );
+        assert_eq!(d.attempts, Some(3));
+
+        let mut death = FieldTable::default();
+        death.insert("reason".into(), s("rejected"));
+        death.insert("queue".into(), s("warren.default"));
+        let arr = FieldArray::from(vec![AMQPValue::FieldTable(death)]);
+        let d = describe(
+            "a.b",
+            &with(&[("x-death", AMQPValue::FieldArray(arr))]),
+            b"{}",
+        );
+        assert!(
+            d.reason.contains("rejected") && d.reason.contains("warren.default"),
+            "{d:?}"
+        );
+
+        let mut death = FieldTable::default();
+        death.insert("reason".into(), s("expired"));
+        death.insert("queue".into(), s("warren.delay.3"));
+        let arr = FieldArray::from(vec![AMQPValue::FieldTable(death)]);
+        let d = describe(
+            "a.b",
+            &with(&[("x-death", AMQPValue::FieldArray(arr))]),
+            b"{}",
+        );
+        assert_eq!(d.reason, UNROUTABLE_AFTER_DELAY);
+
+        let key = crate::delay::routing_key(Duration::from_secs(1), "lost.task");
+        let d = describe(&key, &BasicProperties::default(), b"{}");
+        assert_eq!(d.reason, UNROUTABLE_AFTER_DELAY);
+        assert_eq!(d.task, "lost.task");
+    }
+
+    #[test]
+    fn revive_resets_attempts_and_strips_dead_headers() {
+        let p = with(&[
+            (headers::DEAD_REASON, s("x")),
+            (headers::ATTEMPT, AMQPValue::LongLongInt(5)),
+            (headers::LAST_ERROR, s("boom")),
+            (headers::ORIGINAL_QUEUE, s("q")),
+            ("x-user", s("kept")),
+        ])
+        .with_type("a.b".into());
+        let t = revive("a.b", &p, b"{}").unwrap();
+        assert_eq!(
+            (t.attempt, t.id.as_str(), t.last_error.clone()),
+            (1, "m1", None)
+        );
+        assert!(!t.extra_headers.contains_key(headers::DEAD_REASON));
+        assert!(!t.extra_headers.contains_key(headers::ORIGINAL_QUEUE));
+        assert!(t.extra_headers.contains_key("x-user"));
+        assert!(revive("a.b", &p, b"{nope").is_err());
+    }
+}
