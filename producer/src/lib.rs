@@ -38,6 +38,7 @@ mod connection;
 mod context;
 mod control;
 mod error;
+mod jwt;
 mod leader;
 mod metrics;
 mod reload;

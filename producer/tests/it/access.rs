@@ -84,7 +84,10 @@ async fn producer_and_cli_users_need_only_their_documented_permissions() {
         resp.text().await.unwrap_or_default()
     );
     let logs = producer.logs();
-    assert!(!logs.contains("ACCESS_REFUSED"), "a refusal with the documented permissions: {logs}");
+    assert!(
+        !logs.contains("ACCESS_REFUSED"),
+        "a refusal with the documented permissions: {logs}"
+    );
     producer.kill9();
 
     // Without configure on its own queues it cannot take the lock: exit 1

@@ -8,6 +8,7 @@ mod access;
 mod admin;
 mod alarm;
 mod api;
+mod auth;
 mod broker_loss;
 mod cli;
 mod clock_step;
