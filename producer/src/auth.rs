@@ -142,6 +142,28 @@ fn bearer(value: &str) -> Option<&str> {
     (scheme.eq_ignore_ascii_case("bearer") && !token.is_empty()).then_some(token)
 }
 
+/// The audit line of a refused mutating request (the accepted ones are
+/// written by their handlers, [`crate::audit`]): who, as far as known
+/// (`anonymous` without a valid credential), the method and path, never
+/// the token.
+fn audit_refusal(tokens: &Tokens, header: Option<&HeaderValue>, parts: &Parts, e: &ApiError) {
+    let who = header
+        .and_then(|v| v.to_str().ok())
+        .and_then(bearer)
+        .and_then(|t| tokens.identify(t).ok())
+        .map_or_else(|| "anonymous".to_owned(), |c| c.name);
+    let status = e.status().as_u16();
+    tracing::info!(
+        target: "warren::audit",
+        who,
+        action = %parts.method,
+        target = parts.uri.path(),
+        result = "refused",
+        status,
+        "audit"
+    );
+}
+
 /// The tokens in force, shared by every request and replaced whole on
 /// SIGHUP (a request sees the old set or the new one, never a mix).
 #[derive(Clone, Default)]
@@ -226,9 +248,12 @@ where
 
     async fn from_request_parts(parts: &mut Parts, state: &St) -> Result<Self, ApiError> {
         let header = parts.headers.get(header::AUTHORIZATION);
-        let caller = TokenStore::from_ref(state)
-            .current()
-            .authorize(header, S::SCOPE)?;
+        let tokens = TokenStore::from_ref(state).current();
+        let caller = tokens.authorize(header, S::SCOPE).inspect_err(|e| {
+            if !parts.method.is_safe() {
+                audit_refusal(&tokens, header, parts, e);
+            }
+        })?;
         Ok(Self {
             caller,
             scope: PhantomData,

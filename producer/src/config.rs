@@ -650,6 +650,65 @@ mod tests {
     }
 
     #[test]
+    fn hashed_tokens_and_jwt_keys_are_checked_naming_the_key() {
+        let token = "a-token-only-its-holder-knows-42";
+        let cfg = parse(&format!(
+            "[[api.tokens]]\ntoken = \"{}\"\nscopes = [\"read\"]\n",
+            hashed_token(token.as_bytes())
+        ));
+        let grants = cfg.api.grants().unwrap();
+        assert_eq!(grants[0].digest, token_digest(token.as_bytes()));
+        // A digest is not held to the 16-character minimum of a token, but
+        // must be one.
+        let bad = parse("[[api.tokens]]\ntoken = \"sha256:abc\"\nscopes = [\"read\"]\n");
+        let e = bad.validate().join("\n");
+        assert!(
+            e.starts_with("api.tokens[0]: `sha256:` must be followed by the 64 hex digits"),
+            "{e}"
+        );
+        let e = parse("[api]\nread_token = \"short\"\n")
+            .validate()
+            .join("\n");
+        assert!(
+            e.contains("api.read_token: API tokens must be at least 16 characters"),
+            "{e}"
+        );
+
+        let jwt = |extra: &str| {
+            parse(&format!(
+                "[api.jwt]\nissuer = \"https://idp/\"\naudience = \"warren\"\n{extra}"
+            ))
+            .validate()
+            .join("\n")
+        };
+        assert!(
+            jwt("").contains("api.jwt: no key to check tokens with"),
+            "{}",
+            jwt("")
+        );
+        let e = jwt("hs256_secret_file = \"/nonexistent/jwt.secret\"\n");
+        assert!(
+            e.starts_with("api.jwt.hs256_secret_file /nonexistent/jwt.secret: cannot read"),
+            "{e}"
+        );
+        let short = tempfile::NamedTempFile::new().unwrap();
+        std::fs::write(short.path(), "too-short").unwrap();
+        let e = jwt(&format!(
+            "hs256_secret_file = {:?}\n",
+            short.path().display().to_string()
+        ));
+        assert!(
+            e.contains("at least 32 bytes") && !e.contains("too-short"),
+            "{e}"
+        );
+        let e = jwt(&format!(
+            "public_key_files = [{:?}]\n",
+            short.path().display().to_string()
+        ));
+        assert!(e.starts_with("api.jwt.public_key_files[0] "), "{e}");
+    }
+
+    #[test]
     fn every_grant_has_a_name_and_admin_is_a_scope() {
         let dir = tempfile::tempdir().unwrap();
         let file = dir.path().join("tokens");

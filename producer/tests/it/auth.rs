@@ -423,3 +423,51 @@ async fn metrics_listen_serves_metrics_and_health_apart_from_the_api() {
     assert_eq!(app.call(false, &bearer).await.0, 200);
     app.stop().await;
 }
+
+/// Refused mutating requests leave an audit line too: who (as far as
+/// known), method, path, status; never the token.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn refused_mutating_requests_are_audited() {
+    let w = World::new("auditrefused").await;
+    let cfg = w.write_config("p.toml", "");
+    let p = w.start("producer", &cfg, &[]);
+    p.wait_ready(Duration::from_secs(20)).await;
+    let post = |token: &'static str| {
+        let url = p.url("/v1/tasks");
+        async move {
+            reqwest::Client::new()
+                .post(url)
+                .bearer_auth(token)
+                .header("content-type", "application/json")
+                .body(r#"{"task": "it.refused", "payload": {}}"#)
+                .send()
+                .await
+                .unwrap()
+                .status()
+                .as_u16()
+        }
+    };
+    assert_eq!(post(crate::helpers::READ_TOKEN).await, 403);
+    assert_eq!(post("not-a-configured-token-at-all").await, 401);
+    let audit = warren::testing::eventually(Duration::from_secs(20), "two audit lines", || async {
+        let lines = crate::admin::audit_lines(&p.logs());
+        (lines.len() >= 2).then_some(lines)
+    })
+    .await;
+    assert!(
+        audit[0].contains(
+            r#"who="read_token" action=POST target="/v1/tasks" result="refused" status=403"#
+        ),
+        "{}",
+        audit[0]
+    );
+    assert!(
+        audit[1].contains(
+            r#"who="anonymous" action=POST target="/v1/tasks" result="refused" status=401"#
+        ),
+        "{}",
+        audit[1]
+    );
+    let logs = p.logs();
+    assert!(!logs.contains("not-a-configured-token-at-all"), "{logs}");
+}
