@@ -274,6 +274,17 @@ impl Ctx {
         self.api_publisher.read().ok().and_then(|g| g.clone())
     }
 
+    /// The API's broker connection while it is up: what the dead-letter
+    /// engine ([`warren::dead`]) runs on, for the API and the console.
+    pub fn broker(&self) -> Option<Arc<lapin::Connection>> {
+        self.api_publisher().map(|p| p.conn)
+    }
+
+    /// Most dead messages one request may read (`api.dead_scan_limit`).
+    pub fn dead_scan_limit(&self) -> usize {
+        self.cfg.api.dead_scan_limit
+    }
+
     pub fn set_api_publisher(&self, publisher: Option<ApiPublisher>) {
         if let Ok(mut g) = self.api_publisher.write() {
             *g = publisher;

@@ -22,7 +22,7 @@ use warren::dead::{self, DeadError, ReplayReport, Selector};
 use super::{body_error, publisher};
 use crate::audit;
 use crate::auth::{Admin, Publish, Read, RequireScope};
-use crate::context::{ApiPublisher, Ctx};
+use crate::context::Ctx;
 use crate::error::ApiError;
 
 /// Messages listed when a request names no `limit`.
@@ -129,8 +129,8 @@ fn parse<T: serde::de::DeserializeOwned>(
 }
 
 /// The API's broker connection, or 503 while it is down.
-fn broker(ctx: &Ctx) -> Result<ApiPublisher, ApiError> {
-    ctx.api_publisher().ok_or_else(|| {
+fn broker(ctx: &Ctx) -> Result<Arc<lapin::Connection>, ApiError> {
+    ctx.broker().ok_or_else(|| {
         ApiError::new(
             StatusCode::SERVICE_UNAVAILABLE,
             "broker_unavailable",
@@ -184,10 +184,10 @@ async fn get_overview(
     State(ctx): State<Arc<Ctx>>,
     Query(q): Query<OverviewQuery>,
 ) -> Result<Response, ApiError> {
-    let max = ctx.cfg().api.dead_scan_limit;
+    let max = ctx.dead_scan_limit();
     let limit = q.limit.unwrap_or(max).clamp(1, max);
     let b = broker(&ctx)?;
-    let o = dead::overview(&b.conn, ctx.topo(), limit)
+    let o = dead::overview(&b, ctx.topo(), limit)
         .await
         .map_err(dead_error)?;
     Ok(Json(o).into_response())
@@ -198,7 +198,7 @@ async fn get_messages(
     State(ctx): State<Arc<Ctx>>,
     Query(q): Query<MessagesQuery>,
 ) -> Result<Response, ApiError> {
-    let scan = ctx.cfg().api.dead_scan_limit;
+    let scan = ctx.dead_scan_limit();
     let limit = q.limit.unwrap_or(DEFAULT_LIST_LIMIT).clamp(1, scan);
     let b = broker(&ctx)?;
     let keep = |t: &dead::DeadTask| {
@@ -206,7 +206,7 @@ async fn get_messages(
             && q.kind.as_ref().is_none_or(|v| *v == t.kind)
             && q.fingerprint.as_ref().is_none_or(|v| *v == t.fingerprint)
     };
-    let l = dead::list_where(&b.conn, ctx.topo(), scan, limit, keep)
+    let l = dead::list_where(&b, ctx.topo(), scan, limit, keep)
         .await
         .map_err(dead_error)?;
     Ok(Json(l).into_response())
@@ -217,9 +217,9 @@ async fn get_message(
     State(ctx): State<Arc<Ctx>>,
     Path(id): Path<String>,
 ) -> Result<Response, ApiError> {
-    let scan = ctx.cfg().api.dead_scan_limit;
+    let scan = ctx.dead_scan_limit();
     let b = broker(&ctx)?;
-    let m = dead::inspect(&b.conn, ctx.topo(), &id, scan)
+    let m = dead::inspect(&b, ctx.topo(), &id, scan)
         .await
         .map_err(dead_error)?
         .ok_or_else(|| {
@@ -240,7 +240,7 @@ async fn replay(
     let (sel, _) = parse::<SelectorBody>(body)?.selector()?;
     let b = publisher(&ctx)?;
     let timeout = ctx.cfg().amqp.confirm_timeout;
-    let scan = ctx.cfg().api.dead_scan_limit;
+    let scan = ctx.dead_scan_limit();
     let who = &scope.caller().name;
     let r = dead::replay(&b.conn, ctx.topo(), &sel, scan, timeout).await;
     let (result, count) = match &r {
@@ -322,8 +322,8 @@ async fn purge(
         ));
     }
     let b = broker(&ctx)?;
-    let scan = ctx.cfg().api.dead_scan_limit;
-    let r = dead::purge(&b.conn, ctx.topo(), &sel, scan).await;
+    let scan = ctx.dead_scan_limit();
+    let r = dead::purge(&b, ctx.topo(), &sel, scan).await;
     let (result, count) = match &r {
         Ok(n) => (audit::OK, *n),
         Err(_) => (audit::FAILED, 0),

@@ -48,6 +48,8 @@ async fn http_api_through_the_binary() {
     let cfg = w.write_config("p.toml", CFG);
     let p = w.start("producer", &cfg, &[]);
     p.wait_ready(Duration::from_secs(20)).await;
+    // The next-fire gauges checked below exist once the fire loop leads.
+    p.wait_leader(Duration::from_secs(20), true).await;
     let tasks = p.url("/v1/tasks");
     let one = br#"{"task":"it.api","payload":{"x":1},"id":"api-1"}"#.to_vec();
 
