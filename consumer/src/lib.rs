@@ -8,7 +8,7 @@
 //! | [`outcome`] | the pure outcome → action decision |
 //! | [`config`] | [`ConsumerConfig`]: every key the binary reads |
 //! | [`metrics`] | `warren_consumer_*` Prometheus metrics |
-//! | [`dead`] | dead-letter tooling: list, replay, purge |
+//! | [`dead`] | dead-letter tooling: list, replay, purge (the shared engine [`warren::dead`]) |
 //!
 //! A Rust user builds their own worker with their own handlers:
 //!

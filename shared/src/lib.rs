@@ -8,6 +8,7 @@
 //! | [`retry`] | retry policy: attempts and backoff delays |
 //! | [`config`] | shared config sections and the defaults < file < env loader |
 //! | [`amqp`] | connecting and confirmed, pipelined publishing |
+//! | [`dead`] | the dead-letter engine: groups by fingerprint, inspect, replay (edited), purge |
 //! | [`metrics`] | `/metrics`, `/healthz`, `/readyz` and connection metrics |
 //! | [`telemetry`] | log setup |
 //! | [`shutdown`] | SIGINT/SIGTERM → cancellation |

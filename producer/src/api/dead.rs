@@ -27,6 +27,10 @@ use crate::error::ApiError;
 
 /// Messages listed when a request names no `limit`.
 const DEFAULT_LIST_LIMIT: usize = 100;
+/// Messages an overview scans when the request names no `limit`: about
+/// 0.1 s (measured on a debug build, 20,000 dead letters), fast enough to
+/// refresh a page; up to `api.dead_scan_limit` on request.
+const DEFAULT_OVERVIEW_SCAN: usize = 1000;
 
 pub fn routes() -> Router<Arc<Ctx>> {
     Router::new()
@@ -41,7 +45,7 @@ pub fn routes() -> Router<Arc<Ctx>> {
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 struct OverviewQuery {
-    /// Messages to scan (at most `api.dead_scan_limit`, the default).
+    /// Messages to scan (default 1000, at most `api.dead_scan_limit`).
     limit: Option<usize>,
 }
 
@@ -185,7 +189,7 @@ async fn get_overview(
     Query(q): Query<OverviewQuery>,
 ) -> Result<Response, ApiError> {
     let max = ctx.dead_scan_limit();
-    let limit = q.limit.unwrap_or(max).clamp(1, max);
+    let limit = q.limit.unwrap_or(DEFAULT_OVERVIEW_SCAN).clamp(1, max);
     let b = broker(&ctx)?;
     let o = dead::overview(&b, ctx.topo(), limit)
         .await

@@ -129,13 +129,17 @@ async fn find(
     id: &str,
     scan_limit: usize,
 ) -> Result<Option<Delivery>, DeadError> {
-    let mut scan = Scan::new(ch, topo, scan_limit);
+    let mut scan = Scan::new(ch, topo, scan_limit).await?;
+    let mut found = None;
     while let Some(d) = scan.next().await? {
         if d.properties.message_id().as_ref().map(|m| m.as_str()) == Some(id) {
-            return Ok(Some(d));
+            found = Some(d);
+            break;
         }
     }
-    Ok(None)
+    // Still unacked, the found one can be acked after the cancel.
+    scan.stop().await?;
+    Ok(found)
 }
 
 fn message(d: &Delivery) -> DeadMessage {

@@ -28,7 +28,10 @@ mod overview;
 use std::time::Duration;
 
 use lapin::message::Delivery;
-use lapin::options::{BasicAckOptions, BasicGetOptions, QueueDeclareOptions, QueuePurgeOptions};
+use lapin::options::{
+    BasicAckOptions, BasicCancelOptions, BasicConsumeOptions, BasicQosOptions, QueueDeclareOptions,
+    QueuePurgeOptions,
+};
 use lapin::types::{AMQPValue, FieldTable};
 use lapin::{BasicProperties, Channel, Connection};
 use serde::Serialize;
@@ -189,9 +192,16 @@ impl DeadError {
 /// (ready ones: a scan in progress elsewhere hides what it holds unacked).
 pub async fn count(conn: &Connection, topo: &Topology) -> Result<u64, DeadError> {
     let ch = conn.create_channel().await?;
+    let n = ready(&ch, &topo.dead_queue()).await?;
+    ch.close(200, "dead count done".into()).await?;
+    Ok(u64::from(n))
+}
+
+/// Ready messages in `queue` (a passive declare).
+async fn ready(ch: &Channel, queue: &str) -> Result<u32, DeadError> {
     let q = ch
         .queue_declare(
-            topo.dead_queue().as_str().into(),
+            queue.into(),
             QueueDeclareOptions {
                 passive: true,
                 ..Default::default()
@@ -199,8 +209,7 @@ pub async fn count(conn: &Connection, topo: &Topology) -> Result<u64, DeadError>
             FieldTable::default(),
         )
         .await?;
-    ch.close(200, "dead count done".into()).await?;
-    Ok(u64::from(q.message_count()))
+    Ok(q.message_count())
 }
 
 /// A page of dead tasks: those of the first `scanned` messages that matched.
@@ -226,7 +235,7 @@ pub async fn list_where(
 ) -> Result<Listing, DeadError> {
     let total = count(conn, topo).await?;
     let ch = conn.create_channel().await?;
-    let mut scan = Scan::new(&ch, topo, scan_limit);
+    let mut scan = Scan::new(&ch, topo, scan_limit).await?;
     let mut tasks = Vec::new();
     while tasks.len() < limit {
         let Some(d) = scan.next().await? else { break };
@@ -236,6 +245,7 @@ pub async fn list_where(
         }
     }
     let scanned = scan.seen as u64;
+    scan.stop().await?;
     ch.close(200, "dead list done".into()).await?;
     Ok(Listing {
         total,
@@ -252,59 +262,95 @@ pub async fn list(
     limit: usize,
 ) -> Result<Vec<DeadTask>, DeadError> {
     let ch = conn.create_channel().await?;
-    let mut scan = Scan::new(&ch, topo, limit);
+    let mut scan = Scan::new(&ch, topo, limit).await?;
     let mut out = Vec::new();
     while let Some(d) = scan.next().await? {
         out.push(describe(d.routing_key.as_str(), &d.properties, &d.data));
     }
+    scan.stop().await?;
     // Closing the channel returns every fetched message to the queue.
     ch.close(200, "dead list done".into()).await?;
     Ok(out)
 }
 
-/// One pass over what the dead queue holds when the pass starts, fetched
+/// One pass over what the dead queue holds when the pass starts, delivered
 /// unacked: tasks dead-lettered meanwhile (a replayed task failing again) are
 /// not seen twice, and whatever the caller does not ack goes back to the queue
 /// when the channel closes.
+///
+/// Deliveries stream through a consumer whose prefetch is the scan limit, so
+/// the broker sends no more than the scan may look at: one `basic.get` per
+/// message would cost a round trip each (measured on a debug build with
+/// 20,000 dead letters: an overview of 10,000 took ~5 s with `basic.get`,
+/// 0.7-1.1 s consuming; of 1,000, 0.9-1.3 s against 0.07-0.15 s).
 struct Scan<'a> {
     ch: &'a Channel,
+    consumer: lapin::Consumer,
     queue: String,
+    /// Messages this pass may look at: the limit, or what was ready at the start.
     limit: usize,
     seen: usize,
 }
 
+/// How long a scan waits for a delivery before asking the broker whether
+/// anything is still ready (another scan may hold the rest, unacked).
+const SCAN_IDLE: Duration = Duration::from_millis(200);
+
 impl<'a> Scan<'a> {
-    fn new(ch: &'a Channel, topo: &Topology, limit: usize) -> Self {
-        Self {
+    async fn new(ch: &'a Channel, topo: &Topology, limit: usize) -> Result<Self, DeadError> {
+        let queue = topo.dead_queue();
+        let ready = ready(ch, &queue).await?;
+        let limit = limit.min(ready as usize);
+        // 0 = unlimited (basic.qos counts in u16): only for scans of more
+        // than 65,535, which read the whole queue anyway.
+        let prefetch = u16::try_from(limit.max(1)).unwrap_or(0);
+        ch.basic_qos(prefetch, BasicQosOptions::default()).await?;
+        let consumer = ch
+            .basic_consume(
+                queue.as_str().into(),
+                "warren-dead-scan".into(),
+                BasicConsumeOptions::default(),
+                FieldTable::default(),
+            )
+            .await?;
+        Ok(Self {
             ch,
-            queue: topo.dead_queue(),
+            consumer,
+            queue,
             limit,
             seen: 0,
-        }
+        })
+    }
+
+    /// Stop the deliveries before the caller closes the channel (a delivery
+    /// arriving on a closing channel makes lapin log an error).
+    async fn stop(self) -> Result<(), DeadError> {
+        self.ch
+            .basic_cancel(self.consumer.tag(), BasicCancelOptions::default())
+            .await?;
+        Ok(())
     }
 
     async fn next(&mut self) -> Result<Option<Delivery>, DeadError> {
-        if self.seen >= self.limit {
-            return Ok(None);
+        use futures_util::StreamExt as _;
+        while self.seen < self.limit {
+            match tokio::time::timeout(SCAN_IDLE, self.consumer.next()).await {
+                Ok(Some(d)) => {
+                    self.seen += 1;
+                    return Ok(Some(d?));
+                }
+                Ok(None) => return Ok(None),
+                Err(_) => {
+                    // Nothing came: stop once nothing is ready any more.
+                    if ready(self.ch, &self.queue).await? == 0 {
+                        return Ok(None);
+                    }
+                }
+            }
         }
-        let Some(m) = self
-            .ch
-            .basic_get(
-                self.queue.as_str().into(),
-                BasicGetOptions { no_ack: false },
-            )
-            .await?
-        else {
-            return Ok(None);
-        };
-        if self.seen == 0 {
-            self.limit = self.limit.min(m.message_count as usize + 1);
-        }
-        self.seen += 1;
-        Ok(Some(m.delivery))
+        Ok(None)
     }
 }
-
 /// Result of a replay.
 #[derive(Debug, Default, Clone, PartialEq, Serialize)]
 pub struct ReplayReport {
@@ -352,7 +398,7 @@ pub async fn replay(
     let publisher = Publisher::new(conn, confirm_timeout).await?;
     let ch = conn.create_channel().await?;
     let mut report = ReplayReport::default();
-    let mut scan = Scan::new(&ch, topo, limit);
+    let mut scan = Scan::new(&ch, topo, limit).await?;
     while let Some(delivery) = scan.next().await? {
         let d = &delivery;
         let info = describe(d.routing_key.as_str(), &d.properties, &d.data);
@@ -375,6 +421,7 @@ pub async fn replay(
             Err(e) => report.failed.push((id, e.to_string())),
         }
     }
+    scan.stop().await?;
     ch.close(200, "dead replay done".into()).await?;
     let _ = publisher
         .channel()
@@ -401,7 +448,7 @@ pub async fn purge(
         )
     } else {
         let mut n = 0;
-        let mut scan = Scan::new(&ch, topo, limit);
+        let mut scan = Scan::new(&ch, topo, limit).await?;
         while let Some(delivery) = scan.next().await? {
             let d = &delivery;
             if selector.matches(&describe(d.routing_key.as_str(), &d.properties, &d.data)) {
@@ -409,6 +456,7 @@ pub async fn purge(
                 n += 1;
             }
         }
+        scan.stop().await?;
         n
     };
     ch.close(200, "dead purge done".into()).await?;

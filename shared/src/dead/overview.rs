@@ -46,11 +46,12 @@ pub async fn overview(
 ) -> Result<Overview, DeadError> {
     let total = count(conn, topo).await?;
     let ch = conn.create_channel().await?;
-    let mut scan = Scan::new(&ch, topo, scan_limit);
+    let mut scan = Scan::new(&ch, topo, scan_limit).await?;
     let mut tasks = Vec::new();
     while let Some(d) = scan.next().await? {
         tasks.push(describe(d.routing_key.as_str(), &d.properties, &d.data));
     }
+    scan.stop().await?;
     // Closing the channel returns every fetched message to the queue.
     ch.close(200, "dead overview done".into()).await?;
     let scanned = tasks.len() as u64;
