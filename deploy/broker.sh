@@ -1,11 +1,16 @@
 #!/usr/bin/env bash
 # A RabbitMQ node of its own, on loopback, for development and tests.
 #
-#   deploy/broker.sh start [--dir DIR] [--port N] [--name NAME] [--watch PID] [--tls] [--listen IP]
+#   deploy/broker.sh start [--dir DIR] [--port N] [--name NAME] [--watch PID] [--tls]
+#                          [--tls-verify-peer] [--listen IP]
 #       Starts a node (installing Debian's rabbitmq-server first when missing and
 #       running as root), waits until it serves, prints its AMQP URL as the last
 #       line. --watch PID stops the node when process PID exits. --tls adds an
 #       amqps listener with a throwaway CA (DIR/tls/ca.pem); see tls-url.
+#       --tls-verify-peer (implies --tls) makes that listener require a client
+#       certificate signed by the CA: DIR/tls/client.pem + client.key (CN
+#       warren-client, also a user for EXTERNAL login, which it enables), and
+#       DIR/tls/other-client.pem + .key signed by another CA (for refusal tests).
 #       --listen IP also serves AMQP on IP (another loopback address, e.g. 127.0.0.2:
 #       fault tests cut one client off by address without touching the others).
 #   deploy/broker.sh stop [--dir DIR]      stops exactly the node started in DIR
@@ -28,6 +33,7 @@ port=5672
 name=warren-dev
 watch=""
 tls=""
+verify_peer=""
 extra_ip=""
 while [ $# -gt 0 ]; do
   case "$1" in
@@ -36,6 +42,7 @@ while [ $# -gt 0 ]; do
     --name) name=$2; shift 2 ;;
     --watch) watch=$2; shift 2 ;;
     --tls) tls=1; shift ;;
+    --tls-verify-peer) tls=1; verify_peer=1; shift ;;
     --listen) extra_ip=$2; shift 2 ;;
     --) shift; break ;;
     *) break ;;
@@ -91,6 +98,23 @@ make_certs() {
     -days 7 -extfile "$t/ext.cnf" -out "$t/server.pem" 2>/dev/null
 }
 
+# Client certificates for a node that verifies its peers: one signed by the
+# node's CA (its CN is the user EXTERNAL logs in as), one by a stranger CA.
+make_client_certs() {
+  local t="$dir/tls"
+  printf 'basicConstraints=CA:FALSE\nextendedKeyUsage=clientAuth\n' > "$t/client-ext.cnf"
+  client_cert() { # NAME CA-PEM CA-KEY
+    openssl req -newkey rsa:2048 -nodes -subj "/CN=warren-client" \
+      -keyout "$t/$1.key" -out "$t/$1.csr" 2>/dev/null
+    openssl x509 -req -in "$t/$1.csr" -CA "$2" -CAkey "$3" -CAcreateserial \
+      -days 7 -extfile "$t/client-ext.cnf" -out "$t/$1.pem" 2>/dev/null
+  }
+  client_cert client "$t/ca.pem" "$t/ca.key"
+  openssl req -x509 -newkey rsa:2048 -nodes -days 7 -subj "/CN=warren stranger CA" \
+    -keyout "$t/other-ca.key" -out "$t/other-ca.pem" 2>/dev/null
+  client_cert other-client "$t/other-ca.pem" "$t/other-ca.key"
+}
+
 node_env() {
   # shellcheck disable=SC1091
   . "$dir/node.env"
@@ -141,12 +165,30 @@ listeners.ssl.default = 127.0.0.1:$tls_port
 ssl_options.cacertfile = $dir/tls/ca.pem
 ssl_options.certfile = $dir/tls/server.pem
 ssl_options.keyfile = $dir/tls/server.key
+EOF
+    if [ -n "$verify_peer" ]; then
+      make_client_certs
+      cat >> "$dir/rabbitmq.conf" <<EOF
+ssl_options.verify = verify_peer
+ssl_options.fail_if_no_peer_cert = true
+auth_mechanisms.1 = PLAIN
+auth_mechanisms.2 = AMQPLAIN
+auth_mechanisms.3 = EXTERNAL
+ssl_cert_login_from = common_name
+EOF
+    else
+      cat >> "$dir/rabbitmq.conf" <<EOF
 ssl_options.verify = verify_none
 ssl_options.fail_if_no_peer_cert = false
 EOF
+    fi
   fi
   echo '[].' > "$dir/advanced.config"
-  echo '[].' > "$dir/enabled_plugins"
+  if [ -n "$verify_peer" ]; then
+    echo '[rabbitmq_auth_mechanism_ssl].' > "$dir/enabled_plugins"
+  else
+    echo '[].' > "$dir/enabled_plugins"
+  fi
   : > "$dir/rabbitmq-env.conf"
   node_env
   rm -f "$dir/rabbit.pid"
@@ -165,6 +207,12 @@ EOF
     log "node did not start; see $dir/log"
     tail -20 "$dir/log/stdout.log" >&2 || true
     exit 1
+  fi
+  if [ -n "$verify_peer" ]; then
+    # The user of the client certificate's CN, for EXTERNAL login (no password).
+    "$RMQ_BIN/rabbitmqctl" -n "$NODE" add_user warren-client "$(openssl rand -hex 16)" > /dev/null
+    "$RMQ_BIN/rabbitmqctl" -n "$NODE" clear_password warren-client > /dev/null
+    "$RMQ_BIN/rabbitmqctl" -n "$NODE" set_permissions -p / warren-client '.*' '.*' '.*' > /dev/null
   fi
   if [ -n "$watch" ]; then
     # Stop the node once the watched process is gone (test runs that crash).
@@ -209,5 +257,5 @@ case "$cmd" in
   ctl) ctl "$@" ;;
   url) url ;;
   tls-url) tls_url ;;
-  *) sed -n '2,22p' "$0" >&2; exit 2 ;;
+  *) sed -n '2,25p' "$0" >&2; exit 2 ;;
 esac

@@ -33,6 +33,10 @@ pub enum Command {
     /// Inspect, replay or purge dead-lettered tasks.
     #[command(subcommand)]
     Dead(DeadCommand),
+    /// Declare the topology of the config (exchanges, queues, bindings) and
+    /// exit: the deployer's step when the roles run with
+    /// `topology.declare = false` under users without configure permission.
+    Declare,
 }
 
 #[derive(Debug, Subcommand)]

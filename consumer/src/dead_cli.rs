@@ -11,6 +11,32 @@ use warren_consumer::ConsumerConfig;
 
 use crate::cli::DeadCommand;
 
+/// `warren-consumer declare`: declare the whole topology of `cfg`, whatever
+/// `topology.declare` says (running it is asking for it).
+pub async fn declare(cfg: ConsumerConfig) -> anyhow::Result<()> {
+    warren::telemetry::init(&warren::config::LogConfig {
+        level: "warn".into(),
+        ..cfg.log.clone()
+    });
+    let topology = warren::config::TopologyConfig {
+        declare: true,
+        ..cfg.topology.clone()
+    };
+    let topo = warren::Topology::new(&topology);
+    let conn = warren::amqp::connect(&cfg.amqp, "warren-consumer-declare")
+        .await
+        .context("connecting to the broker")?;
+    let res = warren::topology::declare(&conn, &topo).await;
+    let _ = conn.close(200, "declared".into()).await;
+    res?;
+    warren::errln!(
+        "declared the topology of prefix `{}` ({} work queue(s))",
+        topo.prefix(),
+        topo.work_queues().len()
+    );
+    Ok(())
+}
+
 /// Run `cmd` against the broker of `cfg`.
 pub async fn run(cfg: ConsumerConfig, cmd: DeadCommand) -> anyhow::Result<()> {
     warren::telemetry::init(&warren::config::LogConfig {

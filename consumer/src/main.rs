@@ -1,12 +1,13 @@
 //! `warren-consumer [--config FILE] [run]` runs the worker;
 //! `warren-consumer check` validates the config;
-//! `warren-consumer dead list|replay|purge` manages the dead-letter queue.
+//! `warren-consumer dead list|replay|purge` manages the dead-letter queue;
+//! `warren-consumer declare` declares the topology and exits.
 //!
 //! | module | owns |
 //! |---|---|
 //! | [`cli`] | arguments, config loading and validation, `check` |
 //! | [`app`] | wiring of `run`: worker + HTTP |
-//! | [`dead_cli`] | the `dead` subcommands and their output |
+//! | [`dead_cli`] | the `dead` subcommands and their output, `declare` |
 
 mod app;
 mod cli;
@@ -37,6 +38,7 @@ fn main() -> ExitCode {
         }
         Command::Run => runtime().and_then(|rt| rt.block_on(app::run(cfg, registry))),
         Command::Dead(cmd) => runtime().and_then(|rt| rt.block_on(dead_cli::run(cfg, cmd))),
+        Command::Declare => runtime().and_then(|rt| rt.block_on(dead_cli::declare(cfg))),
     };
     // Lines still queued for the log writer would die with the process.
     warren::telemetry::flush();

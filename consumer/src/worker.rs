@@ -186,6 +186,16 @@ impl Worker {
                     self.drain(session, &tracker).await;
                     return Ok(());
                 }
+                End::Refused(e) => {
+                    self.amqp_metrics.connected.set(0);
+                    session.flush_acks().await;
+                    let _ = tokio::time::timeout(
+                        Duration::from_secs(2),
+                        session.conn.close(200, "warren consumer refused".into()),
+                    )
+                    .await;
+                    return Err(e);
+                }
                 End::Lost => {
                     self.amqp_metrics.connected.set(0);
                     short_lived = if opened.elapsed() < Duration::from_secs(10) {
@@ -242,5 +252,6 @@ fn is_fatal(e: &warren::Error) -> bool {
                 | warren::Error::Tls(_)
                 | warren::Error::TopologyConflict { .. }
                 | warren::Error::Declare { .. }
+                | warren::Error::Missing { .. }
         )
 }

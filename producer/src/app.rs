@@ -27,6 +27,8 @@ pub struct App {
     registry: Registry,
     listener: TcpListener,
     addr: SocketAddr,
+    /// `api.metrics_listen`: the ops endpoints' own listener.
+    ops: Option<(TcpListener, SocketAddr)>,
 }
 
 impl App {
@@ -45,6 +47,14 @@ impl App {
         let seal = warren::security::Seal::from_config(&cfg.security)?.map(Arc::new);
         let listener = TcpListener::bind(cfg.http.addr).await?;
         let addr = listener.local_addr()?;
+        let ops = match cfg.api.metrics_listen {
+            Some(at) => {
+                let l = TcpListener::bind(at).await?;
+                let a = l.local_addr()?;
+                Some((l, a))
+            }
+            None => None,
+        };
         let ctx = Ctx::new(
             cfg,
             metrics,
@@ -59,6 +69,7 @@ impl App {
             registry,
             listener,
             addr,
+            ops,
         })
     }
 
@@ -69,9 +80,15 @@ impl App {
         self
     }
 
-    /// Where `/metrics`, `/healthz`, `/readyz` and `/v1` are served.
+    /// Where `/v1` is served, and `/metrics`, `/healthz`, `/readyz` unless
+    /// `api.metrics_listen` moves them ([`App::metrics_addr`]).
     pub fn addr(&self) -> SocketAddr {
         self.addr
+    }
+
+    /// Where `/metrics`, `/healthz`, `/readyz` are served.
+    pub fn metrics_addr(&self) -> SocketAddr {
+        self.ops.as_ref().map_or(self.addr, |(_, a)| *a)
     }
 
     /// Run until `shutdown` is cancelled (`Ok`) or something the producer
@@ -83,6 +100,7 @@ impl App {
             registry,
             listener,
             addr,
+            ops,
         } = self;
         let ctx = Arc::new(ctx);
         ctx.apply_schedules(schedules);
@@ -94,8 +112,21 @@ impl App {
         tracker.spawn(crate::scheduler::run(ctx.clone(), stop.clone()));
         tracker.spawn(crate::reload::on_sighup(ctx.clone(), stop.clone()));
 
-        let server = tokio::spawn(serve(listener, router(&ctx, registry), stop.clone()));
-        tracing::info!(%addr, "serving /metrics, /healthz, /readyz");
+        let ops_router = warren::metrics::ops_router(registry, ctx.health().clone());
+        let (main, ops_server) = match ops {
+            // Scrapers and probes on their own address: the main listener
+            // (which may face the internet) no longer answers them.
+            Some((l, at)) => {
+                tracing::info!(addr = %at, "serving /metrics, /healthz, /readyz");
+                let s = tokio::spawn(serve(l, ops_router, stop.clone()));
+                (api_router(&ctx), Some(s))
+            }
+            None => {
+                tracing::info!(%addr, "serving /metrics, /healthz, /readyz");
+                (ops_router.merge(api_router(&ctx)), None)
+            }
+        };
+        let server = tokio::spawn(serve(listener, main, stop.clone()));
         tracing::info!(%addr, instance = %ctx.instance(), "warren-producer running");
 
         stop.cancelled().await;
@@ -107,6 +138,9 @@ impl App {
             tracing::warn!("some tasks did not stop within 10s");
         }
         let _ = tokio::time::timeout(Duration::from_secs(5), server).await;
+        if let Some(s) = ops_server {
+            let _ = tokio::time::timeout(Duration::from_secs(5), s).await;
+        }
         match ctx.fatal() {
             Some(why) => Err(anyhow::anyhow!("{why}")),
             None => Ok(()),
@@ -114,8 +148,8 @@ impl App {
     }
 }
 
-fn router(ctx: &Arc<Ctx>, registry: Registry) -> Router {
-    let mut router = warren::metrics::ops_router(registry, ctx.health().clone());
+fn api_router(ctx: &Arc<Ctx>) -> Router {
+    let mut router = Router::new();
     if ctx.cfg().api.enabled {
         router = router.merge(crate::api::router(ctx.clone()));
         if ctx.cfg().api.console {

@@ -6,8 +6,12 @@
 //! The extractor yields the [`Caller`]: the grant's name (never the token)
 //! for logs and audit lines, and its scopes.
 //!
-//! Tokens are compared in constant time against every configured token. The
-//! set lives in a [`TokenStore`] that SIGHUP replaces whole, so a rotated
+//! A presented token is hashed (SHA-256) and its digest compared in constant
+//! time against every configured token's digest: the comparison leaks
+//! neither content nor length, and a config may hold digests alone
+//! (`sha256:<hex>`). A token shaped like a JWT goes to [`crate::jwt`] when
+//! `[api.jwt]` is configured. The scheme `Bearer` is matched in any case.
+//! The set lives in a [`TokenStore`] that SIGHUP replaces whole, so a rotated
 //! token works on the next request; the extractor finds the store in any
 //! router state that provides it through [`FromRef`].
 
@@ -19,8 +23,9 @@ use axum::http::request::Parts;
 use axum::http::{header, HeaderValue, StatusCode};
 use subtle::ConstantTimeEq;
 
-use crate::config::{ApiConfig, Grant, Scope};
+use crate::config::{token_digest, ApiConfig, Grant, Scope};
 use crate::error::ApiError;
+use crate::jwt::{looks_like_jwt, JwtVerifier};
 
 /// The authenticated grant behind a request: its name (`publish_token`,
 /// `tokens[2]`, a configured name, `<file>:<line>`) and what it may do.
@@ -36,41 +41,69 @@ impl Caller {
     }
 }
 
-/// Configured tokens and their scopes.
-#[derive(Default, PartialEq)]
-pub struct Tokens(Vec<Grant>);
+/// Configured tokens and their scopes, and the JWT check if configured.
+#[derive(Default)]
+pub struct Tokens {
+    grants: Vec<Grant>,
+    jwt: Option<JwtVerifier>,
+}
+
+/// Equal when a reload would change nothing a comparison can see: with JWT
+/// keys (files that may have changed on disk) never, so SIGHUP re-reads them.
+impl PartialEq for Tokens {
+    fn eq(&self, other: &Self) -> bool {
+        self.grants == other.grants && self.jwt.is_none() && other.jwt.is_none()
+    }
+}
 
 impl Tokens {
     pub fn from_config(cfg: &ApiConfig) -> anyhow::Result<Self> {
-        Ok(Self(cfg.grants()?))
+        let jwt = cfg.jwt.as_ref().map(JwtVerifier::from_config).transpose()?;
+        Ok(Self {
+            grants: cfg.grants()?,
+            jwt,
+        })
     }
 
+    /// No static token and no JWT check: every request is refused.
     pub fn is_empty(&self) -> bool {
-        self.0.is_empty()
+        self.grants.is_empty() && self.jwt.is_none()
     }
 
+    /// How many static tokens.
     pub fn len(&self) -> usize {
-        self.0.len()
+        self.grants.len()
     }
 
-    /// The grant of `presented`, comparing against every token in constant
-    /// time (no early exit: how long it takes says nothing about which matched).
+    /// The grant of `presented`: its digest against every configured
+    /// digest in constant time, with no early exit (how long it takes says
+    /// nothing about which matched, nor about any length).
     fn grant(&self, presented: &[u8]) -> Option<&Grant> {
+        let digest = token_digest(presented);
         let mut found = None;
-        for grant in &self.0 {
-            if bool::from(grant.token.as_slice().ct_eq(presented)) {
+        for grant in &self.grants {
+            if bool::from(grant.digest.ct_eq(&digest)) {
                 found = Some(grant);
             }
         }
         found
     }
 
-    /// Who presents `token`, if anyone.
+    /// Who presents static `token`, if anyone.
     pub fn authenticate(&self, token: &[u8]) -> Option<Caller> {
         self.grant(token).map(|g| Caller {
             name: g.name.clone(),
             scopes: g.scopes.clone(),
         })
+    }
+
+    /// Who presents `token`, static or JWT; the refusal says why not.
+    fn identify(&self, token: &str) -> Result<Caller, String> {
+        if let (Some(jwt), true) = (&self.jwt, looks_like_jwt(token)) {
+            return jwt.verify(token).map_err(|r| r.to_string());
+        }
+        self.authenticate(token.as_bytes())
+            .ok_or_else(|| "unknown token".to_owned())
     }
 
     /// What a request presenting `authorization` (the header's value, if
@@ -86,15 +119,9 @@ impl Tokens {
         let token = value
             .to_str()
             .ok()
-            .and_then(|v| {
-                v.strip_prefix("Bearer ")
-                    .or_else(|| v.strip_prefix("bearer "))
-            })
-            .map(str::trim)
+            .and_then(bearer)
             .ok_or_else(|| unauthorized("expected `Authorization: Bearer <token>`"))?;
-        let caller = self
-            .authenticate(token.as_bytes())
-            .ok_or_else(|| unauthorized("unknown token"))?;
+        let caller = self.identify(token).map_err(|why| unauthorized(&why))?;
         if caller.has(scope) {
             Ok(caller)
         } else {
@@ -105,6 +132,36 @@ impl Tokens {
             ))
         }
     }
+}
+
+/// The credentials of an `Authorization` value of scheme `Bearer`, which
+/// RFC 9110 makes case-insensitive.
+fn bearer(value: &str) -> Option<&str> {
+    let (scheme, token) = value.trim_start().split_once([' ', '\t'])?;
+    let token = token.trim();
+    (scheme.eq_ignore_ascii_case("bearer") && !token.is_empty()).then_some(token)
+}
+
+/// The audit line of a refused mutating request (the accepted ones are
+/// written by their handlers, [`crate::audit`]): who, as far as known
+/// (`anonymous` without a valid credential), the method and path, never
+/// the token.
+fn audit_refusal(tokens: &Tokens, header: Option<&HeaderValue>, parts: &Parts, e: &ApiError) {
+    let who = header
+        .and_then(|v| v.to_str().ok())
+        .and_then(bearer)
+        .and_then(|t| tokens.identify(t).ok())
+        .map_or_else(|| "anonymous".to_owned(), |c| c.name);
+    let status = e.status().as_u16();
+    tracing::info!(
+        target: "warren::audit",
+        who,
+        action = %parts.method,
+        target = parts.uri.path(),
+        result = "refused",
+        status,
+        "audit"
+    );
 }
 
 /// The tokens in force, shared by every request and replaced whole on
@@ -191,9 +248,12 @@ where
 
     async fn from_request_parts(parts: &mut Parts, state: &St) -> Result<Self, ApiError> {
         let header = parts.headers.get(header::AUTHORIZATION);
-        let caller = TokenStore::from_ref(state)
-            .current()
-            .authorize(header, S::SCOPE)?;
+        let tokens = TokenStore::from_ref(state).current();
+        let caller = tokens.authorize(header, S::SCOPE).inspect_err(|e| {
+            if !parts.method.is_safe() {
+                audit_refusal(&tokens, header, parts, e);
+            }
+        })?;
         Ok(Self {
             caller,
             scope: PhantomData,

@@ -25,6 +25,8 @@ pub enum UsageError {
     Task(RequestError),
     #[error("no schedule named `{0}` in the config")]
     Schedule(String),
+    #[error("token hash: the token on stdin is shorter than 16 characters")]
+    ShortToken,
 }
 
 /// The process exit code for an error of any subcommand: 2 for a
@@ -67,6 +69,28 @@ pub enum Command {
     },
     /// Publish one task (or many with --batch) and wait for the broker's confirm.
     Publish(PublishArgs),
+    /// API token helpers.
+    #[command(subcommand)]
+    Token(TokenCommand),
+}
+
+#[derive(Debug, Subcommand)]
+pub enum TokenCommand {
+    /// Read a token on stdin and print `sha256:<hex>`, the form a config
+    /// may hold instead of the token itself.
+    Hash,
+}
+
+/// `token hash`: the first line of stdin (trailing newline dropped).
+pub fn token_hash() -> anyhow::Result<()> {
+    let mut line = String::new();
+    std::io::stdin().read_line(&mut line)?;
+    let token = line.trim_end_matches(['\r', '\n']);
+    if token.len() < 16 {
+        return Err(UsageError::ShortToken.into());
+    }
+    warren::outln!("{}", crate::config::hashed_token(token.as_bytes()));
+    Ok(())
 }
 
 #[derive(Debug, Subcommand)]

@@ -73,6 +73,44 @@ pub struct ApiConfig {
     /// Most dead messages one `/v1/dead` request looks at (overview, list,
     /// inspect, replay, purge of a selection); counts come from the broker.
     pub dead_scan_limit: usize,
+    /// JWT bearer tokens from an identity provider, besides static tokens.
+    pub jwt: Option<JwtConfig>,
+    /// Serve `/metrics`, `/healthz`, `/readyz` on this address instead of
+    /// `http.addr` (which then serves only the API and the console).
+    pub metrics_listen: Option<SocketAddr>,
+}
+
+/// `[api.jwt]`: which JWTs the API accepts (see [`crate::jwt`]).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct JwtConfig {
+    /// The `iss` every token must carry.
+    pub issuer: String,
+    /// The `aud` every token must include.
+    pub audience: String,
+    /// HS256: a file holding the shared secret (at least 32 bytes).
+    #[serde(default)]
+    pub hs256_secret_file: Option<PathBuf>,
+    /// RS256/ES256: PEM public keys of the issuer.
+    #[serde(default)]
+    pub public_key_files: Vec<PathBuf>,
+    /// RS256/ES256: the issuer's key set (JWKS JSON), matched by `kid`.
+    #[serde(default)]
+    pub jwks_file: Option<PathBuf>,
+    /// Claim holding the scopes: a space-separated string or an array.
+    #[serde(default = "default_scopes_claim")]
+    pub scopes_claim: String,
+    /// Clock skew tolerated on `exp` and `nbf`.
+    #[serde(default = "default_leeway", with = "humantime_serde")]
+    pub leeway: Duration,
+}
+
+fn default_scopes_claim() -> String {
+    "scope".into()
+}
+
+fn default_leeway() -> Duration {
+    Duration::from_secs(30)
 }
 
 impl Default for ApiConfig {
@@ -88,6 +126,8 @@ impl Default for ApiConfig {
             max_batch: 1000,
             console: true,
             dead_scan_limit: 10_000,
+            jwt: None,
+            metrics_listen: None,
         }
     }
 }
@@ -111,7 +151,7 @@ impl Scope {
         }
     }
 
-    fn parse(s: &str) -> Option<Self> {
+    pub(crate) fn parse(s: &str) -> Option<Self> {
         match s {
             "read" => Some(Scope::Read),
             "publish" => Some(Scope::Publish),
@@ -124,7 +164,10 @@ impl Scope {
 /// One configured token and what it may do (see [`ApiConfig::grants`]).
 #[derive(PartialEq)]
 pub struct Grant {
-    pub token: Vec<u8>,
+    /// SHA-256 of the token: requests are matched by digest, so the config
+    /// may hold the digest alone (`sha256:<hex>`) and every comparison has
+    /// the same length.
+    pub digest: [u8; 32],
     pub scopes: Vec<Scope>,
     /// Who presents it, in logs and audit lines (never the token itself):
     /// the config key (`publish_token`, `tokens[2]`), a configured name, or
@@ -141,11 +184,20 @@ impl ApiConfig {
         let mut out = Vec::new();
         let mut add =
             |token: &str, scopes: Vec<Scope>, origin: &str, name: String| -> anyhow::Result<()> {
-                if token.len() < 16 {
-                    anyhow::bail!("{origin}: API tokens must be at least 16 characters");
-                }
+                let digest = match token.strip_prefix(HASHED) {
+                    Some(hex) => parse_digest(hex).ok_or_else(|| {
+                        anyhow::anyhow!(
+                            "{origin}: `sha256:` must be followed by the 64 hex digits of the \
+                             token's SHA-256 (`warren-producer token hash` prints it)"
+                        )
+                    })?,
+                    None if token.len() < 16 => {
+                        anyhow::bail!("{origin}: API tokens must be at least 16 characters")
+                    }
+                    None => token_digest(token.as_bytes()),
+                };
                 out.push(Grant {
-                    token: token.as_bytes().to_vec(),
+                    digest,
                     scopes,
                     name,
                 });
@@ -214,6 +266,26 @@ impl ApiConfig {
         }
         Ok(out)
     }
+}
+
+/// A configured token given as its digest: `sha256:<64 hex digits>`.
+pub const HASHED: &str = "sha256:";
+
+/// SHA-256 of a token, as stored and compared.
+pub fn token_digest(token: &[u8]) -> [u8; 32] {
+    use sha2::Digest;
+    sha2::Sha256::digest(token).into()
+}
+
+/// `sha256:<hex>` as a config holds it.
+pub fn hashed_token(token: &[u8]) -> String {
+    format!("{HASHED}{}", hex::encode(token_digest(token)))
+}
+
+fn parse_digest(hex: &str) -> Option<[u8; 32]> {
+    let mut out = [0u8; 32];
+    hex::decode_to_slice(hex.trim(), &mut out).ok()?;
+    Some(out)
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -579,6 +651,17 @@ impl ProducerConfig {
         if let Err(e) = self.security.keyring() {
             errors.push(e.to_string());
         }
+        if let Some(jwt) = &self.api.jwt {
+            if let Err(e) = crate::jwt::JwtVerifier::from_config(jwt) {
+                errors.push(format!("{e:#}"));
+            }
+        }
+        if self.api.metrics_listen == Some(self.http.addr) && self.http.addr.port() != 0 {
+            errors.push(format!(
+                "api.metrics_listen = {}: must differ from http.addr",
+                self.http.addr
+            ));
+        }
         if self.api.max_body_bytes == 0 {
             errors.push("api.max_body_bytes = 0: must be positive".into());
         }
@@ -620,6 +703,65 @@ mod tests {
 
     fn parse(text: &str) -> ProducerConfig {
         toml::from_str(text).unwrap()
+    }
+
+    #[test]
+    fn hashed_tokens_and_jwt_keys_are_checked_naming_the_key() {
+        let token = "a-token-only-its-holder-knows-42";
+        let cfg = parse(&format!(
+            "[[api.tokens]]\ntoken = \"{}\"\nscopes = [\"read\"]\n",
+            hashed_token(token.as_bytes())
+        ));
+        let grants = cfg.api.grants().unwrap();
+        assert_eq!(grants[0].digest, token_digest(token.as_bytes()));
+        // A digest is not held to the 16-character minimum of a token, but
+        // must be one.
+        let bad = parse("[[api.tokens]]\ntoken = \"sha256:abc\"\nscopes = [\"read\"]\n");
+        let e = bad.validate().join("\n");
+        assert!(
+            e.starts_with("api.tokens[0]: `sha256:` must be followed by the 64 hex digits"),
+            "{e}"
+        );
+        let e = parse("[api]\nread_token = \"short\"\n")
+            .validate()
+            .join("\n");
+        assert!(
+            e.contains("api.read_token: API tokens must be at least 16 characters"),
+            "{e}"
+        );
+
+        let jwt = |extra: &str| {
+            parse(&format!(
+                "[api.jwt]\nissuer = \"https://idp/\"\naudience = \"warren\"\n{extra}"
+            ))
+            .validate()
+            .join("\n")
+        };
+        assert!(
+            jwt("").contains("api.jwt: no key to check tokens with"),
+            "{}",
+            jwt("")
+        );
+        let e = jwt("hs256_secret_file = \"/nonexistent/jwt.secret\"\n");
+        assert!(
+            e.starts_with("api.jwt.hs256_secret_file /nonexistent/jwt.secret: cannot read"),
+            "{e}"
+        );
+        let short = tempfile::NamedTempFile::new().unwrap();
+        std::fs::write(short.path(), "too-short").unwrap();
+        let e = jwt(&format!(
+            "hs256_secret_file = {:?}\n",
+            short.path().display().to_string()
+        ));
+        assert!(
+            e.contains("at least 32 bytes") && !e.contains("too-short"),
+            "{e}"
+        );
+        let e = jwt(&format!(
+            "public_key_files = [{:?}]\n",
+            short.path().display().to_string()
+        ));
+        assert!(e.starts_with("api.jwt.public_key_files[0] "), "{e}");
     }
 
     #[test]

@@ -67,6 +67,24 @@ pub async fn connect_retry(ctx: &Ctx, role: &str, stop: &CancellationToken) -> O
     }
 }
 
+/// Whether a setup error is one no reconnect fixes: the broker refused an
+/// operation to this user (ACCESS_REFUSED names the resource and the
+/// permission), or an object this role may not declare is missing.
+pub fn is_permanent(e: &anyhow::Error) -> bool {
+    if let Some(w) = e.downcast_ref::<warren::Error>() {
+        return w.is_refused() || matches!(w, warren::Error::Missing { .. });
+    }
+    e.downcast_ref::<lapin::Error>()
+        .is_some_and(|l| warren::Error::Amqp(l.clone()).is_refused())
+}
+
+/// Stop the producer (exit 1) over an error no retry fixes.
+pub fn give_up(ctx: &Ctx, stop: &CancellationToken, what: &str, e: &anyhow::Error) {
+    tracing::error!(error = %e, "{what}; not retrying");
+    ctx.fail(format!("{what}: {e}"));
+    stop.cancel();
+}
+
 /// Keep the API's publishing connection up: connect, declare the topology,
 /// serve, and start over when it drops.
 pub async fn api_connection(ctx: Arc<Ctx>, stop: CancellationToken) {
@@ -120,6 +138,9 @@ pub async fn api_connection(ctx: Arc<Ctx>, stop: CancellationToken) {
                 if conn.status().connected() {
                     let _ = publisher.channel().close(200, "shutting down".into()).await;
                 }
+            }
+            Err(e) if e.is_refused() || matches!(e, warren::Error::Missing { .. }) => {
+                give_up(&ctx, &stop, "cannot set up the topology", &e.into());
             }
             Err(e) => {
                 tracing::error!(error = %e, "cannot set up the topology; retrying");

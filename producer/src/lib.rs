@@ -40,6 +40,7 @@ mod console;
 mod context;
 mod control;
 mod error;
+mod jwt;
 mod leader;
 mod metrics;
 mod reload;

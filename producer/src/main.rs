@@ -3,7 +3,7 @@
 //! exit code: 0 ok, 1 runtime failure, 2 bad configuration or usage.
 
 use clap::Parser;
-use warren_producer::cli::{self, Cli, Command, SchedulesCommand};
+use warren_producer::cli::{self, Cli, Command, SchedulesCommand, TokenCommand};
 use warren_producer::{config, App};
 
 fn main() -> std::process::ExitCode {
@@ -22,6 +22,7 @@ fn main() -> std::process::ExitCode {
         Command::Schedules {
             command: SchedulesCommand::Resume { name },
         } => pause_or_resume(path, &name, false),
+        Command::Token(TokenCommand::Hash) => cli::token_hash(),
         Command::Publish(args) => config::load(path).and_then(|cfg| {
             warren::telemetry::init(&cfg.log);
             runtime()?.block_on(cli::publish(cfg, args))

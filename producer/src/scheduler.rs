@@ -67,12 +67,18 @@ pub async fn run(ctx: Arc<Ctx>, shutdown: CancellationToken) {
                 match res {
                     Ok(()) if shutdown.is_cancelled() => {}
                     Ok(()) => tracing::warn!("lost leadership; rejoining as a candidate"),
+                    Err(e) if crate::connection::is_permanent(&e) => {
+                        crate::connection::give_up(&ctx, &shutdown, "cannot lead", &e);
+                    }
                     Err(e) => {
                         tracing::warn!(error = %e, "leader term ended with an error; rejoining as a candidate")
                     }
                 }
             }
             Ok(false) => {}
+            Err(e) if crate::connection::is_permanent(&e) => {
+                crate::connection::give_up(&ctx, &shutdown, "cannot take part in the election", &e);
+            }
             Err(e) => tracing::warn!(error = %e, "lock connection failed; reconnecting"),
         }
         // The lock dies with this connection: never reuse it.

@@ -13,8 +13,8 @@ use std::time::Duration;
 
 use futures_util::StreamExt;
 use lapin::options::{BasicPublishOptions, ConfirmSelectOptions};
-use lapin::tcp::OwnedTLSConfig;
-use lapin::uri::AMQPUri;
+use lapin::tcp::{OwnedIdentity, OwnedTLSConfig};
+use lapin::uri::{AMQPScheme, AMQPUri, SASLMechanism};
 use lapin::{
     BasicProperties, Channel, Confirmation, Connection, ConnectionProperties, Event,
     PublisherConfirm,
@@ -24,7 +24,7 @@ use backon::{ExponentialBuilder, Retryable};
 use tokio::sync::{mpsc, oneshot, watch};
 use tokio_util::sync::CancellationToken;
 
-use crate::config::{check_amqp_url, redact_url, AmqpConfig, UrlProblem};
+use crate::config::{check_amqp_url, redact_url, AmqpConfig, AuthMechanism, UrlProblem};
 use crate::envelope::Task;
 use crate::error::Error;
 use crate::metrics::AmqpMetrics;
@@ -113,26 +113,107 @@ async fn connect_to(
         )
     });
     let props = ConnectionProperties::default().with_connection_name(name.into());
-    let tls = match &cfg.tls_ca_file {
-        Some(path) => OwnedTLSConfig {
-            identity: None,
-            cert_chain: Some(std::fs::read_to_string(path).map_err(|e| {
-                Error::Tls(format!(
-                    "cannot read amqp.tls_ca_file {}: {e}",
-                    path.display()
-                ))
-            })?),
-        },
-        None => OwnedTLSConfig::default(),
-    };
+    if cfg.auth_mechanism == AuthMechanism::External {
+        uri.query.auth_mechanism = Some(SASLMechanism::External);
+    }
+    let tls = tls_config(cfg)?;
     let runtime = lapin::runtime::default_runtime()?;
+    let uri_scheme = uri.scheme.clone();
     tokio::time::timeout(
         timeout,
         Connection::connect_uri_with_config(uri, props, tls, runtime),
     )
     .await
     .map_err(|_| Error::ConnectTimeout(timeout))?
-    .map_err(Error::from)
+    .map_err(|e| match tls_refusal(&e) {
+        Some(why) => Error::Tls(why),
+        None if uri_scheme == AMQPScheme::AMQPS && reset(&e) => Error::TlsReset(e),
+        None => Error::from(e),
+    })
+}
+
+/// The connection was reset or cut. Under TLS 1.3 a broker that refuses the
+/// client's certificate sends its alert and closes; when the AMQP header we
+/// sent right after the handshake is still unread, its kernel resets the
+/// connection and the alert may be lost, so this attempt cannot tell.
+fn reset(e: &lapin::Error) -> bool {
+    use std::io::ErrorKind as K;
+    matches!(e.kind(), lapin::ErrorKind::IOError(io)
+        if matches!(io.kind(), K::ConnectionReset | K::UnexpectedEof | K::BrokenPipe))
+}
+
+/// A TLS handshake that failed over certificates, said in the config's
+/// terms. lapin reports it as an I/O error, which would be retried forever;
+/// no retry fixes a missing or untrusted certificate.
+fn tls_refusal(e: &lapin::Error) -> Option<String> {
+    use rustls::AlertDescription as A;
+    let lapin::ErrorKind::IOError(io) = e.kind() else {
+        return None;
+    };
+    let mut cause: Option<&(dyn std::error::Error + 'static)> = io
+        .get_ref()
+        .map(|e| e as &(dyn std::error::Error + 'static));
+    let tls = loop {
+        let c = cause?;
+        if let Some(tls) = c.downcast_ref::<rustls::Error>() {
+            break tls;
+        }
+        cause = c.source();
+    };
+    let hint = match tls {
+        rustls::Error::AlertReceived(A::CertificateRequired) => {
+            "the broker requires a client certificate: set amqp.tls_cert_file and amqp.tls_key_file"
+        }
+        rustls::Error::AlertReceived(
+            A::UnknownCA
+            | A::BadCertificate
+            | A::CertificateUnknown
+            | A::CertificateExpired
+            | A::CertificateRevoked
+            | A::UnsupportedCertificate
+            | A::AccessDenied,
+        ) => {
+            "the broker refused the client certificate of amqp.tls_cert_file \
+             (is it signed by a CA the broker trusts, and still valid?)"
+        }
+        rustls::Error::InvalidCertificate(_) => {
+            "the broker's certificate is not trusted: set amqp.tls_ca_file to the CA that signed it"
+        }
+        rustls::Error::AlertReceived(_) => "the broker refused the TLS handshake",
+        _ => return None,
+    };
+    Some(format!("{hint} ({tls})"))
+}
+
+/// The CA and client certificate files, read at each connect so that
+/// rotated certificates are picked up by the next reconnect.
+fn tls_config(cfg: &AmqpConfig) -> Result<OwnedTLSConfig, Error> {
+    let read = |key: &str, path: &std::path::Path| {
+        std::fs::read(path)
+            .map_err(|e| Error::Tls(format!("cannot read {key} {}: {e}", path.display())))
+    };
+    let cert_chain = match &cfg.tls_ca_file {
+        Some(path) => Some(
+            String::from_utf8(read("amqp.tls_ca_file", path)?).map_err(|_| {
+                Error::Tls(format!(
+                    "amqp.tls_ca_file {} is not PEM text",
+                    path.display()
+                ))
+            })?,
+        ),
+        None => None,
+    };
+    let identity = match (&cfg.tls_cert_file, &cfg.tls_key_file) {
+        (Some(cert), Some(key)) => Some(OwnedIdentity::PKCS8 {
+            pem: read("amqp.tls_cert_file", cert)?,
+            key: read("amqp.tls_key_file", key)?,
+        }),
+        _ => None,
+    };
+    Ok(OwnedTLSConfig {
+        identity,
+        cert_chain,
+    })
 }
 
 /// The one reconnect backoff of warren: 100 ms doubling, with jitter, never

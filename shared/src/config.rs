@@ -83,6 +83,23 @@ pub struct AmqpConfig {
     /// PEM file of CA certificates trusted for `amqps://`, besides the
     /// system's (for brokers with a private CA or a self-signed certificate).
     pub tls_ca_file: Option<PathBuf>,
+    /// PEM client certificate (chain) shown to a broker that asks for one
+    /// (mutual TLS); set together with `tls_key_file`.
+    pub tls_cert_file: Option<PathBuf>,
+    /// PEM private key of `tls_cert_file` (PKCS#8, PKCS#1 or SEC1), unencrypted.
+    pub tls_key_file: Option<PathBuf>,
+    /// How to log in: `plain` (the URL's user and password) or `external`
+    /// (the broker takes the user from the client certificate).
+    pub auth_mechanism: AuthMechanism,
+}
+
+/// SASL mechanism of the broker login.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum AuthMechanism {
+    #[default]
+    Plain,
+    External,
 }
 
 /// Why the `[amqp]` section is unusable. Names the key; never holds a
@@ -111,6 +128,22 @@ pub enum InvalidAmqp {
     ZeroHeartbeat,
     #[error("amqp.confirm_timeout = 0s: must be positive")]
     ZeroConfirmTimeout,
+    #[error("{missing}: must be set together with {given} (a client certificate needs its key)")]
+    HalfIdentity {
+        given: &'static str,
+        missing: &'static str,
+    },
+    #[error("{key} = {path:?}: {why}")]
+    TlsFile {
+        key: &'static str,
+        path: PathBuf,
+        why: String,
+    },
+    #[error(
+        "amqp.auth_mechanism = \"external\": needs amqp.tls_cert_file and amqp.tls_key_file \
+         (the broker takes the user from the client certificate)"
+    )]
+    ExternalWithoutCert,
 }
 
 impl AmqpConfig {
@@ -145,6 +178,51 @@ impl AmqpConfig {
         }
         if self.confirm_timeout.is_zero() {
             return Err(InvalidAmqp::ZeroConfirmTimeout);
+        }
+        self.validate_tls()
+    }
+
+    /// The TLS files exist, are readable and hold what their key says, so a
+    /// typo is a config error (exit 2) rather than a connect failure.
+    fn validate_tls(&self) -> Result<(), InvalidAmqp> {
+        match (&self.tls_cert_file, &self.tls_key_file) {
+            (Some(_), None) => {
+                return Err(InvalidAmqp::HalfIdentity {
+                    given: "amqp.tls_cert_file",
+                    missing: "amqp.tls_key_file",
+                })
+            }
+            (None, Some(_)) => {
+                return Err(InvalidAmqp::HalfIdentity {
+                    given: "amqp.tls_key_file",
+                    missing: "amqp.tls_cert_file",
+                })
+            }
+            (None, None) if self.auth_mechanism == AuthMechanism::External => {
+                return Err(InvalidAmqp::ExternalWithoutCert)
+            }
+            _ => {}
+        }
+        let files = [
+            ("amqp.tls_ca_file", &self.tls_ca_file, "CERTIFICATE"),
+            ("amqp.tls_cert_file", &self.tls_cert_file, "CERTIFICATE"),
+            ("amqp.tls_key_file", &self.tls_key_file, "PRIVATE KEY"),
+        ];
+        for (key, path, label) in files {
+            let Some(path) = path else { continue };
+            let bad = |why: String| InvalidAmqp::TlsFile {
+                key,
+                path: path.clone(),
+                why,
+            };
+            // Read as bytes: a key file's content must never reach a message.
+            let pem = std::fs::read(path).map_err(|e| bad(format!("cannot read: {e}")))?;
+            let holds = String::from_utf8_lossy(&pem)
+                .lines()
+                .any(|l| l.starts_with("-----BEGIN ") && l.contains(label));
+            if !holds {
+                return Err(bad(format!("no PEM `{label}` in it")));
+            }
         }
         Ok(())
     }
@@ -275,6 +353,9 @@ impl Default for AmqpConfig {
             confirm_timeout: Duration::from_secs(15),
             connection_name: None,
             tls_ca_file: None,
+            tls_cert_file: None,
+            tls_key_file: None,
+            auth_mechanism: AuthMechanism::Plain,
         }
     }
 }
@@ -300,6 +381,10 @@ pub struct TopologyConfig {
     /// task that kills every consumer that runs it cannot crash-loop the fleet.
     /// 0 = unlimited. warren's own retries are new messages and do not count.
     pub delivery_limit: u32,
+    /// Declare the topology (needs configure permission on it). Off: only
+    /// check that the exchanges and queues this config names exist, so the
+    /// role's broker user needs no configure permission (a deployer declares).
+    pub declare: bool,
 }
 
 impl Default for TopologyConfig {
@@ -309,6 +394,7 @@ impl Default for TopologyConfig {
             queue_type: QueueType::Classic,
             queues: vec![QueueConfig::default()],
             delivery_limit: 20,
+            declare: true,
         }
     }
 }
@@ -757,6 +843,73 @@ mod tests {
         // A numeric-looking secret from the environment stays a string.
         let d: Demo = load(None, env(&[("WARREN_AMQP__URL", "12345")])).unwrap();
         assert_eq!(d.amqp.url.expose(), "12345");
+    }
+
+    #[test]
+    fn a_client_certificate_needs_its_key_and_readable_pem_files() {
+        let cert = file("-----BEGIN CERTIFICATE-----\nMIIB\n-----END CERTIFICATE-----\n");
+        let key = file("-----BEGIN PRIVATE KEY-----\nMIIE\n-----END PRIVATE KEY-----\n");
+        let ec_key = file("-----BEGIN EC PRIVATE KEY-----\nMHc\n-----END EC PRIVATE KEY-----\n");
+        let with = |c: Option<&Path>, k: Option<&Path>, m: AuthMechanism| AmqpConfig {
+            tls_cert_file: c.map(Path::to_owned),
+            tls_key_file: k.map(Path::to_owned),
+            auth_mechanism: m,
+            ..AmqpConfig::default()
+        };
+        let plain = AuthMechanism::Plain;
+        assert_eq!(
+            with(Some(cert.path()), Some(key.path()), plain).validate(),
+            Ok(())
+        );
+        assert_eq!(
+            with(
+                Some(cert.path()),
+                Some(ec_key.path()),
+                AuthMechanism::External
+            )
+            .validate(),
+            Ok(())
+        );
+        let e = with(Some(cert.path()), None, plain).validate().unwrap_err();
+        assert!(
+            e.to_string()
+                .starts_with("amqp.tls_key_file: must be set together with amqp.tls_cert_file"),
+            "{e}"
+        );
+        let e = with(None, Some(key.path()), plain).validate().unwrap_err();
+        assert!(e.to_string().starts_with("amqp.tls_cert_file: "), "{e}");
+        let e = with(None, None, AuthMechanism::External)
+            .validate()
+            .unwrap_err();
+        assert!(
+            e.to_string()
+                .starts_with("amqp.auth_mechanism = \"external\": needs"),
+            "{e}"
+        );
+        let e = with(
+            Some(cert.path()),
+            Some(Path::new("/nonexistent/client.key")),
+            plain,
+        )
+        .validate()
+        .unwrap_err()
+        .to_string();
+        assert!(
+            e.starts_with("amqp.tls_key_file = \"/nonexistent/client.key\": cannot read"),
+            "{e}"
+        );
+        // Certificate and key swapped: named, and the key's bytes not shown.
+        let e = with(Some(key.path()), Some(cert.path()), plain)
+            .validate()
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.starts_with("amqp.tls_cert_file = ") && e.ends_with("no PEM `CERTIFICATE` in it"),
+            "{e}"
+        );
+        assert!(!e.contains("MIIE"), "{e}");
+        let d: Demo = load(None, env(&[("WARREN_AMQP__AUTH_MECHANISM", "external")])).unwrap();
+        assert_eq!(d.amqp.auth_mechanism, AuthMechanism::External);
     }
 
     #[test]

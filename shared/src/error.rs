@@ -11,6 +11,8 @@ pub enum Error {
     Tls(String),
     #[error("AMQP: {0}")]
     Amqp(#[from] lapin::Error),
+    #[error("the broker closed the connection during the TLS handshake; if it requires a client certificate, set amqp.tls_cert_file and amqp.tls_key_file to one it trusts ({0})")]
+    TlsReset(lapin::Error),
     #[error("timed out after {} connecting to the broker", humantime::format_duration(*.0))]
     ConnectTimeout(std::time::Duration),
     #[error("{object} already exists with a different `{argument}`; delete it or make the config match (broker said: {detail})")]
@@ -21,6 +23,8 @@ pub enum Error {
     },
     #[error("declaring {object} failed: {detail}")]
     Declare { object: String, detail: String },
+    #[error("{object} does not exist; declare it with a role that has configure permission, or set topology.declare = true")]
+    Missing { object: String },
     #[error("broker nacked the publish to `{exchange}` with key `{routing_key}`")]
     Nacked {
         exchange: String,
@@ -57,11 +61,13 @@ impl Error {
             Self::ConnectTimeout(_)
             | Self::ConfirmTimeout(_)
             | Self::Nacked { .. }
-            | Self::ChannelGone => true,
+            | Self::ChannelGone
+            | Self::TlsReset(_) => true,
             Self::Url(_)
             | Self::Tls(_)
             | Self::TopologyConflict { .. }
             | Self::Declare { .. }
+            | Self::Missing { .. }
             | Self::Unroutable { .. }
             | Self::NotConfirmed
             | Self::Seal(_) => false,

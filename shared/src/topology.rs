@@ -52,6 +52,7 @@ pub struct Topology {
     queue_type: QueueType,
     queues: Vec<WorkQueue>,
     delivery_limit: u32,
+    declares: bool,
 }
 
 /// One object to declare, as data.
@@ -103,7 +104,13 @@ impl Topology {
                 })
                 .collect(),
             delivery_limit: cfg.delivery_limit,
+            declares: cfg.declare,
         }
+    }
+
+    /// Whether [`declare`] declares (`topology.declare`) or only checks.
+    pub fn declares(&self) -> bool {
+        self.declares
     }
 
     pub fn prefix(&self) -> &str {
@@ -383,7 +390,11 @@ fn put(t: &mut FieldTable, k: &str, v: AMQPValue) {
 
 /// Declare every object, idempotently. A conflicting pre-existing object
 /// yields [`Error::TopologyConflict`] naming it and the argument that differs.
+/// With `topology.declare = false`, only [`check`]s.
 pub async fn declare(conn: &Connection, topo: &Topology) -> Result<(), Error> {
+    if !topo.declares() {
+        return check(conn, topo).await;
+    }
     // Own channel: a failed declare closes it, and the caller's channels
     // must survive that.
     let ch = conn.create_channel().await?;
@@ -455,12 +466,83 @@ pub async fn declare(conn: &Connection, topo: &Topology) -> Result<(), Error> {
     Ok(())
 }
 
+/// Check, with passive declares, that every exchange and queue of `topo`
+/// exists: what a broker user without configure permission can do (RabbitMQ
+/// checks no permission on a passive declare). Bindings cannot be checked
+/// this way; a missing one shows as an unroutable publish. A missing object
+/// yields [`Error::Missing`] naming it.
+pub async fn check(conn: &Connection, topo: &Topology) -> Result<(), Error> {
+    let mut ch = conn.create_channel().await?;
+    for obj in topo.objects() {
+        let res = match &obj {
+            Object::Exchange { name, kind, .. } => {
+                let passive = ExchangeDeclareOptions {
+                    passive: true,
+                    ..ExchangeDeclareOptions::default()
+                };
+                ch.exchange_declare(
+                    name.as_str().into(),
+                    kind.clone(),
+                    passive,
+                    FieldTable::default(),
+                )
+                .await
+            }
+            Object::Queue { name, .. } => {
+                let passive = QueueDeclareOptions {
+                    passive: true,
+                    ..QueueDeclareOptions::default()
+                };
+                ch.queue_declare(name.as_str().into(), passive, FieldTable::default())
+                    .await
+                    .map(|_| ())
+            }
+            _ => continue,
+        };
+        if let Err(e) = res {
+            if not_found(&e) {
+                let object = describe(&obj);
+                return Err(Error::Missing { object });
+            }
+            return Err(conflict(&obj, e));
+        }
+        // A refused passive declare closes the channel; none was refused.
+        if !ch.status().connected() {
+            ch = conn.create_channel().await?;
+        }
+    }
+    let _ = ch.close(200, "topology checked".into()).await;
+    Ok(())
+}
+
+fn not_found(e: &lapin::Error) -> bool {
+    use lapin::protocol::{AMQPErrorKind, AMQPSoftError};
+    matches!(e.kind(), lapin::ErrorKind::ProtocolError(p)
+        if p.kind() == &AMQPErrorKind::Soft(AMQPSoftError::NOTFOUND))
+}
+
 fn conflict(obj: &Object, e: lapin::Error) -> Error {
     let text = match e.kind() {
         lapin::ErrorKind::ProtocolError(p) => p.get_message().as_str().to_owned(),
         _ => return Error::Amqp(e),
     };
-    let object = match obj {
+    let object = describe(obj);
+    match inequivalent_arg(&text) {
+        Some(argument) => Error::TopologyConflict {
+            object,
+            argument,
+            detail: text,
+        },
+        None => Error::Declare {
+            object,
+            detail: text,
+        },
+    }
+}
+
+/// An object as error messages name it.
+fn describe(obj: &Object) -> String {
+    match obj {
         Object::Exchange { name, .. } => format!("exchange `{name}`"),
         Object::Queue { name, .. } => format!("queue `{name}`"),
         Object::QueueBind {
@@ -484,17 +566,6 @@ fn conflict(obj: &Object, e: lapin::Error) -> Error {
         } => {
             format!("removing the old binding of queue `{queue}` to `{exchange}` with `{key}`")
         }
-    };
-    match inequivalent_arg(&text) {
-        Some(argument) => Error::TopologyConflict {
-            object,
-            argument,
-            detail: text,
-        },
-        None => Error::Declare {
-            object,
-            detail: text,
-        },
     }
 }
 
@@ -551,6 +622,7 @@ mod tests {
                 },
             ],
             delivery_limit: 20,
+            declare: true,
         })
     }
 

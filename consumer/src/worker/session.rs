@@ -45,6 +45,9 @@ enum Ev {
 pub(super) enum End {
     Shutdown,
     Lost,
+    /// The broker refused something no reconnect changes (ACCESS_REFUSED
+    /// on consuming a queue): the worker stops with this error.
+    Refused(anyhow::Error),
 }
 
 impl Session {
@@ -132,6 +135,14 @@ impl Worker {
                     let book = AckBook::new(ch.clone());
                     session.consumers.push((ch, tag, book));
                     streams.push(s);
+                }
+                Err(e) if super::is_fatal(&e) => {
+                    tracing::error!(error = %e, queue = %self.queues[idx], "cannot consume");
+                    let why = format!(
+                        "cannot consume queue `{}` (a consumer's broker user needs read permission on its queues)",
+                        self.queues[idx]
+                    );
+                    return (End::Refused(anyhow::Error::from(e).context(why)), session);
                 }
                 Err(e) => {
                     tracing::warn!(error = %e, queue = %self.queues[idx], "cannot consume");

@@ -2,6 +2,7 @@
 //! node this process starts). Each test uses its own topology prefix.
 #![allow(clippy::unwrap_used)]
 
+mod access;
 mod cli;
 mod cluster;
 mod dead;

@@ -4,9 +4,11 @@
 //! processes, and the HTTP API in process through `warren_producer::App`.
 #![allow(clippy::unwrap_used)]
 
+mod access;
 mod admin;
 mod alarm;
 mod api;
+mod auth;
 mod broker_loss;
 mod browser;
 mod cli;

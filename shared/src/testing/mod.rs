@@ -61,6 +61,12 @@ impl Node {
         Self::start_with(&["--tls"])
     }
 
+    /// Start a node whose amqps listener requires a client certificate
+    /// signed by its CA and accepts EXTERNAL login ([`Node::client_cert`]).
+    pub fn start_mtls() -> Node {
+        Self::start_with(&["--tls-verify-peer"])
+    }
+
     /// Start a node that also serves AMQP on loopback address `ip` (e.g.
     /// `127.0.0.2`), so a test can cut off the clients of that address alone.
     pub fn start_also_on(ip: &str) -> Node {
@@ -138,6 +144,17 @@ impl Node {
     /// PEM of the CA that signed a TLS node's certificate.
     pub fn ca_file(&self) -> PathBuf {
         self.dir.path().join("tls/ca.pem")
+    }
+
+    /// Certificate and key files of a client: `client` (signed by the
+    /// node's CA, CN `warren-client`, a user of the node) or `other-client`
+    /// (signed by a stranger CA). Nodes started with [`Node::start_mtls`].
+    pub fn client_cert(&self, name: &str) -> (PathBuf, PathBuf) {
+        let tls = self.dir.path().join("tls");
+        (
+            tls.join(format!("{name}.pem")),
+            tls.join(format!("{name}.key")),
+        )
     }
 
     /// Run `rabbitmqctl` against this node.
