@@ -38,6 +38,7 @@ pub fn router(ctx: Arc<Ctx>) -> Router {
     Router::new()
         .route("/v1/tasks", post(post_tasks))
         .route("/v1/schedules", get(get_schedules))
+        .route("/v1/replicas", get(get_replicas))
         .route("/v1/schedules/{name}/trigger", post(trigger))
         .route("/v1/schedules/{name}/pause", post(pause))
         .route("/v1/schedules/{name}/resume", post(resume))
@@ -240,6 +241,14 @@ fn audit_publish<T>(
 fn fmt_time(t: Option<chrono::DateTime<Utc>>) -> serde_json::Value {
     t.map(|t| json!(t.to_rfc3339_opts(SecondsFormat::AutoSi, true)))
         .unwrap_or(serde_json::Value::Null)
+}
+
+/// The producer replicas heard in the last few seconds, and which leads.
+async fn get_replicas(
+    _: RequireScope<Read>,
+    State(ctx): State<Arc<Ctx>>,
+) -> Result<Response, ApiError> {
+    Ok(Json(json!({ "replicas": ctx.replicas() })).into_response())
 }
 
 async fn get_schedules(

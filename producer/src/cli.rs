@@ -219,9 +219,13 @@ pub async fn pause_or_resume(
         };
         control::send(&conn, prefix, &req).await?;
         let answer = async {
-            while let Some((_, ev)) = control::next::<control::Event>(&mut events).await {
+            while let Some((_, ev)) = control::next::<control::Incoming>(&mut events).await {
                 match ev {
-                    Some(ev) if ev.answers.as_deref() == Some(req.id.as_str()) => return Some(ev),
+                    Some(control::Incoming::Event(ev))
+                        if ev.answers.as_deref() == Some(req.id.as_str()) =>
+                    {
+                        return Some(ev)
+                    }
                     _ => {}
                 }
             }

@@ -35,12 +35,12 @@ async fn listen(ctx: &Ctx, conn: &Connection) -> Option<(lapin::Channel, lapin::
 /// connection check retries it).
 async fn next_event(
     events: &mut Option<(lapin::Channel, lapin::Consumer)>,
-) -> Option<control::Event> {
+) -> Option<control::Incoming> {
     let Some((_, consumer)) = events.as_mut() else {
         return std::future::pending().await;
     };
     loop {
-        match control::next::<control::Event>(consumer).await {
+        match control::next::<control::Incoming>(consumer).await {
             Some((_, Some(ev))) => return Some(ev),
             Some((_, None)) => {}
             None => {
@@ -115,12 +115,25 @@ pub async fn api_connection(ctx: Arc<Ctx>, stop: CancellationToken) {
                 ctx.health().set_ready(true);
                 tracing::info!("connected to the broker");
                 let mut events = listen(&ctx, &conn).await;
+                let mut presence = tokio::time::interval(control::PRESENCE_EVERY);
                 loop {
                     tokio::select! {
                         _ = stop.cancelled() => break,
                         _ = tokio::time::sleep(Duration::from_millis(250)) => {}
+                        _ = presence.tick() => {
+                            if let Some((ch, _)) = &events {
+                                let me = control::Presence {
+                                    instance: ctx.instance().to_owned(),
+                                    leader: ctx.is_leader(),
+                                };
+                                if let Err(e) = control::announce(ch, ctx.topo().prefix(), me).await {
+                                    tracing::debug!(error = %e, "cannot announce this replica");
+                                }
+                            }
+                        }
                         ev = next_event(&mut events) => match ev {
-                            Some(ev) => ctx.on_event(ev),
+                            Some(control::Incoming::Event(ev)) => ctx.on_event(ev),
+                            Some(control::Incoming::Presence { presence }) => ctx.on_presence(presence),
                             None => {
                                 tracing::warn!("producer events subscription ended; subscribing again");
                                 events = listen(&ctx, &conn).await;

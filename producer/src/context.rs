@@ -58,6 +58,8 @@ pub struct Ctx {
     paused: RwLock<BTreeSet<String>>,
     /// Every control event heard (a relayed pause waits for its answer here).
     events: broadcast::Sender<control::Event>,
+    /// Replicas heard announcing themselves, and when.
+    replicas: Mutex<HashMap<String, (control::Presence, std::time::Instant)>>,
     /// Why the process must stop (exit 1), set once.
     fatal: OnceLock<String>,
     /// Signs and encrypts every task published (`security.*`); replaced
@@ -89,6 +91,7 @@ impl Ctx {
             tokens,
             paused: RwLock::new(BTreeSet::new()),
             events: broadcast::channel(64).0,
+            replicas: Mutex::new(HashMap::new()),
             fatal: OnceLock::new(),
             seal: RwLock::new(None),
         }
@@ -231,6 +234,37 @@ impl Ctx {
     /// replica leads: its own set is the truth, and its events come back
     /// through the broker later than it changed it) and wake whoever waits
     /// for the answer to a request.
+    /// A replica's announcement (this one's own included: the exchange
+    /// fans out to every replica).
+    pub fn on_presence(&self, p: control::Presence) {
+        if let Ok(mut g) = self.replicas.lock() {
+            g.insert(p.instance.clone(), (p, std::time::Instant::now()));
+        }
+    }
+
+    /// Replicas heard within [`control::PRESENCE_TTL`], this one always
+    /// first (as it is now), then by name.
+    pub fn replicas(&self) -> Vec<control::Presence> {
+        let me = control::Presence {
+            instance: self.instance.clone(),
+            leader: self.is_leader(),
+        };
+        let mut others: Vec<control::Presence> = match self.replicas.lock() {
+            Ok(mut g) => {
+                g.retain(|_, (_, seen)| seen.elapsed() < control::PRESENCE_TTL);
+                g.values()
+                    .filter(|(p, _)| p.instance != me.instance)
+                    .map(|(p, _)| p.clone())
+                    .collect()
+            }
+            Err(_) => Vec::new(),
+        };
+        others.sort_by(|a, b| a.instance.cmp(&b.instance));
+        let mut out = vec![me];
+        out.extend(others);
+        out
+    }
+
     pub fn on_event(&self, event: control::Event) {
         if !self.is_leader() {
             self.set_paused(event.paused.clone());

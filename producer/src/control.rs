@@ -16,6 +16,11 @@
 //!
 //! A leader also publishes the set when its term starts, and a replica asks
 //! for it (`sync`) whenever its API connection comes up.
+//!
+//! Every replica also announces itself on the same exchange every
+//! [`PRESENCE_EVERY`] ([`Presence`]: instance, leading or not), so each one
+//! knows its peers for the console and `GET /v1/replicas` without the
+//! management plugin. A replica not heard for [`PRESENCE_TTL`] is gone.
 
 use std::collections::BTreeSet;
 use std::time::Duration;
@@ -33,6 +38,44 @@ use warren::config::QueueType;
 pub const REQUEST_TTL: Duration = Duration::from_secs(4);
 /// How long a relaying replica waits for the leader's answer.
 pub const REPLY_TIMEOUT: Duration = Duration::from_secs(5);
+/// How often a replica announces itself.
+pub const PRESENCE_EVERY: Duration = Duration::from_secs(5);
+/// A replica silent this long is no longer listed (three missed announcements).
+pub const PRESENCE_TTL: Duration = Duration::from_secs(16);
+
+/// One replica's announcement of itself.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Presence {
+    pub instance: String,
+    pub leader: bool,
+}
+
+/// What arrives on the events exchange.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(untagged)]
+pub enum Incoming {
+    Presence { presence: Presence },
+    Event(Event),
+}
+
+/// Announce `me` to every replica on the events channel `ch` (not
+/// persistent, expiring with [`PRESENCE_TTL`]: an old announcement is
+/// worthless).
+pub async fn announce(ch: &Channel, prefix: &str, me: Presence) -> Result<(), lapin::Error> {
+    let body = serde_json::to_vec(&Incoming::Presence { presence: me }).unwrap_or_default();
+    let props = BasicProperties::default()
+        .with_content_type("application/json".into())
+        .with_expiration(PRESENCE_TTL.as_millis().to_string().into());
+    ch.basic_publish(
+        events_exchange(prefix).as_str().into(),
+        "".into(),
+        Default::default(),
+        &body,
+        props,
+    )
+    .await
+    .map(|_| ())
+}
 
 pub fn control_queue(prefix: &str) -> String {
     format!("{prefix}.producer.control")

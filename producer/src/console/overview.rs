@@ -40,6 +40,12 @@ async fn fragment_markup(c: &Console, fresh: bool) -> Markup {
                 p { "This replica: " code { (c.ctx.instance()) } }
                 p { @if c.ctx.is_leader() { span.ok { "leader" } " — fires the schedules" }
                     @else { span.warn { "standby" } " — another replica fires" } }
+                ul.replicas {
+                    @for r in c.ctx.replicas() {
+                        li data-replica=(r.instance) { code { (r.instance) } " "
+                            @if r.leader { span.ok { "leader" } } @else { span.hint { "standby" } } }
+                    }
+                }
                 p { "Broker: " @if connected { span.ok { "connected" } } @else { span.bad { "disconnected" } } }
             }
             div.card.dead {

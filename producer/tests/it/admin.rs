@@ -427,6 +427,25 @@ async fn a_pause_survives_a_leader_kill_and_resume_skips_the_paused_span() {
     let b = w.start("b", &cfg, &[]);
     b.wait_ready(Duration::from_secs(20)).await;
     b.wait_leader(Duration::from_secs(10), false).await;
+    // Each replica hears the other's announcement: the standby lists
+    // itself first, then the leader.
+    let replicas = b.url("/v1/replicas");
+    let list = warren::testing::eventually(Duration::from_secs(15), "both replicas listed", || {
+        let url = replicas.clone();
+        async move {
+            let (s, v) = call(Method::GET, &url, READ_TOKEN, None).await;
+            let list = v["replicas"].as_array().cloned().unwrap_or_default();
+            (s == 200 && list.len() == 2).then_some(list)
+        }
+    })
+    .await;
+    assert_eq!(
+        list.iter()
+            .map(|r| r["leader"].as_bool())
+            .collect::<Vec<_>>(),
+        [Some(false), Some(true)],
+        "{list:?}"
+    );
     let of = |msgs: &[crate::helpers::Msg], s: &str| -> Vec<chrono::DateTime<chrono::Utc>> {
         msgs.iter()
             .filter(|m| m.schedule.as_deref() == Some(s))

@@ -117,11 +117,8 @@ pub async fn replay_edited(
     }
     .await;
     // Unacked (not found, failed) messages return to the queue here.
+    // The publisher is the caller's (the producer's API publisher): open.
     let _ = ch.close(200, "dead edit done".into()).await;
-    let _ = publisher
-        .channel()
-        .close(200, "dead edit done".into())
-        .await;
     res
 }
 
