@@ -41,11 +41,23 @@ fn index_of(id: &str) -> Option<usize> {
 pub async fn latency_scenario(conn: &Connection, args: &Args, url: &str) -> Result<()> {
     let n = (args.rate * args.seconds) as usize;
     println!(
-        "latency: {} tasks/s for {} s ({n} tasks) into a running consumer",
+        "latency: {} tasks/s for {} s ({n} tasks) into a running consumer, {LATENCY_ROUNDS} rounds a side",
         args.rate, args.seconds
     );
-    let plain = plain_side(conn, args, n).await?;
-    let warren = warren_side(conn, args, url, n).await?;
+    // Rounds alternate the sides, so load from elsewhere on the machine
+    // falls on both; each side's samples are pooled over the rounds.
+    let (mut plain, mut warren) = (Vec::new(), Vec::new());
+    for round in 0..LATENCY_ROUNDS {
+        for side in if round % 2 == 0 { [0, 1] } else { [1, 0] } {
+            if side == 0 {
+                plain.extend(plain_side(conn, args, n).await?);
+            } else {
+                warren.extend(warren_side(conn, args, url, n).await?);
+            }
+        }
+    }
+    let n = n * LATENCY_ROUNDS;
+    let (plain, warren) = (Percentiles::of(plain), Percentiles::of(warren));
     let report = |who: &str, v: &Percentiles| {
         println!(
             "latency {who}: p50 {:.2} ms, p99 {:.2} ms, max {:.2} ms ({} of {n} seen)",
@@ -58,16 +70,16 @@ pub async fn latency_scenario(conn: &Connection, args: &Args, url: &str) -> Resu
         args,
         &[
             format!(
-                "enqueue → handler start, paced {} tasks/s for {} s (p50 / p99 / max)",
+                "enqueue → handler start, paced {} tasks/s, {LATENCY_ROUNDS} × {} s (p50 / p99 / max)",
                 args.rate, args.seconds
             ),
-            format!("{} (delivery)", plain.cell()),
+            plain.cell(),
             warren.cell(),
             String::new(),
             "p99 ≤ 5 ms".into(),
             "—".into(),
             "—".into(),
-            "default consumer config; one run each".into(),
+            "default consumer config; plain: enqueue → delivery".into(),
         ],
     )?;
     Ok(())
@@ -80,15 +92,25 @@ struct Percentiles {
     seen: usize,
 }
 
+/// Rounds per side.
+const LATENCY_ROUNDS: usize = 3;
+
+/// Enqueue → start, ms, of every task whose start was seen.
+fn latencies(
+    published: &[Option<DateTime<Utc>>],
+    starts: &HashMap<usize, DateTime<Utc>>,
+) -> Vec<f64> {
+    starts
+        .iter()
+        .filter_map(|(i, s)| {
+            let p = published.get(*i).copied().flatten()?;
+            Some((*s - p).num_microseconds()? as f64 / 1000.0)
+        })
+        .collect()
+}
+
 impl Percentiles {
-    fn of(published: &[Option<DateTime<Utc>>], starts: &HashMap<usize, DateTime<Utc>>) -> Self {
-        let mut ms: Vec<f64> = starts
-            .iter()
-            .filter_map(|(i, s)| {
-                let p = published.get(*i).copied().flatten()?;
-                Some((*s - p).num_microseconds()? as f64 / 1000.0)
-            })
-            .collect();
+    fn of(mut ms: Vec<f64>) -> Self {
         ms.sort_by(f64::total_cmp);
         let at = |q: f64| {
             ms.get(((ms.len() as f64 * q) as usize).min(ms.len().saturating_sub(1)))
@@ -142,7 +164,7 @@ async fn paced_publish(
     Ok(published)
 }
 
-async fn plain_side(conn: &Connection, args: &Args, n: usize) -> Result<Percentiles> {
+async fn plain_side(conn: &Connection, args: &Args, n: usize) -> Result<Vec<f64>> {
     let t = topo("latency-plain");
     topology::declare(conn, &t).await?;
     let ch = conn.create_channel().await?;
@@ -159,12 +181,18 @@ async fn plain_side(conn: &Connection, args: &Args, n: usize) -> Result<Percenti
     let seen = starts.clone();
     let consuming = tokio::spawn(async move {
         for _ in 0..n {
-            let Ok(Some(Ok(d))) = tokio::time::timeout(Duration::from_secs(60), consumer.next()).await
+            let Ok(Some(Ok(d))) =
+                tokio::time::timeout(Duration::from_secs(60), consumer.next()).await
             else {
                 break;
             };
             let at = Utc::now();
-            if let Some(i) = d.properties.message_id().as_ref().and_then(|s| index_of(s.as_str())) {
+            if let Some(i) = d
+                .properties
+                .message_id()
+                .as_ref()
+                .and_then(|s| index_of(s.as_str()))
+            {
                 if let Ok(mut m) = seen.lock() {
                     m.insert(i, at);
                 }
@@ -177,10 +205,10 @@ async fn plain_side(conn: &Connection, args: &Args, n: usize) -> Result<Percenti
     ch.close(200, "done".into()).await.ok();
     warren::testing::delete_topology(conn, &t).await;
     let starts = starts.lock().map_err(|_| anyhow::anyhow!("poisoned"))?;
-    Ok(Percentiles::of(&published, &starts))
+    Ok(latencies(&published, &starts))
 }
 
-async fn warren_side(conn: &Connection, args: &Args, url: &str, n: usize) -> Result<Percentiles> {
+async fn warren_side(conn: &Connection, args: &Args, url: &str, n: usize) -> Result<Vec<f64>> {
     let t = topo("latency-warren");
     topology::declare(conn, &t).await?;
     let bin = consumer_bin(args)?;
@@ -248,7 +276,7 @@ async fn warren_side(conn: &Connection, args: &Args, url: &str, n: usize) -> Res
     reader.abort();
     warren::testing::delete_topology(conn, &t).await;
     let starts = starts.lock().map_err(|_| anyhow::anyhow!("poisoned"))?;
-    Ok(Percentiles::of(&published, &starts))
+    Ok(latencies(&published, &starts))
 }
 
 /// `(task index, timestamp)` of a `task started` JSON log line.
@@ -257,7 +285,11 @@ fn started(line: &str) -> Option<(usize, DateTime<Utc>)> {
         return None;
     }
     let v: serde_json::Value = serde_json::from_str(line).ok()?;
-    let at = v.get("timestamp")?.as_str()?.parse::<DateTime<Utc>>().ok()?;
+    let at = v
+        .get("timestamp")?
+        .as_str()?
+        .parse::<DateTime<Utc>>()
+        .ok()?;
     let id = v.get("span")?.get("task.id")?.as_str()?;
     Some((index_of(id)?, at))
 }

@@ -24,6 +24,7 @@
 mod cluster;
 mod drain;
 mod latency;
+mod peers;
 mod publish;
 mod table;
 
@@ -95,6 +96,16 @@ struct Args {
     /// `latency`: how long to publish at `--rate`.
     #[arg(long, default_value_t = 10.0)]
     seconds: f64,
+    /// `publish`, `drain`: peers measured in the same run: `celery` (Python
+    /// Celery, if `python3 -c 'import celery'` works), `rusty-celery`.
+    #[arg(long, value_delimiter = ',')]
+    peers: Vec<String>,
+    /// Tasks per peer run (Python Celery publishes about 1k/s with confirms).
+    #[arg(long, default_value_t = 5000)]
+    peer_messages: usize,
+    /// Where the peers' scripts are.
+    #[arg(long, default_value = "bench/peers")]
+    peer_dir: PathBuf,
     /// Append each scenario's summary as Markdown table rows to this file
     /// (`bench/run.sh` builds the README's table from it).
     #[arg(long)]

@@ -20,15 +20,15 @@ use std::process::Stdio;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
-use lapin::Connection;
 use futures_util::StreamExt;
+use lapin::Connection;
 use tokio::io::AsyncWriteExt;
 use warren::topology::{self, Topology};
 
+use crate::peers;
 use crate::table::{self, Spread};
 use crate::{
-    cpu_seconds, free_port, per_message_us, plain_publish, purge, topo, warren_publish, Args,
-    BODY,
+    cpu_seconds, free_port, per_message_us, plain_publish, purge, topo, warren_publish, Args, BODY,
 };
 
 /// A publish token for the API side (the producer wants ≥ 16 characters).
@@ -59,7 +59,9 @@ fn ndjson(n: usize) -> Vec<u8> {
     let body = String::from_utf8_lossy(BODY);
     let mut out = Vec::with_capacity(n * (BODY.len() + 40));
     for _ in 0..n {
-        out.extend_from_slice(format!("{{\"task\":\"bench.noop\",\"payload\":{body}}}\n").as_bytes());
+        out.extend_from_slice(
+            format!("{{\"task\":\"bench.noop\",\"payload\":{body}}}\n").as_bytes(),
+        );
     }
     out
 }
@@ -86,7 +88,14 @@ pub async fn publish_scenario(conn: &Connection, args: &Args, url: &str) -> Resu
     let api = Api::start(&bin, url, &t).await?;
     let mut rates: Vec<Vec<f64>> = vec![Vec::new(); SIDES.len()];
     let mut cpu: Vec<Vec<f64>> = vec![Vec::new(); 2];
+    let mut celery = peers::Celery::from_args(args);
+    let mut celery_rates = Vec::new();
     for run in 0..args.runs {
+        if let Some(c) = celery.as_mut() {
+            let rate = c.run(conn, url, "publish").await?;
+            println!("publish run {run} Python Celery: {rate:.0} msgs/s");
+            celery_rates.push(rate);
+        }
         for k in 0..SIDES.len() {
             let i = (run + k) % SIDES.len();
             let side = SIDES[i];
@@ -160,8 +169,12 @@ pub async fn publish_scenario(conn: &Connection, args: &Args, url: &str) -> Resu
                 } else {
                     "≥ 0.9".into()
                 },
-                "—".into(),
-                "—".into(),
+                "not measured".into(),
+                if *side == Side::Cli {
+                    peers::cell(&celery_rates)
+                } else {
+                    String::new()
+                },
                 note.into(),
             ],
         )?;

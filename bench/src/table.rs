@@ -60,13 +60,7 @@ impl fmt::Display for Spread {
             return f.write_str("—");
         }
         let k = |x: f64| format!("{:.1}k", x / 1000.0);
-        write!(
-            f,
-            "{}/s ({}–{})",
-            k(self.median),
-            k(self.min),
-            k(self.max)
-        )
+        write!(f, "{}/s ({}–{})", k(self.median), k(self.min), k(self.max))
     }
 }
 

@@ -198,9 +198,11 @@ async fn publish_batch_reports_refused_tasks_by_line_and_exits_1() {
         "{stderr}"
     );
     let queue = format!("{prefix}.only");
-    warren::testing::eventually(Duration::from_secs(10), "6,000 messages in the queue", || async {
-        (w.queue_len(&queue).await == 6000).then_some(())
-    })
+    warren::testing::eventually(
+        Duration::from_secs(10),
+        "6,000 messages in the queue",
+        || async { (w.queue_len(&queue).await == 6000).then_some(()) },
+    )
     .await;
     let mut cfg = warren::testing::topology_config("publish_batch_refused", QueueType::Classic);
     cfg.prefix = prefix;
