@@ -44,9 +44,10 @@ load_before=$(cut -d' ' -f1-3 /proc/loadavg)
 bench() {
   target/release/warren-bench --url "$url" --table "$rows" "$@" | tee -a "$work/detail.txt"
 }
-bench --scenario publish --messages "$MESSAGES" --runs "$RUNS" --peers celery,rusty-celery
+bench --scenario publish --messages "$MESSAGES" --runs "$RUNS" --peers celery,rusty-celery \
+  --peer-messages "${PEER_MESSAGES:-3000}"
 bench --scenario drain --messages "$MESSAGES" --runs "$RUNS" --max-priority 10,0 \
-  --broker-pid "$broker_pid" --peers celery,rusty-celery
+  --broker-pid "$broker_pid" --peers celery,rusty-celery --peer-messages "${PEER_MESSAGES:-3000}"
 bench --scenario latency --seconds 5
 
 load_after=$(cut -d' ' -f1-3 /proc/loadavg)
