@@ -33,6 +33,8 @@ use lapin::Connection;
 use warren::config::{QueueConfig, QueueType, TopologyConfig};
 use warren::topology::{self, Topology};
 
+use crate::peers;
+use crate::table::{self, list, median, Spread};
 use crate::{
     consumer_bin, cpu_seconds, peak_rss_kib, plain_publish_body, start_consumer_with, tasks_done,
     Args,
@@ -69,26 +71,20 @@ fn topo(tag: &str, max_priority: u8) -> Topology {
     })
 }
 
-fn median(v: &[f64]) -> f64 {
-    let mut v = v.to_vec();
-    v.sort_by(f64::total_cmp);
-    v.get(v.len() / 2).copied().unwrap_or(0.0)
-}
-
-fn list(v: &[f64], prec: usize) -> String {
-    v.iter()
-        .map(|x| format!("{x:.prec$}"))
-        .collect::<Vec<_>>()
-        .join(", ")
-}
-
 pub async fn drain_scenario(conn: &Connection, args: &Args, url: &str) -> Result<()> {
     let bin = consumer_bin(args)?;
     let priorities = &args.max_priority;
     // Per priority setting: plain and warren results, in run order.
     let mut plain: Vec<Vec<Drained>> = priorities.iter().map(|_| Vec::new()).collect();
     let mut warren: Vec<Vec<Drained>> = priorities.iter().map(|_| Vec::new()).collect();
+    let mut celery = peers::Celery::from_args(args);
+    let mut celery_rates = Vec::new();
     for run in 0..args.runs {
+        if let Some(c) = celery.as_mut() {
+            let rate = c.run(conn, url, "drain").await?;
+            println!("drain run {run} Python Celery: {rate:.0} msgs/s");
+            celery_rates.push(rate);
+        }
         for (pi, &prio) in priorities.iter().enumerate() {
             // Alternate which side goes first, run by run and setting by setting.
             let sides = if (run + pi) % 2 == 0 { [0, 1] } else { [1, 0] };
@@ -176,6 +172,41 @@ pub async fn drain_scenario(conn: &Connection, args: &Args, url: &str) -> Result
                 kib as f64 / 1024.0
             );
         }
+        let queue = if *prio == 0 {
+            "no priorities".to_owned()
+        } else {
+            format!("`x-max-priority = {prio}`")
+        };
+        table::row(
+            args,
+            &[
+                format!(
+                    "drain a {}k backlog, {queue}, default consumer config, noop",
+                    args.messages / 1000
+                ),
+                Spread::of(&p).to_string(),
+                Spread::of(&w).to_string(),
+                Spread::of(&ratios).ratio(),
+                "≥ 0.8".into(),
+                "not measured".into(),
+                peers::cell(&celery_rates),
+                format!(
+                    "CPU/task µs: consumer {:.1} (plain {:.1}), broker {}; peak RSS {}",
+                    median(&cpu(&warren[pi])),
+                    median(&cpu(&plain[pi])),
+                    if args.broker_pid.is_some() {
+                        format!(
+                            "{:.1} (plain {:.1})",
+                            median(&broker(&warren[pi])),
+                            median(&broker(&plain[pi]))
+                        )
+                    } else {
+                        "—".into()
+                    },
+                    rss.map_or("—".into(), |k| format!("{:.1} MiB", k as f64 / 1024.0))
+                ),
+            ],
+        )?;
     }
     if priorities.len() > 1 {
         let base = median(&warren[0].iter().map(|d| d.rate).collect::<Vec<_>>());

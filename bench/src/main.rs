@@ -3,7 +3,8 @@
 //! machine whose absolute speed drifts.
 //!
 //! * `publish`: N persistent messages with publisher confirms, 1,000 in flight:
-//!   plain `basic_publish` loop vs `warren::amqp::Publisher::publish_tasks`.
+//!   plain `basic_publish` loop vs `warren::amqp::Publisher::publish_tasks`,
+//!   `warren-producer publish --batch` and `POST /v1/tasks`; see [`publish`].
 //! * `e2e`: a consumer is running; N tasks are published (pipelined confirms)
 //!   and the clock stops when the consumer has acked all of them. Plain: a lapin
 //!   consumer that acks each delivery without awaiting it in the loop. warren: the
@@ -12,6 +13,8 @@
 //! * `drain` (not part of `all`): a pre-filled backlog emptied by a plain
 //!   lapin consumer and by `warren-consumer` with its default config; see
 //!   [`drain`].
+//! * `latency`: enqueue → handler start at a paced 5,000 tasks/s; see
+//!   [`latency`].
 //! * `delay`: how late delayed tasks arrive through the delay levels (never
 //!   early: that is a test's job), 10 tasks each at 250 ms, 1.7 s and 3.3 s.
 //!
@@ -20,6 +23,10 @@
 
 mod cluster;
 mod drain;
+mod latency;
+mod peers;
+mod publish;
+mod table;
 
 use std::collections::VecDeque;
 use std::path::PathBuf;
@@ -51,7 +58,7 @@ struct Args {
     /// Broker to use; default: start a throwaway node (deploy/broker.sh).
     #[arg(long, env = "WARREN_BENCH_AMQP_URL")]
     url: Option<String>,
-    /// `publish`, `e2e`, `delay`, `all`, `drain` (a pre-filled backlog, see
+    /// `publish`, `e2e`, `latency`, `delay`, `all`, `drain` (a pre-filled backlog, see
     /// `--max-priority`), or `cluster` (quorum queue on a local 3-node cluster
     /// against a classic queue on one node).
     #[arg(long, default_value = "all")]
@@ -74,6 +81,35 @@ struct Args {
     /// `drain`: the plain lapin consumer's prefetch (warren's default is 64).
     #[arg(long, default_value_t = 64)]
     drain_plain_prefetch: u16,
+    /// The warren-producer binary (default: next to this one).
+    #[arg(long)]
+    producer_bin: Option<PathBuf>,
+    /// `publish`: tasks per `POST /v1/tasks` request.
+    #[arg(long, default_value_t = 500)]
+    api_batch: usize,
+    /// `publish`: `POST /v1/tasks` requests in flight at once.
+    #[arg(long, default_value_t = 2)]
+    api_concurrency: usize,
+    /// `latency`: tasks per second, paced.
+    #[arg(long, default_value_t = 5000.0)]
+    rate: f64,
+    /// `latency`: how long to publish at `--rate`.
+    #[arg(long, default_value_t = 10.0)]
+    seconds: f64,
+    /// `publish`, `drain`: peers measured in the same run: `celery` (Python
+    /// Celery, if `python3 -c 'import celery'` works), `rusty-celery`.
+    #[arg(long, value_delimiter = ',')]
+    peers: Vec<String>,
+    /// Tasks per peer run (Python Celery publishes about 1k/s with confirms).
+    #[arg(long, default_value_t = 5000)]
+    peer_messages: usize,
+    /// Where the peers' scripts are.
+    #[arg(long, default_value = "bench/peers")]
+    peer_dir: PathBuf,
+    /// Append each scenario's summary as Markdown table rows to this file
+    /// (`bench/run.sh` builds the README's table from it).
+    #[arg(long)]
+    table: Option<PathBuf>,
 }
 
 const WINDOW: usize = 1000;
@@ -105,13 +141,16 @@ async fn main() -> Result<()> {
         args.prefetch
     );
     if args.scenario == "publish" || args.scenario == "all" {
-        publish_scenario(&conn, &args).await?;
+        publish::publish_scenario(&conn, &args, &url).await?;
     }
     if args.scenario == "e2e" || args.scenario == "all" {
         e2e_scenario(&conn, &args, &url).await?;
     }
     if args.scenario == "delay" || args.scenario == "all" {
         delay_scenario(&conn).await?;
+    }
+    if args.scenario == "latency" || args.scenario == "all" {
+        latency::latency_scenario(&conn, &args, &url).await?;
     }
     // Not part of `all`: it takes minutes at a useful backlog size.
     if args.scenario == "drain" {
@@ -226,41 +265,6 @@ async fn purge(conn: &Connection, topo: &Topology) -> Result<()> {
         ch.queue_purge(q.name.as_str().into(), Default::default())
             .await?;
     }
-    Ok(())
-}
-
-async fn publish_scenario(conn: &Connection, args: &Args) -> Result<()> {
-    let t = topo("publish");
-    topology::declare(conn, &t).await?;
-    let (mut plain, mut warren) = (Vec::new(), Vec::new());
-    let (mut plain_cpu, mut warren_cpu) = (Vec::new(), Vec::new());
-    for run in 0..args.runs {
-        for side in if run % 2 == 0 { [0, 1] } else { [1, 0] } {
-            purge(conn, &t).await?;
-            let start = Instant::now();
-            let cpu = cpu_seconds(std::process::id());
-            if side == 0 {
-                plain_publish(conn, &t.tasks_exchange(), "bench.noop", args.messages).await?;
-                plain.push(args.messages as f64 / start.elapsed().as_secs_f64());
-                plain_cpu.extend(per_message_us(cpu, args.messages));
-            } else {
-                warren_publish(conn, &t, args.messages).await?;
-                warren.push(args.messages as f64 / start.elapsed().as_secs_f64());
-                warren_cpu.extend(per_message_us(cpu, args.messages));
-            }
-        }
-    }
-    report("publish", &plain, &warren);
-    let median = |v: &mut Vec<f64>| {
-        v.sort_by(f64::total_cmp);
-        v.get(v.len() / 2).copied().unwrap_or(0.0)
-    };
-    println!(
-        "publish: client CPU per message, median: plain lapin {:.1} µs, warren {:.1} µs",
-        median(&mut plain_cpu),
-        median(&mut warren_cpu)
-    );
-    warren::testing::delete_topology(conn, &t).await;
     Ok(())
 }
 
@@ -401,9 +405,14 @@ fn peak_rss_kib(pid: u32) -> Option<u64> {
 }
 
 fn consumer_bin(args: &Args) -> Result<PathBuf> {
-    Ok(match &args.consumer_bin {
+    sibling_bin(&args.consumer_bin, "warren-consumer")
+}
+
+/// `given`, or the binary `name` next to this one.
+fn sibling_bin(given: &Option<PathBuf>, name: &str) -> Result<PathBuf> {
+    Ok(match given {
         Some(b) => b.clone(),
-        None => std::env::current_exe()?.with_file_name("warren-consumer"),
+        None => std::env::current_exe()?.with_file_name(name),
     })
 }
 

@@ -158,7 +158,10 @@ async fn post_tasks(
     // alarm, so the first request after an alarm would wait out the confirm
     // timeout: answer 503 as soon as the block is reported instead.
     let results = tokio::select! {
-        r = p.publisher.publish_tasks(ctx.topo(), pairs(&tasks), 256) => r,
+        // The whole batch in flight at once (it is bounded by
+        // api.max_batch): a smaller window would make every request wait
+        // for confirms mid-batch, and sequential clients pay that per request.
+        r = p.publisher.publish_tasks(ctx.topo(), pairs(&tasks), tasks.len()) => r,
         () = p.blocked.until_blocked() => {
             ctx.metrics()
                 .publish_failures

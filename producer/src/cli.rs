@@ -1,6 +1,6 @@
 //! Command line: `run` (default), `schedules check|next|pause|resume`, `publish`.
 
-use std::io::{BufRead, Read, Write};
+use std::io::{Read, Write};
 use std::path::PathBuf;
 
 use anyhow::Context;
@@ -10,7 +10,7 @@ use warren::amqp::Publisher;
 use warren::Topology;
 
 use crate::config::{self, ProducerConfig};
-use crate::request::{pairs, RequestError, TaskRequest};
+use crate::request::{RequestError, TaskRequest};
 
 /// What the user wrote on the command line cannot work (exit 2, like a bad
 /// config): the payload is not JSON or its file cannot be read, the task is
@@ -315,51 +315,8 @@ pub async fn publish(cfg: ProducerConfig, args: PublishArgs) -> anyhow::Result<(
 }
 
 async fn publish_batch(cfg: ProducerConfig, window: usize) -> anyhow::Result<()> {
-    const CHUNK: usize = 10_000;
     let (conn, publisher, topo) = connect(&cfg).await?;
-    let stdin = std::io::stdin();
-    let mut lines = stdin.lock().lines();
-    let (mut confirmed, mut failed, mut line_no) = (0u64, 0u64, 0u64);
-    let mut done = false;
-    while !done {
-        let mut chunk = Vec::with_capacity(CHUNK);
-        let now = Utc::now();
-        while chunk.len() < CHUNK {
-            let Some(line) = lines.next() else {
-                done = true;
-                break;
-            };
-            line_no += 1;
-            let line = line.context("reading stdin")?;
-            if line.trim().is_empty() {
-                continue;
-            }
-            match TaskRequest::from_line(&line).and_then(|r| r.into_task(now)) {
-                Ok(t) => chunk.push(t),
-                Err(e) => {
-                    failed += 1;
-                    warren::errln!("line {line_no}: {e}");
-                }
-            }
-        }
-        if chunk.is_empty() {
-            continue;
-        }
-        let results = publisher.publish_tasks(&topo, pairs(&chunk), window).await;
-        for ((task, _), r) in chunk.iter().zip(results) {
-            match r {
-                Ok(()) => confirmed += 1,
-                Err(e) => {
-                    failed += 1;
-                    warren::errln!("task {} ({}): {e}", task.id, task.name);
-                }
-            }
-        }
-    }
+    let res = crate::batch::publish(&publisher, &topo, std::io::stdin(), window).await;
     let _ = conn.close(200, "done".into()).await;
-    warren::outln!("{confirmed} confirmed, {failed} failed");
-    if failed > 0 {
-        anyhow::bail!("{failed} task(s) were not published");
-    }
-    Ok(())
+    res
 }

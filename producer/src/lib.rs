@@ -19,6 +19,7 @@
 //! | `state` | the last-fire snapshot a new leader resumes from (in RabbitMQ) |
 //! | [`request`] | ad-hoc task requests (CLI batch lines, API bodies) |
 //! | [`cli`] | command line: `run`, `schedules check|next`, `publish` |
+//! | `batch` | `publish --batch`: NDJSON from stdin at the broker's pace |
 //! | [`config`] | `ProducerConfig`, token files, schedule validation |
 //! | `schedule` | pure next-fire math: syntaxes, zones, DST rules, misfire plan |
 //! | `metrics` | the producer's Prometheus metrics |
@@ -35,6 +36,7 @@ pub mod request;
 mod api;
 mod audit;
 mod auth;
+mod batch;
 mod connection;
 mod console;
 mod context;

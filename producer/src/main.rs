@@ -25,7 +25,13 @@ fn main() -> std::process::ExitCode {
         Command::Token(TokenCommand::Hash) => cli::token_hash(),
         Command::Publish(args) => config::load(path).and_then(|cfg| {
             warren::telemetry::init(&cfg.log);
-            runtime()?.block_on(cli::publish(cfg, args))
+            // One thread: a publish loop, its confirm sequencer and the
+            // confirms' waiters then wake each other without crossing
+            // threads (lapin's I/O runs on its own thread either way).
+            tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()?
+                .block_on(cli::publish(cfg, args))
         }),
         Command::Run => config::load_checked(path).and_then(|(cfg, _)| {
             warren::telemetry::init(&cfg.log);

@@ -8,7 +8,10 @@
 
 use std::borrow::Cow;
 use std::collections::VecDeque;
+use std::future::Future;
+use std::pin::Pin;
 use std::sync::Arc;
+use std::task::Poll;
 use std::time::Duration;
 
 use futures_util::StreamExt;
@@ -314,8 +317,9 @@ pub struct Publisher {
     channel: Channel,
     confirm_timeout: Duration,
     /// Publishes in delivery-tag order, for the [`sequence`] task. The lock
-    /// spans `basic_publish` and the enqueue so both happen in the same order.
-    order: Arc<tokio::sync::Mutex<mpsc::UnboundedSender<Tracked>>>,
+    /// spans the start of `basic_publish` (which takes the delivery tag and
+    /// queues the frames) and the enqueue, so both happen in the same order.
+    order: Arc<std::sync::Mutex<mpsc::UnboundedSender<Tracked>>>,
     /// Signs and/or encrypts every task sent (the producer's publishers).
     seal: Option<Arc<Seal>>,
 }
@@ -346,8 +350,11 @@ struct Identity {
     message_id: Option<String>,
 }
 
+/// A started `basic_publish`: resolves once lapin wrote its frames.
+type Started = Pin<Box<dyn Future<Output = lapin::Result<PublisherConfirm>> + Send>>;
+
 struct Tracked {
-    confirm: PublisherConfirm,
+    publish: Started,
     identity: Identity,
     done: oneshot::Sender<Result<(), Error>>,
 }
@@ -368,7 +375,14 @@ const MAX_UNMATCHED_RETURNS: usize = 10_000;
 async fn sequence(mut queue: mpsc::UnboundedReceiver<Tracked>) {
     let mut returned: VecDeque<(Identity, String)> = VecDeque::new();
     while let Some(t) = queue.recv().await {
-        let verdict = match t.confirm.await {
+        let confirm = match t.publish.await {
+            Ok(c) => c,
+            Err(e) => {
+                let _ = t.done.send(Err(Error::Amqp(e)));
+                continue;
+            }
+        };
+        let verdict = match confirm.await {
             Err(e) => Err(Error::Amqp(e)),
             Ok(Confirmation::NotRequested) => Err(Error::NotConfirmed),
             Ok(c) => {
@@ -431,7 +445,7 @@ impl Publisher {
         Ok(Self {
             channel,
             confirm_timeout,
-            order: Arc::new(tokio::sync::Mutex::new(tx)),
+            order: Arc::new(std::sync::Mutex::new(tx)),
             seal: None,
         })
     }
@@ -465,6 +479,12 @@ impl Publisher {
     }
 
     /// Publish without waiting for the confirm.
+    ///
+    /// Returns once the message has its delivery tag and its frames are
+    /// queued for lapin's I/O thread, without waiting for the write: a
+    /// publishing loop then hands frames over in bursts instead of one
+    /// thread round trip per message. A failed write surfaces through the
+    /// [`Pending`], like a nack, and the confirm timeout bounds both.
     pub async fn send(
         &self,
         exchange: &str,
@@ -481,28 +501,44 @@ impl Publisher {
                 .map(|s| s.as_str().to_owned()),
         };
         let (done, verdict) = oneshot::channel();
-        let order = self.order.lock().await;
-        let confirm = self
-            .channel
-            .basic_publish(
-                exchange.into(),
-                routing_key.into(),
-                BasicPublishOptions {
-                    mandatory: true,
-                    ..BasicPublishOptions::default()
-                },
-                body,
-                properties,
-            )
-            .await?;
-        order
-            .send(Tracked {
-                confirm,
-                identity,
-                done,
-            })
-            .map_err(|_| Error::ChannelGone)?;
-        drop(order);
+        let channel = self.channel.clone();
+        let (exchange, routing_key) = (exchange.into(), routing_key.into());
+        let body = body.to_vec();
+        let mut publish: Started = Box::pin(async move {
+            channel
+                .basic_publish(
+                    exchange,
+                    routing_key,
+                    BasicPublishOptions {
+                        mandatory: true,
+                        ..BasicPublishOptions::default()
+                    },
+                    &body,
+                    properties,
+                )
+                .await
+        });
+        {
+            let order = self.order.lock().map_err(|_| Error::ChannelGone)?;
+            // lapin's `basic_publish` takes the delivery tag and queues the
+            // frames before its first suspension point (it then waits for the
+            // write), so one poll under the lock fixes the tag order that the
+            // sequencer relies on.
+            // The sequencer polls it again with its own waker.
+            let mut cx = std::task::Context::from_waker(std::task::Waker::noop());
+            let publish: Started = match publish.as_mut().poll(&mut cx) {
+                Poll::Ready(Err(e)) => return Err(Error::Amqp(e)),
+                Poll::Ready(Ok(confirm)) => Box::pin(std::future::ready(Ok(confirm))),
+                Poll::Pending => publish,
+            };
+            order
+                .send(Tracked {
+                    publish,
+                    identity,
+                    done,
+                })
+                .map_err(|_| Error::ChannelGone)?;
+        }
         Ok(Pending {
             verdict,
             timeout: self.confirm_timeout,

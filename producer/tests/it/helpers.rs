@@ -133,6 +133,16 @@ impl World {
 
     /// Run `warren-producer` with `args` to completion, feeding `stdin`.
     pub fn cli(&self, args: &[&str], stdin: &[u8]) -> std::process::Output {
+        self.cli_with(args, stdin, &[])
+    }
+
+    /// [`World::cli`] with environment overrides.
+    pub fn cli_with(
+        &self,
+        args: &[&str],
+        stdin: &[u8],
+        env: &[(&str, &str)],
+    ) -> std::process::Output {
         let mut cmd = Command::new(BIN);
         cmd.args(args);
         clean_env(&mut cmd);
@@ -140,6 +150,9 @@ impl World {
             cmd.env(k, v);
         }
         cmd.env("RUST_LOG", "warn");
+        for (k, v) in env {
+            cmd.env(k, v);
+        }
         cmd.stdin(Stdio::piped())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped());

@@ -2,6 +2,8 @@ use std::time::Duration;
 
 use chrono::Utc;
 
+use warren::config::QueueType;
+
 use crate::helpers::World;
 
 /// `publish <task>` prints the id once the broker confirmed; the message is
@@ -154,6 +156,62 @@ async fn publish_batch_of_10000() {
         !stderr.contains("line 1 column"),
         "serde's own position: {stderr}"
     );
+}
+
+/// `publish --batch` keeps publishing past a task the broker refuses (here
+/// unroutable: no queue binds its name) and reports it, and a bad line, by
+/// line number; the command exits 1 once every other task was confirmed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn publish_batch_reports_refused_tasks_by_line_and_exits_1() {
+    let w = World::new("publish_batch_refused").await;
+    // A prefix of its own whose only queue binds `only.this`: anything else
+    // is returned by the broker.
+    let prefix = format!("{}.noroute", w.prefix);
+    let config = w.write_config(
+        "noroute.toml",
+        "[[topology.queues]]\nname = \"only\"\nbindings = [\"only.this\"]\n",
+    );
+    let mut input = String::new();
+    for i in 0..3000 {
+        input.push_str(&format!("{{\"task\":\"only.this\",\"id\":\"ok-{i}\"}}\n"));
+    }
+    input.push_str("{\"task\":\"other.thing\",\"id\":\"refused-1\"}\n");
+    input.push_str("\n{oops\n");
+    for i in 3000..6000 {
+        input.push_str(&format!("{{\"task\":\"only.this\",\"id\":\"ok-{i}\"}}\n"));
+    }
+    let out = w.cli_with(
+        &["--config", &config.to_string_lossy(), "publish", "--batch"],
+        input.as_bytes(),
+        &[("WARREN_TOPOLOGY__PREFIX", &prefix)],
+    );
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stdout} {stderr}");
+    assert_eq!(stdout.trim(), "6000 confirmed, 2 failed", "{stderr}");
+    assert!(
+        stderr.contains("line 3001: task refused-1 (other.thing): unroutable"),
+        "{stderr}"
+    );
+    assert!(
+        stderr.contains("line 3003: not valid JSON at column 2"),
+        "{stderr}"
+    );
+    let queue = format!("{prefix}.only");
+    warren::testing::eventually(
+        Duration::from_secs(10),
+        "6,000 messages in the queue",
+        || async { (w.queue_len(&queue).await == 6000).then_some(()) },
+    )
+    .await;
+    let mut cfg = warren::testing::topology_config("publish_batch_refused", QueueType::Classic);
+    cfg.prefix = prefix;
+    cfg.queues = vec![warren::config::QueueConfig {
+        name: "only".into(),
+        bindings: vec!["only.this".into()],
+        ..Default::default()
+    }];
+    warren::testing::delete_topology(&w.conn, &warren::Topology::new(&cfg)).await;
 }
 
 /// `publish --at` 100 days ahead (past the delay levels' ~38.8-day range) is

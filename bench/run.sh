@@ -1,0 +1,87 @@
+#!/usr/bin/env bash
+# Regenerate the benchmark table: README.md (between <!-- bench:begin --> and
+# <!-- bench:end -->) and its detail in docs/benchmarks.md (between
+# <!-- bench-detail:begin --> and <!-- bench-detail:end -->).
+#
+#   bash bench/run.sh                 # ~10 minutes on a 2-core machine
+#   MESSAGES=20000 RUNS=3 bash bench/run.sh --no-write   # quicker, prints only
+#
+# Builds the release binaries, starts a throwaway RabbitMQ node of its own
+# (deploy/broker.sh, random port), runs the publish, drain (both queue
+# settings) and latency scenarios of warren-bench, each interleaving its
+# sides run by run so the ratios hold on a machine whose speed drifts, and
+# prints the Markdown table with the machine, the broker version and the
+# load average. Benchmarks report; nothing here fails on a number.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+MESSAGES=${MESSAGES:-50000}
+RUNS=${RUNS:-5}
+write=1
+[[ ${1:-} == --no-write ]] && write=0
+
+work=$(mktemp -d)
+broker="$work/broker"
+cleanup() {
+  bash deploy/broker.sh stop --dir "$broker" >/dev/null 2>&1 || true
+  rm -rf "$work"
+}
+trap cleanup EXIT
+
+cargo build --release -q -p warren-bench -p warren-consumer -p warren-producer
+# Python Celery is a peer when it can be had (never in CI's test path).
+if ! python3 -c 'import celery' 2>/dev/null; then
+  python3 -m pip install -q celery 2>/dev/null ||
+    python3 -m pip install -q --break-system-packages celery 2>/dev/null ||
+    echo "bench/run.sh: could not install Python Celery; its column stays empty"
+fi
+url=$(bash deploy/broker.sh start --dir "$broker" --port 0 --name "warren-bench-$$" | tail -n 1)
+broker_pid=$(cat "$broker/rabbit.pid")
+rows="$work/rows.md"
+: >"$rows"
+load_before=$(cut -d' ' -f1-3 /proc/loadavg)
+
+bench() {
+  target/release/warren-bench --url "$url" --table "$rows" "$@" | tee -a "$work/detail.txt"
+}
+bench --scenario publish --messages "$MESSAGES" --runs "$RUNS" --peers celery,rusty-celery \
+  --peer-messages "${PEER_MESSAGES:-3000}"
+bench --scenario drain --messages "$MESSAGES" --runs "$RUNS" --max-priority 10,0 \
+  --broker-pid "$broker_pid" --peers celery,rusty-celery --peer-messages "${PEER_MESSAGES:-3000}"
+bench --scenario latency --seconds 5
+
+load_after=$(cut -d' ' -f1-3 /proc/loadavg)
+cpu=$(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2- | sed 's/^ *//')
+version=$(bash deploy/broker.sh ctl --dir "$broker" version 2>/dev/null | tail -n 1)
+rev=$(git rev-parse --short HEAD)
+table="$work/table.md"
+{
+  echo "$(nproc) cores ($cpu), RabbitMQ $version, broker and clients on the same cores;"
+  echo "$(date -u +%Y-%m-%d), \`$rev\`, load average $load_before before and $load_after after"
+  echo "(other work on the machine counts: compare the ratios, measured side by side in one run)."
+  echo "Cells: median of $RUNS interleaved runs (min–max); \`bash bench/run.sh\` regenerates this."
+  echo
+  echo "| what | plain lapin | warren | warren / plain | target | rusty-celery | Celery | note |"
+  echo "|---|---|---|---|---|---|---|---|"
+  cat "$rows"
+} >"$table"
+cat "$table"
+
+# Replace the lines between two marker lines of a file with another file.
+splice() { # FILE BEGIN END CONTENT
+  awk -v b="$2" -v e="$3" -v c="$4" '
+    $0 == b { print; while ((getline l < c) > 0) print l; skip = 1; next }
+    $0 == e { skip = 0 }
+    !skip { print }' "$1" >"$1.new"
+  mv "$1.new" "$1"
+}
+if ((write)); then
+  splice README.md '<!-- bench:begin -->' '<!-- bench:end -->' "$table"
+  {
+    echo '```text'
+    grep -E '^(publish|drain|latency)' "$work/detail.txt" | grep -v ' run [0-9]' || true
+    echo '```'
+  } >"$work/detail.md"
+  splice docs/benchmarks.md '<!-- bench-detail:begin -->' '<!-- bench-detail:end -->' "$work/detail.md"
+  echo "bench/run.sh: README.md and docs/benchmarks.md updated"
+fi

@@ -1,0 +1,295 @@
+//! `--scenario latency`: enqueue → handler start at a paced rate.
+//!
+//! Tasks are published at `--rate` per second for `--seconds` (warren's
+//! `Publisher`, confirms awaited off the pacing loop) into a running
+//! `warren-consumer` with its **default** config and a `noop` handler. The
+//! enqueue instant is the wall clock just before each publish; the handler
+//! start is the timestamp (µs) of the consumer's own `task started` debug
+//! event, emitted right before the handler is called, read from its JSON log
+//! with only that module at debug. No consumer code exists for the bench:
+//! what is measured is the shipped binary, plus the cost of that one log
+//! line per task (which only makes the figure more pessimistic). Same broker
+//! and pacing for a plain lapin consumer (prefetch 64, pipelined acks),
+//! enqueue → delivery, for comparison.
+
+use std::collections::HashMap;
+use std::process::Stdio;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context, Result};
+use chrono::{DateTime, Utc};
+use futures_util::StreamExt;
+use lapin::options::{BasicAckOptions, BasicConsumeOptions, BasicQosOptions};
+use lapin::types::FieldTable;
+use lapin::Connection;
+use tokio::io::AsyncBufReadExt;
+use warren::amqp::Publisher;
+use warren::topology::{self, Topology};
+use warren::Task;
+
+use crate::table;
+use crate::{consumer_bin, free_port, tasks_done, topo, Args, BODY};
+
+/// Start instants by task index, filled by whoever observes the start.
+type Starts = Arc<Mutex<HashMap<usize, DateTime<Utc>>>>;
+
+fn index_of(id: &str) -> Option<usize> {
+    id.strip_prefix("lat-")?.parse().ok()
+}
+
+pub async fn latency_scenario(conn: &Connection, args: &Args, url: &str) -> Result<()> {
+    let n = (args.rate * args.seconds) as usize;
+    println!(
+        "latency: {} tasks/s for {} s ({n} tasks) into a running consumer, {LATENCY_ROUNDS} rounds a side",
+        args.rate, args.seconds
+    );
+    // Rounds alternate the sides, so load from elsewhere on the machine
+    // falls on both; each side's samples are pooled over the rounds.
+    let (mut plain, mut warren) = (Vec::new(), Vec::new());
+    for round in 0..LATENCY_ROUNDS {
+        for side in if round % 2 == 0 { [0, 1] } else { [1, 0] } {
+            if side == 0 {
+                plain.extend(plain_side(conn, args, n).await?);
+            } else {
+                warren.extend(warren_side(conn, args, url, n).await?);
+            }
+        }
+    }
+    let n = n * LATENCY_ROUNDS;
+    let (plain, warren) = (Percentiles::of(plain), Percentiles::of(warren));
+    let report = |who: &str, v: &Percentiles| {
+        println!(
+            "latency {who}: p50 {:.2} ms, p99 {:.2} ms, max {:.2} ms ({} of {n} seen)",
+            v.p50, v.p99, v.max, v.seen
+        );
+    };
+    report("plain lapin, enqueue → delivery", &plain);
+    report("warren-consumer, enqueue → handler start", &warren);
+    table::row(
+        args,
+        &[
+            format!(
+                "enqueue → handler start, paced {} tasks/s, {LATENCY_ROUNDS} × {} s (p50 / p99 / max)",
+                args.rate, args.seconds
+            ),
+            plain.cell(),
+            warren.cell(),
+            String::new(),
+            "p99 ≤ 5 ms".into(),
+            "—".into(),
+            "—".into(),
+            "default consumer config; plain: enqueue → delivery".into(),
+        ],
+    )?;
+    Ok(())
+}
+
+struct Percentiles {
+    p50: f64,
+    p99: f64,
+    max: f64,
+    seen: usize,
+}
+
+/// Rounds per side.
+const LATENCY_ROUNDS: usize = 3;
+
+/// Enqueue → start, ms, of every task whose start was seen.
+fn latencies(
+    published: &[Option<DateTime<Utc>>],
+    starts: &HashMap<usize, DateTime<Utc>>,
+) -> Vec<f64> {
+    starts
+        .iter()
+        .filter_map(|(i, s)| {
+            let p = published.get(*i).copied().flatten()?;
+            Some((*s - p).num_microseconds()? as f64 / 1000.0)
+        })
+        .collect()
+}
+
+impl Percentiles {
+    fn of(mut ms: Vec<f64>) -> Self {
+        ms.sort_by(f64::total_cmp);
+        let at = |q: f64| {
+            ms.get(((ms.len() as f64 * q) as usize).min(ms.len().saturating_sub(1)))
+                .copied()
+                .unwrap_or(f64::NAN)
+        };
+        Percentiles {
+            p50: at(0.50),
+            p99: at(0.99),
+            max: ms.last().copied().unwrap_or(f64::NAN),
+            seen: ms.len(),
+        }
+    }
+
+    fn cell(&self) -> String {
+        format!("{:.2} / {:.2} / {:.1} ms", self.p50, self.p99, self.max)
+    }
+}
+
+/// Publish `n` tasks `lat-<i>` at `rate`/s; returns each one's enqueue
+/// instant. Confirms are awaited by a separate task so a slow confirm never
+/// delays the next publish.
+async fn paced_publish(
+    conn: &Connection,
+    t: &Topology,
+    rate: f64,
+    n: usize,
+) -> Result<Vec<Option<DateTime<Utc>>>> {
+    let publisher = Publisher::new(conn, Duration::from_secs(30)).await?;
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+    let confirmer = tokio::spawn(async move {
+        while let Some(p) = rx.recv().await {
+            let p: warren::amqp::Pending = p;
+            p.confirmed().await?;
+        }
+        Ok::<_, warren::Error>(())
+    });
+    let mut published = vec![None; n];
+    let start = tokio::time::Instant::now();
+    for (i, slot) in published.iter_mut().enumerate() {
+        tokio::time::sleep_until(start + Duration::from_secs_f64(i as f64 / rate)).await;
+        let mut task = Task::from_raw("bench.latency", BODY.to_vec());
+        task.id = format!("lat-{i}");
+        *slot = Some(Utc::now());
+        let pending = publisher.send_task(t, &task, Duration::ZERO).await?;
+        tx.send(pending).ok();
+    }
+    drop(tx);
+    confirmer.await??;
+    publisher.channel().close(200, "done".into()).await.ok();
+    Ok(published)
+}
+
+async fn plain_side(conn: &Connection, args: &Args, n: usize) -> Result<Vec<f64>> {
+    let t = topo("latency-plain");
+    topology::declare(conn, &t).await?;
+    let ch = conn.create_channel().await?;
+    ch.basic_qos(64, BasicQosOptions::default()).await?;
+    let mut consumer = ch
+        .basic_consume(
+            t.work_queues()[0].name.as_str().into(),
+            "latency".into(),
+            BasicConsumeOptions::default(),
+            FieldTable::default(),
+        )
+        .await?;
+    let starts: Starts = Arc::default();
+    let seen = starts.clone();
+    let consuming = tokio::spawn(async move {
+        for _ in 0..n {
+            let Ok(Some(Ok(d))) =
+                tokio::time::timeout(Duration::from_secs(60), consumer.next()).await
+            else {
+                break;
+            };
+            let at = Utc::now();
+            if let Some(i) = d
+                .properties
+                .message_id()
+                .as_ref()
+                .and_then(|s| index_of(s.as_str()))
+            {
+                if let Ok(mut m) = seen.lock() {
+                    m.insert(i, at);
+                }
+            }
+            tokio::spawn(async move { d.ack(BasicAckOptions::default()).await });
+        }
+    });
+    let published = paced_publish(conn, &t, args.rate, n).await?;
+    consuming.await?;
+    ch.close(200, "done".into()).await.ok();
+    warren::testing::delete_topology(conn, &t).await;
+    let starts = starts.lock().map_err(|_| anyhow::anyhow!("poisoned"))?;
+    Ok(latencies(&published, &starts))
+}
+
+async fn warren_side(conn: &Connection, args: &Args, url: &str, n: usize) -> Result<Vec<f64>> {
+    let t = topo("latency-warren");
+    topology::declare(conn, &t).await?;
+    let bin = consumer_bin(args)?;
+    let dir = tempfile::tempdir()?;
+    let cfg = dir.path().join("consumer.toml");
+    std::fs::write(
+        &cfg,
+        "[log]\nformat = \"json\"\n[handlers.\"bench.*\"]\nkind = \"noop\"\n",
+    )?;
+    let port = free_port()?;
+    let mut child = tokio::process::Command::new(&bin)
+        .arg("--config")
+        .arg(&cfg)
+        .env("WARREN_AMQP_URL", url)
+        .env("WARREN_HTTP_ADDR", format!("127.0.0.1:{port}"))
+        .env("WARREN_TOPOLOGY__PREFIX", t.prefix())
+        .env("RUST_LOG", "warn,warren_consumer::worker::delivery=debug")
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .with_context(|| format!("start {}", bin.display()))?;
+    let stderr = child.stderr.take().context("no stderr")?;
+    let starts: Starts = Arc::default();
+    let seen = starts.clone();
+    let reader = tokio::spawn(async move {
+        let mut lines = tokio::io::BufReader::new(stderr).lines();
+        while let Ok(Some(line)) = lines.next_line().await {
+            if let Some((i, at)) = started(&line) {
+                if let Ok(mut m) = seen.lock() {
+                    m.insert(i, at);
+                }
+            }
+        }
+    });
+    let metrics = format!("http://127.0.0.1:{port}/metrics");
+    let http = reqwest::Client::new();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while http
+        .get(format!("http://127.0.0.1:{port}/readyz"))
+        .send()
+        .await
+        .map_or(true, |r| !r.status().is_success())
+    {
+        if Instant::now() > deadline {
+            bail!("warren-consumer did not become ready");
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let published = paced_publish(conn, &t, args.rate, n).await?;
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while tasks_done(&http, &metrics).await? < n as f64 {
+        if Instant::now() > deadline {
+            bail!("warren-consumer did not finish the paced tasks");
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // The log writer is a thread of its own: give it the lines it holds.
+    let want = n;
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while starts.lock().map_or(0, |m| m.len()) < want && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    child.kill().await.ok();
+    reader.abort();
+    warren::testing::delete_topology(conn, &t).await;
+    let starts = starts.lock().map_err(|_| anyhow::anyhow!("poisoned"))?;
+    Ok(latencies(&published, &starts))
+}
+
+/// `(task index, timestamp)` of a `task started` JSON log line.
+fn started(line: &str) -> Option<(usize, DateTime<Utc>)> {
+    if !line.contains("task started") {
+        return None;
+    }
+    let v: serde_json::Value = serde_json::from_str(line).ok()?;
+    let at = v
+        .get("timestamp")?
+        .as_str()?
+        .parse::<DateTime<Utc>>()
+        .ok()?;
+    let id = v.get("span")?.get("task.id")?.as_str()?;
+    Some((index_of(id)?, at))
+}

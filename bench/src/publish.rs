@@ -1,0 +1,298 @@
+//! `--scenario publish`: N persistent tasks with publisher confirms, four
+//! ways, in one interleaved run (the order rotates run by run):
+//!
+//! * plain lapin: one confirm-mode channel, `mandatory`, a window of
+//!   [`WINDOW`] confirms outstanding, bare properties;
+//! * library: `warren::amqp::Publisher::publish_tasks`, same window;
+//! * CLI: the `warren-producer publish --batch` release binary with N NDJSON
+//!   lines piped to its stdin, timed from spawn to exit (process start,
+//!   connect and topology declaration included);
+//! * API: a running `warren-producer`, `POST /v1/tasks` with JSON arrays of
+//!   `--api-batch` tasks, `--api-concurrency` requests in flight (each is
+//!   answered only once all its tasks are confirmed, so one at a time leaves
+//!   the broker idle between answer and next request), timed from the first
+//!   request to the last answer.
+//!
+//! Reported: each side's rate per run, the median ratio to plain lapin, and
+//! the client CPU per message of the in-process sides.
+
+use std::process::Stdio;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context, Result};
+use futures_util::StreamExt;
+use lapin::Connection;
+use tokio::io::AsyncWriteExt;
+use warren::topology::{self, Topology};
+
+use crate::peers;
+use crate::table::{self, Spread};
+use crate::{
+    cpu_seconds, free_port, per_message_us, plain_publish, purge, topo, warren_publish, Args, BODY,
+};
+
+/// A publish token for the API side (the producer wants ≥ 16 characters).
+const TOKEN: &str = "bench-publish-token-0123456789";
+
+#[derive(Clone, Copy, PartialEq)]
+enum Side {
+    Plain,
+    Library,
+    Cli,
+    Api,
+}
+
+const SIDES: [Side; 4] = [Side::Plain, Side::Library, Side::Cli, Side::Api];
+
+impl Side {
+    fn name(self) -> &'static str {
+        match self {
+            Side::Plain => "plain lapin",
+            Side::Library => "warren Publisher",
+            Side::Cli => "publish --batch (CLI)",
+            Side::Api => "POST /v1/tasks",
+        }
+    }
+}
+
+fn ndjson(n: usize) -> Vec<u8> {
+    let body = String::from_utf8_lossy(BODY);
+    let mut out = Vec::with_capacity(n * (BODY.len() + 40));
+    for _ in 0..n {
+        out.extend_from_slice(
+            format!("{{\"task\":\"bench.noop\",\"payload\":{body}}}\n").as_bytes(),
+        );
+    }
+    out
+}
+
+fn api_bodies(n: usize, batch: usize) -> Vec<String> {
+    let body = String::from_utf8_lossy(BODY);
+    let item = format!("{{\"task\":\"bench.noop\",\"payload\":{body}}}");
+    let mut out = Vec::new();
+    let mut left = n;
+    while left > 0 {
+        let k = left.min(batch.max(1));
+        out.push(format!("[{}]", vec![item.as_str(); k].join(",")));
+        left -= k;
+    }
+    out
+}
+
+pub async fn publish_scenario(conn: &Connection, args: &Args, url: &str) -> Result<()> {
+    let bin = crate::sibling_bin(&args.producer_bin, "warren-producer")?;
+    let t = topo("publish");
+    topology::declare(conn, &t).await?;
+    let input = ndjson(args.messages);
+    let bodies = api_bodies(args.messages, args.api_batch);
+    let api = Api::start(&bin, url, &t).await?;
+    let mut rates: Vec<Vec<f64>> = vec![Vec::new(); SIDES.len()];
+    let mut cpu: Vec<Vec<f64>> = vec![Vec::new(); 2];
+    let mut celery = peers::Celery::from_args(args);
+    let mut celery_rates = Vec::new();
+    for run in 0..args.runs {
+        if let Some(c) = celery.as_mut() {
+            let rate = c.run(conn, url, "publish").await?;
+            println!("publish run {run} Python Celery: {rate:.0} msgs/s");
+            celery_rates.push(rate);
+        }
+        for k in 0..SIDES.len() {
+            let i = (run + k) % SIDES.len();
+            let side = SIDES[i];
+            purge(conn, &t).await?;
+            let before = cpu_seconds(std::process::id());
+            let start = Instant::now();
+            match side {
+                Side::Plain => {
+                    plain_publish(conn, &t.tasks_exchange(), "bench.noop", args.messages).await?
+                }
+                Side::Library => warren_publish(conn, &t, args.messages).await?,
+                Side::Cli => cli_publish(&bin, url, &t, &input, args.messages).await?,
+                Side::Api => api.publish(&bodies, args.api_concurrency).await?,
+            }
+            let rate = args.messages as f64 / start.elapsed().as_secs_f64();
+            if i < 2 {
+                cpu[i].extend(per_message_us(before, args.messages));
+            }
+            println!("publish run {run} {}: {rate:.0} msgs/s", side.name());
+            rates[i].push(rate);
+        }
+    }
+    api.stop().await;
+    warren::testing::delete_topology(conn, &t).await;
+
+    let plain = &rates[0];
+    for (i, side) in SIDES.iter().enumerate().skip(1) {
+        let ratios = table::ratios(plain, &rates[i]);
+        println!(
+            "publish: {}: {}, / plain lapin per run [{}], median {:.2}",
+            side.name(),
+            Spread::of(&rates[i]),
+            table::list(&ratios, 2),
+            table::median(&ratios)
+        );
+    }
+    println!(
+        "publish: plain lapin {}; client CPU per message, median: plain {:.1} µs, warren Publisher {:.1} µs",
+        Spread::of(plain),
+        table::median(&cpu[0]),
+        table::median(&cpu[1])
+    );
+    for (i, side) in SIDES.iter().enumerate().skip(1) {
+        let ratios = table::ratios(plain, &rates[i]);
+        let note = match side {
+            Side::Cli => "process start included",
+            Side::Api => "each answer waits for its confirms",
+            _ => "",
+        };
+        table::row(
+            args,
+            &[
+                format!(
+                    "publish {} msgs with confirms: {}{}",
+                    args.messages,
+                    side.name(),
+                    if *side == Side::Api {
+                        format!(
+                            ", batches of {}, {} in flight",
+                            args.api_batch, args.api_concurrency
+                        )
+                    } else {
+                        String::new()
+                    }
+                ),
+                Spread::of(plain).to_string(),
+                Spread::of(&rates[i]).to_string(),
+                Spread::of(&ratios).ratio(),
+                if *side == Side::Library {
+                    String::new()
+                } else {
+                    "≥ 0.9".into()
+                },
+                "not measured".into(),
+                if *side == Side::Cli {
+                    peers::cell(&celery_rates)
+                } else {
+                    String::new()
+                },
+                note.into(),
+            ],
+        )?;
+    }
+    Ok(())
+}
+
+async fn cli_publish(
+    bin: &std::path::Path,
+    url: &str,
+    t: &Topology,
+    input: &[u8],
+    n: usize,
+) -> Result<()> {
+    let mut child = tokio::process::Command::new(bin)
+        .args(["publish", "--batch"])
+        .env("WARREN_AMQP_URL", url)
+        .env("WARREN_TOPOLOGY__PREFIX", t.prefix())
+        .env("RUST_LOG", "warn")
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .with_context(|| format!("start {}", bin.display()))?;
+    let mut stdin = child.stdin.take().context("no stdin")?;
+    let data = input.to_vec();
+    let writer = tokio::spawn(async move {
+        let r = stdin.write_all(&data).await;
+        drop(stdin);
+        r
+    });
+    let out = child.wait_with_output().await?;
+    writer.await??;
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    if !out.status.success() || stdout.trim() != format!("{n} confirmed, 0 failed") {
+        bail!(
+            "publish --batch failed ({}): {} {}",
+            out.status,
+            stdout.trim(),
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+    }
+    Ok(())
+}
+
+/// A running `warren-producer` whose API the bench posts to.
+struct Api {
+    child: tokio::process::Child,
+    base: String,
+    http: reqwest::Client,
+    _dir: tempfile::TempDir,
+}
+
+impl Api {
+    async fn start(bin: &std::path::Path, url: &str, t: &Topology) -> Result<Api> {
+        let dir = tempfile::tempdir()?;
+        let port = free_port()?;
+        let child = tokio::process::Command::new(bin)
+            .arg("run")
+            .current_dir(dir.path())
+            .env("WARREN_AMQP_URL", url)
+            .env("WARREN_TOPOLOGY__PREFIX", t.prefix())
+            .env("WARREN_HTTP_ADDR", format!("127.0.0.1:{port}"))
+            .env("WARREN_API__PUBLISH_TOKEN", TOKEN)
+            .env("RUST_LOG", "warn")
+            .stdout(Stdio::null())
+            .kill_on_drop(true)
+            .spawn()
+            .with_context(|| format!("start {} run", bin.display()))?;
+        let base = format!("http://127.0.0.1:{port}");
+        let http = reqwest::Client::new();
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            if let Ok(r) = http.get(format!("{base}/readyz")).send().await {
+                if r.status().is_success() {
+                    break;
+                }
+            }
+            if Instant::now() > deadline {
+                bail!("warren-producer did not become ready");
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        Ok(Api {
+            child,
+            base,
+            http,
+            _dir: dir,
+        })
+    }
+
+    /// Post every body, `concurrency` requests in flight.
+    async fn publish(&self, bodies: &[String], concurrency: usize) -> Result<()> {
+        let url = format!("{}/v1/tasks", self.base);
+        let mut posts = futures_util::stream::iter(bodies.iter().map(|body| {
+            let req = self
+                .http
+                .post(&url)
+                .bearer_auth(TOKEN)
+                .header("content-type", "application/json")
+                .body(body.clone());
+            async move {
+                let r = req.send().await?;
+                if r.status().as_u16() != 202 {
+                    bail!("POST /v1/tasks: {} {}", r.status(), r.text().await?);
+                }
+                Ok(())
+            }
+        }))
+        .buffer_unordered(concurrency.max(1));
+        while let Some(r) = posts.next().await {
+            r?;
+        }
+        Ok(())
+    }
+
+    async fn stop(mut self) {
+        self.child.kill().await.ok();
+    }
+}
