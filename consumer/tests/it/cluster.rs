@@ -145,7 +145,8 @@ fn publish_cli(cfg: &ConsumerConfig, ids: &[String]) -> Vec<String> {
     let stderr = String::from_utf8_lossy(&out.stderr);
     let failed: HashSet<&str> = stderr
         .lines()
-        .filter_map(|l| l.strip_prefix("task ")?.split(' ').next())
+        // `line N: task <id> (<name>): <why>` (see producer/src/batch.rs).
+        .filter_map(|l| l.split_once(": task ")?.1.split(' ').next())
         .collect();
     ids.iter()
         .filter(|id| !failed.contains(id.as_str()))

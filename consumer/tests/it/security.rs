@@ -427,12 +427,12 @@ async fn keys_rotate_without_a_refused_task() {
     app.stop().await;
 }
 
-/// The Python publisher of docs/contract.md, taken from the page itself.
+/// The Python publisher of the README, taken from the page itself.
 fn python_example() -> String {
-    let doc = include_str!("../../../docs/contract.md");
+    let doc = include_str!("../../../README.md");
     let start = doc
         .find("<!-- signed-publisher:start -->")
-        .expect("marker in docs/contract.md");
+        .expect("marker in README.md");
     let block = &doc[start..];
     let code = block.split("```python\n").nth(1).expect("python block");
     code.split("```").next().unwrap().to_owned()
