@@ -76,9 +76,9 @@ pub async fn cluster_scenario(args: &Args) -> Result<()> {
     };
     let mut ratios: Vec<f64> = c.iter().zip(&q).map(|(c, q)| q / c).collect();
     ratios.sort_by(f64::total_cmp);
-    println!("cluster: classic queue, 1 node   msgs/s [{}]", fmt(&c));
-    println!("cluster: quorum queue, 3 nodes  msgs/s [{}]", fmt(&q));
-    println!(
+    warren::outln!("cluster: classic queue, 1 node   msgs/s [{}]", fmt(&c));
+    warren::outln!("cluster: quorum queue, 3 nodes  msgs/s [{}]", fmt(&q));
+    warren::outln!(
         "cluster: quorum / classic median {:.2} (publish with confirms + drain, {} msgs)",
         ratios.get(ratios.len() / 2).copied().unwrap_or(0.0),
         args.messages

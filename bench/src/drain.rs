@@ -82,7 +82,7 @@ pub async fn drain_scenario(conn: &Connection, args: &Args, url: &str) -> Result
     for run in 0..args.runs {
         if let Some(c) = celery.as_mut() {
             let rate = c.run(conn, url, "drain").await?;
-            println!("drain run {run} Python Celery: {rate:.0} msgs/s");
+            warren::outln!("drain run {run} Python Celery: {rate:.0} msgs/s");
             celery_rates.push(rate);
         }
         for (pi, &prio) in priorities.iter().enumerate() {
@@ -108,7 +108,7 @@ pub async fn drain_scenario(conn: &Connection, args: &Args, url: &str) -> Result
                     warren_drain(&bin, url, &t, prio, args.messages, broker).await?
                 };
                 let who = if side == 0 { "plain " } else { "warren" };
-                println!(
+                warren::outln!(
                     "drain run {run} max_priority {prio} {who}: {:.0} msgs/s",
                     r.rate
                 );
@@ -121,7 +121,7 @@ pub async fn drain_scenario(conn: &Connection, args: &Args, url: &str) -> Result
             }
         }
     }
-    println!(
+    warren::outln!(
         "drain: {} tasks of {} bytes per run, {} runs per side; plain lapin prefetch {}, warren-consumer default worker config, noop handler",
         args.messages,
         BODY.len(),
@@ -134,22 +134,22 @@ pub async fn drain_scenario(conn: &Connection, args: &Args, url: &str) -> Result
         let ratios: Vec<f64> = p.iter().zip(&w).map(|(p, w)| w / p).collect();
         let cpu = |v: &[Drained]| v.iter().filter_map(|d| d.cpu_us).collect::<Vec<_>>();
         let rss = warren[pi].iter().filter_map(|d| d.rss_kib).max();
-        println!(
+        warren::outln!(
             "drain max_priority {prio}: plain lapin msgs/s [{}], median {:.0}",
             list(&p, 0),
             median(&p)
         );
-        println!(
+        warren::outln!(
             "drain max_priority {prio}: warren      msgs/s [{}], median {:.0}",
             list(&w, 0),
             median(&w)
         );
-        println!(
+        warren::outln!(
             "drain max_priority {prio}: warren / plain per run [{}], median {:.2}",
             list(&ratios, 2),
             median(&ratios)
         );
-        println!(
+        warren::outln!(
             "drain max_priority {prio}: consumer CPU per task µs: plain [{}] median {:.1}; warren [{}] median {:.1}",
             list(&cpu(&plain[pi]), 1),
             median(&cpu(&plain[pi])),
@@ -158,7 +158,7 @@ pub async fn drain_scenario(conn: &Connection, args: &Args, url: &str) -> Result
         );
         let broker = |v: &[Drained]| v.iter().filter_map(|d| d.broker_us).collect::<Vec<_>>();
         if args.broker_pid.is_some() {
-            println!(
+            warren::outln!(
                 "drain max_priority {prio}: broker CPU per task µs: plain [{}] median {:.1}; warren [{}] median {:.1}",
                 list(&broker(&plain[pi]), 1),
                 median(&broker(&plain[pi])),
@@ -167,7 +167,7 @@ pub async fn drain_scenario(conn: &Connection, args: &Args, url: &str) -> Result
             );
         }
         if let Some(kib) = rss {
-            println!(
+            warren::outln!(
                 "drain max_priority {prio}: warren-consumer peak RSS {:.1} MiB (max over runs)",
                 kib as f64 / 1024.0
             );
@@ -214,7 +214,7 @@ pub async fn drain_scenario(conn: &Connection, args: &Args, url: &str) -> Result
             let m = median(&warren[pi].iter().map(|d| d.rate).collect::<Vec<_>>());
             let pm = median(&plain[pi].iter().map(|d| d.rate).collect::<Vec<_>>());
             let pbase = median(&plain[0].iter().map(|d| d.rate).collect::<Vec<_>>());
-            println!(
+            warren::outln!(
                 "drain: max_priority {prio} / max_priority {}: warren {:.2}, plain lapin {:.2} (medians)",
                 priorities[0],
                 m / base,

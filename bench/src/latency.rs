@@ -40,7 +40,7 @@ fn index_of(id: &str) -> Option<usize> {
 
 pub async fn latency_scenario(conn: &Connection, args: &Args, url: &str) -> Result<()> {
     let n = (args.rate * args.seconds) as usize;
-    println!(
+    warren::outln!(
         "latency: {} tasks/s for {} s ({n} tasks) into a running consumer, {LATENCY_ROUNDS} rounds a side",
         args.rate, args.seconds
     );
@@ -59,9 +59,12 @@ pub async fn latency_scenario(conn: &Connection, args: &Args, url: &str) -> Resu
     let n = n * LATENCY_ROUNDS;
     let (plain, warren) = (Percentiles::of(plain), Percentiles::of(warren));
     let report = |who: &str, v: &Percentiles| {
-        println!(
+        warren::outln!(
             "latency {who}: p50 {:.2} ms, p99 {:.2} ms, max {:.2} ms ({} of {n} seen)",
-            v.p50, v.p99, v.max, v.seen
+            v.p50,
+            v.p99,
+            v.max,
+            v.seen
         );
     };
     report("plain lapin, enqueue → delivery", &plain);

@@ -133,7 +133,7 @@ async fn main() -> Result<()> {
         ..AmqpConfig::default()
     };
     let conn = warren::amqp::connect(&amqp, "bench").await?;
-    println!(
+    warren::outln!(
         "warren-bench: {} messages x {} runs per side, body {} bytes, window {WINDOW}, prefetch {}",
         args.messages,
         args.runs,
@@ -182,9 +182,9 @@ fn report(name: &str, plain: &[f64], warren: &[f64]) {
     let mut ratios: Vec<f64> = plain.iter().zip(warren).map(|(p, w)| w / p).collect();
     ratios.sort_by(f64::total_cmp);
     let median = ratios.get(ratios.len() / 2).copied().unwrap_or(0.0);
-    println!("{name}: plain lapin msgs/s  [{}]", fmt(plain));
-    println!("{name}: warren      msgs/s  [{}]", fmt(warren));
-    println!(
+    warren::outln!("{name}: plain lapin msgs/s  [{}]", fmt(plain));
+    warren::outln!("{name}: warren      msgs/s  [{}]", fmt(warren));
+    warren::outln!(
         "{name}: warren / plain per run [{}], median {median:.2}",
         ratios
             .iter()
@@ -480,10 +480,12 @@ async fn e2e_scenario(conn: &Connection, args: &Args, url: &str) -> Result<()> {
     report("e2e", &plain, &warren);
     consumer_cpu.sort_by(f64::total_cmp);
     if let Some(us) = consumer_cpu.get(consumer_cpu.len() / 2) {
-        println!("e2e: warren-consumer process CPU per task (incl. start-up), median {us:.1} µs");
+        warren::outln!(
+            "e2e: warren-consumer process CPU per task (incl. start-up), median {us:.1} µs"
+        );
     }
     if let Some(max) = rss.iter().max() {
-        println!(
+        warren::outln!(
             "e2e: warren-consumer peak RSS {:.1} MiB (max over runs)",
             *max as f64 / 1024.0
         );
@@ -539,7 +541,7 @@ async fn delay_scenario(conn: &Connection) -> Result<()> {
     }
     for (ms, mut v) in late {
         v.sort_by(f64::total_cmp);
-        println!(
+        warren::outln!(
             "delay {ms} ms: lateness (from publish start) min {:.0} ms, median {:.0} ms, max {:.0} ms",
             v[0],
             v[v.len() / 2],

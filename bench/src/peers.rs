@@ -24,7 +24,7 @@ impl Celery {
     /// The peer if `--peers` names it and Python has `celery`.
     pub fn from_args(args: &Args) -> Option<Celery> {
         if args.peers.iter().any(|p| p == "rusty-celery") {
-            println!("peers: rusty-celery not measured (not built into warren-bench; see docs/benchmarks.md)");
+            warren::outln!("peers: rusty-celery not measured (not built into warren-bench; see docs/benchmarks.md)");
         }
         if !args.peers.iter().any(|p| p == "celery") {
             return None;
@@ -36,10 +36,10 @@ impl Celery {
             .status()
             .is_ok_and(|s| s.success());
         if !importable {
-            println!("peers: Python Celery skipped: `python3 -c 'import celery'` failed (pip install celery)");
+            warren::outln!("peers: Python Celery skipped: `python3 -c 'import celery'` failed (pip install celery)");
             return None;
         }
-        println!(
+        warren::outln!(
             "peers: Python Celery, {} tasks a run, its own durable classic queue (no x-max-priority), solo pool, late acks, prefetch 64",
             args.peer_messages
         );

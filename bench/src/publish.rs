@@ -93,7 +93,7 @@ pub async fn publish_scenario(conn: &Connection, args: &Args, url: &str) -> Resu
     for run in 0..args.runs {
         if let Some(c) = celery.as_mut() {
             let rate = c.run(conn, url, "publish").await?;
-            println!("publish run {run} Python Celery: {rate:.0} msgs/s");
+            warren::outln!("publish run {run} Python Celery: {rate:.0} msgs/s");
             celery_rates.push(rate);
         }
         for k in 0..SIDES.len() {
@@ -114,7 +114,7 @@ pub async fn publish_scenario(conn: &Connection, args: &Args, url: &str) -> Resu
             if i < 2 {
                 cpu[i].extend(per_message_us(before, args.messages));
             }
-            println!("publish run {run} {}: {rate:.0} msgs/s", side.name());
+            warren::outln!("publish run {run} {}: {rate:.0} msgs/s", side.name());
             rates[i].push(rate);
         }
     }
@@ -124,7 +124,7 @@ pub async fn publish_scenario(conn: &Connection, args: &Args, url: &str) -> Resu
     let plain = &rates[0];
     for (i, side) in SIDES.iter().enumerate().skip(1) {
         let ratios = table::ratios(plain, &rates[i]);
-        println!(
+        warren::outln!(
             "publish: {}: {}, / plain lapin per run [{}], median {:.2}",
             side.name(),
             Spread::of(&rates[i]),
@@ -132,7 +132,7 @@ pub async fn publish_scenario(conn: &Connection, args: &Args, url: &str) -> Resu
             table::median(&ratios)
         );
     }
-    println!(
+    warren::outln!(
         "publish: plain lapin {}; client CPU per message, median: plain {:.1} µs, warren Publisher {:.1} µs",
         Spread::of(plain),
         table::median(&cpu[0]),
