@@ -355,19 +355,24 @@ async fn dead_letter_api_groups_inspects_replays_and_purges() {
     };
     assert_eq!(p.metric(&ok("replay_edited")).await, Some(1.0));
     assert_eq!(p.metric(&ok("purge")).await, Some(1.0));
-    let audit = audit_lines(&p.logs());
-    assert!(
-        audit.iter().any(|l| l.contains(
+    // The log writer is non-blocking: the purge's line may land a moment
+    // after its metric (and the HTTP answer) did.
+    let has = |audit: &[String]| {
+        audit.iter().any(|l| {
+            l.contains(
             r#"who="publish_token" action="replay_edited" target="id slow-0" result="ok" count=1"#
-        )),
-        "{audit:#?}"
-    );
-    assert!(
-        audit
+        )
+        }) && audit
             .iter()
-            .any(|l| l.contains(r#"who="admin_token" action="purge""#) && l.contains("count=2")),
-        "{audit:#?}"
-    );
+            .any(|l| l.contains(r#"who="admin_token" action="purge""#) && l.contains("count=2"))
+    };
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    let mut audit = audit_lines(&p.logs());
+    while !has(&audit) && std::time::Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        audit = audit_lines(&p.logs());
+    }
+    assert!(has(&audit), "{audit:#?}");
     assert!(!p.logs().contains("fixed"), "no payload in the log");
 }
 
