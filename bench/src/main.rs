@@ -352,18 +352,7 @@ async fn start_consumer_with(
         .with_context(|| format!("start {}", bin.display()))?;
     let base = format!("http://127.0.0.1:{port}");
     let http = reqwest::Client::new();
-    let deadline = Instant::now() + Duration::from_secs(30);
-    loop {
-        if let Ok(r) = http.get(format!("{base}/readyz")).send().await {
-            if r.status().is_success() {
-                break;
-            }
-        }
-        if Instant::now() > deadline {
-            bail!("warren-consumer did not become ready");
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    wait_ready(&http, &base, "warren-consumer").await?;
     Ok(ConsumerProc {
         child,
         metrics: format!("{base}/metrics"),
@@ -550,4 +539,21 @@ async fn delay_scenario(conn: &Connection) -> Result<()> {
     }
     warren::testing::delete_topology(conn, &t).await;
     Ok(())
+}
+
+/// Wait (up to 30 s) until a warren process started by the bench answers
+/// `/readyz` with a success.
+pub(crate) async fn wait_ready(http: &reqwest::Client, base: &str, what: &str) -> Result<()> {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        if let Ok(r) = http.get(format!("{base}/readyz")).send().await {
+            if r.status().is_success() {
+                return Ok(());
+            }
+        }
+        if Instant::now() > deadline {
+            bail!("{what} did not become ready");
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
 }

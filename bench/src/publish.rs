@@ -17,7 +17,7 @@
 //! the client CPU per message of the in-process sides.
 
 use std::process::Stdio;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use anyhow::{bail, Context, Result};
 use futures_util::StreamExt;
@@ -247,18 +247,7 @@ impl Api {
             .with_context(|| format!("start {} run", bin.display()))?;
         let base = format!("http://127.0.0.1:{port}");
         let http = reqwest::Client::new();
-        let deadline = Instant::now() + Duration::from_secs(30);
-        loop {
-            if let Ok(r) = http.get(format!("{base}/readyz")).send().await {
-                if r.status().is_success() {
-                    break;
-                }
-            }
-            if Instant::now() > deadline {
-                bail!("warren-producer did not become ready");
-            }
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
+        crate::wait_ready(&http, &base, "warren-producer").await?;
         Ok(Api {
             child,
             base,
