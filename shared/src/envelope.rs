@@ -15,6 +15,7 @@ use lapin::BasicProperties;
 use crate::delay;
 /// The type lives with the policy it overrides; the name stays here too.
 pub use crate::retry::RetryOverrides;
+use crate::trace::TraceContext;
 
 /// `x-warren-*` header names: the public contract (documented in the README).
 pub mod headers {
@@ -52,6 +53,13 @@ pub mod headers {
     /// (an API grant's name) and when (RFC 3339).
     pub const EDITED_BY: &str = "x-warren-edited-by";
     pub const EDITED_AT: &str = "x-warren-edited-at";
+    /// A workflow step task: its workflow's name, the run id and the step's
+    /// name (all three, or the task is not a step).
+    pub const WORKFLOW: &str = "x-warren-workflow";
+    pub const RUN: &str = "x-warren-run";
+    pub const STEP: &str = "x-warren-step";
+    /// W3C trace context, under the names the W3C gives them.
+    pub use crate::trace::{TRACEPARENT, TRACESTATE};
 }
 
 /// AMQP delivery mode for persistent messages.
@@ -93,9 +101,23 @@ pub struct Task {
     pub first_failed_at: Option<DateTime<Utc>>,
     /// `x-warren-retry-*`: the backoff overrides of this message.
     pub retry: RetryOverrides,
+    /// `traceparent` + `tracestate`, kept by every republish. An invalid
+    /// `traceparent` is not decoded here (it stays in `extra_headers`).
+    pub trace: Option<TraceContext>,
+    /// Set on a workflow step's task.
+    pub step: Option<StepRef>,
     /// Headers this module does not own (`x-warren-dead-*`, the broker's
     /// `x-death`, users' own), carried through republishes.
     pub extra_headers: FieldTable,
+}
+
+/// Which workflow run and step a task is (headers
+/// [`headers::WORKFLOW`], [`headers::RUN`], [`headers::STEP`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StepRef {
+    pub workflow: String,
+    pub run: String,
+    pub step: String,
 }
 
 /// Why a message is not a valid task. Each is a poison reason: the message is
@@ -160,6 +182,8 @@ impl Task {
             last_error: None,
             first_failed_at: None,
             retry: RetryOverrides::default(),
+            trace: None,
+            step: None,
             extra_headers: FieldTable::default(),
         }
     }
@@ -197,8 +221,35 @@ impl Task {
         let h = props.headers().as_ref().unwrap_or(&empty);
         let mut extra = FieldTable::default();
         for (k, v) in h {
-            if !OWNED.contains(&k.as_str()) {
+            if !OWNED.contains(&k.as_str()) && !OWNED_WHEN_VALID.contains(&k.as_str()) {
                 extra.insert(k.clone(), v.clone());
+            }
+        }
+        // Trace and step headers are decoded only when whole and valid;
+        // anything else travels on untouched, never a reason to refuse a task.
+        let trace = header_str(h, headers::TRACEPARENT)
+            .and_then(|tp| TraceContext::parse(&tp, header_str(h, headers::TRACESTATE).as_deref()));
+        let step = match (
+            header_str(h, headers::WORKFLOW),
+            header_str(h, headers::RUN),
+            header_str(h, headers::STEP),
+        ) {
+            (Some(workflow), Some(run), Some(step)) => Some(StepRef {
+                workflow,
+                run,
+                step,
+            }),
+            _ => None,
+        };
+        let undecoded: &[&str] = match (&trace, &step) {
+            (None, None) => OWNED_WHEN_VALID,
+            (None, Some(_)) => &[headers::TRACEPARENT, headers::TRACESTATE],
+            (Some(_), None) => &[headers::WORKFLOW, headers::RUN, headers::STEP],
+            (Some(_), Some(_)) => &[],
+        };
+        for k in undecoded {
+            if let Some(v) = h.inner().get(*k) {
+                extra.insert(ShortString::from(*k), v.clone());
             }
         }
         let attempt = get_u64(h, headers::ATTEMPT)?.unwrap_or(1);
@@ -254,6 +305,8 @@ impl Task {
                 max_delay: get_u64(h, headers::RETRY_MAX_MS)?.map(Duration::from_millis),
                 jitter: get_f64(h, headers::RETRY_JITTER)?,
             },
+            trace,
+            step,
             extra_headers: extra,
         })
     }
@@ -304,6 +357,17 @@ impl Task {
         }
         if let Some(v) = self.retry.jitter {
             put(&mut h, headers::RETRY_JITTER, AMQPValue::Double(v));
+        }
+        if let Some(t) = &self.trace {
+            put(&mut h, headers::TRACEPARENT, string(&t.traceparent()));
+            if let Some(state) = &t.state {
+                put(&mut h, headers::TRACESTATE, string(state));
+            }
+        }
+        if let Some(s) = &self.step {
+            put(&mut h, headers::WORKFLOW, string(&s.workflow));
+            put(&mut h, headers::RUN, string(&s.run));
+            put(&mut h, headers::STEP, string(&s.step));
         }
         put(
             &mut h,
@@ -356,6 +420,16 @@ const OWNED: &[&str] = &[
     headers::RETRY_MULTIPLIER,
     headers::RETRY_MAX_MS,
     headers::RETRY_JITTER,
+];
+
+/// Headers decoded into typed fields only when valid and complete
+/// ([`Task::trace`], [`Task::step`]); otherwise kept in `extra_headers`.
+const OWNED_WHEN_VALID: &[&str] = &[
+    headers::TRACEPARENT,
+    headers::TRACESTATE,
+    headers::WORKFLOW,
+    headers::RUN,
+    headers::STEP,
 ];
 
 /// The body must be JSON (a poison reason otherwise).
@@ -538,6 +612,15 @@ mod tests {
                 max_delay: Some(Duration::from_secs(60)),
                 jitter: Some(0.25),
             },
+            trace: TraceContext::parse(
+                "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01",
+                Some("congo=t61rcWkgMzE"),
+            ),
+            step: Some(StepRef {
+                workflow: "report".into(),
+                run: "r-1".into(),
+                step: "export".into(),
+            }),
             extra_headers: extra,
         }
     }
@@ -567,6 +650,28 @@ mod tests {
             },
             t
         );
+    }
+
+    #[test]
+    fn invalid_trace_and_partial_step_headers_travel_untouched() {
+        let mut h = FieldTable::default();
+        h.insert(
+            headers::TRACEPARENT.into(),
+            AMQPValue::LongString("junk".into()),
+        );
+        h.insert(
+            headers::TRACESTATE.into(),
+            AMQPValue::LongString("a=b".into()),
+        );
+        h.insert(headers::RUN.into(), AMQPValue::LongString("r-9".into()));
+        let props = BasicProperties::default().with_headers(h.clone());
+        let t = Task::decode("a", &props, b"{}", MAX).unwrap();
+        assert_eq!((t.trace.clone(), t.step.clone()), (None, None));
+        let again = t.properties();
+        let again = again.headers().as_ref().unwrap();
+        for k in [headers::TRACEPARENT, headers::TRACESTATE, headers::RUN] {
+            assert_eq!(again.inner().get(k), h.inner().get(k), "{k}");
+        }
     }
 
     #[test]

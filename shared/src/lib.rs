@@ -12,6 +12,7 @@
 //! | [`dead`] | the dead-letter engine: groups by fingerprint, inspect, replay (edited), purge |
 //! | [`metrics`] | `/metrics`, `/healthz`, `/readyz` and connection metrics |
 //! | [`telemetry`] | log setup |
+//! | [`trace`] | W3C trace context carried by tasks |
 //! | [`shutdown`] | SIGINT/SIGTERM → cancellation |
 //! | `testing` | (feature `testing`) throwaway broker nodes for tests |
 
@@ -29,6 +30,7 @@ pub mod telemetry;
 #[cfg(feature = "testing")]
 pub mod testing;
 pub mod topology;
+pub mod trace;
 
 pub use envelope::Task;
 pub use error::Error;
