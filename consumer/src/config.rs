@@ -224,6 +224,7 @@ impl ConsumerConfig {
         let quoted = |s: &str| format!("\"{s}\"");
         self.amqp.validate().map_err(split_message)?;
         self.topology.validate().map_err(split_message)?;
+        self.log.validate().map_err(split_message)?;
         // Reads every secret now: a missing key file is a config error.
         self.security
             .keyring()

@@ -9,7 +9,7 @@ use std::time::Duration;
 use axum::body::Bytes;
 use axum::extract::rejection::BytesRejection;
 use axum::extract::{DefaultBodyLimit, FromRef, Path, State};
-use axum::http::StatusCode;
+use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
@@ -84,9 +84,21 @@ fn blocked_error() -> ApiError {
     )
 }
 
+/// The caller's W3C trace context (`traceparent` + `tracestate` request
+/// headers); one the W3C says to ignore is ignored (the tasks then start
+/// their own).
+fn request_trace(headers: &HeaderMap) -> Option<warren::trace::TraceContext> {
+    let get = |name: &str| headers.get(name).and_then(|v| v.to_str().ok());
+    warren::trace::TraceContext::parse(
+        get(warren::trace::TRACEPARENT)?,
+        get(warren::trace::TRACESTATE),
+    )
+}
+
 async fn post_tasks(
     scope: RequireScope<Publish>,
     State(ctx): State<Arc<Ctx>>,
+    headers: HeaderMap,
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Response, ApiError> {
     let body = body.map_err(body_error)?;
@@ -132,11 +144,12 @@ async fn post_tasks(
         ));
     }
     let now = Utc::now();
+    let inherited = request_trace(&headers);
     let mut tasks = Vec::with_capacity(items.len());
     for (i, item) in items.into_iter().enumerate() {
         let parsed = serde_json::from_value::<TaskRequest>(item)
             .map_err(|e| RequestError::Json(crate::request::json_error(&e)))
-            .and_then(|r| r.into_task(now));
+            .and_then(|r| r.into_task_in(now, inherited.as_ref()));
         match parsed {
             Ok(t) => tasks.push(t),
             Err(e) => {
@@ -176,7 +189,10 @@ async fn post_tasks(
     let mut transient = true;
     for ((task, _), r) in tasks.iter().zip(results) {
         match r {
-            Ok(()) => ids.push(task.id.clone()),
+            Ok(()) => {
+                log_published(task);
+                ids.push(task.id.clone());
+            }
             Err(e) => {
                 transient &= e.is_transient();
                 failed.push(json!({"id": task.id, "error": e.to_string()}));
@@ -214,6 +230,14 @@ async fn post_tasks(
         ),
     )
     .with_extra(json!({"ids": ids, "failed": failed})))
+}
+
+/// One debug line per published task, with the trace it starts or joins.
+pub fn log_published(task: &warren::Task) {
+    match &task.trace {
+        Some(t) => tracing::debug!(task.id = %task.id, task.name = %task.name, trace_id = %t.trace_id_field(), "task published"),
+        None => tracing::debug!(task.id = %task.id, task.name = %task.name, "task published"),
+    }
 }
 
 /// The audit line of an ad-hoc publish: its task names (a few), never payloads.

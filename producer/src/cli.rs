@@ -27,6 +27,8 @@ pub enum UsageError {
     Schedule(String),
     #[error("token hash: the token on stdin is shorter than 16 characters")]
     ShortToken,
+    #[error("--traceparent is not a W3C traceparent (`00-<32 hex>-<16 hex>-<2 hex>`, lowercase, ids not all zero)")]
+    Traceparent,
 }
 
 /// The process exit code for an error of any subcommand: 2 for a
@@ -137,9 +139,13 @@ pub struct PublishArgs {
     /// Task id (default: a fresh UUID).
     #[arg(long)]
     pub id: Option<String>,
+    /// W3C trace context the task joins (e.g. `--traceparent "$TRACEPARENT"`
+    /// inside an exec handler); default: a trace of its own.
+    #[arg(long)]
+    pub traceparent: Option<String>,
     /// Read newline-delimited JSON tasks from stdin (`{"task": ..., "payload": ...}`
     /// per line) and publish them with pipelined confirms.
-    #[arg(long, conflicts_with_all = ["payload", "delay", "at", "priority", "max_attempts", "id"])]
+    #[arg(long, conflicts_with_all = ["payload", "delay", "at", "priority", "max_attempts", "id", "traceparent"])]
     pub batch: bool,
     /// Confirms outstanding at once in --batch mode.
     #[arg(long, default_value_t = 1000)]
@@ -304,12 +310,18 @@ pub async fn publish(cfg: ProducerConfig, args: PublishArgs) -> anyhow::Result<(
         delay: args.delay.map(Into::into),
         at: args.at,
         correlation_id: None,
+        traceparent: args.traceparent,
+        tracestate: None,
     };
-    let (task, delay) = req.into_task(Utc::now()).map_err(UsageError::Task)?;
+    let (task, delay) = req.into_task(Utc::now()).map_err(|e| match e {
+        RequestError::BadTraceparent => UsageError::Traceparent,
+        e => UsageError::Task(e),
+    })?;
     let (conn, publisher, topo) = connect(&cfg).await?;
     let res = publisher.publish_task(&topo, &task, delay).await;
     let _ = conn.close(200, "done".into()).await;
     res.with_context(|| format!("publishing task `{}` ({})", task.name, task.id))?;
+    crate::api::log_published(&task);
     warren::outln!("{}", task.id);
     Ok(())
 }

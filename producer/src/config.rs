@@ -434,6 +434,8 @@ impl Schedule {
         let mut t = warren::Task::from_raw(self.cfg.task.clone(), self.payload.clone());
         t.id = id;
         t.schedule = Some(self.cfg.name.clone());
+        // Each fire is a trace of its own (its retries share it).
+        t.trace = Some(warren::trace::TraceContext::new_root());
         t.priority = self.cfg.priority;
         t.timeout = self.cfg.timeout;
         let retry = self.cfg.retry();
@@ -640,6 +642,9 @@ impl ProducerConfig {
             errors.push(e.to_string());
         }
         if let Err(e) = self.topology.validate() {
+            errors.push(e.to_string());
+        }
+        if let Err(e) = self.log.validate() {
             errors.push(e.to_string());
         }
         // The tokens `run` would serve with, tokens file included.

@@ -7,6 +7,7 @@ use std::time::Duration;
 use chrono::{DateTime, Utc};
 use serde::Deserialize;
 use warren::delay::{MAX_DELAY, MAX_TASK_NAME_LEN};
+use warren::trace::TraceContext;
 use warren::Task;
 
 /// Why a request is not a task. The messages are part of the API and CLI
@@ -28,6 +29,10 @@ pub enum RequestError {
     Unrepresentable(Duration),
     #[error("`id` must be 1 to 255 bytes")]
     BadId,
+    #[error("`traceparent` is not a W3C traceparent (`00-<32 hex>-<16 hex>-<2 hex>`, lowercase, ids not all zero)")]
+    BadTraceparent,
+    #[error("`tracestate` needs a `traceparent`")]
+    LoneTracestate,
 }
 
 /// `{"task": "email.send", "payload": {...}, "delay": "90s", ...}`.
@@ -58,6 +63,11 @@ pub struct TaskRequest {
     pub at: Option<DateTime<Utc>>,
     #[serde(default)]
     pub correlation_id: Option<String>,
+    /// W3C trace context of this task; wins over the request's headers.
+    #[serde(default)]
+    pub traceparent: Option<String>,
+    #[serde(default)]
+    pub tracestate: Option<String>,
 }
 
 impl TaskRequest {
@@ -67,8 +77,25 @@ impl TaskRequest {
         serde_json::from_str(line).map_err(|e| RequestError::Json(json_error(&e)))
     }
 
-    /// Validate and build the task and its delay, relative to `now`.
+    /// Validate and build the task and its delay, relative to `now`, in a
+    /// trace of its own unless the request names one.
     pub fn into_task(self, now: DateTime<Utc>) -> Result<(Task, Duration), RequestError> {
+        self.into_task_in(now, None)
+    }
+
+    /// [`into_task`](Self::into_task) where `inherited` (the trace of the
+    /// HTTP request that carries it) stands in for a missing `traceparent`.
+    pub fn into_task_in(
+        self,
+        now: DateTime<Utc>,
+        inherited: Option<&TraceContext>,
+    ) -> Result<(Task, Duration), RequestError> {
+        let trace = match (&self.traceparent, &self.tracestate) {
+            (Some(tp), state) => TraceContext::parse(tp, state.as_deref())
+                .ok_or(RequestError::BadTraceparent)?,
+            (None, Some(_)) => return Err(RequestError::LoneTracestate),
+            (None, None) => inherited.cloned().unwrap_or_else(TraceContext::new_root),
+        };
         if self.task.is_empty() {
             return Err(RequestError::EmptyName);
         }
@@ -112,6 +139,7 @@ impl TaskRequest {
         task.timeout = self.timeout;
         task.correlation_id = self.correlation_id;
         task.not_before = not_before;
+        task.trace = Some(trace);
         Ok((task, delay))
     }
 }
@@ -190,6 +218,35 @@ mod tests {
         let (t, d) = req(r#"{"task":"a","delay":"10s"}"#).unwrap();
         assert_eq!(d, Duration::from_secs(10));
         assert!(t.not_before.is_some());
+    }
+
+    #[test]
+    fn trace_from_the_body_else_inherited_else_fresh() {
+        const TP: &str = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
+        let inherited = TraceContext::parse(TP, None).unwrap();
+        let parse = |json: &str| serde_json::from_str::<TaskRequest>(json).unwrap();
+        let (t, _) = parse(r#"{"task":"a"}"#)
+            .into_task_in(Utc::now(), Some(&inherited))
+            .unwrap();
+        assert_eq!(t.trace.as_ref(), Some(&inherited));
+        let body = r#"{"task":"a","traceparent":"00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01","tracestate":"k=v"}"#;
+        let (t, _) = parse(body)
+            .into_task_in(Utc::now(), Some(&inherited))
+            .unwrap();
+        let own = t.trace.unwrap();
+        assert_eq!(own.trace_id_hex(), "0af7651916cd43dd8448eb211c80319c");
+        assert_eq!(own.state.as_deref(), Some("k=v"));
+        let (a, _) = req(r#"{"task":"a"}"#).unwrap();
+        let (b, _) = req(r#"{"task":"a"}"#).unwrap();
+        assert_ne!(a.trace.unwrap().trace_id, b.trace.unwrap().trace_id);
+        assert_eq!(
+            req(r#"{"task":"a","traceparent":"00-xyz"}"#).unwrap_err(),
+            RequestError::BadTraceparent.to_string()
+        );
+        assert_eq!(
+            req(r#"{"task":"a","tracestate":"k=v"}"#).unwrap_err(),
+            "`tracestate` needs a `traceparent`"
+        );
     }
 
     #[test]

@@ -599,6 +599,11 @@ async fn fire(
 ) -> FireOutcome {
     let id = schedule::fire_id(s.name(), t);
     let task = s.task(id.clone());
+    let trace_id = task
+        .trace
+        .as_ref()
+        .map(|t| t.trace_id_hex())
+        .unwrap_or_default();
     let grace = chrono::TimeDelta::from_std(s.cfg.misfire_grace.max(ON_TIME)).unwrap_or_default();
     let deadline = t + grace;
     let (exchange, key) = ctx.topo().route(&task.name, Duration::ZERO);
@@ -647,7 +652,7 @@ async fn fire(
                     .with_label_values(&[s.name()])
                     .set(t.timestamp_millis() as f64 / 1000.0);
                 ctx.set_last(s.name(), t);
-                tracing::debug!(schedule = s.name(), %id, lag_ms = lag.as_millis() as u64, "fired");
+                tracing::debug!(schedule = s.name(), %id, trace_id = %trace_id, lag_ms = lag.as_millis() as u64, "fired");
                 return FireOutcome::Published;
             }
             Err(e) => {
@@ -656,18 +661,18 @@ async fn fire(
                     .with_label_values(&[Source::Schedule.label()])
                     .inc();
                 if !publisher.is_open() || !fence.holds() {
-                    tracing::warn!(schedule = s.name(), %id, error = %e, "tick publish failed on the lock connection: stepping down");
+                    tracing::warn!(schedule = s.name(), %id, trace_id = %trace_id, error = %e, "tick publish failed on the lock connection: stepping down");
                     fence.step_down();
                     return FireOutcome::Fenced;
                 }
                 let delay = backoff.next().unwrap_or(Duration::from_secs(5));
                 let retry_at = Utc::now() + chrono::TimeDelta::from_std(delay).unwrap_or_default();
                 if !e.is_transient() || retry_at > deadline {
-                    tracing::error!(schedule = s.name(), %id, error = %e, "tick not published: counted as missed");
+                    tracing::error!(schedule = s.name(), %id, trace_id = %trace_id, error = %e, "tick not published: counted as missed");
                     ctx.metrics().missed.with_label_values(&[s.name()]).inc();
                     return FireOutcome::Missed;
                 }
-                tracing::warn!(schedule = s.name(), %id, error = %e, retry_in_ms = delay.as_millis() as u64, "tick publish failed; retrying");
+                tracing::warn!(schedule = s.name(), %id, trace_id = %trace_id, error = %e, retry_in_ms = delay.as_millis() as u64, "tick publish failed; retrying");
                 tokio::select! {
                     _ = tokio::time::sleep(delay) => {}
                     _ = fence.lost() => return FireOutcome::Fenced,

@@ -479,6 +479,11 @@ pub struct LogConfig {
     /// Let the AMQP client's own message and frame dumps (which hold task
     /// payloads) through. Off: no payload byte reaches any log at any level.
     pub payloads: bool,
+    /// OTLP/HTTP collector base URL (`http://collector:4318`); spans go to
+    /// its `/v1/traces`. Needs a build with the `otlp` feature.
+    pub otlp_endpoint: Option<String>,
+    /// `service.name` of the exported spans (default: the binary's name).
+    pub otlp_service_name: Option<String>,
 }
 
 impl Default for LogConfig {
@@ -487,7 +492,55 @@ impl Default for LogConfig {
             format: LogFormat::Text,
             level: "info".into(),
             payloads: false,
+            otlp_endpoint: None,
+            otlp_service_name: None,
         }
+    }
+}
+
+/// Why the `[log]` section is unusable. Names the key.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum InvalidLog {
+    #[error("log.otlp_endpoint = \"{0}\": this build of warren lacks the `otlp` feature (build with `--features otlp`, or remove the key)")]
+    NoOtlp(String),
+    #[error("log.otlp_endpoint = \"{0}\": expected an http:// or https:// URL with a host")]
+    OtlpEndpoint(String),
+    #[error("log.otlp_service_name = \"\": must not be empty")]
+    EmptyServiceName,
+}
+
+impl LogConfig {
+    /// Checked by `run` and `check` alike, before anything connects.
+    pub fn validate(&self) -> Result<(), InvalidLog> {
+        if self.otlp_service_name.as_deref() == Some("") {
+            return Err(InvalidLog::EmptyServiceName);
+        }
+        let Some(url) = &self.otlp_endpoint else {
+            return Ok(());
+        };
+        let shown = redact_url(url);
+        let host = url
+            .strip_prefix("http://")
+            .or_else(|| url.strip_prefix("https://"))
+            .map(|rest| rest.split(['/', '?', '#']).next().unwrap_or(""));
+        if !host.is_some_and(|h| !h.is_empty() && !h.contains(char::is_whitespace)) {
+            return Err(InvalidLog::OtlpEndpoint(shown));
+        }
+        if !cfg!(feature = "otlp") {
+            return Err(InvalidLog::NoOtlp(shown));
+        }
+        Ok(())
+    }
+
+    /// Where spans are sent: the endpoint's `/v1/traces` (as the OTLP
+    /// spec builds it from `OTEL_EXPORTER_OTLP_ENDPOINT`), or the URL as
+    /// written when it already names that path.
+    pub fn otlp_traces_url(&self) -> Option<String> {
+        let base = self.otlp_endpoint.as_deref()?;
+        if base.trim_end_matches('/').ends_with("/v1/traces") {
+            return Some(base.to_owned());
+        }
+        Some(format!("{}/v1/traces", base.trim_end_matches('/')))
     }
 }
 
@@ -681,6 +734,40 @@ mod tests {
             .iter()
             .map(|(a, b)| (a.to_string(), b.to_string()))
             .collect()
+    }
+
+    #[test]
+    fn otlp_keys_are_checked_up_front() {
+        let with = |url: &str| LogConfig {
+            otlp_endpoint: Some(url.into()),
+            ..LogConfig::default()
+        };
+        assert_eq!(LogConfig::default().validate(), Ok(()));
+        for bad in ["collector:4318", "http://", "ftp://c/", "http:// c"] {
+            let e = with(bad).validate().unwrap_err().to_string();
+            assert!(e.starts_with("log.otlp_endpoint = "), "{e}");
+        }
+        let e = with("http://u:secret@c:4318").validate();
+        if cfg!(feature = "otlp") {
+            assert_eq!(e, Ok(()));
+        } else {
+            let e = e.unwrap_err().to_string();
+            assert!(e.contains("lacks the `otlp` feature"), "{e}");
+            assert!(!e.contains("secret"), "{e}");
+        }
+        let empty = LogConfig {
+            otlp_service_name: Some(String::new()),
+            ..LogConfig::default()
+        };
+        assert_eq!(empty.validate(), Err(InvalidLog::EmptyServiceName));
+        assert_eq!(
+            with("http://c:4318").otlp_traces_url().as_deref(),
+            Some("http://c:4318/v1/traces")
+        );
+        assert_eq!(
+            with("https://c/otel/v1/traces").otlp_traces_url().as_deref(),
+            Some("https://c/otel/v1/traces")
+        );
     }
 
     #[test]

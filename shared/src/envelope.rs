@@ -404,6 +404,22 @@ impl Task {
     pub fn queue_wait(&self, now: DateTime<Utc>) -> Option<Duration> {
         self.published_at.and_then(|p| (now - p).to_std().ok())
     }
+
+    /// The task's trace, starting a fresh one if it came without a valid
+    /// `traceparent` (a plain AMQP client). An invalid pair is dropped, as
+    /// the W3C asks, so the new one is what every later copy carries.
+    pub fn ensure_trace(&mut self) -> &TraceContext {
+        if self.trace.is_none() {
+            let mut kept = FieldTable::default();
+            for (k, v) in self.extra_headers.inner() {
+                if k.as_str() != headers::TRACEPARENT && k.as_str() != headers::TRACESTATE {
+                    kept.insert(k.clone(), v.clone());
+                }
+            }
+            self.extra_headers = kept;
+        }
+        self.trace.get_or_insert_with(TraceContext::new_root)
+    }
 }
 
 /// Headers decoded into typed fields (everything else goes to `extra_headers`).
@@ -672,6 +688,22 @@ mod tests {
         for k in [headers::TRACEPARENT, headers::TRACESTATE, headers::RUN] {
             assert_eq!(again.inner().get(k), h.inner().get(k), "{k}");
         }
+    }
+
+    #[test]
+    fn a_task_without_a_valid_trace_gets_one_that_replaces_the_invalid_pair() {
+        let mut h = FieldTable::default();
+        h.insert(headers::TRACEPARENT.into(), AMQPValue::LongString("junk".into()));
+        h.insert(headers::TRACESTATE.into(), AMQPValue::LongString("a=b".into()));
+        let props = BasicProperties::default().with_headers(h);
+        let mut t = Task::decode("a", &props, b"{}", MAX).unwrap();
+        let fresh = t.ensure_trace().clone();
+        let again = Task::decode("a", &t.properties(), b"{}", MAX).unwrap();
+        assert_eq!(again.trace, Some(fresh.clone()));
+        assert!(!again.extra_headers.contains_key(headers::TRACESTATE));
+        // A valid one is kept as it is.
+        let mut again = again;
+        assert_eq!(again.ensure_trace(), &fresh);
     }
 
     #[test]

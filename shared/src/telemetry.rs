@@ -10,9 +10,15 @@
 //! frame at TRACE), task payloads included. Those callsites are filtered out
 //! unless `log.payloads = true` asks for them, whatever `RUST_LOG` says.
 //!
+//! With the `otlp` feature and `log.otlp_endpoint` set, warren's spans are
+//! also exported over OTLP/HTTP ([`otlp`]); a task's span is then a child of
+//! the task's `traceparent` ([`enter_trace`]) and the handler sees that span
+//! as its parent ([`handler_trace`]). Without export both are free.
+//!
 //! Tests call [`init`] too; the second call is a no-op.
 
 use std::io::Write;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Mutex, OnceLock};
 
 use tracing::Metadata;
@@ -23,11 +29,18 @@ use tracing_subscriber::util::SubscriberInitExt;
 use tracing_subscriber::Layer;
 
 use crate::config::{LogConfig, LogFormat};
+use crate::trace::TraceContext;
+
+#[cfg(feature = "otlp")]
+mod otlp;
 
 /// Lines queued for the writer thread before new ones are dropped.
 const QUEUE_LINES: usize = 64 * 1024;
 
 static GUARD: OnceLock<Mutex<Option<WorkerGuard>>> = OnceLock::new();
+
+/// Whether spans are exported (set once by [`init`]).
+static EXPORTING: AtomicBool = AtomicBool::new(false);
 
 pub fn init(cfg: &LogConfig) {
     let filter = EnvFilter::try_from_default_env()
@@ -47,20 +60,85 @@ pub fn init(cfg: &LogConfig) {
         LogFormat::Json => fmt.json().flatten_event(true).boxed(),
         LogFormat::Text => fmt.boxed(),
     };
+    let (export, export_error) = export_layer(cfg);
+    let exporting = export.is_some();
+    let mut layers: Vec<BoxedLayer> = vec![fmt.with_filter(no_payloads).with_filter(filter).boxed()];
+    if let Some(l) = export {
+        layers.push(l.with_filter(filter_fn(exported)).boxed());
+    }
     let installed = tracing_subscriber::registry()
-        .with(fmt.with_filter(no_payloads).with_filter(filter))
+        .with(layers)
         .try_init()
         .is_ok();
     if installed {
+        EXPORTING.store(exporting, Ordering::Relaxed);
         let _ = GUARD.get_or_init(|| Mutex::new(None)).lock().map(|mut g| {
             *g = Some(guard);
         });
+        if let Some(e) = export_error {
+            tracing::error!(error = %e, "span export is off");
+        }
     }
+}
+
+type BoxedLayer = Box<dyn Layer<tracing_subscriber::Registry> + Send + Sync>;
+
+#[cfg(feature = "otlp")]
+fn export_layer(cfg: &LogConfig) -> (Option<BoxedLayer>, Option<String>) {
+    match otlp::layer(cfg) {
+        Ok(l) => (l, None),
+        Err(e) => (None, Some(e)),
+    }
+}
+
+/// Without the feature `log.otlp_endpoint` is refused by validation.
+#[cfg(not(feature = "otlp"))]
+fn export_layer(_: &LogConfig) -> (Option<BoxedLayer>, Option<String>) {
+    (None, None)
+}
+
+/// What is exported: warren's own spans, and its warnings and errors as
+/// events of the span they happen in (never the AMQP client's dumps).
+fn exported(meta: &Metadata<'_>) -> bool {
+    meta.target().starts_with("warren")
+        && if meta.is_span() {
+            *meta.level() <= tracing::Level::INFO
+        } else {
+            *meta.level() <= tracing::Level::WARN
+        }
+}
+
+/// Make `span` (created, not yet entered) the child of `trace` in the
+/// exported trace. A no-op unless spans are exported.
+pub fn enter_trace(span: &tracing::Span, trace: &TraceContext) {
+    #[cfg(feature = "otlp")]
+    if EXPORTING.load(Ordering::Relaxed) {
+        otlp::set_parent(span, trace);
+    }
+    #[cfg(not(feature = "otlp"))]
+    let _ = (span, trace);
+}
+
+/// The trace position a handler passes on (exec's `TRACEPARENT`, http's
+/// `traceparent`): `span` itself when it is exported, so the handler's own
+/// spans hang under this attempt; otherwise the task's own `trace`
+/// unchanged, identical on every attempt.
+pub fn handler_trace(span: &tracing::Span, trace: &TraceContext) -> TraceContext {
+    #[cfg(feature = "otlp")]
+    if EXPORTING.load(Ordering::Relaxed) {
+        if let Some(t) = otlp::position(span, trace) {
+            return t;
+        }
+    }
+    let _ = span;
+    trace.clone()
 }
 
 /// Flush what is queued (bounded by the writer thread's own timeout). Call
 /// once, last thing before the process exits.
 pub fn flush() {
+    #[cfg(feature = "otlp")]
+    otlp::shutdown();
     if let Some(m) = GUARD.get() {
         if let Ok(mut g) = m.lock() {
             drop(g.take());

@@ -104,6 +104,29 @@ impl TraceContext {
     pub fn trace_id_hex(&self) -> String {
         hex::encode(self.trace_id)
     }
+
+    /// The trace id as a log field: the same 32 hex digits, written only
+    /// when a log line or span actually records it (no allocation when the
+    /// level filters it out).
+    pub fn trace_id_field(&self) -> TraceIdHex<'_> {
+        TraceIdHex(&self.trace_id)
+    }
+}
+
+/// [`TraceContext::trace_id_field`].
+pub struct TraceIdHex<'a>(&'a [u8; 16]);
+
+impl fmt::Display for TraceIdHex<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        const DIGITS: &[u8; 16] = b"0123456789abcdef";
+        let mut out = [0u8; 32];
+        for (i, b) in self.0.iter().enumerate() {
+            out[2 * i] = DIGITS[usize::from(b >> 4)];
+            out[2 * i + 1] = DIGITS[usize::from(b & 0x0f)];
+        }
+        // Hex digits are ASCII.
+        f.write_str(std::str::from_utf8(&out).map_err(|_| fmt::Error)?)
+    }
 }
 
 impl fmt::Debug for TraceContext {
@@ -181,6 +204,7 @@ mod tests {
             TraceContext::parse(&root.traceparent(), None),
             Some(root.clone())
         );
+        assert_eq!(root.trace_id_field().to_string(), root.trace_id_hex());
         let child = root.child();
         assert_eq!(child.trace_id, root.trace_id);
         assert_ne!(child.parent_id, root.parent_id);

@@ -6,7 +6,9 @@
 //! is killed with SIGKILL, so grandchildren do not linger. Exit 0 → success;
 //! an exit code listed in `permanent_exit_codes` → permanent; any other exit
 //! or a signal → retryable. The last lines of stderr become the error text.
-//! The process sees `WARREN_TASK_ID`, `WARREN_TASK_NAME`, `WARREN_TASK_ATTEMPT`.
+//! The process sees `WARREN_TASK_ID`, `WARREN_TASK_NAME`, `WARREN_TASK_ATTEMPT`,
+//! and the task's W3C trace context as `TRACEPARENT` (and `TRACESTATE`), the
+//! names OpenTelemetry's environment propagation reads.
 //!
 //! The environment is built, not inherited: the consumer's own holds the
 //! broker URL with its password and other `WARREN_*` secrets, and a handler
@@ -74,6 +76,14 @@ impl Exec {
             "WARREN_TASK_ATTEMPT".into(),
             task.attempt.to_string().into(),
         ));
+        // Last, so neither `env` nor `pass_env` can stand in for the task's own.
+        out.retain(|(k, _)| k != "TRACEPARENT" && k != "TRACESTATE");
+        if let Some(t) = &task.trace {
+            out.push(("TRACEPARENT".into(), t.traceparent().into()));
+            if let Some(state) = &t.state {
+                out.push(("TRACESTATE".into(), state.into()));
+            }
+        }
         out
     }
 }
@@ -243,6 +253,33 @@ mod tests {
         let n = names(&e);
         assert!(n.contains(&"OPTED".to_string()) && n.contains(&"WARREN_OPTED".to_string()));
         assert!(!n.contains(&"WARREN_AMQP_URL".to_string()));
+    }
+
+    #[test]
+    fn the_tasks_trace_context_wins_over_configured_and_passed_ones() {
+        let mut e = exec("true", Duration::from_secs(1));
+        e.env.insert("TRACEPARENT".into(), "from-config".into());
+        e.pass_env = vec!["TRACESTATE".into()];
+        let inherited = [("TRACESTATE", "from-consumer")].map(|(k, v)| (k.into(), v.into()));
+        let tp = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
+        let mut t = task();
+        t.trace = warren::trace::TraceContext::parse(tp, Some("congo=t61rcWkgMzE"));
+        let env: Vec<(String, String)> = e
+            .environment(inherited.clone(), &t)
+            .into_iter()
+            .map(|(k, v)| (k.into_string().unwrap(), v.into_string().unwrap()))
+            .filter(|(k, _)| k.starts_with("TRACE"))
+            .collect();
+        assert_eq!(
+            env,
+            [
+                ("TRACEPARENT".to_string(), tp.to_string()),
+                ("TRACESTATE".to_string(), "congo=t61rcWkgMzE".to_string())
+            ]
+        );
+        // Without a trace (a handler called outside a worker) none leaks in.
+        let env = e.environment(inherited, &task());
+        assert!(env.iter().all(|(k, _)| !k.to_string_lossy().starts_with("TRACE")));
     }
 
     #[tokio::test]

@@ -4,7 +4,8 @@
 //! other 4xx → permanent. A `Retry-After` header (seconds or HTTP date) on a
 //! retryable response sets the delay before the next attempt. The request
 //! carries `X-Warren-Task-Id`, `X-Warren-Task-Name` and `X-Warren-Attempt` so
-//! the receiver can deduplicate (delivery is at-least-once).
+//! the receiver can deduplicate (delivery is at-least-once), and the task's
+//! W3C `traceparent` (and `tracestate`), so the receiver joins its trace.
 
 use std::collections::BTreeMap;
 use std::time::Duration;
@@ -72,13 +73,20 @@ pub fn parse_retry_after(v: &str, now: DateTime<Utc>) -> Option<Duration> {
 
 impl Handler for Http {
     async fn run(&self, task: Task) -> Result<(), TaskError> {
-        let resp = self
+        let mut req = self
             .client
             .post(self.url.clone())
             .header(CONTENT_TYPE, "application/json")
             .header("x-warren-task-id", &task.id)
             .header("x-warren-task-name", &task.name)
-            .header("x-warren-attempt", task.attempt.to_string())
+            .header("x-warren-attempt", task.attempt.to_string());
+        if let Some(t) = &task.trace {
+            req = req.header(warren::trace::TRACEPARENT, t.traceparent());
+            if let Some(state) = &t.state {
+                req = req.header(warren::trace::TRACESTATE, state);
+            }
+        }
+        let resp = req
             .body(task.payload)
             .send()
             .await

@@ -126,7 +126,7 @@ async fn handle<B: Broker>(shared: &Shared, msg: &Incoming<'_>, ticket: &Ticket<
             })
             .map_err(|e| (e.to_string(), e.kind()))
         });
-    let task = match decoded {
+    let mut task = match decoded {
         Ok(t) => t,
         Err((error, kind)) => {
             ticket.received(UNKNOWN_TASK);
@@ -135,7 +135,12 @@ async fn handle<B: Broker>(shared: &Shared, msg: &Incoming<'_>, ticket: &Ticket<
             return;
         }
     };
-    let span = tracing::info_span!("task", task.id = %task.id, task.name = %task.name, task.attempt = task.attempt);
+    // A task from a plain client starts its trace here; every copy made
+    // below (retry, park, dead letter) carries it on.
+    let trace = task.ensure_trace().clone();
+    // The hex is written once, into the span, and only if the span is on.
+    let span = tracing::info_span!("task", task.id = %task.id, task.name = %task.name, task.attempt = task.attempt, trace_id = %trace.trace_id_field());
+    warren::telemetry::enter_trace(&span, &trace);
     async {
         let resolved = match fault::check(prefix, Step::Resolve) {
             Ok(()) => shared.registry.resolve(&task.name),
@@ -186,6 +191,10 @@ async fn handle<B: Broker>(shared: &Shared, msg: &Incoming<'_>, ticket: &Ticket<
         // signature intact); only the handler sees the plaintext.
         let mut attempt = task.clone();
         attempt.timeout = Some(timeout);
+        attempt.trace = Some(warren::telemetry::handler_trace(
+            &tracing::Span::current(),
+            &trace,
+        ));
         if let Some(p) = plaintext {
             attempt.payload = p;
             attempt.content_encoding = None;
