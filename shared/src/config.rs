@@ -518,7 +518,12 @@ impl LogConfig {
         let Some(url) = &self.otlp_endpoint else {
             return Ok(());
         };
-        let shown = redact_url(url);
+        // As written, less any password (`redact_url` hides what has no scheme).
+        let shown = if url.contains("://") || url.contains('@') {
+            redact_url(url)
+        } else {
+            url.clone()
+        };
         let host = url
             .strip_prefix("http://")
             .or_else(|| url.strip_prefix("https://"))

@@ -88,6 +88,18 @@ fn config_errors_exit_2_in_check_and_run() {
             "retry.tasks.\"email.*\".multiplier = 0.5: must be at least 1",
         ),
         (
+            "OTLP endpoint that is not a URL",
+            "[log]\notlp_endpoint = \"collector:4318\"\n",
+            &[],
+            "log.otlp_endpoint = \"collector:4318\": expected an http:// or https:// URL",
+        ),
+        (
+            "OTLP endpoint that is not a URL (env)",
+            "",
+            &[("WARREN_LOG__OTLP_ENDPOINT", "collector:4318")],
+            "log.otlp_endpoint",
+        ),
+        (
             "handler that cannot be built",
             "[handlers.a]\nkind = \"http\"\nurl = \"http://127.0.0.1:1/\"\nheaders = { \"bad header\" = \"v\" }\n",
             &[],
@@ -141,4 +153,17 @@ fn check_survives_a_closed_stdout() {
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
+}
+
+/// A build without `otlp` refuses the key rather than ignoring it.
+#[cfg(not(feature = "otlp"))]
+#[test]
+fn an_otlp_endpoint_needs_the_otlp_build() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("c.toml");
+    std::fs::write(&path, "[log]\notlp_endpoint = \"http://collector:4318\"\n").unwrap();
+    let out = exits(&["--config", &path.display().to_string(), "check"], &[]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{err}");
+    assert!(err.contains("log.otlp_endpoint") && err.contains("lacks the `otlp` feature"), "{err}");
 }
