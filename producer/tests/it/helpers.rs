@@ -213,6 +213,10 @@ impl World {
                         &headers,
                         warren::envelope::headers::ATTEMPT,
                     ),
+                    traceparent: warren::envelope::header_str(
+                        &headers,
+                        warren::envelope::headers::TRACEPARENT,
+                    ),
                     body: d.data.clone(),
                     received: Utc::now(),
                 };
@@ -311,6 +315,8 @@ pub struct Msg {
     /// `x-warren-edited-by` of a dead task replayed with a new payload.
     pub edited_by: Option<String>,
     pub attempt: Option<i64>,
+    /// W3C `traceparent` header.
+    pub traceparent: Option<String>,
     pub body: Vec<u8>,
     pub received: DateTime<Utc>,
 }
