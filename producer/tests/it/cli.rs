@@ -153,6 +153,12 @@ fn config_errors_exit_2_in_check_and_run() {
             "amqp.url = http://guest:***@host:5672/%2f: the scheme must be `amqp` or `amqps`",
         ),
         (
+            "OTLP endpoint that is not a URL (password hidden)",
+            "[log]\notlp_endpoint = \"u:s3cret@collector:4318\"\n",
+            &[],
+            "log.otlp_endpoint",
+        ),
+        (
             "port out of range",
             "[amqp]\nurl = \"amqp://guest:s3cret@host:99999/%2f\"\n",
             &[],
