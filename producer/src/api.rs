@@ -235,7 +235,9 @@ async fn post_tasks(
 /// One debug line per published task, with the trace it starts or joins.
 pub fn log_published(task: &warren::Task) {
     match &task.trace {
-        Some(t) => tracing::debug!(task.id = %task.id, task.name = %task.name, trace_id = %t.trace_id_field(), "task published"),
+        Some(t) => {
+            tracing::debug!(task.id = %task.id, task.name = %task.name, trace_id = %t.trace_id_field(), "task published")
+        }
         None => tracing::debug!(task.id = %task.id, task.name = %task.name, "task published"),
     }
 }

@@ -91,8 +91,9 @@ impl TaskRequest {
         inherited: Option<&TraceContext>,
     ) -> Result<(Task, Duration), RequestError> {
         let trace = match (&self.traceparent, &self.tracestate) {
-            (Some(tp), state) => TraceContext::parse(tp, state.as_deref())
-                .ok_or(RequestError::BadTraceparent)?,
+            (Some(tp), state) => {
+                TraceContext::parse(tp, state.as_deref()).ok_or(RequestError::BadTraceparent)?
+            }
             (None, Some(_)) => return Err(RequestError::LoneTracestate),
             (None, None) => inherited.cloned().unwrap_or_else(TraceContext::new_root),
         };

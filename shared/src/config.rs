@@ -770,7 +770,9 @@ mod tests {
             Some("http://c:4318/v1/traces")
         );
         assert_eq!(
-            with("https://c/otel/v1/traces").otlp_traces_url().as_deref(),
+            with("https://c/otel/v1/traces")
+                .otlp_traces_url()
+                .as_deref(),
             Some("https://c/otel/v1/traces")
         );
     }

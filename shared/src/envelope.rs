@@ -693,8 +693,14 @@ mod tests {
     #[test]
     fn a_task_without_a_valid_trace_gets_one_that_replaces_the_invalid_pair() {
         let mut h = FieldTable::default();
-        h.insert(headers::TRACEPARENT.into(), AMQPValue::LongString("junk".into()));
-        h.insert(headers::TRACESTATE.into(), AMQPValue::LongString("a=b".into()));
+        h.insert(
+            headers::TRACEPARENT.into(),
+            AMQPValue::LongString("junk".into()),
+        );
+        h.insert(
+            headers::TRACESTATE.into(),
+            AMQPValue::LongString("a=b".into()),
+        );
         let props = BasicProperties::default().with_headers(h);
         let mut t = Task::decode("a", &props, b"{}", MAX).unwrap();
         let fresh = t.ensure_trace().clone();

@@ -62,7 +62,8 @@ pub fn init(cfg: &LogConfig) {
     };
     let (export, export_error) = export_layer(cfg);
     let exporting = export.is_some();
-    let mut layers: Vec<BoxedLayer> = vec![fmt.with_filter(no_payloads).with_filter(filter).boxed()];
+    let mut layers: Vec<BoxedLayer> =
+        vec![fmt.with_filter(no_payloads).with_filter(filter).boxed()];
     if let Some(l) = export {
         layers.push(l.with_filter(filter_fn(exported)).boxed());
     }

@@ -279,7 +279,9 @@ mod tests {
         );
         // Without a trace (a handler called outside a worker) none leaks in.
         let env = e.environment(inherited, &task());
-        assert!(env.iter().all(|(k, _)| !k.to_string_lossy().starts_with("TRACE")));
+        assert!(env
+            .iter()
+            .all(|(k, _)| !k.to_string_lossy().starts_with("TRACE")));
     }
 
     #[tokio::test]

@@ -165,5 +165,8 @@ fn an_otlp_endpoint_needs_the_otlp_build() {
     let out = exits(&["--config", &path.display().to_string(), "check"], &[]);
     let err = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(2), "{err}");
-    assert!(err.contains("log.otlp_endpoint") && err.contains("lacks the `otlp` feature"), "{err}");
+    assert!(
+        err.contains("log.otlp_endpoint") && err.contains("lacks the `otlp` feature"),
+        "{err}"
+    );
 }

@@ -195,7 +195,10 @@ async fn dead_letters_and_replays_keep_the_trace() {
         .await
         .unwrap()
         .expect("dead copy");
-    assert_eq!(m.headers[headers::TRACEPARENT], first.traceparent().as_str());
+    assert_eq!(
+        m.headers[headers::TRACEPARENT],
+        first.traceparent().as_str()
+    );
 
     let r = dead::replay(
         &w.conn,

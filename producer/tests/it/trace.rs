@@ -62,9 +62,17 @@ async fn every_published_task_carries_a_traceparent() {
     .await;
     assert_eq!(status, 202);
     // No header: a trace of its own. A bad field: refused, naming it.
-    assert_eq!(post(&url, None, json!({"task": "it.a", "id": "fresh"})).await, 202);
     assert_eq!(
-        post(&url, None, json!({"task": "it.a", "traceparent": "00-nope"})).await,
+        post(&url, None, json!({"task": "it.a", "id": "fresh"})).await,
+        202
+    );
+    assert_eq!(
+        post(
+            &url,
+            None,
+            json!({"task": "it.a", "traceparent": "00-nope"})
+        )
+        .await,
         422
     );
     // The CLI: its flag, else a fresh one; a bad flag is a usage error.
@@ -73,7 +81,9 @@ async fn every_published_task_carries_a_traceparent() {
         all.extend_from_slice(args);
         w.cli(&all, b"")
     };
-    assert!(cli(&["--id", "cli-own", "--traceparent", OWN]).status.success());
+    assert!(cli(&["--id", "cli-own", "--traceparent", OWN])
+        .status
+        .success());
     assert!(cli(&["--id", "cli-fresh"]).status.success());
     let bad = cli(&["--traceparent", "junk"]);
     assert_eq!(bad.status.code(), Some(2));
@@ -157,7 +167,10 @@ async fn the_api_callers_traceparent_reaches_the_exec_handler_on_every_attempt()
     let health = worker.health();
     let stop = CancellationToken::new();
     let running = tokio::spawn(worker.run(stop.clone()));
-    eventually(WAIT, "worker ready", || async { health.is_ready().then_some(()) }).await;
+    eventually(WAIT, "worker ready", || async {
+        health.is_ready().then_some(())
+    })
+    .await;
 
     let pcfg = w.write_config("p.toml", "");
     let p = w.start("producer", &pcfg, &[]);
