@@ -22,7 +22,8 @@ use super::broker::Broker;
 use super::fault::{self, Step};
 use super::settle::Ticket;
 use super::Shared;
-use crate::handler::TaskError;
+use crate::flow::{self, Admission, Verdict};
+use crate::handler::{ErrorKind, TaskError};
 use crate::metrics::UNKNOWN_TASK;
 use crate::outcome::{self, decide, labels, Action, Outcome};
 
@@ -168,6 +169,42 @@ async fn handle<B: Broker>(shared: &Shared, msg: &Incoming<'_>, ticket: &Ticket<
                 }
             }
         }
+        // The breaker first: asking costs nothing, and a task that will not
+        // be sent must not spend a limit's slot. A pass dropped unused (the
+        // limit parks the task) leaves the breaker as it was.
+        let pass = match shared.flow.breaker(label) {
+            None => None,
+            Some(b) => match b.pass() {
+                Ok(p) => Some(p),
+                Err(refused) => {
+                    b.parked.inc();
+                    let delay = breaker_park(refused.remaining, b.spec.cooldown);
+                    tracing::debug!(park = ?delay, "circuit breaker open; parking");
+                    let mut parked = task;
+                    parked.last_error = Some(format!(
+                        "circuit open: handler `{label}` failed {} times in a row; sent again after the {} cool-down",
+                        b.spec.failures,
+                        humantime::format_duration(b.spec.cooldown)
+                    ));
+                    d.republish(&parked, delay, parked.attempt, labels::PARKED)
+                        .await;
+                    return;
+                }
+            },
+        };
+        let slot = match shared.flow.limit(&task.name) {
+            None => None,
+            Some(limit) => match limit.admit().await {
+                Admission::Run(slot) => Some(slot),
+                Admission::Park(delay) => {
+                    tracing::debug!(limit = %limit.key, park = ?delay, "over its limit; parking");
+                    d.republish(&task, delay, task.attempt, labels::PARKED).await;
+                    return;
+                }
+            },
+        };
+        // After any wait for a limit: queue wait runs up to the real start.
+        let now = if slot.is_some() { Utc::now() } else { now };
         if let Some(w) = task.queue_wait(now) {
             m.queue_wait
                 .with_label_values(&[label])
@@ -204,6 +241,10 @@ async fn handle<B: Broker>(shared: &Shared, msg: &Incoming<'_>, ticket: &Ticket<
         m.duration
             .with_label_values(&[label])
             .observe(started.elapsed().as_secs_f64());
+        drop(slot);
+        if let Some(pass) = pass {
+            pass.record(verdict(&outcome));
+        }
         let policy = shared
             .cfg
             .retry
@@ -240,6 +281,23 @@ async fn handle<B: Broker>(shared: &Shared, msg: &Incoming<'_>, ticket: &Ticket<
     }
     .instrument(span)
     .await;
+}
+
+/// What an attempt's outcome says about its handler's target.
+fn verdict(outcome: &Outcome) -> Verdict {
+    match outcome {
+        Outcome::Succeeded => Verdict::Answered,
+        Outcome::Failed(e) if e.kind == ErrorKind::Permanent => Verdict::Answered,
+        Outcome::Failed(_) | Outcome::TimedOut(_) => Verdict::Failed,
+        Outcome::Panicked(_) => Verdict::Neither,
+    }
+}
+
+/// Parked by an open breaker: back after the rest of the cool-down plus up
+/// to a quarter of it at random, so the parked tasks do not all return at
+/// the instant the probe goes out.
+fn breaker_park(remaining: Duration, cooldown: Duration) -> Duration {
+    flow::park_delay(remaining + cooldown.mul_f64(rand::random::<f64>() / 4.0))
 }
 
 fn panic_message(p: &(dyn std::any::Any + Send)) -> String {

@@ -1,0 +1,118 @@
+//! Flow control in this process: `limits."<pattern>"` (tasks running at once,
+//! tasks started per second) and the circuit breakers of `http` handler
+//! entries. The worker asks [`Flow`] before it runs a handler; a task that
+//! may not run now is parked through the delay levels keeping its attempt.
+//!
+//! | module | owns |
+//! |---|---|
+//! | `rate` | `"50/s"` parsing and the token bucket |
+//! | `limit` | one limit: waiting within its share, parking the rest |
+//! | `breaker` | one handler's breaker: closed → open → half-open |
+//!
+//! With no `limits` and no breaker configured, every check is a test of an
+//! empty list: no lock, no allocation per delivery.
+
+use prometheus::{IntCounterVec, IntGaugeVec, Opts, Registry};
+
+use crate::config::{ConsumerConfig, HandlerSpec};
+
+mod breaker;
+mod limit;
+pub mod rate;
+
+pub(crate) use breaker::{Breaker, Verdict};
+pub(crate) use limit::{park_delay, Admission, Limit};
+pub use limit::{HOLD, MIN_PARK};
+
+/// `action` label values of `warren_consumer_limited_total`.
+pub mod action {
+    /// Waited in this process (up to the hold) before it started.
+    pub const WAITED: &str = "waited";
+    /// Parked through the delay levels, attempt kept.
+    pub const PARKED: &str = "parked";
+}
+
+/// The limits and breakers of one worker, shared by all its sessions.
+pub(crate) struct Flow {
+    /// In config order (exact names are looked up before patterns).
+    limits: Vec<Limit>,
+    breakers: Vec<Breaker>,
+}
+
+impl Flow {
+    pub(crate) fn new(cfg: &ConsumerConfig, prom: &Registry) -> anyhow::Result<Self> {
+        let limited = IntCounterVec::new(
+            Opts::new(
+                "warren_consumer_limited_total",
+                "Deliveries held back by limits.<limit>, by action (waited = waited in this process, then ran; parked = sent through the delay levels, attempt kept)",
+            ),
+            &["limit", "action"],
+        )?;
+        let state = IntGaugeVec::new(
+            Opts::new(
+                "warren_consumer_breaker_state",
+                "Circuit breaker of an http handler entry: 0 closed, 1 open, 2 half-open (one probe in flight)",
+            ),
+            &["handler"],
+        )?;
+        let breaker_parked = IntCounterVec::new(
+            Opts::new(
+                "warren_consumer_breaker_parked_total",
+                "Tasks parked (attempt kept) because their handler's circuit breaker was open",
+            ),
+            &["handler"],
+        )?;
+        prom.register(Box::new(limited.clone()))?;
+        prom.register(Box::new(state.clone()))?;
+        prom.register(Box::new(breaker_parked.clone()))?;
+        // Deliveries waiting for limits hold worker permits: together they
+        // may hold at most half of them, split evenly between the limits.
+        let share = match cfg.limits.len() {
+            0 => 0,
+            n => cfg.worker.concurrency / (2 * n),
+        };
+        let mut limits = Vec::with_capacity(cfg.limits.len());
+        for (key, spec) in &cfg.limits {
+            let bucket = spec.rate()?.map(|(r, burst)| rate::Bucket::new(r, burst));
+            limits.push(Limit::new(
+                key.clone(),
+                spec.concurrency,
+                bucket,
+                share,
+                &limited,
+            ));
+        }
+        let breakers = cfg
+            .handlers
+            .iter()
+            .filter_map(|(key, spec)| match spec {
+                HandlerSpec::Http {
+                    breaker: Some(b), ..
+                } => Some(Breaker::new(key.clone(), *b, &state, &breaker_parked)),
+                _ => None,
+            })
+            .collect();
+        Ok(Self { limits, breakers })
+    }
+
+    /// The limit a task name falls under: its exact name, else the first
+    /// pattern (in key order) that matches, as for `retry.tasks`.
+    pub(crate) fn limit(&self, task: &str) -> Option<&Limit> {
+        if self.limits.is_empty() {
+            return None;
+        }
+        self.limits.iter().find(|l| l.key == task).or_else(|| {
+            self.limits
+                .iter()
+                .find(|l| l.pattern && crate::handler::pattern_matches(&l.key, task))
+        })
+    }
+
+    /// The breaker of the handler entry registered under `handler`.
+    pub(crate) fn breaker(&self, handler: &str) -> Option<&Breaker> {
+        if self.breakers.is_empty() {
+            return None;
+        }
+        self.breakers.iter().find(|b| b.key == handler)
+    }
+}
