@@ -36,7 +36,8 @@ pub(crate) struct Limit {
     max_waiting: usize,
     /// The latest park slot handed out.
     parked_until: Mutex<Option<Instant>>,
-    /// Moving average of run time in µs (concurrency limits spread parks by it).
+    /// Moving average of run time in µs (concurrency limits spread parks
+    /// by it); 0 until a run finished.
     mean_run_us: AtomicU64,
     waited: prometheus::IntCounter,
     parked: prometheus::IntCounter,
@@ -93,7 +94,7 @@ impl Limit {
             waiting: AtomicUsize::new(0),
             max_waiting,
             parked_until: Mutex::new(None),
-            mean_run_us: AtomicU64::new(FIRST_RUN_GUESS.as_micros() as u64),
+            mean_run_us: AtomicU64::new(0),
             waited,
             parked,
         }
@@ -173,7 +174,10 @@ impl Limit {
         let mut spacing = Duration::ZERO;
         let mut base = now;
         if let Some((n, _)) = &self.concurrency {
-            let mean = Duration::from_micros(self.mean_run_us.load(Ordering::Relaxed));
+            let mean = match self.mean_run_us.load(Ordering::Relaxed) {
+                0 => FIRST_RUN_GUESS,
+                us => Duration::from_micros(us),
+            };
             spacing = mean / (*n as u32).max(1);
         }
         if let Some(b) = self.bucket.as_ref().and_then(|b| b.lock().ok()) {
@@ -191,14 +195,16 @@ impl Limit {
         Admission::Park(park_delay(at.saturating_duration_since(now)))
     }
 
-    /// Exponential moving average, weight 1/8 for the newest run.
+    /// Exponential moving average, weight 1/8 for the newest run; the
+    /// first run sets it.
     fn observe_run(&self, took: Duration) {
-        let new = took.as_micros().min(u128::from(u64::MAX)) as u64;
-        let _ = self
-            .mean_run_us
-            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |old| {
-                Some(old - old / 8 + new / 8)
-            });
+        let new = (took.as_micros().min(u128::from(u64::MAX)) as u64).max(1);
+        let _ =
+            self.mean_run_us
+                .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |old| match old {
+                    0 => Some(new),
+                    old => Some(old - old / 8 + new / 8),
+                });
     }
 }
 
@@ -295,6 +301,8 @@ mod tests {
     #[test]
     fn run_time_average_moves_toward_recent_runs() {
         let (l, _) = concurrency(2, 0);
+        l.observe_run(Duration::from_millis(800));
+        assert_eq!(l.mean_run_us.load(Ordering::SeqCst), 800_000, "first run");
         for _ in 0..64 {
             l.observe_run(Duration::from_millis(200));
         }
