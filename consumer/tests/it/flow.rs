@@ -38,6 +38,18 @@ fn register_recording(reg: &mut Registry, name: &str, runs: &Runs) {
     .unwrap();
 }
 
+/// The worker's metrics as `/metrics` serves them hold `names` and pass
+/// `promtool check metrics`.
+fn assert_metrics_lint(app: &App, names: &[&str]) {
+    let text = prometheus::TextEncoder::new()
+        .encode_to_string(&app.prom.gather())
+        .unwrap();
+    for name in names {
+        assert!(text.contains(name), "{name} missing from\n{text}");
+    }
+    warren::testing::assert_promtool_ok(&text);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_rate_limit_paces_its_tasks_and_holds_back_no_other_task() {
     let mut cfg = config("rate");
@@ -151,6 +163,10 @@ async fn a_concurrency_limit_caps_running_tasks_and_all_complete() {
         &[("limit", "c.*"), ("action", "waited")],
     );
     assert!(waited > 0.0, "tasks waited for the limit");
+    assert_metrics_lint(
+        &app,
+        &[r#"warren_consumer_limited_total{action="waited",limit="c.*"}"#],
+    );
     app.stop().await;
 }
 
@@ -266,6 +282,13 @@ async fn a_breaker_opens_on_failures_keeps_away_for_the_cooldown_and_closes_on_a
         &[("handler", "b.call")],
     );
     assert!(parked > 0.0, "tasks were parked while it was open");
+    assert_metrics_lint(
+        &app,
+        &[
+            r#"warren_consumer_breaker_state{handler="b.call"} 0"#,
+            "warren_consumer_breaker_parked_total",
+        ],
+    );
     app.stop().await;
 }
 
