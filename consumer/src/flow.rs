@@ -20,8 +20,8 @@ mod breaker;
 mod limit;
 pub mod rate;
 
-pub(crate) use breaker::{Breaker, Verdict};
-pub(crate) use limit::{park_delay, Admission, Limit};
+pub(crate) use breaker::{Breaker, Pass, Verdict};
+pub(crate) use limit::{park_delay, Admission, Limit, Slot};
 pub use limit::{HOLD, MIN_PARK};
 
 /// `action` label values of `warren_consumer_limited_total`.
@@ -91,7 +91,12 @@ impl Flow {
                 } => Some(Breaker::new(key.clone(), *b, &state, &breaker_parked)),
                 _ => None,
             })
-            .collect();
+            .collect::<Vec<Breaker>>();
+        if !limits.is_empty() || !breakers.is_empty() {
+            let l: Vec<&str> = limits.iter().map(|l| l.key.as_str()).collect();
+            let b: Vec<&str> = breakers.iter().map(|b| b.key.as_str()).collect();
+            tracing::info!(limits = ?l, waiting_share = share, breakers = ?b, "flow control (per process)");
+        }
         Ok(Self { limits, breakers })
     }
 
@@ -114,5 +119,54 @@ impl Flow {
             return None;
         }
         self.breakers.iter().find(|b| b.key == handler)
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+    use crate::config::{BreakerSpec, LimitSpec};
+
+    fn flow(limits: &[&str]) -> Flow {
+        let mut cfg = ConsumerConfig::default();
+        for key in limits {
+            let spec = LimitSpec {
+                concurrency: Some(1),
+                ..Default::default()
+            };
+            cfg.limits.insert((*key).into(), spec);
+        }
+        cfg.handlers.insert(
+            "h".into(),
+            HandlerSpec::Http {
+                url: "http://127.0.0.1:1/".into(),
+                timeout: std::time::Duration::from_secs(1),
+                headers: Default::default(),
+                breaker: Some(BreakerSpec::default()),
+            },
+        );
+        cfg.handlers.insert("n".into(), HandlerSpec::Noop {});
+        Flow::new(&cfg, &Registry::new()).unwrap()
+    }
+
+    #[test]
+    fn exact_names_win_then_patterns_in_key_order() {
+        let f = flow(&["a.*", "a.b", "#"]);
+        let key = |t: &str| f.limit(t).map(|l| l.key.as_str());
+        assert_eq!(key("a.b"), Some("a.b"));
+        assert_eq!(key("a.c"), Some("#"), "\"#\" sorts before \"a.*\"");
+        let f = flow(&["a.*", "a.b"]);
+        assert_eq!(f.limit("a.c").map(|l| l.key.as_str()), Some("a.*"));
+        assert!(f.limit("b.c").is_none());
+        assert!(flow(&[]).limit("a.b").is_none());
+    }
+
+    #[test]
+    fn only_http_entries_with_a_breaker_table_get_one() {
+        let f = flow(&[]);
+        assert!(f.breaker("h").is_some());
+        assert!(f.breaker("n").is_none());
+        assert!(f.breaker("other").is_none());
     }
 }

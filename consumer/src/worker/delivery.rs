@@ -22,7 +22,7 @@ use super::broker::Broker;
 use super::fault::{self, Step};
 use super::settle::Ticket;
 use super::Shared;
-use crate::flow::{self, Admission, Verdict};
+use crate::flow::{self, Admission, Pass, Slot, Verdict};
 use crate::handler::{ErrorKind, TaskError};
 use crate::metrics::UNKNOWN_TASK;
 use crate::outcome::{self, decide, labels, Action, Outcome};
@@ -169,39 +169,8 @@ async fn handle<B: Broker>(shared: &Shared, msg: &Incoming<'_>, ticket: &Ticket<
                 }
             }
         }
-        // The breaker first: asking costs nothing, and a task that will not
-        // be sent must not spend a limit's slot. A pass dropped unused (the
-        // limit parks the task) leaves the breaker as it was.
-        let pass = match shared.flow.breaker(label) {
-            None => None,
-            Some(b) => match b.pass() {
-                Ok(p) => Some(p),
-                Err(refused) => {
-                    b.parked.inc();
-                    let delay = breaker_park(refused.remaining, b.spec.cooldown);
-                    tracing::debug!(park = ?delay, "circuit breaker open; parking");
-                    let mut parked = task;
-                    parked.last_error = Some(format!(
-                        "circuit open: handler `{label}` failed {} times in a row; sent again after the {} cool-down",
-                        b.spec.failures,
-                        humantime::format_duration(b.spec.cooldown)
-                    ));
-                    d.republish(&parked, delay, parked.attempt, labels::PARKED)
-                        .await;
-                    return;
-                }
-            },
-        };
-        let slot = match shared.flow.limit(&task.name) {
-            None => None,
-            Some(limit) => match limit.admit().await {
-                Admission::Run(slot) => Some(slot),
-                Admission::Park(delay) => {
-                    tracing::debug!(limit = %limit.key, park = ?delay, "over its limit; parking");
-                    d.republish(&task, delay, task.attempt, labels::PARKED).await;
-                    return;
-                }
-            },
+        let Some(Admitted { pass, slot }) = d.admit(&task, label).await else {
+            return;
         };
         // After any wait for a limit: queue wait runs up to the real start.
         let now = if slot.is_some() { Utc::now() } else { now };
@@ -310,6 +279,12 @@ fn panic_message(p: &(dyn std::any::Any + Send)) -> String {
     }
 }
 
+/// Let through by flow control: hold both until the handler returned.
+struct Admitted<'a> {
+    pass: Option<Pass<'a>>,
+    slot: Option<Slot<'a>>,
+}
+
 /// A delivery being finished: every path settles it exactly once through
 /// its [`Ticket`] (ack or give back), and acks only after any copy it
 /// publishes is confirmed.
@@ -319,9 +294,50 @@ struct Delivered<'a, 'b, B> {
     ticket: &'a Ticket<'a, B>,
 }
 
-impl<B: Broker> Delivered<'_, '_, B> {
+impl<'a, B: Broker> Delivered<'a, '_, B> {
     fn prefix(&self) -> &str {
         self.shared.topo.prefix()
+    }
+
+    /// Flow control before the handler runs: the breaker first (asking
+    /// costs nothing, and a task that will not be sent must not spend a
+    /// limit's slot; a pass dropped unused leaves the breaker as it was),
+    /// then the task's limit. `None`: the task was parked, attempt kept.
+    async fn admit(&self, task: &Task, label: &str) -> Option<Admitted<'a>> {
+        let flow = &self.shared.flow;
+        let pass = match flow.breaker(label) {
+            None => None,
+            Some(b) => match b.pass() {
+                Ok(p) => Some(p),
+                Err(refused) => {
+                    b.parked.inc();
+                    let delay = breaker_park(refused.remaining, b.spec.cooldown);
+                    tracing::debug!(park = ?delay, "circuit breaker open; parking");
+                    let mut parked = task.clone();
+                    parked.last_error = Some(format!(
+                        "circuit open: handler `{label}` failed {} times in a row; sent again after the {} cool-down",
+                        b.spec.failures,
+                        humantime::format_duration(b.spec.cooldown)
+                    ));
+                    self.republish(&parked, delay, task.attempt, labels::PARKED)
+                        .await;
+                    return None;
+                }
+            },
+        };
+        let slot = match flow.limit(&task.name) {
+            None => None,
+            Some(limit) => match limit.admit().await {
+                Admission::Run(slot) => Some(slot),
+                Admission::Park(delay) => {
+                    tracing::debug!(limit = %limit.key, park = ?delay, "over its limit; parking");
+                    self.republish(task, delay, task.attempt, labels::PARKED)
+                        .await;
+                    return None;
+                }
+            },
+        };
+        Some(Admitted { pass, slot })
     }
 
     async fn ack(&self, outcome: &'static str) {
