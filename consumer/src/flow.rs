@@ -65,12 +65,7 @@ impl Flow {
         prom.register(Box::new(limited.clone()))?;
         prom.register(Box::new(state.clone()))?;
         prom.register(Box::new(breaker_parked.clone()))?;
-        // Deliveries waiting for limits hold worker permits: together they
-        // may hold at most half of them, split evenly between the limits.
-        let share = match cfg.limits.len() {
-            0 => 0,
-            n => cfg.worker.concurrency / (2 * n),
-        };
+        let share = waiting_share(cfg.worker.concurrency, cfg.limits.len());
         let mut limits = Vec::with_capacity(cfg.limits.len());
         for (key, spec) in &cfg.limits {
             let bucket = spec.rate()?.map(|(r, burst)| rate::Bucket::new(r, burst));
@@ -122,11 +117,41 @@ impl Flow {
     }
 }
 
+/// How many deliveries may wait for each of `limits` entries. Waiting
+/// deliveries hold worker permits: together they get half of the
+/// `concurrency` permits, split evenly, yet each entry at least one as long
+/// as that still leaves a permit for other tasks.
+fn waiting_share(concurrency: usize, limits: usize) -> usize {
+    match limits {
+        0 => 0,
+        n => (concurrency / (2 * n)).max(usize::from(n < concurrency)),
+    }
+}
+
 #[cfg(test)]
 #[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
     use crate::config::{BreakerSpec, LimitSpec};
+
+    #[test]
+    fn waiting_never_takes_every_permit() {
+        assert_eq!(waiting_share(32, 1), 16);
+        assert_eq!(waiting_share(32, 3), 5);
+        assert_eq!(waiting_share(32, 20), 1, "20 of 32 permits at most");
+        assert_eq!(waiting_share(32, 32), 0);
+        assert_eq!(waiting_share(2, 1), 1);
+        assert_eq!(
+            waiting_share(1, 1),
+            0,
+            "the only permit is never spent waiting"
+        );
+        for c in 1..70 {
+            for n in 1..70 {
+                assert!(waiting_share(c, n) * n < c, "{c} permits, {n} limits");
+            }
+        }
+    }
 
     fn flow(limits: &[&str]) -> Flow {
         let mut cfg = ConsumerConfig::default();
