@@ -202,6 +202,11 @@ pub struct BreakerSpec {
     /// How long it stays open before one probe is let through.
     #[serde(with = "humantime_serde")]
     pub cooldown: Duration,
+    /// How long after its first failure (or first park) a task may be kept
+    /// back by the open breaker without spending attempts; after that each
+    /// refusal is a failed attempt.
+    #[serde(with = "humantime_serde")]
+    pub max_park: Duration,
 }
 
 impl Default for BreakerSpec {
@@ -209,6 +214,7 @@ impl Default for BreakerSpec {
         Self {
             failures: 5,
             cooldown: Duration::from_secs(30),
+            max_park: Duration::from_secs(3600),
         }
     }
 }
@@ -382,6 +388,13 @@ impl ConsumerConfig {
                                 &format!("{key}.breaker.cooldown"),
                                 &secs(&b.cooldown),
                                 "must be positive and at most what the delay levels carry (38 days)",
+                            );
+                        }
+                        if b.max_park.is_zero() {
+                            return err(
+                                &format!("{key}.breaker.max_park"),
+                                &secs(&b.max_park),
+                                "must be positive",
                             );
                         }
                     }

@@ -235,6 +235,7 @@ mod tests {
         Machine::new(BreakerSpec {
             failures: 3,
             cooldown: Duration::from_secs(10),
+            ..Default::default()
         })
     }
 
@@ -310,6 +311,7 @@ mod tests {
             BreakerSpec {
                 failures: 1,
                 cooldown: Duration::ZERO,
+                ..Default::default()
             },
             &state,
             &parked,

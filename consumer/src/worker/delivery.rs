@@ -169,7 +169,12 @@ async fn handle<B: Broker>(shared: &Shared, msg: &Incoming<'_>, ticket: &Ticket<
                 }
             }
         }
-        let Some(Admitted { pass, slot }) = d.admit(&task, label).await else {
+        let Some(Admitted {
+            pass,
+            slot,
+            refused,
+        }) = d.admit(&task, label).await
+        else {
             return;
         };
         // After any wait for a limit: queue wait runs up to the real start.
@@ -197,6 +202,9 @@ async fn handle<B: Broker>(shared: &Shared, msg: &Incoming<'_>, ticket: &Ticket<
             attempt.content_encoding = None;
         }
         let call = async {
+            if let Some(e) = refused {
+                return Err(e);
+            }
             fault::check(prefix, Step::Run).map_err(TaskError::retryable)?;
             handler.call(attempt).await
         };
@@ -283,6 +291,9 @@ fn panic_message(p: &(dyn std::any::Any + Send)) -> String {
 struct Admitted<'a> {
     pass: Option<Pass<'a>>,
     slot: Option<Slot<'a>>,
+    /// Kept back by an open breaker past `breaker.max_park`: this attempt
+    /// fails with this error instead of calling the handler.
+    refused: Option<TaskError>,
 }
 
 /// A delivery being finished: every path settles it exactly once through
@@ -310,15 +321,31 @@ impl<'a, B: Broker> Delivered<'a, '_, B> {
             Some(b) => match b.pass() {
                 Ok(p) => Some(p),
                 Err(refused) => {
+                    let error = format!(
+                        "circuit open: handler `{label}` failed {} times in a row; sent again after the {} cool-down",
+                        b.spec.failures,
+                        humantime::format_duration(b.spec.cooldown)
+                    );
+                    // Kept back for free only so long: then every refusal is
+                    // an attempt, and a target that stays down ends in dead
+                    // letters once the retry policy runs out.
+                    let now = Utc::now();
+                    let since = task.first_failed_at.unwrap_or(now);
+                    if (now - since).to_std().is_ok_and(|d| d >= b.spec.max_park) {
+                        tracing::debug!("circuit breaker open past max_park; failing the attempt");
+                        return Some(Admitted {
+                            pass: None,
+                            slot: None,
+                            refused: Some(TaskError::retryable(error)),
+                        });
+                    }
                     b.parked.inc();
                     let delay = breaker_park(refused.remaining, b.spec.cooldown);
                     tracing::debug!(park = ?delay, "circuit breaker open; parking");
                     let mut parked = task.clone();
-                    parked.last_error = Some(format!(
-                        "circuit open: handler `{label}` failed {} times in a row; sent again after the {} cool-down",
-                        b.spec.failures,
-                        humantime::format_duration(b.spec.cooldown)
-                    ));
+                    parked.last_error = Some(error);
+                    // Where the max_park clock starts for a task that never ran.
+                    parked.first_failed_at.get_or_insert(now);
                     self.republish(&parked, delay, task.attempt, labels::PARKED)
                         .await;
                     return None;
@@ -337,7 +364,11 @@ impl<'a, B: Broker> Delivered<'a, '_, B> {
                 }
             },
         };
-        Some(Admitted { pass, slot })
+        Some(Admitted {
+            pass,
+            slot,
+            refused: None,
+        })
     }
 
     async fn ack(&self, outcome: &'static str) {

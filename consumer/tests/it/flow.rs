@@ -217,6 +217,7 @@ async fn a_breaker_opens_on_failures_keeps_away_for_the_cooldown_and_closes_on_a
             breaker: Some(BreakerSpec {
                 failures: FAILURES as u32,
                 cooldown: COOLDOWN,
+                ..Default::default()
             }),
         },
     );

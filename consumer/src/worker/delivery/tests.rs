@@ -640,6 +640,7 @@ fn behind_a_breaker() -> Worker {
             breaker: Some(crate::config::BreakerSpec {
                 failures: 1,
                 cooldown: Duration::from_secs(3600),
+                ..Default::default()
             }),
         },
     );
@@ -683,9 +684,33 @@ async fn an_open_breaker_parks_the_task_keeping_its_attempt_and_says_why() {
         copy.last_error
     );
     assert_eq!(w.calls(), 1, "the open breaker sent nothing");
+    assert!(copy.first_failed_at.is_some(), "the max_park clock runs");
     assert_eq!(b.acks(), 1);
     let m = &w.shared.metrics;
     assert_eq!(m.tasks.with_label_values(&[NAME, labels::PARKED]).get(), 1);
+}
+
+#[tokio::test]
+async fn past_max_park_an_open_breaker_fails_the_attempt() {
+    let w = behind_a_breaker();
+    w.deliver(&Recorder::default(), &task()).await;
+    let b = Recorder::default();
+    let mut t = task();
+    t.attempt = 2;
+    t.first_failed_at = Some(Utc::now() - chrono::Duration::hours(2));
+    w.deliver(&b, &t).await;
+    let p = b.published();
+    assert_eq!(p.len(), 1);
+    assert_delayed_copy_of(&p[0], &w);
+    let copy = p[0].task();
+    assert_eq!(copy.attempt, 3, "kept back over an hour: an attempt");
+    assert!(copy
+        .last_error
+        .as_deref()
+        .is_some_and(|e| e.starts_with("circuit open")));
+    assert_eq!(w.calls(), 1, "still nothing sent");
+    let m = &w.shared.metrics;
+    assert_eq!(m.tasks.with_label_values(&[NAME, labels::RETRIED]).get(), 2);
 }
 
 #[tokio::test]
