@@ -30,6 +30,8 @@ pub struct ConsumerConfig {
     pub handlers: BTreeMap<String, HandlerSpec>,
     /// Keys; signature verification (`verify`) and decryption.
     pub security: SecurityConfig,
+    /// Task name (or pattern) → concurrency and rate limits, per process.
+    pub limits: BTreeMap<String, LimitSpec>,
 }
 
 impl Default for ConsumerConfig {
@@ -45,6 +47,7 @@ impl Default for ConsumerConfig {
             retry: RetryConfig::default(),
             handlers: BTreeMap::new(),
             security: SecurityConfig::default(),
+            limits: BTreeMap::new(),
         }
     }
 }
@@ -133,6 +136,9 @@ pub enum HandlerSpec {
         /// Extra request headers (e.g. `Authorization`).
         #[serde(default)]
         headers: BTreeMap<String, String>,
+        /// Circuit breaker for this entry (off unless this table is present).
+        #[serde(default)]
+        breaker: Option<BreakerSpec>,
     },
     /// Runs `argv` (no shell) with the payload on stdin.
     Exec {
@@ -155,6 +161,62 @@ pub enum HandlerSpec {
         #[serde(default, with = "humantime_serde")]
         timeout: Option<Duration>,
     },
+}
+
+/// `limits."<pattern>"`: how many of the matching tasks run at once and how
+/// many start per unit of time, in this process.
+#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LimitSpec {
+    /// Tasks running at once.
+    pub concurrency: Option<usize>,
+    /// Tasks started per second, minute or hour: `"50/s"`, `"300/m"`, `"1000/h"`.
+    pub rate: Option<String>,
+    /// Tasks that may start at once after a quiet spell (default: 100 ms
+    /// worth of `rate`, at least 1).
+    pub burst: Option<u32>,
+}
+
+impl LimitSpec {
+    /// The parsed rate and the burst that goes with it.
+    pub fn rate(
+        &self,
+    ) -> Result<Option<(crate::flow::rate::Rate, u32)>, crate::flow::rate::BadRate> {
+        let Some(text) = &self.rate else {
+            return Ok(None);
+        };
+        let rate: crate::flow::rate::Rate = text.parse()?;
+        Ok(Some((
+            rate,
+            self.burst.unwrap_or_else(|| rate.default_burst()),
+        )))
+    }
+}
+
+/// `handlers."<name>".breaker` of an `http` handler.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct BreakerSpec {
+    /// Consecutive retryable failures that open the breaker.
+    pub failures: u32,
+    /// How long it stays open before one probe is let through.
+    #[serde(with = "humantime_serde")]
+    pub cooldown: Duration,
+    /// How long after its first failure (or first park) a task may be kept
+    /// back by the open breaker without spending attempts; after that each
+    /// refusal is a failed attempt.
+    #[serde(with = "humantime_serde")]
+    pub max_park: Duration,
+}
+
+impl Default for BreakerSpec {
+    fn default() -> Self {
+        Self {
+            failures: 5,
+            cooldown: Duration::from_secs(30),
+            max_park: Duration::from_secs(3600),
+        }
+    }
 }
 
 fn default_sleep() -> Duration {
@@ -291,7 +353,12 @@ impl ConsumerConfig {
                 return err(&key, &quoted(name), "task name must not be empty");
             }
             match spec {
-                HandlerSpec::Http { url, timeout, .. } => {
+                HandlerSpec::Http {
+                    url,
+                    timeout,
+                    breaker,
+                    ..
+                } => {
                     match reqwest::Url::parse(url) {
                         Ok(u) if matches!(u.scheme(), "http" | "https") => {}
                         _ => {
@@ -309,6 +376,29 @@ impl ConsumerConfig {
                             "must be positive",
                         );
                     }
+                    if let Some(b) = breaker {
+                        if b.failures == 0 {
+                            return err(
+                                &format!("{key}.breaker.failures"),
+                                &b.failures,
+                                "must be at least 1",
+                            );
+                        }
+                        if b.cooldown.is_zero() || b.cooldown > warren::delay::MAX_DELAY {
+                            return err(
+                                &format!("{key}.breaker.cooldown"),
+                                &secs(&b.cooldown),
+                                "must be positive and at most what the delay levels carry (38 days)",
+                            );
+                        }
+                        if b.max_park.is_zero() {
+                            return err(
+                                &format!("{key}.breaker.max_park"),
+                                &secs(&b.max_park),
+                                "must be positive",
+                            );
+                        }
+                    }
                 }
                 HandlerSpec::Exec { argv, timeout, .. } => {
                     if argv.first().is_none_or(|p| p.is_empty()) {
@@ -324,6 +414,34 @@ impl ConsumerConfig {
                     }
                 }
                 HandlerSpec::Noop {} | HandlerSpec::Sleep { .. } => {}
+            }
+        }
+        for (name, spec) in &self.limits {
+            let key = format!("limits.\"{name}\"");
+            if name.is_empty() {
+                return err(&key, &quoted(name), "task name must not be empty");
+            }
+            if spec.concurrency.is_none() && spec.rate.is_none() {
+                return err(&key, &"", "set concurrency, rate or both");
+            }
+            if let Some(n) = spec.concurrency {
+                if n == 0 || n > 100_000 {
+                    return err(
+                        &format!("{key}.concurrency"),
+                        &n,
+                        "must be within 1..=100000",
+                    );
+                }
+            }
+            if let (Some(text), Err(e)) = (&spec.rate, spec.rate()) {
+                return err(&format!("{key}.rate"), &quoted(text), &e.to_string());
+            }
+            match (spec.burst, &spec.rate) {
+                (Some(0), _) => return err(&format!("{key}.burst"), &0, "must be at least 1"),
+                (Some(b), None) => {
+                    return err(&format!("{key}.burst"), &b, "only goes with a rate")
+                }
+                _ => {}
             }
         }
         Ok(())
@@ -484,6 +602,79 @@ mod tests {
         let c = load(&uncommented).unwrap();
         assert_eq!(c.handlers.len(), 4, "{:?}", c.handlers.keys());
         assert_eq!(c.retry.policy_for("email.send").max_attempts, 10);
+        assert_eq!(c.limits["email.*"].concurrency, Some(4));
+        assert!(matches!(
+            &c.handlers["email.send"],
+            HandlerSpec::Http { breaker: Some(b), .. } if b.failures == 5
+        ));
+    }
+
+    #[test]
+    fn limits_and_breakers_parse_with_their_defaults() {
+        let c = load(
+            r#"
+            [limits."email.*"]
+            concurrency = 2
+            [limits."report.daily"]
+            rate = "20/s"
+            [limits."sms.#"]
+            rate = "300/m"
+            burst = 10
+            [handlers."h"]
+            kind = "http"
+            url = "http://127.0.0.1:1/"
+            breaker = {}
+            [handlers."h2"]
+            kind = "http"
+            url = "http://127.0.0.1:1/"
+            "#,
+        )
+        .unwrap();
+        assert_eq!(c.limits["email.*"].rate().unwrap(), None);
+        let (rate, burst) = c.limits["report.daily"].rate().unwrap().unwrap();
+        assert_eq!((rate.to_string(), burst), ("20/s".into(), 2));
+        let (_, burst) = c.limits["sms.#"].rate().unwrap().unwrap();
+        assert_eq!(burst, 10);
+        assert!(matches!(
+            &c.handlers["h"],
+            HandlerSpec::Http { breaker: Some(b), .. } if *b == BreakerSpec::default()
+        ));
+        assert!(matches!(
+            &c.handlers["h2"],
+            HandlerSpec::Http { breaker: None, .. }
+        ));
+    }
+
+    #[test]
+    fn bad_limits_and_breakers_name_their_key() {
+        for (text, key, value) in [
+            ("[limits.\"a.b\"]\nrate = \"fast\"\n", "limits.\"a.b\".rate", "\"fast\""),
+            ("[limits.\"a.b\"]\nconcurrency = 0\n", "limits.\"a.b\".concurrency", "0"),
+            ("[limits.\"a.b\"]\nrate = \"5/s\"\nburst = 0\n", "limits.\"a.b\".burst", "0"),
+            ("[limits.\"a.b\"]\nconcurrency = 1\nburst = 3\n", "limits.\"a.b\".burst", "3"),
+            ("[limits.\"a.b\"]\n", "limits.\"a.b\"", "set concurrency, rate or both"),
+            (
+                "[handlers.h]\nkind = \"http\"\nurl = \"http://x/\"\nbreaker = { failures = 0 }\n",
+                "handlers.\"h\".breaker.failures",
+                "0",
+            ),
+            (
+                "[handlers.h]\nkind = \"http\"\nurl = \"http://x/\"\nbreaker = { cooldown = \"0s\" }\n",
+                "handlers.\"h\".breaker.cooldown",
+                "0s",
+            ),
+        ] {
+            let e = load(text).unwrap_err().to_string();
+            assert!(e.contains(key) && e.contains(value), "{text}: {e}");
+        }
+        let e = load("[limits.a]\nconcurrency = 1\nspeed = 3\n")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("speed"), "{e}");
+        let e = load("[handlers.n]\nkind = \"noop\"\nbreaker = {}\n")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("breaker"), "a breaker is for http handlers: {e}");
     }
 
     #[test]

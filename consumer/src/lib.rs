@@ -7,6 +7,7 @@
 //! | [`worker`] | the consume loop, acks, retries, dead letters, drain, reconnect |
 //! | [`outcome`] | the pure outcome → action decision |
 //! | [`config`] | [`ConsumerConfig`]: every key the binary reads |
+//! | [`flow`] | per-process limits (concurrency, rate) and `http` circuit breakers |
 //! | [`metrics`] | `warren_consumer_*` Prometheus metrics |
 //! | [`dead`] | dead-letter tooling: list, replay, purge (the shared engine [`warren::dead`]) |
 //!
@@ -27,6 +28,7 @@
 
 pub mod config;
 pub mod dead;
+pub mod flow;
 pub mod handler;
 pub mod handlers;
 pub mod metrics;

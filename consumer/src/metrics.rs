@@ -38,7 +38,7 @@ impl ConsumerMetrics {
             tasks: IntCounterVec::new(
                 Opts::new(
                     "warren_consumer_tasks_total",
-                    "Deliveries that left this consumer, by outcome (succeeded, retried, dead_lettered, rejected = poison, parked = not due yet, requeued = given back unfinished)",
+                    "Deliveries that left this consumer, by outcome (succeeded, retried, dead_lettered, rejected = poison, parked = not due yet or held back by flow control, requeued = given back unfinished)",
                 ),
                 &["task", "outcome"],
             )?,

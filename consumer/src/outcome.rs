@@ -95,7 +95,8 @@ pub mod labels {
     pub const DEAD_LETTERED: &str = "dead_lettered";
     /// Poison (undecodable, no handler): dead-lettered at once; acked.
     pub const REJECTED: &str = "rejected";
-    /// Not due yet (`x-warren-not-before`): parked in the delay levels; acked.
+    /// Not due yet (`x-warren-not-before`), over a limit or behind an open
+    /// circuit breaker: parked in the delay levels, attempt kept; acked.
     pub const PARKED: &str = "parked";
     /// Given back to its queue unfinished (a publish or ack failed, or a
     /// panic outside the handler): the broker delivers it again.

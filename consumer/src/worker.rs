@@ -89,6 +89,7 @@ impl WorkerBuilder {
         let prom = self.prometheus.unwrap_or_default();
         let metrics = ConsumerMetrics::register(&prom)?;
         let amqp_metrics = AmqpMetrics::register(&prom)?;
+        let flow = crate::flow::Flow::new(&self.cfg, &prom)?;
         let topo = Topology::new(&self.cfg.topology);
         let opener = warren::security::Opener::from_config(&self.cfg.security)?;
         let queues = self.cfg.queue_names();
@@ -99,6 +100,7 @@ impl WorkerBuilder {
                 registry: self.registry,
                 metrics,
                 opener,
+                flow,
                 cfg: self.cfg,
             }),
             queues,
@@ -125,6 +127,8 @@ struct Shared {
     metrics: ConsumerMetrics,
     /// Verifies signatures and decrypts, before any handler runs.
     opener: warren::security::Opener,
+    /// Limits and circuit breakers, asked before each handler call.
+    flow: crate::flow::Flow,
 }
 
 impl Worker {

@@ -30,6 +30,7 @@ pub fn registry_from_config(
                 url,
                 timeout,
                 headers,
+                ..
             } => r.register(
                 name.clone(),
                 http::Http::new(url, *timeout, headers).map_err(|e| BuildError::Handler {

@@ -22,7 +22,8 @@ use super::broker::Broker;
 use super::fault::{self, Step};
 use super::settle::Ticket;
 use super::Shared;
-use crate::handler::TaskError;
+use crate::flow::{self, Admission, Pass, Slot, Verdict};
+use crate::handler::{ErrorKind, TaskError};
 use crate::metrics::UNKNOWN_TASK;
 use crate::outcome::{self, decide, labels, Action, Outcome};
 
@@ -173,6 +174,16 @@ async fn handle<B: Broker>(shared: &Shared, msg: &Incoming<'_>, ticket: &Ticket<
                 }
             }
         }
+        let Some(Admitted {
+            pass,
+            slot,
+            refused,
+        }) = d.admit(&task, label).await
+        else {
+            return;
+        };
+        // After any wait for a limit: queue wait runs up to the real start.
+        let now = if slot.is_some() { Utc::now() } else { now };
         if let Some(w) = task.queue_wait(now) {
             m.queue_wait
                 .with_label_values(&[label])
@@ -200,6 +211,9 @@ async fn handle<B: Broker>(shared: &Shared, msg: &Incoming<'_>, ticket: &Ticket<
             attempt.content_encoding = None;
         }
         let call = async {
+            if let Some(e) = refused {
+                return Err(e);
+            }
             fault::check(prefix, Step::Run).map_err(TaskError::retryable)?;
             handler.call(attempt).await
         };
@@ -213,6 +227,10 @@ async fn handle<B: Broker>(shared: &Shared, msg: &Incoming<'_>, ticket: &Ticket<
         m.duration
             .with_label_values(&[label])
             .observe(started.elapsed().as_secs_f64());
+        drop(slot);
+        if let Some(pass) = pass {
+            pass.record(verdict(&outcome));
+        }
         let policy = shared
             .cfg
             .retry
@@ -251,6 +269,23 @@ async fn handle<B: Broker>(shared: &Shared, msg: &Incoming<'_>, ticket: &Ticket<
     .await;
 }
 
+/// What an attempt's outcome says about its handler's target.
+fn verdict(outcome: &Outcome) -> Verdict {
+    match outcome {
+        Outcome::Succeeded => Verdict::Answered,
+        Outcome::Failed(e) if e.kind == ErrorKind::Permanent => Verdict::Answered,
+        Outcome::Failed(_) | Outcome::TimedOut(_) => Verdict::Failed,
+        Outcome::Panicked(_) => Verdict::Neither,
+    }
+}
+
+/// Parked by an open breaker: back after the rest of the cool-down plus up
+/// to a quarter of it at random, so the parked tasks do not all return at
+/// the instant the probe goes out.
+fn breaker_park(remaining: Duration, cooldown: Duration) -> Duration {
+    flow::park_delay(remaining + cooldown.mul_f64(rand::random::<f64>() / 4.0))
+}
+
 fn panic_message(p: &(dyn std::any::Any + Send)) -> String {
     if let Some(s) = p.downcast_ref::<&str>() {
         (*s).to_owned()
@@ -259,6 +294,15 @@ fn panic_message(p: &(dyn std::any::Any + Send)) -> String {
     } else {
         "non-string panic payload".into()
     }
+}
+
+/// Let through by flow control: hold both until the handler returned.
+struct Admitted<'a> {
+    pass: Option<Pass<'a>>,
+    slot: Option<Slot<'a>>,
+    /// Kept back by an open breaker past `breaker.max_park`: this attempt
+    /// fails with this error instead of calling the handler.
+    refused: Option<TaskError>,
 }
 
 /// A delivery being finished: every path settles it exactly once through
@@ -270,9 +314,70 @@ struct Delivered<'a, 'b, B> {
     ticket: &'a Ticket<'a, B>,
 }
 
-impl<B: Broker> Delivered<'_, '_, B> {
+impl<'a, B: Broker> Delivered<'a, '_, B> {
     fn prefix(&self) -> &str {
         self.shared.topo.prefix()
+    }
+
+    /// Flow control before the handler runs: the breaker first (asking
+    /// costs nothing, and a task that will not be sent must not spend a
+    /// limit's slot; a pass dropped unused leaves the breaker as it was),
+    /// then the task's limit. `None`: the task was parked, attempt kept.
+    async fn admit(&self, task: &Task, label: &str) -> Option<Admitted<'a>> {
+        let flow = &self.shared.flow;
+        let pass = match flow.breaker(label) {
+            None => None,
+            Some(b) => match b.pass() {
+                Ok(p) => Some(p),
+                Err(refused) => {
+                    let error = format!(
+                        "circuit open: handler `{label}` failed {} times in a row; sent again after the {} cool-down",
+                        b.spec.failures,
+                        humantime::format_duration(b.spec.cooldown)
+                    );
+                    // Kept back for free only so long: then every refusal is
+                    // an attempt, and a target that stays down ends in dead
+                    // letters once the retry policy runs out.
+                    let now = Utc::now();
+                    let since = task.first_failed_at.unwrap_or(now);
+                    if (now - since).to_std().is_ok_and(|d| d >= b.spec.max_park) {
+                        tracing::debug!("circuit breaker open past max_park; failing the attempt");
+                        return Some(Admitted {
+                            pass: None,
+                            slot: None,
+                            refused: Some(TaskError::retryable(error)),
+                        });
+                    }
+                    b.parked.inc();
+                    let delay = breaker_park(refused.remaining, b.spec.cooldown);
+                    tracing::debug!(park = ?delay, "circuit breaker open; parking");
+                    let mut parked = task.clone();
+                    parked.last_error = Some(error);
+                    // Where the max_park clock starts for a task that never ran.
+                    parked.first_failed_at.get_or_insert(now);
+                    self.republish(&parked, delay, task.attempt, labels::PARKED)
+                        .await;
+                    return None;
+                }
+            },
+        };
+        let slot = match flow.limit(&task.name) {
+            None => None,
+            Some(limit) => match limit.admit().await {
+                Admission::Run(slot) => Some(slot),
+                Admission::Park(delay) => {
+                    tracing::debug!(limit = %limit.key, park = ?delay, "over its limit; parking");
+                    self.republish(task, delay, task.attempt, labels::PARKED)
+                        .await;
+                    return None;
+                }
+            },
+        };
+        Some(Admitted {
+            pass,
+            slot,
+            refused: None,
+        })
     }
 
     async fn ack(&self, outcome: &'static str) {

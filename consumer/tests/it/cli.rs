@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 /// Run the consumer with only `env` (no inherited `WARREN_*`), to exit
 /// within a generous deadline: a config error must stop it before it
 /// connects or serves anything.
-fn exits(args: &[&str], env: &[(&str, &str)]) -> Output {
+pub(crate) fn exits(args: &[&str], env: &[(&str, &str)]) -> Output {
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_warren-consumer"));
     cmd.args(args);
     for (k, _) in std::env::vars() {

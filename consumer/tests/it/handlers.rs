@@ -74,6 +74,7 @@ async fn http_handler_classifies_statuses_and_honours_retry_after() {
                 url: format!("http://{addr}/{mode}"),
                 timeout: Duration::from_secs(5),
                 headers: BTreeMap::new(),
+                breaker: None,
             },
         );
     }
@@ -84,6 +85,7 @@ async fn http_handler_classifies_statuses_and_honours_retry_after() {
             url: "http://127.0.0.1:9/".into(),
             timeout: Duration::from_secs(2),
             headers: BTreeMap::new(),
+            breaker: None,
         },
     );
     let mut cfg = config("http");

@@ -9,6 +9,7 @@ mod dead;
 mod dead_engine;
 #[cfg(feature = "failpoints")]
 mod faults;
+mod flow;
 mod handlers;
 mod helpers;
 mod outcomes;

@@ -197,9 +197,12 @@ impl Worker {
     }
 
     fn from_registry(registry: Registry, calls: Arc<AtomicUsize>) -> Self {
-        let cfg = ConsumerConfig::default();
-        let metrics =
-            ConsumerMetrics::register(&prometheus::Registry::new()).expect("fresh registry");
+        Self::from_config(ConsumerConfig::default(), registry, calls)
+    }
+
+    fn from_config(cfg: ConsumerConfig, registry: Registry, calls: Arc<AtomicUsize>) -> Self {
+        let prom = prometheus::Registry::new();
+        let metrics = ConsumerMetrics::register(&prom).expect("fresh registry");
         Self {
             shared: Shared {
                 topo: Topology::new(&cfg.topology),
@@ -207,6 +210,7 @@ impl Worker {
                 metrics,
                 opener: warren::security::Opener::from_config(&cfg.security)
                     .expect("test keys load"),
+                flow: crate::flow::Flow::new(&cfg, &prom).expect("flow metrics"),
                 cfg,
             },
             calls,
@@ -621,4 +625,151 @@ async fn panic_outside_the_handler_gives_the_delivery_back_once() {
     assert_eq!((b.acks(), b.requeues(), b.abandoned()), (1, 1, 0));
     assert_eq!(w.panics(), 1);
     w.assert_counted_once(NAME, labels::REQUEUED);
+}
+
+/// A worker whose handler for [`NAME`] fails retryably, behind an `http`
+/// handler entry of the same name whose breaker opens after one failure.
+fn behind_a_breaker() -> Worker {
+    let mut cfg = ConsumerConfig::default();
+    cfg.handlers.insert(
+        NAME.into(),
+        crate::config::HandlerSpec::Http {
+            url: "http://127.0.0.1:9/".into(),
+            timeout: Duration::from_secs(1),
+            headers: Default::default(),
+            breaker: Some(crate::config::BreakerSpec {
+                failures: 1,
+                cooldown: Duration::from_secs(3600),
+                ..Default::default()
+            }),
+        },
+    );
+    let calls = Arc::new(AtomicUsize::new(0));
+    let c = calls.clone();
+    let mut registry = Registry::new();
+    registry
+        .register_fn(NAME, move |_task| {
+            c.fetch_add(1, Ordering::SeqCst);
+            async { Err(TaskError::retryable("503 from the target")) }
+        })
+        .expect("register");
+    Worker::from_config(cfg, registry, calls)
+}
+
+#[tokio::test]
+async fn an_open_breaker_parks_the_task_keeping_its_attempt_and_says_why() {
+    let w = behind_a_breaker();
+    let first = Recorder::default();
+    w.deliver(&first, &task()).await;
+    assert_eq!(
+        first.published()[0].task().attempt,
+        2,
+        "a real failure: retried"
+    );
+
+    let b = Recorder::default();
+    let mut t = task();
+    t.attempt = 2;
+    w.deliver(&b, &t).await;
+    let p = b.published();
+    assert_eq!(p.len(), 1);
+    assert_delayed_copy_of(&p[0], &w);
+    let copy = p[0].task();
+    assert_eq!(copy.attempt, 2, "parking is not an attempt");
+    assert!(
+        copy.last_error
+            .as_deref()
+            .is_some_and(|e| e.starts_with("circuit open: handler `t.work`")),
+        "{:?}",
+        copy.last_error
+    );
+    assert_eq!(w.calls(), 1, "the open breaker sent nothing");
+    assert!(copy.first_failed_at.is_some(), "the max_park clock runs");
+    assert_eq!(b.acks(), 1);
+    let m = &w.shared.metrics;
+    assert_eq!(m.tasks.with_label_values(&[NAME, labels::PARKED]).get(), 1);
+}
+
+#[tokio::test]
+async fn past_max_park_an_open_breaker_fails_the_attempt() {
+    let w = behind_a_breaker();
+    w.deliver(&Recorder::default(), &task()).await;
+    let b = Recorder::default();
+    let mut t = task();
+    t.attempt = 2;
+    t.first_failed_at = Some(Utc::now() - chrono::Duration::hours(2));
+    w.deliver(&b, &t).await;
+    let p = b.published();
+    assert_eq!(p.len(), 1);
+    assert_delayed_copy_of(&p[0], &w);
+    let copy = p[0].task();
+    assert_eq!(copy.attempt, 3, "kept back over an hour: an attempt");
+    assert!(copy
+        .last_error
+        .as_deref()
+        .is_some_and(|e| e.starts_with("circuit open")));
+    assert_eq!(w.calls(), 1, "still nothing sent");
+    let m = &w.shared.metrics;
+    assert_eq!(m.tasks.with_label_values(&[NAME, labels::RETRIED]).get(), 2);
+}
+
+#[tokio::test]
+async fn a_task_over_its_limit_is_parked_keeping_its_attempt() {
+    // concurrency 1 in the worker leaves no waiting share: parked at once.
+    let mut cfg = ConsumerConfig::default();
+    cfg.worker.concurrency = 1;
+    cfg.limits.insert(
+        "t.*".into(),
+        crate::config::LimitSpec {
+            concurrency: Some(1),
+            ..Default::default()
+        },
+    );
+    let gate = Arc::new(tokio::sync::Semaphore::new(0));
+    let g = gate.clone();
+    let calls = Arc::new(AtomicUsize::new(0));
+    let c = calls.clone();
+    let mut registry = Registry::new();
+    registry
+        .register_fn(NAME, move |_task| {
+            c.fetch_add(1, Ordering::SeqCst);
+            let g = g.clone();
+            async move {
+                let _ = g.acquire().await;
+                Ok(())
+            }
+        })
+        .expect("register");
+    let w = Worker::from_config(cfg, registry, calls);
+    let running = Recorder::default();
+    let one = task();
+    let first = w.deliver(&running, &one);
+    tokio::pin!(first);
+    assert!(
+        futures_util::poll!(&mut first).is_pending(),
+        "first one runs"
+    );
+    assert_eq!(w.calls(), 1);
+
+    let b = Recorder::default();
+    let mut t = task();
+    t.attempt = 3;
+    w.deliver(&b, &t).await;
+    {
+        let p = b.published();
+        assert_eq!(p.len(), 1);
+        assert_delayed_copy_of(&p[0], &w);
+        assert_eq!(p[0].task().attempt, 3, "parking is not an attempt");
+        assert_eq!(b.acks(), 1);
+    }
+    assert_eq!(w.calls(), 1, "the second did not run");
+    gate.add_permits(1);
+    first.await;
+    assert_eq!(running.acks(), 1);
+    let m = &w.shared.metrics;
+    assert_eq!(m.tasks.with_label_values(&[NAME, labels::PARKED]).get(), 1);
+    assert_eq!(
+        m.tasks.with_label_values(&[NAME, labels::SUCCEEDED]).get(),
+        1
+    );
 }
