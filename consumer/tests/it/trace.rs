@@ -133,6 +133,7 @@ async fn http_handler_forwards_traceparent_and_tracestate() {
             timeout: Duration::from_secs(5),
             // A configured header of the same name does not win.
             headers: BTreeMap::from([("traceparent".into(), "from-config".into())]),
+            breaker: None,
         },
     )]);
     let cfg = config("trace-http");
