@@ -175,7 +175,7 @@ async fn least_privilege_users_run_the_pipeline_and_a_missing_permission_is_name
 
     // The consumer runs a task, retries one through a delay level and
     // dead-letters it; the producer's user publishes both.
-    let worker = spawn_process(&cfg, LEAST_PRIVILEGE_TOML);
+    let mut worker = spawn_process(&cfg, LEAST_PRIVILEGE_TOML);
     worker.wait_log("consuming", 1).await;
     let producer = crate::helpers::amqp_for(&url_as(&node, "warren-producer"));
     let pconn = warren::amqp::connect(&producer, "producer").await.unwrap();
@@ -211,7 +211,12 @@ async fn least_privilege_users_run_the_pipeline_and_a_missing_permission_is_name
         worker.handled_ids().contains(&good.id).then_some(())
     })
     .await;
-    drop(worker);
+    // A drain, not a kill: a kill could lose the (coalesced) ack of the dead
+    // task's last attempt, and its redelivery to the next worker would be
+    // dead-lettered a second time, at least once as documented.
+    worker.signal(nix::sys::signal::Signal::SIGTERM);
+    let status = worker.wait_exit(WAIT).await;
+    assert_eq!(status.code(), Some(0), "{}", worker.lines().join("\n"));
 
     // One permission less each: the refusal names the permission and object.
     let consumer_perms = &perms
