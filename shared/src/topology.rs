@@ -135,6 +135,15 @@ impl Topology {
     pub fn route_exchange(&self) -> String {
         format!("{}.route", self.prefix)
     }
+    /// Workflow starts, step events and resumes (a direct exchange; see
+    /// [`crate::workflow`]).
+    pub fn workflows_exchange(&self) -> String {
+        format!("{}.workflows", self.prefix)
+    }
+    /// The coordinator's queue, bound to [`Self::workflows_exchange`].
+    pub fn workflows_queue(&self) -> String {
+        format!("{}.workflows", self.prefix)
+    }
     /// Alternate exchange of [`Self::route_exchange`]: the catch-all queue's.
     pub fn unclaimed_exchange(&self) -> String {
         format!("{}.unclaimed", self.prefix)
@@ -365,6 +374,23 @@ impl Topology {
                 queue: self.level_queue(level),
                 exchange: self.level_exchange(level),
                 key: delay::level_pattern(level, true),
+            });
+        }
+        // Workflows: one direct exchange and the coordinator's queue.
+        out.push(exchange(
+            self.workflows_exchange(),
+            ExchangeKind::Direct,
+            FieldTable::default(),
+        ));
+        out.push(Object::Queue {
+            name: self.workflows_queue(),
+            args: self.queue_args(),
+        });
+        for key in crate::workflow::KEYS {
+            out.push(Object::QueueBind {
+                queue: self.workflows_queue(),
+                exchange: self.workflows_exchange(),
+                key: (*key).to_owned(),
             });
         }
         // Exchange-to-exchange bindings need both ends declared first.
