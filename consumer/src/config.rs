@@ -30,6 +30,24 @@ pub struct ConsumerConfig {
     pub handlers: BTreeMap<String, HandlerSpec>,
     /// Keys; signature verification (`verify`) and decryption.
     pub security: SecurityConfig,
+    /// Workflow steps: how large a result the step event carries.
+    pub workflow: StepResultConfig,
+}
+
+/// `[workflow]` (docs/workflows.md#results).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct StepResultConfig {
+    /// A step result larger than this (as JSON) is dropped; the event says so.
+    pub max_result_bytes: usize,
+}
+
+impl Default for StepResultConfig {
+    fn default() -> Self {
+        Self {
+            max_result_bytes: 64 * 1024,
+        }
+    }
 }
 
 impl Default for ConsumerConfig {
@@ -45,6 +63,7 @@ impl Default for ConsumerConfig {
             retry: RetryConfig::default(),
             handlers: BTreeMap::new(),
             security: SecurityConfig::default(),
+            workflow: StepResultConfig::default(),
         }
     }
 }

@@ -25,6 +25,7 @@ use crate::metrics::Source;
 use crate::request::{pairs, RequestError, TaskRequest};
 
 mod dead;
+mod workflows;
 
 /// The extractor of [`crate::auth`] finds the tokens in force here.
 impl FromRef<Arc<Ctx>> for TokenStore {
@@ -43,6 +44,7 @@ pub fn router(ctx: Arc<Ctx>) -> Router {
         .route("/v1/schedules/{name}/pause", post(pause))
         .route("/v1/schedules/{name}/resume", post(resume))
         .merge(dead::routes())
+        .merge(workflows::routes())
         .layer(DefaultBodyLimit::max(limit))
         .with_state(ctx)
 }

@@ -1,4 +1,5 @@
-//! Command line: `run` (default), `schedules check|next|pause|resume`, `publish`.
+//! Command line: `run` (default), `schedules check|next|pause|resume`, `publish`,
+//! `workflows list|start|status|resume`.
 
 use std::io::{Read, Write};
 use std::path::PathBuf;
@@ -11,6 +12,9 @@ use warren::Topology;
 
 use crate::config::{self, ProducerConfig};
 use crate::request::{RequestError, TaskRequest};
+
+mod workflows;
+pub use workflows::{run as workflows, WorkflowsCommand};
 
 /// What the user wrote on the command line cannot work (exit 2, like a bad
 /// config): the payload is not JSON or its file cannot be read, the task is
@@ -25,6 +29,8 @@ pub enum UsageError {
     Task(RequestError),
     #[error("no schedule named `{0}` in the config")]
     Schedule(String),
+    #[error("no workflow named `{0}` in the config")]
+    Workflow(String),
     #[error("token hash: the token on stdin is shorter than 16 characters")]
     ShortToken,
 }
@@ -72,6 +78,11 @@ pub enum Command {
     /// API token helpers.
     #[command(subcommand)]
     Token(TokenCommand),
+    /// Workflows: list, start, status, resume (docs/workflows.md).
+    Workflows {
+        #[command(subcommand)]
+        command: WorkflowsCommand,
+    },
 }
 
 #[derive(Debug, Subcommand)]
