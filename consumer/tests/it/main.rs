@@ -16,3 +16,4 @@ mod processes;
 mod reconnect;
 mod security;
 mod surroundings;
+mod workflows;

@@ -1,0 +1,360 @@
+//! Workflows end to end: `warren-producer` processes (the coordinator runs
+//! on their leader) and an in-process worker whose step handlers record
+//! every run, against the real broker.
+
+use std::collections::{BTreeMap, HashSet};
+use std::path::PathBuf;
+use std::process::Command;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use serde_json::{json, Value};
+use tokio::sync::watch;
+use warren::testing::{self, eventually, Process};
+use warren::Task;
+use warren_consumer::{ConsumerConfig, Registry, TaskError};
+
+use crate::helpers::*;
+
+const TOKEN: &str = "wf-publish-token-0123456789";
+
+fn producer_bin() -> PathBuf {
+    // Built with the workspace; this crate only gets its own binaries' paths.
+    PathBuf::from(env!("CARGO_BIN_EXE_warren-consumer")).with_file_name("warren-producer")
+}
+
+/// A `warren-producer run` and its HTTP port.
+struct Producer {
+    process: Process,
+    port: u16,
+}
+
+fn spawn_producer(cfg: &ConsumerConfig, config: &std::path::Path) -> Producer {
+    let port = testing::free_port();
+    let process = Process::spawn(
+        Command::new(producer_bin())
+            .arg("--config")
+            .arg(config)
+            .arg("run")
+            .env("WARREN_AMQP_URL", cfg.amqp.url.expose())
+            .env("WARREN_TOPOLOGY__PREFIX", &cfg.topology.prefix)
+            .env("WARREN_HTTP_ADDR", format!("127.0.0.1:{port}"))
+            .env("WARREN_AMQP__HEARTBEAT", "2s")
+            .env("WARREN_LEADER__RETRY_INTERVAL", "200ms")
+            .env("WARREN_API__PUBLISH_TOKEN", TOKEN)
+            .env("WARREN_LOG_FORMAT", "json")
+            .env("RUST_LOG", "info"),
+    )
+    .expect("spawn warren-producer");
+    Producer { process, port }
+}
+
+impl Producer {
+    /// Until its API answers and is connected (`/readyz`).
+    async fn ready(self) -> Self {
+        let url = self.url("/readyz");
+        eventually(WAIT, "producer ready", || async {
+            let r = reqwest::get(url.as_str()).await.ok()?;
+            r.status().is_success().then_some(())
+        })
+        .await;
+        self
+    }
+
+    fn url(&self, path: &str) -> String {
+        format!("http://127.0.0.1:{}{path}", self.port)
+    }
+
+    async fn post(&self, path: &str, body: Value) -> (u16, Value) {
+        let r = reqwest::Client::new()
+            .post(self.url(path))
+            .bearer_auth(TOKEN)
+            .header("content-type", "application/json")
+            .body(body.to_string())
+            .send()
+            .await
+            .expect("POST");
+        let status = r.status().as_u16();
+        let v = serde_json::from_str(&r.text().await.unwrap_or_default()).unwrap_or(Value::Null);
+        (status, v)
+    }
+
+    async fn get(&self, path: &str) -> Option<(u16, Value)> {
+        let r = reqwest::Client::new()
+            .get(self.url(path))
+            .bearer_auth(TOKEN)
+            .send()
+            .await
+            .ok()?;
+        let status = r.status().as_u16();
+        Some((status, serde_json::from_str(&r.text().await.ok()?).ok()?))
+    }
+
+    /// Wait until run `id` of `wf` has `status`; the run.
+    async fn wait_status(&self, wf: &str, id: &str, status: &str) -> Value {
+        let path = format!("/v1/workflows/{wf}/runs/{id}");
+        eventually(Duration::from_secs(60), &format!("run {id} {status}"), || async {
+            match self.get(&path).await {
+                Some((200, v)) if v["status"] == status => Some(v),
+                _ => None,
+            }
+        })
+        .await
+    }
+
+    async fn metrics(&self) -> String {
+        reqwest::get(self.url("/metrics"))
+            .await
+            .expect("GET /metrics")
+            .text()
+            .await
+            .expect("metrics")
+    }
+}
+
+fn metric(text: &str, series: &str) -> f64 {
+    text.lines()
+        .find_map(|l| l.strip_prefix(series)?.trim().parse().ok())
+        .unwrap_or(0.0)
+}
+
+/// Every step run the handlers saw: (step header, task id, payload, start, end).
+#[derive(Clone, Default)]
+struct Steps {
+    log: Arc<Mutex<Vec<(String, String, Value, Instant, Instant)>>>,
+    /// Steps that fail permanently while listed.
+    failing: Arc<Mutex<HashSet<String>>>,
+    /// Steps that wait until `release` turns true.
+    held: Arc<Mutex<HashSet<String>>>,
+    started: Arc<Mutex<Vec<String>>>,
+    release: Arc<watch::Sender<bool>>,
+}
+
+impl Steps {
+    fn new() -> Self {
+        Self {
+            release: Arc::new(watch::channel(false).0),
+            ..Default::default()
+        }
+    }
+
+    /// A registry with a handler for each of `tasks`.
+    fn registry(&self, tasks: &[&str]) -> Registry {
+        let mut reg = Registry::new();
+        for name in tasks {
+            let me = self.clone();
+            reg.register_fn(*name, move |t: Task| {
+                let me = me.clone();
+                async move { me.run(t).await }
+            })
+            .unwrap();
+        }
+        reg
+    }
+
+    async fn run(&self, t: Task) -> Result<(), TaskError> {
+        let step = t.step.as_ref().map(|s| s.step.clone()).unwrap_or_default();
+        let began = Instant::now();
+        self.started.lock().unwrap().push(step.clone());
+        if self.held.lock().unwrap().contains(&step) {
+            let mut rx = self.release.subscribe();
+            let _ = rx.wait_for(|r| *r).await;
+        }
+        let payload: Value = serde_json::from_slice(&t.payload).unwrap_or(Value::Null);
+        self.log.lock().unwrap().push((
+            step.clone(),
+            t.id.clone(),
+            payload,
+            began,
+            Instant::now(),
+        ));
+        if self.failing.lock().unwrap().contains(&step) {
+            return Err(TaskError::permanent(format!("{step} refuses")));
+        }
+        warren_consumer::set_result(json!({ "from": step }));
+        Ok(())
+    }
+
+    fn runs_of(&self, step: &str) -> Vec<(String, Value, Instant, Instant)> {
+        self.log
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|(s, ..)| s == step)
+            .map(|(_, id, p, a, b)| (id.clone(), p.clone(), *a, *b))
+            .collect()
+    }
+
+    fn order(&self) -> Vec<String> {
+        self.log.lock().unwrap().iter().map(|e| e.0.clone()).collect()
+    }
+}
+
+const DIAMOND: &str = r#"
+[[workflows]]
+name = "diamond"
+[[workflows.steps]]
+name = "a"
+task = "wf.a"
+[[workflows.steps]]
+name = "b"
+task = "wf.b"
+after = ["a"]
+[[workflows.steps]]
+name = "c"
+task = "wf.c"
+after = ["a"]
+[[workflows.steps]]
+name = "d"
+task = "wf.d"
+after = ["b", "c"]
+"#;
+
+fn write_config(dir: &tempfile::TempDir, text: &str) -> PathBuf {
+    let p = dir.path().join("producer.toml");
+    std::fs::write(&p, text).unwrap();
+    p
+}
+
+async fn cleanup(app: crate::helpers::App) {
+    let prefix = app.topo.prefix().to_owned();
+    if let Ok(ch) = app.conn.create_channel().await {
+        for q in ["workflows", "producer.workflows", "producer.workflows.view", "producer.state", "producer.control"] {
+            let _ = ch
+                .queue_delete(format!("{prefix}.{q}").as_str().into(), Default::default())
+                .await;
+        }
+    }
+    app.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_diamond_runs_each_step_once_and_fans_in_results() {
+    let cfg = config("wf_diamond");
+    let steps = Steps::new();
+    let app = spawn_worker(cfg.clone(), steps.registry(&["wf.a", "wf.b", "wf.c", "wf.d"])).await;
+    let dir = tempfile::tempdir().unwrap();
+    let p = spawn_producer(&cfg, &write_config(&dir, DIAMOND)).ready().await;
+    let (code, v) = p
+        .post("/v1/workflows/diamond/runs", json!({"input": {"day": 3}, "id": "run-1"}))
+        .await;
+    assert_eq!((code, &v["run"]), (202, &json!("run-1")), "{v}");
+    // The same run id again (a client retry): one run.
+    let (code, _) = p
+        .post("/v1/workflows/diamond/runs", json!({"input": {"day": 4}, "id": "run-1"}))
+        .await;
+    assert_eq!(code, 202);
+    let run = p.wait_status("diamond", "run-1", "succeeded").await;
+
+    for s in ["a", "b", "c", "d"] {
+        let runs = steps.runs_of(s);
+        assert_eq!(runs.len(), 1, "step {s} ran once: {:?}", steps.order());
+        assert_eq!(runs[0].0, format!("run-1:{s}"), "deterministic task id");
+    }
+    let (_, d_payload, d_start, _) = steps.runs_of("d").remove(0);
+    for s in ["b", "c"] {
+        assert!(steps.runs_of(s)[0].3 <= d_start, "d started after {s} finished");
+    }
+    assert_eq!(
+        d_payload,
+        json!({"input": {"day": 3}, "results": {"b": {"from": "b"}, "c": {"from": "c"}}})
+    );
+    assert_eq!(run["input"], json!({"day": 3}));
+    assert_eq!(run["steps"][3]["result"], json!({"from": "d"}));
+    assert_eq!(run["steps"][0]["state"], "succeeded");
+    assert_eq!(run["steps"][0]["exec"]["attempts"], 1);
+    let m = p.metrics().await;
+    assert_eq!(
+        metric(&m, "warren_producer_workflow_messages_ignored_total{reason=\"duplicate_start\"}"),
+        1.0
+    );
+    assert_eq!(
+        metric(&m, "warren_producer_workflow_runs_total{event=\"succeeded\",workflow=\"diamond\"}"),
+        1.0
+    );
+    testing::assert_promtool_ok(&m);
+    // Unknown workflow and bad input are refused.
+    assert_eq!(p.post("/v1/workflows/nope/runs", json!({})).await.0, 404);
+    assert_eq!(p.post("/v1/workflows/diamond/runs", json!({"inptu": 1})).await.0, 400);
+    cleanup(app).await;
+}
+
+const SAGA: &str = r#"
+[[workflows]]
+name = "saga"
+[[workflows.steps]]
+name = "a"
+task = "wf.a"
+compensate = "wf.undo"
+[[workflows.steps]]
+name = "b"
+task = "wf.b"
+after = ["a"]
+compensate = "wf.undo"
+[[workflows.steps]]
+name = "c"
+task = "wf.c"
+after = ["b"]
+[[workflows.steps]]
+name = "d"
+task = "wf.d"
+after = ["c"]
+max_attempts = 1
+"#;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dead_step_compensates_in_reverse_order_and_resume_finishes_the_run() {
+    let cfg = config("wf_saga");
+    let steps = Steps::new();
+    steps.failing.lock().unwrap().insert("d".into());
+    let app = spawn_worker(
+        cfg.clone(),
+        steps.registry(&["wf.a", "wf.b", "wf.c", "wf.d", "wf.undo"]),
+    )
+    .await;
+    let dir = tempfile::tempdir().unwrap();
+    let p = spawn_producer(&cfg, &write_config(&dir, SAGA)).ready().await;
+    let (code, _) = p
+        .post("/v1/workflows/saga/runs", json!({"input": {"order": 7}, "id": "s1"}))
+        .await;
+    assert_eq!(code, 202);
+    let run = p.wait_status("saga", "s1", "compensated").await;
+    assert_eq!(run["failure"]["step"], "d", "{run}");
+    assert_eq!(run["failure"]["dead_kind"], "permanent", "{run}");
+    assert!(
+        run["failure"]["error"].as_str().unwrap_or("").contains("d refuses"),
+        "{run}"
+    );
+    assert_eq!(
+        steps.order(),
+        ["a", "b", "c", "d", "b.compensate", "a.compensate"],
+        "compensations latest first, c has none"
+    );
+    let (_, comp, ..) = steps.runs_of("b.compensate").remove(0);
+    assert_eq!(comp, json!({"input": {"order": 7}, "step": "b", "result": {"from": "b"}}));
+    let states: BTreeMap<String, String> = run["steps"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| (s["name"].as_str().unwrap().into(), s["state"].as_str().unwrap().into()))
+        .collect();
+    assert_eq!(states["a"], "compensated");
+    assert_eq!(states["c"], "succeeded");
+    assert_eq!(states["d"], "failed");
+
+    // Fixed: resume. c (succeeded, nothing undone) does not run again.
+    steps.failing.lock().unwrap().clear();
+    let (code, v) = p.post("/v1/workflows/saga/runs/s1/resume", json!({})).await;
+    assert_eq!(code, 202, "{v}");
+    let run = p.wait_status("saga", "s1", "succeeded").await;
+    assert_eq!(steps.runs_of("c").len(), 1, "{:?}", steps.order());
+    for s in ["a", "b", "d"] {
+        let runs = steps.runs_of(s);
+        assert_eq!(runs.len(), 2, "{s}: {:?}", steps.order());
+        assert_eq!(runs[1].0, format!("s1:{s}:g1"), "a new generation's task id");
+    }
+    assert_eq!(run["generation"], 1);
+    // A succeeded run is not resumable.
+    assert_eq!(p.post("/v1/workflows/saga/runs/s1/resume", json!({})).await.0, 409);
+    cleanup(app).await;
+}
