@@ -24,3 +24,4 @@ mod reload;
 mod schedules;
 mod security;
 mod surroundings;
+mod workflows;
