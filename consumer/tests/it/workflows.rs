@@ -358,3 +358,171 @@ async fn a_dead_step_compensates_in_reverse_order_and_resume_finishes_the_run() 
     assert_eq!(p.post("/v1/workflows/saga/runs/s1/resume", json!({})).await.0, 409);
     cleanup(app).await;
 }
+
+const CHAIN: &str = r#"
+[[workflows]]
+name = "chain"
+[[workflows.steps]]
+name = "a"
+task = "wf.a"
+[[workflows.steps]]
+name = "b"
+task = "wf.b"
+after = ["a"]
+[[workflows.steps]]
+name = "c"
+task = "wf.c"
+after = ["b"]
+"#;
+
+fn is_coordinating(p: &Producer) -> bool {
+    !p.process.events("workflow coordinator running").is_empty()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_coordinator_killed_mid_run_is_replaced_and_every_step_runs_once() {
+    let cfg = config("wf_failover");
+    let steps = Steps::new();
+    steps.held.lock().unwrap().insert("b".into());
+    let app = spawn_worker(cfg.clone(), steps.registry(&["wf.a", "wf.b", "wf.c"])).await;
+    let dir = tempfile::tempdir().unwrap();
+    let path = write_config(&dir, CHAIN);
+    let mut replicas = vec![
+        spawn_producer(&cfg, &path).ready().await,
+        spawn_producer(&cfg, &path).ready().await,
+    ];
+    let leader = eventually(WAIT, "a coordinator", || {
+        let found = replicas.iter().position(is_coordinating);
+        async move { found }
+    })
+    .await;
+    let (code, _) = replicas[leader]
+        .post("/v1/workflows/chain/runs", json!({"id": "f1"}))
+        .await;
+    assert_eq!(code, 202);
+    // b is running (held by the handler) and recorded as such when the
+    // coordinator dies. (Killed between publishing b and recording it, the
+    // successor would publish b again: the documented, counted corner.)
+    eventually(WAIT, "step b running", || async {
+        steps.started.lock().unwrap().contains(&"b".to_owned()).then_some(())
+    })
+    .await;
+    let path = "/v1/workflows/chain/runs/f1";
+    eventually(WAIT, "b recorded running", || async {
+        let (_, v) = replicas[leader].get(path).await?;
+        (v["steps"][1]["state"] == "running").then_some(())
+    })
+    .await;
+    let mut dead = replicas.remove(leader);
+    dead.process.child.kill().unwrap();
+    dead.process.child.wait().unwrap();
+    let standby = replicas.remove(0);
+    eventually(WAIT, "the standby coordinates", || {
+        let yes = is_coordinating(&standby);
+        async move { yes.then_some(()) }
+    })
+    .await;
+    steps.release.send_replace(true);
+    standby.wait_status("chain", "f1", "succeeded").await;
+    for s in ["a", "b", "c"] {
+        assert_eq!(steps.runs_of(s).len(), 1, "{s}: {:?}", steps.order());
+    }
+    let m = standby.metrics().await;
+    assert_eq!(metric(&m, "warren_producer_workflow_steps_republished_total"), 0.0);
+    cleanup(app).await;
+}
+
+/// The pika example of docs/workflows.md, as written.
+fn pika_example() -> String {
+    let doc = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../docs/workflows.md"))
+        .unwrap();
+    let code = doc.split("```python\n").nth(1).expect("python block");
+    code.split("```").next().unwrap().to_owned()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_documented_pika_start_message_runs_a_workflow_once() {
+    let python = ["python3", "/usr/bin/python3"]
+        .into_iter()
+        .find(|py| {
+            Command::new(py)
+                .args(["-c", "import pika"])
+                .output()
+                .is_ok_and(|o| o.status.success())
+        })
+        .expect("python3 with pika (deploy/test.sh installs python3-pika)");
+    let cfg = config("wf_pika");
+    let steps = Steps::new();
+    let app = spawn_worker(cfg.clone(), steps.registry(&["wf.a", "wf.b", "wf.c", "wf.d"])).await;
+    let dir = tempfile::tempdir().unwrap();
+    let p = spawn_producer(&cfg, &write_config(&dir, DIAMOND)).ready().await;
+    let script = dir.path().join("start.py");
+    std::fs::write(&script, pika_example()).unwrap();
+    for _ in 0..2 {
+        let out = Command::new(python)
+            .arg(&script)
+            .env("AMQP_URL", cfg.amqp.url.expose())
+            .env("WARREN_WORKFLOWS_EXCHANGE", app.topo.workflows_exchange())
+            .env("WARREN_WORKFLOW", "diamond")
+            .env("RUN_ID", "py-1")
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "py-1");
+    }
+    let run = p.wait_status("diamond", "py-1", "succeeded").await;
+    assert_eq!(run["input"], json!({"day": "2026-03-08"}));
+    assert_eq!(steps.runs_of("a").len(), 1, "started twice, ran once");
+    cleanup(app).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_schedule_starts_runs_named_by_its_fire_ids() {
+    let cfg = config("wf_schedule");
+    let steps = Steps::new();
+    let app = spawn_worker(cfg.clone(), steps.registry(&["wf.a", "wf.b", "wf.c", "wf.d"])).await;
+    let dir = tempfile::tempdir().unwrap();
+    let text = format!(
+        "{DIAMOND}\n[[schedules]]\nname = \"every-second\"\ncron = \"* * * * * *\"\n\
+         workflow = \"diamond\"\npayload = {{ from = \"cron\" }}\n"
+    );
+    let path = write_config(&dir, &text);
+    let p = spawn_producer(&cfg, &path).ready().await;
+    let run = eventually(Duration::from_secs(60), "a scheduled run succeeded", || async {
+        let (_, v) = p.get("/v1/workflows/diamond/runs").await?;
+        v["runs"]
+            .as_array()?
+            .iter()
+            .find(|r| r["status"] == "succeeded")
+            .cloned()
+    })
+    .await;
+    let id = run["id"].as_str().unwrap().to_owned();
+    assert!(id.starts_with("every-second@"), "{id}");
+    let full = p.wait_status("diamond", &id, "succeeded").await;
+    assert_eq!(full["input"], json!({"from": "cron"}));
+    // Each step task of that run ran once, under the run's id.
+    assert_eq!(
+        steps
+            .runs_of("d")
+            .iter()
+            .filter(|r| r.0 == format!("{id}:d"))
+            .count(),
+        1
+    );
+    // The CLI shows the same run.
+    let out = Command::new(producer_bin())
+        .arg("--config")
+        .arg(&path)
+        .args(["workflows", "status", "diamond", &id])
+        .env("WARREN_AMQP_URL", cfg.amqp.url.expose())
+        .env("WARREN_TOPOLOGY__PREFIX", &cfg.topology.prefix)
+        .env("RUST_LOG", "warn")
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(text.contains("status    succeeded"), "{text}");
+    assert!(text.contains(&format!("{id}:d")), "{text}");
+    cleanup(app).await;
+}
