@@ -175,7 +175,12 @@ impl Metrics {
         r.register(Box::new(m.wf_duplicates.clone()))?;
         r.register(Box::new(m.wf_ignored.clone()))?;
         m.reload_success.set(1.0);
-        for s in [Source::Schedule, Source::Api, Source::Console, Source::Workflow] {
+        for s in [
+            Source::Schedule,
+            Source::Api,
+            Source::Console,
+            Source::Workflow,
+        ] {
             m.published.with_label_values(&[s.label()]);
             m.publish_failures.with_label_values(&[s.label()]);
         }

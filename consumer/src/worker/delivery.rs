@@ -376,7 +376,11 @@ impl<B: Broker> Delivered<'_, '_, B> {
             Err(text) => Err(injected_nack(&text)),
             Ok(()) => {
                 let event = super::step_event::dead(&props);
-                self.ticket.broker().publish(&ex, key, props, body).await.map(|()| event)
+                self.ticket
+                    .broker()
+                    .publish(&ex, key, props, body)
+                    .await
+                    .map(|()| event)
             }
         };
         match res {

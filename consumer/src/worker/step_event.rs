@@ -14,14 +14,22 @@ use warren::Task;
 
 /// The event of a step task that succeeded with `result` (dropped when its
 /// JSON is larger than `max_result_bytes`).
-pub(super) fn succeeded(task: &Task, result: Option<Value>, max_result_bytes: usize) -> Option<Vec<u8>> {
+pub(super) fn succeeded(
+    task: &Task,
+    result: Option<Value>,
+    max_result_bytes: usize,
+) -> Option<Vec<u8>> {
     let step = task.step.as_ref()?;
     let size = result
         .as_ref()
         .map_or(0, |v| serde_json::to_vec(v).map_or(usize::MAX, |b| b.len()));
     let dropped = size > max_result_bytes;
     if dropped {
-        tracing::warn!(size, max_result_bytes, "step result over workflow.max_result_bytes: dropped");
+        tracing::warn!(
+            size,
+            max_result_bytes,
+            "step result over workflow.max_result_bytes: dropped"
+        );
     }
     let ev = StepEvent {
         workflow: step.workflow.clone(),

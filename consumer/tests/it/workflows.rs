@@ -93,12 +93,16 @@ impl Producer {
     /// Wait until run `id` of `wf` has `status`; the run.
     async fn wait_status(&self, wf: &str, id: &str, status: &str) -> Value {
         let path = format!("/v1/workflows/{wf}/runs/{id}");
-        eventually(Duration::from_secs(60), &format!("run {id} {status}"), || async {
-            match self.get(&path).await {
-                Some((200, v)) if v["status"] == status => Some(v),
-                _ => None,
-            }
-        })
+        eventually(
+            Duration::from_secs(60),
+            &format!("run {id} {status}"),
+            || async {
+                match self.get(&path).await {
+                    Some((200, v)) if v["status"] == status => Some(v),
+                    _ => None,
+                }
+            },
+        )
         .await
     }
 
@@ -118,10 +122,13 @@ fn metric(text: &str, series: &str) -> f64 {
         .unwrap_or(0.0)
 }
 
-/// Every step run the handlers saw: (step header, task id, payload, start, end).
+/// One step run a handler saw: (step header, task id, payload, start, end).
+type StepRun = (String, String, Value, Instant, Instant);
+
+/// Every step run the handlers saw.
 #[derive(Clone, Default)]
 struct Steps {
-    log: Arc<Mutex<Vec<(String, String, Value, Instant, Instant)>>>,
+    log: Arc<Mutex<Vec<StepRun>>>,
     /// Steps that fail permanently while listed.
     failing: Arc<Mutex<HashSet<String>>>,
     /// Steps that wait until `release` turns true.
@@ -161,13 +168,10 @@ impl Steps {
             let _ = rx.wait_for(|r| *r).await;
         }
         let payload: Value = serde_json::from_slice(&t.payload).unwrap_or(Value::Null);
-        self.log.lock().unwrap().push((
-            step.clone(),
-            t.id.clone(),
-            payload,
-            began,
-            Instant::now(),
-        ));
+        self.log
+            .lock()
+            .unwrap()
+            .push((step.clone(), t.id.clone(), payload, began, Instant::now()));
         if self.failing.lock().unwrap().contains(&step) {
             return Err(TaskError::permanent(format!("{step} refuses")));
         }
@@ -186,7 +190,12 @@ impl Steps {
     }
 
     fn order(&self) -> Vec<String> {
-        self.log.lock().unwrap().iter().map(|e| e.0.clone()).collect()
+        self.log
+            .lock()
+            .unwrap()
+            .iter()
+            .map(|e| e.0.clone())
+            .collect()
     }
 }
 
@@ -219,7 +228,13 @@ fn write_config(dir: &tempfile::TempDir, text: &str) -> PathBuf {
 async fn cleanup(app: crate::helpers::App) {
     let prefix = app.topo.prefix().to_owned();
     if let Ok(ch) = app.conn.create_channel().await {
-        for q in ["workflows", "producer.workflows", "producer.workflows.view", "producer.state", "producer.control"] {
+        for q in [
+            "workflows",
+            "producer.workflows",
+            "producer.workflows.view",
+            "producer.state",
+            "producer.control",
+        ] {
             let _ = ch
                 .queue_delete(format!("{prefix}.{q}").as_str().into(), Default::default())
                 .await;
@@ -232,16 +247,28 @@ async fn cleanup(app: crate::helpers::App) {
 async fn a_diamond_runs_each_step_once_and_fans_in_results() {
     let cfg = config("wf_diamond");
     let steps = Steps::new();
-    let app = spawn_worker(cfg.clone(), steps.registry(&["wf.a", "wf.b", "wf.c", "wf.d"])).await;
+    let app = spawn_worker(
+        cfg.clone(),
+        steps.registry(&["wf.a", "wf.b", "wf.c", "wf.d"]),
+    )
+    .await;
     let dir = tempfile::tempdir().unwrap();
-    let p = spawn_producer(&cfg, &write_config(&dir, DIAMOND)).ready().await;
+    let p = spawn_producer(&cfg, &write_config(&dir, DIAMOND))
+        .ready()
+        .await;
     let (code, v) = p
-        .post("/v1/workflows/diamond/runs", json!({"input": {"day": 3}, "id": "run-1"}))
+        .post(
+            "/v1/workflows/diamond/runs",
+            json!({"input": {"day": 3}, "id": "run-1"}),
+        )
         .await;
     assert_eq!((code, &v["run"]), (202, &json!("run-1")), "{v}");
     // The same run id again (a client retry): one run.
     let (code, _) = p
-        .post("/v1/workflows/diamond/runs", json!({"input": {"day": 4}, "id": "run-1"}))
+        .post(
+            "/v1/workflows/diamond/runs",
+            json!({"input": {"day": 4}, "id": "run-1"}),
+        )
         .await;
     assert_eq!(code, 202);
     let run = p.wait_status("diamond", "run-1", "succeeded").await;
@@ -253,7 +280,10 @@ async fn a_diamond_runs_each_step_once_and_fans_in_results() {
     }
     let (_, d_payload, d_start, _) = steps.runs_of("d").remove(0);
     for s in ["b", "c"] {
-        assert!(steps.runs_of(s)[0].3 <= d_start, "d started after {s} finished");
+        assert!(
+            steps.runs_of(s)[0].3 <= d_start,
+            "d started after {s} finished"
+        );
     }
     assert_eq!(
         d_payload,
@@ -265,17 +295,28 @@ async fn a_diamond_runs_each_step_once_and_fans_in_results() {
     assert_eq!(run["steps"][0]["exec"]["attempts"], 1);
     let m = p.metrics().await;
     assert_eq!(
-        metric(&m, "warren_producer_workflow_messages_ignored_total{reason=\"duplicate_start\"}"),
+        metric(
+            &m,
+            "warren_producer_workflow_messages_ignored_total{reason=\"duplicate_start\"}"
+        ),
         1.0
     );
     assert_eq!(
-        metric(&m, "warren_producer_workflow_runs_total{event=\"succeeded\",workflow=\"diamond\"}"),
+        metric(
+            &m,
+            "warren_producer_workflow_runs_total{event=\"succeeded\",workflow=\"diamond\"}"
+        ),
         1.0
     );
     testing::assert_promtool_ok(&m);
     // Unknown workflow and bad input are refused.
     assert_eq!(p.post("/v1/workflows/nope/runs", json!({})).await.0, 404);
-    assert_eq!(p.post("/v1/workflows/diamond/runs", json!({"inptu": 1})).await.0, 400);
+    assert_eq!(
+        p.post("/v1/workflows/diamond/runs", json!({"inptu": 1}))
+            .await
+            .0,
+        400
+    );
     cleanup(app).await;
 }
 
@@ -313,16 +354,24 @@ async fn a_dead_step_compensates_in_reverse_order_and_resume_finishes_the_run() 
     )
     .await;
     let dir = tempfile::tempdir().unwrap();
-    let p = spawn_producer(&cfg, &write_config(&dir, SAGA)).ready().await;
+    let p = spawn_producer(&cfg, &write_config(&dir, SAGA))
+        .ready()
+        .await;
     let (code, _) = p
-        .post("/v1/workflows/saga/runs", json!({"input": {"order": 7}, "id": "s1"}))
+        .post(
+            "/v1/workflows/saga/runs",
+            json!({"input": {"order": 7}, "id": "s1"}),
+        )
         .await;
     assert_eq!(code, 202);
     let run = p.wait_status("saga", "s1", "compensated").await;
     assert_eq!(run["failure"]["step"], "d", "{run}");
     assert_eq!(run["failure"]["dead_kind"], "permanent", "{run}");
     assert!(
-        run["failure"]["error"].as_str().unwrap_or("").contains("d refuses"),
+        run["failure"]["error"]
+            .as_str()
+            .unwrap_or("")
+            .contains("d refuses"),
         "{run}"
     );
     assert_eq!(
@@ -331,12 +380,20 @@ async fn a_dead_step_compensates_in_reverse_order_and_resume_finishes_the_run() 
         "compensations latest first, c has none"
     );
     let (_, comp, ..) = steps.runs_of("b.compensate").remove(0);
-    assert_eq!(comp, json!({"input": {"order": 7}, "step": "b", "result": {"from": "b"}}));
+    assert_eq!(
+        comp,
+        json!({"input": {"order": 7}, "step": "b", "result": {"from": "b"}})
+    );
     let states: BTreeMap<String, String> = run["steps"]
         .as_array()
         .unwrap()
         .iter()
-        .map(|s| (s["name"].as_str().unwrap().into(), s["state"].as_str().unwrap().into()))
+        .map(|s| {
+            (
+                s["name"].as_str().unwrap().into(),
+                s["state"].as_str().unwrap().into(),
+            )
+        })
         .collect();
     assert_eq!(states["a"], "compensated");
     assert_eq!(states["c"], "succeeded");
@@ -351,11 +408,20 @@ async fn a_dead_step_compensates_in_reverse_order_and_resume_finishes_the_run() 
     for s in ["a", "b", "d"] {
         let runs = steps.runs_of(s);
         assert_eq!(runs.len(), 2, "{s}: {:?}", steps.order());
-        assert_eq!(runs[1].0, format!("s1:{s}:g1"), "a new generation's task id");
+        assert_eq!(
+            runs[1].0,
+            format!("s1:{s}:g1"),
+            "a new generation's task id"
+        );
     }
     assert_eq!(run["generation"], 1);
     // A succeeded run is not resumable.
-    assert_eq!(p.post("/v1/workflows/saga/runs/s1/resume", json!({})).await.0, 409);
+    assert_eq!(
+        p.post("/v1/workflows/saga/runs/s1/resume", json!({}))
+            .await
+            .0,
+        409
+    );
     cleanup(app).await;
 }
 
@@ -404,7 +470,12 @@ async fn a_coordinator_killed_mid_run_is_replaced_and_every_step_runs_once() {
     // coordinator dies. (Killed between publishing b and recording it, the
     // successor would publish b again: the documented, counted corner.)
     eventually(WAIT, "step b running", || async {
-        steps.started.lock().unwrap().contains(&"b".to_owned()).then_some(())
+        steps
+            .started
+            .lock()
+            .unwrap()
+            .contains(&"b".to_owned())
+            .then_some(())
     })
     .await;
     let path = "/v1/workflows/chain/runs/f1";
@@ -428,7 +499,10 @@ async fn a_coordinator_killed_mid_run_is_replaced_and_every_step_runs_once() {
         assert_eq!(steps.runs_of(s).len(), 1, "{s}: {:?}", steps.order());
     }
     let m = standby.metrics().await;
-    assert_eq!(metric(&m, "warren_producer_workflow_steps_republished_total"), 0.0);
+    assert_eq!(
+        metric(&m, "warren_producer_workflow_steps_republished_total"),
+        0.0
+    );
     cleanup(app).await;
 }
 
@@ -453,9 +527,15 @@ async fn the_documented_pika_start_message_runs_a_workflow_once() {
         .expect("python3 with pika (deploy/test.sh installs python3-pika)");
     let cfg = config("wf_pika");
     let steps = Steps::new();
-    let app = spawn_worker(cfg.clone(), steps.registry(&["wf.a", "wf.b", "wf.c", "wf.d"])).await;
+    let app = spawn_worker(
+        cfg.clone(),
+        steps.registry(&["wf.a", "wf.b", "wf.c", "wf.d"]),
+    )
+    .await;
     let dir = tempfile::tempdir().unwrap();
-    let p = spawn_producer(&cfg, &write_config(&dir, DIAMOND)).ready().await;
+    let p = spawn_producer(&cfg, &write_config(&dir, DIAMOND))
+        .ready()
+        .await;
     let script = dir.path().join("start.py");
     std::fs::write(&script, pika_example()).unwrap();
     for _ in 0..2 {
@@ -467,7 +547,11 @@ async fn the_documented_pika_start_message_runs_a_workflow_once() {
             .env("RUN_ID", "py-1")
             .output()
             .unwrap();
-        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
         assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "py-1");
     }
     let run = p.wait_status("diamond", "py-1", "succeeded").await;
@@ -480,7 +564,11 @@ async fn the_documented_pika_start_message_runs_a_workflow_once() {
 async fn a_schedule_starts_runs_named_by_its_fire_ids() {
     let cfg = config("wf_schedule");
     let steps = Steps::new();
-    let app = spawn_worker(cfg.clone(), steps.registry(&["wf.a", "wf.b", "wf.c", "wf.d"])).await;
+    let app = spawn_worker(
+        cfg.clone(),
+        steps.registry(&["wf.a", "wf.b", "wf.c", "wf.d"]),
+    )
+    .await;
     let dir = tempfile::tempdir().unwrap();
     let text = format!(
         "{DIAMOND}\n[[schedules]]\nname = \"every-second\"\ncron = \"* * * * * *\"\n\
@@ -488,14 +576,18 @@ async fn a_schedule_starts_runs_named_by_its_fire_ids() {
     );
     let path = write_config(&dir, &text);
     let p = spawn_producer(&cfg, &path).ready().await;
-    let run = eventually(Duration::from_secs(60), "a scheduled run succeeded", || async {
-        let (_, v) = p.get("/v1/workflows/diamond/runs").await?;
-        v["runs"]
-            .as_array()?
-            .iter()
-            .find(|r| r["status"] == "succeeded")
-            .cloned()
-    })
+    let run = eventually(
+        Duration::from_secs(60),
+        "a scheduled run succeeded",
+        || async {
+            let (_, v) = p.get("/v1/workflows/diamond/runs").await?;
+            v["runs"]
+                .as_array()?
+                .iter()
+                .find(|r| r["status"] == "succeeded")
+                .cloned()
+        },
+    )
     .await;
     let id = run["id"].as_str().unwrap().to_owned();
     assert!(id.starts_with("every-second@"), "{id}");
@@ -521,7 +613,11 @@ async fn a_schedule_starts_runs_named_by_its_fire_ids() {
         .output()
         .unwrap();
     let text = String::from_utf8_lossy(&out.stdout);
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     assert!(text.contains("status    succeeded"), "{text}");
     assert!(text.contains(&format!("{id}:d")), "{text}");
     cleanup(app).await;

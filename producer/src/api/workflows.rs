@@ -99,7 +99,11 @@ async fn start(
             )
         })?
     };
-    if req.id.as_deref().is_some_and(|i| i.is_empty() || i.len() > 200) {
+    if req
+        .id
+        .as_deref()
+        .is_some_and(|i| i.is_empty() || i.len() > 200)
+    {
         return Err(ApiError::new(
             StatusCode::BAD_REQUEST,
             "bad_request",
@@ -119,7 +123,16 @@ async fn start(
         })
         .map(|t| t.child());
     let (props, body) = workflow::start_message(&wf.name, &req.input, &id, trace.as_ref());
-    send(&ctx, &scope, "workflow_start", &wf.name, warren::workflow::START, props, &body).await?;
+    send(
+        &ctx,
+        &scope,
+        "workflow_start",
+        &wf.name,
+        warren::workflow::START,
+        props,
+        &body,
+    )
+    .await?;
     Ok((
         StatusCode::ACCEPTED,
         Json(json!({"workflow": wf.name, "run": id})),
@@ -139,8 +152,19 @@ async fn send(
     let p = publisher(ctx)?;
     let ex = ctx.topo().workflows_exchange();
     let res = p.publisher.publish(&ex, key, props, body).await;
-    let result = if res.is_ok() { audit::OK } else { audit::FAILED };
-    audit::record(ctx.metrics(), &scope.caller().name, action, target, result, u64::from(res.is_ok()));
+    let result = if res.is_ok() {
+        audit::OK
+    } else {
+        audit::FAILED
+    };
+    audit::record(
+        ctx.metrics(),
+        &scope.caller().name,
+        action,
+        target,
+        result,
+        u64::from(res.is_ok()),
+    );
     res.map_err(|e| {
         let status = if e.is_transient() {
             StatusCode::SERVICE_UNAVAILABLE
@@ -153,13 +177,15 @@ async fn send(
 
 async fn snapshot(ctx: &Ctx) -> Result<store::Snapshot, ApiError> {
     let p = publisher(ctx)?;
-    store::peek(&p.conn, ctx.topo().prefix()).await.map_err(|e| {
-        ApiError::new(
-            StatusCode::SERVICE_UNAVAILABLE,
-            "broker_unavailable",
-            format!("cannot read the workflow state: {e}"),
-        )
-    })
+    store::peek(&p.conn, ctx.topo().prefix())
+        .await
+        .map_err(|e| {
+            ApiError::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "broker_unavailable",
+                format!("cannot read the workflow state: {e}"),
+            )
+        })
 }
 
 fn find(snap: store::Snapshot, name: &str, id: &str) -> Result<Run, ApiError> {
@@ -187,7 +213,7 @@ async fn runs(
         .into_values()
         .filter(|r| r.workflow == name)
         .collect();
-    runs.sort_by(|a, b| b.started_at.cmp(&a.started_at));
+    runs.sort_by_key(|r| std::cmp::Reverse(r.started_at));
     runs.truncate(LIST_LIMIT);
     let list: Vec<_> = runs
         .iter()
@@ -242,7 +268,16 @@ async fn resume(
         ));
     }
     let (props, body) = workflow::resume_message(&name, &id);
-    send(&ctx, &scope, "workflow_resume", &name, warren::workflow::RESUME, props, &body).await?;
+    send(
+        &ctx,
+        &scope,
+        "workflow_resume",
+        &name,
+        warren::workflow::RESUME,
+        props,
+        &body,
+    )
+    .await?;
     Ok((
         StatusCode::ACCEPTED,
         Json(json!({"workflow": name, "run": id})),

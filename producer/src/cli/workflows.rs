@@ -79,7 +79,12 @@ pub async fn run(cfg: ProducerConfig, cmd: WorkflowsCommand) -> anyhow::Result<(
             let (props, body) = workflow::start_message(&wf.name, &input, &id, None);
             let (conn, publisher, topo) = super::connect(&cfg).await?;
             let res = publisher
-                .publish(&topo.workflows_exchange(), warren::workflow::START, props, &body)
+                .publish(
+                    &topo.workflows_exchange(),
+                    warren::workflow::START,
+                    props,
+                    &body,
+                )
                 .await;
             let _ = conn.close(200, "done".into()).await;
             res.with_context(|| format!("starting a run of `{name}`"))?;
@@ -112,7 +117,12 @@ pub async fn run(cfg: ProducerConfig, cmd: WorkflowsCommand) -> anyhow::Result<(
             let (props, body) = workflow::resume_message(&name, &run_id);
             let (conn, publisher, topo) = super::connect(&cfg).await?;
             let res = publisher
-                .publish(&topo.workflows_exchange(), warren::workflow::RESUME, props, &body)
+                .publish(
+                    &topo.workflows_exchange(),
+                    warren::workflow::RESUME,
+                    props,
+                    &body,
+                )
                 .await;
             let _ = conn.close(200, "done".into()).await;
             res.with_context(|| format!("resuming run `{run_id}`"))?;
@@ -205,7 +215,10 @@ fn print_table(wf: &Workflow, run: &Run) {
                 "",
                 c.state.name(),
                 c.task_id,
-                c.error.as_deref().map(|e| format!(": {e}")).unwrap_or_default()
+                c.error
+                    .as_deref()
+                    .map(|e| format!(": {e}"))
+                    .unwrap_or_default()
             );
         }
     }

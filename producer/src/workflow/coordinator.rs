@@ -51,13 +51,19 @@ pub async fn run(
     c.snap.seq += 1;
     c.snap.writer = ctx.instance().to_owned();
     if !c.snap.runs.is_empty() {
-        tracing::info!(runs = c.snap.runs.len(), "resuming workflow runs from the previous leader's state");
+        tracing::info!(
+            runs = c.snap.runs.len(),
+            "resuming workflow runs from the previous leader's state"
+        );
     }
     // Steps the previous leader recorded but may not have published: the
     // documented at-least-once corner (a duplicate has the same task id).
     let republish = c.publish_due().await?;
     if republish > 0 {
-        tracing::warn!(tasks = republish, "republished workflow tasks the previous leader had not confirmed");
+        tracing::warn!(
+            tasks = republish,
+            "republished workflow tasks the previous leader had not confirmed"
+        );
         ctx.metrics().wf_republished.inc_by(republish as u64);
     }
     c.write().await?;
@@ -95,16 +101,17 @@ pub async fn run(
             }
             c.round(&round).await?;
             if let Some(last) = round.last() {
-                last.acker
-                    .ack(BasicAckOptions { multiple: true })
-                    .await?;
+                last.acker.ack(BasicAckOptions { multiple: true }).await?;
             }
         }
     }
     .await;
     if conn.status().connected() {
         let _ = ch.close(200, "coordinator stopped".into()).await;
-        let _ = publisher.channel().close(200, "coordinator stopped".into()).await;
+        let _ = publisher
+            .channel()
+            .close(200, "coordinator stopped".into())
+            .await;
     }
     res
 }
@@ -221,7 +228,9 @@ impl Coordinator<'_> {
                     }
                     Applied::Replayed => {
                         tracing::info!(workflow = %run.workflow, run = %run.id, step = %ev.step, "the failed step succeeded when replayed: run resumed");
-                        m.wf_runs.with_label_values(&[&run.workflow, "resumed"]).inc();
+                        m.wf_runs
+                            .with_label_values(&[&run.workflow, "resumed"])
+                            .inc();
                     }
                     Applied::Duplicate => {
                         tracing::info!(workflow = %run.workflow, run = %run.id, step = %ev.step, task_id = %ev.task_id, "duplicate or stale step event ignored");
@@ -251,7 +260,9 @@ impl Coordinator<'_> {
                 match run.resume() {
                     Ok(()) => {
                         tracing::info!(workflow = %run.workflow, run = %run.id, generation = run.generation, "workflow run resumed");
-                        m.wf_runs.with_label_values(&[&run.workflow, "resumed"]).inc();
+                        m.wf_runs
+                            .with_label_values(&[&run.workflow, "resumed"])
+                            .inc();
                     }
                     Err(why) => {
                         tracing::warn!(workflow = %run.workflow, run = %run.id, reason = %why, "resume refused");

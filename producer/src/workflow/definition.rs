@@ -91,8 +91,7 @@ impl Workflow {
 
 fn valid_name(s: &str) -> bool {
     !s.is_empty()
-        && s
-            .chars()
+        && s.chars()
             .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
 }
 
@@ -109,10 +108,7 @@ pub fn compile(list: &[WorkflowConfig]) -> Result<Vec<Workflow>, Vec<String>> {
                 w.name
             ));
         } else if !names.insert(w.name.clone()) {
-            errors.push(format!(
-                "{at}.name: duplicate workflow name {:?}",
-                w.name
-            ));
+            errors.push(format!("{at}.name: duplicate workflow name {:?}", w.name));
         }
         match compile_one(w, &at) {
             Ok(wf) => out.push(wf),
@@ -145,7 +141,10 @@ fn compile_one(w: &WorkflowConfig, at: &str) -> Result<Workflow, Vec<String>> {
         } else if !seen.insert(s.name.as_str()) {
             errors.push(format!("{at}.name: duplicate step name {:?}", s.name));
         }
-        for (task, key) in [(Some(&s.task), "task"), (s.compensate.as_ref(), "compensate")] {
+        for (task, key) in [
+            (Some(&s.task), "task"),
+            (s.compensate.as_ref(), "compensate"),
+        ] {
             if let Some(t) = task {
                 if t.is_empty() || t.len() > warren::delay::MAX_TASK_NAME_LEN {
                     errors.push(format!(
@@ -173,7 +172,12 @@ fn compile_one(w: &WorkflowConfig, at: &str) -> Result<Workflow, Vec<String>> {
     let deps: BTreeMap<&str, Vec<&str>> = w
         .steps
         .iter()
-        .map(|s| (s.name.as_str(), s.after.iter().map(String::as_str).collect()))
+        .map(|s| {
+            (
+                s.name.as_str(),
+                s.after.iter().map(String::as_str).collect(),
+            )
+        })
         .collect();
     if let Some(cycle) = find_cycle(&w.steps, &deps) {
         let first = cycle[0];
@@ -200,7 +204,9 @@ fn compile_one(w: &WorkflowConfig, at: &str) -> Result<Workflow, Vec<String>> {
                 let json = match serde_json::to_value(v) {
                     Ok(j) => j,
                     Err(e) => {
-                        errors.push(format!("{at}.steps[{si}].payload: not representable as JSON: {e}"));
+                        errors.push(format!(
+                            "{at}.steps[{si}].payload: not representable as JSON: {e}"
+                        ));
                         continue;
                     }
                 };
@@ -412,7 +418,9 @@ mod tests {
                 r#"workflows[0].steps[3]: step "c" is unreachable: it waits on the cycle a → b → a"#
             ]
         );
-        let e = errors("[[workflows]]\nname='w'\n[[workflows.steps]]\nname='a'\ntask='t'\nafter=['a']\n");
+        let e = errors(
+            "[[workflows]]\nname='w'\n[[workflows.steps]]\nname='a'\ntask='t'\nafter=['a']\n",
+        );
         assert_eq!(e, ["workflows[0].steps[0].after: cycle a → a"]);
     }
 
@@ -424,9 +432,15 @@ mod tests {
              [[workflows]]\nname='w'\nsteps=[]\n",
         );
         assert_eq!(e.len(), 4, "{e:?}");
-        assert!(e[0].starts_with("workflows[0].steps[0].jitter = 3"), "{e:?}");
+        assert!(
+            e[0].starts_with("workflows[0].steps[0].jitter = 3"),
+            "{e:?}"
+        );
         assert!(e[1].contains("duplicate step name"), "{e:?}");
-        assert!(e[2].starts_with("workflows[1].name: duplicate workflow name"), "{e:?}");
+        assert!(
+            e[2].starts_with("workflows[1].name: duplicate workflow name"),
+            "{e:?}"
+        );
         assert!(e[3].contains("at least one step"), "{e:?}");
         let e = errors(
             "[[workflows]]\nname='w'\n[[workflows.steps]]\nname='a'\ntask='t'\n\

@@ -529,7 +529,11 @@ impl Run {
         let hit = self.steps.iter().find_map(|s| {
             if s.exec.as_ref().is_some_and(|e| e.task_id == task_id) {
                 Some(s.name.clone())
-            } else if s.compensation.as_ref().is_some_and(|e| e.task_id == task_id) {
+            } else if s
+                .compensation
+                .as_ref()
+                .is_some_and(|e| e.task_id == task_id)
+            {
                 Some(format!("{}{COMPENSATE_SUFFIX}", s.name))
             } else {
                 None
@@ -556,7 +560,10 @@ impl Run {
     /// Mark a task published (confirmed by the broker).
     pub fn published(&mut self, task_id: &str) {
         for s in &mut self.steps {
-            for e in [s.exec.as_mut(), s.compensation.as_mut()].into_iter().flatten() {
+            for e in [s.exec.as_mut(), s.compensation.as_mut()]
+                .into_iter()
+                .flatten()
+            {
                 if e.task_id == task_id && e.state == StepState::Publishing {
                     e.state = StepState::Running;
                     if s.state == StepState::Publishing {
@@ -599,7 +606,11 @@ mod tests {
     use crate::workflow::definition::{compile, WorkflowConfig};
 
     fn diamond(compensate: bool) -> Workflow {
-        let comp = if compensate { "compensate='undo'\n" } else { "" };
+        let comp = if compensate {
+            "compensate='undo'\n"
+        } else {
+            ""
+        };
         #[derive(serde::Deserialize)]
         struct Doc {
             workflows: Vec<WorkflowConfig>,
@@ -647,15 +658,24 @@ mod tests {
         let mut run = Run::new("r".into(), &wf, json!({"n": 1}), None, Utc::now());
         assert_eq!(step(&mut run, &wf), ["r:a"]);
         assert_eq!(step(&mut run, &wf), Vec::<String>::new());
-        run.apply(&ev("a", "r:a", Outcome::Succeeded, Some(json!(1))), Utc::now());
+        run.apply(
+            &ev("a", "r:a", Outcome::Succeeded, Some(json!(1))),
+            Utc::now(),
+        );
         assert_eq!(step(&mut run, &wf), ["r:b", "r:c"]);
-        run.apply(&ev("b", "r:b", Outcome::Succeeded, Some(json!("B"))), Utc::now());
+        run.apply(
+            &ev("b", "r:b", Outcome::Succeeded, Some(json!("B"))),
+            Utc::now(),
+        );
         assert!(step(&mut run, &wf).is_empty(), "d waits for c");
         assert_eq!(
             run.apply(&ev("b", "r:b", Outcome::Succeeded, None), Utc::now()),
             Applied::Duplicate
         );
-        run.apply(&ev("c", "r:c", Outcome::Succeeded, Some(json!("C"))), Utc::now());
+        run.apply(
+            &ev("c", "r:c", Outcome::Succeeded, Some(json!("C"))),
+            Utc::now(),
+        );
         run.advance(&wf, Utc::now());
         let due = run.due(&wf);
         assert_eq!(due.len(), 1);
@@ -686,13 +706,22 @@ mod tests {
         assert_eq!(step(&mut run, &wf), ["r:b.compensate"]);
         assert_eq!(run.status, RunStatus::Compensating);
         assert!(step(&mut run, &wf).is_empty(), "one at a time");
-        run.apply(&ev("b.compensate", "r:b.compensate", Outcome::Succeeded, None), Utc::now());
+        run.apply(
+            &ev("b.compensate", "r:b.compensate", Outcome::Succeeded, None),
+            Utc::now(),
+        );
         assert_eq!(step(&mut run, &wf), ["r:a.compensate"]);
-        run.apply(&ev("a.compensate", "r:a.compensate", Outcome::Succeeded, None), Utc::now());
+        run.apply(
+            &ev("a.compensate", "r:a.compensate", Outcome::Succeeded, None),
+            Utc::now(),
+        );
         step(&mut run, &wf);
         assert_eq!(run.status, RunStatus::Compensated);
         let f = run.failure.clone().unwrap();
-        assert_eq!((f.step.as_str(), f.dead_kind.as_deref()), ("c", Some("permanent")));
+        assert_eq!(
+            (f.step.as_str(), f.dead_kind.as_deref()),
+            ("c", Some("permanent"))
+        );
 
         // Resume: a stays succeeded? No: it was compensated, so it reruns.
         run.resume().unwrap();
@@ -732,7 +761,10 @@ mod tests {
         step(&mut run, &wf);
         assert_eq!(run.status, RunStatus::Failed);
         assert_eq!(
-            run.apply(&ev("a", "r:a", Outcome::Succeeded, Some(json!(5))), Utc::now()),
+            run.apply(
+                &ev("a", "r:a", Outcome::Succeeded, Some(json!(5))),
+                Utc::now()
+            ),
             Applied::Replayed
         );
         assert_eq!(run.status, RunStatus::Running);
@@ -754,7 +786,10 @@ mod tests {
         run.apply(&ev("b", "r:b", Outcome::Dead, None), Utc::now());
         run.apply(&ev("c", "r:c", Outcome::Succeeded, None), Utc::now());
         assert_eq!(step(&mut run, &wf), ["r:c.compensate"]);
-        run.apply(&ev("c.compensate", "r:c.compensate", Outcome::Dead, None), Utc::now());
+        run.apply(
+            &ev("c.compensate", "r:c.compensate", Outcome::Dead, None),
+            Utc::now(),
+        );
         assert_eq!(run.status, RunStatus::CompensationFailed);
         assert_eq!(run.compensation_failure.as_ref().unwrap().step, "c");
         assert!(step(&mut run, &wf).is_empty());

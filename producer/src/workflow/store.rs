@@ -88,7 +88,9 @@ async fn get(conn: &Connection, queue: &str, max: usize) -> Result<Snapshot, lap
         match serde_json::from_slice::<Snapshot>(&msg.delivery.data) {
             Ok(s) if best.as_ref().is_none_or(|b| s.seq >= b.seq) => best = Some(s),
             Ok(_) => {}
-            Err(e) => tracing::warn!(error = %e, queue, "unreadable workflow snapshot; ignoring it"),
+            Err(e) => {
+                tracing::warn!(error = %e, queue, "unreadable workflow snapshot; ignoring it")
+            }
         }
         held.push(msg.delivery.acker.clone());
         if !more {
@@ -125,12 +127,18 @@ pub async fn send(
     let state = publisher
         .send("", &state_queue(prefix), props.clone(), &body)
         .await?;
-    let view = publisher.send("", &view_queue(prefix), props, &body).await?;
+    let view = publisher
+        .send("", &view_queue(prefix), props, &body)
+        .await?;
     Ok((state, view))
 }
 
 /// Write `snap` and wait for the state queue's confirm (the view's too).
-pub async fn write(publisher: &Publisher, prefix: &str, snap: &Snapshot) -> Result<(), warren::Error> {
+pub async fn write(
+    publisher: &Publisher,
+    prefix: &str,
+    snap: &Snapshot,
+) -> Result<(), warren::Error> {
     let (state, view) = send(publisher, prefix, snap).await?;
     state.confirmed().await?;
     if let Err(e) = view.confirmed().await {

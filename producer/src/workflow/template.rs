@@ -71,7 +71,7 @@ pub fn parse(value: Value, ancestors: &BTreeSet<String>) -> Result<Template, Str
     Ok(Template(value))
 }
 
-fn lookup<'a>(mut v: &'a Value, path: &[&str]) -> Value {
+fn lookup(mut v: &Value, path: &[&str]) -> Value {
     for k in path {
         let next = match v {
             Value::Object(o) => o.get(*k),

@@ -55,7 +55,7 @@ fn bad_workflows_exit_2_naming_the_key() {
         ),
         (
             "bad template",
-            format!("[[workflows]]\nname = \"w\"\n[[workflows.steps]]\nname = \"a\"\ntask = \"t\"\npayload = {{ x = \"{{{{results.a}}}}\" }}\n"),
+            "[[workflows]]\nname = \"w\"\n[[workflows.steps]]\nname = \"a\"\ntask = \"t\"\npayload = { x = \"{{results.a}}\" }\n".to_owned(),
             "workflows[0].steps[0].payload: `{{results.a}}`",
         ),
     ];
@@ -63,7 +63,11 @@ fn bad_workflows_exit_2_naming_the_key() {
         let path = dir.path().join(format!("{i}.toml"));
         std::fs::write(&path, text).unwrap();
         let path = path.display().to_string();
-        for cmd in [&["schedules", "check"][..], &["run"][..], &["workflows", "list"][..]] {
+        for cmd in [
+            &["schedules", "check"][..],
+            &["run"][..],
+            &["workflows", "list"][..],
+        ] {
             let args: Vec<&str> = ["--config", path.as_str()]
                 .into_iter()
                 .chain(cmd.iter().copied())
