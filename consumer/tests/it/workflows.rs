@@ -422,6 +422,14 @@ async fn a_dead_step_compensates_in_reverse_order_and_resume_finishes_the_run() 
             .0,
         409
     );
+    let m = p.metrics().await;
+    for event in ["started", "failed", "compensated", "resumed", "succeeded"] {
+        let series =
+            format!("warren_producer_workflow_runs_total{{event=\"{event}\",workflow=\"saga\"}}");
+        assert_eq!(metric(&m, &series), 1.0, "{series}");
+    }
+    let series = "warren_producer_workflow_run_duration_seconds_count{result=\"compensated\",workflow=\"saga\"}";
+    assert_eq!(metric(&m, series), 1.0, "{series}");
     cleanup(app).await;
 }
 

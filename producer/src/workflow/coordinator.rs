@@ -10,6 +10,7 @@
 //! the tasks either unpublished-but-recorded (a new leader publishes every
 //! step still `publishing`, counted as republished) or recorded `running`.
 
+use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -106,6 +107,8 @@ pub async fn run(
         }
     }
     .await;
+    // Only the leader reports active runs.
+    ctx.metrics().wf_active.set(0);
     if conn.status().connected() {
         let _ = ch.close(200, "coordinator stopped".into()).await;
         let _ = publisher
@@ -131,12 +134,7 @@ impl Coordinator<'_> {
 
     async fn round(&mut self, round: &[Delivery]) -> anyhow::Result<()> {
         let now = Utc::now();
-        let before: Vec<(String, RunStatus)> = self
-            .snap
-            .runs
-            .values()
-            .map(|r| (r.id.clone(), r.status))
-            .collect();
+        let before = self.statuses();
         for d in round {
             self.apply(d);
         }
@@ -152,7 +150,7 @@ impl Coordinator<'_> {
         // A step nobody can take (unroutable) dies at once, which may make
         // compensations due: a few passes until nothing changes.
         for _ in 0..8 {
-            let before = self.snap.runs.clone();
+            let before = self.statuses();
             if self.publish_due().await? == 0 {
                 break;
             }
@@ -161,9 +159,7 @@ impl Coordinator<'_> {
                     r.advance(&wf, Utc::now());
                 }
             }
-            let statuses: Vec<(String, RunStatus)> =
-                before.values().map(|r| (r.id.clone(), r.status)).collect();
-            self.count_transitions(&statuses);
+            self.count_transitions(&before);
             self.write().await?;
             if self.snap.runs.values().all(|r| r.due_count() == 0) {
                 break;
@@ -277,42 +273,29 @@ impl Coordinator<'_> {
         }
     }
 
-    fn count_transitions(&self, before: &[(String, RunStatus)]) {
+    /// Count what changed for each run since `before` (status and whether
+    /// finished, per run id; absent = started since).
+    fn count_transitions(&self, before: &BTreeMap<String, (RunStatus, bool)>) {
         let m = self.ctx.metrics();
-        for (id, was) in before {
-            let Some(r) = self.snap.runs.get(id) else {
-                continue;
-            };
-            if r.status == *was && !(r.is_finished() && *was == RunStatus::Failed) {
-                continue;
-            }
-            let event = match r.status {
-                RunStatus::Succeeded => "succeeded",
-                RunStatus::Failed if *was != RunStatus::Failed => "failed",
-                RunStatus::Compensated => "compensated",
-                RunStatus::CompensationFailed => "compensation_failed",
-                _ => continue,
-            };
-            m.wf_runs.with_label_values(&[&r.workflow, event]).inc();
-            if r.is_finished() {
-                let secs = (Utc::now() - r.started_at).to_std().unwrap_or_default();
-                m.wf_duration
-                    .with_label_values(&[&r.workflow, r.status.name()])
-                    .observe(secs.as_secs_f64());
-            }
-        }
-        // Runs started and finished within one round.
         for r in self.snap.runs.values() {
-            if r.is_finished() && !before.iter().any(|(id, _)| id == &r.id) {
-                m.wf_runs
-                    .with_label_values(&[&r.workflow, r.status.name()])
-                    .inc();
+            for event in transitions(before.get(&r.id).copied(), r) {
+                m.wf_runs.with_label_values(&[&r.workflow, event]).inc();
+            }
+            if r.is_finished() && !before.get(&r.id).is_some_and(|b| b.1) {
                 let secs = (Utc::now() - r.started_at).to_std().unwrap_or_default();
                 m.wf_duration
                     .with_label_values(&[&r.workflow, r.status.name()])
                     .observe(secs.as_secs_f64());
             }
         }
+    }
+
+    fn statuses(&self) -> BTreeMap<String, (RunStatus, bool)> {
+        self.snap
+            .runs
+            .values()
+            .map(|r| (r.id.clone(), (r.status, r.is_finished())))
+            .collect()
     }
 
     fn update_gauges(&self) {
@@ -394,4 +377,84 @@ fn trace_of(d: &Delivery) -> Option<TraceContext> {
         &get(warren::trace::TRACEPARENT)?,
         get(warren::trace::TRACESTATE).as_deref(),
     )
+}
+
+/// The `event` labels of `warren_producer_workflow_runs_total` for a run that
+/// was `before` (status, finished; `None`: not known) and is `now`.
+/// (`started` and `resumed` are counted where they happen.)
+fn transitions(before: Option<(RunStatus, bool)>, now: &Run) -> Vec<&'static str> {
+    let was = before.map(|b| b.0);
+    let mut out = Vec::new();
+    if was == Some(now.status) {
+        return out;
+    }
+    let failed_now = now.failure.is_some() && now.status != RunStatus::Running;
+    if failed_now && matches!(was, None | Some(RunStatus::Running)) {
+        out.push("failed");
+    }
+    match now.status {
+        RunStatus::Succeeded => out.push("succeeded"),
+        RunStatus::Compensated => out.push("compensated"),
+        RunStatus::CompensationFailed => out.push("compensation_failed"),
+        _ => {}
+    }
+    out
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+    use crate::workflow::run::Failure;
+
+    fn run(status: RunStatus, failed: bool) -> Run {
+        let mut r: Run = serde_json::from_value(serde_json::json!({
+            "id": "r", "workflow": "w", "status": "running", "input": null,
+            "started_at": "2026-01-01T00:00:00Z", "steps": []
+        }))
+        .unwrap();
+        r.status = status;
+        if failed {
+            r.failure = Some(Failure {
+                step: "a".into(),
+                dead_kind: None,
+                error: None,
+            });
+        }
+        r
+    }
+
+    #[test]
+    fn a_failure_is_counted_once_even_when_compensation_starts_in_the_same_round() {
+        let running = Some((RunStatus::Running, false));
+        assert_eq!(
+            transitions(running, &run(RunStatus::Compensating, true)),
+            ["failed"]
+        );
+        assert_eq!(
+            transitions(running, &run(RunStatus::Compensated, true)),
+            ["failed", "compensated"]
+        );
+        assert_eq!(
+            transitions(
+                Some((RunStatus::Compensating, false)),
+                &run(RunStatus::Compensated, true)
+            ),
+            ["compensated"]
+        );
+        assert_eq!(
+            transitions(running, &run(RunStatus::Failed, true)),
+            ["failed"]
+        );
+        assert!(transitions(
+            Some((RunStatus::Failed, false)),
+            &run(RunStatus::Failed, true)
+        )
+        .is_empty());
+        assert_eq!(
+            transitions(None, &run(RunStatus::Succeeded, false)),
+            ["succeeded"]
+        );
+        assert!(transitions(running, &run(RunStatus::Running, false)).is_empty());
+    }
 }
