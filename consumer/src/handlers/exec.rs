@@ -282,6 +282,20 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn a_steps_json_stdout_is_its_result() {
+        let json = exec(r#"echo '{"rows": 3}'"#, Duration::from_secs(10));
+        let (r, result) = crate::result::capture(true, json.run(task())).await;
+        r.unwrap();
+        assert_eq!(result, Some(serde_json::json!({"rows": 3})));
+        // Not JSON, or not a step: no result.
+        let text = exec("echo hello", Duration::from_secs(10));
+        let (_, result) = crate::result::capture(true, text.run(task())).await;
+        assert_eq!(result, None);
+        let (_, result) = crate::result::capture(false, json.run(task())).await;
+        assert_eq!(result, None);
+    }
+
+    #[tokio::test]
     async fn payload_on_stdin_and_exit_codes() {
         let ok = exec(r#"grep -q '"k":"v"'"#, Duration::from_secs(10));
         ok.run(task()).await.unwrap();
