@@ -66,8 +66,15 @@ impl Producer {
     }
 
     async fn post(&self, path: &str, body: Value) -> (u16, Value) {
-        let r = reqwest::Client::new()
-            .post(self.url(path))
+        self.post_traced(path, body, None).await
+    }
+
+    async fn post_traced(&self, path: &str, body: Value, trace: Option<&str>) -> (u16, Value) {
+        let mut req = reqwest::Client::new().post(self.url(path));
+        if let Some(t) = trace {
+            req = req.header("traceparent", t);
+        }
+        let r = req
             .bearer_auth(TOKEN)
             .header("content-type", "application/json")
             .body(body.to_string())
@@ -135,6 +142,8 @@ struct Steps {
     held: Arc<Mutex<HashSet<String>>>,
     started: Arc<Mutex<Vec<String>>>,
     release: Arc<watch::Sender<bool>>,
+    /// (step, traceparent) of each run.
+    traces: Arc<Mutex<Vec<(String, String)>>>,
 }
 
 impl Steps {
@@ -161,6 +170,12 @@ impl Steps {
 
     async fn run(&self, t: Task) -> Result<(), TaskError> {
         let step = t.step.as_ref().map(|s| s.step.clone()).unwrap_or_default();
+        if let Some(c) = &t.trace {
+            self.traces
+                .lock()
+                .unwrap()
+                .push((step.clone(), c.traceparent()));
+        }
         let began = Instant::now();
         self.started.lock().unwrap().push(step.clone());
         if self.held.lock().unwrap().contains(&step) {
@@ -256,10 +271,13 @@ async fn a_diamond_runs_each_step_once_and_fans_in_results() {
     let p = spawn_producer(&cfg, &write_config(&dir, DIAMOND))
         .ready()
         .await;
+    // The caller's trace: the run is its child, each step a child of the run.
+    let caller = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01";
     let (code, v) = p
-        .post(
+        .post_traced(
             "/v1/workflows/diamond/runs",
             json!({"input": {"day": 3}, "id": "run-1"}),
+            Some(caller),
         )
         .await;
     assert_eq!((code, &v["run"]), (202, &json!("run-1")), "{v}");
@@ -290,6 +308,14 @@ async fn a_diamond_runs_each_step_once_and_fans_in_results() {
         json!({"input": {"day": 3}, "results": {"b": {"from": "b"}, "c": {"from": "c"}}})
     );
     assert_eq!(run["input"], json!({"day": 3}));
+    let traces = steps.traces.lock().unwrap().clone();
+    assert_eq!(traces.len(), 4);
+    let parents: HashSet<&str> = traces.iter().map(|(_, t)| &t[36..52]).collect();
+    assert_eq!(parents.len(), 4, "each step its own span: {traces:?}");
+    for (s, t) in &traces {
+        assert_eq!(&t[3..35], &caller[3..35], "{s} in the caller's trace");
+        assert_ne!(&t[36..52], &caller[36..52], "{s} is not the caller's span");
+    }
     assert_eq!(run["steps"][3]["result"], json!({"from": "d"}));
     assert_eq!(run["steps"][0]["state"], "succeeded");
     assert_eq!(run["steps"][0]["exec"]["attempts"], 1);

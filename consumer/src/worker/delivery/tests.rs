@@ -716,3 +716,19 @@ async fn a_step_whose_event_cannot_be_sent_is_not_acked() {
     assert_eq!(b.acks(), 0, "not acked: the broker redelivers it");
     assert_eq!(b.abandoned(), 1);
 }
+
+#[tokio::test]
+async fn a_poison_step_message_still_reports_its_step_dead() {
+    let w = Worker::with(Does::Succeed);
+    let b = Recorder::default();
+    let props = step_task().properties();
+    w.deliver_raw(&b, NAME, &props, b"{not json").await;
+    let p = b.published();
+    assert_eq!(p.len(), 2);
+    assert_eq!(p[0].exchange, w.topo().dead_exchange());
+    let ev = event_of(&p[1]);
+    assert_eq!(ev.outcome, warren::workflow::Outcome::Dead);
+    assert_eq!(ev.dead_kind.as_deref(), Some("invalid_json"));
+    assert_eq!((ev.run.as_str(), ev.task_id.as_str()), ("run-1", "run-1:a"));
+    assert_eq!(b.acks(), 1);
+}
