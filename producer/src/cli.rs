@@ -159,12 +159,13 @@ pub struct PublishArgs {
 
 /// `schedules check`.
 pub fn check(path: Option<&std::path::Path>) -> anyhow::Result<()> {
-    let (_, schedules) = config::load_checked(path)?;
+    let (cfg, schedules) = config::load_checked(path)?;
     let enabled = schedules.iter().filter(|s| s.cfg.enabled).count();
     warren::outln!(
-        "ok: {} schedule(s), {} enabled ({})",
+        "ok: {} schedule(s), {} enabled, {} workflow(s) ({})",
         schedules.len(),
         enabled,
+        cfg.workflows.len(),
         warren::config::origin(path)
     );
     Ok(())

@@ -656,3 +656,44 @@ async fn a_schedule_starts_runs_named_by_its_fire_ids() {
     assert!(text.contains(&format!("{id}:d")), "{text}");
     cleanup(app).await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn replaying_the_failed_steps_dead_letter_resumes_the_run() {
+    let cfg = config("wf_replay");
+    let steps = Steps::new();
+    steps.failing.lock().unwrap().insert("b".into());
+    let app = spawn_worker(cfg.clone(), steps.registry(&["wf.a", "wf.b", "wf.c"])).await;
+    let dir = tempfile::tempdir().unwrap();
+    let p = spawn_producer(&cfg, &write_config(&dir, CHAIN))
+        .ready()
+        .await;
+    assert_eq!(
+        p.post("/v1/workflows/chain/runs", json!({"id": "r2"}))
+            .await
+            .0,
+        202
+    );
+    let run = p.wait_status("chain", "r2", "failed").await;
+    assert_eq!(run["failure"]["step"], "b", "{run}");
+    assert_eq!(run["steps"][2]["state"], "skipped", "{run}");
+    // Fixed, then the dead letter replayed from the workbench: the same task
+    // id runs again, and its success resumes the run.
+    steps.failing.lock().unwrap().clear();
+    let (code, v) = p.post("/v1/dead/replay", json!({"ids": ["r2:b"]})).await;
+    assert_eq!(code, 200, "{v}");
+    let run = p.wait_status("chain", "r2", "succeeded").await;
+    let b: Vec<String> = steps.runs_of("b").into_iter().map(|r| r.0).collect();
+    assert_eq!(b, ["r2:b", "r2:b"]);
+    assert_eq!(steps.runs_of("a").len(), 1);
+    assert_eq!(steps.runs_of("c").len(), 1);
+    assert_eq!(run["steps"][2]["exec"]["task_id"], "r2:c:g1", "{run}");
+    let m = p.metrics().await;
+    assert_eq!(
+        metric(
+            &m,
+            "warren_producer_workflow_runs_total{event=\"resumed\",workflow=\"chain\"}"
+        ),
+        1.0
+    );
+    cleanup(app).await;
+}

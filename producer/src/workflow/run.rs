@@ -796,6 +796,25 @@ mod tests {
     }
 
     #[test]
+    fn an_unroutable_step_fails_the_run_and_compensates() {
+        let wf = diamond(true);
+        let mut run = Run::new("r".into(), &wf, json!({}), None, Utc::now());
+        step(&mut run, &wf);
+        run.apply(&ev("a", "r:a", Outcome::Succeeded, None), Utc::now());
+        run.advance(&wf, Utc::now());
+        run.published("r:b");
+        run.unroutable("r:c", "no queue takes `t.c`", Utc::now());
+        assert_eq!(run.status, RunStatus::Failed);
+        let f = run.failure.clone().unwrap();
+        assert_eq!(
+            (f.step.as_str(), f.dead_kind.as_deref()),
+            ("c", Some("unroutable"))
+        );
+        run.apply(&ev("b", "r:b", Outcome::Succeeded, None), Utc::now());
+        assert_eq!(step(&mut run, &wf), ["r:b.compensate"]);
+    }
+
+    #[test]
     fn snapshot_round_trip() {
         let wf = diamond(true);
         let mut run = Run::new("r".into(), &wf, json!({"x": [1]}), None, Utc::now());

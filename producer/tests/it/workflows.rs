@@ -82,6 +82,12 @@ fn bad_workflows_exit_2_naming_the_key() {
     let path = dir.path().join("ok.toml");
     std::fs::write(&path, STEPS).unwrap();
     let path = path.display().to_string();
+    let out = exits(&["--config", &path, "schedules", "check"]);
+    assert!(
+        String::from_utf8_lossy(&out.stdout)
+            .starts_with("ok: 0 schedule(s), 0 enabled, 1 workflow(s)"),
+        "{out:?}"
+    );
     let out = exits(&["--config", &path, "workflows", "list"]);
     assert_eq!(out.status.code(), Some(0));
     assert_eq!(
