@@ -658,12 +658,14 @@ async fn a_succeeded_step_sends_its_event_with_the_result_then_acks() {
     let w = with_result(json!({"rows": 3}));
     let b = Recorder::default();
     w.deliver(&b, &step_task()).await;
-    let p = b.published();
-    assert_eq!(p.len(), 1);
-    assert_eq!(p[0].exchange, w.topo().workflows_exchange());
-    assert_eq!(p[0].key, warren::workflow::EVENT);
-    assert_eq!(p[0].props.delivery_mode(), &Some(2), "persistent");
-    let ev = event_of(&p[0]);
+    let ev = {
+        let p = b.published();
+        assert_eq!(p.len(), 1);
+        assert_eq!(p[0].exchange, w.topo().workflows_exchange());
+        assert_eq!(p[0].key, warren::workflow::EVENT);
+        assert_eq!(p[0].props.delivery_mode(), &Some(2), "persistent");
+        event_of(&p[0])
+    };
     assert_eq!(
         (ev.run.as_str(), ev.step.as_str(), ev.task_id.as_str()),
         ("run-1", "a", "run-1:a")
