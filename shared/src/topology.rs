@@ -720,6 +720,31 @@ mod tests {
     }
 
     #[test]
+    fn the_workflows_queue_takes_starts_events_and_resumes_of_its_direct_exchange() {
+        let t = topo(QueueType::Quorum);
+        let objs = t.objects();
+        assert!(objs.iter().any(|o| matches!(o,
+            Object::Exchange { name, kind: ExchangeKind::Direct, .. } if *name == t.workflows_exchange())));
+        assert!(objs.iter().any(|o| matches!(o,
+            Object::Queue { name, args } if *name == t.workflows_queue()
+                && args.inner().get("x-queue-type").is_some())));
+        let keys: Vec<&str> = objs
+            .iter()
+            .filter_map(|o| match o {
+                Object::QueueBind {
+                    queue,
+                    exchange,
+                    key,
+                } if *queue == t.workflows_queue() && *exchange == t.workflows_exchange() => {
+                    Some(key.as_str())
+                }
+                _ => None,
+            })
+            .collect();
+        assert_eq!(keys, ["start", "event", "resume"]);
+    }
+
+    #[test]
     fn the_catch_all_binds_behind_the_alternate_exchange_only() {
         let t = topo(QueueType::Classic);
         let binds: Vec<(String, String, String)> = t
@@ -730,7 +755,10 @@ mod tests {
                     queue,
                     exchange,
                     key,
-                } if !queue.contains(".delay.") && queue != t.dead_queue() => {
+                } if !queue.contains(".delay.")
+                    && queue != t.dead_queue()
+                    && queue != t.workflows_queue() =>
+                {
                     Some((queue, exchange, key))
                 }
                 _ => None,
