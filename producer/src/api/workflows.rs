@@ -175,8 +175,13 @@ async fn send(
     })
 }
 
+/// One peek at a time per replica: concurrent requests would otherwise
+/// hide the snapshot from each other.
+static PEEK: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
 async fn snapshot(ctx: &Ctx) -> Result<store::Snapshot, ApiError> {
     let p = publisher(ctx)?;
+    let _one = PEEK.lock().await;
     store::peek(&p.conn, ctx.topo().prefix())
         .await
         .map_err(|e| {

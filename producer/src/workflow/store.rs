@@ -109,8 +109,19 @@ pub async fn read(conn: &Connection, prefix: &str) -> Result<Snapshot, lapin::Er
     get(conn, &state_queue(prefix), 1).await
 }
 
-/// The latest snapshot, for status requests on any replica.
+/// The latest snapshot, for status requests on any replica. Another reader
+/// may hold the message for a moment (then the queue looks empty): an empty
+/// answer is asked again a few times, about 0.2 s in all, before it counts.
 pub async fn peek(conn: &Connection, prefix: &str) -> Result<Snapshot, lapin::Error> {
+    let mut wait = Duration::from_millis(10);
+    for _ in 0..4 {
+        let snap = get(conn, &view_queue(prefix), 2).await?;
+        if snap.written_at.is_some() {
+            return Ok(snap);
+        }
+        tokio::time::sleep(wait).await;
+        wait *= 2;
+    }
     get(conn, &view_queue(prefix), 2).await
 }
 
