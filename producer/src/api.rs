@@ -278,6 +278,7 @@ async fn get_schedules(
                 "cron": s.cfg.cron,
                 "timezone": s.cfg.timezone,
                 "task": s.cfg.task,
+                "workflow": s.cfg.workflow,
                 "enabled": s.cfg.enabled,
                 "paused": st.paused,
                 "misfire": s.cfg.misfire,
@@ -312,8 +313,21 @@ async fn trigger(
     let id = format!("{}@manual-{}", s.name(), uuid::Uuid::new_v4());
     let task = s.task(id.clone());
     let p = publisher(&ctx)?;
+    let publish = async {
+        match &s.cfg.workflow {
+            // A workflow schedule starts a run with this id.
+            Some(w) => {
+                crate::workflow::start_scheduled(&p.publisher, ctx.topo(), w, &s.payload, &id).await
+            }
+            None => {
+                p.publisher
+                    .publish_task(ctx.topo(), &task, Duration::ZERO)
+                    .await
+            }
+        }
+    };
     let published = tokio::select! {
-        r = p.publisher.publish_task(ctx.topo(), &task, Duration::ZERO) => r,
+        r = publish => r,
         // As in `post_tasks`: do not wait out the confirm timeout.
         () = p.blocked.until_blocked() => {
             ctx.metrics()

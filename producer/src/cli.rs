@@ -184,7 +184,7 @@ pub fn next(path: Option<&std::path::Path>, count: usize) -> anyhow::Result<()> 
             s.name(),
             s.cfg.cron,
             s.cfg.timezone,
-            s.cfg.task
+            s.target()
         )?;
         let tz = s.spec.tz();
         let mut cur = now;

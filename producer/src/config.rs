@@ -442,6 +442,14 @@ impl Schedule {
         &self.cfg.name
     }
 
+    /// What it fires, for people: the task name, or `workflow <name>`.
+    pub fn target(&self) -> String {
+        match &self.cfg.workflow {
+            Some(w) => format!("workflow {w}"),
+            None => self.cfg.task.clone(),
+        }
+    }
+
     /// The task for the fire at `instant` (or a manual trigger with `id`).
     pub fn task(&self, id: String) -> warren::Task {
         let mut t = warren::Task::from_raw(self.cfg.task.clone(), self.payload.clone());

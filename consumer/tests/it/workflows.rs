@@ -636,6 +636,14 @@ async fn a_schedule_starts_runs_named_by_its_fire_ids() {
             .count(),
         1
     );
+    // A manual trigger starts a run too, under the trigger's id.
+    let (code, v) = p
+        .post("/v1/schedules/every-second/trigger", json!({}))
+        .await;
+    assert_eq!(code, 202, "{v}");
+    let manual = v["id"].as_str().unwrap().to_owned();
+    assert!(manual.starts_with("every-second@manual-"), "{manual}");
+    p.wait_status("diamond", &manual, "succeeded").await;
     // The CLI shows the same run.
     let out = Command::new(producer_bin())
         .arg("--config")

@@ -100,6 +100,27 @@ pub fn start_message(
     (props, body)
 }
 
+/// A workflow schedule's fire or manual trigger `id`: start a run with that
+/// id, the schedule's payload as its input (confirmed).
+pub async fn start_scheduled(
+    publisher: &warren::amqp::Publisher,
+    topo: &warren::Topology,
+    workflow: &str,
+    payload: &[u8],
+    id: &str,
+) -> Result<(), warren::Error> {
+    let input: serde_json::Value = serde_json::from_slice(payload).unwrap_or_default();
+    let (props, body) = start_message(workflow, &input, id, None);
+    publisher
+        .publish(
+            &topo.workflows_exchange(),
+            warren::workflow::START,
+            props,
+            &body,
+        )
+        .await
+}
+
 /// A resume request (routing key `resume`).
 pub fn resume_message(workflow: &str, run: &str) -> (BasicProperties, Vec<u8>) {
     let body = serde_json::to_vec(&warren::workflow::Resume {
