@@ -32,6 +32,24 @@ pub struct ConsumerConfig {
     pub security: SecurityConfig,
     /// Task name (or pattern) → concurrency and rate limits, per process.
     pub limits: BTreeMap<String, LimitSpec>,
+    /// Workflow steps: how large a result the step event carries.
+    pub workflow: StepResultConfig,
+}
+
+/// `[workflow]` (docs/workflows.md#results).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct StepResultConfig {
+    /// A step result larger than this (as JSON) is dropped; the event says so.
+    pub max_result_bytes: usize,
+}
+
+impl Default for StepResultConfig {
+    fn default() -> Self {
+        Self {
+            max_result_bytes: 64 * 1024,
+        }
+    }
 }
 
 impl Default for ConsumerConfig {
@@ -48,6 +66,7 @@ impl Default for ConsumerConfig {
             handlers: BTreeMap::new(),
             security: SecurityConfig::default(),
             limits: BTreeMap::new(),
+            workflow: StepResultConfig::default(),
         }
     }
 }

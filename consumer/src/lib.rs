@@ -6,6 +6,7 @@
 //! | [`handlers`] | built-in handlers for the binary: `noop`, `sleep`, `http`, `exec` |
 //! | [`worker`] | the consume loop, acks, retries, dead letters, drain, reconnect |
 //! | [`outcome`] | the pure outcome → action decision |
+//! | [`result`] | a workflow step's result: [`set_result`] |
 //! | [`config`] | [`ConsumerConfig`]: every key the binary reads |
 //! | [`flow`] | per-process limits (concurrency, rate) and `http` circuit breakers |
 //! | [`metrics`] | `warren_consumer_*` Prometheus metrics |
@@ -33,8 +34,10 @@ pub mod handler;
 pub mod handlers;
 pub mod metrics;
 pub mod outcome;
+pub mod result;
 pub mod worker;
 
 pub use config::ConsumerConfig;
 pub use handler::{ErrorKind, Handler, Registry, RegistryError, TaskError};
+pub use result::set_result;
 pub use worker::{Worker, WorkerBuilder};

@@ -10,6 +10,7 @@
 //! | `acks` | one channel's acks, coalesced into multiple-acks over contiguous runs |
 //! | `broker` | the port a delivery reaches RabbitMQ through (publish, ack, requeue) |
 //! | `settle` | the ticket that ends a delivery and counts it exactly once |
+//! | `step_event` | a workflow step's outcome event, sent before its ack |
 //! | [`fault`] | fail points for the fault-injection tests |
 //!
 //! * One connection per session; one channel per consumed queue with
@@ -53,6 +54,7 @@ mod delivery;
 pub mod fault;
 mod session;
 mod settle;
+mod step_event;
 
 pub use delivery::strip_death_headers;
 use session::{End, Session};

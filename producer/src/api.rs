@@ -25,6 +25,7 @@ use crate::metrics::Source;
 use crate::request::{pairs, RequestError, TaskRequest};
 
 mod dead;
+mod workflows;
 
 /// The extractor of [`crate::auth`] finds the tokens in force here.
 impl FromRef<Arc<Ctx>> for TokenStore {
@@ -43,6 +44,7 @@ pub fn router(ctx: Arc<Ctx>) -> Router {
         .route("/v1/schedules/{name}/pause", post(pause))
         .route("/v1/schedules/{name}/resume", post(resume))
         .merge(dead::routes())
+        .merge(workflows::routes())
         .layer(DefaultBodyLimit::max(limit))
         .with_state(ctx)
 }
@@ -302,6 +304,7 @@ async fn get_schedules(
                 "cron": s.cfg.cron,
                 "timezone": s.cfg.timezone,
                 "task": s.cfg.task,
+                "workflow": s.cfg.workflow,
                 "enabled": s.cfg.enabled,
                 "paused": st.paused,
                 "misfire": s.cfg.misfire,
@@ -336,8 +339,21 @@ async fn trigger(
     let id = format!("{}@manual-{}", s.name(), uuid::Uuid::new_v4());
     let task = s.task(id.clone());
     let p = publisher(&ctx)?;
+    let publish = async {
+        match &s.cfg.workflow {
+            // A workflow schedule starts a run with this id.
+            Some(w) => {
+                crate::workflow::start_scheduled(&p.publisher, ctx.topo(), w, &s.payload, &id).await
+            }
+            None => {
+                p.publisher
+                    .publish_task(ctx.topo(), &task, Duration::ZERO)
+                    .await
+            }
+        }
+    };
     let published = tokio::select! {
-        r = p.publisher.publish_task(ctx.topo(), &task, Duration::ZERO) => r,
+        r = publish => r,
         // As in `post_tasks`: do not wait out the confirm timeout.
         () = p.blocked.until_blocked() => {
             ctx.metrics()

@@ -1,4 +1,5 @@
-//! Command line: `run` (default), `schedules check|next|pause|resume`, `publish`.
+//! Command line: `run` (default), `schedules check|next|pause|resume`, `publish`,
+//! `workflows list|start|status|resume`.
 
 use std::io::{Read, Write};
 use std::path::PathBuf;
@@ -11,6 +12,9 @@ use warren::Topology;
 
 use crate::config::{self, ProducerConfig};
 use crate::request::{RequestError, TaskRequest};
+
+mod workflows;
+pub use workflows::{run as workflows, WorkflowsCommand};
 
 /// What the user wrote on the command line cannot work (exit 2, like a bad
 /// config): the payload is not JSON or its file cannot be read, the task is
@@ -25,6 +29,8 @@ pub enum UsageError {
     Task(RequestError),
     #[error("no schedule named `{0}` in the config")]
     Schedule(String),
+    #[error("no workflow named `{0}` in the config")]
+    Workflow(String),
     #[error("token hash: the token on stdin is shorter than 16 characters")]
     ShortToken,
     #[error("--traceparent is not a W3C traceparent (`00-<32 hex>-<16 hex>-<2 hex>`, lowercase, ids not all zero)")]
@@ -74,6 +80,11 @@ pub enum Command {
     /// API token helpers.
     #[command(subcommand)]
     Token(TokenCommand),
+    /// Workflows: list, start, status, resume (docs/workflows.md).
+    Workflows {
+        #[command(subcommand)]
+        command: WorkflowsCommand,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -154,12 +165,13 @@ pub struct PublishArgs {
 
 /// `schedules check`.
 pub fn check(path: Option<&std::path::Path>) -> anyhow::Result<()> {
-    let (_, schedules) = config::load_checked(path)?;
+    let (cfg, schedules) = config::load_checked(path)?;
     let enabled = schedules.iter().filter(|s| s.cfg.enabled).count();
     warren::outln!(
-        "ok: {} schedule(s), {} enabled ({})",
+        "ok: {} schedule(s), {} enabled, {} workflow(s) ({})",
         schedules.len(),
         enabled,
+        cfg.workflows.len(),
         warren::config::origin(path)
     );
     Ok(())
@@ -178,7 +190,7 @@ pub fn next(path: Option<&std::path::Path>, count: usize) -> anyhow::Result<()> 
             s.name(),
             s.cfg.cron,
             s.cfg.timezone,
-            s.cfg.task
+            s.target()
         )?;
         let tz = s.spec.tz();
         let mut cur = now;

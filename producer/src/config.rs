@@ -14,6 +14,7 @@ use warren::retry::RetryOverrides;
 use warren::security::SecurityConfig;
 
 use crate::schedule::{self, DstGap, DstOverlap, MisfirePolicy, Spec};
+use crate::workflow::{WorkflowConfig, WorkflowSettings};
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -28,6 +29,10 @@ pub struct ProducerConfig {
     pub schedules: Vec<ScheduleConfig>,
     /// Keys; `sign_with` and `encrypt_with` apply to every publish.
     pub security: SecurityConfig,
+    /// `[[workflows]]`: DAGs of steps (docs/workflows.md).
+    pub workflows: Vec<WorkflowConfig>,
+    /// `[workflow]`: bounds of the coordinator's run state.
+    pub workflow: WorkflowSettings,
 }
 
 impl Default for ProducerConfig {
@@ -44,6 +49,8 @@ impl Default for ProducerConfig {
             console: ConsoleConfig::default(),
             schedules: Vec::new(),
             security: SecurityConfig::default(),
+            workflows: Vec::new(),
+            workflow: WorkflowSettings::default(),
         }
     }
 }
@@ -358,7 +365,13 @@ pub struct ScheduleConfig {
     pub cron: String,
     #[serde(default = "default_tz")]
     pub timezone: String,
+    /// The task each fire publishes (or set `workflow`).
+    #[serde(default)]
     pub task: String,
+    /// Start a run of this workflow instead of publishing a task: the
+    /// payload is the run's input, the fire id its run id.
+    #[serde(default)]
+    pub workflow: Option<String>,
     #[serde(default = "default_payload")]
     pub payload: toml::Value,
     #[serde(default)]
@@ -429,6 +442,14 @@ impl Schedule {
         &self.cfg.name
     }
 
+    /// What it fires, for people: the task name, or `workflow <name>`.
+    pub fn target(&self) -> String {
+        match &self.cfg.workflow {
+            Some(w) => format!("workflow {w}"),
+            None => self.cfg.task.clone(),
+        }
+    }
+
     /// The task for the fire at `instant` (or a manual trigger with `id`).
     pub fn task(&self, id: String) -> warren::Task {
         let mut t = warren::Task::from_raw(self.cfg.task.clone(), self.payload.clone());
@@ -471,8 +492,12 @@ pub fn compile_schedules(list: &[ScheduleConfig]) -> Result<Vec<Schedule>, Vec<S
         } else if !names.insert(s.name.clone()) {
             err("duplicate name (schedule names must be unique)".into());
         }
-        if s.task.is_empty() {
-            err("`task` is empty".into());
+        if s.workflow.is_some() {
+            if !s.task.is_empty() {
+                err("set either `task` or `workflow`, not both".into());
+            }
+        } else if s.task.is_empty() {
+            err("`task` is empty (or set `workflow`)".into());
         } else if s.task.len() > warren::delay::MAX_TASK_NAME_LEN {
             err(format!(
                 "`task` is longer than {} bytes",
@@ -564,6 +589,20 @@ pub fn check(
         errors.extend(e);
         Vec::new()
     });
+    if let Err(e) = crate::workflow::definition::compile(&cfg.workflows) {
+        errors.extend(e);
+    }
+    for (i, s) in cfg.schedules.iter().enumerate() {
+        if let Some(w) = &s.workflow {
+            if !cfg.workflows.iter().any(|d| &d.name == w) {
+                let known: Vec<&str> = cfg.workflows.iter().map(|d| d.name.as_str()).collect();
+                errors.push(format!(
+                    "schedules[{i}].workflow: unknown workflow {w:?} (workflows are: {})",
+                    known.join(", ")
+                ));
+            }
+        }
+    }
     if !errors.is_empty() {
         return Err(invalid(path, errors).into());
     }
@@ -691,6 +730,7 @@ impl ProducerConfig {
         if self.api.dead_scan_limit == 0 {
             errors.push("api.dead_scan_limit = 0: must be at least 1".into());
         }
+        errors.extend(self.workflow.validate());
         if self.leader.retry_interval.is_zero() {
             errors.push("leader.retry_interval = 0s: must be positive".into());
         }

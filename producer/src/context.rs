@@ -22,6 +22,7 @@ use crate::auth::TokenStore;
 use crate::config::{ProducerConfig, Schedule, ScheduleSet};
 use crate::control::{self, ControlError, Op};
 use crate::metrics::Metrics;
+use crate::workflow::Workflow;
 
 /// What one schedule looks like from outside (API, metrics).
 #[derive(Debug, Clone, Default)]
@@ -65,6 +66,8 @@ pub struct Ctx {
     /// Signs and encrypts every task published (`security.*`); replaced
     /// whole on reload.
     seal: RwLock<Option<Arc<Seal>>>,
+    /// `[[workflows]]`, validated (fixed until restart).
+    workflows: Vec<Arc<Workflow>>,
 }
 
 impl Ctx {
@@ -76,7 +79,14 @@ impl Ctx {
         tokens: TokenStore,
     ) -> Self {
         let (schedules, _) = watch::channel::<ScheduleSet>(Arc::new(Vec::new()));
+        // `App::build` refused an invalid config already.
+        let workflows = crate::workflow::definition::compile(&cfg.workflows)
+            .unwrap_or_default()
+            .into_iter()
+            .map(Arc::new)
+            .collect();
         Self {
+            workflows,
             topo: Topology::new(&cfg.topology),
             cfg,
             config_path: None,
@@ -95,6 +105,14 @@ impl Ctx {
             fatal: OnceLock::new(),
             seal: RwLock::new(None),
         }
+    }
+
+    pub fn workflows(&self) -> &[Arc<Workflow>] {
+        &self.workflows
+    }
+
+    pub fn workflow(&self, name: &str) -> Option<Arc<Workflow>> {
+        self.workflows.iter().find(|w| w.name == name).cloned()
     }
 
     /// Seal every task this producer publishes.

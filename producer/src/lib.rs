@@ -23,6 +23,7 @@
 //! | [`config`] | `ProducerConfig`, token files, schedule validation |
 //! | `schedule` | pure next-fire math: syntaxes, zones, DST rules, misfire plan |
 //! | `metrics` | the producer's Prometheus metrics |
+//! | [`workflow`] | workflows: definitions, run state machine, the leader's coordinator |
 //!
 //! Dependencies point down this table (from `app` to `context` and the
 //! pure modules below it); nothing below `app` knows it, and `api`,
@@ -49,5 +50,6 @@ mod reload;
 mod schedule;
 mod scheduler;
 mod state;
+pub mod workflow;
 
 pub use app::App;

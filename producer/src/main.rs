@@ -23,6 +23,10 @@ fn main() -> std::process::ExitCode {
             command: SchedulesCommand::Resume { name },
         } => pause_or_resume(path, &name, false),
         Command::Token(TokenCommand::Hash) => cli::token_hash(),
+        Command::Workflows { command } => config::load_checked(path).and_then(|(cfg, _)| {
+            warren::telemetry::init(&cfg.log);
+            runtime()?.block_on(cli::workflows(cfg, command))
+        }),
         Command::Publish(args) => config::load(path).and_then(|cfg| {
             warren::telemetry::init(&cfg.log);
             // One thread: a publish loop, its confirm sequencer and the

@@ -3,7 +3,8 @@
 //! and the publish sources, never task ids.
 
 use prometheus::{
-    Gauge, GaugeVec, HistogramOpts, HistogramVec, IntCounterVec, IntGauge, Opts, Registry,
+    Gauge, GaugeVec, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, Opts,
+    Registry,
 };
 
 /// Where a publish came from (the `source` label). `publish` on the command
@@ -13,6 +14,8 @@ pub enum Source {
     Schedule,
     Api,
     Console,
+    /// Step tasks published by the workflow coordinator.
+    Workflow,
 }
 
 impl Source {
@@ -21,6 +24,7 @@ impl Source {
             Source::Schedule => "schedule",
             Source::Api => "api",
             Source::Console => "console",
+            Source::Workflow => "workflow",
         }
     }
 }
@@ -37,6 +41,13 @@ pub struct Metrics {
     pub leader: IntGauge,
     pub reload_success: Gauge,
     pub actions: IntCounterVec,
+    /// Workflow runs (docs/workflows.md#metrics): only the leader counts.
+    pub wf_runs: IntCounterVec,
+    pub wf_duration: HistogramVec,
+    pub wf_active: IntGauge,
+    pub wf_republished: IntCounter,
+    pub wf_duplicates: IntCounter,
+    pub wf_ignored: IntCounterVec,
 }
 
 impl Metrics {
@@ -110,6 +121,42 @@ impl Metrics {
                 ),
                 &["action", "result"],
             )?,
+            wf_runs: IntCounterVec::new(
+                Opts::new(
+                    "warren_producer_workflow_runs_total",
+                    "Workflow run transitions (started, succeeded, failed, compensated, compensation_failed, resumed), by workflow",
+                ),
+                &["workflow", "event"],
+            )?,
+            wf_duration: HistogramVec::new(
+                HistogramOpts::new(
+                    "warren_producer_workflow_run_duration_seconds",
+                    "Time from a run's start to its end, by workflow and final status",
+                )
+                .buckets(vec![
+                    0.1, 0.5, 1.0, 5.0, 10.0, 30.0, 60.0, 300.0, 900.0, 3600.0, 14400.0, 86400.0,
+                ]),
+                &["workflow", "result"],
+            )?,
+            wf_active: IntGauge::new(
+                "warren_producer_workflow_runs_active",
+                "Workflow runs not finished (on the leader; 0 elsewhere)",
+            )?,
+            wf_republished: IntCounter::new(
+                "warren_producer_workflow_steps_republished_total",
+                "Step tasks a new leader published again because the previous one had recorded but not confirmed them (possible duplicates)",
+            )?,
+            wf_duplicates: IntCounter::new(
+                "warren_producer_workflow_duplicate_events_total",
+                "Step events for a step already settled or an older execution, ignored",
+            )?,
+            wf_ignored: IntCounterVec::new(
+                Opts::new(
+                    "warren_producer_workflow_messages_ignored_total",
+                    "Workflow messages ignored, by reason (duplicate_start, unknown_workflow, unknown_run, unknown_step, not_resumable, invalid)",
+                ),
+                &["reason"],
+            )?,
         };
         r.register(Box::new(m.fires.clone()))?;
         r.register(Box::new(m.fire_lag.clone()))?;
@@ -121,8 +168,19 @@ impl Metrics {
         r.register(Box::new(m.leader.clone()))?;
         r.register(Box::new(m.reload_success.clone()))?;
         r.register(Box::new(m.actions.clone()))?;
+        r.register(Box::new(m.wf_runs.clone()))?;
+        r.register(Box::new(m.wf_duration.clone()))?;
+        r.register(Box::new(m.wf_active.clone()))?;
+        r.register(Box::new(m.wf_republished.clone()))?;
+        r.register(Box::new(m.wf_duplicates.clone()))?;
+        r.register(Box::new(m.wf_ignored.clone()))?;
         m.reload_success.set(1.0);
-        for s in [Source::Schedule, Source::Api, Source::Console] {
+        for s in [
+            Source::Schedule,
+            Source::Api,
+            Source::Console,
+            Source::Workflow,
+        ] {
             m.published.with_label_values(&[s.label()]);
             m.publish_failures.with_label_values(&[s.label()]);
         }

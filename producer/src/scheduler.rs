@@ -299,7 +299,24 @@ async fn lead(
     state::declare(conn, &state_queue, ctx.topo().queue_type()).await?;
     control::declare(conn, ctx.topo().prefix(), ctx.topo().queue_type()).await?;
     let publisher = Publisher::new(conn, ctx.cfg().amqp.confirm_timeout).await?;
-    let res = lead_term(ctx, conn, fence, shutdown, &publisher, &state_queue).await;
+    // The workflow coordinator shares the term: it stops with the fire
+    // loop, and a coordinator failure ends the term (step down, start over).
+    let term_over = shutdown.child_token();
+    let fire_loop = async {
+        let r = lead_term(ctx, conn, fence, shutdown, &publisher, &state_queue).await;
+        term_over.cancel();
+        r
+    };
+    let coordinator = async {
+        let r = crate::workflow::coordinator::run(ctx, conn, fence, &term_over).await;
+        if let Err(e) = &r {
+            tracing::warn!(error = %e, "workflow coordinator failed: stepping down");
+            fence.step_down();
+        }
+        r
+    };
+    let (res, wf) = tokio::join!(fire_loop, coordinator);
+    let res = res.and(wf);
     // Close the tick channel before the caller closes the connection: a
     // channel dropped while its connection closes makes lapin log an error.
     if publisher.is_open() {
@@ -620,7 +637,20 @@ async fn fire(
         let sent = async {
             // Signed and encrypted with the keys in force now
             // (`security.*`, reloaded on SIGHUP).
-            let (props, body) = publisher.clone().sealed(ctx.seal()).wire(&task)?;
+            let (props, body, exchange, key) = match &s.cfg.workflow {
+                // A workflow schedule starts a run whose id is the fire id.
+                Some(w) => {
+                    let input: serde_json::Value =
+                        serde_json::from_slice(&s.payload).unwrap_or_default();
+                    let (p, b) = crate::workflow::start_message(w, &input, &id, None);
+                    let ex = ctx.topo().workflows_exchange();
+                    (p, b, ex, warren::workflow::START.to_owned())
+                }
+                None => {
+                    let (p, b) = publisher.clone().sealed(ctx.seal()).wire(&task)?;
+                    (p, b.into_owned(), exchange.clone(), key.clone())
+                }
+            };
             let props = props.with_app_id(ctx.instance().into());
             let tick = publisher.send(&exchange, &key, props, &body).await?;
             let state = state::send(publisher, state_queue, snap).await;

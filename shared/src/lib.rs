@@ -13,6 +13,7 @@
 //! | [`metrics`] | `/metrics`, `/healthz`, `/readyz` and connection metrics |
 //! | [`telemetry`] | log setup |
 //! | [`trace`] | W3C trace context carried by tasks |
+//! | [`workflow`] | the workflow start, event and resume messages |
 //! | [`shutdown`] | SIGINT/SIGTERM → cancellation |
 //! | `testing` | (feature `testing`) throwaway broker nodes for tests |
 
@@ -31,6 +32,7 @@ pub mod telemetry;
 pub mod testing;
 pub mod topology;
 pub mod trace;
+pub mod workflow;
 
 pub use envelope::Task;
 pub use error::Error;

@@ -135,6 +135,15 @@ impl Topology {
     pub fn route_exchange(&self) -> String {
         format!("{}.route", self.prefix)
     }
+    /// Workflow starts, step events and resumes (a direct exchange; see
+    /// [`crate::workflow`]).
+    pub fn workflows_exchange(&self) -> String {
+        format!("{}.workflows", self.prefix)
+    }
+    /// The coordinator's queue, bound to [`Self::workflows_exchange`].
+    pub fn workflows_queue(&self) -> String {
+        format!("{}.workflows", self.prefix)
+    }
     /// Alternate exchange of [`Self::route_exchange`]: the catch-all queue's.
     pub fn unclaimed_exchange(&self) -> String {
         format!("{}.unclaimed", self.prefix)
@@ -365,6 +374,23 @@ impl Topology {
                 queue: self.level_queue(level),
                 exchange: self.level_exchange(level),
                 key: delay::level_pattern(level, true),
+            });
+        }
+        // Workflows: one direct exchange and the coordinator's queue.
+        out.push(exchange(
+            self.workflows_exchange(),
+            ExchangeKind::Direct,
+            FieldTable::default(),
+        ));
+        out.push(Object::Queue {
+            name: self.workflows_queue(),
+            args: self.queue_args(),
+        });
+        for key in crate::workflow::KEYS {
+            out.push(Object::QueueBind {
+                queue: self.workflows_queue(),
+                exchange: self.workflows_exchange(),
+                key: (*key).to_owned(),
             });
         }
         // Exchange-to-exchange bindings need both ends declared first.
@@ -694,6 +720,31 @@ mod tests {
     }
 
     #[test]
+    fn the_workflows_queue_takes_starts_events_and_resumes_of_its_direct_exchange() {
+        let t = topo(QueueType::Quorum);
+        let objs = t.objects();
+        assert!(objs.iter().any(|o| matches!(o,
+            Object::Exchange { name, kind: ExchangeKind::Direct, .. } if *name == t.workflows_exchange())));
+        assert!(objs.iter().any(|o| matches!(o,
+            Object::Queue { name, args } if *name == t.workflows_queue()
+                && args.inner().get("x-queue-type").is_some())));
+        let keys: Vec<&str> = objs
+            .iter()
+            .filter_map(|o| match o {
+                Object::QueueBind {
+                    queue,
+                    exchange,
+                    key,
+                } if *queue == t.workflows_queue() && *exchange == t.workflows_exchange() => {
+                    Some(key.as_str())
+                }
+                _ => None,
+            })
+            .collect();
+        assert_eq!(keys, ["start", "event", "resume"]);
+    }
+
+    #[test]
     fn the_catch_all_binds_behind_the_alternate_exchange_only() {
         let t = topo(QueueType::Classic);
         let binds: Vec<(String, String, String)> = t
@@ -704,7 +755,10 @@ mod tests {
                     queue,
                     exchange,
                     key,
-                } if !queue.contains(".delay.") && queue != t.dead_queue() => {
+                } if !queue.contains(".delay.")
+                    && queue != t.dead_queue()
+                    && queue != t.workflows_queue() =>
+                {
                     Some((queue, exchange, key))
                 }
                 _ => None,

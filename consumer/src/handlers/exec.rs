@@ -127,7 +127,7 @@ impl Handler for Exec {
             .env_clear()
             .envs(self.environment(std::env::vars_os(), &task))
             .stdin(Stdio::piped())
-            .stdout(Stdio::null())
+            .stdout(Stdio::piped())
             .stderr(Stdio::piped())
             .process_group(0)
             .kill_on_drop(true);
@@ -155,11 +155,30 @@ impl Handler for Exec {
             }
             buf
         };
-        let run = async {
-            let (_, err, status) = tokio::join!(feed, collect, child.wait());
-            (err, status)
+        // Read (for a workflow step's result) or drained, never left to block
+        // the program on a full pipe.
+        let mut stdout = child.stdout.take();
+        let want = crate::result::wants_result();
+        let collect_out = async move {
+            let mut kept = Vec::new();
+            if let Some(s) = stdout.as_mut() {
+                let mut buf = [0u8; 8192];
+                while let Ok(n) = s.read(&mut buf).await {
+                    if n == 0 {
+                        break;
+                    }
+                    if want && kept.len() <= crate::result::READ_LIMIT {
+                        kept.extend_from_slice(&buf[..n]);
+                    }
+                }
+            }
+            kept
         };
-        let (err, status) = match tokio::time::timeout(timeout, run).await {
+        let run = async {
+            let (_, err, out, status) = tokio::join!(feed, collect, collect_out, child.wait());
+            (err, out, status)
+        };
+        let (err, out, status) = match tokio::time::timeout(timeout, run).await {
             Ok(r) => r,
             Err(_) => {
                 guard.kill();
@@ -174,6 +193,9 @@ impl Handler for Exec {
         let status =
             status.map_err(|e| TaskError::retryable(format!("waiting for {program}: {e}")))?;
         if status.success() {
+            if let Some(v) = crate::result::from_json_bytes(&out) {
+                crate::result::set_result(v);
+            }
             return Ok(());
         }
         let text = String::from_utf8_lossy(&err);
@@ -296,6 +318,20 @@ mod tests {
 
     fn task() -> Task {
         Task::new("t", &serde_json::json!({"k": "v"}))
+    }
+
+    #[tokio::test]
+    async fn a_steps_json_stdout_is_its_result() {
+        let json = exec(r#"echo '{"rows": 3}'"#, Duration::from_secs(10));
+        let (r, result) = crate::result::capture(true, json.run(task())).await;
+        r.unwrap();
+        assert_eq!(result, Some(serde_json::json!({"rows": 3})));
+        // Not JSON, or not a step: no result.
+        let text = exec("echo hello", Duration::from_secs(10));
+        let (_, result) = crate::result::capture(true, text.run(task())).await;
+        assert_eq!(result, None);
+        let (_, result) = crate::result::capture(false, json.run(task())).await;
+        assert_eq!(result, None);
     }
 
     #[tokio::test]

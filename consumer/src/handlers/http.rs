@@ -93,6 +93,17 @@ impl Handler for Http {
             .map_err(|e| TaskError::retryable(format!("POST {}: {e}", self.url)))?;
         let status = resp.status();
         let Some(kind) = classify(status) else {
+            // A workflow step's result: a JSON body of bounded size.
+            let small = resp
+                .content_length()
+                .is_some_and(|n| n <= crate::result::READ_LIMIT as u64);
+            if crate::result::wants_result() && small {
+                if let Ok(body) = resp.bytes().await {
+                    if let Some(v) = crate::result::from_json_bytes(&body) {
+                        crate::result::set_result(v);
+                    }
+                }
+            }
             return Ok(());
         };
         let retry_after = resp

@@ -218,7 +218,12 @@ async fn handle<B: Broker>(shared: &Shared, msg: &Incoming<'_>, ticket: &Ticket<
             handler.call(attempt).await
         };
         let run = AssertUnwindSafe(call).catch_unwind();
-        let outcome = match tokio::time::timeout(timeout, run).await {
+        let run = crate::result::capture(task.step.is_some(), run);
+        let (finished, result) = match tokio::time::timeout(timeout, run).await {
+            Ok((r, result)) => (Ok(r), result),
+            Err(e) => (Err(e), None),
+        };
+        let outcome = match finished {
             Ok(Ok(Ok(()))) => Outcome::Succeeded,
             Ok(Ok(Err(e))) => Outcome::Failed(e),
             Ok(Err(panic)) => Outcome::Panicked(panic_message(&*panic)),
@@ -241,7 +246,11 @@ async fn handle<B: Broker>(shared: &Shared, msg: &Incoming<'_>, ticket: &Ticket<
         match action {
             Action::Ack => {
                 tracing::debug!("task succeeded");
-                d.ack(counted).await
+                let max = shared.cfg.workflow.max_result_bytes;
+                match super::step_event::succeeded(&task, result, max) {
+                    Some(ev) => d.step_event_then_ack(&ev, counted).await,
+                    None => d.ack(counted).await,
+                }
             }
             Action::Retry { delay, error } => {
                 tracing::warn!(error = %error, retry_in = ?delay, "task failed; retrying");
@@ -479,9 +488,33 @@ impl<'a, B: Broker> Delivered<'a, '_, B> {
         let ex = self.shared.topo.dead_exchange();
         let res = match fault::check(self.prefix(), Step::DeadPublish) {
             Err(text) => Err(injected_nack(&text)),
-            Ok(()) => self.ticket.broker().publish(&ex, key, props, body).await,
+            Ok(()) => {
+                let event = super::step_event::dead(&props);
+                self.ticket
+                    .broker()
+                    .publish(&ex, key, props, body)
+                    .await
+                    .map(|()| event)
+            }
         };
         match res {
+            Ok(Some(ev)) => self.step_event_then_ack(&ev, outcome).await,
+            Ok(None) => self.ack(outcome).await,
+            Err(e) => self.publish_failed(&e),
+        }
+    }
+
+    /// A workflow step's final outcome: its event first (confirmed), then
+    /// the ack. If the event cannot be sent the delivery is not acked.
+    async fn step_event_then_ack(&self, event: &[u8], outcome: &'static str) {
+        let ex = self.shared.topo.workflows_exchange();
+        let props = super::step_event::properties();
+        match self
+            .ticket
+            .broker()
+            .publish(&ex, warren::workflow::EVENT, props, event)
+            .await
+        {
             Ok(()) => self.ack(outcome).await,
             Err(e) => self.publish_failed(&e),
         }

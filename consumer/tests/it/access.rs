@@ -211,6 +211,23 @@ async fn least_privilege_users_run_the_pipeline_and_a_missing_permission_is_name
         worker.handled_ids().contains(&good.id).then_some(())
     })
     .await;
+    // A workflow step: the consumer's user may send its event.
+    let mut step = Task::new("t.noop", &serde_json::json!({}));
+    step.step = Some(warren::envelope::StepRef {
+        workflow: "w".into(),
+        run: "r".into(),
+        step: "s".into(),
+    });
+    publisher
+        .publish_task(&topo, &step, Duration::ZERO)
+        .await
+        .unwrap();
+    let ev = testing::take_one(&admin, &topo.workflows_queue(), WAIT).await;
+    let ev: warren::workflow::StepEvent = serde_json::from_slice(&ev.data).unwrap();
+    assert_eq!(
+        (ev.task_id, ev.outcome),
+        (step.id.clone(), warren::workflow::Outcome::Succeeded)
+    );
     // A drain, not a kill: a kill could lose the (coalesced) ack of the dead
     // task's last attempt, and its redelivery to the next worker would be
     // dead-lettered a second time, at least once as documented.

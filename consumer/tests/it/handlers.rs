@@ -320,3 +320,46 @@ async fn exec_handlers_do_not_inherit_warren_secrets() {
     warren::testing::delete_topology(&conn, &topo).await;
     let _ = conn.close(200, "test done".into()).await;
 }
+
+/// As a workflow step, the `http` handler's JSON response body is the step's
+/// result, carried in the step's event.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn http_handler_json_response_is_a_steps_result() {
+    let app = Router::new().route(
+        "/json",
+        post(|| async {
+            (
+                [("content-type", "application/json")],
+                r#"{"url":"s3://r/1"}"#,
+            )
+        }),
+    );
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move { axum::serve(listener, app).await });
+    let mut specs = BTreeMap::new();
+    specs.insert(
+        "h.json".to_owned(),
+        HandlerSpec::Http {
+            url: format!("http://{addr}/json"),
+            timeout: Duration::from_secs(5),
+            headers: BTreeMap::new(),
+            breaker: None,
+        },
+    );
+    let cfg = config("http_result");
+    let reg = registry_from_config(&specs, cfg.worker.task_timeout).unwrap();
+    let w = spawn_worker(cfg, reg).await;
+    let mut t = Task::new("h.json", &json!({}));
+    t.step = Some(warren::envelope::StepRef {
+        workflow: "w".into(),
+        run: "r".into(),
+        step: "upload".into(),
+    });
+    w.publish(&t).await;
+    let ev = warren::testing::take_one(&w.conn, &w.topo.workflows_queue(), WAIT).await;
+    let ev: warren::workflow::StepEvent = serde_json::from_slice(&ev.data).unwrap();
+    assert_eq!(ev.task_id, t.id);
+    assert_eq!(ev.result, Some(json!({"url": "s3://r/1"})));
+    w.stop().await;
+}

@@ -18,3 +18,4 @@ mod reconnect;
 mod security;
 mod surroundings;
 mod trace;
+mod workflows;

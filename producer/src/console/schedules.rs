@@ -61,7 +61,7 @@ fn table(c: &Console, s: &super::session::Session) -> Markup {
                         @let late = next.map(|n| now - n).filter(|d| d.num_seconds() >= 2);
                         tr data-schedule=(sch.name()) data-paused=(st.paused) {
                             td.name { (sch.name()) }
-                            td { code { (sch.cfg.task) } }
+                            td { code { (sch.target()) } }
                             td { code { (sch.cfg.cron) } }
                             td { (sch.cfg.timezone) }
                             td { @if let Some(n) = next { time datetime=(layout::utc(n)) { (layout::utc(n)) } } @else { "—" } }
@@ -111,8 +111,21 @@ pub async fn trigger(
         return layout::see_other("/ui/schedules", &format!("No schedule named `{name}`."));
     };
     let id = format!("{}@manual-{}", sch.name(), uuid::Uuid::new_v4());
-    let task = sch.task(id.clone());
-    let result = actions::publish(&c.ctx, &[(task, std::time::Duration::ZERO)]).await;
+    let result = match &sch.cfg.workflow {
+        Some(w) => match c.ctx.api_publisher() {
+            Some(p) => {
+                crate::workflow::start_scheduled(&p.publisher, c.ctx.topo(), w, &sch.payload, &id)
+                    .await
+                    .map(|()| vec![id.clone()])
+                    .map_err(|e| e.to_string())
+            }
+            None => Err("not connected to the broker".to_owned()),
+        },
+        None => {
+            let task = sch.task(id.clone());
+            actions::publish(&c.ctx, &[(task, std::time::Duration::ZERO)]).await
+        }
+    };
     actions::audit(&c.ctx, &s.who, "trigger", &name, 1, result.is_ok());
     match result {
         Ok(_) => layout::see_other("/ui/schedules", &format!("Triggered `{name}`: task {id}.")),

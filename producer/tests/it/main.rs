@@ -25,3 +25,4 @@ mod schedules;
 mod security;
 mod surroundings;
 mod trace;
+mod workflows;

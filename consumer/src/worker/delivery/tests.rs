@@ -773,3 +773,115 @@ async fn a_task_over_its_limit_is_parked_keeping_its_attempt() {
         1
     );
 }
+
+fn step_task() -> Task {
+    let mut t = task();
+    t.id = "run-1:a".into();
+    t.step = Some(warren::envelope::StepRef {
+        workflow: "w".into(),
+        run: "run-1".into(),
+        step: "a".into(),
+    });
+    t
+}
+
+fn event_of(p: &Published) -> warren::workflow::StepEvent {
+    serde_json::from_slice(&p.body).expect("a step event")
+}
+
+/// A worker whose handler for [`NAME`] sets `result` and succeeds.
+fn with_result(result: serde_json::Value) -> Worker {
+    let mut registry = Registry::new();
+    registry
+        .register_fn(NAME, move |_task| {
+            let result = result.clone();
+            async move {
+                crate::result::set_result(result);
+                Ok(())
+            }
+        })
+        .expect("register");
+    Worker::from_registry(registry, Arc::default())
+}
+
+#[tokio::test]
+async fn a_succeeded_step_sends_its_event_with_the_result_then_acks() {
+    let w = with_result(json!({"rows": 3}));
+    let b = Recorder::default();
+    w.deliver(&b, &step_task()).await;
+    let ev = {
+        let p = b.published();
+        assert_eq!(p.len(), 1);
+        assert_eq!(p[0].exchange, w.topo().workflows_exchange());
+        assert_eq!(p[0].key, warren::workflow::EVENT);
+        assert_eq!(p[0].props.delivery_mode(), &Some(2), "persistent");
+        event_of(&p[0])
+    };
+    assert_eq!(
+        (ev.run.as_str(), ev.step.as_str(), ev.task_id.as_str()),
+        ("run-1", "a", "run-1:a")
+    );
+    assert_eq!(ev.outcome, warren::workflow::Outcome::Succeeded);
+    assert_eq!(ev.result, Some(json!({"rows": 3})));
+    assert_eq!(b.acks(), 1);
+    w.assert_counted_once(NAME, labels::SUCCEEDED);
+    // A plain task sends no event.
+    let b = Recorder::default();
+    w.deliver(&b, &task()).await;
+    assert!(b.published().is_empty());
+}
+
+#[tokio::test]
+async fn a_result_over_the_cap_is_dropped_and_flagged() {
+    let mut w = with_result(json!("x".repeat(100)));
+    w.shared.cfg.workflow.max_result_bytes = 50;
+    let b = Recorder::default();
+    w.deliver(&b, &step_task()).await;
+    let ev = event_of(&b.published()[0]);
+    assert_eq!((ev.result, ev.result_dropped), (None, true));
+    assert_eq!(b.acks(), 1);
+}
+
+#[tokio::test]
+async fn a_dead_step_sends_a_dead_event_after_its_dead_letter() {
+    let w = Worker::with(Does::FailPermanently);
+    let b = Recorder::default();
+    w.deliver(&b, &step_task()).await;
+    let p = b.published();
+    assert_eq!(p.len(), 2);
+    assert_eq!(p[0].exchange, w.topo().dead_exchange());
+    assert_eq!(p[1].exchange, w.topo().workflows_exchange());
+    let ev = event_of(&p[1]);
+    assert_eq!(ev.outcome, warren::workflow::Outcome::Dead);
+    assert_eq!(ev.dead_kind.as_deref(), Some("permanent"));
+    assert!(ev.error.is_some_and(|e| e.contains("bad input")));
+    assert_eq!(ev.task_id, "run-1:a");
+    assert_eq!(b.acks(), 1);
+}
+
+#[tokio::test]
+async fn a_step_whose_event_cannot_be_sent_is_not_acked() {
+    // E.g. the consumer's broker user may not write to the workflows exchange.
+    let w = Worker::with(Does::Succeed);
+    let b = Recorder::failing_publish(nacked());
+    w.deliver(&b, &step_task()).await;
+    assert_eq!(b.published().len(), 1, "the event was tried");
+    assert_eq!(b.acks(), 0, "not acked: the broker redelivers it");
+    assert_eq!(b.abandoned(), 1);
+}
+
+#[tokio::test]
+async fn a_poison_step_message_still_reports_its_step_dead() {
+    let w = Worker::with(Does::Succeed);
+    let b = Recorder::default();
+    let props = step_task().properties();
+    w.deliver_raw(&b, NAME, &props, b"{not json").await;
+    let p = b.published();
+    assert_eq!(p.len(), 2);
+    assert_eq!(p[0].exchange, w.topo().dead_exchange());
+    let ev = event_of(&p[1]);
+    assert_eq!(ev.outcome, warren::workflow::Outcome::Dead);
+    assert_eq!(ev.dead_kind.as_deref(), Some("invalid_json"));
+    assert_eq!((ev.run.as_str(), ev.task_id.as_str()), ("run-1", "run-1:a"));
+    assert_eq!(b.acks(), 1);
+}
