@@ -29,7 +29,7 @@ use warren::topology::{self, Topology};
 use warren::Task;
 
 use crate::table;
-use crate::{consumer_bin, free_port, tasks_done, topo, Args, BODY};
+use crate::{consumer_bin, cpu_seconds, free_port, tasks_done, topo, Args, BODY};
 
 /// Start instants by task index, filled by whoever observes the start.
 type Starts = Arc<Mutex<HashMap<usize, DateTime<Utc>>>>;
@@ -46,13 +46,15 @@ pub async fn latency_scenario(conn: &Connection, args: &Args, url: &str) -> Resu
     );
     // Rounds alternate the sides, so load from elsewhere on the machine
     // falls on both; each side's samples are pooled over the rounds.
-    let (mut plain, mut warren) = (Vec::new(), Vec::new());
+    let (mut plain, mut warren, mut cpu) = (Vec::new(), Vec::new(), Vec::new());
     for round in 0..LATENCY_ROUNDS {
         for side in if round % 2 == 0 { [0, 1] } else { [1, 0] } {
             if side == 0 {
                 plain.extend(plain_side(conn, args, n).await?);
             } else {
-                warren.extend(warren_side(conn, args, url, n).await?);
+                let (ms, cpu_us) = warren_side(conn, args, url, n).await?;
+                warren.extend(ms);
+                cpu.extend(cpu_us);
             }
         }
     }
@@ -69,6 +71,11 @@ pub async fn latency_scenario(conn: &Connection, args: &Args, url: &str) -> Resu
     };
     report("plain lapin, enqueue → delivery", &plain);
     report("warren-consumer, enqueue → handler start", &warren);
+    warren::outln!(
+        "latency warren-consumer CPU per task µs (incl. its JSON debug log): [{}], median {:.1}",
+        table::list(&cpu, 1),
+        table::median(&cpu)
+    );
     table::row(
         args,
         &[
@@ -211,7 +218,13 @@ async fn plain_side(conn: &Connection, args: &Args, n: usize) -> Result<Vec<f64>
     Ok(latencies(&published, &starts))
 }
 
-async fn warren_side(conn: &Connection, args: &Args, url: &str, n: usize) -> Result<Vec<f64>> {
+/// The latencies, and the consumer's CPU µs per task over the paced window.
+async fn warren_side(
+    conn: &Connection,
+    args: &Args,
+    url: &str,
+    n: usize,
+) -> Result<(Vec<f64>, Option<f64>)> {
     let t = topo("latency-warren");
     topology::declare(conn, &t).await?;
     let bin = consumer_bin(args)?;
@@ -261,6 +274,8 @@ async fn warren_side(conn: &Connection, args: &Args, url: &str, n: usize) -> Res
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
+    let pid = child.id();
+    let cpu_before = pid.and_then(cpu_seconds);
     let published = paced_publish(conn, &t, args.rate, n).await?;
     let deadline = Instant::now() + Duration::from_secs(60);
     while tasks_done(&http, &metrics).await? < n as f64 {
@@ -269,6 +284,10 @@ async fn warren_side(conn: &Connection, args: &Args, url: &str, n: usize) -> Res
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
+    let cpu_us = match (cpu_before, pid.and_then(cpu_seconds)) {
+        (Some(a), Some(b)) => Some((b - a) * 1e6 / n as f64),
+        _ => None,
+    };
     // The log writer is a thread of its own: give it the lines it holds.
     let want = n;
     let deadline = Instant::now() + Duration::from_secs(10);
@@ -279,7 +298,7 @@ async fn warren_side(conn: &Connection, args: &Args, url: &str, n: usize) -> Res
     reader.abort();
     warren::testing::delete_topology(conn, &t).await;
     let starts = starts.lock().map_err(|_| anyhow::anyhow!("poisoned"))?;
-    Ok(latencies(&published, &starts))
+    Ok((latencies(&published, &starts), cpu_us))
 }
 
 /// `(task index, timestamp)` of a `task started` JSON log line.

@@ -65,7 +65,7 @@ impl Drop for InFlight {
 /// until the connection closes.
 pub(super) async fn supervise<B: Broker>(shared: &Shared, broker: &B, msg: Incoming<'_>) {
     let m = &shared.metrics;
-    let ticket = Ticket::new(broker, m.clone());
+    let ticket = Ticket::new(broker, m);
     let run = handle(shared, &msg, &ticket);
     if let Err(panic) = AssertUnwindSafe(run).catch_unwind().await {
         m.panics.inc();
@@ -154,8 +154,7 @@ async fn handle<B: Broker>(shared: &Shared, msg: &Incoming<'_>, ticket: &Ticket<
                 .await;
             return;
         };
-        let label = handler.label.as_str();
-        ticket.received(label);
+        let series = ticket.received(handler.label.as_str());
         let now = Utc::now();
         if let Some(nb) = task.not_before {
             if let Ok(wait) = (nb - now).to_std() {
@@ -169,9 +168,7 @@ async fn handle<B: Broker>(shared: &Shared, msg: &Incoming<'_>, ticket: &Ticket<
             }
         }
         if let Some(w) = task.queue_wait(now) {
-            m.queue_wait
-                .with_label_values(&[label])
-                .observe(w.as_secs_f64());
+            series.queue_wait(w.as_secs_f64());
         }
         // One timeout per attempt, for every kind of handler: the task's
         // header, else the handler's own, else the worker's default. The
@@ -201,9 +198,7 @@ async fn handle<B: Broker>(shared: &Shared, msg: &Incoming<'_>, ticket: &Ticket<
             Ok(Err(panic)) => Outcome::Panicked(panic_message(&*panic)),
             Err(_) => Outcome::TimedOut(timeout),
         };
-        m.duration
-            .with_label_values(&[label])
-            .observe(started.elapsed().as_secs_f64());
+        series.duration(started.elapsed().as_secs_f64());
         let policy = shared
             .cfg
             .retry
