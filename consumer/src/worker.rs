@@ -162,7 +162,9 @@ impl Worker {
         match tokio::spawn(self.consume_until_shutdown(shutdown)).await {
             Ok(res) => res,
             Err(e) if e.is_panic() => std::panic::resume_unwind(e.into_panic()),
-            Err(e) => Err(anyhow::anyhow!("the worker's consume loop was cancelled: {e}")),
+            Err(e) => Err(anyhow::anyhow!(
+                "the worker's consume loop was cancelled: {e}"
+            )),
         }
     }
 
