@@ -158,8 +158,10 @@ impl Worker {
         // this: awaited in `block_on` (a binary's main) it would run on the
         // calling thread, outside the runtime's workers, and every delivery's
         // task would wait for a worker thread to be woken before it starts.
-        // Spawned, a delivery's task starts on the loop's own worker.
-        match tokio::spawn(self.consume_until_shutdown(shutdown)).await {
+        // Spawned, a delivery's task starts on the loop's own worker. Dropping
+        // this future still stops the worker, as it did before.
+        let looping = tokio::spawn(self.consume_until_shutdown(shutdown));
+        match tokio_util::task::AbortOnDropHandle::new(looping).await {
             Ok(res) => res,
             Err(e) if e.is_panic() => std::panic::resume_unwind(e.into_panic()),
             Err(e) => Err(anyhow::anyhow!(
