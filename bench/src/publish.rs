@@ -206,6 +206,9 @@ pub async fn publish_scenario(conn: &Connection, args: &Args, url: &str) -> Resu
         let note = match side {
             Side::Cli => "process start included",
             Side::Api => "each answer waits for its confirms",
+            Side::PlainContract => {
+                "the same loop as plain lapin: what the contract's properties cost the broker"
+            }
             _ => "",
         };
         table::row(
