@@ -45,6 +45,7 @@ bench() {
   target/release/warren-bench --url "$url" --table "$rows" "$@" | tee -a "$work/detail.txt"
 }
 bench --scenario publish --messages "$MESSAGES" --runs "$RUNS" --peers celery,rusty-celery \
+  --sides plain,library,cli,api,plain-contract \
   --peer-messages "${PEER_MESSAGES:-3000}"
 bench --scenario drain --messages "$MESSAGES" --runs "$RUNS" --max-priority 10,0 \
   --broker-pid "$broker_pid" --peers celery,rusty-celery --peer-messages "${PEER_MESSAGES:-3000}"

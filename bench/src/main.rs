@@ -87,6 +87,12 @@ struct Args {
     /// `publish`: tasks per `POST /v1/tasks` request.
     #[arg(long, default_value_t = 500)]
     api_batch: usize,
+    /// `publish`: only these sides (`plain`, `library`, `cli`, `api`, and
+    /// `plain-contract`: the plain loop sending warren's properties), e.g.
+    /// to profile one in a process of its own (`perf stat`); ratios need
+    /// `plain` among them.
+    #[arg(long, value_delimiter = ',', default_value = "plain,library,cli,api")]
+    sides: Vec<String>,
     /// `publish`: `POST /v1/tasks` requests in flight at once.
     #[arg(long, default_value_t = 2)]
     api_concurrency: usize,
@@ -160,7 +166,11 @@ async fn main() -> Result<()> {
     if args.scenario == "cluster" {
         cluster::cluster_scenario(&args).await?;
     }
-    conn.close(200, "bye".into()).await.ok();
+    // lapin's close now and then waits forever for a close-ok on a socket
+    // it already shut (seen under `perf stat`): the results are out by now.
+    tokio::time::timeout(Duration::from_secs(5), conn.close(200, "bye".into()))
+        .await
+        .ok();
     Ok(())
 }
 
@@ -198,12 +208,31 @@ async fn plain_publish(conn: &Connection, exchange: &str, key: &str, n: usize) -
     plain_publish_body(conn, exchange, key, n, BODY).await
 }
 
+/// The bare properties of the plain lapin side.
+fn plain_properties() -> BasicProperties {
+    BasicProperties::default()
+        .with_delivery_mode(2)
+        .with_content_type("application/json".into())
+}
+
 async fn plain_publish_body(
     conn: &Connection,
     exchange: &str,
     key: &str,
     n: usize,
     body: &[u8],
+) -> Result<()> {
+    plain_publish_with(conn, exchange, key, n, body, &plain_properties()).await
+}
+
+/// The plain lapin loop, sending `props` with every message.
+async fn plain_publish_with(
+    conn: &Connection,
+    exchange: &str,
+    key: &str,
+    n: usize,
+    body: &[u8],
+    props: &BasicProperties,
 ) -> Result<()> {
     let ch = conn.create_channel().await?;
     ch.confirm_select(ConfirmSelectOptions::default()).await?;
@@ -218,9 +247,7 @@ async fn plain_publish_body(
                     ..BasicPublishOptions::default()
                 },
                 body,
-                BasicProperties::default()
-                    .with_delivery_mode(2)
-                    .with_content_type("application/json".into()),
+                props.clone(),
             )
             .await?;
         pending.push_back(c);

@@ -40,17 +40,37 @@ enum Side {
     Library,
     Cli,
     Api,
+    /// The plain loop sending warren's properties (one task's, reused):
+    /// what the contract costs the broker, apart from warren's code.
+    PlainContract,
 }
 
-const SIDES: [Side; 4] = [Side::Plain, Side::Library, Side::Cli, Side::Api];
+const SIDES: [Side; 5] = [
+    Side::Plain,
+    Side::Library,
+    Side::Cli,
+    Side::Api,
+    Side::PlainContract,
+];
 
 impl Side {
+    fn key(self) -> &'static str {
+        match self {
+            Side::Plain => "plain",
+            Side::Library => "library",
+            Side::Cli => "cli",
+            Side::Api => "api",
+            Side::PlainContract => "plain-contract",
+        }
+    }
+
     fn name(self) -> &'static str {
         match self {
             Side::Plain => "plain lapin",
             Side::Library => "warren Publisher",
             Side::Cli => "publish --batch (CLI)",
             Side::Api => "POST /v1/tasks",
+            Side::PlainContract => "plain lapin, warren's properties",
         }
     }
 }
@@ -83,9 +103,20 @@ pub async fn publish_scenario(conn: &Connection, args: &Args, url: &str) -> Resu
     let bin = crate::sibling_bin(&args.producer_bin, "warren-producer")?;
     let t = topo("publish");
     topology::declare(conn, &t).await?;
+    if let Some(bad) = args
+        .sides
+        .iter()
+        .find(|s| !SIDES.iter().any(|side| side.key() == s.as_str()))
+    {
+        bail!("--sides: unknown side {bad:?} (plain, library, cli, api, plain-contract)");
+    }
+    let chosen = |side: Side| args.sides.iter().any(|s| s == side.key());
     let input = ndjson(args.messages);
     let bodies = api_bodies(args.messages, args.api_batch);
-    let api = Api::start(&bin, url, &t).await?;
+    let api = match chosen(Side::Api) {
+        true => Some(Api::start(&bin, url, &t).await?),
+        false => None,
+    };
     let mut rates: Vec<Vec<f64>> = vec![Vec::new(); SIDES.len()];
     let mut cpu: Vec<Vec<f64>> = vec![Vec::new(); 2];
     let mut celery = peers::Celery::from_args(args);
@@ -99,16 +130,33 @@ pub async fn publish_scenario(conn: &Connection, args: &Args, url: &str) -> Resu
         for k in 0..SIDES.len() {
             let i = (run + k) % SIDES.len();
             let side = SIDES[i];
+            if !chosen(side) {
+                continue;
+            }
             purge(conn, &t).await?;
             let before = cpu_seconds(std::process::id());
             let start = Instant::now();
-            match side {
-                Side::Plain => {
+            match (side, &api) {
+                (Side::Plain, _) => {
                     plain_publish(conn, &t.tasks_exchange(), "bench.noop", args.messages).await?
                 }
-                Side::Library => warren_publish(conn, &t, args.messages).await?,
-                Side::Cli => cli_publish(&bin, url, &t, &input, args.messages).await?,
-                Side::Api => api.publish(&bodies, args.api_concurrency).await?,
+                (Side::Library, _) => warren_publish(conn, &t, args.messages).await?,
+                (Side::Cli, _) => cli_publish(&bin, url, &t, &input, args.messages).await?,
+                (Side::Api, Some(api)) => api.publish(&bodies, args.api_concurrency).await?,
+                (Side::Api, None) => continue,
+                (Side::PlainContract, _) => {
+                    let task = warren::Task::from_raw("bench.noop", BODY.to_vec());
+                    let (exchange, key) = t.route(&task.name, std::time::Duration::ZERO);
+                    crate::plain_publish_with(
+                        conn,
+                        &exchange,
+                        &key,
+                        args.messages,
+                        BODY,
+                        &task.properties(),
+                    )
+                    .await?
+                }
             }
             let rate = args.messages as f64 / start.elapsed().as_secs_f64();
             if i < 2 {
@@ -118,11 +166,21 @@ pub async fn publish_scenario(conn: &Connection, args: &Args, url: &str) -> Resu
             rates[i].push(rate);
         }
     }
-    api.stop().await;
+    if let Some(api) = api {
+        api.stop().await;
+    }
     warren::testing::delete_topology(conn, &t).await;
+    if !chosen(Side::Plain) {
+        return Ok(());
+    }
 
     let plain = &rates[0];
-    for (i, side) in SIDES.iter().enumerate().skip(1) {
+    for (i, side) in SIDES
+        .iter()
+        .enumerate()
+        .skip(1)
+        .filter(|(_, s)| chosen(**s))
+    {
         let ratios = table::ratios(plain, &rates[i]);
         warren::outln!(
             "publish: {}: {}, / plain lapin per run [{}], median {:.2}",
@@ -138,11 +196,19 @@ pub async fn publish_scenario(conn: &Connection, args: &Args, url: &str) -> Resu
         table::median(&cpu[0]),
         table::median(&cpu[1])
     );
-    for (i, side) in SIDES.iter().enumerate().skip(1) {
+    for (i, side) in SIDES
+        .iter()
+        .enumerate()
+        .skip(1)
+        .filter(|(_, s)| chosen(**s))
+    {
         let ratios = table::ratios(plain, &rates[i]);
         let note = match side {
             Side::Cli => "process start included",
             Side::Api => "each answer waits for its confirms",
+            Side::PlainContract => {
+                "the same loop as plain lapin: what the contract's properties cost the broker"
+            }
             _ => "",
         };
         table::row(
@@ -164,7 +230,7 @@ pub async fn publish_scenario(conn: &Connection, args: &Args, url: &str) -> Resu
                 Spread::of(plain).to_string(),
                 Spread::of(&rates[i]).to_string(),
                 Spread::of(&ratios).ratio(),
-                if *side == Side::Library {
+                if matches!(side, Side::Library | Side::PlainContract) {
                     String::new()
                 } else {
                     "≥ 0.9".into()

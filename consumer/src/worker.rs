@@ -160,6 +160,23 @@ impl Worker {
     /// Consume until `shutdown` is cancelled, then drain. Returns an error only
     /// for problems no reconnect can fix (bad URL, conflicting topology).
     pub async fn run(self, shutdown: CancellationToken) -> anyhow::Result<()> {
+        // The consume loop runs as a task of the runtime, whoever awaits
+        // this: awaited in `block_on` (a binary's main) it would run on the
+        // calling thread, outside the runtime's workers, and every delivery's
+        // task would wait for a worker thread to be woken before it starts.
+        // Spawned, a delivery's task starts on the loop's own worker. Dropping
+        // this future still stops the worker, as it did before.
+        let looping = tokio::spawn(self.consume_until_shutdown(shutdown));
+        match tokio_util::task::AbortOnDropHandle::new(looping).await {
+            Ok(res) => res,
+            Err(e) if e.is_panic() => std::panic::resume_unwind(e.into_panic()),
+            Err(e) => Err(anyhow::anyhow!(
+                "the worker's consume loop was cancelled: {e}"
+            )),
+        }
+    }
+
+    async fn consume_until_shutdown(self, shutdown: CancellationToken) -> anyhow::Result<()> {
         let tracker = TaskTracker::new();
         let sem = Arc::new(Semaphore::new(self.shared.cfg.worker.concurrency));
         let mut sessions = 0u64;

@@ -22,7 +22,10 @@
 //!   so no multiple-ack can overtake the nack.
 //! * A finished tag above an unfinished one (a slow task) is acked on its own
 //!   after [`FLUSH_AFTER`], so a long task never holds the others' acks (and
-//!   prefetch slots, and `consumer_timeout`) hostage.
+//!   prefetch slots, and `consumer_timeout`) hostage; and at once when more
+//!   than `spare` (prefetch − concurrency) are held back, so held acks never
+//!   take the prefetch slots that deliveries need to start: a task never
+//!   waits for the broker because of the coalescing.
 //! * A failed ack or nack closes the channel: the broker then requeues
 //!   everything unacked on it, and the worker consumes on a fresh channel.
 
@@ -57,14 +60,23 @@ struct Ledger<A> {
     unfinished: BTreeSet<u64>,
     /// Finished, waiting for an ack, with what acks them.
     ready: BTreeMap<u64, A>,
+    /// Most finished tags held back by an unfinished one.
+    spare: usize,
 }
 
 impl<A> Ledger<A> {
-    fn new() -> Self {
+    fn new(spare: usize) -> Self {
         Self {
             unfinished: BTreeSet::new(),
             ready: BTreeMap::new(),
+            spare,
         }
+    }
+
+    /// More finished tags are held back than the spare prefetch slots: the
+    /// broker may soon stop delivering while permits are free.
+    fn holds_too_many(&self) -> bool {
+        self.ready.len() > self.spare
     }
 
     fn delivered(&mut self, tag: u64) {
@@ -113,13 +125,15 @@ pub(crate) struct AckBook {
 
 impl AckBook {
     /// A book for `channel`, with its sender task (which ends when the book
-    /// is dropped).
-    pub(crate) fn new(channel: Channel) -> Arc<Self> {
+    /// is dropped). `spare`: how many finished deliveries may wait for an
+    /// earlier one — the prefetch slots that running tasks do not need
+    /// (prefetch − concurrency).
+    pub(crate) fn new(channel: Channel, spare: usize) -> Arc<Self> {
         let (tx, rx) = mpsc::unbounded_channel();
         let finished = Arc::new(Notify::new());
         let book = Arc::new(Self {
             channel,
-            ledger: Mutex::new(Ledger::new()),
+            ledger: Mutex::new(Ledger::new(spare)),
             finished: finished.clone(),
             frames: tx,
         });
@@ -227,7 +241,10 @@ async fn send_frames(
             }
             None => true,
         };
-        let ok = ok && ack_run(&book).await && (!flush_deferred || ack_deferred(&book).await);
+        let ok = ok && ack_run(&book).await;
+        // Its own statement: the ledger's lock is not held across an await.
+        let flush_deferred = flush_deferred || book.ledger().holds_too_many();
+        let ok = ok && (!flush_deferred || ack_deferred(&book).await);
         if let Some(done) = flushed {
             let _ = done.send(());
         }
@@ -278,7 +295,7 @@ mod tests {
 
     /// Stand-in for an acker: its tag.
     fn ledger(tags: &[u64]) -> Ledger<u64> {
-        let mut l = Ledger::new();
+        let mut l = Ledger::new(8);
         for &t in tags {
             l.delivered(t);
         }
@@ -326,6 +343,31 @@ mod tests {
         assert_eq!(l.take_run(), None);
         assert_eq!(l.deferred(), vec![5]);
         assert_eq!(l.unfinished.iter().copied().collect::<Vec<_>>(), vec![4]);
+    }
+
+    #[test]
+    fn a_slow_delivery_holds_back_no_more_than_the_spare_slots() {
+        let mut l = Ledger::new(2);
+        for t in 1..=5 {
+            l.delivered(t);
+        }
+        // 1 is slow; 2 and 3 may wait for it (2 spare prefetch slots).
+        l.finished(2, 2);
+        l.finished(3, 3);
+        assert_eq!(l.take_run(), None);
+        assert!(!l.holds_too_many());
+        // A third would take a slot a new delivery needs to start: all go.
+        l.finished(4, 4);
+        assert_eq!(l.take_run(), None);
+        assert!(l.holds_too_many());
+        assert_eq!(l.deferred(), vec![2, 3, 4]);
+        assert!(!l.holds_too_many());
+        // No spare slots (prefetch <= concurrency): nothing waits.
+        let mut l = Ledger::new(0);
+        l.delivered(1);
+        l.delivered(2);
+        l.finished(2, 2);
+        assert!(l.holds_too_many());
     }
 
     #[test]
@@ -394,7 +436,7 @@ mod tests {
             )
             .await
             .expect("consume");
-        let book = AckBook::new(ch.clone());
+        let book = AckBook::new(ch.clone(), 8);
         async fn next(c: &mut lapin::Consumer) -> lapin::message::Delivery {
             tokio::time::timeout(std::time::Duration::from_secs(10), c.next())
                 .await

@@ -66,7 +66,7 @@ impl Drop for InFlight {
 /// until the connection closes.
 pub(super) async fn supervise<B: Broker>(shared: &Shared, broker: &B, msg: Incoming<'_>) {
     let m = &shared.metrics;
-    let ticket = Ticket::new(broker, m.clone());
+    let ticket = Ticket::new(broker, m);
     let run = handle(shared, &msg, &ticket);
     if let Err(panic) = AssertUnwindSafe(run).catch_unwind().await {
         m.panics.inc();
@@ -160,8 +160,7 @@ async fn handle<B: Broker>(shared: &Shared, msg: &Incoming<'_>, ticket: &Ticket<
                 .await;
             return;
         };
-        let label = handler.label.as_str();
-        ticket.received(label);
+        let series = ticket.received(handler.label.as_str());
         let now = Utc::now();
         if let Some(nb) = task.not_before {
             if let Ok(wait) = (nb - now).to_std() {
@@ -178,16 +177,14 @@ async fn handle<B: Broker>(shared: &Shared, msg: &Incoming<'_>, ticket: &Ticket<
             pass,
             slot,
             refused,
-        }) = d.admit(&task, label).await
+        }) = d.admit(&task, handler.label.as_str()).await
         else {
             return;
         };
         // After any wait for a limit: queue wait runs up to the real start.
         let now = if slot.is_some() { Utc::now() } else { now };
         if let Some(w) = task.queue_wait(now) {
-            m.queue_wait
-                .with_label_values(&[label])
-                .observe(w.as_secs_f64());
+            series.queue_wait(w.as_secs_f64());
         }
         // One timeout per attempt, for every kind of handler: the task's
         // header, else the handler's own, else the worker's default. The
@@ -229,9 +226,7 @@ async fn handle<B: Broker>(shared: &Shared, msg: &Incoming<'_>, ticket: &Ticket<
             Ok(Err(panic)) => Outcome::Panicked(panic_message(&*panic)),
             Err(_) => Outcome::TimedOut(timeout),
         };
-        m.duration
-            .with_label_values(&[label])
-            .observe(started.elapsed().as_secs_f64());
+        series.duration(started.elapsed().as_secs_f64());
         drop(slot);
         if let Some(pass) = pass {
             pass.record(verdict(&outcome));

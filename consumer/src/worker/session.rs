@@ -120,6 +120,13 @@ impl Worker {
         Ok((ch, tag.as_str().into(), s))
     }
 
+    /// Prefetch slots beyond what running tasks hold: how many finished
+    /// deliveries the [`AckBook`] may hold back without delaying a start.
+    fn spare_prefetch(&self) -> usize {
+        let w = &self.shared.cfg.worker;
+        usize::from(w.prefetch).saturating_sub(w.concurrency)
+    }
+
     /// Consume on `session` until shutdown or until the session is lost.
     pub(super) async fn consume(
         &self,
@@ -132,7 +139,7 @@ impl Worker {
         for idx in 0..self.queues.len() {
             match self.start_consumer(&session.conn, idx).await {
                 Ok((ch, tag, s)) => {
-                    let book = AckBook::new(ch.clone());
+                    let book = AckBook::new(ch.clone(), self.spare_prefetch());
                     session.consumers.push((ch, tag, book));
                     streams.push(s);
                 }
@@ -221,7 +228,7 @@ impl Worker {
                         Ok((ch, tag, s)) => {
                             // The old channel closes once its running tasks
                             // (which hold it for their acks) are done.
-                            let book = AckBook::new(ch.clone());
+                            let book = AckBook::new(ch.clone(), self.spare_prefetch());
                             session.consumers[idx] = (ch, tag, book);
                             streams.push(s);
                             self.health.set_ready(true);

@@ -4,25 +4,26 @@
 //! panics. It settles through a [`Broker`], so it is tested without one.
 
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 
 use super::broker::{AckResult, Broker};
-use crate::metrics::{ConsumerMetrics, UNKNOWN_TASK};
+use crate::metrics::{ConsumerMetrics, TaskMetrics, UNKNOWN_TASK};
 use crate::outcome::labels as label;
 
 pub(super) struct Ticket<'a, B> {
     broker: &'a B,
-    metrics: ConsumerMetrics,
+    metrics: &'a ConsumerMetrics,
     /// Acked, given back, or left to a session that is being closed.
     settled: AtomicBool,
-    /// The `task` label the delivery was counted under, once counted.
-    counted: Mutex<Option<String>>,
+    /// The series of the `task` label the delivery was counted under, once
+    /// counted.
+    counted: Mutex<Option<Arc<TaskMetrics>>>,
     /// An outcome was counted.
     finished: AtomicBool,
 }
 
 impl<'a, B: Broker> Ticket<'a, B> {
-    pub(super) fn new(broker: &'a B, metrics: ConsumerMetrics) -> Self {
+    pub(super) fn new(broker: &'a B, metrics: &'a ConsumerMetrics) -> Self {
         Self {
             broker,
             metrics,
@@ -37,12 +38,15 @@ impl<'a, B: Broker> Ticket<'a, B> {
         self.broker
     }
 
-    /// Count the delivery (`deliveries_total`) under `task`.
-    pub(super) fn received(&self, task: &str) {
-        self.metrics.deliveries.with_label_values(&[task]).inc();
+    /// Count the delivery (`deliveries_total`) under `task`; its series,
+    /// for the rest of the delivery's metrics.
+    pub(super) fn received(&self, task: &str) -> Arc<TaskMetrics> {
+        let series = self.metrics.task(task);
+        series.delivered();
         if let Ok(mut c) = self.counted.lock() {
-            *c = Some(task.to_owned());
+            *c = Some(series.clone());
         }
+        series
     }
 
     /// Count how the delivery ended (`tasks_total`), once.
@@ -50,13 +54,11 @@ impl<'a, B: Broker> Ticket<'a, B> {
         if self.finished.swap(true, Ordering::SeqCst) {
             return;
         }
-        let task = self
-            .counted
-            .lock()
-            .ok()
-            .and_then(|c| c.clone())
-            .unwrap_or_else(|| UNKNOWN_TASK.to_owned());
-        self.metrics.outcome(&task, outcome);
+        let series = self.counted.lock().ok().and_then(|c| c.clone());
+        match series {
+            Some(s) => s.outcome(outcome),
+            None => self.metrics.outcome(UNKNOWN_TASK, outcome),
+        }
     }
 
     fn was_counted(&self) -> bool {

@@ -150,3 +150,35 @@ async fn broker_cancelled_consumer_is_redeclared_and_resumed() {
     assert!(app.health.is_ready());
     app.stop().await;
 }
+
+/// `Worker::run` drives its consume loop as a task of its own; a caller that
+/// gives up on it (an aborted task, a lost `select!`) must still stop it, not
+/// leave it consuming, detached.
+#[tokio::test]
+async fn dropping_the_run_future_stops_the_worker() {
+    let (reg, _runs) = recording("t.dropped");
+    let mut app = spawn_worker(config("dropped"), reg).await;
+    if let Some(h) = app.worker.take() {
+        h.abort();
+        let _ = h.await;
+    }
+    let conn = &app.conn;
+    let q = app.queue();
+    eventually(WAIT, "no consumer left on the queue", || async {
+        let c = conn.create_channel().await.ok()?;
+        let r = c
+            .queue_declare(
+                q.as_str().into(),
+                lapin::options::QueueDeclareOptions {
+                    passive: true,
+                    ..Default::default()
+                },
+                lapin::types::FieldTable::default(),
+            )
+            .await;
+        let _ = c.close(200, "".into()).await;
+        r.ok().filter(|q| q.consumer_count() == 0)
+    })
+    .await;
+    app.stop().await;
+}
