@@ -25,7 +25,7 @@ use crate::metrics::Source;
 use crate::request::{pairs, RequestError, TaskRequest};
 
 mod dead;
-mod workflows;
+pub(crate) mod workflows;
 
 /// The extractor of [`crate::auth`] finds the tokens in force here.
 impl FromRef<Arc<Ctx>> for TokenStore {

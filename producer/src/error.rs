@@ -30,6 +30,11 @@ impl ApiError {
         self.status
     }
 
+    /// The message in words (the console shows it on its pages).
+    pub fn message(&self) -> &str {
+        &self.message
+    }
+
     /// Merge the fields of `extra` (a JSON object) into the body.
     pub fn with_extra(mut self, extra: serde_json::Value) -> Self {
         self.extra = Some(extra);

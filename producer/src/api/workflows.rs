@@ -3,7 +3,8 @@
 //! through `<prefix>.workflows`, exactly as any AMQP client would send them;
 //! status comes from the leader's latest snapshot (the view queue, see
 //! [`crate::workflow::store`]), so every replica answers, at most one
-//! coordinator round behind.
+//! coordinator round behind. The console's workflow pages call the same
+//! `pub(crate)` functions, so there is one way to read and to act.
 
 use std::sync::Arc;
 
@@ -37,7 +38,7 @@ pub fn routes() -> Router<Arc<Ctx>> {
         .route("/v1/workflows/{name}/runs/{id}/resume", post(resume))
 }
 
-fn definition(ctx: &Ctx, name: &str) -> Result<Arc<Workflow>, ApiError> {
+pub(crate) fn definition(ctx: &Ctx, name: &str) -> Result<Arc<Workflow>, ApiError> {
     ctx.workflow(name).ok_or_else(|| {
         ApiError::new(
             StatusCode::NOT_FOUND,
@@ -99,18 +100,7 @@ async fn start(
             )
         })?
     };
-    if req
-        .id
-        .as_deref()
-        .is_some_and(|i| i.is_empty() || i.len() > 200)
-    {
-        return Err(ApiError::new(
-            StatusCode::BAD_REQUEST,
-            "bad_request",
-            "`id` must be 1 to 200 characters",
-        ));
-    }
-    let id = req.id.unwrap_or_else(|| uuid::Uuid::new_v4().to_string());
+    let id = run_id(req.id)?;
     // The caller's trace, when it sent a valid one: the run is its child.
     let trace = headers
         .get(warren::trace::TRACEPARENT)
@@ -125,7 +115,7 @@ async fn start(
     let (props, body) = workflow::start_message(&wf.name, &req.input, &id, trace.as_ref());
     send(
         &ctx,
-        &scope,
+        &scope.caller().name,
         "workflow_start",
         &wf.name,
         warren::workflow::START,
@@ -140,9 +130,24 @@ async fn start(
         .into_response())
 }
 
-async fn send(
+/// The id of a new run: the caller's (1 to 200 characters), else a fresh one.
+pub(crate) fn run_id(id: Option<String>) -> Result<String, ApiError> {
+    match id {
+        Some(i) if i.is_empty() || i.len() > 200 => Err(ApiError::new(
+            StatusCode::BAD_REQUEST,
+            "bad_request",
+            "`id` must be 1 to 200 characters",
+        )),
+        Some(i) => Ok(i),
+        None => Ok(uuid::Uuid::new_v4().to_string()),
+    }
+}
+
+/// Publish a start or resume message (confirmed) and record the audit line
+/// of `who` doing `action` on workflow `target`.
+pub(crate) async fn send(
     ctx: &Ctx,
-    scope: &RequireScope<Publish>,
+    who: &str,
     action: &str,
     target: &str,
     key: &str,
@@ -159,7 +164,7 @@ async fn send(
     };
     audit::record(
         ctx.metrics(),
-        &scope.caller().name,
+        who,
         action,
         target,
         result,
@@ -179,7 +184,7 @@ async fn send(
 /// hide the snapshot from each other.
 static PEEK: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 
-async fn snapshot(ctx: &Ctx) -> Result<store::Snapshot, ApiError> {
+pub(crate) async fn snapshot(ctx: &Ctx) -> Result<store::Snapshot, ApiError> {
     let p = publisher(ctx)?;
     let _one = PEEK.lock().await;
     store::peek(&p.conn, ctx.topo().prefix())
@@ -193,7 +198,7 @@ async fn snapshot(ctx: &Ctx) -> Result<store::Snapshot, ApiError> {
         })
 }
 
-fn find(snap: store::Snapshot, name: &str, id: &str) -> Result<Run, ApiError> {
+pub(crate) fn find(snap: store::Snapshot, name: &str, id: &str) -> Result<Run, ApiError> {
     snap.runs
         .into_iter()
         .find_map(|(_, r)| (r.id == id && r.workflow == name).then_some(r))
@@ -213,13 +218,7 @@ async fn runs(
 ) -> Result<Response, ApiError> {
     definition(&ctx, &name)?;
     let snap = snapshot(&ctx).await?;
-    let mut runs: Vec<Run> = snap
-        .runs
-        .into_values()
-        .filter(|r| r.workflow == name)
-        .collect();
-    runs.sort_by_key(|r| std::cmp::Reverse(r.started_at));
-    runs.truncate(LIST_LIMIT);
+    let runs = recent_runs(&snap, &name, LIST_LIMIT);
     let list: Vec<_> = runs
         .iter()
         .map(|r| {
@@ -233,6 +232,40 @@ async fn runs(
         })
         .collect();
     Ok(Json(json!({"workflow": name, "as_of": snap.written_at, "runs": list})).into_response())
+}
+
+/// The runs of workflow `name` in `snap`, newest first, at most `limit`.
+pub(crate) fn recent_runs(snap: &store::Snapshot, name: &str, limit: usize) -> Vec<Run> {
+    let mut runs: Vec<Run> = snap
+        .runs
+        .values()
+        .filter(|r| r.workflow == name)
+        .cloned()
+        .collect();
+    runs.sort_by_key(|r| std::cmp::Reverse(r.started_at));
+    runs.truncate(limit);
+    runs
+}
+
+/// Whether `run` may be resumed: only once it finished failed,
+/// compensated or compensation_failed.
+pub(crate) fn resumable(run: &Run) -> Result<(), ApiError> {
+    if matches!(
+        run.status,
+        RunStatus::Failed | RunStatus::Compensated | RunStatus::CompensationFailed
+    ) && run.is_finished()
+    {
+        return Ok(());
+    }
+    Err(ApiError::new(
+        StatusCode::CONFLICT,
+        "not_resumable",
+        format!(
+            "run `{}` is {}: only a finished failed, compensated or compensation_failed run can be resumed",
+            run.id,
+            run.status.name()
+        ),
+    ))
 }
 
 async fn status(
@@ -258,24 +291,11 @@ async fn resume(
 ) -> Result<Response, ApiError> {
     definition(&ctx, &name)?;
     let run = find(snapshot(&ctx).await?, &name, &id)?;
-    if !matches!(
-        run.status,
-        RunStatus::Failed | RunStatus::Compensated | RunStatus::CompensationFailed
-    ) || !run.is_finished()
-    {
-        return Err(ApiError::new(
-            StatusCode::CONFLICT,
-            "not_resumable",
-            format!(
-                "run `{id}` is {}: only a finished failed, compensated or compensation_failed run can be resumed",
-                run.status.name()
-            ),
-        ));
-    }
+    resumable(&run)?;
     let (props, body) = workflow::resume_message(&name, &id);
     send(
         &ctx,
-        &scope,
+        &scope.caller().name,
         "workflow_resume",
         &name,
         warren::workflow::RESUME,

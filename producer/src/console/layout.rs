@@ -19,6 +19,7 @@ const JS: &str = include_str!("assets/console.js");
 pub enum Nav {
     Overview,
     Schedules,
+    Workflows,
     Dead,
     Publish,
     None,
@@ -42,6 +43,7 @@ pub fn page(title: &str, who: Option<&Session>, nav: Nav, body: Markup) -> Respo
                         nav {
                             a.active[nav == Nav::Overview] href="/ui/" { "Overview" }
                             a.active[nav == Nav::Schedules] href="/ui/schedules" { "Schedules" }
+                            a.active[nav == Nav::Workflows] href="/ui/workflows" { "Workflows" }
                             a.active[nav == Nav::Dead] href="/ui/dead" { "Dead letters" }
                             a.active[nav == Nav::Publish] href="/ui/publish" { "Publish" }
                         }

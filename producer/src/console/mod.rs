@@ -1,5 +1,5 @@
 //! The operator console under `/ui/`: server-rendered pages (maud) for the
-//! overview, the schedules, the dead-letter workbench and a publish form,
+//! overview, the schedules, the workflows and their runs, the dead-letter workbench and a publish form,
 //! with one small embedded script and stylesheet (no CDN, no build step).
 //!
 //! | module | owns |
@@ -11,6 +11,7 @@
 //! | `actions` | publishing on behalf of the console, the audit line |
 //! | `dead` | the dead-letter workbench on [`warren::dead`] |
 //! | `login`, `overview`, `schedules`, `publish` | one page each |
+//! | `workflows` | the workflows with their runs, one run, start and resume (through [`crate::api`]'s functions) |
 //!
 //! Like [`crate::api`], it only talks to [`crate::context::Ctx`]; the
 //! scheduler does not know it exists.
@@ -25,6 +26,7 @@ mod publish;
 mod sample;
 mod schedules;
 mod session;
+mod workflows;
 
 use std::sync::Arc;
 
@@ -65,6 +67,10 @@ pub fn router(ctx: Arc<Ctx>) -> Router {
         .route("/ui/schedules/{name}/trigger", post(schedules::trigger))
         .route("/ui/schedules/{name}/pause", post(schedules::pause))
         .route("/ui/schedules/{name}/resume", post(schedules::resume))
+        .route("/ui/workflows", get(workflows::page))
+        .route("/ui/workflows/run", get(workflows::run))
+        .route("/ui/workflows/start", post(workflows::start))
+        .route("/ui/workflows/resume", post(workflows::resume))
         .route("/ui/publish", get(publish::form).post(publish::submit))
         .route("/ui/dead", get(dead::page))
         .route("/ui/dead/group", get(dead::group))
