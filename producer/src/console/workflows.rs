@@ -365,3 +365,23 @@ pub async fn resume(State(c): State<Console>, Signed(s): Signed, body: Bytes) ->
         Err(e) => layout::see_other(&back, &format!("Not resumed: {}", e.message())),
     }
 }
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_large_result_is_cut_on_a_character_boundary_and_says_so() {
+        let small = serde_json::json!({"a": 1});
+        assert_eq!(bounded_json(&small), "{\n  \"a\": 1\n}");
+        let big = serde_json::json!({"s": "é".repeat(RESULT_SHOWN)});
+        let shown = bounded_json(&big);
+        let full = serde_json::to_string_pretty(&big).unwrap().len();
+        assert!(
+            shown.ends_with(&format!("… ({full} bytes in all)")),
+            "{shown}"
+        );
+        assert!(shown.len() < RESULT_SHOWN + 40);
+    }
+}

@@ -15,6 +15,7 @@ mod cli;
 mod clock_step;
 mod cluster;
 mod console;
+mod console_workflows;
 mod faults;
 mod helpers;
 mod http;
