@@ -19,7 +19,10 @@ const NOOP_TOML: &str = r#"
 kind = "noop"
 "#;
 
-fn command(cfg: &warren_consumer::ConsumerConfig, dir: &tempfile::TempDir) -> Command {
+/// The child serves `/metrics` on `port`: with its logs closed, that is the
+/// only way to see that it has handled a task (an empty queue is not: a
+/// delivery may still wait, unstarted, in the consumer's prefetch).
+fn command(cfg: &warren_consumer::ConsumerConfig, dir: &tempfile::TempDir, port: u16) -> Command {
     let path = dir.path().join("consumer.toml");
     std::fs::write(&path, NOOP_TOML).unwrap();
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_warren-consumer"));
@@ -27,7 +30,7 @@ fn command(cfg: &warren_consumer::ConsumerConfig, dir: &tempfile::TempDir) -> Co
         .arg(&path)
         .env("WARREN_AMQP_URL", cfg.amqp.url.expose())
         .env("WARREN_TOPOLOGY__PREFIX", &cfg.topology.prefix)
-        .env("WARREN_HTTP_ADDR", "127.0.0.1:0")
+        .env("WARREN_HTTP_ADDR", format!("127.0.0.1:{port}"))
         // Every delivery logs several lines: the first write after the
         // reader is gone used to panic inside the task that logged.
         .env("RUST_LOG", "debug")
@@ -85,8 +88,9 @@ impl Client {
     }
 }
 
-/// Publish `n` noop tasks, then wait until the consumer has taken them all.
-async fn publish_and_drain(app: &Client, n: usize) {
+/// Publish `n` noop tasks, then wait until the consumer (serving metrics on
+/// `port`) has run them all.
+async fn publish_and_drain(app: &Client, n: usize, port: u16) {
     for i in 0..n {
         let t = Task::new("t.noop", &json!({ "i": i }));
         app.publisher
@@ -94,9 +98,15 @@ async fn publish_and_drain(app: &Client, n: usize) {
             .await
             .expect("publish");
     }
-    let (conn, queue) = (&app.conn, app.queue());
-    eventually(WAIT, "the consumer takes every task", || async {
-        (queue_len(conn, &queue).await == 0).then_some(())
+    let url = format!("http://127.0.0.1:{port}/metrics");
+    eventually(WAIT, "the consumer runs every task", || async {
+        let text = reqwest::get(&url).await.ok()?.text().await.ok()?;
+        let done = warren::testing::scraped_value(
+            &text,
+            "warren_consumer_tasks_total",
+            &[("outcome", "succeeded")],
+        )?;
+        (done as usize >= n).then_some(())
     })
     .await;
 }
@@ -122,7 +132,8 @@ async fn closed_log_pipe_neither_wedges_tasks_nor_signals() {
     let cfg = config("surround_logpipe");
     let app = client_app(&cfg).await;
     let dir = tempfile::tempdir().unwrap();
-    let mut child = command(&cfg, &dir)
+    let port = warren::testing::free_port();
+    let mut child = command(&cfg, &dir, port)
         .stdout(Stdio::null())
         .stderr(Stdio::piped())
         .spawn()
@@ -140,7 +151,7 @@ async fn closed_log_pipe_neither_wedges_tasks_nor_signals() {
         false
     });
     assert!(reader.join().unwrap(), "consumer never logged `consuming`");
-    publish_and_drain(&app, 20).await;
+    publish_and_drain(&app, 20, port).await;
     assert_stops_and_acked(&app, &mut child).await;
     app.stop().await;
 }
@@ -151,7 +162,8 @@ async fn closed_stdout_and_stderr_from_the_start() {
     let app = client_app(&cfg).await;
     let dir = tempfile::tempdir().unwrap();
     // `1>&- 2>&-`: both descriptors closed, not /dev/null.
-    let inner = command(&cfg, &dir);
+    let port = warren::testing::free_port();
+    let inner = command(&cfg, &dir, port);
     let mut child = Command::new("sh")
         .arg("-c")
         .arg("exec \"$0\" \"$@\" 1>&- 2>&-")
@@ -161,7 +173,7 @@ async fn closed_stdout_and_stderr_from_the_start() {
         .stdin(Stdio::null())
         .spawn()
         .unwrap();
-    publish_and_drain(&app, 20).await;
+    publish_and_drain(&app, 20, port).await;
     assert_stops_and_acked(&app, &mut child).await;
     app.stop().await;
 }
@@ -256,7 +268,8 @@ async fn sighup_is_logged_and_ignored() {
     let cfg = config("surround_hup");
     let app = client_app(&cfg).await;
     let dir = tempfile::tempdir().unwrap();
-    let mut child = command(&cfg, &dir)
+    let port = warren::testing::free_port();
+    let mut child = command(&cfg, &dir, port)
         .env("RUST_LOG", "info")
         .stdout(Stdio::null())
         .stderr(Stdio::piped())
@@ -287,7 +300,7 @@ async fn sighup_is_logged_and_ignored() {
         child.try_wait().unwrap().is_none(),
         "SIGHUP ended the consumer"
     );
-    publish_and_drain(&app, 5).await;
+    publish_and_drain(&app, 5, port).await;
     assert_stops_and_acked(&app, &mut child).await;
     app.stop().await;
 }
@@ -304,7 +317,7 @@ async fn refused_credentials_stop_the_consumer() {
         .expose()
         .replacen("guest:guest@", "guest:wrong@", 1);
     assert_ne!(url, cfg.amqp.url.expose(), "test URL carries guest:guest");
-    let mut child = command(&cfg, &dir)
+    let mut child = command(&cfg, &dir, warren::testing::free_port())
         .env("WARREN_AMQP_URL", &url)
         .stdout(Stdio::null())
         .stderr(Stdio::piped())
