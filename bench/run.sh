@@ -47,7 +47,7 @@ bench() {
 bench --scenario publish --messages "$MESSAGES" --runs "$RUNS" --peers celery,rusty-celery \
   --sides plain,library,cli,api,plain-contract \
   --peer-messages "${PEER_MESSAGES:-3000}"
-bench --scenario drain --messages "$MESSAGES" --runs "$RUNS" --max-priority 10,0 \
+bench --scenario drain --messages "$MESSAGES" --runs "$RUNS" --max-priority 0,10 \
   --broker-pid "$broker_pid" --peers celery,rusty-celery --peer-messages "${PEER_MESSAGES:-3000}"
 bench --scenario latency --seconds 5
 

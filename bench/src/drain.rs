@@ -64,7 +64,7 @@ fn topo(tag: &str, max_priority: u8) -> Topology {
         prefix: format!("bench.drain{tag}.{}", std::process::id()),
         queue_type: QueueType::Classic,
         queues: vec![QueueConfig {
-            max_priority,
+            max_priority: Some(max_priority),
             ..QueueConfig::default()
         }],
         ..TopologyConfig::default()
@@ -173,7 +173,7 @@ pub async fn drain_scenario(conn: &Connection, args: &Args, url: &str) -> Result
             );
         }
         let queue = if *prio == 0 {
-            "no priorities".to_owned()
+            "no priorities (the default queue)".to_owned()
         } else {
             format!("`x-max-priority = {prio}`")
         };

@@ -70,8 +70,9 @@ struct Args {
     #[arg(long)]
     consumer_bin: Option<PathBuf>,
     /// `drain`: the work queue's `x-max-priority`, one or more settings
-    /// measured in the same run (e.g. `10,0`).
-    #[arg(long, value_delimiter = ',', default_value = "10")]
+    /// measured in the same run (e.g. `0,10`; 0, no priorities, is what a
+    /// new default queue gets).
+    #[arg(long, value_delimiter = ',', default_value = "0")]
     max_priority: Vec<u8>,
     /// `drain`: the broker's OS pid (e.g. `$(cat DIR/rabbit.pid)` of
     /// `deploy/broker.sh`), to report its CPU per drained task too. Only

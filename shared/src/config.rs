@@ -407,8 +407,11 @@ pub struct QueueConfig {
     /// Topic patterns on the task exchange (`#` = every task).
     pub bindings: Vec<String>,
     /// `x-max-priority` for classic queues; 0 turns priorities off. Ignored on
-    /// quorum queues, which have no priorities in RabbitMQ 3.x.
-    pub max_priority: u8,
+    /// quorum queues, which have no priorities in RabbitMQ 3.x. Unset: a queue
+    /// warren creates has none (they cost the broker ~2× per task), and a
+    /// queue that exists already is used as it was declared, so a deployment
+    /// made when the default was 10 keeps working.
+    pub max_priority: Option<u8>,
 }
 
 impl Default for QueueConfig {
@@ -416,7 +419,7 @@ impl Default for QueueConfig {
         Self {
             name: "default".into(),
             bindings: vec!["#".into()],
-            max_priority: 10,
+            max_priority: None,
         }
     }
 }

@@ -42,7 +42,8 @@ use crate::error::Error;
 pub struct WorkQueue {
     pub name: String,
     pub bindings: Vec<String>,
-    pub max_priority: u8,
+    /// `None`: see [`crate::config::QueueConfig::max_priority`].
+    pub max_priority: Option<u8>,
 }
 
 /// Names and definitions of all objects for one prefix.
@@ -164,6 +165,18 @@ impl Topology {
     }
     pub fn work_queues(&self) -> &[WorkQueue] {
         &self.queues
+    }
+
+    /// Whether [`declare`] uses the work queue `name` as it exists instead of
+    /// declaring its arguments: a classic queue whose `max_priority` is unset,
+    /// which an older warren declared with `x-max-priority = 10` (the broker
+    /// refuses to redeclare a queue with other arguments).
+    pub fn adopts_existing(&self, name: &str) -> bool {
+        self.queue_type == QueueType::Classic
+            && self
+                .queues
+                .iter()
+                .any(|q| q.name == name && q.max_priority.is_none())
     }
     /// Full name of a configured work queue given its short or full name.
     pub fn work_queue(&self, name: &str) -> Option<&WorkQueue> {
@@ -288,12 +301,11 @@ impl Topology {
                     AMQPValue::LongLongInt(self.delivery_limit.into()),
                 );
             }
-            if self.queue_type == QueueType::Classic && q.max_priority > 0 {
-                put(
-                    &mut args,
-                    "x-max-priority",
-                    AMQPValue::ShortShortUInt(q.max_priority),
-                );
+            match q.max_priority {
+                Some(p) if p > 0 && self.queue_type == QueueType::Classic => {
+                    put(&mut args, "x-max-priority", AMQPValue::ShortShortUInt(p))
+                }
+                _ => {}
             }
             out.push(Object::Queue {
                 name: q.name.clone(),
@@ -423,7 +435,7 @@ pub async fn declare(conn: &Connection, topo: &Topology) -> Result<(), Error> {
     }
     // Own channel: a failed declare closes it, and the caller's channels
     // must survive that.
-    let ch = conn.create_channel().await?;
+    let mut ch = conn.create_channel().await?;
     let durable = ExchangeDeclareOptions {
         durable: true,
         ..ExchangeDeclareOptions::default()
@@ -438,10 +450,22 @@ pub async fn declare(conn: &Connection, topo: &Topology) -> Result<(), Error> {
                 ch.exchange_declare(name.as_str().into(), kind.clone(), durable, args.clone())
                     .await
             }
-            Object::Queue { name, args } => ch
-                .queue_declare(name.as_str().into(), qdurable, args.clone())
-                .await
-                .map(|_| ()),
+            Object::Queue { name, args } => {
+                if topo.adopts_existing(name) {
+                    match passive_queue(&ch, name).await {
+                        Ok(()) => {
+                            tracing::debug!(queue = %name, "work queue exists; used as declared (max_priority unset)");
+                            continue;
+                        }
+                        // A refused passive declare closed the channel.
+                        Err(e) if not_found(&e) => ch = conn.create_channel().await?,
+                        Err(e) => return Err(Error::Amqp(e)),
+                    }
+                }
+                ch.queue_declare(name.as_str().into(), qdurable, args.clone())
+                    .await
+                    .map(|_| ())
+            }
             Object::QueueBind {
                 queue,
                 exchange,
@@ -514,15 +538,7 @@ pub async fn check(conn: &Connection, topo: &Topology) -> Result<(), Error> {
                 )
                 .await
             }
-            Object::Queue { name, .. } => {
-                let passive = QueueDeclareOptions {
-                    passive: true,
-                    ..QueueDeclareOptions::default()
-                };
-                ch.queue_declare(name.as_str().into(), passive, FieldTable::default())
-                    .await
-                    .map(|_| ())
-            }
+            Object::Queue { name, .. } => passive_queue(&ch, name).await,
             _ => continue,
         };
         if let Err(e) = res {
@@ -539,6 +555,18 @@ pub async fn check(conn: &Connection, topo: &Topology) -> Result<(), Error> {
     }
     let _ = ch.close(200, "topology checked".into()).await;
     Ok(())
+}
+
+/// Whether `name` exists, whatever its arguments (a passive declare; a
+/// missing queue closes `ch`).
+async fn passive_queue(ch: &lapin::Channel, name: &str) -> Result<(), lapin::Error> {
+    let passive = QueueDeclareOptions {
+        passive: true,
+        ..QueueDeclareOptions::default()
+    };
+    ch.queue_declare(name.into(), passive, FieldTable::default())
+        .await
+        .map(|_| ())
 }
 
 fn not_found(e: &lapin::Error) -> bool {
@@ -644,7 +672,12 @@ mod tests {
                 QueueConfig {
                     name: "q.emails".into(),
                     bindings: vec!["email.*".into()],
-                    max_priority: 0,
+                    max_priority: Some(0),
+                },
+                QueueConfig {
+                    name: "q.urgent".into(),
+                    bindings: vec!["urgent.*".into()],
+                    max_priority: Some(10),
                 },
             ],
             delivery_limit: 20,
@@ -715,8 +748,25 @@ mod tests {
             "quorum work queues bound redeliveries"
         );
         let c = topo(QueueType::Classic);
-        let prio = c.objects().into_iter().any(|o| matches!(o, Object::Queue { name, args } if name == "t.default" && args.contains_key("x-max-priority")));
-        assert!(prio);
+        let prio = |queue: &str| {
+            c.objects().into_iter().find_map(|o| match o {
+                Object::Queue { name, args } if name == queue => {
+                    Some(args.inner().get("x-max-priority").cloned())
+                }
+                _ => None,
+            })
+        };
+        // Priorities are opt-in: unset and 0 declare none, a number declares it.
+        assert_eq!(prio("t.default"), Some(None));
+        assert_eq!(prio("t.q.emails"), Some(None));
+        assert_eq!(
+            prio("t.q.urgent"),
+            Some(Some(AMQPValue::ShortShortUInt(10)))
+        );
+        assert!(c.adopts_existing("t.default"));
+        assert!(!c.adopts_existing("t.q.emails"));
+        assert!(!c.adopts_existing("t.q.urgent"));
+        assert!(!c.adopts_existing("t.dead"));
     }
 
     #[test]
@@ -757,7 +807,8 @@ mod tests {
                     key,
                 } if !queue.contains(".delay.")
                     && queue != t.dead_queue()
-                    && queue != t.workflows_queue() =>
+                    && queue != t.workflows_queue()
+                    && queue != "t.q.urgent" =>
                 {
                     Some((queue, exchange, key))
                 }

@@ -135,7 +135,9 @@ async fn declaring_twice_is_a_no_op() {
 #[tokio::test]
 async fn conflicting_queue_names_object_and_argument() {
     let conn = testing::connect().await;
-    let cfg = testing::topology_config("conflict", QueueType::Classic);
+    let mut cfg = testing::topology_config("conflict", QueueType::Classic);
+    // Set explicitly: an unset `max_priority` adopts the queue instead.
+    cfg.queues[0].max_priority = Some(0);
     let topo = Topology::new(&cfg);
     let queue = topo.work_queues()[0].name.clone();
     let ch = conn.create_channel().await.unwrap();
@@ -169,6 +171,52 @@ async fn conflicting_queue_names_object_and_argument() {
     // The caller's connection survives the refusal.
     assert!(conn.status().connected());
     testing::delete_topology(&conn, &topo).await;
+}
+
+/// Priorities are opt-in: a queue created with `max_priority` unset has none
+/// (so redeclaring it with `0` is equivalent and with `10` conflicts), while
+/// a priority queue an older warren declared (default 10) is used as it is
+/// when `max_priority` is unset, and refused when it is set to something else.
+#[tokio::test]
+async fn unset_max_priority_creates_none_and_adopts_an_existing_priority_queue() {
+    let conn = testing::connect().await;
+    let with = |cfg: &TopologyConfig, p: Option<u8>| {
+        let mut c = cfg.clone();
+        c.queues[0].max_priority = p;
+        Topology::new(&c)
+    };
+    let conflict_arg = |e: Error| match e {
+        Error::TopologyConflict { argument, .. } => argument,
+        other => panic!("expected a topology conflict, got {other}"),
+    };
+
+    let fresh = testing::topology_config("prio_fresh", QueueType::Classic);
+    topology::declare(&conn, &with(&fresh, None)).await.unwrap();
+    topology::declare(&conn, &with(&fresh, Some(0)))
+        .await
+        .expect("a new default queue has no x-max-priority");
+    let err = topology::declare(&conn, &with(&fresh, Some(10)))
+        .await
+        .unwrap_err();
+    assert_eq!(conflict_arg(err), "x-max-priority");
+    testing::delete_topology(&conn, &with(&fresh, None)).await;
+
+    let older = testing::topology_config("prio_older", QueueType::Classic);
+    topology::declare(&conn, &with(&older, Some(10)))
+        .await
+        .unwrap();
+    topology::declare(&conn, &with(&older, None))
+        .await
+        .expect("unset adopts the existing priority queue");
+    topology::declare(&conn, &with(&older, Some(10)))
+        .await
+        .expect("it still is one");
+    let err = topology::declare(&conn, &with(&older, Some(0)))
+        .await
+        .unwrap_err();
+    assert_eq!(conflict_arg(err), "x-max-priority");
+    assert!(conn.status().connected());
+    testing::delete_topology(&conn, &with(&older, None)).await;
 }
 
 async fn delays_arrive_on_time(qt: QueueType, test: &str) {
@@ -244,7 +292,7 @@ fn emails_only(test: &str, qt: QueueType) -> TopologyConfig {
         queues: vec![QueueConfig {
             name: "emails".into(),
             bindings: vec!["email.*".into()],
-            max_priority: 0,
+            max_priority: Some(0),
         }],
         ..testing::topology_config(test, qt)
     }
@@ -650,7 +698,7 @@ async fn overlapping_bindings(qt: QueueType, test: &str) {
     cfg.queues.push(QueueConfig {
         name: "emails".into(),
         bindings: vec!["email.*".into()],
-        max_priority: 0,
+        max_priority: Some(0),
     });
     let conn = testing::connect().await;
     let topo = Topology::new(&cfg);

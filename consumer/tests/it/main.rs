@@ -13,6 +13,7 @@ mod flow;
 mod handlers;
 mod helpers;
 mod outcomes;
+mod priorities;
 mod processes;
 mod reconnect;
 mod security;

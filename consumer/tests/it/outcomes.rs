@@ -502,7 +502,7 @@ async fn consumes_only_the_selected_queues() {
     cfg.topology.queues.push(warren::config::QueueConfig {
         name: "q.emails".into(),
         bindings: vec!["email.*".into()],
-        max_priority: 0,
+        max_priority: Some(0),
     });
     cfg.worker.queues = vec!["q.emails".into()];
     let app = spawn_worker(cfg, reg).await;
