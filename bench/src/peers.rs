@@ -125,11 +125,7 @@ impl Peer {
             String::from_utf8_lossy(&out.stdout),
             String::from_utf8_lossy(&out.stderr)
         );
-        let rate = text
-            .lines()
-            .filter_map(|l| l.strip_prefix("rate "))
-            .find_map(|r| r.trim().parse::<f64>().ok());
-        match rate {
+        match parse_rate(&text) {
             Some(r) => {
                 self.rates.push(r);
                 Ok(r)
@@ -142,6 +138,13 @@ impl Peer {
             ),
         }
     }
+}
+
+/// The first `rate <tasks/s>` line of a peer's output.
+fn parse_rate(text: &str) -> Option<f64> {
+    text.lines()
+        .filter_map(|l| l.strip_prefix("rate "))
+        .find_map(|r| r.trim().parse::<f64>().ok())
 }
 
 /// The peer named `key`, if it ran.
@@ -163,4 +166,102 @@ pub fn celery_cell(peers: &[Peer]) -> String {
 /// the same machine), when rusty-celery ran.
 pub fn rusty_ratios(peers: &[Peer], warren: &[f64]) -> Option<Vec<f64>> {
     find(peers, "rusty-celery").map(|p| table::ratios(&p.rates, warren))
+}
+
+#[cfg(test)]
+mod tests {
+    use std::os::unix::fs::PermissionsExt;
+
+    use clap::Parser;
+
+    use super::*;
+
+    fn args(peer_dir: &std::path::Path) -> Args {
+        Args::parse_from([
+            "warren-bench".as_ref(),
+            "--peers".as_ref(),
+            "rusty-celery".as_ref(),
+            "--messages".as_ref(),
+            "7".as_ref(),
+            "--peer-dir".as_ref(),
+            peer_dir.as_os_str(),
+        ])
+    }
+
+    #[test]
+    fn the_rate_line_is_found_among_others() {
+        let out = "sent 5000 in 0.04 s, all in the queue after 0.22 s (no publisher confirms)\nrate 22646\n";
+        assert_eq!(parse_rate(out), Some(22646.0));
+        assert_eq!(parse_rate("Traceback: no rate here"), None);
+    }
+
+    #[test]
+    fn rusty_celery_without_its_binary_is_skipped_and_not_measured() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let peers = from_args(&args(dir.path()));
+        assert!(peers.is_empty());
+        assert_eq!(rusty_cell(&peers), "not measured");
+        assert!(rusty_ratios(&peers, &[1.0]).is_none());
+    }
+
+    #[test]
+    fn rusty_celery_cells_and_ratios_come_from_its_runs() {
+        let peer = Peer {
+            key: "rusty-celery",
+            name: "rusty-celery",
+            program: "unused".into(),
+            lead: Vec::new(),
+            n: 1,
+            rates: vec![10_000.0, 20_000.0],
+        };
+        let peers = [peer];
+        assert_eq!(rusty_cell(&peers), "20.0k/s (10.0k–20.0k)");
+        assert_eq!(celery_cell(&peers), "—");
+        assert_eq!(
+            rusty_ratios(&peers, &[15_000.0, 10_000.0]),
+            Some(vec![1.5, 0.5])
+        );
+    }
+
+    /// A stand-in for the built peer binary: what warren-bench passes it and
+    /// reads back, against the real broker (the peer crate itself is never
+    /// built by the workspace's tests).
+    #[tokio::test]
+    async fn a_built_rusty_celery_peer_runs_with_the_celery_peer_cli() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let bin_dir = dir.path().join("rusty-celery/target/release");
+        std::fs::create_dir_all(&bin_dir).expect("bin dir");
+        let argv = dir.path().join("argv");
+        let bin = bin_dir.join("rusty-celery-peer");
+        std::fs::write(
+            &bin,
+            format!(
+                "#!/bin/sh\necho \"$@\" > '{}'\necho rate 1234\n",
+                argv.display()
+            ),
+        )
+        .expect("write stand-in");
+        std::fs::set_permissions(&bin, std::fs::Permissions::from_mode(0o755)).expect("chmod");
+
+        let mut peers = from_args(&args(dir.path()));
+        assert_eq!(peers.len(), 1);
+        let url = warren::testing::broker_url();
+        let amqp = warren::config::AmqpConfig {
+            url: warren::config::Secret::new(url.to_owned()),
+            ..Default::default()
+        };
+        let conn = warren::amqp::connect(&amqp, "bench-peers-test")
+            .await
+            .expect("connect");
+        let rate = peers[0].run(&conn, url, "drain").await.expect("peer run");
+        assert_eq!(rate, 1234.0);
+        assert_eq!(peers[0].rates, vec![1234.0]);
+        let seen = std::fs::read_to_string(&argv).expect("argv written");
+        let queue = format!("bench.rusty-celery.{}.1", std::process::id());
+        assert_eq!(
+            seen.trim(),
+            format!("drain --url {url} --queue {queue} -n 7")
+        );
+        conn.close(200, "done".into()).await.ok();
+    }
 }
