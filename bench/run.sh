@@ -5,6 +5,7 @@
 #
 #   bash bench/run.sh                 # ~10 minutes on a 2-core machine
 #   MESSAGES=20000 RUNS=3 bash bench/run.sh --no-write   # quicker, prints only
+#   bash bench/run.sh --no-peers      # warren and plain lapin only
 #
 # Builds the release binaries, starts a throwaway RabbitMQ node of its own
 # (deploy/broker.sh, random port), runs the publish, drain (both queue
@@ -12,13 +13,26 @@
 # sides run by run so the ratios hold on a machine whose speed drifts, and
 # prints the Markdown table with the machine, the broker version and the
 # load average. Benchmarks report; nothing here fails on a number.
+# The peers (Python Celery, and rusty-celery built from bench/peers/rusty-celery,
+# a crate outside the workspace) get their columns when they can be had; one
+# that cannot is "not measured", with the reason printed.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 MESSAGES=${MESSAGES:-50000}
 RUNS=${RUNS:-5}
 write=1
-[[ ${1:-} == --no-write ]] && write=0
+with_peers=1
+for arg in "$@"; do
+  case $arg in
+  --no-write) write=0 ;;
+  --no-peers) with_peers=0 ;;
+  *)
+    echo "bench/run.sh: unknown argument $arg (--no-write, --no-peers)" >&2
+    exit 2
+    ;;
+  esac
+done
 
 work=$(mktemp -d)
 broker="$work/broker"
@@ -29,11 +43,24 @@ cleanup() {
 trap cleanup EXIT
 
 cargo build --release -q -p warren-bench -p warren-consumer -p warren-producer
-# Python Celery is a peer when it can be had (never in CI's test path).
-if ! python3 -c 'import celery' 2>/dev/null; then
-  python3 -m pip install -q celery 2>/dev/null ||
-    python3 -m pip install -q --break-system-packages celery 2>/dev/null ||
-    echo "bench/run.sh: could not install Python Celery; its column stays empty"
+peers=
+if ((with_peers)); then
+  # Python Celery is a peer when it can be had (never in CI's test path).
+  if ! python3 -c 'import celery' 2>/dev/null; then
+    python3 -m pip install -q celery 2>/dev/null ||
+      python3 -m pip install -q --break-system-packages celery 2>/dev/null ||
+      echo "bench/run.sh: could not install Python Celery; its column stays empty"
+  fi
+  peers=celery
+  # Its own target dir, whatever CARGO_TARGET_DIR says: warren-bench looks there.
+  if CARGO_TARGET_DIR=bench/peers/rusty-celery/target \
+    cargo build --release -q --manifest-path bench/peers/rusty-celery/Cargo.toml; then
+    peers=celery,rusty-celery
+  else
+    echo "bench/run.sh: the rusty-celery peer did not build (above); its column says not measured"
+  fi
+else
+  echo "bench/run.sh: --no-peers: the rusty-celery and Celery columns say not measured / —"
 fi
 url=$(bash deploy/broker.sh start --dir "$broker" --port 0 --name "warren-bench-$$" | tail -n 1)
 broker_pid=$(cat "$broker/rabbit.pid")
@@ -44,11 +71,11 @@ load_before=$(cut -d' ' -f1-3 /proc/loadavg)
 bench() {
   target/release/warren-bench --url "$url" --table "$rows" "$@" | tee -a "$work/detail.txt"
 }
-bench --scenario publish --messages "$MESSAGES" --runs "$RUNS" --peers celery,rusty-celery \
+bench --scenario publish --messages "$MESSAGES" --runs "$RUNS" --peers "$peers" \
   --sides plain,library,cli,api,plain-contract \
   --peer-messages "${PEER_MESSAGES:-3000}"
 bench --scenario drain --messages "$MESSAGES" --runs "$RUNS" --max-priority 0,10 \
-  --broker-pid "$broker_pid" --peers celery,rusty-celery --peer-messages "${PEER_MESSAGES:-3000}"
+  --broker-pid "$broker_pid" --peers "$peers" --peer-messages "${PEER_MESSAGES:-3000}"
 bench --scenario latency --seconds 5
 
 load_after=$(cut -d' ' -f1-3 /proc/loadavg)

@@ -19,7 +19,9 @@
 //! its median, consumer CPU per task over the timed window (from
 //! `/proc/<pid>/stat`; for the plain side the bench process, which does
 //! nothing else meanwhile), the broker's too with `--broker-pid`, and the
-//! consumer's peak RSS (`VmHWM`).
+//! consumer's peak RSS (`VmHWM`). With `--peers`, each run starts with one
+//! drain of `--peer-messages` tasks per peer (see [`peers`]); the rows then
+//! carry the peers' rates and warren / rusty-celery run by run.
 
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
@@ -77,13 +79,11 @@ pub async fn drain_scenario(conn: &Connection, args: &Args, url: &str) -> Result
     // Per priority setting: plain and warren results, in run order.
     let mut plain: Vec<Vec<Drained>> = priorities.iter().map(|_| Vec::new()).collect();
     let mut warren: Vec<Vec<Drained>> = priorities.iter().map(|_| Vec::new()).collect();
-    let mut celery = peers::Celery::from_args(args);
-    let mut celery_rates = Vec::new();
+    let mut peers = peers::from_args(args);
     for run in 0..args.runs {
-        if let Some(c) = celery.as_mut() {
-            let rate = c.run(conn, url, "drain").await?;
-            warren::outln!("drain run {run} Python Celery: {rate:.0} msgs/s");
-            celery_rates.push(rate);
+        for peer in &mut peers {
+            let rate = peer.run(conn, url, "drain").await?;
+            warren::outln!("drain run {run} {}: {rate:.0} msgs/s", peer.name);
         }
         for (pi, &prio) in priorities.iter().enumerate() {
             // Alternate which side goes first, run by run and setting by setting.
@@ -166,6 +166,14 @@ pub async fn drain_scenario(conn: &Connection, args: &Args, url: &str) -> Result
                 median(&broker(&warren[pi]))
             );
         }
+        let vs_rusty = peers::rusty_ratios(&peers, &w);
+        if let Some(r) = &vs_rusty {
+            warren::outln!(
+                "drain max_priority {prio}: warren / rusty-celery per run [{}], median {:.2} (rusty-celery's queue has no priorities)",
+                list(r, 2),
+                median(r)
+            );
+        }
         if let Some(kib) = rss {
             warren::outln!(
                 "drain max_priority {prio}: warren-consumer peak RSS {:.1} MiB (max over runs)",
@@ -188,10 +196,14 @@ pub async fn drain_scenario(conn: &Connection, args: &Args, url: &str) -> Result
                 Spread::of(&w).to_string(),
                 Spread::of(&ratios).ratio(),
                 "≥ 0.8".into(),
-                "not measured".into(),
-                peers::cell(&celery_rates),
+                peers::rusty_cell(&peers),
+                peers::celery_cell(&peers),
                 format!(
-                    "CPU/task µs: consumer {:.1} (plain {:.1}), broker {}; peak RSS {}",
+                    "{}CPU/task µs: consumer {:.1} (plain {:.1}), broker {}; peak RSS {}",
+                    vs_rusty.as_ref().map_or(String::new(), |r| format!(
+                        "warren / rusty-celery {} (target ≥ 1.0); ",
+                        Spread::of(r).ratio()
+                    )),
                     median(&cpu(&warren[pi])),
                     median(&cpu(&plain[pi])),
                     if args.broker_pid.is_some() {

@@ -104,13 +104,15 @@ struct Args {
     #[arg(long, default_value_t = 10.0)]
     seconds: f64,
     /// `publish`, `drain`: peers measured in the same run: `celery` (Python
-    /// Celery, if `python3 -c 'import celery'` works), `rusty-celery`.
+    /// Celery, if `python3 -c 'import celery'` works), `rusty-celery` (if
+    /// `<peer-dir>/rusty-celery/target/release/rusty-celery-peer` is built).
     #[arg(long, value_delimiter = ',')]
     peers: Vec<String>,
-    /// Tasks per peer run (Python Celery publishes about 1k/s with confirms).
+    /// Tasks per Python Celery run (it publishes about 1k/s with confirms);
+    /// rusty-celery runs `--messages`, as warren's sides do.
     #[arg(long, default_value_t = 5000)]
     peer_messages: usize,
-    /// Where the peers' scripts are.
+    /// Where the peers' script and crate are.
     #[arg(long, default_value = "bench/peers")]
     peer_dir: PathBuf,
     /// Append each scenario's summary as Markdown table rows to this file

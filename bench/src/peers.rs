@@ -1,68 +1,119 @@
 //! `--peers`: other task systems measured in the same run, on the same
-//! broker. `celery` is Python Celery through `bench/peers/celery_peer.py`
-//! (skipped, with a message, when `python3 -c 'import celery'` fails);
-//! `rusty-celery` is not built into warren-bench yet and is reported as not
-//! measured.
+//! broker, each as a child process that prints `rate <tasks/s>`:
+//!
+//! * `celery`: Python Celery through `<peer-dir>/celery_peer.py` (skipped,
+//!   with a message, when `python3 -c 'import celery'` fails);
+//! * `rusty-celery`: the crates.io `celery` crate through the
+//!   `rusty-celery-peer` release binary of `<peer-dir>/rusty-celery` (a crate
+//!   outside the workspace; skipped, with the build command, when the binary
+//!   is missing).
 
+use std::ffi::OsString;
 use std::path::PathBuf;
 use std::process::Stdio;
 
 use anyhow::{bail, Context, Result};
 use lapin::Connection;
 
-use crate::table::Spread;
+use crate::table::{self, Spread};
 use crate::Args;
 
-/// Python Celery, when it can run here.
-pub struct Celery {
-    script: PathBuf,
+/// One peer and the rates of its runs so far.
+pub struct Peer {
+    /// Its `--peers` name, also its table column.
+    pub key: &'static str,
+    /// As the report names it.
+    pub name: &'static str,
+    program: PathBuf,
+    /// Arguments before the mode (the Python script).
+    lead: Vec<OsString>,
     n: usize,
-    runs: usize,
+    pub rates: Vec<f64>,
 }
 
-impl Celery {
-    /// The peer if `--peers` names it and Python has `celery`.
-    pub fn from_args(args: &Args) -> Option<Celery> {
-        if args.peers.iter().any(|p| p == "rusty-celery") {
-            warren::outln!("peers: rusty-celery not measured (not built into warren-bench; see docs/benchmarks.md)");
-        }
-        if !args.peers.iter().any(|p| p == "celery") {
-            return None;
-        }
-        let importable = std::process::Command::new("python3")
-            .args(["-c", "import celery"])
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .status()
-            .is_ok_and(|s| s.success());
-        if !importable {
-            warren::outln!("peers: Python Celery skipped: `python3 -c 'import celery'` failed (pip install celery)");
-            return None;
-        }
-        warren::outln!(
-            "peers: Python Celery, {} tasks a run, its own durable classic queue (no x-max-priority), solo pool, late acks, prefetch 64",
-            args.peer_messages
-        );
-        Some(Celery {
-            script: args.peer_dir.join("celery_peer.py"),
-            n: args.peer_messages,
-            runs: 0,
-        })
+/// The peers `--peers` names that can run here; a line for each one that
+/// cannot, saying why.
+pub fn from_args(args: &Args) -> Vec<Peer> {
+    let wanted = |key: &str| args.peers.iter().any(|p| p == key);
+    let mut peers = Vec::new();
+    if wanted("rusty-celery") {
+        peers.extend(rusty_celery(args));
     }
+    if wanted("celery") {
+        peers.extend(python_celery(args));
+    }
+    peers
+}
 
-    /// One run of `mode` (`publish` or `drain`): tasks per second.
+fn rusty_celery(args: &Args) -> Option<Peer> {
+    let dir = args.peer_dir.join("rusty-celery");
+    let bin = dir.join("target/release/rusty-celery-peer");
+    if !bin.is_file() {
+        warren::outln!(
+            "peers: rusty-celery skipped: {} not found (build it: cargo build --release --manifest-path {})",
+            bin.display(),
+            dir.join("Cargo.toml").display()
+        );
+        return None;
+    }
+    warren::outln!(
+        "peers: rusty-celery (celery crate 0.5), {} tasks a run (--messages), its own durable classic queue (no x-max-priority), late acks, prefetch 64; publishes without confirms",
+        args.messages
+    );
+    Some(Peer {
+        key: "rusty-celery",
+        name: "rusty-celery",
+        program: bin,
+        lead: Vec::new(),
+        n: args.messages,
+        rates: Vec::new(),
+    })
+}
+
+fn python_celery(args: &Args) -> Option<Peer> {
+    let importable = std::process::Command::new("python3")
+        .args(["-c", "import celery"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success());
+    if !importable {
+        warren::outln!("peers: Python Celery skipped: `python3 -c 'import celery'` failed (pip install celery)");
+        return None;
+    }
+    warren::outln!(
+        "peers: Python Celery, {} tasks a run, its own durable classic queue (no x-max-priority), solo pool, late acks, prefetch 64",
+        args.peer_messages
+    );
+    Some(Peer {
+        key: "celery",
+        name: "Python Celery",
+        program: "python3".into(),
+        lead: vec![args.peer_dir.join("celery_peer.py").into()],
+        n: args.peer_messages,
+        rates: Vec::new(),
+    })
+}
+
+impl Peer {
+    /// One run of `mode` (`publish` or `drain`) on a fresh queue, deleted
+    /// afterwards; its rate (tasks per second) is kept and returned.
     pub async fn run(&mut self, conn: &Connection, url: &str, mode: &str) -> Result<f64> {
-        self.runs += 1;
-        let queue = format!("bench.celery.{}.{}", std::process::id(), self.runs);
-        let out = tokio::process::Command::new("python3")
-            .arg(&self.script)
+        let queue = format!(
+            "bench.{}.{}.{}",
+            self.key,
+            std::process::id(),
+            self.rates.len() + 1
+        );
+        let out = tokio::process::Command::new(&self.program)
+            .args(&self.lead)
             .args([mode, "--url", url, "--queue", &queue, "-n"])
             .arg(self.n.to_string())
             .stdin(Stdio::null())
             .kill_on_drop(true)
             .output()
             .await
-            .with_context(|| format!("run {}", self.script.display()))?;
+            .with_context(|| format!("run {}", self.program.display()))?;
         if let Ok(ch) = conn.create_channel().await {
             ch.queue_delete(queue.as_str().into(), Default::default())
                 .await
@@ -74,14 +125,14 @@ impl Celery {
             String::from_utf8_lossy(&out.stdout),
             String::from_utf8_lossy(&out.stderr)
         );
-        let rate = text
-            .lines()
-            .filter_map(|l| l.split_once("rate ").map(|(_, r)| r.trim()))
-            .find_map(|r| r.parse::<f64>().ok());
-        match rate {
-            Some(r) => Ok(r),
+        match parse_rate(&text) {
+            Some(r) => {
+                self.rates.push(r);
+                Ok(r)
+            }
             None => bail!(
-                "Celery peer {mode} gave no rate ({}): {}",
+                "{} peer {mode} gave no rate ({}): {}",
+                self.name,
                 out.status,
                 text.trim()
             ),
@@ -89,11 +140,128 @@ impl Celery {
     }
 }
 
-/// A peer's cell: its spread, or a dash when it did not run.
-pub fn cell(rates: &[f64]) -> String {
-    if rates.is_empty() {
-        "—".into()
-    } else {
-        Spread::of(rates).to_string()
+/// The first `rate <tasks/s>` line of a peer's output.
+fn parse_rate(text: &str) -> Option<f64> {
+    text.lines()
+        .filter_map(|l| l.strip_prefix("rate "))
+        .find_map(|r| r.trim().parse::<f64>().ok())
+}
+
+/// The peer named `key`, if it ran.
+pub fn find<'a>(peers: &'a [Peer], key: &str) -> Option<&'a Peer> {
+    peers.iter().find(|p| p.key == key && !p.rates.is_empty())
+}
+
+/// The `rusty-celery` column: its spread, or "not measured".
+pub fn rusty_cell(peers: &[Peer]) -> String {
+    find(peers, "rusty-celery").map_or("not measured".into(), |p| Spread::of(&p.rates).to_string())
+}
+
+/// The `Celery` column: its spread, or a dash when it did not run.
+pub fn celery_cell(peers: &[Peer]) -> String {
+    find(peers, "celery").map_or("—".into(), |p| Spread::of(&p.rates).to_string())
+}
+
+/// `warren / rusty-celery` run by run (runs interleave, so run i of both saw
+/// the same machine), when rusty-celery ran.
+pub fn rusty_ratios(peers: &[Peer], warren: &[f64]) -> Option<Vec<f64>> {
+    find(peers, "rusty-celery").map(|p| table::ratios(&p.rates, warren))
+}
+
+#[cfg(test)]
+mod tests {
+    use std::os::unix::fs::PermissionsExt;
+
+    use clap::Parser;
+
+    use super::*;
+
+    fn args(peer_dir: &std::path::Path) -> Args {
+        Args::parse_from([
+            "warren-bench".as_ref(),
+            "--peers".as_ref(),
+            "rusty-celery".as_ref(),
+            "--messages".as_ref(),
+            "7".as_ref(),
+            "--peer-dir".as_ref(),
+            peer_dir.as_os_str(),
+        ])
+    }
+
+    #[test]
+    fn the_rate_line_is_found_among_others() {
+        let out = "sent 5000 in 0.04 s, all in the queue after 0.22 s (no publisher confirms)\nrate 22646\n";
+        assert_eq!(parse_rate(out), Some(22646.0));
+        assert_eq!(parse_rate("Traceback: no rate here"), None);
+    }
+
+    #[test]
+    fn rusty_celery_without_its_binary_is_skipped_and_not_measured() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let peers = from_args(&args(dir.path()));
+        assert!(peers.is_empty());
+        assert_eq!(rusty_cell(&peers), "not measured");
+        assert!(rusty_ratios(&peers, &[1.0]).is_none());
+    }
+
+    #[test]
+    fn rusty_celery_cells_and_ratios_come_from_its_runs() {
+        let peer = Peer {
+            key: "rusty-celery",
+            name: "rusty-celery",
+            program: "unused".into(),
+            lead: Vec::new(),
+            n: 1,
+            rates: vec![10_000.0, 20_000.0],
+        };
+        let peers = [peer];
+        assert_eq!(rusty_cell(&peers), "20.0k/s (10.0k–20.0k)");
+        assert_eq!(celery_cell(&peers), "—");
+        assert_eq!(
+            rusty_ratios(&peers, &[15_000.0, 10_000.0]),
+            Some(vec![1.5, 0.5])
+        );
+    }
+
+    /// A stand-in for the built peer binary: what warren-bench passes it and
+    /// reads back, against the real broker (the peer crate itself is never
+    /// built by the workspace's tests).
+    #[tokio::test]
+    async fn a_built_rusty_celery_peer_runs_with_the_celery_peer_cli() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let bin_dir = dir.path().join("rusty-celery/target/release");
+        std::fs::create_dir_all(&bin_dir).expect("bin dir");
+        let argv = dir.path().join("argv");
+        let bin = bin_dir.join("rusty-celery-peer");
+        std::fs::write(
+            &bin,
+            format!(
+                "#!/bin/sh\necho \"$@\" > '{}'\necho rate 1234\n",
+                argv.display()
+            ),
+        )
+        .expect("write stand-in");
+        std::fs::set_permissions(&bin, std::fs::Permissions::from_mode(0o755)).expect("chmod");
+
+        let mut peers = from_args(&args(dir.path()));
+        assert_eq!(peers.len(), 1);
+        let url = warren::testing::broker_url();
+        let amqp = warren::config::AmqpConfig {
+            url: warren::config::Secret::new(url.to_owned()),
+            ..Default::default()
+        };
+        let conn = warren::amqp::connect(&amqp, "bench-peers-test")
+            .await
+            .expect("connect");
+        let rate = peers[0].run(&conn, url, "drain").await.expect("peer run");
+        assert_eq!(rate, 1234.0);
+        assert_eq!(peers[0].rates, vec![1234.0]);
+        let seen = std::fs::read_to_string(&argv).expect("argv written");
+        let queue = format!("bench.rusty-celery.{}.1", std::process::id());
+        assert_eq!(
+            seen.trim(),
+            format!("drain --url {url} --queue {queue} -n 7")
+        );
+        conn.close(200, "done".into()).await.ok();
     }
 }

@@ -15,6 +15,10 @@
 //!
 //! Reported: each side's rate per run, the median ratio to plain lapin, and
 //! the client CPU per message of the in-process sides.
+//!
+//! With `--peers`, each run starts with one publish of `--peer-messages`
+//! tasks per peer (see [`peers`]): rusty-celery's rate goes to the library
+//! row with warren / rusty-celery, Python Celery's to the CLI row.
 
 use std::process::Stdio;
 use std::time::Instant;
@@ -119,13 +123,11 @@ pub async fn publish_scenario(conn: &Connection, args: &Args, url: &str) -> Resu
     };
     let mut rates: Vec<Vec<f64>> = vec![Vec::new(); SIDES.len()];
     let mut cpu: Vec<Vec<f64>> = vec![Vec::new(); 2];
-    let mut celery = peers::Celery::from_args(args);
-    let mut celery_rates = Vec::new();
+    let mut peers = peers::from_args(args);
     for run in 0..args.runs {
-        if let Some(c) = celery.as_mut() {
-            let rate = c.run(conn, url, "publish").await?;
-            warren::outln!("publish run {run} Python Celery: {rate:.0} msgs/s");
-            celery_rates.push(rate);
+        for peer in &mut peers {
+            let rate = peer.run(conn, url, "publish").await?;
+            warren::outln!("publish run {run} {}: {rate:.0} msgs/s", peer.name);
         }
         for k in 0..SIDES.len() {
             let i = (run + k) % SIDES.len();
@@ -211,6 +213,25 @@ pub async fn publish_scenario(conn: &Connection, args: &Args, url: &str) -> Resu
             }
             _ => "",
         };
+        // rusty-celery's `send_task` is an in-process library call too.
+        let vs_rusty = match side {
+            Side::Library => peers::rusty_ratios(&peers, &rates[i]),
+            _ => None,
+        };
+        if let Some(r) = &vs_rusty {
+            warren::outln!(
+                "publish: warren Publisher / rusty-celery per run [{}], median {:.2} (rusty-celery: no confirms, timed until all are in its queue)",
+                table::list(r, 2),
+                table::median(r)
+            );
+        }
+        let note = match &vs_rusty {
+            Some(r) => format!(
+                "warren / rusty-celery {} (rusty-celery publishes without confirms: timed until all are in its queue)",
+                Spread::of(r).ratio()
+            ),
+            None => note.to_owned(),
+        };
         table::row(
             args,
             &[
@@ -235,13 +256,16 @@ pub async fn publish_scenario(conn: &Connection, args: &Args, url: &str) -> Resu
                 } else {
                     "≥ 0.9".into()
                 },
-                "not measured".into(),
+                match side {
+                    Side::Library => peers::rusty_cell(&peers),
+                    _ => String::new(),
+                },
                 if *side == Side::Cli {
-                    peers::cell(&celery_rates)
+                    peers::celery_cell(&peers)
                 } else {
                     String::new()
                 },
-                note.into(),
+                note,
             ],
         )?;
     }
