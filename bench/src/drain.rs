@@ -105,7 +105,7 @@ pub async fn drain_scenario(conn: &Connection, args: &Args, url: &str) -> Result
                     )
                     .await?
                 } else {
-                    warren_drain(&bin, url, &t, prio, args.messages, broker).await?
+                    warren_drain(&bin, url, &t, prio, "", args.messages, broker).await?
                 };
                 let who = if side == 0 { "plain " } else { "warren" };
                 warren::outln!(
@@ -121,6 +121,36 @@ pub async fn drain_scenario(conn: &Connection, args: &Args, url: &str) -> Result
             }
         }
     }
+    // Memory at a large prefetch, as a fleet tuned for throughput runs it:
+    // one more drain, not timed against anything.
+    let big = match (args.rss_prefetch, priorities.first()) {
+        (0, _) | (_, None) => None,
+        (prefetch, Some(&prio)) => {
+            let t = topo("rss", prio);
+            topology::declare(conn, &t).await?;
+            plain_publish_body(conn, &t.tasks_exchange(), "bench.noop", args.messages, BODY)
+                .await?;
+            let worker = format!("[worker]\nprefetch = {prefetch}\nconcurrency = {prefetch}\n");
+            let r = warren_drain(
+                &bin,
+                url,
+                &t,
+                prio,
+                &worker,
+                args.messages,
+                Meter::new(None),
+            )
+            .await?;
+            warren::testing::delete_topology(conn, &t).await;
+            warren::outln!(
+                "drain max_priority {prio}: prefetch = concurrency = {prefetch}: {:.0} msgs/s, consumer CPU per task {:.1} µs, peak RSS {:.1} MiB",
+                r.rate,
+                r.cpu_us.unwrap_or(f64::NAN),
+                r.rss_kib.unwrap_or(0) as f64 / 1024.0
+            );
+            Some((prefetch, r))
+        }
+    };
     warren::outln!(
         "drain: {} tasks of {} bytes per run, {} runs per side; plain lapin prefetch {}, warren-consumer default worker config, noop handler",
         args.messages,
@@ -216,7 +246,14 @@ pub async fn drain_scenario(conn: &Connection, args: &Args, url: &str) -> Result
                         "—".into()
                     },
                     rss.map_or("—".into(), |k| format!("{:.1} MiB", k as f64 / 1024.0))
-                ),
+                ) + &match (&big, pi) {
+                    (Some((prefetch, r)), 0) => format!(
+                        "; at prefetch = concurrency = {prefetch}: peak RSS {:.1} MiB, CPU/task {:.1} µs",
+                        r.rss_kib.unwrap_or(0) as f64 / 1024.0,
+                        r.cpu_us.unwrap_or(f64::NAN)
+                    ),
+                    _ => String::new(),
+                },
             ],
         )?;
     }
@@ -327,13 +364,15 @@ async fn warren_drain(
     url: &str,
     t: &Topology,
     max_priority: u8,
+    worker: &str,
     n: usize,
     mut broker: Meter,
 ) -> Result<Drained> {
-    // The default worker config; only the work queue's priority setting (so
-    // the consumer's declaration matches ours), log level and handler.
+    // The default worker config (unless `worker` says otherwise); only the
+    // work queue's priority setting (so the consumer's declaration matches
+    // ours), log level and handler.
     let cfg = format!(
-        "[[topology.queues]]\nname = \"default\"\nbindings = [\"#\"]\nmax_priority = {max_priority}\n[log]\nlevel = \"warn\"\n[handlers.\"bench.*\"]\nkind = \"noop\"\n"
+        "[[topology.queues]]\nname = \"default\"\nbindings = [\"#\"]\nmax_priority = {max_priority}\n[log]\nlevel = \"warn\"\n[handlers.\"bench.*\"]\nkind = \"noop\"\n{worker}"
     );
     let mut proc = start_consumer_with(bin, url, t, &cfg).await?;
     let pid = proc.child.id().context("warren-consumer exited at once")?;

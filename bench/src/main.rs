@@ -74,6 +74,10 @@ struct Args {
     /// new default queue gets).
     #[arg(long, value_delimiter = ',', default_value = "0")]
     max_priority: Vec<u8>,
+    /// `drain`: after the timed runs, one more warren drain with
+    /// `prefetch = concurrency =` this, for its peak RSS (0: none).
+    #[arg(long, default_value_t = 256)]
+    rss_prefetch: u16,
     /// `drain`: the broker's OS pid (e.g. `$(cat DIR/rabbit.pid)` of
     /// `deploy/broker.sh`), to report its CPU per drained task too. Only
     /// meaningful when nothing else uses that broker meanwhile.
