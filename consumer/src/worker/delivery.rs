@@ -160,7 +160,7 @@ async fn handle<B: Broker>(shared: &Shared, msg: &Incoming<'_>, ticket: &Ticket<
                 .await;
             return;
         };
-        let series = ticket.received(handler.label.as_str());
+        let series = ticket.received(handler.label);
         let now = Utc::now();
         if let Some(nb) = task.not_before {
             if let Ok(wait) = (nb - now).to_std() {
@@ -177,7 +177,7 @@ async fn handle<B: Broker>(shared: &Shared, msg: &Incoming<'_>, ticket: &Ticket<
             pass,
             slot,
             refused,
-        }) = d.admit(&task, handler.label.as_str()).await
+        }) = d.admit(&task, handler.label).await
         else {
             return;
         };
