@@ -412,7 +412,13 @@ impl Task {
         let is_trace = |k: &str| k == headers::TRACEPARENT || k == headers::TRACESTATE;
         // Most traceless tasks carry no trace header at all: then the table
         // is left as it is, not copied entry by entry.
-        if self.trace.is_none() && self.extra_headers.inner().keys().any(|k| is_trace(k.as_str())) {
+        if self.trace.is_none()
+            && self
+                .extra_headers
+                .inner()
+                .keys()
+                .any(|k| is_trace(k.as_str()))
+        {
             let mut kept = FieldTable::default();
             for (k, v) in self.extra_headers.inner() {
                 if !is_trace(k.as_str()) {
