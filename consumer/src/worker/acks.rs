@@ -515,4 +515,106 @@ mod tests {
             .await;
         let _ = conn.close(200, "done".into()).await;
     }
+
+    /// On a real broker: a slow delivery holds back more finished ones than
+    /// the spare slots, so the oldest excess one is acked on its own; when
+    /// the slow one finishes, one multiple-ack settles it and the rest,
+    /// reaching over the tag already acked. The channel stays open (no tag
+    /// acked twice, none unknown) and nothing is left in the queue.
+    #[tokio::test]
+    async fn an_excess_ack_then_a_multiple_ack_over_it_on_a_real_channel() {
+        use futures_util::StreamExt;
+        use lapin::options::{
+            BasicConsumeOptions, BasicPublishOptions, BasicQosOptions, QueueDeclareOptions,
+            QueueDeleteOptions,
+        };
+        use lapin::types::FieldTable;
+        use lapin::BasicProperties;
+        use std::time::Duration;
+
+        use super::AckBook;
+
+        let conn = warren::testing::connect().await;
+        let queue = format!("warren.test.acks.{}", uuid::Uuid::new_v4().simple());
+        let setup = conn.create_channel().await.expect("channel");
+        setup
+            .queue_declare(
+                queue.as_str().into(),
+                QueueDeclareOptions::default(),
+                FieldTable::default(),
+            )
+            .await
+            .expect("declare");
+        for i in 1..=4u8 {
+            setup
+                .basic_publish(
+                    "".into(),
+                    queue.as_str().into(),
+                    BasicPublishOptions::default(),
+                    &[i],
+                    BasicProperties::default(),
+                )
+                .await
+                .expect("publish");
+        }
+        let ch = conn.create_channel().await.expect("channel");
+        ch.basic_qos(10, BasicQosOptions::default())
+            .await
+            .expect("qos");
+        let mut consumer = ch
+            .basic_consume(
+                queue.as_str().into(),
+                "acks-excess-test".into(),
+                BasicConsumeOptions::default(),
+                FieldTable::default(),
+            )
+            .await
+            .expect("consume");
+        // One spare slot.
+        let book = AckBook::new(ch.clone(), 1);
+        let mut d = Vec::new();
+        for _ in 0..4 {
+            let x = tokio::time::timeout(Duration::from_secs(10), consumer.next())
+                .await
+                .expect("a delivery within 10 s")
+                .expect("consumer open")
+                .expect("delivery");
+            book.delivered(x.delivery_tag);
+            d.push(x);
+        }
+        // 1 is slow; 2 and 3 finish: one more than the spare slot.
+        assert!(book.ack(d[1].delivery_tag, d[1].acker.clone()));
+        assert!(book.ack(d[2].delivery_tag, d[2].acker.clone()));
+        let tag2 = d[1].delivery_tag;
+        warren::testing::eventually(Duration::from_secs(10), "2 acked on its own", || {
+            let ready = book.ledger().ready.keys().copied().collect::<Vec<_>>();
+            let left = ready == vec![d[2].delivery_tag] && !ready.contains(&tag2);
+            async move { left.then_some(()) }
+        })
+        .await;
+        // 1 finishes: a multiple-ack on 3 covers 1 and 3, and 2 (acked).
+        assert!(book.ack(d[0].delivery_tag, d[0].acker.clone()));
+        assert!(book.ack(d[3].delivery_tag, d[3].acker.clone()));
+        book.flush().await;
+        ch.basic_qos(10, BasicQosOptions::default())
+            .await
+            .expect("the channel survived every ack");
+        ch.close(200, "done".into()).await.expect("close");
+        let left = setup
+            .queue_declare(
+                queue.as_str().into(),
+                QueueDeclareOptions {
+                    passive: true,
+                    ..QueueDeclareOptions::default()
+                },
+                FieldTable::default(),
+            )
+            .await
+            .expect("passive declare");
+        assert_eq!(left.message_count(), 0, "every delivery acked exactly once");
+        let _ = setup
+            .queue_delete(queue.as_str().into(), QueueDeleteOptions::default())
+            .await;
+        let _ = conn.close(200, "done".into()).await;
+    }
 }
