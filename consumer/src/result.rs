@@ -7,7 +7,7 @@
 //! flagged, see docs/workflows.md#results).
 
 use std::future::Future;
-use std::sync::{Arc, Mutex};
+use std::sync::Mutex;
 
 use serde_json::Value;
 
@@ -15,11 +15,10 @@ use serde_json::Value;
 /// result; anything longer is not taken as one.
 pub const READ_LIMIT: usize = 1024 * 1024;
 
-#[derive(Clone, Default)]
 struct Slot {
     /// Whether the running task is a workflow step (anyone reads the result).
     step: bool,
-    value: Arc<Mutex<Option<Value>>>,
+    value: Mutex<Option<Value>>,
 }
 
 tokio::task_local! {
@@ -47,10 +46,17 @@ pub fn wants_result() -> bool {
 pub(crate) async fn capture<F: Future>(step: bool, f: F) -> (F::Output, Option<Value>) {
     let slot = Slot {
         step,
-        value: Arc::default(),
+        value: Mutex::new(None),
     };
-    let out = SLOT.scope(slot.clone(), f).await;
-    let value = slot.value.lock().ok().and_then(|mut g| g.take());
+    // The slot lives in the scope's future and is taken back from it: no
+    // shared allocation per task.
+    let mut scoped = std::pin::pin!(SLOT.scope(slot, f));
+    let out = scoped.as_mut().await;
+    let value = scoped
+        .as_mut()
+        .take_value()
+        .and_then(|s| s.value.into_inner().ok())
+        .flatten();
     (out, value)
 }
 

@@ -409,10 +409,19 @@ impl Task {
     /// `traceparent` (a plain AMQP client). An invalid pair is dropped, as
     /// the W3C asks, so the new one is what every later copy carries.
     pub fn ensure_trace(&mut self) -> &TraceContext {
-        if self.trace.is_none() {
+        let is_trace = |k: &str| k == headers::TRACEPARENT || k == headers::TRACESTATE;
+        // Most traceless tasks carry no trace header at all: then the table
+        // is left as it is, not copied entry by entry.
+        if self.trace.is_none()
+            && self
+                .extra_headers
+                .inner()
+                .keys()
+                .any(|k| is_trace(k.as_str()))
+        {
             let mut kept = FieldTable::default();
             for (k, v) in self.extra_headers.inner() {
-                if k.as_str() != headers::TRACEPARENT && k.as_str() != headers::TRACESTATE {
+                if !is_trace(k.as_str()) {
                     kept.insert(k.clone(), v.clone());
                 }
             }
@@ -710,6 +719,19 @@ mod tests {
         // A valid one is kept as it is.
         let mut again = again;
         assert_eq!(again.ensure_trace(), &fresh);
+    }
+
+    #[test]
+    fn a_traceless_task_keeps_its_other_headers_when_it_gets_a_trace() {
+        let mut h = FieldTable::default();
+        h.insert("x-custom".into(), AMQPValue::LongString("v".into()));
+        let props = BasicProperties::default().with_headers(h);
+        let mut t = Task::decode("a", &props, b"{}", MAX).unwrap();
+        let fresh = t.ensure_trace().clone();
+        assert!(t.extra_headers.contains_key("x-custom"));
+        let again = Task::decode("a", &t.properties(), b"{}", MAX).unwrap();
+        assert_eq!(again.trace, Some(fresh));
+        assert!(again.extra_headers.contains_key("x-custom"));
     }
 
     #[test]

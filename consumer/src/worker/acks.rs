@@ -22,10 +22,13 @@
 //!   so no multiple-ack can overtake the nack.
 //! * A finished tag above an unfinished one (a slow task) is acked on its own
 //!   after [`FLUSH_AFTER`], so a long task never holds the others' acks (and
-//!   prefetch slots, and `consumer_timeout`) hostage; and at once when more
-//!   than `spare` (prefetch − concurrency) are held back, so held acks never
-//!   take the prefetch slots that deliveries need to start: a task never
-//!   waits for the broker because of the coalescing.
+//!   prefetch slots, and `consumer_timeout`) hostage; and at once, the
+//!   oldest first, as far as more than `spare` (prefetch − concurrency) are
+//!   held back, so held acks never take the prefetch slots that deliveries
+//!   need to start: a task never waits for the broker because of the
+//!   coalescing. Only the excess goes one by one: flushing every held tag
+//!   then cost a frame per task in a drain whose workers finish out of
+//!   order, where the rest would have gone in the next multiple-ack.
 //! * A failed ack or nack closes the channel: the broker then requeues
 //!   everything unacked on it, and the worker consumes on a fresh channel.
 
@@ -73,12 +76,6 @@ impl<A> Ledger<A> {
         }
     }
 
-    /// More finished tags are held back than the spare prefetch slots: the
-    /// broker may soon stop delivering while permits are free.
-    fn holds_too_many(&self) -> bool {
-        self.ready.len() > self.spare
-    }
-
     fn delivered(&mut self, tag: u64) {
         self.unfinished.insert(tag);
     }
@@ -111,6 +108,16 @@ impl<A> Ledger<A> {
     /// Every deferred tag, to be acked one by one.
     fn deferred(&mut self) -> Vec<A> {
         std::mem::take(&mut self.ready).into_values().collect()
+    }
+
+    /// The oldest finished tags beyond the spare slots, to be acked one by
+    /// one: what brings the held-back count back to `spare`. The rest stay
+    /// for the multiple-ack that follows once the hole below them closes.
+    fn excess(&mut self) -> Vec<A> {
+        let n = self.ready.len().saturating_sub(self.spare);
+        std::iter::from_fn(|| self.ready.pop_first().map(|(_, a)| a))
+            .take(n)
+            .collect()
     }
 }
 
@@ -242,9 +249,12 @@ async fn send_frames(
             None => true,
         };
         let ok = ok && ack_run(&book).await;
-        // Its own statement: the ledger's lock is not held across an await.
-        let flush_deferred = flush_deferred || book.ledger().holds_too_many();
-        let ok = ok && (!flush_deferred || ack_deferred(&book).await);
+        let ok = ok
+            && if flush_deferred {
+                ack_deferred(&book).await
+            } else {
+                ack_excess(&book).await
+            };
         if let Some(done) = flushed {
             let _ = done.send(());
         }
@@ -281,7 +291,18 @@ async fn ack_run(book: &AckBook) -> bool {
 /// Ack every finished tag above an unfinished one, each on its own.
 async fn ack_deferred(book: &AckBook) -> bool {
     let deferred = book.ledger().deferred();
-    for acker in deferred {
+    ack_each(deferred).await
+}
+
+/// Ack on its own each finished tag held back beyond the spare slots.
+async fn ack_excess(book: &AckBook) -> bool {
+    // Its own statement: the ledger's lock is not held across an await.
+    let excess = book.ledger().excess();
+    ack_each(excess).await
+}
+
+async fn ack_each(ackers: Vec<Acker>) -> bool {
+    for acker in ackers {
         if !ack(&acker, false).await {
             return false;
         }
@@ -347,6 +368,7 @@ mod tests {
 
     #[test]
     fn a_slow_delivery_holds_back_no_more_than_the_spare_slots() {
+        let none: Vec<u64> = Vec::new();
         let mut l = Ledger::new(2);
         for t in 1..=5 {
             l.delivered(t);
@@ -355,19 +377,23 @@ mod tests {
         l.finished(2, 2);
         l.finished(3, 3);
         assert_eq!(l.take_run(), None);
-        assert!(!l.holds_too_many());
-        // A third would take a slot a new delivery needs to start: all go.
+        assert_eq!(l.excess(), none);
+        // A third would take a slot a new delivery needs to start: the
+        // oldest goes on its own, the others still wait for 1.
         l.finished(4, 4);
         assert_eq!(l.take_run(), None);
-        assert!(l.holds_too_many());
-        assert_eq!(l.deferred(), vec![2, 3, 4]);
-        assert!(!l.holds_too_many());
+        assert_eq!(l.excess(), vec![2]);
+        assert_eq!(l.excess(), none);
+        // 1 done: one multiple-ack on 4 settles 1, 3 and 4 (2 is no longer
+        // outstanding, so the broker skips it).
+        l.finished(1, 1);
+        assert_eq!(l.take_run(), Some((4, 3)));
         // No spare slots (prefetch <= concurrency): nothing waits.
         let mut l = Ledger::new(0);
         l.delivered(1);
         l.delivered(2);
         l.finished(2, 2);
-        assert!(l.holds_too_many());
+        assert_eq!(l.excess(), vec![2]);
     }
 
     #[test]
@@ -472,6 +498,108 @@ mod tests {
             .expect("the channel survived every ack");
         ch.close(200, "done".into()).await.expect("close");
         // Anything unacked went back to the queue when the channel closed.
+        let left = setup
+            .queue_declare(
+                queue.as_str().into(),
+                QueueDeclareOptions {
+                    passive: true,
+                    ..QueueDeclareOptions::default()
+                },
+                FieldTable::default(),
+            )
+            .await
+            .expect("passive declare");
+        assert_eq!(left.message_count(), 0, "every delivery acked exactly once");
+        let _ = setup
+            .queue_delete(queue.as_str().into(), QueueDeleteOptions::default())
+            .await;
+        let _ = conn.close(200, "done".into()).await;
+    }
+
+    /// On a real broker: a slow delivery holds back more finished ones than
+    /// the spare slots, so the oldest excess one is acked on its own; when
+    /// the slow one finishes, one multiple-ack settles it and the rest,
+    /// reaching over the tag already acked. The channel stays open (no tag
+    /// acked twice, none unknown) and nothing is left in the queue.
+    #[tokio::test]
+    async fn an_excess_ack_then_a_multiple_ack_over_it_on_a_real_channel() {
+        use futures_util::StreamExt;
+        use lapin::options::{
+            BasicConsumeOptions, BasicPublishOptions, BasicQosOptions, QueueDeclareOptions,
+            QueueDeleteOptions,
+        };
+        use lapin::types::FieldTable;
+        use lapin::BasicProperties;
+        use std::time::Duration;
+
+        use super::AckBook;
+
+        let conn = warren::testing::connect().await;
+        let queue = format!("warren.test.acks.{}", uuid::Uuid::new_v4().simple());
+        let setup = conn.create_channel().await.expect("channel");
+        setup
+            .queue_declare(
+                queue.as_str().into(),
+                QueueDeclareOptions::default(),
+                FieldTable::default(),
+            )
+            .await
+            .expect("declare");
+        for i in 1..=4u8 {
+            setup
+                .basic_publish(
+                    "".into(),
+                    queue.as_str().into(),
+                    BasicPublishOptions::default(),
+                    &[i],
+                    BasicProperties::default(),
+                )
+                .await
+                .expect("publish");
+        }
+        let ch = conn.create_channel().await.expect("channel");
+        ch.basic_qos(10, BasicQosOptions::default())
+            .await
+            .expect("qos");
+        let mut consumer = ch
+            .basic_consume(
+                queue.as_str().into(),
+                "acks-excess-test".into(),
+                BasicConsumeOptions::default(),
+                FieldTable::default(),
+            )
+            .await
+            .expect("consume");
+        // One spare slot.
+        let book = AckBook::new(ch.clone(), 1);
+        let mut d = Vec::new();
+        for _ in 0..4 {
+            let x = tokio::time::timeout(Duration::from_secs(10), consumer.next())
+                .await
+                .expect("a delivery within 10 s")
+                .expect("consumer open")
+                .expect("delivery");
+            book.delivered(x.delivery_tag);
+            d.push(x);
+        }
+        // 1 is slow; 2 and 3 finish: one more than the spare slot.
+        assert!(book.ack(d[1].delivery_tag, d[1].acker.clone()));
+        assert!(book.ack(d[2].delivery_tag, d[2].acker.clone()));
+        let tag2 = d[1].delivery_tag;
+        warren::testing::eventually(Duration::from_secs(10), "2 acked on its own", || {
+            let ready = book.ledger().ready.keys().copied().collect::<Vec<_>>();
+            let left = ready == vec![d[2].delivery_tag] && !ready.contains(&tag2);
+            async move { left.then_some(()) }
+        })
+        .await;
+        // 1 finishes: a multiple-ack on 3 covers 1 and 3, and 2 (acked).
+        assert!(book.ack(d[0].delivery_tag, d[0].acker.clone()));
+        assert!(book.ack(d[3].delivery_tag, d[3].acker.clone()));
+        book.flush().await;
+        ch.basic_qos(10, BasicQosOptions::default())
+            .await
+            .expect("the channel survived every ack");
+        ch.close(200, "done".into()).await.expect("close");
         let left = setup
             .queue_declare(
                 queue.as_str().into(),

@@ -53,16 +53,24 @@ pub(crate) trait Broker: Send + Sync {
     fn abandon_session(&self);
 }
 
+/// What every delivery of one session reaches the broker through. Shared
+/// behind one `Arc`: cloning a publisher (a lapin `Channel`, a bundle of
+/// `Arc`s) and a cancellation token (a locked handle count) for every
+/// delivery costs more than the delivery's own bookkeeping.
+pub(crate) struct Link {
+    pub(crate) publisher: Publisher,
+    /// Cancelled to end the session.
+    pub(crate) broken: CancellationToken,
+}
+
 /// [`Broker`] for a delivery of a live session.
 pub(crate) struct LapinBroker {
-    pub(crate) publisher: Publisher,
+    pub(crate) link: Arc<Link>,
     pub(crate) acker: Acker,
     pub(crate) delivery_tag: u64,
     /// The acks of the channel the delivery came on (acks are valid only
     /// there); it holds that channel.
     pub(crate) acks: Arc<AckBook>,
-    /// Cancelled to end the session.
-    pub(crate) broken: CancellationToken,
 }
 
 impl Broker for LapinBroker {
@@ -73,7 +81,8 @@ impl Broker for LapinBroker {
         props: BasicProperties,
         body: &[u8],
     ) -> Result<(), warren::Error> {
-        self.publisher
+        self.link
+            .publisher
             .publish(exchange, routing_key, props, body)
             .await
     }
@@ -114,6 +123,6 @@ impl Broker for LapinBroker {
     }
 
     fn abandon_session(&self) {
-        self.broken.cancel();
+        self.link.broken.cancel();
     }
 }

@@ -19,19 +19,19 @@ use tokio_util::task::TaskTracker;
 use warren::amqp::Publisher;
 
 use super::acks::AckBook;
-use super::broker::LapinBroker;
+use super::broker::{LapinBroker, Link};
 use super::delivery::{self, Incoming};
 use super::Worker;
 
 /// One connection and what lives on it.
 pub(super) struct Session {
     pub(super) conn: Connection,
-    publisher: Publisher,
+    /// The publisher, and the token a task whose publish failed cancels
+    /// (the session is then unusable).
+    link: Arc<Link>,
     /// Channel, consumer tag and acks per consumed queue (same order as
     /// `queues`).
     consumers: Vec<(Channel, ShortString, Arc<AckBook>)>,
-    /// Cancelled by a task whose publish failed: the session is unusable.
-    broken: CancellationToken,
 }
 
 // Deliveries move by value: boxing each would cost an allocation per message.
@@ -76,9 +76,11 @@ impl Worker {
         match res {
             Ok(publisher) => Ok(Session {
                 conn,
-                publisher,
+                link: Arc::new(Link {
+                    publisher,
+                    broken: CancellationToken::new(),
+                }),
                 consumers: Vec::new(),
-                broken: CancellationToken::new(),
             }),
             Err(e) => {
                 let _ = conn.close(200, "setup failed".into()).await;
@@ -163,7 +165,7 @@ impl Worker {
             let permit = tokio::select! {
                 biased;
                 _ = shutdown.cancelled() => return (End::Shutdown, session),
-                _ = session.broken.cancelled() => return (End::Lost, session),
+                _ = session.link.broken.cancelled() => return (End::Lost, session),
                 p = sem.clone().acquire_owned() => match p {
                     Ok(p) => p,
                     Err(_) => return (End::Shutdown, session),
@@ -172,7 +174,7 @@ impl Worker {
             let ev = tokio::select! {
                 biased;
                 _ = shutdown.cancelled() => return (End::Shutdown, session),
-                _ = session.broken.cancelled() => return (End::Lost, session),
+                _ = session.link.broken.cancelled() => return (End::Lost, session),
                 ev = streams.next() => ev,
             };
             match ev {
@@ -185,12 +187,21 @@ impl Worker {
                     let acks = session.consumers[idx].2.clone();
                     // In delivery order, before any task can finish.
                     acks.delivered(d.delivery_tag);
+                    // Taken apart, so its acker moves instead of being cloned.
+                    let Delivery {
+                        delivery_tag,
+                        routing_key,
+                        redelivered,
+                        properties,
+                        data,
+                        acker,
+                        ..
+                    } = d;
                     let broker = LapinBroker {
-                        publisher: session.publisher.clone(),
-                        acker: d.acker.clone(),
-                        delivery_tag: d.delivery_tag,
+                        link: session.link.clone(),
+                        acker,
+                        delivery_tag,
                         acks,
-                        broken: session.broken.clone(),
                     };
                     // Boxed: tokio copies a task's future into its cell and
                     // its output over it, and this one is kilobytes (the
@@ -199,10 +210,10 @@ impl Worker {
                         let _permit = permit;
                         let msg = Incoming {
                             queue: &queue,
-                            routing_key: d.routing_key.as_str(),
-                            properties: &d.properties,
-                            body: &d.data,
-                            redelivered: d.redelivered,
+                            routing_key: routing_key.as_str(),
+                            properties: &properties,
+                            body: &data,
+                            redelivered,
                         };
                         delivery::supervise(&shared, &broker, msg).await;
                     }));

@@ -66,12 +66,14 @@ impl<'a, B: Broker> Ticket<'a, B> {
     }
 
     /// Ack and count `outcome`; if the ack fails the delivery is given back
-    /// (counted `requeued`). `fault` is the ack step's fail point.
+    /// (counted `requeued`). `fault` is the ack step's fail point. Giving
+    /// back is boxed: its state (a nack, a channel close) would otherwise
+    /// sit in every delivery's future.
     pub(super) async fn ack(&self, outcome: &'static str, fault: Result<(), String>) {
         if let Err(text) = fault {
             tracing::warn!(error = %text, "ack failed; giving the delivery back");
             // As if the ack never reached the broker: still unacked.
-            return self.give_back().await;
+            return Box::pin(self.give_back()).await;
         }
         match self.broker.ack().await {
             AckResult::Acked => {
@@ -80,11 +82,11 @@ impl<'a, B: Broker> Ticket<'a, B> {
             }
             AckResult::ChannelClosed => {
                 tracing::info!("channel closed before the ack; the broker will redeliver");
-                self.give_back().await
+                Box::pin(self.give_back()).await
             }
             AckResult::Failed(e) => {
                 tracing::info!(error = %e, "ack failed; the broker will redeliver");
-                self.give_back().await
+                Box::pin(self.give_back()).await
             }
         }
     }
