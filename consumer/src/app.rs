@@ -18,6 +18,9 @@ pub async fn run(cfg: ConsumerConfig, registry: Registry) -> anyhow::Result<()> 
     // Ids and the mode only: which tasks this fleet will refuse.
     let keys: Vec<&str> = cfg.security.keys.iter().map(|k| k.id.as_str()).collect();
     tracing::info!(verify = cfg.security.verify_mode().name(), keys = ?keys, "security");
+    // What the runtime really has, whatever asked for it (`worker.threads`).
+    let threads = tokio::runtime::Handle::current().metrics().num_workers();
+    tracing::info!(threads, "runtime");
     if cfg.worker.task_timeout >= std::time::Duration::from_secs(30 * 60) {
         tracing::warn!(
             task_timeout = %humantime::format_duration(cfg.worker.task_timeout),

@@ -95,6 +95,21 @@ pub struct WorkerConfig {
     /// connection is closed (unfinished tasks go back to the queue).
     #[serde(with = "humantime_serde")]
     pub drain_grace: Duration,
+    /// Runtime worker threads of the `warren-consumer` binary; unset = one per
+    /// two CPUs (at least one). lapin's I/O thread is busy besides them, and
+    /// the built-in handlers wait rather than compute, so fewer threads mean
+    /// fewer cross-thread wake-ups per delivery (docs/benchmarks.md).
+    pub threads: Option<usize>,
+}
+
+impl WorkerConfig {
+    /// The runtime worker threads `threads` asks for, on this machine.
+    pub fn runtime_threads(&self) -> usize {
+        self.threads.unwrap_or_else(|| {
+            let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
+            (cpus / 2).max(1)
+        })
+    }
 }
 
 impl Default for WorkerConfig {
@@ -106,6 +121,7 @@ impl Default for WorkerConfig {
             task_timeout: Duration::from_secs(300),
             max_body_bytes: 1 << 20,
             drain_grace: Duration::from_secs(30),
+            threads: None,
         }
     }
 }
@@ -330,6 +346,11 @@ impl ConsumerConfig {
                 &w.concurrency,
                 "must be within 1..=100000",
             );
+        }
+        if let Some(n) = w.threads {
+            if n == 0 || n > 1024 {
+                return err("worker.threads", &n, "must be within 1..=1024");
+            }
         }
         if w.task_timeout.is_zero() {
             return err(
@@ -578,6 +599,8 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(e.contains("argv"), "{e}");
+        let e = load("[worker]\nthreads = 0\n").unwrap_err().to_string();
+        assert!(e.contains("worker.threads") && e.contains('0'), "{e}");
         let e = load("[worker]\nqueues = [\"nope\"]\n")
             .unwrap_err()
             .to_string();

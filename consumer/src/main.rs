@@ -36,7 +36,8 @@ fn main() -> ExitCode {
             cli::check(path, &cfg, &registry);
             return ExitCode::SUCCESS;
         }
-        Command::Run => runtime().and_then(|rt| rt.block_on(app::run(cfg, registry))),
+        Command::Run => run_runtime(cfg.worker.runtime_threads())
+            .and_then(|rt| rt.block_on(app::run(cfg, registry))),
         Command::Dead(cmd) => runtime().and_then(|rt| rt.block_on(dead_cli::run(cfg, cmd))),
         Command::Declare => runtime().and_then(|rt| rt.block_on(dead_cli::declare(cfg))),
     };
@@ -49,6 +50,15 @@ fn main() -> ExitCode {
             ExitCode::FAILURE
         }
     }
+}
+
+/// The worker's runtime: `worker.threads` worker threads.
+fn run_runtime(threads: usize) -> anyhow::Result<tokio::runtime::Runtime> {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(threads)
+        .enable_all()
+        .build()
+        .map_err(|e| anyhow::anyhow!("cannot start the runtime: {e}"))
 }
 
 fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {

@@ -210,3 +210,27 @@ async fn kill_9_mid_task_loses_nothing() {
     drop((conn, publisher, topo));
     app.stop().await;
 }
+
+/// `worker.threads` sizes the binary's runtime; unset, one thread per two
+/// CPUs (at least one). The process logs what its runtime really has.
+#[tokio::test]
+async fn worker_threads_size_the_runtime() {
+    let cfg = config("threads");
+    let threads_of = |p: &Proc| -> Vec<u64> {
+        p.events("runtime")
+            .iter()
+            .filter_map(|v| v["threads"].as_u64())
+            .collect()
+    };
+    let set = spawn_process(&cfg, "[worker]\nthreads = 3\n");
+    let unset = spawn_process(&cfg, "");
+    for p in [&set, &unset] {
+        p.wait_log("consuming", 1).await;
+    }
+    let cpus = std::thread::available_parallelism().map_or(1, |n| n.get()) as u64;
+    assert_eq!(threads_of(&set), vec![3]);
+    assert_eq!(threads_of(&unset), vec![(cpus / 2).max(1)]);
+    drop((set, unset));
+    let conn = warren::testing::connect().await;
+    warren::testing::delete_topology(&conn, &warren::Topology::new(&cfg.topology)).await;
+}
