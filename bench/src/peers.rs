@@ -140,10 +140,11 @@ impl Peer {
     }
 }
 
-/// The first `rate <tasks/s>` line of a peer's output.
+/// The first `rate <tasks/s>` of a peer's output, also behind a log prefix
+/// (Python Celery's worker prints it through its logger).
 fn parse_rate(text: &str) -> Option<f64> {
     text.lines()
-        .filter_map(|l| l.strip_prefix("rate "))
+        .filter_map(|l| l.split_once("rate ").map(|(_, r)| r))
         .find_map(|r| r.trim().parse::<f64>().ok())
 }
 
@@ -193,6 +194,8 @@ mod tests {
         let out = "sent 5000 in 0.04 s, all in the queue after 0.22 s (no publisher confirms)\nrate 22646\n";
         assert_eq!(parse_rate(out), Some(22646.0));
         assert_eq!(parse_rate("Traceback: no rate here"), None);
+        let celery = "[2026-11-26 11:14:32,533: WARNING/MainProcess] rate 4779\n";
+        assert_eq!(parse_rate(celery), Some(4779.0));
     }
 
     #[test]
