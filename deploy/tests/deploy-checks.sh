@@ -635,15 +635,28 @@ for k, v in s["env"].items():
   done
 
   # 2. A producer firing a 1 s schedule and a consumer with a noop handler.
+  #    A workflow and a breaker-guarded http handler (never called) make
+  #    their series appear, so the alerts on them are checked too.
   cat >"$work/producer.toml" <<'EOF'
 [[schedules]]
 name = "deploy-checks"
 cron = "@every 1s"
 task = "deploy.tick"
+
+[[workflows]]
+name = "deploy-flow"
+[[workflows.steps]]
+name = "only"
+task = "deploy.step"
 EOF
   cat >"$work/consumer.toml" <<'EOF'
 [handlers."deploy.*"]
 kind = "noop"
+
+[handlers."guarded.call"]
+kind = "http"
+url = "http://127.0.0.1:9/unused"
+breaker = { failures = 5 }
 EOF
   pport=$(free_port)
   cport=$(free_port)

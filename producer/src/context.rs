@@ -80,11 +80,18 @@ impl Ctx {
     ) -> Self {
         let (schedules, _) = watch::channel::<ScheduleSet>(Arc::new(Vec::new()));
         // `App::build` refused an invalid config already.
-        let workflows = crate::workflow::definition::compile(&cfg.workflows)
+        let workflows: Vec<Arc<Workflow>> = crate::workflow::definition::compile(&cfg.workflows)
             .unwrap_or_default()
             .into_iter()
             .map(Arc::new)
             .collect();
+        // Every workflow's run series exist from the start, at 0: an alert on
+        // `increase()` then sees the first failure too.
+        for w in &workflows {
+            for event in crate::metrics::WORKFLOW_RUN_EVENTS {
+                metrics.wf_runs.with_label_values(&[w.name.as_str(), event]);
+            }
+        }
         Self {
             workflows,
             topo: Topology::new(&cfg.topology),

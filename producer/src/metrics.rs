@@ -7,6 +7,16 @@ use prometheus::{
     Registry,
 };
 
+/// The `event` values of `warren_producer_workflow_runs_total`.
+pub const WORKFLOW_RUN_EVENTS: [&str; 6] = [
+    "started",
+    "succeeded",
+    "failed",
+    "compensated",
+    "compensation_failed",
+    "resumed",
+];
+
 /// Where a publish came from (the `source` label). `publish` on the command
 /// line is a process of its own that serves no metrics, so it has no source.
 #[derive(Debug, Clone, Copy)]
