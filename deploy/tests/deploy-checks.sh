@@ -635,8 +635,9 @@ for k, v in s["env"].items():
   done
 
   # 2. A producer firing a 1 s schedule and a consumer with a noop handler.
-  #    A workflow and a breaker-guarded http handler (never called) make
-  #    their series appear, so the alerts on them are checked too.
+  #    A workflow, a limit and a breaker-guarded http handler (never
+  #    called) make their series appear, so the alerts and panels on them
+  #    are checked too.
   cat >"$work/producer.toml" <<'EOF'
 [[schedules]]
 name = "deploy-checks"
@@ -657,6 +658,9 @@ kind = "noop"
 kind = "http"
 url = "http://127.0.0.1:9/unused"
 breaker = { failures = 5 }
+
+[limits."guarded.*"]
+concurrency = 2
 EOF
   pport=$(free_port)
   cport=$(free_port)
