@@ -366,20 +366,41 @@ async fn delays_and_retries_survive_a_node_kill() {
         // that change: what an operator does. Say so, with where the
         // messages were, rather than hide it.
         let (late, retried) = done();
-        let queues = cluster.ctl(
-            1,
-            &["list_queues", "name", "messages", "consumers", "leader"],
-        );
         eprintln!(
-            "after 45 s only {late}/{N} delayed tasks and {retried}/{N} retries ran; queues:\n{}\nrestarting node 2",
-            String::from_utf8_lossy(&queues.stdout)
+            "after 45 s only {late}/{N} delayed tasks and {retried}/{N} retries ran; delay levels holding messages (name, messages, leader node): {:?}; restarting node 2",
+            stalled_levels(&cluster)
         );
-        tokio::task::spawn_blocking(move || {
+        let cluster = tokio::task::spawn_blocking(move || {
             cluster.restart(2);
             cluster
         })
         .await
-        .unwrap()
+        .unwrap();
+        let deadline = Instant::now() + Duration::from_secs(45);
+        while !all_ran(done()) && Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+        if all_ran(done()) {
+            cluster
+        } else {
+            // Seen in CI: node 2 back, and a level still holds its messages.
+            // A graceful restart of that level's leader moves the queue to a
+            // new leader, which starts a new dead-letter worker.
+            let stalled = stalled_levels(&cluster);
+            eprintln!(
+                "still stalled after node 2 came back: {stalled:?}; restarting their leaders"
+            );
+            let leaders: std::collections::BTreeSet<usize> =
+                stalled.iter().filter_map(|l| l.2).collect();
+            tokio::task::spawn_blocking(move || {
+                for n in leaders {
+                    cluster.restart(n);
+                }
+                cluster
+            })
+            .await
+            .unwrap()
+        }
     };
     eventually(
         Duration::from_secs(90),
@@ -402,6 +423,40 @@ async fn delays_and_retries_survive_a_node_kill() {
         app.shutdown.cancel();
     }
     drop(cluster);
+}
+
+/// Delay-level queues that hold messages: name, count and the 1-based node
+/// of their leader (asked of node 1).
+fn stalled_levels(cluster: &Cluster) -> Vec<(String, u64, Option<usize>)> {
+    let out = cluster.ctl(
+        1,
+        &[
+            "list_queues",
+            "name",
+            "messages",
+            "leader",
+            "--formatter",
+            "json",
+        ],
+    );
+    let rows: Vec<serde_json::Value> = serde_json::from_slice(&out.stdout).unwrap_or_default();
+    rows.iter()
+        .filter(|q| q["name"].as_str().is_some_and(|n| n.contains(".delay.")))
+        .filter_map(|q| {
+            let messages = q["messages"].as_u64().unwrap_or(0);
+            let leader = q["leader"].as_str().unwrap_or_default();
+            let node = leader
+                .rsplit_once('@')
+                .and_then(|(_, host)| cluster.node_by_host(host));
+            (messages > 0).then(|| {
+                (
+                    q["name"].as_str().unwrap_or_default().to_owned(),
+                    messages,
+                    node,
+                )
+            })
+        })
+        .collect()
 }
 
 /// The work queue's leader node is cut off from the other two (nftables)
