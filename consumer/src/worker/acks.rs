@@ -408,6 +408,120 @@ mod tests {
         assert_eq!(l.take_run(), Some((3, 1)));
     }
 
+    /// A throwaway queue on the test broker holding one-byte messages
+    /// `1..=n`, consumed on a channel of its own whose acks an [`AckBook`]
+    /// with `spare` slots keeps.
+    struct RealQueue {
+        conn: lapin::Connection,
+        setup: lapin::Channel,
+        queue: String,
+        ch: lapin::Channel,
+        consumer: lapin::Consumer,
+        book: std::sync::Arc<super::AckBook>,
+    }
+
+    impl RealQueue {
+        async fn new(n: u8, spare: usize) -> Self {
+            use lapin::options::{
+                BasicConsumeOptions, BasicPublishOptions, BasicQosOptions, QueueDeclareOptions,
+            };
+            use lapin::types::FieldTable;
+            use lapin::BasicProperties;
+
+            let conn = warren::testing::connect().await;
+            let queue = format!("warren.test.acks.{}", uuid::Uuid::new_v4().simple());
+            let setup = conn.create_channel().await.expect("channel");
+            setup
+                .queue_declare(
+                    queue.as_str().into(),
+                    QueueDeclareOptions::default(),
+                    FieldTable::default(),
+                )
+                .await
+                .expect("declare");
+            for i in 1..=n {
+                setup
+                    .basic_publish(
+                        "".into(),
+                        queue.as_str().into(),
+                        BasicPublishOptions::default(),
+                        &[i],
+                        BasicProperties::default(),
+                    )
+                    .await
+                    .expect("publish");
+            }
+            let ch = conn.create_channel().await.expect("channel");
+            ch.basic_qos(10, BasicQosOptions::default())
+                .await
+                .expect("qos");
+            let consumer = ch
+                .basic_consume(
+                    queue.as_str().into(),
+                    "acks-test".into(),
+                    BasicConsumeOptions::default(),
+                    FieldTable::default(),
+                )
+                .await
+                .expect("consume");
+            let book = super::AckBook::new(ch.clone(), spare);
+            Self {
+                conn,
+                setup,
+                queue,
+                ch,
+                consumer,
+                book,
+            }
+        }
+
+        /// The next delivery, recorded in the book.
+        async fn next(&mut self) -> lapin::message::Delivery {
+            use futures_util::StreamExt;
+            let d = tokio::time::timeout(std::time::Duration::from_secs(10), self.consumer.next())
+                .await
+                .expect("a delivery within 10 s")
+                .expect("consumer open")
+                .expect("delivery");
+            self.book.delivered(d.delivery_tag);
+            d
+        }
+
+        /// Send what the book holds, then check that the channel survived
+        /// every frame (no tag acked twice, none unknown) and that nothing
+        /// came back to the queue when it closed.
+        async fn finish(self) {
+            use lapin::options::{BasicQosOptions, QueueDeclareOptions, QueueDeleteOptions};
+            use lapin::types::FieldTable;
+
+            self.book.flush().await;
+            // A synchronous round trip on the channel: it is still open.
+            self.ch
+                .basic_qos(10, BasicQosOptions::default())
+                .await
+                .expect("the channel survived every ack");
+            self.ch.close(200, "done".into()).await.expect("close");
+            let left = self
+                .setup
+                .queue_declare(
+                    self.queue.as_str().into(),
+                    QueueDeclareOptions {
+                        passive: true,
+                        ..QueueDeclareOptions::default()
+                    },
+                    FieldTable::default(),
+                )
+                .await
+                .expect("passive declare");
+            assert_eq!(left.message_count(), 0, "every delivery acked exactly once");
+            let _ = self
+                .setup
+                .queue_delete(self.queue.as_str().into(), QueueDeleteOptions::default())
+                .await;
+            let _ = self.conn.close(200, "done".into()).await;
+        }
+    }
+
     /// On a real broker: deliveries finish out of order, one is requeued in
     /// the middle of a run. A multiple-ack that swallowed the nack would
     /// settle the requeued delivery (it would never come back) and the late
@@ -416,65 +530,10 @@ mod tests {
     /// channel stays open, and nothing is left in the queue.
     #[tokio::test]
     async fn out_of_order_acks_and_a_requeue_on_a_real_channel() {
-        use futures_util::StreamExt;
-        use lapin::options::{
-            BasicConsumeOptions, BasicPublishOptions, BasicQosOptions, QueueDeclareOptions,
-            QueueDeleteOptions,
-        };
-        use lapin::types::FieldTable;
-        use lapin::BasicProperties;
-
-        use super::AckBook;
-
-        let conn = warren::testing::connect().await;
-        let queue = format!("warren.test.acks.{}", uuid::Uuid::new_v4().simple());
-        let setup = conn.create_channel().await.expect("channel");
-        setup
-            .queue_declare(
-                queue.as_str().into(),
-                QueueDeclareOptions::default(),
-                FieldTable::default(),
-            )
-            .await
-            .expect("declare");
-        for i in 1..=5u8 {
-            setup
-                .basic_publish(
-                    "".into(),
-                    queue.as_str().into(),
-                    BasicPublishOptions::default(),
-                    &[i],
-                    BasicProperties::default(),
-                )
-                .await
-                .expect("publish");
-        }
-        let ch = conn.create_channel().await.expect("channel");
-        ch.basic_qos(10, BasicQosOptions::default())
-            .await
-            .expect("qos");
-        let mut consumer = ch
-            .basic_consume(
-                queue.as_str().into(),
-                "acks-test".into(),
-                BasicConsumeOptions::default(),
-                FieldTable::default(),
-            )
-            .await
-            .expect("consume");
-        let book = AckBook::new(ch.clone(), 8);
-        async fn next(c: &mut lapin::Consumer) -> lapin::message::Delivery {
-            tokio::time::timeout(std::time::Duration::from_secs(10), c.next())
-                .await
-                .expect("a delivery within 10 s")
-                .expect("consumer open")
-                .expect("delivery")
-        }
+        let mut q = RealQueue::new(5, 8).await;
         let mut d = Vec::new();
         for _ in 0..5 {
-            let x = next(&mut consumer).await;
-            book.delivered(x.delivery_tag);
-            d.push(x);
+            d.push(q.next().await);
         }
         let body = |i: usize| d[i].data[0];
         assert_eq!(
@@ -483,37 +542,14 @@ mod tests {
         );
         // 4 and 5 finish first, then 1 and 2; 3 is given back last.
         for i in [3, 4, 0, 1] {
-            assert!(book.ack(d[i].delivery_tag, d[i].acker.clone()));
+            assert!(q.book.ack(d[i].delivery_tag, d[i].acker.clone()));
         }
-        assert!(book.requeue(d[2].delivery_tag, d[2].acker.clone()).await);
-        let again = next(&mut consumer).await;
+        assert!(q.book.requeue(d[2].delivery_tag, d[2].acker.clone()).await);
+        let again = q.next().await;
         assert_eq!(again.data, vec![3], "the requeued task comes back");
         assert!(again.redelivered);
-        book.delivered(again.delivery_tag);
-        assert!(book.ack(again.delivery_tag, again.acker.clone()));
-        book.flush().await;
-        // A synchronous round trip on the channel: it is still open.
-        ch.basic_qos(10, BasicQosOptions::default())
-            .await
-            .expect("the channel survived every ack");
-        ch.close(200, "done".into()).await.expect("close");
-        // Anything unacked went back to the queue when the channel closed.
-        let left = setup
-            .queue_declare(
-                queue.as_str().into(),
-                QueueDeclareOptions {
-                    passive: true,
-                    ..QueueDeclareOptions::default()
-                },
-                FieldTable::default(),
-            )
-            .await
-            .expect("passive declare");
-        assert_eq!(left.message_count(), 0, "every delivery acked exactly once");
-        let _ = setup
-            .queue_delete(queue.as_str().into(), QueueDeleteOptions::default())
-            .await;
-        let _ = conn.close(200, "done".into()).await;
+        assert!(q.book.ack(again.delivery_tag, again.acker.clone()));
+        q.finish().await;
     }
 
     /// On a real broker: a slow delivery holds back more finished ones than
@@ -523,69 +559,19 @@ mod tests {
     /// acked twice, none unknown) and nothing is left in the queue.
     #[tokio::test]
     async fn an_excess_ack_then_a_multiple_ack_over_it_on_a_real_channel() {
-        use futures_util::StreamExt;
-        use lapin::options::{
-            BasicConsumeOptions, BasicPublishOptions, BasicQosOptions, QueueDeclareOptions,
-            QueueDeleteOptions,
-        };
-        use lapin::types::FieldTable;
-        use lapin::BasicProperties;
         use std::time::Duration;
 
-        use super::AckBook;
-
-        let conn = warren::testing::connect().await;
-        let queue = format!("warren.test.acks.{}", uuid::Uuid::new_v4().simple());
-        let setup = conn.create_channel().await.expect("channel");
-        setup
-            .queue_declare(
-                queue.as_str().into(),
-                QueueDeclareOptions::default(),
-                FieldTable::default(),
-            )
-            .await
-            .expect("declare");
-        for i in 1..=4u8 {
-            setup
-                .basic_publish(
-                    "".into(),
-                    queue.as_str().into(),
-                    BasicPublishOptions::default(),
-                    &[i],
-                    BasicProperties::default(),
-                )
-                .await
-                .expect("publish");
-        }
-        let ch = conn.create_channel().await.expect("channel");
-        ch.basic_qos(10, BasicQosOptions::default())
-            .await
-            .expect("qos");
-        let mut consumer = ch
-            .basic_consume(
-                queue.as_str().into(),
-                "acks-excess-test".into(),
-                BasicConsumeOptions::default(),
-                FieldTable::default(),
-            )
-            .await
-            .expect("consume");
         // One spare slot.
-        let book = AckBook::new(ch.clone(), 1);
+        let mut q = RealQueue::new(4, 1).await;
         let mut d = Vec::new();
         for _ in 0..4 {
-            let x = tokio::time::timeout(Duration::from_secs(10), consumer.next())
-                .await
-                .expect("a delivery within 10 s")
-                .expect("consumer open")
-                .expect("delivery");
-            book.delivered(x.delivery_tag);
-            d.push(x);
+            d.push(q.next().await);
         }
         // 1 is slow; 2 and 3 finish: one more than the spare slot.
-        assert!(book.ack(d[1].delivery_tag, d[1].acker.clone()));
-        assert!(book.ack(d[2].delivery_tag, d[2].acker.clone()));
+        assert!(q.book.ack(d[1].delivery_tag, d[1].acker.clone()));
+        assert!(q.book.ack(d[2].delivery_tag, d[2].acker.clone()));
         let tag2 = d[1].delivery_tag;
+        let book = q.book.clone();
         warren::testing::eventually(Duration::from_secs(10), "2 acked on its own", || {
             let ready = book.ledger().ready.keys().copied().collect::<Vec<_>>();
             let left = ready == vec![d[2].delivery_tag] && !ready.contains(&tag2);
@@ -593,28 +579,8 @@ mod tests {
         })
         .await;
         // 1 finishes: a multiple-ack on 3 covers 1 and 3, and 2 (acked).
-        assert!(book.ack(d[0].delivery_tag, d[0].acker.clone()));
-        assert!(book.ack(d[3].delivery_tag, d[3].acker.clone()));
-        book.flush().await;
-        ch.basic_qos(10, BasicQosOptions::default())
-            .await
-            .expect("the channel survived every ack");
-        ch.close(200, "done".into()).await.expect("close");
-        let left = setup
-            .queue_declare(
-                queue.as_str().into(),
-                QueueDeclareOptions {
-                    passive: true,
-                    ..QueueDeclareOptions::default()
-                },
-                FieldTable::default(),
-            )
-            .await
-            .expect("passive declare");
-        assert_eq!(left.message_count(), 0, "every delivery acked exactly once");
-        let _ = setup
-            .queue_delete(queue.as_str().into(), QueueDeleteOptions::default())
-            .await;
-        let _ = conn.close(200, "done".into()).await;
+        assert!(q.book.ack(d[0].delivery_tag, d[0].acker.clone()));
+        assert!(q.book.ack(d[3].delivery_tag, d[3].acker.clone()));
+        q.finish().await;
     }
 }
