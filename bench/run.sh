@@ -6,6 +6,7 @@
 #   bash bench/run.sh                 # ~10 minutes on a 2-core machine
 #   MESSAGES=20000 RUNS=3 bash bench/run.sh --no-write   # quicker, prints only
 #   bash bench/run.sh --no-peers      # warren and plain lapin only
+#   bash bench/run.sh --shared-cores  # broker and clients not pinned apart
 #
 # Builds the release binaries, starts a throwaway RabbitMQ node of its own
 # (deploy/broker.sh, random port), runs the publish, drain (both queue
@@ -23,12 +24,14 @@ MESSAGES=${MESSAGES:-50000}
 RUNS=${RUNS:-5}
 write=1
 with_peers=1
+isolate=1
 for arg in "$@"; do
   case $arg in
   --no-write) write=0 ;;
   --no-peers) with_peers=0 ;;
+  --shared-cores) isolate=0 ;;
   *)
-    echo "bench/run.sh: unknown argument $arg (--no-write, --no-peers)" >&2
+    echo "bench/run.sh: unknown argument $arg (--no-write, --no-peers, --shared-cores)" >&2
     exit 2
     ;;
   esac
@@ -64,12 +67,29 @@ else
 fi
 url=$(bash deploy/broker.sh start --dir "$broker" --port 0 --name "warren-bench-$$" | tail -n 1)
 broker_pid=$(cat "$broker/rabbit.pid")
+# A broker has a host of its own in production. On one machine the clients'
+# CPU would otherwise preempt the broker's schedulers and vice versa, and
+# every figure would measure that contention: half the CPUs (at least one)
+# go to the broker, with as many Erlang schedulers online, the rest to the
+# clients (warren-bench and everything it starts, peers included).
+ncpu=$(nproc)
+client=()
+layout="broker and clients on the same $ncpu cores"
+if ((isolate && ncpu >= 2)) && command -v taskset >/dev/null; then
+  half=$((ncpu / 2))
+  taskset -a -p -c "0-$((half - 1))" "$broker_pid" >/dev/null
+  bash deploy/broker.sh ctl --dir "$broker" eval "erlang:system_flag(schedulers_online, $half)." >/dev/null
+  client=(taskset -c "$half-$((ncpu - 1))")
+  layout="broker pinned to CPU 0–$((half - 1)) with $half scheduler(s) online, clients on CPU $half–$((ncpu - 1)) (as on hosts of their own)"
+elif ((isolate)); then
+  echo "bench/run.sh: $ncpu CPU(s) or no taskset: broker and clients share the cores"
+fi
 rows="$work/rows.md"
 : >"$rows"
 load_before=$(cut -d' ' -f1-3 /proc/loadavg)
 
 bench() {
-  target/release/warren-bench --url "$url" --table "$rows" "$@" | tee -a "$work/detail.txt"
+  "${client[@]}" target/release/warren-bench --url "$url" --table "$rows" "$@" | tee -a "$work/detail.txt"
 }
 bench --scenario publish --messages "$MESSAGES" --runs "$RUNS" --peers "$peers" \
   --sides plain,library,cli,api,plain-contract \
@@ -77,6 +97,14 @@ bench --scenario publish --messages "$MESSAGES" --runs "$RUNS" --peers "$peers" 
 bench --scenario drain --messages "$MESSAGES" --runs "$RUNS" --max-priority 0,10 \
   --broker-pid "$broker_pid" --peers "$peers" --peer-messages "${PEER_MESSAGES:-3000}"
 bench --scenario latency --seconds 5
+if ((${#client[@]})); then
+  # The same latency scenario unpinned, for the detail only: what sharing
+  # the cores with the broker costs the tail.
+  taskset -a -p -c "0-$((ncpu - 1))" "$broker_pid" >/dev/null
+  bash deploy/broker.sh ctl --dir "$broker" eval "erlang:system_flag(schedulers_online, $ncpu)." >/dev/null
+  target/release/warren-bench --url "$url" --table "$work/shared-rows.md" --scenario latency --seconds 5 |
+    sed -E 's/^latency:? /latency, shared cores: /' | tee -a "$work/detail.txt"
+fi
 
 load_after=$(cut -d' ' -f1-3 /proc/loadavg)
 cpu=$(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2- | sed 's/^ *//')
@@ -84,7 +112,7 @@ version=$(bash deploy/broker.sh ctl --dir "$broker" version 2>/dev/null | tail -
 rev=$(git rev-parse --short HEAD)
 table="$work/table.md"
 {
-  echo "$(nproc) cores ($cpu), RabbitMQ $version, broker and clients on the same cores;"
+  echo "$ncpu cores ($cpu), RabbitMQ $version, $layout;"
   echo "$(date -u +%Y-%m-%d), \`$rev\`, load average $load_before before and $load_after after"
   echo "(other work on the machine counts: compare the ratios, measured side by side in one run)."
   echo "Cells: median of $RUNS interleaved runs (min–max); \`bash bench/run.sh\` regenerates this."
