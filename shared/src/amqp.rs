@@ -9,6 +9,7 @@
 use std::borrow::Cow;
 use std::collections::VecDeque;
 use std::future::Future;
+use std::pin::Pin;
 use std::sync::Arc;
 use std::task::Poll;
 use std::time::Duration;
@@ -349,9 +350,11 @@ struct Identity {
     message_id: Option<String>,
 }
 
+/// A started `basic_publish`: resolves once lapin wrote its frames.
+type Started = Pin<Box<dyn Future<Output = lapin::Result<PublisherConfirm>> + Send>>;
+
 struct Tracked {
-    /// What the publish's write gave: the confirm to await, or the error.
-    written: oneshot::Receiver<lapin::Result<PublisherConfirm>>,
+    publish: Started,
     identity: Identity,
     done: oneshot::Sender<Result<(), Error>>,
 }
@@ -372,14 +375,12 @@ const MAX_UNMATCHED_RETURNS: usize = 10_000;
 async fn sequence(mut queue: mpsc::UnboundedReceiver<Tracked>) {
     let mut returned: VecDeque<(Identity, String)> = VecDeque::new();
     while let Some(t) = queue.recv().await {
-        let confirm = match t.written.await {
-            Ok(Ok(c)) => c,
-            Ok(Err(e)) => {
+        let confirm = match t.publish.await {
+            Ok(c) => c,
+            Err(e) => {
                 let _ = t.done.send(Err(Error::Amqp(e)));
                 continue;
             }
-            // The sender was dropped mid-write: nobody awaits this verdict.
-            Err(_) => continue,
         };
         let verdict = match confirm.await {
             Err(e) => Err(Error::Amqp(e)),
@@ -500,46 +501,44 @@ impl Publisher {
                 .map(|s| s.as_str().to_owned()),
         };
         let (done, verdict) = oneshot::channel();
-        let (wrote, written) = oneshot::channel();
-        let mut publish = std::pin::pin!(self.channel.basic_publish(
-            exchange.into(),
-            routing_key.into(),
-            BasicPublishOptions {
-                mandatory: true,
-                ..BasicPublishOptions::default()
-            },
-            body,
-            properties,
-        ));
-        let first = {
+        let channel = self.channel.clone();
+        let (exchange, routing_key) = (exchange.into(), routing_key.into());
+        let body = body.to_vec();
+        let mut publish: Started = Box::pin(async move {
+            channel
+                .basic_publish(
+                    exchange,
+                    routing_key,
+                    BasicPublishOptions {
+                        mandatory: true,
+                        ..BasicPublishOptions::default()
+                    },
+                    &body,
+                    properties,
+                )
+                .await
+        });
+        {
             let order = self.order.lock().map_err(|_| Error::ChannelGone)?;
             // lapin's `basic_publish` takes the delivery tag and queues the
             // frames before its first suspension point (it then waits for the
             // write), so one poll under the lock fixes the tag order that the
             // sequencer relies on.
+            // The sequencer polls it again with its own waker.
             let mut cx = std::task::Context::from_waker(std::task::Waker::noop());
-            let first = publish.as_mut().poll(&mut cx);
-            if let Poll::Ready(Err(e)) = first {
-                return Err(Error::Amqp(e));
-            }
+            let publish: Started = match publish.as_mut().poll(&mut cx) {
+                Poll::Ready(Err(e)) => return Err(Error::Amqp(e)),
+                Poll::Ready(Ok(confirm)) => Box::pin(std::future::ready(Ok(confirm))),
+                Poll::Pending => publish,
+            };
             order
                 .send(Tracked {
-                    written,
+                    publish,
                     identity,
                     done,
                 })
                 .map_err(|_| Error::ChannelGone)?;
-            first
-        };
-        // Waiting for the write, as a plain publish loop does, paces the
-        // caller to the socket: without it a batch queued its frames far
-        // ahead of the writes and the broker took ~20 % fewer messages per
-        // second (docs/benchmarks.md#publishing-cli-and-api).
-        let written = match first {
-            Poll::Ready(r) => r,
-            Poll::Pending => publish.await,
-        };
-        let _ = wrote.send(written);
+        }
         Ok(Pending {
             verdict,
             timeout: self.confirm_timeout,
