@@ -80,7 +80,8 @@ if ((isolate && ncpu >= 2)) && command -v taskset >/dev/null; then
   taskset -a -p -c "0-$((half - 1))" "$broker_pid" >/dev/null
   bash deploy/broker.sh ctl --dir "$broker" eval "erlang:system_flag(schedulers_online, $half)." >/dev/null
   client=(taskset -c "$half-$((ncpu - 1))")
-  layout="broker pinned to CPU 0–$((half - 1)) with $half scheduler(s) online, clients on CPU $half–$((ncpu - 1)) (as on hosts of their own)"
+  cpus() { if (($1 == $2)); then echo "CPU $1"; else echo "CPUs $1–$2"; fi; }
+  layout="broker pinned to $(cpus 0 $((half - 1))) with $half Erlang scheduler(s) online, clients on $(cpus "$half" $((ncpu - 1))) (as on hosts of their own)"
 elif ((isolate)); then
   echo "bench/run.sh: $ncpu CPU(s) or no taskset: broker and clients share the cores"
 fi
