@@ -77,11 +77,15 @@ client=()
 layout="broker and clients on the same $ncpu cores"
 if ((isolate && ncpu >= 2)) && command -v taskset >/dev/null; then
   half=$((ncpu / 2))
-  taskset -a -p -c "0-$((half - 1))" "$broker_pid" >/dev/null
-  bash deploy/broker.sh ctl --dir "$broker" eval "erlang:system_flag(schedulers_online, $half)." >/dev/null
-  client=(taskset -c "$half-$((ncpu - 1))")
-  cpus() { if (($1 == $2)); then echo "CPU $1"; else echo "CPUs $1–$2"; fi; }
-  layout="broker pinned to $(cpus 0 $((half - 1))) with $half Erlang scheduler(s) online, clients on $(cpus "$half" $((ncpu - 1))) (as on hosts of their own)"
+  if taskset -a -p -c "0-$((half - 1))" "$broker_pid" >/dev/null &&
+    bash deploy/broker.sh ctl --dir "$broker" eval "erlang:system_flag(schedulers_online, $half)." >/dev/null; then
+    client=(taskset -c "$half-$((ncpu - 1))")
+    cpus() { if (($1 == $2)); then echo "CPU $1"; else echo "CPUs $1–$2"; fi; }
+    layout="broker pinned to $(cpus 0 $((half - 1))) with $half Erlang scheduler(s) online, clients on $(cpus "$half" $((ncpu - 1))) (as on hosts of their own)"
+  else
+    taskset -a -p -c "0-$((ncpu - 1))" "$broker_pid" >/dev/null 2>&1 || true
+    echo "bench/run.sh: could not pin the broker (above): broker and clients share the cores"
+  fi
 elif ((isolate)); then
   echo "bench/run.sh: $ncpu CPU(s) or no taskset: broker and clients share the cores"
 fi
