@@ -73,17 +73,20 @@ broker_pid=$(cat "$broker/rabbit.pid")
 # go to the broker, with as many Erlang schedulers online, the rest to the
 # clients (warren-bench and everything it starts, peers included).
 ncpu=$(nproc)
+place_broker() { # N: the broker on CPUs 0..N-1, with N schedulers online
+  taskset -a -p -c "0-$(($1 - 1))" "$broker_pid" >/dev/null &&
+    bash deploy/broker.sh ctl --dir "$broker" eval "erlang:system_flag(schedulers_online, $1)." >/dev/null
+}
 client=()
 layout="broker and clients on the same $ncpu cores"
 if ((isolate && ncpu >= 2)) && command -v taskset >/dev/null; then
   half=$((ncpu / 2))
-  if taskset -a -p -c "0-$((half - 1))" "$broker_pid" >/dev/null &&
-    bash deploy/broker.sh ctl --dir "$broker" eval "erlang:system_flag(schedulers_online, $half)." >/dev/null; then
+  if place_broker "$half"; then
     client=(taskset -c "$half-$((ncpu - 1))")
     cpus() { if (($1 == $2)); then echo "CPU $1"; else echo "CPUs $1–$2"; fi; }
     layout="broker pinned to $(cpus 0 $((half - 1))) with $half Erlang scheduler(s) online, clients on $(cpus "$half" $((ncpu - 1))) (as on hosts of their own)"
   else
-    taskset -a -p -c "0-$((ncpu - 1))" "$broker_pid" >/dev/null 2>&1 || true
+    place_broker "$ncpu" 2>/dev/null || true
     echo "bench/run.sh: could not pin the broker (above): broker and clients share the cores"
   fi
 elif ((isolate)); then
@@ -105,8 +108,7 @@ bench --scenario latency --seconds 5
 if ((${#client[@]})); then
   # The same latency scenario unpinned, for the detail only: what sharing
   # the cores with the broker costs the tail.
-  taskset -a -p -c "0-$((ncpu - 1))" "$broker_pid" >/dev/null
-  bash deploy/broker.sh ctl --dir "$broker" eval "erlang:system_flag(schedulers_online, $ncpu)." >/dev/null
+  place_broker "$ncpu"
   target/release/warren-bench --url "$url" --table "$work/shared-rows.md" --scenario latency --seconds 5 |
     sed -E 's/^latency:? /latency, shared cores: /' | tee -a "$work/detail.txt"
 fi

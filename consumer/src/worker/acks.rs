@@ -487,12 +487,20 @@ mod tests {
             d
         }
 
+        /// The next `n` deliveries, in order.
+        async fn take(&mut self, n: usize) -> Vec<lapin::message::Delivery> {
+            let mut d = Vec::with_capacity(n);
+            for _ in 0..n {
+                d.push(self.next().await);
+            }
+            d
+        }
+
         /// Send what the book holds, then check that the channel survived
         /// every frame (no tag acked twice, none unknown) and that nothing
         /// came back to the queue when it closed.
         async fn finish(self) {
-            use lapin::options::{BasicQosOptions, QueueDeclareOptions, QueueDeleteOptions};
-            use lapin::types::FieldTable;
+            use lapin::options::{BasicQosOptions, QueueDeleteOptions};
 
             self.book.flush().await;
             // A synchronous round trip on the channel: it is still open.
@@ -501,19 +509,11 @@ mod tests {
                 .await
                 .expect("the channel survived every ack");
             self.ch.close(200, "done".into()).await.expect("close");
-            let left = self
-                .setup
-                .queue_declare(
-                    self.queue.as_str().into(),
-                    QueueDeclareOptions {
-                        passive: true,
-                        ..QueueDeclareOptions::default()
-                    },
-                    FieldTable::default(),
-                )
-                .await
-                .expect("passive declare");
-            assert_eq!(left.message_count(), 0, "every delivery acked exactly once");
+            assert_eq!(
+                warren::testing::queue_len(&self.conn, &self.queue).await,
+                0,
+                "every delivery acked exactly once"
+            );
             let _ = self
                 .setup
                 .queue_delete(self.queue.as_str().into(), QueueDeleteOptions::default())
@@ -531,10 +531,7 @@ mod tests {
     #[tokio::test]
     async fn out_of_order_acks_and_a_requeue_on_a_real_channel() {
         let mut q = RealQueue::new(5, 8).await;
-        let mut d = Vec::new();
-        for _ in 0..5 {
-            d.push(q.next().await);
-        }
+        let d = q.take(5).await;
         let body = |i: usize| d[i].data[0];
         assert_eq!(
             (1..=5).map(|i| body(i - 1)).collect::<Vec<_>>(),
@@ -563,10 +560,7 @@ mod tests {
 
         // One spare slot.
         let mut q = RealQueue::new(4, 1).await;
-        let mut d = Vec::new();
-        for _ in 0..4 {
-            d.push(q.next().await);
-        }
+        let d = q.take(4).await;
         // 1 is slow; 2 and 3 finish: one more than the spare slot.
         assert!(q.book.ack(d[1].delivery_tag, d[1].acker.clone()));
         assert!(q.book.ack(d[2].delivery_tag, d[2].acker.clone()));
