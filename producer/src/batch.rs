@@ -40,8 +40,8 @@ struct Line {
 /// A publish waiting for its confirm, with what its error report needs.
 struct InFlight {
     line: u64,
-    id: String,
-    name: String,
+    task: Task,
+    delay: Duration,
     pending: Pending,
 }
 
@@ -52,12 +52,20 @@ struct Tally {
 }
 
 impl Tally {
-    async fn settle(&mut self, f: InFlight) {
-        match f.pending.confirmed().await {
+    /// A nack (a queue leader moving, say) is sent again, same id, as
+    /// [`Publisher::publish_task`] does.
+    async fn settle(&mut self, f: InFlight, publisher: &Publisher, topo: &Topology) {
+        let res = match f.pending.confirmed().await {
+            Err(warren::Error::Nacked { .. }) => {
+                publisher.publish_task(topo, &f.task, f.delay).await
+            }
+            r => r,
+        };
+        match res {
             Ok(()) => self.confirmed += 1,
             Err(e) => {
                 self.failed += 1;
-                warren::errln!("line {}: task {} ({}): {e}", f.line, f.id, f.name);
+                warren::errln!("line {}: task {} ({}): {e}", f.line, f.task.id, f.task.name);
             }
         }
     }
@@ -88,8 +96,8 @@ pub async fn publish<R: Read + Send + 'static>(
             match publisher.send_task(topo, &task, delay).await {
                 Ok(pending) => in_flight.push_back(InFlight {
                     line: no,
-                    id: task.id,
-                    name: task.name,
+                    task,
+                    delay,
                     pending,
                 }),
                 Err(e) => {
@@ -99,7 +107,7 @@ pub async fn publish<R: Read + Send + 'static>(
             }
             if in_flight.len() >= window {
                 if let Some(f) = in_flight.pop_front() {
-                    tally.settle(f).await;
+                    tally.settle(f, publisher, topo).await;
                 }
             }
         }
@@ -107,7 +115,7 @@ pub async fn publish<R: Read + Send + 'static>(
     // Awaited in order: confirms arrive in order, so this costs no more than
     // awaiting them as they come.
     for f in in_flight {
-        tally.settle(f).await;
+        tally.settle(f, publisher, topo).await;
     }
     reader
         .await

@@ -51,6 +51,21 @@ async fn next_event(
     }
 }
 
+/// Tell every replica (this one included) who this replica is and whether
+/// it leads.
+async fn announce(ctx: &Ctx, events: &Option<(lapin::Channel, lapin::Consumer)>) {
+    let Some((ch, _)) = events else {
+        return;
+    };
+    let me = control::Presence {
+        instance: ctx.instance().to_owned(),
+        leader: ctx.is_leader(),
+    };
+    if let Err(e) = control::announce(ch, ctx.topo().prefix(), me).await {
+        tracing::debug!(error = %e, "cannot announce this replica");
+    }
+}
+
 /// Connect with [`warren::amqp::connect_with_backoff`] until it works or
 /// shutdown (`None`). An error no retry can cure (credentials or vhost
 /// refused, unreadable TLS file) stops the producer with exit 1: it is
@@ -120,17 +135,10 @@ pub async fn api_connection(ctx: Arc<Ctx>, stop: CancellationToken) {
                     tokio::select! {
                         _ = stop.cancelled() => break,
                         _ = tokio::time::sleep(Duration::from_millis(250)) => {}
-                        _ = presence.tick() => {
-                            if let Some((ch, _)) = &events {
-                                let me = control::Presence {
-                                    instance: ctx.instance().to_owned(),
-                                    leader: ctx.is_leader(),
-                                };
-                                if let Err(e) = control::announce(ch, ctx.topo().prefix(), me).await {
-                                    tracing::debug!(error = %e, "cannot announce this replica");
-                                }
-                            }
-                        }
+                        _ = presence.tick() => announce(&ctx, &events).await,
+                        // Replicas list the new leader at once, not at the
+                        // next periodic announcement.
+                        _ = ctx.leadership_changed() => announce(&ctx, &events).await,
                         ev = next_event(&mut events) => match ev {
                             Some(control::Incoming::Event(ev)) => ctx.on_event(ev),
                             Some(control::Incoming::Presence { presence }) => ctx.on_presence(presence),

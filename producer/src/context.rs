@@ -52,6 +52,8 @@ pub struct Ctx {
     schedules: watch::Sender<ScheduleSet>,
     status: Mutex<HashMap<String, Status>>,
     leader: AtomicBool,
+    /// Woken when `leader` changes, so replicas hear of it at once.
+    leader_changed: tokio::sync::Notify,
     instance: String,
     api_publisher: RwLock<Option<ApiPublisher>>,
     tokens: TokenStore,
@@ -103,6 +105,7 @@ impl Ctx {
             schedules,
             status: Mutex::new(HashMap::new()),
             leader: AtomicBool::new(false),
+            leader_changed: tokio::sync::Notify::new(),
             instance: instance_id(),
             api_publisher: RwLock::new(None),
             tokens,
@@ -263,6 +266,13 @@ impl Ctx {
     /// fans out to every replica).
     pub fn on_presence(&self, p: control::Presence) {
         if let Ok(mut g) = self.replicas.lock() {
+            // One leader at a time: the newest claim wins over an older one
+            // from a replica that died without saying so (`kill -9`).
+            if p.leader {
+                for (other, _) in g.values_mut() {
+                    other.leader = false;
+                }
+            }
             g.insert(p.instance.clone(), (p, std::time::Instant::now()));
         }
     }
@@ -279,7 +289,10 @@ impl Ctx {
                 g.retain(|_, (_, seen)| seen.elapsed() < control::PRESENCE_TTL);
                 g.values()
                     .filter(|(p, _)| p.instance != me.instance)
-                    .map(|(p, _)| p.clone())
+                    .map(|(p, _)| control::Presence {
+                        instance: p.instance.clone(),
+                        leader: p.leader && !me.leader,
+                    })
                     .collect()
             }
             Err(_) => Vec::new(),
@@ -348,8 +361,17 @@ impl Ctx {
     /// Record (and export as `warren_producer_leader`) whether this replica
     /// is the active scheduler.
     pub fn set_leader(&self, leading: bool) {
-        self.leader.store(leading, Ordering::SeqCst);
+        let was = self.leader.swap(leading, Ordering::SeqCst);
         self.metrics.leader.set(i64::from(leading));
+        if was != leading {
+            self.leader_changed.notify_one();
+        }
+    }
+
+    /// Resolves after this replica took or lost the lead (a change made
+    /// before the call counts: `Notify` keeps one permit).
+    pub async fn leadership_changed(&self) {
+        self.leader_changed.notified().await
     }
 
     /// The API's publisher, sealing with the keys in force now.

@@ -128,6 +128,13 @@ impl Fence {
                 tokio::select! {
                     _ = f.lost.cancelled() => break,
                     ev = events.next() => match ev {
+                        // lapin reports a channel closed by the broker (a 404
+                        // of a passive declare on a fresh broker, say) on the
+                        // connection's event stream too. The lock lives as long
+                        // as the connection: only a connection error costs it.
+                        Some(Event::Error(e)) if f.conn.status().connected() => {
+                            tracing::debug!(error = %e, "a channel on the lock connection failed; the lock holds");
+                        }
                         Some(Event::Error(e)) => {
                             tracing::warn!(error = %e, "lock connection failed: stepping down");
                             f.lost.cancel();

@@ -762,3 +762,88 @@ async fn overlapping_bindings_deliver_each_task_once_classic() {
 async fn overlapping_bindings_deliver_each_task_once_quorum() {
     overlapping_bindings(QueueType::Quorum, "overlapq").await;
 }
+
+/// A nack is transient (the broker nacks while a queue's leader moves to
+/// another node): `publish_task` and `publish_tasks` send the same task
+/// again a few times before they report it. Made here with a full
+/// `reject-publish` queue that a reader empties 0.5 s later.
+#[tokio::test]
+async fn a_nacked_publish_is_sent_again_with_the_same_id() {
+    let (conn, topo, publisher) = setup("nack_retry", QueueType::Classic).await;
+    let full = format!("{}.full", topo.prefix());
+    let ch = conn.create_channel().await.unwrap();
+    let mut args = FieldTable::default();
+    args.insert("x-max-length".into(), AMQPValue::LongInt(1));
+    args.insert(
+        "x-overflow".into(),
+        AMQPValue::LongString("reject-publish".into()),
+    );
+    ch.queue_declare(full.as_str().into(), QueueDeclareOptions::default(), args)
+        .await
+        .unwrap();
+    // The exchange routes `nack.*` to the one-message queue only.
+    ch.queue_bind(
+        full.as_str().into(),
+        topo.tasks_exchange().as_str().into(),
+        "nack.*".into(),
+        Default::default(),
+        FieldTable::default(),
+    )
+    .await
+    .unwrap();
+    let filler = Task::new("nack.fill", &serde_json::json!({}));
+    publisher
+        .publish_task(&topo, &filler, Duration::ZERO)
+        .await
+        .expect("the first message fits");
+    let drain = |n: usize| {
+        let (conn, full) = (&conn, full.clone());
+        async move {
+            tokio::time::sleep(Duration::from_millis(500)).await;
+            let mut ids = Vec::new();
+            for _ in 0..n {
+                let d = get_one(conn, &full).await.expect("a message to take");
+                ids.push(d.properties.message_id().as_ref().map(|s| s.to_string()));
+            }
+            ids
+        }
+    };
+    let task = Task::new("nack.one", &serde_json::json!({}));
+    let (res, _) = tokio::join!(
+        publisher.publish_task(&topo, &task, Duration::ZERO),
+        drain(1)
+    );
+    res.expect("sent again once the queue had room");
+    let got = get_one(&conn, &full).await.expect("the retried task");
+    assert_eq!(
+        got.properties.message_id().as_ref().map(|s| s.as_str()),
+        Some(task.id.as_str()),
+        "the same id"
+    );
+    // The same through the pipelined path (the API's and the console's).
+    publisher
+        .publish_task(&topo, &filler, Duration::ZERO)
+        .await
+        .unwrap();
+    let batch = Task::new("nack.two", &serde_json::json!({}));
+    let (res, _) = tokio::join!(
+        publisher.publish_tasks(&topo, [(&batch, Duration::ZERO)], 8),
+        drain(1)
+    );
+    assert!(res.iter().all(Result::is_ok), "{res:?}");
+    // A nack that lasts is reported as such, after the retries.
+    let stuck = Task::new("nack.three", &serde_json::json!({}));
+    let began = Instant::now();
+    let err = publisher
+        .publish_task(&topo, &stuck, Duration::ZERO)
+        .await
+        .expect_err("the queue stays full");
+    assert!(matches!(err, Error::Nacked { .. }), "{err}");
+    assert!(
+        began.elapsed() >= Duration::from_secs(2),
+        "retried before giving up"
+    );
+    let _ = ch
+        .queue_delete(full.as_str().into(), Default::default())
+        .await;
+}

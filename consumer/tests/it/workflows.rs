@@ -718,3 +718,50 @@ async fn replaying_the_failed_steps_dead_letter_resumes_the_run() {
     );
     cleanup(app).await;
 }
+
+/// A finished run is forgotten `workflow.retention` after it finished even
+/// when no other run makes the coordinator save its state: its status is
+/// gone and a start with the same id runs again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_idle_coordinator_forgets_finished_runs_on_time() {
+    let cfg = config("wf_retention");
+    let steps = Steps::new();
+    let app = spawn_worker(
+        cfg.clone(),
+        steps.registry(&["wf.a", "wf.b", "wf.c", "wf.d"]),
+    )
+    .await;
+    let dir = tempfile::tempdir().unwrap();
+    let text = format!("[workflow]\nretention = \"3s\"\n{DIAMOND}");
+    let p = spawn_producer(&cfg, &write_config(&dir, &text))
+        .ready()
+        .await;
+    let start = json!({"input": {}, "id": "idle-1"});
+    assert_eq!(
+        p.post("/v1/workflows/diamond/runs", start.clone()).await.0,
+        202
+    );
+    p.wait_status("diamond", "idle-1", "succeeded").await;
+    let finished = Instant::now();
+    // Nothing else happens: the coordinator must act on its own.
+    eventually(Duration::from_secs(20), "run idle-1 forgotten", || async {
+        matches!(
+            p.get("/v1/workflows/diamond/runs/idle-1").await,
+            Some((404, _))
+        )
+        .then_some(())
+    })
+    .await;
+    assert!(
+        finished.elapsed() >= Duration::from_secs(2),
+        "forgotten before its retention ran out"
+    );
+    assert_eq!(p.post("/v1/workflows/diamond/runs", start).await.0, 202);
+    p.wait_status("diamond", "idle-1", "succeeded").await;
+    assert_eq!(
+        steps.runs_of("a").len(),
+        2,
+        "the same id ran again after expiry"
+    );
+    cleanup(app).await;
+}

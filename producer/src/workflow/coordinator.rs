@@ -84,10 +84,15 @@ pub async fn run(
     tracing::info!("workflow coordinator running");
     let res = async {
         loop {
+            let expiry = c.expiry_in();
             let first = tokio::select! {
                 d = consumer.next() => d,
                 _ = fence.lost() => return Ok(()),
                 _ = stop.cancelled() => return Ok(()),
+                _ = sleep_or_never(expiry) => {
+                    c.expire().await?;
+                    continue;
+                }
             };
             let Some(first) = first else {
                 anyhow::bail!("the workflows queue consumer ended");
@@ -127,7 +132,37 @@ struct Coordinator<'a> {
     prefix: String,
 }
 
+/// Sleep for `d`, or forever when there is nothing to wait for.
+async fn sleep_or_never(d: Option<Duration>) {
+    match d {
+        Some(d) => tokio::time::sleep(d).await,
+        None => std::future::pending().await,
+    }
+}
+
 impl Coordinator<'_> {
+    /// How long until a finished run passes `workflow.retention` (a little
+    /// after, so the prune finds it old enough).
+    fn expiry_in(&self) -> Option<Duration> {
+        let at = self.snap.next_expiry(self.ctx.cfg().workflow.retention)?;
+        let wait = (at - Utc::now()).to_std().unwrap_or(Duration::ZERO);
+        Some(wait + Duration::from_millis(10))
+    }
+
+    /// Forget the finished runs past retention, with no message to start a
+    /// round: recorded (confirmed) like any round.
+    async fn expire(&mut self) -> anyhow::Result<()> {
+        let w = &self.ctx.cfg().workflow;
+        let before = self.snap.runs.len();
+        self.snap
+            .prune(Utc::now(), w.retention, w.max_finished_runs);
+        if self.snap.runs.len() != before {
+            self.write().await?;
+            self.update_gauges();
+        }
+        Ok(())
+    }
+
     fn workflow(&self, name: &str) -> Option<Arc<Workflow>> {
         self.ctx.workflow(name)
     }

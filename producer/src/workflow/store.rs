@@ -60,6 +60,14 @@ impl Snapshot {
             }
         }
     }
+
+    /// When the oldest finished run passes `retention`: the coordinator
+    /// prunes then even when no message arrives, so an idle coordinator
+    /// forgets runs on time.
+    pub fn next_expiry(&self, retention: Duration) -> Option<DateTime<Utc>> {
+        let oldest = self.runs.values().filter_map(|r| r.finished_at).min()?;
+        Some(oldest + chrono::TimeDelta::from_std(retention).unwrap_or_default())
+    }
 }
 
 pub async fn declare(

@@ -398,3 +398,94 @@ async fn cut_off_leader_is_replaced_and_fenced() {
     );
     check_policies(&all, &a, &b).await;
 }
+
+/// On a broker where the work queues do not exist yet, the first producer is
+/// elected once and keeps the lock: a channel the broker closes during the
+/// topology declaration (404 of a passive check) must not depose it. After
+/// a `kill -9` the standby lists itself as leader at once, not at its next
+/// periodic announcement.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_fresh_prefix_elects_once_and_replicas_see_a_new_leader_at_once() {
+    let w = World::new("fresh").await;
+    // A prefix nothing has declared yet: the World's own topology exists,
+    // this one does not.
+    let fresh = format!("{}-new", w.prefix);
+    let cfg = w.write_config(
+        "f.toml",
+        "[[topology.queues]]\nname = \"default\"\nbindings = [\"#\"]\n\
+         [[topology.queues]]\nname = \"emails\"\nbindings = [\"email.*\"]\n",
+    );
+    let env = [("WARREN_TOPOLOGY__PREFIX", fresh.as_str())];
+    let mut a = w.start("a", &cfg, &env);
+    a.wait_leader(Duration::from_secs(20), true).await;
+    let b = w.start("b", &cfg, &env);
+    b.wait_ready(Duration::from_secs(20)).await;
+    // Long enough for a step-down and re-election (~0.5 s) to show.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let logs = a.logs();
+    assert_eq!(logs.matches("elected leader").count(), 1, "{logs}");
+    for bad in ["stepping down", "lost leadership", "rejoining"] {
+        assert!(!logs.contains(bad), "`{bad}` in:\n{logs}");
+    }
+    a.wait_leader(Duration::from_secs(1), true).await;
+
+    let c = w.start("c", &cfg, &env);
+    c.wait_ready(Duration::from_secs(20)).await;
+    // Both standbys have heard the leader (periodic announcements).
+    for s in [&b, &c] {
+        listed_leader(s, Duration::from_secs(15), |l| l.is_some()).await;
+    }
+    a.kill9();
+    let (new, other) = warren::testing::eventually(FAILOVER_HANG, "a new leader", || async {
+        if b.metric("warren_producer_leader").await == Some(1.0) {
+            return Some((&b, &c));
+        }
+        (c.metric("warren_producer_leader").await == Some(1.0)).then_some((&c, &b))
+    })
+    .await;
+    let elected = std::time::Instant::now();
+    let me = replicas(new)
+        .await
+        .and_then(|v| v["replicas"][0]["instance"].as_str().map(str::to_owned));
+    assert!(me.is_some(), "the new leader names itself");
+    // Replicas announce every 5 s; a change of leader is announced at once.
+    listed_leader(other, Duration::from_secs(10), |l| {
+        l.is_some() && l == me.as_deref()
+    })
+    .await;
+    let took = elected.elapsed();
+    assert!(
+        took < Duration::from_secs(1),
+        "the other standby heard of the new leader after {took:?}"
+    );
+}
+
+/// The instance `p` lists as leader in `/v1/replicas` once `want` accepts it.
+async fn listed_leader(p: &Producer, timeout: Duration, want: impl Fn(Option<&str>) -> bool) {
+    warren::testing::eventually(
+        timeout,
+        "/v1/replicas lists the expected leader",
+        || async {
+            let v = replicas(p).await?;
+            let leaders: Vec<String> = v["replicas"]
+                .as_array()?
+                .iter()
+                .filter(|r| r["leader"] == true)
+                .filter_map(|r| r["instance"].as_str().map(str::to_owned))
+                .collect();
+            assert!(leaders.len() <= 1, "two leaders listed: {v}");
+            want(leaders.first().map(String::as_str)).then_some(())
+        },
+    )
+    .await
+}
+
+async fn replicas(p: &Producer) -> Option<serde_json::Value> {
+    let r = reqwest::Client::new()
+        .get(p.url("/v1/replicas"))
+        .bearer_auth(crate::helpers::READ_TOKEN)
+        .send()
+        .await
+        .ok()?;
+    serde_json::from_str(&r.text().await.ok()?).ok()
+}
