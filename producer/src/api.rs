@@ -25,6 +25,7 @@ use crate::metrics::Source;
 use crate::request::{pairs, RequestError, TaskRequest};
 
 mod dead;
+mod schedules;
 pub(crate) mod workflows;
 
 /// The extractor of [`crate::auth`] finds the tokens in force here.
@@ -38,11 +39,11 @@ pub fn router(ctx: Arc<Ctx>) -> Router {
     let limit = ctx.cfg().api.max_body_bytes;
     Router::new()
         .route("/v1/tasks", post(post_tasks))
-        .route("/v1/schedules", get(get_schedules))
         .route("/v1/replicas", get(get_replicas))
         .route("/v1/schedules/{name}/trigger", post(trigger))
         .route("/v1/schedules/{name}/pause", post(pause))
         .route("/v1/schedules/{name}/resume", post(resume))
+        .merge(schedules::routes())
         .merge(dead::routes())
         .merge(workflows::routes())
         .layer(DefaultBodyLimit::max(limit))
@@ -282,54 +283,12 @@ async fn get_replicas(
     Ok(Json(json!({ "replicas": ctx.replicas() })).into_response())
 }
 
-async fn get_schedules(
-    _: RequireScope<Read>,
-    State(ctx): State<Arc<Ctx>>,
-) -> Result<Response, ApiError> {
-    let set = ctx.schedules();
-    let leader = ctx.is_leader();
-    let now = Utc::now();
-    let list: Vec<_> = set
-        .iter()
-        .map(|s| {
-            let st = ctx.status_of(s.name());
-            let next = if s.cfg.enabled && !st.paused {
-                st.next_fire.or_else(|| s.spec.next_after(now))
-            } else {
-                None
-            };
-            let tz = s.spec.tz();
-            json!({
-                "name": s.name(),
-                "cron": s.cfg.cron,
-                "timezone": s.cfg.timezone,
-                "task": s.cfg.task,
-                "workflow": s.cfg.workflow,
-                "enabled": s.cfg.enabled,
-                "paused": st.paused,
-                "misfire": s.cfg.misfire,
-                "misfire_grace": humantime::format_duration(s.cfg.misfire_grace).to_string(),
-                "dst_gap": s.cfg.dst_gap,
-                "dst_overlap": s.cfg.dst_overlap,
-                "next_fire": fmt_time(next),
-                "next_fire_local": next.map(|n| n.with_timezone(&tz).to_rfc3339()),
-                "last_fire": fmt_time(st.last_fired),
-            })
-        })
-        .collect();
-    Ok(
-        Json(json!({"leader": leader, "instance": ctx.instance(), "schedules": list}))
-            .into_response(),
-    )
-}
-
 async fn trigger(
     scope: RequireScope<Publish>,
     State(ctx): State<Arc<Ctx>>,
     Path(name): Path<String>,
 ) -> Result<Response, ApiError> {
-    let set = ctx.schedules();
-    let s = set.iter().find(|s| s.name() == name).ok_or_else(|| {
+    let s = ctx.book().get(&name).ok_or_else(|| {
         ApiError::new(
             StatusCode::NOT_FOUND,
             "not_found",

@@ -39,7 +39,7 @@ impl App {
         let (cfg, schedules) = config::check(cfg, None)?;
         let registry = Registry::new();
         let amqp_metrics = AmqpMetrics::register(&registry)?;
-        let metrics = Metrics::register(&registry)?;
+        let metrics = Metrics::register(&registry, cfg.metrics.per_schedule_limit)?;
         let tokens = Tokens::from_config(&cfg.api)?;
         if cfg.api.enabled && tokens.is_empty() {
             tracing::warn!("no API tokens configured: every /v1 request will be refused (set api.publish_token / api.read_token)");

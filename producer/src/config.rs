@@ -33,6 +33,48 @@ pub struct ProducerConfig {
     pub workflows: Vec<WorkflowConfig>,
     /// `[workflow]`: bounds of the coordinator's run state.
     pub workflow: WorkflowSettings,
+    /// `[scheduler]`: bounds of the schedule book and its state.
+    pub scheduler: SchedulerConfig,
+    /// `[metrics]`: how many series `/metrics` may hold.
+    pub metrics: MetricsConfig,
+}
+
+/// `[scheduler]` (docs/schedules.md#at-scale).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct SchedulerConfig {
+    /// Most schedules the API may hold (config-file ones not counted).
+    pub max_schedules: usize,
+    /// How often the leader writes a compacted snapshot of every cursor
+    /// (between two, each fire appends a small record to a stream).
+    #[serde(with = "humantime_serde")]
+    pub compact_every: Duration,
+}
+
+impl Default for SchedulerConfig {
+    fn default() -> Self {
+        Self {
+            max_schedules: 100_000,
+            compact_every: Duration::from_secs(15),
+        }
+    }
+}
+
+/// `[metrics]`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct MetricsConfig {
+    /// Schedules with series of their own (`warren_producer_schedule_*`,
+    /// next and last fire); the role-wide series count every schedule.
+    pub per_schedule_limit: usize,
+}
+
+impl Default for MetricsConfig {
+    fn default() -> Self {
+        Self {
+            per_schedule_limit: 100,
+        }
+    }
 }
 
 impl Default for ProducerConfig {
@@ -51,6 +93,8 @@ impl Default for ProducerConfig {
             security: SecurityConfig::default(),
             workflows: Vec::new(),
             workflow: WorkflowSettings::default(),
+            scheduler: SchedulerConfig::default(),
+            metrics: MetricsConfig::default(),
         }
     }
 }
@@ -432,6 +476,10 @@ pub struct Schedule {
     pub spec: Spec,
     /// The payload as JSON bytes.
     pub payload: Vec<u8>,
+    pub origin: crate::book::Origin,
+    /// The catalog's version of an API schedule (its `ETag`); 0 for the
+    /// config file's.
+    pub version: u64,
 }
 
 /// The schedules in force (replaced whole on reload).
@@ -470,6 +518,39 @@ impl Schedule {
 }
 
 /// Validate every schedule; all problems at once, each naming its schedule.
+/// Longest schedule name: `<name>@<instant>` must fit a task id (an AMQP
+/// short string, 255 bytes) with room for the instant.
+pub const MAX_SCHEDULE_NAME_LEN: usize = 200;
+
+/// One schedule definition, checked as a `[[schedules]]` entry would be
+/// (name, task, cron, zone, retry, workflow): the API's and the CLI's
+/// validation, every problem at once.
+pub fn compile_one(def: &ScheduleConfig, workflows: &[String]) -> Result<Schedule, Vec<String>> {
+    let mut errors = Vec::new();
+    if let Some(w) = &def.workflow {
+        if !workflows.iter().any(|d| d == w) {
+            errors.push(format!(
+                "workflow: unknown workflow {w:?} (workflows are: {})",
+                workflows.join(", ")
+            ));
+        }
+    }
+    match compile_schedules(std::slice::from_ref(def)) {
+        Ok(mut v) if errors.is_empty() => Ok(v.remove(0)),
+        Ok(_) => Err(errors),
+        Err(e) => {
+            // The entry's own prefix (`schedule `x`: `) says nothing more
+            // than the request already does.
+            let prefix = format!("schedule `{}`: ", def.name);
+            errors.extend(
+                e.into_iter()
+                    .map(|m| m.strip_prefix(&prefix).map(str::to_owned).unwrap_or(m)),
+            );
+            Err(errors)
+        }
+    }
+}
+
 pub fn compile_schedules(list: &[ScheduleConfig]) -> Result<Vec<Schedule>, Vec<String>> {
     let mut errors = Vec::new();
     let mut out = Vec::new();
@@ -489,6 +570,10 @@ pub fn compile_schedules(list: &[ScheduleConfig]) -> Result<Vec<Schedule>, Vec<S
             .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.' | ':'))
         {
             err("`name` may only contain ASCII letters, digits, `-`, `_`, `.` and `:`".into());
+        } else if s.name.len() > MAX_SCHEDULE_NAME_LEN {
+            err(format!(
+                "`name` is longer than {MAX_SCHEDULE_NAME_LEN} bytes (it starts every task id of the schedule)"
+            ));
         } else if !names.insert(s.name.clone()) {
             err("duplicate name (schedule names must be unique)".into());
         }
@@ -548,6 +633,8 @@ pub fn compile_schedules(list: &[ScheduleConfig]) -> Result<Vec<Schedule>, Vec<S
             cfg: s.clone(),
             spec,
             payload,
+            origin: crate::book::Origin::Config,
+            version: 0,
         });
     }
     if errors.is_empty() {
@@ -729,6 +816,12 @@ impl ProducerConfig {
         }
         if self.api.dead_scan_limit == 0 {
             errors.push("api.dead_scan_limit = 0: must be at least 1".into());
+        }
+        if self.scheduler.compact_every < Duration::from_secs(1) {
+            errors.push(format!(
+                "scheduler.compact_every = {}: must be at least 1s",
+                humantime::format_duration(self.scheduler.compact_every)
+            ));
         }
         errors.extend(self.workflow.validate());
         if self.leader.retry_interval.is_zero() {

@@ -51,6 +51,46 @@ async fn next_event(
     }
 }
 
+/// Read the API's schedules up to now and keep following them (`None`:
+/// could not; tried again when the connection comes back).
+async fn follow_catalog(
+    ctx: &Ctx,
+    conn: &Connection,
+    publisher: &Publisher,
+) -> Option<(lapin::Channel, lapin::Consumer)> {
+    let prefix = ctx.topo().prefix();
+    let effect = |e| ctx.catalog_effect(e);
+    match crate::catalog::follow(conn, publisher, prefix, ctx.catalog(), &effect).await {
+        Ok(f) => {
+            ctx.set_catalog_loaded();
+            tracing::debug!(schedules = ctx.catalog().len(), "schedule catalog read");
+            Some(f)
+        }
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot read the schedule catalog");
+            None
+        }
+    }
+}
+
+/// The next record of the catalog's log; never resolves without a
+/// consumer.
+async fn next_delivery(
+    feed: &mut Option<(lapin::Channel, lapin::Consumer)>,
+) -> Option<lapin::message::Delivery> {
+    use futures_util::StreamExt;
+    let Some((_, consumer)) = feed.as_mut() else {
+        return std::future::pending().await;
+    };
+    match consumer.next().await {
+        Some(Ok(d)) => Some(d),
+        _ => {
+            *feed = None;
+            None
+        }
+    }
+}
+
 /// Tell every replica (this one included) who this replica is and whether
 /// it leads.
 async fn announce(ctx: &Ctx, events: &Option<(lapin::Channel, lapin::Consumer)>) {
@@ -112,6 +152,7 @@ pub async fn api_connection(ctx: Arc<Ctx>, stop: CancellationToken) {
         let setup = async {
             warren::topology::declare(&conn, ctx.topo()).await?;
             control::declare(&conn, ctx.topo().prefix(), ctx.topo().queue_type()).await?;
+            crate::catalog::declare(&conn, ctx.topo().prefix(), ctx.topo().queue_type()).await?;
             Publisher::new(&conn, ctx.cfg().amqp.confirm_timeout).await
         };
         match setup.await {
@@ -129,6 +170,7 @@ pub async fn api_connection(ctx: Arc<Ctx>, stop: CancellationToken) {
                 ctx.amqp_metrics().connected.set(1);
                 ctx.health().set_ready(true);
                 tracing::info!("connected to the broker");
+                let mut catalog = follow_catalog(&ctx, &conn, &publisher).await;
                 let mut events = listen(&ctx, &conn).await;
                 let mut presence = tokio::time::interval(control::PRESENCE_EVERY);
                 loop {
@@ -139,6 +181,16 @@ pub async fn api_connection(ctx: Arc<Ctx>, stop: CancellationToken) {
                         // Replicas list the new leader at once, not at the
                         // next periodic announcement.
                         _ = ctx.leadership_changed() => announce(&ctx, &events).await,
+                        d = next_delivery(&mut catalog) => match d {
+                            Some(d) => {
+                                crate::catalog::apply_delivery(ctx.catalog(), &d, &|e| ctx.catalog_effect(e));
+                                let _ = d.acker.ack(lapin::options::BasicAckOptions::default()).await;
+                            }
+                            None => {
+                                tracing::warn!("schedule catalog consumer ended; reading it again");
+                                catalog = follow_catalog(&ctx, &conn, &publisher).await;
+                            }
+                        },
                         ev = next_event(&mut events) => match ev {
                             Some(control::Incoming::Event(ev)) => ctx.on_event(ev),
                             Some(control::Incoming::Presence { presence }) => ctx.on_presence(presence),

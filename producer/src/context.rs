@@ -19,7 +19,8 @@ use warren::security::Seal;
 use warren::Topology;
 
 use crate::auth::TokenStore;
-use crate::config::{ProducerConfig, Schedule, ScheduleSet};
+use crate::book::Book;
+use crate::config::{ProducerConfig, Schedule};
 use crate::control::{self, ControlError, Op};
 use crate::metrics::Metrics;
 use crate::workflow::Workflow;
@@ -49,7 +50,12 @@ pub struct Ctx {
     metrics: Metrics,
     amqp_metrics: AmqpMetrics,
     health: Health,
-    schedules: watch::Sender<ScheduleSet>,
+    /// Every schedule in force, from the file and from the API.
+    book: Book,
+    /// The API's schedules as read from the broker.
+    catalog: crate::catalog::Catalog,
+    /// Whether the API's schedules were read from the broker yet.
+    catalog_loaded: watch::Sender<bool>,
     status: Mutex<HashMap<String, Status>>,
     leader: AtomicBool,
     /// Woken when `leader` changes, so replicas hear of it at once.
@@ -80,7 +86,6 @@ impl Ctx {
         health: Health,
         tokens: TokenStore,
     ) -> Self {
-        let (schedules, _) = watch::channel::<ScheduleSet>(Arc::new(Vec::new()));
         // `App::build` refused an invalid config already.
         let workflows: Vec<Arc<Workflow>> = crate::workflow::definition::compile(&cfg.workflows)
             .unwrap_or_default()
@@ -94,6 +99,7 @@ impl Ctx {
                 metrics.wf_runs.with_label_values(&[w.name.as_str(), event]);
             }
         }
+        let catalog = crate::catalog::Catalog::new(api_compiler(&cfg));
         Self {
             workflows,
             topo: Topology::new(&cfg.topology),
@@ -102,7 +108,9 @@ impl Ctx {
             metrics,
             amqp_metrics,
             health,
-            schedules,
+            book: Book::default(),
+            catalog,
+            catalog_loaded: watch::channel(false).0,
             status: Mutex::new(HashMap::new()),
             leader: AtomicBool::new(false),
             leader_changed: tokio::sync::Notify::new(),
@@ -184,43 +192,94 @@ impl Ctx {
         &self.tokens
     }
 
-    /// The schedules in force now.
-    pub fn schedules(&self) -> ScheduleSet {
-        self.schedules.borrow().clone()
+    /// The schedules in force now, from both sources.
+    pub fn book(&self) -> &Book {
+        &self.book
     }
 
-    /// Told of every schedule swap (the fire loop re-plans on it).
-    pub fn subscribe_schedules(&self) -> watch::Receiver<ScheduleSet> {
-        self.schedules.subscribe()
-    }
-
-    /// Put `schedules` in force: series of removed ones are dropped, those
-    /// of new ones exist from now on (zero, not absent).
+    /// Put the config file's `schedules` in force (start, SIGHUP): series
+    /// and status of removed ones are dropped, those of new ones exist from
+    /// now on (zero, not absent).
     pub fn apply_schedules(&self, schedules: Vec<Schedule>) {
-        let old = self.schedules();
-        for s in old.iter() {
-            if !schedules
-                .iter()
-                .any(|n| n.name() == s.name() && n.cfg.enabled)
-            {
-                self.metrics.forget_schedule(s.name());
-                if let Ok(mut m) = self.status.lock() {
-                    m.remove(s.name());
-                }
-            }
-        }
         for s in schedules.iter().filter(|s| s.cfg.enabled) {
             self.metrics.init_schedule(s.name());
         }
-        let names: Vec<&str> = schedules.iter().map(|s| s.name()).collect();
-        tracing::info!(schedules = ?names, "schedules in force");
-        self.schedules.send_replace(Arc::new(schedules));
+        let count = schedules.len();
+        let shown: Vec<String> = schedules
+            .iter()
+            .take(20)
+            .map(|s| s.name().to_owned())
+            .collect();
+        for gone in self.book.replace_config(schedules) {
+            self.forget(&gone);
+        }
+        self.count_schedules();
+        tracing::info!(schedules = count, first = ?shown, "schedules from the config file in force");
+    }
+
+    pub fn catalog(&self) -> &crate::catalog::Catalog {
+        &self.catalog
+    }
+
+    /// Put what reading the catalog's log decided in force.
+    pub fn catalog_effect(&self, e: crate::catalog::Effect) {
+        match e {
+            crate::catalog::Effect::Put(s) => {
+                self.put_api_schedule(*s);
+            }
+            crate::catalog::Effect::Remove(name) => self.remove_api_schedule(&name),
+            crate::catalog::Effect::None => {}
+        }
+    }
+
+    /// Put an API schedule in force (from the catalog); `false` when a
+    /// config-file schedule has its name.
+    pub fn put_api_schedule(&self, s: Schedule) -> bool {
+        if s.cfg.enabled {
+            self.metrics.init_schedule(s.name());
+        }
+        let done = self.book.put_api(s);
+        self.count_schedules();
+        done
+    }
+
+    /// Take an API schedule out of force (from the catalog).
+    pub fn remove_api_schedule(&self, name: &str) {
+        if self.book.remove_api(name) {
+            self.forget(name);
+        }
+        self.count_schedules();
+    }
+
+    fn forget(&self, name: &str) {
+        self.metrics.forget_schedule(name);
+        if let Ok(mut m) = self.status.lock() {
+            m.remove(name);
+        }
+    }
+
+    fn count_schedules(&self) {
+        let (config, api) = self.book.counts();
+        let g = &self.metrics.schedules;
+        g.with_label_values(&["config"]).set(config as i64);
+        g.with_label_values(&["api"]).set(api as i64);
+    }
+
+    /// The API's schedules have been read from the broker (each replica,
+    /// once, at start).
+    pub fn set_catalog_loaded(&self) {
+        self.catalog_loaded.send_replace(true);
+    }
+
+    /// Resolves once the API's schedules are in the book.
+    pub async fn catalog_loaded(&self) {
+        let mut rx = self.catalog_loaded.subscribe();
+        let _ = rx.wait_for(|loaded| *loaded).await;
     }
 
     pub fn set_next(&self, name: &str, next: Option<DateTime<Utc>>) {
         // 0 = no further fire (e.g. a 7-field expression whose years are over).
-        let v = next.map_or(0.0, |n| n.timestamp_millis() as f64 / 1000.0);
-        self.metrics.next_fire.with_label_values(&[name]).set(v);
+        self.metrics.next_fire(name, next);
         if let Ok(mut m) = self.status.lock() {
             m.entry(name.to_owned()).or_default().next_fire = next;
         }
@@ -322,7 +381,7 @@ impl Ctx {
     }
 
     async fn control(&self, op: Op, name: &str) -> Result<(), ControlError> {
-        if !self.schedules().iter().any(|s| s.name() == name) {
+        if !self.book.contains(name) {
             return Err(ControlError::NotFound(name.to_owned()));
         }
         let conn = self.api_publisher().ok_or(ControlError::Unavailable)?.conn;
@@ -415,4 +474,11 @@ impl Ctx {
 /// `<host>:<pid>`, unique among replicas even without `$HOSTNAME`.
 fn instance_id() -> String {
     format!("{}:{}", warren::config::host_name(), std::process::id())
+}
+
+/// How API schedules are checked: exactly as `[[schedules]]` entries of
+/// this config (the same function), workflows included.
+pub fn api_compiler(cfg: &ProducerConfig) -> Box<crate::catalog::Compile> {
+    let workflows: Vec<String> = cfg.workflows.iter().map(|w| w.name.clone()).collect();
+    Box::new(move |def| crate::config::compile_one(def, &workflows))
 }

@@ -38,6 +38,8 @@ mod api;
 mod audit;
 mod auth;
 mod batch;
+mod book;
+mod catalog;
 mod connection;
 mod console;
 mod context;

@@ -2,9 +2,13 @@
 //! and alerts use them); label values are bounded: schedule names from config
 //! and the publish sources, never task ids.
 
+use std::collections::HashSet;
+use std::sync::{Arc, Mutex};
+
+use chrono::{DateTime, Utc};
 use prometheus::{
-    Gauge, GaugeVec, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, Opts,
-    Registry,
+    Gauge, GaugeVec, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge,
+    IntGaugeVec, Opts, Registry,
 };
 
 /// The `event` values of `warren_producer_workflow_runs_total`.
@@ -39,11 +43,28 @@ impl Source {
     }
 }
 
+/// Fire-lag buckets, role-wide and per schedule.
+const FIRE_LAG_BUCKETS: [f64; 14] = [
+    0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0,
+];
+
 #[derive(Clone)]
 pub struct Metrics {
+    /// Role-wide: every schedule's fires, lag and misses, in three series
+    /// whatever the number of schedules.
+    pub fires_all: IntCounter,
+    pub fire_lag_all: Histogram,
+    pub missed_all: IntCounter,
+    /// Per schedule, for the first `metrics.per_schedule_limit` schedules
+    /// only (see [`Metrics::tracks`]).
     pub fires: IntCounterVec,
     pub fire_lag: HistogramVec,
     pub missed: IntCounterVec,
+    /// Schedules in force, by source (`config`, `api`).
+    pub schedules: IntGaugeVec,
+    /// The schedules that have series of their own.
+    tracked: Arc<Mutex<HashSet<String>>>,
+    per_schedule_limit: usize,
     pub published: IntCounterVec,
     pub publish_failures: IntCounterVec,
     pub next_fire: GaugeVec,
@@ -61,33 +82,54 @@ pub struct Metrics {
 }
 
 impl Metrics {
-    pub fn register(r: &Registry) -> prometheus::Result<Self> {
+    pub fn register(r: &Registry, per_schedule_limit: usize) -> prometheus::Result<Self> {
         let m = Self {
+            fires_all: IntCounter::new(
+                "warren_producer_fires_total",
+                "Scheduled fires published and confirmed by the broker, all schedules",
+            )?,
+            fire_lag_all: Histogram::with_opts(
+                HistogramOpts::new(
+                    "warren_producer_fire_lag_seconds",
+                    "Time from a fire's scheduled instant to the broker's confirm, all schedules",
+                )
+                .buckets(FIRE_LAG_BUCKETS.to_vec()),
+            )?,
+            missed_all: IntCounter::new(
+                "warren_producer_missed_fires_total",
+                "Scheduled fires not published (misfire policy, grace exceeded or publish failed), all schedules",
+            )?,
             fires: IntCounterVec::new(
                 Opts::new(
-                    "warren_producer_fires_total",
-                    "Scheduled fires published and confirmed by the broker",
+                    "warren_producer_schedule_fires_total",
+                    "Scheduled fires published and confirmed, per schedule (the first metrics.per_schedule_limit schedules)",
                 ),
                 &["schedule"],
             )?,
             fire_lag: HistogramVec::new(
                 HistogramOpts::new(
-                    "warren_producer_fire_lag_seconds",
-                    "Time from a fire's scheduled instant to the broker's confirm",
+                    "warren_producer_schedule_fire_lag_seconds",
+                    "Time from a fire's scheduled instant to the broker's confirm, per schedule (the first metrics.per_schedule_limit schedules)",
                 )
-                .buckets(vec![
-                    0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0,
-                    300.0,
-                ]),
+                .buckets(FIRE_LAG_BUCKETS.to_vec()),
                 &["schedule"],
             )?,
             missed: IntCounterVec::new(
                 Opts::new(
-                    "warren_producer_missed_fires_total",
-                    "Scheduled fires not published (misfire policy, grace exceeded or publish failed)",
+                    "warren_producer_schedule_missed_fires_total",
+                    "Scheduled fires not published, per schedule (the first metrics.per_schedule_limit schedules)",
                 ),
                 &["schedule"],
             )?,
+            schedules: IntGaugeVec::new(
+                Opts::new(
+                    "warren_producer_schedules",
+                    "Schedules in force, by source (config, api)",
+                ),
+                &["source"],
+            )?,
+            tracked: Arc::default(),
+            per_schedule_limit,
             published: IntCounterVec::new(
                 Opts::new(
                     "warren_producer_published_total",
@@ -168,6 +210,13 @@ impl Metrics {
                 &["reason"],
             )?,
         };
+        r.register(Box::new(m.fires_all.clone()))?;
+        r.register(Box::new(m.fire_lag_all.clone()))?;
+        r.register(Box::new(m.missed_all.clone()))?;
+        r.register(Box::new(m.schedules.clone()))?;
+        for source in ["config", "api"] {
+            m.schedules.with_label_values(&[source]);
+        }
         r.register(Box::new(m.fires.clone()))?;
         r.register(Box::new(m.fire_lag.clone()))?;
         r.register(Box::new(m.missed.clone()))?;
@@ -197,15 +246,64 @@ impl Metrics {
         Ok(m)
     }
 
-    /// Make a schedule's series exist from the start (zero, not absent).
+    /// Whether `name` has series of its own: the first
+    /// `per_schedule_limit` schedules do, so that `/metrics` stays small
+    /// however many schedules there are.
+    pub fn tracks(&self, name: &str) -> bool {
+        self.tracked.lock().is_ok_and(|t| t.contains(name))
+    }
+
+    /// Make a schedule's series exist from the start (zero, not absent),
+    /// while there is room under the limit.
     pub fn init_schedule(&self, name: &str) {
+        let Ok(mut t) = self.tracked.lock() else {
+            return;
+        };
+        if !t.contains(name) {
+            if t.len() >= self.per_schedule_limit {
+                return;
+            }
+            t.insert(name.to_owned());
+        }
         self.fires.with_label_values(&[name]);
         self.missed.with_label_values(&[name]);
         self.fire_lag.with_label_values(&[name]);
     }
 
+    /// One confirmed fire, `lag` after its instant `t`.
+    pub fn fired(&self, name: &str, t: DateTime<Utc>, lag: f64) {
+        self.fires_all.inc();
+        self.fire_lag_all.observe(lag);
+        if self.tracks(name) {
+            self.fires.with_label_values(&[name]).inc();
+            self.fire_lag.with_label_values(&[name]).observe(lag);
+            self.last_fire
+                .with_label_values(&[name])
+                .set(t.timestamp_millis() as f64 / 1000.0);
+        }
+    }
+
+    /// `n` instants of `name` that will not fire.
+    pub fn missed(&self, name: &str, n: u64) {
+        self.missed_all.inc_by(n);
+        if self.tracks(name) {
+            self.missed.with_label_values(&[name]).inc_by(n);
+        }
+    }
+
+    /// The next fire of `name` (`None`: never again, shown as 0).
+    pub fn next_fire(&self, name: &str, next: Option<DateTime<Utc>>) {
+        if self.tracks(name) {
+            let v = next.map_or(0.0, |n| n.timestamp_millis() as f64 / 1000.0);
+            self.next_fire.with_label_values(&[name]).set(v);
+        }
+    }
+
     /// Drop the series of a schedule removed by a reload.
     pub fn forget_schedule(&self, name: &str) {
+        if let Ok(mut t) = self.tracked.lock() {
+            t.remove(name);
+        }
         let _ = self.fires.remove_label_values(&[name]);
         let _ = self.missed.remove_label_values(&[name]);
         let _ = self.fire_lag.remove_label_values(&[name]);

@@ -1,20 +1,33 @@
-//! What a new leader must know about past fires, kept in RabbitMQ: the queue
-//! `<prefix>.producer.state` holds exactly one message (`x-max-length = 1`,
-//! overflow drops the head), the latest snapshot of every schedule's cursor
-//! (the last instant already decided: fired or counted as missed) and last
-//! confirmed fire, and which schedules an operator paused.
+//! What a new leader must know about past fires, kept in RabbitMQ, in two
+//! parts whose cost per fire does not grow with the number of schedules:
 //!
-//! Only the leader writes it, on the lock connection, with a confirm, right
-//! after the ticks it covers were confirmed; a new leader reads it with
-//! `basic.get` and puts it back (reject + requeue). A last-value queue of one
-//! message needs no compaction and no plugin, and a single snapshot avoids the
-//! trap of a per-fire log where frequent schedules push the records of rare
-//! ones out of a length-limited queue.
+//! * **the log**, the stream `<prefix>.producer.fires`: each wake-up of the
+//!   fire loop appends one small [`Record`] (the cursors of the schedules it
+//!   decided, pauses and resumes), pipelined right behind its ticks on the
+//!   lock connection, confirmed;
+//! * **the snapshot**, the queue `<prefix>.producer.state` holding exactly one
+//!   message (`x-max-length = 1`, overflow drops the head): every cursor, the
+//!   paused set and the log offset it covers, rewritten every
+//!   `scheduler.compact_every` (not per fire).
+//!
+//! A new leader reads the snapshot with `basic.get` and puts it back
+//! (reject and requeue), appends a marker record to the log, and reads the log from
+//! the snapshot's offset up to its marker: everything the previous leaders
+//! appended comes before it (their connections, and so their locks, are
+//! gone). Records merge by maximum (a cursor never moves back), so reading a
+//! record twice, or one the snapshot already covers, changes nothing.
 
 use std::collections::{BTreeMap, BTreeSet};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
 
 use chrono::{DateTime, Utc};
-use lapin::options::{BasicGetOptions, BasicRejectOptions, QueueDeclareOptions};
+use futures_util::StreamExt;
+use lapin::options::{
+    BasicAckOptions, BasicConsumeOptions, BasicGetOptions, BasicQosOptions, BasicRejectOptions,
+    QueueDeclareOptions,
+};
 use lapin::types::{AMQPValue, FieldTable, ShortString};
 use lapin::{BasicProperties, Connection};
 use serde::{Deserialize, Serialize};
@@ -24,6 +37,13 @@ use warren::config::QueueType;
 pub fn state_queue(prefix: &str) -> String {
     format!("{prefix}.producer.state")
 }
+
+pub fn log_stream(prefix: &str) -> String {
+    format!("{prefix}.producer.fires")
+}
+
+/// How long a new leader may take to read the log up to its marker.
+const CATCH_UP_TIMEOUT: Duration = Duration::from_secs(60);
 
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct Snapshot {
@@ -35,6 +55,54 @@ pub struct Snapshot {
     /// Schedules an operator paused (absent in snapshots of older versions).
     #[serde(default, skip_serializing_if = "BTreeSet::is_empty")]
     pub paused: BTreeSet<String>,
+    /// The last log offset this snapshot covers (absent before the log:
+    /// read the log from its start).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub offset: Option<u64>,
+}
+
+impl Snapshot {
+    /// Fold one log record in: cursors and last fires only move forward.
+    pub fn merge(&mut self, r: Record) {
+        for (name, e) in r.entries {
+            match self.schedules.get_mut(&name) {
+                Some(old) => {
+                    old.cursor = old.cursor.max(e.cursor);
+                    old.last_fired = old.last_fired.max(e.last_fired);
+                }
+                None => {
+                    self.schedules.insert(name, e);
+                }
+            }
+        }
+        for name in r.resumed {
+            self.paused.remove(&name);
+        }
+        self.paused.extend(r.paused);
+    }
+}
+
+/// One append to the log: what one wake-up of the fire loop decided.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct Record {
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub entries: BTreeMap<String, Entry>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub paused: Vec<String>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub resumed: Vec<String>,
+    /// A new leader's marker: the log up to here is what it must read.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub marker: Option<String>,
+}
+
+impl Record {
+    pub fn is_empty(&self) -> bool {
+        self.entries.is_empty()
+            && self.paused.is_empty()
+            && self.resumed.is_empty()
+            && self.marker.is_none()
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -90,6 +158,153 @@ pub async fn read(conn: &Connection, queue: &str) -> Result<Snapshot, lapin::Err
     };
     let _ = ch.close(200, "state read".into()).await;
     Ok(snap)
+}
+
+/// Declare the log stream (idempotent). Retention only needs to outlive
+/// the next snapshot; a day and 512 MiB leave room for any outage.
+pub async fn declare_log(conn: &Connection, queue: &str) -> Result<(), lapin::Error> {
+    let ch = conn.create_channel().await?;
+    let mut args = FieldTable::default();
+    args.insert(
+        ShortString::from("x-queue-type"),
+        AMQPValue::LongString("stream".into()),
+    );
+    args.insert(
+        ShortString::from("x-max-age"),
+        AMQPValue::LongString("1D".into()),
+    );
+    args.insert(
+        ShortString::from("x-max-length-bytes"),
+        AMQPValue::LongLongInt(512 << 20),
+    );
+    args.insert(
+        ShortString::from("x-stream-max-segment-size-bytes"),
+        AMQPValue::LongInt(8 << 20),
+    );
+    ch.queue_declare(
+        queue.into(),
+        QueueDeclareOptions {
+            durable: true,
+            ..QueueDeclareOptions::default()
+        },
+        args,
+    )
+    .await?;
+    let _ = ch.close(200, "log declared".into()).await;
+    Ok(())
+}
+
+/// Append `r` to the log without waiting for its confirm.
+pub async fn append(
+    publisher: &Publisher,
+    queue: &str,
+    r: &Record,
+) -> Result<Pending, warren::Error> {
+    let body = serde_json::to_vec(r).unwrap_or_default();
+    let props = BasicProperties::default()
+        .with_content_type("application/json".into())
+        .with_delivery_mode(warren::envelope::PERSISTENT);
+    publisher.send("", queue, props, &body).await
+}
+
+/// The log as this leader keeps reading it after catching up: the offset
+/// of the latest record seen, which the next snapshot covers.
+pub struct Tail {
+    seen: Arc<AtomicU64>,
+    channel: lapin::Channel,
+}
+
+impl Tail {
+    /// Every record at or before this offset was appended before now.
+    pub fn offset(&self) -> u64 {
+        self.seen.load(Ordering::SeqCst)
+    }
+
+    pub async fn close(&self) {
+        let _ = self.channel.close(200, "leader term over".into()).await;
+    }
+}
+
+/// What a new leader resumes from: the snapshot with the log folded in,
+/// read up to a marker it appended itself; and the log's [`Tail`].
+pub async fn load(
+    conn: &Connection,
+    publisher: &Publisher,
+    state_queue: &str,
+    log: &str,
+    instance: &str,
+) -> anyhow::Result<(Snapshot, Tail)> {
+    let mut snap = read(conn, state_queue).await?;
+    let marker = format!("{instance}/{}", uuid::Uuid::new_v4());
+    let record = Record {
+        marker: Some(marker.clone()),
+        ..Record::default()
+    };
+    append(publisher, log, &record).await?.confirmed().await?;
+    let ch = conn.create_channel().await?;
+    ch.basic_qos(1000, BasicQosOptions::default()).await?;
+    let from = match snap.offset {
+        Some(o) => AMQPValue::LongLongInt(i64::try_from(o + 1).unwrap_or(i64::MAX)),
+        None => AMQPValue::LongString("first".into()),
+    };
+    let mut args = FieldTable::default();
+    args.insert(ShortString::from("x-stream-offset"), from);
+    let mut consumer = ch
+        .basic_consume(
+            log.into(),
+            "warren-producer-state".into(),
+            BasicConsumeOptions::default(),
+            args,
+        )
+        .await?;
+    let mut records = 0u64;
+    let read_up = async {
+        loop {
+            let Some(d) = consumer.next().await else {
+                anyhow::bail!("the state log consumer ended while catching up");
+            };
+            let d = d?;
+            d.acker.ack(BasicAckOptions::default()).await?;
+            if let Some(o) = offset_of(&d) {
+                snap.offset = Some(o);
+            }
+            match serde_json::from_slice::<Record>(&d.data) {
+                Ok(r) if r.marker.as_deref() == Some(marker.as_str()) => return Ok(()),
+                Ok(r) => {
+                    records += 1;
+                    snap.merge(r);
+                }
+                Err(e) => tracing::warn!(error = %e, "unreadable scheduler log record; skipped"),
+            }
+        }
+    };
+    tokio::time::timeout(CATCH_UP_TIMEOUT, read_up)
+        .await
+        .map_err(|_| anyhow::anyhow!("reading the scheduler log timed out"))??;
+    tracing::debug!(records, offset = ?snap.offset, "scheduler log read");
+    let seen = Arc::new(AtomicU64::new(snap.offset.unwrap_or(0)));
+    let s = seen.clone();
+    tokio::spawn(async move {
+        while let Some(Ok(d)) = consumer.next().await {
+            if let Some(o) = offset_of(&d) {
+                s.store(o, Ordering::SeqCst);
+            }
+            if d.acker.ack(BasicAckOptions::default()).await.is_err() {
+                break;
+            }
+        }
+    });
+    Ok((snap, Tail { seen, channel: ch }))
+}
+
+fn offset_of(d: &lapin::message::Delivery) -> Option<u64> {
+    let headers = d.properties.headers().as_ref()?;
+    match headers.inner().get("x-stream-offset")? {
+        AMQPValue::LongLongInt(o) => u64::try_from(*o).ok(),
+        AMQPValue::LongInt(o) => u64::try_from(*o).ok(),
+        AMQPValue::LongUInt(o) => Some(u64::from(*o)),
+        _ => None,
+    }
 }
 
 /// Replace the snapshot (confirmed).

@@ -15,6 +15,9 @@ use super::layout::{self, Nav};
 use super::Console;
 use crate::config::Scope;
 
+/// Schedules the page shows.
+const PAGE: usize = 500;
+
 /// The notice a redirect after an action carries (`?flash=`).
 #[derive(Deserialize)]
 pub struct Flash {
@@ -36,7 +39,9 @@ pub async fn page(State(c): State<Console>, Signed(s): Signed, Query(q): Query<F
 }
 
 fn table(c: &Console, s: &super::session::Session) -> Markup {
-    let set = c.ctx.schedules();
+    // One page: the API lists every schedule (`?after=`).
+    let set = c.ctx.book().page("", None, PAGE);
+    let total = c.ctx.book().len();
     let now = Utc::now();
     let can_publish = s.may(Scope::Publish);
     let can_admin = s.may(Scope::Admin);
@@ -45,7 +50,9 @@ fn table(c: &Console, s: &super::session::Session) -> Markup {
             p.notice { "No schedules configured (" code { "[[schedules]]" } " in the producer's config)." }
         } @else {
             p.hint {
-                (set.len()) " schedules · this replica "
+                (total) " schedules"
+                @if total > set.len() { " (the first " (set.len()) " shown; " code { "GET /v1/schedules?after=" } " lists them all)" }
+                " · this replica "
                 @if c.ctx.is_leader() { strong { "leads" } " and fires them" } @else { "is a standby (another replica fires)" }
             }
             div.scroll { table.schedules {
@@ -106,8 +113,7 @@ pub async fn trigger(
     if let Some(r) = refused(&s, &f, Scope::Publish) {
         return r;
     }
-    let set = c.ctx.schedules();
-    let Some(sch) = set.iter().find(|x| x.name() == name) else {
+    let Some(sch) = c.ctx.book().get(&name) else {
         return layout::see_other("/ui/schedules", &format!("No schedule named `{name}`."));
     };
     let id = format!("{}@manual-{}", sch.name(), uuid::Uuid::new_v4());

@@ -41,7 +41,7 @@ async fn a_panicking_schedule_is_counted_and_the_others_keep_firing() {
         "missed fires of `broken`",
         || async {
             let v = p
-                .metric(r#"warren_producer_missed_fires_total{schedule="broken"}"#)
+                .metric(r#"warren_producer_schedule_missed_fires_total{schedule="broken"}"#)
                 .await?;
             (v >= 2.0).then_some(())
         },

@@ -416,7 +416,7 @@ impl Producer {
     }
 
     /// Value of an unlabelled or exactly-labelled sample, e.g.
-    /// `warren_producer_missed_fires_total{schedule="a"}`.
+    /// `warren_producer_schedule_missed_fires_total{schedule="a"}`.
     pub async fn metric(&self, series: &str) -> Option<f64> {
         let text = self.metrics().await?;
         text.lines().find_map(|l| {

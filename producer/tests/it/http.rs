@@ -115,6 +115,8 @@ async fn http_api_through_the_binary() {
         "warren_producer_fires_total",
         "warren_producer_fire_lag_seconds",
         "warren_producer_missed_fires_total",
+        "warren_producer_schedule_fires_total{schedule=",
+        "warren_producer_schedules{source=\"config\"}",
         "warren_producer_published_total{source=\"api\"} 2",
         "warren_producer_publish_failures_total",
         "warren_producer_next_fire_timestamp_seconds",

@@ -150,7 +150,7 @@ async fn check_policies(all: &[Msg], old: &Producer, new: &Producer) {
         );
         let missed = new
             .metric(&format!(
-                r#"warren_producer_missed_fires_total{{schedule="{schedule}"}}"#
+                r#"warren_producer_schedule_missed_fires_total{{schedule="{schedule}"}}"#
             ))
             .await
             .unwrap_or(-1.0);
@@ -337,7 +337,7 @@ async fn frozen_leader_is_fenced_after_sigstop() {
     check_policies(&all, &a, &b).await;
     // skip and fire_once really left ticks out during a gap this long.
     let missed_skip = b
-        .metric(r#"warren_producer_missed_fires_total{schedule="skip"}"#)
+        .metric(r#"warren_producer_schedule_missed_fires_total{schedule="skip"}"#)
         .await
         .unwrap_or(0.0);
     assert!(

@@ -79,7 +79,7 @@ async fn per_second_schedule_publishes_n_messages_with_deterministic_ids() {
     );
     // The lag histogram counted the fires.
     let fires = p
-        .metric(r#"warren_producer_fires_total{schedule="every-second"}"#)
+        .metric(r#"warren_producer_schedule_fires_total{schedule="every-second"}"#)
         .await
         .unwrap_or(0.0);
     assert!(fires >= N as f64, "fires_total {fires}");

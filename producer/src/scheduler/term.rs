@@ -1,0 +1,651 @@
+//! One leader term of the fire loop. Its cost per wake-up grows with what is
+//! due, not with the number of schedules:
+//!
+//! * the [`Agenda`] orders schedules by their next instant, so a wake-up
+//!   takes off only the due ones;
+//! * the ticks due together go out pipelined (up to [`FIRE_WINDOW`] confirms
+//!   outstanding), followed on the same channel by one log [`Record`] of the
+//!   cursors they moved ([`crate::state`]); a snapshot of every cursor is
+//!   written only every `scheduler.compact_every`;
+//! * a change to the schedule book re-plans only the schedule it names.
+
+use std::collections::{HashMap, VecDeque};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use backon::BackoffBuilder;
+use chrono::{DateTime, Utc};
+use lapin::options::BasicAckOptions;
+use tokio::sync::broadcast::error::RecvError;
+use tokio_util::sync::CancellationToken;
+use warren::amqp::{Pending, Publisher};
+
+use super::agenda::Agenda;
+use super::clock::{self, Sample, Step, Track};
+use super::{announce, plan_tick_guarded, MAX_SLEEP};
+use crate::book::Change;
+use crate::config::Schedule;
+use crate::context::Ctx;
+use crate::control;
+use crate::leader::Fence;
+use crate::metrics::Source;
+use crate::schedule::{self, ON_TIME};
+use crate::state::{self, Entry, Record, Snapshot, Tail};
+
+/// Ticks in flight at once (unconfirmed) within one wake-up.
+const FIRE_WINDOW: usize = 1024;
+
+/// Per-schedule state of the fire loop.
+struct Cursor {
+    /// Which instants are still to be decided.
+    track: Track,
+    last_fired: Option<DateTime<Utc>>,
+    /// The expression it was computed for (a changed expression restarts at
+    /// now); empty for a cursor resumed from the state, which adopts the
+    /// expression in force.
+    key: String,
+}
+
+fn spec_key(s: &Schedule) -> String {
+    format!(
+        "{}|{}|{:?}|{:?}",
+        s.cfg.cron, s.cfg.timezone, s.cfg.dst_gap, s.cfg.dst_overlap
+    )
+}
+
+/// A tick to publish: schedule and instant.
+struct Tick {
+    schedule: Arc<Schedule>,
+    at: DateTime<Utc>,
+}
+
+/// How a term ended (or a step of it).
+pub(super) struct Fenced;
+
+pub(super) struct Term<'a> {
+    ctx: &'a Ctx,
+    fence: &'a Fence,
+    publisher: &'a Publisher,
+    state_queue: String,
+    log: String,
+    tail: Tail,
+    cursors: HashMap<String, Cursor>,
+    agenda: Agenda,
+    sample: Sample,
+    /// Log records appended since the last snapshot, and when that was.
+    unsnapshotted: u64,
+    snapshot_at: Instant,
+    /// The catalog offset the last catalog snapshot covered, and when.
+    catalog_snapshot: (Option<u64>, Instant),
+}
+
+impl<'a> Term<'a> {
+    /// Resume from the previous leaders' state and put every schedule in
+    /// force on the agenda.
+    pub(super) async fn start(
+        ctx: &'a Ctx,
+        conn: &lapin::Connection,
+        fence: &'a Fence,
+        publisher: &'a Publisher,
+    ) -> anyhow::Result<Term<'a>> {
+        let prefix = ctx.topo().prefix();
+        let state_queue = state::state_queue(prefix);
+        let log = state::log_stream(prefix);
+        let (previous, tail) =
+            state::load(conn, publisher, &state_queue, &log, ctx.instance()).await?;
+        if !previous.schedules.is_empty() {
+            tracing::info!(
+                writer = %previous.writer,
+                schedules = previous.schedules.len(),
+                "resuming from the previous leader's state"
+            );
+        }
+        ctx.set_paused(previous.paused.clone());
+        let sample = Sample::now();
+        let cursors = previous
+            .schedules
+            .iter()
+            .map(|(name, e)| {
+                let c = Cursor {
+                    track: Track::resumed(e.cursor, sample.wall),
+                    last_fired: e.last_fired,
+                    key: String::new(),
+                };
+                (name.clone(), c)
+            })
+            .collect();
+        let mut term = Term {
+            ctx,
+            fence,
+            publisher,
+            state_queue,
+            log,
+            tail,
+            cursors,
+            agenda: Agenda::default(),
+            sample,
+            unsnapshotted: 0,
+            snapshot_at: Instant::now(),
+            catalog_snapshot: (ctx.catalog().applied(), Instant::now()),
+        };
+        term.resync(sample.wall);
+        Ok(term)
+    }
+
+    /// Fire until the term ends: `Ok` on a lost lock or shutdown.
+    pub(super) async fn run(
+        mut self,
+        shutdown: &CancellationToken,
+        control: &mut lapin::Consumer,
+    ) -> anyhow::Result<()> {
+        let mut feed = self.ctx.book().subscribe();
+        // Changes made between `start` and now.
+        self.resync(Utc::now());
+        let res = self.run_loop(shutdown, control, &mut feed).await;
+        self.tail.close().await;
+        res
+    }
+
+    async fn run_loop(
+        &mut self,
+        shutdown: &CancellationToken,
+        control: &mut lapin::Consumer,
+        feed: &mut tokio::sync::broadcast::Receiver<Change>,
+    ) -> anyhow::Result<()> {
+        loop {
+            if self.compact_catalog().await.is_err() {
+                return Ok(());
+            }
+            let sleep = self
+                .agenda
+                .next_at()
+                .map(|w| (w - Utc::now()).to_std().unwrap_or(Duration::ZERO))
+                .unwrap_or(MAX_SLEEP)
+                .min(MAX_SLEEP);
+            tokio::select! {
+                _ = tokio::time::sleep(sleep) => {}
+                change = feed.recv() => {
+                    let now = self.observe_clock();
+                    match change {
+                        Ok(Change::One(name)) => self.place_named(&name, now),
+                        Ok(Change::All) | Err(RecvError::Lagged(_)) => {
+                            tracing::info!("schedules reloaded");
+                            self.resync(now);
+                        }
+                        Err(RecvError::Closed) => return Ok(()),
+                    }
+                    continue;
+                }
+                r = control::next::<control::Request>(control) => {
+                    let Some((delivery, req)) = r else {
+                        anyhow::bail!("the control queue consumer ended");
+                    };
+                    if let Some(req) = req {
+                        if self.apply_control(req).await.is_err() {
+                            return Ok(());
+                        }
+                    }
+                    delivery.acker.ack(BasicAckOptions::default()).await?;
+                    continue;
+                }
+                _ = self.fence.lost() => return Ok(()),
+                _ = shutdown.cancelled() => return Ok(()),
+            }
+            #[cfg(feature = "fault-injection")]
+            super::fault::maybe_panic_term();
+            let now = self.observe_clock();
+            if self.wake(now).await.is_err() {
+                return Ok(());
+            }
+            if self.compact_due() && self.compact().await.is_err() {
+                return Ok(());
+            }
+        }
+    }
+
+    /// Put every schedule of the book on the agenda, and forget cursors of
+    /// schedules no longer in it (start, reload, a lagging change feed).
+    fn resync(&mut self, now: DateTime<Utc>) {
+        let book = self.ctx.book().all();
+        let names: std::collections::HashSet<&str> = book
+            .iter()
+            .filter(|s| s.cfg.enabled)
+            .map(|s| s.name())
+            .collect();
+        self.cursors.retain(|n, _| names.contains(n.as_str()));
+        self.agenda.clear();
+        for s in &book {
+            self.place(s, now);
+        }
+    }
+
+    /// Re-plan the schedule `name` after a change to it.
+    fn place_named(&mut self, name: &str, now: DateTime<Utc>) {
+        match self.ctx.book().get(name) {
+            Some(s) => self.place(&s, now),
+            None => {
+                self.cursors.remove(name);
+                self.agenda.remove(name);
+            }
+        }
+    }
+
+    /// Align the cursor of `s` with its definition and put it on the agenda
+    /// at its next instant (off it while disabled or paused).
+    fn place(&mut self, s: &Schedule, now: DateTime<Utc>) {
+        let name = s.name();
+        if !s.cfg.enabled {
+            self.cursors.remove(name);
+            self.agenda.remove(name);
+            return;
+        }
+        let key = spec_key(s);
+        match self.cursors.get_mut(name) {
+            Some(c) if c.key.is_empty() => c.key = key,
+            Some(c) if c.key != key => {
+                c.track.advance(now);
+                c.key = key;
+            }
+            Some(_) => {}
+            None => {
+                let c = Cursor {
+                    track: Track::fresh(now),
+                    last_fired: None,
+                    key,
+                };
+                self.cursors.insert(name.to_owned(), c);
+            }
+        }
+        if self.ctx.is_paused(name) {
+            self.agenda.remove(name);
+            self.ctx.set_next(name, None);
+            return;
+        }
+        let Some(c) = self.cursors.get(name) else {
+            return;
+        };
+        // A panic here is reported by `plan_tick_guarded` at the wake-up.
+        let next = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| c.track.next(&s.spec)))
+            .unwrap_or(Some(now));
+        self.ctx.set_next(name, next);
+        self.agenda.set(name, next);
+    }
+
+    /// Read the clocks; on a wall-clock step apply the rules of [`clock`]
+    /// and say so. Returns the wall-clock now.
+    fn observe_clock(&mut self) -> DateTime<Utc> {
+        let now = Sample::now();
+        match clock::detect(self.sample, now) {
+            Step::None => {}
+            Step::Backward(d) => {
+                tracing::warn!(
+                    step_ms = d.as_millis() as u64,
+                    "wall clock stepped back: schedules fire from the new time on; instants already fired are not fired again"
+                );
+                for c in self.cursors.values_mut() {
+                    c.track.stepped_back(now.wall);
+                }
+                self.sample = now;
+                self.resync(now.wall);
+            }
+            Step::Forward(d) => tracing::warn!(
+                step_ms = d.as_millis() as u64,
+                "wall clock stepped forward: the instants jumped over are overdue and follow each schedule's misfire policy"
+            ),
+        }
+        self.sample = now;
+        now.wall
+    }
+
+    /// Decide every schedule due at `now`, publish the ticks that fire,
+    /// record the cursors, and put the schedules back on the agenda.
+    async fn wake(&mut self, now: DateTime<Utc>) -> Result<(), Fenced> {
+        let due = self.agenda.pop_due(now);
+        if due.is_empty() {
+            return Ok(());
+        }
+        let mut ticks = Vec::new();
+        let mut record = Record::default();
+        let mut decided = Vec::with_capacity(due.len());
+        for name in due {
+            let Some(s) = self.ctx.book().get(&name) else {
+                self.cursors.remove(&*name);
+                continue;
+            };
+            if !s.cfg.enabled || self.ctx.is_paused(&name) {
+                continue;
+            }
+            let Some(c) = self.cursors.get_mut(&*name) else {
+                continue;
+            };
+            let plan = match plan_tick_guarded(self.ctx, &s, &c.track, now) {
+                Ok(Some(t)) => t,
+                Ok(None) => {
+                    decided.push(s);
+                    continue;
+                }
+                Err(()) => {
+                    c.track.advance(now);
+                    record.entries.insert(name.to_string(), entry(c));
+                    decided.push(s);
+                    continue;
+                }
+            };
+            let (p, latest) = (plan.plan, plan.latest);
+            if p.missed > 0 {
+                tracing::warn!(
+                    schedule = s.name(),
+                    missed = p.missed,
+                    firing = p.fire.len(),
+                    policy = ?s.cfg.misfire,
+                    "overdue fires handled by the misfire policy"
+                );
+                self.ctx.metrics().missed(s.name(), p.missed);
+            }
+            // The cursor as it will be once these ticks are confirmed; the
+            // record goes out right behind them, so that a crash can hardly
+            // fall between the two (a new leader would re-fire a tick, under
+            // the same id).
+            c.track.advance(latest);
+            if let Some(last) = p.fire.last() {
+                c.last_fired = Some(*last);
+            }
+            record.entries.insert(name.to_string(), entry(c));
+            for at in p.fire {
+                ticks.push(Tick {
+                    schedule: s.clone(),
+                    at,
+                });
+            }
+            decided.push(s);
+        }
+        let res = self.fire_all(&ticks, &record).await;
+        for s in &decided {
+            self.place(s, now);
+        }
+        res
+    }
+
+    /// Publish `ticks` pipelined, then `record` behind them; count each
+    /// confirmed tick, retry a failed one on its own within its grace.
+    async fn fire_all(&mut self, ticks: &[Tick], record: &Record) -> Result<(), Fenced> {
+        if !self.fence.holds() {
+            return Err(Fenced);
+        }
+        let mut outcomes: Vec<Option<warren::Error>> = Vec::with_capacity(ticks.len());
+        let mut in_flight: VecDeque<(usize, Pending)> = VecDeque::new();
+        for (i, t) in ticks.iter().enumerate() {
+            if i % 256 == 255 && !self.fence.holds() {
+                return Err(Fenced);
+            }
+            outcomes.push(None);
+            match self.send_tick(t).await {
+                Ok(p) => in_flight.push_back((i, p)),
+                Err(e) => outcomes[i] = Some(e),
+            }
+            if in_flight.len() >= FIRE_WINDOW {
+                if let Some((j, p)) = in_flight.pop_front() {
+                    outcomes[j] = p.confirmed().await.err();
+                }
+            }
+        }
+        let logged = if record.is_empty() {
+            None
+        } else {
+            Some(state::append(self.publisher, &self.log, record).await)
+        };
+        for (j, p) in in_flight {
+            outcomes[j] = p.confirmed().await.err();
+        }
+        if let Some(logged) = logged {
+            let confirmed = match logged {
+                Ok(p) => p.confirmed().await,
+                Err(e) => Err(e),
+            };
+            match confirmed {
+                Ok(()) => self.unsnapshotted += 1,
+                Err(e) => {
+                    tracing::warn!(error = %e, "could not record the scheduler state");
+                    if !self.publisher.is_open() || !self.fence.holds() {
+                        return Err(Fenced);
+                    }
+                }
+            }
+        }
+        for (t, failed) in ticks.iter().zip(outcomes) {
+            match failed {
+                None => self.fired(t),
+                Some(e) => self.fire_again(t, e).await?,
+            }
+        }
+        Ok(())
+    }
+
+    async fn send_tick(&self, t: &Tick) -> Result<Pending, warren::Error> {
+        let s = &t.schedule;
+        let id = schedule::fire_id(s.name(), t.at);
+        let (props, body, exchange, key) = match &s.cfg.workflow {
+            // A workflow schedule starts a run whose id is the fire id.
+            Some(w) => {
+                let input: serde_json::Value =
+                    serde_json::from_slice(&s.payload).unwrap_or_default();
+                let (p, b) = crate::workflow::start_message(w, &input, &id, None);
+                let ex = self.ctx.topo().workflows_exchange();
+                (p, b, ex, warren::workflow::START.to_owned())
+            }
+            None => {
+                let task = s.task(id);
+                let (exchange, key) = self.ctx.topo().route(&task.name, Duration::ZERO);
+                // Signed and encrypted with the keys in force now
+                // (`security.*`, reloaded on SIGHUP).
+                let (p, b) = self.publisher.clone().sealed(self.ctx.seal()).wire(&task)?;
+                (p, b.into_owned(), exchange, key)
+            }
+        };
+        let props = props.with_app_id(self.ctx.instance().into());
+        self.publisher.send(&exchange, &key, props, &body).await
+    }
+
+    fn fired(&self, t: &Tick) {
+        let name = t.schedule.name();
+        let lag = (Utc::now() - t.at).to_std().unwrap_or(Duration::ZERO);
+        let m = self.ctx.metrics();
+        m.fired(name, t.at, lag.as_secs_f64());
+        m.published
+            .with_label_values(&[Source::Schedule.label()])
+            .inc();
+        self.ctx.set_last(name, t.at);
+        tracing::debug!(schedule = name, id = %schedule::fire_id(name, t.at), lag_ms = lag.as_millis() as u64, "fired");
+    }
+
+    /// A tick the broker did not confirm: publish it again, alone, with
+    /// backoff, until its misfire grace runs out (then it counts as missed).
+    async fn fire_again(&self, t: &Tick, mut error: warren::Error) -> Result<(), Fenced> {
+        let s = &t.schedule;
+        let id = schedule::fire_id(s.name(), t.at);
+        let grace =
+            chrono::TimeDelta::from_std(s.cfg.misfire_grace.max(ON_TIME)).unwrap_or_default();
+        let deadline = t.at + grace;
+        let mut backoff = backon::ExponentialBuilder::default()
+            .with_min_delay(Duration::from_millis(100))
+            .with_max_delay(Duration::from_secs(5))
+            .with_jitter()
+            .without_max_times()
+            .build();
+        loop {
+            self.ctx
+                .metrics()
+                .publish_failures
+                .with_label_values(&[Source::Schedule.label()])
+                .inc();
+            if !self.publisher.is_open() || !self.fence.holds() {
+                tracing::warn!(schedule = s.name(), %id, error = %error, "tick publish failed on the lock connection: stepping down");
+                self.fence.step_down();
+                return Err(Fenced);
+            }
+            let delay = backoff.next().unwrap_or(Duration::from_secs(5));
+            let retry_at = Utc::now() + chrono::TimeDelta::from_std(delay).unwrap_or_default();
+            if !error.is_transient() || retry_at > deadline {
+                tracing::error!(schedule = s.name(), %id, error = %error, "tick not published: counted as missed");
+                self.ctx.metrics().missed(s.name(), 1);
+                return Ok(());
+            }
+            tracing::warn!(schedule = s.name(), %id, error = %error, retry_in_ms = delay.as_millis() as u64, "tick publish failed; retrying");
+            tokio::select! {
+                _ = tokio::time::sleep(delay) => {}
+                _ = self.fence.lost() => return Err(Fenced),
+            }
+            if !self.fence.holds() {
+                return Err(Fenced);
+            }
+            let sent = async { self.send_tick(t).await?.confirmed().await };
+            match sent.await {
+                Ok(()) => {
+                    self.fired(t);
+                    return Ok(());
+                }
+                Err(e) => error = e,
+            }
+        }
+    }
+
+    /// Apply a pause, resume or sync request: append it to the log
+    /// (confirmed) before telling anyone, then announce it. A resumed
+    /// schedule restarts at now: the instants it was paused over are
+    /// skipped, not caught up.
+    async fn apply_control(&mut self, req: control::Request) -> Result<(), Fenced> {
+        let ctx = self.ctx;
+        let before = ctx.paused();
+        let book = ctx.book();
+        let next = match control::apply(&before, &req, |n| book.contains(n)) {
+            Ok(next) => next,
+            Err(why) => {
+                announce(ctx, self.publisher, Some(req.id), Some(why)).await;
+                return Ok(());
+            }
+        };
+        if next == before {
+            announce(ctx, self.publisher, Some(req.id), None).await;
+            return Ok(());
+        }
+        let now = self.observe_clock();
+        let record = Record {
+            paused: next.difference(&before).cloned().collect(),
+            resumed: before.difference(&next).cloned().collect(),
+            ..Record::default()
+        };
+        if !self.fence.holds() {
+            return Err(Fenced);
+        }
+        let logged = async {
+            state::append(self.publisher, &self.log, &record)
+                .await?
+                .confirmed()
+                .await
+        };
+        if let Err(e) = logged.await {
+            tracing::warn!(error = %e, "could not record a pause or resume in the scheduler state");
+            let why = format!("the leader could not record it: {e}");
+            announce(ctx, self.publisher, Some(req.id), Some(why)).await;
+            return if self.publisher.is_open() && self.fence.holds() {
+                Ok(())
+            } else {
+                Err(Fenced)
+            };
+        }
+        self.unsnapshotted += 1;
+        ctx.set_paused(next);
+        for name in record.paused.iter().chain(&record.resumed) {
+            if record.resumed.contains(name) {
+                if let Some(c) = self.cursors.get_mut(name) {
+                    c.track.advance(now);
+                }
+            }
+            self.place_named(name, now);
+        }
+        tracing::info!(op = ?req.op, schedule = req.schedule.as_deref().unwrap_or(""), "schedule pause state recorded");
+        announce(ctx, self.publisher, Some(req.id), None).await;
+        Ok(())
+    }
+
+    /// The leader keeps the catalog's snapshot current (every replica
+    /// starts from it): rewritten when the log grew, at most every
+    /// `scheduler.compact_every`.
+    async fn compact_catalog(&mut self) -> Result<(), Fenced> {
+        let applied = self.ctx.catalog().applied();
+        let (covered, at) = self.catalog_snapshot;
+        if applied == covered || at.elapsed() < self.ctx.cfg().scheduler.compact_every {
+            return Ok(());
+        }
+        if !self.fence.holds() {
+            return Err(Fenced);
+        }
+        let prefix = self.ctx.topo().prefix();
+        match crate::catalog::compact(self.ctx.catalog(), self.publisher, prefix).await {
+            Ok(()) => self.catalog_snapshot = (applied, Instant::now()),
+            Err(e) => {
+                tracing::warn!(error = %e, "could not write the schedule catalog snapshot");
+                self.catalog_snapshot.1 = Instant::now();
+            }
+        }
+        Ok(())
+    }
+
+    fn compact_due(&self) -> bool {
+        self.unsnapshotted > 0
+            && self.snapshot_at.elapsed() >= self.ctx.cfg().scheduler.compact_every
+    }
+
+    /// Write every cursor as one snapshot covering the log up to what the
+    /// tail has seen (all of it was appended before this snapshot's state).
+    async fn compact(&mut self) -> Result<(), Fenced> {
+        let offset = self.tail.offset();
+        let snap = Snapshot {
+            v: 2,
+            writer: self.ctx.instance().to_owned(),
+            written_at: Some(Utc::now()),
+            schedules: self
+                .cursors
+                .iter()
+                .map(|(k, c)| (k.clone(), entry(c)))
+                .collect(),
+            paused: self.ctx.paused(),
+            offset: Some(offset),
+        };
+        if !self.fence.holds() {
+            return Err(Fenced);
+        }
+        match state::write(self.publisher, &self.state_queue, &snap).await {
+            Ok(()) => {
+                self.unsnapshotted = 0;
+                self.snapshot_at = Instant::now();
+                tracing::debug!(
+                    schedules = snap.schedules.len(),
+                    offset,
+                    "scheduler state compacted"
+                );
+                Ok(())
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "could not write the scheduler snapshot");
+                // Try again at the next wake-up, not in a loop.
+                self.snapshot_at = Instant::now();
+                if self.publisher.is_open() && self.fence.holds() {
+                    Ok(())
+                } else {
+                    Err(Fenced)
+                }
+            }
+        }
+    }
+}
+
+/// What the state records of a cursor. After a backward clock step the
+/// cursor sits below instants already fired: a successor must not fire
+/// those again, hence the high-water mark.
+fn entry(c: &Cursor) -> Entry {
+    Entry {
+        cursor: c.track.high_water(),
+        last_fired: c.last_fired,
+    }
+}
