@@ -13,7 +13,9 @@ use warren::Topology;
 use crate::config::{self, ProducerConfig};
 use crate::request::{RequestError, TaskRequest};
 
+mod schedules;
 mod workflows;
+pub use schedules::{apply as apply_schedules, delete as delete_schedule};
 pub use workflows::{run as workflows, WorkflowsCommand};
 
 /// What the user wrote on the command line cannot work (exit 2, like a bad
@@ -27,8 +29,10 @@ pub enum UsageError {
     PayloadJson(serde_json::Error),
     #[error("{0}")]
     Task(RequestError),
-    #[error("no schedule named `{0}` in the config")]
+    #[error("no schedule named `{0}` in the config or among the API's schedules")]
     Schedule(String),
+    #[error("schedule `{0}` is defined in the producer's config file: change it there")]
+    ConfigSchedule(String),
     #[error("no workflow named `{0}` in the config")]
     Workflow(String),
     #[error("token hash: the token on stdin is shorter than 16 characters")]
@@ -127,6 +131,20 @@ pub enum SchedulesCommand {
         /// Schedule name.
         name: String,
     },
+    /// Create or replace the API's schedules from a file (TOML with
+    /// `[[schedules]]`, or JSON), all checked before any is stored.
+    Apply {
+        /// The file of schedules.
+        file: PathBuf,
+        /// Show what would be created, updated or left unchanged; change nothing.
+        #[arg(long)]
+        dry_run: bool,
+    },
+    /// Delete a schedule created through the API or `apply`.
+    Delete {
+        /// Schedule name.
+        name: String,
+    },
 }
 
 #[derive(Debug, Args)]
@@ -220,9 +238,9 @@ pub async fn pause_or_resume(
     pause: bool,
 ) -> anyhow::Result<()> {
     use crate::control::{self, Op};
-    if !schedules.iter().any(|s| s.name() == name) {
-        return Err(UsageError::Schedule(name.to_owned()).into());
-    }
+    // Not in the file: it may be an API schedule, which only the leader
+    // knows for sure.
+    let in_file = schedules.iter().any(|s| s.name() == name);
     let conn = warren::amqp::connect(&cfg.amqp, "producer-cli")
         .await
         .context("connecting to the broker")?;
@@ -251,6 +269,11 @@ pub async fn pause_or_resume(
         };
         match tokio::time::timeout(control::REPLY_TIMEOUT, answer).await {
             Ok(Some(control::Event { error: None, .. })) => Ok(()),
+            Ok(Some(control::Event { error: Some(e), .. }))
+                if !in_file && e.starts_with(control::UNKNOWN_SCHEDULE) =>
+            {
+                Err(UsageError::Schedule(name.to_owned()).into())
+            }
             Ok(Some(control::Event { error: Some(e), .. })) => {
                 Err(anyhow::anyhow!("the leader refused: {e}"))
             }

@@ -168,9 +168,11 @@ pub async fn api_connection(ctx: Arc<Ctx>, stop: CancellationToken) {
                 }
                 first = false;
                 ctx.amqp_metrics().connected.set(1);
+                // Ready once the API's schedules are read: a replica
+                // answering before would miss them.
+                let mut catalog = follow_catalog(&ctx, &conn, &publisher).await;
                 ctx.health().set_ready(true);
                 tracing::info!("connected to the broker");
-                let mut catalog = follow_catalog(&ctx, &conn, &publisher).await;
                 let mut events = listen(&ctx, &conn).await;
                 let mut presence = tokio::time::interval(control::PRESENCE_EVERY);
                 loop {

@@ -261,6 +261,9 @@ pub async fn next<T: serde::de::DeserializeOwned>(
 }
 
 /// What a request does to the paused set; `Err` names what is wrong.
+/// How the leader's refusal of an unknown schedule begins.
+pub const UNKNOWN_SCHEDULE: &str = "the leader has no schedule named";
+
 pub fn apply(
     paused: &BTreeSet<String>,
     req: &Request,
@@ -270,9 +273,7 @@ pub fn apply(
     match (req.op, &req.schedule) {
         (Op::Sync, _) => {}
         (_, None) => return Err("no schedule named in the request".into()),
-        (_, Some(name)) if !known(name) => {
-            return Err(format!("the leader has no schedule named `{name}`"))
-        }
+        (_, Some(name)) if !known(name) => return Err(format!("{UNKNOWN_SCHEDULE} `{name}`")),
         (Op::Pause, Some(name)) => {
             next.insert(name.clone());
         }

@@ -22,6 +22,18 @@ fn main() -> std::process::ExitCode {
         Command::Schedules {
             command: SchedulesCommand::Resume { name },
         } => pause_or_resume(path, &name, false),
+        Command::Schedules {
+            command: SchedulesCommand::Apply { file, dry_run },
+        } => config::load_checked(path).and_then(|(cfg, schedules)| {
+            warren::telemetry::init(&cfg.log);
+            runtime()?.block_on(cli::apply_schedules(cfg, &schedules, &file, dry_run))
+        }),
+        Command::Schedules {
+            command: SchedulesCommand::Delete { name },
+        } => config::load_checked(path).and_then(|(cfg, schedules)| {
+            warren::telemetry::init(&cfg.log);
+            runtime()?.block_on(cli::delete_schedule(cfg, &schedules, &name))
+        }),
         Command::Token(TokenCommand::Hash) => cli::token_hash(),
         Command::Workflows { command } => config::load_checked(path).and_then(|(cfg, _)| {
             warren::telemetry::init(&cfg.log);

@@ -31,6 +31,9 @@ mod term;
 /// nothing due just sleeps again.
 const MAX_SLEEP: Duration = Duration::from_secs(30);
 
+/// How long a new leader waits for the API's schedules to be read.
+const CATALOG_WAIT: Duration = Duration::from_secs(10);
+
 /// Most overdue instants enumerated per schedule per wake-up.
 const MAX_DUE: usize = 100_000;
 
@@ -279,8 +282,14 @@ async fn lead_term(
     publisher: &Publisher,
 ) -> anyhow::Result<()> {
     // API schedules are part of the book once the catalog is read: a term
-    // that started without them would restart their cursors at now.
-    ctx.catalog_loaded().await;
+    // that started without them would restart their cursors at now. The
+    // config file's schedules are not held back for long by it.
+    if tokio::time::timeout(CATALOG_WAIT, ctx.catalog_loaded())
+        .await
+        .is_err()
+    {
+        tracing::warn!("the API's schedules are not read yet: firing the config file's; API schedules start when read");
+    }
     let term = Term::start(ctx, conn, fence, publisher).await?;
     // Consumed only while leading: requests wait in the queue (or expire)
     // while no replica leads.

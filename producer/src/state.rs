@@ -352,4 +352,38 @@ mod tests {
         let back: Snapshot = serde_json::from_slice(&serde_json::to_vec(&s).unwrap()).unwrap();
         assert_eq!(back, s);
     }
+
+    /// Records fold in by maximum, in any order and any number of times:
+    /// a new leader may read a record the snapshot already covers.
+    #[test]
+    fn records_merge_forward_only_and_idempotently() {
+        let t = |s: i64| DateTime::from_timestamp(1_800_000_000 + s, 0).unwrap();
+        let rec = |c: i64, f: Option<i64>| Record {
+            entries: [(
+                "a".to_owned(),
+                Entry {
+                    cursor: t(c),
+                    last_fired: f.map(t),
+                },
+            )]
+            .into(),
+            ..Record::default()
+        };
+        let mut s = Snapshot::default();
+        s.merge(rec(20, Some(20)));
+        s.merge(rec(10, Some(10)));
+        s.merge(rec(20, Some(20)));
+        assert_eq!(s.schedules["a"].cursor, t(20));
+        assert_eq!(s.schedules["a"].last_fired, Some(t(20)));
+        s.merge(Record {
+            paused: vec!["a".into()],
+            ..Record::default()
+        });
+        assert!(s.paused.contains("a"));
+        s.merge(Record {
+            resumed: vec!["a".into()],
+            ..Record::default()
+        });
+        assert!(s.paused.is_empty());
+    }
 }

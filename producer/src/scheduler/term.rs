@@ -264,9 +264,10 @@ impl<'a> Term<'a> {
         let Some(c) = self.cursors.get(name) else {
             return;
         };
-        // A panic here is reported by `plan_tick_guarded` at the wake-up.
+        // A panic here is reported (and counted) by `plan_tick_guarded` at
+        // a wake-up a second later, not in a tight loop.
         let next = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| c.track.next(&s.spec)))
-            .unwrap_or(Some(now));
+            .unwrap_or(Some(now + chrono::TimeDelta::seconds(1)));
         self.ctx.set_next(name, next);
         self.agenda.set(name, next);
     }

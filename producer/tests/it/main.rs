@@ -23,6 +23,7 @@ mod leader;
 mod publish;
 mod reload;
 mod schedules;
+mod schedules_api;
 mod security;
 mod surroundings;
 mod trace;

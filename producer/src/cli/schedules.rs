@@ -1,0 +1,276 @@
+//! `schedules apply FILE [--dry-run]` and `schedules delete NAME`: change
+//! the API's schedules from the command line, straight through the catalog
+//! in RabbitMQ ([`crate::catalog`]) with the same validation and the same
+//! outcomes as `PUT`/`DELETE /v1/schedules/{name}`.
+
+use std::collections::{BTreeMap, HashSet};
+use std::path::Path;
+use std::sync::Arc;
+
+use anyhow::Context;
+use futures_util::StreamExt;
+use serde::Deserialize;
+use warren::amqp::Publisher;
+
+use crate::catalog::{self, Catalog, Change, Outcome};
+use crate::config::{ProducerConfig, Schedule, ScheduleConfig};
+
+/// A file of schedules: TOML with `[[schedules]]`, or JSON (an array of
+/// definitions, or `{"schedules": [...]}`).
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct File {
+    schedules: Vec<ScheduleConfig>,
+}
+
+fn read_file(path: &Path) -> anyhow::Result<Vec<ScheduleConfig>> {
+    let text = std::fs::read_to_string(path).map_err(|e| invalid(path, vec![e.to_string()]))?;
+    let trimmed = text.trim_start();
+    let parsed = if trimmed.starts_with('[') && !trimmed.starts_with("[[") {
+        serde_json::from_str::<Vec<ScheduleConfig>>(&text).map_err(|e| e.to_string())
+    } else if trimmed.starts_with('{') {
+        serde_json::from_str::<File>(&text)
+            .map(|f| f.schedules)
+            .map_err(|e| e.to_string())
+    } else {
+        toml::from_str::<File>(&text)
+            .map(|f| f.schedules)
+            .map_err(|e| e.to_string())
+    };
+    parsed.map_err(|e| invalid(path, vec![e]))
+}
+
+fn invalid(path: &Path, problems: Vec<String>) -> anyhow::Error {
+    warren::config::ConfigError::Invalid {
+        origin: path.display().to_string(),
+        message: problems.join("\n  "),
+    }
+    .into()
+}
+
+/// Every problem of the file at once: the checks of `[[schedules]]`, names
+/// given twice, names the config file holds.
+fn check_all(
+    path: &Path,
+    cfg: &ProducerConfig,
+    config_schedules: &[Schedule],
+    defs: &[ScheduleConfig],
+) -> anyhow::Result<()> {
+    let workflows: Vec<String> = cfg.workflows.iter().map(|w| w.name.clone()).collect();
+    let mut problems = Vec::new();
+    let mut seen = HashSet::new();
+    for (i, d) in defs.iter().enumerate() {
+        let who = format!("schedules[{i}] (`{}`)", d.name);
+        if let Err(e) = crate::config::compile_one(d, &workflows) {
+            problems.extend(e.into_iter().map(|m| format!("{who}: {m}")));
+        }
+        if !seen.insert(d.name.as_str()) {
+            problems.push(format!("{who}: name given twice in the file"));
+        }
+        if config_schedules.iter().any(|s| s.name() == d.name) {
+            problems.push(format!(
+                "{who}: the producer's config file defines this schedule (change it there)"
+            ));
+        }
+    }
+    if problems.is_empty() {
+        Ok(())
+    } else {
+        Err(invalid(path, problems))
+    }
+}
+
+/// The catalog as stored now, and a consumer that keeps it current.
+async fn open(
+    cfg: &ProducerConfig,
+) -> anyhow::Result<(lapin::Connection, Publisher, Arc<Catalog>)> {
+    let conn = warren::amqp::connect(&cfg.amqp, "producer-cli")
+        .await
+        .context("connecting to the broker")?;
+    let prefix = cfg.topology.prefix.as_str();
+    catalog::declare(&conn, prefix, cfg.topology.queue_type).await?;
+    let publisher = Publisher::new(&conn, cfg.amqp.confirm_timeout).await?;
+    let cat = Arc::new(Catalog::new(crate::context::api_compiler(cfg)));
+    let (_ch, mut consumer) = catalog::follow(&conn, &publisher, prefix, &cat, &|_| {}).await?;
+    let follower = cat.clone();
+    tokio::spawn(async move {
+        let _ch = _ch;
+        while let Some(Ok(d)) = consumer.next().await {
+            catalog::apply_delivery(&follower, &d, &|_| {});
+            let _ = d.acker.ack(Default::default()).await;
+        }
+    });
+    Ok((conn, publisher, cat))
+}
+
+enum Plan {
+    Create,
+    Update(u64),
+    Unchanged,
+}
+
+/// `schedules apply FILE`.
+pub async fn apply(
+    cfg: ProducerConfig,
+    config_schedules: &[Schedule],
+    file: &Path,
+    dry_run: bool,
+) -> anyhow::Result<()> {
+    let defs = read_file(file)?;
+    check_all(file, &cfg, config_schedules, &defs)?;
+    let (conn, publisher, cat) = open(&cfg).await?;
+    let plans: Vec<(ScheduleConfig, Plan)> = defs
+        .into_iter()
+        .map(|d| {
+            let plan = match cat.get(&d.name) {
+                None => Plan::Create,
+                Some(s) if s.def == d => Plan::Unchanged,
+                Some(s) => Plan::Update(s.version),
+            };
+            (d, plan)
+        })
+        .collect();
+    let mut counts: BTreeMap<&str, usize> = BTreeMap::new();
+    let res = if dry_run {
+        for (d, plan) in &plans {
+            let what = match plan {
+                Plan::Create => "create",
+                Plan::Update(_) => "update",
+                Plan::Unchanged => "unchanged",
+            };
+            *counts.entry(what).or_default() += 1;
+            warren::outln!("{what} {}", d.name);
+        }
+        warren::outln!("dry run: {} (nothing changed)", summary(&counts));
+        Ok(())
+    } else {
+        let r = write_all(&cfg, &publisher, &cat, plans, &mut counts).await;
+        warren::outln!("{}", summary(&counts));
+        r
+    };
+    let _ = conn.close(200, "done".into()).await;
+    res
+}
+
+fn summary(counts: &BTreeMap<&str, usize>) -> String {
+    if counts.is_empty() {
+        return "no schedules in the file".into();
+    }
+    counts
+        .iter()
+        .map(|(k, v)| format!("{v} {k}"))
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+/// Append every change at once (pipelined confirms), then read each
+/// outcome back from the log.
+async fn write_all(
+    cfg: &ProducerConfig,
+    publisher: &Publisher,
+    cat: &Catalog,
+    plans: Vec<(ScheduleConfig, Plan)>,
+    counts: &mut BTreeMap<&str, usize>,
+) -> anyhow::Result<()> {
+    let prefix = cfg.topology.prefix.as_str();
+    let mut waiting = Vec::new();
+    let mut pending = Vec::new();
+    for (d, plan) in plans {
+        let if_version = match plan {
+            Plan::Unchanged => {
+                *counts.entry("unchanged").or_default() += 1;
+                continue;
+            }
+            Plan::Create => Some(0),
+            Plan::Update(v) => Some(v),
+        };
+        let req = uuid::Uuid::new_v4().to_string();
+        let name = d.name.clone();
+        let change = Change::Put {
+            def: Box::new(d),
+            if_version,
+            max: Some(cfg.scheduler.max_schedules),
+            req: req.clone(),
+        };
+        waiting.push((name, cat.expect(&req)));
+        let body = serde_json::to_vec(&change)?;
+        let props = lapin::BasicProperties::default()
+            .with_content_type("application/json".into())
+            .with_delivery_mode(warren::envelope::PERSISTENT);
+        pending.push(
+            publisher
+                .send("", &catalog::log_stream(prefix), props, &body)
+                .await?,
+        );
+    }
+    for p in pending {
+        p.confirmed().await.context("storing a schedule")?;
+    }
+    let mut refused = 0;
+    for (name, rx) in waiting {
+        let outcome = tokio::time::timeout(std::time::Duration::from_secs(60), rx)
+            .await
+            .ok()
+            .and_then(Result::ok);
+        let what = match outcome {
+            Some(Outcome::Created { .. }) => "created",
+            Some(Outcome::Replaced { .. }) => "updated",
+            Some(o) => {
+                refused += 1;
+                warren::errln!("{name}: refused: {}", describe(&o));
+                "refused"
+            }
+            None => {
+                refused += 1;
+                warren::errln!("{name}: stored, but its outcome was not read back in time");
+                "unknown"
+            }
+        };
+        *counts.entry(what).or_default() += 1;
+    }
+    if refused > 0 {
+        anyhow::bail!("{refused} schedule(s) not applied");
+    }
+    Ok(())
+}
+
+fn describe(o: &Outcome) -> String {
+    match o {
+        Outcome::Stale { .. } => "changed by someone else meanwhile; run apply again".into(),
+        Outcome::Full { max } => format!("the catalog is full (scheduler.max_schedules = {max})"),
+        Outcome::Invalid(why) => why.clone(),
+        Outcome::NotFound => "not found".into(),
+        Outcome::Created { .. } | Outcome::Replaced { .. } | Outcome::Deleted => "ok".into(),
+    }
+}
+
+/// `schedules delete NAME`.
+pub async fn delete(
+    cfg: ProducerConfig,
+    config_schedules: &[Schedule],
+    name: &str,
+) -> anyhow::Result<()> {
+    if config_schedules.iter().any(|s| s.name() == name) {
+        return Err(super::UsageError::ConfigSchedule(name.to_owned()).into());
+    }
+    let (conn, publisher, cat) = open(&cfg).await?;
+    let res = async {
+        if cat.get(name).is_none() {
+            anyhow::bail!("no API schedule named `{name}`");
+        }
+        let change = Change::Delete {
+            name: name.to_owned(),
+            if_version: None,
+            req: uuid::Uuid::new_v4().to_string(),
+        };
+        match catalog::write(&cat, &publisher, &cfg.topology.prefix, change).await? {
+            Outcome::Deleted => Ok(()),
+            o => anyhow::bail!("not deleted: {}", describe(&o)),
+        }
+    }
+    .await;
+    let _ = conn.close(200, "done".into()).await;
+    res?;
+    warren::outln!("{name}: deleted");
+    Ok(())
+}
