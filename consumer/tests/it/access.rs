@@ -34,7 +34,7 @@ async fn with_a_client_certificate_a_consumer_runs_tasks_and_without_one_exits_1
     let (cert, key) = node.client_cert("client");
     let mut cfg = config("mtls");
     cfg.amqp = AmqpConfig {
-        url: Secret::new(node.tls_url()),
+        url: Some(Secret::new(node.tls_url())),
         tls_ca_file: Some(node.ca_file()),
         tls_cert_file: Some(cert.clone()),
         tls_key_file: Some(key.clone()),

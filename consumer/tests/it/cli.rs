@@ -76,6 +76,30 @@ fn config_errors_exit_2_in_check_and_run() {
             "amqp.url = amqp://guest:***@host:99999/%2f: port 99999 is out of range",
         ),
         (
+            "amqp.url and amqp.urls, url at its default value",
+            "[amqp]\nurl = \"amqp://guest:guest@127.0.0.1:5672/%2f\"\nurls = [\"amqp://guest:s3cret@node1/%2f\"]\n",
+            &[],
+            "amqp.url and amqp.urls are both set",
+        ),
+        (
+            "amqp.urls in the file, amqp.url from the environment",
+            "[amqp]\nurls = [\"amqp://guest:s3cret@node1/%2f\"]\n",
+            &[("WARREN_AMQP_URL", "amqp://guest:s3cret@node2/%2f")],
+            "amqp.url and amqp.urls are both set",
+        ),
+        (
+            "empty amqp.urls",
+            "[amqp]\nurls = []\n",
+            &[],
+            "amqp.urls: the list of broker URLs is empty",
+        ),
+        (
+            "empty amqp.urls (env)",
+            "",
+            &[("WARREN_AMQP__URLS", "[]")],
+            "amqp.urls: the list of broker URLs is empty",
+        ),
+        (
             "bad retry value",
             "[retry.default]\njitter = 5.0\n",
             &[],
@@ -134,6 +158,20 @@ fn config_errors_exit_2_in_check_and_run() {
         String::from_utf8_lossy(&out.stderr)
     );
     assert!(String::from_utf8_lossy(&out.stdout).starts_with("ok: 1 handler"));
+    // A list of nodes from the environment is a TOML array, like any list.
+    let out = exits(
+        &["--config", &path.display().to_string(), "check"],
+        &[(
+            "WARREN_AMQP__URLS",
+            r#"["amqp://guest:s3cret@node1/%2f", "amqp://guest:s3cret@node2/%2f"]"#,
+        )],
+    );
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
 }
 
 #[test]
