@@ -208,3 +208,39 @@ fn an_otlp_endpoint_needs_the_otlp_build() {
         "{err}"
     );
 }
+
+/// Text logs sent to a pipe (systemd, `docker logs`, `> consumer.log`) carry
+/// no colour codes: the same lines a terminal would show in colour, here
+/// with not one ESC byte.
+#[tokio::test]
+async fn text_logs_to_a_pipe_have_no_colour_codes() {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_warren-consumer"));
+    for (k, _) in std::env::vars() {
+        if k.starts_with("WARREN_") || k == "RUST_LOG" || k == "NO_COLOR" {
+            cmd.env_remove(k);
+        }
+    }
+    // Nothing listens there: the consumer logs its retries until killed.
+    let url = format!(
+        "amqp://guest:guest@127.0.0.1:{}/%2f",
+        warren::testing::free_port()
+    );
+    cmd.env("WARREN_HTTP_ADDR", "127.0.0.1:0")
+        .env("WARREN_AMQP_URL", url);
+    let p = warren::testing::Process::spawn(&mut cmd).expect("spawn warren-consumer");
+    warren::testing::eventually(
+        Duration::from_secs(30),
+        "an INFO and a WARN line",
+        || async {
+            let lines = p.lines();
+            let has = |msg: &str| lines.iter().any(|l| l.contains(msg));
+            (has("serving /metrics") && has("cannot open AMQP session")).then_some(())
+        },
+    )
+    .await;
+    let lines = p.lines();
+    assert!(
+        lines.iter().all(|l| !l.contains('\x1b')),
+        "escape codes in a piped log: {lines:?}"
+    );
+}
