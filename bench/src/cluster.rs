@@ -22,7 +22,7 @@ fn topo(queue_type: QueueType) -> Topology {
 
 async fn connect(url: String) -> Result<lapin::Connection> {
     let amqp = AmqpConfig {
-        url: Secret::new(url),
+        url: Some(Secret::new(url)),
         ..AmqpConfig::default()
     };
     Ok(warren::amqp::connect(&amqp, "bench").await?)

@@ -142,7 +142,7 @@ async fn main() -> Result<()> {
         }
     };
     let amqp = AmqpConfig {
-        url: Secret::new(url.clone()),
+        url: Some(Secret::new(url.clone())),
         ..AmqpConfig::default()
     };
     let conn = warren::amqp::connect(&amqp, "bench").await?;
@@ -454,7 +454,7 @@ async fn e2e_scenario(conn: &Connection, args: &Args, url: &str) -> Result<()> {
                 let (consumer, consuming) = {
                     let conn2 = warren::amqp::connect(
                         &AmqpConfig {
-                            url: Secret::new(url),
+                            url: Some(Secret::new(url)),
                             ..AmqpConfig::default()
                         },
                         "bench-plain",

@@ -250,7 +250,7 @@ mod tests {
         assert_eq!(peers.len(), 1);
         let url = warren::testing::broker_url();
         let amqp = warren::config::AmqpConfig {
-            url: warren::config::Secret::new(url.to_owned()),
+            url: Some(warren::config::Secret::new(url.to_owned())),
             ..Default::default()
         };
         let conn = warren::amqp::connect(&amqp, "bench-peers-test")

@@ -46,7 +46,7 @@ fn main() -> ExitCode {
     match res {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            warren::errln!("warren-consumer: {e:#}");
+            warren::errln!("warren-consumer: {}", warren::error::report(e.as_ref()));
             ExitCode::FAILURE
         }
     }

@@ -282,7 +282,10 @@ pub async fn pause_or_resume(
     }
     .await;
     let _ = conn.close(200, "done".into()).await;
-    res?;
+    res.with_context(|| {
+        let verb = if pause { "pausing" } else { "resuming" };
+        format!("{verb} schedule `{name}`")
+    })?;
     warren::outln!("{name}: {}", if pause { "paused" } else { "resumed" });
     Ok(())
 }

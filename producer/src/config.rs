@@ -1083,7 +1083,7 @@ mod tests {
              [api]\npublish_token = \"a-rotated-token-0123456789\"\n\
              [[schedules]]\nname = \"a\"\ncron = \"@daily\"\ntask = \"t\"\n",
         );
-        reloaded.amqp.url = Secret::new("amqp://u:other-password@elsewhere/%2f");
+        reloaded.amqp.url = Some(Secret::new("amqp://u:other-password@elsewhere/%2f"));
         let keys = restart_only_changes(&running, &reloaded);
         assert_eq!(keys, ["amqp.url", "http.addr", "leader.enabled"]);
         assert!(restart_only_changes(&running, &running).is_empty());

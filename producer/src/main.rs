@@ -62,7 +62,7 @@ fn main() -> std::process::ExitCode {
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("warren-producer: {e:#}");
+            warren::errln!("warren-producer: {}", warren::error::report(e.as_ref()));
             cli::exit_code(&e)
         }
     }

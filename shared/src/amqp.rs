@@ -300,8 +300,14 @@ pub fn watch_connection(conn: &Connection, metrics: AmqpMetrics) -> Blocked {
                     flag.send_replace(false);
                     metrics.blocked.set(0);
                 }
+                // lapin reports a channel the broker closed (a soft error:
+                // a refused or missing object) here too; the connection is
+                // fine and the caller of that channel reports it.
+                Event::Error(e) if e.is_amqp_soft_error() => {
+                    tracing::debug!(error = %crate::error::broker_reason(&e), "channel closed by the broker");
+                }
                 Event::Error(e) => {
-                    tracing::warn!(error = %e, "connection error");
+                    tracing::warn!(error = %crate::error::broker_reason(&e), "connection error");
                     metrics.connected.set(0);
                 }
                 _ => {}

@@ -65,11 +65,16 @@ pub fn redact_url(url: &str) -> String {
 #[serde(deny_unknown_fields, default)]
 pub struct AmqpConfig {
     /// One broker node, or several separated by commas (`WARREN_AMQP_URL`
-    /// holds a cluster's list that way).
-    pub url: Secret,
-    /// The nodes of a cluster; when given, `url` must stay unset. Every
+    /// holds a cluster's list that way). Unset (and no `urls`):
+    /// [`DEFAULT_AMQP_URL`]. An `Option` so that setting it to the default's
+    /// value still counts as set.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub url: Option<Secret>,
+    /// The nodes of a cluster; when given, `url` must stay unset, and an
+    /// empty list is an error rather than the default node. Every
     /// (re)connect tries them in a fresh random order.
-    pub urls: Vec<Secret>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub urls: Option<Vec<Secret>>,
     /// Heartbeat asked for when the URL has none: a silent connection is
     /// dropped after about three of these (the broker would propose 60 s).
     #[serde(with = "humantime_serde")]
@@ -108,7 +113,7 @@ pub enum AuthMechanism {
 pub enum InvalidAmqp {
     #[error("amqp.url and amqp.urls are both set: give the node list in one of them")]
     UrlAndUrls,
-    #[error("{key}: the list of broker URLs is empty")]
+    #[error("{key}: the list of broker URLs is empty (leave the key out for the default node)")]
     NoUrls { key: &'static str },
     /// Without a scheme the password cannot be told from the rest, so the
     /// value is not shown at all.
@@ -151,7 +156,7 @@ impl AmqpConfig {
     /// at start-up (exit 2) instead of a connect error retried forever. The
     /// message names `amqp.url` and never contains the password.
     pub fn validate(&self) -> Result<(), InvalidAmqp> {
-        if !self.urls.is_empty() && self.url.expose() != DEFAULT_AMQP_URL {
+        if self.url.is_some() && self.urls.is_some() {
             return Err(InvalidAmqp::UrlAndUrls);
         }
         let (key, list) = self.endpoint_list();
@@ -320,26 +325,41 @@ pub fn host_name() -> String {
 }
 
 impl AmqpConfig {
+    /// Settings for the broker node(s) of `url` (one URL, or several
+    /// separated by commas), the rest default.
+    pub fn for_url(url: impl Into<String>) -> Self {
+        Self {
+            url: Some(Secret::new(url)),
+            ..Self::default()
+        }
+    }
+
     /// The broker nodes to try, as configured (see [`AmqpConfig::urls`]).
     pub fn endpoints(&self) -> Vec<&str> {
         self.endpoint_list().1
     }
 
+    /// The nodes as one comma-separated value, the form `WARREN_AMQP_URL`
+    /// takes (to hand the same broker to a child process). Holds passwords.
+    pub fn url_list(&self) -> String {
+        self.endpoints().join(",")
+    }
+
     fn endpoint_list(&self) -> (&'static str, Vec<&str>) {
-        if self.urls.is_empty() {
-            let list = self
-                .url
-                .expose()
-                .split(',')
-                .map(str::trim)
-                .filter(|u| !u.is_empty())
-                .collect();
-            ("amqp.url", list)
-        } else {
-            (
+        match (&self.urls, &self.url) {
+            (Some(urls), _) => (
                 "amqp.urls",
-                self.urls.iter().map(|u| u.expose().trim()).collect(),
-            )
+                urls.iter().map(|u| u.expose().trim()).collect(),
+            ),
+            (None, url) => {
+                let url = url.as_ref().map_or(DEFAULT_AMQP_URL, Secret::expose);
+                let list = url
+                    .split(',')
+                    .map(str::trim)
+                    .filter(|u| !u.is_empty())
+                    .collect();
+                ("amqp.url", list)
+            }
         }
     }
 }
@@ -347,8 +367,8 @@ impl AmqpConfig {
 impl Default for AmqpConfig {
     fn default() -> Self {
         Self {
-            url: Secret::new(DEFAULT_AMQP_URL),
-            urls: Vec::new(),
+            url: None,
+            urls: None,
             heartbeat: Duration::from_secs(10),
             confirm_timeout: Duration::from_secs(15),
             connection_name: None,
@@ -593,12 +613,12 @@ pub fn load<T: DeserializeOwned>(
         None => toml::Table::new(),
     };
     let mut applied = Vec::new();
+    let mut secrets = Vec::new();
     for (key, raw) in env {
         let Some(path) = env_path(&key) else { continue };
-        // A secret stays the string it was (a numeric token is still a
-        // token), so a type error can never quote it.
         let value = if path.last().is_some_and(|k| is_secret_key(k)) {
-            toml::Value::String(raw)
+            secrets.push(raw.clone());
+            secret_env_value(raw)
         } else {
             env_value(&raw)
         };
@@ -614,10 +634,33 @@ pub fn load<T: DeserializeOwned>(
             message: e.to_string(),
         });
     }
-    T::deserialize(table).map_err(|e| ConfigError::Env {
-        vars: applied.join(", "),
-        message: e.to_string().trim_end().to_owned(),
+    T::deserialize(table).map_err(|e| {
+        // serde quotes a string of the wrong type (`invalid type: string
+        // "amqp://u:pw@h", expected a sequence`): never a secret's.
+        let mut message = e.to_string().trim_end().to_owned();
+        for s in secrets.iter().filter(|s| !s.is_empty()) {
+            let quoted = format!("{s:?}");
+            message = message
+                .replace(&quoted, "<not shown>")
+                .replace(s.as_str(), "<not shown>");
+        }
+        ConfigError::Env {
+            vars: applied.join(", "),
+            message,
+        }
     })
+}
+
+/// A secret stays the string it was (a numeric token is still a token, and
+/// a type error cannot quote a number), except a TOML array of strings,
+/// which is read as one (`WARREN_AMQP__URLS='["amqp://a", "amqp://b"]'`).
+fn secret_env_value(raw: String) -> toml::Value {
+    match env_value(&raw) {
+        toml::Value::Array(items) if items.iter().all(toml::Value::is_str) => {
+            toml::Value::Array(items)
+        }
+        _ => toml::Value::String(raw),
+    }
 }
 
 /// Keys whose values must never appear in a message.
@@ -801,7 +844,7 @@ mod tests {
         .unwrap();
         assert_eq!(d.worker.concurrency, 42);
         assert_eq!(d.amqp.heartbeat, Duration::from_secs(5));
-        assert_eq!(d.amqp.url.expose(), "amqp://u:p@h:1/v");
+        assert_eq!(d.amqp.url_list(), "amqp://u:p@h:1/v");
     }
 
     #[test]
@@ -846,7 +889,7 @@ mod tests {
 
     fn url_error(url: &str) -> String {
         let cfg = AmqpConfig {
-            url: Secret::new(url),
+            url: Some(Secret::new(url)),
             ..AmqpConfig::default()
         };
         let e = cfg.validate().unwrap_err().to_string();
@@ -875,7 +918,7 @@ mod tests {
             "amqp://u:p%2Fq@[::1]:5672/%2f?heartbeat=5",
         ] {
             let cfg = AmqpConfig {
-                url: Secret::new(ok),
+                url: Some(Secret::new(ok)),
                 ..AmqpConfig::default()
             };
             assert_eq!(cfg.validate(), Ok(()), "{ok}");
@@ -887,13 +930,13 @@ mod tests {
         let a = "amqp://u:s3cret@127.0.0.11:5672/%2f";
         let b = "amqp://u:s3cret@127.0.0.12:5672/%2f";
         let comma = AmqpConfig {
-            url: Secret::new(format!("{a}, {b}")),
+            url: Some(Secret::new(format!("{a}, {b}"))),
             ..AmqpConfig::default()
         };
         assert_eq!(comma.validate(), Ok(()));
         assert_eq!(comma.endpoints(), [a, b]);
         let list = AmqpConfig {
-            urls: vec![Secret::new(a), Secret::new(b)],
+            urls: Some(vec![Secret::new(a), Secret::new(b)]),
             ..AmqpConfig::default()
         };
         assert_eq!(list.validate(), Ok(()));
@@ -905,12 +948,15 @@ mod tests {
             e
         };
         let e = bad(AmqpConfig {
-            url: Secret::new(format!("{a},u:s3cret@host")),
+            url: Some(Secret::new(format!("{a},u:s3cret@host"))),
             ..AmqpConfig::default()
         });
         assert!(e.starts_with("amqp.url[1]: expected amqp://"), "{e}");
         let e = bad(AmqpConfig {
-            urls: vec![Secret::new(a), Secret::new("amqp://u:s3cret@h:99999/%2f")],
+            urls: Some(vec![
+                Secret::new(a),
+                Secret::new("amqp://u:s3cret@h:99999/%2f"),
+            ]),
             ..AmqpConfig::default()
         });
         assert!(
@@ -918,16 +964,85 @@ mod tests {
             "{e}"
         );
         let e = bad(AmqpConfig {
-            url: Secret::new(" , "),
+            url: Some(Secret::new(" , ")),
             ..AmqpConfig::default()
         });
-        assert_eq!(e, "amqp.url: the list of broker URLs is empty");
+        assert_eq!(
+            e,
+            "amqp.url: the list of broker URLs is empty (leave the key out for the default node)"
+        );
         let e = bad(AmqpConfig {
-            url: Secret::new(a),
-            urls: vec![Secret::new(b)],
+            url: Some(Secret::new(a)),
+            urls: Some(vec![Secret::new(b)]),
             ..AmqpConfig::default()
         });
         assert!(e.contains("both set"), "{e}");
+    }
+
+    /// Whether a key was set decides, not its value: the default URL
+    /// written out beside `urls` is still two answers to one question.
+    #[test]
+    fn url_and_urls_conflict_by_presence_and_an_empty_list_is_refused() {
+        let both = file(&format!(
+            "[amqp]\nurl = \"{DEFAULT_AMQP_URL}\"\nurls = [\"amqp://a\"]\n"
+        ));
+        let d: Demo = load(Some(both.path()), env(&[])).unwrap();
+        assert_eq!(d.amqp.validate(), Err(InvalidAmqp::UrlAndUrls));
+        // The alias counts as setting `amqp.url`.
+        let urls = file("[amqp]\nurls = [\"amqp://a\"]\n");
+        let d: Demo = load(
+            Some(urls.path()),
+            env(&[("WARREN_AMQP_URL", DEFAULT_AMQP_URL)]),
+        )
+        .unwrap();
+        assert_eq!(d.amqp.validate(), Err(InvalidAmqp::UrlAndUrls));
+
+        let empty = file("[amqp]\nurls = []\n");
+        let d: Demo = load(Some(empty.path()), env(&[])).unwrap();
+        let e = d.amqp.validate().unwrap_err();
+        assert_eq!(e, InvalidAmqp::NoUrls { key: "amqp.urls" });
+        assert!(e.to_string().starts_with("amqp.urls: "), "{e}");
+        let blank = AmqpConfig {
+            urls: Some(vec![Secret::new("amqp://a"), Secret::new(" ")]),
+            ..AmqpConfig::default()
+        };
+        let e = blank.validate().unwrap_err().to_string();
+        assert!(e.starts_with("amqp.urls[1]: expected amqp://"), "{e}");
+
+        // Neither set: the default node.
+        assert_eq!(AmqpConfig::default().endpoints(), [DEFAULT_AMQP_URL]);
+        assert_eq!(AmqpConfig::default().validate(), Ok(()));
+    }
+
+    #[test]
+    fn urls_from_the_environment_are_a_toml_list() {
+        let d: Demo = load(
+            None,
+            env(&[(
+                "WARREN_AMQP__URLS",
+                r#"["amqp://u:s3cret@a/%2f", "amqp://u:s3cret@b/%2f"]"#,
+            )]),
+        )
+        .unwrap();
+        assert_eq!(d.amqp.validate(), Ok(()));
+        assert_eq!(
+            d.amqp.endpoints(),
+            ["amqp://u:s3cret@a/%2f", "amqp://u:s3cret@b/%2f"]
+        );
+        let d: Demo = load(None, env(&[("WARREN_AMQP__URLS", "[]")])).unwrap();
+        assert_eq!(
+            d.amqp.validate(),
+            Err(InvalidAmqp::NoUrls { key: "amqp.urls" })
+        );
+        // Not a list: refused, naming the variable, without the password.
+        for raw in ["amqp://u:s3cret@a/%2f", r#"["amqp://u:s3cret@a", 5]"#] {
+            let e = load::<Demo>(None, env(&[("WARREN_AMQP__URLS", raw)]))
+                .unwrap_err()
+                .to_string();
+            assert!(e.contains("WARREN_AMQP__URLS"), "{e}");
+            assert!(e.contains("expected a sequence"), "{e}");
+            assert!(!e.contains("s3cret"), "{e}");
+        }
     }
 
     #[test]
@@ -939,7 +1054,7 @@ mod tests {
         assert!(e.contains("line 2") && !e.contains("s3cret"), "{e}");
         // A numeric-looking secret from the environment stays a string.
         let d: Demo = load(None, env(&[("WARREN_AMQP__URL", "12345")])).unwrap();
-        assert_eq!(d.amqp.url.expose(), "12345");
+        assert_eq!(d.amqp.url_list(), "12345");
     }
 
     #[test]
@@ -1037,7 +1152,7 @@ mod tests {
         let e = amqp(|c| c.confirm_timeout = Duration::ZERO);
         assert_eq!(e, InvalidAmqp::ZeroConfirmTimeout);
         assert_eq!(e.to_string(), "amqp.confirm_timeout = 0s: must be positive");
-        let e = amqp(|c| c.url = Secret::new("amqp://u:s3cret@h:0/%2f"));
+        let e = amqp(|c| c.url = Some(Secret::new("amqp://u:s3cret@h:0/%2f")));
         assert!(
             matches!(&e, InvalidAmqp::BadUrl { key, redacted, .. }
                 if key == "amqp.url" && !redacted.contains("s3cret")),
@@ -1047,7 +1162,7 @@ mod tests {
             e.to_string(),
             "amqp.url = amqp://u:***@h:0/%2f: port 0 is out of range (1-65535)"
         );
-        let e = amqp(|c| c.url = Secret::new("u:s3cret@h"));
+        let e = amqp(|c| c.url = Some(Secret::new("u:s3cret@h")));
         assert_eq!(
             e,
             InvalidAmqp::NoScheme {
@@ -1060,8 +1175,8 @@ mod tests {
              got a value without `amqp://` (not shown: it may contain a password)"
         );
         let e = amqp(|c| {
-            c.url = Secret::new("amqp://a");
-            c.urls = vec![Secret::new("amqp://b")];
+            c.url = Some(Secret::new("amqp://a"));
+            c.urls = Some(vec![Secret::new("amqp://b")]);
         });
         assert_eq!(e, InvalidAmqp::UrlAndUrls);
         assert_eq!(

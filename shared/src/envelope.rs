@@ -677,6 +677,35 @@ mod tests {
         );
     }
 
+    /// docs/contract.md: a retry republishes the covered properties as
+    /// they came, an empty `content_type` included (it signs as empty,
+    /// unlike an absent one).
+    #[test]
+    fn content_type_absent_empty_or_set_survives_a_republish() {
+        for sent in [None, Some(""), Some(CONTENT_TYPE), Some("text/plain")] {
+            let mut props = BasicProperties::default()
+                .with_message_id("i".into())
+                .with_timestamp(1);
+            if let Some(ct) = sent {
+                props = props.with_content_type(ct.into());
+            }
+            let mut t = Task::decode("a", &props, b"{}", MAX).unwrap();
+            t.attempt = 2;
+            let again = t.properties();
+            let canonical = |p: &BasicProperties| {
+                crate::security::canonical::Fields::of("a", p, b"{}")
+                    .unwrap()
+                    .to_bytes()
+            };
+            assert_eq!(canonical(&again), canonical(&props), "{sent:?}");
+            assert_eq!(
+                again.content_type().as_ref().map(|s| s.as_str()),
+                Some(sent.unwrap_or(CONTENT_TYPE)),
+                "{sent:?}"
+            );
+        }
+    }
+
     #[test]
     fn invalid_trace_and_partial_step_headers_travel_untouched() {
         let mut h = FieldTable::default();

@@ -9,8 +9,10 @@ pub enum Error {
     Url(String),
     #[error("TLS setup: {0}")]
     Tls(String),
-    #[error("AMQP: {0}")]
-    Amqp(#[from] lapin::Error),
+    /// Shown as [`broker_reason`]; no `source()`, so a chain printed with
+    /// `{:#}` says the broker's words once.
+    #[error("{}", broker_reason(.0))]
+    Amqp(lapin::Error),
     #[error("the broker closed the connection during the TLS handshake; if it requires a client certificate, set amqp.tls_cert_file and amqp.tls_key_file to one it trusts ({0})")]
     TlsReset(lapin::Error),
     #[error("timed out after {} connecting to the broker", humantime::format_duration(*.0))]
@@ -47,6 +49,48 @@ pub enum Error {
     /// Signing or encrypting a task failed (never holds key or payload).
     #[error("cannot seal the task: {0}")]
     Seal(String),
+}
+
+impl From<lapin::Error> for Error {
+    fn from(e: lapin::Error) -> Self {
+        Self::Amqp(e)
+    }
+}
+
+/// What went wrong, in the broker's words when it said something: for a
+/// channel or connection it closed, its reply text alone, which names the
+/// code and the object (`ACCESS_REFUSED - access to queue 'warren.dead' in
+/// vhost '/' refused for user 'u'`); otherwise lapin's description
+/// (`AMQP: IO error: …`). lapin's own text would repeat the code three times.
+pub fn broker_reason(e: &lapin::Error) -> String {
+    match e.kind() {
+        lapin::ErrorKind::ProtocolError(p) if !p.get_message().as_str().is_empty() => {
+            p.get_message().as_str().to_owned()
+        }
+        _ => format!("AMQP: {e}"),
+    }
+}
+
+/// An error and its causes on one line (`a: b: c`), a lapin error in the
+/// broker's words ([`broker_reason`], which already holds its causes),
+/// leaving out a cause whose text the line already holds.
+pub fn report(e: &(dyn std::error::Error + 'static)) -> String {
+    let mut line = String::new();
+    let mut cur = Some(e);
+    while let Some(c) = cur {
+        let (text, next) = match c.downcast_ref::<lapin::Error>() {
+            Some(l) => (broker_reason(l), None),
+            None => (c.to_string(), c.source()),
+        };
+        if !line.contains(&text) {
+            if !line.is_empty() {
+                line.push_str(": ");
+            }
+            line.push_str(&text);
+        }
+        cur = next;
+    }
+    line
 }
 
 impl Error {
@@ -90,5 +134,43 @@ fn refused(e: &lapin::Error) -> bool {
                 | AMQPErrorKind::Hard(AMQPHardError::NOTALLOWED)
         ),
         _ => false,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use lapin::protocol::{AMQPError, AMQPSoftError};
+
+    const REFUSAL: &str =
+        "ACCESS_REFUSED - access to queue 'warren.dead' in vhost '/' refused for user 'u'";
+
+    fn refused() -> lapin::Error {
+        lapin::ErrorKind::ProtocolError(AMQPError::new(
+            AMQPSoftError::ACCESSREFUSED.into(),
+            REFUSAL.into(),
+        ))
+        .into()
+    }
+
+    /// lapin's own text says the code three times and `{:#}` adds its
+    /// source again; warren says the broker's reply once.
+    #[test]
+    fn a_refusal_reads_once_in_the_brokers_words() {
+        assert_eq!(broker_reason(&refused()), REFUSAL);
+        assert_eq!(Error::from(refused()).to_string(), REFUSAL);
+        assert!(Error::from(refused()).is_refused());
+        let io: lapin::Error = std::io::Error::other("reset").into();
+        assert_eq!(broker_reason(&io), "AMQP: IO error: reset");
+
+        let wrapped = anyhow::Error::from(Error::from(refused())).context("cannot purge");
+        assert_eq!(report(wrapped.as_ref()), format!("cannot purge: {REFUSAL}"));
+        let raw = anyhow::Error::from(refused()).context("publishing task `t`");
+        assert_eq!(
+            report(raw.as_ref()),
+            format!("publishing task `t`: {REFUSAL}")
+        );
+        assert_eq!(format!("{raw:#}").matches("ACCESS_REFUSED -").count(), 2);
+        assert_eq!(report(raw.as_ref()).matches("ACCESS").count(), 1);
     }
 }

@@ -1,4 +1,5 @@
-//! Logging setup: text or JSON lines on stderr, level from `RUST_LOG` or config.
+//! Logging setup: text or JSON lines on stderr, level from `RUST_LOG` or config;
+//! text in colour only on a terminal and without `NO_COLOR`.
 //!
 //! Logging must never wedge a task. Lines go through a bounded, lossy queue to
 //! a writer thread ([`tracing_appender::non_blocking`]): a stalled reader
@@ -17,7 +18,7 @@
 //!
 //! Tests call [`init`] too; the second call is a no-op.
 
-use std::io::Write;
+use std::io::{IsTerminal, Write};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Mutex, OnceLock};
 
@@ -43,8 +44,8 @@ static GUARD: OnceLock<Mutex<Option<WorkerGuard>>> = OnceLock::new();
 static EXPORTING: AtomicBool = AtomicBool::new(false);
 
 pub fn init(cfg: &LogConfig) {
-    let filter = EnvFilter::try_from_default_env()
-        .or_else(|_| EnvFilter::try_new(&cfg.level))
+    let rust_log = std::env::var("RUST_LOG").ok();
+    let filter = EnvFilter::try_new(directives(rust_log.as_deref(), &cfg.level))
         .unwrap_or_else(|_| EnvFilter::new("info"));
     let (writer, guard) = NonBlockingBuilder::default()
         .lossy(true)
@@ -53,8 +54,14 @@ pub fn init(cfg: &LogConfig) {
         .finish(std::io::stderr());
     let payloads = cfg.payloads;
     let no_payloads = filter_fn(move |meta| payloads || !may_hold_payload(meta));
+    let ansi = cfg.format == LogFormat::Text
+        && colour(
+            std::io::stderr().is_terminal(),
+            std::env::var_os("NO_COLOR").as_deref(),
+        );
     let fmt = tracing_subscriber::fmt::layer()
         .with_writer(writer)
+        .with_ansi(ansi)
         .log_internal_errors(false);
     let fmt = match cfg.format {
         LogFormat::Json => fmt.json().flatten_event(true).boxed(),
@@ -80,6 +87,34 @@ pub fn init(cfg: &LogConfig) {
             tracing::error!(error = %e, "span export is off");
         }
     }
+}
+
+/// The filter: `RUST_LOG` when set and valid, else `log.level`, else `info`,
+/// with the AMQP client's own lines off unless it names `lapin`. Every
+/// error lapin logs (a channel the broker closed, a lost connection) also
+/// reaches warren as an error, which warren reports once, in its own words
+/// and with what it was doing; lapin's line would be a second, rawer copy.
+fn directives(rust_log: Option<&str>, level: &str) -> String {
+    let valid = |d: &&str| EnvFilter::try_new(d).is_ok();
+    let chosen = rust_log
+        .filter(valid)
+        .or(Some(level).filter(valid))
+        .unwrap_or("info")
+        .trim();
+    if chosen.contains("lapin") {
+        chosen.to_owned()
+    } else if chosen.is_empty() {
+        "lapin=off".to_owned()
+    } else {
+        format!("{chosen},lapin=off")
+    }
+}
+
+/// Colour only for a person at a terminal: a file, a pipe, journald or
+/// `docker logs` would keep the escape codes as text. A non-empty `NO_COLOR`
+/// turns it off (<https://no-color.org>).
+fn colour(terminal: bool, no_color: Option<&std::ffi::OsStr>) -> bool {
+    terminal && no_color.is_none_or(|v| v.is_empty())
 }
 
 type BoxedLayer = Box<dyn Layer<tracing_subscriber::Registry> + Send + Sync>;
@@ -191,4 +226,42 @@ fn may_hold_payload(meta: &Metadata<'_>) -> bool {
             .fields()
             .iter()
             .any(|f| matches!(f.name(), "frame" | "frames" | "payload"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::ffi::OsStr;
+
+    #[test]
+    fn colour_only_on_a_terminal_without_no_color() {
+        assert!(colour(true, None));
+        assert!(
+            !colour(false, None),
+            "a pipe or a file gets no escape codes"
+        );
+        assert!(!colour(true, Some(OsStr::new("1"))));
+        assert!(!colour(true, Some(OsStr::new("false"))), "any value counts");
+        assert!(colour(true, Some(OsStr::new(""))), "empty means unset");
+    }
+
+    #[test]
+    fn lapin_is_quiet_unless_the_filter_names_it() {
+        assert_eq!(directives(None, "info"), "info,lapin=off");
+        assert_eq!(directives(Some("debug"), "info"), "debug,lapin=off");
+        assert_eq!(
+            directives(Some("info,lapin=warn"), "info"),
+            "info,lapin=warn"
+        );
+        assert_eq!(
+            directives(None, "warn,lapin::channel=error"),
+            "warn,lapin::channel=error"
+        );
+        // An invalid RUST_LOG falls back to log.level, as before.
+        assert_eq!(directives(Some("=bad=="), "warn"), "warn,lapin=off");
+        assert_eq!(directives(None, ""), "lapin=off");
+        for d in ["info,lapin=off", "lapin=off", "warn,lapin::channel=error"] {
+            assert!(EnvFilter::try_new(d).is_ok(), "{d}");
+        }
+    }
 }

@@ -479,7 +479,7 @@ async fn headers_survive_as_plain_clients_send_them() {
 async fn amqps_with_a_private_ca() {
     let node = testing::Node::start_tls();
     let cfg = warren::config::AmqpConfig {
-        url: warren::config::Secret::new(node.tls_url()),
+        url: Some(warren::config::Secret::new(node.tls_url())),
         tls_ca_file: Some(node.ca_file()),
         ..testing::amqp_config()
     };
@@ -527,7 +527,7 @@ async fn mutual_tls_needs_a_certificate_from_the_brokers_ca() {
     let node = testing::Node::start_mtls();
     let (cert, key) = node.client_cert("client");
     let cfg = warren::config::AmqpConfig {
-        url: warren::config::Secret::new(node.tls_url()),
+        url: Some(warren::config::Secret::new(node.tls_url())),
         tls_ca_file: Some(node.ca_file()),
         tls_cert_file: Some(cert.clone()),
         tls_key_file: Some(key.clone()),
@@ -587,7 +587,9 @@ async fn mutual_tls_needs_a_certificate_from_the_brokers_ca() {
     // EXTERNAL: no user or password in the URL; the broker logs the
     // connection in as the certificate's CN.
     let external = warren::config::AmqpConfig {
-        url: warren::config::Secret::new(node.tls_url().replace("guest:guest@", "")),
+        url: Some(warren::config::Secret::new(
+            node.tls_url().replace("guest:guest@", ""),
+        )),
         auth_mechanism: warren::config::AuthMechanism::External,
         ..cfg.clone()
     };

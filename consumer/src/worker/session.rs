@@ -145,8 +145,9 @@ impl Worker {
                     session.consumers.push((ch, tag, book));
                     streams.push(s);
                 }
+                // Said once, by the exit line (`warren-consumer: cannot
+                // consume queue …: ACCESS_REFUSED - …`), not also logged.
                 Err(e) if super::is_fatal(&e) => {
-                    tracing::error!(error = %e, queue = %self.queues[idx], "cannot consume");
                     let why = format!(
                         "cannot consume queue `{}` (a consumer's broker user needs read permission on its queues)",
                         self.queues[idx]

@@ -34,7 +34,7 @@ async fn with_a_client_certificate_a_consumer_runs_tasks_and_without_one_exits_1
     let (cert, key) = node.client_cert("client");
     let mut cfg = config("mtls");
     cfg.amqp = AmqpConfig {
-        url: Secret::new(node.tls_url()),
+        url: Some(Secret::new(node.tls_url())),
         tls_ca_file: Some(node.ca_file()),
         tls_cert_file: Some(cert.clone()),
         tls_key_file: Some(key.clone()),
@@ -173,6 +173,8 @@ async fn least_privilege_users_run_the_pipeline_and_a_missing_permission_is_name
         String::from_utf8_lossy(&declared.stderr)
     );
 
+    dead_tools_say_what_they_tried_once(&node);
+
     // The consumer runs a task, retries one through a delay level and
     // dead-letters it; the producer's user publishes both.
     let mut worker = spawn_process(&cfg, LEAST_PRIVILEGE_TOML);
@@ -249,6 +251,7 @@ async fn least_privilege_users_run_the_pipeline_and_a_missing_permission_is_name
     let status = unread.wait_exit(WAIT).await;
     let out = unread.lines().join("\n");
     assert_eq!(status.code(), Some(1), "{out}");
+    assert_eq!(out.matches("ACCESS_REFUSED").count(), 1, "said once: {out}");
     assert!(
         out.contains("cannot consume queue `warren.default` (a consumer's broker user needs read permission")
             && out.contains("ACCESS_REFUSED - access to queue 'warren.default' in vhost '/' refused for user 'warren-consumer'"),
@@ -280,6 +283,45 @@ async fn least_privilege_users_run_the_pipeline_and_a_missing_permission_is_name
         0,
         "nothing dead-lettered early"
     );
+}
+
+/// `warren-consumer dead …` as the consumer's user, which may not read the
+/// dead queue, at the default log level: one line each, saying what was
+/// tried on which object and the broker's reason, and no line of lapin's
+/// own. The CLI's user, which may, purges.
+fn dead_tools_say_what_they_tried_once(node: &Node) {
+    let dead = |user: &str, args: &[&str]| {
+        std::process::Command::new(env!("CARGO_BIN_EXE_warren-consumer"))
+            .arg("dead")
+            .args(args)
+            .env_remove("RUST_LOG")
+            .env_remove("WARREN_LOG_LEVEL")
+            .env("WARREN_AMQP_URL", url_as(node, user))
+            .env("WARREN_TOPOLOGY__PREFIX", "warren")
+            .env("WARREN_TOPOLOGY__DECLARE", "false")
+            .output()
+            .unwrap()
+    };
+    let refusal = "ACCESS_REFUSED - access to queue 'warren.dead' in vhost '/' refused for user 'warren-consumer'";
+    for (args, tried) in [
+        (&["purge", "--all"][..], "purge queue `warren.dead`"),
+        (&["purge", "--id", "x"][..], "read queue `warren.dead`"),
+        (&["replay", "--all"][..], "read queue `warren.dead`"),
+        (&["list"][..], "read queue `warren.dead`"),
+    ] {
+        let out = dead("warren-consumer", args);
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(1), "{args:?}: {err}");
+        assert_eq!(
+            err.trim_end(),
+            format!("warren-consumer: cannot {tried}: {refusal}"),
+            "{args:?}"
+        );
+    }
+    let out = dead("warren-cli", &["purge", "--all"]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{err}");
+    assert_eq!(String::from_utf8_lossy(&out.stdout), "purged 0\n", "{err}");
 }
 
 /// A guest connection to `node`, to look at queues.

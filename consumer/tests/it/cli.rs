@@ -76,6 +76,30 @@ fn config_errors_exit_2_in_check_and_run() {
             "amqp.url = amqp://guest:***@host:99999/%2f: port 99999 is out of range",
         ),
         (
+            "amqp.url and amqp.urls, url at its default value",
+            "[amqp]\nurl = \"amqp://guest:guest@127.0.0.1:5672/%2f\"\nurls = [\"amqp://guest:s3cret@node1/%2f\"]\n",
+            &[],
+            "amqp.url and amqp.urls are both set",
+        ),
+        (
+            "amqp.urls in the file, amqp.url from the environment",
+            "[amqp]\nurls = [\"amqp://guest:s3cret@node1/%2f\"]\n",
+            &[("WARREN_AMQP_URL", "amqp://guest:s3cret@node2/%2f")],
+            "amqp.url and amqp.urls are both set",
+        ),
+        (
+            "empty amqp.urls",
+            "[amqp]\nurls = []\n",
+            &[],
+            "amqp.urls: the list of broker URLs is empty",
+        ),
+        (
+            "empty amqp.urls (env)",
+            "",
+            &[("WARREN_AMQP__URLS", "[]")],
+            "amqp.urls: the list of broker URLs is empty",
+        ),
+        (
             "bad retry value",
             "[retry.default]\njitter = 5.0\n",
             &[],
@@ -134,6 +158,20 @@ fn config_errors_exit_2_in_check_and_run() {
         String::from_utf8_lossy(&out.stderr)
     );
     assert!(String::from_utf8_lossy(&out.stdout).starts_with("ok: 1 handler"));
+    // A list of nodes from the environment is a TOML array, like any list.
+    let out = exits(
+        &["--config", &path.display().to_string(), "check"],
+        &[(
+            "WARREN_AMQP__URLS",
+            r#"["amqp://guest:s3cret@node1/%2f", "amqp://guest:s3cret@node2/%2f"]"#,
+        )],
+    );
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
 }
 
 #[test]
@@ -168,5 +206,41 @@ fn an_otlp_endpoint_needs_the_otlp_build() {
     assert!(
         err.contains("log.otlp_endpoint") && err.contains("lacks the `otlp` feature"),
         "{err}"
+    );
+}
+
+/// Text logs sent to a pipe (systemd, `docker logs`, `> consumer.log`) carry
+/// no colour codes: the same lines a terminal would show in colour, here
+/// with not one ESC byte.
+#[tokio::test]
+async fn text_logs_to_a_pipe_have_no_colour_codes() {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_warren-consumer"));
+    for (k, _) in std::env::vars() {
+        if k.starts_with("WARREN_") || k == "RUST_LOG" || k == "NO_COLOR" {
+            cmd.env_remove(k);
+        }
+    }
+    // Nothing listens there: the consumer logs its retries until killed.
+    let url = format!(
+        "amqp://guest:guest@127.0.0.1:{}/%2f",
+        warren::testing::free_port()
+    );
+    cmd.env("WARREN_HTTP_ADDR", "127.0.0.1:0")
+        .env("WARREN_AMQP_URL", url);
+    let p = warren::testing::Process::spawn(&mut cmd).expect("spawn warren-consumer");
+    warren::testing::eventually(
+        Duration::from_secs(30),
+        "an INFO and a WARN line",
+        || async {
+            let lines = p.lines();
+            let has = |msg: &str| lines.iter().any(|l| l.contains(msg));
+            (has("serving /metrics") && has("cannot open AMQP session")).then_some(())
+        },
+    )
+    .await;
+    let lines = p.lines();
+    assert!(
+        lines.iter().all(|l| !l.contains('\x1b')),
+        "escape codes in a piped log: {lines:?}"
     );
 }

@@ -118,7 +118,7 @@ impl Seen {
 fn publish_cli(cfg: &ConsumerConfig, ids: &[String]) -> Vec<String> {
     let mut child = Command::new(producer_bin())
         .args(["publish", "--batch", "--window", "100"])
-        .env("WARREN_AMQP_URL", cfg.amqp.url.expose())
+        .env("WARREN_AMQP_URL", cfg.amqp.url_list())
         .env("WARREN_TOPOLOGY__PREFIX", &cfg.topology.prefix)
         .env("WARREN_TOPOLOGY__QUEUE_TYPE", "quorum")
         .env("WARREN_AMQP__CONFIRM_TIMEOUT", "5s")

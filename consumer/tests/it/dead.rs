@@ -15,7 +15,7 @@ fn cli(cfg: &ConsumerConfig, args: &[&str]) -> (bool, String, String) {
     let out = Command::new(env!("CARGO_BIN_EXE_warren-consumer"))
         .arg("dead")
         .args(args)
-        .env("WARREN_AMQP_URL", cfg.amqp.url.expose())
+        .env("WARREN_AMQP_URL", cfg.amqp.url_list())
         .env("WARREN_TOPOLOGY__PREFIX", &cfg.topology.prefix)
         .env_remove("WARREN_CONFIG")
         .output()
@@ -168,7 +168,7 @@ fn dead_list_survives_a_closed_stdout() {
     let cfg = config("deadpipe");
     let out = Command::new(env!("CARGO_BIN_EXE_warren-consumer"))
         .args(["dead", "list"])
-        .env("WARREN_AMQP_URL", cfg.amqp.url.expose())
+        .env("WARREN_AMQP_URL", cfg.amqp.url_list())
         .env("WARREN_TOPOLOGY__PREFIX", &cfg.topology.prefix)
         .env_remove("WARREN_CONFIG")
         .stdout(crate::cli::closed_stdout())

@@ -270,7 +270,7 @@ async fn exec_handlers_do_not_inherit_warren_secrets() {
         opted = script("opted"),
     );
     let cfg = config("exec_env");
-    let url = cfg.amqp.url.expose().to_owned();
+    let url = cfg.amqp.url_list();
     let password = url
         .split_once("://")
         .and_then(|(_, rest)| rest.split_once('@'))

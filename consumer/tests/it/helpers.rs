@@ -222,7 +222,7 @@ pub fn spawn_process_env(cfg: &ConsumerConfig, toml: &str, env: &[(&str, &str)])
         Command::new(env!("CARGO_BIN_EXE_warren-consumer"))
             .arg("--config")
             .arg(&path)
-            .env("WARREN_AMQP_URL", cfg.amqp.url.expose())
+            .env("WARREN_AMQP_URL", cfg.amqp.url_list())
             .env("WARREN_TOPOLOGY__PREFIX", &cfg.topology.prefix)
             .env("WARREN_HTTP_ADDR", "127.0.0.1:0")
             .env("WARREN_LOG_FORMAT", "json")
@@ -258,7 +258,7 @@ impl Proc {
 /// AMQP config pointing at `url` (for a dedicated node).
 pub fn amqp_for(url: &str) -> warren::config::AmqpConfig {
     warren::config::AmqpConfig {
-        url: Secret::new(url),
+        url: Some(Secret::new(url)),
         ..testing::amqp_config()
     }
 }

@@ -460,7 +460,7 @@ async fn the_documented_pika_publisher_is_accepted_under_required() {
     std::fs::write(&script, python_example()).unwrap();
     let out = std::process::Command::new(python)
         .arg(&script)
-        .env("AMQP_URL", cfg.amqp.url.expose())
+        .env("AMQP_URL", cfg.amqp.url_list())
         .env("WARREN_EXCHANGE", app.topo.tasks_exchange())
         .env("WARREN_KEY_FILE", keys.path("k1"))
         .output()

@@ -28,7 +28,7 @@ fn command(cfg: &warren_consumer::ConsumerConfig, dir: &tempfile::TempDir, port:
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_warren-consumer"));
     cmd.arg("--config")
         .arg(&path)
-        .env("WARREN_AMQP_URL", cfg.amqp.url.expose())
+        .env("WARREN_AMQP_URL", cfg.amqp.url_list())
         .env("WARREN_TOPOLOGY__PREFIX", &cfg.topology.prefix)
         .env("WARREN_HTTP_ADDR", format!("127.0.0.1:{port}"))
         // Every delivery logs several lines: the first write after the
@@ -313,10 +313,9 @@ async fn refused_credentials_stop_the_consumer() {
     let dir = tempfile::tempdir().unwrap();
     let url = cfg
         .amqp
-        .url
-        .expose()
+        .url_list()
         .replacen("guest:guest@", "guest:wrong@", 1);
-    assert_ne!(url, cfg.amqp.url.expose(), "test URL carries guest:guest");
+    assert_ne!(url, cfg.amqp.url_list(), "test URL carries guest:guest");
     let mut child = command(&cfg, &dir, warren::testing::free_port())
         .env("WARREN_AMQP_URL", &url)
         .stdout(Stdio::null())

@@ -167,7 +167,7 @@ impl Sampler {
         queues: &mut [QueueSample],
     ) -> Result<(), String> {
         let (base, user, pass) = split_userinfo(base);
-        let vhost = vhost_of(ctx.cfg().amqp.url.expose());
+        let vhost = vhost_of(&ctx.cfg().amqp.url_list());
         let url = format!(
             "{}/api/queues/{}?columns=name,messages_unacknowledged,message_stats",
             base.trim_end_matches('/'),

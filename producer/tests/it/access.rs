@@ -130,7 +130,8 @@ async fn producer_and_cli_users_need_only_their_documented_permissions() {
             .env("WARREN_AMQP_URL", as_user("warren-cli"))
             .env("WARREN_TOPOLOGY__DECLARE", "false")
             .env("WARREN_TOPOLOGY__PREFIX", "warren")
-            .env_remove("WARREN_CONFIG");
+            .env_remove("WARREN_CONFIG")
+            .env_remove("RUST_LOG");
         cmd.output().unwrap()
     };
     for args in [
@@ -164,4 +165,26 @@ async fn producer_and_cli_users_need_only_their_documented_permissions() {
         err.contains("ACCESS_REFUSED - access to exchange 'warren.delay."),
         "{err}"
     );
+    // Said once, in one line naming what was tried, with no line of the
+    // AMQP client's own at the default level.
+    assert_eq!(err.matches("ACCESS_REFUSED").count(), 1, "{err}");
+    assert!(!err.contains("lapin"), "{err}");
+    let out = cli(&[
+        "--config",
+        &config.display().to_string(),
+        "schedules",
+        "pause",
+        "tick",
+    ]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert_eq!(
+        err.lines().last(),
+        Some(
+            "warren-producer: pausing schedule `tick`: ACCESS_REFUSED - access to queue \
+             'warren.producer.control' in vhost '/' refused for user 'warren-cli'"
+        ),
+        "{err}"
+    );
+    assert_eq!(err.matches("ACCESS_REFUSED").count(), 1, "{err}");
 }

@@ -26,7 +26,7 @@ fn config(w: &World) -> ProducerConfig {
     let mut cfg: ProducerConfig = toml::from_str(SCHEDULES).unwrap();
     cfg.http.addr = "127.0.0.1:0".parse().unwrap();
     cfg.amqp = warren::testing::amqp_config();
-    cfg.amqp.url = Secret::new(w.url.as_str());
+    cfg.amqp.url = Some(Secret::new(w.url.as_str()));
     cfg.topology.prefix = w.prefix.clone();
     cfg.api.publish_token = Some(Secret::new(PUBLISH_TOKEN));
     cfg.api.read_token = Some(Secret::new(READ_TOKEN));

@@ -165,6 +165,30 @@ fn config_errors_exit_2_in_check_and_run() {
             "port 99999 is out of range",
         ),
         (
+            "amqp.url and amqp.urls, url at its default value",
+            "[amqp]\nurl = \"amqp://guest:guest@127.0.0.1:5672/%2f\"\nurls = [\"amqp://guest:s3cret@node1/%2f\"]\n",
+            &[],
+            "amqp.url and amqp.urls are both set",
+        ),
+        (
+            "amqp.urls in the file, amqp.url from the environment",
+            "[amqp]\nurls = [\"amqp://guest:s3cret@node1/%2f\"]\n",
+            &[("WARREN_AMQP_URL", "amqp://guest:s3cret@node2/%2f")],
+            "amqp.url and amqp.urls are both set",
+        ),
+        (
+            "empty amqp.urls",
+            "[amqp]\nurls = []\n",
+            &[],
+            "amqp.urls: the list of broker URLs is empty",
+        ),
+        (
+            "empty amqp.urls (env)",
+            "",
+            &[("WARREN_AMQP__URLS", "[]")],
+            "amqp.urls: the list of broker URLs is empty",
+        ),
+        (
             "bad retry value",
             "[[schedules]]\nname = \"a\"\ncron = \"@daily\"\ntask = \"t\"\nretry = { jitter = 5.0 }\n",
             &[],
@@ -196,6 +220,16 @@ fn config_errors_exit_2_in_check_and_run() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(2), "{err}");
     assert!(err.contains("amqp.url") && !err.contains("s3cret"), "{err}");
+    // A list of nodes from the environment is a TOML array, like any list.
+    let out = exits(
+        &["schedules", "check"],
+        &[(
+            "WARREN_AMQP__URLS",
+            r#"["amqp://guest:s3cret@node1/%2f", "amqp://guest:s3cret@node2/%2f"]"#,
+        )],
+    );
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(0), "{err}");
 }
 
 /// What the user typed after `publish` is checked before anything connects:

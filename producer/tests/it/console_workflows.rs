@@ -41,7 +41,7 @@ async fn worker(
         amqp: warren::testing::amqp_config(),
         ..Default::default()
     };
-    cfg.amqp.url = warren::config::Secret::new(w.url.as_str());
+    cfg.amqp.url = Some(warren::config::Secret::new(w.url.as_str()));
     cfg.topology.prefix = w.prefix.clone();
     cfg.http.addr = "127.0.0.1:0".parse().unwrap();
     let mut reg = Registry::new();

@@ -53,7 +53,7 @@ impl World {
         let cfg = warren::testing::topology_config(test, queue_type);
         let topo = Topology::new(&cfg);
         let mut amqp = warren::testing::amqp_config();
-        amqp.url = warren::config::Secret::new(url);
+        amqp.url = Some(warren::config::Secret::new(url));
         let conn = warren::amqp::connect(&amqp, "test")
             .await
             .expect("connect to the test broker");
@@ -73,7 +73,7 @@ impl World {
     /// A fresh connection for this world (after the broker went away).
     pub async fn reconnect(&mut self) {
         let mut amqp = warren::testing::amqp_config();
-        amqp.url = warren::config::Secret::new(self.url.as_str());
+        amqp.url = Some(warren::config::Secret::new(self.url.as_str()));
         self.conn = warren::amqp::connect(&amqp, "test")
             .await
             .expect("reconnect to the test broker");
@@ -275,7 +275,7 @@ impl Drop for World {
 /// lock queue is exclusive and went with its connection).
 async fn delete_all(url: &str, topo: &Topology) {
     let mut amqp = warren::testing::amqp_config();
-    amqp.url = warren::config::Secret::new(url);
+    amqp.url = Some(warren::config::Secret::new(url));
     let Ok(conn) = warren::amqp::connect(&amqp, "test-cleanup").await else {
         return;
     };

@@ -67,7 +67,7 @@ async fn closed_log_pipe_neither_stops_schedules_nor_signals() {
 }
 
 /// A publish the broker returns (no queue binds the name) is an error that
-/// names the task, and at `RUST_LOG=trace` not one payload byte is logged
+/// names the task, and at `RUST_LOG=trace,lapin=trace` not one payload byte is logged
 /// (the AMQP client dumps returned messages and frames unless
 /// `log.payloads = true`).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -95,7 +95,9 @@ async fn returned_publish_logs_no_payload_byte() {
         for (k, v) in w.env() {
             cmd.env(k, v);
         }
-        cmd.env("RUST_LOG", "trace")
+        // `lapin` named: its lines are off by default, which would keep
+        // the dumps out without the payload filter's help.
+        cmd.env("RUST_LOG", "trace,lapin=trace")
             .env("WARREN_LOG_FORMAT", "json");
         cmd.envs(extra.iter().copied());
         cmd.stdin(Stdio::null()).output().unwrap()

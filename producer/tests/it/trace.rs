@@ -141,7 +141,7 @@ async fn the_api_callers_traceparent_reaches_the_exec_handler_on_every_attempt()
         amqp: warren::testing::amqp_config(),
         ..Default::default()
     };
-    cfg.amqp.url = warren::config::Secret::new(w.url.as_str());
+    cfg.amqp.url = Some(warren::config::Secret::new(w.url.as_str()));
     cfg.topology.prefix = w.prefix.clone();
     cfg.http.addr = "127.0.0.1:0".parse().unwrap();
     cfg.retry.default.initial_delay = Duration::from_millis(100);

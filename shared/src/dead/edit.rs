@@ -14,7 +14,7 @@ use lapin::{BasicProperties, Channel, Connection};
 use serde::Serialize;
 use serde_json::{json, Map, Value};
 
-use super::{describe, revive, DeadError, DeadTask, ReplayReport, Scan};
+use super::{describe, open_channel, revive, DeadError, DeadTask, ReplayReport, Scan, Tried};
 use crate::amqp::Publisher;
 use crate::envelope::headers;
 use crate::Topology;
@@ -41,9 +41,11 @@ pub async fn inspect(
     id: &str,
     scan_limit: usize,
 ) -> Result<Option<DeadMessage>, DeadError> {
-    let ch = conn.create_channel().await?;
+    let ch = conn.create_channel().await.tried(open_channel)?;
     let found = find(&ch, topo, id, scan_limit).await?.map(|d| message(&d));
-    ch.close(200, "dead inspect done".into()).await?;
+    ch.close(200, "dead inspect done".into())
+        .await
+        .tried(|| "close the channel".into())?;
     Ok(found)
 }
 
@@ -70,7 +72,7 @@ pub async fn replay_edited(
             why: format!("the new payload is not JSON: {e}"),
         });
     }
-    let ch = conn.create_channel().await?;
+    let ch = conn.create_channel().await.tried(open_channel)?;
     let res = async {
         let d = find(&ch, topo, id, usize::MAX)
             .await?
@@ -108,7 +110,10 @@ pub async fn replay_edited(
         let mut report = ReplayReport::default();
         match publisher.publish_task(topo, &task, Duration::ZERO).await {
             Ok(()) => {
-                d.acker.ack(BasicAckOptions::default()).await?;
+                d.acker
+                    .ack(BasicAckOptions::default())
+                    .await
+                    .tried(|| format!("remove replayed task `{id}` from the dead queue"))?;
                 report.replayed.push(task.id);
             }
             Err(e) => report.failed.push((id.to_owned(), e.to_string())),

@@ -165,8 +165,10 @@ impl Selector {
 
 #[derive(Debug, thiserror::Error)]
 pub enum DeadError {
-    #[error(transparent)]
-    Amqp(#[from] lapin::Error),
+    /// The broker refused or broke off an operation: what was tried, on
+    /// which object, and the broker's reason, on one line.
+    #[error("cannot {action}: {}", crate::error::broker_reason(error))]
+    Broker { action: String, error: lapin::Error },
     #[error(transparent)]
     Warren(#[from] crate::Error),
     /// No dead message with this id among those looked at.
@@ -181,19 +183,39 @@ impl DeadError {
     /// Worth trying again (connection trouble), as opposed to a wrong request.
     pub fn is_transient(&self) -> bool {
         match self {
-            Self::Amqp(_) => true,
+            Self::Broker { error, .. } => !crate::Error::Amqp(error.clone()).is_refused(),
             Self::Warren(e) => e.is_transient(),
             Self::NotFound(_) | Self::Invalid { .. } => false,
         }
     }
 }
 
+/// Says what a failed broker call was trying to do ([`DeadError::Broker`]).
+trait Tried<T> {
+    fn tried(self, action: impl FnOnce() -> String) -> Result<T, DeadError>;
+}
+
+impl<T> Tried<T> for Result<T, lapin::Error> {
+    fn tried(self, action: impl FnOnce() -> String) -> Result<T, DeadError> {
+        self.map_err(|error| DeadError::Broker {
+            action: action(),
+            error,
+        })
+    }
+}
+
+fn open_channel() -> String {
+    "open a channel".into()
+}
+
 /// How many messages the dead queue holds now, as the broker counts them
 /// (ready ones: a scan in progress elsewhere hides what it holds unacked).
 pub async fn count(conn: &Connection, topo: &Topology) -> Result<u64, DeadError> {
-    let ch = conn.create_channel().await?;
+    let ch = conn.create_channel().await.tried(open_channel)?;
     let n = ready(&ch, &topo.dead_queue()).await?;
-    ch.close(200, "dead count done".into()).await?;
+    ch.close(200, "dead count done".into())
+        .await
+        .tried(|| "close the channel".into())?;
     Ok(u64::from(n))
 }
 
@@ -208,7 +230,8 @@ async fn ready(ch: &Channel, queue: &str) -> Result<u32, DeadError> {
             },
             FieldTable::default(),
         )
-        .await?;
+        .await
+        .tried(|| format!("look up queue `{queue}`"))?;
     Ok(q.message_count())
 }
 
@@ -234,7 +257,7 @@ pub async fn list_where(
     keep: impl Fn(&DeadTask) -> bool,
 ) -> Result<Listing, DeadError> {
     let total = count(conn, topo).await?;
-    let ch = conn.create_channel().await?;
+    let ch = conn.create_channel().await.tried(open_channel)?;
     let mut scan = Scan::new(&ch, topo, scan_limit).await?;
     let mut tasks = Vec::new();
     while tasks.len() < limit {
@@ -246,7 +269,9 @@ pub async fn list_where(
     }
     let scanned = scan.seen as u64;
     scan.stop().await?;
-    ch.close(200, "dead list done".into()).await?;
+    ch.close(200, "dead list done".into())
+        .await
+        .tried(|| "close the channel".into())?;
     Ok(Listing {
         total,
         scanned,
@@ -261,7 +286,7 @@ pub async fn list(
     topo: &Topology,
     limit: usize,
 ) -> Result<Vec<DeadTask>, DeadError> {
-    let ch = conn.create_channel().await?;
+    let ch = conn.create_channel().await.tried(open_channel)?;
     let mut scan = Scan::new(&ch, topo, limit).await?;
     let mut out = Vec::new();
     while let Some(d) = scan.next().await? {
@@ -269,7 +294,9 @@ pub async fn list(
     }
     scan.stop().await?;
     // Closing the channel returns every fetched message to the queue.
-    ch.close(200, "dead list done".into()).await?;
+    ch.close(200, "dead list done".into())
+        .await
+        .tried(|| "close the channel".into())?;
     Ok(out)
 }
 
@@ -304,7 +331,9 @@ impl<'a> Scan<'a> {
         // 0 = unlimited (basic.qos counts in u16): only for scans of more
         // than 65,535, which read the whole queue anyway.
         let prefetch = u16::try_from(limit.max(1)).unwrap_or(0);
-        ch.basic_qos(prefetch, BasicQosOptions::default()).await?;
+        ch.basic_qos(prefetch, BasicQosOptions::default())
+            .await
+            .tried(|| format!("set the prefetch for reading queue `{queue}`"))?;
         let consumer = ch
             .basic_consume(
                 queue.as_str().into(),
@@ -312,7 +341,8 @@ impl<'a> Scan<'a> {
                 BasicConsumeOptions::default(),
                 FieldTable::default(),
             )
-            .await?;
+            .await
+            .tried(|| format!("read queue `{queue}`"))?;
         Ok(Self {
             ch,
             consumer,
@@ -327,7 +357,8 @@ impl<'a> Scan<'a> {
     async fn stop(self) -> Result<(), DeadError> {
         self.ch
             .basic_cancel(self.consumer.tag(), BasicCancelOptions::default())
-            .await?;
+            .await
+            .tried(|| format!("stop reading queue `{}`", self.queue))?;
         Ok(())
     }
 
@@ -337,7 +368,7 @@ impl<'a> Scan<'a> {
             match tokio::time::timeout(SCAN_IDLE, self.consumer.next()).await {
                 Ok(Some(d)) => {
                     self.seen += 1;
-                    return Ok(Some(d?));
+                    return Ok(Some(d.tried(|| format!("read queue `{}`", self.queue))?));
                 }
                 Ok(None) => return Ok(None),
                 Err(_) => {
@@ -396,7 +427,7 @@ pub async fn replay(
     confirm_timeout: Duration,
 ) -> Result<ReplayReport, DeadError> {
     let publisher = Publisher::new(conn, confirm_timeout).await?;
-    let ch = conn.create_channel().await?;
+    let ch = conn.create_channel().await.tried(open_channel)?;
     let mut report = ReplayReport::default();
     let mut scan = Scan::new(&ch, topo, limit).await?;
     while let Some(delivery) = scan.next().await? {
@@ -415,14 +446,19 @@ pub async fn replay(
         };
         match publisher.publish_task(topo, &task, Duration::ZERO).await {
             Ok(()) => {
-                d.acker.ack(BasicAckOptions::default()).await?;
+                d.acker
+                    .ack(BasicAckOptions::default())
+                    .await
+                    .tried(|| format!("remove replayed task `{id}` from the dead queue"))?;
                 report.replayed.push(id);
             }
             Err(e) => report.failed.push((id, e.to_string())),
         }
     }
     scan.stop().await?;
-    ch.close(200, "dead replay done".into()).await?;
+    ch.close(200, "dead replay done".into())
+        .await
+        .tried(|| "close the channel".into())?;
     let _ = publisher
         .channel()
         .close(200, "dead replay done".into())
@@ -437,14 +473,15 @@ pub async fn purge(
     selector: &Selector,
     limit: usize,
 ) -> Result<u64, DeadError> {
-    let ch = conn.create_channel().await?;
+    let ch = conn.create_channel().await.tried(open_channel)?;
     let n = if *selector == Selector::All {
         u64::from(
             ch.queue_purge(
                 topo.dead_queue().as_str().into(),
                 QueuePurgeOptions::default(),
             )
-            .await?,
+            .await
+            .tried(|| format!("purge queue `{}`", topo.dead_queue()))?,
         )
     } else {
         let mut n = 0;
@@ -452,14 +489,19 @@ pub async fn purge(
         while let Some(delivery) = scan.next().await? {
             let d = &delivery;
             if selector.matches(&describe(d.routing_key.as_str(), &d.properties, &d.data)) {
-                d.acker.ack(BasicAckOptions::default()).await?;
+                d.acker
+                    .ack(BasicAckOptions::default())
+                    .await
+                    .tried(|| format!("purge a message of queue `{}`", topo.dead_queue()))?;
                 n += 1;
             }
         }
         scan.stop().await?;
         n
     };
-    ch.close(200, "dead purge done".into()).await?;
+    ch.close(200, "dead purge done".into())
+        .await
+        .tried(|| "close the channel".into())?;
     Ok(n)
 }
 

@@ -7,7 +7,7 @@ use std::collections::HashMap;
 use lapin::Connection;
 use serde::Serialize;
 
-use super::{count, describe, DeadError, DeadTask, Scan};
+use super::{count, describe, open_channel, DeadError, DeadTask, Scan, Tried};
 use crate::Topology;
 
 /// Dead tasks that failed the same way.
@@ -45,7 +45,7 @@ pub async fn overview(
     scan_limit: usize,
 ) -> Result<Overview, DeadError> {
     let total = count(conn, topo).await?;
-    let ch = conn.create_channel().await?;
+    let ch = conn.create_channel().await.tried(open_channel)?;
     let mut scan = Scan::new(&ch, topo, scan_limit).await?;
     let mut tasks = Vec::new();
     while let Some(d) = scan.next().await? {
@@ -53,7 +53,9 @@ pub async fn overview(
     }
     scan.stop().await?;
     // Closing the channel returns every fetched message to the queue.
-    ch.close(200, "dead overview done".into()).await?;
+    ch.close(200, "dead overview done".into())
+        .await
+        .tried(|| "close the channel".into())?;
     let scanned = tasks.len() as u64;
     Ok(Overview {
         // Messages dead-lettered during the scan can make it see more than

@@ -141,6 +141,44 @@ mod tests {
             .contains("timestamp"));
     }
 
+    fn form(key: &str, props: &BasicProperties) -> String {
+        String::from_utf8(Fields::of(key, props, b"{}").unwrap().to_bytes()).unwrap()
+    }
+
+    /// docs/contract.md: an absent `content_type` signs as
+    /// `application/json`, an empty one as empty; an absent or empty
+    /// `content_encoding` as empty.
+    #[test]
+    fn an_empty_content_type_is_not_an_absent_one() {
+        let p = BasicProperties::default()
+            .with_message_id("i".into())
+            .with_timestamp(1);
+        let field4 = |p: &BasicProperties| form("t", p).lines().nth(4).unwrap().to_owned();
+        assert_eq!(field4(&p), "16:application/json");
+        assert_eq!(field4(&p.clone().with_content_type("".into())), "0:");
+        assert_eq!(
+            field4(&p.clone().with_content_type("text/plain".into())),
+            "10:text/plain"
+        );
+        let field5 = |p: &BasicProperties| form("t", p).lines().nth(5).unwrap().to_owned();
+        assert_eq!(field5(&p), "0:");
+        assert_eq!(field5(&p.clone().with_content_encoding("".into())), "0:");
+    }
+
+    /// docs/contract.md: field 1 of a task sent to a delay level without
+    /// `type` is its routing key without the 25 bit words.
+    #[test]
+    fn field_1_of_a_delayed_task_without_type_is_the_name_without_the_prefix() {
+        let p = BasicProperties::default()
+            .with_message_id("i".into())
+            .with_timestamp(1);
+        let key = crate::delay::routing_key(std::time::Duration::from_secs(90), "email.send");
+        assert_eq!(key.len(), crate::delay::PREFIX_LEN + "email.send".len());
+        assert!(form(&key, &p).starts_with("warren-signature-v1\n10:email.send\n"));
+        let empty_type = p.with_type("".into());
+        assert!(form(&key, &empty_type).starts_with("warren-signature-v1\n10:email.send\n"));
+    }
+
     /// Length prefixes keep a byte from moving between neighbours unnoticed.
     #[test]
     fn shifting_bytes_between_fields_changes_the_form() {

@@ -145,4 +145,27 @@ mod tests {
         assert!(is_encrypted(&p));
         assert!(!is_encrypted(&BasicProperties::default()));
     }
+
+    /// The example of docs/contract.md decrypts with the documented key.
+    #[test]
+    fn the_contract_example_decrypts() {
+        use base64::Engine;
+        let contract = include_str!("../../../docs/contract.md");
+        let body = "ZGVmZ2hpamtsbW5vMzmqCVvTdP9aAx+NogQHjS6nKGnkAdEPhJ1A4HXcNV1OJcek/8f38Q==";
+        assert!(contract.contains(&format!("`{body}`")));
+        let body = base64::engine::general_purpose::STANDARD
+            .decode(body)
+            .unwrap();
+        assert_eq!(body.len(), 52);
+        assert_eq!(body[..NONCE_LEN], (100..112).collect::<Vec<u8>>());
+        let cfg: SecurityConfig =
+            toml::from_str("[[keys]]\nid = \"e1\"\nkind = \"encrypt\"\nsecret_env = \"E1\"\n")
+                .unwrap();
+        let key: String = (0u8..32).map(|b| format!("{b:02x}")).collect();
+        let ring = cfg.keyring_with(|_| Some(key.clone())).unwrap();
+        assert_eq!(
+            ring.decrypt("e1", &body).unwrap(),
+            br#"{"to":"ada@example.com"}"#
+        );
+    }
 }

@@ -66,7 +66,7 @@ pub struct KeyConfig {
     pub id: String,
     #[serde(default)]
     pub kind: KeyKind,
-    /// A file holding the secret (surrounding whitespace ignored).
+    /// A file holding the secret (surrounding whitespace ignored: [`SPACE`]).
     pub secret_file: Option<PathBuf>,
     /// An environment variable holding the secret.
     pub secret_env: Option<String>,
@@ -312,19 +312,25 @@ fn read_secret(
     }
 }
 
+/// Bytes trimmed from both ends of a secret: space, tab, LF, vertical tab,
+/// form feed, CR — what Python's `bytes.strip()`, C's `isspace` and the
+/// ASCII part of every language's `trim` remove, so a client that trims its
+/// copy of the key file gets the same secret. Nothing else (a non-breaking
+/// space or a byte-order mark stays part of the secret).
+const SPACE: &[u8] = b" \t\n\x0b\x0c\r";
+
 fn trim_ascii(b: &[u8]) -> &[u8] {
-    let start = b
-        .iter()
-        .position(|c| !c.is_ascii_whitespace())
-        .unwrap_or(b.len());
+    let start = b.iter().position(|c| !SPACE.contains(c)).unwrap_or(b.len());
     let end = b
         .iter()
-        .rposition(|c| !c.is_ascii_whitespace())
+        .rposition(|c| !SPACE.contains(c))
         .map_or(start, |e| e + 1);
     &b[start..end.max(start)]
 }
 
-/// 32 bytes from 64 hex digits or from base64 (standard alphabet).
+/// 32 bytes from 64 hex digits (either case) or from standard, padded
+/// base64 (`openssl rand -base64 32`: 44 characters ending in `=`); URL-safe
+/// or unpadded base64 is refused.
 fn aes_key(text: &[u8]) -> Result<[u8; 32], String> {
     let decoded = if text.len() == 64 && text.iter().all(u8::is_ascii_hexdigit) {
         hex::decode(text).ok()
@@ -455,13 +461,75 @@ mod tests {
         assert!(e.starts_with("security.verify = \"required\""), "{e}");
     }
 
+    /// docs/security.md: 64 hex digits in any case, or standard base64
+    /// with its padding; URL-safe and unpadded base64 refused.
     #[test]
     fn aes_keys_in_hex_or_base64() {
+        use base64::engine::general_purpose::{STANDARD, STANDARD_NO_PAD, URL_SAFE};
         assert_eq!(aes_key("00".repeat(32).as_bytes()).unwrap(), [0u8; 32]);
-        let b64 = base64::engine::general_purpose::STANDARD.encode([7u8; 32]);
-        assert_eq!(aes_key(b64.as_bytes()).unwrap(), [7u8; 32]);
+        let key = [0xfb; 32];
+        for hex in [
+            "fb".repeat(32),
+            "FB".repeat(32),
+            "fB".repeat(32),
+            "Fb".repeat(32),
+        ] {
+            assert_eq!(aes_key(hex.as_bytes()).unwrap(), key, "{hex}");
+        }
+        let b64 = STANDARD.encode(key);
+        assert_eq!((b64.len(), b64.ends_with('=')), (44, true));
+        assert_eq!(aes_key(b64.as_bytes()).unwrap(), key);
+        for bad in [STANDARD_NO_PAD.encode(key), URL_SAFE.encode(key)] {
+            assert!(aes_key(bad.as_bytes()).is_err(), "{bad}");
+        }
         assert!(aes_key(b"abcd").is_err());
-        assert_eq!(trim_ascii(b"  x y\n"), b"x y");
-        assert_eq!(trim_ascii(b" \n"), b"");
+    }
+
+    /// The header a keyring with key `k` made of `secret` puts on a task.
+    fn signed_with(secret: &[u8]) -> Option<String> {
+        let f = file("");
+        std::fs::write(f.path(), secret).unwrap();
+        let cfg = parse(&format!(
+            "[[keys]]\nid = \"k\"\nsecret_file = \"{}\"\n",
+            f.path().display()
+        ));
+        let ring = cfg.keyring_with(no_env).ok()?;
+        let p = lapin::BasicProperties::default()
+            .with_message_id("i".into())
+            .with_timestamp(1);
+        let fields = crate::security::canonical::Fields::of("t", &p, b"{}").unwrap();
+        ring.sign("k", &fields)
+    }
+
+    /// docs/security.md: what "surrounding whitespace" is, and that the
+    /// secret is its bytes as written (a hex secret is not decoded).
+    #[test]
+    fn a_signing_secret_is_its_bytes_less_surrounding_ascii_space() {
+        let bare = signed_with(SECRET.as_bytes()).unwrap();
+        for padded in [
+            format!("{SECRET}\n"),
+            format!(" \t\n\x0b\x0c\r{SECRET}\r\n\x0b\x0c\t "),
+        ] {
+            assert_eq!(signed_with(padded.as_bytes()).unwrap(), bare, "{padded:?}");
+        }
+        for kept in [
+            format!("\u{feff}{SECRET}"),
+            format!("{SECRET}\u{a0}"),
+            format!("{} {}", &SECRET[..20], &SECRET[20..]),
+        ] {
+            assert_ne!(signed_with(kept.as_bytes()).unwrap(), bare, "{kept:?}");
+        }
+        // `openssl rand -hex 32`: 64 ASCII bytes are the HMAC key.
+        let hex = "ab".repeat(32);
+        let mac = <Hmac<Sha256> as Mac>::new_from_slice(hex.as_bytes()).unwrap();
+        let p = lapin::BasicProperties::default()
+            .with_message_id("i".into())
+            .with_timestamp(1);
+        let fields = crate::security::canonical::Fields::of("t", &p, b"{}").unwrap();
+        assert_eq!(
+            signed_with(format!("{hex}\n").as_bytes()).unwrap(),
+            crate::security::sign::header_value("k", &mac, &fields)
+        );
+        assert_eq!(trim_ascii(b" \n\x0b"), b"");
     }
 }

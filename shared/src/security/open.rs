@@ -109,10 +109,80 @@ impl Opener {
             Some(AMQPValue::LongString(s)) => std::str::from_utf8(s.as_bytes())
                 .map_err(|_| BadSignature::Malformed("not UTF-8 text".into()))?,
             Some(AMQPValue::ShortString(s)) => s.as_str(),
-            Some(_) => return Err(BadSignature::Malformed("the header is not a string".into())),
+            // RabbitMQ's tables have no short string; a byte array (`x`) is
+            // what pika makes of `bytes` and amqplib of a `Buffer`: refused
+            // by name, so the sender sees which type to send instead.
+            Some(other) => {
+                return Err(BadSignature::Malformed(format!(
+                    "the header is {}, not a long string (AMQP field type `S`)",
+                    field_type(other)
+                )))
+            }
         };
         let fields = Fields::of(routing_key, props, body)
             .map_err(|why| BadSignature::Malformed(why.to_owned()))?;
         self.ring.verify(text, &fields)
+    }
+}
+
+/// How a header's AMQP field type reads in a dead-letter reason.
+fn field_type(v: &AMQPValue) -> &'static str {
+    match v {
+        AMQPValue::ByteArray(_) => "a byte array (`x`)",
+        AMQPValue::FieldTable(_) => "a table (`F`)",
+        AMQPValue::FieldArray(_) => "an array (`A`)",
+        AMQPValue::Boolean(_) => "a boolean (`t`)",
+        AMQPValue::Void => "void (`V`)",
+        _ => "a number or timestamp",
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+    use crate::security::Seal;
+    use lapin::types::{ByteArray, FieldTable};
+
+    fn ring() -> Keyring {
+        let cfg: SecurityConfig =
+            toml::from_str("[[keys]]\nid = \"k1\"\nsecret_env = \"K1\"\n").unwrap();
+        cfg.keyring_with(|_| Some("0123456789abcdef0123456789abcdef".into()))
+            .unwrap()
+    }
+
+    /// docs/contract.md: the header is a long string (`S`); a byte array
+    /// holding the very same text, or any other type, is malformed.
+    #[test]
+    fn the_signature_header_is_a_long_string() {
+        let task = crate::Task::new("a", &serde_json::json!({}));
+        let seal = Seal::new(ring(), Some("k1".into()), None).unwrap();
+        let (signed, body) = seal.apply(task.properties(), &task.payload).unwrap();
+        let value = signed.headers().as_ref().unwrap().inner()[headers::SIGNATURE].clone();
+        let AMQPValue::LongString(text) = value else {
+            panic!("warren sends a long string: {value:?}")
+        };
+        let opener = Opener::new(ring(), Verify::Required);
+        assert_eq!(opener.open("a", &signed, &body), Ok(None));
+        let with = |v: AMQPValue| {
+            let mut h: FieldTable = signed.headers().clone().unwrap();
+            h.insert(headers::SIGNATURE.into(), v);
+            signed.clone().with_headers(h)
+        };
+        for (v, says) in [
+            (
+                AMQPValue::ByteArray(ByteArray::from(text.as_bytes().to_vec())),
+                "a byte array (`x`), not a long string (AMQP field type `S`)",
+            ),
+            (AMQPValue::LongLongInt(1), "a number or timestamp"),
+            (
+                AMQPValue::LongString(b"v1:k1:\xff".to_vec().into()),
+                "not UTF-8",
+            ),
+        ] {
+            let e = opener.open("a", &with(v), &body).unwrap_err();
+            assert_eq!(e.kind(), kind::BAD_SIGNATURE);
+            assert!(e.to_string().contains(says), "{e}");
+        }
     }
 }

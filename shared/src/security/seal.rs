@@ -162,6 +162,32 @@ mod tests {
         assert!(e.to_string().contains("`e1`"), "{e}");
     }
 
+    /// docs/contract.md: an encrypted task keeps `content_type:
+    /// application/json` (the plaintext's) and the signature covers it.
+    #[test]
+    fn an_encrypted_task_keeps_its_json_content_type() {
+        let seal = Seal::new(ring(), Some("k1".into()), Some("e1".into())).unwrap();
+        let task = Task::new("pii.send", &serde_json::json!({}));
+        let (props, body) = seal.apply(task.properties(), &task.payload).unwrap();
+        assert_eq!(
+            props.content_type().as_ref().map(|s| s.as_str()),
+            Some("application/json")
+        );
+        assert_eq!(
+            props.content_encoding().as_ref().map(|s| s.as_str()),
+            Some("warren-aes256gcm;k=e1")
+        );
+        let fields = Fields::of("pii.send", &props, &body).unwrap();
+        assert_eq!(fields.content_type, "application/json");
+        // Another content type on the same ciphertext no longer verifies.
+        let opener = Opener::new(ring(), Verify::Required);
+        let octets = props.with_content_type("application/octet-stream".into());
+        assert!(matches!(
+            opener.open("pii.send", &octets, &body),
+            Err(Refusal::BadSignature(_))
+        ));
+    }
+
     #[test]
     fn verify_modes() {
         let task = Task::new("a", &serde_json::json!({}));

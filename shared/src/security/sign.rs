@@ -165,4 +165,50 @@ mod tests {
             );
         }
     }
+
+    const CONTRACT: &str = include_str!("../../../docs/contract.md");
+
+    /// The example of docs/contract.md, byte for byte: its canonical form
+    /// and its header under the documented secret.
+    #[test]
+    fn the_contract_example_signs_as_documented() {
+        let cfg: SecurityConfig =
+            toml::from_str("[[keys]]\nid = \"k1\"\nsecret_env = \"K1\"\n").unwrap();
+        let ring = cfg
+            .keyring_with(|_| Some("0123456789abcdef0123456789abcdef".into()))
+            .unwrap();
+        let p = props();
+        let f = Fields::of("email.send", &p, b"{}").unwrap();
+        let form = String::from_utf8(f.to_bytes())
+            .unwrap()
+            .replace('\n', "\\n");
+        assert!(CONTRACT.contains(&format!("`{form}`")), "{form}");
+        let header = ring.sign("k1", &f).unwrap();
+        assert!(CONTRACT.contains(&format!("`{header}`")), "{header}");
+        assert_eq!(header.len(), "v1:k1:".len() + 44);
+        assert!(header.ends_with('='));
+    }
+
+    /// docs/contract.md: standard base64 with its padding; whitespace
+    /// around it ignored; unpadded and URL-safe refused.
+    #[test]
+    fn the_mac_is_standard_padded_base64() {
+        use base64::engine::general_purpose::{STANDARD, STANDARD_NO_PAD, URL_SAFE};
+        let mac = [0xfb; MAC_LEN];
+        let std = STANDARD.encode(mac);
+        assert!(std.contains('+') && std.contains('/') && std.ends_with('='));
+        assert_eq!(parse(&format!("v1:k1:{std}")), Ok(("k1", mac)));
+        assert_eq!(parse(&format!("v1:k1: {std}\n")), Ok(("k1", mac)));
+        for bad in [STANDARD_NO_PAD.encode(mac), URL_SAFE.encode(mac)] {
+            let e = parse(&format!("v1:k1:{bad}")).unwrap_err().to_string();
+            assert!(e.contains("not valid base64"), "{bad}: {e}");
+        }
+        let short = STANDARD.encode([0xfb; 31]);
+        let e = parse(&format!("v1:k1:{short}")).unwrap_err().to_string();
+        assert!(e.contains("31 bytes, not 32"), "{e}");
+        for bad in ["V1:k1:AAAA", " v1:k1:AAAA"] {
+            let e = parse(bad).unwrap_err().to_string();
+            assert!(e.contains("unknown version"), "{e}");
+        }
+    }
 }

@@ -227,7 +227,7 @@ pub fn unique_prefix(test: &str) -> String {
 /// AMQP settings for the shared test broker.
 pub fn amqp_config() -> AmqpConfig {
     AmqpConfig {
-        url: Secret::new(broker_url()),
+        url: Some(Secret::new(broker_url())),
         heartbeat: Duration::from_secs(5),
         confirm_timeout: Duration::from_secs(10),
         ..AmqpConfig::default()
