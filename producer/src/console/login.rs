@@ -56,7 +56,12 @@ fn login_page(status: StatusCode, error: Option<&str>) -> Response {
 
 pub async fn sign_in(State(c): State<Console>, headers: HeaderMap, body: Bytes) -> Response {
     let fields = Fields::parse(&body);
-    open_session(&c, &headers, fields.get("token").unwrap_or("").trim(), "form")
+    open_session(
+        &c,
+        &headers,
+        fields.get("token").unwrap_or("").trim(),
+        "form",
+    )
 }
 
 /// A session for `token` (compared in constant time by the token store)
@@ -77,7 +82,10 @@ fn open_session(c: &Console, headers: &HeaderMap, token: &str, via: &str) -> Res
     // Referer (the overview's own answers say the same).
     let h = r.headers_mut();
     h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
-    h.insert(header::REFERRER_POLICY, HeaderValue::from_static("no-referrer"));
+    h.insert(
+        header::REFERRER_POLICY,
+        HeaderValue::from_static("no-referrer"),
+    );
     r
 }
 

@@ -210,7 +210,9 @@ async fn a_sign_in_link_signs_in_only_where_link_login_is_on() {
         "and sends the browser to a URL without the token"
     );
     assert_eq!(
-        r.headers().get("cache-control").and_then(|v| v.to_str().ok()),
+        r.headers()
+            .get("cache-control")
+            .and_then(|v| v.to_str().ok()),
         Some("no-store")
     );
     let set = r
@@ -219,13 +221,18 @@ async fn a_sign_in_link_signs_in_only_where_link_login_is_on() {
         .and_then(|v| v.to_str().ok())
         .expect("a session cookie")
         .to_owned();
-    assert!(set.contains("HttpOnly") && set.contains("SameSite=Strict"), "{set}");
+    assert!(
+        set.contains("HttpOnly") && set.contains("SameSite=Strict"),
+        "{set}"
+    );
     let cookie = set.split(';').next().expect("cookie pair").to_owned();
     let (status, page) = get(&on, &cookie, "/ui/schedules").await;
     assert_eq!(status, 200, "the session works");
     assert!(page.contains("admin_token"), "signed in as the admin grant");
 
-    let r = link(&on, "not-a-configured-token-000").await.expect("GET link");
+    let r = link(&on, "not-a-configured-token-000")
+        .await
+        .expect("GET link");
     assert_eq!(r.status().as_u16(), 401);
     assert!(r.headers().get("set-cookie").is_none());
 
