@@ -193,10 +193,19 @@ service_fails() {
   [ "$status" = 0 ] && why="$why exit status 0;"
   grep -q "run.sh: warren-producer exited with status [1-9].* before it answered" "$log" || why="$why no error naming the producer;"
   grep -q "producer API and metrics on\|console, signed in" "$log" && why="$why URLs printed;"
-  local left
-  left=$(session_pids "$leader")
-  [ -n "$left" ] && why="$why processes left: $left;"
-  [ -f "$dir/node/rabbit.pid" ] && kill -0 "$(cat "$dir/node/rabbit.pid")" 2>/dev/null && why="$why broker left running;"
+  # What run.sh started may take a moment to go (broker.sh's watcher of
+  # run.sh, the node): the same bound as after a signal.
+  local left broker_pid
+  broker_pid=$(cat "$dir/node/rabbit.pid" 2>/dev/null)
+  deadline=$((SECONDS + BOUND))
+  while :; do
+    left=$(session_pids "$leader")
+    [ -n "$broker_pid" ] && kill -0 "$broker_pid" 2>/dev/null && left="$left broker:$broker_pid"
+    left=$(echo $left)
+    [ -z "$left" ] || [ $SECONDS -ge $deadline ] && break
+    sleep 0.5
+  done
+  [ -n "$left" ] && why="$why still there ${BOUND}s after run.sh ended: $left;"
   if [ -n "$why" ]; then
     echo "$why"; tail -20 "$log"
     return 1
