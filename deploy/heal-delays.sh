@@ -1,23 +1,26 @@
 #!/usr/bin/env bash
-# Heals warren delay levels whose dead-lettering RabbitMQ stopped (quorum
+# Heals warren delay levels whose dead-lettering RabbitMQ stalled (quorum
 # queues only; docs/cluster.md#a-stuck-delay-level explains the fault).
 #
 # A quorum delay level moves an expired message on through a dead-letter
-# worker process that RabbitMQ runs beside the queue's leader. When that
-# worker is gone (seen after rolling restarts: it fails to register with a
-# leader that moves, and is not started again until the leader changes), the
-# level keeps expiring messages into the queue's internal dead-letter store,
-# where no AMQP client can reach them: they are neither ready nor unacked, so
+# worker process that RabbitMQ runs beside the queue's leader: it publishes
+# the message to the next level with confirms and only then lets the queue
+# forget it. After node kills and restarts that worker can stall (it keeps
+# waiting, up to dead_letter_worker_publisher_confirm_timeout, 3 min on 3.10,
+# for confirms from a queue leader that is gone) or be missing. Meanwhile the
+# level expires messages into the queue's internal dead-letter store, where no
+# AMQP client can reach them: they are neither ready nor unacked, so
 # `basic.get` and consumers never see them. Only the broker can move them, so
 # this runs where rabbitmqctl reaches the cluster (on a broker host, or as a
 # sidecar with the Erlang cookie), not in warren's own processes.
 #
-# Every INTERVAL seconds it lists the levels; a level holding dead-lettered
-# messages (messages - ready - unacked > 0) for MARGIN seconds in a row whose
-# leader node runs no dead-letter worker for it gets one started there. The
-# worker then forwards what the level held (at least once: a message the old
-# worker had forwarded but not settled comes out twice, with the same task
-# id). A level whose worker is alive is only reported.
+# Every INTERVAL seconds it lists the levels. A level whose held messages
+# (messages - ready - unacked) stay above zero and do not go down for MARGIN
+# seconds gets a new dead-letter worker on its leader node (the old one, if
+# any, is stopped first). The new worker forwards everything the level held,
+# at least once: a message the old worker had forwarded without a confirm
+# comes out twice, with the same task id, as it would after RabbitMQ's own
+# confirm timeout.
 #
 #   deploy/heal-delays.sh [--prefix warren] [--vhost /] [--interval 10]
 #                         [--margin 30] [--metrics FILE] [--once]
@@ -25,20 +28,20 @@
 #   --prefix     topology.prefix of the deployment (its levels: PREFIX.delay.N)
 #   --vhost      the virtual host
 #   --interval   seconds between two looks
-#   --margin     seconds a level must hold dead-lettered messages before it
+#   --margin     seconds a level must hold messages, never fewer, before it
 #                counts as stuck (a working level forwards them within
 #                milliseconds; RabbitMQ's queue stats lag by ~5 s)
 #   --metrics    write Prometheus text to FILE after each look (for
-#                node_exporter's textfile collector): restarts and the
-#                messages the restarted workers had waiting, per level
-#   --once       look (twice, MARGIN apart), heal, exit; exit 1 if a level
-#                stayed stuck with a live worker or could not be healed
+#                node_exporter's textfile collector): workers replaced and
+#                the messages the levels held then, per level
+#   --once       look (twice, MARGIN apart), heal, exit; exit 1 if a stuck
+#                level could not be healed
 #
 #   RABBITMQCTL  the rabbitmqctl command (default `rabbitmqctl`), e.g.
 #                `bash deploy/broker.sh ctl --dir /tmp/warren-broker` or
 #                `docker compose exec -T rabbitmq rabbitmqctl`
 #
-# Uses `rabbitmqctl eval` for the one thing no other command does (start a
+# Uses `rabbitmqctl eval` for the one thing no other command does (replace a
 # queue's dead-letter worker: RabbitMQ 3.10 to 4.x keep it under
 # rabbit_fifo_dlx_sup); it never deletes, purges or moves a message itself.
 set -uo pipefail
@@ -73,15 +76,17 @@ case "$prefix$vhost" in
   *'"'* | *'\'*) echo "heal-delays.sh: quotes and backslashes are not allowed in --prefix or --vhost" >&2; exit 2 ;;
 esac
 
-declare -A since=()      # level -> first look at which it held dead letters
-declare -A held_now=()   # level -> dead letters held at the last look
-declare -A restarts=()   # level -> workers started
-declare -A released=()   # level -> messages held when its worker was started
-declare -A reported=()   # level -> already reported as stuck with a live worker
+declare -A since=()      # level -> first look of its current stuck streak
+declare -A held_now=()   # level -> messages held at the last look
+declare -A held_last=()  # level -> messages held at the look before
+declare -A restarts=()   # level -> workers replaced (or started)
+declare -A released=()   # level -> messages held when its worker was replaced
 
 # One look: held_now[level] for every quorum delay level of the prefix.
 look() {
-  local out name type messages ready unacked
+  local out name type messages ready unacked level
+  held_last=()
+  for level in "${!held_now[@]}"; do held_last[$level]=${held_now[$level]}; done
   held_now=()
   if ! out=$("${ctl[@]}" list_queues -p "$vhost" -q --no-table-headers \
     name type messages messages_ready messages_unacknowledged 2>&1); then
@@ -99,9 +104,10 @@ look() {
   done <<< "$out"
 }
 
-# Start a dead-letter worker for `level` on its leader node unless one runs
-# there. Prints started, alive:<pids>, or the failure.
-ensure_worker() {
+# Replace the dead-letter worker of `level` on its leader node: stop the
+# ones there (if any), start one. Prints `replaced <node> <old pids>` or the
+# failure.
+replace_worker() {
   local level=$1
   "${ctl[@]}" eval "
     Q = rabbit_misc:r(<<\"$vhost\">>, queue, <<\"$level\">>),
@@ -109,21 +115,18 @@ ensure_worker() {
       {ok, Rec} ->
         {_, Leader} = amqqueue:get_pid(Rec),
         R = rpc:call(Leader, erlang, apply, [fun () ->
-              Live = [P || {_, P, _, _} <- supervisor:which_children(rabbit_fifo_dlx_sup),
-                           is_pid(P),
-                           (catch element(2, sys:get_state(P, 5000))) =:= Q],
-              case Live of
-                [] -> supervisor:start_child(rabbit_fifo_dlx_sup, [Q]);
-                _ -> {alive, Live}
-              end
-            end, []], 15000),
+              Old = [P || {_, P, _, _} <- supervisor:which_children(rabbit_fifo_dlx_sup),
+                          is_pid(P),
+                          (catch element(2, sys:get_state(P, 5000))) =:= Q],
+              [supervisor:terminate_child(rabbit_fifo_dlx_sup, P) || P <- Old],
+              {Old, supervisor:start_child(rabbit_fifo_dlx_sup, [Q])}
+            end, []], 30000),
         case R of
-          {ok, Pid} when is_pid(Pid) -> io:format(\"started ~s~n\", [Leader]);
-          {alive, Ps} -> io:format(\"alive ~p~n\", [Ps]);
+          {Old, {ok, Pid}} when is_pid(Pid) -> io:format(\"replaced ~s ~p~n\", [Leader, Old]);
           Other -> io:format(\"failed ~p~n\", [Other])
         end;
       Err -> io:format(\"failed ~p~n\", [Err])
-    end." 2>&1 | grep -E '^(started|alive|failed)' | head -1
+    end." 2>&1 | grep -E '^(replaced|failed)' | head -1
 }
 
 write_metrics() {
@@ -131,13 +134,13 @@ write_metrics() {
   local tmp="$metrics.tmp.$$" level v
   local lbl
   {
-    echo "# HELP warren_delay_healer_restarts_total Dead-letter workers heal-delays.sh started for a stuck delay level."
+    echo "# HELP warren_delay_healer_restarts_total Dead-letter workers heal-delays.sh replaced (or started) for a stuck delay level."
     echo "# TYPE warren_delay_healer_restarts_total counter"
     for level in "${!restarts[@]}"; do
       lbl="vhost=\"$vhost\",queue=\"$level\""
       echo "warren_delay_healer_restarts_total{$lbl} ${restarts[$level]}"
     done
-    echo "# HELP warren_delay_healer_released_messages_total Messages a delay level held, unforwarded, when heal-delays.sh started its worker."
+    echo "# HELP warren_delay_healer_released_messages_total Messages a delay level held, unforwarded, when heal-delays.sh replaced its worker."
     echo "# TYPE warren_delay_healer_released_messages_total counter"
     for level in "${!released[@]}"; do
       lbl="vhost=\"$vhost\",queue=\"$level\""
@@ -155,35 +158,35 @@ write_metrics() {
   } > "$tmp" && mv "$tmp" "$metrics"
 }
 
-# Heal every level that has held dead letters since at least `margin`
-# seconds ago. Returns 1 if one could not be healed.
+# Heal every level whose held messages stayed above zero, never fewer, for
+# `margin` seconds. Returns 1 if one could not be healed.
 heal() {
   local now=$1 level held res status=0
   for level in "${!since[@]}"; do
-    [ -n "${held_now[$level]:-}" ] && [ "${held_now[$level]}" -gt 0 ] || unset "since[$level]" "reported[$level]"
+    [ "${held_now[$level]:-0}" -gt 0 ] || unset "since[$level]"
   done
   for level in "${!held_now[@]}"; do
     held=${held_now[$level]}
     [ "$held" -gt 0 ] || continue
+    # Fewer than at the last look: it moves, so the streak starts again.
+    if [ -n "${since[$level]:-}" ] && [ "$held" -lt "${held_last[$level]:-0}" ]; then
+      since[$level]=$now
+      continue
+    fi
     [ -n "${since[$level]:-}" ] || { since[$level]=$now; continue; }
     [ $((now - since[$level])) -ge "$margin" ] || continue
-    res=$(ensure_worker "$level")
+    res=$(replace_worker "$level")
     case "$res" in
-      started*)
+      replaced*)
         restarts[$level]=$((${restarts[$level]:-0} + 1))
         released[$level]=$((${released[$level]:-0} + held))
-        log "$level held $held expired message(s) for $((now - since[$level]))s with no dead-letter worker: started one on ${res#started }"
-        unset "since[$level]" "reported[$level]"
-        ;;
-      alive*)
-        if [ -z "${reported[$level]:-}" ]; then
-          log "$level holds $held expired message(s) for $((now - since[$level]))s, but its dead-letter worker is alive (${res#alive }): not touched; is its dead-letter target routable? (RabbitMQ's log says)"
-          reported[$level]=1
-        fi
-        status=1
+        local node old
+        read -r _ node old <<< "$res"
+        log "$level held $held expired message(s) unforwarded for $((now - since[$level]))s: replaced its dead-letter worker on $node (old: $old)"
+        unset "since[$level]"
         ;;
       *)
-        log "$level holds $held expired message(s) with no working dead-letter worker; starting one failed: ${res:-no answer from rabbitmqctl eval}"
+        log "$level holds $held expired message(s) unforwarded; replacing its dead-letter worker failed: ${res:-no answer from rabbitmqctl eval}"
         status=1
         ;;
     esac

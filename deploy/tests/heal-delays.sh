@@ -1,9 +1,11 @@
 #!/usr/bin/env bash
-# Tests deploy/heal-delays.sh on a node of its own: a quorum delay level whose
-# dead-letter worker is gone (the state a rolling restart left levels in, made
-# here by stopping that worker) holds a delayed task where no AMQP client can
-# reach it; the healer starts a worker and the task arrives. Then a second
-# look finds nothing to do.
+# Tests deploy/heal-delays.sh on a node of its own, with quorum delay levels
+# in the two states node restarts leave them in: one whose dead-letter worker
+# is gone (stopped here) and one whose worker is alive but forwards nothing
+# (suspended here; after a restart it waits minutes for confirms it lost).
+# Each holds a delayed task where no AMQP client can reach it; the healer
+# replaces the workers and both tasks arrive. Then a second look finds
+# nothing to do.
 #
 #   bash deploy/tests/heal-delays.sh      (from the repo root, debug binaries built)
 #
@@ -29,7 +31,8 @@ fail() { echo "FAIL  $1"; failed=$((failed + 1)); }
 url=$(bash deploy/broker.sh start --dir "$work/node" --port 0 --name "warren-heal-$$" --watch $$ | tail -n 1)
 ctl=(bash deploy/broker.sh ctl --dir "$work/node")
 export WARREN_AMQP_URL=$url WARREN_TOPOLOGY__QUEUE_TYPE=quorum WARREN_TOPOLOGY__PREFIX=healtest
-level=healtest.delay.3   # 800 ms: the one level an 800 ms delay waits in
+gone=healtest.delay.3     # 800 ms: the one level an 800 ms delay waits in
+stalled=healtest.delay.4  # 1.6 s: likewise for 1600 ms
 work_queue=healtest.default
 
 # messages, ready, unacked of one queue, as RabbitMQ counts them.
@@ -52,49 +55,65 @@ if ! "$bin/warren-consumer" declare > "$work/declare.log" 2>&1; then
   echo "heal-delays test: cannot declare the topology:"; cat "$work/declare.log"; exit 1
 fi
 
-# The fault: the level's dead-letter worker is gone while its queue stays up.
-stopped=$("${ctl[@]}" eval "
-  Q = rabbit_misc:r(<<\"/\">>, queue, <<\"$level\">>),
-  [supervisor:terminate_child(rabbit_fifo_dlx_sup, P)
-   || {_, P, _, _} <- supervisor:which_children(rabbit_fifo_dlx_sup),
-      (catch element(2, sys:get_state(P))) =:= Q]." 2>&1)
-if [ "$stopped" = "[ok]" ]; then
-  pass "fault: the dead-letter worker of $level stopped"
+# The faults. `sys:suspend` keeps the worker alive and registered but deaf,
+# as one waiting for lost confirms is.
+fault() { # level, what to do with its worker
+  "${ctl[@]}" eval "
+    Q = rabbit_misc:r(<<\"/\">>, queue, <<\"$1\">>),
+    [$2 || {_, P, _, _} <- supervisor:which_children(rabbit_fifo_dlx_sup),
+           (catch element(2, sys:get_state(P))) =:= Q]." 2>&1
+}
+if [ "$(fault "$gone" 'supervisor:terminate_child(rabbit_fifo_dlx_sup, P)')" = "[ok]" ] \
+  && [ "$(fault "$stalled" 'sys:suspend(P)')" = "[ok]" ]; then
+  pass "faults: the dead-letter worker of $gone stopped, that of $stalled suspended"
 else
-  fail "fault: could not stop the dead-letter worker of $level: $stopped"
+  fail "faults: could not stop or suspend the dead-letter workers"
 fi
 
-"$bin/warren-producer" publish --delay 800ms --id heal-1 heal.test --payload '{}' > "$work/publish.log" 2>&1 \
-  || { echo "heal-delays test: publish failed:"; cat "$work/publish.log"; exit 1; }
+for t in "800ms heal-1" "1600ms heal-2"; do
+  set -- $t
+  "$bin/warren-producer" publish --delay "$1" --id "$2" heal.test --payload '{}' > "$work/publish.log" 2>&1 \
+    || { echo "heal-delays test: publish failed:"; cat "$work/publish.log"; exit 1; }
+done
 
-# Well past the level's 800 ms: the task is held where AMQP cannot see it
-# (not ready, not unacked) and has not arrived.
-if got=$(wait_counts "$level" 20 "1 0 0") && [ "$(counts "$work_queue")" = "0 0 0" ]; then
-  pass "stuck: $level holds the task unforwarded (messages 1, ready 0, unacked 0); $work_queue is empty"
+# Well past each level's TTL: each task is held where AMQP cannot see it (not
+# ready, not unacked) and has not arrived.
+for level in "$gone" "$stalled"; do
+  if got=$(wait_counts "$level" 20 "1 0 0"); then
+    pass "stuck: $level holds its task unforwarded (messages 1, ready 0, unacked 0)"
+  else
+    fail "stuck: expected $level at '1 0 0', got '$got'"
+  fi
+done
+if [ "$(counts "$work_queue")" = "0 0 0" ]; then
+  pass "stuck: $work_queue is empty"
 else
-  fail "stuck: expected $level at '1 0 0' and $work_queue empty, got '$got' and '$(counts "$work_queue")'"
+  fail "stuck: $work_queue at '$(counts "$work_queue")'"
 fi
 
 out=$(RABBITMQCTL="${ctl[*]}" bash deploy/heal-delays.sh --prefix healtest --once --margin 2 \
   --metrics "$work/heal.prom" 2>&1)
 status=$?
-if [ $status = 0 ] && echo "$out" | grep -q "$level held 1 expired message(s) .* started one on"; then
-  pass "healer: started a dead-letter worker for $level"
+if [ $status = 0 ] && echo "$out" | grep -q "$gone held 1 expired message(s) unforwarded .*replaced its dead-letter worker on .* (old: \[\])" \
+  && echo "$out" | grep -q "$stalled held 1 expired message(s) unforwarded .*replaced its dead-letter worker on .* (old: \[<"; then
+  pass "healer: started a worker for $gone, replaced the one of $stalled"
 else
   fail "healer: exit $status, output: $out"
 fi
 
-if got=$(wait_counts "$work_queue" 20 "1 1 0"); then
-  pass "healed: the task reached $work_queue"
+if got=$(wait_counts "$work_queue" 20 "2 2 0"); then
+  pass "healed: both tasks reached $work_queue"
 else
-  fail "healed: $work_queue at '$got', $level at '$(counts "$level")'"
+  fail "healed: $work_queue at '$got', $gone at '$(counts "$gone")', $stalled at '$(counts "$stalled")'"
 fi
-if grep -q "^warren_delay_healer_restarts_total{vhost=\"/\",queue=\"$level\"} 1$" "$work/heal.prom" 2>/dev/null \
-  && grep -q "^warren_delay_healer_released_messages_total{vhost=\"/\",queue=\"$level\"} 1$" "$work/heal.prom"; then
-  pass "metrics: one restart, one message released, for $level"
-else
-  fail "metrics: $(cat "$work/heal.prom" 2>/dev/null || echo 'no file')"
-fi
+for level in "$gone" "$stalled"; do
+  if grep -q "^warren_delay_healer_restarts_total{vhost=\"/\",queue=\"$level\"} 1$" "$work/heal.prom" 2>/dev/null \
+    && grep -q "^warren_delay_healer_released_messages_total{vhost=\"/\",queue=\"$level\"} 1$" "$work/heal.prom"; then
+    pass "metrics: one worker replaced, one message released, for $level"
+  else
+    fail "metrics for $level: $(grep "$level" "$work/heal.prom" 2>/dev/null || echo 'no file')"
+  fi
+done
 if command -v promtool > /dev/null; then
   if lint=$(promtool check metrics < "$work/heal.prom" 2>&1); then
     pass "metrics: promtool check metrics"
@@ -103,12 +122,13 @@ if command -v promtool > /dev/null; then
   fi
 fi
 
-# Nothing held any more: a second look starts nothing.
-wait_counts "$level" 20 "0 0 0" > /dev/null
+# Nothing held any more: a second look replaces nothing.
+wait_counts "$gone" 20 "0 0 0" > /dev/null
+wait_counts "$stalled" 20 "0 0 0" > /dev/null
 out=$(RABBITMQCTL="${ctl[*]}" bash deploy/heal-delays.sh --prefix healtest --once --margin 1 2>&1)
 status=$?
-if [ $status = 0 ] && ! echo "$out" | grep -q started; then
-  pass "healthy: a second look starts nothing"
+if [ $status = 0 ] && ! echo "$out" | grep -q replaced; then
+  pass "healthy: a second look replaces nothing"
 else
   fail "healthy: exit $status, output: $out"
 fi
