@@ -50,6 +50,9 @@ cargo test --workspace --all-features --doc --quiet || status=$?
 # The scripts people run: deploy/run.sh starts and stops cleanly however it
 # is signalled (uses the debug binaries built above).
 bash deploy/tests/run-sh.sh || status=$?
+# deploy/heal-delays.sh heals quorum delay levels whose dead-letter worker is
+# gone or stalled (a node of its own; about 50 s).
+bash deploy/tests/heal-delays.sh || status=$?
 # Deploy files (alerts, manifests, dashboard metric names against a live
 # scrape) and docs (links, documented commands and flags) cannot drift.
 bash deploy/tests/deploy-checks.sh || status=$?

@@ -20,11 +20,13 @@
 #   * metrics: a producer (with a 1 s schedule) and a consumer (noop handler)
 #     run a task; every warren_* name that alerts.yml and the dashboard use must
 #     appear in their /metrics (rabbitmq_* names come from RabbitMQ's own
-#     exporter: listed, not required; this node need not have the plugin).
+#     exporter, warren_delay_healer_* from deploy/heal-delays.sh: listed, not
+#     required; this node need not have the plugin).
 #
 #   bash deploy/tests/deploy-checks.sh      (from the repo root)
 #
-# Needs target/debug/warren-producer and warren-consumer (cargo build), promtool
+# Needs the debug warren-producer and warren-consumer (cargo build; found in
+# cargo's target directory, CARGO_TARGET_DIR included), promtool
 # (Debian: prometheus), python3 with PyYAML (python3-yaml), tini, unshare
 # (util-linux) and root or user namespaces. Uses the broker at
 # WARREN_TEST_AMQP_URL, or starts one of its own. Objects on the broker get a
@@ -34,7 +36,9 @@ set -uo pipefail
 cd "$(dirname "$0")/../.."
 
 DEADLINE=${DEPLOY_CHECKS_DEADLINE:-20} # seconds any awaited condition may take
-bin=target/debug
+target_dir=$(cargo metadata --format-version 1 --no-deps 2>/dev/null \
+  | sed -n 's/.*"target_directory":"\([^"]*\)".*/\1/p')
+bin=${target_dir:-${CARGO_TARGET_DIR:-target}}/debug
 work=$(mktemp -d -t warren-deploy-checks.XXXXXX)
 prefix="deploychecks-$$-$RANDOM"
 passed=0
@@ -566,6 +570,10 @@ def metrics():
     for name in names:
         if name.startswith("rabbitmq_"):
             print(f"      (exempt) {name}: RabbitMQ's own exporter")
+            continue
+        if name.startswith("warren_delay_healer_"):
+            # Written by deploy/heal-delays.sh (checked in its own test).
+            print(f"      (exempt) {name}: deploy/heal-delays.sh's textfile")
             continue
         # A sample name, so a histogram must be used as _bucket/_sum/_count
         # (its bare family name has no samples) and a counter with its _total.

@@ -18,7 +18,10 @@
 set -uo pipefail
 cd "$(dirname "$0")/../.."
 
-BIN_DIR=${DOCS_CHECK_BIN_DIR:-target/debug}
+# The debug binaries where cargo put them (CARGO_TARGET_DIR included).
+target_dir=$(cargo metadata --format-version 1 --no-deps 2>/dev/null \
+  | sed -n 's/.*"target_directory":"\([^"]*\)".*/\1/p')
+BIN_DIR=${DOCS_CHECK_BIN_DIR:-${target_dir:-${CARGO_TARGET_DIR:-target}}/debug}
 for bin in warren-producer warren-consumer; do
   if [ ! -x "$BIN_DIR/$bin" ]; then
     echo "docs-check: $BIN_DIR/$bin is missing; build it first (cargo build --bin $bin)" >&2

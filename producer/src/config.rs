@@ -362,6 +362,10 @@ pub struct ConsoleConfig {
     /// Dead letters the workbench reads to group them and to find one
     /// (counts come from the broker); replay and purge go through all.
     pub dead_scan_limit: usize,
+    /// Accept `GET /ui/login?token=…` as a sign-in (a link a terminal can
+    /// print). For a local demo only (`deploy/run.sh` turns it on): a token
+    /// in a URL can end up in history and proxy logs.
+    pub link_login: bool,
 }
 
 impl Default for ConsoleConfig {
@@ -370,6 +374,7 @@ impl Default for ConsoleConfig {
             session_ttl: Duration::from_secs(8 * 3600),
             management_url: None,
             dead_scan_limit: 1000,
+            link_login: false,
         }
     }
 }

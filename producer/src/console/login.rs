@@ -1,9 +1,11 @@
-//! Sign-in by pasting an API token (the token goes in a POST body, never a
-//! URL; it is compared and forgotten, the session keeps only who and what
-//! scopes), and sign-out.
+//! Sign-in by pasting an API token (the token goes in a POST body; it is
+//! compared and forgotten, the session keeps only who and what scopes), and
+//! sign-out. With `console.link_login` (a local demo's setting, off by
+//! default) a link `GET /ui/login?token=…` signs in too, then redirects to
+//! the overview so that the token leaves the address bar.
 
 use axum::body::Bytes;
-use axum::extract::State;
+use axum::extract::{RawQuery, State};
 use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Redirect, Response};
 use maud::html;
@@ -12,7 +14,22 @@ use super::guard::{self, Fields, Signed};
 use super::layout::{self, Nav};
 use super::{session, Console};
 
-pub async fn form(State(c): State<Console>, headers: HeaderMap) -> Response {
+pub async fn form(
+    State(c): State<Console>,
+    RawQuery(query): RawQuery,
+    headers: HeaderMap,
+) -> Response {
+    let link = query.map(|q| Fields::parse(q.as_bytes()));
+    if let Some(token) = link.as_ref().and_then(|f| f.get("token")) {
+        if !c.ctx.cfg().console.link_login {
+            tracing::info!("console sign-in link refused: console.link_login is off");
+            return login_page(
+                StatusCode::FORBIDDEN,
+                Some("Sign-in links are off on this server (console.link_login). Paste the token instead."),
+            );
+        }
+        return open_session(&c, &headers, token.trim(), "link");
+    }
     // Already signed in: straight to the overview.
     if guard::session_id(&headers).is_some_and(|id| c.sessions.touch(id).is_some()) {
         return Redirect::to("/ui/").into_response();
@@ -39,17 +56,37 @@ fn login_page(status: StatusCode, error: Option<&str>) -> Response {
 
 pub async fn sign_in(State(c): State<Console>, headers: HeaderMap, body: Bytes) -> Response {
     let fields = Fields::parse(&body);
-    let token = fields.get("token").unwrap_or("").trim();
+    open_session(
+        &c,
+        &headers,
+        fields.get("token").unwrap_or("").trim(),
+        "form",
+    )
+}
+
+/// A session for `token` (compared in constant time by the token store)
+/// and a redirect to the overview, or the form again with the refusal.
+/// `via` (form or link) goes in the log line; the token never does.
+fn open_session(c: &Console, headers: &HeaderMap, token: &str, via: &str) -> Response {
     let Some(caller) = c.ctx.tokens().authenticate(token.as_bytes()) else {
-        tracing::info!("console sign-in refused: unknown token");
+        tracing::info!(via, "console sign-in refused: unknown token");
         return login_page(StatusCode::UNAUTHORIZED, Some("Unknown token."));
     };
     let s = c
         .sessions
         .create(caller.name, caller.scopes, session::Token::new(token));
-    tracing::info!(who = %s.who, "console sign-in");
-    let cookie = session::set_cookie(&s.id, c.sessions.ttl(), guard::over_tls(&headers));
-    with_cookie(Redirect::to("/ui/").into_response(), &cookie)
+    tracing::info!(who = %s.who, via, "console sign-in");
+    let cookie = session::set_cookie(&s.id, c.sessions.ttl(), guard::over_tls(headers));
+    let mut r = with_cookie(Redirect::to("/ui/").into_response(), &cookie);
+    // The link's URL carries the token: keep it out of caches and of any
+    // Referer (the overview's own answers say the same).
+    let h = r.headers_mut();
+    h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+    h.insert(
+        header::REFERRER_POLICY,
+        HeaderValue::from_static("no-referrer"),
+    );
+    r
 }
 
 pub async fn sign_out(

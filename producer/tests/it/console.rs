@@ -190,6 +190,67 @@ async fn sign_in_sets_a_strict_cookie_and_wrong_tokens_are_refused() {
     }
 }
 
+/// `console.link_login` (what `deploy/run.sh` turns on): the link it prints
+/// signs in and redirects so the token leaves the address bar; a wrong token
+/// gets no session; with the setting off (the default) a link signs no one
+/// in. The token is in no log line either way.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_sign_in_link_signs_in_only_where_link_login_is_on() {
+    let w = World::new("ui-link").await;
+    let on = started(&w, &[("WARREN_CONSOLE__LINK_LOGIN", "true")]).await;
+    let link = |p: &Producer, token: &str| {
+        let q = form(&[("token", token)]);
+        client().get(p.url(&format!("/ui/login?{q}"))).send()
+    };
+    let r = link(&on, ADMIN_TOKEN).await.expect("GET link");
+    assert_eq!(r.status().as_u16(), 303, "the link signs in");
+    assert_eq!(
+        r.headers().get("location").and_then(|v| v.to_str().ok()),
+        Some("/ui/"),
+        "and sends the browser to a URL without the token"
+    );
+    assert_eq!(
+        r.headers()
+            .get("cache-control")
+            .and_then(|v| v.to_str().ok()),
+        Some("no-store")
+    );
+    let set = r
+        .headers()
+        .get("set-cookie")
+        .and_then(|v| v.to_str().ok())
+        .expect("a session cookie")
+        .to_owned();
+    assert!(
+        set.contains("HttpOnly") && set.contains("SameSite=Strict"),
+        "{set}"
+    );
+    let cookie = set.split(';').next().expect("cookie pair").to_owned();
+    let (status, page) = get(&on, &cookie, "/ui/schedules").await;
+    assert_eq!(status, 200, "the session works");
+    assert!(page.contains("admin_token"), "signed in as the admin grant");
+
+    let r = link(&on, "not-a-configured-token-000")
+        .await
+        .expect("GET link");
+    assert_eq!(r.status().as_u16(), 401);
+    assert!(r.headers().get("set-cookie").is_none());
+
+    let off = started(&w, &[]).await;
+    let r = link(&off, ADMIN_TOKEN).await.expect("GET link");
+    assert_eq!(r.status().as_u16(), 403, "links are off by default");
+    assert!(r.headers().get("set-cookie").is_none());
+    assert!(r.text().await.unwrap_or_default().contains("link_login"));
+    let (status, _) = get(&off, "", "/ui/").await;
+    assert_eq!(status, 303, "no session");
+
+    for p in [&on, &off] {
+        let logs = p.logs();
+        assert!(logs.contains("console sign-in"), "{logs}");
+        assert!(!logs.contains(ADMIN_TOKEN), "a token in the log: {logs}");
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn actions_need_the_sessions_csrf_token() {
     let w = World::new("ui-csrf").await;
