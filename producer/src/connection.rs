@@ -135,8 +135,10 @@ pub fn is_permanent(e: &anyhow::Error) -> bool {
 
 /// Stop the producer (exit 1) over an error no retry fixes.
 pub fn give_up(ctx: &Ctx, stop: &CancellationToken, what: &str, e: &anyhow::Error) {
-    tracing::error!(error = %e, "{what}; not retrying");
-    ctx.fail(format!("{what}: {e}"));
+    // The broker's reason in its own words, once: the exit line says it.
+    let reason = warren::error::report(e.as_ref());
+    tracing::debug!(error = %reason, "{what}; not retrying");
+    ctx.fail(format!("{what}: {reason}"));
     stop.cancel();
 }
 

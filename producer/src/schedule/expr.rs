@@ -358,7 +358,12 @@ fn compile_field(f: &Field, text: &str) -> Result<String, CronError> {
         };
         let step = step.unwrap_or(1);
         // robfig: `*` and `*/1` leave the field unrestricted, `*/2` does not.
-        star |= is_star && step == 1;
+        // Nothing to list then: the year field's `*` alone would be
+        // thousands of values per schedule.
+        if is_star && step == 1 {
+            star = true;
+            continue;
+        }
         let mut v = lo;
         while v <= hi {
             values.insert(if f.kind == Kind::DayOfWeek { v % 7 } else { v });
