@@ -48,7 +48,7 @@ pub async fn sign_in(State(c): State<Console>, headers: HeaderMap, body: Bytes) 
         .sessions
         .create(caller.name, caller.scopes, session::Token::new(token));
     tracing::info!(who = %s.who, "console sign-in");
-    let cookie = session::set_cookie(&s.id, c.sessions.ttl(), guard::over_tls(&headers));
+    let cookie = session::set_cookie(&s.id, guard::over_tls(&headers));
     with_cookie(Redirect::to("/ui/").into_response(), &cookie)
 }
 

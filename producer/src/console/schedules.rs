@@ -7,29 +7,20 @@ use axum::extract::{Path, Query, State};
 use axum::response::Response;
 use chrono::Utc;
 use maud::{html, Markup};
-use serde::Deserialize;
 
 use super::actions;
 use super::guard::{refused, Fields, Signed};
-use super::layout::{self, Nav};
+use super::layout::{self, FlashKey, Nav};
 use super::Console;
 use crate::config::Scope;
 
-/// The notice a redirect after an action carries (`?flash=`).
-#[derive(Deserialize)]
-pub struct Flash {
-    flash: Option<String>,
-}
-
-impl Flash {
-    pub fn flash(&self) -> Option<&str> {
-        self.flash.as_deref()
-    }
-}
-
-pub async fn page(State(c): State<Console>, Signed(s): Signed, Query(q): Query<Flash>) -> Response {
+pub async fn page(
+    State(c): State<Console>,
+    Signed(s): Signed,
+    Query(q): Query<FlashKey>,
+) -> Response {
     let body = html! {
-        (layout::flash(q.flash()))
+        (layout::flash(&c, &s, q.flash.as_deref()))
         (table(&c, &s))
     };
     layout::page("Schedules", Some(&s), Nav::Schedules, body)
@@ -45,7 +36,7 @@ fn table(c: &Console, s: &super::session::Session) -> Markup {
             p.notice { "No schedules configured (" code { "[[schedules]]" } " in the producer's config)." }
         } @else {
             p.hint {
-                (set.len()) " schedules · this replica "
+                (layout::count(set.len() as u64, "schedule", "schedules")) " · this replica "
                 @if c.ctx.is_leader() { strong { "leads" } " and fires them" } @else { "is a standby (another replica fires)" }
             }
             div.scroll { table.schedules {
@@ -75,17 +66,22 @@ fn table(c: &Console, s: &super::session::Session) -> Markup {
                                 @else { "enabled" }
                             }
                             td.actions {
-                                form method="post" action=(format!("/ui/schedules/{}/trigger", sch.name())) {
-                                    (layout::csrf(s))
-                                    button type="submit" disabled[!can_publish]
-                                        title=(if can_publish { "publish one task now, as a manual fire" } else { "needs the publish scope" }) { "Trigger now" }
-                                }
-                                " "
-                                @let (verb, label) = if st.paused { ("resume", "Resume") } else { ("pause", "Pause") };
-                                form method="post" action=(format!("/ui/schedules/{}/{verb}", sch.name())) {
-                                    (layout::csrf(s))
-                                    button.secondary type="submit" disabled[!can_admin || !sch.cfg.enabled]
-                                        title=(if can_admin { "instants while paused are skipped" } else { "needs the admin scope" }) { (label) }
+                                // Switched off in the config: nothing to trigger, pause or resume here.
+                                @if !sch.cfg.enabled {
+                                    span.hint title="enabled = false in the schedule's config" { "off in the config" }
+                                } @else {
+                                    form method="post" action=(format!("/ui/schedules/{}/trigger", sch.name())) {
+                                        (layout::csrf(s))
+                                        button type="submit" disabled[!can_publish]
+                                            title=(layout::needs(can_publish, Scope::Publish, "publish one task now, as a manual fire")) { "Trigger now" }
+                                    }
+                                    " "
+                                    @let (verb, label) = if st.paused { ("resume", "Resume") } else { ("pause", "Pause") };
+                                    form method="post" action=(format!("/ui/schedules/{}/{verb}", sch.name())) {
+                                        (layout::csrf(s))
+                                        button.secondary type="submit" disabled[!can_admin]
+                                            title=(layout::needs(can_admin, Scope::Admin, "instants while paused are skipped")) { (label) }
+                                    }
                                 }
                             }
                         }
@@ -108,7 +104,12 @@ pub async fn trigger(
     }
     let set = c.ctx.schedules();
     let Some(sch) = set.iter().find(|x| x.name() == name) else {
-        return layout::see_other("/ui/schedules", &format!("No schedule named `{name}`."));
+        return layout::see_other(
+            &c,
+            &s,
+            "/ui/schedules",
+            html! { "No schedule named " code { (name) } "." },
+        );
     };
     let id = format!("{}@manual-{}", sch.name(), uuid::Uuid::new_v4());
     let result = match &sch.cfg.workflow {
@@ -128,8 +129,18 @@ pub async fn trigger(
     };
     actions::audit(&c.ctx, &s.who, "trigger", &name, 1, result.is_ok());
     match result {
-        Ok(_) => layout::see_other("/ui/schedules", &format!("Triggered `{name}`: task {id}.")),
-        Err(e) => layout::see_other("/ui/schedules", &format!("`{name}` was not triggered: {e}")),
+        Ok(_) => layout::see_other(
+            &c,
+            &s,
+            "/ui/schedules",
+            html! { "Triggered " code { (name) } ": task " code { (id) } "." },
+        ),
+        Err(e) => layout::see_other(
+            &c,
+            &s,
+            "/ui/schedules",
+            html! { code { (name) } " was not triggered: " (layout::say(&e)) },
+        ),
     }
 }
 
@@ -191,7 +202,12 @@ async fn pause_or_resume(
         r.is_ok(),
     );
     match r {
-        Ok(()) => layout::see_other("/ui/schedules", &format!("{done} `{name}`.")),
-        Err(e) => layout::see_other("/ui/schedules", &format!("`{name}`: {action} failed: {e}")),
+        Ok(()) => layout::see_other(c, s, "/ui/schedules", html! { (done) " " code { (name) } "." }),
+        Err(e) => layout::see_other(
+            c,
+            s,
+            "/ui/schedules",
+            html! { code { (name) } ": " (action) " failed: " (layout::say(&e.to_string())) },
+        ),
     }
 }
