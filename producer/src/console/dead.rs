@@ -526,7 +526,7 @@ pub async fn search(
         (search_form(search.text()))
         p.size {
             strong data-size=(p.matched) { (layout::count(p.matched, "dead letter", "dead letters")) }
-            " match " code { (search.text()) }
+            (if p.matched == 1 { " matches " } else { " match " }) code { (search.text()) }
             @if p.truncated {
                 " among the first " (layout::num(p.scanned)) " of " (layout::num(p.total))
                 " (" code { "console.dead_scan_limit" } ")"

@@ -132,7 +132,11 @@ fn normalise(text: &str) -> String {
         if is_word(c) {
             let mut end = i + b[i..].iter().take_while(|c| is_word(**c)).count();
             let word = &text[i..end];
-            if word.bytes().all(|c| c.is_ascii_digit()) {
+            // Ids first: a hex id that happens to have no letter
+            // (`20481632`) must not make a group of its own.
+            if is_id_like(word) {
+                out.push_str("<id>");
+            } else if word.bytes().all(|c| c.is_ascii_digit()) {
                 // A decimal (`1.5`, `3.10.8`) is one number.
                 while b.get(end) == Some(&b'.') && b.get(end + 1).is_some_and(u8::is_ascii_digit) {
                     end += 1;
@@ -143,8 +147,6 @@ fn normalise(text: &str) -> String {
                 out.push('#');
             } else if is_hex_literal(word) {
                 out.push('#');
-            } else if is_id_like(word) {
-                out.push_str("<id>");
             } else if let Some(unit) = unit_suffix(word) {
                 out.push('#');
                 out.push_str(unit);
@@ -279,6 +281,8 @@ mod tests {
         let b = fingerprint("timeout after 88 ms for id 11ab0c9d2e");
         assert_eq!(a, "timeout after # ms for id <id>");
         assert_eq!(a, b);
+        // A hex id without a letter is still an id.
+        assert_eq!(fingerprint("timeout after 7 ms for id 20481632"), a);
     }
 
     #[test]

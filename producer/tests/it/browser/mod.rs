@@ -170,7 +170,7 @@ async fn operator_signs_in_triggers_and_publishes() {
 
     b.click("tr[data-schedule='hourly'] form[action$='/trigger'] button")
         .await;
-    b.wait_text("p.flash", "Triggered `hourly`").await;
+    b.wait_text("p.flash", "Triggered hourly").await;
     warren::testing::eventually(WAIT, "the consumer ran the triggered task", || async {
         (succeeded(&consumer, "it.hourly") == 1).then_some(())
     })
@@ -191,7 +191,7 @@ async fn operator_signs_in_triggers_and_publishes() {
     b.wait_text("p.json-error", "").await;
     b.shot("publish").await;
     b.click("form.publish button").await;
-    b.wait_text("p.flash", "Published `it.ok`").await;
+    b.wait_text("p.flash", "Published it.ok").await;
     warren::testing::eventually(WAIT, "the consumer ran the published task", || async {
         (succeeded(&consumer, "it.ok") == 1).then_some(())
     })
@@ -345,7 +345,7 @@ async fn operator_pauses_and_resumes_a_schedule() {
     b.goto(&p.url("/ui/schedules")).await;
     b.click("tr[data-schedule='often'] form[action$='/pause'] button")
         .await;
-    b.wait_text("p.flash", "Paused `often`").await;
+    b.wait_text("p.flash", "Paused often").await;
     assert_eq!(b.text("tr[data-schedule='often'] td.state").await, "paused");
     b.shot("schedules-paused").await;
 
@@ -372,7 +372,7 @@ async fn operator_pauses_and_resumes_a_schedule() {
 
     b.click("tr[data-schedule='often'] form[action$='/resume'] button")
         .await;
-    b.wait_text("p.flash", "Resumed `often`").await;
+    b.wait_text("p.flash", "Resumed often").await;
     warren::testing::eventually(WAIT, "`often` firing again", || async {
         (succeeded(&consumer, "it.often") > often).then_some(())
     })
