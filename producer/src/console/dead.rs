@@ -116,8 +116,9 @@ impl Workbench {
         op().await
     }
 
-    /// Run `op` alone on the dead queue, then forget the grouping.
-    async fn exclusive<T, F, Fut>(&self, op: F) -> T
+    /// Run `op` alone on the dead queue, then forget the grouping and the
+    /// queue sample (`sampler`): the next page shows what `op` did.
+    async fn exclusive<T, F, Fut>(&self, sampler: &super::sample::Sampler, op: F) -> T
     where
         F: FnOnce() -> Fut,
         Fut: std::future::Future<Output = T>,
@@ -127,6 +128,7 @@ impl Workbench {
         if let Ok(mut g) = self.latest.lock() {
             *g = None;
         }
+        sampler.outdate();
         out
     }
 }
@@ -260,6 +262,7 @@ pub async fn page(
             }
         }
         (search_form(""))
+        (layout::scope_note(&s, &[("replay", Scope::Publish), ("purge", Scope::Admin)]))
         @if o.groups.is_empty() {
             @if total == 0 {
                 p.notice { "Nothing is dead." }
@@ -278,9 +281,9 @@ pub async fn page(
                         tr.group data-task=(g.task) data-kind=(g.kind) {
                             td { a href=(key.link()) { code { (g.task) } } }
                             td { (g.kind) }
-                            td.fingerprint { a href=(key.link()) { (g.fingerprint) } }
+                            td.fingerprint { a href=(key.link()) { (layout::say(&g.fingerprint)) } }
                             td.num.count data-count=(g.count) { (layout::num(g.count)) }
-                            td.example title=(g.example) { (clip(&dead::cause_first(&g.example), 160)) }
+                            td.example title=(g.example) { (layout::say(&clip(&dead::cause_first(&g.example), 160))) }
                             td.nowrap { (g.newest.as_deref().unwrap_or("—")) }
                             td.actions {
                                 form method="post" action="/ui/dead/replay" {
@@ -337,7 +340,7 @@ pub async fn latest(c: &Console, fresh: bool, broker: Option<u64>) -> Markup {
                         td { a href=(key.link()) { code { (g.task) } } }
                         td { (g.kind) }
                         td.num { (layout::num(g.count)) }
-                        td title=(g.example) { (clip(&dead::cause_first(&g.example), 120)) }
+                        td.reason title=(g.example) { (layout::say(&clip(&dead::cause_first(&g.example), 120))) }
                     }
                 } }
             } }
@@ -371,14 +374,14 @@ fn pager(p: &Page, page: usize, link: impl Fn(usize) -> String) -> Markup {
     let first = (page - 1) * PAGE + 1;
     let last = first + p.tasks.len().saturating_sub(1);
     html! {
-        nav.pager aria-label="pages" {
+        @if pages > 1 || page > 1 { nav.pager aria-label="pages" {
             @if page > 1 { a rel="prev" href=(link(page - 1)) { "← Previous" } } @else { span.hint { "← Previous" } }
             span.range {
                 @if p.tasks.is_empty() { "page " (page) " of " (pages) }
                 @else { (layout::num(first as u64)) "–" (layout::num(last as u64)) " of " (layout::num(p.matched)) }
             }
             @if page < pages { a rel="next" href=(link(page + 1)) { "Next →" } } @else { span.hint { "Next →" } }
-        }
+        } }
     }
 }
 
@@ -406,7 +409,7 @@ fn messages_table(s: &Session, tasks: &[DeadTask], back: &str, with_task: bool) 
                         @if with_task { td { code { (t.task) } } td { (t.kind) } }
                         td.num { (t.attempts.map_or("—".into(), |a| layout::num(a.unsigned_abs()))) }
                         td.nowrap { (t.failed_at.as_deref().unwrap_or("—")) }
-                        td title=(t.reason) { (clip(&dead::cause_first(&t.reason), 200)) }
+                        td.reason title=(t.reason) { (layout::say(&clip(&dead::cause_first(&t.reason), 200))) }
                     }
                 } }
             } }
@@ -444,7 +447,7 @@ pub async fn group(
     let body = html! {
         (layout::flash(&c, &s, q.flash.as_deref()))
         p.hint { a href="/ui/dead" { "Dead letters" } " · " code { (q.task) } " · " (q.kind) }
-        p.fingerprint { (q.fingerprint) }
+        p.fingerprint title="the reason with its numbers, ids and instants replaced" { (q.fingerprint) }
         p.size {
             strong data-size=(p.matched) { (layout::count(p.matched, "dead letter", "dead letters")) }
             " in this group"
@@ -454,6 +457,7 @@ pub async fn group(
             }
             "."
         }
+        (layout::scope_note(&s, &[("replay", Scope::Publish), ("purge", Scope::Admin)]))
         @if p.matched == 0 {
             p.notice.empty {
                 "This group has no dead letters now: they were replayed or purged, or the queue changed. "
@@ -465,7 +469,7 @@ pub async fn group(
                     (layout::csrf(&s)) input type="hidden" name="what" value="group"; (q.hidden())
                     button.replay-group type="submit" disabled[!can_replay]
                         title=(layout::needs(can_replay, Scope::Publish, "republish every dead letter of this group")) {
-                        "Replay the group (" (layout::num(p.matched)) @if p.truncated { "+" } ")"
+                        @if p.truncated { "Replay the whole group" } @else { "Replay all " (layout::num(p.matched)) " of the group" }
                     }
                 }
                 " "
@@ -601,6 +605,7 @@ pub async fn message(
             div.card { h2 { "Properties" } (kv(&readable_properties(&m.properties))) }
             div.card { h2 { "Headers" } (kv(&readable_headers(&m.headers))) }
         }
+        (layout::scope_note(&s, &[("replay", Scope::Publish)]))
         h2 { "Payload" @if m.payload_base64 { " (not UTF-8: base64)" } }
         pre.payload { (pretty) }
         form method="post" action="/ui/dead/replay" {
@@ -728,7 +733,7 @@ pub async fn replay(State(c): State<Console>, Signed(s): Signed, body: Bytes) ->
     let timeout = c.ctx.cfg().amqp.confirm_timeout;
     let report = c
         .dead
-        .exclusive(|| async {
+        .exclusive(&c.sampler, || async {
             let conn = c.broker.connection(&c.ctx).await?;
             dead::replay(&conn, c.ctx.topo(), &selector, usize::MAX, timeout)
                 .await
@@ -799,7 +804,7 @@ pub async fn edit(State(c): State<Console>, Signed(s): Signed, body: Bytes) -> R
     };
     let report = c
         .dead
-        .exclusive(|| async {
+        .exclusive(&c.sampler, || async {
             let conn = c.broker.connection(&c.ctx).await.map_err(|e| (false, e))?;
             dead::replay_edited(
                 &conn,
@@ -865,7 +870,7 @@ pub async fn purge(State(c): State<Console>, Signed(s): Signed, body: Bytes) -> 
     }
     let purged = c
         .dead
-        .exclusive(|| async {
+        .exclusive(&c.sampler, || async {
             let conn = c.broker.connection(&c.ctx).await?;
             dead::purge(&conn, c.ctx.topo(), &selector, usize::MAX)
                 .await

@@ -163,6 +163,25 @@ pub fn scope_list(s: &Session) -> String {
         .join(", ")
 }
 
+/// What the session's token may not do on this page, in words (a phone
+/// shows no tooltips): "Your token (read) cannot replay (needs publish),
+/// nor purge (needs admin)." Nothing when it may do all.
+pub fn scope_note(s: &Session, needs: &[(&str, Scope)]) -> Markup {
+    let missing: Vec<_> = needs.iter().filter(|(_, sc)| !s.may(*sc)).collect();
+    html! {
+        @if !missing.is_empty() {
+            p.hint.scopes {
+                "Your token (" (scope_list(s)) ") cannot "
+                @for (i, (what, sc)) in missing.iter().enumerate() {
+                    @if i > 0 { ", nor " }
+                    (what) " (needs " code { (sc.name()) } ")"
+                }
+                "."
+            }
+        }
+    }
+}
+
 /// A hidden CSRF field for a form of this session.
 pub fn csrf(s: &Session) -> Markup {
     html! { input type="hidden" name="csrf" value=(s.csrf); }

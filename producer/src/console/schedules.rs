@@ -39,6 +39,7 @@ fn table(c: &Console, s: &super::session::Session) -> Markup {
                 (layout::count(set.len() as u64, "schedule", "schedules")) " · this replica "
                 @if c.ctx.is_leader() { strong { "leads" } " and fires them" } @else { "is a standby (another replica fires)" }
             }
+            (layout::scope_note(s, &[("trigger", Scope::Publish), ("pause or resume", Scope::Admin)]))
             div.scroll { table.schedules {
                 thead { tr {
                     th { "Name" } th { "Task" } th { "Cron" } th { "Zone" }
@@ -57,8 +58,12 @@ fn table(c: &Console, s: &super::session::Session) -> Markup {
                             td { (sch.cfg.timezone) }
                             td { @if let Some(n) = next { time datetime=(layout::utc(n)) { (layout::utc(n)) } } @else { "—" } }
                             td { @if let Some(n) = next { (n.with_timezone(&sch.spec.tz()).format("%Y-%m-%d %H:%M:%S %Z")) } @else { "—" } }
-                            td { @if let Some(l) = st.last_fired { (layout::utc(l)) " (" (layout::span(now - l)) " ago)" } @else { "never (here)" } }
-                            td.late[late.is_some()] { @if let Some(l) = late { (layout::span(l)) } @else { "on time" } }
+                            td { @if let Some(l) = st.last_fired {
+                                time datetime=(layout::utc(l)) { (layout::utc(l)) } br; span.hint { (layout::span(now - l)) " ago" }
+                            } @else { "never (here)" } }
+                            td.late[late.is_some()] {
+                                @if let Some(l) = late { (layout::span(l)) } @else if next.is_none() { "—" } @else { "on time" }
+                            }
                             td { (json_name(&sch.cfg.misfire)) " · grace " (humantime::format_duration(sch.cfg.misfire_grace)) }
                             td.state {
                                 @if !sch.cfg.enabled { "disabled" }

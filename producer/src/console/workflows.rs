@@ -66,6 +66,7 @@ async fn render_list(
         @if set.is_empty() {
             p.notice { "No workflows configured (" code { "[[workflows]]" } " in the producer's config)." }
         }
+        @if !set.is_empty() { (layout::scope_note(s, &[("start a run", Scope::Publish)])) }
         @if let Err(e) = &snap { p.error role="alert" { "Runs unavailable: " (layout::say(e.message())) } }
         @if let Ok(snap) = &snap { @if let Some(t) = snap.written_at {
             p.hint { "Run state as of " (layout::utc(t)) " (the coordinator's latest snapshot)." }
