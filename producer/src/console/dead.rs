@@ -409,7 +409,7 @@ fn messages_table(s: &Session, tasks: &[DeadTask], back: &str, with_task: bool) 
                         @if with_task { td { code { (t.task) } } td { (t.kind) } }
                         td.num { (t.attempts.map_or("—".into(), |a| layout::num(a.unsigned_abs()))) }
                         td.nowrap { (t.failed_at.as_deref().unwrap_or("—")) }
-                        td.reason title=(t.reason) { (layout::say(&clip(&dead::cause_first(&t.reason), 200))) }
+                        td.reason title=(t.reason) { (layout::say(&clip(&dead::cause_first(&t.reason), 160))) }
                     }
                 } }
             } }

@@ -43,7 +43,7 @@ fn table(c: &Console, s: &super::session::Session) -> Markup {
             div.scroll { table.schedules {
                 thead { tr {
                     th { "Name" } th { "Task" } th { "Cron" } th { "Zone" }
-                    th { "Next fire (UTC)" } th { "Next fire (local)" } th { "Last fire" }
+                    th { "Next fire (UTC, local)" } th { "Last fire" }
                     th { "Late by" } th { "Misfire" } th { "State" } th { "Actions" }
                 } }
                 tbody {
@@ -56,8 +56,10 @@ fn table(c: &Console, s: &super::session::Session) -> Markup {
                             td { code { (sch.target()) } }
                             td { code { (sch.cfg.cron) } }
                             td { (sch.cfg.timezone) }
-                            td { @if let Some(n) = next { time datetime=(layout::utc(n)) { (layout::utc(n)) } } @else { "—" } }
-                            td { @if let Some(n) = next { (n.with_timezone(&sch.spec.tz()).format("%Y-%m-%d %H:%M:%S %Z")) } @else { "—" } }
+                            td.next { @if let Some(n) = next {
+                                time datetime=(layout::utc(n)) { (layout::utc(n)) } br;
+                                span.hint { (n.with_timezone(&sch.spec.tz()).format("%Y-%m-%d %H:%M:%S %Z")) }
+                            } @else { "—" } }
                             td { @if let Some(l) = st.last_fired {
                                 time datetime=(layout::utc(l)) { (layout::utc(l)) } br; span.hint { (layout::span(now - l)) " ago" }
                             } @else { "never (here)" } }

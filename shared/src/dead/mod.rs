@@ -5,8 +5,8 @@
 //!
 //! | part | owns |
 //! |---|---|
-//! | here | [`DeadTask`] (what the dead headers say), [`Selector`], list, replay, purge |
-//! | [`fingerprint()`] | a failure reason without its numbers, ids and instants |
+//! | here | [`DeadTask`] (what the dead headers say), [`Selector`], list, a [`Page`] of a filter, [`Search`], replay, purge |
+//! | [`fingerprint()`] | a failure reason without its numbers, ids and instants, its cause first |
 //! | [`overview()`] | groups by task, kind and fingerprint, from a bounded scan |
 //! | [`inspect()`], [`replay_edited()`] | one message in full; replay it with a new payload |
 //!
