@@ -692,7 +692,11 @@ fn clip(s: &str, n: usize) -> String {
 /// audit line, and the words for the notice.
 fn selection(f: &Fields) -> Result<(Selector, String, Markup), Markup> {
     match f.get("what") {
-        Some("all") => Ok((Selector::All, "all".into(), html! { "from the whole queue" })),
+        Some("all") => Ok((
+            Selector::All,
+            "all".into(),
+            html! { "from the whole queue" },
+        )),
         Some("group") => {
             let k = GroupKey::of(f);
             let target = format!("group {}/{}/{}", k.task, k.kind, k.fingerprint);
@@ -964,7 +968,10 @@ mod tests {
     #[test]
     fn epoch_instants_in_properties_and_headers_read_as_rfc3339() {
         let p = readable_properties(&json!({"timestamp": 1_700_000_000, "priority": 5}));
-        assert_eq!(p, json!({"timestamp": "2023-11-14T22:13:20Z", "priority": 5}));
+        assert_eq!(
+            p,
+            json!({"timestamp": "2023-11-14T22:13:20Z", "priority": 5})
+        );
         let h = readable_headers(&json!({
             "x-warren-published-at-ms": 1_700_000_000_123_i64,
             "x-warren-timeout-ms": 30000,
@@ -983,7 +990,10 @@ mod tests {
     #[test]
     fn back_goes_only_to_workbench_pages() {
         let f = |b: &str| Fields::parse(format!("back={}", urlencode(b)).as_bytes());
-        assert_eq!(back(&f("/ui/dead/group?task=a&page=2")), "/ui/dead/group?task=a&page=2");
+        assert_eq!(
+            back(&f("/ui/dead/group?task=a&page=2")),
+            "/ui/dead/group?task=a&page=2"
+        );
         assert_eq!(back(&f("https://evil.example/")), "/ui/dead");
         assert_eq!(back(&f("//evil.example/ui/dead")), "/ui/dead");
         assert_eq!(back(&f("/ui/dead@x://y")), "/ui/dead");

@@ -199,7 +199,11 @@ pub fn epoch(n: i64, ms: bool) -> Option<String> {
     } else {
         DateTime::<Utc>::from_timestamp(n, 0)?
     };
-    let f = if ms { SecondsFormat::Millis } else { SecondsFormat::Secs };
+    let f = if ms {
+        SecondsFormat::Millis
+    } else {
+        SecondsFormat::Secs
+    };
     Some(t.to_rfc3339_opts(f, true))
 }
 
@@ -280,7 +284,10 @@ mod tests {
         assert_eq!(num(1_234_567u64), "1,234,567");
         assert_eq!(count(1u64, "dead letter", "dead letters"), "1 dead letter");
         assert_eq!(count(0u64, "dead letter", "dead letters"), "0 dead letters");
-        assert_eq!(count(2500u64, "dead letter", "dead letters"), "2,500 dead letters");
+        assert_eq!(
+            count(2500u64, "dead letter", "dead letters"),
+            "2,500 dead letters"
+        );
     }
 
     #[test]
@@ -294,7 +301,10 @@ mod tests {
 
     #[test]
     fn epoch_numbers_as_rfc3339() {
-        assert_eq!(epoch(1_700_000_000, false).as_deref(), Some("2023-11-14T22:13:20Z"));
+        assert_eq!(
+            epoch(1_700_000_000, false).as_deref(),
+            Some("2023-11-14T22:13:20Z")
+        );
         assert_eq!(
             epoch(1_700_000_000_123, true).as_deref(),
             Some("2023-11-14T22:13:20.123Z")

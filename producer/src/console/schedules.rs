@@ -209,7 +209,12 @@ async fn pause_or_resume(
         r.is_ok(),
     );
     match r {
-        Ok(()) => layout::see_other(c, s, "/ui/schedules", html! { (done) " " code { (name) } "." }),
+        Ok(()) => layout::see_other(
+            c,
+            s,
+            "/ui/schedules",
+            html! { (done) " " code { (name) } "." },
+        ),
         Err(e) => layout::see_other(
             c,
             s,

@@ -253,19 +253,29 @@ mod tests {
         let s = Sessions::new(Duration::from_secs(60));
         let a = s.create("a".into(), vec![], Token::new("t"));
         let b = s.create("b".into(), vec![], Token::new("t"));
-        let key = s.put_flash(&a.id, maud::html! { "Paused " code { "x" } "." }).unwrap();
-        assert!(s.take_flash(&b.id, &key).is_none(), "another session's notice");
+        let key = s
+            .put_flash(&a.id, maud::html! { "Paused " code { "x" } "." })
+            .unwrap();
+        assert!(
+            s.take_flash(&b.id, &key).is_none(),
+            "another session's notice"
+        );
         assert!(s.take_flash(&a.id, "Session expired").is_none());
         assert_eq!(
             s.take_flash(&a.id, &key).unwrap().into_string(),
             "Paused <code>x</code>."
         );
         assert!(s.take_flash(&a.id, &key).is_none(), "shown twice");
-        assert!(s.put_flash("no-such-session", maud::html! { "x" }).is_none());
+        assert!(s
+            .put_flash("no-such-session", maud::html! { "x" })
+            .is_none());
         let keys: Vec<_> = (0..MAX_FLASHES + 1)
             .map(|i| s.put_flash(&a.id, maud::html! { (i) }).unwrap())
             .collect();
-        assert!(s.take_flash(&a.id, &keys[0]).is_none(), "the oldest dropped");
+        assert!(
+            s.take_flash(&a.id, &keys[0]).is_none(),
+            "the oldest dropped"
+        );
         assert!(s.take_flash(&a.id, &keys[MAX_FLASHES]).is_some());
     }
 

@@ -312,9 +312,7 @@ pub async fn start(State(c): State<Console>, Signed(s): Signed, body: Bytes) -> 
     };
     let id = match api::run_id(f.opt("id").map(str::to_owned)) {
         Ok(id) => id,
-        Err(e) => {
-            return render_list(&c, &s, html! {}, Some(refuse(e.message().to_owned()))).await
-        }
+        Err(e) => return render_list(&c, &s, html! {}, Some(refuse(e.message().to_owned()))).await,
     };
     let (props, msg) = workflow::start_message(&wf.name, &input, &id, None);
     let sent = api::send(
@@ -356,7 +354,12 @@ pub async fn resume(State(c): State<Console>, Signed(s): Signed, body: Bytes) ->
         Err(e) => Err(e),
     };
     if let Err(e) = checked {
-        return layout::see_other(&c, &s, &back, html! { "Not resumed: " (layout::say(e.message())) });
+        return layout::see_other(
+            &c,
+            &s,
+            &back,
+            html! { "Not resumed: " (layout::say(e.message())) },
+        );
     }
     let (props, msg) = workflow::resume_message(name, id);
     match api::send(
@@ -371,7 +374,12 @@ pub async fn resume(State(c): State<Console>, Signed(s): Signed, body: Bytes) ->
     .await
     {
         Ok(()) => layout::see_other(&c, &s, &back, html! { "Resumed run " code { (id) } "." }),
-        Err(e) => layout::see_other(&c, &s, &back, html! { "Not resumed: " (layout::say(e.message())) }),
+        Err(e) => layout::see_other(
+            &c,
+            &s,
+            &back,
+            html! { "Not resumed: " (layout::say(e.message())) },
+        ),
     }
 }
 

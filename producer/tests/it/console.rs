@@ -622,7 +622,10 @@ async fn sighup_ends_the_sessions_of_a_removed_token() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_session_in_use_outlives_session_ttl_and_an_idle_one_ends() {
     let w = World::new("ui-idle").await;
-    let cfg = w.write_config("p.toml", &format!("{HOURLY}\n[console]\nsession_ttl = \"2s\"\n"));
+    let cfg = w.write_config(
+        "p.toml",
+        &format!("{HOURLY}\n[console]\nsession_ttl = \"2s\"\n"),
+    );
     let p = w.start("producer", &cfg, &[]);
     p.wait_ready(Duration::from_secs(20)).await;
     let s = sign_in(&p, READ_TOKEN).await;
@@ -759,7 +762,10 @@ async fn the_dead_letter_total_is_the_brokers() {
     let (_, page) = get(&p, &s.cookie, "/ui/dead").await;
     assert_eq!(total_of(&page), "20", "{page}");
     assert!(!page.contains("Nothing is dead"), "{page}");
-    assert!(page.contains(r#"data-task="it.report""#), "groups shown: {page}");
+    assert!(
+        page.contains(r#"data-task="it.report""#),
+        "groups shown: {page}"
+    );
 }
 
 /// A path under `/ui/` that is no page gets the console's own 404 page.
@@ -799,9 +805,8 @@ async fn a_group_is_paged_and_acted_on_as_a_whole() {
     let p = started(&w, &[]).await;
     let dead_q = w.topo.dead_queue();
     let fp = warren::dead::fingerprint("timeout after 1000 ms for id 0000000a");
-    let group = |task: &str, kind: &str| {
-        form(&[("task", task), ("kind", kind), ("fingerprint", &fp)])
-    };
+    let group =
+        |task: &str, kind: &str| form(&[("task", task), ("kind", kind), ("fingerprint", &fp)]);
     let report = format!("/ui/dead/group?{}", group("it.report", "exhausted"));
     let rows = |page: &str| page.matches(r#"<tr data-id="dead-"#).count();
 
@@ -809,7 +814,10 @@ async fn a_group_is_paged_and_acted_on_as_a_whole() {
     let (status, page) = get(&p, &r.cookie, &report).await;
     assert_eq!(status, 200);
     assert!(page.contains(r#"data-size="65""#), "{page}");
-    assert!(page.contains("65 dead letters</strong> in this group"), "{page}");
+    assert!(
+        page.contains("65 dead letters</strong> in this group"),
+        "{page}"
+    );
     assert_eq!(rows(&page), 50, "{page}");
     assert!(page.contains("1–50 of 65"), "{page}");
     assert!(page.contains("needs the publish scope") && page.contains("needs the admin scope"));
@@ -846,7 +854,10 @@ async fn a_group_is_paged_and_acted_on_as_a_whole() {
     );
     assert_eq!(w.queue_len(&dead_q).await, 65);
     let (_, emptied) = get(&p, &pb.cookie, &report).await;
-    assert!(emptied.contains("This group has no dead letters now"), "{emptied}");
+    assert!(
+        emptied.contains("This group has no dead letters now"),
+        "{emptied}"
+    );
     assert!(!emptied.contains("<table"), "no empty table: {emptied}");
 
     // Purging the other group: `admin`, a confirmation, then gone.
@@ -866,7 +877,11 @@ async fn a_group_is_paged_and_acted_on_as_a_whole() {
     assert_eq!(resp.status().as_u16(), 200);
     let confirm = resp.text().await.unwrap_or_default();
     assert!(confirm.contains("65 dead letters of group"), "{confirm}");
-    assert_eq!(w.queue_len(&dead_q).await, 65, "not before the confirmation");
+    assert_eq!(
+        w.queue_len(&dead_q).await,
+        65,
+        "not before the confirmation"
+    );
     let resp = post(&p, &a.cookie, "/ui/dead/purge", &purge(&a.csrf, "yes")).await;
     assert_eq!(resp.status().as_u16(), 303);
     assert_eq!(w.queue_len(&dead_q).await, 0);
@@ -906,7 +921,11 @@ async fn dead_letters_are_found_by_id_and_by_text() {
     assert!(page.contains("6 dead letters</strong> match"), "{page}");
     let (_, page) = get(&p, &s.cookie, &search("no such thing")).await;
     assert!(page.contains("0 dead letters</strong> match"), "{page}");
-    assert_eq!(w.queue_len(&w.topo.dead_queue()).await, 12, "a search takes nothing");
+    assert_eq!(
+        w.queue_len(&w.topo.dead_queue()).await,
+        12,
+        "a search takes nothing"
+    );
 }
 
 /// A schedule switched off in the config offers no "Trigger now".
@@ -923,7 +942,10 @@ async fn a_disabled_schedule_offers_no_trigger() {
     let (_, page) = get(&p, &s.cookie, "/ui/schedules").await;
     let off = between(&page, r#"data-schedule="off""#, "</tr>").unwrap_or_default();
     assert!(off.contains("disabled"), "{off}");
-    assert!(!off.contains("Trigger now") && !off.contains("/trigger"), "{off}");
+    assert!(
+        !off.contains("Trigger now") && !off.contains("/trigger"),
+        "{off}"
+    );
     let on = between(&page, r#"data-schedule="hourly""#, "</tr>").unwrap_or_default();
     assert!(on.contains("Trigger now"), "{on}");
     assert!(page.contains("2 schedules"), "{page}");

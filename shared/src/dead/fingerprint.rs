@@ -179,9 +179,7 @@ fn is_word(c: u8) -> bool {
 
 /// `0x1f`, `0XDEAD`: a number written in hex.
 fn is_hex_literal(word: &str) -> bool {
-    let digits = word
-        .strip_prefix("0x")
-        .or_else(|| word.strip_prefix("0X"));
+    let digits = word.strip_prefix("0x").or_else(|| word.strip_prefix("0X"));
     digits.is_some_and(|d| !d.is_empty() && d.bytes().all(|c| c.is_ascii_hexdigit()))
 }
 

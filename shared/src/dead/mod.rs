@@ -622,7 +622,12 @@ mod tests {
         for q in ["m1", "billing.ch", "PERMANENT", "card declined", "ada love"] {
             assert!(hit(q), "{q}");
         }
-        for q in ["m2", "email", "Grace", "a longer query than any field holds at all"] {
+        for q in [
+            "m2",
+            "email",
+            "Grace",
+            "a longer query than any field holds at all",
+        ] {
             assert!(!hit(q), "{q}");
         }
         assert!(Search::new("  ").is_none());

@@ -151,12 +151,20 @@ impl Browser {
             let wide = self
                 .js("return document.documentElement.scrollWidth > window.innerWidth + 1;")
                 .await;
-            assert_eq!(wide, serde_json::Value::Bool(false), "{name} at {width} px scrolls sideways");
+            assert_eq!(
+                wide,
+                serde_json::Value::Bool(false),
+                "{name} at {width} px scrolls sideways"
+            );
             let spilled = self
                 .js("return Array.from(document.querySelectorAll('.card'))\
                      .filter(c => c.scrollWidth > c.clientWidth + 1).map(c => c.textContent.slice(0, 80));")
                 .await;
-            assert_eq!(spilled, serde_json::json!([]), "{name} at {width} px: a card overflows");
+            assert_eq!(
+                spilled,
+                serde_json::json!([]),
+                "{name} at {width} px: a card overflows"
+            );
             // The window is taller than its viewport by the browser's frame.
             let height = self
                 .js("return document.documentElement.scrollHeight + 900 - window.innerHeight;")

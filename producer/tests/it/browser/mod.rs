@@ -448,7 +448,11 @@ async fn fill_realistic(w: &World, n: usize) {
         );
         h.insert(
             ShortString::from("traceparent"),
-            s(format!("00-{:032x}-{:016x}-01", i as u128 * 0x1f3d_5b79, i as u64 + 7)),
+            s(format!(
+                "00-{:032x}-{:016x}-01",
+                i as u128 * 0x1f3d_5b79,
+                i as u64 + 7
+            )),
         );
         let props = lapin::BasicProperties::default()
             .with_message_id(format!("{task}-{i:05}").into())
@@ -513,12 +517,16 @@ async fn operator_works_a_large_dead_queue() {
     b.wait_path("/ui/dead").await;
     b.wait_text("p.total", "2,400 dead letters").await;
     b.wait_text("p.total", "Groups of the first 1,000").await;
-    let report = b.text("tr.group[data-task='it.report'] td.fingerprint").await;
+    let report = b
+        .text("tr.group[data-task='it.report'] td.fingerprint")
+        .await;
     assert!(
         report.starts_with("KeyError: 'c3e815' — permanent error: /usr/bin/python3 exited with #"),
         "{report}"
     );
-    let charge = b.text("tr.group[data-task='it.charge'] td.fingerprint").await;
+    let charge = b
+        .text("tr.group[data-task='it.charge'] td.fingerprint")
+        .await;
     assert!(
         charge.starts_with("HTTP # from https://pay.example/v2/charge after #ms (request <id>)"),
         "{charge}"
@@ -530,15 +538,22 @@ async fn operator_works_a_large_dead_queue() {
         .find_all(fantoccini::Locator::Css("tr.group"))
         .await
         .expect("groups");
-    assert_eq!(groups.len(), 3, "one group per failure, whatever its numbers");
+    assert_eq!(
+        groups.len(),
+        3,
+        "one group per failure, whatever its numbers"
+    );
     assert!(!main_text(&b).await.contains('`'), "no literal backticks");
     b.shots("scale-dead").await;
 
     // One group, 50 a page, with its size and the group's actions on top.
     b.click("tr.group[data-task='it.charge'] td a").await;
     b.wait_path("/ui/dead/group").await;
-    b.wait_text("p.size", "333 dead letters in this group among the first 1,000 of 2,400")
-        .await;
+    b.wait_text(
+        "p.size",
+        "333 dead letters in this group among the first 1,000 of 2,400",
+    )
+    .await;
     let rows = b
         .client
         .find_all(fantoccini::Locator::Css("table.messages tbody tr"))
@@ -565,7 +580,10 @@ async fn operator_works_a_large_dead_queue() {
             .trim()
             .to_owned()
     };
-    for (text, key) in [(&props, "timestamp"), (&headers, "x-warren-published-at-ms")] {
+    for (text, key) in [
+        (&props, "timestamp"),
+        (&headers, "x-warren-published-at-ms"),
+    ] {
         let l = line(text, key);
         assert!(
             l.ends_with('Z') && l.contains('T') && l.contains(':'),
@@ -593,8 +611,11 @@ async fn operator_works_a_large_dead_queue() {
     b.wait_path("/ui/dead/group").await;
     b.click("button.replay-group").await;
     b.wait_path("/ui/dead").await;
-    b.wait_text("p.flash", "Replayed 800 dead letters of group it.charge · exhausted.")
-        .await;
+    b.wait_text(
+        "p.flash",
+        "Replayed 800 dead letters of group it.charge · exhausted.",
+    )
+    .await;
     assert_eq!(w.queue_len(&dead_q).await, 1600);
     b.wait_text("p.total", "1,600 dead letters").await;
     b.shots("scale-dead-after-replay").await;
@@ -606,8 +627,11 @@ async fn operator_works_a_large_dead_queue() {
     b.wait_text("p.notice", "Purge").await;
     b.shots("scale-dead-purge-confirm").await;
     b.click("form.confirm button").await;
-    b.wait_text("p.flash", "Purged 800 dead letters of group it.mail · permanent.")
-        .await;
+    b.wait_text(
+        "p.flash",
+        "Purged 800 dead letters of group it.mail · permanent.",
+    )
+    .await;
     assert_eq!(w.queue_len(&dead_q).await, 800);
 
     // A group emptied meanwhile explains itself instead of an empty table.
@@ -624,7 +648,8 @@ async fn operator_works_a_large_dead_queue() {
         .await
         .expect("purge");
     b.goto(&group_url).await;
-    b.wait_text("p.notice", "This group has no dead letters now").await;
+    b.wait_text("p.notice", "This group has no dead letters now")
+        .await;
     assert!(b
         .client
         .find(fantoccini::Locator::Css("table.messages"))
@@ -646,7 +671,10 @@ async fn operator_works_a_large_dead_queue() {
     // A disabled schedule offers no "Trigger now".
     b.goto(&p.url("/ui/schedules")).await;
     let off = b.text("tr[data-schedule='off']").await;
-    assert!(off.contains("off in the config") && !off.contains("Trigger now"), "{off}");
+    assert!(
+        off.contains("off in the config") && !off.contains("Trigger now"),
+        "{off}"
+    );
     b.shots("scale-schedules").await;
     b.goto(&p.url("/ui/publish")).await;
     b.shots("scale-publish").await;
@@ -666,8 +694,14 @@ async fn operator_works_a_large_dead_queue() {
             e.attr("title").await.expect("title").unwrap_or_default()
         }
     };
-    assert_eq!(title("tr.group button.replay").await, "needs the publish scope");
-    assert_eq!(title("tr.group button.purge").await, "needs the admin scope");
+    assert_eq!(
+        title("tr.group button.replay").await,
+        "needs the publish scope"
+    );
+    assert_eq!(
+        title("tr.group button.purge").await,
+        "needs the admin scope"
+    );
     b.wait_text(
         "p.scopes",
         "Your token (read) cannot replay (needs publish), nor purge (needs admin).",
@@ -684,7 +718,10 @@ async fn operator_works_a_large_dead_queue() {
         "needs the admin scope"
     );
     b.goto(&p.url("/ui/publish")).await;
-    assert_eq!(title("form.publish button").await, "needs the publish scope");
+    assert_eq!(
+        title("form.publish button").await,
+        "needs the publish scope"
+    );
     b.close().await;
 }
 
@@ -705,7 +742,11 @@ async fn a_session_in_use_lasts_past_session_ttl() {
     let start = std::time::Instant::now();
     let mut n = 0;
     while start.elapsed() < Duration::from_secs(7) {
-        let page = if n % 2 == 0 { "/ui/schedules" } else { "/ui/dead" };
+        let page = if n % 2 == 0 {
+            "/ui/schedules"
+        } else {
+            "/ui/dead"
+        };
         b.click(&format!("nav a[href='{page}']")).await;
         b.wait_path(page).await;
         n += 1;
