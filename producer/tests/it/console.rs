@@ -717,7 +717,14 @@ async fn the_dead_letter_total_is_the_brokers() {
     let p = started(&w, &[]).await;
     let s = sign_in(&p, READ_TOKEN).await;
     let dead_q = w.topo.dead_queue();
-    let total_of = |page: &str| between(page, "data-total=\"", "\"").unwrap_or_default();
+    // "holds <strong …>2,400 dead letters</strong>": the number shown.
+    let total_of = |page: &str| {
+        let shown = between(page, "holds <strong", "</strong>").unwrap_or_default();
+        let text = shown.split_once('>').map_or("", |(_, t)| t);
+        text.chars()
+            .filter(char::is_ascii_digit)
+            .collect::<String>()
+    };
     let hard = |path: &'static str| {
         let p = &p;
         let cookie = s.cookie.clone();
