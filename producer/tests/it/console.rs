@@ -425,6 +425,7 @@ async fn page_render_time_with_10000_dead_letters_and_200_schedules() {
         "/ui/dead",
         group,
         "/ui/dead/message?id=dead-900",
+        "/ui/dead/search?q=alert%28900%29",
         "/ui/publish",
     ];
     for page in pages {
