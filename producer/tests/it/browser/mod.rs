@@ -481,7 +481,7 @@ async fn main_text(b: &Browser) -> String {
     b.text("main").await
 }
 
-/// 2,400 dead letters in three groups, worked from the console: the
+/// 1,200 dead letters in three groups, worked from the console: the
 /// broker's total with separators, fingerprints that show the cause,
 /// a paged group with its size and group actions, one message whose
 /// headers wrap and whose instants read as RFC 3339, search by id and by
@@ -491,9 +491,9 @@ async fn main_text(b: &Browser) -> String {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn operator_works_a_large_dead_queue() {
     let w = World::new("ui-browser-scale").await;
-    fill_realistic(&w, 2400).await;
+    fill_realistic(&w, 1200).await;
     let dead_q = w.topo.dead_queue();
-    assert_eq!(w.queue_len(&dead_q).await, 2400);
+    assert_eq!(w.queue_len(&dead_q).await, 1200);
     let cfg = w.write_config(
         "p.toml",
         &format!(
@@ -508,14 +508,14 @@ async fn operator_works_a_large_dead_queue() {
     b.wait_path("/ui/login").await;
     b.shots("scale-login").await;
     sign_in(&b, &p, crate::helpers::ADMIN_TOKEN).await;
-    b.wait_text(".card.dead p.big", "2,400").await;
+    b.wait_text(".card.dead p.big", "1,200").await;
     b.wait_text("table.latest", "it.report").await;
     b.shots("scale-overview").await;
 
     // The groups: the broker's total, the cause first in each fingerprint.
     b.click("nav a[href='/ui/dead']").await;
     b.wait_path("/ui/dead").await;
-    b.wait_text("p.total", "2,400 dead letters").await;
+    b.wait_text("p.total", "1,200 dead letters").await;
     b.wait_text("p.total", "Groups of the first 1,000").await;
     let report = b
         .text("tr.group[data-task='it.report'] td.fingerprint")
@@ -551,7 +551,7 @@ async fn operator_works_a_large_dead_queue() {
     b.wait_path("/ui/dead/group").await;
     b.wait_text(
         "p.size",
-        "333 dead letters in this group among the first 1,000 of 2,400",
+        "333 dead letters in this group among the first 1,000 of 1,200",
     )
     .await;
     let rows = b
@@ -613,11 +613,11 @@ async fn operator_works_a_large_dead_queue() {
     b.wait_path("/ui/dead").await;
     b.wait_text(
         "p.flash",
-        "Replayed 800 dead letters of group it.charge · exhausted.",
+        "Replayed 400 dead letters of group it.charge · exhausted.",
     )
     .await;
-    assert_eq!(w.queue_len(&dead_q).await, 1600);
-    b.wait_text("p.total", "1,600 dead letters").await;
+    assert_eq!(w.queue_len(&dead_q).await, 800);
+    b.wait_text("p.total", "800 dead letters").await;
     b.shots("scale-dead-after-replay").await;
 
     // Purge a group from its page, confirming first.
@@ -629,10 +629,10 @@ async fn operator_works_a_large_dead_queue() {
     b.click("form.confirm button").await;
     b.wait_text(
         "p.flash",
-        "Purged 800 dead letters of group it.mail · permanent.",
+        "Purged 400 dead letters of group it.mail · permanent.",
     )
     .await;
-    assert_eq!(w.queue_len(&dead_q).await, 800);
+    assert_eq!(w.queue_len(&dead_q).await, 400);
 
     // A group emptied meanwhile explains itself instead of an empty table.
     b.goto(&p.url("/ui/dead")).await;
