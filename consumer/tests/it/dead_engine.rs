@@ -105,8 +105,8 @@ async fn groups_inspect_edit_replay_and_purge_by_group() {
             )
         })
         .collect();
-    let slow_fp = "permanent error: timeout after # ms for id <id>";
-    let flaky_fp = "attempts exhausted (# of #): upstream said #";
+    let slow_fp = "timeout after # ms for id <id> — permanent error";
+    let flaky_fp = "upstream said # — attempts exhausted (# of #)";
     assert_eq!(
         shape,
         [

@@ -6,6 +6,7 @@ use axum::extract::FromRequestParts;
 use axum::http::request::Parts;
 use axum::http::{header, HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Redirect, Response};
+use maud::{html, Markup};
 
 use super::layout;
 use super::session::{self, Session};
@@ -101,22 +102,19 @@ pub fn refused(s: &Session, f: &Fields, scope: Scope) -> Option<Response> {
     if !s.csrf_ok(f.get("csrf")) {
         return Some(forbidden(
             s,
-            "The form's CSRF token is missing or wrong: reload the page and try again.",
+            html! { "The form's CSRF token is missing or wrong: reload the page and try again." },
         ));
     }
     if !s.may(scope) {
         return Some(forbidden(
             s,
-            &format!(
-                "This needs the `{}` scope; your token lacks it.",
-                scope.name()
-            ),
+            html! { "This needs the " code { (scope.name()) } " scope; your token lacks it." },
         ));
     }
     None
 }
 
-fn forbidden(s: &Session, why: &str) -> Response {
+fn forbidden(s: &Session, why: Markup) -> Response {
     (
         StatusCode::FORBIDDEN,
         layout::page(

@@ -10,6 +10,8 @@ use chrono::{DateTime, SecondsFormat, Utc};
 use maud::{html, Markup, DOCTYPE};
 
 use super::session::Session;
+use super::Console;
+use crate::config::Scope;
 
 const CSS: &str = include_str!("assets/console.css");
 const JS: &str = include_str!("assets/console.js");
@@ -98,14 +100,57 @@ fn secure_headers(h: &mut axum::http::HeaderMap) {
     );
 }
 
-pub fn message(text: &str) -> Markup {
+pub fn message(text: Markup) -> Markup {
     html! { p.notice { (text) } }
 }
 
-/// A one-line notice after an action (`?flash=` of the redirect).
-pub fn flash(text: Option<&str>) -> Markup {
+/// The one-line notice an action left for this page: `key` is the
+/// one-time id in `?flash=` of the redirect, looked up in the session, so
+/// an unknown or foreign key (or text put in the URL) shows nothing.
+pub fn flash(c: &Console, s: &Session, key: Option<&str>) -> Markup {
+    let text = key.and_then(|k| c.sessions.take_flash(&s.id, k));
     html! {
         @if let Some(t) = text { p.flash role="status" { (t) } }
+    }
+}
+
+/// A message written elsewhere (an error of the API layer, the broker) for
+/// a page: its `quoted` names set as code rather than shown with their
+/// backticks; everything escaped.
+pub fn say(text: &str) -> Markup {
+    html! {
+        @for (i, part) in text.split('`').enumerate() {
+            @if i % 2 == 1 { code { (part) } } @else { (part) }
+        }
+    }
+}
+
+/// `1,234,567`: counts an operator reads at a glance.
+pub fn num(n: impl Into<u64>) -> String {
+    let digits = n.into().to_string();
+    let mut out = String::with_capacity(digits.len() + digits.len() / 3);
+    for (i, c) in digits.chars().enumerate() {
+        if i > 0 && (digits.len() - i) % 3 == 0 {
+            out.push(',');
+        }
+        out.push(c);
+    }
+    out
+}
+
+/// `1 dead letter`, `2 dead letters`, `12,000 dead letters`.
+pub fn count(n: impl Into<u64>, one: &str, many: &str) -> String {
+    let n = n.into();
+    format!("{} {}", num(n), if n == 1 { one } else { many })
+}
+
+/// The tooltip of an action button: what it does, or, disabled, which
+/// scope it needs.
+pub fn needs(can: bool, scope: Scope, does: &str) -> String {
+    if can {
+        does.to_owned()
+    } else {
+        format!("needs the {} scope", scope.name())
     }
 }
 
@@ -118,6 +163,25 @@ pub fn scope_list(s: &Session) -> String {
         .join(", ")
 }
 
+/// What the session's token may not do on this page, in words (a phone
+/// shows no tooltips): "Your token (read) cannot replay (needs publish),
+/// nor purge (needs admin)." Nothing when it may do all.
+pub fn scope_note(s: &Session, needs: &[(&str, Scope)]) -> Markup {
+    let missing: Vec<_> = needs.iter().filter(|(_, sc)| !s.may(*sc)).collect();
+    html! {
+        @if !missing.is_empty() {
+            p.hint.scopes {
+                "Your token (" (scope_list(s)) ") cannot "
+                @for (i, (what, sc)) in missing.iter().enumerate() {
+                    @if i > 0 { ", nor " }
+                    (what) " (needs " code { (sc.name()) } ")"
+                }
+                "."
+            }
+        }
+    }
+}
+
 /// A hidden CSRF field for a form of this session.
 pub fn csrf(s: &Session) -> Markup {
     html! { input type="hidden" name="csrf" value=(s.csrf); }
@@ -125,6 +189,22 @@ pub fn csrf(s: &Session) -> Markup {
 
 pub fn utc(t: DateTime<Utc>) -> String {
     t.to_rfc3339_opts(SecondsFormat::Secs, true)
+}
+
+/// An epoch number as RFC 3339 UTC (`ms` for milliseconds), or `None`
+/// when it is not a plausible instant.
+pub fn epoch(n: i64, ms: bool) -> Option<String> {
+    let t = if ms {
+        DateTime::<Utc>::from_timestamp_millis(n)?
+    } else {
+        DateTime::<Utc>::from_timestamp(n, 0)?
+    };
+    let f = if ms {
+        SecondsFormat::Millis
+    } else {
+        SecondsFormat::Secs
+    };
+    Some(t.to_rfc3339_opts(f, true))
 }
 
 /// `12s`, `3m 4s`, `2h 5m`: how long ago or ahead, for people.
@@ -138,13 +218,39 @@ pub fn span(d: chrono::TimeDelta) -> String {
     }
 }
 
-/// A redirect after a POST, with a notice for the next page.
-pub fn see_other(path: &str, flash: &str) -> Response {
+/// A redirect after a POST, with a notice for the next page (kept in the
+/// session; the URL carries only its one-time id).
+pub fn see_other(c: &Console, s: &Session, path: &str, notice: Markup) -> Response {
     let mut target = String::from(path);
-    target.push(if path.contains('?') { '&' } else { '?' });
-    target.push_str("flash=");
-    target.extend(form_urlencoded::byte_serialize(flash.as_bytes()));
+    if let Some(key) = c.sessions.put_flash(&s.id, notice) {
+        target.push(if path.contains('?') { '&' } else { '?' });
+        target.push_str("flash=");
+        target.push_str(&key);
+    }
     axum::response::Redirect::to(&target).into_response()
+}
+
+/// `?flash=` of a page: the one-time id of a notice (see [`flash`]).
+#[derive(serde::Deserialize, Default)]
+pub struct FlashKey {
+    pub flash: Option<String>,
+}
+
+/// Any other path under `/ui/`: a console page saying so, with the way
+/// back (the navigation when signed in).
+pub async fn not_found(
+    axum::extract::State(c): axum::extract::State<Console>,
+    headers: axum::http::HeaderMap,
+    uri: axum::http::Uri,
+) -> Response {
+    let who = super::guard::session_id(&headers).and_then(|id| c.sessions.touch(id));
+    let body = html! {
+        p.notice { "There is no console page at " code { (uri.path()) } "." }
+        p { a href="/ui/" { "Overview" } " · " a href="/ui/dead" { "Dead letters" } " · " a href="/ui/schedules" { "Schedules" } }
+    };
+    let mut r = page("Not found", who.as_ref(), Nav::None, body);
+    *r.status_mut() = StatusCode::NOT_FOUND;
+    r
 }
 
 pub async fn asset(Path(file): Path<String>) -> Response {
@@ -163,4 +269,46 @@ pub async fn asset(Path(file): Path<String>) -> Response {
         HeaderValue::from_static("private, max-age=300"),
     );
     r
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn counts_read_at_a_glance() {
+        assert_eq!(num(0u64), "0");
+        assert_eq!(num(999u64), "999");
+        assert_eq!(num(1000u64), "1,000");
+        assert_eq!(num(100_000u64), "100,000");
+        assert_eq!(num(1_234_567u64), "1,234,567");
+        assert_eq!(count(1u64, "dead letter", "dead letters"), "1 dead letter");
+        assert_eq!(count(0u64, "dead letter", "dead letters"), "0 dead letters");
+        assert_eq!(
+            count(2500u64, "dead letter", "dead letters"),
+            "2,500 dead letters"
+        );
+    }
+
+    #[test]
+    fn backticks_become_code_and_everything_is_escaped() {
+        assert_eq!(
+            say("no workflow named `<b>x</b>` here").into_string(),
+            "no workflow named <code>&lt;b&gt;x&lt;/b&gt;</code> here"
+        );
+        assert_eq!(say("plain").into_string(), "plain");
+    }
+
+    #[test]
+    fn epoch_numbers_as_rfc3339() {
+        assert_eq!(
+            epoch(1_700_000_000, false).as_deref(),
+            Some("2023-11-14T22:13:20Z")
+        );
+        assert_eq!(
+            epoch(1_700_000_000_123, true).as_deref(),
+            Some("2023-11-14T22:13:20.123Z")
+        );
+        assert_eq!(epoch(i64::MAX, false), None);
+    }
 }

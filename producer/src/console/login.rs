@@ -76,7 +76,7 @@ fn open_session(c: &Console, headers: &HeaderMap, token: &str, via: &str) -> Res
         .sessions
         .create(caller.name, caller.scopes, session::Token::new(token));
     tracing::info!(who = %s.who, via, "console sign-in");
-    let cookie = session::set_cookie(&s.id, c.sessions.ttl(), guard::over_tls(headers));
+    let cookie = session::set_cookie(&s.id, guard::over_tls(headers));
     let mut r = with_cookie(Redirect::to("/ui/").into_response(), &cookie);
     // The link's URL carries the token: keep it out of caches and of any
     // Referer (the overview's own answers say the same).

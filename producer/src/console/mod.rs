@@ -32,7 +32,7 @@ use std::sync::Arc;
 
 use axum::extract::DefaultBodyLimit;
 use axum::response::Redirect;
-use axum::routing::{get, post};
+use axum::routing::{any, get, post};
 use axum::Router;
 
 use crate::context::Ctx;
@@ -78,6 +78,8 @@ pub fn router(ctx: Arc<Ctx>) -> Router {
         .route("/ui/dead/replay", post(dead::replay))
         .route("/ui/dead/edit", post(dead::edit))
         .route("/ui/dead/purge", post(dead::purge))
+        .route("/ui/dead/search", get(dead::search))
+        .route("/ui/{*rest}", any(layout::not_found))
         .layer(DefaultBodyLimit::max(limit))
         .layer(axum::middleware::from_fn(server_timing))
         .with_state(state)

@@ -31,7 +31,7 @@ pub async fn fragment(State(c): State<Console>, Signed(_): Signed) -> Response {
 
 async fn fragment_markup(c: &Console, fresh: bool) -> Markup {
     let sample = c.sampler.get(&c.ctx, &c.broker, fresh).await;
-    let latest = super::dead::latest(c, fresh).await;
+    let latest = super::dead::latest(c, fresh, sample.dead.map(u64::from)).await;
     let connected = c.ctx.api_publisher().is_some();
     html! {
         section.cards {
@@ -50,14 +50,14 @@ async fn fragment_markup(c: &Console, fresh: bool) -> Markup {
             }
             div.card.dead {
                 h2 { "Dead letters" }
-                p.big { @if let Some(n) = sample.dead { a href="/ui/dead" { (n) } } @else { "?" } }
+                p.big { @if let Some(n) = sample.dead { a href="/ui/dead" data-total=(n) { (layout::num(n)) } } @else { "?" } }
                 p.hint { code { (c.ctx.topo().dead_queue()) } }
             }
         }
         (queues(&sample))
         h2 { "Latest failures" }
         (latest)
-        @if let Some(p) = &sample.problem { p.error { (p) } }
+        @if let Some(p) = &sample.problem { p.error { (layout::say(p)) } }
         p.hint.stamp { "Sampled " (chrono::Utc::now().format("%H:%M:%S UTC")) "; refreshes every " (REFRESH_SECS) " s." }
     }
 }
@@ -93,8 +93,8 @@ fn queues(sample: &Sample) -> Markup {
     }
 }
 
-fn opt<T: std::fmt::Display>(v: Option<T>) -> String {
-    v.map_or_else(|| "—".into(), |v| v.to_string())
+fn opt<T: Into<u64>>(v: Option<T>) -> String {
+    v.map_or_else(|| "—".into(), layout::num)
 }
 
 fn rate(v: Option<f64>) -> String {

@@ -7,27 +7,31 @@ use axum::extract::{Query, State};
 use axum::http::StatusCode;
 use axum::response::Response;
 use chrono::Utc;
-use maud::html;
+use maud::{html, Markup};
 use serde_json::{json, Map, Value};
 
 use super::actions;
 use super::guard::{refused, Fields, Signed};
-use super::layout::{self, Nav};
-use super::schedules::Flash;
+use super::layout::{self, FlashKey, Nav};
 use super::session::Session;
 use super::Console;
 use crate::config::Scope;
 use crate::request::{json_error, TaskRequest};
 
-pub async fn form(Signed(s): Signed, Query(q): Query<Flash>) -> Response {
-    render(&s, q.flash(), None, &Fields::parse(b""))
+pub async fn form(
+    State(c): State<Console>,
+    Signed(s): Signed,
+    Query(q): Query<FlashKey>,
+) -> Response {
+    let flash = layout::flash(&c, &s, q.flash.as_deref());
+    render(&s, flash, None, &Fields::parse(b""))
 }
 
-fn render(s: &Session, flash: Option<&str>, error: Option<&str>, f: &Fields) -> Response {
+fn render(s: &Session, flash: Markup, error: Option<&str>, f: &Fields) -> Response {
     let can = s.may(Scope::Publish);
     let body = html! {
-        (layout::flash(flash))
-        @if let Some(e) = error { p.error role="alert" { (e) } }
+        (flash)
+        @if let Some(e) = error { p.error role="alert" { (layout::say(e)) } }
         @if !can { p.notice { "Your token lacks the " code { "publish" } " scope: you can fill the form but not send it." } }
         form.publish method="post" action="/ui/publish" {
             (layout::csrf(s))
@@ -44,7 +48,8 @@ fn render(s: &Session, flash: Option<&str>, error: Option<&str>, f: &Fields) -> 
                 div { label for="priority" { "Priority" } input #priority name="priority" type="number" min="0" max="255" value=(f.get("priority").unwrap_or("")); }
                 div { label for="max_attempts" { "Max attempts" } input #max_attempts name="max_attempts" type="number" min="1" value=(f.get("max_attempts").unwrap_or("")); }
             }
-            button type="submit" disabled[!can] { "Publish" }
+            button type="submit" disabled[!can]
+                title=(layout::needs(can, Scope::Publish, "publish this task, confirmed by the broker")) { "Publish" }
         }
     };
     layout::page("Publish a task", Some(s), Nav::Publish, body)
@@ -56,7 +61,7 @@ pub async fn submit(State(c): State<Console>, Signed(s): Signed, body: Bytes) ->
         return r;
     }
     let refuse = |e: String| {
-        let mut r = render(&s, None, Some(&e), &f);
+        let mut r = render(&s, html! {}, Some(&e), &f);
         *r.status_mut() = StatusCode::UNPROCESSABLE_ENTITY;
         r
     };
@@ -73,8 +78,10 @@ pub async fn submit(State(c): State<Console>, Signed(s): Signed, body: Bytes) ->
     actions::audit(&c.ctx, &s.who, "publish", &name, 1, result.is_ok());
     match result {
         Ok(ids) => layout::see_other(
+            &c,
+            &s,
             "/ui/publish",
-            &format!("Published `{name}`: task {}.", ids.join(", ")),
+            html! { "Published " code { (name) } ": task " code { (ids.join(", ")) } "." },
         ),
         Err(e) => refuse(format!("Not published: {e}")),
     }

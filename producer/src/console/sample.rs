@@ -78,6 +78,8 @@ struct State {
 pub struct Sampler {
     state: Mutex<State>,
     http: reqwest::Client,
+    /// Set by an action that changed the queues: the next page samples anew.
+    outdated: std::sync::atomic::AtomicBool,
 }
 
 impl Sampler {
@@ -91,7 +93,15 @@ impl Sampler {
                 .timeout(ASK_TIMEOUT)
                 .build()
                 .unwrap_or_default(),
+            outdated: std::sync::atomic::AtomicBool::new(false),
         }
+    }
+
+    /// The queues changed (a replay, a purge): the next [`Self::get`]
+    /// asks the broker, so the page after an action shows its effect.
+    pub fn outdate(&self) {
+        self.outdated
+            .store(true, std::sync::atomic::Ordering::SeqCst);
     }
 
     /// The latest sample, taken now if the last one is older than [`FRESH`]
@@ -99,6 +109,10 @@ impl Sampler {
     /// of each taking one.
     pub async fn get(&self, ctx: &Ctx, broker: &Broker, fresh: bool) -> Arc<Sample> {
         let mut st = self.state.lock().await;
+        let fresh = fresh
+            || self
+                .outdated
+                .swap(false, std::sync::atomic::Ordering::SeqCst);
         if let Some(last) = st.last.as_ref().filter(|_| !fresh) {
             if last.taken.elapsed() < FRESH {
                 return last.clone();

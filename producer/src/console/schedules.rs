@@ -7,32 +7,23 @@ use axum::extract::{Path, Query, State};
 use axum::response::Response;
 use chrono::Utc;
 use maud::{html, Markup};
-use serde::Deserialize;
 
 use super::actions;
 use super::guard::{refused, Fields, Signed};
-use super::layout::{self, Nav};
+use super::layout::{self, FlashKey, Nav};
 use super::Console;
 use crate::config::Scope;
 
 /// Schedules the page shows.
 const PAGE: usize = 500;
 
-/// The notice a redirect after an action carries (`?flash=`).
-#[derive(Deserialize)]
-pub struct Flash {
-    flash: Option<String>,
-}
-
-impl Flash {
-    pub fn flash(&self) -> Option<&str> {
-        self.flash.as_deref()
-    }
-}
-
-pub async fn page(State(c): State<Console>, Signed(s): Signed, Query(q): Query<Flash>) -> Response {
+pub async fn page(
+    State(c): State<Console>,
+    Signed(s): Signed,
+    Query(q): Query<FlashKey>,
+) -> Response {
     let body = html! {
-        (layout::flash(q.flash()))
+        (layout::flash(&c, &s, q.flash.as_deref()))
         (table(&c, &s))
     };
     layout::page("Schedules", Some(&s), Nav::Schedules, body)
@@ -50,15 +41,16 @@ fn table(c: &Console, s: &super::session::Session) -> Markup {
             p.notice { "No schedules configured (" code { "[[schedules]]" } " in the producer's config)." }
         } @else {
             p.hint {
-                (total) " schedules"
+                (layout::count(total as u64, "schedule", "schedules"))
                 @if total > set.len() { " (the first " (set.len()) " shown; " code { "GET /v1/schedules?after=" } " lists them all)" }
                 " · this replica "
                 @if c.ctx.is_leader() { strong { "leads" } " and fires them" } @else { "is a standby (another replica fires)" }
             }
+            (layout::scope_note(s, &[("trigger", Scope::Publish), ("pause or resume", Scope::Admin)]))
             div.scroll { table.schedules {
                 thead { tr {
                     th { "Name" } th { "Task" } th { "Cron" } th { "Zone" }
-                    th { "Next fire (UTC)" } th { "Next fire (local)" } th { "Last fire" }
+                    th { "Next fire (UTC, local)" } th { "Last fire" }
                     th { "Late by" } th { "Misfire" } th { "State" } th { "Actions" }
                 } }
                 tbody {
@@ -71,10 +63,16 @@ fn table(c: &Console, s: &super::session::Session) -> Markup {
                             td { code { (sch.target()) } }
                             td { code { (sch.cfg.cron) } }
                             td { (sch.cfg.timezone) }
-                            td { @if let Some(n) = next { time datetime=(layout::utc(n)) { (layout::utc(n)) } } @else { "—" } }
-                            td { @if let Some(n) = next { (n.with_timezone(&sch.spec.tz()).format("%Y-%m-%d %H:%M:%S %Z")) } @else { "—" } }
-                            td { @if let Some(l) = st.last_fired { (layout::utc(l)) " (" (layout::span(now - l)) " ago)" } @else { "never (here)" } }
-                            td.late[late.is_some()] { @if let Some(l) = late { (layout::span(l)) } @else { "on time" } }
+                            td.next { @if let Some(n) = next {
+                                time datetime=(layout::utc(n)) { (layout::utc(n)) } br;
+                                span.hint { (n.with_timezone(&sch.spec.tz()).format("%Y-%m-%d %H:%M:%S %Z")) }
+                            } @else { "—" } }
+                            td { @if let Some(l) = st.last_fired {
+                                time datetime=(layout::utc(l)) { (layout::utc(l)) } br; span.hint { (layout::span(now - l)) " ago" }
+                            } @else { "never (here)" } }
+                            td.late[late.is_some()] {
+                                @if let Some(l) = late { (layout::span(l)) } @else if next.is_none() { "—" } @else { "on time" }
+                            }
                             td { (json_name(&sch.cfg.misfire)) " · grace " (humantime::format_duration(sch.cfg.misfire_grace)) }
                             td.state {
                                 @if !sch.cfg.enabled { "disabled" }
@@ -82,17 +80,22 @@ fn table(c: &Console, s: &super::session::Session) -> Markup {
                                 @else { "enabled" }
                             }
                             td.actions {
-                                form method="post" action=(format!("/ui/schedules/{}/trigger", sch.name())) {
-                                    (layout::csrf(s))
-                                    button type="submit" disabled[!can_publish]
-                                        title=(if can_publish { "publish one task now, as a manual fire" } else { "needs the publish scope" }) { "Trigger now" }
-                                }
-                                " "
-                                @let (verb, label) = if st.paused { ("resume", "Resume") } else { ("pause", "Pause") };
-                                form method="post" action=(format!("/ui/schedules/{}/{verb}", sch.name())) {
-                                    (layout::csrf(s))
-                                    button.secondary type="submit" disabled[!can_admin || !sch.cfg.enabled]
-                                        title=(if can_admin { "instants while paused are skipped" } else { "needs the admin scope" }) { (label) }
+                                // Switched off in the config: nothing to trigger, pause or resume here.
+                                @if !sch.cfg.enabled {
+                                    span.hint title="enabled = false in the schedule's config" { "off in the config" }
+                                } @else {
+                                    form method="post" action=(format!("/ui/schedules/{}/trigger", sch.name())) {
+                                        (layout::csrf(s))
+                                        button type="submit" disabled[!can_publish]
+                                            title=(layout::needs(can_publish, Scope::Publish, "publish one task now, as a manual fire")) { "Trigger now" }
+                                    }
+                                    " "
+                                    @let (verb, label) = if st.paused { ("resume", "Resume") } else { ("pause", "Pause") };
+                                    form method="post" action=(format!("/ui/schedules/{}/{verb}", sch.name())) {
+                                        (layout::csrf(s))
+                                        button.secondary type="submit" disabled[!can_admin]
+                                            title=(layout::needs(can_admin, Scope::Admin, "instants while paused are skipped")) { (label) }
+                                    }
                                 }
                             }
                         }
@@ -114,7 +117,12 @@ pub async fn trigger(
         return r;
     }
     let Some(sch) = c.ctx.book().get(&name) else {
-        return layout::see_other("/ui/schedules", &format!("No schedule named `{name}`."));
+        return layout::see_other(
+            &c,
+            &s,
+            "/ui/schedules",
+            html! { "No schedule named " code { (name) } "." },
+        );
     };
     let id = format!("{}@manual-{}", sch.name(), uuid::Uuid::new_v4());
     let result = match &sch.cfg.workflow {
@@ -134,8 +142,18 @@ pub async fn trigger(
     };
     actions::audit(&c.ctx, &s.who, "trigger", &name, 1, result.is_ok());
     match result {
-        Ok(_) => layout::see_other("/ui/schedules", &format!("Triggered `{name}`: task {id}.")),
-        Err(e) => layout::see_other("/ui/schedules", &format!("`{name}` was not triggered: {e}")),
+        Ok(_) => layout::see_other(
+            &c,
+            &s,
+            "/ui/schedules",
+            html! { "Triggered " code { (name) } ": task " code { (id) } "." },
+        ),
+        Err(e) => layout::see_other(
+            &c,
+            &s,
+            "/ui/schedules",
+            html! { code { (name) } " was not triggered: " (layout::say(&e)) },
+        ),
     }
 }
 
@@ -197,7 +215,17 @@ async fn pause_or_resume(
         r.is_ok(),
     );
     match r {
-        Ok(()) => layout::see_other("/ui/schedules", &format!("{done} `{name}`.")),
-        Err(e) => layout::see_other("/ui/schedules", &format!("`{name}`: {action} failed: {e}")),
+        Ok(()) => layout::see_other(
+            c,
+            s,
+            "/ui/schedules",
+            html! { (done) " " code { (name) } "." },
+        ),
+        Err(e) => layout::see_other(
+            c,
+            s,
+            "/ui/schedules",
+            html! { code { (name) } ": " (action) " failed: " (layout::say(&e.to_string())) },
+        ),
     }
 }

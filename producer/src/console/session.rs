@@ -12,7 +12,7 @@
 //! created it (a load balancer in front of several replicas needs sticky
 //! sessions, or the operator signs in again).
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
@@ -26,6 +26,10 @@ pub const COOKIE: &str = "warren_session";
 
 /// Most live sessions kept; signing in past it drops the least recently used.
 const MAX_SESSIONS: usize = 10_000;
+
+/// Notices a session keeps until shown (several tabs may act at once);
+/// past it the oldest is dropped.
+const MAX_FLASHES: usize = 16;
 
 /// A token kept to check it again on every request; `Debug` never shows it.
 #[derive(Clone)]
@@ -73,6 +77,8 @@ impl Session {
 struct Entry {
     session: Session,
     last_used: Instant,
+    /// Notices for the page after an action, by one-time id (oldest first).
+    flashes: VecDeque<(String, String)>,
 }
 
 /// The server-side session table.
@@ -87,10 +93,6 @@ impl Sessions {
             ttl,
             table: Mutex::new(HashMap::new()),
         }
-    }
-
-    pub fn ttl(&self) -> Duration {
-        self.ttl
     }
 
     /// A new session for `who` with `scopes`, signed in with `token`.
@@ -119,6 +121,7 @@ impl Sessions {
                 Entry {
                     session: session.clone(),
                     last_used: now,
+                    flashes: VecDeque::new(),
                 },
             );
         }
@@ -146,6 +149,29 @@ impl Sessions {
         None
     }
 
+    /// Keep `html` (markup the server built) for the next page of session
+    /// `id`; the returned one-time id goes in that page's URL. The text
+    /// itself never travels in a URL, so a link cannot make a page say
+    /// anything.
+    pub fn put_flash(&self, id: &str, html: maud::Markup) -> Option<String> {
+        let mut t = self.table.lock().ok()?;
+        let e = t.get_mut(id)?;
+        let key = random_hex(8);
+        if e.flashes.len() >= MAX_FLASHES {
+            e.flashes.pop_front();
+        }
+        e.flashes.push_back((key.clone(), html.into_string()));
+        Some(key)
+    }
+
+    /// The notice `key` of session `id`, once: a reload shows it no more.
+    pub fn take_flash(&self, id: &str, key: &str) -> Option<maud::Markup> {
+        let mut t = self.table.lock().ok()?;
+        let e = t.get_mut(id)?;
+        let at = e.flashes.iter().position(|(k, _)| k == key)?;
+        e.flashes.remove(at).map(|(_, html)| maud::PreEscaped(html))
+    }
+
     pub fn remove(&self, id: &str) {
         if let Ok(mut t) = self.table.lock() {
             t.remove(id);
@@ -164,10 +190,14 @@ pub fn from_cookie_header(value: &str) -> Option<&str> {
 }
 
 /// `Set-Cookie` for a new session; `secure` when served over TLS.
-pub fn set_cookie(id: &str, ttl: Duration, secure: bool) -> String {
+///
+/// A session cookie (no `Max-Age`, no `Expires`): the browser keeps it
+/// until it closes, and the server ends the session after
+/// `console.session_ttl` without use. A lifetime on the cookie would end a
+/// session in use that long after sign-in, since nothing refreshes it.
+pub fn set_cookie(id: &str, secure: bool) -> String {
     format!(
-        "{COOKIE}={id}; Path=/ui; HttpOnly; SameSite=Strict; Max-Age={}{}",
-        ttl.as_secs(),
+        "{COOKIE}={id}; Path=/ui; HttpOnly; SameSite=Strict{}",
         if secure { "; Secure" } else { "" }
     )
 }
@@ -219,6 +249,37 @@ mod tests {
     }
 
     #[test]
+    fn a_flash_is_shown_once_and_only_to_its_session() {
+        let s = Sessions::new(Duration::from_secs(60));
+        let a = s.create("a".into(), vec![], Token::new("t"));
+        let b = s.create("b".into(), vec![], Token::new("t"));
+        let key = s
+            .put_flash(&a.id, maud::html! { "Paused " code { "x" } "." })
+            .unwrap();
+        assert!(
+            s.take_flash(&b.id, &key).is_none(),
+            "another session's notice"
+        );
+        assert!(s.take_flash(&a.id, "Session expired").is_none());
+        assert_eq!(
+            s.take_flash(&a.id, &key).unwrap().into_string(),
+            "Paused <code>x</code>."
+        );
+        assert!(s.take_flash(&a.id, &key).is_none(), "shown twice");
+        assert!(s
+            .put_flash("no-such-session", maud::html! { "x" })
+            .is_none());
+        let keys: Vec<_> = (0..MAX_FLASHES + 1)
+            .map(|i| s.put_flash(&a.id, maud::html! { (i) }).unwrap())
+            .collect();
+        assert!(
+            s.take_flash(&a.id, &keys[0]).is_none(),
+            "the oldest dropped"
+        );
+        assert!(s.take_flash(&a.id, &keys[MAX_FLASHES]).is_some());
+    }
+
+    #[test]
     fn the_token_never_shows_in_debug() {
         let s = Sessions::new(Duration::from_secs(60)).create(
             "a".into(),
@@ -246,12 +307,14 @@ mod tests {
         );
         assert_eq!(from_cookie_header("warren_session="), None);
         assert_eq!(from_cookie_header("other=1"), None);
-        let c = set_cookie("x", Duration::from_secs(10), false);
+        let c = set_cookie("x", false);
         assert!(
             c.contains("HttpOnly") && c.contains("SameSite=Strict"),
             "{c}"
         );
         assert!(!c.contains("Secure"));
-        assert!(set_cookie("x", Duration::from_secs(10), true).ends_with("; Secure"));
+        // Expiry is the server's (idle time), never the browser's.
+        assert!(!c.contains("Max-Age") && !c.contains("Expires"), "{c}");
+        assert!(set_cookie("x", true).ends_with("; Secure"));
     }
 }

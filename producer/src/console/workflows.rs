@@ -36,7 +36,8 @@ pub async fn page(
     Signed(s): Signed,
     Query(q): Query<ListQuery>,
 ) -> Response {
-    render_list(&c, &s, q.flash.as_deref(), None).await
+    let flash = layout::flash(&c, &s, q.flash.as_deref());
+    render_list(&c, &s, flash, None).await
 }
 
 /// A start form sent back with what was typed and what is wrong with it.
@@ -49,7 +50,7 @@ struct Refused<'a> {
 async fn render_list(
     c: &Console,
     s: &Session,
-    flash: Option<&str>,
+    flash: Markup,
     bad: Option<Refused<'_>>,
 ) -> Response {
     let set = c.ctx.workflows();
@@ -61,11 +62,12 @@ async fn render_list(
         api::snapshot(&c.ctx).await
     };
     let body = html! {
-        (layout::flash(flash))
+        (flash)
         @if set.is_empty() {
             p.notice { "No workflows configured (" code { "[[workflows]]" } " in the producer's config)." }
         }
-        @if let Err(e) = &snap { p.error role="alert" { "Runs unavailable: " (e.message()) } }
+        @if !set.is_empty() { (layout::scope_note(s, &[("start a run", Scope::Publish)])) }
+        @if let Err(e) = &snap { p.error role="alert" { "Runs unavailable: " (layout::say(e.message())) } }
         @if let Ok(snap) = &snap { @if let Some(t) = snap.written_at {
             p.hint { "Run state as of " (layout::utc(t)) " (the coordinator's latest snapshot)." }
         } }
@@ -99,7 +101,7 @@ fn start_form(s: &Session, wf: &Workflow, bad: Option<&Refused<'_>>) -> Markup {
     let area = format!("input-{}", wf.name);
     let id = format!("id-{}", wf.name);
     html! {
-        @if let Some(b) = bad { p.error role="alert" { (b.error) } }
+        @if let Some(b) = bad { p.error role="alert" { (layout::say(&b.error)) } }
         form.publish method="post" action="/ui/workflows/start" {
             (layout::csrf(s))
             input type="hidden" name="workflow" value=(wf.name);
@@ -109,7 +111,7 @@ fn start_form(s: &Session, wf: &Workflow, bad: Option<&Refused<'_>>) -> Markup {
             label for=(id) { "Run id (optional)" }
             input id=(id) name="id" placeholder="generated" value=(typed("id").unwrap_or_default());
             button type="submit" disabled[!can]
-                title=(if can { "start a run with this input" } else { "needs the publish scope" }) { "Start run" }
+                title=(layout::needs(can, Scope::Publish, "start a run with this input")) { "Start run" }
         }
     }
 }
@@ -193,7 +195,7 @@ pub async fn run(
                 "Workflow run",
                 Some(&s),
                 Nav::Workflows,
-                html! { p.error role="alert" { (e.message()) } p { a href="/ui/workflows" { "All workflows" } } },
+                html! { p.error role="alert" { (layout::say(e.message())) } p { a href="/ui/workflows" { "All workflows" } } },
             );
             *r.status_mut() = e.status();
             return r;
@@ -202,7 +204,7 @@ pub async fn run(
     let now = Utc::now();
     let can = s.may(Scope::Publish);
     let body = html! {
-        (layout::flash(q.flash.as_deref()))
+        (layout::flash(&c, &s, q.flash.as_deref()))
         p.hint {
             a href="/ui/workflows" { "Workflows" } " · " code { (run.workflow) }
             @if let Some(t) = as_of { " · as of " (layout::utc(t)) }
@@ -211,7 +213,7 @@ pub async fn run(
             tr { th { "State" } td data-run-state=(run.status.name()) { (state_badge(run.status.name())) } }
             tr { th { "Started" } td { (layout::utc(run.started_at)) } }
             tr { th { "Duration" } td { (duration(run.started_at, run.finished_at, now)) } }
-            @if run.generation > 0 { tr { th { "Resumed" } td { (run.generation) " time(s)" } } }
+            @if run.generation > 0 { tr { th { "Resumed" } td { (layout::count(u64::from(run.generation), "time", "times")) } } }
             tr { th { "Input" } td { pre { (bounded_json(&run.input)) } } }
             @if let Some(f) = &run.failure {
                 tr { th { "Failed step" } td.failure {
@@ -230,7 +232,7 @@ pub async fn run(
                 input type="hidden" name="workflow" value=(run.workflow);
                 input type="hidden" name="id" value=(run.id);
                 button type="submit" disabled[!can]
-                    title=(if can { "rerun the failed step and what depends on it" } else { "needs the publish scope" }) { "Resume" }
+                    title=(layout::needs(can, Scope::Publish, "rerun the failed step and what depends on it")) { "Resume" }
             }
         }
         div.scroll { table.steps {
@@ -294,7 +296,7 @@ pub async fn start(State(c): State<Console>, Signed(s): Signed, body: Bytes) -> 
     let name = f.get("workflow").unwrap_or("").to_owned();
     let wf = match api::definition(&c.ctx, &name) {
         Ok(wf) => wf,
-        Err(e) => return layout::see_other("/ui/workflows", e.message()),
+        Err(e) => return layout::see_other(&c, &s, "/ui/workflows", layout::say(e.message())),
     };
     let refuse = |error: String| Refused {
         workflow: &wf.name,
@@ -305,12 +307,12 @@ pub async fn start(State(c): State<Console>, Signed(s): Signed, body: Bytes) -> 
         Ok(v) => v,
         Err(e) => {
             let why = format!("Input, line {}: {}", e.line(), json_error(&e));
-            return render_list(&c, &s, None, Some(refuse(why))).await;
+            return render_list(&c, &s, html! {}, Some(refuse(why))).await;
         }
     };
     let id = match api::run_id(f.opt("id").map(str::to_owned)) {
         Ok(id) => id,
-        Err(e) => return render_list(&c, &s, None, Some(refuse(e.message().to_owned()))).await,
+        Err(e) => return render_list(&c, &s, html! {}, Some(refuse(e.message().to_owned()))).await,
     };
     let (props, msg) = workflow::start_message(&wf.name, &input, &id, None);
     let sent = api::send(
@@ -324,10 +326,15 @@ pub async fn start(State(c): State<Console>, Signed(s): Signed, body: Bytes) -> 
     )
     .await;
     match sent {
-        Ok(()) => layout::see_other(&run_link(&wf.name, &id), &format!("Started run {id}.")),
+        Ok(()) => layout::see_other(
+            &c,
+            &s,
+            &run_link(&wf.name, &id),
+            html! { "Started run " code { (id) } "." },
+        ),
         Err(e) => {
             let why = format!("Not started: {}", e.message());
-            render_list(&c, &s, None, Some(refuse(why))).await
+            render_list(&c, &s, html! {}, Some(refuse(why))).await
         }
     }
 }
@@ -347,7 +354,12 @@ pub async fn resume(State(c): State<Console>, Signed(s): Signed, body: Bytes) ->
         Err(e) => Err(e),
     };
     if let Err(e) = checked {
-        return layout::see_other(&back, &format!("Not resumed: {}", e.message()));
+        return layout::see_other(
+            &c,
+            &s,
+            &back,
+            html! { "Not resumed: " (layout::say(e.message())) },
+        );
     }
     let (props, msg) = workflow::resume_message(name, id);
     match api::send(
@@ -361,8 +373,13 @@ pub async fn resume(State(c): State<Console>, Signed(s): Signed, body: Bytes) ->
     )
     .await
     {
-        Ok(()) => layout::see_other(&back, &format!("Resumed run {id}.")),
-        Err(e) => layout::see_other(&back, &format!("Not resumed: {}", e.message())),
+        Ok(()) => layout::see_other(&c, &s, &back, html! { "Resumed run " code { (id) } "." }),
+        Err(e) => layout::see_other(
+            &c,
+            &s,
+            &back,
+            html! { "Not resumed: " (layout::say(e.message())) },
+        ),
     }
 }
 

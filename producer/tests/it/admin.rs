@@ -191,8 +191,8 @@ async fn dead_letter_api_groups_inspects_replays_and_purges() {
         )
         .await;
     }
-    let slow_fp = "permanent error: timeout after # ms for id <id>";
-    let flaky_fp = "attempts exhausted (# of #): upstream said #";
+    let slow_fp = "timeout after # ms for id <id> — permanent error";
+    let flaky_fp = "upstream said # — attempts exhausted (# of #)";
     let slow_group = json!({"task": "it.slow", "kind": "permanent", "fingerprint": slow_fp});
     let flaky_group = json!({"task": "it.flaky", "kind": "exhausted", "fingerprint": flaky_fp});
 

@@ -148,14 +148,13 @@ async fn sign_in_sets_a_strict_cookie_and_wrong_tokens_are_refused() {
         .and_then(|v| v.to_str().ok())
         .unwrap_or_default()
         .to_owned();
-    for attr in [
-        "HttpOnly",
-        "SameSite=Strict",
-        "Secure",
-        "Path=/ui",
-        "Max-Age=28800",
-    ] {
+    for attr in ["HttpOnly", "SameSite=Strict", "Secure", "Path=/ui"] {
         assert!(cookie.contains(attr), "{attr} in {cookie}");
+    }
+    // A session cookie: the server ends the session after idle time; a
+    // lifetime on the cookie would end it that long after sign-in, in use.
+    for attr in ["Max-Age", "Expires"] {
+        assert!(!cookie.contains(attr), "{attr} in {cookie}");
     }
 
     // Signed in: pages answer, with the headers that keep scripts out.
@@ -313,7 +312,7 @@ async fn a_read_token_sees_pages_but_cannot_act() {
         .text()
         .await
         .unwrap_or_default()
-        .contains("`publish` scope"));
+        .contains("<code>publish</code> scope"));
     let r = post(
         &p,
         &s.cookie,
@@ -334,7 +333,11 @@ async fn a_read_token_sees_pages_but_cannot_act() {
         )
         .await;
         assert_eq!(r.status().as_u16(), 403);
-        assert!(r.text().await.unwrap_or_default().contains("`admin` scope"));
+        assert!(r
+            .text()
+            .await
+            .unwrap_or_default()
+            .contains("<code>admin</code> scope"));
     }
 
     // The same actions with an admin token go through.
@@ -483,6 +486,7 @@ async fn page_render_time_with_10000_dead_letters_and_200_schedules() {
         "/ui/dead",
         group,
         "/ui/dead/message?id=dead-900",
+        "/ui/dead/search?q=alert%28900%29",
         "/ui/publish",
     ];
     for page in pages {
@@ -586,7 +590,8 @@ async fn dead_letters_escaped_and_guarded() {
         .and_then(|v| v.to_str().ok())
         .unwrap_or_default()
         .to_owned();
-    assert!(to.contains("not+JSON") || to.contains("not%20JSON"), "{to}");
+    let (_, page) = get(&p, &pb.cookie, &to).await;
+    assert!(page.contains("the payload is not JSON"), "{to}: {page}");
     assert_eq!(w.queue_len(&dead_q).await, 4);
 
     // Purge: the first POST only asks; the confirmed one deletes.
@@ -671,4 +676,346 @@ async fn sighup_ends_the_sessions_of_a_removed_token() {
         403,
         "publish scope gone with the reload"
     );
+}
+
+/// The session's cookie has no lifetime of its own: a session in use goes
+/// on past `console.session_ttl` after sign-in, and one left idle that
+/// long ends on the server.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_session_in_use_outlives_session_ttl_and_an_idle_one_ends() {
+    let w = World::new("ui-idle").await;
+    let cfg = w.write_config(
+        "p.toml",
+        &format!("{HOURLY}\n[console]\nsession_ttl = \"2s\"\n"),
+    );
+    let p = w.start("producer", &cfg, &[]);
+    p.wait_ready(Duration::from_secs(20)).await;
+    let s = sign_in(&p, READ_TOKEN).await;
+    let start = std::time::Instant::now();
+    while start.elapsed() < Duration::from_secs(4) {
+        assert_eq!(get(&p, &s.cookie, "/ui/schedules").await.0, 200, "in use");
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    assert_eq!(get(&p, &s.cookie, "/ui/").await.0, 303, "idle past the ttl");
+}
+
+/// `?flash=` names a notice an action left in the session, once; text put
+/// in the URL (or another session's notice) shows nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_status_banner_shows_only_what_an_action_left() {
+    let w = World::new("ui-flash").await;
+    let p = started(&w, &[]).await;
+    let s = sign_in(&p, PUBLISH_TOKEN).await;
+    let lure = "Session expired. Paste your token at https://evil.example";
+    let q = form(&[("flash", lure)]);
+    for path in [
+        "/ui/",
+        "/ui/schedules",
+        "/ui/publish",
+        "/ui/workflows",
+        "/ui/dead",
+        "/ui/dead/search",
+    ] {
+        let (status, page) = get(&p, &s.cookie, &format!("{path}?{q}")).await;
+        assert_eq!(status, 200, "{path}");
+        assert!(!page.contains("evil.example"), "{path}: {page}");
+        assert!(!page.contains(r#"class="flash""#), "{path}: {page}");
+    }
+
+    let r = post(
+        &p,
+        &s.cookie,
+        "/ui/schedules/hourly/trigger",
+        &form(&[("csrf", &s.csrf)]),
+    )
+    .await;
+    assert_eq!(r.status().as_u16(), 303);
+    let to = r
+        .headers()
+        .get("location")
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or_default()
+        .to_owned();
+    let key = to.strip_prefix("/ui/schedules?flash=").unwrap_or_default();
+    assert!(
+        key.len() == 16 && key.bytes().all(|b| b.is_ascii_hexdigit()),
+        "only a one-time id in the URL: {to}"
+    );
+    let other = sign_in(&p, PUBLISH_TOKEN).await;
+    let (_, page) = get(&p, &other.cookie, &to).await;
+    assert!(!page.contains("Triggered"), "another session's notice");
+    let (_, page) = get(&p, &s.cookie, &to).await;
+    assert!(
+        page.contains(r#"<p class="flash" role="status">Triggered <code>hourly</code>"#),
+        "{page}"
+    );
+    let (_, page) = get(&p, &s.cookie, &to).await;
+    assert!(!page.contains("Triggered"), "shown once");
+}
+
+/// Take up to `n` ready messages of `queue` without acking them: the
+/// broker counts them as not ready until the channel closes.
+async fn hold(w: &World, queue: &str, n: usize) -> lapin::Channel {
+    use lapin::options::BasicGetOptions;
+    let ch = w.conn.create_channel().await.expect("channel");
+    for _ in 0..n {
+        let got = ch
+            .basic_get(queue.into(), BasicGetOptions { no_ack: false })
+            .await
+            .expect("basic.get");
+        assert!(got.is_some(), "a message to hold");
+    }
+    ch
+}
+
+/// The Dead letters page says how many the broker holds (its count, at
+/// most 2 s old), not how many its last grouping saw, and never "Nothing
+/// is dead" while the broker counts some.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_dead_letter_total_is_the_brokers() {
+    let w = World::new("ui-dead-total").await;
+    fill_dead(&w, 20).await;
+    let p = started(&w, &[]).await;
+    let s = sign_in(&p, READ_TOKEN).await;
+    let dead_q = w.topo.dead_queue();
+    // "holds <strong …>2,400 dead letters</strong>": the number shown.
+    let total_of = |page: &str| {
+        let shown = between(page, "holds <strong", "</strong>").unwrap_or_default();
+        let text = shown.split_once('>').map_or("", |(_, t)| t);
+        text.chars()
+            .filter(char::is_ascii_digit)
+            .collect::<String>()
+    };
+    let hard = |path: &'static str| {
+        let p = &p;
+        let cookie = s.cookie.clone();
+        async move {
+            client()
+                .get(p.url(path))
+                .header("cookie", cookie)
+                .header("cache-control", "no-cache")
+                .send()
+                .await
+                .expect("GET")
+                .text()
+                .await
+                .unwrap_or_default()
+        }
+    };
+
+    // Another reader holds 3 while the page groups: it sees 17.
+    let held = hold(&w, &dead_q, 3).await;
+    assert_eq!(total_of(&hard("/ui/dead").await), "17");
+    held.close(200, "".into()).await.expect("close");
+    assert_eq!(w.queue_len(&dead_q).await, 20);
+    // Past the count's 2 s, within the grouping's 5 s.
+    tokio::time::sleep(Duration::from_millis(2200)).await;
+    let (_, page) = get(&p, &s.cookie, "/ui/dead").await;
+    assert_eq!(total_of(&page), "20", "{page}");
+    assert!(page.contains("20 dead letters"), "{page}");
+
+    // The grouping catches up in the background (no scan may hold
+    // messages while the test takes them all).
+    warren::testing::eventually(Duration::from_secs(10), "the regrouping", || async {
+        let (_, page) = get(&p, &s.cookie, "/ui/dead").await;
+        (!page.contains("regrouping")).then_some(())
+    })
+    .await;
+    // All 20 held: the broker counts none ready.
+    let held = hold(&w, &dead_q, 20).await;
+    let page = hard("/ui/dead").await;
+    assert!(page.contains("Nothing is dead"), "{page}");
+    held.close(200, "".into()).await.expect("close");
+    tokio::time::sleep(Duration::from_millis(2200)).await;
+    let (_, page) = get(&p, &s.cookie, "/ui/dead").await;
+    assert_eq!(total_of(&page), "20", "{page}");
+    assert!(!page.contains("Nothing is dead"), "{page}");
+    assert!(
+        page.contains(r#"data-task="it.report""#),
+        "groups shown: {page}"
+    );
+}
+
+/// A path under `/ui/` that is no page gets the console's own 404 page.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unknown_console_paths_get_a_console_404() {
+    let w = World::new("ui-404").await;
+    let p = started(&w, &[]).await;
+    let s = sign_in(&p, READ_TOKEN).await;
+    let (status, page) = get(&p, &s.cookie, "/ui/no/such<page>").await;
+    assert_eq!(status, 404);
+    assert!(page.contains("<h1>Not found</h1>"), "{page}");
+    assert!(page.contains("/ui/assets/console.css"), "styled: {page}");
+    assert!(page.contains(r#"href="/ui/schedules""#), "{page}");
+    assert!(!page.contains("<page>"), "escaped: {page}");
+    let r = client().get(p.url("/ui/nope")).send().await.expect("GET");
+    assert_eq!(r.status().as_u16(), 404, "without a session too");
+    assert!(r.text().await.unwrap_or_default().contains("Not found"));
+    let r = post(&p, &s.cookie, "/ui/dead/nope", "csrf=x").await;
+    assert_eq!(r.status().as_u16(), 404);
+    // The real pages and assets are still there.
+    assert_eq!(get(&p, &s.cookie, "/ui/dead").await.0, 200);
+    let r = client()
+        .get(p.url("/ui/assets/console.css"))
+        .send()
+        .await
+        .expect("GET");
+    assert_eq!(r.status().as_u16(), 200);
+}
+
+/// A group of 65 is listed 50 a page, says its size, and is replayed and
+/// purged as a whole from its page (each action with its scope and the
+/// session's CSRF token); an emptied group says so.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_group_is_paged_and_acted_on_as_a_whole() {
+    let w = World::new("ui-group").await;
+    fill_dead(&w, 130).await;
+    let p = started(&w, &[]).await;
+    let dead_q = w.topo.dead_queue();
+    let fp = warren::dead::fingerprint("timeout after 1000 ms for id 0000000a");
+    let group =
+        |task: &str, kind: &str| form(&[("task", task), ("kind", kind), ("fingerprint", &fp)]);
+    let report = format!("/ui/dead/group?{}", group("it.report", "exhausted"));
+    let rows = |page: &str| page.matches(r#"<tr data-id="dead-"#).count();
+
+    let r = sign_in(&p, READ_TOKEN).await;
+    let (status, page) = get(&p, &r.cookie, &report).await;
+    assert_eq!(status, 200);
+    assert!(page.contains(r#"data-size="65""#), "{page}");
+    assert!(
+        page.contains("65 dead letters</strong> in this group"),
+        "{page}"
+    );
+    assert_eq!(rows(&page), 50, "{page}");
+    assert!(page.contains("1–50 of 65"), "{page}");
+    assert!(page.contains("needs the publish scope") && page.contains("needs the admin scope"));
+    let (_, page2) = get(&p, &r.cookie, &format!("{report}&page=2")).await;
+    assert_eq!(rows(&page2), 15, "{page2}");
+    assert!(page2.contains("51–65 of 65"), "{page2}");
+    assert!(page2.contains(r#"rel="prev""#) && !page2.contains(r#"rel="next""#));
+
+    // Replaying the group needs `publish` and the CSRF token.
+    let replay = |csrf: &str| {
+        let mut f = vec![("csrf", csrf), ("what", "group"), ("task", "it.report")];
+        f.extend([("kind", "exhausted"), ("fingerprint", fp.as_str())]);
+        form(&f)
+    };
+    let resp = post(&p, &r.cookie, "/ui/dead/replay", &replay(&r.csrf)).await;
+    assert_eq!(resp.status().as_u16(), 403);
+    let pb = sign_in(&p, PUBLISH_TOKEN).await;
+    let resp = post(&p, &pb.cookie, "/ui/dead/replay", &replay("0000")).await;
+    assert_eq!(resp.status().as_u16(), 403);
+    assert_eq!(w.queue_len(&dead_q).await, 130);
+    let resp = post(&p, &pb.cookie, "/ui/dead/replay", &replay(&pb.csrf)).await;
+    assert_eq!(resp.status().as_u16(), 303);
+    let to = resp
+        .headers()
+        .get("location")
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or_default()
+        .to_owned();
+    assert!(to.starts_with("/ui/dead?flash="), "{to}");
+    let (_, page) = get(&p, &pb.cookie, &to).await;
+    assert!(
+        page.contains("Replayed 65 dead letters of group <code>it.report</code> · exhausted."),
+        "{page}"
+    );
+    assert_eq!(w.queue_len(&dead_q).await, 65);
+    let (_, emptied) = get(&p, &pb.cookie, &report).await;
+    assert!(
+        emptied.contains("This group has no dead letters now"),
+        "{emptied}"
+    );
+    assert!(!emptied.contains("<table"), "no empty table: {emptied}");
+
+    // Purging the other group: `admin`, a confirmation, then gone.
+    let mail = format!("/ui/dead/group?{}", group("it.mail", "permanent"));
+    let purge = |csrf: &str, confirm: &str| {
+        let mut f = vec![("csrf", csrf), ("what", "group"), ("task", "it.mail")];
+        f.extend([("kind", "permanent"), ("fingerprint", fp.as_str())]);
+        f.push(("confirm", confirm));
+        form(&f)
+    };
+    let resp = post(&p, &pb.cookie, "/ui/dead/purge", &purge(&pb.csrf, "yes")).await;
+    assert_eq!(resp.status().as_u16(), 403);
+    let a = sign_in(&p, ADMIN_TOKEN).await;
+    let (_, page) = get(&p, &a.cookie, &mail).await;
+    assert!(page.contains(r#"class="danger purge-group""#), "{page}");
+    let resp = post(&p, &a.cookie, "/ui/dead/purge", &purge(&a.csrf, "")).await;
+    assert_eq!(resp.status().as_u16(), 200);
+    let confirm = resp.text().await.unwrap_or_default();
+    assert!(confirm.contains("65 dead letters of group"), "{confirm}");
+    assert_eq!(
+        w.queue_len(&dead_q).await,
+        65,
+        "not before the confirmation"
+    );
+    let resp = post(&p, &a.cookie, "/ui/dead/purge", &purge(&a.csrf, "yes")).await;
+    assert_eq!(resp.status().as_u16(), 303);
+    assert_eq!(w.queue_len(&dead_q).await, 0);
+}
+
+/// Dead letters are found by task id and by text in the name, the reason
+/// or the payload; one found is one "dead letter".
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dead_letters_are_found_by_id_and_by_text() {
+    let w = World::new("ui-search").await;
+    fill_dead(&w, 12).await;
+    let p = started(&w, &[]).await;
+    let s = sign_in(&p, READ_TOKEN).await;
+    let search = |q: &str| format!("/ui/dead/search?{}", form(&[("q", q)]));
+    let ids = |page: &str| {
+        let mut v: Vec<String> = page
+            .split(r#"<tr data-id=""#)
+            .skip(1)
+            .filter_map(|r| r.split('"').next().map(str::to_owned))
+            .collect();
+        v.sort();
+        v
+    };
+    let (status, page) = get(&p, &s.cookie, &search("dead-11")).await;
+    assert_eq!(status, 200);
+    assert_eq!(ids(&page), ["dead-11"], "{page}");
+    assert!(page.contains("1 dead letter</strong> matches"), "{page}");
+    // Text of the payload (`alert(7)`), ignoring case.
+    let (_, page) = get(&p, &s.cookie, &search("ALERT(7)")).await;
+    assert_eq!(ids(&page), ["dead-7"], "{page}");
+    // Text of the reason.
+    let (_, page) = get(&p, &s.cookie, &search("after 1003 ms")).await;
+    assert_eq!(ids(&page), ["dead-3"], "{page}");
+    // A task name: every other one.
+    let (_, page) = get(&p, &s.cookie, &search("it.mail")).await;
+    assert_eq!(ids(&page).len(), 6, "{page}");
+    assert!(page.contains("6 dead letters</strong> match"), "{page}");
+    let (_, page) = get(&p, &s.cookie, &search("no such thing")).await;
+    assert!(page.contains("0 dead letters</strong> match"), "{page}");
+    assert_eq!(
+        w.queue_len(&w.topo.dead_queue()).await,
+        12,
+        "a search takes nothing"
+    );
+}
+
+/// A schedule switched off in the config offers no "Trigger now".
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_disabled_schedule_offers_no_trigger() {
+    let w = World::new("ui-disabled").await;
+    let cfg = w.write_config(
+        "p.toml",
+        &format!("{HOURLY}\n[[schedules]]\nname = \"off\"\ncron = \"0 * * * *\"\ntask = \"it.off\"\nenabled = false\n"),
+    );
+    let p = w.start("producer", &cfg, &[]);
+    p.wait_ready(Duration::from_secs(20)).await;
+    let s = sign_in(&p, ADMIN_TOKEN).await;
+    let (_, page) = get(&p, &s.cookie, "/ui/schedules").await;
+    let off = between(&page, r#"data-schedule="off""#, "</tr>").unwrap_or_default();
+    assert!(off.contains("disabled"), "{off}");
+    assert!(
+        !off.contains("Trigger now") && !off.contains("/trigger"),
+        "{off}"
+    );
+    let on = between(&page, r#"data-schedule="hourly""#, "</tr>").unwrap_or_default();
+    assert!(on.contains("Trigger now"), "{on}");
+    assert!(page.contains("2 schedules"), "{page}");
 }

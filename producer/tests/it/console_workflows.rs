@@ -212,7 +212,11 @@ async fn console_workflow_run_started_failed_shown_and_resumed() {
         .and_then(|v| v.to_str().ok())
         .unwrap_or_default()
         .to_owned();
-    assert!(to.contains("Resumed"), "{to}");
+    let (_, resumed) = get(&p, &s.cookie, &to).await;
+    assert!(
+        resumed.contains("Resumed run <code>c1</code>"),
+        "{to}: {resumed}"
+    );
     let page = run_page(&p, &s.cookie, "succeeded").await;
     assert!(
         page.contains("c1:mail:g1"),

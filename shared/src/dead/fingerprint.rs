@@ -1,25 +1,113 @@
 //! The fingerprint of a failure reason: the reason with what differs from
 //! one occurrence of the same failure to the next replaced by placeholders,
 //! so "timeout after 1234 ms for id 9f0c…" and "timeout after 88 ms for id
-//! 11ab…" group together.
+//! 11ab…" group together, and with its cause first.
 //!
-//! Replaced: instants (`2024-05-01T10:00:00Z`, with or without time, zone
-//! or fraction) by `<time>`; UUIDs and id-like words (8+ hex characters with
-//! a digit, or 16+ letters and digits mixed) by `<id>`; every other run of
-//! digits by `#`. Whitespace runs become one space. The result is capped, so
-//! a huge reason cannot make a huge group key.
+//! The cause first ([`cause_first()`]): the wrappers many reasons share at
+//! their start (`permanent error: `, `retryable error: `, `attempts
+//! exhausted (3 of 5): `, `<program> exited with 1: `, `<program> was killed
+//! by a signal (…): `) move behind the rest, after ` — `; of a Python
+//! traceback only its last line (the exception) is kept, followed by
+//! `Traceback`. So a list of groups, cut to its width, still shows what
+//! went wrong, not the same program name in every row.
+//!
+//! Then, replaced: instants (`2024-05-01T10:00:00Z`, with or without time,
+//! zone or fraction) by `<time>`; UUIDs and id-like words (8+ hex characters
+//! with a digit, or 16+ letters and digits mixed) by `<id>`; whole numbers
+//! (`42`, `1.5`, `0x1f`, and the number of `1500ms`) by `#`. Digits inside
+//! a word stay (`python3`, `v2`, `c3e815`, `worker_7`): they name a thing.
+//! Whitespace runs become one space. The result is capped, so a huge reason
+//! cannot make a huge group key.
 
 /// Longest fingerprint, in bytes (cut at a character boundary).
 const MAX_LEN: usize = 256;
 
-/// `reason` without its numbers, ids and instants (see the module docs).
+/// Between the cause and the wrappers moved behind it.
+const SEPARATOR: &str = " — ";
+
+/// `reason` without its numbers, ids and instants, cause first (see the
+/// module docs).
 pub fn fingerprint(reason: &str) -> String {
-    let b = reason.as_bytes();
-    let mut out = String::with_capacity(reason.len().min(MAX_LEN));
+    normalise(&cause_first(reason))
+}
+
+/// `reason` with its cause first and the wrappers it shares with other
+/// reasons behind it (`ValueError: bad row 7 — permanent error:
+/// /usr/bin/python3 exited with 1: Traceback`); a reason without them as is.
+pub fn cause_first(reason: &str) -> String {
+    let mut rest = reason.trim_start();
+    let mut wrappers = Vec::new();
+    while let Some((wrapper, after)) = peel(rest) {
+        wrappers.push(wrapper);
+        rest = after.trim_start();
+    }
+    let mut cause = rest.trim_end();
+    if let Some(last) = traceback_exception(cause) {
+        wrappers.push("Traceback");
+        cause = last;
+    }
+    if wrappers.is_empty() || cause.is_empty() {
+        return reason.to_owned();
+    }
+    format!("{cause}{SEPARATOR}{}", wrappers.join(": "))
+}
+
+/// A wrapper at the start of `s` and what follows it.
+fn peel(s: &str) -> Option<(&str, &str)> {
+    for fixed in ["permanent error: ", "retryable error: "] {
+        if let Some(after) = s.strip_prefix(fixed) {
+            return Some((fixed.trim_end_matches([':', ' ']), after));
+        }
+    }
+    // `attempts exhausted (3 of 5): `
+    if s.starts_with("attempts exhausted (") {
+        let end = s.find("): ")?;
+        return Some((&s[..=end], &s[end + 3..]));
+    }
+    // `<program> exited with <code>: ` and `<program> was killed by a
+    // signal (<status>): `, on the first line only.
+    let line = s.split('\n').next().unwrap_or("");
+    if let Some(at) = line.find(" exited with ") {
+        let code_start = at + " exited with ".len();
+        let digits = line[code_start..]
+            .bytes()
+            .take_while(|b| b.is_ascii_digit() || *b == b'-')
+            .count();
+        let end = code_start + digits;
+        if digits > 0 && line[end..].starts_with(": ") && !line[..at].contains(": ") {
+            return Some((&s[..end], &s[end + 2..]));
+        }
+    }
+    if let Some(at) = line.find(" was killed by a signal (") {
+        let end = at + line[at..].find("): ")?;
+        if !line[..at].contains(": ") {
+            return Some((&s[..=end], &s[end + 3..]));
+        }
+    }
+    None
+}
+
+/// The exception line of a Python traceback (its last non-empty line),
+/// when `text` is one.
+fn traceback_exception(text: &str) -> Option<&str> {
+    if !text.contains("Traceback (most recent call last):") && !text.contains("\n  File \"") {
+        return None;
+    }
+    text.lines()
+        .map(str::trim)
+        .rfind(|l| !l.is_empty())
+        .filter(|l| !l.starts_with("File \"") && !l.starts_with("Traceback"))
+}
+
+/// `text` with instants, ids and whole numbers replaced, whitespace
+/// collapsed, capped at [`MAX_LEN`].
+fn normalise(text: &str) -> String {
+    let b = text.as_bytes();
+    let mut out = String::with_capacity(text.len().min(MAX_LEN));
     let mut i = 0;
     while i < b.len() && out.len() < MAX_LEN {
         let c = b[i];
-        let at_word_start = i == 0 || !b[i - 1].is_ascii_alphanumeric();
+        let at_word_start = i == 0 || !is_word(b[i - 1]);
         if c.is_ascii_whitespace() {
             while i < b.len() && b[i].is_ascii_whitespace() {
                 i += 1;
@@ -41,23 +129,36 @@ pub fn fingerprint(reason: &str) -> String {
                 continue;
             }
         }
-        if c.is_ascii_alphanumeric() {
-            let end = i + b[i..]
-                .iter()
-                .take_while(|c| c.is_ascii_alphanumeric())
-                .count();
-            let word = &reason[i..end];
-            if at_word_start && is_id_like(word) {
+        if is_word(c) {
+            let mut end = i + b[i..].iter().take_while(|c| is_word(**c)).count();
+            let word = &text[i..end];
+            // Ids first: a hex id that happens to have no letter
+            // (`20481632`) must not make a group of its own.
+            if is_id_like(word) {
                 out.push_str("<id>");
+            } else if word.bytes().all(|c| c.is_ascii_digit()) {
+                // A decimal (`1.5`, `3.10.8`) is one number.
+                while b.get(end) == Some(&b'.') && b.get(end + 1).is_some_and(u8::is_ascii_digit) {
+                    end += 1;
+                    while b.get(end).is_some_and(u8::is_ascii_digit) {
+                        end += 1;
+                    }
+                }
+                out.push('#');
+            } else if is_hex_literal(word) {
+                out.push('#');
+            } else if let Some(unit) = unit_suffix(word) {
+                out.push('#');
+                out.push_str(unit);
             } else {
-                push_without_digits(&mut out, word);
+                out.push_str(word);
             }
             i = end;
             continue;
         }
-        // A multi-byte character: copy it whole.
-        let len = reason[i..].chars().next().map_or(1, char::len_utf8);
-        out.push_str(&reason[i..i + len]);
+        // Punctuation, or a multi-byte character: copied whole.
+        let len = text[i..].chars().next().map_or(1, char::len_utf8);
+        out.push_str(&text[i..i + len]);
         i += len;
     }
     if out.len() > MAX_LEN {
@@ -71,30 +172,34 @@ pub fn fingerprint(reason: &str) -> String {
     out
 }
 
-/// Each run of digits in `word` as one `#`.
-fn push_without_digits(out: &mut String, word: &str) {
-    let mut in_digits = false;
-    for c in word.chars() {
-        if c.is_ascii_digit() {
-            if !in_digits {
-                out.push('#');
-            }
-            in_digits = true;
-        } else {
-            out.push(c);
-            in_digits = false;
-        }
-    }
+/// Characters of a word (an identifier: `worker_7` is one word).
+fn is_word(c: u8) -> bool {
+    c.is_ascii_alphanumeric() || c == b'_'
+}
+
+/// `0x1f`, `0XDEAD`: a number written in hex.
+fn is_hex_literal(word: &str) -> bool {
+    let digits = word.strip_prefix("0x").or_else(|| word.strip_prefix("0X"));
+    digits.is_some_and(|d| !d.is_empty() && d.bytes().all(|c| c.is_ascii_hexdigit()))
+}
+
+/// The unit of a number with one glued on (`1500ms` → `ms`, `3xx` → `xx`).
+fn unit_suffix(word: &str) -> Option<&str> {
+    let digits = word.bytes().take_while(u8::is_ascii_digit).count();
+    let unit = &word[digits..];
+    (digits > 0 && !unit.is_empty() && unit.bytes().all(|c| c.is_ascii_alphabetic()))
+        .then_some(unit)
 }
 
 /// A word that names one thing rather than saying something: hex of 8 or
 /// more with a digit (`9f0c31ab`, `deadbeef01`), or 16 or more letters and
 /// digits mixed (`k7Zp9Qx2mN4bV8cL`, base62 request ids).
 fn is_id_like(word: &str) -> bool {
+    let alnum = word.bytes().all(|c| c.is_ascii_alphanumeric());
     let has_digit = word.bytes().any(|c| c.is_ascii_digit());
     let has_alpha = word.bytes().any(|c| c.is_ascii_alphabetic());
     let hex = word.bytes().all(|c| c.is_ascii_hexdigit());
-    has_digit && ((hex && word.len() >= 8) || (has_alpha && word.len() >= 16))
+    alnum && has_digit && ((hex && word.len() >= 8) || (has_alpha && word.len() >= 16))
 }
 
 /// Length of a UUID (`8-4-4-4-12` hex) at the start of `b`.
@@ -159,7 +264,7 @@ fn instant_len(b: &[u8]) -> Option<usize> {
 /// `Some(n)` when `b[n]` does not continue a word (so `2024-05-01x` is no date).
 fn ends_word(b: &[u8], n: usize) -> Option<usize> {
     match b.get(n) {
-        Some(c) if c.is_ascii_alphanumeric() => None,
+        Some(c) if is_word(*c) => None,
         _ => Some(n),
     }
 }
@@ -174,6 +279,8 @@ mod tests {
         let b = fingerprint("timeout after 88 ms for id 11ab0c9d2e");
         assert_eq!(a, "timeout after # ms for id <id>");
         assert_eq!(a, b);
+        // A hex id without a letter is still an id.
+        assert_eq!(fingerprint("timeout after 7 ms for id 20481632"), a);
     }
 
     #[test]
@@ -194,14 +301,19 @@ mod tests {
     }
 
     #[test]
-    fn digits_inside_words_collapse_and_short_words_stay() {
+    fn whole_numbers_go_and_digits_inside_words_stay() {
         assert_eq!(
             fingerprint("HTTP 503 from api-v2 after 1500ms"),
-            "HTTP # from api-v# after #ms"
+            "HTTP # from api-v2 after #ms"
         );
         assert_eq!(
-            fingerprint("exit status 1.5 (code=137)"),
-            "exit status #.# (code=#)"
+            fingerprint("exit status 1.5 (code=137) at 127.0.0.1:5672"),
+            "exit status # (code=#) at #:#"
+        );
+        // Programs, versions, short hex and identifiers name things.
+        assert_eq!(
+            fingerprint("/usr/bin/python3 crashed in c3e815 on worker_7, node-3, pointer 0x7ffd"),
+            "/usr/bin/python3 crashed in c3e815 on worker_7, node-#, pointer #"
         );
         // Hex-looking words without a digit are words, not ids.
         assert_eq!(
@@ -212,7 +324,50 @@ mod tests {
             fingerprint("request k7Zp9Qx2mN4bV8cLq refused"),
             "request <id> refused"
         );
+        assert_eq!(
+            fingerprint("the_field_number_12345 is long"),
+            "the_field_number_12345 is long"
+        );
         assert_eq!(fingerprint("2024-05-01x"), "#-#-#x");
+    }
+
+    #[test]
+    fn the_cause_comes_before_the_wrappers_it_shares() {
+        let a = "permanent error: /usr/bin/python3 exited with 1: ValueError: bad row 17";
+        assert_eq!(
+            cause_first(a),
+            "ValueError: bad row 17 — permanent error: /usr/bin/python3 exited with 1"
+        );
+        assert_eq!(
+            fingerprint(a),
+            "ValueError: bad row # — permanent error: /usr/bin/python3 exited with #"
+        );
+        assert_eq!(
+            fingerprint("attempts exhausted (3 of 5): upstream said 502"),
+            "upstream said # — attempts exhausted (# of #)"
+        );
+        assert_eq!(
+            fingerprint("attempts exhausted (5 of 5): /bin/sh was killed by a signal (signal: 9 (SIGKILL)): oom"),
+            "oom — attempts exhausted (# of #): /bin/sh was killed by a signal (signal: # (SIGKILL))"
+        );
+        let tb = "permanent error: /usr/bin/python3 exited with 1: Traceback (most recent call last):\n  \
+                  File \"/srv/job.py\", line 12, in <module>\n    main()\n  \
+                  File \"/srv/job.py\", line 9, in main\n    raise KeyError(k)\nKeyError: 'customer_42'\n";
+        assert_eq!(
+            fingerprint(tb),
+            "KeyError: 'customer_42' — permanent error: /usr/bin/python3 exited with #: Traceback"
+        );
+        // Nothing after the wrapper, or no wrapper: the reason as it is.
+        assert_eq!(
+            cause_first("permanent error: /bin/false exited with 1: "),
+            "permanent error: /bin/false exited with 1: "
+        );
+        assert_eq!(cause_first("no handler for it.x"), "no handler for it.x");
+        // A colon before "exited with" is text, not a program.
+        assert_eq!(
+            cause_first("step: job exited with 2: oops"),
+            "step: job exited with 2: oops"
+        );
     }
 
     #[test]

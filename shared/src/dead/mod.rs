@@ -5,8 +5,8 @@
 //!
 //! | part | owns |
 //! |---|---|
-//! | here | [`DeadTask`] (what the dead headers say), [`Selector`], list, replay, purge |
-//! | [`fingerprint()`] | a failure reason without its numbers, ids and instants |
+//! | here | [`DeadTask`] (what the dead headers say), [`Selector`], list, a [`Page`] of a filter, [`Search`], replay, purge |
+//! | [`fingerprint()`] | a failure reason without its numbers, ids and instants, its cause first |
 //! | [`overview()`] | groups by task, kind and fingerprint, from a bounded scan |
 //! | [`inspect()`], [`replay_edited()`] | one message in full; replay it with a new payload |
 //!
@@ -42,7 +42,7 @@ use crate::topology::pattern_matches;
 use crate::{Task, Topology};
 
 pub use edit::{inspect, replay_edited, DeadMessage};
-pub use fingerprint::fingerprint;
+pub use fingerprint::{cause_first, fingerprint};
 pub use overview::{overview, Group, Overview};
 
 /// Reason shown for a message that reached the dead queue through the
@@ -278,6 +278,90 @@ pub async fn list_where(
         truncated: scanned < total,
         tasks,
     })
+}
+
+/// One page of the dead tasks a filter selects, with how many it selects.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct Page {
+    /// Messages in the dead queue (the broker's count).
+    pub total: u64,
+    /// Messages looked at.
+    pub scanned: u64,
+    /// The scan stopped at its limit before the end of the queue.
+    pub truncated: bool,
+    /// Messages among those looked at that the filter selects.
+    pub matched: u64,
+    /// The selected ones from `skip` on, at most `take`, oldest first.
+    pub tasks: Vec<DeadTask>,
+}
+
+/// The dead tasks `keep` selects among the first `scan_limit` messages
+/// (it sees each message's body too): all counted, those from `skip` to
+/// `skip + take` returned, every message left in the queue.
+pub async fn page_where(
+    conn: &Connection,
+    topo: &Topology,
+    scan_limit: usize,
+    skip: usize,
+    take: usize,
+    keep: impl Fn(&DeadTask, &[u8]) -> bool,
+) -> Result<Page, DeadError> {
+    let total = count(conn, topo).await?;
+    let ch = conn.create_channel().await.tried(open_channel)?;
+    let mut scan = Scan::new(&ch, topo, scan_limit).await?;
+    let mut matched = 0usize;
+    let mut tasks = Vec::new();
+    while let Some(d) = scan.next().await? {
+        let t = describe(d.routing_key.as_str(), &d.properties, &d.data);
+        if keep(&t, &d.data) {
+            if matched >= skip && tasks.len() < take {
+                tasks.push(t);
+            }
+            matched += 1;
+        }
+    }
+    let scanned = scan.seen as u64;
+    scan.stop().await?;
+    ch.close(200, "dead page done".into())
+        .await
+        .tried(|| "close the dead-letter scan".into())?;
+    Ok(Page {
+        total: total.max(scanned),
+        scanned,
+        truncated: scanned < total,
+        matched: matched as u64,
+        tasks,
+    })
+}
+
+/// A search of the dead letters: a message matches when the text occurs,
+/// ignoring ASCII case, in its id, task name, failure kind, reason or
+/// payload (a task id is found by its id).
+#[derive(Debug, Clone, PartialEq)]
+pub struct Search(String);
+
+impl Search {
+    /// `None` for a blank query.
+    pub fn new(query: &str) -> Option<Self> {
+        let q = query.trim();
+        (!q.is_empty()).then(|| Self(q.to_owned()))
+    }
+
+    pub fn text(&self) -> &str {
+        &self.0
+    }
+
+    pub fn matches(&self, t: &DeadTask, body: &[u8]) -> bool {
+        let q = self.0.as_bytes();
+        let has = |hay: &[u8]| {
+            hay.len() >= q.len() && hay.windows(q.len()).any(|w| w.eq_ignore_ascii_case(q))
+        };
+        t.id.as_deref().is_some_and(|id| has(id.as_bytes()))
+            || has(t.task.as_bytes())
+            || has(t.kind.as_bytes())
+            || has(t.reason.as_bytes())
+            || has(body)
+    }
 }
 
 /// Up to `limit` dead tasks, oldest first, left in the queue.
@@ -568,6 +652,30 @@ mod tests {
         let d = describe(&key, &BasicProperties::default(), b"{}");
         assert_eq!(d.reason, UNROUTABLE_AFTER_DELAY);
         assert_eq!(d.task, "lost.task");
+    }
+
+    #[test]
+    fn a_search_finds_ids_names_reasons_and_payload_text_ignoring_case() {
+        let p = with(&[
+            (headers::DEAD_REASON, s("permanent error: Card DECLINED")),
+            (headers::DEAD_KIND, s("permanent")),
+        ]);
+        let d = describe("billing.charge", &p, b"{}");
+        let body = br#"{"customer": "Ada Lovelace"}"#;
+        let hit = |q: &str| Search::new(q).unwrap().matches(&d, body);
+        for q in ["m1", "billing.ch", "PERMANENT", "card declined", "ada love"] {
+            assert!(hit(q), "{q}");
+        }
+        for q in [
+            "m2",
+            "email",
+            "Grace",
+            "a longer query than any field holds at all",
+        ] {
+            assert!(!hit(q), "{q}");
+        }
+        assert!(Search::new("  ").is_none());
+        assert_eq!(Search::new(" m1 ").unwrap().text(), "m1");
     }
 
     #[test]

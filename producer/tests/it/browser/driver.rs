@@ -131,6 +131,59 @@ impl Browser {
         std::fs::write(dir.join(format!("{name}.png")), png).expect("write screenshot");
     }
 
+    /// Run `script` (a function body that returns a value) in the page.
+    pub async fn js(&self, script: &str) -> serde_json::Value {
+        self.client
+            .execute(script, vec![])
+            .await
+            .unwrap_or_else(|e| panic!("script {script}: {e}"))
+    }
+
+    /// Screenshots of the whole page at desktop (1280) and phone (390)
+    /// width, `<name>.png` and `<name>-phone.png`, checking on both that
+    /// the page does not scroll sideways and that nothing overflows a card.
+    pub async fn shots(&self, name: &str) {
+        for (width, suffix) in [(1280u32, ""), (390, "-phone")] {
+            self.client
+                .set_window_size(width, 900)
+                .await
+                .expect("resize");
+            let wide = self
+                .js("return document.documentElement.scrollWidth > window.innerWidth + 1;")
+                .await;
+            assert_eq!(
+                wide,
+                serde_json::Value::Bool(false),
+                "{name} at {width} px scrolls sideways"
+            );
+            let spilled = self
+                .js("return Array.from(document.querySelectorAll('.card'))\
+                     .filter(c => c.scrollWidth > c.clientWidth + 1).map(c => c.textContent.slice(0, 80));")
+                .await;
+            assert_eq!(
+                spilled,
+                serde_json::json!([]),
+                "{name} at {width} px: a card overflows"
+            );
+            // The window is taller than its viewport by the browser's frame.
+            let height = self
+                .js("return document.documentElement.scrollHeight + 900 - window.innerHeight;")
+                .await
+                .as_u64()
+                .unwrap_or(900)
+                .clamp(600, 4000);
+            self.client
+                .set_window_size(width, u32::try_from(height).unwrap_or(900))
+                .await
+                .expect("resize");
+            self.shot(&format!("{name}{suffix}")).await;
+        }
+        self.client
+            .set_window_size(1280, 900)
+            .await
+            .expect("resize");
+    }
+
     pub async fn close(self) {
         let _ = self.client.close().await;
     }

@@ -114,7 +114,7 @@ async fn operator_signs_in_triggers_and_publishes() {
 
     b.goto(&p.url("/ui/schedules")).await;
     b.wait_path("/ui/login").await;
-    b.shot("login").await;
+    b.shots("login").await;
     b.fill("#token", "a-wrong-token-0123456789").await;
     b.click("form.login button").await;
     b.wait_text("p.error", "Unknown token").await;
@@ -132,7 +132,7 @@ async fn operator_signs_in_triggers_and_publishes() {
         (cells.trim() == "1").then_some(())
     })
     .await;
-    b.shot("overview").await;
+    b.shots("overview").await;
 
     b.click("nav a[href='/ui/schedules']").await;
     b.wait_path("/ui/schedules").await;
@@ -143,7 +143,7 @@ async fn operator_signs_in_triggers_and_publishes() {
         hourly.contains("CE"),
         "local time in the schedule's zone: {hourly}"
     );
-    b.shot("schedules").await;
+    b.shots("schedules").await;
 
     // On a phone the page does not scroll sideways: wide tables scroll
     // inside their own box.
@@ -165,12 +165,11 @@ async fn operator_signs_in_triggers_and_publishes() {
             "{page} overflows a phone"
         );
     }
-    b.shot("schedules-phone").await;
     b.client.set_window_size(1280, 900).await.expect("resize");
 
     b.click("tr[data-schedule='hourly'] form[action$='/trigger'] button")
         .await;
-    b.wait_text("p.flash", "Triggered `hourly`").await;
+    b.wait_text("p.flash", "Triggered hourly").await;
     warren::testing::eventually(WAIT, "the consumer ran the triggered task", || async {
         (succeeded(&consumer, "it.hourly") == 1).then_some(())
     })
@@ -189,9 +188,9 @@ async fn operator_signs_in_triggers_and_publishes() {
         .is_err());
     b.fill("#payload", "{\"to\": \"ada@example.com\"}").await;
     b.wait_text("p.json-error", "").await;
-    b.shot("publish").await;
+    b.shots("publish").await;
     b.click("form.publish button").await;
-    b.wait_text("p.flash", "Published `it.ok`").await;
+    b.wait_text("p.flash", "Published it.ok").await;
     warren::testing::eventually(WAIT, "the consumer ran the published task", || async {
         (succeeded(&consumer, "it.ok") == 1).then_some(())
     })
@@ -255,7 +254,7 @@ async fn operator_works_the_dead_letters() {
     sign_in(&b, &p, crate::helpers::ADMIN_TOKEN).await;
     b.wait_text(".card.dead p.big", "3").await;
     b.wait_text("table.latest", "it.nohandler").await;
-    b.shot("overview-failures").await;
+    b.shots("overview-failures").await;
 
     // The overview refreshes itself: one more dead letter shows up without
     // a reload (a marker set in the page survives).
@@ -288,7 +287,7 @@ async fn operator_works_the_dead_letters() {
         .await
         .expect("groups");
     assert_eq!(groups.len(), 2);
-    b.shot("dead").await;
+    b.shots("dead").await;
 
     // Drill down to the message and replay it with a payload that passes.
     b.click("tr.group[data-task='it.check'] td a").await;
@@ -297,7 +296,7 @@ async fn operator_works_the_dead_letters() {
     b.wait_path("/ui/dead/message").await;
     let payload = b.text("pre.payload").await;
     assert!(payload.contains("<i>x</i>"), "shown as text: {payload}");
-    b.shot("dead-message").await;
+    b.shots("dead-message").await;
     b.fill("#payload", "{\"ok\": true, \"edited\": 1").await;
     b.wait_text("p.json-error", "Not valid JSON").await;
     b.fill("#payload", "{\"ok\": true}").await;
@@ -345,9 +344,9 @@ async fn operator_pauses_and_resumes_a_schedule() {
     b.goto(&p.url("/ui/schedules")).await;
     b.click("tr[data-schedule='often'] form[action$='/pause'] button")
         .await;
-    b.wait_text("p.flash", "Paused `often`").await;
+    b.wait_text("p.flash", "Paused often").await;
     assert_eq!(b.text("tr[data-schedule='often'] td.state").await, "paused");
-    b.shot("schedules-paused").await;
+    b.shots("schedules-paused").await;
 
     // A fire decided just before the pause may still arrive: take the
     // count once the witness has fired since, then watch three more ticks.
@@ -372,10 +371,390 @@ async fn operator_pauses_and_resumes_a_schedule() {
 
     b.click("tr[data-schedule='often'] form[action$='/resume'] button")
         .await;
-    b.wait_text("p.flash", "Resumed `often`").await;
+    b.wait_text("p.flash", "Resumed often").await;
     warren::testing::eventually(WAIT, "`often` firing again", || async {
         (succeeded(&consumer, "it.often") > often).then_some(())
     })
     .await;
+    b.close().await;
+}
+
+/// `n` dead letters as an operator meets them, in three groups (one in
+/// three each): a Python traceback from an exec handler, an HTTP failure
+/// after retries with a request id, and a usage error. Each carries a
+/// `traceparent`, an AMQP timestamp and the publish instant in ms.
+async fn fill_realistic(w: &World, n: usize) {
+    use lapin::options::{BasicPublishOptions, ConfirmSelectOptions};
+    use lapin::types::{AMQPValue, FieldTable, ShortString};
+    use warren::envelope::headers;
+
+    let ch = w.conn.create_channel().await.expect("channel");
+    ch.confirm_select(ConfirmSelectOptions::default())
+        .await
+        .expect("confirms");
+    let queue = w.topo.dead_queue();
+    let now = chrono::Utc::now();
+    for i in 0..n {
+        let (task, kind, reason) = match i % 3 {
+            0 => (
+                "it.report",
+                "permanent",
+                format!(
+                    "permanent error: /usr/bin/python3 exited with 1: Traceback (most recent call last):\n  \
+                     File \"/srv/jobs/report.py\", line 88, in <module>\n    main()\n  \
+                     File \"/srv/jobs/report.py\", line {}, in main\n    row = rows[customer]\n\
+                     KeyError: 'c3e815'",
+                    61 + i % 2
+                ),
+            ),
+            1 => (
+                "it.charge",
+                "exhausted",
+                format!(
+                    "attempts exhausted (5 of 5): HTTP 503 from https://pay.example/v2/charge after {}ms (request {:016x})",
+                    900 + i,
+                    (i as u64 + 1).wrapping_mul(0x9e37_79b9_7f4a_7c15)
+                ),
+            ),
+            _ => (
+                "it.mail",
+                "permanent",
+                "permanent error: /usr/bin/python3 exited with 2: usage: send.py [-h] --to TO\n\
+                 send.py: error: the following arguments are required: --to"
+                    .to_owned(),
+            ),
+        };
+        let s = |v: String| AMQPValue::LongString(v.into());
+        let at = now - chrono::TimeDelta::seconds((n - i) as i64);
+        let mut h = FieldTable::default();
+        h.insert(ShortString::from(headers::DEAD_KIND), s(kind.into()));
+        h.insert(ShortString::from(headers::DEAD_REASON), s(reason.clone()));
+        h.insert(ShortString::from(headers::LAST_ERROR), s(reason));
+        h.insert(
+            ShortString::from(headers::DEAD_AT),
+            s(at.to_rfc3339_opts(chrono::SecondsFormat::Millis, true)),
+        );
+        h.insert(
+            ShortString::from(headers::ATTEMPT),
+            AMQPValue::LongLongInt(if kind == "exhausted" { 5 } else { 1 }),
+        );
+        h.insert(
+            ShortString::from(headers::PUBLISHED_AT_MS),
+            AMQPValue::LongLongInt(at.timestamp_millis() - 60_000),
+        );
+        h.insert(
+            ShortString::from(headers::ORIGINAL_QUEUE),
+            s(w.work_queue()),
+        );
+        h.insert(
+            ShortString::from("traceparent"),
+            s(format!(
+                "00-{:032x}-{:016x}-01",
+                i as u128 * 0x1f3d_5b79,
+                i as u64 + 7
+            )),
+        );
+        let props = lapin::BasicProperties::default()
+            .with_message_id(format!("{task}-{i:05}").into())
+            .with_type(task.into())
+            .with_content_type("application/json".into())
+            .with_delivery_mode(2)
+            .with_timestamp(u64::try_from(at.timestamp() - 60).unwrap_or(0))
+            .with_headers(h);
+        let body = format!(r#"{{"customer": "c3e815", "n": {i}, "to": "ops+{i}@example.com"}}"#);
+        ch.basic_publish(
+            "".into(),
+            queue.as_str().into(),
+            BasicPublishOptions::default(),
+            body.as_bytes(),
+            props,
+        )
+        .await
+        .expect("publish a dead letter");
+    }
+    ch.wait_for_confirms().await.expect("confirms");
+    let _ = ch.close(200, "".into()).await;
+}
+
+/// The visible text of the page's main part.
+async fn main_text(b: &Browser) -> String {
+    b.text("main").await
+}
+
+/// 1,200 dead letters in three groups, worked from the console: the
+/// broker's total with separators, fingerprints that show the cause,
+/// a paged group with its size and group actions, one message whose
+/// headers wrap and whose instants read as RFC 3339, search by id and by
+/// text, the console's 404, a disabled schedule without "Trigger now",
+/// and disabled buttons that name their scope. Every page is shot at
+/// desktop and phone width.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn operator_works_a_large_dead_queue() {
+    let w = World::new("ui-browser-scale").await;
+    fill_realistic(&w, 1200).await;
+    let dead_q = w.topo.dead_queue();
+    assert_eq!(w.queue_len(&dead_q).await, 1200);
+    let cfg = w.write_config(
+        "p.toml",
+        &format!(
+            "{PRODUCER}\n[[schedules]]\nname = \"off\"\ncron = \"0 3 * * *\"\ntask = \"it.off\"\nenabled = false\n"
+        ),
+    );
+    let p = w.start("producer", &cfg, &[]);
+    p.wait_ready(WAIT).await;
+    let b = Browser::start().await;
+
+    b.goto(&p.url("/ui/")).await;
+    b.wait_path("/ui/login").await;
+    b.shots("scale-login").await;
+    sign_in(&b, &p, crate::helpers::ADMIN_TOKEN).await;
+    b.wait_text(".card.dead p.big", "1,200").await;
+    b.wait_text("table.latest", "it.report").await;
+    b.shots("scale-overview").await;
+
+    // The groups: the broker's total, the cause first in each fingerprint.
+    b.click("nav a[href='/ui/dead']").await;
+    b.wait_path("/ui/dead").await;
+    b.wait_text("p.total", "1,200 dead letters").await;
+    b.wait_text("p.total", "Groups of the first 1,000").await;
+    let report = b
+        .text("tr.group[data-task='it.report'] td.fingerprint")
+        .await;
+    assert!(
+        report.starts_with("KeyError: 'c3e815' — permanent error: /usr/bin/python3 exited with #"),
+        "{report}"
+    );
+    let charge = b
+        .text("tr.group[data-task='it.charge'] td.fingerprint")
+        .await;
+    assert!(
+        charge.starts_with("HTTP # from https://pay.example/v2/charge after #ms (request <id>)"),
+        "{charge}"
+    );
+    let mail = b.text("tr.group[data-task='it.mail'] td.fingerprint").await;
+    assert!(mail.starts_with("usage: send.py"), "{mail}");
+    let groups = b
+        .client
+        .find_all(fantoccini::Locator::Css("tr.group"))
+        .await
+        .expect("groups");
+    assert_eq!(
+        groups.len(),
+        3,
+        "one group per failure, whatever its numbers"
+    );
+    assert!(!main_text(&b).await.contains('`'), "no literal backticks");
+    b.shots("scale-dead").await;
+
+    // One group, 50 a page, with its size and the group's actions on top.
+    b.click("tr.group[data-task='it.charge'] td a").await;
+    b.wait_path("/ui/dead/group").await;
+    b.wait_text(
+        "p.size",
+        "333 dead letters in this group among the first 1,000 of 1,200",
+    )
+    .await;
+    let rows = b
+        .client
+        .find_all(fantoccini::Locator::Css("table.messages tbody tr"))
+        .await
+        .expect("rows");
+    assert_eq!(rows.len(), 50);
+    b.wait_text("nav.pager .range", "1–50 of 333").await;
+    b.shots("scale-dead-group").await;
+    b.click("nav.pager a[rel='next']").await;
+    b.wait_text("nav.pager .range", "51–100 of 333").await;
+
+    // One message: headers wrap inside their card, instants are readable.
+    b.click("table.messages tbody tr:first-child td:nth-child(2) a")
+        .await;
+    b.wait_path("/ui/dead/message").await;
+    let headers = b.text(".card:nth-child(2)").await;
+    assert!(headers.contains("traceparent"), "{headers}");
+    assert!(headers.contains("-01"), "the whole traceparent: {headers}");
+    let props = b.text(".card:nth-child(1)").await;
+    let line = |text: &str, key: &str| {
+        text.lines()
+            .find(|l| l.starts_with(key))
+            .unwrap_or_default()
+            .trim()
+            .to_owned()
+    };
+    for (text, key) in [
+        (&props, "timestamp"),
+        (&headers, "x-warren-published-at-ms"),
+    ] {
+        let l = line(text, key);
+        assert!(
+            l.ends_with('Z') && l.contains('T') && l.contains(':'),
+            "RFC 3339, not an epoch number: {l:?} in {text}"
+        );
+    }
+    b.shots("scale-dead-message").await;
+
+    // Search: by task id, then by text in the payload and the reason.
+    b.goto(&p.url("/ui/dead")).await;
+    b.fill("form.search input[name=q]", "it.mail-00005").await;
+    b.click("form.search button").await;
+    b.wait_path("/ui/dead/search").await;
+    b.wait_text("p.size", "1 dead letter matches").await;
+    b.wait_text("table.messages", "it.mail-00005").await;
+    b.shots("scale-dead-search").await;
+    b.fill("form.search input[name=q]", "ops+42@").await;
+    b.click("form.search button").await;
+    b.wait_text("p.size", "1 dead letter matches").await;
+    b.wait_text("table.messages", "it.report-00042").await;
+
+    // Replay a whole group from its page: back to the groups, saying so.
+    b.goto(&p.url("/ui/dead")).await;
+    b.click("tr.group[data-task='it.charge'] td a").await;
+    b.wait_path("/ui/dead/group").await;
+    b.click("button.replay-group").await;
+    b.wait_path("/ui/dead").await;
+    b.wait_text(
+        "p.flash",
+        "Replayed 400 dead letters of group it.charge · exhausted.",
+    )
+    .await;
+    assert_eq!(w.queue_len(&dead_q).await, 800);
+    b.wait_text("p.total", "800 dead letters").await;
+    b.shots("scale-dead-after-replay").await;
+
+    // Purge a group from its page, confirming first.
+    b.click("tr.group[data-task='it.mail'] td a").await;
+    b.wait_path("/ui/dead/group").await;
+    b.click("button.purge-group").await;
+    b.wait_text("p.notice", "Purge").await;
+    b.shots("scale-dead-purge-confirm").await;
+    b.click("form.confirm button").await;
+    b.wait_text(
+        "p.flash",
+        "Purged 400 dead letters of group it.mail · permanent.",
+    )
+    .await;
+    assert_eq!(w.queue_len(&dead_q).await, 400);
+
+    // A group emptied meanwhile explains itself instead of an empty table.
+    b.goto(&p.url("/ui/dead")).await;
+    b.click("tr.group[data-task='it.report'] td a").await;
+    b.wait_path("/ui/dead/group").await;
+    let group_url = b.client.current_url().await.expect("url").to_string();
+    reqwest::Client::new()
+        .post(p.url("/v1/dead/purge"))
+        .bearer_auth(crate::helpers::ADMIN_TOKEN)
+        .header("content-type", "application/json")
+        .body(r#"{"all": true, "confirm": true}"#)
+        .send()
+        .await
+        .expect("purge");
+    b.goto(&group_url).await;
+    b.wait_text("p.notice", "This group has no dead letters now")
+        .await;
+    assert!(b
+        .client
+        .find(fantoccini::Locator::Css("table.messages"))
+        .await
+        .is_err());
+    b.shots("scale-dead-group-empty").await;
+
+    // Not a page: the console's 404. A lure in `?flash=` shows nothing.
+    b.goto(&p.url("/ui/dead/nope")).await;
+    b.wait_text("main h1", "Not found").await;
+    b.shots("scale-not-found").await;
+    b.goto(&p.url(
+        "/ui/dead?flash=Session%20expired.%20Paste%20your%20token%20at%20https%3A%2F%2Fevil.example",
+    ))
+    .await;
+    b.el("main h1").await;
+    assert!(!main_text(&b).await.contains("evil.example"));
+
+    // A disabled schedule offers no "Trigger now".
+    b.goto(&p.url("/ui/schedules")).await;
+    let off = b.text("tr[data-schedule='off']").await;
+    assert!(
+        off.contains("off in the config") && !off.contains("Trigger now"),
+        "{off}"
+    );
+    b.shots("scale-schedules").await;
+    b.goto(&p.url("/ui/publish")).await;
+    b.shots("scale-publish").await;
+    b.goto(&p.url("/ui/workflows")).await;
+    b.shots("scale-workflows").await;
+
+    // A read token: every action disabled, each saying the scope it needs.
+    fill_realistic(&w, 3).await;
+    sign_out(&b).await;
+    sign_in(&b, &p, READ_TOKEN).await;
+    b.goto(&p.url("/ui/dead")).await;
+    let title = |css: &'static str| {
+        let b = &b;
+        async move {
+            let e = b.el(css).await;
+            assert!(!e.is_enabled().await.expect("enabled?"), "{css} enabled");
+            e.attr("title").await.expect("title").unwrap_or_default()
+        }
+    };
+    assert_eq!(
+        title("tr.group button.replay").await,
+        "needs the publish scope"
+    );
+    assert_eq!(
+        title("tr.group button.purge").await,
+        "needs the admin scope"
+    );
+    b.wait_text(
+        "p.scopes",
+        "Your token (read) cannot replay (needs publish), nor purge (needs admin).",
+    )
+    .await;
+    b.shots("scale-dead-read").await;
+    b.goto(&p.url("/ui/schedules")).await;
+    assert_eq!(
+        title("tr[data-schedule='hourly'] form[action$='/trigger'] button").await,
+        "needs the publish scope"
+    );
+    assert_eq!(
+        title("tr[data-schedule='hourly'] form[action$='/pause'] button").await,
+        "needs the admin scope"
+    );
+    b.goto(&p.url("/ui/publish")).await;
+    assert_eq!(
+        title("form.publish button").await,
+        "needs the publish scope"
+    );
+    b.close().await;
+}
+
+/// A console in use stays signed in past `console.session_ttl` after
+/// sign-in (the browser keeps the cookie; the server counts idle time),
+/// and one left idle that long is signed out.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_session_in_use_lasts_past_session_ttl() {
+    let w = World::new("ui-browser-ttl").await;
+    let cfg = w.write_config(
+        "p.toml",
+        &format!("{PRODUCER}\n[console]\nsession_ttl = \"3s\"\n"),
+    );
+    let p = w.start("producer", &cfg, &[]);
+    p.wait_ready(WAIT).await;
+    let b = Browser::start().await;
+    sign_in(&b, &p, READ_TOKEN).await;
+    let start = std::time::Instant::now();
+    let mut n = 0;
+    while start.elapsed() < Duration::from_secs(7) {
+        let page = if n % 2 == 0 {
+            "/ui/schedules"
+        } else {
+            "/ui/dead"
+        };
+        b.click(&format!("nav a[href='{page}']")).await;
+        b.wait_path(page).await;
+        n += 1;
+        tokio::time::sleep(Duration::from_millis(700)).await;
+    }
+    // Idle past the ttl: the next page is the sign-in page.
+    tokio::time::sleep(Duration::from_millis(3500)).await;
+    b.click("nav a[href='/ui/schedules']").await;
+    b.wait_path("/ui/login").await;
     b.close().await;
 }
