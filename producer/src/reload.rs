@@ -40,6 +40,7 @@ pub async fn on_sighup(ctx: Arc<Ctx>, stop: CancellationToken) {
                 }
                 ctx.apply_schedules(schedules);
                 ctx.metrics().reload_success.set(1.0);
+                tracing::info!("SIGHUP: schedules reloaded");
             }
             Err(e) => {
                 ctx.metrics().reload_success.set(0.0);

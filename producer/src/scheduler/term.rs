@@ -169,7 +169,7 @@ impl<'a> Term<'a> {
                     match change {
                         Ok(Change::One(name)) => self.place_named(&name, now),
                         Ok(Change::All) | Err(RecvError::Lagged(_)) => {
-                            tracing::info!("schedules reloaded");
+                            tracing::debug!("many schedules changed: re-planning all");
                             self.resync(now);
                         }
                         Err(RecvError::Closed) => return Ok(()),
