@@ -26,6 +26,8 @@ use crate::request::{pairs, RequestError, TaskRequest};
 
 mod dead;
 mod schedules;
+
+pub(crate) use schedules::definition_value as schedule_definition;
 pub(crate) mod workflows;
 
 /// The extractor of [`crate::auth`] finds the tokens in force here.

@@ -192,22 +192,31 @@ fn config_owned(ctx: &Ctx, name: &str) -> Result<(), ApiError> {
 fn definition(name: &str, body: &[u8]) -> Result<ScheduleConfig, ApiError> {
     let invalid =
         |m: String| ApiError::new(StatusCode::UNPROCESSABLE_ENTITY, "invalid_schedule", m);
-    let mut v: serde_json::Value =
+    let v: serde_json::Value =
         serde_json::from_slice(body).map_err(|e| invalid(format!("body is not JSON: {e}")))?;
+    definition_value(name, v).map_err(invalid)
+}
+
+/// The keys of a `[[schedules]]` entry as JSON (the API's body, the
+/// console's form), named `name`.
+pub(crate) fn definition_value(
+    name: &str,
+    mut v: serde_json::Value,
+) -> Result<ScheduleConfig, String> {
     let obj = v
         .as_object_mut()
-        .ok_or_else(|| invalid("body must be a JSON object of schedule keys".into()))?;
+        .ok_or_else(|| "body must be a JSON object of schedule keys".to_owned())?;
     match obj.get("name") {
         Some(n) if n.as_str() != Some(name) => {
-            return Err(invalid(format!(
+            return Err(format!(
                 "name: {n} in the body differs from `{name}` in the path"
-            )))
+            ))
         }
         _ => {
             obj.insert("name".into(), json!(name));
         }
     }
-    serde_json::from_value(v).map_err(|e| invalid(e.to_string()))
+    serde_json::from_value(v).map_err(|e| e.to_string())
 }
 
 async fn put(

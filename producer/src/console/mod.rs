@@ -24,6 +24,7 @@ mod login;
 mod overview;
 mod publish;
 mod sample;
+mod schedule_edit;
 mod schedules;
 mod session;
 mod workflows;
@@ -64,6 +65,11 @@ pub fn router(ctx: Arc<Ctx>) -> Router {
         .route("/ui/logout", post(login::sign_out))
         .route("/ui/assets/{file}", get(layout::asset))
         .route("/ui/schedules", get(schedules::page))
+        .route(
+            "/ui/schedules/edit",
+            get(schedule_edit::form).post(schedule_edit::submit),
+        )
+        .route("/ui/schedules/delete", post(schedule_edit::delete))
         .route("/ui/schedules/{name}/trigger", post(schedules::trigger))
         .route("/ui/schedules/{name}/pause", post(schedules::pause))
         .route("/ui/schedules/{name}/resume", post(schedules::resume))

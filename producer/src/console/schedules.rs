@@ -37,8 +37,9 @@ fn table(c: &Console, s: &super::session::Session) -> Markup {
     let can_publish = s.may(Scope::Publish);
     let can_admin = s.may(Scope::Admin);
     html! {
+        p { a.button href="/ui/schedules/edit" title=(layout::needs(can_admin, Scope::Admin, "create a schedule stored in RabbitMQ")) { "New schedule" } }
         @if set.is_empty() {
-            p.notice { "No schedules configured (" code { "[[schedules]]" } " in the producer's config)." }
+            p.notice { "No schedules yet: " code { "[[schedules]]" } " in the producer's config, or a new one here." }
         } @else {
             p.hint {
                 (layout::count(total as u64, "schedule", "schedules"))
@@ -59,7 +60,7 @@ fn table(c: &Console, s: &super::session::Session) -> Markup {
                         @let next = if sch.cfg.enabled && !st.paused { st.next_fire.or_else(|| sch.spec.next_after(now)) } else { None };
                         @let late = next.map(|n| now - n).filter(|d| d.num_seconds() >= 2);
                         tr data-schedule=(sch.name()) data-paused=(st.paused) {
-                            td.name { (sch.name()) }
+                            td.name { (sch.name()) @if sch.origin == crate::book::Origin::Api { " " span.hint title="created through the API or the console" { "(api)" } } }
                             td { code { (sch.target()) } }
                             td { code { (sch.cfg.cron) } }
                             td { (sch.cfg.timezone) }
@@ -95,6 +96,18 @@ fn table(c: &Console, s: &super::session::Session) -> Markup {
                                         (layout::csrf(s))
                                         button.secondary type="submit" disabled[!can_admin]
                                             title=(layout::needs(can_admin, Scope::Admin, "instants while paused are skipped")) { (label) }
+                                    }
+                                }
+                                @if sch.origin == crate::book::Origin::Api {
+                                    " "
+                                    a.button.secondary href=(format!("/ui/schedules/edit?name={}", sch.name())) { "Edit" }
+                                    " "
+                                    form method="post" action="/ui/schedules/delete" {
+                                        (layout::csrf(s))
+                                        input type="hidden" name="name" value=(sch.name());
+                                        input type="hidden" name="version" value=(sch.version);
+                                        button.secondary type="submit" disabled[!can_admin]
+                                            title=(layout::needs(can_admin, Scope::Admin, "delete this schedule for every replica")) { "Delete" }
                                     }
                                 }
                             }

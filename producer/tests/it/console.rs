@@ -1019,3 +1019,142 @@ async fn a_disabled_schedule_offers_no_trigger() {
     assert!(on.contains("Trigger now"), "{on}");
     assert!(page.contains("2 schedules"), "{page}");
 }
+
+/// Create, preview, edit and delete an API schedule from the console:
+/// `admin` only, CSRF-guarded, the next instants shown before saving, the
+/// API's validation, and a stale form refused rather than overwriting.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn schedules_are_created_edited_and_deleted_from_the_console() {
+    let w = World::new("ui-sched-edit").await;
+    let p = started(&w, &[]).await;
+    let admin = sign_in(&p, crate::helpers::ADMIN_TOKEN).await;
+    let fields = |s: &Signed, action: &str, cron: &str, version: Option<&str>| {
+        let mut f = vec![
+            ("csrf", s.csrf.clone()),
+            ("name", "cust-7".to_owned()),
+            ("cron", cron.to_owned()),
+            ("timezone", "Europe/Berlin".to_owned()),
+            ("task", "report.daily".to_owned()),
+            ("payload", r#"{"customer": 7}"#.to_owned()),
+            ("enabled", "on".to_owned()),
+            ("action", action.to_owned()),
+        ];
+        if let Some(v) = version {
+            f.push(("version", v.to_owned()));
+        }
+        let pairs: Vec<(&str, &str)> = f.iter().map(|(k, v)| (*k, v.as_str())).collect();
+        form(&pairs)
+    };
+    // Preview: the next five instants, local time shown, nothing stored.
+    let r = post(
+        &p,
+        &admin.cookie,
+        "/ui/schedules/edit",
+        &fields(&admin, "preview", "0 0 9 * * *", None),
+    )
+    .await;
+    assert_eq!(r.status().as_u16(), 200);
+    let page = r.text().await.unwrap();
+    assert_eq!(page.matches("<li><time").count(), 5, "five instants");
+    assert!(page.contains("09:00:00 CE"), "local time shown");
+    assert_eq!(
+        get(&p, &admin.cookie, "/ui/schedules")
+            .await
+            .1
+            .matches("cust-7")
+            .count(),
+        0
+    );
+    // A bad cron is refused naming the key; nothing stored.
+    let r = post(
+        &p,
+        &admin.cookie,
+        "/ui/schedules/edit",
+        &fields(&admin, "save", "99 * * * * *", None),
+    )
+    .await;
+    assert_eq!(r.status().as_u16(), 422);
+    assert!(r.text().await.unwrap().contains("cron"));
+    // Save without the CSRF token: refused.
+    let no_csrf = fields(&admin, "save", "0 0 9 * * *", None).replace(&admin.csrf, "0000");
+    assert_eq!(
+        post(&p, &admin.cookie, "/ui/schedules/edit", &no_csrf)
+            .await
+            .status()
+            .as_u16(),
+        403
+    );
+    // A publish token cannot save.
+    let publisher = sign_in(&p, PUBLISH_TOKEN).await;
+    let r = post(
+        &p,
+        &publisher.cookie,
+        "/ui/schedules/edit",
+        &fields(&publisher, "save", "0 0 9 * * *", None),
+    )
+    .await;
+    assert_eq!(r.status().as_u16(), 403);
+    // Save: it is listed as an API schedule and served by the API.
+    let r = post(
+        &p,
+        &admin.cookie,
+        "/ui/schedules/edit",
+        &fields(&admin, "save", "0 0 9 * * *", None),
+    )
+    .await;
+    assert_eq!(r.status().as_u16(), 303);
+    let list = get(&p, &admin.cookie, "/ui/schedules").await.1;
+    assert!(list.contains("cust-7") && list.contains("(api)"), "listed");
+    // Edit: the form carries the version it was opened with.
+    let (s, edit) = get(&p, &admin.cookie, "/ui/schedules/edit?name=cust-7").await;
+    assert_eq!(s, 200);
+    let version = between(&edit, r#"name="version" value=""#, "\"").expect("the version");
+    let r = post(
+        &p,
+        &admin.cookie,
+        "/ui/schedules/edit",
+        &fields(&admin, "save", "0 30 9 * * *", Some(&version)),
+    )
+    .await;
+    assert_eq!(r.status().as_u16(), 303);
+    // The same stale form again: refused, not overwritten.
+    let r = post(
+        &p,
+        &admin.cookie,
+        "/ui/schedules/edit",
+        &fields(&admin, "save", "0 0 8 * * *", Some(&version)),
+    )
+    .await;
+    assert_eq!(r.status().as_u16(), 422);
+    assert!(r.text().await.unwrap().contains("changed this schedule"));
+    let api = reqwest::Client::new()
+        .get(p.url("/v1/schedules/cust-7"))
+        .bearer_auth(crate::helpers::READ_TOKEN)
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(api.contains("0 30 9 * * *"), "{api}");
+    // Delete.
+    let list = get(&p, &admin.cookie, "/ui/schedules").await.1;
+    let current = between(&list, r#"name="version" value=""#, "\"").expect("a delete form");
+    let r = post(
+        &p,
+        &admin.cookie,
+        "/ui/schedules/delete",
+        &form(&[
+            ("csrf", &admin.csrf),
+            ("name", "cust-7"),
+            ("version", &current),
+        ]),
+    )
+    .await;
+    assert_eq!(r.status().as_u16(), 303);
+    warren::testing::eventually(Duration::from_secs(2), "cust-7 gone", || async {
+        let list = get(&p, &admin.cookie, "/ui/schedules").await.1;
+        (!list.contains("cust-7")).then_some(())
+    })
+    .await;
+}
