@@ -16,7 +16,7 @@ use warren_consumer::{handlers, ConsumerConfig, Registry};
     about = "Execute warren tasks from RabbitMQ"
 )]
 pub struct Cli {
-    /// TOML config file (every key is optional; defaults documented in the README).
+    /// TOML config file (every key is optional; defaults documented in docs/configuration.md).
     #[arg(long, short, env = "WARREN_CONFIG", global = true)]
     pub config: Option<PathBuf>,
     #[command(subcommand)]

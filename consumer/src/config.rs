@@ -1,6 +1,6 @@
 //! The consumer's configuration: one [`ConsumerConfig`] loaded from defaults <
 //! TOML file < `WARREN_*` environment (see [`warren::config`]), validated before
-//! anything connects. Every key is documented in the top-level README and in
+//! anything connects. Every key is documented in docs/configuration.md and in
 //! `deploy/consumer.toml`.
 
 use std::collections::BTreeMap;

@@ -255,7 +255,7 @@ impl Worker {
     async fn connect(&self, shutdown: &CancellationToken) -> anyhow::Result<Option<Session>> {
         let attempt = (|| self.open_session())
             .retry(warren::amqp::connect_backoff())
-            .when(|e: &warren::Error| !is_fatal(e))
+            .when(|e: &warren::Error| !e.is_fatal())
             .notify(|e, d| {
                 tracing::warn!(error = %e, retry_in = ?d, "cannot open AMQP session");
             });
@@ -264,17 +264,4 @@ impl Worker {
             r = attempt => Ok(Some(r?)),
         }
     }
-}
-
-/// Errors a reconnect cannot fix.
-fn is_fatal(e: &warren::Error) -> bool {
-    e.is_refused()
-        || matches!(
-            e,
-            warren::Error::Url(_)
-                | warren::Error::Tls(_)
-                | warren::Error::TopologyConflict { .. }
-                | warren::Error::Declare { .. }
-                | warren::Error::Missing { .. }
-        )
 }

@@ -1,6 +1,6 @@
 //! The producer's configuration: one `ProducerConfig` (defaults < TOML file <
 //! `WARREN_*` environment, unknown keys rejected) and its validation into
-//! compiled [`Schedule`]s. Every key is documented in the top-level README.
+//! compiled [`Schedule`]s. Every key is documented in docs/configuration.md.
 
 use std::collections::HashSet;
 use std::net::SocketAddr;
@@ -379,7 +379,7 @@ impl Default for ConsoleConfig {
     }
 }
 
-/// Leader election (see README: "Leader election").
+/// Leader election (docs/design.md, "Leader election: design and limits").
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct LeaderConfig {

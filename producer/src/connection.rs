@@ -127,7 +127,7 @@ pub async fn connect_retry(ctx: &Ctx, role: &str, stop: &CancellationToken) -> O
 /// permission), or an object this role may not declare is missing.
 pub fn is_permanent(e: &anyhow::Error) -> bool {
     if let Some(w) = e.downcast_ref::<warren::Error>() {
-        return w.is_refused() || matches!(w, warren::Error::Missing { .. });
+        return w.is_fatal();
     }
     e.downcast_ref::<lapin::Error>()
         .is_some_and(|l| warren::Error::Amqp(l.clone()).is_refused())
@@ -216,7 +216,7 @@ pub async fn api_connection(ctx: Arc<Ctx>, stop: CancellationToken) {
                     let _ = publisher.channel().close(200, "shutting down".into()).await;
                 }
             }
-            Err(e) if e.is_refused() || matches!(e, warren::Error::Missing { .. }) => {
+            Err(e) if e.is_fatal() => {
                 give_up(&ctx, &stop, "cannot set up the topology", &e.into());
             }
             Err(e) => {

@@ -17,7 +17,7 @@ use crate::delay;
 pub use crate::retry::RetryOverrides;
 use crate::trace::TraceContext;
 
-/// `x-warren-*` header names: the public contract (documented in the README).
+/// `x-warren-*` header names: the public contract (documented in docs/contract.md).
 pub mod headers {
     /// 1-based attempt number of this delivery (absent = 1).
     pub const ATTEMPT: &str = "x-warren-attempt";

@@ -118,6 +118,22 @@ impl Error {
         }
     }
 
+    /// An error no reconnect can fix: refused credentials or vhost, a bad
+    /// URL or TLS file, a topology that conflicts with the broker's or is
+    /// missing. Both roles stop on it with the clear error instead of
+    /// retrying forever.
+    pub fn is_fatal(&self) -> bool {
+        self.is_refused()
+            || matches!(
+                self,
+                Self::Url(_)
+                    | Self::Tls(_)
+                    | Self::TopologyConflict { .. }
+                    | Self::Declare { .. }
+                    | Self::Missing { .. }
+            )
+    }
+
     /// The broker refused the credentials or the vhost: no retry will help.
     pub fn is_refused(&self) -> bool {
         matches!(self, Self::Amqp(e) if refused(e))

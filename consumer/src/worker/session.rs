@@ -147,7 +147,7 @@ impl Worker {
                 }
                 // Said once, by the exit line (`warren-consumer: cannot
                 // consume queue …: ACCESS_REFUSED - …`), not also logged.
-                Err(e) if super::is_fatal(&e) => {
+                Err(e) if e.is_fatal() => {
                     let why = format!(
                         "cannot consume queue `{}` (a consumer's broker user needs read permission on its queues)",
                         self.queues[idx]

@@ -100,3 +100,30 @@ async fn a_dead_fire_loop_releases_the_lock_and_exits_1_for_a_standby() {
         .await;
     assert!(duplicates(&all).is_empty());
 }
+
+/// A topology that conflicts with the broker's (the work queue exists
+/// without priorities, the config asks for them) is no transient error:
+/// the producer stops with exit 1 naming the queue and the argument, as the
+/// consumer does, instead of retrying every 2 s forever.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_topology_conflict_stops_the_producer_naming_it() {
+    let w = World::new("conflict").await;
+    let cfg = w.write_config(
+        "c.toml",
+        "[[topology.queues]]\nname = \"default\"\nbindings = [\"#\"]\nmax_priority = 10\n",
+    );
+    let mut p = w.start("a", &cfg, &[]);
+    let status =
+        warren::testing::eventually(Duration::from_secs(30), "the producer to exit", || {
+            let s = p.child.try_wait().ok().flatten();
+            async move { s }
+        })
+        .await;
+    assert_eq!(status.code(), Some(1), "{}", p.logs());
+    let logs = p.logs();
+    assert!(
+        logs.contains(&w.work_queue()) && logs.contains("x-max-priority"),
+        "{logs}"
+    );
+    assert!(!logs.contains("; retrying"), "{logs}");
+}
