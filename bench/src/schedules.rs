@@ -486,6 +486,8 @@ struct Row {
     due: usize,
     dups: usize,
     cpu_per_fire_us: Option<f64>,
+    /// CPU seconds per second of the window.
+    cpu_busy: Option<f64>,
     hwm_kib: Option<u64>,
     rss_kib: Option<u64>,
     /// `/metrics` bytes and scrape time.
@@ -495,9 +497,12 @@ struct Row {
 
 impl Row {
     fn print(&self) {
-        let cpu = self
+        let mut cpu = self
             .cpu_per_fire_us
             .map_or("—".into(), |us| format!("{us:.0} µs"));
+        if let Some(busy) = self.cpu_busy {
+            cpu.push_str(&format!(" ({:.0} % of a core)", busy * 100.0));
+        }
         let metrics = self.metrics.map_or("—".into(), |(bytes, took)| {
             format!(
                 "{:.2} MB in {:.0} ms",
@@ -739,6 +744,10 @@ async fn window_run(
                 (Some(a), Some(b)) if received > 0 => Some((b - a) * 1e6 / received as f64),
                 _ => None,
             },
+            cpu_busy: match (cpu0, cpu1) {
+                (Some(a), Some(b)) => Some((b - a) / window),
+                _ => None,
+            },
             hwm_kib,
             rss_kib,
             metrics,
@@ -903,6 +912,32 @@ mod tests {
             .with_timezone(&Utc);
         assert_eq!(due_in(1000, t0, t0 + chrono::Duration::seconds(60)), 1000);
         assert_eq!(due_in(10, t0, t0 + chrono::Duration::seconds(5)), 5);
+    }
+
+    #[test]
+    fn a_tick_received_twice_counts_once_as_made_and_once_as_twice() {
+        let t0 = DateTime::parse_from_rfc3339("2026-01-01T00:00:00Z")
+            .unwrap()
+            .with_timezone(&Utc);
+        let rec = |id: &str, late_ms: i64| Rec {
+            id: id.into(),
+            key: parse_id(id),
+            pid: None,
+            at: parse_id(id)
+                .and_then(|(_, at)| DateTime::from_timestamp_millis(at + late_ms))
+                .unwrap(),
+        };
+        let recs = [
+            rec("sched-000000@2026-01-01T00:00:00Z", 5),
+            rec("sched-000000@2026-01-01T00:00:00Z", 700),
+            rec("sched-000001@2026-01-01T00:00:01Z", 20),
+            // Outside the window [t0, t0 + 2 s).
+            rec("sched-000002@2026-01-01T00:00:02Z", 1),
+        ];
+        let t1 = t0 + chrono::Duration::seconds(2);
+        assert_eq!(made_in(&recs, t0, t1), 2);
+        assert_eq!(duplicates(&recs), 1);
+        assert_eq!(lags_in(&recs, t0, t1), vec![5.0, 700.0, 20.0]);
     }
 
     #[test]
