@@ -86,9 +86,9 @@ struct Args {
     /// `prefetch = concurrency =` this, for its peak RSS (0: none).
     #[arg(long, default_value_t = 256)]
     rss_prefetch: u16,
-    /// `drain`: the broker's OS pid (e.g. `$(cat DIR/rabbit.pid)` of
-    /// `deploy/broker.sh`), to report its CPU per drained task too. Only
-    /// meaningful when nothing else uses that broker meanwhile.
+    /// `drain`, `schedules`: the broker's OS pid (e.g. `$(cat DIR/rabbit.pid)`
+    /// of `deploy/broker.sh`), to report its CPU per drained task (per fire)
+    /// too. Only meaningful when nothing else uses that broker meanwhile.
     #[arg(long)]
     broker_pid: Option<u32>,
     /// `drain`: the plain lapin consumer's prefetch (warren's default is 64).

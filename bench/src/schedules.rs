@@ -488,6 +488,8 @@ struct Row {
     cpu_per_fire_us: Option<f64>,
     /// CPU seconds per second of the window.
     cpu_busy: Option<f64>,
+    /// The broker's CPU per fire (`--broker-pid`).
+    broker_us: Option<f64>,
     hwm_kib: Option<u64>,
     rss_kib: Option<u64>,
     /// `/metrics` bytes and scrape time.
@@ -510,8 +512,11 @@ impl Row {
                 took.as_secs_f64() * 1000.0
             )
         });
+        let broker = self
+            .broker_us
+            .map_or("—".into(), |us| format!("{us:.0} µs"));
         warren::outln!(
-            "| {} | {} | {:.2} s | {:.0} | {} | {} / {} | {} | {cpu} | {} / {} MiB | {metrics} | {} |",
+            "| {} | {} | {:.2} s | {:.0} | {} | {} / {} | {} | {cpu} | {broker} | {} / {} MiB | {metrics} | {} |",
             self.who,
             self.n,
             self.startup.as_secs_f64(),
@@ -543,7 +548,7 @@ fn lag_cell(p: &Percentiles) -> String {
     format!("{} / {} / {}", f(p.p50), f(p.p99), f(p.max))
 }
 
-const TABLE_HEAD: &str = "| scheduler | schedules | start → leading | fires/s | fire lag p50 / p99 / max | made / due | ids twice | CPU per fire | RSS VmHWM / VmRSS | `/metrics` | `schedules check` |\n|---|---|---|---|---|---|---|---|---|---|---|";
+const TABLE_HEAD: &str = "| scheduler | schedules | start → leading | fires/s | fire lag p50 / p99 / max | made / due | ids twice | CPU per fire | broker CPU per fire | RSS VmHWM / VmRSS | `/metrics` | `schedules check` |\n|---|---|---|---|---|---|---|---|---|---|---|---|";
 
 pub async fn schedules_scenario(conn: &Connection, args: &Args, url: &str) -> Result<()> {
     let secs = args.seconds.unwrap_or(60.0);
@@ -708,8 +713,10 @@ async fn window_run(
         let t1 = t0 + chrono::Duration::milliseconds((secs * 1000.0) as i64);
         sleep_until(t0).await;
         let cpu0 = cpu_seconds(p.pid);
+        let broker0 = args.broker_pid.and_then(cpu_seconds);
         sleep_until(t1).await;
         let cpu1 = cpu_seconds(p.pid);
+        let broker1 = args.broker_pid.and_then(cpu_seconds);
         let (hwm_kib, rss_kib) = (status_kib(p.pid, "VmHWM:"), status_kib(p.pid, "VmRSS:"));
         let window = (t1 - t0).num_milliseconds() as f64 / 1000.0;
         let received = c.with(|recs| recs.iter().filter(|r| r.at >= t0 && r.at < t1).count())?;
@@ -741,6 +748,10 @@ async fn window_run(
             due: due_in(n, t0, t1),
             dups,
             cpu_per_fire_us: match (cpu0, cpu1) {
+                (Some(a), Some(b)) if received > 0 => Some((b - a) * 1e6 / received as f64),
+                _ => None,
+            },
+            broker_us: match (broker0, broker1) {
                 (Some(a), Some(b)) if received > 0 => Some((b - a) * 1e6 / received as f64),
                 _ => None,
             },
