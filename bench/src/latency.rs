@@ -42,10 +42,11 @@ fn index_of(id: &str) -> Option<usize> {
 }
 
 pub async fn latency_scenario(conn: &Connection, args: &Args, url: &str) -> Result<()> {
-    let n = (args.rate * args.seconds) as usize;
+    let seconds = args.seconds.unwrap_or(10.0);
+    let n = (args.rate * seconds) as usize;
     warren::outln!(
         "latency: {} tasks/s for {} s ({n} tasks) into a running consumer, {LATENCY_ROUNDS} rounds a side",
-        args.rate, args.seconds
+        args.rate, seconds
     );
     // Rounds alternate the sides, so load from elsewhere on the machine
     // falls on both; each side's samples are pooled over the rounds.
@@ -98,7 +99,7 @@ pub async fn latency_scenario(conn: &Connection, args: &Args, url: &str) -> Resu
         &[
             format!(
                 "enqueue → handler start, paced {} tasks/s, {LATENCY_ROUNDS} × {} s (p50 / p99 / max)",
-                args.rate, args.seconds
+                args.rate, seconds
             ),
             plain.cell(),
             warren.cell(),
@@ -115,11 +116,11 @@ pub async fn latency_scenario(conn: &Connection, args: &Args, url: &str) -> Resu
     Ok(())
 }
 
-struct Percentiles {
-    p50: f64,
-    p99: f64,
-    max: f64,
-    seen: usize,
+pub(crate) struct Percentiles {
+    pub(crate) p50: f64,
+    pub(crate) p99: f64,
+    pub(crate) max: f64,
+    pub(crate) seen: usize,
 }
 
 /// Rounds per side.
@@ -140,7 +141,7 @@ fn latencies(
 }
 
 impl Percentiles {
-    fn of(mut ms: Vec<f64>) -> Self {
+    pub(crate) fn of(mut ms: Vec<f64>) -> Self {
         ms.sort_by(f64::total_cmp);
         let at = |q: f64| {
             ms.get(((ms.len() as f64 * q) as usize).min(ms.len().saturating_sub(1)))

@@ -17,6 +17,10 @@
 //!   [`latency`].
 //! * `delay`: how late delayed tasks arrive through the delay levels (never
 //!   early: that is a test's job), 10 tasks each at 250 ms, 1.7 s and 3.3 s.
+//! * `schedules` (not part of `all`): the producer's scheduler at N
+//!   schedules, a burst, a failover; see [`schedules`].
+//! * `workflows` (not part of `all`): the coordinator's steps/s with 100
+//!   and with 10,000 active runs; see [`workflows`].
 //!
 //! Runs alternate between the two sides; the report gives each run and the
 //! median ratio. Run with `cargo run --release -p warren-bench -- --help`.
@@ -26,7 +30,9 @@ mod drain;
 mod latency;
 mod peers;
 mod publish;
+mod schedules;
 mod table;
+mod workflows;
 
 use std::collections::VecDeque;
 use std::path::PathBuf;
@@ -59,8 +65,10 @@ struct Args {
     #[arg(long, env = "WARREN_BENCH_AMQP_URL")]
     url: Option<String>,
     /// `publish`, `e2e`, `latency`, `delay`, `all`, `drain` (a pre-filled backlog, see
-    /// `--max-priority`), or `cluster` (quorum queue on a local 3-node cluster
-    /// against a classic queue on one node).
+    /// `--max-priority`), `cluster` (quorum queue on a local 3-node cluster
+    /// against a classic queue on one node), `schedules` (the producer's
+    /// scheduler at `--schedules` N) or `workflows` (steps/s at `--active`
+    /// runs).
     #[arg(long, default_value = "all")]
     scenario: String,
     /// Prefetch for both consumers.
@@ -78,9 +86,9 @@ struct Args {
     /// `prefetch = concurrency =` this, for its peak RSS (0: none).
     #[arg(long, default_value_t = 256)]
     rss_prefetch: u16,
-    /// `drain`: the broker's OS pid (e.g. `$(cat DIR/rabbit.pid)` of
-    /// `deploy/broker.sh`), to report its CPU per drained task too. Only
-    /// meaningful when nothing else uses that broker meanwhile.
+    /// `drain`, `schedules`: the broker's OS pid (e.g. `$(cat DIR/rabbit.pid)`
+    /// of `deploy/broker.sh`), to report its CPU per drained task (per fire)
+    /// too. Only meaningful when nothing else uses that broker meanwhile.
     #[arg(long)]
     broker_pid: Option<u32>,
     /// `drain`: the plain lapin consumer's prefetch (warren's default is 64).
@@ -104,12 +112,16 @@ struct Args {
     /// `latency`: tasks per second, paced.
     #[arg(long, default_value_t = 5000.0)]
     rate: f64,
-    /// `latency`: how long to publish at `--rate`.
-    #[arg(long, default_value_t = 10.0)]
-    seconds: f64,
+    /// `latency`: how long to publish at `--rate` (default 10); `schedules`:
+    /// the measured window at each N (default 60); `workflows`: the measured
+    /// window at each `--active` (default 30).
+    #[arg(long)]
+    seconds: Option<f64>,
     /// `publish`, `drain`: peers measured in the same run: `celery` (Python
     /// Celery, if `python3 -c 'import celery'` works), `rusty-celery` (if
-    /// `<peer-dir>/rusty-celery/target/release/rusty-celery-peer` is built).
+    /// `<peer-dir>/rusty-celery/target/release/rusty-celery-peer` is built);
+    /// `schedules`: `robfig-cron` (if `<peer-dir>/robfig-cron/robfig-cron-peer`
+    /// is built, `bash bench/peers/robfig-cron/build.sh`).
     #[arg(long, value_delimiter = ',')]
     peers: Vec<String>,
     /// Tasks per Python Celery run (it publishes about 1k/s with confirms);
@@ -119,6 +131,36 @@ struct Args {
     /// Where the peers' script and crate are.
     #[arg(long, default_value = "bench/peers")]
     peer_dir: PathBuf,
+    /// `schedules`: numbers of schedules `S * * * * *` (S = i mod 60), one
+    /// producer (and peer) run each.
+    #[arg(long, value_delimiter = ',', default_value = "1000,10000,100000")]
+    schedules: Vec<usize>,
+    /// `schedules`: after the window, wait this many seconds at most for the
+    /// window's due instants still missing.
+    #[arg(long, default_value_t = 30)]
+    drain: u64,
+    /// `schedules`: schedules all due at the same second (every 15 s) for the
+    /// burst case; 0: no burst.
+    #[arg(long, default_value_t = 1000)]
+    burst: usize,
+    /// `schedules`: bursts measured.
+    #[arg(long, default_value_t = 3)]
+    burst_rounds: usize,
+    /// `schedules`: also two producers at each N and a `kill -9` of the
+    /// leader.
+    #[arg(long)]
+    failover: bool,
+    /// `schedules`, `workflows`: how long a producer may take to start and
+    /// lead (and `schedules check` to finish), seconds.
+    #[arg(long, default_value_t = 180)]
+    lead_timeout: u64,
+    /// `workflows`: runs held active (their one step waits in a queue no
+    /// consumer reads), one measurement each.
+    #[arg(long, value_delimiter = ',', default_value = "100,10000")]
+    active: Vec<usize>,
+    /// `workflows`: runs of the measured 2-step chain kept in flight.
+    #[arg(long, default_value_t = 50)]
+    inflight: usize,
     /// Append each scenario's summary as Markdown table rows to this file
     /// (`bench/run.sh` builds the README's table from it).
     #[arg(long)]
@@ -172,6 +214,14 @@ async fn main() -> Result<()> {
     // Not part of `all`: it starts a 3-node cluster of its own.
     if args.scenario == "cluster" {
         cluster::cluster_scenario(&args).await?;
+    }
+    // Not part of `all`: minutes per N, and the producer at 100,000
+    // schedules takes the machine.
+    if args.scenario == "schedules" {
+        schedules::schedules_scenario(&conn, &args, &url).await?;
+    }
+    if args.scenario == "workflows" {
+        workflows::workflows_scenario(&conn, &args, &url).await?;
     }
     // lapin's close now and then waits forever for a close-ok on a socket
     // it already shut (seen under `perf stat`): the results are out by now.
