@@ -177,11 +177,22 @@ fn made_in(recs: &[Rec], t0: DateTime<Utc>, t1: DateTime<Utc>) -> usize {
 
 /// Ids received more than once.
 fn duplicates(recs: &[Rec]) -> usize {
+    duplicate_ids(recs).len()
+}
+
+/// The ids received more than once, sorted.
+fn duplicate_ids(recs: &[Rec]) -> Vec<String> {
     let mut seen: HashMap<&str, usize> = HashMap::new();
     for r in recs {
         *seen.entry(&r.id).or_default() += 1;
     }
-    seen.values().filter(|n| **n > 1).count()
+    let mut twice: Vec<String> = seen
+        .into_iter()
+        .filter(|(_, n)| *n > 1)
+        .map(|(id, _)| id.to_owned())
+        .collect();
+    twice.sort();
+    twice
 }
 
 /// Receive time − instant, ms, of the ticks with an instant in `[t0, t1)`.
@@ -891,13 +902,38 @@ async fn failover_run(
                 .iter()
                 .filter(|r| r.pid == Some(leader.pid) && r.at > killed + chrono::Duration::milliseconds(100))
                 .count();
-            (first, made_in(recs, t0, t1), duplicates(recs), dead_after)
+            // Each id twice, with who sent each copy and when.
+            let dups: Vec<String> = duplicate_ids(recs)
+                .into_iter()
+                .map(|id| {
+                    let copies: Vec<String> = recs
+                        .iter()
+                        .filter(|r| r.id == id)
+                        .map(|r| {
+                            let who = match r.pid {
+                                Some(p) if p == leader.pid => "leader",
+                                Some(p) if p == standby.pid => "standby",
+                                _ => "?",
+                            };
+                            format!("{who} {:+.2} s", (r.at - killed).num_milliseconds() as f64 / 1000.0)
+                        })
+                        .collect();
+                    format!("{id}: {}", copies.join(", "))
+                })
+                .collect();
+            (first, made_in(recs, t0, t1), dups, dead_after)
         })?;
         let due = due_in(n, t0, t1);
         warren::outln!(
-            "schedules failover: {n} schedules, heartbeat 2 s, kill -9 of the leader {} s into the window: standby's first fire {} after the kill; ids twice {dups}; made / due in the window {made} / {due} (missing {}); received from the killed leader after the kill {dead_after}{}",
+            "schedules failover: {n} schedules, heartbeat 2 s, kill -9 of the leader {} s into the window: standby's first fire {} after the kill; ids twice {}{}; made / due in the window {made} / {due} (missing {}); received from the killed leader after the kill {dead_after}{}",
             BEFORE_KILL.as_secs(),
             first.map_or("never".into(), |f| format!("{:.2} s", (f - killed).num_milliseconds() as f64 / 1000.0)),
+            dups.len(),
+            if dups.is_empty() {
+                String::new()
+            } else {
+                format!(" [{}]", dups.iter().take(5).cloned().collect::<Vec<_>>().join("; "))
+            },
             due.saturating_sub(made),
             if standby_alive { "" } else { "; the standby exited" },
         );
