@@ -81,7 +81,9 @@ const MAX_CANDIDATES: usize = 200_000;
 #[derive(Debug, Clone)]
 pub enum Spec {
     Cron {
-        cron: Box<croner::Cron>,
+        /// Shared by every schedule with the same expression (see
+        /// [`shared_cron`]).
+        cron: std::sync::Arc<croner::Cron>,
         tz: Tz,
         gap: DstGap,
         overlap: DstOverlap,
@@ -147,7 +149,7 @@ pub fn parse(expr: &str, tz: Tz, gap: DstGap, overlap: DstOverlap) -> Result<Spe
         };
         return Ok(Spec::Every { period_ms });
     }
-    let cron = expr::parse(expr).map_err(bad)?;
+    let cron = shared_cron(expr).map_err(bad)?;
     let tz = match prefix_tz {
         // `timezone` left at its default (UTC) or naming the same zone.
         Some(p) if tz == Tz::UTC || tz == p => p,
@@ -161,11 +163,38 @@ pub fn parse(expr: &str, tz: Tz, gap: DstGap, overlap: DstOverlap) -> Result<Spe
         None => tz,
     };
     Ok(Spec::Cron {
-        cron: Box::new(cron),
+        cron,
         tz,
         gap,
         overlap,
     })
+}
+
+/// The compiled expression `expr`, shared by every schedule that uses the
+/// same text: a compiled expression holds a table of every year it may
+/// fire in (about 10 KB), and 100,000 per-customer schedules typically use a
+/// handful of expressions. Entries go when their last schedule does.
+fn shared_cron(expr: &str) -> Result<std::sync::Arc<croner::Cron>, CronError> {
+    use std::collections::HashMap;
+    use std::sync::{Arc, Mutex, OnceLock, Weak};
+    static SHARED: OnceLock<Mutex<HashMap<String, Weak<croner::Cron>>>> = OnceLock::new();
+    let shared = SHARED.get_or_init(Mutex::default);
+    if let Some(c) = shared
+        .lock()
+        .ok()
+        .and_then(|m| m.get(expr).and_then(Weak::upgrade))
+    {
+        return Ok(c);
+    }
+    let cron = Arc::new(expr::parse(expr)?);
+    if let Ok(mut m) = shared.lock() {
+        // Forget expressions no schedule uses any more, now and then.
+        if m.len() >= 1024 && m.len().is_power_of_two() {
+            m.retain(|_, w| w.strong_count() > 0);
+        }
+        m.insert(expr.to_owned(), Arc::downgrade(&cron));
+    }
+    Ok(cron)
 }
 
 /// Parse an IANA zone name.
