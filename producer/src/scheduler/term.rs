@@ -77,6 +77,10 @@ pub(super) struct Term<'a> {
     snapshot_at: Instant,
     /// The catalog offset the last catalog snapshot covered, and when.
     catalog_snapshot: (Option<u64>, Instant),
+    /// Schedules that got a fresh cursor since the last record: a
+    /// successor must start them where this leader did, not at its own now
+    /// (which would skip the instants in between).
+    fresh: Vec<String>,
 }
 
 impl<'a> Term<'a> {
@@ -127,6 +131,7 @@ impl<'a> Term<'a> {
             unsnapshotted: 0,
             snapshot_at: Instant::now(),
             catalog_snapshot: (ctx.catalog().applied(), Instant::now()),
+            fresh: Vec::new(),
         };
         term.resync(sample.wall);
         Ok(term)
@@ -153,7 +158,7 @@ impl<'a> Term<'a> {
         feed: &mut tokio::sync::broadcast::Receiver<Change>,
     ) -> anyhow::Result<()> {
         loop {
-            if self.compact_catalog().await.is_err() {
+            if self.compact_catalog().await.is_err() || self.record_fresh().await.is_err() {
                 return Ok(());
             }
             let sleep = self
@@ -254,6 +259,7 @@ impl<'a> Term<'a> {
                     key,
                 };
                 self.cursors.insert(name.to_owned(), c);
+                self.fresh.push(name.to_owned());
             }
         }
         if self.ctx.is_paused(name) {
@@ -587,6 +593,42 @@ impl<'a> Term<'a> {
             Err(e) => {
                 tracing::warn!(error = %e, "could not write the schedule catalog snapshot");
                 self.catalog_snapshot.1 = Instant::now();
+            }
+        }
+        Ok(())
+    }
+
+    /// Append the cursors of schedules that started here since the last
+    /// record (one record, confirmed).
+    async fn record_fresh(&mut self) -> Result<(), Fenced> {
+        if self.fresh.is_empty() {
+            return Ok(());
+        }
+        let mut record = Record::default();
+        for name in self.fresh.drain(..) {
+            if let Some(c) = self.cursors.get(&name) {
+                record.entries.insert(name, entry(c));
+            }
+        }
+        if record.is_empty() {
+            return Ok(());
+        }
+        if !self.fence.holds() {
+            return Err(Fenced);
+        }
+        let logged = async {
+            state::append(self.publisher, &self.log, &record)
+                .await?
+                .confirmed()
+                .await
+        };
+        match logged.await {
+            Ok(()) => self.unsnapshotted += 1,
+            Err(e) => {
+                tracing::warn!(error = %e, "could not record the cursors of new schedules");
+                if !self.publisher.is_open() || !self.fence.holds() {
+                    return Err(Fenced);
+                }
             }
         }
         Ok(())
