@@ -10,13 +10,15 @@
 //! | `auth` | bearer tokens, scopes as types, the `RequireScope` extractor |
 //! | `console` | the operator console under `/ui/` (sessions, pages) |
 //! | `error` | the JSON error body of every `/v1` answer |
-//! | `scheduler` | election loop and fire loop |
+//! | `scheduler` | election loop and fire loop (`term`: one leader term; `agenda`: next instants in a heap) |
+//! | `book` | the schedules in force from both sources, by name, and a feed of what changed |
+//! | `catalog` | the API's schedules in RabbitMQ: a change log on a stream, versions, snapshot |
 //! | `reload` | SIGHUP: schedules and API tokens swapped at runtime |
 //! | `connection` | broker connections: retries, the API's publisher |
 //! | `context` | `Ctx`, the state the parts above share (below all of them) |
 //! | `control` | pause/resume requests to the leader, paused-set events to every replica |
 //! | `leader` | election on an exclusive queue and the fence before each tick |
-//! | `state` | the last-fire snapshot a new leader resumes from (in RabbitMQ) |
+//! | `state` | what a new leader resumes from: the cursors' log (a stream) and its compacted snapshot |
 //! | [`request`] | ad-hoc task requests (CLI batch lines, API bodies) |
 //! | [`cli`] | command line: `run`, `schedules check|next`, `publish` |
 //! | `batch` | `publish --batch`: NDJSON from stdin at the broker's pace |
