@@ -49,23 +49,47 @@ struct InFlight {
 struct Tally {
     confirmed: u64,
     failed: u64,
+    /// Nacked publishes (line, task, delay), sent again together (see
+    /// [`Tally::retry_nacked`]).
+    nacked: Vec<(u64, Task, Duration)>,
 }
 
 impl Tally {
-    /// A nack (a queue leader moving, say) is sent again, same id, as
-    /// [`Publisher::publish_task`] does.
-    async fn settle(&mut self, f: InFlight, publisher: &Publisher, topo: &Topology) {
-        let res = match f.pending.confirmed().await {
-            Err(warren::Error::Nacked { .. }) => {
-                publisher.publish_task(topo, &f.task, f.delay).await
-            }
-            r => r,
-        };
-        match res {
+    async fn settle(&mut self, f: InFlight) {
+        let InFlight {
+            line,
+            task,
+            delay,
+            pending,
+        } = f;
+        match pending.confirmed().await {
             Ok(()) => self.confirmed += 1,
-            Err(e) => {
-                self.failed += 1;
-                warren::errln!("line {}: task {} ({}): {e}", f.line, f.task.id, f.task.name);
+            // A nack (a queue leader moving, say) is sent again, same id.
+            Err(warren::Error::Nacked { .. }) => self.nacked.push((line, task, delay)),
+            Err(e) => self.fail(line, &task, &e),
+        }
+    }
+
+    fn fail(&mut self, line: u64, task: &Task, e: &warren::Error) {
+        self.failed += 1;
+        warren::errln!("line {line}: task {} ({}): {e}", task.id, task.name);
+    }
+
+    /// Send the nacked tasks again, pipelined as they first went, with the
+    /// nack backoff of [`Publisher::publish_tasks`]: one at a time, a
+    /// window of them would each wait out a confirm timeout in turn.
+    async fn retry_nacked(&mut self, publisher: &Publisher, topo: &Topology, window: usize) {
+        if self.nacked.is_empty() {
+            return;
+        }
+        let nacked = std::mem::take(&mut self.nacked);
+        let results = publisher
+            .publish_tasks(topo, nacked.iter().map(|(_, t, d)| (t, *d)), window)
+            .await;
+        for ((line, task, _), r) in nacked.iter().zip(results) {
+            match r {
+                Ok(()) => self.confirmed += 1,
+                Err(e) => self.fail(*line, task, &e),
             }
         }
     }
@@ -107,7 +131,10 @@ pub async fn publish<R: Read + Send + 'static>(
             }
             if in_flight.len() >= window {
                 if let Some(f) = in_flight.pop_front() {
-                    tally.settle(f, publisher, topo).await;
+                    tally.settle(f).await;
+                }
+                if tally.nacked.len() >= window {
+                    tally.retry_nacked(publisher, topo, window).await;
                 }
             }
         }
@@ -115,8 +142,9 @@ pub async fn publish<R: Read + Send + 'static>(
     // Awaited in order: confirms arrive in order, so this costs no more than
     // awaiting them as they come.
     for f in in_flight {
-        tally.settle(f, publisher, topo).await;
+        tally.settle(f).await;
     }
+    tally.retry_nacked(publisher, topo, window).await;
     reader
         .await
         .context("the stdin reader stopped")?
