@@ -23,8 +23,7 @@ use std::time::Duration;
 
 use chrono::{DateTime, Utc};
 use futures_util::StreamExt;
-use lapin::options::{BasicAckOptions, BasicConsumeOptions, BasicQosOptions};
-use lapin::types::{AMQPValue, FieldTable, ShortString};
+use lapin::options::BasicAckOptions;
 use lapin::{BasicProperties, Connection};
 use serde::{Deserialize, Serialize};
 use tokio::sync::oneshot;
@@ -362,34 +361,6 @@ pub enum WriteError {
     NoOutcome,
 }
 
-/// Read the snapshot (put back at once). A corrupt one reads as empty.
-async fn read_snapshot(conn: &Connection, prefix: &str) -> Result<Snapshot, lapin::Error> {
-    use lapin::options::{BasicGetOptions, BasicRejectOptions};
-    let ch = conn.create_channel().await?;
-    let got = ch
-        .basic_get(
-            snapshot_queue(prefix).as_str().into(),
-            BasicGetOptions { no_ack: false },
-        )
-        .await?;
-    let snap = match got {
-        None => Snapshot::default(),
-        Some(msg) => {
-            let snap = serde_json::from_slice(&msg.delivery.data).unwrap_or_else(|e| {
-                tracing::warn!(error = %e, "unreadable schedule catalog snapshot; reading the whole log");
-                Snapshot::default()
-            });
-            msg.delivery
-                .acker
-                .reject(BasicRejectOptions { requeue: true })
-                .await?;
-            snap
-        }
-    };
-    let _ = ch.close(200, "catalog snapshot read".into()).await;
-    Ok(snap)
-}
-
 /// Replace the snapshot with what `catalog` holds (confirmed).
 pub async fn compact(
     catalog: &Catalog,
@@ -414,7 +385,9 @@ pub async fn follow(
     effect: &(dyn Fn(Effect) + Sync),
 ) -> anyhow::Result<(lapin::Channel, lapin::Consumer)> {
     if catalog.applied().is_none() {
-        for s in catalog.restore(read_snapshot(conn, prefix).await?) {
+        for s in catalog.restore(
+            crate::state::peek(conn, &snapshot_queue(prefix), "schedule catalog snapshot").await?,
+        ) {
             effect(Effect::Put(Box::new(s)));
         }
     }
@@ -427,22 +400,14 @@ pub async fn follow(
         },
     )
     .await?;
-    let ch = conn.create_channel().await?;
-    ch.basic_qos(2000, BasicQosOptions::default()).await?;
-    let from = match catalog.applied() {
-        Some(o) => AMQPValue::LongLongInt(i64::try_from(o + 1).unwrap_or(i64::MAX)),
-        None => AMQPValue::LongString("first".into()),
-    };
-    let mut args = FieldTable::default();
-    args.insert(ShortString::from("x-stream-offset"), from);
-    let mut consumer = ch
-        .basic_consume(
-            log_stream(prefix).as_str().into(),
-            "warren-producer-catalog".into(),
-            BasicConsumeOptions::default(),
-            args,
-        )
-        .await?;
+    let (ch, mut consumer) = crate::state::consume_log(
+        conn,
+        &log_stream(prefix),
+        "warren-producer-catalog",
+        catalog.applied(),
+        2000,
+    )
+    .await?;
     loop {
         let Some(d) = consumer.next().await else {
             anyhow::bail!("the schedule catalog consumer ended while loading");
@@ -462,7 +427,7 @@ pub fn apply_delivery(
     d: &lapin::message::Delivery,
     effect: &(dyn Fn(Effect) + Sync),
 ) -> Option<String> {
-    let offset = stream_offset(d)?;
+    let offset = crate::state::stream_offset(d)?;
     if catalog.applied().is_some_and(|a| offset <= a) {
         return None;
     }
@@ -479,17 +444,6 @@ pub fn apply_delivery(
             tracing::warn!(error = %e, offset, "unreadable schedule catalog record; skipped");
             None
         }
-    }
-}
-
-/// The offset of a stream delivery.
-pub fn stream_offset(d: &lapin::message::Delivery) -> Option<u64> {
-    let headers = d.properties.headers().as_ref()?;
-    match headers.inner().get("x-stream-offset")? {
-        AMQPValue::LongLongInt(o) => u64::try_from(*o).ok(),
-        AMQPValue::LongInt(o) => u64::try_from(*o).ok(),
-        AMQPValue::LongUInt(o) => Some(u64::from(*o)),
-        _ => None,
     }
 }
 

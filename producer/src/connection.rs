@@ -142,6 +142,51 @@ pub fn give_up(ctx: &Ctx, stop: &CancellationToken, what: &str, e: &anyhow::Erro
     stop.cancel();
 }
 
+/// Serve while the API connection is up: follow the catalog, hear and
+/// announce replicas, until shutdown or the connection drops.
+async fn serve(
+    ctx: &Ctx,
+    conn: &Connection,
+    publisher: &Publisher,
+    stop: &CancellationToken,
+    mut catalog: Option<(lapin::Channel, lapin::Consumer)>,
+) {
+    let mut events = listen(ctx, conn).await;
+    let mut presence = tokio::time::interval(control::PRESENCE_EVERY);
+    loop {
+        tokio::select! {
+            _ = stop.cancelled() => break,
+            _ = tokio::time::sleep(Duration::from_millis(250)) => {}
+            _ = presence.tick() => announce(ctx, &events).await,
+            // Replicas list the new leader at once, not at the
+            // next periodic announcement.
+            _ = ctx.leadership_changed() => announce(ctx, &events).await,
+            d = next_delivery(&mut catalog) => match d {
+                Some(d) => {
+                    crate::catalog::apply_delivery(ctx.catalog(), &d, &|e| ctx.catalog_effect(e));
+                    let _ = d.acker.ack(lapin::options::BasicAckOptions::default()).await;
+                }
+                None => {
+                    tracing::warn!("schedule catalog consumer ended; reading it again");
+                    catalog = follow_catalog(ctx, conn, publisher).await;
+                }
+            },
+            ev = next_event(&mut events) => match ev {
+                Some(control::Incoming::Event(ev)) => ctx.on_event(ev),
+                Some(control::Incoming::Presence { presence }) => ctx.on_presence(presence),
+                None => {
+                    tracing::warn!("producer events subscription ended; subscribing again");
+                    events = listen(ctx, conn).await;
+                }
+            },
+        }
+        if !conn.status().connected() {
+            tracing::warn!("publishing connection lost; reconnecting");
+            break;
+        }
+    }
+}
+
 /// Keep the API's publishing connection up: connect, declare the topology,
 /// serve, and start over when it drops.
 pub async fn api_connection(ctx: Arc<Ctx>, stop: CancellationToken) {
@@ -172,43 +217,10 @@ pub async fn api_connection(ctx: Arc<Ctx>, stop: CancellationToken) {
                 ctx.amqp_metrics().connected.set(1);
                 // Ready once the API's schedules are read: a replica
                 // answering before would miss them.
-                let mut catalog = follow_catalog(&ctx, &conn, &publisher).await;
+                let catalog = follow_catalog(&ctx, &conn, &publisher).await;
                 ctx.health().set_ready(true);
                 tracing::info!("connected to the broker");
-                let mut events = listen(&ctx, &conn).await;
-                let mut presence = tokio::time::interval(control::PRESENCE_EVERY);
-                loop {
-                    tokio::select! {
-                        _ = stop.cancelled() => break,
-                        _ = tokio::time::sleep(Duration::from_millis(250)) => {}
-                        _ = presence.tick() => announce(&ctx, &events).await,
-                        // Replicas list the new leader at once, not at the
-                        // next periodic announcement.
-                        _ = ctx.leadership_changed() => announce(&ctx, &events).await,
-                        d = next_delivery(&mut catalog) => match d {
-                            Some(d) => {
-                                crate::catalog::apply_delivery(ctx.catalog(), &d, &|e| ctx.catalog_effect(e));
-                                let _ = d.acker.ack(lapin::options::BasicAckOptions::default()).await;
-                            }
-                            None => {
-                                tracing::warn!("schedule catalog consumer ended; reading it again");
-                                catalog = follow_catalog(&ctx, &conn, &publisher).await;
-                            }
-                        },
-                        ev = next_event(&mut events) => match ev {
-                            Some(control::Incoming::Event(ev)) => ctx.on_event(ev),
-                            Some(control::Incoming::Presence { presence }) => ctx.on_presence(presence),
-                            None => {
-                                tracing::warn!("producer events subscription ended; subscribing again");
-                                events = listen(&ctx, &conn).await;
-                            }
-                        },
-                    }
-                    if !conn.status().connected() {
-                        tracing::warn!("publishing connection lost; reconnecting");
-                        break;
-                    }
-                }
+                serve(&ctx, &conn, &publisher, &stop, catalog).await;
                 ctx.health().set_ready(false);
                 ctx.amqp_metrics().connected.set(0);
                 ctx.set_api_publisher(None);

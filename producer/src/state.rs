@@ -138,26 +138,75 @@ pub async fn declare(conn: &Connection, queue: &str, qt: QueueType) -> Result<()
 
 /// Read the snapshot without consuming it. A corrupt snapshot reads as empty.
 pub async fn read(conn: &Connection, queue: &str) -> Result<Snapshot, lapin::Error> {
+    peek(conn, queue, "producer state snapshot").await
+}
+
+/// The JSON message of a one-message queue, put back at once (reject and
+/// requeue); the default when the queue is empty or the message unreadable.
+pub async fn peek<T: serde::de::DeserializeOwned + Default>(
+    conn: &Connection,
+    queue: &str,
+    what: &str,
+) -> Result<T, lapin::Error> {
     let ch = conn.create_channel().await?;
     let got = ch
         .basic_get(queue.into(), BasicGetOptions { no_ack: false })
         .await?;
-    let snap = match got {
-        None => Snapshot::default(),
+    let value = match got {
+        None => T::default(),
         Some(msg) => {
-            let snap = serde_json::from_slice::<Snapshot>(&msg.delivery.data).unwrap_or_else(|e| {
-                tracing::warn!(error = %e, "unreadable producer state snapshot; starting without it");
-                Snapshot::default()
+            let value = serde_json::from_slice::<T>(&msg.delivery.data).unwrap_or_else(|e| {
+                tracing::warn!(error = %e, what, "unreadable; starting without it");
+                T::default()
             });
             msg.delivery
                 .acker
                 .reject(BasicRejectOptions { requeue: true })
                 .await?;
-            snap
+            value
         }
     };
-    let _ = ch.close(200, "state read".into()).await;
-    Ok(snap)
+    let _ = ch.close(200, "snapshot read".into()).await;
+    Ok(value)
+}
+
+/// A consumer of the stream `queue` from the offset after `after` (from
+/// its start without one), `prefetch` deliveries in flight.
+pub async fn consume_log(
+    conn: &Connection,
+    queue: &str,
+    tag: &str,
+    after: Option<u64>,
+    prefetch: u16,
+) -> Result<(lapin::Channel, lapin::Consumer), lapin::Error> {
+    let ch = conn.create_channel().await?;
+    ch.basic_qos(prefetch, BasicQosOptions::default()).await?;
+    let from = match after {
+        Some(o) => AMQPValue::LongLongInt(i64::try_from(o + 1).unwrap_or(i64::MAX)),
+        None => AMQPValue::LongString("first".into()),
+    };
+    let mut args = FieldTable::default();
+    args.insert(ShortString::from("x-stream-offset"), from);
+    let consumer = ch
+        .basic_consume(
+            queue.into(),
+            tag.into(),
+            BasicConsumeOptions::default(),
+            args,
+        )
+        .await?;
+    Ok((ch, consumer))
+}
+
+/// The offset of a stream delivery.
+pub fn stream_offset(d: &lapin::message::Delivery) -> Option<u64> {
+    let headers = d.properties.headers().as_ref()?;
+    match headers.inner().get("x-stream-offset")? {
+        AMQPValue::LongLongInt(o) => u64::try_from(*o).ok(),
+        AMQPValue::LongInt(o) => u64::try_from(*o).ok(),
+        AMQPValue::LongUInt(o) => Some(u64::from(*o)),
+        _ => None,
+    }
 }
 
 /// Declare the log stream (idempotent). Retention only needs to outlive
@@ -241,22 +290,8 @@ pub async fn load(
         ..Record::default()
     };
     append(publisher, log, &record).await?.confirmed().await?;
-    let ch = conn.create_channel().await?;
-    ch.basic_qos(1000, BasicQosOptions::default()).await?;
-    let from = match snap.offset {
-        Some(o) => AMQPValue::LongLongInt(i64::try_from(o + 1).unwrap_or(i64::MAX)),
-        None => AMQPValue::LongString("first".into()),
-    };
-    let mut args = FieldTable::default();
-    args.insert(ShortString::from("x-stream-offset"), from);
-    let mut consumer = ch
-        .basic_consume(
-            log.into(),
-            "warren-producer-state".into(),
-            BasicConsumeOptions::default(),
-            args,
-        )
-        .await?;
+    let (ch, mut consumer) =
+        consume_log(conn, log, "warren-producer-state", snap.offset, 1000).await?;
     let mut records = 0u64;
     let read_up = async {
         loop {
@@ -265,7 +300,7 @@ pub async fn load(
             };
             let d = d?;
             d.acker.ack(BasicAckOptions::default()).await?;
-            if let Some(o) = offset_of(&d) {
+            if let Some(o) = stream_offset(&d) {
                 snap.offset = Some(o);
             }
             match serde_json::from_slice::<Record>(&d.data) {
@@ -286,7 +321,7 @@ pub async fn load(
     let s = seen.clone();
     tokio::spawn(async move {
         while let Some(Ok(d)) = consumer.next().await {
-            if let Some(o) = offset_of(&d) {
+            if let Some(o) = stream_offset(&d) {
                 s.store(o, Ordering::SeqCst);
             }
             if d.acker.ack(BasicAckOptions::default()).await.is_err() {
@@ -295,16 +330,6 @@ pub async fn load(
         }
     });
     Ok((snap, Tail { seen, channel: ch }))
-}
-
-fn offset_of(d: &lapin::message::Delivery) -> Option<u64> {
-    let headers = d.properties.headers().as_ref()?;
-    match headers.inner().get("x-stream-offset")? {
-        AMQPValue::LongLongInt(o) => u64::try_from(*o).ok(),
-        AMQPValue::LongInt(o) => u64::try_from(*o).ok(),
-        AMQPValue::LongUInt(o) => Some(u64::from(*o)),
-        _ => None,
-    }
 }
 
 /// Replace the snapshot (confirmed).

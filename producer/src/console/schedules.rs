@@ -29,12 +29,80 @@ pub async fn page(
     layout::page("Schedules", Some(&s), Nav::Schedules, body)
 }
 
+/// One schedule's row: what it is, when it fires, and what may be done.
+fn row(
+    c: &Console,
+    s: &super::session::Session,
+    sch: &crate::config::Schedule,
+    now: chrono::DateTime<Utc>,
+) -> Markup {
+    let can_publish = s.may(Scope::Publish);
+    let can_admin = s.may(Scope::Admin);
+    html! {
+        @let st = c.ctx.status_of(sch.name());
+        @let next = if sch.cfg.enabled && !st.paused { st.next_fire.or_else(|| sch.spec.next_after(now)) } else { None };
+        @let late = next.map(|n| now - n).filter(|d| d.num_seconds() >= 2);
+        tr data-schedule=(sch.name()) data-paused=(st.paused) {
+            td.name { (sch.name()) @if sch.origin == crate::book::Origin::Api { " " span.hint title="created through the API or the console" { "(api)" } } }
+            td { code { (sch.target()) } }
+            td { code { (sch.cfg.cron) } }
+            td { (sch.cfg.timezone) }
+            td.next { @if let Some(n) = next {
+                time datetime=(layout::utc(n)) { (layout::utc(n)) } br;
+                span.hint { (n.with_timezone(&sch.spec.tz()).format("%Y-%m-%d %H:%M:%S %Z")) }
+            } @else { "—" } }
+            td { @if let Some(l) = st.last_fired {
+                time datetime=(layout::utc(l)) { (layout::utc(l)) } br; span.hint { (layout::span(now - l)) " ago" }
+            } @else { "never (here)" } }
+            td.late[late.is_some()] {
+                @if let Some(l) = late { (layout::span(l)) } @else if next.is_none() { "—" } @else { "on time" }
+            }
+            td { (json_name(&sch.cfg.misfire)) " · grace " (humantime::format_duration(sch.cfg.misfire_grace)) }
+            td.state {
+                @if !sch.cfg.enabled { "disabled" }
+                @else if st.paused { span.warn { "paused" } }
+                @else { "enabled" }
+            }
+            td.actions {
+                // Switched off in the config: nothing to trigger, pause or resume here.
+                @if !sch.cfg.enabled {
+                    span.hint title="enabled = false in the schedule's config" { "off in the config" }
+                } @else {
+                    form method="post" action=(format!("/ui/schedules/{}/trigger", sch.name())) {
+                        (layout::csrf(s))
+                        button type="submit" disabled[!can_publish]
+                            title=(layout::needs(can_publish, Scope::Publish, "publish one task now, as a manual fire")) { "Trigger now" }
+                    }
+                    " "
+                    @let (verb, label) = if st.paused { ("resume", "Resume") } else { ("pause", "Pause") };
+                    form method="post" action=(format!("/ui/schedules/{}/{verb}", sch.name())) {
+                        (layout::csrf(s))
+                        button.secondary type="submit" disabled[!can_admin]
+                            title=(layout::needs(can_admin, Scope::Admin, "instants while paused are skipped")) { (label) }
+                    }
+                }
+                @if sch.origin == crate::book::Origin::Api {
+                    " "
+                    a.button.secondary href=(format!("/ui/schedules/edit?name={}", sch.name())) { "Edit" }
+                    " "
+                    form method="post" action="/ui/schedules/delete" {
+                        (layout::csrf(s))
+                        input type="hidden" name="name" value=(sch.name());
+                        input type="hidden" name="version" value=(sch.version);
+                        button.secondary type="submit" disabled[!can_admin]
+                            title=(layout::needs(can_admin, Scope::Admin, "delete this schedule for every replica")) { "Delete" }
+                    }
+                }
+            }
+        }
+    }
+}
+
 fn table(c: &Console, s: &super::session::Session) -> Markup {
     // One page: the API lists every schedule (`?after=`).
     let set = c.ctx.book().page("", None, PAGE);
     let total = c.ctx.book().len();
     let now = Utc::now();
-    let can_publish = s.may(Scope::Publish);
     let can_admin = s.may(Scope::Admin);
     html! {
         p { a.button href="/ui/schedules/edit" title=(layout::needs(can_admin, Scope::Admin, "create a schedule stored in RabbitMQ")) { "New schedule" } }
@@ -55,64 +123,7 @@ fn table(c: &Console, s: &super::session::Session) -> Markup {
                     th { "Late by" } th { "Misfire" } th { "State" } th { "Actions" }
                 } }
                 tbody {
-                    @for sch in set.iter() {
-                        @let st = c.ctx.status_of(sch.name());
-                        @let next = if sch.cfg.enabled && !st.paused { st.next_fire.or_else(|| sch.spec.next_after(now)) } else { None };
-                        @let late = next.map(|n| now - n).filter(|d| d.num_seconds() >= 2);
-                        tr data-schedule=(sch.name()) data-paused=(st.paused) {
-                            td.name { (sch.name()) @if sch.origin == crate::book::Origin::Api { " " span.hint title="created through the API or the console" { "(api)" } } }
-                            td { code { (sch.target()) } }
-                            td { code { (sch.cfg.cron) } }
-                            td { (sch.cfg.timezone) }
-                            td.next { @if let Some(n) = next {
-                                time datetime=(layout::utc(n)) { (layout::utc(n)) } br;
-                                span.hint { (n.with_timezone(&sch.spec.tz()).format("%Y-%m-%d %H:%M:%S %Z")) }
-                            } @else { "—" } }
-                            td { @if let Some(l) = st.last_fired {
-                                time datetime=(layout::utc(l)) { (layout::utc(l)) } br; span.hint { (layout::span(now - l)) " ago" }
-                            } @else { "never (here)" } }
-                            td.late[late.is_some()] {
-                                @if let Some(l) = late { (layout::span(l)) } @else if next.is_none() { "—" } @else { "on time" }
-                            }
-                            td { (json_name(&sch.cfg.misfire)) " · grace " (humantime::format_duration(sch.cfg.misfire_grace)) }
-                            td.state {
-                                @if !sch.cfg.enabled { "disabled" }
-                                @else if st.paused { span.warn { "paused" } }
-                                @else { "enabled" }
-                            }
-                            td.actions {
-                                // Switched off in the config: nothing to trigger, pause or resume here.
-                                @if !sch.cfg.enabled {
-                                    span.hint title="enabled = false in the schedule's config" { "off in the config" }
-                                } @else {
-                                    form method="post" action=(format!("/ui/schedules/{}/trigger", sch.name())) {
-                                        (layout::csrf(s))
-                                        button type="submit" disabled[!can_publish]
-                                            title=(layout::needs(can_publish, Scope::Publish, "publish one task now, as a manual fire")) { "Trigger now" }
-                                    }
-                                    " "
-                                    @let (verb, label) = if st.paused { ("resume", "Resume") } else { ("pause", "Pause") };
-                                    form method="post" action=(format!("/ui/schedules/{}/{verb}", sch.name())) {
-                                        (layout::csrf(s))
-                                        button.secondary type="submit" disabled[!can_admin]
-                                            title=(layout::needs(can_admin, Scope::Admin, "instants while paused are skipped")) { (label) }
-                                    }
-                                }
-                                @if sch.origin == crate::book::Origin::Api {
-                                    " "
-                                    a.button.secondary href=(format!("/ui/schedules/edit?name={}", sch.name())) { "Edit" }
-                                    " "
-                                    form method="post" action="/ui/schedules/delete" {
-                                        (layout::csrf(s))
-                                        input type="hidden" name="name" value=(sch.name());
-                                        input type="hidden" name="version" value=(sch.version);
-                                        button.secondary type="submit" disabled[!can_admin]
-                                            title=(layout::needs(can_admin, Scope::Admin, "delete this schedule for every replica")) { "Delete" }
-                                    }
-                                }
-                            }
-                        }
-                    }
+                    @for sch in set.iter() { (row(c, s, sch, now)) }
                 }
             } }
         }
