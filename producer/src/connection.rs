@@ -91,6 +91,16 @@ async fn next_delivery(
     }
 }
 
+/// Start following the workflow runs (`None`: could not; tried again
+/// when the connection comes back).
+async fn follow_runs(ctx: &Ctx, conn: &Connection) -> Option<(lapin::Channel, lapin::Consumer)> {
+    ctx.runs()
+        .follow(conn, ctx.topo().prefix())
+        .await
+        .map_err(|e| tracing::warn!(error = %e, "cannot read the workflow runs"))
+        .ok()
+}
+
 /// Tell every replica (this one included) who this replica is and whether
 /// it leads.
 async fn announce(ctx: &Ctx, events: &Option<(lapin::Channel, lapin::Consumer)>) {
@@ -152,6 +162,7 @@ async fn serve(
     mut catalog: Option<(lapin::Channel, lapin::Consumer)>,
 ) {
     let mut events = listen(ctx, conn).await;
+    let mut runs = follow_runs(ctx, conn).await;
     let mut presence = tokio::time::interval(control::PRESENCE_EVERY);
     loop {
         tokio::select! {
@@ -169,6 +180,16 @@ async fn serve(
                 None => {
                     tracing::warn!("schedule catalog consumer ended; reading it again");
                     catalog = follow_catalog(ctx, conn, publisher).await;
+                }
+            },
+            d = next_delivery(&mut runs) => match d {
+                Some(d) => {
+                    ctx.runs().apply_delivery(&d);
+                    let _ = d.acker.ack(lapin::options::BasicAckOptions::default()).await;
+                }
+                None => {
+                    tracing::warn!("workflow runs consumer ended; reading them again");
+                    runs = follow_runs(ctx, conn).await;
                 }
             },
             ev = next_event(&mut events) => match ev {
@@ -200,6 +221,8 @@ pub async fn api_connection(ctx: Arc<Ctx>, stop: CancellationToken) {
             warren::topology::declare(&conn, ctx.topo()).await?;
             control::declare(&conn, ctx.topo().prefix(), ctx.topo().queue_type()).await?;
             crate::catalog::declare(&conn, ctx.topo().prefix(), ctx.topo().queue_type()).await?;
+            crate::workflow::store::declare(&conn, ctx.topo().prefix(), ctx.topo().queue_type())
+                .await?;
             Publisher::new(&conn, ctx.cfg().amqp.confirm_timeout).await
         };
         match setup.await {

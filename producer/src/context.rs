@@ -54,6 +54,8 @@ pub struct Ctx {
     book: Book,
     /// The API's schedules as read from the broker.
     catalog: crate::catalog::Catalog,
+    /// Workflow runs as the log says, for status requests.
+    runs: crate::workflow::store::View,
     /// Whether the API's schedules were read from the broker yet.
     catalog_loaded: watch::Sender<bool>,
     status: Mutex<HashMap<String, Status>>,
@@ -110,6 +112,7 @@ impl Ctx {
             health,
             book: Book::default(),
             catalog,
+            runs: crate::workflow::store::View::default(),
             catalog_loaded: watch::channel(false).0,
             status: Mutex::new(HashMap::new()),
             leader: AtomicBool::new(false),
@@ -219,6 +222,11 @@ impl Ctx {
 
     pub fn catalog(&self) -> &crate::catalog::Catalog {
         &self.catalog
+    }
+
+    /// The workflow runs this replica follows (every replica does).
+    pub fn runs(&self) -> &crate::workflow::store::View {
+        &self.runs
     }
 
     /// Put what reading the catalog's log decided in force.

@@ -61,6 +61,41 @@ pub struct Snapshot {
     pub offset: Option<u64>,
 }
 
+/// A snapshot that a log of records brings up to date: what [`load`]
+/// needs to resume from a one-message snapshot queue and a log stream. The
+/// scheduler's state and the workflow runs both are one.
+pub trait Fold: Default + serde::de::DeserializeOwned {
+    type Record: serde::de::DeserializeOwned + Serialize;
+    /// The last log offset folded in (or covered by the snapshot).
+    fn offset(&self) -> Option<u64>;
+    fn set_offset(&mut self, offset: u64);
+    fn fold(&mut self, r: Self::Record);
+    fn marker(r: &Self::Record) -> Option<&str>;
+    fn marker_record(marker: String) -> Self::Record;
+}
+
+impl Fold for Snapshot {
+    type Record = Record;
+    fn offset(&self) -> Option<u64> {
+        self.offset
+    }
+    fn set_offset(&mut self, offset: u64) {
+        self.offset = Some(offset);
+    }
+    fn fold(&mut self, r: Record) {
+        self.merge(r);
+    }
+    fn marker(r: &Record) -> Option<&str> {
+        r.marker.as_deref()
+    }
+    fn marker_record(marker: String) -> Record {
+        Record {
+            marker: Some(marker),
+            ..Record::default()
+        }
+    }
+}
+
 impl Snapshot {
     /// Fold one log record in: cursors and last fires only move forward.
     pub fn merge(&mut self, r: Record) {
@@ -137,21 +172,36 @@ pub async fn declare(conn: &Connection, queue: &str, qt: QueueType) -> Result<()
 }
 
 /// Read the snapshot without consuming it. A corrupt snapshot reads as empty.
-pub async fn read(conn: &Connection, queue: &str) -> Result<Snapshot, lapin::Error> {
+pub async fn read<S: Fold>(conn: &Connection, queue: &str) -> Result<S, lapin::Error> {
     peek(conn, queue, "producer state snapshot").await
 }
 
 /// The JSON message of a one-message queue, put back at once (reject and
 /// requeue); the default when the queue is empty or the message unreadable.
+///
+/// Another reader may hold the message for a moment (a replica starting
+/// at the same time, the CLI), and then the queue looks empty: an empty
+/// answer is asked again a few times, about 0.15 s in all, before it
+/// counts — a snapshot taken for absent would make a reader start from
+/// the log alone, which retention may have cut.
 pub async fn peek<T: serde::de::DeserializeOwned + Default>(
     conn: &Connection,
     queue: &str,
     what: &str,
 ) -> Result<T, lapin::Error> {
     let ch = conn.create_channel().await?;
-    let got = ch
-        .basic_get(queue.into(), BasicGetOptions { no_ack: false })
-        .await?;
+    let mut wait = Duration::from_millis(10);
+    let mut got = None;
+    for left in (0..4).rev() {
+        got = ch
+            .basic_get(queue.into(), BasicGetOptions { no_ack: false })
+            .await?;
+        if got.is_some() || left == 0 {
+            break;
+        }
+        tokio::time::sleep(wait).await;
+        wait *= 2;
+    }
     let value = match got {
         None => T::default(),
         Some(msg) => {
@@ -247,13 +297,9 @@ pub async fn declare_log(conn: &Connection, queue: &str) -> Result<(), lapin::Er
 pub async fn append(
     publisher: &Publisher,
     queue: &str,
-    r: &Record,
+    r: &impl Serialize,
 ) -> Result<Pending, warren::Error> {
-    let body = serde_json::to_vec(r).unwrap_or_default();
-    let props = BasicProperties::default()
-        .with_content_type("application/json".into())
-        .with_delivery_mode(warren::envelope::PERSISTENT);
-    publisher.send("", queue, props, &body).await
+    send_raw(publisher, queue, &serde_json::to_vec(r).unwrap_or_default()).await
 }
 
 /// The log as this leader keeps reading it after catching up: the offset
@@ -276,22 +322,21 @@ impl Tail {
 
 /// What a new leader resumes from: the snapshot with the log folded in,
 /// read up to a marker it appended itself; and the log's [`Tail`].
-pub async fn load(
+pub async fn load<S: Fold>(
     conn: &Connection,
     publisher: &Publisher,
     state_queue: &str,
     log: &str,
     instance: &str,
-) -> anyhow::Result<(Snapshot, Tail)> {
-    let mut snap = read(conn, state_queue).await?;
+) -> anyhow::Result<(S, Tail)> {
+    let mut snap: S = read(conn, state_queue).await?;
     let marker = format!("{instance}/{}", uuid::Uuid::new_v4());
-    let record = Record {
-        marker: Some(marker.clone()),
-        ..Record::default()
-    };
-    append(publisher, log, &record).await?.confirmed().await?;
+    append(publisher, log, &S::marker_record(marker.clone()))
+        .await?
+        .confirmed()
+        .await?;
     let (ch, mut consumer) =
-        consume_log(conn, log, "warren-producer-state", snap.offset, 1000).await?;
+        consume_log(conn, log, "warren-producer-state", snap.offset(), 1000).await?;
     let mut records = 0u64;
     let read_up = async {
         loop {
@@ -301,23 +346,23 @@ pub async fn load(
             let d = d?;
             d.acker.ack(BasicAckOptions::default()).await?;
             if let Some(o) = stream_offset(&d) {
-                snap.offset = Some(o);
+                snap.set_offset(o);
             }
-            match serde_json::from_slice::<Record>(&d.data) {
-                Ok(r) if r.marker.as_deref() == Some(marker.as_str()) => return Ok(()),
+            match serde_json::from_slice::<S::Record>(&d.data) {
+                Ok(r) if S::marker(&r) == Some(marker.as_str()) => return Ok(()),
                 Ok(r) => {
                     records += 1;
-                    snap.merge(r);
+                    snap.fold(r);
                 }
-                Err(e) => tracing::warn!(error = %e, "unreadable scheduler log record; skipped"),
+                Err(e) => tracing::warn!(error = %e, log, "unreadable log record; skipped"),
             }
         }
     };
     tokio::time::timeout(CATCH_UP_TIMEOUT, read_up)
         .await
-        .map_err(|_| anyhow::anyhow!("reading the scheduler log timed out"))??;
-    tracing::debug!(records, offset = ?snap.offset, "scheduler log read");
-    let seen = Arc::new(AtomicU64::new(snap.offset.unwrap_or(0)));
+        .map_err(|_| anyhow::anyhow!("reading the log {log} timed out"))??;
+    tracing::debug!(records, offset = ?snap.offset(), log, "log read");
+    let seen = Arc::new(AtomicU64::new(snap.offset().unwrap_or(0)));
     let s = seen.clone();
     tokio::spawn(async move {
         while let Some(Ok(d)) = consumer.next().await {
@@ -336,7 +381,7 @@ pub async fn load(
 pub async fn write(
     publisher: &Publisher,
     queue: &str,
-    snap: &Snapshot,
+    snap: &impl Serialize,
 ) -> Result<(), warren::Error> {
     send(publisher, queue, snap).await?.confirmed().await
 }
@@ -345,13 +390,27 @@ pub async fn write(
 pub async fn send(
     publisher: &Publisher,
     queue: &str,
-    snap: &Snapshot,
+    snap: &impl Serialize,
 ) -> Result<Pending, warren::Error> {
-    let body = serde_json::to_vec(snap).unwrap_or_default();
+    send_raw(
+        publisher,
+        queue,
+        &serde_json::to_vec(snap).unwrap_or_default(),
+    )
+    .await
+}
+
+/// Send JSON `body` to `queue`, persistent, without waiting for its
+/// confirm.
+pub async fn send_raw(
+    publisher: &Publisher,
+    queue: &str,
+    body: &[u8],
+) -> Result<Pending, warren::Error> {
     let props = BasicProperties::default()
         .with_content_type("application/json".into())
         .with_delivery_mode(warren::envelope::PERSISTENT);
-    publisher.send("", queue, props, &body).await
+    publisher.send("", queue, props, body).await
 }
 
 #[cfg(test)]

@@ -262,6 +262,7 @@ async fn cleanup(app: crate::helpers::App) {
             "workflows",
             "producer.workflows",
             "producer.workflows.view",
+            "producer.workflows.log",
             "producer.state",
             "producer.control",
         ] {
@@ -546,6 +547,95 @@ async fn a_coordinator_killed_mid_run_is_replaced_and_every_step_runs_once() {
         assert_eq!(steps.runs_of(s).len(), 1, "{s}: {:?}", steps.order());
     }
     let m = standby.metrics().await;
+    assert_eq!(
+        metric(&m, "warren_producer_workflow_steps_republished_total"),
+        0.0
+    );
+    cleanup(app).await;
+}
+
+/// A new coordinator resumes from the last snapshot and the log after it:
+/// runs finished before a compaction stay known, a run changed after it
+/// goes on, and every step still runs once. A standby answers status
+/// from the runs it follows.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_new_coordinator_resumes_from_the_snapshot_and_the_log_after_it() {
+    let cfg = config("wf_compact");
+    let steps = Steps::new();
+    let app = spawn_worker(cfg.clone(), steps.registry(&["wf.a", "wf.b", "wf.c"])).await;
+    let dir = tempfile::tempdir().unwrap();
+    let text = format!("[workflow]\ncompact_every = \"1s\"\n{CHAIN}");
+    let path = write_config(&dir, &text);
+    let mut replicas = vec![
+        spawn_producer(&cfg, &path).ready().await,
+        spawn_producer(&cfg, &path).ready().await,
+    ];
+    let leader = eventually(WAIT, "a coordinator", || {
+        let found = replicas.iter().position(is_coordinating);
+        async move { found }
+    })
+    .await;
+    let standby = 1 - leader;
+    for id in ["s1", "s2", "s3"] {
+        let (code, _) = replicas[leader]
+            .post("/v1/workflows/chain/runs", json!({ "id": id }))
+            .await;
+        assert_eq!(code, 202);
+    }
+    for id in ["s1", "s2", "s3"] {
+        replicas[standby]
+            .wait_status("chain", id, "succeeded")
+            .await;
+    }
+    // Past a compaction (every second here): s1..s3 are in the snapshot.
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    steps.held.lock().unwrap().insert("b".into());
+    let (code, _) = replicas[leader]
+        .post("/v1/workflows/chain/runs", json!({"id": "s4"}))
+        .await;
+    assert_eq!(code, 202);
+    eventually(WAIT, "s4's b recorded running", || async {
+        let (_, v) = replicas[standby].get("/v1/workflows/chain/runs/s4").await?;
+        (v["steps"][1]["state"] == "running").then_some(())
+    })
+    .await;
+    let mut dead = replicas.remove(leader);
+    dead.process.child.kill().unwrap();
+    dead.process.child.wait().unwrap();
+    let next = replicas.remove(0);
+    eventually(WAIT, "the standby coordinates", || {
+        let yes = is_coordinating(&next);
+        async move { yes.then_some(()) }
+    })
+    .await;
+    steps.release.send_replace(true);
+    next.wait_status("chain", "s4", "succeeded").await;
+    for id in ["s1", "s2", "s3"] {
+        next.wait_status("chain", id, "succeeded").await;
+    }
+    for s in ["a", "b", "c"] {
+        assert_eq!(steps.runs_of(s).len(), 4, "{s}: {:?}", steps.order());
+    }
+    // A one-off reader (the CLI) reads the snapshot and the log after it.
+    for id in ["s1", "s4"] {
+        let out = Command::new(producer_bin())
+            .arg("--config")
+            .arg(&path)
+            .args(["workflows", "status", "chain", id])
+            .env("WARREN_AMQP_URL", cfg.amqp.url_list())
+            .env("WARREN_TOPOLOGY__PREFIX", &cfg.topology.prefix)
+            .env("RUST_LOG", "warn")
+            .output()
+            .unwrap();
+        let text = String::from_utf8_lossy(&out.stdout);
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert!(text.contains("status    succeeded"), "{id}: {text}");
+    }
+    let m = next.metrics().await;
     assert_eq!(
         metric(&m, "warren_producer_workflow_steps_republished_total"),
         0.0

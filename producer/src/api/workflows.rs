@@ -1,9 +1,9 @@
 //! `/v1/workflows/...`: definitions, starting and resuming runs (`publish`),
 //! run status (`read`). Starts and resumes are messages to the coordinator
 //! through `<prefix>.workflows`, exactly as any AMQP client would send them;
-//! status comes from the leader's latest snapshot (the view queue, see
-//! [`crate::workflow::store`]), so every replica answers, at most one
-//! coordinator round behind. The console's workflow pages call the same
+//! status comes from the runs every replica follows (the view snapshot and
+//! the log after it, see [`crate::workflow::store`]), so every replica
+//! answers, at most one coordinator round behind. The console's workflow pages call the same
 //! `pub(crate)` functions, so there is one way to read and to act.
 
 use std::sync::Arc;
@@ -180,28 +180,22 @@ pub(crate) async fn send(
     })
 }
 
-/// One peek at a time per replica: concurrent requests would otherwise
-/// hide the snapshot from each other.
-static PEEK: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
-
-pub(crate) async fn snapshot(ctx: &Ctx) -> Result<store::Snapshot, ApiError> {
-    let p = publisher(ctx)?;
-    let _one = PEEK.lock().await;
-    store::peek(&p.conn, ctx.topo().prefix())
-        .await
-        .map_err(|e| {
-            ApiError::new(
-                StatusCode::SERVICE_UNAVAILABLE,
-                "broker_unavailable",
-                format!("cannot read the workflow state: {e}"),
-            )
-        })
+/// The runs this replica follows; 503 until it has read them.
+pub(crate) fn view(ctx: &Ctx) -> Result<&store::View, ApiError> {
+    let view = ctx.runs();
+    if view.is_loaded() {
+        Ok(view)
+    } else {
+        Err(ApiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "broker_unavailable",
+            "the workflow runs are not read yet (this replica is connecting to the broker)",
+        ))
+    }
 }
 
-pub(crate) fn find(snap: store::Snapshot, name: &str, id: &str) -> Result<Run, ApiError> {
-    snap.runs
-        .into_iter()
-        .find_map(|(_, r)| (r.id == id && r.workflow == name).then_some(r))
+pub(crate) fn find(view: &store::View, name: &str, id: &str) -> Result<Run, ApiError> {
+    view.read(|runs| runs.get(id).filter(|r| r.workflow == name).cloned())
         .ok_or_else(|| {
             ApiError::new(
                 StatusCode::NOT_FOUND,
@@ -217,8 +211,8 @@ async fn runs(
     Path(name): Path<String>,
 ) -> Result<Response, ApiError> {
     definition(&ctx, &name)?;
-    let snap = snapshot(&ctx).await?;
-    let runs = recent_runs(&snap, &name, LIST_LIMIT);
+    let view = view(&ctx)?;
+    let runs = recent_runs(view, &name, LIST_LIMIT);
     let list: Vec<_> = runs
         .iter()
         .map(|r| {
@@ -231,20 +225,24 @@ async fn runs(
             })
         })
         .collect();
-    Ok(Json(json!({"workflow": name, "as_of": snap.written_at, "runs": list})).into_response())
+    let as_of = view.read(|r| r.as_of());
+    Ok(Json(json!({"workflow": name, "as_of": as_of, "runs": list})).into_response())
 }
 
-/// The runs of workflow `name` in `snap`, newest first, at most `limit`.
-pub(crate) fn recent_runs(snap: &store::Snapshot, name: &str, limit: usize) -> Vec<Run> {
-    let mut runs: Vec<Run> = snap
-        .runs
-        .values()
-        .filter(|r| r.workflow == name)
-        .cloned()
-        .collect();
-    runs.sort_by_key(|r| std::cmp::Reverse(r.started_at));
-    runs.truncate(limit);
-    runs
+/// The runs of workflow `name`, newest first, at most `limit`.
+pub(crate) fn recent_runs(view: &store::View, name: &str, limit: usize) -> Vec<Run> {
+    view.read(|all| {
+        let mut ids: Vec<_> = all
+            .values()
+            .filter(|r| r.workflow == name)
+            .map(|r| (r.started_at, r.id.as_str()))
+            .collect();
+        ids.sort_by_key(|(t, _)| std::cmp::Reverse(*t));
+        ids.truncate(limit);
+        ids.into_iter()
+            .filter_map(|(_, id)| all.get(id).cloned())
+            .collect()
+    })
 }
 
 /// Whether `run` may be resumed: only once it finished failed,
@@ -274,9 +272,9 @@ async fn status(
     Path((name, id)): Path<(String, String)>,
 ) -> Result<Response, ApiError> {
     definition(&ctx, &name)?;
-    let snap = snapshot(&ctx).await?;
-    let as_of = snap.written_at;
-    let run = find(snap, &name, &id)?;
+    let view = view(&ctx)?;
+    let as_of = view.read(|r| r.as_of());
+    let run = find(view, &name, &id)?;
     let mut v = serde_json::to_value(&run).unwrap_or_default();
     if let Some(o) = v.as_object_mut() {
         o.insert("as_of".into(), json!(as_of));
@@ -290,7 +288,7 @@ async fn resume(
     Path((name, id)): Path<(String, String)>,
 ) -> Result<Response, ApiError> {
     definition(&ctx, &name)?;
-    let run = find(snapshot(&ctx).await?, &name, &id)?;
+    let run = find(view(&ctx)?, &name, &id)?;
     resumable(&run)?;
     let (props, body) = workflow::resume_message(&name, &id);
     send(

@@ -136,12 +136,12 @@ async fn fetch(cfg: &ProducerConfig, name: &str, id: &str) -> anyhow::Result<Run
     let conn = warren::amqp::connect(&cfg.amqp, "producer-cli")
         .await
         .context("connecting to the broker")?;
-    let snap = store::peek(&conn, &cfg.topology.prefix).await;
+    let runs = store::read_once(&conn, &cfg.topology.prefix).await;
     let _ = conn.close(200, "done".into()).await;
-    let snap = snap.context("reading the workflow state")?;
-    snap.runs
-        .into_values()
-        .find(|r| r.id == id && r.workflow == name)
+    let runs = runs.context("reading the workflow state")?;
+    runs.get(id)
+        .filter(|r| r.workflow == name)
+        .cloned()
         .ok_or_else(|| {
             anyhow::anyhow!(
                 "no run `{id}` of workflow `{name}` (not started yet, unknown, or past workflow.retention)"

@@ -19,7 +19,7 @@ use crate::api::workflows as api;
 use crate::config::Scope;
 use crate::request::json_error;
 use crate::workflow::run::{Exec, Run, StepRun};
-use crate::workflow::{self, store, Workflow};
+use crate::workflow::{self, Workflow};
 
 /// Runs listed per workflow on the list page.
 const RECENT: usize = 20;
@@ -57,9 +57,9 @@ async fn render_list(
     // One peek serves every workflow's table; without it the page still
     // shows the definitions and the start forms.
     let snap = if set.is_empty() {
-        Ok(store::Snapshot::default())
+        Ok(None)
     } else {
-        api::snapshot(&c.ctx).await
+        api::view(&c.ctx).map(Some)
     };
     let body = html! {
         (flash)
@@ -68,11 +68,11 @@ async fn render_list(
         }
         @if !set.is_empty() { (layout::scope_note(s, &[("start a run", Scope::Publish)])) }
         @if let Err(e) = &snap { p.error role="alert" { "Runs unavailable: " (layout::say(e.message())) } }
-        @if let Ok(snap) = &snap { @if let Some(t) = snap.written_at {
-            p.hint { "Run state as of " (layout::utc(t)) " (the coordinator's latest snapshot)." }
+        @if let Ok(Some(view)) = &snap { @if let Some(t) = view.read(|r| r.as_of()) {
+            p.hint { "Run state as of " (layout::utc(t)) " (the coordinator's latest change)." }
         } }
         @for wf in set.iter() {
-            @let runs = match &snap { Ok(sn) => api::recent_runs(sn, &wf.name, RECENT), Err(_) => Vec::new() };
+            @let runs = match &snap { Ok(Some(view)) => api::recent_runs(view, &wf.name, RECENT), _ => Vec::new() };
             @let mine = bad.as_ref().filter(|b| b.workflow == wf.name);
             section.workflow data-workflow=(wf.name) {
                 h2 { (wf.name) }
@@ -179,13 +179,10 @@ pub async fn run(
     Query(q): Query<RunQuery>,
 ) -> Response {
     let found = match api::definition(&c.ctx, &q.workflow) {
-        Ok(_) => match api::snapshot(&c.ctx).await {
-            Ok(snap) => {
-                let as_of = snap.written_at;
-                api::find(snap, &q.workflow, &q.id).map(|r| (r, as_of))
-            }
-            Err(e) => Err(e),
-        },
+        Ok(_) => api::view(&c.ctx).and_then(|view| {
+            let as_of = view.read(|r| r.as_of());
+            api::find(view, &q.workflow, &q.id).map(|r| (r, as_of))
+        }),
         Err(e) => Err(e),
     };
     let (run, as_of) = match found {
@@ -347,10 +344,9 @@ pub async fn resume(State(c): State<Console>, Signed(s): Signed, body: Bytes) ->
     let (name, id) = (f.get("workflow").unwrap_or(""), f.get("id").unwrap_or(""));
     let back = run_link(name, id);
     let checked = match api::definition(&c.ctx, name) {
-        Ok(_) => match api::snapshot(&c.ctx).await {
-            Ok(snap) => api::find(snap, name, id).and_then(|r| api::resumable(&r)),
-            Err(e) => Err(e),
-        },
+        Ok(_) => api::view(&c.ctx)
+            .and_then(|view| api::find(view, name, id))
+            .and_then(|r| api::resumable(&r)),
         Err(e) => Err(e),
     };
     if let Err(e) = checked {

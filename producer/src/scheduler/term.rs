@@ -96,7 +96,8 @@ impl<'a> Term<'a> {
         let state_queue = state::state_queue(prefix);
         let log = state::log_stream(prefix);
         let (previous, tail) =
-            state::load(conn, publisher, &state_queue, &log, ctx.instance()).await?;
+            state::load::<state::Snapshot>(conn, publisher, &state_queue, &log, ctx.instance())
+                .await?;
         if !previous.schedules.is_empty() {
             tracing::info!(
                 writer = %previous.writer,

@@ -2,15 +2,20 @@
 //! on the lock connection and drive every run.
 //!
 //! One round: take the messages available (up to `workflow.batch`), apply
-//! them to the runs in memory, mark the steps that became ready
-//! `publishing`, **write the snapshot (confirmed) before publishing them**,
-//! publish them (confirmed), record them `running` in a second snapshot, and
-//! only then ack the round's messages (`multiple`). A crash anywhere leaves
-//! the messages unacked (they come back, and are applied idempotently) and
-//! the tasks either unpublished-but-recorded (a new leader publishes every
-//! step still `publishing`, counted as republished) or recorded `running`.
+//! them to the runs they name, mark the steps that became ready
+//! `publishing`, **append the changed runs to the log (confirmed) before
+//! publishing them**, publish them (confirmed), append them again marked
+//! `running`, and only then ack the round's messages (`multiple`). A crash
+//! anywhere leaves the messages unacked (they come back, and are applied
+//! idempotently) and the tasks either unpublished-but-recorded (a new
+//! leader publishes every step still `publishing`, counted as republished)
+//! or recorded `running`.
+//!
+//! A round touches only the runs its messages name: its cost does not grow
+//! with the number of runs. The whole state is written only by compaction,
+//! every `workflow.compact_every` ([`store`]).
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -26,10 +31,11 @@ use warren::trace::TraceContext;
 use warren::workflow::{Resume, Start, StepEvent, EVENT, RESUME, START};
 
 use super::run::{Applied, Run, RunStatus};
-use super::store::{self, Snapshot};
+use super::store::{self, Record, Runs};
 use super::{step_task, Workflow};
 use crate::context::Ctx;
 use crate::leader::Fence;
+use crate::state::{self, Tail};
 
 /// Run the coordinator until `stop` or the end of the term. An error ends
 /// the term (the caller steps down).
@@ -42,80 +48,31 @@ pub async fn run(
     let prefix = ctx.topo().prefix().to_owned();
     store::declare(conn, &prefix, ctx.topo().queue_type()).await?;
     let publisher = Publisher::new(conn, ctx.cfg().amqp.confirm_timeout).await?;
+    let (runs, tail) = state::load::<Runs>(
+        conn,
+        &publisher,
+        &store::state_queue(&prefix),
+        &store::log_stream(&prefix),
+        ctx.instance(),
+    )
+    .await?;
     let mut c = Coordinator {
         ctx,
         fence,
         publisher: publisher.clone().sealed(ctx.seal()),
-        snap: store::read(conn, &prefix).await?,
+        runs,
         prefix,
+        tail,
+        touched: BTreeSet::new(),
+        before: BTreeMap::new(),
+        removed: Vec::new(),
+        dirty: true,
     };
-    c.snap.seq += 1;
-    c.snap.writer = ctx.instance().to_owned();
-    if !c.snap.runs.is_empty() {
-        tracing::info!(
-            runs = c.snap.runs.len(),
-            "resuming workflow runs from the previous leader's state"
-        );
-    }
-    // Steps the previous leader recorded but may not have published: the
-    // documented at-least-once corner (a duplicate has the same task id).
-    let republish = c.publish_due().await?;
-    if republish > 0 {
-        tracing::warn!(
-            tasks = republish,
-            "republished workflow tasks the previous leader had not confirmed"
-        );
-        ctx.metrics().wf_republished.inc_by(republish as u64);
-    }
-    c.write().await?;
-    c.update_gauges();
-
-    let ch = conn.create_channel().await?;
-    let batch = ctx.cfg().workflow.batch;
-    ch.basic_qos(batch, BasicQosOptions::default()).await?;
-    let mut consumer = ch
-        .basic_consume(
-            ctx.topo().workflows_queue().as_str().into(),
-            "warren-workflow-coordinator".into(),
-            BasicConsumeOptions::default(),
-            FieldTable::default(),
-        )
-        .await?;
-    tracing::info!("workflow coordinator running");
-    let res = async {
-        loop {
-            let expiry = c.expiry_in();
-            let first = tokio::select! {
-                d = consumer.next() => d,
-                _ = fence.lost() => return Ok(()),
-                _ = stop.cancelled() => return Ok(()),
-                _ = sleep_or_never(expiry) => {
-                    c.expire().await?;
-                    continue;
-                }
-            };
-            let Some(first) = first else {
-                anyhow::bail!("the workflows queue consumer ended");
-            };
-            let mut round = vec![first?];
-            while round.len() < usize::from(batch) {
-                match consumer.next().now_or_never() {
-                    Some(Some(Ok(d))) => round.push(d),
-                    Some(Some(Err(e))) => return Err(e.into()),
-                    _ => break,
-                }
-            }
-            c.round(&round).await?;
-            if let Some(last) = round.last() {
-                last.acker.ack(BasicAckOptions { multiple: true }).await?;
-            }
-        }
-    }
-    .await;
+    let res = c.serve(conn, stop).await;
     // Only the leader reports active runs.
     ctx.metrics().wf_active.set(0);
+    c.tail.close().await;
     if conn.status().connected() {
-        let _ = ch.close(200, "coordinator stopped".into()).await;
         let _ = publisher
             .channel()
             .close(200, "coordinator stopped".into())
@@ -128,8 +85,17 @@ struct Coordinator<'a> {
     ctx: &'a Ctx,
     fence: &'a Fence,
     publisher: Publisher,
-    snap: Snapshot,
+    runs: Runs,
     prefix: String,
+    tail: Tail,
+    /// The runs this round changed, to append and to advance.
+    touched: BTreeSet<String>,
+    /// Their (status, finished) before the round; `None`: started in it.
+    before: BTreeMap<String, Option<(RunStatus, bool)>>,
+    /// Ids forgotten since the last append.
+    removed: Vec<String>,
+    /// Whether the log grew since the last compaction.
+    dirty: bool,
 }
 
 /// Sleep for `d`, or forever when there is nothing to wait for.
@@ -141,10 +107,102 @@ async fn sleep_or_never(d: Option<Duration>) {
 }
 
 impl Coordinator<'_> {
+    /// Resume the previous leader's runs, then take rounds until the term
+    /// ends.
+    async fn serve(&mut self, conn: &Connection, stop: &CancellationToken) -> anyhow::Result<()> {
+        self.resume_term().await?;
+        let batch = self.ctx.cfg().workflow.batch;
+        let ch = conn.create_channel().await?;
+        ch.basic_qos(batch, BasicQosOptions::default()).await?;
+        let mut consumer = ch
+            .basic_consume(
+                self.ctx.topo().workflows_queue().as_str().into(),
+                "warren-workflow-coordinator".into(),
+                BasicConsumeOptions::default(),
+                FieldTable::default(),
+            )
+            .await?;
+        tracing::info!("workflow coordinator running");
+        let mut compact = tokio::time::interval(self.ctx.cfg().workflow.compact_every);
+        compact.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let res = async {
+            loop {
+                let first = tokio::select! {
+                    d = consumer.next() => d,
+                    _ = self.fence.lost() => return Ok(()),
+                    _ = stop.cancelled() => return Ok(()),
+                    _ = compact.tick() => {
+                        self.compact().await?;
+                        continue;
+                    }
+                    _ = sleep_or_never(self.expiry_in()) => {
+                        self.expire().await?;
+                        continue;
+                    }
+                };
+                let Some(first) = first else {
+                    anyhow::bail!("the workflows queue consumer ended");
+                };
+                let mut round = vec![first?];
+                while round.len() < usize::from(batch) {
+                    match consumer.next().now_or_never() {
+                        Some(Some(Ok(d))) => round.push(d),
+                        Some(Some(Err(e))) => return Err(e.into()),
+                        _ => break,
+                    }
+                }
+                self.round(&round).await?;
+                if let Some(last) = round.last() {
+                    last.acker.ack(BasicAckOptions { multiple: true }).await?;
+                }
+            }
+        }
+        .await;
+        if conn.status().connected() {
+            let _ = ch.close(200, "coordinator stopped".into()).await;
+        }
+        res
+    }
+
+    /// The start of a term: publish the steps the previous leader recorded
+    /// but may not have published — the documented at-least-once corner
+    /// (a duplicate has the same task id) — and write a fresh snapshot.
+    async fn resume_term(&mut self) -> anyhow::Result<()> {
+        if !self.runs.is_empty() {
+            tracing::info!(
+                runs = self.runs.len(),
+                "resuming workflow runs from the previous leader's state"
+            );
+        }
+        let due: Vec<String> = self
+            .runs
+            .values()
+            .filter(|r| r.due_count() > 0)
+            .map(|r| r.id.clone())
+            .collect();
+        for id in due {
+            self.touch(&id);
+        }
+        let republished = self.publish_due().await?;
+        if republished > 0 {
+            tracing::warn!(
+                tasks = republished,
+                "republished workflow tasks the previous leader had not confirmed"
+            );
+            self.ctx.metrics().wf_republished.inc_by(republished as u64);
+        }
+        self.append().await?;
+        self.touched.clear();
+        self.before.clear();
+        self.compact().await?;
+        self.update_gauges();
+        Ok(())
+    }
+
     /// How long until a finished run passes `workflow.retention` (a little
     /// after, so the prune finds it old enough).
     fn expiry_in(&self) -> Option<Duration> {
-        let at = self.snap.next_expiry(self.ctx.cfg().workflow.retention)?;
+        let at = self.runs.next_expiry(self.ctx.cfg().workflow.retention)?;
         let wait = (at - Utc::now()).to_std().unwrap_or(Duration::ZERO);
         Some(wait + Duration::from_millis(10))
     }
@@ -152,208 +210,285 @@ impl Coordinator<'_> {
     /// Forget the finished runs past retention, with no message to start a
     /// round: recorded (confirmed) like any round.
     async fn expire(&mut self) -> anyhow::Result<()> {
-        let w = &self.ctx.cfg().workflow;
-        let before = self.snap.runs.len();
-        self.snap
-            .prune(Utc::now(), w.retention, w.max_finished_runs);
-        if self.snap.runs.len() != before {
-            self.write().await?;
+        self.prune();
+        if !self.removed.is_empty() {
+            self.append().await?;
             self.update_gauges();
         }
         Ok(())
+    }
+
+    fn prune(&mut self) {
+        let w = &self.ctx.cfg().workflow;
+        let gone = self
+            .runs
+            .prune(Utc::now(), w.retention, w.max_finished_runs);
+        for id in &gone {
+            self.touched.remove(id);
+        }
+        self.removed.extend(gone);
     }
 
     fn workflow(&self, name: &str) -> Option<Arc<Workflow>> {
         self.ctx.workflow(name)
     }
 
-    async fn round(&mut self, round: &[Delivery]) -> anyhow::Result<()> {
+    /// Remember that run `id` changes in this round (and how it was).
+    fn touch(&mut self, id: &str) {
+        if !self.touched.contains(id) {
+            let was = self.runs.get(id).map(|r| (r.status, r.is_finished()));
+            self.before.insert(id.to_owned(), was);
+            self.touched.insert(id.to_owned());
+        }
+    }
+
+    /// Advance every touched run: mark what became due.
+    fn advance(&mut self) {
         let now = Utc::now();
-        let before = self.statuses();
+        let ids: Vec<String> = self.touched.iter().cloned().collect();
+        for id in ids {
+            let Some(wf) = self.runs.get(&id).and_then(|r| self.workflow(&r.workflow)) else {
+                continue;
+            };
+            self.runs.update(&id, |r| r.advance(&wf, now));
+        }
+    }
+
+    async fn round(&mut self, round: &[Delivery]) -> anyhow::Result<()> {
         for d in round {
             self.apply(d);
         }
-        for r in self.snap.runs.values_mut() {
-            if let Some(wf) = self.ctx.workflow(&r.workflow) {
-                r.advance(&wf, now);
-            }
-        }
-        self.count_transitions(&before);
-        let w = &self.ctx.cfg().workflow;
-        self.snap.prune(now, w.retention, w.max_finished_runs);
-        self.write().await?;
+        self.advance();
+        self.count_transitions();
+        self.prune();
+        self.append().await?;
         // A step nobody can take (unroutable) dies at once, which may make
         // compensations due: a few passes until nothing changes.
         for _ in 0..8 {
-            let before = self.statuses();
             if self.publish_due().await? == 0 {
                 break;
             }
-            for r in self.snap.runs.values_mut() {
-                if let Some(wf) = self.ctx.workflow(&r.workflow) {
-                    r.advance(&wf, Utc::now());
-                }
-            }
-            self.count_transitions(&before);
-            self.write().await?;
-            if self.snap.runs.values().all(|r| r.due_count() == 0) {
+            self.advance();
+            self.count_transitions();
+            self.append().await?;
+            if self.touched_due() == 0 {
                 break;
             }
         }
+        self.touched.clear();
+        self.before.clear();
         self.update_gauges();
         Ok(())
     }
 
+    fn touched_due(&self) -> usize {
+        self.touched
+            .iter()
+            .filter_map(|id| self.runs.get(id))
+            .map(Run::due_count)
+            .sum()
+    }
+
     fn apply(&mut self, d: &Delivery) {
-        let m = self.ctx.metrics();
         match d.routing_key.as_str() {
-            START => {
-                let Ok(start) = serde_json::from_slice::<Start>(&d.data) else {
-                    tracing::warn!("workflow start message is not a JSON {{\"workflow\", \"input\"}} object; dropped");
-                    m.wf_ignored.with_label_values(&["invalid"]).inc();
-                    return;
-                };
-                let id = d
-                    .properties
-                    .message_id()
-                    .as_ref()
-                    .map(|s| s.as_str().to_owned())
-                    .filter(|s| !s.is_empty())
-                    .unwrap_or_else(|| uuid::Uuid::new_v4().to_string());
-                let Some(wf) = self.workflow(&start.workflow) else {
-                    tracing::warn!(workflow = %start.workflow, run = %id, "start of an unknown workflow; dropped");
-                    m.wf_ignored.with_label_values(&["unknown_workflow"]).inc();
-                    return;
-                };
-                if self.snap.runs.contains_key(&id) {
-                    tracing::info!(workflow = %wf.name, run = %id, "run already known; start ignored");
-                    m.wf_ignored.with_label_values(&["duplicate_start"]).inc();
-                    return;
-                }
-                let trace = trace_of(d).unwrap_or_else(TraceContext::new_root);
-                let run = Run::new(
-                    id.clone(),
-                    &wf,
-                    start.input,
-                    Some((trace.traceparent(), trace.state.clone())),
-                    Utc::now(),
-                );
-                tracing::info!(workflow = %wf.name, run = %id, trace_id = %trace.trace_id_hex(), "workflow run started");
-                m.wf_runs.with_label_values(&[&wf.name, "started"]).inc();
-                self.snap.runs.insert(id, run);
-            }
-            EVENT => {
-                let Ok(ev) = serde_json::from_slice::<StepEvent>(&d.data) else {
-                    tracing::warn!("workflow step event is not valid; dropped");
-                    m.wf_ignored.with_label_values(&["invalid"]).inc();
-                    return;
-                };
-                let Some(run) = self.snap.runs.get_mut(&ev.run) else {
-                    tracing::info!(run = %ev.run, step = %ev.step, "event for a run not (or no longer) known; ignored");
-                    m.wf_ignored.with_label_values(&["unknown_run"]).inc();
-                    return;
-                };
-                match run.apply(&ev, Utc::now()) {
-                    Applied::Applied => {
-                        tracing::info!(workflow = %run.workflow, run = %run.id, step = %ev.step, outcome = ?ev.outcome, attempt = ev.attempt, "workflow step finished")
-                    }
-                    Applied::Replayed => {
-                        tracing::info!(workflow = %run.workflow, run = %run.id, step = %ev.step, "the failed step succeeded when replayed: run resumed");
-                        m.wf_runs
-                            .with_label_values(&[&run.workflow, "resumed"])
-                            .inc();
-                    }
-                    Applied::Duplicate => {
-                        tracing::info!(workflow = %run.workflow, run = %run.id, step = %ev.step, task_id = %ev.task_id, "duplicate or stale step event ignored");
-                        m.wf_duplicates.inc();
-                    }
-                    Applied::Unknown => {
-                        tracing::warn!(workflow = %run.workflow, run = %run.id, step = %ev.step, "event for a step this run does not have; ignored");
-                        m.wf_ignored.with_label_values(&["unknown_step"]).inc();
-                    }
-                }
-            }
-            RESUME => {
-                let Ok(req) = serde_json::from_slice::<Resume>(&d.data) else {
-                    m.wf_ignored.with_label_values(&["invalid"]).inc();
-                    return;
-                };
-                let Some(run) = self
-                    .snap
-                    .runs
-                    .get_mut(&req.run)
-                    .filter(|r| r.workflow == req.workflow)
-                else {
-                    tracing::warn!(workflow = %req.workflow, run = %req.run, "resume of an unknown run; ignored");
-                    m.wf_ignored.with_label_values(&["unknown_run"]).inc();
-                    return;
-                };
-                match run.resume() {
-                    Ok(()) => {
-                        tracing::info!(workflow = %run.workflow, run = %run.id, generation = run.generation, "workflow run resumed");
-                        m.wf_runs
-                            .with_label_values(&[&run.workflow, "resumed"])
-                            .inc();
-                    }
-                    Err(why) => {
-                        tracing::warn!(workflow = %run.workflow, run = %run.id, reason = %why, "resume refused");
-                        m.wf_ignored.with_label_values(&["not_resumable"]).inc();
-                    }
-                }
-            }
+            START => self.start(d),
+            EVENT => self.event(d),
+            RESUME => self.resume(d),
             other => {
                 tracing::warn!(routing_key = %other, "message with an unknown routing key on the workflows queue; dropped");
-                m.wf_ignored.with_label_values(&["invalid"]).inc();
+                self.ignored("invalid");
             }
         }
     }
 
-    /// Count what changed for each run since `before` (status and whether
-    /// finished, per run id; absent = started since).
-    fn count_transitions(&self, before: &BTreeMap<String, (RunStatus, bool)>) {
+    fn ignored(&self, why: &str) {
+        self.ctx
+            .metrics()
+            .wf_ignored
+            .with_label_values(&[why])
+            .inc();
+    }
+
+    fn start(&mut self, d: &Delivery) {
+        let Ok(start) = serde_json::from_slice::<Start>(&d.data) else {
+            tracing::warn!(
+                "workflow start message is not a JSON {{\"workflow\", \"input\"}} object; dropped"
+            );
+            return self.ignored("invalid");
+        };
+        let id = d
+            .properties
+            .message_id()
+            .as_ref()
+            .map(|s| s.as_str().to_owned())
+            .filter(|s| !s.is_empty())
+            .unwrap_or_else(|| uuid::Uuid::new_v4().to_string());
+        let Some(wf) = self.workflow(&start.workflow) else {
+            tracing::warn!(workflow = %start.workflow, run = %id, "start of an unknown workflow; dropped");
+            return self.ignored("unknown_workflow");
+        };
+        if self.runs.contains(&id) {
+            tracing::info!(workflow = %wf.name, run = %id, "run already known; start ignored");
+            return self.ignored("duplicate_start");
+        }
+        let trace = trace_of(d).unwrap_or_else(TraceContext::new_root);
+        let run = Run::new(
+            id.clone(),
+            &wf,
+            start.input,
+            Some((trace.traceparent(), trace.state.clone())),
+            Utc::now(),
+        );
+        tracing::info!(workflow = %wf.name, run = %id, trace_id = %trace.trace_id_hex(), "workflow run started");
+        self.ctx
+            .metrics()
+            .wf_runs
+            .with_label_values(&[&wf.name, "started"])
+            .inc();
+        self.touch(&id);
+        self.runs.insert(run);
+    }
+
+    fn event(&mut self, d: &Delivery) {
+        let Ok(ev) = serde_json::from_slice::<StepEvent>(&d.data) else {
+            tracing::warn!("workflow step event is not valid; dropped");
+            return self.ignored("invalid");
+        };
+        if !self.runs.contains(&ev.run) {
+            tracing::info!(run = %ev.run, step = %ev.step, "event for a run not (or no longer) known; ignored");
+            return self.ignored("unknown_run");
+        }
+        self.touch(&ev.run);
         let m = self.ctx.metrics();
-        for r in self.snap.runs.values() {
-            for event in transitions(before.get(&r.id).copied(), r) {
+        self.runs.update(&ev.run, |run| match run.apply(&ev, Utc::now()) {
+            Applied::Applied => {
+                tracing::info!(workflow = %run.workflow, run = %run.id, step = %ev.step, outcome = ?ev.outcome, attempt = ev.attempt, "workflow step finished")
+            }
+            Applied::Replayed => {
+                tracing::info!(workflow = %run.workflow, run = %run.id, step = %ev.step, "the failed step succeeded when replayed: run resumed");
+                m.wf_runs
+                    .with_label_values(&[&run.workflow, "resumed"])
+                    .inc();
+            }
+            Applied::Duplicate => {
+                tracing::info!(workflow = %run.workflow, run = %run.id, step = %ev.step, task_id = %ev.task_id, "duplicate or stale step event ignored");
+                m.wf_duplicates.inc();
+            }
+            Applied::Unknown => {
+                tracing::warn!(workflow = %run.workflow, run = %run.id, step = %ev.step, "event for a step this run does not have; ignored");
+                m.wf_ignored.with_label_values(&["unknown_step"]).inc();
+            }
+        });
+    }
+
+    fn resume(&mut self, d: &Delivery) {
+        let Ok(req) = serde_json::from_slice::<Resume>(&d.data) else {
+            return self.ignored("invalid");
+        };
+        if self
+            .runs
+            .get(&req.run)
+            .is_none_or(|r| r.workflow != req.workflow)
+        {
+            tracing::warn!(workflow = %req.workflow, run = %req.run, "resume of an unknown run; ignored");
+            return self.ignored("unknown_run");
+        }
+        self.touch(&req.run);
+        let m = self.ctx.metrics();
+        self.runs.update(&req.run, |run| match run.resume() {
+            Ok(()) => {
+                tracing::info!(workflow = %run.workflow, run = %run.id, generation = run.generation, "workflow run resumed");
+                m.wf_runs
+                    .with_label_values(&[&run.workflow, "resumed"])
+                    .inc();
+            }
+            Err(why) => {
+                tracing::warn!(workflow = %run.workflow, run = %run.id, reason = %why, "resume refused");
+                m.wf_ignored.with_label_values(&["not_resumable"]).inc();
+            }
+        });
+    }
+
+    /// Count what changed for each touched run since the round began, and
+    /// take that as the new starting point (passes of one round count
+    /// each change once).
+    fn count_transitions(&mut self) {
+        let m = self.ctx.metrics();
+        for id in &self.touched {
+            let Some(r) = self.runs.get(id) else {
+                continue;
+            };
+            let before = self.before.get(id).copied().flatten();
+            for event in transitions(before, r) {
                 m.wf_runs.with_label_values(&[&r.workflow, event]).inc();
             }
-            if r.is_finished() && !before.get(&r.id).is_some_and(|b| b.1) {
+            if r.is_finished() && !before.is_some_and(|b| b.1) {
                 let secs = (Utc::now() - r.started_at).to_std().unwrap_or_default();
                 m.wf_duration
                     .with_label_values(&[&r.workflow, r.status.name()])
                     .observe(secs.as_secs_f64());
             }
+            self.before
+                .insert(id.clone(), Some((r.status, r.is_finished())));
         }
-    }
-
-    fn statuses(&self) -> BTreeMap<String, (RunStatus, bool)> {
-        self.snap
-            .runs
-            .values()
-            .map(|r| (r.id.clone(), (r.status, r.is_finished())))
-            .collect()
     }
 
     fn update_gauges(&self) {
-        let active = self.snap.runs.values().filter(|r| !r.is_finished()).count();
-        self.ctx.metrics().wf_active.set(active as i64);
+        self.ctx.metrics().wf_active.set(self.runs.active() as i64);
     }
 
-    async fn write(&mut self) -> anyhow::Result<()> {
+    /// Append the touched runs and the forgotten ids to the log
+    /// (confirmed).
+    async fn append(&mut self) -> anyhow::Result<()> {
+        if self.touched.is_empty() && self.removed.is_empty() {
+            return Ok(());
+        }
         if !self.fence.holds() {
             anyhow::bail!("leadership lost before the workflow state was written");
         }
-        self.snap.seq += 1;
-        self.snap.written_at = Some(Utc::now());
-        self.snap.v = 1;
-        store::write(&self.publisher, &self.prefix, &self.snap).await?;
+        let record = Record {
+            runs: self
+                .touched
+                .iter()
+                .filter_map(|id| self.runs.get(id).cloned())
+                .collect(),
+            removed: std::mem::take(&mut self.removed),
+            at: Some(Utc::now()),
+            marker: None,
+        };
+        store::append(&self.publisher, &self.prefix, &record)
+            .await?
+            .confirmed()
+            .await?;
+        self.dirty = true;
         Ok(())
     }
 
-    /// Publish every task marked `publishing` (confirms pipelined), then mark
-    /// them `running`. How many were published.
+    /// Rewrite the snapshot when the log grew since the last one. It covers
+    /// the log up to what the tail has read: everything after is read again
+    /// on top of it, which ends in the same state.
+    async fn compact(&mut self) -> anyhow::Result<()> {
+        if !self.dirty {
+            return Ok(());
+        }
+        if !self.fence.holds() {
+            anyhow::bail!("leadership lost before the workflow snapshot was written");
+        }
+        let offset = self.tail.offset();
+        self.runs.stamp(self.ctx.instance(), Utc::now(), offset);
+        store::compact(&self.publisher, &self.prefix, &self.runs).await?;
+        self.dirty = false;
+        Ok(())
+    }
+
+    /// Publish every task of a touched run marked `publishing` (confirms
+    /// pipelined), then mark them `running`. How many were published.
     async fn publish_due(&mut self) -> anyhow::Result<usize> {
         let mut sent = Vec::new();
-        for r in self.snap.runs.values() {
+        for id in &self.touched {
+            let Some(r) = self.runs.get(id) else {
+                continue;
+            };
             let Some(wf) = self.ctx.workflow(&r.workflow) else {
                 continue;
             };
@@ -371,37 +506,46 @@ impl Coordinator<'_> {
         }
         let n = sent.len();
         for (run, task_id, pending) in sent {
-            match pending.confirmed().await {
-                Ok(()) => {
-                    if let Some(r) = self.snap.runs.get_mut(&run) {
-                        r.published(&task_id);
-                    }
-                    self.ctx
-                        .metrics()
-                        .published
-                        .with_label_values(&[crate::metrics::Source::Workflow.label()])
-                        .inc();
-                }
-                Err(e @ warren::Error::Unroutable { .. }) => {
-                    // No queue takes this task name: the step cannot run.
-                    tracing::error!(run = %run, task_id = %task_id, error = %e, "workflow step unroutable: the step fails");
-                    if let Some(r) = self.snap.runs.get_mut(&run) {
-                        r.unroutable(&task_id, &e.to_string(), Utc::now());
-                    }
-                }
-                Err(e) => {
-                    // Stays `publishing`: the next leader (or term) retries it.
-                    tracing::warn!(run = %run, task_id = %task_id, error = %e, "workflow step not published");
-                    self.ctx
-                        .metrics()
-                        .publish_failures
-                        .with_label_values(&[crate::metrics::Source::Workflow.label()])
-                        .inc();
-                    return Err(e.into());
-                }
-            }
+            self.settle(&run, &task_id, pending.confirmed().await)?;
         }
         Ok(n)
+    }
+
+    /// Record what the broker said of step task `task_id` of `run`.
+    fn settle(
+        &mut self,
+        run: &str,
+        task_id: &str,
+        confirmed: Result<(), warren::Error>,
+    ) -> anyhow::Result<()> {
+        let source = [crate::metrics::Source::Workflow.label()];
+        match confirmed {
+            Ok(()) => {
+                self.runs.update(run, |r| r.published(task_id));
+                self.ctx
+                    .metrics()
+                    .published
+                    .with_label_values(&source)
+                    .inc();
+            }
+            Err(e @ warren::Error::Unroutable { .. }) => {
+                // No queue takes this task name: the step cannot run.
+                tracing::error!(run = %run, task_id = %task_id, error = %e, "workflow step unroutable: the step fails");
+                self.runs
+                    .update(run, |r| r.unroutable(task_id, &e.to_string(), Utc::now()));
+            }
+            Err(e) => {
+                // Stays `publishing`: the next leader (or term) retries it.
+                tracing::warn!(run = %run, task_id = %task_id, error = %e, "workflow step not published");
+                self.ctx
+                    .metrics()
+                    .publish_failures
+                    .with_label_values(&source)
+                    .inc();
+                return Err(e.into());
+            }
+        }
+        Ok(())
     }
 }
 

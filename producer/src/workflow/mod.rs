@@ -6,8 +6,8 @@
 //! | `definition` | the config entries and their validation (cycles, unknown and unreachable steps) |
 //! | `template` | payload templates (`{{input.x}}`, `{{results.<step>}}`, `{{run.id}}`) |
 //! | `run` | one run as a pure state machine: readiness, failure, compensation, resume |
-//! | `store` | the run-state snapshot in RabbitMQ, and its view for status requests |
-//! | `coordinator` | the leader's loop: events in, snapshot, step tasks out, ack |
+//! | `store` | run state in RabbitMQ (a log of changed runs, a compacted snapshot) and the view every replica follows for status requests |
+//! | `coordinator` | the leader's loop: events in, changed runs appended, step tasks out, ack |
 //!
 //! The messages themselves (start, event, resume) are shared with the
 //! consumer: [`warren::workflow`].
@@ -39,8 +39,12 @@ pub struct WorkflowSettings {
     pub retention: Duration,
     /// Finished runs kept at most (the oldest go first).
     pub max_finished_runs: usize,
-    /// Most messages the coordinator applies per snapshot write.
+    /// Most messages the coordinator applies per round (one log append).
     pub batch: u16,
+    /// How often the leader rewrites the snapshot of every run (when the
+    /// log grew); between, each round appends only the runs it changed.
+    #[serde(with = "humantime_serde")]
+    pub compact_every: Duration,
 }
 
 impl Default for WorkflowSettings {
@@ -49,6 +53,7 @@ impl Default for WorkflowSettings {
             retention: Duration::from_secs(24 * 3600),
             max_finished_runs: 1000,
             batch: 256,
+            compact_every: Duration::from_secs(15),
         }
     }
 }
@@ -61,6 +66,9 @@ impl WorkflowSettings {
         }
         if self.batch == 0 {
             e.push("workflow.batch = 0: must be at least 1".into());
+        }
+        if self.compact_every.is_zero() {
+            e.push("workflow.compact_every = 0s: must be positive".into());
         }
         e
     }

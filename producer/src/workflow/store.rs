@@ -1,24 +1,38 @@
-//! Where run state lives: like the schedule state ([`crate::state`]), a
-//! last-value queue of one message, `<prefix>.producer.workflows`, holding
-//! every active run and the finished ones still retained. Only the leader
-//! writes it (on the lock connection, confirmed) and only a new leader reads
-//! it (`basic.get`, then reject + requeue).
+//! Where run state lives, in two parts whose cost per event does not grow
+//! with the number of runs (the same design as the schedule state,
+//! [`crate::state`]):
 //!
-//! The same snapshot also goes to `<prefix>.producer.workflows.view`, which
-//! every replica peeks to answer status requests. A peek holds that message
-//! unacked for a moment: on a queue of its own it can never make a new
-//! leader read an empty state.
+//! * **the log**, the stream `<prefix>.producer.workflows.log`: each
+//!   coordinator round appends one [`Record`] holding only the runs it
+//!   changed (whole) and the ids it forgot;
+//! * **the snapshot**, every run and the log offset it covers, rewritten
+//!   every `workflow.compact_every` (when the log grew) to two one-message
+//!   queues: `<prefix>.producer.workflows`, which only a new leader reads,
+//!   and `<prefix>.producer.workflows.view`, which readers peek — a peek
+//!   holds the message for a moment, and on a queue of its own it can never
+//!   make a new leader read an empty state.
+//!
+//! Records replace runs whole, in log order, so reading a record the
+//! snapshot already covers changes nothing once the records after it are
+//! read too. A new leader reads the snapshot and the log up to a marker of
+//! its own ([`crate::state::load`]); every replica follows the view and the
+//! log into a [`View`] that answers status requests, at most one round
+//! behind the leader.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::RwLock;
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
-use lapin::options::{BasicGetOptions, BasicRejectOptions};
-use lapin::{BasicProperties, Connection};
+use futures_util::StreamExt;
+use lapin::options::BasicAckOptions;
+use lapin::Connection;
 use serde::{Deserialize, Serialize};
 use warren::amqp::{Pending, Publisher};
 
 use super::run::Run;
+use crate::state;
 
 pub fn state_queue(prefix: &str) -> String {
     format!("{prefix}.producer.workflows")
@@ -28,45 +42,212 @@ pub fn view_queue(prefix: &str) -> String {
     format!("{prefix}.producer.workflows.view")
 }
 
+pub fn log_stream(prefix: &str) -> String {
+    format!("{prefix}.producer.workflows.log")
+}
+
+/// Every run, as the snapshot queues hold it.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct Snapshot {
     pub v: u32,
     pub writer: String,
     pub written_at: Option<DateTime<Utc>>,
-    /// Increases with every write of a term (a peek that finds two copies
-    /// keeps the newer).
-    #[serde(default)]
-    pub seq: u64,
+    /// The last log offset this snapshot covers (absent in snapshots
+    /// written before the log: read the log from its start).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub offset: Option<u64>,
     /// By run id.
     pub runs: BTreeMap<String, Run>,
 }
 
-impl Snapshot {
-    /// Drop finished runs older than `retention`, then the oldest finished
-    /// ones beyond `max_finished`. Active runs are always kept.
-    pub fn prune(&mut self, now: DateTime<Utc>, retention: Duration, max_finished: usize) {
-        let horizon = now - chrono::TimeDelta::from_std(retention).unwrap_or_default();
-        self.runs
-            .retain(|_, r| r.finished_at.is_none_or(|f| f >= horizon));
-        let mut finished: Vec<(DateTime<Utc>, String)> = self
+/// One append to the log: what one coordinator round changed.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct Record {
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub runs: Vec<Run>,
+    /// Runs forgotten (past retention).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub removed: Vec<String>,
+    /// When it was written: the `as_of` of status answers.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub at: Option<DateTime<Utc>>,
+    /// A new leader's marker: the log up to here is what it must read.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub marker: Option<String>,
+}
+
+/// The runs in memory, with the finished ones ordered by when they
+/// finished so that pruning touches only what it forgets.
+#[derive(Debug, Clone, Default)]
+pub struct Runs {
+    snap: Snapshot,
+    finished: BTreeSet<(DateTime<Utc>, String)>,
+}
+
+impl From<Snapshot> for Runs {
+    fn from(snap: Snapshot) -> Self {
+        let finished = snap
             .runs
             .values()
             .filter_map(|r| r.finished_at.map(|f| (f, r.id.clone())))
             .collect();
-        if finished.len() > max_finished {
-            finished.sort();
-            for (_, id) in &finished[..finished.len() - max_finished] {
-                self.runs.remove(id);
+        Self { snap, finished }
+    }
+}
+
+impl<'de> Deserialize<'de> for Runs {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        Snapshot::deserialize(d).map(Runs::from)
+    }
+}
+
+impl Serialize for Runs {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        self.snap.serialize(s)
+    }
+}
+
+impl state::Fold for Runs {
+    type Record = Record;
+    fn offset(&self) -> Option<u64> {
+        self.snap.offset
+    }
+    fn set_offset(&mut self, offset: u64) {
+        self.snap.offset = Some(offset);
+    }
+    fn fold(&mut self, r: Record) {
+        if r.at.is_some() {
+            self.snap.written_at = r.at;
+        }
+        for run in r.runs {
+            self.insert(run);
+        }
+        for id in &r.removed {
+            self.remove(id);
+        }
+    }
+    fn marker(r: &Record) -> Option<&str> {
+        r.marker.as_deref()
+    }
+    fn marker_record(marker: String) -> Record {
+        Record {
+            marker: Some(marker),
+            ..Record::default()
+        }
+    }
+}
+
+impl Runs {
+    pub fn len(&self) -> usize {
+        self.snap.runs.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.snap.runs.is_empty()
+    }
+
+    /// Runs not finished.
+    pub fn active(&self) -> usize {
+        self.snap.runs.len() - self.finished.len()
+    }
+
+    pub fn get(&self, id: &str) -> Option<&Run> {
+        self.snap.runs.get(id)
+    }
+
+    pub fn contains(&self, id: &str) -> bool {
+        self.snap.runs.contains_key(id)
+    }
+
+    pub fn ids(&self) -> impl Iterator<Item = &String> {
+        self.snap.runs.keys()
+    }
+
+    pub fn values(&self) -> impl Iterator<Item = &Run> {
+        self.snap.runs.values()
+    }
+
+    /// When the latest change was written (the last record read, or the
+    /// snapshot).
+    pub fn as_of(&self) -> Option<DateTime<Utc>> {
+        self.snap.written_at
+    }
+
+    /// Add or replace a run.
+    pub fn insert(&mut self, run: Run) {
+        let id = run.id.clone();
+        let after = run.finished_at;
+        let before = self.snap.runs.insert(id.clone(), run);
+        self.reindex(id, before.and_then(|r| r.finished_at), after);
+    }
+
+    pub fn remove(&mut self, id: &str) {
+        if let Some(r) = self.snap.runs.remove(id) {
+            if let Some(f) = r.finished_at {
+                self.finished.remove(&(f, id.to_owned()));
             }
         }
+    }
+
+    /// Change run `id` in place (keeping the finished order right).
+    pub fn update<R>(&mut self, id: &str, f: impl FnOnce(&mut Run) -> R) -> Option<R> {
+        let run = self.snap.runs.get_mut(id)?;
+        let before = run.finished_at;
+        let out = f(run);
+        let after = run.finished_at;
+        self.reindex(id.to_owned(), before, after);
+        Some(out)
+    }
+
+    fn reindex(&mut self, id: String, before: Option<DateTime<Utc>>, after: Option<DateTime<Utc>>) {
+        if before == after {
+            return;
+        }
+        if let Some(b) = before {
+            self.finished.remove(&(b, id.clone()));
+        }
+        if let Some(a) = after {
+            self.finished.insert((a, id));
+        }
+    }
+
+    /// Forget finished runs older than `retention`, then the oldest
+    /// finished ones beyond `max_finished`; active runs are always kept.
+    /// The ids forgotten.
+    pub fn prune(
+        &mut self,
+        now: DateTime<Utc>,
+        retention: Duration,
+        max_finished: usize,
+    ) -> Vec<String> {
+        let horizon = now - chrono::TimeDelta::from_std(retention).unwrap_or_default();
+        let mut gone = Vec::new();
+        while let Some((at, _)) = self.finished.first() {
+            if *at >= horizon && self.finished.len() <= max_finished {
+                break;
+            }
+            if let Some((_, id)) = self.finished.pop_first() {
+                self.snap.runs.remove(&id);
+                gone.push(id);
+            }
+        }
+        gone
     }
 
     /// When the oldest finished run passes `retention`: the coordinator
     /// prunes then even when no message arrives, so an idle coordinator
     /// forgets runs on time.
     pub fn next_expiry(&self, retention: Duration) -> Option<DateTime<Utc>> {
-        let oldest = self.runs.values().filter_map(|r| r.finished_at).min()?;
-        Some(oldest + chrono::TimeDelta::from_std(retention).unwrap_or_default())
+        let (oldest, _) = self.finished.first()?;
+        Some(*oldest + chrono::TimeDelta::from_std(retention).unwrap_or_default())
+    }
+
+    /// Stamp the snapshot before it is written.
+    pub fn stamp(&mut self, writer: &str, at: DateTime<Utc>, offset: u64) {
+        self.snap.v = 1;
+        self.snap.writer = writer.to_owned();
+        self.snap.written_at = Some(at);
+        self.snap.offset = Some(offset);
     }
 }
 
@@ -75,93 +256,197 @@ pub async fn declare(
     prefix: &str,
     qt: warren::config::QueueType,
 ) -> Result<(), lapin::Error> {
-    crate::state::declare(conn, &state_queue(prefix), qt).await?;
-    crate::state::declare(conn, &view_queue(prefix), qt).await
+    state::declare(conn, &state_queue(prefix), qt).await?;
+    state::declare(conn, &view_queue(prefix), qt).await?;
+    state::declare_log(conn, &log_stream(prefix)).await
 }
 
-/// Every message in `queue` (at most `max`), given back at once: the
-/// snapshot with the highest `seq`. A corrupt snapshot reads as empty.
-async fn get(conn: &Connection, queue: &str, max: usize) -> Result<Snapshot, lapin::Error> {
-    let ch = conn.create_channel().await?;
-    let mut best: Option<Snapshot> = None;
-    let mut held = Vec::new();
-    for _ in 0..max {
-        let Some(msg) = ch
-            .basic_get(queue.into(), BasicGetOptions { no_ack: false })
-            .await?
-        else {
-            break;
-        };
-        let more = msg.message_count > 0;
-        match serde_json::from_slice::<Snapshot>(&msg.delivery.data) {
-            Ok(s) if best.as_ref().is_none_or(|b| s.seq >= b.seq) => best = Some(s),
-            Ok(_) => {}
-            Err(e) => {
-                tracing::warn!(error = %e, queue, "unreadable workflow snapshot; ignoring it")
-            }
-        }
-        held.push(msg.delivery.acker.clone());
-        if !more {
-            break;
-        }
-    }
-    for acker in held {
-        acker.reject(BasicRejectOptions { requeue: true }).await?;
-    }
-    let _ = ch.close(200, "workflow state read".into()).await;
-    Ok(best.unwrap_or_default())
-}
-
-/// The snapshot a new leader resumes from.
-pub async fn read(conn: &Connection, prefix: &str) -> Result<Snapshot, lapin::Error> {
-    get(conn, &state_queue(prefix), 1).await
-}
-
-/// The latest snapshot, for status requests on any replica. Another reader
-/// may hold the message for a moment (then the queue looks empty): an empty
-/// answer is asked again a few times, about 0.2 s in all, before it counts.
-pub async fn peek(conn: &Connection, prefix: &str) -> Result<Snapshot, lapin::Error> {
-    let mut wait = Duration::from_millis(10);
-    for _ in 0..4 {
-        let snap = get(conn, &view_queue(prefix), 2).await?;
-        if snap.written_at.is_some() {
-            return Ok(snap);
-        }
-        tokio::time::sleep(wait).await;
-        wait *= 2;
-    }
-    get(conn, &view_queue(prefix), 2).await
-}
-
-/// Write `snap` to both queues; the two confirms.
-pub async fn send(
+/// Append what a round changed (not waiting for the confirm).
+pub async fn append(
     publisher: &Publisher,
     prefix: &str,
-    snap: &Snapshot,
-) -> Result<(Pending, Pending), warren::Error> {
-    let body = serde_json::to_vec(snap).unwrap_or_default();
-    let props = BasicProperties::default()
-        .with_content_type("application/json".into())
-        .with_delivery_mode(warren::envelope::PERSISTENT);
-    let state = publisher
-        .send("", &state_queue(prefix), props.clone(), &body)
-        .await?;
-    let view = publisher
-        .send("", &view_queue(prefix), props, &body)
-        .await?;
-    Ok((state, view))
+    record: &Record,
+) -> Result<Pending, warren::Error> {
+    state::append(publisher, &log_stream(prefix), record).await
 }
 
-/// Write `snap` and wait for the state queue's confirm (the view's too).
-pub async fn write(
+/// Rewrite both snapshot queues with `runs` (confirmed).
+pub async fn compact(
     publisher: &Publisher,
     prefix: &str,
-    snap: &Snapshot,
+    runs: &Runs,
 ) -> Result<(), warren::Error> {
-    let (state, view) = send(publisher, prefix, snap).await?;
+    let body = serde_json::to_vec(runs).unwrap_or_default();
+    let state = state::send_raw(publisher, &state_queue(prefix), &body).await?;
+    let view = state::send_raw(publisher, &view_queue(prefix), &body).await?;
     state.confirmed().await?;
     if let Err(e) = view.confirmed().await {
         tracing::warn!(error = %e, "workflow status view not updated");
     }
     Ok(())
+}
+
+/// The runs as every replica sees them, for status requests: the view
+/// snapshot and the log after it, followed as it grows.
+#[derive(Default)]
+pub struct View {
+    runs: RwLock<Runs>,
+    loaded: AtomicBool,
+}
+
+impl View {
+    /// Whether the snapshot has been read (before, every run looks
+    /// unknown).
+    pub fn is_loaded(&self) -> bool {
+        self.loaded.load(Ordering::SeqCst)
+    }
+
+    /// Read access for a moment (never held across an await).
+    pub fn read<R>(&self, f: impl FnOnce(&Runs) -> R) -> R {
+        let runs = self.runs.read().unwrap_or_else(|p| p.into_inner());
+        f(&runs)
+    }
+
+    fn replace(&self, runs: Runs) {
+        *self.runs.write().unwrap_or_else(|p| p.into_inner()) = runs;
+        self.loaded.store(true, Ordering::SeqCst);
+    }
+
+    fn fold(&self, offset: Option<u64>, r: Record) {
+        use state::Fold;
+        let mut runs = self.runs.write().unwrap_or_else(|p| p.into_inner());
+        if let (Some(o), Some(a)) = (offset, runs.offset()) {
+            if o <= a {
+                return;
+            }
+        }
+        if let Some(o) = offset {
+            runs.set_offset(o);
+        }
+        runs.fold(r);
+    }
+
+    /// Apply one delivery of the log.
+    pub fn apply_delivery(&self, d: &lapin::message::Delivery) {
+        match serde_json::from_slice::<Record>(&d.data) {
+            Ok(r) => self.fold(state::stream_offset(d), r),
+            Err(e) => tracing::warn!(error = %e, "unreadable workflow log record; skipped"),
+        }
+    }
+
+    /// Start from the view snapshot and return a consumer of the log after
+    /// it, to be fed to [`View::apply_delivery`].
+    pub async fn follow(
+        &self,
+        conn: &Connection,
+        prefix: &str,
+    ) -> Result<(lapin::Channel, lapin::Consumer), lapin::Error> {
+        let runs: Runs = state::peek(conn, &view_queue(prefix), "workflow status view").await?;
+        let after = state::Fold::offset(&runs);
+        self.replace(runs);
+        state::consume_log(
+            conn,
+            &log_stream(prefix),
+            "warren-producer-workflows",
+            after,
+            1000,
+        )
+        .await
+    }
+}
+
+/// The runs as of now, for a one-off reader (the CLI): the view snapshot
+/// and the log after it, read until a record written after the call began
+/// or the log is quiet for 300 ms.
+pub async fn read_once(conn: &Connection, prefix: &str) -> Result<Runs, lapin::Error> {
+    let began = Utc::now();
+    let view = View::default();
+    let (ch, mut consumer) = view.follow(conn, prefix).await?;
+    loop {
+        match tokio::time::timeout(Duration::from_millis(300), consumer.next()).await {
+            Ok(Some(Ok(d))) => {
+                let _ = d.acker.ack(BasicAckOptions::default()).await;
+                view.apply_delivery(&d);
+                if view.read(|r| r.as_of().is_some_and(|t| t >= began)) {
+                    break;
+                }
+            }
+            Ok(Some(Err(e))) => return Err(e),
+            Ok(None) | Err(_) => break,
+        }
+    }
+    let _ = ch.close(200, "workflow state read".into()).await;
+    Ok(view.runs.into_inner().unwrap_or_else(|p| p.into_inner()))
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+    use crate::state::Fold;
+    use crate::workflow::run::RunStatus;
+
+    fn run(id: &str, finished: Option<i64>) -> Run {
+        let wf: crate::workflow::Workflow =
+            crate::workflow::definition::compile(&[toml::from_str(
+                "name = \"w\"\n[[steps]]\nname = \"a\"\ntask = \"t.a\"\n",
+            )
+            .unwrap()])
+            .unwrap()
+            .remove(0);
+        let t = |s: i64| DateTime::from_timestamp(1_800_000_000 + s, 0).unwrap();
+        let mut r = Run::new(id.into(), &wf, serde_json::json!({}), None, t(0));
+        if let Some(f) = finished {
+            r.finished_at = Some(t(f));
+            r.status = RunStatus::Succeeded;
+        }
+        r
+    }
+
+    /// Records replace runs whole, in log order: a replayed prefix
+    /// followed by the rest ends where the writer ended.
+    #[test]
+    fn records_replace_runs_and_forget_removed_ones() {
+        let mut runs = Runs::default();
+        runs.fold(Record {
+            runs: vec![run("a", None), run("b", None)],
+            ..Record::default()
+        });
+        runs.fold(Record {
+            runs: vec![run("a", Some(5))],
+            removed: vec!["b".into()],
+            ..Record::default()
+        });
+        assert_eq!(runs.len(), 1);
+        assert_eq!(runs.active(), 0);
+        assert!(runs.get("a").unwrap().is_finished());
+        let back: Runs = serde_json::from_slice(&serde_json::to_vec(&runs).unwrap()).unwrap();
+        assert_eq!(back.snap, runs.snap);
+        assert_eq!(back.finished, runs.finished);
+    }
+
+    #[test]
+    fn prune_forgets_the_oldest_finished_runs_only() {
+        let mut runs = Runs::default();
+        for (i, f) in [Some(10), Some(20), None, Some(30)].into_iter().enumerate() {
+            runs.insert(run(&format!("r{i}"), f));
+        }
+        let now = DateTime::from_timestamp(1_800_000_000 + 100, 0).unwrap();
+        // Retention 85 s: r0 (finished at +10) is past it.
+        let gone = runs.prune(now, Duration::from_secs(85), 10);
+        assert_eq!(gone, vec!["r0".to_owned()]);
+        // At most one finished run: r1 goes, r3 (newest) and r2 (active) stay.
+        let gone = runs.prune(now, Duration::from_secs(3600), 1);
+        assert_eq!(gone, vec!["r1".to_owned()]);
+        assert!(runs.contains("r2") && runs.contains("r3"));
+        assert_eq!(
+            runs.next_expiry(Duration::from_secs(10)),
+            Some(DateTime::from_timestamp(1_800_000_000 + 40, 0).unwrap())
+        );
+        // A run that finishes through `update` is ordered with the rest.
+        runs.update("r2", |r| r.finished_at = Some(now));
+        assert_eq!(runs.active(), 0);
+        let gone = runs.prune(now, Duration::from_secs(3600), 1);
+        assert_eq!(gone, vec!["r3".to_owned()]);
+    }
 }
