@@ -19,6 +19,12 @@ use clap::Parser;
 
 use crate::cli::{Cli, Command};
 
+// Allocation is a large part of the CPU per task; mimalloc costs less than
+// glibc's malloc for the many small, short-lived buffers of a delivery
+// (docs/benchmarks.md).
+#[global_allocator]
+static ALLOC: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let path = cli.config.as_deref();

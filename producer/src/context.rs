@@ -289,13 +289,23 @@ impl Ctx {
         // 0 = no further fire (e.g. a 7-field expression whose years are over).
         self.metrics.next_fire(name, next);
         if let Ok(mut m) = self.status.lock() {
-            m.entry(name.to_owned()).or_default().next_fire = next;
+            match m.get_mut(name) {
+                Some(st) => st.next_fire = next,
+                None => {
+                    m.entry(name.to_owned()).or_default().next_fire = next;
+                }
+            }
         }
     }
 
     pub fn set_last(&self, name: &str, t: DateTime<Utc>) {
         if let Ok(mut m) = self.status.lock() {
-            m.entry(name.to_owned()).or_default().last_fired = Some(t);
+            match m.get_mut(name) {
+                Some(st) => st.last_fired = Some(t),
+                None => {
+                    m.entry(name.to_owned()).or_default().last_fired = Some(t);
+                }
+            }
         }
     }
 

@@ -6,6 +6,12 @@ use clap::Parser;
 use warren_producer::cli::{self, Cli, Command, SchedulesCommand, TokenCommand};
 use warren_producer::{config, App};
 
+// Allocation is a large part of the CPU per fire and per task; mimalloc
+// costs less than glibc's malloc for the many small, short-lived buffers
+// of a publish (docs/benchmarks.md).
+#[global_allocator]
+static ALLOC: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
     let path = cli.config.as_deref();

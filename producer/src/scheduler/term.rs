@@ -44,6 +44,10 @@ struct Cursor {
     /// now); empty for a cursor resumed from the state, which adopts the
     /// expression in force.
     key: String,
+    /// The definition `key` was last checked against: the same one again
+    /// (every fire) needs no new key. A weak reference, so that a freed
+    /// definition's address can never pass for it.
+    checked: std::sync::Weak<Schedule>,
 }
 
 fn spec_key(s: &Schedule) -> String {
@@ -115,6 +119,7 @@ impl<'a> Term<'a> {
                     track: Track::resumed(e.cursor, sample.wall),
                     last_fired: e.last_fired,
                     key: String::new(),
+                    checked: std::sync::Weak::new(),
                 };
                 (name.clone(), c)
             })
@@ -238,26 +243,29 @@ impl<'a> Term<'a> {
 
     /// Align the cursor of `s` with its definition and put it on the agenda
     /// at its next instant (off it while disabled or paused).
-    fn place(&mut self, s: &Schedule, now: DateTime<Utc>) {
+    fn place(&mut self, s: &Arc<Schedule>, now: DateTime<Utc>) {
         let name = s.name();
         if !s.cfg.enabled {
             self.cursors.remove(name);
             self.agenda.remove(name);
             return;
         }
-        let key = spec_key(s);
         match self.cursors.get_mut(name) {
-            Some(c) if c.key.is_empty() => c.key = key,
-            Some(c) if c.key != key => {
-                c.track.advance(now);
+            Some(c) if std::ptr::eq(c.checked.as_ptr(), Arc::as_ptr(s)) => {}
+            Some(c) => {
+                let key = spec_key(s);
+                if !c.key.is_empty() && c.key != key {
+                    c.track.advance(now);
+                }
                 c.key = key;
+                c.checked = Arc::downgrade(s);
             }
-            Some(_) => {}
             None => {
                 let c = Cursor {
                     track: Track::fresh(now),
                     last_fired: None,
-                    key,
+                    key: spec_key(s),
+                    checked: Arc::downgrade(s),
                 };
                 self.cursors.insert(name.to_owned(), c);
                 self.fresh.push(name.to_owned());
@@ -382,12 +390,15 @@ impl<'a> Term<'a> {
         }
         let mut outcomes: Vec<Option<warren::Error>> = Vec::with_capacity(ticks.len());
         let mut in_flight: VecDeque<(usize, Pending)> = VecDeque::new();
+        // Signed and encrypted with the keys in force now (`security.*`,
+        // reloaded on SIGHUP), looked up once per wake-up.
+        let sealed = self.publisher.clone().sealed(self.ctx.seal());
         for (i, t) in ticks.iter().enumerate() {
             if i % 256 == 255 && !self.fence.holds() {
                 return Err(Fenced);
             }
             outcomes.push(None);
-            match self.send_tick(t).await {
+            match self.send_tick(&sealed, t).await {
                 Ok(p) => in_flight.push_back((i, p)),
                 Err(e) => outcomes[i] = Some(e),
             }
@@ -429,7 +440,7 @@ impl<'a> Term<'a> {
         Ok(())
     }
 
-    async fn send_tick(&self, t: &Tick) -> Result<Pending, warren::Error> {
+    async fn send_tick(&self, sealed: &Publisher, t: &Tick) -> Result<Pending, warren::Error> {
         let s = &t.schedule;
         let id = schedule::fire_id(s.name(), t.at);
         let (props, body, exchange, key) = match &s.cfg.workflow {
@@ -444,9 +455,7 @@ impl<'a> Term<'a> {
             None => {
                 let task = s.task(id);
                 let (exchange, key) = self.ctx.topo().route(&task.name, Duration::ZERO);
-                // Signed and encrypted with the keys in force now
-                // (`security.*`, reloaded on SIGHUP).
-                let (p, b) = self.publisher.clone().sealed(self.ctx.seal()).wire(&task)?;
+                let (p, b) = sealed.wire(&task)?;
                 (p, b.into_owned(), exchange, key)
             }
         };
@@ -506,7 +515,8 @@ impl<'a> Term<'a> {
             if !self.fence.holds() {
                 return Err(Fenced);
             }
-            let sent = async { self.send_tick(t).await?.confirmed().await };
+            let sealed = self.publisher.clone().sealed(self.ctx.seal());
+            let sent = async { self.send_tick(&sealed, t).await?.confirmed().await };
             match sent.await {
                 Ok(()) => {
                     self.fired(t);
