@@ -386,7 +386,8 @@ pub async fn follow(
 ) -> anyhow::Result<(lapin::Channel, lapin::Consumer)> {
     if catalog.applied().is_none() {
         for s in catalog.restore(
-            crate::state::peek(conn, &snapshot_queue(prefix), "schedule catalog snapshot").await?,
+            crate::state::peek_shared(conn, &snapshot_queue(prefix), "schedule catalog snapshot")
+                .await?,
         ) {
             effect(Effect::Put(Box::new(s)));
         }

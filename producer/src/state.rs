@@ -176,23 +176,41 @@ pub async fn read<S: Fold>(conn: &Connection, queue: &str) -> Result<S, lapin::E
     peek(conn, queue, "producer state snapshot").await
 }
 
-/// The JSON message of a one-message queue, put back at once (reject and
-/// requeue); the default when the queue is empty or the message unreadable.
-///
-/// Another reader may hold the message for a moment (a replica starting
-/// at the same time, the CLI), and then the queue looks empty: an empty
-/// answer is asked again a few times, about 0.15 s in all, before it
-/// counts — a snapshot taken for absent would make a reader start from
-/// the log alone, which retention may have cut.
+/// The JSON message of a one-message queue that only the leader reads,
+/// put back at once (reject and requeue); the default when the queue is
+/// empty or the message unreadable.
 pub async fn peek<T: serde::de::DeserializeOwned + Default>(
     conn: &Connection,
     queue: &str,
     what: &str,
 ) -> Result<T, lapin::Error> {
+    get(conn, queue, what, 1).await
+}
+
+/// [`peek`] for a queue every replica reads. Another reader may hold the
+/// message for a moment (a replica starting at the same time, the CLI),
+/// and then the queue looks empty: an empty answer is asked again a few
+/// times, about 0.15 s in all, before it counts — a snapshot taken for
+/// absent would make a reader start from the log alone, which retention
+/// may have cut.
+pub async fn peek_shared<T: serde::de::DeserializeOwned + Default>(
+    conn: &Connection,
+    queue: &str,
+    what: &str,
+) -> Result<T, lapin::Error> {
+    get(conn, queue, what, 4).await
+}
+
+async fn get<T: serde::de::DeserializeOwned + Default>(
+    conn: &Connection,
+    queue: &str,
+    what: &str,
+    tries: u32,
+) -> Result<T, lapin::Error> {
     let ch = conn.create_channel().await?;
     let mut wait = Duration::from_millis(10);
     let mut got = None;
-    for left in (0..4).rev() {
+    for left in (0..tries).rev() {
         got = ch
             .basic_get(queue.into(), BasicGetOptions { no_ack: false })
             .await?;

@@ -341,7 +341,8 @@ impl View {
         conn: &Connection,
         prefix: &str,
     ) -> Result<(lapin::Channel, lapin::Consumer), lapin::Error> {
-        let runs: Runs = state::peek(conn, &view_queue(prefix), "workflow status view").await?;
+        let runs: Runs =
+            state::peek_shared(conn, &view_queue(prefix), "workflow status view").await?;
         let after = state::Fold::offset(&runs);
         self.replace(runs);
         state::consume_log(

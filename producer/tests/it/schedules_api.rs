@@ -1,7 +1,8 @@
 //! Schedules managed at runtime (`/v1/schedules/{name}`, the catalog in
 //! RabbitMQ) through real producer processes: round trip with ETags,
 //! refusals, standbys seeing changes, firing, persistence across `kill -9`
-//! of every replica, pause and trigger of API schedules; and a schedule book
+//! of every replica and a broker restart, pause and trigger of API
+//! schedules; and a schedule book
 //! of a few thousand schedules where every due instant fires exactly once.
 
 use std::collections::{BTreeMap, HashSet};
@@ -449,6 +450,52 @@ async fn api_schedules_fire_survive_kill_9_of_every_replica_and_pause() {
 /// The CI-sized scale test: 3,000 per-minute schedules spread over the
 /// seconds (50 fires a second) for 70 s: every instant due in the window
 /// fires exactly once. Counts, not times.
+/// API schedules live in RabbitMQ alone: a broker restart (with every
+/// producer gone) keeps both one in the compacted snapshot and one only in
+/// the log after it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn api_schedules_survive_a_broker_restart() {
+    let node = warren::testing::Node::start();
+    let w = World::on("sched_api_restart", node.url()).await;
+    let cfg = w.write_config("p.toml", "");
+    let fast = [("WARREN_SCHEDULER__COMPACT_EVERY", "1s")];
+    let mut a = w.start("a", &cfg, &fast);
+    a.wait_leader(Duration::from_secs(30), true).await;
+    a.wait_ready(Duration::from_secs(30)).await;
+    let hourly = json!({"cron": "0 0 * * * *", "task": "it.hourly"});
+    let (s, _, v) = req(
+        Method::PUT,
+        &url(&a, "in-snapshot"),
+        ADMIN_TOKEN,
+        Some(hourly.clone()),
+        &[],
+    )
+    .await;
+    assert_eq!(s, 201, "{v}");
+    // Past a compaction (every second here), then one more only in the log.
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    let (s, _, v) = req(
+        Method::PUT,
+        &url(&a, "in-log"),
+        ADMIN_TOKEN,
+        Some(hourly),
+        &[],
+    )
+    .await;
+    assert_eq!(s, 201, "{v}");
+    a.kill9();
+    node.stop_app();
+    node.start_app();
+    let b = w.start("b", &cfg, &fast);
+    b.wait_leader(Duration::from_secs(60), true).await;
+    b.wait_ready(Duration::from_secs(60)).await;
+    for name in ["in-snapshot", "in-log"] {
+        let (s, _, v) = req(Method::GET, &url(&b, name), READ_TOKEN, None, &[]).await;
+        assert_eq!((s, v["source"].as_str()), (200, Some("api")), "{name}: {v}");
+        assert_eq!(v["cron"], "0 0 * * * *", "{name}: {v}");
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn three_thousand_schedules_fire_every_due_instant_exactly_once() {
     const N: usize = 3000;
