@@ -7,6 +7,8 @@
 //! `worker.concurrency`); a few short aliases exist for what people set most
 //! (`WARREN_AMQP_URL`, `WARREN_HTTP_ADDR`, `WARREN_LOG_FORMAT`, `WARREN_LOG_LEVEL`).
 //! The environment is passed in, never read here, so tests can give a map.
+//! What serde cannot check, each binary's validation collects into
+//! [`Problems`], every problem at once, keyed by config path.
 
 use std::fmt;
 use std::net::SocketAddr;
@@ -15,6 +17,10 @@ use std::time::Duration;
 
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
+
+mod problems;
+
+pub use problems::{Problem, Problems};
 
 /// The default broker URL (documented).
 pub const DEFAULT_AMQP_URL: &str = "amqp://guest:guest@127.0.0.1:5672/%2f";
