@@ -88,7 +88,7 @@ pub(super) async fn supervise<B: Broker>(shared: &Shared, broker: &B, msg: Incom
         m.panics.inc();
         // The message is the panic's own text (code, not payload bytes).
         tracing::error!(
-            panic = %panic_message(&*panic),
+            panic = %warren::error::panic_message(&*panic),
             routing_key = %warren::delay::strip_prefix(msg.routing_key),
             "panic while handling a delivery; giving it back to its queue"
         );
@@ -706,18 +706,11 @@ async fn run_handler(
     match tokio::time::timeout(timeout, run).await {
         Ok((Ok(Ok(())), result)) => (Outcome::Succeeded, result),
         Ok((Ok(Err(e)), result)) => (Outcome::Failed(e), result),
-        Ok((Err(panic), result)) => (Outcome::Panicked(panic_message(&*panic)), result),
+        Ok((Err(panic), result)) => (
+            Outcome::Panicked(warren::error::panic_message(&*panic).to_owned()),
+            result,
+        ),
         Err(_) => (Outcome::TimedOut(timeout), None),
-    }
-}
-
-fn panic_message(p: &(dyn std::any::Any + Send)) -> String {
-    if let Some(s) = p.downcast_ref::<&str>() {
-        (*s).to_owned()
-    } else if let Some(s) = p.downcast_ref::<String>() {
-        s.clone()
-    } else {
-        "non-string panic payload".into()
     }
 }
 
