@@ -426,7 +426,21 @@ mod tests {
                 timeout: Some(Duration::ZERO),
             },
         );
+        let headers = BTreeMap::from([
+            ("bad header".to_owned(), "v".to_owned()),
+            ("X-Key".to_owned(), "s3cret\n".to_owned()),
+        ]);
+        c.handlers.insert(
+            "web".into(),
+            HandlerSpec::Http {
+                url: "http://127.0.0.1:1/".into(),
+                timeout: Duration::from_secs(1),
+                headers,
+                breaker: None,
+            },
+        );
         let p = c.validate().unwrap_err();
+        assert!(!p.to_string().contains("s3cret"), "{p}");
         let paths: Vec<&str> = p.iter().map(|x| x.path.as_str()).collect();
         assert_eq!(
             paths,
@@ -436,11 +450,13 @@ mod tests {
                 "retry.default.jitter",
                 "handlers.\"h\".argv",
                 "handlers.\"h\".timeout",
+                "handlers.\"web\".headers.\"X-Key\"",
+                "handlers.\"web\".headers.\"bad header\"",
                 "limits.\"a\"",
             ],
             "{p}"
         );
-        assert_eq!(p.to_string().lines().count(), 6);
+        assert_eq!(p.to_string().lines().count(), 8);
         assert!(ConsumerConfig::default().validate().is_ok());
     }
 

@@ -99,13 +99,16 @@ impl HandlerSpec {
                 url,
                 timeout,
                 breaker,
-                ..
+                headers,
             } => {
                 match reqwest::Url::parse(url) {
                     Ok(u) if matches!(u.scheme(), "http" | "https") => {}
                     _ => p.push_value(format!("{key}.url"), quoted(url), "expected an http(s) URL"),
                 }
                 positive(p, &format!("{key}.timeout"), *timeout);
+                for (name, value) in headers {
+                    check_header(&format!("{key}.headers.\"{name}\""), name, value, p);
+                }
                 if let Some(b) = breaker {
                     b.check(&format!("{key}.breaker"), p);
                 }
@@ -167,6 +170,20 @@ impl LimitSpec {
             (Some(b), None) => p.push_value(format!("{key}.burst"), b, "only goes with a rate"),
             _ => {}
         }
+    }
+}
+
+/// A request header of an `http` handler. Its value is never shown: it
+/// may be a credential (`Authorization`).
+fn check_header(key: &str, name: &str, value: &str, p: &mut Problems) {
+    use reqwest::header::{HeaderName, HeaderValue};
+    if HeaderName::from_bytes(name.as_bytes()).is_err() {
+        p.push(key, "not a valid HTTP header name");
+    } else if HeaderValue::from_str(value).is_err() {
+        p.push(
+            key,
+            "the value (not shown) is not a valid HTTP header value",
+        );
     }
 }
 
