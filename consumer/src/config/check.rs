@@ -15,9 +15,9 @@ impl ConsumerConfig {
     /// own message.
     pub fn validate(&self) -> Result<(), Problems> {
         let mut p = Problems::new();
-        p.check(self.amqp.validate());
-        p.check(self.topology.validate());
-        p.check(self.log.validate());
+        p.push_errors(self.amqp.problems());
+        p.push_errors(self.topology.problems());
+        p.push_errors(self.log.problems());
         // Reads every secret now: a missing key file is a config error.
         if let Err(e) = self.security.keyring() {
             p.push_value(e.key, e.value, e.why);

@@ -1,7 +1,9 @@
 //! [`Problems`]: what validation found wrong in one configuration, every
 //! problem at once, each keyed by its config path (`worker.concurrency`,
 //! `handlers."a".url`, `workers[2].queue`). Both roles collect into it and
-//! report it the same way: exit 2 listing one problem per line.
+//! report it the same way: exit 2 listing one problem per line. The
+//! shared sections give theirs as a list (`AmqpConfig::problems` and the
+//! like; `validate` answers the first).
 
 use std::fmt;
 
@@ -83,6 +85,14 @@ impl Problems {
             value,
             message: why.to_owned(),
         });
+    }
+
+    /// Every error of `errors` (see [`Problems::push_error`]), e.g. a
+    /// shared section's `problems()`.
+    pub fn push_errors<E: fmt::Display>(&mut self, errors: impl IntoIterator<Item = E>) {
+        for e in errors {
+            self.push_error(e);
+        }
     }
 
     /// Note `checked`'s error, if any (see [`Problems::push_error`]).
