@@ -13,6 +13,8 @@ use warren::config::{AmqpConfig, HttpConfig, LogConfig, TopologyConfig};
 use warren::retry::{RetryOverrides, RetryPolicy};
 use warren::security::SecurityConfig;
 
+mod check;
+
 /// Default address of `/metrics`, `/healthz`, `/readyz`.
 pub const DEFAULT_HTTP_ADDR: &str = "0.0.0.0:9090";
 
@@ -262,229 +264,17 @@ fn default_http_timeout() -> Duration {
     Duration::from_secs(30)
 }
 
-/// A config value that is out of range: names the key and the value.
-#[derive(Debug)]
-pub struct InvalidConfig {
-    pub origin: String,
-    pub key: String,
-    /// Empty when the value is not shown (a secret, a whole section).
-    pub value: String,
-    pub message: String,
-}
-
-impl std::fmt::Display for InvalidConfig {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "{}: {}", self.origin, self.key)?;
-        if !self.value.is_empty() {
-            write!(f, " = {}", self.value)?;
-        }
-        write!(f, ": {}", self.message)
-    }
-}
-
-impl std::error::Error for InvalidConfig {}
-
-/// A shared section's error, whose message reads `key = value: why` or
-/// `key: why`, as the `(key, value, why)` of [`ConsumerConfig::validate`].
-fn split_message(e: impl std::fmt::Display) -> (String, String, String) {
-    let m = e.to_string();
-    let (head, why) = m.split_once(": ").unwrap_or((m.as_str(), ""));
-    let (key, value) = head.split_once(" = ").unwrap_or((head, ""));
-    (key.to_owned(), value.to_owned(), why.to_owned())
-}
-
 impl ConsumerConfig {
-    /// Load from defaults < `path` < `env`, then validate.
+    /// Load from defaults < `path` < `env`, then validate: every problem
+    /// at once, each naming its key.
     pub fn load(
         path: Option<&Path>,
         env: impl IntoIterator<Item = (String, String)>,
     ) -> anyhow::Result<Self> {
         let cfg: Self = warren::config::load(path, env)?;
         cfg.validate()
-            .map_err(|(key, value, message)| InvalidConfig {
-                origin: warren::config::origin(path),
-                key,
-                value,
-                message,
-            })?;
+            .map_err(|p| p.into_error(warren::config::origin(path)))?;
         Ok(cfg)
-    }
-
-    /// Checks what serde cannot: `Err((key, value, why))`, the value as a
-    /// person would write it in the file. Never shows a secret: the broker
-    /// URL's check ([`AmqpConfig::validate`]) redacts its own message.
-    pub fn validate(&self) -> Result<(), (String, String, String)> {
-        let err = |k: &str, v: &dyn std::fmt::Display, m: &str| {
-            Err((k.to_owned(), v.to_string(), m.to_owned()))
-        };
-        let secs = |d: &Duration| humantime::format_duration(*d).to_string();
-        let quoted = |s: &str| format!("\"{s}\"");
-        self.amqp.validate().map_err(split_message)?;
-        self.topology.validate().map_err(split_message)?;
-        self.log.validate().map_err(split_message)?;
-        // Reads every secret now: a missing key file is a config error.
-        self.security
-            .keyring()
-            .map_err(|e| (e.key, e.value, e.why))?;
-        let topo = warren::Topology::new(&self.topology);
-        for q in &self.worker.queues {
-            if topo.work_queue(q).is_none() {
-                return err(
-                    "worker.queues",
-                    &quoted(q),
-                    "not one of topology.queues (declare it there first)",
-                );
-            }
-        }
-        let w = &self.worker;
-        if w.prefetch == 0 {
-            return err("worker.prefetch", &w.prefetch, "must be at least 1");
-        }
-        if w.concurrency == 0 || w.concurrency > 100_000 {
-            return err(
-                "worker.concurrency",
-                &w.concurrency,
-                "must be within 1..=100000",
-            );
-        }
-        if let Some(n) = w.threads {
-            if n == 0 || n > 1024 {
-                return err("worker.threads", &n, "must be within 1..=1024");
-            }
-        }
-        if w.task_timeout.is_zero() {
-            return err(
-                "worker.task_timeout",
-                &secs(&w.task_timeout),
-                "must be positive",
-            );
-        }
-        if w.max_body_bytes == 0 {
-            return err(
-                "worker.max_body_bytes",
-                &w.max_body_bytes,
-                "must be positive",
-            );
-        }
-        if let Err(e) = self.retry.default.validate() {
-            return err(
-                &format!("retry.default.{}", e.field()),
-                &e.value(),
-                &e.rule(),
-            );
-        }
-        for (name, o) in &self.retry.tasks {
-            // Each field on its own first, so the message names the field
-            // the user wrote under this task, then the merged policy.
-            if let Err(e) = o
-                .validate()
-                .and_then(|()| o.apply(self.retry.default).validate())
-            {
-                return err(
-                    &format!("retry.tasks.\"{name}\".{}", e.field()),
-                    &e.value(),
-                    &e.rule(),
-                );
-            }
-        }
-        for (name, spec) in &self.handlers {
-            let key = format!("handlers.\"{name}\"");
-            if name.is_empty() {
-                return err(&key, &quoted(name), "task name must not be empty");
-            }
-            match spec {
-                HandlerSpec::Http {
-                    url,
-                    timeout,
-                    breaker,
-                    ..
-                } => {
-                    match reqwest::Url::parse(url) {
-                        Ok(u) if matches!(u.scheme(), "http" | "https") => {}
-                        _ => {
-                            return err(
-                                &format!("{key}.url"),
-                                &quoted(url),
-                                "expected an http(s) URL",
-                            )
-                        }
-                    }
-                    if timeout.is_zero() {
-                        return err(
-                            &format!("{key}.timeout"),
-                            &secs(timeout),
-                            "must be positive",
-                        );
-                    }
-                    if let Some(b) = breaker {
-                        if b.failures == 0 {
-                            return err(
-                                &format!("{key}.breaker.failures"),
-                                &b.failures,
-                                "must be at least 1",
-                            );
-                        }
-                        if b.cooldown.is_zero() || b.cooldown > warren::delay::MAX_DELAY {
-                            return err(
-                                &format!("{key}.breaker.cooldown"),
-                                &secs(&b.cooldown),
-                                "must be positive and at most what the delay levels carry (38 days)",
-                            );
-                        }
-                        if b.max_park.is_zero() {
-                            return err(
-                                &format!("{key}.breaker.max_park"),
-                                &secs(&b.max_park),
-                                "must be positive",
-                            );
-                        }
-                    }
-                }
-                HandlerSpec::Exec { argv, timeout, .. } => {
-                    if argv.first().is_none_or(|p| p.is_empty()) {
-                        let shown: Vec<String> = argv.iter().map(|a| quoted(a)).collect();
-                        return err(
-                            &format!("{key}.argv"),
-                            &format!("[{}]", shown.join(", ")),
-                            "expected at least the program path",
-                        );
-                    }
-                    if let Some(t) = timeout.filter(|t| t.is_zero()) {
-                        return err(&format!("{key}.timeout"), &secs(&t), "must be positive");
-                    }
-                }
-                HandlerSpec::Noop {} | HandlerSpec::Sleep { .. } => {}
-            }
-        }
-        for (name, spec) in &self.limits {
-            let key = format!("limits.\"{name}\"");
-            if name.is_empty() {
-                return err(&key, &quoted(name), "task name must not be empty");
-            }
-            if spec.concurrency.is_none() && spec.rate.is_none() {
-                return err(&key, &"", "set concurrency, rate or both");
-            }
-            if let Some(n) = spec.concurrency {
-                if n == 0 || n > 100_000 {
-                    return err(
-                        &format!("{key}.concurrency"),
-                        &n,
-                        "must be within 1..=100000",
-                    );
-                }
-            }
-            if let (Some(text), Err(e)) = (&spec.rate, spec.rate()) {
-                return err(&format!("{key}.rate"), &quoted(text), &e.to_string());
-            }
-            match (spec.burst, &spec.rate) {
-                (Some(0), _) => return err(&format!("{key}.burst"), &0, "must be at least 1"),
-                (Some(b), None) => {
-                    return err(&format!("{key}.burst"), &b, "only goes with a rate")
-                }
-                _ => {}
-            }
-        }
-        Ok(())
     }
 
     /// Full names of the queues this worker consumes.
@@ -616,6 +406,58 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(e.contains("worker.prefetch"), "{e}");
+    }
+
+    #[test]
+    fn every_problem_is_reported_not_only_the_first() {
+        let mut c = ConsumerConfig::default();
+        c.worker.prefetch = 0;
+        c.worker.queues = vec!["default".into(), "nope".into()];
+        c.retry.default.jitter = 5.0;
+        c.limits.insert("a".into(), LimitSpec::default());
+        c.handlers.insert(
+            "h".into(),
+            HandlerSpec::Exec {
+                argv: vec![],
+                permanent_exit_codes: vec![],
+                cwd: None,
+                env: BTreeMap::new(),
+                pass_env: vec![],
+                timeout: Some(Duration::ZERO),
+            },
+        );
+        let headers = BTreeMap::from([
+            ("bad header".to_owned(), "v".to_owned()),
+            ("X-Key".to_owned(), "s3cret\n".to_owned()),
+        ]);
+        c.handlers.insert(
+            "web".into(),
+            HandlerSpec::Http {
+                url: "http://127.0.0.1:1/".into(),
+                timeout: Duration::from_secs(1),
+                headers,
+                breaker: None,
+            },
+        );
+        let p = c.validate().unwrap_err();
+        assert!(!p.to_string().contains("s3cret"), "{p}");
+        let paths: Vec<&str> = p.iter().map(|x| x.path.as_str()).collect();
+        assert_eq!(
+            paths,
+            [
+                "worker.queues[1]",
+                "worker.prefetch",
+                "retry.default.jitter",
+                "handlers.\"h\".argv",
+                "handlers.\"h\".timeout",
+                "handlers.\"web\".headers.\"X-Key\"",
+                "handlers.\"web\".headers.\"bad header\"",
+                "limits.\"a\"",
+            ],
+            "{p}"
+        );
+        assert_eq!(p.to_string().lines().count(), 8);
+        assert!(ConsumerConfig::default().validate().is_ok());
     }
 
     #[test]

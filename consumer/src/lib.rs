@@ -7,7 +7,7 @@
 //! | [`worker`] | the consume loop, acks, retries, dead letters, drain, reconnect |
 //! | [`outcome`] | the pure outcome → action decision |
 //! | [`result`] | a workflow step's result: [`set_result`] |
-//! | [`config`] | [`ConsumerConfig`]: every key the binary reads |
+//! | [`config`] | [`ConsumerConfig`]: every key the binary reads; its validation (`config/check.rs`) |
 //! | [`flow`] | per-process limits (concurrency, rate) and `http` circuit breakers |
 //! | [`metrics`] | `warren_consumer_*` Prometheus metrics |
 //! | [`dead`] | dead-letter tooling: list, replay, purge (the shared engine [`warren::dead`]) |

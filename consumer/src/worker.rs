@@ -6,7 +6,7 @@
 //! | module | owns |
 //! |---|---|
 //! | `session` | one connection: consumers, the consume loop, drain |
-//! | `delivery` | one delivery: decode, handler, decision, its side effects |
+//! | `delivery` | one delivery as stages (open → resolve → hold if early → admit → attempt → conclude) and the one place its `Finish` is carried out |
 //! | `acks` | one channel's acks, coalesced into multiple-acks over contiguous runs |
 //! | `broker` | the port a delivery reaches RabbitMQ through (publish, ack, requeue) |
 //! | `settle` | the ticket that ends a delivery and counts it exactly once |
@@ -37,7 +37,7 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use backon::Retryable;
+use backon::{BackoffBuilder, ExponentialBuilder, Retryable};
 use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -113,6 +113,21 @@ impl WorkerBuilder {
     }
 }
 
+/// A session that ends sooner than this after it opened is young: the next
+/// one waits a while first.
+const YOUNG_SESSION: Duration = Duration::from_secs(10);
+
+/// The waits before sessions that follow young ones (e.g. consuming is
+/// refused while connecting works), so they never turn into a hot reconnect
+/// loop: 200 ms, doubling up to 10 s.
+fn young_session_backoff() -> impl Iterator<Item = Duration> {
+    ExponentialBuilder::default()
+        .with_min_delay(Duration::from_millis(200))
+        .with_max_delay(Duration::from_secs(10))
+        .without_max_times()
+        .build()
+}
+
 /// A running consumer: see the module docs.
 pub struct Worker {
     shared: Arc<Shared>,
@@ -180,14 +195,10 @@ impl Worker {
         let tracker = TaskTracker::new();
         let sem = Arc::new(Semaphore::new(self.shared.cfg.worker.concurrency));
         let mut sessions = 0u64;
-        // Sessions that die young (e.g. consuming is refused while connecting
-        // works) must not turn into a hot reconnect loop.
-        let mut short_lived = 0u32;
+        let mut pauses = young_session_backoff();
+        let mut pause = None;
         loop {
-            if short_lived > 0 {
-                let pause = Duration::from_millis(100)
-                    .saturating_mul(1 << short_lived.min(7))
-                    .min(Duration::from_secs(10));
+            if let Some(pause) = pause {
                 tokio::select! {
                     _ = shutdown.cancelled() => break,
                     _ = tokio::time::sleep(pause) => {}
@@ -210,38 +221,21 @@ impl Worker {
                     return Ok(());
                 }
                 End::Refused(e) => {
-                    self.amqp_metrics.connected.set(0);
-                    session.flush_acks().await;
-                    let _ = tokio::time::timeout(
-                        Duration::from_secs(2),
-                        session.conn.close(200, "warren consumer refused".into()),
-                    )
-                    .await;
+                    self.close(session, 200, "warren consumer refused").await;
                     return Err(e);
                 }
                 End::Lost => {
-                    self.amqp_metrics.connected.set(0);
-                    short_lived = if opened.elapsed() < Duration::from_secs(10) {
-                        short_lived.saturating_add(1)
-                    } else {
-                        0
-                    };
                     tracing::warn!(
                         "connection lost; reconnecting (unacked deliveries will be redelivered)"
                     );
-                    // Finished tasks' acks go out first (the consuming
-                    // channels may well be fine: a publish failure also
-                    // ends the session). Unacked deliveries of this session
-                    // go back to their queues; late acks from its tasks are
-                    // refused.
-                    session.flush_acks().await;
-                    let _ = tokio::time::timeout(
-                        Duration::from_secs(2),
-                        session
-                            .conn
-                            .close(320, "warren consumer reconnecting".into()),
-                    )
-                    .await;
+                    self.close(session, 320, "warren consumer reconnecting")
+                        .await;
+                    pause = if opened.elapsed() < YOUNG_SESSION {
+                        pauses.next()
+                    } else {
+                        pauses = young_session_backoff();
+                        None
+                    };
                 }
             }
         }
@@ -249,6 +243,18 @@ impl Worker {
         tracker.close();
         let _ = tokio::time::timeout(self.shared.cfg.worker.drain_grace, tracker.wait()).await;
         Ok(())
+    }
+
+    /// End a session that is not drained (refused or lost): finished
+    /// tasks' acks go out first (the consuming channels may well be fine: a
+    /// publish failure also ends the session), then the connection closes;
+    /// its unacked deliveries go back to their queues and late acks from
+    /// its tasks are refused.
+    async fn close(&self, session: Session, code: u16, why: &str) {
+        self.amqp_metrics.connected.set(0);
+        session.flush_acks().await;
+        let _ = tokio::time::timeout(Duration::from_secs(2), session.conn.close(code, why.into()))
+            .await;
     }
 
     /// Open a session, retrying with backoff; `None` on shutdown.
@@ -263,5 +269,22 @@ impl Worker {
             _ = shutdown.cancelled() => Ok(None),
             r = attempt => Ok(Some(r?)),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn young_sessions_wait_longer_each_time_up_to_ten_seconds() {
+        let ms: Vec<u128> = young_session_backoff()
+            .take(9)
+            .map(|d| d.as_millis())
+            .collect();
+        assert_eq!(
+            ms,
+            [200, 400, 800, 1600, 3200, 6400, 10_000, 10_000, 10_000]
+        );
     }
 }

@@ -64,7 +64,10 @@ pub async fn run(ctx: Arc<Ctx>, shutdown: CancellationToken) {
                 ctx.set_leader(false);
                 let res = match res {
                     Ok(res) => res,
-                    Err(panic) => abandon_leadership(&conn, panic_text(&panic).to_owned()).await,
+                    Err(panic) => {
+                        abandon_leadership(&conn, warren::error::panic_message(&*panic).to_owned())
+                            .await
+                    }
                 };
                 match res {
                     Ok(()) if shutdown.is_cancelled() => {}
@@ -198,18 +201,11 @@ fn plan_tick_guarded(
     std::panic::catch_unwind(run).map_err(|panic| {
         tracing::error!(
             schedule = s.name(),
-            panic = panic_text(&panic),
+            panic = warren::error::panic_message(&*panic),
             "schedule computation panicked: this tick is counted as missed; the other schedules go on"
         );
         ctx.metrics().missed(s.name(), 1);
     })
-}
-
-fn panic_text(p: &Box<dyn std::any::Any + Send>) -> &str {
-    p.downcast_ref::<&str>()
-        .copied()
-        .or_else(|| p.downcast_ref::<String>().map(String::as_str))
-        .unwrap_or("(no message)")
 }
 
 /// Test-only faults, compiled in with the `fault-injection` feature.

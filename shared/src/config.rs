@@ -7,6 +7,8 @@
 //! `worker.concurrency`); a few short aliases exist for what people set most
 //! (`WARREN_AMQP_URL`, `WARREN_HTTP_ADDR`, `WARREN_LOG_FORMAT`, `WARREN_LOG_LEVEL`).
 //! The environment is passed in, never read here, so tests can give a map.
+//! What serde cannot check, each binary's validation collects into
+//! [`Problems`], every problem at once, keyed by config path.
 
 use std::fmt;
 use std::net::SocketAddr;
@@ -15,6 +17,10 @@ use std::time::Duration;
 
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
+
+mod problems;
+
+pub use problems::{Problem, Problems};
 
 /// The default broker URL (documented).
 pub const DEFAULT_AMQP_URL: &str = "amqp://guest:guest@127.0.0.1:5672/%2f";
@@ -154,14 +160,22 @@ pub enum InvalidAmqp {
 impl AmqpConfig {
     /// Checks what serde cannot, so a malformed broker URL is a config error
     /// at start-up (exit 2) instead of a connect error retried forever. The
-    /// message names `amqp.url` and never contains the password.
+    /// message names `amqp.url` and never contains the password. The first
+    /// of [`AmqpConfig::problems`].
     pub fn validate(&self) -> Result<(), InvalidAmqp> {
+        first(self.problems())
+    }
+
+    /// Every problem of the section, in the order [`AmqpConfig::validate`]
+    /// looks.
+    pub fn problems(&self) -> Vec<InvalidAmqp> {
+        let mut out = Vec::new();
         if self.url.is_some() && self.urls.is_some() {
-            return Err(InvalidAmqp::UrlAndUrls);
+            out.push(InvalidAmqp::UrlAndUrls);
         }
         let (key, list) = self.endpoint_list();
         if list.is_empty() {
-            return Err(InvalidAmqp::NoUrls { key });
+            out.push(InvalidAmqp::NoUrls { key });
         }
         for (i, url) in list.iter().enumerate() {
             let key = if list.len() > 1 {
@@ -169,42 +183,40 @@ impl AmqpConfig {
             } else {
                 key.to_owned()
             };
-            check_amqp_url(url).map_err(|why| match why {
-                UrlProblem::NoScheme => InvalidAmqp::NoScheme { key },
-                UrlProblem::Other(why) => InvalidAmqp::BadUrl {
+            match check_amqp_url(url) {
+                Ok(()) => {}
+                Err(UrlProblem::NoScheme) => out.push(InvalidAmqp::NoScheme { key }),
+                Err(UrlProblem::Other(why)) => out.push(InvalidAmqp::BadUrl {
                     key,
                     redacted: redact_url(url),
                     why,
-                },
-            })?;
+                }),
+            }
         }
         if self.heartbeat.is_zero() {
-            return Err(InvalidAmqp::ZeroHeartbeat);
+            out.push(InvalidAmqp::ZeroHeartbeat);
         }
         if self.confirm_timeout.is_zero() {
-            return Err(InvalidAmqp::ZeroConfirmTimeout);
+            out.push(InvalidAmqp::ZeroConfirmTimeout);
         }
-        self.validate_tls()
+        self.tls_problems(&mut out);
+        out
     }
 
     /// The TLS files exist, are readable and hold what their key says, so a
     /// typo is a config error (exit 2) rather than a connect failure.
-    fn validate_tls(&self) -> Result<(), InvalidAmqp> {
+    fn tls_problems(&self, out: &mut Vec<InvalidAmqp>) {
         match (&self.tls_cert_file, &self.tls_key_file) {
-            (Some(_), None) => {
-                return Err(InvalidAmqp::HalfIdentity {
-                    given: "amqp.tls_cert_file",
-                    missing: "amqp.tls_key_file",
-                })
-            }
-            (None, Some(_)) => {
-                return Err(InvalidAmqp::HalfIdentity {
-                    given: "amqp.tls_key_file",
-                    missing: "amqp.tls_cert_file",
-                })
-            }
+            (Some(_), None) => out.push(InvalidAmqp::HalfIdentity {
+                given: "amqp.tls_cert_file",
+                missing: "amqp.tls_key_file",
+            }),
+            (None, Some(_)) => out.push(InvalidAmqp::HalfIdentity {
+                given: "amqp.tls_key_file",
+                missing: "amqp.tls_cert_file",
+            }),
             (None, None) if self.auth_mechanism == AuthMechanism::External => {
-                return Err(InvalidAmqp::ExternalWithoutCert)
+                out.push(InvalidAmqp::ExternalWithoutCert)
             }
             _ => {}
         }
@@ -221,15 +233,26 @@ impl AmqpConfig {
                 why,
             };
             // Read as bytes: a key file's content must never reach a message.
-            let pem = std::fs::read(path).map_err(|e| bad(format!("cannot read: {e}")))?;
-            let holds = String::from_utf8_lossy(&pem)
-                .lines()
-                .any(|l| l.starts_with("-----BEGIN ") && l.contains(label));
-            if !holds {
-                return Err(bad(format!("no PEM `{label}` in it")));
+            match std::fs::read(path) {
+                Err(e) => out.push(bad(format!("cannot read: {e}"))),
+                Ok(pem) => {
+                    let holds = String::from_utf8_lossy(&pem)
+                        .lines()
+                        .any(|l| l.starts_with("-----BEGIN ") && l.contains(label));
+                    if !holds {
+                        out.push(bad(format!("no PEM `{label}` in it")));
+                    }
+                }
             }
         }
-        Ok(())
+    }
+}
+
+/// The first of `problems`, as the `validate` of a section answers.
+fn first<E>(problems: Vec<E>) -> Result<(), E> {
+    match problems.into_iter().next() {
+        Some(e) => Err(e),
+        None => Ok(()),
     }
 }
 
@@ -458,23 +481,30 @@ pub enum InvalidTopology {
 }
 
 impl TopologyConfig {
+    /// The first of [`TopologyConfig::problems`].
     pub fn validate(&self) -> Result<(), InvalidTopology> {
+        first(self.problems())
+    }
+
+    /// Every problem of the section.
+    pub fn problems(&self) -> Vec<InvalidTopology> {
+        let mut out = Vec::new();
         if self.prefix.is_empty() || self.prefix.contains(['#', '*']) {
-            return Err(InvalidTopology::Prefix(self.prefix.clone()));
+            out.push(InvalidTopology::Prefix(self.prefix.clone()));
         }
         if self.queues.is_empty() {
-            return Err(InvalidTopology::NoQueues);
+            out.push(InvalidTopology::NoQueues);
         }
         let mut seen = std::collections::HashSet::new();
         for q in &self.queues {
             if q.name.is_empty() || !seen.insert(q.name.as_str()) {
-                return Err(InvalidTopology::QueueName(q.name.clone()));
+                out.push(InvalidTopology::QueueName(q.name.clone()));
             }
             if q.bindings.is_empty() {
-                return Err(InvalidTopology::NoBindings(q.name.clone()));
+                out.push(InvalidTopology::NoBindings(q.name.clone()));
             }
         }
-        Ok(())
+        out
     }
 }
 
@@ -533,13 +563,20 @@ pub enum InvalidLog {
 }
 
 impl LogConfig {
-    /// Checked by `run` and `check` alike, before anything connects.
+    /// Checked by `run` and `check` alike, before anything connects: the
+    /// first of [`LogConfig::problems`].
     pub fn validate(&self) -> Result<(), InvalidLog> {
+        first(self.problems())
+    }
+
+    /// Every problem of the section.
+    pub fn problems(&self) -> Vec<InvalidLog> {
+        let mut out = Vec::new();
         if self.otlp_service_name.as_deref() == Some("") {
-            return Err(InvalidLog::EmptyServiceName);
+            out.push(InvalidLog::EmptyServiceName);
         }
         let Some(url) = &self.otlp_endpoint else {
-            return Ok(());
+            return out;
         };
         // As written, less any password (`redact_url` hides what has no scheme).
         let shown = if url.contains("://") || url.contains('@') {
@@ -552,12 +589,11 @@ impl LogConfig {
             .or_else(|| url.strip_prefix("https://"))
             .map(|rest| rest.split(['/', '?', '#']).next().unwrap_or(""));
         if !host.is_some_and(|h| !h.is_empty() && !h.contains(char::is_whitespace)) {
-            return Err(InvalidLog::OtlpEndpoint(shown));
+            out.push(InvalidLog::OtlpEndpoint(shown));
+        } else if !cfg!(feature = "otlp") {
+            out.push(InvalidLog::NoOtlp(shown));
         }
-        if !cfg!(feature = "otlp") {
-            return Err(InvalidLog::NoOtlp(shown));
-        }
-        Ok(())
+        out
     }
 
     /// Where spans are sent: the endpoint's `/v1/traces` (as the OTLP
@@ -1135,6 +1171,64 @@ mod tests {
         assert!(t.validate().is_ok());
         t.queues.push(QueueConfig::default());
         assert!(t.validate().unwrap_err().to_string().contains("used twice"));
+    }
+
+    #[test]
+    fn a_section_lists_every_problem_and_validate_answers_the_first() {
+        let amqp = AmqpConfig {
+            urls: Some(vec![
+                Secret::new("amqp://ok/%2f"),
+                Secret::new("u:s3cret@h"),
+                Secret::new("amqp://h:0/%2f"),
+            ]),
+            heartbeat: Duration::ZERO,
+            tls_key_file: Some("/nonexistent/key.pem".into()),
+            ..AmqpConfig::default()
+        };
+        let all = amqp.problems();
+        let keys: Vec<String> = all
+            .iter()
+            .map(|e| {
+                e.to_string()
+                    .split([':', ' '])
+                    .next()
+                    .unwrap_or("")
+                    .to_owned()
+            })
+            .collect();
+        assert_eq!(
+            keys,
+            [
+                "amqp.urls[1]",
+                "amqp.urls[2]",
+                "amqp.heartbeat",
+                "amqp.tls_cert_file",
+                "amqp.tls_key_file"
+            ],
+            "{all:?}"
+        );
+        assert_eq!(amqp.validate(), Err(all[0].clone()));
+        assert!(!format!("{all:?}").contains("s3cret"));
+
+        let mut topo = TopologyConfig {
+            prefix: "a.#".into(),
+            ..TopologyConfig::default()
+        };
+        topo.queues[0].bindings.clear();
+        assert_eq!(
+            topo.problems(),
+            [
+                InvalidTopology::Prefix("a.#".into()),
+                InvalidTopology::NoBindings("default".into())
+            ]
+        );
+        let log = LogConfig {
+            otlp_service_name: Some(String::new()),
+            otlp_endpoint: Some("collector".into()),
+            ..LogConfig::default()
+        };
+        assert_eq!(log.problems().len(), 2);
+        assert_eq!(log.validate(), Err(InvalidLog::EmptyServiceName));
     }
 
     /// Each kind of mistake is its own variant, and reads as it did when

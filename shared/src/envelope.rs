@@ -197,77 +197,20 @@ impl Task {
         body: &[u8],
         max_body: usize,
     ) -> Result<Self, EnvelopeError> {
-        if body.len() > max_body {
-            return Err(EnvelopeError::TooLarge {
-                size: body.len(),
-                limit: max_body,
-            });
-        }
-        let name = match props.kind() {
-            Some(t) if !t.as_str().is_empty() => t.as_str().to_owned(),
-            _ => delay::strip_prefix(routing_key).to_owned(),
-        };
-        if name.is_empty() {
-            return Err(EnvelopeError::MissingName);
-        }
-        if name.len() > delay::MAX_TASK_NAME_LEN {
-            return Err(EnvelopeError::NameTooLong(name.len()));
-        }
-        if !crate::security::is_encrypted(props) {
-            check_json(body)?;
-        }
-
+        let name = checked_name(routing_key, props, body, max_body)?;
         let empty = FieldTable::default();
         let h = props.headers().as_ref().unwrap_or(&empty);
-        let mut extra = FieldTable::default();
-        for (k, v) in h {
-            if !OWNED.contains(&k.as_str()) && !OWNED_WHEN_VALID.contains(&k.as_str()) {
-                extra.insert(k.clone(), v.clone());
-            }
-        }
-        // Trace and step headers are decoded only when whole and valid;
-        // anything else travels on untouched, never a reason to refuse a task.
-        let trace = header_str(h, headers::TRACEPARENT)
-            .and_then(|tp| TraceContext::parse(&tp, header_str(h, headers::TRACESTATE).as_deref()));
-        let step = match (
-            header_str(h, headers::WORKFLOW),
-            header_str(h, headers::RUN),
-            header_str(h, headers::STEP),
-        ) {
-            (Some(workflow), Some(run), Some(step)) => Some(StepRef {
-                workflow,
-                run,
-                step,
-            }),
-            _ => None,
-        };
-        let undecoded: &[&str] = match (&trace, &step) {
-            (None, None) => OWNED_WHEN_VALID,
-            (None, Some(_)) => &[headers::TRACEPARENT, headers::TRACESTATE],
-            (Some(_), None) => &[headers::WORKFLOW, headers::RUN, headers::STEP],
-            (Some(_), Some(_)) => &[],
-        };
-        for k in undecoded {
-            if let Some(v) = h.inner().get(*k) {
-                extra.insert(ShortString::from(*k), v.clone());
-            }
-        }
-        let attempt = get_u64(h, headers::ATTEMPT)?.unwrap_or(1);
-        let attempt =
-            u32::try_from(attempt.max(1)).map_err(|_| bad(headers::ATTEMPT, "u32", attempt))?;
-        let max_attempts = get_u64(h, headers::MAX_ATTEMPTS)?
-            .map(|v| u32::try_from(v).map_err(|_| bad(headers::MAX_ATTEMPTS, "u32", v)))
-            .transpose()?;
-        let ts_secs = props.timestamp().map(|s| s as i64);
+        let Linked { trace, step, extra } = Linked::decode(h);
+        let (attempt, max_attempts) = attempts(h)?;
         let published_at = match get_u64(h, headers::PUBLISHED_AT_MS)? {
             Some(ms) => Utc.timestamp_millis_opt(ms as i64).single(),
-            None => ts_secs.and_then(|s| Utc.timestamp_opt(s, 0).single()),
+            None => {
+                (props.timestamp().map(|s| s as i64)).and_then(|s| Utc.timestamp_opt(s, 0).single())
+            }
         };
+        let text = |s: &Option<ShortString>| s.as_ref().map(|s| s.as_str().to_owned());
         Ok(Self {
-            id: props
-                .message_id()
-                .as_ref()
-                .map(|s| s.as_str().to_owned())
+            id: text(props.message_id())
                 .filter(|s| !s.is_empty())
                 .unwrap_or_else(new_id),
             name,
@@ -277,34 +220,17 @@ impl Task {
             timeout: get_u64(h, headers::TIMEOUT_MS)?.map(Duration::from_millis),
             not_before: get_time(h, headers::NOT_BEFORE)?,
             priority: *props.priority(),
-            correlation_id: props
-                .correlation_id()
-                .as_ref()
-                .map(|s| s.as_str().to_owned()),
+            correlation_id: text(props.correlation_id()),
             published_at,
             timestamp: *props.timestamp(),
             // Absent and the default are one thing (`None`), as in the
             // canonical form a signature covers.
-            content_type: props
-                .content_type()
-                .as_ref()
-                .map(|s| s.as_str())
-                .filter(|s| *s != CONTENT_TYPE)
-                .map(str::to_owned),
-            content_encoding: props
-                .content_encoding()
-                .as_ref()
-                .map(|s| s.as_str().to_owned()),
+            content_type: text(props.content_type()).filter(|s| s != CONTENT_TYPE),
+            content_encoding: text(props.content_encoding()),
             schedule: get_str(h, headers::SCHEDULE)?,
             last_error: get_str(h, headers::LAST_ERROR)?,
             first_failed_at: get_time(h, headers::FIRST_FAILED_AT)?,
-            retry: RetryOverrides {
-                max_attempts: None,
-                initial_delay: get_u64(h, headers::RETRY_INITIAL_MS)?.map(Duration::from_millis),
-                multiplier: get_f64(h, headers::RETRY_MULTIPLIER)?,
-                max_delay: get_u64(h, headers::RETRY_MAX_MS)?.map(Duration::from_millis),
-                jitter: get_f64(h, headers::RETRY_JITTER)?,
-            },
+            retry: retry_overrides(h)?,
             trace,
             step,
             extra_headers: extra,
@@ -429,6 +355,105 @@ impl Task {
         }
         self.trace.get_or_insert_with(TraceContext::new_root)
     }
+}
+
+/// The task name of a delivery whose body may be decoded: its `type`
+/// property, else its routing key less any delay prefix; the body within
+/// `max_body` and, unless encrypted, JSON.
+fn checked_name(
+    routing_key: &str,
+    props: &BasicProperties,
+    body: &[u8],
+    max_body: usize,
+) -> Result<String, EnvelopeError> {
+    if body.len() > max_body {
+        return Err(EnvelopeError::TooLarge {
+            size: body.len(),
+            limit: max_body,
+        });
+    }
+    let name = match props.kind() {
+        Some(t) if !t.as_str().is_empty() => t.as_str().to_owned(),
+        _ => delay::strip_prefix(routing_key).to_owned(),
+    };
+    if name.is_empty() {
+        return Err(EnvelopeError::MissingName);
+    }
+    if name.len() > delay::MAX_TASK_NAME_LEN {
+        return Err(EnvelopeError::NameTooLong(name.len()));
+    }
+    if !crate::security::is_encrypted(props) {
+        check_json(body)?;
+    }
+    Ok(name)
+}
+
+/// What links a task to others: its trace and workflow step, decoded only
+/// when whole and valid (anything else travels on untouched, never a
+/// reason to refuse a task), and the headers the envelope does not own.
+struct Linked {
+    trace: Option<TraceContext>,
+    step: Option<StepRef>,
+    extra: FieldTable,
+}
+
+impl Linked {
+    fn decode(h: &FieldTable) -> Self {
+        let mut extra = FieldTable::default();
+        for (k, v) in h {
+            if !OWNED.contains(&k.as_str()) && !OWNED_WHEN_VALID.contains(&k.as_str()) {
+                extra.insert(k.clone(), v.clone());
+            }
+        }
+        let trace = header_str(h, headers::TRACEPARENT)
+            .and_then(|tp| TraceContext::parse(&tp, header_str(h, headers::TRACESTATE).as_deref()));
+        let step = match (
+            header_str(h, headers::WORKFLOW),
+            header_str(h, headers::RUN),
+            header_str(h, headers::STEP),
+        ) {
+            (Some(workflow), Some(run), Some(step)) => Some(StepRef {
+                workflow,
+                run,
+                step,
+            }),
+            _ => None,
+        };
+        let undecoded: &[&str] = match (&trace, &step) {
+            (None, None) => OWNED_WHEN_VALID,
+            (None, Some(_)) => &[headers::TRACEPARENT, headers::TRACESTATE],
+            (Some(_), None) => &[headers::WORKFLOW, headers::RUN, headers::STEP],
+            (Some(_), Some(_)) => &[],
+        };
+        for k in undecoded {
+            if let Some(v) = h.inner().get(*k) {
+                extra.insert(ShortString::from(*k), v.clone());
+            }
+        }
+        Self { trace, step, extra }
+    }
+}
+
+/// The attempt (1 when absent) and the task's own attempt limit.
+fn attempts(h: &FieldTable) -> Result<(u32, Option<u32>), EnvelopeError> {
+    let attempt = get_u64(h, headers::ATTEMPT)?.unwrap_or(1);
+    let attempt =
+        u32::try_from(attempt.max(1)).map_err(|_| bad(headers::ATTEMPT, "u32", attempt))?;
+    let max_attempts = get_u64(h, headers::MAX_ATTEMPTS)?
+        .map(|v| u32::try_from(v).map_err(|_| bad(headers::MAX_ATTEMPTS, "u32", v)))
+        .transpose()?;
+    Ok((attempt, max_attempts))
+}
+
+/// The task's retry-policy headers (`max_attempts` has a header of its own).
+fn retry_overrides(h: &FieldTable) -> Result<RetryOverrides, EnvelopeError> {
+    Ok(RetryOverrides {
+        max_attempts: None,
+        initial_delay: get_u64(h, headers::RETRY_INITIAL_MS)?.map(Duration::from_millis),
+        multiplier: get_f64(h, headers::RETRY_MULTIPLIER)?,
+        max_delay: get_u64(h, headers::RETRY_MAX_MS)?.map(Duration::from_millis),
+        jitter: get_f64(h, headers::RETRY_JITTER)?,
+    })
 }
 
 /// Headers decoded into typed fields (everything else goes to `extra_headers`).

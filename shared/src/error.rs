@@ -71,6 +71,17 @@ pub fn broker_reason(e: &lapin::Error) -> String {
     }
 }
 
+/// What a caught panic said: the `&str` or `String` it was given, else
+/// `non-string panic payload`. Pass the payload itself (`&*boxed`): a
+/// `&Box<dyn Any>` is an `Any` too, and never a string.
+pub fn panic_message(payload: &(dyn std::any::Any + Send)) -> &str {
+    payload
+        .downcast_ref::<&str>()
+        .copied()
+        .or_else(|| payload.downcast_ref::<String>().map(String::as_str))
+        .unwrap_or("non-string panic payload")
+}
+
 /// An error and its causes on one line (`a: b: c`), a lapin error in the
 /// broker's words ([`broker_reason`], which already holds its causes),
 /// leaving out a cause whose text the line already holds.
@@ -157,6 +168,20 @@ fn refused(e: &lapin::Error) -> bool {
 mod tests {
     use super::*;
     use lapin::protocol::{AMQPError, AMQPSoftError};
+
+    #[test]
+    fn a_panic_says_what_it_was_given() {
+        let caught = |f: fn()| std::panic::catch_unwind(f).unwrap_err();
+        let hook = std::panic::take_hook();
+        std::panic::set_hook(Box::new(|_| {}));
+        let literal = caught(|| panic!("kaboom"));
+        let formatted = caught(|| panic!("n = {}", 3));
+        let other = caught(|| std::panic::panic_any(7_u8));
+        std::panic::set_hook(hook);
+        assert_eq!(panic_message(&*literal), "kaboom");
+        assert_eq!(panic_message(&*formatted), "n = 3");
+        assert_eq!(panic_message(&*other), "non-string panic payload");
+    }
 
     const REFUSAL: &str =
         "ACCESS_REFUSED - access to queue 'warren.dead' in vhost '/' refused for user 'u'";

@@ -7,8 +7,9 @@
 //! | [`delay`] | plugin-free delay levels: delay ⇄ routing-key bits |
 //! | [`retry`] | retry policy: attempts and backoff delays |
 //! | [`security`] | signed and encrypted tasks: keys, HMAC signatures, AES-GCM payloads |
-//! | [`config`] | shared config sections and the defaults < file < env loader |
+//! | [`config`] | shared config sections, the defaults < file < env loader, and [`config::Problems`]: every validation problem at once, keyed by config path |
 //! | [`amqp`] | connecting and confirmed, pipelined publishing |
+//! | [`error`] | the shared [`Error`] (worth retrying?), error reports, a caught panic's text |
 //! | [`dead`] | the dead-letter engine: groups by fingerprint, inspect, replay (edited), purge |
 //! | [`metrics`] | `/metrics`, `/healthz`, `/readyz` and connection metrics |
 //! | [`telemetry`] | log setup |

@@ -221,11 +221,38 @@ impl Topology {
     /// Everything to declare, in dependency order.
     pub fn objects(&self) -> Vec<Object> {
         let mut out = Vec::new();
-        let exchange = |name: String, kind: ExchangeKind, args: FieldTable| Object::Exchange {
-            name,
-            kind,
-            args,
-        };
+        self.dead_objects(&mut out);
+        self.routing_exchanges(&mut out);
+        let old_bindings = self.work_queue_objects(&mut out);
+        // Forward only once the queues are bound behind the routing stage.
+        out.push(Object::ExchangeBind {
+            destination: self.route_exchange(),
+            source: self.tasks_exchange(),
+            key: "#".into(),
+        });
+        out.push(Object::ExchangeBind {
+            destination: self.delivery_route_exchange(),
+            source: self.delivery_exchange(),
+            key: "#".into(),
+        });
+        // The direct bindings of the one-stage layout would deliver a second
+        // copy; removed once the new path is in place (no gap in routing).
+        out.extend(old_bindings);
+        self.delay_levels(&mut out);
+        self.workflow_objects(&mut out);
+        // Exchange-to-exchange bindings need both ends declared first.
+        for level in 0..delay::LEVELS {
+            out.push(Object::ExchangeBind {
+                destination: self.level_next(level),
+                source: self.level_exchange(level),
+                key: delay::level_pattern(level, false),
+            });
+        }
+        out
+    }
+
+    /// The dead exchange and the dead queue behind it.
+    fn dead_objects(&self, out: &mut Vec<Object>) {
         out.push(exchange(
             self.dead_exchange(),
             ExchangeKind::Fanout,
@@ -240,15 +267,11 @@ impl Topology {
             exchange: self.dead_exchange(),
             key: String::new(),
         });
-        let with_alternate = |ae: String| {
-            let mut args = FieldTable::default();
-            put(
-                &mut args,
-                "alternate-exchange",
-                AMQPValue::LongString(ae.into()),
-            );
-            args
-        };
+    }
+
+    /// The exchanges a task passes before its work queue, undelayed and
+    /// delayed.
+    fn routing_exchanges(&self, out: &mut Vec<Object>) {
         // Undelayed: tasks ─#─► route (AE unclaimed). Nothing behind
         // `unclaimed`: unclaimed and no catch-all queue stays unroutable.
         out.push(exchange(
@@ -286,30 +309,16 @@ impl Topology {
             ExchangeKind::Topic,
             with_alternate(self.dead_exchange()),
         ));
+    }
+
+    /// The work queues and their bindings behind the routing exchanges;
+    /// the one-stage layout's bindings to remove, once these are in place.
+    fn work_queue_objects(&self, out: &mut Vec<Object>) -> Vec<Object> {
         let mut old_bindings = Vec::new();
         for q in &self.queues {
-            let mut args = self.queue_args();
-            put(
-                &mut args,
-                "x-dead-letter-exchange",
-                AMQPValue::LongString(self.dead_exchange().into()),
-            );
-            if self.queue_type == QueueType::Quorum && self.delivery_limit > 0 {
-                put(
-                    &mut args,
-                    "x-delivery-limit",
-                    AMQPValue::LongLongInt(self.delivery_limit.into()),
-                );
-            }
-            match q.max_priority {
-                Some(p) if p > 0 && self.queue_type == QueueType::Classic => {
-                    put(&mut args, "x-max-priority", AMQPValue::ShortShortUInt(p))
-                }
-                _ => {}
-            }
             out.push(Object::Queue {
                 name: q.name.clone(),
-                args,
+                args: self.work_queue_args(q),
             });
             for b in &q.bindings {
                 let (now, delayed) = if b == CATCH_ALL {
@@ -342,26 +351,46 @@ impl Topology {
                 });
             }
         }
-        // Forward only once the queues are bound behind the routing stage.
-        out.push(Object::ExchangeBind {
-            destination: self.route_exchange(),
-            source: self.tasks_exchange(),
-            key: "#".into(),
-        });
-        out.push(Object::ExchangeBind {
-            destination: self.delivery_route_exchange(),
-            source: self.delivery_exchange(),
-            key: "#".into(),
-        });
-        // The direct bindings of the one-stage layout would deliver a second
-        // copy; removed once the new path is in place (no gap in routing).
-        out.extend(old_bindings);
+        old_bindings
+    }
+
+    fn work_queue_args(&self, q: &WorkQueue) -> FieldTable {
+        let mut args = self.queue_args();
+        put(
+            &mut args,
+            "x-dead-letter-exchange",
+            AMQPValue::LongString(self.dead_exchange().into()),
+        );
+        if self.queue_type == QueueType::Quorum && self.delivery_limit > 0 {
+            put(
+                &mut args,
+                "x-delivery-limit",
+                AMQPValue::LongLongInt(self.delivery_limit.into()),
+            );
+        }
+        match q.max_priority {
+            Some(p) if p > 0 && self.queue_type == QueueType::Classic => {
+                put(&mut args, "x-max-priority", AMQPValue::ShortShortUInt(p))
+            }
+            _ => {}
+        }
+        args
+    }
+
+    /// Where a delay level's queue expires its messages to: the level
+    /// below, or from level 0 the delivery exchange.
+    fn level_next(&self, level: u32) -> String {
+        if level == 0 {
+            self.delivery_exchange()
+        } else {
+            self.level_exchange(level - 1)
+        }
+    }
+
+    /// Each delay level's exchange and queue (its bindings to the next
+    /// level come last, see [`Topology::objects`]).
+    fn delay_levels(&self, out: &mut Vec<Object>) {
         for level in 0..delay::LEVELS {
-            let next = if level == 0 {
-                self.delivery_exchange()
-            } else {
-                self.level_exchange(level - 1)
-            };
             out.push(exchange(
                 self.level_exchange(level),
                 ExchangeKind::Topic,
@@ -376,7 +405,7 @@ impl Topology {
             put(
                 &mut args,
                 "x-dead-letter-exchange",
-                AMQPValue::LongString(next.clone().into()),
+                AMQPValue::LongString(self.level_next(level).into()),
             );
             out.push(Object::Queue {
                 name: self.level_queue(level),
@@ -388,7 +417,10 @@ impl Topology {
                 key: delay::level_pattern(level, true),
             });
         }
-        // Workflows: one direct exchange and the coordinator's queue.
+    }
+
+    /// Workflows: one direct exchange and the coordinator's queue.
+    fn workflow_objects(&self, out: &mut Vec<Object>) {
         out.push(exchange(
             self.workflows_exchange(),
             ExchangeKind::Direct,
@@ -405,21 +437,22 @@ impl Topology {
                 key: (*key).to_owned(),
             });
         }
-        // Exchange-to-exchange bindings need both ends declared first.
-        for level in 0..delay::LEVELS {
-            let next = if level == 0 {
-                self.delivery_exchange()
-            } else {
-                self.level_exchange(level - 1)
-            };
-            out.push(Object::ExchangeBind {
-                destination: next,
-                source: self.level_exchange(level),
-                key: delay::level_pattern(level, false),
-            });
-        }
-        out
     }
+}
+
+fn exchange(name: String, kind: ExchangeKind, args: FieldTable) -> Object {
+    Object::Exchange { name, kind, args }
+}
+
+/// Arguments naming `ae` the alternate exchange.
+fn with_alternate(ae: String) -> FieldTable {
+    let mut args = FieldTable::default();
+    put(
+        &mut args,
+        "alternate-exchange",
+        AMQPValue::LongString(ae.into()),
+    );
+    args
 }
 
 fn put(t: &mut FieldTable, k: &str, v: AMQPValue) {
@@ -436,84 +469,90 @@ pub async fn declare(conn: &Connection, topo: &Topology) -> Result<(), Error> {
     // Own channel: a failed declare closes it, and the caller's channels
     // must survive that.
     let mut ch = conn.create_channel().await?;
-    let durable = ExchangeDeclareOptions {
-        durable: true,
-        ..ExchangeDeclareOptions::default()
-    };
-    let qdurable = QueueDeclareOptions {
-        durable: true,
-        ..QueueDeclareOptions::default()
-    };
     for obj in topo.objects() {
-        let res = match &obj {
-            Object::Exchange { name, kind, args } => {
-                ch.exchange_declare(name.as_str().into(), kind.clone(), durable, args.clone())
-                    .await
-            }
-            Object::Queue { name, args } => {
-                if topo.adopts_existing(name) {
-                    match passive_queue(&ch, name).await {
-                        Ok(()) => {
-                            tracing::debug!(queue = %name, "work queue exists; used as declared (max_priority unset)");
-                            continue;
-                        }
-                        // A refused passive declare closed the channel.
-                        Err(e) if not_found(&e) => ch = conn.create_channel().await?,
-                        Err(e) => return Err(Error::Amqp(e)),
+        if let Object::Queue { name, .. } = &obj {
+            if topo.adopts_existing(name) {
+                match passive_queue(&ch, name).await {
+                    Ok(()) => {
+                        tracing::debug!(queue = %name, "work queue exists; used as declared (max_priority unset)");
+                        continue;
                     }
+                    // A refused passive declare closed the channel.
+                    Err(e) if not_found(&e) => ch = conn.create_channel().await?,
+                    Err(e) => return Err(Error::Amqp(e)),
                 }
-                ch.queue_declare(name.as_str().into(), qdurable, args.clone())
-                    .await
-                    .map(|_| ())
             }
-            Object::QueueBind {
-                queue,
-                exchange,
-                key,
-            } => {
-                ch.queue_bind(
-                    queue.as_str().into(),
-                    exchange.as_str().into(),
-                    key.as_str().into(),
-                    QueueBindOptions::default(),
-                    FieldTable::default(),
-                )
-                .await
-            }
-            Object::QueueUnbind {
-                queue,
-                exchange,
-                key,
-            } => {
-                ch.queue_unbind(
-                    queue.as_str().into(),
-                    exchange.as_str().into(),
-                    key.as_str().into(),
-                    FieldTable::default(),
-                )
-                .await
-            }
-            Object::ExchangeBind {
-                destination,
-                source,
-                key,
-            } => {
-                ch.exchange_bind(
-                    destination.as_str().into(),
-                    source.as_str().into(),
-                    key.as_str().into(),
-                    ExchangeBindOptions::default(),
-                    FieldTable::default(),
-                )
-                .await
-            }
-        };
-        if let Err(e) = res {
+        }
+        if let Err(e) = declare_one(&ch, &obj).await {
             return Err(conflict(&obj, e));
         }
     }
     let _ = ch.close(200, "topology declared".into()).await;
     Ok(())
+}
+
+/// Declare one object (durable), or bind or unbind.
+async fn declare_one(ch: &lapin::Channel, obj: &Object) -> Result<(), lapin::Error> {
+    match obj {
+        Object::Exchange { name, kind, args } => {
+            let durable = ExchangeDeclareOptions {
+                durable: true,
+                ..ExchangeDeclareOptions::default()
+            };
+            ch.exchange_declare(name.as_str().into(), kind.clone(), durable, args.clone())
+                .await
+        }
+        Object::Queue { name, args } => {
+            let durable = QueueDeclareOptions {
+                durable: true,
+                ..QueueDeclareOptions::default()
+            };
+            ch.queue_declare(name.as_str().into(), durable, args.clone())
+                .await
+                .map(|_| ())
+        }
+        Object::QueueBind {
+            queue,
+            exchange,
+            key,
+        } => {
+            ch.queue_bind(
+                queue.as_str().into(),
+                exchange.as_str().into(),
+                key.as_str().into(),
+                QueueBindOptions::default(),
+                FieldTable::default(),
+            )
+            .await
+        }
+        Object::QueueUnbind {
+            queue,
+            exchange,
+            key,
+        } => {
+            ch.queue_unbind(
+                queue.as_str().into(),
+                exchange.as_str().into(),
+                key.as_str().into(),
+                FieldTable::default(),
+            )
+            .await
+        }
+        Object::ExchangeBind {
+            destination,
+            source,
+            key,
+        } => {
+            ch.exchange_bind(
+                destination.as_str().into(),
+                source.as_str().into(),
+                key.as_str().into(),
+                ExchangeBindOptions::default(),
+                FieldTable::default(),
+            )
+            .await
+        }
+    }
 }
 
 /// Check, with passive declares, that every exchange and queue of `topo`

@@ -122,71 +122,18 @@ impl Handler for Exec {
             .argv
             .split_first()
             .ok_or_else(|| TaskError::permanent("exec handler has an empty argv"))?;
-        let mut cmd = tokio::process::Command::new(program);
-        cmd.args(args)
-            .env_clear()
-            .envs(self.environment(std::env::vars_os(), &task))
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .process_group(0)
-            .kill_on_drop(true);
-        if let Some(dir) = &self.cwd {
-            cmd.current_dir(dir);
-        }
-        let mut child = cmd
+        let mut child = self
+            .command(program, args, &task)
             .spawn()
             .map_err(|e| TaskError::retryable(format!("cannot start {program}: {e}")))?;
         let mut guard = GroupGuard(child.id().and_then(|id| i32::try_from(id).ok()));
-        let stdin = child.stdin.take();
-        let payload = task.payload;
-        let feed = async move {
-            if let Some(mut stdin) = stdin {
-                // A program that ignores stdin closes the pipe: not an error.
-                let _ = stdin.write_all(&payload).await;
-                let _ = stdin.shutdown().await;
-            }
-        };
-        let mut stderr = child.stderr.take();
-        let collect = async move {
-            let mut buf = Vec::new();
-            if let Some(s) = stderr.as_mut() {
-                let _ = s.read_to_end(&mut buf).await;
-            }
-            buf
-        };
-        // Read (for a workflow step's result) or drained, never left to block
-        // the program on a full pipe.
-        let mut stdout = child.stdout.take();
-        let want = crate::result::wants_result();
-        let collect_out = async move {
-            let mut kept = Vec::new();
-            if let Some(s) = stdout.as_mut() {
-                let mut buf = [0u8; 8192];
-                while let Ok(n) = s.read(&mut buf).await {
-                    if n == 0 {
-                        break;
-                    }
-                    if want && kept.len() <= crate::result::READ_LIMIT {
-                        kept.extend_from_slice(&buf[..n]);
-                    }
-                }
-            }
-            kept
-        };
-        let run = async {
-            let (_, err, out, status) = tokio::join!(feed, collect, collect_out, child.wait());
-            (err, out, status)
-        };
-        let (err, out, status) = match tokio::time::timeout(timeout, run).await {
-            Ok(r) => r,
-            Err(_) => {
-                guard.kill();
-                return Err(TaskError::retryable(format!(
-                    "{program} timed out after {}; process group killed",
-                    humantime::format_duration(timeout)
-                )));
-            }
+        let run = converse(&mut child, task.payload);
+        let Ok((err, out, status)) = tokio::time::timeout(timeout, run).await else {
+            guard.kill();
+            return Err(TaskError::retryable(format!(
+                "{program} timed out after {}; process group killed",
+                humantime::format_duration(timeout)
+            )));
         };
         // The leader exited; anything it left behind in its group goes too.
         guard.kill();
@@ -198,15 +145,7 @@ impl Handler for Exec {
             }
             return Ok(());
         }
-        let text = String::from_utf8_lossy(&err);
-        let tail: String = {
-            let t = text.trim_end();
-            let start = t.len().saturating_sub(STDERR_KEEP);
-            let start = (start..=t.len())
-                .find(|i| t.is_char_boundary(*i))
-                .unwrap_or(t.len());
-            t[start..].to_owned()
-        };
+        let tail = stderr_tail(&err);
         match status.code() {
             Some(code) if self.permanent_exit_codes.contains(&code) => Err(TaskError::permanent(
                 format!("{program} exited with {code}: {tail}"),
@@ -219,6 +158,82 @@ impl Handler for Exec {
             ))),
         }
     }
+}
+
+impl Exec {
+    /// `program args`, in a process group of its own, with the built
+    /// environment and piped stdio.
+    fn command(&self, program: &str, args: &[String], task: &Task) -> tokio::process::Command {
+        let mut cmd = tokio::process::Command::new(program);
+        cmd.args(args)
+            .env_clear()
+            .envs(self.environment(std::env::vars_os(), task))
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .process_group(0)
+            .kill_on_drop(true);
+        if let Some(dir) = &self.cwd {
+            cmd.current_dir(dir);
+        }
+        cmd
+    }
+}
+
+/// Feed `payload` to the child's stdin while reading its stderr and stdout
+/// (kept for a workflow step's result, else drained, never left to block the
+/// program on a full pipe) until it exits; stderr, stdout and how it exited.
+async fn converse(
+    child: &mut tokio::process::Child,
+    payload: Vec<u8>,
+) -> (Vec<u8>, Vec<u8>, std::io::Result<std::process::ExitStatus>) {
+    let stdin = child.stdin.take();
+    let feed = async move {
+        if let Some(mut stdin) = stdin {
+            // A program that ignores stdin closes the pipe: not an error.
+            let _ = stdin.write_all(&payload).await;
+            let _ = stdin.shutdown().await;
+        }
+    };
+    let mut stderr = child.stderr.take();
+    let collect = async move {
+        let mut buf = Vec::new();
+        if let Some(s) = stderr.as_mut() {
+            let _ = s.read_to_end(&mut buf).await;
+        }
+        buf
+    };
+    let mut stdout = child.stdout.take();
+    let want = crate::result::wants_result();
+    let collect_out = async move {
+        let mut kept = Vec::new();
+        if let Some(s) = stdout.as_mut() {
+            let mut buf = [0u8; 8192];
+            while let Ok(n) = s.read(&mut buf).await {
+                if n == 0 {
+                    break;
+                }
+                if want && kept.len() <= crate::result::READ_LIMIT {
+                    kept.extend_from_slice(&buf[..n]);
+                }
+            }
+        }
+        kept
+    };
+    let (_, err, out, status) = tokio::join!(feed, collect, collect_out, child.wait());
+    (err, out, status)
+}
+
+/// The last [`STDERR_KEEP`] bytes of stderr (on a character boundary), for
+/// the error text.
+fn stderr_tail(err: &[u8]) -> String {
+    let text = String::from_utf8_lossy(err);
+    let t = text.trim_end();
+    let start = t.len().saturating_sub(STDERR_KEEP);
+    let start = (start..=t.len())
+        .find(|i| t.is_char_boundary(*i))
+        .unwrap_or(t.len());
+    t[start..].to_owned()
 }
 
 #[cfg(test)]

@@ -13,7 +13,7 @@ use lapin::message::Delivery;
 use lapin::options::{BasicCancelOptions, BasicConsumeOptions, BasicQosOptions};
 use lapin::types::{FieldTable, ShortString};
 use lapin::{Channel, Connection};
-use tokio::sync::Semaphore;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use warren::amqp::Publisher;
@@ -39,6 +39,32 @@ pub(super) struct Session {
 enum Ev {
     Delivery(usize, lapin::Result<Delivery>),
     Ended(usize),
+}
+
+/// The deliveries of every consumer of a session, merged.
+type Events = SelectAll<BoxStream<'static, Ev>>;
+
+/// Wait for a free concurrency permit, then for the next event; `Err` when
+/// shutdown comes or the session breaks first.
+async fn next_event(
+    session: &Session,
+    shutdown: &CancellationToken,
+    sem: &Arc<Semaphore>,
+    streams: &mut Events,
+) -> Result<(OwnedSemaphorePermit, Option<Ev>), End> {
+    let permit = tokio::select! {
+        biased;
+        _ = shutdown.cancelled() => return Err(End::Shutdown),
+        _ = session.link.broken.cancelled() => return Err(End::Lost),
+        p = sem.clone().acquire_owned() => p.map_err(|_| End::Shutdown)?,
+    };
+    let ev = tokio::select! {
+        biased;
+        _ = shutdown.cancelled() => return Err(End::Shutdown),
+        _ = session.link.broken.cancelled() => return Err(End::Lost),
+        ev = streams.next() => ev,
+    };
+    Ok((permit, ev))
 }
 
 /// Why a session's consume loop returned.
@@ -137,7 +163,40 @@ impl Worker {
         tracker: &TaskTracker,
         sem: &Arc<Semaphore>,
     ) -> (End, Session) {
-        let mut streams: SelectAll<BoxStream<'static, Ev>> = SelectAll::new();
+        let mut streams = match self.start_consumers(&mut session).await {
+            Ok(streams) => streams,
+            Err(end) => return (end, session),
+        };
+        self.health.set_ready(true);
+        let queues: Vec<Arc<str>> = self.queues.iter().map(|q| Arc::from(q.as_str())).collect();
+        loop {
+            let next = next_event(&session, shutdown, sem, &mut streams).await;
+            let (permit, ev) = match next {
+                Ok(next) => next,
+                Err(end) => return (end, session),
+            };
+            match ev {
+                Some(Ev::Delivery(idx, Ok(d))) => {
+                    let queue = queues[idx].clone();
+                    self.spawn_delivery(&session, idx, queue, d, permit, tracker);
+                }
+                Some(Ev::Delivery(idx, Err(e))) => {
+                    tracing::warn!(error = %e, queue = %self.queues[idx], "consumer failed");
+                }
+                Some(Ev::Ended(idx)) => {
+                    if let Err(end) = self.reconsume(&mut session, idx, &mut streams).await {
+                        return (end, session);
+                    }
+                }
+                None => return (End::Lost, session),
+            }
+        }
+    }
+
+    /// A consumer on every queue of this worker, each on its own channel
+    /// with its own [`AckBook`]; their deliveries merged into one stream.
+    async fn start_consumers(&self, session: &mut Session) -> Result<Events, End> {
+        let mut streams = Events::new();
         for idx in 0..self.queues.len() {
             match self.start_consumer(&session.conn, idx).await {
                 Ok((ch, tag, s)) => {
@@ -152,106 +211,97 @@ impl Worker {
                         "cannot consume queue `{}` (a consumer's broker user needs read permission on its queues)",
                         self.queues[idx]
                     );
-                    return (End::Refused(anyhow::Error::from(e).context(why)), session);
+                    return Err(End::Refused(anyhow::Error::from(e).context(why)));
                 }
                 Err(e) => {
                     tracing::warn!(error = %e, queue = %self.queues[idx], "cannot consume");
-                    return (End::Lost, session);
+                    return Err(End::Lost);
                 }
             }
         }
-        self.health.set_ready(true);
-        let queues: Vec<Arc<str>> = self.queues.iter().map(|q| Arc::from(q.as_str())).collect();
-        loop {
-            let permit = tokio::select! {
-                biased;
-                _ = shutdown.cancelled() => return (End::Shutdown, session),
-                _ = session.link.broken.cancelled() => return (End::Lost, session),
-                p = sem.clone().acquire_owned() => match p {
-                    Ok(p) => p,
-                    Err(_) => return (End::Shutdown, session),
-                },
+        Ok(streams)
+    }
+
+    /// Hand delivery `d` of queue `idx` to a supervised task that owns
+    /// `permit` until it is done.
+    fn spawn_delivery(
+        &self,
+        session: &Session,
+        idx: usize,
+        queue: Arc<str>,
+        d: Delivery,
+        permit: OwnedSemaphorePermit,
+        tracker: &TaskTracker,
+    ) {
+        let shared = self.shared.clone();
+        // The task keeps the delivery's channel alive and acks only on it;
+        // if it died meanwhile the ack is refused and the broker redelivers.
+        let acks = session.consumers[idx].2.clone();
+        // In delivery order, before any task can finish.
+        acks.delivered(d.delivery_tag);
+        // Taken apart, so its acker moves instead of being cloned.
+        let Delivery {
+            delivery_tag,
+            routing_key,
+            redelivered,
+            properties,
+            data,
+            acker,
+            ..
+        } = d;
+        let broker = LapinBroker {
+            link: session.link.clone(),
+            acker,
+            delivery_tag,
+            acks,
+        };
+        // Boxed: tokio copies a task's future into its cell and its output
+        // over it, and this one is kilobytes (the delivery and the whole
+        // handling state machine).
+        tracker.spawn(Box::pin(async move {
+            let _permit = permit;
+            let msg = Incoming {
+                queue: &queue,
+                routing_key: routing_key.as_str(),
+                properties: &properties,
+                body: &data,
+                redelivered,
             };
-            let ev = tokio::select! {
-                biased;
-                _ = shutdown.cancelled() => return (End::Shutdown, session),
-                _ = session.link.broken.cancelled() => return (End::Lost, session),
-                ev = streams.next() => ev,
-            };
-            match ev {
-                Some(Ev::Delivery(idx, Ok(d))) => {
-                    let shared = self.shared.clone();
-                    let queue = queues[idx].clone();
-                    // The task keeps the delivery's channel alive and acks
-                    // only on it; if it died meanwhile the ack is refused
-                    // and the broker redelivers.
-                    let acks = session.consumers[idx].2.clone();
-                    // In delivery order, before any task can finish.
-                    acks.delivered(d.delivery_tag);
-                    // Taken apart, so its acker moves instead of being cloned.
-                    let Delivery {
-                        delivery_tag,
-                        routing_key,
-                        redelivered,
-                        properties,
-                        data,
-                        acker,
-                        ..
-                    } = d;
-                    let broker = LapinBroker {
-                        link: session.link.clone(),
-                        acker,
-                        delivery_tag,
-                        acks,
-                    };
-                    // Boxed: tokio copies a task's future into its cell and
-                    // its output over it, and this one is kilobytes (the
-                    // delivery and the whole handling state machine).
-                    tracker.spawn(Box::pin(async move {
-                        let _permit = permit;
-                        let msg = Incoming {
-                            queue: &queue,
-                            routing_key: routing_key.as_str(),
-                            properties: &properties,
-                            body: &data,
-                            redelivered,
-                        };
-                        delivery::supervise(&shared, &broker, msg).await;
-                    }));
-                }
-                Some(Ev::Delivery(idx, Err(e))) => {
-                    tracing::warn!(error = %e, queue = %self.queues[idx], "consumer failed");
-                }
-                Some(Ev::Ended(idx)) => {
-                    if !session.conn.status().connected() {
-                        return (End::Lost, session);
-                    }
-                    // Cancelled by the broker (queue deleted) or its channel
-                    // closed: re-declare and consume again on a new channel.
-                    tracing::warn!(queue = %self.queues[idx], "consumer ended; re-declaring and re-consuming");
-                    self.health.set_ready(false);
-                    if let Err(e) =
-                        warren::topology::declare(&session.conn, &self.shared.topo).await
-                    {
-                        tracing::warn!(error = %e, "re-declare failed");
-                        return (End::Lost, session);
-                    }
-                    match self.start_consumer(&session.conn, idx).await {
-                        Ok((ch, tag, s)) => {
-                            // The old channel closes once its running tasks
-                            // (which hold it for their acks) are done.
-                            let book = AckBook::new(ch.clone(), self.spare_prefetch());
-                            session.consumers[idx] = (ch, tag, book);
-                            streams.push(s);
-                            self.health.set_ready(true);
-                        }
-                        Err(e) => {
-                            tracing::warn!(error = %e, "re-consume failed");
-                            return (End::Lost, session);
-                        }
-                    }
-                }
-                None => return (End::Lost, session),
+            delivery::supervise(&shared, &broker, msg).await;
+        }));
+    }
+
+    /// The consumer of queue `idx` ended: unless the connection is gone,
+    /// it was cancelled by the broker (queue deleted) or its channel
+    /// closed, so re-declare and consume again on a new channel.
+    async fn reconsume(
+        &self,
+        session: &mut Session,
+        idx: usize,
+        streams: &mut Events,
+    ) -> Result<(), End> {
+        if !session.conn.status().connected() {
+            return Err(End::Lost);
+        }
+        tracing::warn!(queue = %self.queues[idx], "consumer ended; re-declaring and re-consuming");
+        self.health.set_ready(false);
+        if let Err(e) = warren::topology::declare(&session.conn, &self.shared.topo).await {
+            tracing::warn!(error = %e, "re-declare failed");
+            return Err(End::Lost);
+        }
+        match self.start_consumer(&session.conn, idx).await {
+            Ok((ch, tag, s)) => {
+                // The old channel closes once its running tasks (which hold
+                // it for their acks) are done.
+                let book = AckBook::new(ch.clone(), self.spare_prefetch());
+                session.consumers[idx] = (ch, tag, book);
+                streams.push(s);
+                self.health.set_ready(true);
+                Ok(())
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "re-consume failed");
+                Err(End::Lost)
             }
         }
     }

@@ -174,6 +174,35 @@ fn config_errors_exit_2_in_check_and_run() {
     );
 }
 
+/// Every problem in a file is reported in one run, each on a line of its
+/// own naming its key: fixing one does not reveal the next.
+#[test]
+fn every_problem_in_a_file_is_reported_together() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("three.toml");
+    let text = "[worker]\nprefetch = 0\n\
+                [handlers.a]\nkind = \"http\"\nurl = \"ftp://x\"\n\
+                [limits.\"b.*\"]\nconcurrency = 0\n";
+    std::fs::write(&path, text).unwrap();
+    let path = path.display().to_string();
+    for cmd in ["check", "run"] {
+        let out = exits(&["--config", &path, cmd], &[]);
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{cmd}: {err}");
+        assert!(
+            err.contains(&path) && err.contains("3 problems:"),
+            "{cmd}: {err}"
+        );
+        for line in [
+            "  worker.prefetch = 0: must be at least 1",
+            "  handlers.\"a\".url = \"ftp://x\": expected an http(s) URL",
+            "  limits.\"b.*\".concurrency = 0: must be within 1..=100000",
+        ] {
+            assert!(err.lines().any(|l| l == line), "{cmd}: {line:?} in {err}");
+        }
+    }
+}
+
 #[test]
 fn check_survives_a_closed_stdout() {
     let dir = tempfile::tempdir().unwrap();
