@@ -10,6 +10,7 @@
 //! | [`config`] | shared config sections and the defaults < file < env loader |
 //! | [`amqp`] | connecting and confirmed, pipelined publishing |
 //! | [`dead`] | the dead-letter engine: groups by fingerprint, inspect, replay (edited), purge |
+//! | [`events`] | task events: what happened to each task, batched onto a stream, never in a task's way |
 //! | [`metrics`] | `/metrics`, `/healthz`, `/readyz` and connection metrics |
 //! | [`telemetry`] | log setup |
 //! | [`trace`] | W3C trace context carried by tasks |
@@ -23,6 +24,7 @@ pub mod dead;
 pub mod delay;
 pub mod envelope;
 pub mod error;
+pub mod events;
 pub mod metrics;
 pub mod retry;
 pub mod security;

@@ -54,6 +54,15 @@ pub struct Topology {
     queues: Vec<WorkQueue>,
     delivery_limit: u32,
     declares: bool,
+    /// The task events stream, when this role records events.
+    events: Option<EventStream>,
+}
+
+/// Retention of the task events stream `<prefix>.events` (`[events]`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct EventStream {
+    pub max_age: Duration,
+    pub max_bytes: u64,
 }
 
 /// One object to declare, as data.
@@ -106,7 +115,21 @@ impl Topology {
                 .collect(),
             delivery_limit: cfg.delivery_limit,
             declares: cfg.declare,
+            events: None,
         }
+    }
+
+    /// Declare (or check) the task events stream too. Unlike every other
+    /// object it is optional: a conflict or a missing stream is logged and
+    /// the role runs on, dropping its events (they never hold a task up).
+    pub fn with_events(mut self, events: Option<EventStream>) -> Self {
+        self.events = events;
+        self
+    }
+
+    /// `<prefix>.events`, the task events stream.
+    pub fn events_stream(&self) -> String {
+        crate::events::stream_name(&self.prefix)
     }
 
     /// Whether [`declare`] declares (`topology.declare`) or only checks.
@@ -184,6 +207,11 @@ impl Topology {
         self.queues
             .iter()
             .find(|q| q.name == name || q.name == full)
+    }
+
+    /// Objects whose failure to declare only costs task events.
+    fn is_optional(&self, obj: &Object) -> bool {
+        matches!(obj, Object::Queue { name, .. } if self.events.is_some() && *name == self.events_stream())
     }
 
     /// Exchange and routing key that deliver `task` after `delay`.
@@ -405,6 +433,33 @@ impl Topology {
                 key: (*key).to_owned(),
             });
         }
+        if let Some(ev) = &self.events {
+            let mut args = FieldTable::default();
+            put(&mut args, "x-queue-type", AMQPValue::LongString("stream".into()));
+            put(
+                &mut args,
+                "x-max-age",
+                AMQPValue::LongString(format!("{}s", ev.max_age.as_secs().max(1)).into()),
+            );
+            put(
+                &mut args,
+                "x-max-length-bytes",
+                AMQPValue::LongLongInt(i64::try_from(ev.max_bytes).unwrap_or(i64::MAX)),
+            );
+            // Retention drops whole segments: small ones keep it close to
+            // the limits on a small stream.
+            put(
+                &mut args,
+                "x-stream-max-segment-size-bytes",
+                AMQPValue::LongInt(
+                    i32::try_from((ev.max_bytes / 16).clamp(1 << 20, 64 << 20)).unwrap_or(1 << 20),
+                ),
+            );
+            out.push(Object::Queue {
+                name: self.events_stream(),
+                args,
+            });
+        }
         // Exchange-to-exchange bindings need both ends declared first.
         for level in 0..delay::LEVELS {
             let next = if level == 0 {
@@ -509,6 +564,11 @@ pub async fn declare(conn: &Connection, topo: &Topology) -> Result<(), Error> {
             }
         };
         if let Err(e) = res {
+            if topo.is_optional(&obj) {
+                tracing::warn!(error = %conflict(&obj, e), "task events will be dropped");
+                ch = conn.create_channel().await?;
+                continue;
+            }
             return Err(conflict(&obj, e));
         }
     }
@@ -542,6 +602,11 @@ pub async fn check(conn: &Connection, topo: &Topology) -> Result<(), Error> {
             _ => continue,
         };
         if let Err(e) = res {
+            if topo.is_optional(&obj) {
+                tracing::warn!(error = %crate::error::broker_reason(&e), stream = %topo.events_stream(), "the task events stream is missing; task events will be dropped");
+                ch = conn.create_channel().await?;
+                continue;
+            }
             if not_found(&e) {
                 let object = describe(&obj);
                 return Err(Error::Missing { object });
