@@ -196,6 +196,7 @@ async fn post_tasks(
         match r {
             Ok(()) => {
                 log_published(task);
+                ctx.published(task, warren::events::Source::Api);
                 ids.push(task.id.clone());
             }
             Err(e) => {
@@ -331,6 +332,9 @@ async fn trigger(
         audit::FAILED
     };
     let count = u64::from(published.is_ok());
+    if published.is_ok() && s.cfg.workflow.is_none() {
+        ctx.published(&task, warren::events::Source::Api);
+    }
     audit::record(
         ctx.metrics(),
         &scope.caller().name,

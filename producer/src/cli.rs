@@ -3,6 +3,7 @@
 
 use std::io::{Read, Write};
 use std::path::PathBuf;
+use std::time::Duration;
 
 use anyhow::Context;
 use chrono::{DateTime, SecondsFormat, Utc};
@@ -315,7 +316,7 @@ async fn connect(cfg: &ProducerConfig) -> anyhow::Result<(lapin::Connection, Pub
     let conn = warren::amqp::connect(&cfg.amqp, "producer-cli")
         .await
         .context("connecting to the broker")?;
-    let topo = Topology::new(&cfg.topology);
+    let topo = Topology::new(&cfg.topology).with_events(cfg.events.shared().stream());
     warren::topology::declare(&conn, &topo)
         .await
         .context("declaring the topology")?;
@@ -357,6 +358,11 @@ pub async fn publish(cfg: ProducerConfig, args: PublishArgs) -> anyhow::Result<(
     })?;
     let (conn, publisher, topo) = connect(&cfg).await?;
     let res = publisher.publish_task(&topo, &task, delay).await;
+    if res.is_ok() {
+        let events = recorder(&cfg, &topo, &conn).await;
+        events.record(published_event(&task));
+        events.flush(FLUSH_TIMEOUT).await;
+    }
     let _ = conn.close(200, "done".into()).await;
     res.with_context(|| format!("publishing task `{}` ({})", task.name, task.id))?;
     crate::api::log_published(&task);
@@ -366,7 +372,49 @@ pub async fn publish(cfg: ProducerConfig, args: PublishArgs) -> anyhow::Result<(
 
 async fn publish_batch(cfg: ProducerConfig, window: usize) -> anyhow::Result<()> {
     let (conn, publisher, topo) = connect(&cfg).await?;
-    let res = crate::batch::publish(&publisher, &topo, std::io::stdin(), window).await;
+    let events = recorder(&cfg, &topo, &conn).await;
+    let res = crate::batch::publish(&publisher, &topo, std::io::stdin(), window, &events).await;
+    events.flush(FLUSH_TIMEOUT).await;
     let _ = conn.close(200, "done".into()).await;
     res
+}
+
+/// How long `publish` waits for its task events before it exits.
+const FLUSH_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// A `published` event of a task the command line sent.
+pub(crate) fn published_event(task: &warren::Task) -> warren::events::Event {
+    warren::events::Event::new(
+        &task.id,
+        &task.name,
+        warren::events::What::Published {
+            source: warren::events::Source::Cli,
+        },
+    )
+    .trace(task.trace.as_ref().map(|t| hex::encode(t.trace_id)))
+}
+
+/// The task events recorder of a `publish` run (its counters go nowhere:
+/// the command serves no metrics).
+async fn recorder(
+    cfg: &ProducerConfig,
+    topo: &Topology,
+    conn: &lapin::Connection,
+) -> warren::events::Recorder {
+    let metrics = warren::events::EventMetrics::register(&prometheus::Registry::new()).ok();
+    let Some(metrics) = metrics.filter(|_| cfg.events.enabled) else {
+        return warren::events::Recorder::disabled();
+    };
+    let r = warren::events::Recorder::new(
+        topo.events_stream(),
+        warren::events::Origin {
+            role: "cli".into(),
+            instance: format!("{}:{}", warren::config::host_name(), std::process::id()),
+            host: warren::config::host_name(),
+        },
+        metrics,
+        cfg.amqp.confirm_timeout,
+    );
+    r.attach(conn).await;
+    r
 }

@@ -87,6 +87,7 @@ pub enum Source {
     Api,
     Cli,
     Workflow,
+    Console,
 }
 
 impl Source {
@@ -96,6 +97,7 @@ impl Source {
             Source::Api => "api",
             Source::Cli => "cli",
             Source::Workflow => "workflow",
+            Source::Console => "console",
         }
     }
 }

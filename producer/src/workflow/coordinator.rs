@@ -366,13 +366,20 @@ impl Coordinator<'_> {
                     .publisher
                     .send_task(self.ctx.topo(), &task, Duration::ZERO)
                     .await?;
-                sent.push((r.id.clone(), due.task_id, pending));
+                sent.push((r.id.clone(), due.task_id, task.name, pending));
             }
         }
         let n = sent.len();
-        for (run, task_id, pending) in sent {
+        for (run, task_id, name, pending) in sent {
             match pending.confirmed().await {
                 Ok(()) => {
+                    self.ctx.events().record(warren::events::Event::new(
+                        &task_id,
+                        &name,
+                        warren::events::What::Published {
+                            source: warren::events::Source::Workflow,
+                        },
+                    ));
                     if let Some(r) = self.snap.runs.get_mut(&run) {
                         r.published(&task_id);
                     }
