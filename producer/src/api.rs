@@ -26,6 +26,7 @@ use crate::request::{pairs, RequestError, TaskRequest};
 
 mod dead;
 mod schedules;
+pub(crate) mod tasks;
 
 pub(crate) use schedules::definition_value as schedule_definition;
 pub(crate) mod workflows;
@@ -40,7 +41,7 @@ impl FromRef<Arc<Ctx>> for TokenStore {
 pub fn router(ctx: Arc<Ctx>) -> Router {
     let limit = ctx.cfg().api.max_body_bytes;
     Router::new()
-        .route("/v1/tasks", post(post_tasks))
+        .route("/v1/tasks", post(post_tasks).get(tasks::list))
         .route("/v1/replicas", get(get_replicas))
         .route("/v1/schedules/{name}/trigger", post(trigger))
         .route("/v1/schedules/{name}/pause", post(pause))
@@ -48,6 +49,7 @@ pub fn router(ctx: Arc<Ctx>) -> Router {
         .merge(schedules::routes())
         .merge(dead::routes())
         .merge(workflows::routes())
+        .merge(tasks::routes())
         .layer(DefaultBodyLimit::max(limit))
         .with_state(ctx)
 }
