@@ -34,6 +34,11 @@ pub struct ConsumerConfig {
     pub limits: BTreeMap<String, LimitSpec>,
     /// Workflow steps: how large a result the step event carries.
     pub workflow: StepResultConfig,
+    /// `[events]`: this consumer's task events (docs/tasks.md).
+    pub events: warren::config::EventsConfig,
+    /// Task names (or topic patterns) whose result is kept in their
+    /// `succeeded` event, up to `workflow.max_result_bytes` (docs/tasks.md#results).
+    pub results: Vec<String>,
 }
 
 /// `[workflow]` (docs/workflows.md#results).
@@ -67,6 +72,8 @@ impl Default for ConsumerConfig {
             security: SecurityConfig::default(),
             limits: BTreeMap::new(),
             workflow: StepResultConfig::default(),
+            events: warren::config::EventsConfig::default(),
+            results: Vec::new(),
         }
     }
 }
@@ -322,6 +329,16 @@ impl ConsumerConfig {
         self.amqp.validate().map_err(split_message)?;
         self.topology.validate().map_err(split_message)?;
         self.log.validate().map_err(split_message)?;
+        self.events.validate().map_err(split_message)?;
+        for p in &self.results {
+            if p.is_empty() || p.split('.').any(str::is_empty) {
+                return err(
+                    "results",
+                    &quoted(p),
+                    "expected a task name or a topic pattern (`report.*`, `billing.#`)",
+                );
+            }
+        }
         // Reads every secret now: a missing key file is a config error.
         self.security
             .keyring()

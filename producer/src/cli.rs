@@ -391,7 +391,7 @@ pub(crate) fn published_event(task: &warren::Task) -> warren::events::Event {
             source: warren::events::Source::Cli,
         },
     )
-    .trace(task.trace.as_ref().map(|t| hex::encode(t.trace_id)))
+    .trace(task.trace.as_ref().map(|t| t.trace_id_hex()))
 }
 
 /// The task events recorder of a `publish` run (its counters go nowhere:

@@ -167,7 +167,7 @@ impl Ctx {
             &task.name,
             warren::events::What::Published { source },
         )
-        .trace(task.trace.as_ref().map(|t| hex::encode(t.trace_id)));
+        .trace(task.trace.as_ref().map(|t| t.trace_id_hex()));
         self.recorder.record(ev);
     }
 

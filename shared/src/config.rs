@@ -472,9 +472,9 @@ impl Default for EventsConfig {
 /// Why the `[events]` section is unusable. Names the key.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum InvalidEvents {
-    #[error("events.max_age: expected at least 1m, got {0}")]
+    #[error("events.max_age = {0}: must be at least 1m")]
     MaxAge(String),
-    #[error("events.max_bytes: expected at least 1048576 (1 MiB), got {0}")]
+    #[error("events.max_bytes = {0}: must be at least 1048576 (1 MiB)")]
     MaxBytes(u64),
 }
 

@@ -162,6 +162,7 @@ async fn handle<B: Broker>(shared: &Shared, msg: &Incoming<'_>, ticket: &Ticket<
             ticket.received(UNKNOWN_TASK);
             tracing::warn!("no handler for this task; dead-lettering");
             let reason = format!("no handler for task `{}`", task.name);
+            shared.life.dead_unrun(&task, msg.queue, outcome::kind::NO_HANDLER, &reason);
             let mut t = *task;
             t.last_error = Some(reason.clone());
             Box::pin(d.dead_letter(t, &reason, outcome::kind::NO_HANDLER, labels::REJECTED)).await;
@@ -202,6 +203,7 @@ async fn handle<B: Broker>(shared: &Shared, msg: &Incoming<'_>, ticket: &Ticket<
             .unwrap_or(cfg.task_timeout);
         tracing::debug!(redelivered = msg.redelivered, "task started");
         let started = Instant::now();
+        let mut life_run = shared.life.started(&task, msg.queue);
         // Retries and dead letters republish `task` as it came (ciphertext,
         // signature intact); only the handler sees the plaintext.
         let mut attempt = Task::clone(&task);
@@ -229,7 +231,8 @@ async fn handle<B: Broker>(shared: &Shared, msg: &Incoming<'_>, ticket: &Ticket<
             running.await
         };
         let run = AssertUnwindSafe(call).catch_unwind();
-        let run = crate::result::capture(task.step.is_some(), run);
+        let keep = task.step.is_some() || shared.life.keeps_result(&task.name);
+        let run = crate::result::capture(keep, run);
         let (finished, result) = match tokio::time::timeout(timeout, run).await {
             Ok((r, result)) => (Ok(r), result),
             Err(e) => (Err(e), None),
@@ -252,6 +255,10 @@ async fn handle<B: Broker>(shared: &Shared, msg: &Incoming<'_>, ticket: &Ticket<
             .with_overrides(task.max_attempts, &task.retry);
         let action = decide(&outcome, task.attempt, &policy, rand::random::<f64>());
         let counted = outcome::label(&action);
+        life_run.settled();
+        let encrypted = warren::security::is_encrypted(msg.properties);
+        let took = started.elapsed();
+        shared.life.finished(&task, msg.queue, &action, took, result.as_ref(), encrypted);
         match action {
             Action::Ack => {
                 tracing::debug!("task succeeded");
