@@ -293,7 +293,9 @@ pub struct Query {
 }
 
 fn ms(t: i64) -> Option<DateTime<Utc>> {
-    (t != 0).then(|| DateTime::from_timestamp_millis(t)).flatten()
+    (t != 0)
+        .then(|| DateTime::from_timestamp_millis(t))
+        .flatten()
 }
 
 impl Entry {
@@ -618,9 +620,7 @@ impl Inner {
             source: e.source.map(Source::as_str),
             published_at: ms(e.published_at),
             updated_at: ms(e.updated),
-            next_attempt_at: (state == State::Retrying)
-                .then(|| ms(e.next_at))
-                .flatten(),
+            next_attempt_at: (state == State::Retrying).then(|| ms(e.next_at)).flatten(),
             trace_id: (e.trace != [0; 16]).then(|| hex::encode(e.trace)),
             attempts: e
                 .attempts
@@ -629,8 +629,7 @@ impl Inner {
                     attempt: u32::from(a.number),
                     consumer: self.words.get(a.consumer).map(str::to_owned),
                     started_at: ms(a.start),
-                    duration_ms: (a.outcome != Outcome::Running
-                        && a.outcome != Outcome::Requeued)
+                    duration_ms: (a.outcome != Outcome::Running && a.outcome != Outcome::Requeued)
                         .then_some(u64::from(a.duration_ms)),
                     outcome: a.outcome.as_str(),
                     error: a.text.as_deref().map(str::to_owned),
@@ -731,10 +730,7 @@ mod tests {
         // Reading the same messages again changes nothing.
         let before = idx.get("a");
         idx.apply(
-            &batch(
-                "consumer",
-                vec![ev("a", 104, What::Started { attempt: 2 })],
-            ),
+            &batch("consumer", vec![ev("a", 104, What::Started { attempt: 2 })]),
             None,
         );
         assert_eq!(idx.get("a"), before);

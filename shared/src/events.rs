@@ -521,12 +521,13 @@ mod tests {
         // Never attached: nothing drains the channel.
         let r = Recorder::new("s".into(), origin, m.clone(), Duration::from_secs(1));
         for i in 0..CHANNEL_CAPACITY + 10 {
-            r.record(Event::new(&i.to_string(), "n", What::Started { attempt: 1 }));
+            r.record(Event::new(
+                &i.to_string(),
+                "n",
+                What::Started { attempt: 1 },
+            ));
         }
-        assert_eq!(
-            m.dropped.with_label_values(&[reason::QUEUE_FULL]).get(),
-            10
-        );
+        assert_eq!(m.dropped.with_label_values(&[reason::QUEUE_FULL]).get(), 10);
         Recorder::disabled().record(Event::new("x", "n", What::Started { attempt: 1 }));
     }
 }

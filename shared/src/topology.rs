@@ -435,7 +435,11 @@ impl Topology {
         }
         if let Some(ev) = &self.events {
             let mut args = FieldTable::default();
-            put(&mut args, "x-queue-type", AMQPValue::LongString("stream".into()));
+            put(
+                &mut args,
+                "x-queue-type",
+                AMQPValue::LongString("stream".into()),
+            );
             put(
                 &mut args,
                 "x-max-age",

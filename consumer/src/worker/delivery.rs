@@ -162,7 +162,9 @@ async fn handle<B: Broker>(shared: &Shared, msg: &Incoming<'_>, ticket: &Ticket<
             ticket.received(UNKNOWN_TASK);
             tracing::warn!("no handler for this task; dead-lettering");
             let reason = format!("no handler for task `{}`", task.name);
-            shared.life.dead_unrun(&task, msg.queue, outcome::kind::NO_HANDLER, &reason);
+            shared
+                .life
+                .dead_unrun(&task, msg.queue, outcome::kind::NO_HANDLER, &reason);
             let mut t = *task;
             t.last_error = Some(reason.clone());
             Box::pin(d.dead_letter(t, &reason, outcome::kind::NO_HANDLER, labels::REJECTED)).await;
@@ -258,7 +260,9 @@ async fn handle<B: Broker>(shared: &Shared, msg: &Incoming<'_>, ticket: &Ticket<
         life_run.settled();
         let encrypted = warren::security::is_encrypted(msg.properties);
         let took = started.elapsed();
-        shared.life.finished(&task, msg.queue, &action, took, result.as_ref(), encrypted);
+        shared
+            .life
+            .finished(&task, msg.queue, &action, took, result.as_ref(), encrypted);
         match action {
             Action::Ack => {
                 tracing::debug!("task succeeded");

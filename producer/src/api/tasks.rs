@@ -81,7 +81,9 @@ pub fn parse_query(
                 out.since = Some(parse_since(v, now).ok_or_else(|| {
                     bad(
                         "since",
-                        format!("since = {v:?}: expected an RFC 3339 instant or a duration such as 10m"),
+                        format!(
+                            "since = {v:?}: expected an RFC 3339 instant or a duration such as 10m"
+                        ),
                     )
                 })?)
             }
@@ -91,10 +93,7 @@ pub fn parse_query(
                     .ok()
                     .filter(|n| (1..=MAX_LIMIT).contains(n))
                     .ok_or_else(|| {
-                        bad(
-                            "limit",
-                            format!("limit = {v:?}: expected 1 to {MAX_LIMIT}"),
-                        )
+                        bad("limit", format!("limit = {v:?}: expected 1 to {MAX_LIMIT}"))
                     })?
             }
             other => {
@@ -204,11 +203,23 @@ mod tests {
                 .collect();
             parse_query(&m, now)
         };
-        let ok = q(&[("name", "a.*"), ("state", "dead"), ("since", "10m"), ("limit", "5")]).unwrap();
+        let ok = q(&[
+            ("name", "a.*"),
+            ("state", "dead"),
+            ("since", "10m"),
+            ("limit", "5"),
+        ])
+        .unwrap();
         assert_eq!(ok.limit, 5);
         assert_eq!(ok.state, Some(TaskState::Dead));
         assert_eq!(ok.since, Some(now - chrono::TimeDelta::minutes(10)));
-        for (k, v) in [("state", "done"), ("since", "yesterday"), ("limit", "0"), ("limit", "x"), ("color", "red")] {
+        for (k, v) in [
+            ("state", "done"),
+            ("since", "yesterday"),
+            ("limit", "0"),
+            ("limit", "x"),
+            ("color", "red"),
+        ] {
             let e = q(&[(k, v)]).err().unwrap();
             let body = format!("{e:?}");
             assert!(body.contains(k), "{k}: {body}");
