@@ -348,6 +348,52 @@ async fn poison_is_dead_lettered_as_it_came() {
 }
 
 #[tokio::test]
+async fn a_delivery_the_security_checks_refuse_is_dead_lettered_unrun() {
+    let w = Worker::with(Does::Succeed);
+    let b = Recorder::default();
+    // Encrypted with a key this worker does not hold.
+    let t = task();
+    let enc = warren::security::encrypt::encoding("e9");
+    let props = t.properties().with_content_encoding(enc.into());
+    w.deliver_raw(&b, NAME, &props, b"ciphertext").await;
+
+    let p = b.published();
+    assert_eq!(p.len(), 1);
+    assert_eq!(p[0].exchange, w.topo().dead_exchange());
+    assert_eq!(p[0].body, b"ciphertext", "as it came");
+    assert_eq!(
+        p[0].header(headers::DEAD_KIND).as_deref(),
+        Some("undecryptable")
+    );
+    assert_eq!(w.calls(), 0, "never run");
+    let refused = &w.shared.metrics.refused;
+    assert_eq!(refused.with_label_values(&["undecryptable"]).get(), 1);
+    assert_eq!((b.acks(), b.requeues(), b.abandoned()), (1, 0, 0));
+    w.assert_counted_once(UNKNOWN_TASK, labels::REJECTED);
+}
+
+#[tokio::test]
+async fn an_oversized_body_is_poison_without_being_opened() {
+    let mut w = Worker::with(Does::Succeed);
+    w.shared.cfg.worker.max_body_bytes = 8;
+    let b = Recorder::default();
+    // Undecryptable too: the size is checked first.
+    let t = task();
+    let enc = warren::security::encrypt::encoding("e9");
+    let props = t.properties().with_content_encoding(enc.into());
+    w.deliver_raw(&b, NAME, &props, &[b'x'; 64]).await;
+
+    let p = b.published();
+    assert_eq!(p.len(), 1);
+    assert_eq!(
+        p[0].header(headers::DEAD_KIND).as_deref(),
+        Some("oversized")
+    );
+    assert_eq!(w.calls(), 0);
+    w.assert_counted_once(UNKNOWN_TASK, labels::REJECTED);
+}
+
+#[tokio::test]
 async fn task_without_handler_is_dead_lettered_no_handler() {
     let w = Worker::without_handlers();
     let b = Recorder::default();
