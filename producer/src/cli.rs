@@ -15,8 +15,10 @@ use crate::config::{self, ProducerConfig};
 use crate::request::{RequestError, TaskRequest};
 
 mod schedules;
+mod tasks;
 mod workflows;
 pub use schedules::{apply as apply_schedules, delete as delete_schedule};
+pub use tasks::{run as tasks, workers, TasksCommand};
 pub use workflows::{run as workflows, WorkflowsCommand};
 
 /// What the user wrote on the command line cannot work (exit 2, like a bad
@@ -40,6 +42,10 @@ pub enum UsageError {
     ShortToken,
     #[error("--traceparent is not a W3C traceparent (`00-<32 hex>-<16 hex>-<2 hex>`, lowercase, ids not all zero)")]
     Traceparent,
+    #[error("--since {0:?}: expected a duration such as 10m or an RFC 3339 instant")]
+    Since(String),
+    #[error("--state {0:?}: expected published, running, retrying, succeeded or dead")]
+    State(String),
 }
 
 /// The process exit code for an error of any subcommand: 2 for a
@@ -48,6 +54,9 @@ pub enum UsageError {
 /// errors are all `ConfigError`s, and `publish` reports its arguments as
 /// [`UsageError`]s), 1 for anything that went wrong while running.
 pub fn exit_code(e: &anyhow::Error) -> std::process::ExitCode {
+    if e.downcast_ref::<tasks::WaitTimedOut>().is_some() {
+        return std::process::ExitCode::from(124);
+    }
     if e.downcast_ref::<warren::config::ConfigError>().is_some()
         || e.downcast_ref::<UsageError>().is_some()
     {
@@ -89,6 +98,16 @@ pub enum Command {
     Workflows {
         #[command(subcommand)]
         command: WorkflowsCommand,
+    },
+    /// What happened to tasks, from the task events stream (docs/tasks.md).
+    Tasks {
+        #[command(subcommand)]
+        command: TasksCommand,
+    },
+    /// Consumers heard in the last 16 s: queues, running, counts.
+    Workers {
+        #[arg(long)]
+        json: bool,
     },
 }
 

@@ -333,3 +333,88 @@ async fn events_stream_deleted_under_load_tasks_still_succeed_and_drops_are_coun
     .await;
     wk.shut().await;
 }
+
+/// Run the CLI off the test's runtime threads.
+async fn cli(w: &World, args: &[&str]) -> std::process::Output {
+    let args: Vec<String> = args.iter().map(|a| (*a).to_owned()).collect();
+    let (bin, env) = (crate::helpers::BIN, w.env());
+    tokio::task::spawn_blocking(move || {
+        let mut cmd = std::process::Command::new(bin);
+        cmd.args(&args).env_clear().env("PATH", "/usr/bin:/bin");
+        for (k, v) in env {
+            cmd.env(k, v);
+        }
+        cmd.env("RUST_LOG", "warn")
+            .output()
+            .expect("run warren-producer")
+    })
+    .await
+    .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tasks_wait_exit_codes_get_ls_and_workers_from_the_cli() {
+    let w = World::new("tasks-cli").await;
+    let wk = worker(&w, Duration::from_secs(5)).await;
+    let payload = json!({"secret": MARKER}).to_string();
+    for (task, id) in [("it.tasks.flaky", "cli-1"), ("it.tasks.bad", "cli-2")] {
+        let out = cli(&w, &["publish", task, "--id", id, "--payload", &payload]).await;
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    let out = cli(&w, &["tasks", "wait", "cli-1", "--timeout", "60s"]).await;
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{stdout} {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(
+        serde_json::from_str::<Value>(stdout.trim()).ok(),
+        Some(json!({"sent": true}))
+    );
+    let out = cli(&w, &["tasks", "wait", "cli-2", "--timeout", "60s"]).await;
+    assert_eq!(
+        out.status.code(),
+        Some(1),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let out = cli(&w, &["tasks", "wait", "never-published", "--timeout", "2s"]).await;
+    assert_eq!(
+        out.status.code(),
+        Some(124),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+
+    let out = cli(&w, &["tasks", "get", "cli-1", "--json"]).await;
+    let t: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(
+        (t["state"].clone(), t["source"].clone()),
+        (json!("succeeded"), json!("cli"))
+    );
+    let out = cli(&w, &["tasks", "get", "nope"]).await;
+    assert_eq!(out.status.code(), Some(1));
+    let out = cli(&w, &["tasks", "ls", "--state", "dead"]).await;
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.contains("cli-2") && !text.contains("cli-1"), "{text}");
+    let out = cli(&w, &["tasks", "ls", "--state", "finished"]).await;
+    assert_eq!(out.status.code(), Some(2));
+    let out = eventually(WAIT, "the worker listed by `workers`", || async {
+        let out = cli(&w, &["workers", "--json"]).await;
+        let ws: Value = serde_json::from_slice(&out.stdout).ok()?;
+        (ws.as_array()?.len() == 1).then_some(ws)
+    })
+    .await;
+    assert_eq!(
+        out[0]["concurrency"].as_u64().map(|c| c > 0),
+        Some(true),
+        "{out}"
+    );
+    wk.shut().await;
+}
