@@ -51,6 +51,16 @@ impl Worker {
 /// fails permanently, `it.tasks.slow` sleeps 30 s. Results kept for
 /// `it.tasks.flaky` only.
 async fn worker(w: &World, grace: Duration) -> Worker {
+    worker_with(w, grace, None).await
+}
+
+/// [`worker`] with `security` keys; `it.tasks.echo` returns its payload as
+/// its result (kept, were it not encrypted).
+async fn worker_with(
+    w: &World,
+    grace: Duration,
+    security: Option<warren::security::SecurityConfig>,
+) -> Worker {
     let mut cfg = warren_consumer::ConsumerConfig {
         amqp: warren::testing::amqp_config(),
         ..Default::default()
@@ -61,8 +71,17 @@ async fn worker(w: &World, grace: Duration) -> Worker {
     cfg.retry.default.initial_delay = Duration::from_millis(300);
     cfg.retry.default.jitter = 0.0;
     cfg.worker.drain_grace = grace;
-    cfg.results = vec!["it.tasks.flaky".into()];
+    cfg.results = vec!["it.tasks.flaky".into(), "it.tasks.echo".into()];
+    if let Some(s) = security {
+        cfg.security = s;
+    }
     let mut reg = Registry::new();
+    reg.register_fn("it.tasks.echo", |t: Task| async move {
+        let v: Value = serde_json::from_slice(&t.payload).unwrap_or(Value::Null);
+        warren_consumer::set_result(v);
+        Ok(())
+    })
+    .unwrap();
     let calls = Arc::new(AtomicU32::new(0));
     reg.register_fn("it.tasks.flaky", move |_t: Task| {
         let n = calls.fetch_add(1, Ordering::SeqCst);
@@ -416,5 +435,34 @@ async fn tasks_wait_exit_codes_get_ls_and_workers_from_the_cli() {
         Some(true),
         "{out}"
     );
+    wk.shut().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_encrypted_tasks_result_and_payload_never_reach_the_stream() {
+    let w = World::new("tasks-sealed").await;
+    let keys = crate::security::keys(&w, "k1", true);
+    let cfg = w.write_config("p.toml", &keys);
+    let p = w.start("p", &cfg, &[]);
+    p.wait_ready(WAIT).await;
+    let consumer_keys: warren::security::SecurityConfig = toml::from_str(
+        keys.replace("[security]", "")
+            .replace("sign_with = \"k1\"", "")
+            .replace("encrypt_with = \"e1\"", "")
+            .replace("[[security.keys]]", "[[keys]]")
+            .as_str(),
+    )
+    .unwrap();
+    let wk = worker_with(&w, Duration::from_secs(5), Some(consumer_keys)).await;
+    publish(&p, "it.tasks.echo", "sealed-1").await;
+    let t = task_in(&p, "sealed-1", "succeeded").await;
+    assert!(
+        t.get("result").is_none(),
+        "an encrypted task's result kept: {t}"
+    );
+    for body in stream_bodies(&w).await {
+        let text = String::from_utf8_lossy(&body);
+        assert!(!text.contains(MARKER), "plaintext in an event: {text}");
+    }
     wk.shut().await;
 }
