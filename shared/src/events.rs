@@ -381,15 +381,12 @@ async fn run(inner: Arc<Inner>, mut rx: mpsc::Receiver<Item>) {
             Item::Flush(tx) => f.push(tx),
         };
         take(first, &mut batch, &mut flushes);
-        let deadline = tokio::time::Instant::now() + LINGER;
-        while flushes.is_empty() && batch.events.len() < MAX_BATCH {
-            match tokio::time::timeout_at(deadline, rx.recv()).await {
-                Ok(Some(item)) => take(item, &mut batch, &mut flushes),
-                _ => break,
-            }
+        // One sleep per batch, not a timer per event: what comes meanwhile
+        // waits in the channel and rides along. A flush does not wait.
+        if flushes.is_empty() && rx.len() < MAX_BATCH {
+            tokio::time::sleep(LINGER).await;
         }
-        // Whatever else is already waiting rides along.
-        while batch.events.len() < MAX_BATCH {
+        while flushes.is_empty() && batch.events.len() < MAX_BATCH {
             match rx.try_recv() {
                 Ok(item) => take(item, &mut batch, &mut flushes),
                 Err(_) => break,

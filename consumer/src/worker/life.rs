@@ -25,7 +25,6 @@ struct Run {
     name: String,
     queue: String,
     attempt: u32,
-    trace: Option<String>,
 }
 
 pub(crate) struct Life {
@@ -90,7 +89,6 @@ impl Life {
     /// The handler of `task` (from `queue`) is about to be called.
     pub(crate) fn started(&self, task: &Task, queue: &str) -> Running<'_> {
         let key = self.next.fetch_add(1, Ordering::Relaxed);
-        let trace = task.trace.as_ref().map(|t| t.trace_id_hex());
         if let Ok(mut r) = self.running.lock() {
             r.insert(
                 key,
@@ -99,7 +97,6 @@ impl Life {
                     name: task.name.clone(),
                     queue: queue.to_owned(),
                     attempt: task.attempt,
-                    trace,
                 },
             );
         }
@@ -191,8 +188,7 @@ impl Life {
                 why: why.to_owned(),
             },
         )
-        .queue(&run.queue)
-        .trace(run.trace);
+        .queue(&run.queue);
         self.recorder.record(ev);
     }
 
