@@ -669,6 +669,24 @@ mod tests {
     }
 
     #[test]
+    fn events_and_results_keys_are_checked() {
+        let c = load("results = [\"report.*\"]\n[events]\nmax_age = \"2d\"\nmax_bytes = 2097152\n")
+            .unwrap();
+        assert_eq!(c.results, ["report.*"]);
+        assert_eq!(c.events.max_age, Duration::from_secs(2 * 86_400));
+        for (text, key) in [
+            ("[events]\nmax_age = \"10s\"\n", "events.max_age"),
+            ("[events]\nmax_bytes = 10\n", "events.max_bytes"),
+            ("results = [\"a..b\"]\n", "results"),
+            // The producer's key.
+            ("[events]\nindex_size = 5\n", "index_size"),
+        ] {
+            let e = load(text).unwrap_err().to_string();
+            assert!(e.contains(key), "{text}: {e}");
+        }
+    }
+
+    #[test]
     fn limits_and_breakers_parse_with_their_defaults() {
         let c = load(
             r#"

@@ -870,9 +870,13 @@ impl ProducerConfig {
             ));
         }
         errors.extend(self.workflow.validate());
-        if let Err(e) = self.events.shared().validate() {
-            errors.push(e.to_string());
-        }
+        errors.extend(
+            self.events
+                .shared()
+                .problems()
+                .iter()
+                .map(ToString::to_string),
+        );
         if self.events.index_size == 0 || self.events.index_size > 100_000_000 {
             errors.push(format!(
                 "events.index_size = {}: expected 1 to 100000000",
@@ -1006,6 +1010,16 @@ mod tests {
         std::fs::write(&file, "read file-token-c-0123456789 a b\n").unwrap();
         let err = cfg.api.grants().err().unwrap().to_string();
         assert!(err.contains("line 1: expected"), "{err}");
+    }
+
+    #[test]
+    fn events_keys_are_checked_naming_the_key() {
+        let cfg = parse("[events]\nindex_size = 0\nmax_age = \"5s\"\nmax_bytes = 1\n");
+        let errors = cfg.validate().join("\n");
+        for key in ["events.index_size", "events.max_age", "events.max_bytes"] {
+            assert!(errors.contains(key), "{key}: {errors}");
+        }
+        assert!(parse("[events]\nenabled = false\n").validate().is_empty());
     }
 
     #[test]

@@ -479,16 +479,23 @@ pub enum InvalidEvents {
 }
 
 impl EventsConfig {
+    /// The first of [`EventsConfig::problems`].
     pub fn validate(&self) -> Result<(), InvalidEvents> {
+        self.problems().into_iter().next().map_or(Ok(()), Err)
+    }
+
+    /// Every problem of the section.
+    pub fn problems(&self) -> Vec<InvalidEvents> {
+        let mut out = Vec::new();
         if self.max_age < Duration::from_secs(60) {
-            return Err(InvalidEvents::MaxAge(
+            out.push(InvalidEvents::MaxAge(
                 humantime::format_duration(self.max_age).to_string(),
             ));
         }
         if self.max_bytes < 1 << 20 {
-            return Err(InvalidEvents::MaxBytes(self.max_bytes));
+            out.push(InvalidEvents::MaxBytes(self.max_bytes));
         }
-        Ok(())
+        out
     }
 
     /// The stream to declare, when this role records events.

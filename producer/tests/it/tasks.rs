@@ -466,3 +466,50 @@ async fn an_encrypted_tasks_result_and_payload_never_reach_the_stream() {
     }
     wk.shut().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tasks_watch_prints_events_as_they_happen() {
+    use std::io::BufRead;
+    let w = World::new("tasks-watch").await;
+    let wk = worker(&w, Duration::from_secs(5)).await;
+    let mut cmd = std::process::Command::new(crate::helpers::BIN);
+    cmd.args(["tasks", "watch", "--json"])
+        .env_clear()
+        .env("PATH", "/usr/bin:/bin")
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null());
+    for (k, v) in w.env() {
+        cmd.env(k, v);
+    }
+    let mut watch = cmd.spawn().expect("run tasks watch");
+    let out = watch.stdout.take().unwrap();
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+    std::thread::spawn(move || {
+        for line in std::io::BufReader::new(out).lines().map_while(Result::ok) {
+            let _ = tx.send(line);
+        }
+    });
+    // `watch` starts at the stream's end: publish until it has seen one.
+    let mut seen = Vec::new();
+    let found = tokio::time::timeout(WAIT, async {
+        for i in 0.. {
+            let id = format!("watched-{i}");
+            let out = cli(&w, &["publish", "it.tasks.plain", "--id", &id]).await;
+            assert!(out.status.success());
+            let until = tokio::time::Instant::now() + Duration::from_secs(3);
+            while let Ok(Some(line)) = tokio::time::timeout_at(until, rx.recv()).await {
+                let ev: Value = serde_json::from_str(&line).unwrap();
+                seen.push(ev["k"].as_str().unwrap_or("").to_owned());
+                if ev["id"] == id && ev["k"] == "succeeded" {
+                    return;
+                }
+            }
+        }
+    })
+    .await;
+    let _ = watch.kill();
+    let _ = watch.wait();
+    assert!(found.is_ok(), "no succeeded event watched; saw {seen:?}");
+    assert!(seen.iter().any(|k| k == "started"), "{seen:?}");
+    wk.shut().await;
+}
