@@ -423,3 +423,59 @@ async fn warren_drain(
         rss_kib,
     })
 }
+
+/// `--scenario events`: the same backlog drain by `warren-consumer` with
+/// task events on (the default) and off (`events.enabled = false`),
+/// alternating run by run on the same broker (docs/tasks.md). Prints each
+/// drain and the on/off ratio per run; with events on, each task records
+/// `started` and `succeeded` on `<prefix>.events`.
+pub async fn events_scenario(conn: &Connection, args: &Args, url: &str) -> Result<()> {
+    let bin = consumer_bin(args)?;
+    let mut ratios = Vec::new();
+    for run in 0..args.runs {
+        let mut rates = [0.0f64; 2];
+        let order = if run % 2 == 0 { [0, 1] } else { [1, 0] };
+        for side in order {
+            let t = topo(&format!("ev{run}{side}"), 0)
+                .with_events(warren::config::EventsConfig::default().stream());
+            topology::declare(conn, &t).await?;
+            plain_publish_body(conn, &t.tasks_exchange(), "bench.noop", args.messages, BODY)
+                .await?;
+            let extra = if side == 0 {
+                ""
+            } else {
+                "[events]\nenabled = false\n"
+            };
+            let r = warren_drain(
+                &bin,
+                url,
+                &t,
+                0,
+                extra,
+                args.messages,
+                Meter::new(args.broker_pid),
+            )
+            .await?;
+            let who = if side == 0 {
+                "events on "
+            } else {
+                "events off"
+            };
+            warren::outln!(
+                "events run {run} {who}: {:.0} msgs/s, consumer {} µs/task, broker {} µs/task",
+                r.rate,
+                r.cpu_us.map_or("?".into(), |c| format!("{c:.1}")),
+                r.broker_us.map_or("?".into(), |c| format!("{c:.1}")),
+            );
+            rates[side] = r.rate;
+            warren::testing::delete_topology(conn, &t).await;
+        }
+        ratios.push(rates[0] / rates[1]);
+        warren::outln!("events run {run}: on / off = {:.2}", rates[0] / rates[1]);
+    }
+    ratios.sort_by(f64::total_cmp);
+    if let Some(m) = ratios.get(ratios.len() / 2) {
+        warren::outln!("events: on / off median {m:.2} over {} runs", ratios.len());
+    }
+    Ok(())
+}

@@ -211,6 +211,9 @@ async fn main() -> Result<()> {
     if args.scenario == "drain" {
         drain::drain_scenario(&conn, &args, &url).await?;
     }
+    if args.scenario == "events" {
+        drain::events_scenario(&conn, &args, &url).await?;
+    }
     // Not part of `all`: it starts a 3-node cluster of its own.
     if args.scenario == "cluster" {
         cluster::cluster_scenario(&args).await?;

@@ -36,6 +36,11 @@ pub struct ConsumerConfig {
     pub limits: BTreeMap<String, LimitSpec>,
     /// Workflow steps: how large a result the step event carries.
     pub workflow: StepResultConfig,
+    /// `[events]`: this consumer's task events (docs/tasks.md).
+    pub events: warren::config::EventsConfig,
+    /// Task names (or topic patterns) whose result is kept in their
+    /// `succeeded` event, up to `workflow.max_result_bytes` (docs/tasks.md#results).
+    pub results: Vec<String>,
 }
 
 /// `[workflow]` (docs/workflows.md#results).
@@ -69,6 +74,8 @@ impl Default for ConsumerConfig {
             security: SecurityConfig::default(),
             limits: BTreeMap::new(),
             workflow: StepResultConfig::default(),
+            events: warren::config::EventsConfig::default(),
+            results: Vec::new(),
         }
     }
 }
@@ -491,6 +498,24 @@ mod tests {
             &c.handlers["email.send"],
             HandlerSpec::Http { breaker: Some(b), .. } if b.failures == 5
         ));
+    }
+
+    #[test]
+    fn events_and_results_keys_are_checked() {
+        let c = load("results = [\"report.*\"]\n[events]\nmax_age = \"2d\"\nmax_bytes = 2097152\n")
+            .unwrap();
+        assert_eq!(c.results, ["report.*"]);
+        assert_eq!(c.events.max_age, Duration::from_secs(2 * 86_400));
+        for (text, key) in [
+            ("[events]\nmax_age = \"10s\"\n", "events.max_age"),
+            ("[events]\nmax_bytes = 10\n", "events.max_bytes"),
+            ("results = [\"a..b\"]\n", "results"),
+            // The producer's key.
+            ("[events]\nindex_size = 5\n", "index_size"),
+        ] {
+            let e = load(text).unwrap_err().to_string();
+            assert!(e.contains(key), "{text}: {e}");
+        }
     }
 
     #[test]

@@ -22,7 +22,8 @@ pub async fn declare(cfg: ConsumerConfig) -> anyhow::Result<()> {
         declare: true,
         ..cfg.topology.clone()
     };
-    let topo = warren::Topology::new(&topology);
+    // The task events stream too: consumers and producers record there.
+    let topo = warren::Topology::new(&topology).with_events(cfg.events.stream());
     let conn = warren::amqp::connect(&cfg.amqp, "warren-consumer-declare")
         .await
         .context("connecting to the broker")?;

@@ -52,6 +52,7 @@ mod acks;
 mod broker;
 mod delivery;
 pub mod fault;
+mod life;
 mod session;
 mod settle;
 mod step_event;
@@ -92,7 +93,28 @@ impl WorkerBuilder {
         let metrics = ConsumerMetrics::register(&prom)?;
         let amqp_metrics = AmqpMetrics::register(&prom)?;
         let flow = crate::flow::Flow::new(&self.cfg, &prom)?;
-        let topo = Topology::new(&self.cfg.topology);
+        let topo = Topology::new(&self.cfg.topology).with_events(self.cfg.events.stream());
+        let instance = format!("{}:{}", warren::config::host_name(), std::process::id());
+        let recorder = if self.cfg.events.enabled {
+            warren::events::Recorder::new(
+                topo.events_stream(),
+                warren::events::Origin {
+                    role: "consumer".into(),
+                    instance: instance.clone(),
+                    host: warren::config::host_name(),
+                },
+                warren::events::EventMetrics::register(&prom)?,
+                self.cfg.amqp.confirm_timeout,
+            )
+        } else {
+            warren::events::Recorder::disabled()
+        };
+        let life = life::Life::new(
+            instance,
+            recorder,
+            self.cfg.results.clone(),
+            self.cfg.workflow.max_result_bytes,
+        );
         let opener = warren::security::Opener::from_config(&self.cfg.security)?;
         let queues = self.cfg.queue_names();
         anyhow::ensure!(!queues.is_empty(), "no work queue to consume");
@@ -103,6 +125,7 @@ impl WorkerBuilder {
                 metrics,
                 opener,
                 flow,
+                life,
                 cfg: self.cfg,
             }),
             queues,
@@ -146,6 +169,8 @@ struct Shared {
     opener: warren::security::Opener,
     /// Limits and circuit breakers, asked before each handler call.
     flow: crate::flow::Flow,
+    /// Task events and what this consumer announces.
+    life: life::Life,
 }
 
 impl Worker {
@@ -194,6 +219,7 @@ impl Worker {
     async fn consume_until_shutdown(self, shutdown: CancellationToken) -> anyhow::Result<()> {
         let tracker = TaskTracker::new();
         let sem = Arc::new(Semaphore::new(self.shared.cfg.worker.concurrency));
+        let _announcing = self.announce_until(shutdown.clone());
         let mut sessions = 0u64;
         let mut pauses = young_session_backoff();
         let mut pause = None;
@@ -255,6 +281,24 @@ impl Worker {
         session.flush_acks().await;
         let _ = tokio::time::timeout(Duration::from_secs(2), session.conn.close(code, why.into()))
             .await;
+    }
+
+    /// Announce this consumer every [`warren::events::WORKER_EVERY`] until
+    /// `stop` (or the handle is dropped).
+    fn announce_until(&self, stop: CancellationToken) -> tokio_util::task::AbortOnDropHandle<()> {
+        let shared = self.shared.clone();
+        let queues = self.queues.clone();
+        tokio_util::task::AbortOnDropHandle::new(tokio::spawn(async move {
+            let mut every = tokio::time::interval(warren::events::WORKER_EVERY);
+            loop {
+                tokio::select! {
+                    _ = stop.cancelled() => return,
+                    _ = every.tick() => {}
+                }
+                let w = shared.life.worker(&queues, shared.cfg.worker.concurrency);
+                shared.life.recorder().announce(w);
+            }
+        }))
     }
 
     /// Open a session, retrying with backoff; `None` on shutdown.

@@ -26,6 +26,7 @@ use crate::request::{pairs, RequestError, TaskRequest};
 
 mod dead;
 mod schedules;
+pub(crate) mod tasks;
 
 pub(crate) use schedules::definition_value as schedule_definition;
 pub(crate) mod workflows;
@@ -40,7 +41,7 @@ impl FromRef<Arc<Ctx>> for TokenStore {
 pub fn router(ctx: Arc<Ctx>) -> Router {
     let limit = ctx.cfg().api.max_body_bytes;
     Router::new()
-        .route("/v1/tasks", post(post_tasks))
+        .route("/v1/tasks", post(post_tasks).get(tasks::list))
         .route("/v1/replicas", get(get_replicas))
         .route("/v1/schedules/{name}/trigger", post(trigger))
         .route("/v1/schedules/{name}/pause", post(pause))
@@ -48,6 +49,7 @@ pub fn router(ctx: Arc<Ctx>) -> Router {
         .merge(schedules::routes())
         .merge(dead::routes())
         .merge(workflows::routes())
+        .merge(tasks::routes())
         .layer(DefaultBodyLimit::max(limit))
         .with_state(ctx)
 }
@@ -196,6 +198,7 @@ async fn post_tasks(
         match r {
             Ok(()) => {
                 log_published(task);
+                ctx.published(task, warren::events::Source::Api);
                 ids.push(task.id.clone());
             }
             Err(e) => {
@@ -331,6 +334,9 @@ async fn trigger(
         audit::FAILED
     };
     let count = u64::from(published.is_ok());
+    if published.is_ok() && s.cfg.workflow.is_none() {
+        ctx.published(&task, warren::events::Source::Api);
+    }
     audit::record(
         ctx.metrics(),
         &scope.caller().name,

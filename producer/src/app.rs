@@ -40,6 +40,8 @@ impl App {
         let registry = Registry::new();
         let amqp_metrics = AmqpMetrics::register(&registry)?;
         let metrics = Metrics::register(&registry, cfg.metrics.per_schedule_limit)?;
+        let event_metrics = warren::events::EventMetrics::register(&registry)?;
+        let index_metrics = crate::tasks::IndexMetrics::register(&registry)?;
         let tokens = Tokens::from_config(&cfg.api)?;
         if cfg.api.enabled && tokens.is_empty() {
             tracing::warn!("no API tokens configured: every /v1 request will be refused (set api.publish_token / api.read_token)");
@@ -63,6 +65,21 @@ impl App {
             TokenStore::new(tokens),
         )
         .with_seal(seal);
+        let recorder = if ctx.cfg().events.enabled {
+            warren::events::Recorder::new(
+                ctx.topo().events_stream(),
+                warren::events::Origin {
+                    role: "producer".into(),
+                    instance: ctx.instance().to_owned(),
+                    host: warren::config::host_name(),
+                },
+                event_metrics,
+                ctx.cfg().amqp.confirm_timeout,
+            )
+        } else {
+            warren::events::Recorder::disabled()
+        };
+        let ctx = ctx.with_events(recorder, index_metrics);
         Ok(App {
             ctx,
             schedules,

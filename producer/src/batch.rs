@@ -52,6 +52,17 @@ struct Tally {
     /// Nacked publishes (line, task, delay), sent again together (see
     /// [`Tally::retry_nacked`]).
     nacked: Vec<(u64, Task, Duration)>,
+    /// Records `published` for each confirmed task.
+    events: warren::events::Recorder,
+}
+
+impl Tally {
+    fn confirmed(&mut self, task: &Task) {
+        self.confirmed += 1;
+        if self.events.enabled() {
+            self.events.record(crate::cli::published_event(task));
+        }
+    }
 }
 
 impl Tally {
@@ -63,7 +74,7 @@ impl Tally {
             pending,
         } = f;
         match pending.confirmed().await {
-            Ok(()) => self.confirmed += 1,
+            Ok(()) => self.confirmed(&task),
             // A nack (a queue leader moving, say) is sent again, same id.
             Err(warren::Error::Nacked { .. }) => self.nacked.push((line, task, delay)),
             Err(e) => self.fail(line, &task, &e),
@@ -88,7 +99,7 @@ impl Tally {
             .await;
         for ((line, task, _), r) in nacked.iter().zip(results) {
             match r {
-                Ok(()) => self.confirmed += 1,
+                Ok(()) => self.confirmed(task),
                 Err(e) => self.fail(*line, task, &e),
             }
         }
@@ -101,11 +112,15 @@ pub async fn publish<R: Read + Send + 'static>(
     topo: &Topology,
     input: R,
     window: usize,
+    events: &warren::events::Recorder,
 ) -> anyhow::Result<()> {
     let window = window.max(1);
     let (tx, mut rx) = mpsc::channel(CHUNKS_AHEAD);
     let reader = tokio::task::spawn_blocking(move || read(input, &tx));
-    let mut tally = Tally::default();
+    let mut tally = Tally {
+        events: events.clone(),
+        ..Tally::default()
+    };
     let mut in_flight: VecDeque<InFlight> = VecDeque::with_capacity(window);
     while let Some(chunk) = rx.recv().await {
         for Line { no, parsed } in chunk {

@@ -3,6 +3,7 @@
 
 use std::io::{Read, Write};
 use std::path::PathBuf;
+use std::time::Duration;
 
 use anyhow::Context;
 use chrono::{DateTime, SecondsFormat, Utc};
@@ -14,8 +15,10 @@ use crate::config::{self, ProducerConfig};
 use crate::request::{RequestError, TaskRequest};
 
 mod schedules;
+mod tasks;
 mod workflows;
 pub use schedules::{apply as apply_schedules, delete as delete_schedule};
+pub use tasks::{run as tasks, workers, TasksCommand};
 pub use workflows::{run as workflows, WorkflowsCommand};
 
 /// What the user wrote on the command line cannot work (exit 2, like a bad
@@ -39,6 +42,10 @@ pub enum UsageError {
     ShortToken,
     #[error("--traceparent is not a W3C traceparent (`00-<32 hex>-<16 hex>-<2 hex>`, lowercase, ids not all zero)")]
     Traceparent,
+    #[error("--since {0:?}: expected a duration such as 10m or an RFC 3339 instant")]
+    Since(String),
+    #[error("--state {0:?}: expected published, running, retrying, succeeded or dead")]
+    State(String),
 }
 
 /// The process exit code for an error of any subcommand: 2 for a
@@ -47,6 +54,9 @@ pub enum UsageError {
 /// errors are all `ConfigError`s, and `publish` reports its arguments as
 /// [`UsageError`]s), 1 for anything that went wrong while running.
 pub fn exit_code(e: &anyhow::Error) -> std::process::ExitCode {
+    if e.downcast_ref::<tasks::WaitTimedOut>().is_some() {
+        return std::process::ExitCode::from(124);
+    }
     if e.downcast_ref::<warren::config::ConfigError>().is_some()
         || e.downcast_ref::<UsageError>().is_some()
     {
@@ -88,6 +98,16 @@ pub enum Command {
     Workflows {
         #[command(subcommand)]
         command: WorkflowsCommand,
+    },
+    /// What happened to tasks, from the task events stream (docs/tasks.md).
+    Tasks {
+        #[command(subcommand)]
+        command: TasksCommand,
+    },
+    /// Consumers heard in the last 16 s: queues, running, counts.
+    Workers {
+        #[arg(long)]
+        json: bool,
     },
 }
 
@@ -315,7 +335,7 @@ async fn connect(cfg: &ProducerConfig) -> anyhow::Result<(lapin::Connection, Pub
     let conn = warren::amqp::connect(&cfg.amqp, "producer-cli")
         .await
         .context("connecting to the broker")?;
-    let topo = Topology::new(&cfg.topology);
+    let topo = Topology::new(&cfg.topology).with_events(cfg.events.shared().stream());
     warren::topology::declare(&conn, &topo)
         .await
         .context("declaring the topology")?;
@@ -357,6 +377,11 @@ pub async fn publish(cfg: ProducerConfig, args: PublishArgs) -> anyhow::Result<(
     })?;
     let (conn, publisher, topo) = connect(&cfg).await?;
     let res = publisher.publish_task(&topo, &task, delay).await;
+    if res.is_ok() {
+        let events = recorder(&cfg, &topo, &conn).await;
+        events.record(published_event(&task));
+        events.flush(FLUSH_TIMEOUT).await;
+    }
     let _ = conn.close(200, "done".into()).await;
     res.with_context(|| format!("publishing task `{}` ({})", task.name, task.id))?;
     crate::api::log_published(&task);
@@ -366,7 +391,49 @@ pub async fn publish(cfg: ProducerConfig, args: PublishArgs) -> anyhow::Result<(
 
 async fn publish_batch(cfg: ProducerConfig, window: usize) -> anyhow::Result<()> {
     let (conn, publisher, topo) = connect(&cfg).await?;
-    let res = crate::batch::publish(&publisher, &topo, std::io::stdin(), window).await;
+    let events = recorder(&cfg, &topo, &conn).await;
+    let res = crate::batch::publish(&publisher, &topo, std::io::stdin(), window, &events).await;
+    events.flush(FLUSH_TIMEOUT).await;
     let _ = conn.close(200, "done".into()).await;
     res
+}
+
+/// How long `publish` waits for its task events before it exits.
+const FLUSH_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// A `published` event of a task the command line sent.
+pub(crate) fn published_event(task: &warren::Task) -> warren::events::Event {
+    warren::events::Event::new(
+        &task.id,
+        &task.name,
+        warren::events::What::Published {
+            source: warren::events::Source::Cli,
+        },
+    )
+    .trace(task.trace.as_ref().map(|t| t.trace_id_hex()))
+}
+
+/// The task events recorder of a `publish` run (its counters go nowhere:
+/// the command serves no metrics).
+async fn recorder(
+    cfg: &ProducerConfig,
+    topo: &Topology,
+    conn: &lapin::Connection,
+) -> warren::events::Recorder {
+    let metrics = warren::events::EventMetrics::register(&prometheus::Registry::new()).ok();
+    let Some(metrics) = metrics.filter(|_| cfg.events.enabled) else {
+        return warren::events::Recorder::disabled();
+    };
+    let r = warren::events::Recorder::new(
+        topo.events_stream(),
+        warren::events::Origin {
+            role: "cli".into(),
+            instance: format!("{}:{}", warren::config::host_name(), std::process::id()),
+            host: warren::config::host_name(),
+        },
+        metrics,
+        cfg.amqp.confirm_timeout,
+    );
+    r.attach(conn).await;
+    r
 }

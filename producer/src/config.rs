@@ -37,6 +37,46 @@ pub struct ProducerConfig {
     pub scheduler: SchedulerConfig,
     /// `[metrics]`: how many series `/metrics` may hold.
     pub metrics: MetricsConfig,
+    /// `[events]`: task events this replica records, and its index of them
+    /// (docs/tasks.md).
+    pub events: ProducerEventsConfig,
+}
+
+/// `[events]` of the producer: the keys both roles share, and the index.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ProducerEventsConfig {
+    /// Record `published` for what this replica publishes. The index is
+    /// kept either way (consumers may record).
+    pub enabled: bool,
+    #[serde(with = "humantime_serde")]
+    pub max_age: Duration,
+    pub max_bytes: u64,
+    /// Most tasks the index holds; the oldest first seen go first.
+    pub index_size: usize,
+}
+
+impl Default for ProducerEventsConfig {
+    fn default() -> Self {
+        let shared = warren::config::EventsConfig::default();
+        Self {
+            enabled: shared.enabled,
+            max_age: shared.max_age,
+            max_bytes: shared.max_bytes,
+            index_size: 1_000_000,
+        }
+    }
+}
+
+impl ProducerEventsConfig {
+    /// The keys both roles share.
+    pub fn shared(&self) -> warren::config::EventsConfig {
+        warren::config::EventsConfig {
+            enabled: self.enabled,
+            max_age: self.max_age,
+            max_bytes: self.max_bytes,
+        }
+    }
 }
 
 /// `[scheduler]` (docs/schedules.md#at-scale).
@@ -95,6 +135,7 @@ impl Default for ProducerConfig {
             workflow: WorkflowSettings::default(),
             scheduler: SchedulerConfig::default(),
             metrics: MetricsConfig::default(),
+            events: ProducerEventsConfig::default(),
         }
     }
 }
@@ -829,6 +870,19 @@ impl ProducerConfig {
             ));
         }
         errors.extend(self.workflow.validate());
+        errors.extend(
+            self.events
+                .shared()
+                .problems()
+                .iter()
+                .map(ToString::to_string),
+        );
+        if self.events.index_size == 0 || self.events.index_size > 100_000_000 {
+            errors.push(format!(
+                "events.index_size = {}: expected 1 to 100000000",
+                self.events.index_size
+            ));
+        }
         if self.leader.retry_interval.is_zero() {
             errors.push("leader.retry_interval = 0s: must be positive".into());
         }
@@ -956,6 +1010,16 @@ mod tests {
         std::fs::write(&file, "read file-token-c-0123456789 a b\n").unwrap();
         let err = cfg.api.grants().err().unwrap().to_string();
         assert!(err.contains("line 1: expected"), "{err}");
+    }
+
+    #[test]
+    fn events_keys_are_checked_naming_the_key() {
+        let cfg = parse("[events]\nindex_size = 0\nmax_age = \"5s\"\nmax_bytes = 1\n");
+        let errors = cfg.validate().join("\n");
+        for key in ["events.index_size", "events.max_age", "events.max_bytes"] {
+            assert!(errors.contains(key), "{key}: {errors}");
+        }
+        assert!(parse("[events]\nenabled = false\n").validate().is_empty());
     }
 
     #[test]

@@ -152,6 +152,9 @@ pub fn give_up(ctx: &Ctx, stop: &CancellationToken, what: &str, e: &anyhow::Erro
     stop.cancel();
 }
 
+/// How often a replica tries again to read a task events stream it could not.
+const TASKS_RETRY: Duration = Duration::from_secs(3);
+
 /// Serve while the API connection is up: follow the catalog, hear and
 /// announce replicas, until shutdown or the connection drops.
 async fn serve(
@@ -164,10 +167,36 @@ async fn serve(
     let mut events = listen(ctx, conn).await;
     let mut runs = follow_runs(ctx, conn).await;
     let mut presence = tokio::time::interval(control::PRESENCE_EVERY);
+    let stream = ctx.topo().events_stream();
+    let mut tasks = crate::tasks::follow(conn, &stream, ctx.index()).await;
+    let mut tasks_tried = std::time::Instant::now();
     loop {
         tokio::select! {
             _ = stop.cancelled() => break,
-            _ = tokio::time::sleep(Duration::from_millis(250)) => {}
+            _ = tokio::time::sleep(Duration::from_millis(250)) => {
+                if let Some(m) = ctx.index_metrics() {
+                    m.update(ctx.index());
+                }
+                // A missing stream may be declared later (by a consumer).
+                if tasks.is_none() && tasks_tried.elapsed() >= TASKS_RETRY {
+                    tasks = crate::tasks::follow(conn, &stream, ctx.index()).await;
+                    tasks_tried = std::time::Instant::now();
+                }
+            }
+            d = next_delivery(&mut tasks) => match d {
+                Some(d) => {
+                    crate::tasks::apply_delivery(ctx.index(), &d);
+                    let _ = d.acker.ack(lapin::options::BasicAckOptions::default()).await;
+                }
+                None if conn.status().connected() => {
+                    // The broker cancels the consumer of a deleted stream;
+                    // a new one starts again at offset 0.
+                    tracing::warn!(stream = %stream, "task events stream consumer ended; reading it again from its start");
+                    ctx.index().reset_offset();
+                    tasks_tried = std::time::Instant::now();
+                }
+                None => {}
+            },
             _ = presence.tick() => announce(ctx, &events).await,
             // Replicas list the new leader at once, not at the
             // next periodic announcement.
@@ -228,6 +257,7 @@ pub async fn api_connection(ctx: Arc<Ctx>, stop: CancellationToken) {
         match setup.await {
             Ok(publisher) => {
                 let blocked = warren::amqp::watch_connection(&conn, ctx.amqp_metrics().clone());
+                ctx.events().attach(&conn).await;
                 ctx.set_api_publisher(Some(ApiPublisher {
                     publisher: publisher.clone(),
                     blocked,
@@ -248,6 +278,7 @@ pub async fn api_connection(ctx: Arc<Ctx>, stop: CancellationToken) {
                 ctx.amqp_metrics().connected.set(0);
                 ctx.set_api_publisher(None);
                 if conn.status().connected() {
+                    ctx.events().flush(Duration::from_secs(2)).await;
                     let _ = publisher.channel().close(200, "shutting down".into()).await;
                 }
             }

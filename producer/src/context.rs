@@ -78,6 +78,11 @@ pub struct Ctx {
     seal: RwLock<Option<Arc<Seal>>>,
     /// `[[workflows]]`, validated (fixed until restart).
     workflows: Vec<Arc<Workflow>>,
+    /// Records `published` events (disabled: `events.enabled = false`).
+    recorder: warren::events::Recorder,
+    /// Every task heard of on the events stream, and live consumers.
+    index: crate::tasks::Index,
+    index_metrics: Option<crate::tasks::IndexMetrics>,
 }
 
 impl Ctx {
@@ -102,9 +107,10 @@ impl Ctx {
             }
         }
         let catalog = crate::catalog::Catalog::new(api_compiler(&cfg));
+        let cfg_index_size = cfg.events.index_size;
         Self {
             workflows,
-            topo: Topology::new(&cfg.topology),
+            topo: Topology::new(&cfg.topology).with_events(cfg.events.shared().stream()),
             cfg,
             config_path: None,
             metrics,
@@ -125,7 +131,47 @@ impl Ctx {
             replicas: Mutex::new(HashMap::new()),
             fatal: OnceLock::new(),
             seal: RwLock::new(None),
+            index: crate::tasks::Index::new(cfg_index_size),
+            recorder: warren::events::Recorder::disabled(),
+            index_metrics: None,
         }
+    }
+
+    /// Record task events with `recorder`, and count the index on `metrics`.
+    pub fn with_events(
+        mut self,
+        recorder: warren::events::Recorder,
+        metrics: crate::tasks::IndexMetrics,
+    ) -> Self {
+        self.recorder = recorder;
+        self.index_metrics = Some(metrics);
+        self
+    }
+
+    pub fn events(&self) -> &warren::events::Recorder {
+        &self.recorder
+    }
+
+    pub fn index(&self) -> &crate::tasks::Index {
+        &self.index
+    }
+
+    pub fn index_metrics(&self) -> Option<&crate::tasks::IndexMetrics> {
+        self.index_metrics.as_ref()
+    }
+
+    /// Record that `task` was published by `source` (never waits).
+    pub fn published(&self, task: &warren::Task, source: warren::events::Source) {
+        if !self.recorder.enabled() {
+            return;
+        }
+        let ev = warren::events::Event::new(
+            &task.id,
+            &task.name,
+            warren::events::What::Published { source },
+        )
+        .trace(task.trace.as_ref().map(|t| t.trace_id_hex()));
+        self.recorder.record(ev);
     }
 
     pub fn workflows(&self) -> &[Arc<Workflow>] {

@@ -25,6 +25,7 @@
 //! | [`config`] | `ProducerConfig`, token files, schedule validation |
 //! | `schedule` | pure next-fire math: syntaxes, zones, DST rules, misfire plan |
 //! | `metrics` | the producer's Prometheus metrics |
+//! | `tasks` | the task index: the events stream folded into recent tasks and live workers |
 //! | [`workflow`] | workflows: definitions, run state machine, the leader's coordinator |
 //!
 //! Dependencies point down this table (from `app` to `context` and the
@@ -54,6 +55,7 @@ mod reload;
 mod schedule;
 mod scheduler;
 mod state;
+mod tasks;
 pub mod workflow;
 
 pub use app::App;

@@ -1,6 +1,7 @@
 //! The `warren-producer` binary: parse the command line, load the config,
 //! call into the library ([`warren_producer`]), and turn the outcome into an
-//! exit code: 0 ok, 1 runtime failure, 2 bad configuration or usage.
+//! exit code: 0 ok, 1 runtime failure, 2 bad configuration or usage, 124
+//! `tasks wait` timed out.
 
 use clap::Parser;
 use warren_producer::cli::{self, Cli, Command, SchedulesCommand, TokenCommand};
@@ -44,6 +45,14 @@ fn main() -> std::process::ExitCode {
         Command::Workflows { command } => config::load_checked(path).and_then(|(cfg, _)| {
             warren::telemetry::init(&cfg.log);
             runtime()?.block_on(cli::workflows(cfg, command))
+        }),
+        Command::Tasks { command } => config::load(path).and_then(|cfg| {
+            warren::telemetry::init(&cfg.log);
+            runtime()?.block_on(cli::tasks(cfg, command))
+        }),
+        Command::Workers { json } => config::load(path).and_then(|cfg| {
+            warren::telemetry::init(&cfg.log);
+            runtime()?.block_on(cli::workers(cfg, json))
         }),
         Command::Publish(args) => config::load(path).and_then(|cfg| {
             warren::telemetry::init(&cfg.log);

@@ -467,6 +467,69 @@ impl Default for QueueConfig {
     }
 }
 
+/// `[events]`: task events on the stream `<prefix>.events`
+/// (docs/tasks.md). Both roles read these keys; the producer adds
+/// `index_size` in its own section.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct EventsConfig {
+    /// Record this role's task events (off: none, and nothing declared).
+    pub enabled: bool,
+    /// Retention of the stream by age (`x-max-age`).
+    #[serde(with = "humantime_serde")]
+    pub max_age: Duration,
+    /// Retention of the stream by size in bytes (`x-max-length-bytes`).
+    pub max_bytes: u64,
+}
+
+impl Default for EventsConfig {
+    fn default() -> Self {
+        Self {
+            enabled: true,
+            max_age: Duration::from_secs(7 * 24 * 3600),
+            max_bytes: 1 << 30,
+        }
+    }
+}
+
+/// Why the `[events]` section is unusable. Names the key.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum InvalidEvents {
+    #[error("events.max_age = {0}: must be at least 1m")]
+    MaxAge(String),
+    #[error("events.max_bytes = {0}: must be at least 1048576 (1 MiB)")]
+    MaxBytes(u64),
+}
+
+impl EventsConfig {
+    /// The first of [`EventsConfig::problems`].
+    pub fn validate(&self) -> Result<(), InvalidEvents> {
+        self.problems().into_iter().next().map_or(Ok(()), Err)
+    }
+
+    /// Every problem of the section.
+    pub fn problems(&self) -> Vec<InvalidEvents> {
+        let mut out = Vec::new();
+        if self.max_age < Duration::from_secs(60) {
+            out.push(InvalidEvents::MaxAge(
+                humantime::format_duration(self.max_age).to_string(),
+            ));
+        }
+        if self.max_bytes < 1 << 20 {
+            out.push(InvalidEvents::MaxBytes(self.max_bytes));
+        }
+        out
+    }
+
+    /// The stream to declare, when this role records events.
+    pub fn stream(&self) -> Option<crate::topology::EventStream> {
+        self.enabled.then_some(crate::topology::EventStream {
+            max_age: self.max_age,
+            max_bytes: self.max_bytes,
+        })
+    }
+}
+
 /// Why the `[topology]` section is unusable. Names the key.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum InvalidTopology {

@@ -11,6 +11,7 @@
 //! | [`amqp`] | connecting and confirmed, pipelined publishing |
 //! | [`error`] | the shared [`Error`] (worth retrying?), error reports, a caught panic's text |
 //! | [`dead`] | the dead-letter engine: groups by fingerprint, inspect, replay (edited), purge |
+//! | [`events`] | task events: what happened to each task, batched onto a stream, never in a task's way |
 //! | [`metrics`] | `/metrics`, `/healthz`, `/readyz` and connection metrics |
 //! | [`telemetry`] | log setup |
 //! | [`trace`] | W3C trace context carried by tasks |
@@ -24,6 +25,7 @@ pub mod dead;
 pub mod delay;
 pub mod envelope;
 pub mod error;
+pub mod events;
 pub mod metrics;
 pub mod retry;
 pub mod security;

@@ -54,6 +54,15 @@ pub struct Topology {
     queues: Vec<WorkQueue>,
     delivery_limit: u32,
     declares: bool,
+    /// The task events stream, when this role records events.
+    events: Option<EventStream>,
+}
+
+/// Retention of the task events stream `<prefix>.events` (`[events]`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct EventStream {
+    pub max_age: Duration,
+    pub max_bytes: u64,
 }
 
 /// One object to declare, as data.
@@ -106,7 +115,21 @@ impl Topology {
                 .collect(),
             delivery_limit: cfg.delivery_limit,
             declares: cfg.declare,
+            events: None,
         }
+    }
+
+    /// Declare (or check) the task events stream too. Unlike every other
+    /// object it is optional: a conflict or a missing stream is logged and
+    /// the role runs on, dropping its events (they never hold a task up).
+    pub fn with_events(mut self, events: Option<EventStream>) -> Self {
+        self.events = events;
+        self
+    }
+
+    /// `<prefix>.events`, the task events stream.
+    pub fn events_stream(&self) -> String {
+        crate::events::stream_name(&self.prefix)
     }
 
     /// Whether [`declare`] declares (`topology.declare`) or only checks.
@@ -186,6 +209,11 @@ impl Topology {
             .find(|q| q.name == name || q.name == full)
     }
 
+    /// Objects whose failure to declare only costs task events.
+    fn is_optional(&self, obj: &Object) -> bool {
+        matches!(obj, Object::Queue { name, .. } if self.events.is_some() && *name == self.events_stream())
+    }
+
     /// Exchange and routing key that deliver `task` after `delay`.
     pub fn route(&self, task: &str, delay: Duration) -> (String, String) {
         let task = delay::strip_prefix(task);
@@ -240,6 +268,7 @@ impl Topology {
         out.extend(old_bindings);
         self.delay_levels(&mut out);
         self.workflow_objects(&mut out);
+        self.events_objects(&mut out);
         // Exchange-to-exchange bindings need both ends declared first.
         for level in 0..delay::LEVELS {
             out.push(Object::ExchangeBind {
@@ -438,6 +467,41 @@ impl Topology {
             });
         }
     }
+
+    /// The task events stream, when events are on (docs/tasks.md).
+    fn events_objects(&self, out: &mut Vec<Object>) {
+        if let Some(ev) = &self.events {
+            let mut args = FieldTable::default();
+            put(
+                &mut args,
+                "x-queue-type",
+                AMQPValue::LongString("stream".into()),
+            );
+            put(
+                &mut args,
+                "x-max-age",
+                AMQPValue::LongString(format!("{}s", ev.max_age.as_secs().max(1)).into()),
+            );
+            put(
+                &mut args,
+                "x-max-length-bytes",
+                AMQPValue::LongLongInt(i64::try_from(ev.max_bytes).unwrap_or(i64::MAX)),
+            );
+            // Retention drops whole segments: small ones keep it close to
+            // the limits on a small stream.
+            put(
+                &mut args,
+                "x-stream-max-segment-size-bytes",
+                AMQPValue::LongInt(
+                    i32::try_from((ev.max_bytes / 16).clamp(1 << 20, 64 << 20)).unwrap_or(1 << 20),
+                ),
+            );
+            out.push(Object::Queue {
+                name: self.events_stream(),
+                args,
+            });
+        }
+    }
 }
 
 fn exchange(name: String, kind: ExchangeKind, args: FieldTable) -> Object {
@@ -484,6 +548,11 @@ pub async fn declare(conn: &Connection, topo: &Topology) -> Result<(), Error> {
             }
         }
         if let Err(e) = declare_one(&ch, &obj).await {
+            if topo.is_optional(&obj) {
+                tracing::warn!(error = %conflict(&obj, e), "task events will be dropped");
+                ch = conn.create_channel().await?;
+                continue;
+            }
             return Err(conflict(&obj, e));
         }
     }
@@ -581,6 +650,11 @@ pub async fn check(conn: &Connection, topo: &Topology) -> Result<(), Error> {
             _ => continue,
         };
         if let Err(e) = res {
+            if topo.is_optional(&obj) {
+                tracing::warn!(error = %crate::error::broker_reason(&e), stream = %topo.events_stream(), "the task events stream is missing; task events will be dropped");
+                ch = conn.create_channel().await?;
+                continue;
+            }
             if not_found(&e) {
                 let object = describe(&obj);
                 return Err(Error::Missing { object });

@@ -18,6 +18,16 @@ impl ConsumerConfig {
         p.push_errors(self.amqp.problems());
         p.push_errors(self.topology.problems());
         p.push_errors(self.log.problems());
+        p.push_errors(self.events.problems());
+        for pat in &self.results {
+            if pat.is_empty() || pat.split('.').any(str::is_empty) {
+                p.push_value(
+                    "results",
+                    quoted(pat),
+                    "expected a task name or a topic pattern (`report.*`, `billing.#`)",
+                );
+            }
+        }
         // Reads every secret now: a missing key file is a config error.
         if let Err(e) = self.security.keyring() {
             p.push_value(e.key, e.value, e.why);

@@ -167,8 +167,12 @@ struct Admitted<'a> {
 }
 
 /// Past `attempt`: how it ended.
-struct Attempted {
+struct Attempted<'a> {
     task: Box<Task>,
+    /// Its task events' run (see [`super::life`]): settled by `conclude`.
+    run: super::life::Running<'a>,
+    /// How long the handler took.
+    took: Duration,
     outcome: Outcome,
     /// What the handler set with [`crate::result::set_result`].
     result: Option<Value>,
@@ -222,7 +226,7 @@ impl<'a, B: Broker> Delivered<'a, '_, B> {
     }
 
     /// The stages between an open task and the end of its attempt.
-    async fn stages(&self, opened: Opened) -> Stage<Attempted> {
+    async fn stages(&self, opened: Opened) -> Stage<Attempted<'a>> {
         let found = self.resolve(opened)?;
         let due = hold_if_early(found)?;
         let admitted = self.admit(due).await?;
@@ -300,6 +304,8 @@ impl<'a, B: Broker> Delivered<'a, '_, B> {
             self.ticket.received(UNKNOWN_TASK);
             tracing::warn!("no handler for this task; dead-lettering");
             let reason = format!("no handler for task `{}`", opened.task.name);
+            let queue = self.msg.queue;
+            (self.shared.life).dead_unrun(&opened.task, queue, outcome::kind::NO_HANDLER, &reason);
             let mut task = opened.task;
             task.last_error = Some(reason.clone());
             return Break(Finish::DeadLetter {
@@ -358,7 +364,7 @@ impl<'a, B: Broker> Delivered<'a, '_, B> {
 
     /// One run of the handler under its timeout, its panic caught and its
     /// result captured; the breaker hears how it went.
-    async fn attempt(&self, admitted: Admitted<'a>) -> Attempted {
+    async fn attempt(&self, admitted: Admitted<'a>) -> Attempted<'a> {
         let Admitted {
             found,
             pass,
@@ -384,7 +390,9 @@ impl<'a, B: Broker> Delivered<'a, '_, B> {
             .unwrap_or(self.shared.cfg.worker.task_timeout);
         tracing::debug!(redelivered = self.msg.redelivered, "task started");
         let clock = Instant::now();
-        let step = opened.task.step.is_some();
+        let run = self.shared.life.started(&opened.task, self.msg.queue);
+        // A workflow step's result, or one the consumer's `results` keeps.
+        let step = opened.task.step.is_some() || self.shared.life.keeps_result(&opened.task.name);
         let Opened {
             task,
             plaintext,
@@ -399,13 +407,16 @@ impl<'a, B: Broker> Delivered<'a, '_, B> {
             None => Ok(handler.call(handler_copy(&task, &trace, plaintext, timeout))),
         };
         let (outcome, result) = run_handler(self.prefix(), running, timeout, step).await;
-        series.duration(clock.elapsed().as_secs_f64());
+        let took = clock.elapsed();
+        series.duration(took.as_secs_f64());
         drop(slot);
         if let Some(pass) = pass {
             pass.record(verdict(&outcome));
         }
         Attempted {
             task,
+            run,
+            took,
             outcome,
             result,
             started: now,
@@ -414,9 +425,11 @@ impl<'a, B: Broker> Delivered<'a, '_, B> {
 
     /// What the attempt's outcome means under the task's retry policy
     /// ([`decide`]), as the [`Finish`] that carries it out.
-    fn conclude(&self, attempted: Attempted) -> Finish {
+    fn conclude(&self, attempted: Attempted<'a>) -> Finish {
         let Attempted {
             mut task,
+            mut run,
+            took,
             outcome,
             result,
             started,
@@ -425,6 +438,10 @@ impl<'a, B: Broker> Delivered<'a, '_, B> {
             .with_overrides(task.max_attempts, &task.retry);
         let action = decide(&outcome, task.attempt, &policy, rand::random::<f64>());
         let counted = outcome::label(&action);
+        run.settled();
+        let encrypted = warren::security::is_encrypted(self.msg.properties);
+        let queue = self.msg.queue;
+        (self.shared.life).finished(&task, queue, &action, took, result.as_ref(), encrypted);
         match action {
             Action::Ack => {
                 tracing::debug!("task succeeded");

@@ -96,6 +96,7 @@ impl Worker {
             warren::amqp::watch_connection(&conn, self.amqp_metrics.clone());
             warren::topology::declare(&conn, &self.shared.topo).await?;
             let publisher = Publisher::new(&conn, cfg.amqp.confirm_timeout).await?;
+            self.shared.life.recorder().attach(&conn).await;
             Ok::<_, warren::Error>(publisher)
         }
         .await;
@@ -327,6 +328,11 @@ impl Worker {
             );
         }
         session.flush_acks().await;
+        // Recorded (and published) before the connection closes.
+        self.shared
+            .life
+            .requeue_running("shutdown: still running after the drain grace")
+            .await;
         let _ = tokio::time::timeout(
             Duration::from_secs(5),
             session

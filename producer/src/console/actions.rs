@@ -30,7 +30,10 @@ pub async fn publish(ctx: &Ctx, tasks: &[(Task, Duration)]) -> Result<Vec<String
     let mut first_error = None;
     for ((task, _), r) in tasks.iter().zip(results) {
         match r {
-            Ok(()) => ids.push(task.id.clone()),
+            Ok(()) => {
+                ctx.published(task, warren::events::Source::Console);
+                ids.push(task.id.clone())
+            }
             Err(e) => {
                 first_error.get_or_insert(e.to_string());
             }

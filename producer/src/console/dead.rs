@@ -599,7 +599,8 @@ pub async fn message(
     let group = GroupKey::new(&m.task.task, &m.task.kind, &m.task.fingerprint);
     let body = html! {
         (layout::flash(&c, &s, q.flash.as_deref()))
-        p.hint { a href="/ui/dead" { "Dead letters" } " · " a href=(group.link()) { (group.words()) } }
+        p.hint { a href="/ui/dead" { "Dead letters" } " · " a href=(group.link()) { (group.words()) }
+            " · " a.timeline href=(super::tasks::task_link(&q.id)) { "Timeline" } }
         p.reason { (m.task.reason) }
         div.cards {
             div.card { h2 { "Properties" } (kv(&readable_properties(&m.properties))) }

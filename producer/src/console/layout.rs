@@ -24,6 +24,8 @@ pub enum Nav {
     Workflows,
     Dead,
     Publish,
+    Tasks,
+    Workers,
     None,
 }
 
@@ -46,6 +48,8 @@ pub fn page(title: &str, who: Option<&Session>, nav: Nav, body: Markup) -> Respo
                             a.active[nav == Nav::Overview] href="/ui/" { "Overview" }
                             a.active[nav == Nav::Schedules] href="/ui/schedules" { "Schedules" }
                             a.active[nav == Nav::Workflows] href="/ui/workflows" { "Workflows" }
+                            a.active[nav == Nav::Tasks] href="/ui/tasks" { "Tasks" }
+                            a.active[nav == Nav::Workers] href="/ui/workers" { "Workers" }
                             a.active[nav == Nav::Dead] href="/ui/dead" { "Dead letters" }
                             a.active[nav == Nav::Publish] href="/ui/publish" { "Publish" }
                         }

@@ -11,6 +11,7 @@
 //! | `actions` | publishing on behalf of the console, the audit line |
 //! | `dead` | the dead-letter workbench on [`warren::dead`] |
 //! | `login`, `overview`, `schedules`, `publish` | one page each |
+//! | `tasks` | recent tasks and a task's timeline from the task index, the workers |
 //! | `workflows` | the workflows with their runs, one run, start and resume (through [`crate::api`]'s functions) |
 //!
 //! Like [`crate::api`], it only talks to [`crate::context::Ctx`]; the
@@ -27,6 +28,7 @@ mod sample;
 mod schedule_edit;
 mod schedules;
 mod session;
+mod tasks;
 mod workflows;
 
 use std::sync::Arc;
@@ -78,6 +80,10 @@ pub fn router(ctx: Arc<Ctx>) -> Router {
         .route("/ui/workflows/start", post(workflows::start))
         .route("/ui/workflows/resume", post(workflows::resume))
         .route("/ui/publish", get(publish::form).post(publish::submit))
+        .route("/ui/tasks", get(tasks::page))
+        .route("/ui/tasks/fragment", get(tasks::fragment))
+        .route("/ui/tasks/task", get(tasks::task))
+        .route("/ui/workers", get(tasks::workers))
         .route("/ui/dead", get(dead::page))
         .route("/ui/dead/group", get(dead::group))
         .route("/ui/dead/message", get(dead::message))

@@ -256,7 +256,7 @@ fn step_row(name: &str, state: &str, exec: Option<&Exec>, step: Option<&StepRun>
             td.name { (name) }
             td.state { (state_badge(state)) }
             td { @if let Some(e) = exec { (e.attempts) } @else { "—" } }
-            td { @if let Some(e) = exec { code { (e.task_id) } } @else { "—" } }
+            td { @if let Some(e) = exec { a href=(super::tasks::task_link(&e.task_id)) { code { (e.task_id) } } } @else { "—" } }
             td { @if let Some(e) = exec { (layout::utc(e.started_at)) } @else { "—" } }
             td { @if let Some(t) = exec.and_then(|e| e.finished_at) { (layout::utc(t)) } @else { "—" } }
             td.error { @if let Some(e) = exec {

@@ -472,7 +472,18 @@ impl<'a> Term<'a> {
             .with_label_values(&[Source::Schedule.label()])
             .inc();
         self.ctx.set_last(name, t.at);
-        tracing::debug!(schedule = name, id = %schedule::fire_id(name, t.at), lag_ms = lag.as_millis() as u64, "fired");
+        let id = schedule::fire_id(name, t.at);
+        // A workflow schedule starts a run, not a task.
+        if self.ctx.events().enabled() && t.schedule.cfg.workflow.is_none() {
+            self.ctx.events().record(warren::events::Event::new(
+                &id,
+                &t.schedule.cfg.task,
+                warren::events::What::Published {
+                    source: warren::events::Source::Schedule,
+                },
+            ));
+        }
+        tracing::debug!(schedule = name, %id, lag_ms = lag.as_millis() as u64, "fired");
     }
 
     /// A tick the broker did not confirm: publish it again, alone, with

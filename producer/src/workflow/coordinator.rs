@@ -501,12 +501,12 @@ impl Coordinator<'_> {
                     .publisher
                     .send_task(self.ctx.topo(), &task, Duration::ZERO)
                     .await?;
-                sent.push((r.id.clone(), due.task_id, pending));
+                sent.push((r.id.clone(), due.task_id, task.name, pending));
             }
         }
         let n = sent.len();
-        for (run, task_id, pending) in sent {
-            self.settle(&run, &task_id, pending.confirmed().await)?;
+        for (run, task_id, name, pending) in sent {
+            self.settle(&run, &task_id, &name, pending.confirmed().await)?;
         }
         Ok(n)
     }
@@ -516,11 +516,19 @@ impl Coordinator<'_> {
         &mut self,
         run: &str,
         task_id: &str,
+        name: &str,
         confirmed: Result<(), warren::Error>,
     ) -> anyhow::Result<()> {
         let source = [crate::metrics::Source::Workflow.label()];
         match confirmed {
             Ok(()) => {
+                self.ctx.events().record(warren::events::Event::new(
+                    task_id,
+                    name,
+                    warren::events::What::Published {
+                        source: warren::events::Source::Workflow,
+                    },
+                ));
                 self.runs.update(run, |r| r.published(task_id));
                 self.ctx
                     .metrics()

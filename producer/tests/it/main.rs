@@ -26,5 +26,6 @@ mod schedules;
 mod schedules_api;
 mod security;
 mod surroundings;
+mod tasks;
 mod trace;
 mod workflows;

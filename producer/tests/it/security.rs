@@ -13,7 +13,7 @@ const K1: &str = "k1-secret-0123456789abcdef0123456789abcdef";
 const K2: &str = "k2-secret-0123456789abcdef0123456789abcdef";
 
 /// Key files and the `[security]` section naming them.
-fn keys(w: &World, sign_with: &str, encrypt: bool) -> String {
+pub fn keys(w: &World, sign_with: &str, encrypt: bool) -> String {
     let k1 = w.write_config("k1.key", &format!("{K1}\n"));
     let k2 = w.write_config("k2.key", K2);
     let e1 = w.write_config("e1.key", &"3c".repeat(32));

@@ -269,6 +269,13 @@ pub async fn delete_topology(conn: &Connection, topo: &Topology) {
             _ => {}
         }
     }
+    // Declared only by roles that record task events.
+    let _ = ch
+        .queue_delete(
+            topo.events_stream().as_str().into(),
+            QueueDeleteOptions::default(),
+        )
+        .await;
 }
 
 /// Cuts the clients of one loopback address off from a broker port: an

@@ -211,6 +211,12 @@ impl Worker {
                 opener: warren::security::Opener::from_config(&cfg.security)
                     .expect("test keys load"),
                 flow: crate::flow::Flow::new(&cfg, &prom).expect("flow metrics"),
+                life: super::super::life::Life::new(
+                    "test".into(),
+                    warren::events::Recorder::disabled(),
+                    Vec::new(),
+                    0,
+                ),
                 cfg,
             },
             calls,

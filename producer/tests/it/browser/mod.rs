@@ -325,6 +325,73 @@ async fn operator_works_the_dead_letters() {
     b.close().await;
 }
 
+/// The Tasks page lists what ran (refreshed live), finds a task by id,
+/// shows a dead task's timeline and links it both ways with the dead-letter
+/// workbench; the Workers page lists the consumer.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn operator_follows_tasks_and_workers() {
+    let w = World::new("ui-browser-tasks").await;
+    let cfg = w.write_config("p.toml", "");
+    let p = w.start("producer", &cfg, &[]);
+    p.wait_ready(WAIT).await;
+    let consumer = start_consumer(&w);
+    publish_api(
+        &p,
+        r#"[{"task": "it.ok", "id": "ok-1"},
+            {"task": "it.check", "id": "bad-1", "payload": {"ok": false}}]"#,
+    )
+    .await;
+    warren::testing::eventually(WAIT, "ok-1 ran", || async {
+        (succeeded(&consumer, "it.ok") == 1).then_some(())
+    })
+    .await;
+
+    let b = Browser::start().await;
+    sign_in(&b, &p, READ_TOKEN).await;
+    b.click("nav a[href='/ui/tasks']").await;
+    b.wait_path("/ui/tasks").await;
+    b.wait_text("tr[data-task='ok-1']", "succeeded").await;
+    b.wait_text("tr[data-task='bad-1']", "dead").await;
+    // Live: a task published while the page is open shows up unreloaded.
+    b.client
+        .execute("window.__stay = 1;", vec![])
+        .await
+        .expect("script");
+    publish_api(&p, r#"{"task": "it.ok", "id": "ok-2"}"#).await;
+    b.wait_text("tr[data-task='ok-2']", "succeeded").await;
+    let stayed = b
+        .client
+        .execute("return window.__stay === 1;", vec![])
+        .await
+        .expect("script");
+    assert_eq!(
+        stayed,
+        serde_json::Value::Bool(true),
+        "the page was reloaded"
+    );
+    b.shots("tasks").await;
+
+    // Search by id, then the timeline of the dead task.
+    b.fill("input[name='id']", "bad-1").await;
+    b.click("form.filters button").await;
+    b.wait_path("/ui/tasks/task").await;
+    let tl = b.wait_text("ol.timeline", "dead").await;
+    assert!(tl.contains("published by api"), "{tl}");
+    assert!(tl.contains("permanent"), "{tl}");
+    b.shots("task-timeline").await;
+    b.click("a[href='/ui/dead/message?id=bad-1']").await;
+    b.wait_path("/ui/dead/message").await;
+    b.click("a.timeline").await;
+    b.wait_path("/ui/tasks/task").await;
+
+    b.click("nav a[href='/ui/workers']").await;
+    b.wait_path("/ui/workers").await;
+    let row = b.wait_text("tr[data-worker]", "default").await;
+    assert!(row.contains(&w.prefix), "{row}");
+    b.shots("workers").await;
+    b.close().await;
+}
+
 /// Pause a schedule from the page: it stops firing (while another schedule
 /// goes on ticking), says so, and fires again once resumed.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

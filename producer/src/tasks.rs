@@ -1,0 +1,930 @@
+//! The task index every replica keeps: the events stream `<prefix>.events`
+//! (see [`warren::events`]) read from the start of its retention when the
+//! replica connects, then live, into a bounded in-memory map of recent
+//! tasks answering `GET /v1/tasks...`, the CLI and the console — on a
+//! standby as on the leader (docs/tasks.md).
+//!
+//! Memory per task is kept small: names, queues, consumers and dead kinds
+//! are interned (a `u32` each), the trace id is 16 raw bytes, attempts are
+//! one boxed slice, and a ring of slots in first-seen order is the
+//! eviction order, with a hash table of slot numbers (no second copy of
+//! the id) to find them.
+
+use std::collections::HashMap;
+use std::hash::BuildHasher;
+use std::sync::RwLock;
+
+use chrono::{DateTime, Utc};
+use hashbrown::HashTable;
+use serde::Serialize;
+use warren::events::{Batch, Source, What, Worker, WORKER_TTL};
+
+/// Read the events stream into `index`: from after its last offset, from
+/// the start of retention without one. `None` when the stream cannot be
+/// read (missing, refused); the caller tries again later.
+pub async fn follow(
+    conn: &lapin::Connection,
+    stream: &str,
+    index: &Index,
+) -> Option<(lapin::Channel, lapin::Consumer)> {
+    let tag = format!("warren-producer-tasks.{}", uuid::Uuid::new_v4().simple());
+    match crate::state::consume_log(conn, stream, &tag, index.offset(), 1000).await {
+        Ok(f) => Some(f),
+        Err(e) => {
+            tracing::debug!(error = %e, stream, "cannot read the task events stream; trying again later");
+            None
+        }
+    }
+}
+
+/// Fold one delivery of the stream in.
+pub fn apply_delivery(index: &Index, d: &lapin::message::Delivery) {
+    let offset = crate::state::stream_offset(d);
+    match warren::events::parse(&d.data) {
+        Some(batch) => index.apply(&batch, offset),
+        None => {
+            tracing::debug!(?offset, "unreadable task events message; skipped");
+            index.apply(
+                &Batch {
+                    v: 1,
+                    role: String::new(),
+                    instance: String::new(),
+                    host: String::new(),
+                    events: Vec::new(),
+                    worker: None,
+                },
+                offset,
+            );
+        }
+    }
+}
+
+/// `warren_events_index_*`.
+#[derive(Clone)]
+pub struct IndexMetrics {
+    pub tasks: prometheus::IntGauge,
+    pub newest_age: prometheus::Gauge,
+}
+
+impl IndexMetrics {
+    pub fn register(r: &prometheus::Registry) -> prometheus::Result<Self> {
+        let m = Self {
+            tasks: prometheus::IntGauge::new(
+                "warren_events_index_tasks",
+                "Tasks in this replica's task index",
+            )?,
+            newest_age: prometheus::Gauge::new(
+                "warren_events_index_newest_age_seconds",
+                "Age of the newest event in this replica's task index (-1: none yet)",
+            )?,
+        };
+        r.register(Box::new(m.tasks.clone()))?;
+        r.register(Box::new(m.newest_age.clone()))?;
+        m.newest_age.set(-1.0);
+        Ok(m)
+    }
+
+    /// Refresh from `index` (the connection loop calls it often).
+    pub fn update(&self, index: &Index) {
+        self.tasks.set(index.len() as i64);
+        if let Some(t) = index.newest() {
+            let age = (Utc::now() - t).num_milliseconds().max(0) as f64 / 1000.0;
+            self.newest_age.set(age);
+        }
+    }
+}
+
+/// A task's state as the index tells it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum State {
+    Published,
+    Running,
+    Retrying,
+    Succeeded,
+    Dead,
+}
+
+impl State {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            State::Published => "published",
+            State::Running => "running",
+            State::Retrying => "retrying",
+            State::Succeeded => "succeeded",
+            State::Dead => "dead",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<Self> {
+        Some(match s {
+            "published" => State::Published,
+            "running" => State::Running,
+            "retrying" => State::Retrying,
+            "succeeded" => State::Succeeded,
+            "dead" => State::Dead,
+            _ => return None,
+        })
+    }
+
+    pub const ALL: &'static [&'static str] =
+        &["published", "running", "retrying", "succeeded", "dead"];
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(u8)]
+enum Outcome {
+    Running,
+    Succeeded,
+    Retried,
+    Dead,
+    Requeued,
+}
+
+impl Outcome {
+    fn as_str(self) -> &'static str {
+        match self {
+            Outcome::Running => "running",
+            Outcome::Succeeded => "succeeded",
+            Outcome::Retried => "retried",
+            Outcome::Dead => "dead",
+            Outcome::Requeued => "requeued",
+        }
+    }
+}
+
+const NONE: u32 = u32::MAX;
+
+/// One attempt, compact.
+#[derive(Debug, Clone)]
+struct Attempt {
+    /// Unix ms (0: the start was not heard).
+    start: i64,
+    /// Error (retried), reason (dead) or why (requeued).
+    text: Option<Box<str>>,
+    consumer: u32,
+    /// Dead kind (interned).
+    kind: u32,
+    duration_ms: u32,
+    number: u16,
+    outcome: Outcome,
+}
+
+#[derive(Debug, Clone)]
+struct Entry {
+    id: Box<str>,
+    attempts: Box<[Attempt]>,
+    /// JSON text of a kept result.
+    result: Option<Box<str>>,
+    published_at: i64,
+    /// The last event's instant.
+    updated: i64,
+    /// When the next attempt is due (retrying).
+    next_at: i64,
+    trace: [u8; 16],
+    name: u32,
+    queue: u32,
+    source: Option<Source>,
+}
+
+/// Strings stored once, named by number.
+#[derive(Default)]
+struct Interner {
+    by_text: HashMap<Box<str>, u32>,
+    texts: Vec<Box<str>>,
+}
+
+impl Interner {
+    fn id(&mut self, s: &str) -> u32 {
+        if let Some(&i) = self.by_text.get(s) {
+            return i;
+        }
+        let i = u32::try_from(self.texts.len()).unwrap_or(NONE);
+        self.texts.push(s.into());
+        self.by_text.insert(s.into(), i);
+        i
+    }
+
+    fn find(&self, s: &str) -> Option<u32> {
+        self.by_text.get(s).copied()
+    }
+
+    fn get(&self, i: u32) -> Option<&str> {
+        self.texts.get(i as usize).map(|s| &**s)
+    }
+}
+
+#[derive(Default)]
+struct Inner {
+    /// Slot numbers, hashed by their entry's id.
+    table: HashTable<u32>,
+    /// Ring of slots in first-seen order; `head` is the next to fill.
+    slots: Vec<Option<Entry>>,
+    head: usize,
+    len: usize,
+    hasher: std::collections::hash_map::RandomState,
+    names: Interner,
+    /// Queues, consumers and dead kinds.
+    words: Interner,
+    workers: HashMap<String, Worker>,
+    /// Unix ms of the newest event applied.
+    newest: i64,
+    offset: Option<u64>,
+}
+
+/// See the module docs.
+pub struct Index {
+    cap: usize,
+    inner: RwLock<Inner>,
+}
+
+/// A task as the API shows it.
+#[derive(Debug, Clone, Serialize, PartialEq)]
+pub struct TaskView {
+    pub id: String,
+    pub name: String,
+    pub state: State,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub queue: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub source: Option<&'static str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub published_at: Option<DateTime<Utc>>,
+    pub updated_at: Option<DateTime<Utc>>,
+    /// While retrying: when the next attempt is due.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub next_attempt_at: Option<DateTime<Utc>>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub trace_id: Option<String>,
+    pub attempts: Vec<AttemptView>,
+    /// Kept only for task names the consumers' `results` list.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub result: Option<serde_json::Value>,
+}
+
+#[derive(Debug, Clone, Serialize, PartialEq)]
+pub struct AttemptView {
+    pub attempt: u32,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub consumer: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub started_at: Option<DateTime<Utc>>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub duration_ms: Option<u64>,
+    /// `running`, `succeeded`, `retried`, `dead` or `requeued`.
+    pub outcome: &'static str,
+    /// The error (retried), the reason (dead) or why (requeued).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+    /// Why it was dead-lettered (`failed`, `exhausted`, `no_handler`, ...).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub kind: Option<String>,
+}
+
+/// `GET /v1/tasks` filters.
+#[derive(Debug, Clone, Default)]
+pub struct Query {
+    /// A task name, or a topic pattern (`email.*`, `report.#`).
+    pub name: Option<String>,
+    pub state: Option<State>,
+    /// Tasks updated at or after this.
+    pub since: Option<DateTime<Utc>>,
+    pub limit: usize,
+}
+
+fn ms(t: i64) -> Option<DateTime<Utc>> {
+    (t != 0)
+        .then(|| DateTime::from_timestamp_millis(t))
+        .flatten()
+}
+
+impl Entry {
+    fn state(&self) -> State {
+        match self.attempts.iter().max_by_key(|a| a.number) {
+            None => State::Published,
+            Some(a) => match a.outcome {
+                Outcome::Running => State::Running,
+                Outcome::Succeeded => State::Succeeded,
+                Outcome::Retried => State::Retrying,
+                Outcome::Dead => State::Dead,
+                Outcome::Requeued => State::Published,
+            },
+        }
+    }
+
+    /// The attempt numbered `n`, added when new (kept sorted).
+    fn attempt(&mut self, n: u32, at: i64) -> &mut Attempt {
+        let n = u16::try_from(n).unwrap_or(u16::MAX);
+        let pos = match self.attempts.binary_search_by_key(&n, |a| a.number) {
+            Ok(i) => i,
+            Err(i) => {
+                let mut v = std::mem::take(&mut self.attempts).into_vec();
+                v.insert(
+                    i,
+                    Attempt {
+                        start: at,
+                        text: None,
+                        consumer: NONE,
+                        kind: NONE,
+                        duration_ms: 0,
+                        number: n,
+                        outcome: Outcome::Running,
+                    },
+                );
+                self.attempts = v.into_boxed_slice();
+                i
+            }
+        };
+        &mut self.attempts[pos]
+    }
+}
+
+impl Index {
+    pub fn new(cap: usize) -> Self {
+        Self {
+            cap: cap.max(1),
+            inner: RwLock::new(Inner::default()),
+        }
+    }
+
+    /// Fold one stream message in.
+    pub fn apply(&self, batch: &Batch, offset: Option<u64>) {
+        let Ok(mut g) = self.inner.write() else {
+            return;
+        };
+        let inner = &mut *g;
+        if offset.is_some() {
+            inner.offset = offset;
+        }
+        if let Some(w) = &batch.worker {
+            inner.newest = inner.newest.max(w.at);
+            // Restarted consumers come back as new instances: forget the
+            // long silent ones.
+            let forget = w.at - 60 * WORKER_TTL.as_millis() as i64;
+            inner.workers.retain(|_, old| old.at >= forget);
+            inner.workers.insert(w.instance.clone(), w.clone());
+        }
+        let consumer = if batch.role == "consumer" {
+            inner.words.id(&batch.instance)
+        } else {
+            NONE
+        };
+        for ev in &batch.events {
+            inner.newest = inner.newest.max(ev.at);
+            let name = inner.names.id(&ev.name);
+            let queue = ev.queue.as_deref().map(|q| inner.words.id(q));
+            let kind = match &ev.what {
+                What::Dead { kind, .. } => inner.words.id(kind),
+                _ => NONE,
+            };
+            let slot = inner.slot_of(&ev.id, self.cap);
+            let Some(e) = inner.slots.get_mut(slot).and_then(Option::as_mut) else {
+                continue;
+            };
+            if e.name == NONE {
+                e.name = name;
+            }
+            if let Some(q) = queue {
+                e.queue = q;
+            }
+            if e.trace == [0; 16] {
+                if let Some(t) = &ev.trace {
+                    let _ = hex::decode_to_slice(t, &mut e.trace);
+                }
+            }
+            e.updated = e.updated.max(ev.at);
+            match &ev.what {
+                What::Published { source } => {
+                    e.published_at = ev.at;
+                    e.source = Some(*source);
+                }
+                What::Started { attempt } => {
+                    let a = e.attempt(*attempt, ev.at);
+                    // A redelivery of a requeued attempt runs it again; a
+                    // late start of a finished one changes nothing.
+                    if a.outcome == Outcome::Requeued && ev.at >= a.start {
+                        a.outcome = Outcome::Running;
+                        a.text = None;
+                    }
+                    if a.outcome == Outcome::Running {
+                        a.start = ev.at;
+                        a.consumer = consumer;
+                    }
+                }
+                What::Retried {
+                    attempt,
+                    error,
+                    next_at,
+                    ..
+                } => {
+                    let a = e.attempt(*attempt, ev.at);
+                    a.duration_ms = u32::try_from(ev.at - a.start).unwrap_or(0);
+                    a.outcome = Outcome::Retried;
+                    a.text = Some(error.as_str().into());
+                    a.consumer = consumer;
+                    e.next_at = *next_at;
+                }
+                What::Succeeded {
+                    attempt,
+                    duration_ms,
+                    result,
+                } => {
+                    let a = e.attempt(*attempt, ev.at);
+                    a.duration_ms = u32::try_from(*duration_ms).unwrap_or(u32::MAX);
+                    a.outcome = Outcome::Succeeded;
+                    a.consumer = consumer;
+                    if let Some(r) = result {
+                        e.result = Some(r.to_string().into());
+                    }
+                }
+                What::Dead {
+                    attempt, reason, ..
+                } => {
+                    let a = e.attempt(*attempt, ev.at);
+                    if a.start != ev.at && a.outcome == Outcome::Running {
+                        a.duration_ms = u32::try_from(ev.at - a.start).unwrap_or(0);
+                    }
+                    a.outcome = Outcome::Dead;
+                    a.text = Some(reason.as_str().into());
+                    a.kind = kind;
+                    if consumer != NONE {
+                        a.consumer = consumer;
+                    }
+                }
+                What::Requeued { attempt, why } => {
+                    let a = e.attempt(*attempt, ev.at);
+                    if a.outcome == Outcome::Running && ev.at >= a.start {
+                        a.outcome = Outcome::Requeued;
+                        a.text = Some(why.as_str().into());
+                    }
+                }
+            }
+        }
+    }
+
+    pub fn get(&self, id: &str) -> Option<TaskView> {
+        let g = self.inner.read().ok()?;
+        let slot = g.find(id)?;
+        g.slots.get(slot)?.as_ref().map(|e| g.view(e))
+    }
+
+    /// Recent tasks matching `q`, the most recently first seen first.
+    pub fn list(&self, q: &Query) -> Vec<TaskView> {
+        let Ok(g) = self.inner.read() else {
+            return Vec::new();
+        };
+        let exact = q
+            .name
+            .as_deref()
+            .filter(|n| !n.contains(['*', '#']))
+            .map(|n| g.names.find(n));
+        if exact == Some(None) {
+            return Vec::new();
+        }
+        let since = q.since.map(|t| t.timestamp_millis()).unwrap_or(i64::MIN);
+        let n = g.slots.len();
+        let mut out = Vec::new();
+        for k in 1..=n {
+            if out.len() >= q.limit {
+                break;
+            }
+            let i = (g.head + n - k) % n;
+            let Some(e) = &g.slots[i] else { continue };
+            if e.updated < since {
+                continue;
+            }
+            match (exact, q.name.as_deref()) {
+                (Some(Some(id)), _) if e.name != id => continue,
+                (None, Some(p)) => {
+                    let name = g.names.get(e.name).unwrap_or("");
+                    if !warren::topology::pattern_matches(p, name) {
+                        continue;
+                    }
+                }
+                _ => {}
+            }
+            if q.state.is_some_and(|s| s != e.state()) {
+                continue;
+            }
+            out.push(g.view(e));
+        }
+        out
+    }
+
+    /// Consumers heard within [`WORKER_TTL`] of `now`.
+    pub fn workers(&self, now: DateTime<Utc>) -> Vec<Worker> {
+        let Ok(g) = self.inner.read() else {
+            return Vec::new();
+        };
+        let cutoff = now.timestamp_millis() - WORKER_TTL.as_millis() as i64;
+        let mut out: Vec<Worker> = g
+            .workers
+            .values()
+            .filter(|w| w.at >= cutoff)
+            .cloned()
+            .collect();
+        out.sort_by(|a, b| a.instance.cmp(&b.instance));
+        out
+    }
+
+    pub fn len(&self) -> usize {
+        self.inner.read().map(|g| g.len).unwrap_or(0)
+    }
+
+    /// The newest event's instant.
+    pub fn newest(&self) -> Option<DateTime<Utc>> {
+        self.inner.read().ok().and_then(|g| ms(g.newest))
+    }
+
+    /// The last stream offset applied.
+    pub fn offset(&self) -> Option<u64> {
+        self.inner.read().ok().and_then(|g| g.offset)
+    }
+
+    /// Forget the offset (the stream was deleted: a new one starts at 0).
+    pub fn reset_offset(&self) {
+        if let Ok(mut g) = self.inner.write() {
+            g.offset = None;
+        }
+    }
+}
+
+impl Inner {
+    fn hash(&self, id: &str) -> u64 {
+        self.hasher.hash_one(id)
+    }
+
+    fn find(&self, id: &str) -> Option<usize> {
+        let h = self.hash(id);
+        let slots = &self.slots;
+        self.table
+            .find(h, |&s| {
+                slots
+                    .get(s as usize)
+                    .and_then(Option::as_ref)
+                    .is_some_and(|e| &*e.id == id)
+            })
+            .map(|&s| s as usize)
+    }
+
+    /// The slot of `id`, taking the oldest slot when new.
+    fn slot_of(&mut self, id: &str, cap: usize) -> usize {
+        if let Some(s) = self.find(id) {
+            return s;
+        }
+        // Filling up, slots are pushed; full, `head` (the oldest) goes round.
+        let slot = if self.slots.len() < cap {
+            self.slots.push(None);
+            self.slots.len() - 1
+        } else {
+            let s = self.head;
+            self.head = (s + 1) % cap;
+            s
+        };
+        if let Some(old) = self.slots[slot].take() {
+            let h = self.hash(&old.id);
+            if let Ok(found) = self.table.find_entry(h, |&s| s as usize == slot) {
+                found.remove();
+            }
+            self.len -= 1;
+        }
+        self.slots[slot] = Some(Entry {
+            id: id.into(),
+            attempts: Box::new([]),
+            result: None,
+            published_at: 0,
+            updated: 0,
+            next_at: 0,
+            trace: [0; 16],
+            name: NONE,
+            queue: NONE,
+            source: None,
+        });
+        self.len += 1;
+        let h = self.hash(id);
+        let hasher = &self.hasher;
+        let slots = &self.slots;
+        self.table.insert_unique(h, slot as u32, |&s| {
+            slots
+                .get(s as usize)
+                .and_then(Option::as_ref)
+                .map(|e| hasher.hash_one(&*e.id))
+                .unwrap_or(0)
+        });
+        slot
+    }
+
+    fn view(&self, e: &Entry) -> TaskView {
+        let state = e.state();
+        TaskView {
+            id: e.id.to_string(),
+            name: self.names.get(e.name).unwrap_or("").to_owned(),
+            state,
+            queue: self.words.get(e.queue).map(str::to_owned),
+            source: e.source.map(Source::as_str),
+            published_at: ms(e.published_at),
+            updated_at: ms(e.updated),
+            next_attempt_at: (state == State::Retrying).then(|| ms(e.next_at)).flatten(),
+            trace_id: (e.trace != [0; 16]).then(|| hex::encode(e.trace)),
+            attempts: e
+                .attempts
+                .iter()
+                .map(|a| AttemptView {
+                    attempt: u32::from(a.number),
+                    consumer: self.words.get(a.consumer).map(str::to_owned),
+                    started_at: ms(a.start),
+                    duration_ms: (a.outcome != Outcome::Running && a.outcome != Outcome::Requeued)
+                        .then_some(u64::from(a.duration_ms)),
+                    outcome: a.outcome.as_str(),
+                    error: a.text.as_deref().map(str::to_owned),
+                    kind: self.words.get(a.kind).map(str::to_owned),
+                })
+                .collect(),
+            result: e
+                .result
+                .as_deref()
+                .and_then(|r| serde_json::from_str(r).ok()),
+        }
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+    use warren::events::Event;
+
+    fn batch(role: &str, events: Vec<Event>) -> Batch {
+        Batch {
+            v: 1,
+            role: role.into(),
+            instance: format!("{role}-1"),
+            host: "h".into(),
+            events,
+            worker: None,
+        }
+    }
+
+    fn ev(id: &str, at: i64, what: What) -> Event {
+        let mut e = Event::new(id, "email.send", what).queue("warren.default");
+        e.at = at;
+        e
+    }
+
+    #[test]
+    fn a_retry_then_success_in_any_order() {
+        let idx = Index::new(10);
+        let consumer = vec![
+            ev("a", 2, What::Started { attempt: 1 }),
+            ev(
+                "a",
+                3,
+                What::Retried {
+                    attempt: 1,
+                    error: "boom".into(),
+                    delay_ms: 100,
+                    next_at: 103,
+                },
+            ),
+        ];
+        idx.apply(&batch("consumer", consumer), Some(1));
+        let t = idx.get("a").unwrap();
+        assert_eq!(t.state, State::Retrying);
+        assert_eq!(t.next_attempt_at, ms(103));
+        // The producer's batch arrives late: the state stays.
+        idx.apply(
+            &batch(
+                "producer",
+                vec![ev(
+                    "a",
+                    1,
+                    What::Published {
+                        source: Source::Api,
+                    },
+                )],
+            ),
+            Some(2),
+        );
+        idx.apply(
+            &batch(
+                "consumer",
+                vec![
+                    ev("a", 104, What::Started { attempt: 2 }),
+                    ev(
+                        "a",
+                        110,
+                        What::Succeeded {
+                            attempt: 2,
+                            duration_ms: 6,
+                            result: Some(serde_json::json!({"ok": true})),
+                        },
+                    ),
+                ],
+            ),
+            Some(3),
+        );
+        let t = idx.get("a").unwrap();
+        assert_eq!(t.state, State::Succeeded);
+        assert_eq!(t.source, Some("api"));
+        assert_eq!(t.attempts.len(), 2);
+        assert_eq!(t.attempts[0].error.as_deref(), Some("boom"));
+        assert_eq!(t.attempts[1].consumer.as_deref(), Some("consumer-1"));
+        assert_eq!(t.result, Some(serde_json::json!({"ok": true})));
+        assert_eq!(idx.offset(), Some(3));
+        // Reading the same messages again changes nothing.
+        let before = idx.get("a");
+        idx.apply(
+            &batch("consumer", vec![ev("a", 104, What::Started { attempt: 2 })]),
+            None,
+        );
+        assert_eq!(idx.get("a"), before);
+    }
+
+    #[test]
+    fn the_oldest_task_is_evicted_and_lists_filter() {
+        let idx = Index::new(3);
+        for (i, id) in ["a", "b", "c", "d"].iter().enumerate() {
+            idx.apply(
+                &batch(
+                    "producer",
+                    vec![ev(
+                        id,
+                        i as i64 + 1,
+                        What::Published {
+                            source: Source::Cli,
+                        },
+                    )],
+                ),
+                None,
+            );
+        }
+        assert_eq!(idx.len(), 3);
+        assert!(idx.get("a").is_none());
+        assert!(idx.get("d").is_some());
+        let all = idx.list(&Query {
+            limit: 10,
+            ..Query::default()
+        });
+        let ids: Vec<_> = all.iter().map(|t| t.id.as_str()).collect();
+        assert_eq!(ids, ["d", "c", "b"]);
+        idx.apply(
+            &batch(
+                "consumer",
+                vec![ev(
+                    "c",
+                    9,
+                    What::Dead {
+                        attempt: 1,
+                        kind: "failed".into(),
+                        reason: "bad".into(),
+                    },
+                )],
+            ),
+            None,
+        );
+        let dead = idx.list(&Query {
+            state: Some(State::Dead),
+            name: Some("email.*".into()),
+            limit: 10,
+            ..Query::default()
+        });
+        assert_eq!(dead.len(), 1);
+        assert_eq!(dead[0].attempts[0].kind.as_deref(), Some("failed"));
+        assert!(idx
+            .list(&Query {
+                name: Some("other".into()),
+                limit: 10,
+                ..Query::default()
+            })
+            .is_empty());
+        // Many more: the ring keeps exactly the newest three.
+        for i in 0..100 {
+            idx.apply(
+                &batch(
+                    "producer",
+                    vec![ev(
+                        &format!("x{i}"),
+                        100 + i,
+                        What::Published {
+                            source: Source::Cli,
+                        },
+                    )],
+                ),
+                None,
+            );
+        }
+        assert_eq!(idx.len(), 3);
+        assert!(idx.get("x99").is_some() && idx.get("x96").is_none());
+    }
+
+    fn rss_kib() -> u64 {
+        std::fs::read_to_string("/proc/self/status")
+            .unwrap_or_default()
+            .lines()
+            .find_map(|l| l.strip_prefix("VmRSS:"))
+            .and_then(|v| v.trim().trim_end_matches(" kB").parse().ok())
+            .unwrap_or(0)
+    }
+
+    /// Memory per task and apply/lookup times of an index of 1,000,000
+    /// tasks, each published, started and succeeded (docs/tasks.md):
+    /// `cargo test -p warren-producer --lib index_at_a_million -- --ignored --nocapture`.
+    #[test]
+    #[ignore]
+    fn index_at_a_million() {
+        const N: usize = 1_000_000;
+        let idx = Index::new(N);
+        let id = |i: usize| format!("{:08x}-1b2c-4d5e-8f90-{:012x}", i, i * 7919);
+        let before = rss_kib();
+        let started = std::time::Instant::now();
+        let mut events = 0usize;
+        for chunk in 0..N / 1000 {
+            let mut p = Vec::with_capacity(1000);
+            let mut c = Vec::with_capacity(2000);
+            for i in chunk * 1000..(chunk + 1) * 1000 {
+                let name = format!("bench.task{}", i % 20);
+                let mut e = Event::new(
+                    &id(i),
+                    &name,
+                    What::Published {
+                        source: Source::Api,
+                    },
+                );
+                e.at = 1_800_000_000_000 + i as i64;
+                e.trace = Some(format!("{:032x}", i + 1));
+                p.push(e);
+                let mut s =
+                    Event::new(&id(i), &name, What::Started { attempt: 1 }).queue("warren.default");
+                s.at = 1_800_000_000_001 + i as i64;
+                c.push(s);
+                let mut d = Event::new(
+                    &id(i),
+                    &name,
+                    What::Succeeded {
+                        attempt: 1,
+                        duration_ms: 3,
+                        result: None,
+                    },
+                )
+                .queue("warren.default");
+                d.at = 1_800_000_000_004 + i as i64;
+                c.push(d);
+            }
+            events += p.len() + c.len();
+            idx.apply(&batch("producer", p), None);
+            idx.apply(&batch("consumer", c), None);
+        }
+        let took = started.elapsed();
+        let grown = rss_kib().saturating_sub(before);
+        let mut lookups: Vec<u128> = (0..100_000)
+            .map(|k| {
+                let i = (k * 7_777) % N;
+                let t = std::time::Instant::now();
+                let v = idx.get(&id(i));
+                let ns = t.elapsed().as_nanos();
+                assert!(v.is_some());
+                ns
+            })
+            .collect();
+        lookups.sort_unstable();
+        println!(
+            "index: {} tasks, {events} events applied in {:.2} s ({:.0} events/s); RSS +{} MiB = {} bytes/task; get p50 {} µs p99 {} µs",
+            idx.len(),
+            took.as_secs_f64(),
+            events as f64 / took.as_secs_f64(),
+            grown / 1024,
+            grown * 1024 / N as u64,
+            lookups[lookups.len() / 2] / 1000,
+            lookups[lookups.len() * 99 / 100] / 1000,
+        );
+        assert_eq!(idx.len(), N);
+    }
+
+    #[test]
+    fn a_requeued_attempt_runs_again() {
+        let idx = Index::new(10);
+        idx.apply(
+            &batch(
+                "consumer",
+                vec![
+                    ev("r", 1, What::Started { attempt: 1 }),
+                    ev(
+                        "r",
+                        2,
+                        What::Requeued {
+                            attempt: 1,
+                            why: "shutdown".into(),
+                        },
+                    ),
+                ],
+            ),
+            None,
+        );
+        assert_eq!(idx.get("r").unwrap().state, State::Published);
+        idx.apply(
+            &batch("consumer", vec![ev("r", 3, What::Started { attempt: 1 })]),
+            None,
+        );
+        assert_eq!(idx.get("r").unwrap().state, State::Running);
+    }
+}
