@@ -174,17 +174,24 @@ struct Attempt {
 struct Entry {
     id: Box<str>,
     attempts: Box<[Attempt]>,
-    /// JSON text of a kept result.
-    result: Option<Box<str>>,
+    /// What few tasks have, out of line.
+    extra: Option<Box<Extra>>,
     published_at: i64,
     /// The last event's instant.
     updated: i64,
-    /// When the next attempt is due (retrying).
-    next_at: i64,
     trace: [u8; 16],
     name: u32,
     queue: u32,
     source: Option<Source>,
+}
+
+/// The rarer parts of an entry: 16 bytes a task saved where they are absent.
+#[derive(Debug, Clone, Default)]
+struct Extra {
+    /// JSON text of a kept result.
+    result: Option<Box<str>>,
+    /// When the next attempt is due (retrying).
+    next_at: i64,
 }
 
 /// Strings stored once, named by number.
@@ -318,19 +325,21 @@ impl Entry {
         let pos = match self.attempts.binary_search_by_key(&n, |a| a.number) {
             Ok(i) => i,
             Err(i) => {
-                let mut v = std::mem::take(&mut self.attempts).into_vec();
-                v.insert(
-                    i,
-                    Attempt {
-                        start: at,
-                        text: None,
-                        consumer: NONE,
-                        kind: NONE,
-                        duration_ms: 0,
-                        number: n,
-                        outcome: Outcome::Running,
-                    },
-                );
+                // Exactly as long as needed: a `Vec` grown by `insert` would
+                // allocate room for four and shrink, leaving holes behind.
+                let mut old = std::mem::take(&mut self.attempts).into_vec();
+                let mut v = Vec::with_capacity(old.len() + 1);
+                v.extend(old.drain(..i));
+                v.push(Attempt {
+                    start: at,
+                    text: None,
+                    consumer: NONE,
+                    kind: NONE,
+                    duration_ms: 0,
+                    number: n,
+                    outcome: Outcome::Running,
+                });
+                v.append(&mut old);
                 self.attempts = v.into_boxed_slice();
                 i
             }
@@ -422,7 +431,7 @@ impl Index {
                     a.outcome = Outcome::Retried;
                     a.text = Some(error.as_str().into());
                     a.consumer = consumer;
-                    e.next_at = *next_at;
+                    e.extra.get_or_insert_default().next_at = *next_at;
                 }
                 What::Succeeded {
                     attempt,
@@ -434,7 +443,7 @@ impl Index {
                     a.outcome = Outcome::Succeeded;
                     a.consumer = consumer;
                     if let Some(r) = result {
-                        e.result = Some(r.to_string().into());
+                        e.extra.get_or_insert_default().result = Some(r.to_string().into());
                     }
                 }
                 What::Dead {
@@ -591,10 +600,9 @@ impl Inner {
         self.slots[slot] = Some(Entry {
             id: id.into(),
             attempts: Box::new([]),
-            result: None,
+            extra: None,
             published_at: 0,
             updated: 0,
-            next_at: 0,
             trace: [0; 16],
             name: NONE,
             queue: NONE,
@@ -624,7 +632,9 @@ impl Inner {
             source: e.source.map(Source::as_str),
             published_at: ms(e.published_at),
             updated_at: ms(e.updated),
-            next_attempt_at: (state == State::Retrying).then(|| ms(e.next_at)).flatten(),
+            next_attempt_at: (state == State::Retrying)
+                .then(|| e.extra.as_ref().and_then(|x| ms(x.next_at)))
+                .flatten(),
             trace_id: (e.trace != [0; 16]).then(|| hex::encode(e.trace)),
             attempts: e
                 .attempts
@@ -641,8 +651,9 @@ impl Inner {
                 })
                 .collect(),
             result: e
-                .result
-                .as_deref()
+                .extra
+                .as_ref()
+                .and_then(|x| x.result.as_deref())
                 .and_then(|r| serde_json::from_str(r).ok()),
         }
     }
@@ -833,6 +844,11 @@ mod tests {
     #[ignore]
     fn index_at_a_million() {
         const N: usize = 1_000_000;
+        println!(
+            "slot {} bytes, attempt {} bytes",
+            std::mem::size_of::<Option<Entry>>(),
+            std::mem::size_of::<Attempt>()
+        );
         let idx = Index::new(N);
         let id = |i: usize| format!("{:08x}-1b2c-4d5e-8f90-{:012x}", i, i * 7919);
         let before = rss_kib();

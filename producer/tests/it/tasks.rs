@@ -513,3 +513,33 @@ async fn tasks_watch_prints_events_as_they_happen() {
     assert!(seen.iter().any(|k| k == "started"), "{seen:?}");
     wk.shut().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_sigterm_past_the_drain_grace_is_told_as_a_requeue() {
+    let w = World::new("tasks-sigterm").await;
+    let cfg = w.write_config("p.toml", "");
+    let p = w.start("p", &cfg, &[]);
+    p.wait_ready(WAIT).await;
+    let ccfg = w.write_config(
+        "c.toml",
+        "[worker]\ndrain_grace = \"300ms\"\n[handlers.\"it.tasks.slow\"]\nkind = \"sleep\"\nduration = \"30s\"\n",
+    );
+    let bin = crate::browser::binary("warren-consumer");
+    let mut cmd = std::process::Command::new(&bin);
+    cmd.arg("--config").arg(ccfg).arg("run");
+    for (k, v) in w.env() {
+        if !k.starts_with("WARREN_API") && !k.starts_with("WARREN_LEADER") {
+            cmd.env(k, v);
+        }
+    }
+    cmd.env(
+        "WARREN_HTTP_ADDR",
+        format!("127.0.0.1:{}", crate::helpers::free_port()),
+    );
+    let consumer = warren::testing::Process::spawn(&mut cmd).expect("start warren-consumer");
+    publish(&p, "it.tasks.slow", "term-1").await;
+    task_in(&p, "term-1", "running").await;
+    consumer.signal("TERM");
+    let t = task_in(&p, "term-1", "published").await;
+    assert_eq!(t["attempts"][0]["outcome"], "requeued", "{t}");
+}
