@@ -27,6 +27,7 @@
 
 mod cluster;
 mod drain;
+mod index;
 mod latency;
 mod peers;
 mod publish;
@@ -173,6 +174,10 @@ const BODY: &[u8] = br#"{"user":42,"action":"bench","tags":["a","b"]}"#;
 #[tokio::main]
 async fn main() -> Result<()> {
     let args = Args::parse();
+    if args.scenario == "index" {
+        // In this process, no broker.
+        return index::index_scenario();
+    }
     let _node;
     let url = match &args.url {
         Some(u) => u.clone(),

@@ -28,7 +28,7 @@ pub async fn declare(cfg: ConsumerConfig) -> anyhow::Result<()> {
         .await
         .context("connecting to the broker")?;
     let res = warren::topology::declare(&conn, &topo).await;
-    let _ = conn.close(200, "declared".into()).await;
+    close(&conn, "declared").await;
     res?;
     warren::errln!(
         "declared the topology of prefix `{}` ({} work queue(s))",
@@ -90,8 +90,18 @@ pub async fn run(cfg: ConsumerConfig, cmd: DeadCommand) -> anyhow::Result<()> {
         anyhow::Ok(())
     }
     .await;
-    let _ = conn.close(200, "done".into()).await;
+    close(&conn, "done").await;
     res
+}
+
+/// Close the connection, waiting for the broker's answer at most 2 s: a
+/// command that did its work must not hang on a slow or lost broker.
+async fn close(conn: &lapin::Connection, why: &str) {
+    let _ = tokio::time::timeout(
+        std::time::Duration::from_secs(2),
+        conn.close(200, why.into()),
+    )
+    .await;
 }
 
 fn print_lines(lines: &[String]) {

@@ -55,7 +55,7 @@ mod reload;
 mod schedule;
 mod scheduler;
 mod state;
-mod tasks;
+pub mod tasks;
 pub mod workflow;
 
 pub use app::App;

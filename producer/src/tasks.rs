@@ -540,6 +540,10 @@ impl Index {
         self.inner.read().map(|g| g.len).unwrap_or(0)
     }
 
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
     /// The newest event's instant.
     pub fn newest(&self) -> Option<DateTime<Utc>> {
         self.inner.read().ok().and_then(|g| ms(g.newest))
@@ -826,94 +830,6 @@ mod tests {
         }
         assert_eq!(idx.len(), 3);
         assert!(idx.get("x99").is_some() && idx.get("x96").is_none());
-    }
-
-    fn rss_kib() -> u64 {
-        std::fs::read_to_string("/proc/self/status")
-            .unwrap_or_default()
-            .lines()
-            .find_map(|l| l.strip_prefix("VmRSS:"))
-            .and_then(|v| v.trim().trim_end_matches(" kB").parse().ok())
-            .unwrap_or(0)
-    }
-
-    /// Memory per task and apply/lookup times of an index of 1,000,000
-    /// tasks, each published, started and succeeded (docs/tasks.md):
-    /// `cargo test -p warren-producer --lib index_at_a_million -- --ignored --nocapture`.
-    #[test]
-    #[ignore]
-    fn index_at_a_million() {
-        const N: usize = 1_000_000;
-        println!(
-            "slot {} bytes, attempt {} bytes",
-            std::mem::size_of::<Option<Entry>>(),
-            std::mem::size_of::<Attempt>()
-        );
-        let idx = Index::new(N);
-        let id = |i: usize| format!("{:08x}-1b2c-4d5e-8f90-{:012x}", i, i * 7919);
-        let before = rss_kib();
-        let started = std::time::Instant::now();
-        let mut events = 0usize;
-        for chunk in 0..N / 1000 {
-            let mut p = Vec::with_capacity(1000);
-            let mut c = Vec::with_capacity(2000);
-            for i in chunk * 1000..(chunk + 1) * 1000 {
-                let name = format!("bench.task{}", i % 20);
-                let mut e = Event::new(
-                    &id(i),
-                    &name,
-                    What::Published {
-                        source: Source::Api,
-                    },
-                );
-                e.at = 1_800_000_000_000 + i as i64;
-                e.trace = Some(format!("{:032x}", i + 1));
-                p.push(e);
-                let mut s =
-                    Event::new(&id(i), &name, What::Started { attempt: 1 }).queue("warren.default");
-                s.at = 1_800_000_000_001 + i as i64;
-                c.push(s);
-                let mut d = Event::new(
-                    &id(i),
-                    &name,
-                    What::Succeeded {
-                        attempt: 1,
-                        duration_ms: 3,
-                        result: None,
-                    },
-                )
-                .queue("warren.default");
-                d.at = 1_800_000_000_004 + i as i64;
-                c.push(d);
-            }
-            events += p.len() + c.len();
-            idx.apply(&batch("producer", p), None);
-            idx.apply(&batch("consumer", c), None);
-        }
-        let took = started.elapsed();
-        let grown = rss_kib().saturating_sub(before);
-        let mut lookups: Vec<u128> = (0..100_000)
-            .map(|k| {
-                let i = (k * 7_777) % N;
-                let t = std::time::Instant::now();
-                let v = idx.get(&id(i));
-                let ns = t.elapsed().as_nanos();
-                assert!(v.is_some());
-                ns
-            })
-            .collect();
-        lookups.sort_unstable();
-        println!(
-            "index: {} tasks, {events} events applied in {:.2} s ({:.0} events/s); RSS +{} MiB = {} bytes/task; get p50 {} µs p99 {} µs",
-            idx.len(),
-            took.as_secs_f64(),
-            events as f64 / took.as_secs_f64(),
-            grown / 1024,
-            grown * 1024 / N as u64,
-            lookups[lookups.len() / 2] / 1000,
-            lookups[lookups.len() * 99 / 100] / 1000,
-        );
-        assert_eq!(idx.len(), N);
     }
 
     #[test]

@@ -165,8 +165,11 @@ async fn least_privilege_users_run_the_pipeline_and_a_missing_permission_is_name
         .arg("declare")
         .env("WARREN_AMQP_URL", url_as(&node, "warren-deployer"))
         .env("WARREN_TOPOLOGY__PREFIX", "warren")
-        .output()
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
         .unwrap();
+    let declared = output_within(declared, WAIT, "warren-consumer declare");
     assert!(
         declared.status.success(),
         "{}",
@@ -291,7 +294,7 @@ async fn least_privilege_users_run_the_pipeline_and_a_missing_permission_is_name
 /// own. The CLI's user, which may, purges.
 fn dead_tools_say_what_they_tried_once(node: &Node) {
     let dead = |user: &str, args: &[&str]| {
-        std::process::Command::new(env!("CARGO_BIN_EXE_warren-consumer"))
+        let child = std::process::Command::new(env!("CARGO_BIN_EXE_warren-consumer"))
             .arg("dead")
             .args(args)
             .env_remove("RUST_LOG")
@@ -299,8 +302,15 @@ fn dead_tools_say_what_they_tried_once(node: &Node) {
             .env("WARREN_AMQP_URL", url_as(node, user))
             .env("WARREN_TOPOLOGY__PREFIX", "warren")
             .env("WARREN_TOPOLOGY__DECLARE", "false")
-            .output()
-            .unwrap()
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        output_within(
+            child,
+            WAIT,
+            &format!("warren-consumer dead {args:?} as {user}"),
+        )
     };
     let refusal = "ACCESS_REFUSED - access to queue 'warren.dead' in vhost '/' refused for user 'warren-consumer'";
     for (args, tried) in [
@@ -329,4 +339,26 @@ async fn testing_conn(node: &Node) -> lapin::Connection {
     warren::amqp::connect(&crate::helpers::amqp_for(node.url()), "test-admin")
         .await
         .unwrap()
+}
+
+/// The output of `child`, which must exit within `limit` (a hung command
+/// fails the test naming it, instead of running into the harness timeout).
+fn output_within(
+    mut child: std::process::Child,
+    limit: Duration,
+    what: &str,
+) -> std::process::Output {
+    let deadline = std::time::Instant::now() + limit;
+    while child.try_wait().unwrap().is_none() {
+        if std::time::Instant::now() > deadline {
+            let _ = child.kill();
+            let out = child.wait_with_output().unwrap();
+            panic!(
+                "{what} did not exit within {limit:?}: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    child.wait_with_output().unwrap()
 }
