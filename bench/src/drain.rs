@@ -19,8 +19,10 @@
 //!
 //! Each setting is a row: `--drain-prefetch P` (one or more) gives every side
 //! prefetch P (warren: `prefetch = concurrency = P`); the defaults row gives
-//! each side its own default (warren: prefetch 64, concurrency 32; lapin: no
-//! `basic.qos`, i.e. unlimited; rusty-celery and Python Celery: theirs).
+//! each side its own default (warren: prefetch 64, concurrency 32; lapin: 64,
+//! see [`Setting::plain_prefetch`]; rusty-celery and Python Celery: theirs).
+//! A peer whose drain cannot be measured (e.g. a default prefetch so large
+//! that its queue's ready count drops to 0 at once) is reported as such.
 //! Sides rotate run by run; with `--max-priority 10,0` every priority
 //! setting of the work queue is measured too (the peers' queues have no
 //! priorities: they run with setting 0 only).
@@ -72,11 +74,14 @@ impl Setting {
         }
     }
 
-    /// 0: no `basic.qos` (lapin's default: unlimited).
+    /// lapin's own default is no `basic.qos` (unlimited): the whole backlog
+    /// would be handed over at once, which the broker's ready count cannot
+    /// follow, and no consumer drains a backlog that way; so 64 in the
+    /// defaults row too.
     fn plain_prefetch(self) -> u16 {
         match self {
             Setting::Same(p) => p,
-            Setting::Defaults => 0,
+            Setting::Defaults => 64,
         }
     }
 
@@ -207,9 +212,21 @@ pub async fn drain_scenario(conn: &Connection, args: &Args, url: &str) -> Result
                         r?
                     }
                     p => {
-                        peers[p - 2]
+                        let peer = &mut peers[p - 2];
+                        match peer
                             .drain(conn, url, setting.peer_prefetch(), args.broker_pid)
-                            .await?
+                            .await
+                        {
+                            Ok(r) => r,
+                            Err(e) => {
+                                warren::outln!(
+                                    "drain run {run} {} {}: not measured: {e:#}",
+                                    setting.short(),
+                                    peer.name
+                                );
+                                continue;
+                            }
+                        }
                     }
                 };
                 let who = match side {
