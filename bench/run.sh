@@ -49,6 +49,7 @@ cleanup() {
 trap cleanup EXIT
 
 cargo build --release -q -p warren-bench -p warren-consumer -p warren-producer
+bin_dir="${CARGO_TARGET_DIR:-target}/release"
 peers=
 if ((with_peers)); then
   # Python Celery is a peer when it can be had (never in CI's test path).
@@ -107,7 +108,7 @@ measure() { # LAYOUT-NAME, CLIENT-PREFIX...
   local rows="$work/rows-$name.md"
   : >"$rows"
   bench() {
-    "$@" target/release/warren-bench --url "$url" --table "$rows" --broker-pid "$broker_pid" "${args[@]}" |
+    "$@" "$bin_dir/warren-bench" --url "$url" --table "$rows" --broker-pid "$broker_pid" "${args[@]}" |
       sed -E "s/^(publish|drain|latency)/\1 [$name]/" | tee -a "$work/detail.txt"
   }
   args=(--scenario publish --messages "$MESSAGES" --runs "$RUNS" --peers "$peers"

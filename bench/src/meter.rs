@@ -18,9 +18,13 @@ use crate::cpu_seconds;
 pub const POLL: Duration = Duration::from_millis(100);
 
 /// CPU seconds of `pid` and every process below it (a Python worker may
-/// fork; a shell may exec), from `/proc`.
+/// fork; a shell may exec), from `/proc`; for this process, its own only
+/// (the consumers and producers it starts are sides of their own).
 pub fn tree_cpu(pid: u32) -> Option<f64> {
     let own = cpu_seconds(pid)?;
+    if pid == std::process::id() {
+        return Some(own);
+    }
     let mut sum = own;
     for child in children(pid) {
         sum += tree_cpu(child).unwrap_or(0.0);
@@ -172,8 +176,20 @@ impl<'c> Watch<'c> {
     /// well inside the drain (so start-up and the tail are left out the same
     /// way for every side).
     pub async fn drain(&mut self, timeout: Duration) -> Result<DrainWindow> {
+        self.drain_until(timeout, std::future::pending::<()>()).await
+    }
+
+    /// [`Watch::drain`], also ending when `stop` completes (a peer that
+    /// exits after its last task, leaving its unacked prefetch to the
+    /// queue again).
+    pub async fn drain_until(
+        &mut self,
+        timeout: Duration,
+        stop: impl std::future::Future<Output = ()>,
+    ) -> Result<DrainWindow> {
         let deadline = Instant::now() + timeout;
         let mut samples: Vec<Sample> = Vec::new();
+        tokio::pin!(stop);
         loop {
             let s = self.sample().await?;
             let done = s.ready == 0 && samples.iter().any(|p| p.ready > 0);
@@ -188,7 +204,10 @@ impl<'c> Watch<'c> {
                     s.ready
                 );
             }
-            tokio::time::sleep(POLL).await;
+            tokio::select! {
+                _ = tokio::time::sleep(POLL) => {}
+                _ = &mut stop => break,
+            }
         }
         DrainWindow::of(&samples).ok_or_else(|| {
             anyhow::anyhow!(
@@ -277,9 +296,22 @@ mod tests {
     }
 
     #[test]
-    fn the_cpu_of_a_process_tree_includes_this_one() {
-        let own = cpu_seconds(std::process::id()).expect("own cpu");
-        let tree = tree_cpu(std::process::id()).expect("tree cpu");
-        assert!(tree >= own);
+    fn the_cpu_of_a_process_tree_includes_its_children_but_ours_only_us() {
+        // A shell whose busy loop runs in a child of its own.
+        let mut child = std::process::Command::new("sh")
+            .args([
+                "-c",
+                "(i=0; while [ $i -lt 200000 ]; do i=$((i+1)); done; sleep 5) & wait",
+            ])
+            .spawn()
+            .expect("spawn sh");
+        std::thread::sleep(Duration::from_millis(1500));
+        let own = cpu_seconds(child.id()).expect("shell cpu");
+        let tree = tree_cpu(child.id()).expect("tree cpu");
+        child.kill().ok();
+        child.wait().ok();
+        assert!(tree > own + 0.05, "tree {tree} s, shell alone {own} s");
+        let us = std::process::id();
+        assert_eq!(tree_cpu(us), cpu_seconds(us));
     }
 }

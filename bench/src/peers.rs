@@ -197,19 +197,13 @@ impl Peer {
             .spawn()
             .with_context(|| format!("run {}", self.program.display()))?;
         let mut watch = Watch::new(conn, &queue, child.id(), broker_pid).await?;
-        let window = {
-            let watching = watch.drain(Duration::from_secs(300));
-            tokio::pin!(watching);
-            tokio::select! {
-                w = &mut watching => w,
-                // A peer exits once it has run its N tasks, maybe before the
-                // next poll sees the queue empty; one that failed leaves it
-                // full, and the wait below ends.
-                _ = child.wait() => tokio::time::timeout(Duration::from_secs(5), &mut watching)
-                    .await
-                    .unwrap_or_else(|_| Err(anyhow::anyhow!("{} peer drain ended early", self.name))),
-            }
-        };
+        let window = watch
+            .drain_until(Duration::from_secs(300), async {
+                // A peer exits once it has run its N tasks (maybe before a
+                // poll sees the queue empty); one that failed, at once.
+                child.wait().await.ok();
+            })
+            .await;
         watch.close().await;
         let done = tokio::time::timeout(Duration::from_secs(60), child.wait()).await;
         if done.is_err() {
