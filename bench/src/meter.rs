@@ -176,7 +176,8 @@ impl<'c> Watch<'c> {
     /// well inside the drain (so start-up and the tail are left out the same
     /// way for every side).
     pub async fn drain(&mut self, timeout: Duration) -> Result<DrainWindow> {
-        self.drain_until(timeout, std::future::pending::<()>()).await
+        self.drain_until(timeout, std::future::pending::<()>())
+            .await
     }
 
     /// [`Watch::drain`], also ending when `stop` completes (a peer that
