@@ -109,7 +109,7 @@ measure() { # LAYOUT-NAME, CLIENT-PREFIX...
   : >"$rows"
   bench() {
     "$@" "$bin_dir/warren-bench" --url "$url" --table "$rows" --broker-pid "$broker_pid" "${args[@]}" |
-      sed -E "s/^(publish|drain|latency)/\1 [$name]/" | tee -a "$work/detail.txt"
+      sed -u -E "s/^(publish|drain|latency)/\1 [$name]/" | tee -a "$work/detail.txt"
   }
   args=(--scenario publish --messages "$MESSAGES" --runs "$RUNS" --peers "$peers"
     --sides plain,plain-contract,library,cli,api --peer-messages "${PEER_MESSAGES:-3000}")

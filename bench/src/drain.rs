@@ -62,7 +62,7 @@ impl Setting {
         match self {
             Setting::Same(p) => format!("prefetch {p} for every side (warren: concurrency {p})"),
             Setting::Defaults => {
-                "each side's default config (warren 64 / 32, lapin no qos, Celery's own)".into()
+                "each side's default config (warren 64 / 32, lapin 64, the peers' own)".into()
             }
         }
     }
