@@ -262,8 +262,9 @@ mod tests {
     use super::*;
 
     fn s(ms: u64, ready: u32, cpu: f64) -> Sample {
+        static BASE: std::sync::OnceLock<Instant> = std::sync::OnceLock::new();
         Sample {
-            at: Instant::now() + Duration::from_millis(ms),
+            at: *BASE.get_or_init(Instant::now) + Duration::from_millis(ms),
             ready,
             client: Some(cpu),
             broker: Some(cpu * 2.0),
@@ -304,6 +305,8 @@ mod tests {
                 "-c",
                 "(i=0; while [ $i -lt 200000 ]; do i=$((i+1)); done; sleep 5) & wait",
             ])
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
             .spawn()
             .expect("spawn sh");
         std::thread::sleep(Duration::from_millis(1500));
