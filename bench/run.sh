@@ -3,17 +3,20 @@
 # <!-- bench:end -->) and its detail in docs/benchmarks.md (between
 # <!-- bench-detail:begin --> and <!-- bench-detail:end -->).
 #
-#   bash bench/run.sh                 # ~10 minutes on a 2-core machine
+#   bash bench/run.sh                 # ~40 minutes on a 2-core machine
 #   MESSAGES=20000 RUNS=3 bash bench/run.sh --no-write   # quicker, prints only
 #   bash bench/run.sh --no-peers      # warren and plain lapin only
-#   bash bench/run.sh --shared-cores  # broker and clients not pinned apart
+#   bash bench/run.sh --shared-cores  # the shared layout only
 #
 # Builds the release binaries, starts a throwaway RabbitMQ node of its own
 # (deploy/broker.sh, random port), runs the publish, drain (both queue
-# settings) and latency scenarios of warren-bench, each interleaving its
+# settings; the same prefetch for every side, and each side's defaults) and
+# latency scenarios of warren-bench in two layouts (broker pinned apart from
+# the clients, and everything sharing the cores), each interleaving its
 # sides run by run so the ratios hold on a machine whose speed drifts, and
-# prints the Markdown table with the machine, the broker version and the
-# load average. Benchmarks report; nothing here fails on a number.
+# prints the Markdown table (a row per layout and scenario, CPU per task of
+# client and broker for every side) with the machine, the broker version
+# and the load average. Benchmarks report; nothing here fails on a number.
 # The peers (Python Celery, and rusty-celery built from bench/peers/rusty-celery,
 # a crate outside the workspace) get their columns when they can be had; one
 # that cannot is "not measured", with the reason printed.
@@ -46,6 +49,7 @@ cleanup() {
 trap cleanup EXIT
 
 cargo build --release -q -p warren-bench -p warren-consumer -p warren-producer
+bin_dir="${CARGO_TARGET_DIR:-target}/release"
 peers=
 if ((with_peers)); then
   # Python Celery is a peer when it can be had (never in CI's test path).
@@ -92,26 +96,38 @@ if ((isolate && ncpu >= 2)) && command -v taskset >/dev/null; then
 elif ((isolate)); then
   echo "bench/run.sh: $ncpu CPU(s) or no taskset: broker and clients share the cores"
 fi
-rows="$work/rows.md"
-: >"$rows"
 load_before=$(cut -d' ' -f1-3 /proc/loadavg)
 
-bench() {
-  "${client[@]}" target/release/warren-bench --url "$url" --table "$rows" "$@" | tee -a "$work/detail.txt"
+# Both layouts in one invocation, each scenario's rows side by side: pinned
+# as above (the broker alone on its core: its CPU per task decides) and
+# shared (nothing pinned, as a broker and its workers on one host: the
+# clients' CPU per task decides). --shared-cores: the shared one only.
+measure() { # LAYOUT-NAME, CLIENT-PREFIX...
+  local name=$1
+  shift
+  local rows="$work/rows-$name.md"
+  : >"$rows"
+  bench() {
+    "$@" "$bin_dir/warren-bench" --url "$url" --table "$rows" --broker-pid "$broker_pid" "${args[@]}" |
+      sed -u -E "s/^(publish|drain|latency)/\1 [$name]/" | tee -a "$work/detail.txt"
+  }
+  args=(--scenario publish --messages "$MESSAGES" --runs "$RUNS" --peers "$peers"
+    --sides plain,plain-contract,library,cli,api --peer-messages "${PEER_MESSAGES:-3000}")
+  bench "$@"
+  args=(--scenario drain --messages "$MESSAGES" --runs "$RUNS" --max-priority 0,10
+    --drain-prefetch 64 --peers "$peers" --peer-messages "${PEER_MESSAGES:-3000}")
+  bench "$@"
+  args=(--scenario latency --seconds 5)
+  bench "$@"
 }
-bench --scenario publish --messages "$MESSAGES" --runs "$RUNS" --peers "$peers" \
-  --sides plain,library,cli,api,plain-contract \
-  --peer-messages "${PEER_MESSAGES:-3000}"
-bench --scenario drain --messages "$MESSAGES" --runs "$RUNS" --max-priority 0,10 \
-  --broker-pid "$broker_pid" --peers "$peers" --peer-messages "${PEER_MESSAGES:-3000}"
-bench --scenario latency --seconds 5
+layouts=()
 if ((${#client[@]})); then
-  # The same latency scenario unpinned, for the detail only: what sharing
-  # the cores with the broker costs the tail.
-  place_broker "$ncpu"
-  target/release/warren-bench --url "$url" --table "$work/shared-rows.md" --scenario latency --seconds 5 |
-    sed -E 's/^latency:? /latency, shared cores: /' | tee -a "$work/detail.txt"
+  measure pinned "${client[@]}"
+  layouts+=("pinned: $layout")
 fi
+place_broker "$ncpu" 2>/dev/null || true
+measure shared
+layouts+=("shared: broker ($ncpu Erlang schedulers) and clients unpinned on the same $ncpu cores")
 
 load_after=$(cut -d' ' -f1-3 /proc/loadavg)
 cpu=$(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2- | sed 's/^ *//')
@@ -119,14 +135,20 @@ version=$(bash deploy/broker.sh ctl --dir "$broker" version 2>/dev/null | tail -
 rev=$(git rev-parse --short HEAD)
 table="$work/table.md"
 {
-  echo "$ncpu cores ($cpu), RabbitMQ $version, $layout;"
+  echo "$ncpu cores ($cpu), RabbitMQ $version;"
+  for l in "${layouts[@]}"; do echo "$l;"; done
   echo "$(date -u +%Y-%m-%d), \`$rev\`, load average $load_before before and $load_after after"
   echo "(other work on the machine counts: compare the ratios, measured side by side in one run)."
-  echo "Cells: median of $RUNS interleaved runs (min–max); \`bash bench/run.sh\` regenerates this."
+  echo "Cells: median of $RUNS interleaved runs (min–max); CPU per task from /proc/<pid>/stat over the"
+  echo "measured window, client / broker; \`bash bench/run.sh\` regenerates this."
   echo
-  echo "| what | plain lapin | warren | warren / plain | target | rusty-celery | Celery | note |"
-  echo "|---|---|---|---|---|---|---|---|"
-  cat "$rows"
+  echo "| layout | what | plain lapin | warren | warren / plain | target | rusty-celery | Celery | note |"
+  echo "|---|---|---|---|---|---|---|---|---|"
+  # Row i of each layout, one under the other.
+  awk -v shared="$work/rows-shared.md" '
+    { print "| pinned " $0; if ((getline l < shared) > 0) print "| shared " l }
+    END { while ((getline l < shared) > 0) print "| shared " l }' \
+    "$( [[ -f $work/rows-pinned.md ]] && echo "$work/rows-pinned.md" || echo /dev/null)"
 } >"$table"
 cat "$table"
 

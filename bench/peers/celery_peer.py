@@ -8,8 +8,10 @@ Celery declares its own durable classic queue (no `x-max-priority`) and
 publishes persistent messages. `publish`: `apply_async` with publisher
 confirms (`confirm_publish`), one at a time, as Celery does. `drain`: N tasks
 are published first (not timed), then a solo worker with late acks (ack after
-the task, like warren) and prefetch 64 (warren's default) runs a no-op task;
-timed from the first task's start to the Nth.
+the task, like warren) and prefetch `--prefetch` (default 64, warren's
+default; 0: Celery's own, 4) runs a no-op task; timed from the first task's
+start to the Nth (warren-bench measures the drain from the broker's queue
+count instead).
 """
 
 import argparse
@@ -34,6 +36,9 @@ args.add_argument("mode", choices=["publish", "drain"])
 args.add_argument("--url", required=True)
 args.add_argument("--queue", required=True)
 args.add_argument("-n", type=int, required=True)
+# drain: the worker's prefetch (solo pool: the multiplier is the prefetch);
+# 0: Celery's default (multiplier 4).
+args.add_argument("--prefetch", type=int, default=64)
 a = args.parse_args()
 
 app = Celery("bench", broker=a.url)
@@ -42,12 +47,14 @@ app.conf.update(
     task_queues=[Queue(a.queue, durable=True)],
     broker_transport_options={"confirm_publish": a.mode == "publish"},
     task_acks_late=True,
-    worker_prefetch_multiplier=64,
     task_ignore_result=True,
     worker_hijack_root_logger=False,
     worker_log_color=False,
     broker_connection_retry_on_startup=True,
 )
+
+if a.prefetch > 0:
+    app.conf.worker_prefetch_multiplier = a.prefetch
 
 seen = {"n": 0, "t0": 0.0}
 

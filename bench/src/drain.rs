@@ -1,33 +1,37 @@
 //! `--scenario drain`: how fast a pre-filled backlog empties.
 //!
 //! Each run publishes N persistent ~200-byte tasks with confirms (not timed),
-//! then times first-to-last completion for one side:
+//! then lets one side empty the queue:
 //!
-//! * plain lapin: one consumer loop (prefetch `--drain-plain-prefetch`,
-//!   default 64 like warren's default) that parses the JSON and acks each
-//!   delivery from a spawned task, i.e. acks pipelined, never awaited in the
-//!   loop; the clock runs from the first delivery to the last ack sent.
-//! * warren: the `warren-consumer` binary with its **default** worker config
-//!   (prefetch 64, concurrency 32) and a `noop` handler, started once the
-//!   backlog is in place; completion is read from its `/metrics`
-//!   (`warren_consumer_tasks_total`), from the first scrape that shows any
-//!   completed task to the one that shows all of them.
+//! * plain lapin: one consumer loop in the bench process that parses the
+//!   JSON and acks each delivery from a spawned task, i.e. acks pipelined,
+//!   never awaited in the loop;
+//! * warren: the `warren-consumer` binary with a `noop` handler;
+//! * the peers of `--peers` (see [`peers`]), which publish their own N tasks
+//!   first.
 //!
-//! Sides alternate run by run, and with `--max-priority 10,0` every priority
-//! setting of the work queue is measured in the same run too. Reported per
-//! side: each run's rate, the median, the warren / plain ratio per run and
-//! its median, consumer CPU per task over the timed window (from
-//! `/proc/<pid>/stat`; for the plain side the bench process, which does
-//! nothing else meanwhile), the broker's too with `--broker-pid`, and the
-//! consumer's peak RSS (`VmHWM`). With `--peers`, each run starts with one
-//! drain of `--peer-messages` tasks per peer (see [`peers`]); the rows then
-//! carry the peers' rates and warren / rusty-celery run by run.
+//! Every side is measured the same way ([`meter`]): the broker's ready
+//! count of the queue, polled every 100 ms, gives the rate between the first
+//! poll that shows the queue shrinking and the last that still shows
+//! messages; the CPU of the consumer process (`/proc/<pid>/stat`, with its
+//! children) and of the broker (`--broker-pid`) over the same polls, per task.
+//! Nothing reads the measured side while it drains.
+//!
+//! Each setting is a row: `--drain-prefetch P` (one or more) gives every side
+//! prefetch P (warren: `prefetch = concurrency = P`); the defaults row gives
+//! each side its own default (warren: prefetch 64, concurrency 32; lapin: 64,
+//! see [`Setting::plain_prefetch`]; rusty-celery and Python Celery: theirs).
+//! A peer whose drain cannot be measured (e.g. a default prefetch so large
+//! that its queue's ready count drops to 0 at once) is reported as such.
+//! Sides rotate run by run; with `--max-priority 10,0` every priority
+//! setting of the work queue is measured too (the peers' queues have no
+//! priorities: they run with setting 0 only).
 
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use anyhow::{bail, Context, Result};
+use anyhow::{Context, Result};
 use futures_util::StreamExt;
 use lapin::options::{BasicAckOptions, BasicConsumeOptions, BasicQosOptions};
 use lapin::types::FieldTable;
@@ -35,30 +39,91 @@ use lapin::Connection;
 use warren::config::{QueueConfig, QueueType, TopologyConfig};
 use warren::topology::{self, Topology};
 
+use crate::meter::Watch;
 use crate::peers;
 use crate::table::{self, list, median, Spread};
-use crate::{
-    consumer_bin, cpu_seconds, peak_rss_kib, plain_publish_body, start_consumer_with, tasks_done,
-    Args,
-};
+use crate::{consumer_bin, peak_rss_kib, plain_publish_body, spawn_consumer_with, Args};
 
 /// A ~200-byte JSON task body, as a typical small task carries.
-const BODY: &[u8] = br#"{"user_id":4242,"action":"bench.drain","email":"ada@example.com","tags":["alpha","beta","gamma"],"locale":"en-GB","attempt_note":"a payload of about two hundred bytes, like a typical small task","seq":1234567}"#;
+pub const BODY: &[u8] = br#"{"user_id":4242,"action":"bench.drain","email":"ada@example.com","tags":["alpha","beta","gamma"],"locale":"en-GB","attempt_note":"a payload of about two hundred bytes, like a typical small task","seq":1234567}"#;
 
-/// How often the warren side's `/metrics` is scraped while it drains.
-const SCRAPE_EVERY: Duration = Duration::from_millis(10);
+/// How long one drain may take.
+const DRAIN_TIMEOUT: Duration = Duration::from_secs(180);
+
+/// Prefetch of every side, or each side's default.
+#[derive(Clone, Copy, PartialEq)]
+pub enum Setting {
+    Same(u16),
+    Defaults,
+}
+
+impl Setting {
+    fn label(self) -> String {
+        match self {
+            Setting::Same(p) => format!("prefetch {p} for every side (warren: concurrency {p})"),
+            Setting::Defaults => {
+                "each side's default config (warren 64 / 32, lapin 64, the peers' own)".into()
+            }
+        }
+    }
+
+    fn short(self) -> String {
+        match self {
+            Setting::Same(p) => format!("prefetch {p}"),
+            Setting::Defaults => "defaults".into(),
+        }
+    }
+
+    /// lapin's own default is no `basic.qos` (unlimited): the whole backlog
+    /// would be handed over at once, which the broker's ready count cannot
+    /// follow, and no consumer drains a backlog that way; so 64 in the
+    /// defaults row too.
+    fn plain_prefetch(self) -> u16 {
+        match self {
+            Setting::Same(p) => p,
+            Setting::Defaults => 64,
+        }
+    }
+
+    fn warren_worker(self) -> String {
+        match self {
+            Setting::Same(p) => format!("[worker]\nprefetch = {p}\nconcurrency = {p}\n"),
+            Setting::Defaults => String::new(),
+        }
+    }
+
+    /// 0: the peer's own default.
+    fn peer_prefetch(self) -> u16 {
+        match self {
+            Setting::Same(p) => p,
+            Setting::Defaults => 0,
+        }
+    }
+}
 
 /// One timed drain.
-struct Drained {
-    /// Tasks per second over the timed window.
-    rate: f64,
-    /// Consumer CPU per task over the timed window, µs.
-    cpu_us: Option<f64>,
-    /// Broker CPU per task over the timed window, µs (with `--broker-pid`).
-    broker_us: Option<f64>,
+#[derive(Clone, Copy)]
+pub struct Drained {
+    /// Tasks per second over the measured window.
+    pub rate: f64,
+    /// Consumer CPU per task over the window, µs.
+    pub cpu_us: Option<f64>,
+    /// Broker CPU per task over the window, µs (with `--broker-pid`).
+    pub broker_us: Option<f64>,
     /// Consumer peak RSS, KiB (warren side only: the plain side shares the
     /// bench process).
-    rss_kib: Option<u64>,
+    pub rss_kib: Option<u64>,
+}
+
+impl Drained {
+    pub fn of(w: &crate::meter::DrainWindow, rss_kib: Option<u64>) -> Drained {
+        Drained {
+            rate: w.rate(),
+            cpu_us: w.client_us,
+            broker_us: w.broker_us,
+            rss_kib,
+        }
+    }
 }
 
 fn topo(tag: &str, max_priority: u8) -> Topology {
@@ -73,145 +138,189 @@ fn topo(tag: &str, max_priority: u8) -> Topology {
     })
 }
 
+/// The runs of one side in one (priority, setting) cell.
+#[derive(Default)]
+struct Runs(Vec<Drained>);
+
+impl Runs {
+    fn rates(&self) -> Vec<f64> {
+        self.0.iter().map(|d| d.rate).collect()
+    }
+    fn cpu(&self) -> Vec<f64> {
+        self.0.iter().filter_map(|d| d.cpu_us).collect()
+    }
+    fn broker(&self) -> Vec<f64> {
+        self.0.iter().filter_map(|d| d.broker_us).collect()
+    }
+    /// `median µs client / median µs broker`.
+    fn cpu_cell(&self) -> String {
+        let f = |v: Vec<f64>| {
+            if v.is_empty() {
+                "—".to_owned()
+            } else {
+                format!("{:.1}", median(&v))
+            }
+        };
+        format!("{} / {}", f(self.cpu()), f(self.broker()))
+    }
+}
+
 pub async fn drain_scenario(conn: &Connection, args: &Args, url: &str) -> Result<()> {
     let bin = consumer_bin(args)?;
-    let priorities = &args.max_priority;
-    // Per priority setting: plain and warren results, in run order.
-    let mut plain: Vec<Vec<Drained>> = priorities.iter().map(|_| Vec::new()).collect();
-    let mut warren: Vec<Vec<Drained>> = priorities.iter().map(|_| Vec::new()).collect();
+    let mut settings: Vec<Setting> = args
+        .drain_prefetch
+        .iter()
+        .map(|&p| Setting::Same(p))
+        .collect();
+    settings.push(Setting::Defaults);
+    let combos: Vec<(u8, Setting)> = args
+        .max_priority
+        .iter()
+        .flat_map(|&p| settings.iter().map(move |&s| (p, s)))
+        .collect();
     let mut peers = peers::from_args(args);
+    // Per combo: plain, warren, then one per peer.
+    let mut runs: Vec<Vec<Runs>> = combos
+        .iter()
+        .map(|_| (0..2 + peers.len()).map(|_| Runs::default()).collect())
+        .collect();
     for run in 0..args.runs {
-        for peer in &mut peers {
-            let rate = peer.run(conn, url, "drain").await?;
-            warren::outln!("drain run {run} {}: {rate:.0} msgs/s", peer.name);
-        }
-        for (pi, &prio) in priorities.iter().enumerate() {
-            // Alternate which side goes first, run by run and setting by setting.
-            let sides = if (run + pi) % 2 == 0 { [0, 1] } else { [1, 0] };
-            for side in sides {
-                let t = topo(&format!("{run}{pi}{side}"), prio);
-                topology::declare(conn, &t).await?;
-                plain_publish_body(conn, &t.tasks_exchange(), "bench.noop", args.messages, BODY)
-                    .await?;
-                let queue = t.work_queues()[0].name.clone();
-                let broker = Meter::new(args.broker_pid);
-                let r = if side == 0 {
-                    plain_drain(
-                        conn,
-                        &queue,
-                        args.messages,
-                        args.drain_plain_prefetch,
-                        broker,
-                    )
-                    .await?
-                } else {
-                    warren_drain(&bin, url, &t, prio, "", args.messages, broker).await?
+        for (ci, &(prio, setting)) in combos.iter().enumerate() {
+            let sides = if prio == 0 { 2 + peers.len() } else { 2 };
+            for k in 0..sides {
+                // Rotate which side goes first, run by run and cell by cell.
+                let side = (run + ci + k) % sides;
+                let r = match side {
+                    0 | 1 => {
+                        let t = topo(&format!("{run}{ci}{side}"), prio);
+                        topology::declare(conn, &t).await?;
+                        plain_publish_body(
+                            conn,
+                            &t.tasks_exchange(),
+                            "bench.noop",
+                            args.messages,
+                            BODY,
+                        )
+                        .await?;
+                        let r = if side == 0 {
+                            plain_drain(conn, &t, args, setting.plain_prefetch()).await
+                        } else {
+                            warren_drain(&bin, conn, url, &t, prio, &setting.warren_worker(), args)
+                                .await
+                        };
+                        warren::testing::delete_topology(conn, &t).await;
+                        r?
+                    }
+                    p => {
+                        let peer = &mut peers[p - 2];
+                        match peer
+                            .drain(conn, url, setting.peer_prefetch(), args.broker_pid)
+                            .await
+                        {
+                            Ok(r) => r,
+                            Err(e) => {
+                                warren::outln!(
+                                    "drain run {run} {} {}: not measured: {e:#}",
+                                    setting.short(),
+                                    peer.name
+                                );
+                                continue;
+                            }
+                        }
+                    }
                 };
-                let who = if side == 0 { "plain " } else { "warren" };
+                let who = match side {
+                    0 => "plain lapin",
+                    1 => "warren",
+                    p => peers[p - 2].name,
+                };
                 warren::outln!(
-                    "drain run {run} max_priority {prio} {who}: {:.0} msgs/s",
-                    r.rate
+                    "drain run {run} max_priority {prio} {} {who}: {:.0} msgs/s, CPU/task µs client {:.1} broker {:.1}",
+                    setting.short(),
+                    r.rate,
+                    r.cpu_us.unwrap_or(f64::NAN),
+                    r.broker_us.unwrap_or(f64::NAN)
                 );
-                if side == 0 {
-                    plain[pi].push(r);
-                } else {
-                    warren[pi].push(r);
-                }
-                warren::testing::delete_topology(conn, &t).await;
+                runs[ci][side].0.push(r);
             }
         }
     }
-    // Memory at a large prefetch, as a fleet tuned for throughput runs it:
-    // one more drain, not timed against anything.
-    let big = match (args.rss_prefetch, priorities.first()) {
-        (0, _) | (_, None) => None,
-        (prefetch, Some(&prio)) => {
-            let t = topo("rss", prio);
-            topology::declare(conn, &t).await?;
-            plain_publish_body(conn, &t.tasks_exchange(), "bench.noop", args.messages, BODY)
-                .await?;
-            let worker = format!("[worker]\nprefetch = {prefetch}\nconcurrency = {prefetch}\n");
-            let r = warren_drain(
-                &bin,
-                url,
-                &t,
-                prio,
-                &worker,
-                args.messages,
-                Meter::new(None),
-            )
-            .await?;
-            warren::testing::delete_topology(conn, &t).await;
-            warren::outln!(
-                "drain max_priority {prio}: prefetch = concurrency = {prefetch}: {:.0} msgs/s, consumer CPU per task {:.1} µs, peak RSS {:.1} MiB",
-                r.rate,
-                r.cpu_us.unwrap_or(f64::NAN),
-                r.rss_kib.unwrap_or(0) as f64 / 1024.0
-            );
-            Some((prefetch, r))
-        }
-    };
     warren::outln!(
-        "drain: {} tasks of {} bytes per run, {} runs per side; plain lapin prefetch {}, warren-consumer default worker config, noop handler",
+        "drain: {} tasks of {} bytes per run, {} runs per side, noop handlers; rate and CPU from the broker's ready count polled every {} ms",
         args.messages,
         BODY.len(),
         args.runs,
-        args.drain_plain_prefetch
+        crate::meter::POLL.as_millis()
     );
-    for (pi, prio) in priorities.iter().enumerate() {
-        let rate = |v: &[Drained]| v.iter().map(|d| d.rate).collect::<Vec<_>>();
-        let (p, w) = (rate(&plain[pi]), rate(&warren[pi]));
-        let ratios: Vec<f64> = p.iter().zip(&w).map(|(p, w)| w / p).collect();
-        let cpu = |v: &[Drained]| v.iter().filter_map(|d| d.cpu_us).collect::<Vec<_>>();
-        let rss = warren[pi].iter().filter_map(|d| d.rss_kib).max();
+    for (ci, &(prio, setting)) in combos.iter().enumerate() {
+        let r = &runs[ci];
+        let (p, w) = (r[0].rates(), r[1].rates());
+        let ratios = table::ratios(&p, &w);
+        let tag = format!("drain max_priority {prio} {}", setting.short());
         warren::outln!(
-            "drain max_priority {prio}: plain lapin msgs/s [{}], median {:.0}",
+            "{tag}: plain lapin msgs/s [{}], median {:.0}",
             list(&p, 0),
             median(&p)
         );
         warren::outln!(
-            "drain max_priority {prio}: warren      msgs/s [{}], median {:.0}",
+            "{tag}: warren      msgs/s [{}], median {:.0}",
             list(&w, 0),
             median(&w)
         );
         warren::outln!(
-            "drain max_priority {prio}: warren / plain per run [{}], median {:.2}",
+            "{tag}: warren / plain per run [{}], median {:.2}",
             list(&ratios, 2),
             median(&ratios)
         );
+        let mut cpu_note = vec![
+            format!("warren {}", r[1].cpu_cell()),
+            format!("plain {}", r[0].cpu_cell()),
+        ];
+        let mut rusty = "—".to_owned();
+        let mut celery = "—".to_owned();
+        let mut vs_rusty = None;
+        if prio == 0 {
+            for (pi, peer) in peers.iter().enumerate() {
+                let pr = &r[2 + pi];
+                if pr.0.is_empty() {
+                    continue;
+                }
+                let rates = pr.rates();
+                warren::outln!(
+                    "{tag}: {} msgs/s [{}], median {:.0}",
+                    peer.name,
+                    list(&rates, 0),
+                    median(&rates)
+                );
+                cpu_note.push(format!("{} {}", peer.name, pr.cpu_cell()));
+                let cell = Spread::of(&rates).to_string();
+                if peer.key == "rusty-celery" {
+                    rusty = cell;
+                    let rr = table::ratios(&rates, &w);
+                    warren::outln!(
+                        "{tag}: warren / rusty-celery per run [{}], median {:.2}",
+                        list(&rr, 2),
+                        median(&rr)
+                    );
+                    vs_rusty = Some(rr);
+                } else {
+                    celery = cell;
+                }
+            }
+        }
         warren::outln!(
-            "drain max_priority {prio}: consumer CPU per task µs: plain [{}] median {:.1}; warren [{}] median {:.1}",
-            list(&cpu(&plain[pi]), 1),
-            median(&cpu(&plain[pi])),
-            list(&cpu(&warren[pi]), 1),
-            median(&cpu(&warren[pi]))
+            "{tag}: CPU per task µs, client / broker (medians): {}",
+            cpu_note.join("; ")
         );
-        let broker = |v: &[Drained]| v.iter().filter_map(|d| d.broker_us).collect::<Vec<_>>();
-        if args.broker_pid.is_some() {
-            warren::outln!(
-                "drain max_priority {prio}: broker CPU per task µs: plain [{}] median {:.1}; warren [{}] median {:.1}",
-                list(&broker(&plain[pi]), 1),
-                median(&broker(&plain[pi])),
-                list(&broker(&warren[pi]), 1),
-                median(&broker(&warren[pi]))
-            );
-        }
-        let vs_rusty = peers::rusty_ratios(&peers, &w);
-        if let Some(r) = &vs_rusty {
-            warren::outln!(
-                "drain max_priority {prio}: warren / rusty-celery per run [{}], median {:.2} (rusty-celery's queue has no priorities)",
-                list(r, 2),
-                median(r)
-            );
-        }
+        let rss = r[1].0.iter().filter_map(|d| d.rss_kib).max();
         if let Some(kib) = rss {
             warren::outln!(
-                "drain max_priority {prio}: warren-consumer peak RSS {:.1} MiB (max over runs)",
+                "{tag}: warren-consumer peak RSS {:.1} MiB (max over runs)",
                 kib as f64 / 1024.0
             );
         }
-        let queue = if *prio == 0 {
-            "no priorities (the default queue)".to_owned()
+        let queue = if prio == 0 {
+            "no priorities".to_owned()
         } else {
             format!("`x-max-priority = {prio}`")
         };
@@ -219,161 +328,98 @@ pub async fn drain_scenario(conn: &Connection, args: &Args, url: &str) -> Result
             args,
             &[
                 format!(
-                    "drain a {}k backlog, {queue}, default consumer config, noop",
-                    args.messages / 1000
+                    "drain a {}k backlog, {queue}, {}, noop",
+                    args.messages / 1000,
+                    setting.label()
                 ),
                 Spread::of(&p).to_string(),
                 Spread::of(&w).to_string(),
                 Spread::of(&ratios).ratio(),
-                "≥ 0.8".into(),
-                peers::rusty_cell(&peers),
-                peers::celery_cell(&peers),
-                format!(
-                    "{}CPU/task µs: consumer {:.1} (plain {:.1}), broker {}; peak RSS {}",
-                    vs_rusty.as_ref().map_or(String::new(), |r| format!(
-                        "warren / rusty-celery {} ({}); ",
-                        Spread::of(r).ratio(),
-                        // The target is for the default queue; on a priority
-                        // queue the two do not do the same work.
-                        if *prio == 0 {
-                            "target ≥ 1.0"
-                        } else {
-                            "rusty-celery's queue has no priorities"
-                        }
-                    )),
-                    median(&cpu(&warren[pi])),
-                    median(&cpu(&plain[pi])),
-                    if args.broker_pid.is_some() {
-                        format!(
-                            "{:.1} (plain {:.1})",
-                            median(&broker(&warren[pi])),
-                            median(&broker(&plain[pi]))
-                        )
-                    } else {
-                        "—".into()
-                    },
-                    rss.map_or("—".into(), |k| format!("{:.1} MiB", k as f64 / 1024.0))
-                ) + &match (&big, pi) {
-                    (Some((prefetch, r)), 0) => format!(
-                        "; at prefetch = concurrency = {prefetch}: peak RSS {:.1} MiB, CPU/task {:.1} µs",
-                        r.rss_kib.unwrap_or(0) as f64 / 1024.0,
-                        r.cpu_us.unwrap_or(f64::NAN)
-                    ),
-                    _ => String::new(),
+                if setting == Setting::Defaults && prio == 0 {
+                    "≥ 0.9 (≥ 1.0 × rusty-celery)".into()
+                } else {
+                    String::new()
                 },
+                rusty,
+                celery,
+                format!(
+                    "{}CPU/task µs client / broker: {}; warren peak RSS {}",
+                    vs_rusty.as_ref().map_or(String::new(), |rr| format!(
+                        "warren / rusty-celery {}; ",
+                        Spread::of(rr).ratio()
+                    )),
+                    cpu_note.join(", "),
+                    rss.map_or("—".into(), |k| format!("{:.1} MiB", k as f64 / 1024.0))
+                ),
             ],
         )?;
-    }
-    if priorities.len() > 1 {
-        let base = median(&warren[0].iter().map(|d| d.rate).collect::<Vec<_>>());
-        for (pi, prio) in priorities.iter().enumerate().skip(1) {
-            let m = median(&warren[pi].iter().map(|d| d.rate).collect::<Vec<_>>());
-            let pm = median(&plain[pi].iter().map(|d| d.rate).collect::<Vec<_>>());
-            let pbase = median(&plain[0].iter().map(|d| d.rate).collect::<Vec<_>>());
-            warren::outln!(
-                "drain: max_priority {prio} / max_priority {}: warren {:.2}, plain lapin {:.2} (medians)",
-                priorities[0],
-                m / base,
-                pm / pbase
-            );
-        }
     }
     Ok(())
 }
 
-/// CPU seconds of an optional process (the broker), from a start point.
-#[derive(Clone, Copy)]
-struct Meter {
-    pid: Option<u32>,
-    start: Option<f64>,
-}
-
-impl Meter {
-    fn new(pid: Option<u32>) -> Self {
-        Self { pid, start: None }
-    }
-
-    fn start(&mut self) {
-        self.start = self.pid.and_then(cpu_seconds);
-    }
-
-    /// µs per task since [`Meter::start`].
-    fn per_task_us(&self, tasks: f64) -> Option<f64> {
-        let now = cpu_seconds(self.pid?)?;
-        Some((now - self.start?) * 1e6 / tasks)
-    }
-}
-
-/// Drain `n` deliveries with a plain lapin consumer on its own channel.
+/// Drain the work queue of `t` with a plain lapin consumer on its own channel,
+/// in this process (nothing else runs in it meanwhile but the watch).
 async fn plain_drain(
     conn: &Connection,
-    queue: &str,
-    n: usize,
+    t: &Topology,
+    args: &Args,
     prefetch: u16,
-    mut broker: Meter,
 ) -> Result<Drained> {
+    let queue = t.work_queues()[0].name.clone();
+    let n = args.messages;
     let ch = conn.create_channel().await?;
-    ch.basic_qos(prefetch, BasicQosOptions::default()).await?;
+    if prefetch > 0 {
+        ch.basic_qos(prefetch, BasicQosOptions::default()).await?;
+    }
     let mut consumer = ch
         .basic_consume(
-            queue.into(),
+            queue.as_str().into(),
             "plain-drain".into(),
             BasicConsumeOptions::default(),
             FieldTable::default(),
         )
         .await?;
-    let acked = Arc::new(AtomicUsize::new(0));
-    let all_acked = Arc::new(tokio::sync::Notify::new());
-    let mut first: Option<(Instant, Option<f64>)> = None;
-    for _ in 0..n {
-        let d = tokio::time::timeout(Duration::from_secs(60), consumer.next())
-            .await
-            .context("plain consumer stalled")?
-            .context("consumer ended")??;
-        if first.is_none() {
-            broker.start();
-            first = Some((Instant::now(), cpu_seconds(std::process::id())));
+    let mut watch = Watch::new(conn, &queue, Some(std::process::id()), args.broker_pid).await?;
+    let consuming = tokio::spawn(async move {
+        let acked = Arc::new(AtomicUsize::new(0));
+        let all_acked = Arc::new(tokio::sync::Notify::new());
+        for _ in 0..n {
+            let d = tokio::time::timeout(Duration::from_secs(60), consumer.next())
+                .await
+                .context("plain consumer stalled")?
+                .context("consumer ended")??;
+            let _: serde_json::Value = serde_json::from_slice(&d.data)?;
+            let (acked, all_acked) = (acked.clone(), all_acked.clone());
+            tokio::spawn(async move {
+                if d.ack(BasicAckOptions::default()).await.is_ok()
+                    && acked.fetch_add(1, Ordering::SeqCst) + 1 == n
+                {
+                    // notify_one keeps the wake-up if nobody waits yet.
+                    all_acked.notify_one();
+                }
+            });
         }
-        let _: serde_json::Value = serde_json::from_slice(&d.data)?;
-        let (acked, all_acked) = (acked.clone(), all_acked.clone());
-        tokio::spawn(async move {
-            if d.ack(BasicAckOptions::default()).await.is_ok()
-                && acked.fetch_add(1, Ordering::SeqCst) + 1 == n
-            {
-                // notify_one keeps the wake-up if nobody waits yet.
-                all_acked.notify_one();
-            }
-        });
-    }
-    tokio::time::timeout(Duration::from_secs(60), all_acked.notified())
-        .await
-        .context("plain consumer: not every ack went out")?;
-    let Some((start, cpu0)) = first else {
-        bail!("nothing to drain");
-    };
-    let secs = start.elapsed().as_secs_f64();
-    let cpu_us = cpu_seconds(std::process::id())
-        .zip(cpu0)
-        .map(|(b, a)| (b - a) * 1e6 / n as f64);
-    let broker_us = broker.per_task_us(n as f64);
+        tokio::time::timeout(Duration::from_secs(60), all_acked.notified())
+            .await
+            .context("plain consumer: not every ack went out")?;
+        Ok::<_, anyhow::Error>(())
+    });
+    let window = watch.drain(DRAIN_TIMEOUT).await;
+    consuming.await??;
+    watch.close().await;
     ch.close(200, "done".into()).await.ok();
-    Ok(Drained {
-        rate: n as f64 / secs,
-        cpu_us,
-        broker_us,
-        rss_kib: None,
-    })
+    Ok(Drained::of(&window?, None))
 }
 
-/// Start `warren-consumer` on the filled queue and time it emptying it.
+/// Start `warren-consumer` on the filled queue and watch it empty it.
 async fn warren_drain(
     bin: &std::path::Path,
+    conn: &Connection,
     url: &str,
     t: &Topology,
     max_priority: u8,
     worker: &str,
-    n: usize,
-    mut broker: Meter,
+    args: &Args,
 ) -> Result<Drained> {
     // The default worker config (unless `worker` says otherwise); only the
     // work queue's priority setting (so the consumer's declaration matches
@@ -381,47 +427,22 @@ async fn warren_drain(
     let cfg = format!(
         "[[topology.queues]]\nname = \"default\"\nbindings = [\"#\"]\nmax_priority = {max_priority}\n[log]\nlevel = \"warn\"\n[handlers.\"bench.*\"]\nkind = \"noop\"\n{worker}"
     );
-    let mut proc = start_consumer_with(bin, url, t, &cfg).await?;
+    let mut proc = spawn_consumer_with(bin, url, t, &cfg, std::process::Stdio::inherit())?;
     let pid = proc.child.id().context("warren-consumer exited at once")?;
+    let queue = t.work_queues()[0].name.clone();
+    // Watched from before the consumer connects, so that a short drain still
+    // spans several polls.
+    let mut watch = Watch::new(conn, &queue, Some(pid), args.broker_pid).await?;
     let http = reqwest::Client::new();
-    let deadline = Instant::now() + Duration::from_secs(120);
-    let mut first: Option<(Instant, f64, Option<f64>)> = None;
-    let target = n as f64;
-    loop {
-        let done = tasks_done(&http, &proc.metrics).await?;
-        let now = Instant::now();
-        if first.is_none() && done > 0.0 {
-            if done >= target {
-                bail!("warren-consumer drained everything before the first scrape: use more --messages");
-            }
-            broker.start();
-            first = Some((now, done, cpu_seconds(pid)));
-        }
-        if done >= target {
-            break;
-        }
-        if now > deadline {
-            bail!("warren-consumer did not finish the drain ({done} of {n})");
-        }
-        tokio::time::sleep(SCRAPE_EVERY).await;
-    }
-    let Some((start, done0, cpu0)) = first else {
-        bail!("no completion seen");
-    };
-    let counted = target - done0;
-    let rate = counted / start.elapsed().as_secs_f64();
-    let cpu_us = cpu_seconds(pid)
-        .zip(cpu0)
-        .map(|(b, a)| (b - a) * 1e6 / counted);
-    let broker_us = broker.per_task_us(counted);
+    let (window, ready) = tokio::join!(
+        watch.drain(DRAIN_TIMEOUT),
+        crate::wait_ready(&http, &proc.base, "warren-consumer")
+    );
+    ready?;
+    watch.close().await;
     let rss_kib = peak_rss_kib(pid);
     proc.child.kill().await.ok();
-    Ok(Drained {
-        rate,
-        cpu_us,
-        broker_us,
-        rss_kib,
-    })
+    Ok(Drained::of(&window?, rss_kib))
 }
 
 /// `--scenario events`: the same backlog drain by `warren-consumer` with

@@ -11,8 +11,9 @@
 //!   `warren-consumer` binary with a `noop` handler, counted through its
 //!   `/metrics`. Also the consumer process's peak RSS.
 //! * `drain` (not part of `all`): a pre-filled backlog emptied by a plain
-//!   lapin consumer and by `warren-consumer` with its default config; see
-//!   [`drain`].
+//!   lapin consumer, `warren-consumer` and the peers, at the same prefetch
+//!   and at each one's defaults, measured from the broker's queue count;
+//!   see [`drain`].
 //! * `latency`: enqueue → handler start at a paced 5,000 tasks/s; see
 //!   [`latency`].
 //! * `delay`: how late delayed tasks arrive through the delay levels (never
@@ -21,6 +22,10 @@
 //!   schedules, a burst, a failover; see [`schedules`].
 //! * `workflows` (not part of `all`): the coordinator's steps/s with 100
 //!   and with 10,000 active runs; see [`workflows`].
+//! * `steady` (not part of `all`): consumer CPU per task at paced rates,
+//!   warren against a plain lapin consumer; see [`steady`].
+//! * `retry-heavy` (not part of `all`): N tasks failing once then
+//!   succeeding, against N succeeding at once; see [`retry`].
 //!
 //! Runs alternate between the two sides; the report gives each run and the
 //! median ratio. Run with `cargo run --release -p warren-bench -- --help`.
@@ -29,9 +34,12 @@ mod cluster;
 mod drain;
 mod index;
 mod latency;
+mod meter;
 mod peers;
 mod publish;
+mod retry;
 mod schedules;
+mod steady;
 mod table;
 mod workflows;
 
@@ -68,8 +76,9 @@ struct Args {
     /// `publish`, `e2e`, `latency`, `delay`, `all`, `drain` (a pre-filled backlog, see
     /// `--max-priority`), `cluster` (quorum queue on a local 3-node cluster
     /// against a classic queue on one node), `schedules` (the producer's
-    /// scheduler at `--schedules` N) or `workflows` (steps/s at `--active`
-    /// runs).
+    /// scheduler at `--schedules` N), `workflows` (steps/s at `--active`
+    /// runs), `steady` (consumer CPU per task at paced `--steady-rates`) or
+    /// `retry-heavy` (N tasks failing once, against N succeeding at once).
     #[arg(long, default_value = "all")]
     scenario: String,
     /// Prefetch for both consumers.
@@ -83,18 +92,16 @@ struct Args {
     /// new default queue gets).
     #[arg(long, value_delimiter = ',', default_value = "0")]
     max_priority: Vec<u8>,
-    /// `drain`: after the timed runs, one more warren drain with
-    /// `prefetch = concurrency =` this, for its peak RSS (0: none).
-    #[arg(long, default_value_t = 256)]
-    rss_prefetch: u16,
-    /// `drain`, `schedules`: the broker's OS pid (e.g. `$(cat DIR/rabbit.pid)`
+    /// `drain`, `publish`, `steady`, `retry-heavy`, `schedules`: the broker's OS pid (e.g. `$(cat DIR/rabbit.pid)`
     /// of `deploy/broker.sh`), to report its CPU per drained task (per fire)
     /// too. Only meaningful when nothing else uses that broker meanwhile.
     #[arg(long)]
     broker_pid: Option<u32>,
-    /// `drain`: the plain lapin consumer's prefetch (warren's default is 64).
-    #[arg(long, default_value_t = 64)]
-    drain_plain_prefetch: u16,
+    /// `drain`: one row per prefetch P given, every side at prefetch P
+    /// (warren: `prefetch = concurrency = P`), beside the row of each side's
+    /// defaults.
+    #[arg(long, value_delimiter = ',', default_value = "64")]
+    drain_prefetch: Vec<u16>,
     /// The warren-producer binary (default: next to this one).
     #[arg(long)]
     producer_bin: Option<PathBuf>,
@@ -162,6 +169,13 @@ struct Args {
     /// `workflows`: runs of the measured 2-step chain kept in flight.
     #[arg(long, default_value_t = 50)]
     inflight: usize,
+    /// `steady`: paced publishing rates, tasks/s, one measurement each.
+    #[arg(long, value_delimiter = ',', default_value = "500,2000,10000")]
+    steady_rates: Vec<f64>,
+    /// `plain-consume` (the plain side of `steady`, run as a process of its
+    /// own): the queue to consume.
+    #[arg(long)]
+    queue: Option<String>,
     /// Append each scenario's summary as Markdown table rows to this file
     /// (`bench/run.sh` builds the README's table from it).
     #[arg(long)]
@@ -230,6 +244,15 @@ async fn main() -> Result<()> {
     }
     if args.scenario == "workflows" {
         workflows::workflows_scenario(&conn, &args, &url).await?;
+    }
+    if args.scenario == "steady" {
+        steady::steady_scenario(&conn, &args, &url).await?;
+    }
+    if args.scenario == "plain-consume" {
+        steady::plain_consume(&conn, &args).await?;
+    }
+    if args.scenario == "retry-heavy" {
+        retry::retry_scenario(&conn, &args, &url).await?;
     }
     // lapin's close now and then waits forever for a close-ok on a socket
     // it already shut (seen under `perf stat`): the results are out by now.
@@ -399,6 +422,7 @@ async fn plain_consume_until(
 struct ConsumerProc {
     child: tokio::process::Child,
     metrics: String,
+    base: String,
     _dir: tempfile::TempDir,
 }
 
@@ -428,6 +452,20 @@ async fn start_consumer_with(
     t: &Topology,
     config: &str,
 ) -> Result<ConsumerProc> {
+    let proc = spawn_consumer_with(bin, url, t, config, Stdio::inherit())?;
+    wait_ready(&reqwest::Client::new(), &proc.base, "warren-consumer").await?;
+    Ok(proc)
+}
+
+/// Start `warren-consumer` with `config` (TOML) on topology `t`, its stderr
+/// (its log) to `stderr`; ready or not.
+fn spawn_consumer_with(
+    bin: &std::path::Path,
+    url: &str,
+    t: &Topology,
+    config: &str,
+    stderr: Stdio,
+) -> Result<ConsumerProc> {
     let dir = tempfile::tempdir()?;
     let cfg = dir.path().join("consumer.toml");
     std::fs::write(&cfg, config)?;
@@ -439,15 +477,15 @@ async fn start_consumer_with(
         .env("WARREN_HTTP_ADDR", format!("127.0.0.1:{port}"))
         .env("WARREN_TOPOLOGY__PREFIX", t.prefix())
         .stdout(Stdio::null())
+        .stderr(stderr)
         .kill_on_drop(true)
         .spawn()
         .with_context(|| format!("start {}", bin.display()))?;
     let base = format!("http://127.0.0.1:{port}");
-    let http = reqwest::Client::new();
-    wait_ready(&http, &base, "warren-consumer").await?;
     Ok(ConsumerProc {
         child,
         metrics: format!("{base}/metrics"),
+        base,
         _dir: dir,
     })
 }
@@ -467,11 +505,6 @@ fn cpu_seconds(pid: u32) -> Option<f64> {
     let fields: Vec<&str> = rest.split_whitespace().collect();
     let ticks: f64 = fields.get(11)?.parse::<f64>().ok()? + fields.get(12)?.parse::<f64>().ok()?;
     Some(ticks / 100.0)
-}
-
-fn per_message_us(before: Option<f64>, n: usize) -> Option<f64> {
-    let after = cpu_seconds(std::process::id())?;
-    Some((after - before?) * 1e6 / n as f64)
 }
 
 fn peak_rss_kib(pid: u32) -> Option<u64> {
@@ -546,7 +579,8 @@ async fn e2e_scenario(conn: &Connection, args: &Args, url: &str) -> Result<()> {
                     if Instant::now() > deadline {
                         bail!("warren-consumer did not finish the run");
                     }
-                    tokio::time::sleep(Duration::from_millis(10)).await;
+                    // Rarely: reading /metrics costs the consumer CPU.
+                    tokio::time::sleep(Duration::from_millis(100)).await;
                 }
                 warren.push(args.messages as f64 / start.elapsed().as_secs_f64());
                 if let Some(pid) = proc.child.id() {

@@ -7,14 +7,22 @@
 //!   `rusty-celery-peer` release binary of `<peer-dir>/rusty-celery` (a crate
 //!   outside the workspace; skipped, with the build command, when the binary
 //!   is missing).
+//!
+//! Both take `--prefetch P` in `drain` mode (0: their own default), so a
+//! drain row can give every side the same prefetch, and another each its
+//! default. Their CPU is measured from outside, as warren's is (see
+//! [`crate::meter`]); the rate line they print is used for `publish` only.
 
 use std::ffi::OsString;
 use std::path::PathBuf;
 use std::process::Stdio;
+use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
 use lapin::Connection;
 
+use crate::drain::Drained;
+use crate::meter::{final_cpu, Meter, Watch};
 use crate::table::{self, Spread};
 use crate::Args;
 
@@ -28,7 +36,11 @@ pub struct Peer {
     /// Arguments before the mode (the Python script).
     lead: Vec<OsString>,
     n: usize,
+    /// Rates of the `publish` runs (a drain's are the caller's).
     pub rates: Vec<f64>,
+    /// Client and broker CPU per task of each `publish` run, µs.
+    pub cpu: Vec<(Option<f64>, Option<f64>)>,
+    runs: usize,
 }
 
 /// The peers `--peers` names that can run here; a line for each one that
@@ -67,6 +79,8 @@ fn rusty_celery(args: &Args) -> Option<Peer> {
         lead: Vec::new(),
         n: args.messages,
         rates: Vec::new(),
+        cpu: Vec::new(),
+        runs: 0,
     })
 }
 
@@ -92,51 +106,135 @@ fn python_celery(args: &Args) -> Option<Peer> {
         lead: vec![args.peer_dir.join("celery_peer.py").into()],
         n: args.peer_messages,
         rates: Vec::new(),
+        cpu: Vec::new(),
+        runs: 0,
     })
 }
 
 impl Peer {
-    /// One run of `mode` (`publish` or `drain`) on a fresh queue, deleted
-    /// afterwards; its rate (tasks per second) is kept and returned.
-    pub async fn run(&mut self, conn: &Connection, url: &str, mode: &str) -> Result<f64> {
-        let queue = format!(
-            "bench.{}.{}.{}",
-            self.key,
-            std::process::id(),
-            self.rates.len() + 1
-        );
-        let out = tokio::process::Command::new(&self.program)
-            .args(&self.lead)
-            .args([mode, "--url", url, "--queue", &queue, "-n"])
-            .arg(self.n.to_string())
-            .stdin(Stdio::null())
-            .kill_on_drop(true)
-            .output()
-            .await
-            .with_context(|| format!("run {}", self.program.display()))?;
-        if let Ok(ch) = conn.create_channel().await {
-            ch.queue_delete(queue.as_str().into(), Default::default())
-                .await
-                .ok();
-            ch.close(200, "done".into()).await.ok();
+    fn queue(&mut self) -> String {
+        self.runs += 1;
+        format!("bench.{}.{}.{}", self.key, std::process::id(), self.runs)
+    }
+
+    fn command(
+        &self,
+        mode: &str,
+        url: &str,
+        queue: &str,
+        prefetch: u16,
+    ) -> tokio::process::Command {
+        let mut c = tokio::process::Command::new(&self.program);
+        c.args(&self.lead)
+            .args([mode, "--url", url, "--queue", queue, "-n"])
+            .arg(self.n.to_string());
+        if mode == "drain" {
+            c.args(["--prefetch", &prefetch.to_string()]);
         }
-        let text = format!(
-            "{}{}",
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        );
+        c.stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .kill_on_drop(true);
+        c
+    }
+
+    /// One run of `mode` (`publish` or `drain`) on a fresh queue, deleted
+    /// afterwards; its own rate (tasks per second) is kept and returned, and
+    /// its CPU per task (the whole process, start-up included) and the
+    /// broker's over the run.
+    pub async fn run(
+        &mut self,
+        conn: &Connection,
+        url: &str,
+        mode: &str,
+        broker_pid: Option<u32>,
+    ) -> Result<f64> {
+        let queue = self.queue();
+        let broker = Meter::started(broker_pid);
+        let mut child = self
+            .command(mode, url, &queue, 0)
+            .spawn()
+            .with_context(|| format!("run {}", self.program.display()))?;
+        let pid = child.id();
+        let text = output_text(&mut child).await;
+        // Read before the child is reaped: a zombie keeps its CPU times.
+        let cpu = match pid {
+            Some(pid) => final_cpu(pid).await,
+            None => None,
+        };
+        let status = child.wait().await?;
+        let broker_us = broker.per_task_us(self.n as f64);
+        delete_queue(conn, &queue).await;
         match parse_rate(&text) {
             Some(r) => {
                 self.rates.push(r);
+                self.cpu
+                    .push((cpu.map(|s| s * 1e6 / self.n as f64), broker_us));
                 Ok(r)
             }
             None => bail!(
-                "{} peer {mode} gave no rate ({}): {}",
+                "{} peer {mode} gave no rate ({status}): {}",
                 self.name,
-                out.status,
                 text.trim()
             ),
         }
+    }
+
+    /// One drain, measured as warren's sides are: the peer publishes its N
+    /// tasks, then consumes them at `prefetch` (0: its default) while the
+    /// broker's ready count of its queue is polled ([`Watch::drain`]); its
+    /// own rate line is not used.
+    pub async fn drain(
+        &mut self,
+        conn: &Connection,
+        url: &str,
+        prefetch: u16,
+        broker_pid: Option<u32>,
+    ) -> Result<Drained> {
+        let queue = self.queue();
+        let mut child = self
+            .command("drain", url, &queue, prefetch)
+            .spawn()
+            .with_context(|| format!("run {}", self.program.display()))?;
+        let mut watch = Watch::new(conn, &queue, child.id(), broker_pid).await?;
+        let window = watch
+            .drain_until(Duration::from_secs(300), async {
+                // A peer exits once it has run its N tasks (maybe before a
+                // poll sees the queue empty); one that failed, at once.
+                child.wait().await.ok();
+            })
+            .await;
+        watch.close().await;
+        let done = tokio::time::timeout(Duration::from_secs(60), child.wait()).await;
+        if done.is_err() {
+            child.kill().await.ok();
+        }
+        delete_queue(conn, &queue).await;
+        let text = output_text(&mut child).await;
+        let window =
+            window.with_context(|| format!("{} peer drain: {}", self.name, text.trim()))?;
+        Ok(Drained::of(&window, None))
+    }
+}
+
+/// Everything a finished (or killed) child wrote.
+async fn output_text(child: &mut tokio::process::Child) -> String {
+    use tokio::io::AsyncReadExt;
+    let (mut out, mut err) = (Vec::new(), Vec::new());
+    if let (Some(mut o), Some(mut e)) = (child.stdout.take(), child.stderr.take()) {
+        let _ = tokio::join!(o.read_to_end(&mut out), e.read_to_end(&mut err));
+    }
+    format!(
+        "{}{}",
+        String::from_utf8_lossy(&out),
+        String::from_utf8_lossy(&err)
+    )
+}
+
+async fn delete_queue(conn: &Connection, queue: &str) {
+    if let Ok(ch) = conn.create_channel().await {
+        ch.queue_delete(queue.into(), Default::default()).await.ok();
+        ch.close(200, "done".into()).await.ok();
     }
 }
 
@@ -216,6 +314,8 @@ mod tests {
             lead: Vec::new(),
             n: 1,
             rates: vec![10_000.0, 20_000.0],
+            cpu: Vec::new(),
+            runs: 0,
         };
         let peers = [peer];
         assert_eq!(rusty_cell(&peers), "20.0k/s (10.0k–20.0k)");
@@ -256,14 +356,17 @@ mod tests {
         let conn = warren::amqp::connect(&amqp, "bench-peers-test")
             .await
             .expect("connect");
-        let rate = peers[0].run(&conn, url, "drain").await.expect("peer run");
+        let rate = peers[0]
+            .run(&conn, url, "publish", None)
+            .await
+            .expect("peer run");
         assert_eq!(rate, 1234.0);
         assert_eq!(peers[0].rates, vec![1234.0]);
         let seen = std::fs::read_to_string(&argv).expect("argv written");
         let queue = format!("bench.rusty-celery.{}.1", std::process::id());
         assert_eq!(
             seen.trim(),
-            format!("drain --url {url} --queue {queue} -n 7")
+            format!("publish --url {url} --queue {queue} -n 7")
         );
         conn.close(200, "done".into()).await.ok();
     }

@@ -14,7 +14,11 @@
 //!   request to the last answer.
 //!
 //! Reported: each side's rate per run, the median ratio to plain lapin, and
-//! the client CPU per message of the in-process sides.
+//! for every side the client's CPU per message (`/proc/<pid>/stat` over the
+//! side's run: the bench process for the in-process sides, the CLI process
+//! from start to exit, the running producer for the API — the bench's own
+//! HTTP client not counted — and each peer's whole process) and the broker's
+//! (`--broker-pid`).
 //!
 //! With `--peers`, each run starts with one publish of `--peer-messages`
 //! tasks per peer (see [`peers`]): rusty-celery's rate goes to the library
@@ -29,11 +33,10 @@ use lapin::Connection;
 use tokio::io::AsyncWriteExt;
 use warren::topology::{self, Topology};
 
+use crate::meter::{final_cpu, Meter};
 use crate::peers;
 use crate::table::{self, Spread};
-use crate::{
-    cpu_seconds, free_port, per_message_us, plain_publish, purge, topo, warren_publish, Args, BODY,
-};
+use crate::{free_port, plain_publish, purge, topo, warren_publish, Args, BODY};
 
 /// A publish token for the API side (the producer wants ≥ 16 characters).
 const TOKEN: &str = "bench-publish-token-0123456789";
@@ -122,11 +125,13 @@ pub async fn publish_scenario(conn: &Connection, args: &Args, url: &str) -> Resu
         false => None,
     };
     let mut rates: Vec<Vec<f64>> = vec![Vec::new(); SIDES.len()];
-    let mut cpu: Vec<Vec<f64>> = vec![Vec::new(); 2];
+    // Client and broker CPU per message, µs, per side.
+    let mut cpu: Vec<Vec<f64>> = vec![Vec::new(); SIDES.len()];
+    let mut broker_cpu: Vec<Vec<f64>> = vec![Vec::new(); SIDES.len()];
     let mut peers = peers::from_args(args);
     for run in 0..args.runs {
         for peer in &mut peers {
-            let rate = peer.run(conn, url, "publish").await?;
+            let rate = peer.run(conn, url, "publish", args.broker_pid).await?;
             warren::outln!("publish run {run} {}: {rate:.0} msgs/s", peer.name);
         }
         for k in 0..SIDES.len() {
@@ -136,14 +141,23 @@ pub async fn publish_scenario(conn: &Connection, args: &Args, url: &str) -> Resu
                 continue;
             }
             purge(conn, &t).await?;
-            let before = cpu_seconds(std::process::id());
+            // The client: this process, or the producer behind the API (the
+            // CLI's is read when it exits).
+            let client = Meter::started(match (side, &api) {
+                (Side::Api, Some(api)) => api.child.id(),
+                _ => Some(std::process::id()),
+            });
+            let broker = Meter::started(args.broker_pid);
             let start = Instant::now();
+            let mut cli_cpu = None;
             match (side, &api) {
                 (Side::Plain, _) => {
                     plain_publish(conn, &t.tasks_exchange(), "bench.noop", args.messages).await?
                 }
                 (Side::Library, _) => warren_publish(conn, &t, args.messages).await?,
-                (Side::Cli, _) => cli_publish(&bin, url, &t, &input, args.messages).await?,
+                (Side::Cli, _) => {
+                    cli_cpu = cli_publish(&bin, url, &t, &input, args.messages).await?
+                }
                 (Side::Api, Some(api)) => api.publish(&bodies, args.api_concurrency).await?,
                 (Side::Api, None) => continue,
                 (Side::PlainContract, _) => {
@@ -161,8 +175,11 @@ pub async fn publish_scenario(conn: &Connection, args: &Args, url: &str) -> Resu
                 }
             }
             let rate = args.messages as f64 / start.elapsed().as_secs_f64();
-            if i < 2 {
-                cpu[i].extend(per_message_us(before, args.messages));
+            let n = args.messages as f64;
+            broker_cpu[i].extend(broker.per_task_us(n));
+            match side {
+                Side::Cli => cpu[i].extend(cli_cpu.map(|s| s * 1e6 / n)),
+                _ => cpu[i].extend(client.per_task_us(n)),
             }
             warren::outln!("publish run {run} {}: {rate:.0} msgs/s", side.name());
             rates[i].push(rate);
@@ -192,12 +209,45 @@ pub async fn publish_scenario(conn: &Connection, args: &Args, url: &str) -> Resu
             table::median(&ratios)
         );
     }
-    warren::outln!(
-        "publish: plain lapin {}; client CPU per message, median: plain {:.1} µs, warren Publisher {:.1} µs",
-        Spread::of(plain),
-        table::median(&cpu[0]),
-        table::median(&cpu[1])
-    );
+    warren::outln!("publish: plain lapin {}", Spread::of(plain));
+    let cpu_cell = |i: usize| {
+        let f = |v: &[f64]| {
+            if v.is_empty() {
+                "—".to_owned()
+            } else {
+                format!("{:.1}", table::median(v))
+            }
+        };
+        format!("{} / {}", f(&cpu[i]), f(&broker_cpu[i]))
+    };
+    for (i, side) in SIDES.iter().enumerate().filter(|(_, s)| chosen(**s)) {
+        warren::outln!(
+            "publish: {}: CPU per message µs, client / broker (medians): {}",
+            side.name(),
+            cpu_cell(i)
+        );
+    }
+    let peer_cpu: Vec<String> = peers
+        .iter()
+        .filter(|p| !p.cpu.is_empty())
+        .map(|p| {
+            let c: Vec<f64> = p.cpu.iter().filter_map(|c| c.0).collect();
+            let b: Vec<f64> = p.cpu.iter().filter_map(|c| c.1).collect();
+            format!(
+                "{} {:.1} / {}",
+                p.name,
+                table::median(&c),
+                if b.is_empty() {
+                    "—".to_owned()
+                } else {
+                    format!("{:.1}", table::median(&b))
+                }
+            )
+        })
+        .collect();
+    for line in &peer_cpu {
+        warren::outln!("publish: peer CPU per message µs, client (whole process) / broker: {line}");
+    }
     for (i, side) in SIDES
         .iter()
         .enumerate()
@@ -232,6 +282,28 @@ pub async fn publish_scenario(conn: &Connection, args: &Args, url: &str) -> Resu
             ),
             None => note.to_owned(),
         };
+        let note = format!(
+            "CPU/msg µs client / broker: this side {}, plain lapin {}{}{}",
+            cpu_cell(i),
+            cpu_cell(0),
+            match side {
+                Side::Library | Side::Cli => peer_cpu
+                    .iter()
+                    .filter(|l| l.starts_with(if *side == Side::Library {
+                        "rusty"
+                    } else {
+                        "Python"
+                    }))
+                    .map(|l| format!(", {l}"))
+                    .collect::<String>(),
+                _ => String::new(),
+            },
+            if note.is_empty() {
+                String::new()
+            } else {
+                format!("; {note}")
+            }
+        );
         table::row(
             args,
             &[
@@ -278,7 +350,7 @@ async fn cli_publish(
     t: &Topology,
     input: &[u8],
     n: usize,
-) -> Result<()> {
+) -> Result<Option<f64>> {
     let mut child = tokio::process::Command::new(bin)
         .args(["publish", "--batch"])
         .env("WARREN_AMQP_URL", url)
@@ -297,18 +369,30 @@ async fn cli_publish(
         drop(stdin);
         r
     });
-    let out = child.wait_with_output().await?;
+    let pid = child.id();
+    let (mut out, mut err) = (Vec::new(), Vec::new());
+    if let (Some(mut o), Some(mut e)) = (child.stdout.take(), child.stderr.take()) {
+        use tokio::io::AsyncReadExt;
+        let (a, b) = tokio::join!(o.read_to_end(&mut out), e.read_to_end(&mut err));
+        a?;
+        b?;
+    }
+    // Read before the child is reaped: a zombie keeps its CPU times.
+    let cpu = match pid {
+        Some(pid) => final_cpu(pid).await,
+        None => None,
+    };
+    let status = child.wait().await?;
     writer.await??;
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    if !out.status.success() || stdout.trim() != format!("{n} confirmed, 0 failed") {
+    let stdout = String::from_utf8_lossy(&out);
+    if !status.success() || stdout.trim() != format!("{n} confirmed, 0 failed") {
         bail!(
-            "publish --batch failed ({}): {} {}",
-            out.status,
+            "publish --batch failed ({status}): {} {}",
             stdout.trim(),
-            String::from_utf8_lossy(&out.stderr).trim()
+            String::from_utf8_lossy(&err).trim()
         );
     }
-    Ok(())
+    Ok(cpu)
 }
 
 /// A running `warren-producer` whose API the bench posts to.

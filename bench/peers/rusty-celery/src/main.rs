@@ -11,8 +11,10 @@
 //! the queue: the nearest thing to "confirmed" this client offers. `drain`:
 //! N tasks are sent first and waited for in the queue (not timed), then the
 //! crate's worker runs a no-op task with late acks (its default is to ack
-//! *before* the task runs) and prefetch 64; timed from the first task's start
-//! to the Nth, as the Python peer does.
+//! *before* the task runs) and prefetch `--prefetch` (default 64; 0: the
+//! crate's default); timed from the first task's start to the Nth, as the
+//! Python peer does (warren-bench measures the drain from the broker's queue
+//! count instead).
 
 // celery 0.5's `#[task]` macro expands to an impl inside a const.
 #![allow(non_local_definitions)]
@@ -80,13 +82,17 @@ struct Args {
     url: String,
     queue: String,
     n: usize,
+    /// drain: the worker's prefetch; 0: the crate's default.
+    prefetch: u16,
 }
 
-const USAGE: &str = "usage: rusty-celery-peer publish|drain --url URL --queue QUEUE -n N";
+const USAGE: &str =
+    "usage: rusty-celery-peer publish|drain --url URL --queue QUEUE -n N [--prefetch P]";
 
 fn parse_args() -> Result<Args> {
     let mut mode = None;
     let (mut url, mut queue, mut n) = (None, None, None);
+    let mut prefetch = 64;
     let mut it = std::env::args().skip(1);
     while let Some(a) = it.next() {
         match a.as_str() {
@@ -95,6 +101,10 @@ fn parse_args() -> Result<Args> {
             "-n" => {
                 let v = it.next().context("-n needs a number")?;
                 n = Some(v.parse::<usize>().with_context(|| format!("-n {v:?}"))?);
+            }
+            "--prefetch" => {
+                let v = it.next().context("--prefetch needs a number")?;
+                prefetch = v.parse::<u16>().with_context(|| format!("--prefetch {v:?}"))?;
             }
             "publish" | "drain" if mode.is_none() => mode = Some(a),
             other => bail!("unknown argument {other:?}"),
@@ -106,6 +116,7 @@ fn parse_args() -> Result<Args> {
             url,
             queue,
             n,
+            prefetch,
         }),
         _ => bail!("missing or empty argument"),
     }
@@ -146,16 +157,28 @@ async fn wait_queued(url: &str, queue: &str, n: usize) -> Result<()> {
 }
 
 async fn run(args: Args) -> Result<()> {
-    let app = celery::app!(
-        broker = AMQPBroker { args.url.clone() },
-        tasks = [noop],
-        task_routes = ["*" => args.queue.as_str()],
-        default_queue = args.queue.as_str(),
-        prefetch_count = 64,
-        acks_late = true,
-        heartbeat = Some(60),
-    )
-    .await
+    let app = if args.prefetch > 0 {
+        celery::app!(
+            broker = AMQPBroker { args.url.clone() },
+            tasks = [noop],
+            task_routes = ["*" => args.queue.as_str()],
+            default_queue = args.queue.as_str(),
+            prefetch_count = args.prefetch,
+            acks_late = true,
+            heartbeat = Some(60),
+        )
+        .await
+    } else {
+        celery::app!(
+            broker = AMQPBroker { args.url.clone() },
+            tasks = [noop],
+            task_routes = ["*" => args.queue.as_str()],
+            default_queue = args.queue.as_str(),
+            acks_late = true,
+            heartbeat = Some(60),
+        )
+        .await
+    }
     .context("connect the celery app")?;
     let start = Instant::now();
     for _ in 0..args.n {
