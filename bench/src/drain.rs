@@ -467,16 +467,7 @@ pub async fn events_scenario(conn: &Connection, args: &Args, url: &str) -> Resul
             } else {
                 "[events]\nenabled = false\n"
             };
-            let r = warren_drain(
-                &bin,
-                url,
-                &t,
-                0,
-                extra,
-                args.messages,
-                Meter::new(args.broker_pid),
-            )
-            .await?;
+            let r = warren_drain(&bin, conn, url, &t, 0, extra, args).await?;
             let who = if side == 0 {
                 "events on "
             } else {
