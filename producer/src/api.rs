@@ -109,7 +109,33 @@ async fn post_tasks(
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Response, ApiError> {
     let body = body.map_err(body_error)?;
-    let value: serde_json::Value = serde_json::from_slice(&body).map_err(|e| {
+    let (items, single) = task_items(&body, ctx.cfg().api.max_batch)?;
+    let tasks = tasks_of(items, single, request_trace(&headers).as_ref())?;
+    let p = publisher(&ctx)?;
+    // The broker only reports "blocked" once a publish reaches it during an
+    // alarm, so the first request after an alarm would wait out the confirm
+    // timeout: answer 503 as soon as the block is reported instead.
+    let results = tokio::select! {
+        // The whole batch in flight at once (it is bounded by
+        // api.max_batch): a smaller window would make every request wait
+        // for confirms mid-batch, and sequential clients pay that per request.
+        r = p.publisher.publish_tasks(ctx.topo(), pairs(&tasks), tasks.len()) => r,
+        () = p.blocked.until_blocked() => {
+            ctx.metrics()
+                .publish_failures
+                .with_label_values(&[Source::Api.label()])
+                .inc_by(tasks.len() as u64);
+            audit_publish(&ctx, scope.caller(), &tasks, audit::FAILED, 0);
+            return Err(blocked_error());
+        }
+    };
+    answer_published(&ctx, scope.caller(), &tasks, results)
+}
+
+/// The body's task objects (one object or an array of them) and whether it
+/// was a single object; 400/413/422 for a body that is not.
+fn task_items(body: &[u8], max_batch: usize) -> Result<(Vec<serde_json::Value>, bool), ApiError> {
+    let value: serde_json::Value = serde_json::from_slice(body).map_err(|e| {
         ApiError::new(
             StatusCode::BAD_REQUEST,
             "bad_json",
@@ -139,24 +165,31 @@ async fn post_tasks(
             "empty array",
         ));
     }
-    if items.len() > ctx.cfg().api.max_batch {
+    if items.len() > max_batch {
         return Err(ApiError::new(
             StatusCode::PAYLOAD_TOO_LARGE,
             "batch_too_large",
             format!(
-                "{} tasks; at most {} per request (api.max_batch)",
+                "{} tasks; at most {max_batch} per request (api.max_batch)",
                 items.len(),
-                ctx.cfg().api.max_batch
             ),
         ));
     }
+    Ok((items, single))
+}
+
+/// Each item as a task with its delay; 422 naming the first bad one.
+fn tasks_of(
+    items: Vec<serde_json::Value>,
+    single: bool,
+    inherited: Option<&warren::trace::TraceContext>,
+) -> Result<Vec<(warren::Task, Duration)>, ApiError> {
     let now = Utc::now();
-    let inherited = request_trace(&headers);
     let mut tasks = Vec::with_capacity(items.len());
     for (i, item) in items.into_iter().enumerate() {
         let parsed = serde_json::from_value::<TaskRequest>(item)
             .map_err(|e| RequestError::Json(crate::request::json_error(&e)))
-            .and_then(|r| r.into_task_in(now, inherited.as_ref()));
+            .and_then(|r| r.into_task_in(now, inherited));
         match parsed {
             Ok(t) => tasks.push(t),
             Err(e) => {
@@ -173,24 +206,17 @@ async fn post_tasks(
             }
         }
     }
-    let p = publisher(&ctx)?;
-    // The broker only reports "blocked" once a publish reaches it during an
-    // alarm, so the first request after an alarm would wait out the confirm
-    // timeout: answer 503 as soon as the block is reported instead.
-    let results = tokio::select! {
-        // The whole batch in flight at once (it is bounded by
-        // api.max_batch): a smaller window would make every request wait
-        // for confirms mid-batch, and sequential clients pay that per request.
-        r = p.publisher.publish_tasks(ctx.topo(), pairs(&tasks), tasks.len()) => r,
-        () = p.blocked.until_blocked() => {
-            ctx.metrics()
-                .publish_failures
-                .with_label_values(&[Source::Api.label()])
-                .inc_by(tasks.len() as u64);
-            audit_publish(&ctx, scope.caller(), &tasks, audit::FAILED, 0);
-            return Err(blocked_error());
-        }
-    };
+    Ok(tasks)
+}
+
+/// Count, record and audit what the broker confirmed: 202 with the ids, or
+/// 503/422 naming the tasks not confirmed.
+fn answer_published(
+    ctx: &Ctx,
+    caller: &Caller,
+    tasks: &[(warren::Task, Duration)],
+    results: Vec<Result<(), warren::Error>>,
+) -> Result<Response, ApiError> {
     let mut ids = Vec::new();
     let mut failed = Vec::new();
     let mut transient = true;
@@ -216,7 +242,7 @@ async fn post_tasks(
     } else {
         audit::FAILED
     };
-    audit_publish(&ctx, scope.caller(), &tasks, result, ids.len() as u64);
+    audit_publish(ctx, caller, tasks, result, ids.len() as u64);
     if failed.is_empty() {
         return Ok((StatusCode::ACCEPTED, Json(json!({ "ids": ids }))).into_response());
     }

@@ -17,7 +17,7 @@ use std::sync::RwLock;
 use chrono::{DateTime, Utc};
 use hashbrown::HashTable;
 use serde::Serialize;
-use warren::events::{Batch, Source, What, Worker, WORKER_TTL};
+use warren::events::{Batch, Event, Source, What, Worker, WORKER_TTL};
 
 /// Read the events stream into `index`: from after its last offset, from
 /// the start of retention without one. `None` when the stream cannot be
@@ -319,6 +319,93 @@ impl Entry {
         }
     }
 
+    /// What every event of the task says: its name, queue, trace, time.
+    fn describe(&mut self, ev: &Event, name: u32, queue: Option<u32>) {
+        if self.name == NONE {
+            self.name = name;
+        }
+        if let Some(q) = queue {
+            self.queue = q;
+        }
+        if self.trace == [0; 16] {
+            if let Some(t) = &ev.trace {
+                let _ = hex::decode_to_slice(t, &mut self.trace);
+            }
+        }
+        self.updated = self.updated.max(ev.at);
+    }
+
+    /// What event `ev` changes in the task's attempts (`consumer`: the
+    /// interned instance that sent it; `kind`: the interned dead kind).
+    fn fold(&mut self, ev: &Event, consumer: u32, kind: u32) {
+        match &ev.what {
+            What::Published { source } => {
+                self.published_at = ev.at;
+                self.source = Some(*source);
+            }
+            What::Started { attempt } => {
+                let a = self.attempt(*attempt, ev.at);
+                // A redelivery of a requeued attempt runs it again; a
+                // late start of a finished one changes nothing.
+                if a.outcome == Outcome::Requeued && ev.at >= a.start {
+                    a.outcome = Outcome::Running;
+                    a.text = None;
+                }
+                if a.outcome == Outcome::Running {
+                    a.start = ev.at;
+                    a.consumer = consumer;
+                }
+            }
+            What::Retried {
+                attempt,
+                error,
+                next_at,
+                ..
+            } => {
+                let a = self.attempt(*attempt, ev.at);
+                a.duration_ms = u32::try_from(ev.at - a.start).unwrap_or(0);
+                a.outcome = Outcome::Retried;
+                a.text = Some(error.as_str().into());
+                a.consumer = consumer;
+                self.extra.get_or_insert_default().next_at = *next_at;
+            }
+            What::Succeeded {
+                attempt,
+                duration_ms,
+                result,
+            } => {
+                let a = self.attempt(*attempt, ev.at);
+                a.duration_ms = u32::try_from(*duration_ms).unwrap_or(u32::MAX);
+                a.outcome = Outcome::Succeeded;
+                a.consumer = consumer;
+                if let Some(r) = result {
+                    self.extra.get_or_insert_default().result = Some(r.to_string().into());
+                }
+            }
+            What::Dead {
+                attempt, reason, ..
+            } => {
+                let a = self.attempt(*attempt, ev.at);
+                if a.start != ev.at && a.outcome == Outcome::Running {
+                    a.duration_ms = u32::try_from(ev.at - a.start).unwrap_or(0);
+                }
+                a.outcome = Outcome::Dead;
+                a.text = Some(reason.as_str().into());
+                a.kind = kind;
+                if consumer != NONE {
+                    a.consumer = consumer;
+                }
+            }
+            What::Requeued { attempt, why } => {
+                let a = self.attempt(*attempt, ev.at);
+                if a.outcome == Outcome::Running && ev.at >= a.start {
+                    a.outcome = Outcome::Requeued;
+                    a.text = Some(why.as_str().into());
+                }
+            }
+        }
+    }
+
     /// The attempt numbered `n`, added when new (kept sorted).
     fn attempt(&mut self, n: u32, at: i64) -> &mut Attempt {
         let n = u16::try_from(n).unwrap_or(u16::MAX);
@@ -366,12 +453,7 @@ impl Index {
             inner.offset = offset;
         }
         if let Some(w) = &batch.worker {
-            inner.newest = inner.newest.max(w.at);
-            // Restarted consumers come back as new instances: forget the
-            // long silent ones.
-            let forget = w.at - 60 * WORKER_TTL.as_millis() as i64;
-            inner.workers.retain(|_, old| old.at >= forget);
-            inner.workers.insert(w.instance.clone(), w.clone());
+            inner.hear_worker(w);
         }
         let consumer = if batch.role == "consumer" {
             inner.words.id(&batch.instance)
@@ -390,84 +472,8 @@ impl Index {
             let Some(e) = inner.slots.get_mut(slot).and_then(Option::as_mut) else {
                 continue;
             };
-            if e.name == NONE {
-                e.name = name;
-            }
-            if let Some(q) = queue {
-                e.queue = q;
-            }
-            if e.trace == [0; 16] {
-                if let Some(t) = &ev.trace {
-                    let _ = hex::decode_to_slice(t, &mut e.trace);
-                }
-            }
-            e.updated = e.updated.max(ev.at);
-            match &ev.what {
-                What::Published { source } => {
-                    e.published_at = ev.at;
-                    e.source = Some(*source);
-                }
-                What::Started { attempt } => {
-                    let a = e.attempt(*attempt, ev.at);
-                    // A redelivery of a requeued attempt runs it again; a
-                    // late start of a finished one changes nothing.
-                    if a.outcome == Outcome::Requeued && ev.at >= a.start {
-                        a.outcome = Outcome::Running;
-                        a.text = None;
-                    }
-                    if a.outcome == Outcome::Running {
-                        a.start = ev.at;
-                        a.consumer = consumer;
-                    }
-                }
-                What::Retried {
-                    attempt,
-                    error,
-                    next_at,
-                    ..
-                } => {
-                    let a = e.attempt(*attempt, ev.at);
-                    a.duration_ms = u32::try_from(ev.at - a.start).unwrap_or(0);
-                    a.outcome = Outcome::Retried;
-                    a.text = Some(error.as_str().into());
-                    a.consumer = consumer;
-                    e.extra.get_or_insert_default().next_at = *next_at;
-                }
-                What::Succeeded {
-                    attempt,
-                    duration_ms,
-                    result,
-                } => {
-                    let a = e.attempt(*attempt, ev.at);
-                    a.duration_ms = u32::try_from(*duration_ms).unwrap_or(u32::MAX);
-                    a.outcome = Outcome::Succeeded;
-                    a.consumer = consumer;
-                    if let Some(r) = result {
-                        e.extra.get_or_insert_default().result = Some(r.to_string().into());
-                    }
-                }
-                What::Dead {
-                    attempt, reason, ..
-                } => {
-                    let a = e.attempt(*attempt, ev.at);
-                    if a.start != ev.at && a.outcome == Outcome::Running {
-                        a.duration_ms = u32::try_from(ev.at - a.start).unwrap_or(0);
-                    }
-                    a.outcome = Outcome::Dead;
-                    a.text = Some(reason.as_str().into());
-                    a.kind = kind;
-                    if consumer != NONE {
-                        a.consumer = consumer;
-                    }
-                }
-                What::Requeued { attempt, why } => {
-                    let a = e.attempt(*attempt, ev.at);
-                    if a.outcome == Outcome::Running && ev.at >= a.start {
-                        a.outcome = Outcome::Requeued;
-                        a.text = Some(why.as_str().into());
-                    }
-                }
-            }
+            e.describe(ev, name, queue);
+            e.fold(ev, consumer, kind);
         }
     }
 
@@ -563,6 +569,16 @@ impl Index {
 }
 
 impl Inner {
+    /// A consumer's announcement.
+    fn hear_worker(&mut self, w: &Worker) {
+        self.newest = self.newest.max(w.at);
+        // Restarted consumers come back as new instances: forget the
+        // long silent ones.
+        let forget = w.at - 60 * WORKER_TTL.as_millis() as i64;
+        self.workers.retain(|_, old| old.at >= forget);
+        self.workers.insert(w.instance.clone(), w.clone());
+    }
+
     fn hash(&self, id: &str) -> u64 {
         self.hasher.hash_one(id)
     }

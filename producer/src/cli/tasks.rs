@@ -196,26 +196,10 @@ fn print_task(t: &TaskView) {
 }
 
 pub async fn run(cfg: ProducerConfig, cmd: TasksCommand) -> anyhow::Result<()> {
-    let topo = warren::Topology::new(&cfg.topology);
-    let stream = topo.events_stream();
+    let stream = warren::Topology::new(&cfg.topology).events_stream();
     let index = Index::new(cfg.events.index_size);
     match cmd {
-        TasksCommand::Get { id, json, since } => {
-            let since = since_arg(since.as_deref())?;
-            let conn = connect(&cfg).await?;
-            let res = read_up(&conn, &stream, since, &index).await;
-            let _ = conn.close(200, "done".into()).await;
-            res?;
-            let Some(t) = index.get(&id) else {
-                anyhow::bail!("no task `{id}` in the task events stream (state unknown)");
-            };
-            if json {
-                warren::outln!("{}", serde_json::to_string_pretty(&t)?);
-            } else {
-                print_task(&t);
-            }
-            Ok(())
-        }
+        TasksCommand::Get { id, json, since } => get(&cfg, &stream, &index, &id, json, since).await,
         TasksCommand::Ls {
             name,
             state,
@@ -227,89 +211,142 @@ pub async fn run(cfg: ProducerConfig, cmd: TasksCommand) -> anyhow::Result<()> {
                 None => None,
                 Some(s) => Some(State::parse(s).ok_or_else(|| UsageError::State(s.to_owned()))?),
             };
-            let since = since_arg(since.as_deref())?;
-            let conn = connect(&cfg).await?;
-            let res = read_up(&conn, &stream, None, &index).await;
-            let _ = conn.close(200, "done".into()).await;
-            res?;
-            let tasks = index.list(&crate::tasks::Query {
+            let query = crate::tasks::Query {
                 name,
                 state,
-                since,
+                since: since_arg(since.as_deref())?,
                 limit: limit.max(1),
-            });
-            if json {
-                warren::outln!("{}", serde_json::to_string_pretty(&tasks)?);
-            } else {
-                for t in &tasks {
-                    warren::outln!(
-                        "{}  {}  {}  {}  attempts {}",
-                        fmt_time(t.updated_at),
-                        t.state.as_str(),
-                        t.name,
-                        t.id,
-                        t.attempts.len()
-                    );
-                }
-            }
-            Ok(())
+            };
+            ls(&cfg, &stream, &index, &query, json).await
         }
         TasksCommand::Wait { id, timeout, since } => {
-            let since = since_arg(since.as_deref())?;
-            let conn = connect(&cfg).await?;
-            let res =
-                tokio::time::timeout(*timeout, wait(&conn, &stream, since, &index, &id)).await;
-            let _ = conn.close(200, "done".into()).await;
-            match res {
-                Err(_) => {
-                    Err(WaitTimedOut(id, humantime::format_duration(*timeout).to_string()).into())
-                }
-                Ok(Err(e)) => Err(e),
-                Ok(Ok(t)) if t.state == State::Dead => {
-                    let why = t
-                        .attempts
-                        .last()
-                        .and_then(|a| a.error.clone())
-                        .unwrap_or_default();
-                    Err(TaskDead(id, why).into())
-                }
-                Ok(Ok(t)) => {
-                    if let Some(r) = &t.result {
-                        warren::outln!("{r}");
-                    }
-                    Ok(())
-                }
-            }
+            wait_for(&cfg, &stream, &index, &id, *timeout, since).await
         }
-        TasksCommand::Watch { json } => {
-            let conn = connect(&cfg).await?;
-            let (_ch, mut c) =
-                consume(&conn, &stream, AMQPValue::LongString("next".into())).await?;
-            let stop = warren::shutdown::token();
-            loop {
-                let d = tokio::select! {
-                    _ = stop.cancelled() => break,
-                    d = c.next() => d,
-                };
-                let Some(Ok(d)) = d else {
-                    break;
-                };
-                d.acker.ack(BasicAckOptions::default()).await?;
-                let Some(b) = warren::events::parse(&d.data) else {
-                    continue;
-                };
-                for ev in &b.events {
-                    if json {
-                        warren::outln!("{}", serde_json::to_string(ev)?);
-                    } else {
-                        warren::outln!("{}", watch_line(&b, ev));
-                    }
-                }
+        TasksCommand::Watch { json } => watch(&cfg, &stream, json).await,
+    }
+}
+
+/// `tasks get`: the stream read up to now, then one task.
+async fn get(
+    cfg: &ProducerConfig,
+    stream: &str,
+    index: &Index,
+    id: &str,
+    json: bool,
+    since: Option<String>,
+) -> anyhow::Result<()> {
+    let since = since_arg(since.as_deref())?;
+    let conn = connect(cfg).await?;
+    let res = read_up(&conn, stream, since, index).await;
+    let _ = conn.close(200, "done".into()).await;
+    res?;
+    let Some(t) = index.get(id) else {
+        anyhow::bail!("no task `{id}` in the task events stream (state unknown)");
+    };
+    if json {
+        warren::outln!("{}", serde_json::to_string_pretty(&t)?);
+    } else {
+        print_task(&t);
+    }
+    Ok(())
+}
+
+/// `tasks ls`: the stream read up to now, then the recent tasks `query`
+/// selects.
+async fn ls(
+    cfg: &ProducerConfig,
+    stream: &str,
+    index: &Index,
+    query: &crate::tasks::Query,
+    json: bool,
+) -> anyhow::Result<()> {
+    let conn = connect(cfg).await?;
+    let res = read_up(&conn, stream, None, index).await;
+    let _ = conn.close(200, "done".into()).await;
+    res?;
+    let tasks = index.list(query);
+    if json {
+        warren::outln!("{}", serde_json::to_string_pretty(&tasks)?);
+        return Ok(());
+    }
+    for t in &tasks {
+        warren::outln!(
+            "{}  {}  {}  {}  attempts {}",
+            fmt_time(t.updated_at),
+            t.state.as_str(),
+            t.name,
+            t.id,
+            t.attempts.len()
+        );
+    }
+    Ok(())
+}
+
+/// `tasks wait`: until task `id` ended or `timeout`; its result printed on
+/// success, the exit code's error otherwise.
+async fn wait_for(
+    cfg: &ProducerConfig,
+    stream: &str,
+    index: &Index,
+    id: &str,
+    timeout: std::time::Duration,
+    since: Option<String>,
+) -> anyhow::Result<()> {
+    let since = since_arg(since.as_deref())?;
+    let conn = connect(cfg).await?;
+    let res = tokio::time::timeout(timeout, wait(&conn, stream, since, index, id)).await;
+    let _ = conn.close(200, "done".into()).await;
+    match res {
+        Err(_) => Err(WaitTimedOut(
+            id.to_owned(),
+            humantime::format_duration(timeout).to_string(),
+        )
+        .into()),
+        Ok(Err(e)) => Err(e),
+        Ok(Ok(t)) if t.state == State::Dead => {
+            let why = t
+                .attempts
+                .last()
+                .and_then(|a| a.error.clone())
+                .unwrap_or_default();
+            Err(TaskDead(id.to_owned(), why).into())
+        }
+        Ok(Ok(t)) => {
+            if let Some(r) = &t.result {
+                warren::outln!("{r}");
             }
-            let _ = conn.close(200, "done".into()).await;
             Ok(())
         }
     }
+}
+
+/// `tasks watch`: every event from now on, until Ctrl-C.
+async fn watch(cfg: &ProducerConfig, stream: &str, json: bool) -> anyhow::Result<()> {
+    let conn = connect(cfg).await?;
+    let (_ch, mut c) = consume(&conn, stream, AMQPValue::LongString("next".into())).await?;
+    let stop = warren::shutdown::token();
+    loop {
+        let d = tokio::select! {
+            _ = stop.cancelled() => break,
+            d = c.next() => d,
+        };
+        let Some(Ok(d)) = d else {
+            break;
+        };
+        d.acker.ack(BasicAckOptions::default()).await?;
+        let Some(b) = warren::events::parse(&d.data) else {
+            continue;
+        };
+        for ev in &b.events {
+            if json {
+                warren::outln!("{}", serde_json::to_string(ev)?);
+            } else {
+                warren::outln!("{}", watch_line(&b, ev));
+            }
+        }
+    }
+    let _ = conn.close(200, "done".into()).await;
+    Ok(())
 }
 
 /// Read up to now, then follow until `id` has ended.
