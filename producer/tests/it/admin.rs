@@ -338,7 +338,7 @@ async fn dead_letter_api_groups_inspects_replays_and_purges() {
     )
     .await;
     assert_eq!((s, e["error"].as_str()), (400, Some("confirm_required")));
-    assert_eq!(w.queue_len(&w.topo.dead_queue()).await, 2);
+    w.settles_at(&w.topo.dead_queue(), 2).await;
     let (s, r) = call(
         Method::POST,
         &purge,
@@ -347,7 +347,7 @@ async fn dead_letter_api_groups_inspects_replays_and_purges() {
     )
     .await;
     assert_eq!((s, r["purged"].as_u64()), (200, Some(2)));
-    assert_eq!(w.queue_len(&w.topo.dead_queue()).await, 0);
+    w.settles_at(&w.topo.dead_queue(), 0).await;
 
     // Audited under the grant's name.
     let ok = |action: &str| {

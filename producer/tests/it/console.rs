@@ -465,7 +465,7 @@ async fn page_render_time_with_10000_dead_letters_and_200_schedules() {
         ));
     }
     fill_dead(&w, 10_000).await;
-    assert_eq!(w.queue_len(&w.topo.dead_queue()).await, 10_000);
+    w.settles_at(&w.topo.dead_queue(), 10_000).await;
     let path = w.write_config("p.toml", &cfg);
     let p = w.start("producer", &path, &[]);
     p.wait_ready(Duration::from_secs(20)).await;
@@ -573,7 +573,7 @@ async fn dead_letters_escaped_and_guarded() {
     )
     .await;
     assert_eq!(resp.status().as_u16(), 403);
-    assert_eq!(w.queue_len(&dead_q).await, 4, "nothing replayed or purged");
+    w.settles_at(&dead_q, 4).await; // nothing replayed or purged
 
     // An edited payload that is not JSON is refused by the server too.
     let resp = post(
@@ -592,7 +592,7 @@ async fn dead_letters_escaped_and_guarded() {
         .to_owned();
     let (_, page) = get(&p, &pb.cookie, &to).await;
     assert!(page.contains("the payload is not JSON"), "{to}: {page}");
-    assert_eq!(w.queue_len(&dead_q).await, 4);
+    w.settles_at(&dead_q, 4).await;
 
     // Purge: the first POST only asks; the confirmed one deletes.
     let a = sign_in(&p, ADMIN_TOKEN).await;
@@ -609,11 +609,7 @@ async fn dead_letters_escaped_and_guarded() {
         page.contains("Yes, purge") && page.contains("all 4 dead letters"),
         "{page}"
     );
-    assert_eq!(
-        w.queue_len(&dead_q).await,
-        4,
-        "not purged before the confirmation"
-    );
+    w.settles_at(&dead_q, 4).await; // not purged before the confirmation
     let resp = post(
         &p,
         &a.cookie,
@@ -622,7 +618,7 @@ async fn dead_letters_escaped_and_guarded() {
     )
     .await;
     assert_eq!(resp.status().as_u16(), 303);
-    assert_eq!(w.queue_len(&dead_q).await, 0);
+    w.settles_at(&dead_q, 0).await;
 }
 
 /// A token removed by SIGHUP ends the console sessions opened with it at
@@ -808,7 +804,7 @@ async fn the_dead_letter_total_is_the_brokers() {
     let held = hold(&w, &dead_q, 3).await;
     assert_eq!(total_of(&hard("/ui/dead").await), "17");
     held.close(200, "".into()).await.expect("close");
-    assert_eq!(w.queue_len(&dead_q).await, 20);
+    w.settles_at(&dead_q, 20).await;
     // Past the count's 2 s, within the grouping's 5 s.
     tokio::time::sleep(Duration::from_millis(2200)).await;
     let (_, page) = get(&p, &s.cookie, "/ui/dead").await;
@@ -906,7 +902,7 @@ async fn a_group_is_paged_and_acted_on_as_a_whole() {
     let pb = sign_in(&p, PUBLISH_TOKEN).await;
     let resp = post(&p, &pb.cookie, "/ui/dead/replay", &replay("0000")).await;
     assert_eq!(resp.status().as_u16(), 403);
-    assert_eq!(w.queue_len(&dead_q).await, 130);
+    w.settles_at(&dead_q, 130).await;
     let resp = post(&p, &pb.cookie, "/ui/dead/replay", &replay(&pb.csrf)).await;
     assert_eq!(resp.status().as_u16(), 303);
     let to = resp
@@ -921,7 +917,7 @@ async fn a_group_is_paged_and_acted_on_as_a_whole() {
         page.contains("Replayed 65 dead letters of group <code>it.report</code> · exhausted."),
         "{page}"
     );
-    assert_eq!(w.queue_len(&dead_q).await, 65);
+    w.settles_at(&dead_q, 65).await;
     let (_, emptied) = get(&p, &pb.cookie, &report).await;
     assert!(
         emptied.contains("This group has no dead letters now"),
@@ -946,14 +942,10 @@ async fn a_group_is_paged_and_acted_on_as_a_whole() {
     assert_eq!(resp.status().as_u16(), 200);
     let confirm = resp.text().await.unwrap_or_default();
     assert!(confirm.contains("65 dead letters of group"), "{confirm}");
-    assert_eq!(
-        w.queue_len(&dead_q).await,
-        65,
-        "not before the confirmation"
-    );
+    w.settles_at(&dead_q, 65).await; // not before the confirmation
     let resp = post(&p, &a.cookie, "/ui/dead/purge", &purge(&a.csrf, "yes")).await;
     assert_eq!(resp.status().as_u16(), 303);
-    assert_eq!(w.queue_len(&dead_q).await, 0);
+    w.settles_at(&dead_q, 0).await;
 }
 
 /// Dead letters are found by task id and by text in the name, the reason
@@ -990,11 +982,7 @@ async fn dead_letters_are_found_by_id_and_by_text() {
     assert!(page.contains("6 dead letters</strong> match"), "{page}");
     let (_, page) = get(&p, &s.cookie, &search("no such thing")).await;
     assert!(page.contains("0 dead letters</strong> match"), "{page}");
-    assert_eq!(
-        w.queue_len(&w.topo.dead_queue()).await,
-        12,
-        "a search takes nothing"
-    );
+    w.settles_at(&w.topo.dead_queue(), 12).await; // a search takes nothing
 }
 
 /// A schedule switched off in the config offers no "Trigger now".

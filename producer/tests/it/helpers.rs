@@ -226,6 +226,25 @@ impl World {
         Collector { msgs }
     }
 
+    /// Wait until `queue` holds `n` ready messages, up to 5 s, and fail
+    /// naming the count it stayed at. A quorum queue applies what a closed
+    /// channel gives back after the close returns, so a count read at once
+    /// from another channel can still miss those messages.
+    pub async fn settles_at(&self, queue: &str, n: u32) {
+        let deadline = Instant::now() + Duration::from_secs(5);
+        loop {
+            let len = self.queue_len(queue).await;
+            if len == n {
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "queue `{queue}` holds {len} ready messages, expected {n}"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
     pub async fn queue_len(&self, queue: &str) -> u32 {
         let ch = self.conn.create_channel().await.expect("channel");
         let q = ch
