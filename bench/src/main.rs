@@ -162,6 +162,11 @@ struct Args {
     /// lead (and `schedules check` to finish), seconds.
     #[arg(long, default_value_t = 180)]
     lead_timeout: u64,
+    /// `schedules`: run the producers with task events off
+    /// (`events.enabled = false`), to tell the scheduler's own memory and
+    /// CPU from the task index's.
+    #[arg(long)]
+    no_events: bool,
     /// `workflows`: runs held active (their one step waits in a queue no
     /// consumer reads), one measurement each.
     #[arg(long, value_delimiter = ',', default_value = "100,10000")]

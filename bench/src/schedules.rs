@@ -237,9 +237,15 @@ fn mib(kib: Option<u64>) -> String {
 
 /// A producer's config: `n` schedules, `cron` for all of them, or
 /// `S * * * * *` with S = i mod 60 when `None`.
+/// `--no-events`, for every producer config this scenario writes.
+static NO_EVENTS: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+
 fn config_text(n: usize, cron: Option<&str>) -> String {
     let mut s = String::with_capacity(n * 80 + 64);
     s.push_str("[log]\nlevel = \"warn\"\n");
+    if NO_EVENTS.get().copied().unwrap_or(false) {
+        s.push_str("[events]\nenabled = false\n");
+    }
     for i in 0..n {
         let expr = cron.map_or_else(|| format!("{} * * * * *", i % 60), str::to_owned);
         s.push_str(&format!(
@@ -562,6 +568,7 @@ fn lag_cell(p: &Percentiles) -> String {
 const TABLE_HEAD: &str = "| scheduler | schedules | start → leading | fires/s | fire lag p50 / p99 / max | made / due | ids twice | CPU per fire | broker CPU per fire | RSS VmHWM / VmRSS | `/metrics` | `schedules check` |\n|---|---|---|---|---|---|---|---|---|---|---|---|";
 
 pub async fn schedules_scenario(conn: &Connection, args: &Args, url: &str) -> Result<()> {
+    let _ = NO_EVENTS.set(args.no_events);
     let secs = args.seconds.unwrap_or(60.0);
     let producer = Side::Warren(sibling_bin(&args.producer_bin, "warren-producer")?);
     let mut sides = vec![producer.clone()];

@@ -143,9 +143,90 @@ impl Record {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Entry {
     /// Every fire at or before this instant has been decided.
+    #[serde(with = "micros")]
     pub cursor: DateTime<Utc>,
     /// Scheduled instant of the last confirmed fire.
+    #[serde(default, with = "micros_opt", skip_serializing_if = "Option::is_none")]
     pub last_fired: Option<DateTime<Utc>>,
+}
+
+/// The state's instants are microseconds since the epoch: formatting RFC
+/// 3339 text cost about a microsecond per cursor, paid for every cursor in
+/// every snapshot (measured at 100,000 schedules). States written before
+/// held RFC 3339 text; both read. Microseconds lose nothing a cursor needs:
+/// fire instants are whole milliseconds.
+mod micros {
+    use chrono::{DateTime, Utc};
+    use serde::de::{self, Visitor};
+    use serde::{Deserializer, Serializer};
+
+    pub fn serialize<S: Serializer>(t: &DateTime<Utc>, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_i64(t.timestamp_micros())
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<DateTime<Utc>, D::Error> {
+        d.deserialize_any(Instant)
+    }
+
+    pub(super) struct Instant;
+
+    impl Visitor<'_> for Instant {
+        type Value = DateTime<Utc>;
+
+        fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+            f.write_str("microseconds since the epoch or an RFC 3339 instant")
+        }
+
+        fn visit_i64<E: de::Error>(self, v: i64) -> Result<Self::Value, E> {
+            DateTime::from_timestamp_micros(v).ok_or_else(|| E::custom("instant out of range"))
+        }
+
+        fn visit_u64<E: de::Error>(self, v: u64) -> Result<Self::Value, E> {
+            let v = i64::try_from(v).map_err(|_| E::custom("instant out of range"))?;
+            self.visit_i64(v)
+        }
+
+        fn visit_str<E: de::Error>(self, v: &str) -> Result<Self::Value, E> {
+            DateTime::parse_from_rfc3339(v)
+                .map(|t| t.with_timezone(&Utc))
+                .map_err(E::custom)
+        }
+    }
+}
+
+mod micros_opt {
+    use chrono::{DateTime, Utc};
+    use serde::{Deserialize, Deserializer, Serializer};
+
+    pub fn serialize<S: Serializer>(t: &Option<DateTime<Utc>>, s: S) -> Result<S::Ok, S::Error> {
+        match t {
+            Some(t) => super::micros::serialize(t, s),
+            None => s.serialize_none(),
+        }
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Option<DateTime<Utc>>, D::Error> {
+        #[derive(Deserialize)]
+        struct Wrapped(#[serde(with = "super::micros")] DateTime<Utc>);
+        Ok(Option::<Wrapped>::deserialize(d)?.map(|w| w.0))
+    }
+}
+
+/// A [`Snapshot`] as the leader writes it, borrowing what it holds (no
+/// copy of every cursor per compaction); the same JSON shape.
+#[derive(Serialize)]
+pub struct SnapshotRef<'a, E: Serialize> {
+    pub v: u32,
+    pub writer: &'a str,
+    pub written_at: Option<DateTime<Utc>>,
+    pub schedules: E,
+    #[serde(skip_serializing_if = "none_paused")]
+    pub paused: &'a BTreeSet<String>,
+    pub offset: Option<u64>,
+}
+
+fn none_paused(p: &&BTreeSet<String>) -> bool {
+    p.is_empty()
 }
 
 pub async fn declare(conn: &Connection, queue: &str, qt: QueueType) -> Result<(), lapin::Error> {
@@ -395,29 +476,6 @@ pub async fn load<S: Fold>(
     Ok((snap, Tail { seen, channel: ch }))
 }
 
-/// Replace the snapshot (confirmed).
-pub async fn write(
-    publisher: &Publisher,
-    queue: &str,
-    snap: &impl Serialize,
-) -> Result<(), warren::Error> {
-    send(publisher, queue, snap).await?.confirmed().await
-}
-
-/// Send a replacement snapshot without waiting for its confirm.
-pub async fn send(
-    publisher: &Publisher,
-    queue: &str,
-    snap: &impl Serialize,
-) -> Result<Pending, warren::Error> {
-    send_raw(
-        publisher,
-        queue,
-        &serde_json::to_vec(snap).unwrap_or_default(),
-    )
-    .await
-}
-
 /// Send JSON `body` to `queue`, persistent, without waiting for its
 /// confirm.
 pub async fn send_raw(
@@ -443,7 +501,7 @@ mod tests {
             writer: "h:1".into(),
             ..Default::default()
         };
-        let t = Utc::now();
+        let t = DateTime::from_timestamp_micros(Utc::now().timestamp_micros()).unwrap();
         s.schedules.insert(
             "a".into(),
             Entry {
@@ -451,8 +509,70 @@ mod tests {
                 last_fired: Some(t),
             },
         );
+        s.schedules.insert(
+            "b".into(),
+            Entry {
+                cursor: t,
+                last_fired: None,
+            },
+        );
         let back: Snapshot = serde_json::from_slice(&serde_json::to_vec(&s).unwrap()).unwrap();
         assert_eq!(back, s);
+    }
+
+    /// What the leader writes borrowed reads back as a [`Snapshot`].
+    #[test]
+    fn a_borrowed_snapshot_reads_as_a_snapshot() {
+        let t = DateTime::from_timestamp(1_800_000_000, 0).unwrap();
+        let entries: BTreeMap<String, Entry> = [(
+            "a".to_owned(),
+            Entry {
+                cursor: t,
+                last_fired: Some(t),
+            },
+        )]
+        .into();
+        let paused: BTreeSet<String> = ["a".to_owned()].into();
+        let out = SnapshotRef {
+            v: 3,
+            writer: "h:1",
+            written_at: Some(t),
+            schedules: &entries,
+            paused: &paused,
+            offset: Some(7),
+        };
+        let back: Snapshot = serde_json::from_slice(&serde_json::to_vec(&out).unwrap()).unwrap();
+        let want = Snapshot {
+            v: 3,
+            writer: "h:1".into(),
+            written_at: Some(t),
+            schedules: entries,
+            paused,
+            offset: Some(7),
+        };
+        assert_eq!(back, want);
+    }
+
+    /// States written before held RFC 3339 text: a new leader reads them.
+    #[test]
+    fn entries_of_older_versions_read() {
+        let old = r#"{"v":2,"writer":"h:1","written_at":"2027-01-15T08:00:00Z",
+            "schedules":{"a":{"cursor":"2027-01-15T08:00:00.500Z","last_fired":"2027-01-15T08:00:00Z"},
+                         "b":{"cursor":1800000000000000,"last_fired":null}}}"#;
+        let s: Snapshot = serde_json::from_str(old).unwrap();
+        let at = |t: &str| DateTime::parse_from_rfc3339(t).unwrap().with_timezone(&Utc);
+        assert_eq!(s.schedules["a"].cursor, at("2027-01-15T08:00:00.500Z"));
+        assert_eq!(
+            s.schedules["a"].last_fired,
+            Some(at("2027-01-15T08:00:00Z"))
+        );
+        assert_eq!(
+            s.schedules["b"].cursor,
+            DateTime::from_timestamp(1_800_000_000, 0).unwrap()
+        );
+        assert_eq!(s.schedules["b"].last_fired, None);
+        let bad = r#"{"cursor":"yesterday"}"#;
+        assert!(serde_json::from_str::<Entry>(bad).is_err());
     }
 
     /// Records fold in by maximum, in any order and any number of times:

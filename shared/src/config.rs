@@ -692,6 +692,10 @@ pub fn load<T: DeserializeOwned>(
     path: Option<&Path>,
     env: impl IntoIterator<Item = (String, String)>,
 ) -> Result<T, ConfigError> {
+    let env: Vec<(String, String)> = env
+        .into_iter()
+        .filter(|(key, _)| env_path(key).is_some())
+        .collect();
     let mut table = match path {
         Some(path) => {
             let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
@@ -700,10 +704,17 @@ pub fn load<T: DeserializeOwned>(
             })?;
             // Parse straight into T first: toml's errors then carry line,
             // column and the offending key.
-            toml::from_str::<T>(&text).map_err(|e| ConfigError::File {
+            let parsed = toml::from_str::<T>(&text).map_err(|e| ConfigError::File {
                 path: path.to_owned(),
                 message: scrub_snippet(e.to_string().trim_end()),
             })?;
+            // Without overrides that is the answer: a table of the whole
+            // file next to T doubled the peak memory of a file with
+            // 100,000 schedules (about 300 MiB for `schedules check`).
+            if env.is_empty() {
+                return Ok(parsed);
+            }
+            drop(parsed);
             toml::from_str::<toml::Table>(&text).map_err(|e| ConfigError::File {
                 path: path.to_owned(),
                 message: scrub_snippet(&e.to_string()),
@@ -726,12 +737,6 @@ pub fn load<T: DeserializeOwned>(
             message,
         })?;
         applied.push(key);
-    }
-    if applied.is_empty() && path.is_some() {
-        return T::deserialize(table).map_err(|e| ConfigError::Invalid {
-            origin: origin(path),
-            message: e.to_string(),
-        });
     }
     T::deserialize(table).map_err(|e| {
         // serde quotes a string of the wrong type (`invalid type: string

@@ -30,10 +30,13 @@ use crate::control;
 use crate::leader::Fence;
 use crate::metrics::Source;
 use crate::schedule::{self, ON_TIME};
-use crate::state::{self, Entry, Record, Snapshot, Tail};
+use crate::state::{self, Entry, Record, Tail};
 
 /// Ticks in flight at once (unconfirmed) within one wake-up.
 const FIRE_WINDOW: usize = 1024;
+
+/// A snapshot older than this is rewritten whatever the log's size.
+const SNAPSHOT_MAX_AGE: Duration = Duration::from_secs(600);
 
 /// Per-schedule state of the fire loop.
 struct Cursor {
@@ -57,10 +60,11 @@ fn spec_key(s: &Schedule) -> String {
     )
 }
 
-/// A tick to publish: schedule and instant.
+/// A tick to publish: schedule, instant and its task id.
 struct Tick {
     schedule: Arc<Schedule>,
     at: DateTime<Utc>,
+    id: String,
 }
 
 /// How a term ended (or a step of it).
@@ -76,9 +80,13 @@ pub(super) struct Term<'a> {
     cursors: HashMap<String, Cursor>,
     agenda: Agenda,
     sample: Sample,
-    /// Log records appended since the last snapshot, and when that was.
+    /// Log records appended since the last snapshot, their bytes, and when
+    /// that was.
     unsnapshotted: u64,
+    logged_bytes: usize,
     snapshot_at: Instant,
+    /// Size of the last snapshot written (0 before the first).
+    snapshot_bytes: usize,
     /// The catalog offset the last catalog snapshot covered, and when.
     catalog_snapshot: (Option<u64>, Instant),
     /// Schedules that got a fresh cursor since the last record: a
@@ -135,7 +143,9 @@ impl<'a> Term<'a> {
             agenda: Agenda::default(),
             sample,
             unsnapshotted: 0,
+            logged_bytes: 0,
             snapshot_at: Instant::now(),
+            snapshot_bytes: 0,
             catalog_snapshot: (ctx.catalog().applied(), Instant::now()),
             fresh: Vec::new(),
         };
@@ -369,6 +379,7 @@ impl<'a> Term<'a> {
             record.entries.insert(name.to_string(), entry(c));
             for at in p.fire {
                 ticks.push(Tick {
+                    id: schedule::fire_id(s.name(), at),
                     schedule: s.clone(),
                     at,
                 });
@@ -411,7 +422,7 @@ impl<'a> Term<'a> {
         let logged = if record.is_empty() {
             None
         } else {
-            Some(state::append(self.publisher, &self.log, record).await)
+            Some(self.append(record).await)
         };
         for (j, p) in in_flight {
             outcomes[j] = p.confirmed().await.err();
@@ -442,7 +453,7 @@ impl<'a> Term<'a> {
 
     async fn send_tick(&self, sealed: &Publisher, t: &Tick) -> Result<Pending, warren::Error> {
         let s = &t.schedule;
-        let id = schedule::fire_id(s.name(), t.at);
+        let id = t.id.clone();
         let (props, body, exchange, key) = match &s.cfg.workflow {
             // A workflow schedule starts a run whose id is the fire id.
             Some(w) => {
@@ -472,11 +483,11 @@ impl<'a> Term<'a> {
             .with_label_values(&[Source::Schedule.label()])
             .inc();
         self.ctx.set_last(name, t.at);
-        let id = schedule::fire_id(name, t.at);
+        let id = &t.id;
         // A workflow schedule starts a run, not a task.
         if self.ctx.events().enabled() && t.schedule.cfg.workflow.is_none() {
             self.ctx.events().record(warren::events::Event::new(
-                &id,
+                id,
                 &t.schedule.cfg.task,
                 warren::events::What::Published {
                     source: warren::events::Source::Schedule,
@@ -490,7 +501,7 @@ impl<'a> Term<'a> {
     /// backoff, until its misfire grace runs out (then it counts as missed).
     async fn fire_again(&self, t: &Tick, mut error: warren::Error) -> Result<(), Fenced> {
         let s = &t.schedule;
-        let id = schedule::fire_id(s.name(), t.at);
+        let id = &t.id;
         let grace =
             chrono::TimeDelta::from_std(s.cfg.misfire_grace.max(ON_TIME)).unwrap_or_default();
         let deadline = t.at + grace;
@@ -566,12 +577,7 @@ impl<'a> Term<'a> {
         if !self.fence.holds() {
             return Err(Fenced);
         }
-        let logged = async {
-            state::append(self.publisher, &self.log, &record)
-                .await?
-                .confirmed()
-                .await
-        };
+        let logged = async { self.append(&record).await?.confirmed().await };
         if let Err(e) = logged.await {
             tracing::warn!(error = %e, "could not record a pause or resume in the scheduler state");
             let why = format!("the leader could not record it: {e}");
@@ -638,12 +644,7 @@ impl<'a> Term<'a> {
         if !self.fence.holds() {
             return Err(Fenced);
         }
-        let logged = async {
-            state::append(self.publisher, &self.log, &record)
-                .await?
-                .confirmed()
-                .await
-        };
+        let logged = async { self.append(&record).await?.confirmed().await };
         match logged.await {
             Ok(()) => self.unsnapshotted += 1,
             Err(e) => {
@@ -656,36 +657,56 @@ impl<'a> Term<'a> {
         Ok(())
     }
 
+    /// Append `record` to the log, counting its bytes.
+    async fn append(&mut self, record: &Record) -> Result<Pending, warren::Error> {
+        let body = serde_json::to_vec(record).unwrap_or_default();
+        self.logged_bytes += body.len();
+        state::send_raw(self.publisher, &self.log, &body).await
+    }
+
+    /// A snapshot is rewritten once the log since the last one holds half
+    /// its size (and `compact_every` passed): the work of compacting is then
+    /// at most twice the bytes appended, whatever the number of schedules,
+    /// and a new leader reads at most one and a half snapshots' worth.
     fn compact_due(&self) -> bool {
+        let age = self.snapshot_at.elapsed();
         self.unsnapshotted > 0
-            && self.snapshot_at.elapsed() >= self.ctx.cfg().scheduler.compact_every
+            && age >= self.ctx.cfg().scheduler.compact_every
+            && (self.logged_bytes * 2 >= self.snapshot_bytes || age >= SNAPSHOT_MAX_AGE)
     }
 
     /// Write every cursor as one snapshot covering the log up to what the
     /// tail has seen (all of it was appended before this snapshot's state).
     async fn compact(&mut self) -> Result<(), Fenced> {
         let offset = self.tail.offset();
-        let snap = Snapshot {
-            v: 2,
-            writer: self.ctx.instance().to_owned(),
+        let paused = self.ctx.paused();
+        let snap = state::SnapshotRef {
+            v: 3,
+            writer: self.ctx.instance(),
             written_at: Some(Utc::now()),
-            schedules: self
-                .cursors
-                .iter()
-                .map(|(k, c)| (k.clone(), entry(c)))
-                .collect(),
-            paused: self.ctx.paused(),
+            schedules: Entries(&self.cursors),
+            paused: &paused,
             offset: Some(offset),
         };
+        let body = serde_json::to_vec(&snap).unwrap_or_default();
         if !self.fence.holds() {
             return Err(Fenced);
         }
-        match state::write(self.publisher, &self.state_queue, &snap).await {
+        let sent = async {
+            state::send_raw(self.publisher, &self.state_queue, &body)
+                .await?
+                .confirmed()
+                .await
+        };
+        match sent.await {
             Ok(()) => {
                 self.unsnapshotted = 0;
+                self.logged_bytes = 0;
+                self.snapshot_bytes = body.len();
                 self.snapshot_at = Instant::now();
                 tracing::debug!(
-                    schedules = snap.schedules.len(),
+                    schedules = self.cursors.len(),
+                    bytes = body.len(),
                     offset,
                     "scheduler state compacted"
                 );
@@ -702,6 +723,15 @@ impl<'a> Term<'a> {
                 }
             }
         }
+    }
+}
+
+/// Every cursor, serialized as the snapshot's map without copying it.
+struct Entries<'a>(&'a HashMap<String, Cursor>);
+
+impl serde::Serialize for Entries<'_> {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_map(self.0.iter().map(|(k, c)| (k, entry(c))))
     }
 }
 
