@@ -7,8 +7,9 @@
 //!   lock connection, confirmed;
 //! * **the snapshot**, the queue `<prefix>.producer.state` holding exactly one
 //!   message (`x-max-length = 1`, overflow drops the head): every cursor, the
-//!   paused set and the log offset it covers, rewritten every
-//!   `scheduler.compact_every` (not per fire).
+//!   paused set and the log offset it covers, rewritten when the log since
+//!   the last one holds half its size (not per fire; see the fire loop's
+//!   `compact_due`).
 //!
 //! A new leader reads the snapshot with `basic.get` and puts it back
 //! (reject and requeue), appends a marker record to the log, and reads the log from

@@ -6,7 +6,7 @@
 //! * the ticks due together go out pipelined (up to [`FIRE_WINDOW`] confirms
 //!   outstanding), followed on the same channel by one log [`Record`] of the
 //!   cursors they moved ([`crate::state`]); a snapshot of every cursor is
-//!   written only every `scheduler.compact_every`;
+//!   written once that log holds half a snapshot's size;
 //! * a change to the schedule book re-plans only the schedule it names.
 
 use std::collections::{HashMap, VecDeque};
