@@ -36,7 +36,16 @@ impl App {
     /// [`ConfigError`](warren::config::ConfigError), exit 2 in the binary)
     /// and bind `cfg.http.addr`. Nothing connects yet.
     pub async fn build(cfg: ProducerConfig) -> anyhow::Result<App> {
-        let (cfg, schedules) = config::check(cfg, None)?;
+        Self::from_checked(config::check(cfg, None)?).await
+    }
+
+    /// As [`App::build`], for a configuration [`config::check`] passed.
+    pub async fn from_checked(checked: config::Checked) -> anyhow::Result<App> {
+        let config::Checked {
+            cfg,
+            schedules,
+            workflows,
+        } = checked;
         let registry = Registry::new();
         let amqp_metrics = AmqpMetrics::register(&registry)?;
         let metrics = Metrics::register(&registry, cfg.metrics.per_schedule_limit)?;
@@ -59,6 +68,7 @@ impl App {
         };
         let ctx = Ctx::new(
             cfg,
+            workflows,
             metrics,
             amqp_metrics,
             Health::default(),

@@ -88,17 +88,12 @@ pub struct Ctx {
 impl Ctx {
     pub fn new(
         cfg: ProducerConfig,
+        workflows: Vec<Arc<Workflow>>,
         metrics: Metrics,
         amqp_metrics: AmqpMetrics,
         health: Health,
         tokens: TokenStore,
     ) -> Self {
-        // `App::build` refused an invalid config already.
-        let workflows: Vec<Arc<Workflow>> = crate::workflow::definition::compile(&cfg.workflows)
-            .unwrap_or_default()
-            .into_iter()
-            .map(Arc::new)
-            .collect();
         // Every workflow's run series exist from the start, at 0: an alert on
         // `increase()` then sees the first failure too.
         for w in &workflows {

@@ -30,7 +30,11 @@ pub async fn on_sighup(ctx: Arc<Ctx>, stop: CancellationToken) {
             continue;
         };
         match config::load_checked(Some(path)) {
-            Ok((new_cfg, schedules)) => {
+            Ok(config::Checked {
+                cfg: new_cfg,
+                schedules,
+                ..
+            }) => {
                 reload_tokens(&ctx, &new_cfg);
                 reload_seal(&ctx, &new_cfg);
                 let changed = config::restart_only_changes(ctx.cfg(), &new_cfg);

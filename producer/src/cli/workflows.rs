@@ -1,12 +1,14 @@
 //! `workflows list|start|status|resume`: the same messages and the same
 //! snapshot the HTTP API uses (see `crate::api` and docs/workflows.md).
 
+use std::sync::Arc;
+
 use anyhow::Context;
 use chrono::{DateTime, SecondsFormat, Utc};
 use clap::Subcommand;
 
 use super::UsageError;
-use crate::config::ProducerConfig;
+use crate::config::{Checked, ProducerConfig};
 use crate::workflow::run::{Run, RunStatus};
 use crate::workflow::{self, store, Workflow};
 
@@ -37,14 +39,19 @@ pub enum WorkflowsCommand {
     Resume { name: String, run_id: String },
 }
 
-fn definition<'a>(wfs: &'a [Workflow], name: &str) -> anyhow::Result<&'a Workflow> {
+fn definition<'a>(wfs: &'a [Arc<Workflow>], name: &str) -> anyhow::Result<&'a Workflow> {
     wfs.iter()
         .find(|w| w.name == name)
+        .map(|w| &**w)
         .ok_or_else(|| UsageError::Workflow(name.to_owned()).into())
 }
 
-pub async fn run(cfg: ProducerConfig, cmd: WorkflowsCommand) -> anyhow::Result<()> {
-    let wfs = workflow::definition::compile(&cfg.workflows).unwrap_or_default();
+pub async fn run(checked: Checked, cmd: WorkflowsCommand) -> anyhow::Result<()> {
+    let Checked {
+        cfg,
+        workflows: wfs,
+        ..
+    } = checked;
     match cmd {
         WorkflowsCommand::List => {
             for w in &wfs {

@@ -98,3 +98,38 @@ fn bad_workflows_exit_2_naming_the_key() {
     assert_eq!(out.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&out.stderr).contains("no workflow named `nope`"));
 }
+
+/// One workflow with three kinds of problem reports all three at once
+/// (a cycle used to hide the rest of its workflow, an unknown step the
+/// cycle and the templates).
+#[test]
+fn one_workflow_with_a_cycle_an_unknown_step_and_a_bad_template_names_all_three() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("three.toml");
+    let text = format!(
+        "{STEPS}[[workflows.steps]]\nname = \"a\"\ntask = \"t\"\nafter = [\"b\"]\n\
+         [[workflows.steps]]\nname = \"b\"\ntask = \"t\"\nafter = [\"a\"]\n\
+         [[workflows.steps]]\nname = \"report\"\ntask = \"t\"\nafter = [\"exprot\"]\n\
+         [[workflows.steps]]\nname = \"mail\"\ntask = \"t\"\nafter = [\"export\"]\n\
+         payload = {{ x = \"{{{{results.report}}}}\" }}\n"
+    );
+    std::fs::write(&path, text).unwrap();
+    let path = path.display().to_string();
+    for cmd in [&["schedules", "check"][..], &["workflows", "list"][..]] {
+        let args: Vec<&str> = ["--config", path.as_str()]
+            .into_iter()
+            .chain(cmd.iter().copied())
+            .collect();
+        let out = exits(&args);
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{cmd:?}: {err}");
+        assert!(err.contains("3 problems:"), "{cmd:?}: {err}");
+        for names in [
+            r#"workflows[0].steps[3].after: unknown step "exprot""#,
+            "workflows[0].steps[1].after: cycle a → b → a",
+            "workflows[0].steps[4].payload: `{{results.report}}`",
+        ] {
+            assert!(err.contains(names), "{cmd:?}: {names}: {err}");
+        }
+    }
+}
