@@ -16,7 +16,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use warren::metrics::{AmqpMetrics, Health};
 
-use crate::auth::{TokenStore, Tokens};
+use crate::auth::TokenStore;
 use crate::config::{self, ProducerConfig, Schedule};
 use crate::context::Ctx;
 use crate::metrics::Metrics;
@@ -51,7 +51,7 @@ impl App {
         let metrics = Metrics::register(&registry, cfg.metrics.per_schedule_limit)?;
         let event_metrics = warren::events::EventMetrics::register(&registry)?;
         let index_metrics = crate::tasks::IndexMetrics::register(&registry)?;
-        let tokens = Tokens::from_config(&cfg.api)?;
+        let tokens = cfg.api.tokens()?;
         if cfg.api.enabled && tokens.is_empty() {
             tracing::warn!("no API tokens configured: every /v1 request will be refused (set api.publish_token / api.read_token)");
         }

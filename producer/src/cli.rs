@@ -126,7 +126,7 @@ pub fn token_hash() -> anyhow::Result<()> {
     if token.len() < 16 {
         return Err(UsageError::ShortToken.into());
     }
-    warren::outln!("{}", crate::config::hashed_token(token.as_bytes()));
+    warren::outln!("{}", crate::auth::grant::hashed_token(token.as_bytes()));
     Ok(())
 }
 

@@ -13,10 +13,17 @@ use warren::config::{AmqpConfig, HttpConfig, LogConfig, Problems, Secret, Topolo
 use warren::retry::RetryOverrides;
 use warren::security::SecurityConfig;
 
+use crate::auth::grant::{self, TokenSources};
+use crate::auth::Tokens;
+use crate::jwt::JwtVerifier;
 use crate::schedule::{self, DstGap, DstOverlap, MisfirePolicy, Spec};
 use crate::workflow::{WorkflowConfig, WorkflowSettings};
 
 mod check;
+
+// What a config holds, under the names library users know.
+pub use crate::auth::grant::{hashed_token, Scope, TokenConfig};
+pub use crate::jwt::JwtConfig;
 
 pub use check::{check, load, load_checked, Checked};
 
@@ -176,39 +183,6 @@ pub struct ApiConfig {
     pub metrics_listen: Option<SocketAddr>,
 }
 
-/// `[api.jwt]`: which JWTs the API accepts (see [`crate::jwt`]).
-#[derive(Debug, Clone, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct JwtConfig {
-    /// The `iss` every token must carry.
-    pub issuer: String,
-    /// The `aud` every token must include.
-    pub audience: String,
-    /// HS256: a file holding the shared secret (at least 32 bytes).
-    #[serde(default)]
-    pub hs256_secret_file: Option<PathBuf>,
-    /// RS256/ES256: PEM public keys of the issuer.
-    #[serde(default)]
-    pub public_key_files: Vec<PathBuf>,
-    /// RS256/ES256: the issuer's key set (JWKS JSON), matched by `kid`.
-    #[serde(default)]
-    pub jwks_file: Option<PathBuf>,
-    /// Claim holding the scopes: a space-separated string or an array.
-    #[serde(default = "default_scopes_claim")]
-    pub scopes_claim: String,
-    /// Clock skew tolerated on `exp` and `nbf`.
-    #[serde(default = "default_leeway", with = "humantime_serde")]
-    pub leeway: Duration,
-}
-
-fn default_scopes_claim() -> String {
-    "scope".into()
-}
-
-fn default_leeway() -> Duration {
-    Duration::from_secs(30)
-}
-
 impl Default for ApiConfig {
     fn default() -> Self {
         Self {
@@ -228,170 +202,28 @@ impl Default for ApiConfig {
     }
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum Scope {
-    Read,
-    Publish,
-    /// Pausing schedules and purging dead letters.
-    Admin,
-}
-
-impl Scope {
-    /// The name as configs and error messages spell it.
-    pub fn name(self) -> &'static str {
-        match self {
-            Scope::Read => "read",
-            Scope::Publish => "publish",
-            Scope::Admin => "admin",
-        }
-    }
-
-    pub(crate) fn parse(s: &str) -> Option<Self> {
-        match s {
-            "read" => Some(Scope::Read),
-            "publish" => Some(Scope::Publish),
-            "admin" => Some(Scope::Admin),
-            _ => None,
-        }
-    }
-}
-
-/// One configured token and what it may do (see [`ApiConfig::grants`]).
-#[derive(PartialEq)]
-pub struct Grant {
-    /// SHA-256 of the token: requests are matched by digest, so the config
-    /// may hold the digest alone (`sha256:<hex>`) and every comparison has
-    /// the same length.
-    pub digest: [u8; 32],
-    pub scopes: Vec<Scope>,
-    /// Who presents it, in logs and audit lines (never the token itself):
-    /// the config key (`publish_token`, `tokens[2]`), a configured name, or
-    /// `<file>:<line>`.
-    pub name: String,
-}
-
 impl ApiConfig {
-    /// Every token this config grants, from all four places (the tokens
-    /// file is read now), each at least 16 characters. The HTTP layer
-    /// (`auth`) only compares them; reading them is config's job, so `run`,
-    /// `schedules check` and SIGHUP refuse the same files.
-    pub fn grants(&self) -> anyhow::Result<Vec<Grant>> {
-        let mut out = Vec::new();
-        let mut add =
-            |token: &str, scopes: Vec<Scope>, origin: &str, name: String| -> anyhow::Result<()> {
-                let digest = match token.strip_prefix(HASHED) {
-                    Some(hex) => parse_digest(hex).ok_or_else(|| {
-                        anyhow::anyhow!(
-                            "{origin}: `sha256:` must be followed by the 64 hex digits of the \
-                             token's SHA-256 (`warren-producer token hash` prints it)"
-                        )
-                    })?,
-                    None if token.len() < 16 => {
-                        anyhow::bail!("{origin}: API tokens must be at least 16 characters")
-                    }
-                    None => token_digest(token.as_bytes()),
-                };
-                out.push(Grant {
-                    digest,
-                    scopes,
-                    name,
-                });
-                Ok(())
-            };
-        if let Some(t) = &self.read_token {
-            add(
-                t.expose(),
-                vec![Scope::Read],
-                "api.read_token",
-                "read_token".into(),
-            )?;
+    /// Where this config names tokens (see [`grant::grants`]).
+    pub fn token_sources(&self) -> TokenSources<'_> {
+        TokenSources {
+            read_token: self.read_token.as_ref(),
+            publish_token: self.publish_token.as_ref(),
+            admin_token: self.admin_token.as_ref(),
+            tokens: &self.tokens,
+            tokens_file: self.tokens_file.as_deref(),
         }
-        if let Some(t) = &self.publish_token {
-            add(
-                t.expose(),
-                vec![Scope::Read, Scope::Publish],
-                "api.publish_token",
-                "publish_token".into(),
-            )?;
-        }
-        if let Some(t) = &self.admin_token {
-            add(
-                t.expose(),
-                vec![Scope::Read, Scope::Publish, Scope::Admin],
-                "api.admin_token",
-                "admin_token".into(),
-            )?;
-        }
-        for (i, t) in self.tokens.iter().enumerate() {
-            let origin = format!("api.tokens[{i}]");
-            if t.name.as_deref().is_some_and(|n| n.trim().is_empty()) {
-                anyhow::bail!("{origin}.name: must not be empty");
-            }
-            let name = t.name.clone().unwrap_or_else(|| format!("tokens[{i}]"));
-            add(t.token.expose(), t.scopes.clone(), &origin, name)?;
-        }
-        if let Some(path) = &self.tokens_file {
-            let text = std::fs::read_to_string(path).map_err(|e| {
-                anyhow::anyhow!("api.tokens_file {}: cannot read: {e}", path.display())
-            })?;
-            for (n, line) in text.lines().enumerate() {
-                let line = line.trim();
-                if line.is_empty() || line.starts_with('#') {
-                    continue;
-                }
-                let origin = format!("api.tokens_file {} line {}", path.display(), n + 1);
-                let fields: Vec<&str> = line.split_whitespace().collect();
-                let (scopes, token, name) = match fields.as_slice() {
-                    [scopes, token] => (*scopes, *token, None),
-                    [scopes, token, name] => (*scopes, *token, Some(*name)),
-                    _ => anyhow::bail!("{origin}: expected `<scope>[,<scope>] <token> [name]`"),
-                };
-                let scopes = scopes
-                    .split(',')
-                    .map(|s| {
-                        Scope::parse(s).ok_or_else(|| {
-                            anyhow::anyhow!("{origin}: unknown scope `{s}` (read, publish, admin)")
-                        })
-                    })
-                    .collect::<anyhow::Result<Vec<_>>>()?;
-                let name =
-                    name.map_or_else(|| format!("{}:{}", path.display(), n + 1), str::to_owned);
-                add(token, scopes, &origin, name)?;
-            }
-        }
-        Ok(out)
     }
-}
 
-/// A configured token given as its digest: `sha256:<64 hex digits>`.
-pub const HASHED: &str = "sha256:";
-
-/// SHA-256 of a token, as stored and compared.
-pub fn token_digest(token: &[u8]) -> [u8; 32] {
-    use sha2::Digest;
-    sha2::Sha256::digest(token).into()
-}
-
-/// `sha256:<hex>` as a config holds it.
-pub fn hashed_token(token: &[u8]) -> String {
-    format!("{HASHED}{}", hex::encode(token_digest(token)))
-}
-
-fn parse_digest(hex: &str) -> Option<[u8; 32]> {
-    let mut out = [0u8; 32];
-    hex::decode_to_slice(hex.trim(), &mut out).ok()?;
-    Some(out)
-}
-
-#[derive(Debug, Clone, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct TokenConfig {
-    pub token: Secret,
-    pub scopes: Vec<Scope>,
-    /// Who uses it, in logs and audit lines (default `tokens[<index>]`).
-    #[serde(default)]
-    pub name: Option<String>,
+    /// The tokens the API serves with: every grant (the tokens file read
+    /// now) and the JWT check if `[api.jwt]` is set.
+    pub fn tokens(&self) -> anyhow::Result<Tokens> {
+        let jwt = self
+            .jwt
+            .as_ref()
+            .map(JwtVerifier::from_config)
+            .transpose()?;
+        Ok(Tokens::new(grant::grants(&self.token_sources())?, jwt))
+    }
 }
 
 /// The operator console under `/ui/` (on while `api.console`; docs/console.md).
@@ -775,6 +607,7 @@ pub fn restart_only_changes(running: &ProducerConfig, reloaded: &ProducerConfig)
 #[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
+    use crate::auth::grant::token_digest;
 
     fn parse(text: &str) -> ProducerConfig {
         toml::from_str(text).unwrap()
@@ -791,7 +624,7 @@ mod tests {
             "[[api.tokens]]\ntoken = \"{}\"\nscopes = [\"read\"]\n",
             hashed_token(token.as_bytes())
         ));
-        let grants = cfg.api.grants().unwrap();
+        let grants = grant::grants(&cfg.api.token_sources()).unwrap();
         assert_eq!(grants[0].digest, token_digest(token.as_bytes()));
         // A digest is not held to the 16-character minimum of a token, but
         // must be one.
@@ -866,7 +699,7 @@ mod tests {
             "#,
         );
         cfg.api.tokens_file = Some(file.clone());
-        let grants = cfg.api.grants().unwrap();
+        let grants = grant::grants(&cfg.api.token_sources()).unwrap();
         let named: Vec<(&str, &[Scope])> = grants
             .iter()
             .map(|g| (g.name.as_str(), g.scopes.as_slice()))
@@ -886,13 +719,19 @@ mod tests {
             ]
         );
         std::fs::write(&file, "root file-token-c-0123456789\n").unwrap();
-        let err = cfg.api.grants().err().unwrap().to_string();
+        let err = grant::grants(&cfg.api.token_sources())
+            .err()
+            .unwrap()
+            .to_string();
         assert!(
             err.contains("unknown scope `root` (read, publish, admin)"),
             "{err}"
         );
         std::fs::write(&file, "read file-token-c-0123456789 a b\n").unwrap();
-        let err = cfg.api.grants().err().unwrap().to_string();
+        let err = grant::grants(&cfg.api.token_sources())
+            .err()
+            .unwrap()
+            .to_string();
         assert!(err.contains("line 1: expected"), "{err}");
     }
 

@@ -9,13 +9,47 @@
 //! The algorithm a token names must match the kind of key checking it, so a
 //! public key can never serve as an HMAC secret (algorithm confusion).
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
 
 use jsonwebtoken::jwk::{AlgorithmParameters, JwkSet};
 use jsonwebtoken::{Algorithm, DecodingKey, Validation};
+use serde::{Deserialize, Serialize};
 
-use crate::auth::Caller;
-use crate::config::{JwtConfig, Scope};
+use crate::auth::grant::{Caller, Scope};
+
+/// `[api.jwt]`: which JWTs the API accepts (see [`JwtVerifier`]).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct JwtConfig {
+    /// The `iss` every token must carry.
+    pub issuer: String,
+    /// The `aud` every token must include.
+    pub audience: String,
+    /// HS256: a file holding the shared secret (at least 32 bytes).
+    #[serde(default)]
+    pub hs256_secret_file: Option<PathBuf>,
+    /// RS256/ES256: PEM public keys of the issuer.
+    #[serde(default)]
+    pub public_key_files: Vec<PathBuf>,
+    /// RS256/ES256: the issuer's key set (JWKS JSON), matched by `kid`.
+    #[serde(default)]
+    pub jwks_file: Option<PathBuf>,
+    /// Claim holding the scopes: a space-separated string or an array.
+    #[serde(default = "default_scopes_claim")]
+    pub scopes_claim: String,
+    /// Clock skew tolerated on `exp` and `nbf`.
+    #[serde(default = "default_leeway", with = "humantime_serde")]
+    pub leeway: Duration,
+}
+
+fn default_scopes_claim() -> String {
+    "scope".into()
+}
+
+fn default_leeway() -> Duration {
+    Duration::from_secs(30)
+}
 
 /// One key a token may be signed with.
 struct Key {

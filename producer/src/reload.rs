@@ -7,7 +7,6 @@ use std::sync::Arc;
 
 use tokio_util::sync::CancellationToken;
 
-use crate::auth::Tokens;
 use crate::config::{self, ProducerConfig};
 use crate::context::Ctx;
 
@@ -76,7 +75,7 @@ fn reload_seal(ctx: &Ctx, cfg: &ProducerConfig) {
 /// Swap in the tokens of a reloaded config (tokens file re-read). Logs
 /// counts, never tokens.
 fn reload_tokens(ctx: &Ctx, cfg: &ProducerConfig) {
-    match Tokens::from_config(&cfg.api) {
+    match cfg.api.tokens() {
         Ok(tokens) => {
             if *ctx.tokens().current() == tokens {
                 return;

@@ -104,7 +104,7 @@ impl ProducerConfig {
     /// `[api]`: the tokens `run` would serve with (tokens file included),
     /// the JWT keys, the limits.
     fn check_api(&self, p: &mut Problems) {
-        if let Err(e) = self.api.grants() {
+        if let Err(e) = crate::auth::grant::grants(&self.api.token_sources()) {
             p.push_error(format!("{e:#}"));
         }
         if let Some(jwt) = &self.api.jwt {

@@ -26,7 +26,7 @@ use super::guard::{refused, wants_fresh, Fields, Signed};
 use super::layout::{self, Nav};
 use super::session::Session;
 use super::Console;
-use crate::config::Scope;
+use crate::auth::Scope;
 
 /// Age after which a page shows the grouping it has and has it rescanned
 /// in the background (an action on this replica forgets it at once).

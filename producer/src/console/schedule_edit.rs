@@ -17,9 +17,10 @@ use super::guard::{refused, Fields, Signed};
 use super::layout::{self, Nav};
 use super::session::Session;
 use super::Console;
+use crate::auth::Scope;
 use crate::book::Origin;
 use crate::catalog::{self, Change, Outcome};
-use crate::config::{Schedule, ScheduleConfig, Scope};
+use crate::config::{Schedule, ScheduleConfig};
 
 /// Instants shown before saving.
 const PREVIEW: usize = 5;

@@ -12,7 +12,7 @@ use super::actions;
 use super::guard::{refused, Fields, Signed};
 use super::layout::{self, FlashKey, Nav};
 use super::Console;
-use crate::config::Scope;
+use crate::auth::Scope;
 
 /// Schedules the page shows.
 const PAGE: usize = 500;
