@@ -98,7 +98,10 @@ impl Ctx {
         // `increase()` then sees the first failure too.
         for w in &workflows {
             for event in crate::metrics::WORKFLOW_RUN_EVENTS {
-                metrics.wf_runs.with_label_values(&[w.name.as_str(), event]);
+                metrics
+                    .workflow
+                    .runs
+                    .with_label_values(&[w.name.as_str(), event]);
             }
         }
         let catalog = crate::catalog::Catalog::new(api_compiler(&cfg));

@@ -89,6 +89,72 @@ pub enum Refusal {
     Malformed,
 }
 
+/// `api.jwt.hs256_secret_file`: a shared secret of at least 32 bytes.
+fn hs256_key(path: &Path) -> anyhow::Result<Key> {
+    let secret = read("api.jwt.hs256_secret_file", path)?;
+    let secret = secret.trim_ascii();
+    if secret.len() < 32 {
+        anyhow::bail!(
+            "api.jwt.hs256_secret_file {}: the secret must be at least 32 bytes",
+            path.display()
+        );
+    }
+    Ok(Key {
+        algorithm: Algorithm::HS256,
+        kid: None,
+        key: DecodingKey::from_secret(secret),
+    })
+}
+
+/// `api.jwt.public_key_files[i]`: a PEM RSA or EC (P-256) public key.
+fn pem_key(i: usize, path: &Path) -> anyhow::Result<Key> {
+    let origin = format!("api.jwt.public_key_files[{i}]");
+    let pem = read(&origin, path)?;
+    let (algorithm, key) = if let Ok(k) = DecodingKey::from_rsa_pem(&pem) {
+        (Algorithm::RS256, k)
+    } else if let Ok(k) = DecodingKey::from_ec_pem(&pem) {
+        (Algorithm::ES256, k)
+    } else {
+        anyhow::bail!(
+            "{origin} {}: not a PEM RSA or EC (P-256) public key",
+            path.display()
+        );
+    };
+    Ok(Key {
+        algorithm,
+        kid: None,
+        key,
+    })
+}
+
+/// `api.jwt.jwks_file`: every key of the set, matched by `kid`.
+fn jwks_keys(path: &Path) -> anyhow::Result<Vec<Key>> {
+    let text = read("api.jwt.jwks_file", path)?;
+    let set: JwkSet = serde_json::from_slice(&text)
+        .map_err(|e| anyhow::anyhow!("api.jwt.jwks_file {}: not a JWKS: {e}", path.display()))?;
+    let mut keys = Vec::new();
+    for (i, jwk) in set.keys.iter().enumerate() {
+        let algorithm = match &jwk.algorithm {
+            AlgorithmParameters::RSA(_) => Algorithm::RS256,
+            AlgorithmParameters::EllipticCurve(_) => Algorithm::ES256,
+            // Shared secrets belong in hs256_secret_file, not in a
+            // key set meant to be published.
+            _ => anyhow::bail!(
+                "api.jwt.jwks_file {} key {i}: only RSA and EC (P-256) keys are accepted",
+                path.display()
+            ),
+        };
+        let key = DecodingKey::from_jwk(jwk)
+            .map_err(|e| anyhow::anyhow!("api.jwt.jwks_file {} key {i}: {e}", path.display()))?;
+        keys.push(Key {
+            algorithm,
+            kid: jwk.common.key_id.clone(),
+            key,
+        });
+    }
+    Ok(keys)
+}
+
 impl JwtVerifier {
     /// Read every key of `cfg` now, so a bad file is a config error (exit
     /// 2 at start, the old keys kept on SIGHUP). Errors name the key.
@@ -101,64 +167,13 @@ impl JwtVerifier {
         }
         let mut keys = Vec::new();
         if let Some(path) = &cfg.hs256_secret_file {
-            let secret = read("api.jwt.hs256_secret_file", path)?;
-            let secret = secret.trim_ascii();
-            if secret.len() < 32 {
-                anyhow::bail!(
-                    "api.jwt.hs256_secret_file {}: the secret must be at least 32 bytes",
-                    path.display()
-                );
-            }
-            keys.push(Key {
-                algorithm: Algorithm::HS256,
-                kid: None,
-                key: DecodingKey::from_secret(secret),
-            });
+            keys.push(hs256_key(path)?);
         }
         for (i, path) in cfg.public_key_files.iter().enumerate() {
-            let origin = format!("api.jwt.public_key_files[{i}]");
-            let pem = read(&origin, path)?;
-            let key = if let Ok(k) = DecodingKey::from_rsa_pem(&pem) {
-                (Algorithm::RS256, k)
-            } else if let Ok(k) = DecodingKey::from_ec_pem(&pem) {
-                (Algorithm::ES256, k)
-            } else {
-                anyhow::bail!(
-                    "{origin} {}: not a PEM RSA or EC (P-256) public key",
-                    path.display()
-                );
-            };
-            keys.push(Key {
-                algorithm: key.0,
-                kid: None,
-                key: key.1,
-            });
+            keys.push(pem_key(i, path)?);
         }
         if let Some(path) = &cfg.jwks_file {
-            let text = read("api.jwt.jwks_file", path)?;
-            let set: JwkSet = serde_json::from_slice(&text).map_err(|e| {
-                anyhow::anyhow!("api.jwt.jwks_file {}: not a JWKS: {e}", path.display())
-            })?;
-            for (i, jwk) in set.keys.iter().enumerate() {
-                let algorithm = match &jwk.algorithm {
-                    AlgorithmParameters::RSA(_) => Algorithm::RS256,
-                    AlgorithmParameters::EllipticCurve(_) => Algorithm::ES256,
-                    // Shared secrets belong in hs256_secret_file, not in a
-                    // key set meant to be published.
-                    _ => anyhow::bail!(
-                        "api.jwt.jwks_file {} key {i}: only RSA and EC (P-256) keys are accepted",
-                        path.display()
-                    ),
-                };
-                let key = DecodingKey::from_jwk(jwk).map_err(|e| {
-                    anyhow::anyhow!("api.jwt.jwks_file {} key {i}: {e}", path.display())
-                })?;
-                keys.push(Key {
-                    algorithm,
-                    kid: jwk.common.key_id.clone(),
-                    key,
-                });
-            }
+            keys.extend(jwks_keys(path)?);
         }
         if keys.is_empty() {
             anyhow::bail!(
