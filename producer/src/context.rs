@@ -22,7 +22,7 @@ use crate::auth::TokenStore;
 use crate::book::Book;
 use crate::config::{ProducerConfig, Schedule};
 use crate::control::{self, ControlError, Op};
-use crate::metrics::Metrics;
+use crate::metrics::{Metrics, Source};
 use crate::workflow::Workflow;
 
 /// What one schedule looks like from outside (API, metrics).
@@ -41,6 +41,32 @@ pub struct ApiPublisher {
     pub blocked: warren::amqp::Blocked,
     /// The API connection itself (the dead-letter endpoints open channels on it).
     pub conn: Arc<lapin::Connection>,
+}
+
+impl ApiPublisher {
+    /// `publish`, unless the broker starts blocking publishers first: then
+    /// `None`, with its `n` tasks counted as failed under `source`. The
+    /// broker only reports "blocked" once a publish reaches it during an
+    /// alarm, so the first publish after an alarm would otherwise wait out
+    /// the confirm timeout; the caller answers at once instead.
+    pub async fn unless_blocked<T>(
+        &self,
+        metrics: &Metrics,
+        source: Source,
+        n: usize,
+        publish: impl std::future::Future<Output = T>,
+    ) -> Option<T> {
+        tokio::select! {
+            r = publish => Some(r),
+            () = self.blocked.until_blocked() => {
+                metrics
+                    .publish_failures
+                    .with_label_values(&[source.label()])
+                    .inc_by(n as u64);
+                None
+            }
+        }
+    }
 }
 
 pub struct Ctx {
