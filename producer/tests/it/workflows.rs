@@ -19,6 +19,18 @@ fn exits(args: &[&str]) -> std::process::Output {
     cmd.output().expect("run warren-producer")
 }
 
+/// `cmd` with `--config path`, which must exit 2; its stderr.
+fn exits_2(path: &str, cmd: &[&str]) -> String {
+    let args: Vec<&str> = ["--config", path]
+        .into_iter()
+        .chain(cmd.iter().copied())
+        .collect();
+    let out = exits(&args);
+    let err = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert_eq!(out.status.code(), Some(2), "{cmd:?}: {err}");
+    err
+}
+
 const STEPS: &str = "[[workflows]]\nname = \"nightly\"\n\
     [[workflows.steps]]\nname = \"export\"\ntask = \"t.export\"\n";
 
@@ -68,13 +80,7 @@ fn bad_workflows_exit_2_naming_the_key() {
             &["run"][..],
             &["workflows", "list"][..],
         ] {
-            let args: Vec<&str> = ["--config", path.as_str()]
-                .into_iter()
-                .chain(cmd.iter().copied())
-                .collect();
-            let out = exits(&args);
-            let err = String::from_utf8_lossy(&out.stderr);
-            assert_eq!(out.status.code(), Some(2), "{what}, {cmd:?}: {err}");
+            let err = exits_2(&path, cmd);
             assert!(err.contains(names), "{what}, {cmd:?}: {err}");
         }
     }
@@ -116,13 +122,7 @@ fn one_workflow_with_a_cycle_an_unknown_step_and_a_bad_template_names_all_three(
     std::fs::write(&path, text).unwrap();
     let path = path.display().to_string();
     for cmd in [&["schedules", "check"][..], &["workflows", "list"][..]] {
-        let args: Vec<&str> = ["--config", path.as_str()]
-            .into_iter()
-            .chain(cmd.iter().copied())
-            .collect();
-        let out = exits(&args);
-        let err = String::from_utf8_lossy(&out.stderr);
-        assert_eq!(out.status.code(), Some(2), "{cmd:?}: {err}");
+        let err = exits_2(&path, cmd);
         assert!(err.contains("3 problems:"), "{cmd:?}: {err}");
         for names in [
             r#"workflows[0].steps[3].after: unknown step "exprot""#,
