@@ -68,7 +68,7 @@ fn body_error(r: BytesRejection) -> ApiError {
 
 /// The publisher, or 503 while the broker connection is down or blocked.
 fn publisher(ctx: &Ctx) -> Result<ApiPublisher, ApiError> {
-    let p = ctx.api_publisher().ok_or_else(|| {
+    let p = ctx.link().publisher().ok_or_else(|| {
         ApiError::new(
             StatusCode::SERVICE_UNAVAILABLE,
             "broker_unavailable",

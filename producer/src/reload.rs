@@ -58,7 +58,7 @@ pub async fn on_sighup(ctx: Arc<Ctx>, stop: CancellationToken) {
 fn reload_seal(ctx: &Ctx, cfg: &ProducerConfig) {
     match warren::security::Seal::from_config(&cfg.security) {
         Ok(seal) => {
-            ctx.set_seal(seal.map(Arc::new));
+            ctx.link().set_seal(seal.map(Arc::new));
             tracing::info!(
                 sign_with = cfg.security.sign_with.as_deref().unwrap_or("none"),
                 encrypt_with = cfg.security.encrypt_with.as_deref().unwrap_or("none"),

@@ -14,7 +14,8 @@ use crate::request::pairs;
 /// what went wrong in words for the page.
 pub async fn publish(ctx: &Ctx, tasks: &[(Task, Duration)]) -> Result<Vec<String>, String> {
     let p = ctx
-        .api_publisher()
+        .link()
+        .publisher()
         .ok_or("not connected to the broker; retry in a moment")?;
     if p.blocked.is_blocked() {
         return Err("the broker is blocking publishers (resource alarm); retry later".into());

@@ -823,7 +823,7 @@ pub async fn edit(State(c): State<Console>, Signed(s): Signed, body: Bytes) -> R
     let new_id = f.get("new_id").is_some();
     // The API's publisher seals: the edit goes out signed with the
     // producer's keys (the old signature cannot cover the new body).
-    let Some(api) = c.ctx.api_publisher() else {
+    let Some(api) = c.ctx.link().publisher() else {
         return layout::see_other(
             &c,
             &s,

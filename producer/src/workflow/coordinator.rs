@@ -59,7 +59,7 @@ pub async fn run(
     let mut c = Coordinator {
         ctx,
         fence,
-        publisher: publisher.clone().sealed(ctx.seal()),
+        publisher: publisher.clone().sealed(ctx.link().seal()),
         runs,
         prefix,
         tail,
