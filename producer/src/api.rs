@@ -68,7 +68,7 @@ fn body_error(r: BytesRejection) -> ApiError {
 
 /// The publisher, or 503 while the broker connection is down or blocked.
 fn publisher(ctx: &Ctx) -> Result<ApiPublisher, ApiError> {
-    let p = ctx.api_publisher().ok_or_else(|| {
+    let p = ctx.link().publisher().ok_or_else(|| {
         ApiError::new(
             StatusCode::SERVICE_UNAVAILABLE,
             "broker_unavailable",
@@ -112,22 +112,19 @@ async fn post_tasks(
     let (items, single) = task_items(&body, ctx.cfg().api.max_batch)?;
     let tasks = tasks_of(items, single, request_trace(&headers).as_ref())?;
     let p = publisher(&ctx)?;
-    // The broker only reports "blocked" once a publish reaches it during an
-    // alarm, so the first request after an alarm would wait out the confirm
-    // timeout: answer 503 as soon as the block is reported instead.
-    let results = tokio::select! {
-        // The whole batch in flight at once (it is bounded by
-        // api.max_batch): a smaller window would make every request wait
-        // for confirms mid-batch, and sequential clients pay that per request.
-        r = p.publisher.publish_tasks(ctx.topo(), pairs(&tasks), tasks.len()) => r,
-        () = p.blocked.until_blocked() => {
-            ctx.metrics()
-                .publish_failures
-                .with_label_values(&[Source::Api.label()])
-                .inc_by(tasks.len() as u64);
-            audit_publish(&ctx, scope.caller(), &tasks, audit::FAILED, 0);
-            return Err(blocked_error());
-        }
+    // The whole batch in flight at once (it is bounded by api.max_batch):
+    // a smaller window would make every request wait for confirms
+    // mid-batch, and sequential clients pay that per request.
+    let publish = p
+        .publisher
+        .publish_tasks(ctx.topo(), pairs(&tasks), tasks.len());
+    let n = tasks.len();
+    let Some(results) = p
+        .unless_blocked(ctx.metrics(), Source::Api, n, publish)
+        .await
+    else {
+        audit_publish(&ctx, scope.caller(), &tasks, audit::FAILED, 0);
+        return Err(blocked_error());
     };
     answer_published(&ctx, scope.caller(), &tasks, results)
 }
@@ -342,17 +339,13 @@ async fn trigger(
             }
         }
     };
-    let published = tokio::select! {
-        r = publish => r,
-        // As in `post_tasks`: do not wait out the confirm timeout.
-        () = p.blocked.until_blocked() => {
-            ctx.metrics()
-                .publish_failures
-                .with_label_values(&[Source::Api.label()])
-                .inc();
-            audit::record(ctx.metrics(), &scope.caller().name, "trigger", s.name(), audit::FAILED, 0);
-            return Err(blocked_error());
-        }
+    let Some(published) = p
+        .unless_blocked(ctx.metrics(), Source::Api, 1, publish)
+        .await
+    else {
+        let who = &scope.caller().name;
+        audit::record(ctx.metrics(), who, "trigger", s.name(), audit::FAILED, 0);
+        return Err(blocked_error());
     };
     let result = if published.is_ok() {
         audit::OK

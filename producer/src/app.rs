@@ -16,7 +16,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use warren::metrics::{AmqpMetrics, Health};
 
-use crate::auth::{TokenStore, Tokens};
+use crate::auth::TokenStore;
 use crate::config::{self, ProducerConfig, Schedule};
 use crate::context::Ctx;
 use crate::metrics::Metrics;
@@ -36,13 +36,22 @@ impl App {
     /// [`ConfigError`](warren::config::ConfigError), exit 2 in the binary)
     /// and bind `cfg.http.addr`. Nothing connects yet.
     pub async fn build(cfg: ProducerConfig) -> anyhow::Result<App> {
-        let (cfg, schedules) = config::check(cfg, None)?;
+        Self::from_checked(config::check(cfg, None)?).await
+    }
+
+    /// As [`App::build`], for a configuration [`config::check`] passed.
+    pub async fn from_checked(checked: config::Checked) -> anyhow::Result<App> {
+        let config::Checked {
+            cfg,
+            schedules,
+            workflows,
+        } = checked;
         let registry = Registry::new();
         let amqp_metrics = AmqpMetrics::register(&registry)?;
         let metrics = Metrics::register(&registry, cfg.metrics.per_schedule_limit)?;
         let event_metrics = warren::events::EventMetrics::register(&registry)?;
         let index_metrics = crate::tasks::IndexMetrics::register(&registry)?;
-        let tokens = Tokens::from_config(&cfg.api)?;
+        let tokens = cfg.api.tokens()?;
         if cfg.api.enabled && tokens.is_empty() {
             tracing::warn!("no API tokens configured: every /v1 request will be refused (set api.publish_token / api.read_token)");
         }
@@ -59,6 +68,7 @@ impl App {
         };
         let ctx = Ctx::new(
             cfg,
+            workflows,
             metrics,
             amqp_metrics,
             Health::default(),

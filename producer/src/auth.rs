@@ -23,23 +23,13 @@ use axum::http::request::Parts;
 use axum::http::{header, HeaderValue, StatusCode};
 use subtle::ConstantTimeEq;
 
-use crate::config::{token_digest, ApiConfig, Grant, Scope};
+pub mod grant;
+
+use grant::{token_digest, Grant};
+pub use grant::{Caller, Scope};
+
 use crate::error::ApiError;
 use crate::jwt::{looks_like_jwt, JwtVerifier};
-
-/// The authenticated grant behind a request: its name (`publish_token`,
-/// `tokens[2]`, a configured name, `<file>:<line>`) and what it may do.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Caller {
-    pub name: String,
-    pub scopes: Vec<Scope>,
-}
-
-impl Caller {
-    pub fn has(&self, scope: Scope) -> bool {
-        self.scopes.contains(&scope)
-    }
-}
 
 /// Configured tokens and their scopes, and the JWT check if configured.
 #[derive(Default)]
@@ -57,12 +47,9 @@ impl PartialEq for Tokens {
 }
 
 impl Tokens {
-    pub fn from_config(cfg: &ApiConfig) -> anyhow::Result<Self> {
-        let jwt = cfg.jwt.as_ref().map(JwtVerifier::from_config).transpose()?;
-        Ok(Self {
-            grants: cfg.grants()?,
-            jwt,
-        })
+    /// `grants` (see [`grant::grants`]), and JWTs checked by `jwt`.
+    pub fn new(grants: Vec<Grant>, jwt: Option<JwtVerifier>) -> Self {
+        Self { grants, jwt }
     }
 
     /// No static token and no JWT check: every request is refused.
@@ -265,6 +252,7 @@ where
 #[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
+    use crate::config::ApiConfig;
     use warren::config::Secret;
 
     fn tokens() -> Tokens {
@@ -274,7 +262,7 @@ mod tests {
             admin_token: Some(Secret::new("admin-token-0123456789")),
             ..ApiConfig::default()
         };
-        Tokens::from_config(&cfg).unwrap()
+        cfg.tokens().unwrap()
     }
 
     fn status(r: Result<Caller, ApiError>) -> Option<u16> {
@@ -339,10 +327,11 @@ mod tests {
         let old = bearer("Bearer read-token-0123456789");
         let new = bearer("Bearer rotated-token-0123456789");
         store.replace(
-            Tokens::from_config(&ApiConfig {
+            ApiConfig {
                 read_token: Some(Secret::new("rotated-token-0123456789")),
                 ..ApiConfig::default()
-            })
+            }
+            .tokens()
             .unwrap(),
         );
         let now = store.current();

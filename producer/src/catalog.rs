@@ -455,7 +455,9 @@ mod tests {
 
     fn catalog() -> Catalog {
         Catalog::new(Box::new(|def: &ScheduleConfig| {
-            crate::config::compile_schedules(std::slice::from_ref(def)).map(|mut v| v.remove(0))
+            crate::config::compile_schedules(std::slice::from_ref(def))
+                .map(|mut v| v.remove(0))
+                .map_err(|p| p.iter().map(ToString::to_string).collect())
         }))
     }
 

@@ -126,7 +126,7 @@ pub fn token_hash() -> anyhow::Result<()> {
     if token.len() < 16 {
         return Err(UsageError::ShortToken.into());
     }
-    warren::outln!("{}", crate::config::hashed_token(token.as_bytes()));
+    warren::outln!("{}", crate::auth::grant::hashed_token(token.as_bytes()));
     Ok(())
 }
 
@@ -203,13 +203,17 @@ pub struct PublishArgs {
 
 /// `schedules check`.
 pub fn check(path: Option<&std::path::Path>) -> anyhow::Result<()> {
-    let (cfg, schedules) = config::load_checked(path)?;
+    let config::Checked {
+        schedules,
+        workflows,
+        ..
+    } = config::load_checked(path)?;
     let enabled = schedules.iter().filter(|s| s.cfg.enabled).count();
     warren::outln!(
         "ok: {} schedule(s), {} enabled, {} workflow(s) ({})",
         schedules.len(),
         enabled,
-        cfg.workflows.len(),
+        workflows.len(),
         warren::config::origin(path)
     );
     Ok(())
@@ -217,7 +221,7 @@ pub fn check(path: Option<&std::path::Path>) -> anyhow::Result<()> {
 
 /// `schedules next`.
 pub fn next(path: Option<&std::path::Path>, count: usize) -> anyhow::Result<()> {
-    let (_, schedules) = config::load_checked(path)?;
+    let schedules = config::load_checked(path)?.schedules;
     let now = Utc::now();
     let mut out = std::io::stdout().lock();
     for s in &schedules {

@@ -9,12 +9,23 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
-use warren::config::{AmqpConfig, HttpConfig, LogConfig, Secret, TopologyConfig};
+use warren::config::{AmqpConfig, HttpConfig, LogConfig, Problems, Secret, TopologyConfig};
 use warren::retry::RetryOverrides;
 use warren::security::SecurityConfig;
 
+use crate::auth::grant::{self, TokenSources};
+use crate::auth::Tokens;
+use crate::jwt::JwtVerifier;
 use crate::schedule::{self, DstGap, DstOverlap, MisfirePolicy, Spec};
 use crate::workflow::{WorkflowConfig, WorkflowSettings};
+
+mod check;
+
+// What a config holds, under the names library users know.
+pub use crate::auth::grant::{hashed_token, Scope, TokenConfig};
+pub use crate::jwt::JwtConfig;
+
+pub use check::{check, load, load_checked, Checked};
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -172,39 +183,6 @@ pub struct ApiConfig {
     pub metrics_listen: Option<SocketAddr>,
 }
 
-/// `[api.jwt]`: which JWTs the API accepts (see [`crate::jwt`]).
-#[derive(Debug, Clone, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct JwtConfig {
-    /// The `iss` every token must carry.
-    pub issuer: String,
-    /// The `aud` every token must include.
-    pub audience: String,
-    /// HS256: a file holding the shared secret (at least 32 bytes).
-    #[serde(default)]
-    pub hs256_secret_file: Option<PathBuf>,
-    /// RS256/ES256: PEM public keys of the issuer.
-    #[serde(default)]
-    pub public_key_files: Vec<PathBuf>,
-    /// RS256/ES256: the issuer's key set (JWKS JSON), matched by `kid`.
-    #[serde(default)]
-    pub jwks_file: Option<PathBuf>,
-    /// Claim holding the scopes: a space-separated string or an array.
-    #[serde(default = "default_scopes_claim")]
-    pub scopes_claim: String,
-    /// Clock skew tolerated on `exp` and `nbf`.
-    #[serde(default = "default_leeway", with = "humantime_serde")]
-    pub leeway: Duration,
-}
-
-fn default_scopes_claim() -> String {
-    "scope".into()
-}
-
-fn default_leeway() -> Duration {
-    Duration::from_secs(30)
-}
-
 impl Default for ApiConfig {
     fn default() -> Self {
         Self {
@@ -224,170 +202,28 @@ impl Default for ApiConfig {
     }
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum Scope {
-    Read,
-    Publish,
-    /// Pausing schedules and purging dead letters.
-    Admin,
-}
-
-impl Scope {
-    /// The name as configs and error messages spell it.
-    pub fn name(self) -> &'static str {
-        match self {
-            Scope::Read => "read",
-            Scope::Publish => "publish",
-            Scope::Admin => "admin",
-        }
-    }
-
-    pub(crate) fn parse(s: &str) -> Option<Self> {
-        match s {
-            "read" => Some(Scope::Read),
-            "publish" => Some(Scope::Publish),
-            "admin" => Some(Scope::Admin),
-            _ => None,
-        }
-    }
-}
-
-/// One configured token and what it may do (see [`ApiConfig::grants`]).
-#[derive(PartialEq)]
-pub struct Grant {
-    /// SHA-256 of the token: requests are matched by digest, so the config
-    /// may hold the digest alone (`sha256:<hex>`) and every comparison has
-    /// the same length.
-    pub digest: [u8; 32],
-    pub scopes: Vec<Scope>,
-    /// Who presents it, in logs and audit lines (never the token itself):
-    /// the config key (`publish_token`, `tokens[2]`), a configured name, or
-    /// `<file>:<line>`.
-    pub name: String,
-}
-
 impl ApiConfig {
-    /// Every token this config grants, from all four places (the tokens
-    /// file is read now), each at least 16 characters. The HTTP layer
-    /// (`auth`) only compares them; reading them is config's job, so `run`,
-    /// `schedules check` and SIGHUP refuse the same files.
-    pub fn grants(&self) -> anyhow::Result<Vec<Grant>> {
-        let mut out = Vec::new();
-        let mut add =
-            |token: &str, scopes: Vec<Scope>, origin: &str, name: String| -> anyhow::Result<()> {
-                let digest = match token.strip_prefix(HASHED) {
-                    Some(hex) => parse_digest(hex).ok_or_else(|| {
-                        anyhow::anyhow!(
-                            "{origin}: `sha256:` must be followed by the 64 hex digits of the \
-                             token's SHA-256 (`warren-producer token hash` prints it)"
-                        )
-                    })?,
-                    None if token.len() < 16 => {
-                        anyhow::bail!("{origin}: API tokens must be at least 16 characters")
-                    }
-                    None => token_digest(token.as_bytes()),
-                };
-                out.push(Grant {
-                    digest,
-                    scopes,
-                    name,
-                });
-                Ok(())
-            };
-        if let Some(t) = &self.read_token {
-            add(
-                t.expose(),
-                vec![Scope::Read],
-                "api.read_token",
-                "read_token".into(),
-            )?;
+    /// Where this config names tokens (see [`grant::grants`]).
+    pub fn token_sources(&self) -> TokenSources<'_> {
+        TokenSources {
+            read_token: self.read_token.as_ref(),
+            publish_token: self.publish_token.as_ref(),
+            admin_token: self.admin_token.as_ref(),
+            tokens: &self.tokens,
+            tokens_file: self.tokens_file.as_deref(),
         }
-        if let Some(t) = &self.publish_token {
-            add(
-                t.expose(),
-                vec![Scope::Read, Scope::Publish],
-                "api.publish_token",
-                "publish_token".into(),
-            )?;
-        }
-        if let Some(t) = &self.admin_token {
-            add(
-                t.expose(),
-                vec![Scope::Read, Scope::Publish, Scope::Admin],
-                "api.admin_token",
-                "admin_token".into(),
-            )?;
-        }
-        for (i, t) in self.tokens.iter().enumerate() {
-            let origin = format!("api.tokens[{i}]");
-            if t.name.as_deref().is_some_and(|n| n.trim().is_empty()) {
-                anyhow::bail!("{origin}.name: must not be empty");
-            }
-            let name = t.name.clone().unwrap_or_else(|| format!("tokens[{i}]"));
-            add(t.token.expose(), t.scopes.clone(), &origin, name)?;
-        }
-        if let Some(path) = &self.tokens_file {
-            let text = std::fs::read_to_string(path).map_err(|e| {
-                anyhow::anyhow!("api.tokens_file {}: cannot read: {e}", path.display())
-            })?;
-            for (n, line) in text.lines().enumerate() {
-                let line = line.trim();
-                if line.is_empty() || line.starts_with('#') {
-                    continue;
-                }
-                let origin = format!("api.tokens_file {} line {}", path.display(), n + 1);
-                let fields: Vec<&str> = line.split_whitespace().collect();
-                let (scopes, token, name) = match fields.as_slice() {
-                    [scopes, token] => (*scopes, *token, None),
-                    [scopes, token, name] => (*scopes, *token, Some(*name)),
-                    _ => anyhow::bail!("{origin}: expected `<scope>[,<scope>] <token> [name]`"),
-                };
-                let scopes = scopes
-                    .split(',')
-                    .map(|s| {
-                        Scope::parse(s).ok_or_else(|| {
-                            anyhow::anyhow!("{origin}: unknown scope `{s}` (read, publish, admin)")
-                        })
-                    })
-                    .collect::<anyhow::Result<Vec<_>>>()?;
-                let name =
-                    name.map_or_else(|| format!("{}:{}", path.display(), n + 1), str::to_owned);
-                add(token, scopes, &origin, name)?;
-            }
-        }
-        Ok(out)
     }
-}
 
-/// A configured token given as its digest: `sha256:<64 hex digits>`.
-pub const HASHED: &str = "sha256:";
-
-/// SHA-256 of a token, as stored and compared.
-pub fn token_digest(token: &[u8]) -> [u8; 32] {
-    use sha2::Digest;
-    sha2::Sha256::digest(token).into()
-}
-
-/// `sha256:<hex>` as a config holds it.
-pub fn hashed_token(token: &[u8]) -> String {
-    format!("{HASHED}{}", hex::encode(token_digest(token)))
-}
-
-fn parse_digest(hex: &str) -> Option<[u8; 32]> {
-    let mut out = [0u8; 32];
-    hex::decode_to_slice(hex.trim(), &mut out).ok()?;
-    Some(out)
-}
-
-#[derive(Debug, Clone, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct TokenConfig {
-    pub token: Secret,
-    pub scopes: Vec<Scope>,
-    /// Who uses it, in logs and audit lines (default `tokens[<index>]`).
-    #[serde(default)]
-    pub name: Option<String>,
+    /// The tokens the API serves with: every grant (the tokens file read
+    /// now) and the JWT check if `[api.jwt]` is set.
+    pub fn tokens(&self) -> anyhow::Result<Tokens> {
+        let jwt = self
+            .jwt
+            .as_ref()
+            .map(JwtVerifier::from_config)
+            .transpose()?;
+        Ok(Tokens::new(grant::grants(&self.token_sources())?, jwt))
+    }
 }
 
 /// The operator console under `/ui/` (on while `api.console`; docs/console.md).
@@ -584,162 +420,135 @@ pub fn compile_one(def: &ScheduleConfig, workflows: &[String]) -> Result<Schedul
     match compile_schedules(std::slice::from_ref(def)) {
         Ok(mut v) if errors.is_empty() => Ok(v.remove(0)),
         Ok(_) => Err(errors),
-        Err(e) => {
-            // The entry's own prefix (`schedule `x`: `) says nothing more
-            // than the request already does.
-            let prefix = format!("schedule `{}`: ", def.name);
-            errors.extend(
-                e.into_iter()
-                    .map(|m| m.strip_prefix(&prefix).map(str::to_owned).unwrap_or(m)),
-            );
+        Err(p) => {
+            // The entry's own key (`schedule `x``) says nothing more than
+            // the request already does.
+            let who = schedule_key(0, def);
+            errors.extend(p.iter().map(|x| match x.path == who {
+                true => x.message.clone(),
+                false => x.to_string(),
+            }));
             Err(errors)
         }
     }
 }
 
-pub fn compile_schedules(list: &[ScheduleConfig]) -> Result<Vec<Schedule>, Vec<String>> {
-    let mut errors = Vec::new();
+/// Validate every schedule; all problems at once, each naming its schedule.
+pub fn compile_schedules(list: &[ScheduleConfig]) -> Result<Vec<Schedule>, Problems> {
+    let mut p = Problems::new();
+    let out = compile_into(list, &mut p);
+    p.into_result().map(|()| out)
+}
+
+/// The schedules of `list` that compile; the problems of the others go to `p`.
+fn compile_into(list: &[ScheduleConfig], p: &mut Problems) -> Vec<Schedule> {
     let mut out = Vec::new();
     let mut names = HashSet::new();
     for (i, s) in list.iter().enumerate() {
-        let who = if s.name.is_empty() {
-            format!("schedules[{i}]")
-        } else {
-            format!("schedule `{}`", s.name)
-        };
-        let mut err = |m: String| errors.push(format!("{who}: {m}"));
-        if s.name.is_empty() {
-            err("`name` is empty".into());
-        } else if !s
-            .name
-            .chars()
-            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.' | ':'))
-        {
-            err("`name` may only contain ASCII letters, digits, `-`, `_`, `.` and `:`".into());
-        } else if s.name.len() > MAX_SCHEDULE_NAME_LEN {
-            err(format!(
-                "`name` is longer than {MAX_SCHEDULE_NAME_LEN} bytes (it starts every task id of the schedule)"
-            ));
-        } else if !names.insert(s.name.clone()) {
-            err("duplicate name (schedule names must be unique)".into());
-        }
-        if s.workflow.is_some() {
-            if !s.task.is_empty() {
-                err("set either `task` or `workflow`, not both".into());
-            }
-        } else if s.task.is_empty() {
-            err("`task` is empty (or set `workflow`)".into());
-        } else if s.task.len() > warren::delay::MAX_TASK_NAME_LEN {
-            err(format!(
-                "`task` is longer than {} bytes",
-                warren::delay::MAX_TASK_NAME_LEN
-            ));
-        }
-        let in_retry = s.retry.and_then(|r| r.max_attempts);
-        if s.max_attempts.is_some() && in_retry.is_some() {
-            err("`max_attempts` is set both on the schedule and in `retry`: keep one".into());
-        } else if let Err(e) = s.retry().validate() {
-            let field = match &e {
-                warren::retry::Invalid::NoAttempts if in_retry.is_none() => {
-                    "max_attempts".to_owned()
-                }
-                _ => format!("retry.{}", e.field()),
-            };
-            err(format!("`{field}` = {}: {}", e.value(), e.rule()));
-        }
+        let who = schedule_key(i, s);
+        let mut err = |m: String| p.push(who.as_str(), m);
+        check_schedule_name(s, &mut names, &mut err);
+        check_schedule_target(s, &mut err);
+        check_schedule_retry(s, &mut err);
         if s.max_catch_up == 0 {
             err("`max_catch_up` must be at least 1".into());
         }
-        let payload = match serde_json::to_vec(&s.payload) {
-            Ok(p) => p,
-            Err(e) => {
-                err(format!("`payload` is not representable as JSON: {e}"));
-                continue;
-            }
-        };
-        let tz = match schedule::parse_tz(&s.timezone) {
-            Ok(tz) => tz,
-            Err(e) => {
-                err(format!("timezone: {e}"));
-                continue;
-            }
-        };
-        let spec = match schedule::parse(&s.cron, tz, s.dst_gap, s.dst_overlap) {
-            Ok(spec) => spec,
-            Err(e) => {
-                err(format!("cron: {e}"));
-                continue;
-            }
-        };
-        if s.enabled && spec.next_after(chrono::Utc::now()).is_none() {
-            err(format!("cron: `{}` never fires again", s.cron));
-            continue;
+        if let Some(schedule) = compile_schedule(s, &mut err) {
+            out.push(schedule);
         }
-        out.push(Schedule {
-            cfg: s.clone(),
-            spec,
-            payload,
-            origin: crate::book::Origin::Config,
-            version: 0,
-        });
     }
-    if errors.is_empty() {
-        Ok(out)
+    out
+}
+
+/// How problems name a schedule: by its name, or its index without one.
+fn schedule_key(i: usize, s: &ScheduleConfig) -> String {
+    if s.name.is_empty() {
+        format!("schedules[{i}]")
     } else {
-        Err(errors)
+        format!("schedule `{}`", s.name)
     }
 }
 
-/// Load the config (defaults < file < environment) and validate everything
-/// but the schedules: what `publish` needs. Every error is a
-/// [`ConfigError`](warren::config::ConfigError), so `main` exits 2 on it.
-pub fn load(path: Option<&Path>) -> anyhow::Result<ProducerConfig> {
-    let cfg: ProducerConfig = warren::config::load(path, warren::config::process_env())?;
-    let errors = cfg.validate();
-    if !errors.is_empty() {
-        return Err(invalid(path, errors).into());
+fn check_schedule_name(
+    s: &ScheduleConfig,
+    names: &mut HashSet<String>,
+    err: &mut impl FnMut(String),
+) {
+    if s.name.is_empty() {
+        err("`name` is empty".into());
+    } else if !s
+        .name
+        .chars()
+        .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.' | ':'))
+    {
+        err("`name` may only contain ASCII letters, digits, `-`, `_`, `.` and `:`".into());
+    } else if s.name.len() > MAX_SCHEDULE_NAME_LEN {
+        err(format!(
+            "`name` is longer than {MAX_SCHEDULE_NAME_LEN} bytes (it starts every task id of the schedule)"
+        ));
+    } else if !names.insert(s.name.clone()) {
+        err("duplicate name (schedule names must be unique)".into());
     }
-    Ok(cfg)
 }
 
-/// The one validation of the producer, used by `run`, `schedules check`,
-/// `schedules next` and SIGHUP: the whole config, schedules included, with
-/// every problem in one message.
-pub fn load_checked(path: Option<&Path>) -> anyhow::Result<(ProducerConfig, Vec<Schedule>)> {
-    let cfg: ProducerConfig = warren::config::load(path, warren::config::process_env())?;
-    check(cfg, path)
-}
-
-/// Validate a config however it was made (a file, or built in code by a
-/// library user): everything, schedules included, as one
-/// [`ConfigError`](warren::config::ConfigError) naming `path` as its origin.
-pub fn check(
-    cfg: ProducerConfig,
-    path: Option<&Path>,
-) -> anyhow::Result<(ProducerConfig, Vec<Schedule>)> {
-    let mut errors = cfg.validate();
-    let schedules = compile_schedules(&cfg.schedules).unwrap_or_else(|e| {
-        errors.extend(e);
-        Vec::new()
-    });
-    if let Err(e) = crate::workflow::definition::compile(&cfg.workflows) {
-        errors.extend(e);
-    }
-    for (i, s) in cfg.schedules.iter().enumerate() {
-        if let Some(w) = &s.workflow {
-            if !cfg.workflows.iter().any(|d| &d.name == w) {
-                let known: Vec<&str> = cfg.workflows.iter().map(|d| d.name.as_str()).collect();
-                errors.push(format!(
-                    "schedules[{i}].workflow: unknown workflow {w:?} (workflows are: {})",
-                    known.join(", ")
-                ));
-            }
+/// `task` or `workflow`, one of the two.
+fn check_schedule_target(s: &ScheduleConfig, err: &mut impl FnMut(String)) {
+    if s.workflow.is_some() {
+        if !s.task.is_empty() {
+            err("set either `task` or `workflow`, not both".into());
         }
+    } else if s.task.is_empty() {
+        err("`task` is empty (or set `workflow`)".into());
+    } else if s.task.len() > warren::delay::MAX_TASK_NAME_LEN {
+        err(format!(
+            "`task` is longer than {} bytes",
+            warren::delay::MAX_TASK_NAME_LEN
+        ));
     }
-    if !errors.is_empty() {
-        return Err(invalid(path, errors).into());
+}
+
+/// `max_attempts` and `retry`, by the consumer's rules.
+fn check_schedule_retry(s: &ScheduleConfig, err: &mut impl FnMut(String)) {
+    let in_retry = s.retry.and_then(|r| r.max_attempts);
+    if s.max_attempts.is_some() && in_retry.is_some() {
+        err("`max_attempts` is set both on the schedule and in `retry`: keep one".into());
+    } else if let Err(e) = s.retry().validate() {
+        let field = match &e {
+            warren::retry::Invalid::NoAttempts if in_retry.is_none() => "max_attempts".to_owned(),
+            _ => format!("retry.{}", e.field()),
+        };
+        err(format!("`{field}` = {}: {}", e.value(), e.rule()));
     }
-    Ok((cfg, schedules))
+}
+
+/// Payload, zone and cron, each needed by the next: the first that fails
+/// ends the schedule's checks.
+fn compile_schedule(s: &ScheduleConfig, err: &mut impl FnMut(String)) -> Option<Schedule> {
+    let payload = serde_json::to_vec(&s.payload)
+        .map_err(|e| err(format!("`payload` is not representable as JSON: {e}")))
+        .ok()?;
+    let tz = schedule::parse_tz(&s.timezone)
+        .map_err(|e| err(format!("timezone: {e}")))
+        .ok()?;
+    let spec = schedule::parse(&s.cron, tz, s.dst_gap, s.dst_overlap)
+        .map_err(|e| err(format!("cron: {e}")))
+        .ok()?;
+    if s.enabled && spec.next_after(chrono::Utc::now()).is_none() {
+        err(format!("cron: `{}` never fires again", s.cron));
+        return None;
+    }
+    Some(Schedule {
+        cfg: s.clone(),
+        spec,
+        payload,
+        origin: crate::book::Origin::Config,
+        version: 0,
+    })
+}
+
+/// Defaults < file < `WARREN_*` environment, before any validation.
+fn load_env(path: Option<&Path>) -> anyhow::Result<ProducerConfig> {
+    Ok(warren::config::load(path, warren::config::process_env())?)
 }
 
 /// Keys SIGHUP applies without a restart: the schedules, the API tokens
@@ -794,112 +603,18 @@ pub fn restart_only_changes(running: &ProducerConfig, reloaded: &ProducerConfig)
     out
 }
 
-fn invalid(path: Option<&Path>, errors: Vec<String>) -> warren::config::ConfigError {
-    let message = match errors.as_slice() {
-        [one] => one.clone(),
-        many => format!("{} problems:\n  {}", many.len(), many.join("\n  ")),
-    };
-    warren::config::ConfigError::Invalid {
-        origin: warren::config::origin(path),
-        message,
-    }
-}
-
-impl ProducerConfig {
-    /// What serde cannot check, outside `[[schedules]]` (see
-    /// [`compile_schedules`]): every problem, each naming its key.
-    pub fn validate(&self) -> Vec<String> {
-        let mut errors = Vec::new();
-        if let Err(e) = self.amqp.validate() {
-            errors.push(e.to_string());
-        }
-        if let Err(e) = self.topology.validate() {
-            errors.push(e.to_string());
-        }
-        if let Err(e) = self.log.validate() {
-            errors.push(e.to_string());
-        }
-        // The tokens `run` would serve with, tokens file included.
-        if let Err(e) = self.api.grants() {
-            errors.push(format!("{e:#}"));
-        }
-        // Reads every secret now: `run`, `check`, `publish` and SIGHUP
-        // refuse the same missing or short key.
-        if let Err(e) = self.security.keyring() {
-            errors.push(e.to_string());
-        }
-        if let Some(jwt) = &self.api.jwt {
-            if let Err(e) = crate::jwt::JwtVerifier::from_config(jwt) {
-                errors.push(format!("{e:#}"));
-            }
-        }
-        if self.api.metrics_listen == Some(self.http.addr) && self.http.addr.port() != 0 {
-            errors.push(format!(
-                "api.metrics_listen = {}: must differ from http.addr",
-                self.http.addr
-            ));
-        }
-        if self.api.max_body_bytes == 0 {
-            errors.push("api.max_body_bytes = 0: must be positive".into());
-        }
-        if self.api.max_batch == 0 {
-            errors.push("api.max_batch = 0: must be at least 1".into());
-        }
-        if self.console.session_ttl.is_zero() {
-            errors.push("console.session_ttl = 0s: must be positive".into());
-        }
-        if self.console.dead_scan_limit == 0 {
-            errors.push("console.dead_scan_limit = 0: must be at least 1".into());
-        }
-        if let Some(url) = &self.console.management_url {
-            let u = url.expose();
-            if !(u.starts_with("http://") || u.starts_with("https://")) {
-                errors.push(format!(
-                    "console.management_url = {}: must start with http:// or https://",
-                    warren::config::redact_url(u)
-                ));
-            }
-        }
-        if self.api.dead_scan_limit == 0 {
-            errors.push("api.dead_scan_limit = 0: must be at least 1".into());
-        }
-        if self.scheduler.compact_every < Duration::from_secs(1) {
-            errors.push(format!(
-                "scheduler.compact_every = {}: must be at least 1s",
-                humantime::format_duration(self.scheduler.compact_every)
-            ));
-        }
-        errors.extend(self.workflow.validate());
-        errors.extend(
-            self.events
-                .shared()
-                .problems()
-                .iter()
-                .map(ToString::to_string),
-        );
-        if self.events.index_size == 0 || self.events.index_size > 100_000_000 {
-            errors.push(format!(
-                "events.index_size = {}: expected 1 to 100000000",
-                self.events.index_size
-            ));
-        }
-        if self.leader.retry_interval.is_zero() {
-            errors.push("leader.retry_interval = 0s: must be positive".into());
-        }
-        if self.leader.stall_threshold.is_some_and(|d| d.is_zero()) {
-            errors.push("leader.stall_threshold = 0s: must be positive".into());
-        }
-        errors
-    }
-}
-
 #[cfg(test)]
 #[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
+    use crate::auth::grant::token_digest;
 
     fn parse(text: &str) -> ProducerConfig {
         toml::from_str(text).unwrap()
+    }
+
+    fn lines(p: Problems) -> Vec<String> {
+        p.iter().map(ToString::to_string).collect()
     }
 
     #[test]
@@ -909,19 +624,20 @@ mod tests {
             "[[api.tokens]]\ntoken = \"{}\"\nscopes = [\"read\"]\n",
             hashed_token(token.as_bytes())
         ));
-        let grants = cfg.api.grants().unwrap();
+        let grants = grant::grants(&cfg.api.token_sources()).unwrap();
         assert_eq!(grants[0].digest, token_digest(token.as_bytes()));
         // A digest is not held to the 16-character minimum of a token, but
         // must be one.
         let bad = parse("[[api.tokens]]\ntoken = \"sha256:abc\"\nscopes = [\"read\"]\n");
-        let e = bad.validate().join("\n");
+        let e = bad.validate().unwrap_err().to_string();
         assert!(
             e.starts_with("api.tokens[0]: `sha256:` must be followed by the 64 hex digits"),
             "{e}"
         );
         let e = parse("[api]\nread_token = \"short\"\n")
             .validate()
-            .join("\n");
+            .unwrap_err()
+            .to_string();
         assert!(
             e.contains("api.read_token: API tokens must be at least 16 characters"),
             "{e}"
@@ -932,7 +648,8 @@ mod tests {
                 "[api.jwt]\nissuer = \"https://idp/\"\naudience = \"warren\"\n{extra}"
             ))
             .validate()
-            .join("\n")
+            .unwrap_err()
+            .to_string()
         };
         assert!(
             jwt("").contains("api.jwt: no key to check tokens with"),
@@ -982,7 +699,7 @@ mod tests {
             "#,
         );
         cfg.api.tokens_file = Some(file.clone());
-        let grants = cfg.api.grants().unwrap();
+        let grants = grant::grants(&cfg.api.token_sources()).unwrap();
         let named: Vec<(&str, &[Scope])> = grants
             .iter()
             .map(|g| (g.name.as_str(), g.scopes.as_slice()))
@@ -1002,24 +719,30 @@ mod tests {
             ]
         );
         std::fs::write(&file, "root file-token-c-0123456789\n").unwrap();
-        let err = cfg.api.grants().err().unwrap().to_string();
+        let err = grant::grants(&cfg.api.token_sources())
+            .err()
+            .unwrap()
+            .to_string();
         assert!(
             err.contains("unknown scope `root` (read, publish, admin)"),
             "{err}"
         );
         std::fs::write(&file, "read file-token-c-0123456789 a b\n").unwrap();
-        let err = cfg.api.grants().err().unwrap().to_string();
+        let err = grant::grants(&cfg.api.token_sources())
+            .err()
+            .unwrap()
+            .to_string();
         assert!(err.contains("line 1: expected"), "{err}");
     }
 
     #[test]
     fn events_keys_are_checked_naming_the_key() {
         let cfg = parse("[events]\nindex_size = 0\nmax_age = \"5s\"\nmax_bytes = 1\n");
-        let errors = cfg.validate().join("\n");
+        let errors = cfg.validate().unwrap_err().to_string();
         for key in ["events.index_size", "events.max_age", "events.max_bytes"] {
             assert!(errors.contains(key), "{key}: {errors}");
         }
-        assert!(parse("[events]\nenabled = false\n").validate().is_empty());
+        assert!(parse("[events]\nenabled = false\n").validate().is_ok());
     }
 
     #[test]
@@ -1082,7 +805,7 @@ mod tests {
             let cfg = parse(&format!(
                 "[[schedules]]\nname='a'\ncron='@daily'\ntask='t'\n{extra}retry={retry}\n"
             ));
-            compile_schedules(&cfg.schedules)
+            compile_schedules(&cfg.schedules).map_err(lines)
         };
         let s = one(
             "{ max_attempts = 4, initial_delay = '1s', max_delay = '1m' }",
@@ -1137,7 +860,7 @@ mod tests {
             task = "t"
             "#,
         );
-        let errs = compile_schedules(&cfg.schedules).unwrap_err();
+        let errs = lines(compile_schedules(&cfg.schedules).unwrap_err());
         assert_eq!(errs.len(), 3, "{errs:?}");
         assert!(errs[0].starts_with("schedule `a`: cron:"), "{errs:?}");
         assert!(errs[1].contains("schedule `b`: timezone"), "{errs:?}");

@@ -109,7 +109,7 @@ async fn announce(ctx: &Ctx, events: &Option<(lapin::Channel, lapin::Consumer)>)
     };
     let me = control::Presence {
         instance: ctx.instance().to_owned(),
-        leader: ctx.is_leader(),
+        leader: ctx.leadership().is_leader(),
     };
     if let Err(e) = control::announce(ch, ctx.topo().prefix(), me).await {
         tracing::debug!(error = %e, "cannot announce this replica");
@@ -200,7 +200,7 @@ async fn serve(
             _ = presence.tick() => announce(ctx, &events).await,
             // Replicas list the new leader at once, not at the
             // next periodic announcement.
-            _ = ctx.leadership_changed() => announce(ctx, &events).await,
+            _ = ctx.leadership().changed() => announce(ctx, &events).await,
             d = next_delivery(&mut catalog) => match d {
                 Some(d) => {
                     crate::catalog::apply_delivery(ctx.catalog(), &d, &|e| ctx.catalog_effect(e));
@@ -258,7 +258,7 @@ pub async fn api_connection(ctx: Arc<Ctx>, stop: CancellationToken) {
             Ok(publisher) => {
                 let blocked = warren::amqp::watch_connection(&conn, ctx.amqp_metrics().clone());
                 ctx.events().attach(&conn).await;
-                ctx.set_api_publisher(Some(ApiPublisher {
+                ctx.link().set_publisher(Some(ApiPublisher {
                     publisher: publisher.clone(),
                     blocked,
                     conn: conn.clone(),
@@ -276,7 +276,7 @@ pub async fn api_connection(ctx: Arc<Ctx>, stop: CancellationToken) {
                 serve(&ctx, &conn, &publisher, &stop, catalog).await;
                 ctx.health().set_ready(false);
                 ctx.amqp_metrics().connected.set(0);
-                ctx.set_api_publisher(None);
+                ctx.link().set_publisher(None);
                 if conn.status().connected() {
                     ctx.events().flush(Duration::from_secs(2)).await;
                     let _ = publisher.channel().close(200, "shutting down".into()).await;

@@ -1,19 +1,21 @@
 //! What the parts of a running producer share: the config it started with,
 //! the topology, metrics and health, the schedules in force (replaced whole
-//! on reload) and what each has done, whether this replica leads, the API's
-//! publisher while connected, the API tokens, and why the process must stop.
+//! on reload) and what each has done, whether this replica leads
+//! ([`Leadership`]), the API's publisher while connected and the keys it
+//! seals with ([`BrokerLink`]), the API tokens, and why the process must
+//! stop.
 //!
 //! It sits below [`crate::api`], [`crate::scheduler`] and [`crate::app`] and
 //! knows none of them: they all read and write through these methods.
 
 use std::collections::{BTreeSet, HashMap};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, Ordering};
+
 use std::sync::{Arc, Mutex, OnceLock, RwLock};
 
 use chrono::{DateTime, Utc};
 use tokio::sync::{broadcast, watch};
-use warren::amqp::Publisher;
+
 use warren::metrics::{AmqpMetrics, Health};
 use warren::security::Seal;
 use warren::Topology;
@@ -25,6 +27,12 @@ use crate::control::{self, ControlError, Op};
 use crate::metrics::Metrics;
 use crate::workflow::Workflow;
 
+mod leadership;
+mod link;
+
+pub use leadership::Leadership;
+pub use link::{ApiPublisher, BrokerLink};
+
 /// What one schedule looks like from outside (API, metrics).
 #[derive(Debug, Clone, Default)]
 pub struct Status {
@@ -32,15 +40,6 @@ pub struct Status {
     pub last_fired: Option<DateTime<Utc>>,
     /// Paused by an operator (as this replica last heard from the leader).
     pub paused: bool,
-}
-
-/// The publishing side the API uses: present while connected.
-#[derive(Clone)]
-pub struct ApiPublisher {
-    pub publisher: Publisher,
-    pub blocked: warren::amqp::Blocked,
-    /// The API connection itself (the dead-letter endpoints open channels on it).
-    pub conn: Arc<lapin::Connection>,
 }
 
 pub struct Ctx {
@@ -59,11 +58,9 @@ pub struct Ctx {
     /// Whether the API's schedules were read from the broker yet.
     catalog_loaded: watch::Sender<bool>,
     status: Mutex<HashMap<String, Status>>,
-    leader: AtomicBool,
-    /// Woken when `leader` changes, so replicas hear of it at once.
-    leader_changed: tokio::sync::Notify,
+    leadership: Leadership,
     instance: String,
-    api_publisher: RwLock<Option<ApiPublisher>>,
+    link: BrokerLink,
     tokens: TokenStore,
     /// Paused schedules: the leader's own set, or what a standby last heard.
     paused: RwLock<BTreeSet<String>>,
@@ -73,9 +70,6 @@ pub struct Ctx {
     replicas: Mutex<HashMap<String, (control::Presence, std::time::Instant)>>,
     /// Why the process must stop (exit 1), set once.
     fatal: OnceLock<String>,
-    /// Signs and encrypts every task published (`security.*`); replaced
-    /// whole on reload.
-    seal: RwLock<Option<Arc<Seal>>>,
     /// `[[workflows]]`, validated (fixed until restart).
     workflows: Vec<Arc<Workflow>>,
     /// Records `published` events (disabled: `events.enabled = false`).
@@ -88,26 +82,25 @@ pub struct Ctx {
 impl Ctx {
     pub fn new(
         cfg: ProducerConfig,
+        workflows: Vec<Arc<Workflow>>,
         metrics: Metrics,
         amqp_metrics: AmqpMetrics,
         health: Health,
         tokens: TokenStore,
     ) -> Self {
-        // `App::build` refused an invalid config already.
-        let workflows: Vec<Arc<Workflow>> = crate::workflow::definition::compile(&cfg.workflows)
-            .unwrap_or_default()
-            .into_iter()
-            .map(Arc::new)
-            .collect();
         // Every workflow's run series exist from the start, at 0: an alert on
         // `increase()` then sees the first failure too.
         for w in &workflows {
             for event in crate::metrics::WORKFLOW_RUN_EVENTS {
-                metrics.wf_runs.with_label_values(&[w.name.as_str(), event]);
+                metrics
+                    .workflow
+                    .runs
+                    .with_label_values(&[w.name.as_str(), event]);
             }
         }
         let catalog = crate::catalog::Catalog::new(api_compiler(&cfg));
         let cfg_index_size = cfg.events.index_size;
+        let leadership = Leadership::new(metrics.leader.clone());
         Self {
             workflows,
             topo: Topology::new(&cfg.topology).with_events(cfg.events.shared().stream()),
@@ -121,16 +114,14 @@ impl Ctx {
             runs: crate::workflow::store::View::default(),
             catalog_loaded: watch::channel(false).0,
             status: Mutex::new(HashMap::new()),
-            leader: AtomicBool::new(false),
-            leader_changed: tokio::sync::Notify::new(),
+            leadership,
             instance: instance_id(),
-            api_publisher: RwLock::new(None),
+            link: BrokerLink::default(),
             tokens,
             paused: RwLock::new(BTreeSet::new()),
             events: broadcast::channel(64).0,
             replicas: Mutex::new(HashMap::new()),
             fatal: OnceLock::new(),
-            seal: RwLock::new(None),
             index: crate::tasks::Index::new(cfg_index_size),
             recorder: warren::events::Recorder::disabled(),
             index_metrics: None,
@@ -184,20 +175,18 @@ impl Ctx {
 
     /// Seal every task this producer publishes.
     pub fn with_seal(self, seal: Option<Arc<Seal>>) -> Self {
-        self.set_seal(seal);
+        self.link.set_seal(seal);
         self
     }
 
-    /// What publishers of this producer seal tasks with now.
-    pub fn seal(&self) -> Option<Arc<Seal>> {
-        self.seal.read().ok().and_then(|g| g.clone())
+    /// Whether this replica leads.
+    pub fn leadership(&self) -> &Leadership {
+        &self.leadership
     }
 
-    /// Put new keys in force (SIGHUP): every publish from now on uses them.
-    pub fn set_seal(&self, seal: Option<Arc<Seal>>) {
-        if let Ok(mut g) = self.seal.write() {
-            *g = seal;
-        }
+    /// The API's broker link and the keys publishes are sealed with.
+    pub fn link(&self) -> &BrokerLink {
+        &self.link
     }
 
     /// The file SIGHUP re-reads.
@@ -405,7 +394,7 @@ impl Ctx {
     pub fn replicas(&self) -> Vec<control::Presence> {
         let me = control::Presence {
             instance: self.instance.clone(),
-            leader: self.is_leader(),
+            leader: self.leadership.is_leader(),
         };
         let mut others: Vec<control::Presence> = match self.replicas.lock() {
             Ok(mut g) => {
@@ -427,7 +416,7 @@ impl Ctx {
     }
 
     pub fn on_event(&self, event: control::Event) {
-        if !self.is_leader() {
+        if !self.leadership.is_leader() {
             self.set_paused(event.paused.clone());
         }
         let _ = self.events.send(event);
@@ -448,7 +437,7 @@ impl Ctx {
         if !self.book.contains(name) {
             return Err(ControlError::NotFound(name.to_owned()));
         }
-        let conn = self.api_publisher().ok_or(ControlError::Unavailable)?.conn;
+        let conn = self.link.publisher().ok_or(ControlError::Unavailable)?.conn;
         let req = control::Request {
             id: uuid::Uuid::new_v4().to_string(),
             op,
@@ -477,51 +466,9 @@ impl Ctx {
         }
     }
 
-    pub fn is_leader(&self) -> bool {
-        self.leader.load(Ordering::SeqCst)
-    }
-
-    /// Record (and export as `warren_producer_leader`) whether this replica
-    /// is the active scheduler.
-    pub fn set_leader(&self, leading: bool) {
-        let was = self.leader.swap(leading, Ordering::SeqCst);
-        self.metrics.leader.set(i64::from(leading));
-        if was != leading {
-            self.leader_changed.notify_one();
-        }
-    }
-
-    /// Resolves after this replica took or lost the lead (a change made
-    /// before the call counts: `Notify` keeps one permit).
-    pub async fn leadership_changed(&self) {
-        self.leader_changed.notified().await
-    }
-
-    /// The API's publisher, sealing with the keys in force now.
-    pub fn api_publisher(&self) -> Option<ApiPublisher> {
-        let p = self.api_publisher.read().ok().and_then(|g| g.clone())?;
-        Some(ApiPublisher {
-            publisher: p.publisher.sealed(self.seal()),
-            blocked: p.blocked,
-            conn: p.conn,
-        })
-    }
-
-    /// The API's broker connection while it is up: what the dead-letter
-    /// engine ([`warren::dead`]) runs on, for the API and the console.
-    pub fn broker(&self) -> Option<Arc<lapin::Connection>> {
-        self.api_publisher().map(|p| p.conn)
-    }
-
     /// Most dead messages one request may read (`api.dead_scan_limit`).
     pub fn dead_scan_limit(&self) -> usize {
         self.cfg.api.dead_scan_limit
-    }
-
-    pub fn set_api_publisher(&self, publisher: Option<ApiPublisher>) {
-        if let Ok(mut g) = self.api_publisher.write() {
-            *g = publisher;
-        }
     }
 
     /// Record why the process must stop with exit 1 (the first reason wins).

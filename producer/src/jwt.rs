@@ -9,13 +9,47 @@
 //! The algorithm a token names must match the kind of key checking it, so a
 //! public key can never serve as an HMAC secret (algorithm confusion).
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
 
 use jsonwebtoken::jwk::{AlgorithmParameters, JwkSet};
 use jsonwebtoken::{Algorithm, DecodingKey, Validation};
+use serde::{Deserialize, Serialize};
 
-use crate::auth::Caller;
-use crate::config::{JwtConfig, Scope};
+use crate::auth::grant::{Caller, Scope};
+
+/// `[api.jwt]`: which JWTs the API accepts (see [`JwtVerifier`]).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct JwtConfig {
+    /// The `iss` every token must carry.
+    pub issuer: String,
+    /// The `aud` every token must include.
+    pub audience: String,
+    /// HS256: a file holding the shared secret (at least 32 bytes).
+    #[serde(default)]
+    pub hs256_secret_file: Option<PathBuf>,
+    /// RS256/ES256: PEM public keys of the issuer.
+    #[serde(default)]
+    pub public_key_files: Vec<PathBuf>,
+    /// RS256/ES256: the issuer's key set (JWKS JSON), matched by `kid`.
+    #[serde(default)]
+    pub jwks_file: Option<PathBuf>,
+    /// Claim holding the scopes: a space-separated string or an array.
+    #[serde(default = "default_scopes_claim")]
+    pub scopes_claim: String,
+    /// Clock skew tolerated on `exp` and `nbf`.
+    #[serde(default = "default_leeway", with = "humantime_serde")]
+    pub leeway: Duration,
+}
+
+fn default_scopes_claim() -> String {
+    "scope".into()
+}
+
+fn default_leeway() -> Duration {
+    Duration::from_secs(30)
+}
 
 /// One key a token may be signed with.
 struct Key {
@@ -55,6 +89,72 @@ pub enum Refusal {
     Malformed,
 }
 
+/// `api.jwt.hs256_secret_file`: a shared secret of at least 32 bytes.
+fn hs256_key(path: &Path) -> anyhow::Result<Key> {
+    let secret = read("api.jwt.hs256_secret_file", path)?;
+    let secret = secret.trim_ascii();
+    if secret.len() < 32 {
+        anyhow::bail!(
+            "api.jwt.hs256_secret_file {}: the secret must be at least 32 bytes",
+            path.display()
+        );
+    }
+    Ok(Key {
+        algorithm: Algorithm::HS256,
+        kid: None,
+        key: DecodingKey::from_secret(secret),
+    })
+}
+
+/// `api.jwt.public_key_files[i]`: a PEM RSA or EC (P-256) public key.
+fn pem_key(i: usize, path: &Path) -> anyhow::Result<Key> {
+    let origin = format!("api.jwt.public_key_files[{i}]");
+    let pem = read(&origin, path)?;
+    let (algorithm, key) = if let Ok(k) = DecodingKey::from_rsa_pem(&pem) {
+        (Algorithm::RS256, k)
+    } else if let Ok(k) = DecodingKey::from_ec_pem(&pem) {
+        (Algorithm::ES256, k)
+    } else {
+        anyhow::bail!(
+            "{origin} {}: not a PEM RSA or EC (P-256) public key",
+            path.display()
+        );
+    };
+    Ok(Key {
+        algorithm,
+        kid: None,
+        key,
+    })
+}
+
+/// `api.jwt.jwks_file`: every key of the set, matched by `kid`.
+fn jwks_keys(path: &Path) -> anyhow::Result<Vec<Key>> {
+    let text = read("api.jwt.jwks_file", path)?;
+    let set: JwkSet = serde_json::from_slice(&text)
+        .map_err(|e| anyhow::anyhow!("api.jwt.jwks_file {}: not a JWKS: {e}", path.display()))?;
+    let mut keys = Vec::new();
+    for (i, jwk) in set.keys.iter().enumerate() {
+        let algorithm = match &jwk.algorithm {
+            AlgorithmParameters::RSA(_) => Algorithm::RS256,
+            AlgorithmParameters::EllipticCurve(_) => Algorithm::ES256,
+            // Shared secrets belong in hs256_secret_file, not in a
+            // key set meant to be published.
+            _ => anyhow::bail!(
+                "api.jwt.jwks_file {} key {i}: only RSA and EC (P-256) keys are accepted",
+                path.display()
+            ),
+        };
+        let key = DecodingKey::from_jwk(jwk)
+            .map_err(|e| anyhow::anyhow!("api.jwt.jwks_file {} key {i}: {e}", path.display()))?;
+        keys.push(Key {
+            algorithm,
+            kid: jwk.common.key_id.clone(),
+            key,
+        });
+    }
+    Ok(keys)
+}
+
 impl JwtVerifier {
     /// Read every key of `cfg` now, so a bad file is a config error (exit
     /// 2 at start, the old keys kept on SIGHUP). Errors name the key.
@@ -67,64 +167,13 @@ impl JwtVerifier {
         }
         let mut keys = Vec::new();
         if let Some(path) = &cfg.hs256_secret_file {
-            let secret = read("api.jwt.hs256_secret_file", path)?;
-            let secret = secret.trim_ascii();
-            if secret.len() < 32 {
-                anyhow::bail!(
-                    "api.jwt.hs256_secret_file {}: the secret must be at least 32 bytes",
-                    path.display()
-                );
-            }
-            keys.push(Key {
-                algorithm: Algorithm::HS256,
-                kid: None,
-                key: DecodingKey::from_secret(secret),
-            });
+            keys.push(hs256_key(path)?);
         }
         for (i, path) in cfg.public_key_files.iter().enumerate() {
-            let origin = format!("api.jwt.public_key_files[{i}]");
-            let pem = read(&origin, path)?;
-            let key = if let Ok(k) = DecodingKey::from_rsa_pem(&pem) {
-                (Algorithm::RS256, k)
-            } else if let Ok(k) = DecodingKey::from_ec_pem(&pem) {
-                (Algorithm::ES256, k)
-            } else {
-                anyhow::bail!(
-                    "{origin} {}: not a PEM RSA or EC (P-256) public key",
-                    path.display()
-                );
-            };
-            keys.push(Key {
-                algorithm: key.0,
-                kid: None,
-                key: key.1,
-            });
+            keys.push(pem_key(i, path)?);
         }
         if let Some(path) = &cfg.jwks_file {
-            let text = read("api.jwt.jwks_file", path)?;
-            let set: JwkSet = serde_json::from_slice(&text).map_err(|e| {
-                anyhow::anyhow!("api.jwt.jwks_file {}: not a JWKS: {e}", path.display())
-            })?;
-            for (i, jwk) in set.keys.iter().enumerate() {
-                let algorithm = match &jwk.algorithm {
-                    AlgorithmParameters::RSA(_) => Algorithm::RS256,
-                    AlgorithmParameters::EllipticCurve(_) => Algorithm::ES256,
-                    // Shared secrets belong in hs256_secret_file, not in a
-                    // key set meant to be published.
-                    _ => anyhow::bail!(
-                        "api.jwt.jwks_file {} key {i}: only RSA and EC (P-256) keys are accepted",
-                        path.display()
-                    ),
-                };
-                let key = DecodingKey::from_jwk(jwk).map_err(|e| {
-                    anyhow::anyhow!("api.jwt.jwks_file {} key {i}: {e}", path.display())
-                })?;
-                keys.push(Key {
-                    algorithm,
-                    kid: jwk.common.key_id.clone(),
-                    key,
-                });
-            }
+            keys.extend(jwks_keys(path)?);
         }
         if keys.is_empty() {
             anyhow::bail!(

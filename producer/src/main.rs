@@ -31,20 +31,20 @@ fn main() -> std::process::ExitCode {
         } => pause_or_resume(path, &name, false),
         Command::Schedules {
             command: SchedulesCommand::Apply { file, dry_run },
-        } => config::load_checked(path).and_then(|(cfg, schedules)| {
+        } => config::load_checked(path).and_then(|config::Checked { cfg, schedules, .. }| {
             warren::telemetry::init(&cfg.log);
             runtime()?.block_on(cli::apply_schedules(cfg, &schedules, &file, dry_run))
         }),
         Command::Schedules {
             command: SchedulesCommand::Delete { name },
-        } => config::load_checked(path).and_then(|(cfg, schedules)| {
+        } => config::load_checked(path).and_then(|config::Checked { cfg, schedules, .. }| {
             warren::telemetry::init(&cfg.log);
             runtime()?.block_on(cli::delete_schedule(cfg, &schedules, &name))
         }),
         Command::Token(TokenCommand::Hash) => cli::token_hash(),
-        Command::Workflows { command } => config::load_checked(path).and_then(|(cfg, _)| {
-            warren::telemetry::init(&cfg.log);
-            runtime()?.block_on(cli::workflows(cfg, command))
+        Command::Workflows { command } => config::load_checked(path).and_then(|checked| {
+            warren::telemetry::init(&checked.cfg.log);
+            runtime()?.block_on(cli::workflows(checked, command))
         }),
         Command::Tasks { command } => config::load(path).and_then(|cfg| {
             warren::telemetry::init(&cfg.log);
@@ -64,10 +64,12 @@ fn main() -> std::process::ExitCode {
                 .build()?
                 .block_on(cli::publish(cfg, args))
         }),
-        Command::Run => config::load_checked(path).and_then(|(cfg, _)| {
-            warren::telemetry::init(&cfg.log);
+        Command::Run => config::load_checked(path).and_then(|checked| {
+            warren::telemetry::init(&checked.cfg.log);
             runtime()?.block_on(async {
-                let app = App::build(cfg).await?.reload_from(cli.config.clone());
+                let app = App::from_checked(checked)
+                    .await?
+                    .reload_from(cli.config.clone());
                 app.run(warren::shutdown::token()).await
             })
         }),
@@ -84,7 +86,7 @@ fn main() -> std::process::ExitCode {
 }
 
 fn pause_or_resume(path: Option<&std::path::Path>, name: &str, pause: bool) -> anyhow::Result<()> {
-    let (cfg, schedules) = config::load_checked(path)?;
+    let config::Checked { cfg, schedules, .. } = config::load_checked(path)?;
     warren::telemetry::init(&cfg.log);
     runtime()?.block_on(cli::pause_or_resume(cfg, &schedules, name, pause))
 }

@@ -6,6 +6,7 @@ use std::collections::HashSet;
 use std::sync::{Arc, Mutex};
 
 use chrono::{DateTime, Utc};
+use prometheus::core::Collector;
 use prometheus::{
     Gauge, GaugeVec, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge,
     IntGaugeVec, Opts, Registry,
@@ -72,178 +73,61 @@ pub struct Metrics {
     pub leader: IntGauge,
     pub reload_success: Gauge,
     pub actions: IntCounterVec,
-    /// Workflow runs (docs/workflows.md#metrics): only the leader counts.
-    pub wf_runs: IntCounterVec,
-    pub wf_duration: HistogramVec,
-    pub wf_active: IntGauge,
-    pub wf_republished: IntCounter,
-    pub wf_duplicates: IntCounter,
-    pub wf_ignored: IntCounterVec,
+    pub workflow: WorkflowMetrics,
+}
+
+/// Workflow runs (docs/workflows.md#metrics): only the leader counts.
+#[derive(Clone)]
+pub struct WorkflowMetrics {
+    pub runs: IntCounterVec,
+    pub duration: HistogramVec,
+    pub active: IntGauge,
+    pub republished: IntCounter,
+    pub duplicates: IntCounter,
+    pub ignored: IntCounterVec,
 }
 
 impl Metrics {
     pub fn register(r: &Registry, per_schedule_limit: usize) -> prometheus::Result<Self> {
         let m = Self {
-            fires_all: IntCounter::new(
-                "warren_producer_fires_total",
-                "Scheduled fires published and confirmed by the broker, all schedules",
-            )?,
-            fire_lag_all: Histogram::with_opts(
-                HistogramOpts::new(
-                    "warren_producer_fire_lag_seconds",
-                    "Time from a fire's scheduled instant to the broker's confirm, all schedules",
-                )
-                .buckets(FIRE_LAG_BUCKETS.to_vec()),
-            )?,
-            missed_all: IntCounter::new(
-                "warren_producer_missed_fires_total",
-                "Scheduled fires not published (misfire policy, grace exceeded or publish failed), all schedules",
-            )?,
-            fires: IntCounterVec::new(
-                Opts::new(
-                    "warren_producer_schedule_fires_total",
-                    "Scheduled fires published and confirmed, per schedule (the first metrics.per_schedule_limit schedules)",
-                ),
-                &["schedule"],
-            )?,
-            fire_lag: HistogramVec::new(
-                HistogramOpts::new(
-                    "warren_producer_schedule_fire_lag_seconds",
-                    "Time from a fire's scheduled instant to the broker's confirm, per schedule (the first metrics.per_schedule_limit schedules)",
-                )
-                .buckets(FIRE_LAG_BUCKETS.to_vec()),
-                &["schedule"],
-            )?,
-            missed: IntCounterVec::new(
-                Opts::new(
-                    "warren_producer_schedule_missed_fires_total",
-                    "Scheduled fires not published, per schedule (the first metrics.per_schedule_limit schedules)",
-                ),
-                &["schedule"],
-            )?,
-            schedules: IntGaugeVec::new(
-                Opts::new(
-                    "warren_producer_schedules",
-                    "Schedules in force, by source (config, api)",
-                ),
-                &["source"],
-            )?,
+            fires_all: counter(r, &FIRES_ALL)?,
+            fire_lag_all: histogram(r, &FIRE_LAG_ALL, &FIRE_LAG_BUCKETS)?,
+            missed_all: counter(r, &MISSED_ALL)?,
+            fires: counter_vec(r, &FIRES)?,
+            fire_lag: histogram_vec(r, &FIRE_LAG, &FIRE_LAG_BUCKETS)?,
+            missed: counter_vec(r, &MISSED)?,
+            schedules: int_gauge_vec(r, &SCHEDULES)?,
             tracked: Arc::default(),
             per_schedule_limit,
-            published: IntCounterVec::new(
-                Opts::new(
-                    "warren_producer_published_total",
-                    "Tasks published and confirmed, by source",
-                ),
-                &["source"],
-            )?,
-            publish_failures: IntCounterVec::new(
-                Opts::new(
-                    "warren_producer_publish_failures_total",
-                    "Task publishes that failed (nack, return, timeout, connection loss), by source",
-                ),
-                &["source"],
-            )?,
-            next_fire: GaugeVec::new(
-                Opts::new(
-                    "warren_producer_next_fire_timestamp_seconds",
-                    "Unix time of each schedule's next fire",
-                ),
-                &["schedule"],
-            )?,
-            last_fire: GaugeVec::new(
-                Opts::new(
-                    "warren_producer_last_fire_timestamp_seconds",
-                    "Unix time of the scheduled instant of each schedule's last confirmed fire",
-                ),
-                &["schedule"],
-            )?,
-            leader: IntGauge::new(
-                "warren_producer_leader",
-                "1 while this replica is the active scheduler",
-            )?,
-            reload_success: Gauge::new(
-                "warren_producer_config_last_reload_successful",
-                "1 if the last schedule reload (SIGHUP) succeeded, 0 if it was rejected",
-            )?,
-            actions: IntCounterVec::new(
-                Opts::new(
-                    "warren_producer_actions_total",
-                    "Mutating API requests (trigger, publish, pause, resume, replay, purge), by result",
-                ),
-                &["action", "result"],
-            )?,
-            wf_runs: IntCounterVec::new(
-                Opts::new(
-                    "warren_producer_workflow_runs_total",
-                    "Workflow run transitions (started, succeeded, failed, compensated, compensation_failed, resumed), by workflow",
-                ),
-                &["workflow", "event"],
-            )?,
-            wf_duration: HistogramVec::new(
-                HistogramOpts::new(
-                    "warren_producer_workflow_run_duration_seconds",
-                    "Time from a run's start to its end, by workflow and final status",
-                )
-                .buckets(vec![
-                    0.1, 0.5, 1.0, 5.0, 10.0, 30.0, 60.0, 300.0, 900.0, 3600.0, 14400.0, 86400.0,
-                ]),
-                &["workflow", "result"],
-            )?,
-            wf_active: IntGauge::new(
-                "warren_producer_workflow_runs_active",
-                "Workflow runs not finished (on the leader; 0 elsewhere)",
-            )?,
-            wf_republished: IntCounter::new(
-                "warren_producer_workflow_steps_republished_total",
-                "Step tasks a new leader published again because the previous one had recorded but not confirmed them (possible duplicates)",
-            )?,
-            wf_duplicates: IntCounter::new(
-                "warren_producer_workflow_duplicate_events_total",
-                "Step events for a step already settled or an older execution, ignored",
-            )?,
-            wf_ignored: IntCounterVec::new(
-                Opts::new(
-                    "warren_producer_workflow_messages_ignored_total",
-                    "Workflow messages ignored, by reason (duplicate_start, unknown_workflow, unknown_run, unknown_step, not_resumable, invalid)",
-                ),
-                &["reason"],
-            )?,
+            published: counter_vec(r, &PUBLISHED)?,
+            publish_failures: counter_vec(r, &PUBLISH_FAILURES)?,
+            next_fire: gauge_vec(r, &NEXT_FIRE)?,
+            last_fire: gauge_vec(r, &LAST_FIRE)?,
+            leader: int_gauge(r, &LEADER)?,
+            reload_success: gauge(r, &RELOAD_SUCCESS)?,
+            actions: counter_vec(r, &ACTIONS)?,
+            workflow: WorkflowMetrics::register(r)?,
         };
-        r.register(Box::new(m.fires_all.clone()))?;
-        r.register(Box::new(m.fire_lag_all.clone()))?;
-        r.register(Box::new(m.missed_all.clone()))?;
-        r.register(Box::new(m.schedules.clone()))?;
+        m.init_series();
+        Ok(m)
+    }
+
+    /// Series that exist from the start: at 0 (an alert on `increase()`
+    /// then sees the first one too), the reload gauge at 1.
+    fn init_series(&self) {
         for source in ["config", "api"] {
-            m.schedules.with_label_values(&[source]);
+            self.schedules.with_label_values(&[source]);
         }
-        r.register(Box::new(m.fires.clone()))?;
-        r.register(Box::new(m.fire_lag.clone()))?;
-        r.register(Box::new(m.missed.clone()))?;
-        r.register(Box::new(m.published.clone()))?;
-        r.register(Box::new(m.publish_failures.clone()))?;
-        r.register(Box::new(m.next_fire.clone()))?;
-        r.register(Box::new(m.last_fire.clone()))?;
-        r.register(Box::new(m.leader.clone()))?;
-        r.register(Box::new(m.reload_success.clone()))?;
-        r.register(Box::new(m.actions.clone()))?;
-        r.register(Box::new(m.wf_runs.clone()))?;
-        r.register(Box::new(m.wf_duration.clone()))?;
-        r.register(Box::new(m.wf_active.clone()))?;
-        r.register(Box::new(m.wf_republished.clone()))?;
-        r.register(Box::new(m.wf_duplicates.clone()))?;
-        r.register(Box::new(m.wf_ignored.clone()))?;
-        m.reload_success.set(1.0);
+        self.reload_success.set(1.0);
         for s in [
             Source::Schedule,
             Source::Api,
             Source::Console,
             Source::Workflow,
         ] {
-            m.published.with_label_values(&[s.label()]);
-            m.publish_failures.with_label_values(&[s.label()]);
+            self.published.with_label_values(&[s.label()]);
+            self.publish_failures.with_label_values(&[s.label()]);
         }
-        Ok(m)
     }
 
     /// Whether `name` has series of its own: the first
@@ -311,3 +195,197 @@ impl Metrics {
         let _ = self.last_fire.remove_label_values(&[name]);
     }
 }
+
+impl WorkflowMetrics {
+    fn register(r: &Registry) -> prometheus::Result<Self> {
+        Ok(Self {
+            runs: counter_vec(r, &WF_RUNS)?,
+            duration: histogram_vec(r, &WF_DURATION, &RUN_DURATION_BUCKETS)?,
+            active: int_gauge(r, &WF_ACTIVE)?,
+            republished: counter(r, &WF_REPUBLISHED)?,
+            duplicates: counter(r, &WF_DUPLICATES)?,
+            ignored: counter_vec(r, &WF_IGNORED)?,
+        })
+    }
+}
+
+/// One series (or family): its name, help text and label names.
+struct Def {
+    name: &'static str,
+    help: &'static str,
+    labels: &'static [&'static str],
+}
+
+impl Def {
+    fn opts(&self) -> Opts {
+        Opts::new(self.name, self.help)
+    }
+
+    fn histogram_opts(&self, buckets: &[f64]) -> HistogramOpts {
+        HistogramOpts::new(self.name, self.help).buckets(buckets.to_vec())
+    }
+}
+
+/// Register `c` with `r`, and hand it back.
+fn reg<C: Collector + Clone + 'static>(r: &Registry, c: C) -> prometheus::Result<C> {
+    r.register(Box::new(c.clone()))?;
+    Ok(c)
+}
+
+fn counter(r: &Registry, d: &Def) -> prometheus::Result<IntCounter> {
+    reg(r, IntCounter::with_opts(d.opts())?)
+}
+
+fn counter_vec(r: &Registry, d: &Def) -> prometheus::Result<IntCounterVec> {
+    reg(r, IntCounterVec::new(d.opts(), d.labels)?)
+}
+
+fn gauge(r: &Registry, d: &Def) -> prometheus::Result<Gauge> {
+    reg(r, Gauge::with_opts(d.opts())?)
+}
+
+fn gauge_vec(r: &Registry, d: &Def) -> prometheus::Result<GaugeVec> {
+    reg(r, GaugeVec::new(d.opts(), d.labels)?)
+}
+
+fn int_gauge(r: &Registry, d: &Def) -> prometheus::Result<IntGauge> {
+    reg(r, IntGauge::with_opts(d.opts())?)
+}
+
+fn int_gauge_vec(r: &Registry, d: &Def) -> prometheus::Result<IntGaugeVec> {
+    reg(r, IntGaugeVec::new(d.opts(), d.labels)?)
+}
+
+fn histogram(r: &Registry, d: &Def, buckets: &[f64]) -> prometheus::Result<Histogram> {
+    reg(r, Histogram::with_opts(d.histogram_opts(buckets))?)
+}
+
+fn histogram_vec(r: &Registry, d: &Def, buckets: &[f64]) -> prometheus::Result<HistogramVec> {
+    reg(r, HistogramVec::new(d.histogram_opts(buckets), d.labels)?)
+}
+
+/// `warren_producer_workflow_run_duration_seconds`: 0.1 s to a day.
+const RUN_DURATION_BUCKETS: [f64; 12] = [
+    0.1, 0.5, 1.0, 5.0, 10.0, 30.0, 60.0, 300.0, 900.0, 3600.0, 14400.0, 86400.0,
+];
+
+// Every series of the producer's own (the AMQP ones are `warren::metrics`).
+const FIRES_ALL: Def = Def {
+    name: "warren_producer_fires_total",
+    help: "Scheduled fires published and confirmed by the broker, all schedules",
+    labels: &[],
+};
+
+const FIRE_LAG_ALL: Def = Def {
+    name: "warren_producer_fire_lag_seconds",
+    help: "Time from a fire's scheduled instant to the broker's confirm, all schedules",
+    labels: &[],
+};
+
+const MISSED_ALL: Def = Def {
+    name: "warren_producer_missed_fires_total",
+    help: "Scheduled fires not published (misfire policy, grace exceeded or publish failed), all schedules",
+    labels: &[],
+};
+
+const FIRES: Def = Def {
+    name: "warren_producer_schedule_fires_total",
+    help: "Scheduled fires published and confirmed, per schedule (the first metrics.per_schedule_limit schedules)",
+    labels: &["schedule"],
+};
+
+const FIRE_LAG: Def = Def {
+    name: "warren_producer_schedule_fire_lag_seconds",
+    help: "Time from a fire's scheduled instant to the broker's confirm, per schedule (the first metrics.per_schedule_limit schedules)",
+    labels: &["schedule"],
+};
+
+const MISSED: Def = Def {
+    name: "warren_producer_schedule_missed_fires_total",
+    help: "Scheduled fires not published, per schedule (the first metrics.per_schedule_limit schedules)",
+    labels: &["schedule"],
+};
+
+const SCHEDULES: Def = Def {
+    name: "warren_producer_schedules",
+    help: "Schedules in force, by source (config, api)",
+    labels: &["source"],
+};
+
+const PUBLISHED: Def = Def {
+    name: "warren_producer_published_total",
+    help: "Tasks published and confirmed, by source",
+    labels: &["source"],
+};
+
+const PUBLISH_FAILURES: Def = Def {
+    name: "warren_producer_publish_failures_total",
+    help: "Task publishes that failed (nack, return, timeout, connection loss), by source",
+    labels: &["source"],
+};
+
+const NEXT_FIRE: Def = Def {
+    name: "warren_producer_next_fire_timestamp_seconds",
+    help: "Unix time of each schedule's next fire",
+    labels: &["schedule"],
+};
+
+const LAST_FIRE: Def = Def {
+    name: "warren_producer_last_fire_timestamp_seconds",
+    help: "Unix time of the scheduled instant of each schedule's last confirmed fire",
+    labels: &["schedule"],
+};
+
+const LEADER: Def = Def {
+    name: "warren_producer_leader",
+    help: "1 while this replica is the active scheduler",
+    labels: &[],
+};
+
+const RELOAD_SUCCESS: Def = Def {
+    name: "warren_producer_config_last_reload_successful",
+    help: "1 if the last schedule reload (SIGHUP) succeeded, 0 if it was rejected",
+    labels: &[],
+};
+
+const ACTIONS: Def = Def {
+    name: "warren_producer_actions_total",
+    help: "Mutating API requests (trigger, publish, pause, resume, replay, purge), by result",
+    labels: &["action", "result"],
+};
+
+const WF_RUNS: Def = Def {
+    name: "warren_producer_workflow_runs_total",
+    help: "Workflow run transitions (started, succeeded, failed, compensated, compensation_failed, resumed), by workflow",
+    labels: &["workflow", "event"],
+};
+
+const WF_DURATION: Def = Def {
+    name: "warren_producer_workflow_run_duration_seconds",
+    help: "Time from a run's start to its end, by workflow and final status",
+    labels: &["workflow", "result"],
+};
+
+const WF_ACTIVE: Def = Def {
+    name: "warren_producer_workflow_runs_active",
+    help: "Workflow runs not finished (on the leader; 0 elsewhere)",
+    labels: &[],
+};
+
+const WF_REPUBLISHED: Def = Def {
+    name: "warren_producer_workflow_steps_republished_total",
+    help: "Step tasks a new leader published again because the previous one had recorded but not confirmed them (possible duplicates)",
+    labels: &[],
+};
+
+const WF_DUPLICATES: Def = Def {
+    name: "warren_producer_workflow_duplicate_events_total",
+    help: "Step events for a step already settled or an older execution, ignored",
+    labels: &[],
+};
+
+const WF_IGNORED: Def = Def {
+    name: "warren_producer_workflow_messages_ignored_total",
+    help: "Workflow messages ignored, by reason (duplicate_start, unknown_workflow, unknown_run, unknown_step, not_resumable, invalid)",
+    labels: &["reason"],
+};

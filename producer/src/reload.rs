@@ -7,7 +7,6 @@ use std::sync::Arc;
 
 use tokio_util::sync::CancellationToken;
 
-use crate::auth::Tokens;
 use crate::config::{self, ProducerConfig};
 use crate::context::Ctx;
 
@@ -30,7 +29,11 @@ pub async fn on_sighup(ctx: Arc<Ctx>, stop: CancellationToken) {
             continue;
         };
         match config::load_checked(Some(path)) {
-            Ok((new_cfg, schedules)) => {
+            Ok(config::Checked {
+                cfg: new_cfg,
+                schedules,
+                ..
+            }) => {
                 reload_tokens(&ctx, &new_cfg);
                 reload_seal(&ctx, &new_cfg);
                 let changed = config::restart_only_changes(ctx.cfg(), &new_cfg);
@@ -55,7 +58,7 @@ pub async fn on_sighup(ctx: Arc<Ctx>, stop: CancellationToken) {
 fn reload_seal(ctx: &Ctx, cfg: &ProducerConfig) {
     match warren::security::Seal::from_config(&cfg.security) {
         Ok(seal) => {
-            ctx.set_seal(seal.map(Arc::new));
+            ctx.link().set_seal(seal.map(Arc::new));
             tracing::info!(
                 sign_with = cfg.security.sign_with.as_deref().unwrap_or("none"),
                 encrypt_with = cfg.security.encrypt_with.as_deref().unwrap_or("none"),
@@ -72,7 +75,7 @@ fn reload_seal(ctx: &Ctx, cfg: &ProducerConfig) {
 /// Swap in the tokens of a reloaded config (tokens file re-read). Logs
 /// counts, never tokens.
 fn reload_tokens(ctx: &Ctx, cfg: &ProducerConfig) {
-    match Tokens::from_config(&cfg.api) {
+    match cfg.api.tokens() {
         Ok(tokens) => {
             if *ctx.tokens().current() == tokens {
                 return;

@@ -57,11 +57,11 @@ pub async fn run(ctx: Arc<Ctx>, shutdown: CancellationToken) {
                     .unwrap_or(ctx.cfg().amqp.heartbeat);
                 let fence = Fence::start(conn.clone(), stall, &shutdown);
                 tracing::info!(instance = %ctx.instance(), "elected leader: this replica fires the schedules");
-                ctx.set_leader(true);
+                ctx.leadership().set(true);
                 let term = std::panic::AssertUnwindSafe(lead(&ctx, &conn, &fence, &shutdown));
                 let res = term.catch_unwind().await;
                 fence.step_down();
-                ctx.set_leader(false);
+                ctx.leadership().set(false);
                 let res = match res {
                     Ok(res) => res,
                     Err(panic) => {

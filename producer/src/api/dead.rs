@@ -134,7 +134,7 @@ fn parse<T: serde::de::DeserializeOwned>(
 
 /// The API's broker connection, or 503 while it is down.
 fn broker(ctx: &Ctx) -> Result<Arc<lapin::Connection>, ApiError> {
-    ctx.broker().ok_or_else(|| {
+    ctx.link().connection().ok_or_else(|| {
         ApiError::new(
             StatusCode::SERVICE_UNAVAILABLE,
             "broker_unavailable",

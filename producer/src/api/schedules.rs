@@ -97,7 +97,7 @@ async fn list(
         .flatten();
     let list: Vec<_> = page.iter().map(|s| describe(&ctx, s)).collect();
     Ok(Json(json!({
-        "leader": ctx.is_leader(),
+        "leader": ctx.leadership().is_leader(),
         "instance": ctx.instance(),
         "total": ctx.book().len(),
         "schedules": list,

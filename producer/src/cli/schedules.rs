@@ -11,6 +11,7 @@ use anyhow::Context;
 use futures_util::StreamExt;
 use serde::Deserialize;
 use warren::amqp::Publisher;
+use warren::config::Problems;
 
 use crate::catalog::{self, Catalog, Change, Outcome};
 use crate::config::{ProducerConfig, Schedule, ScheduleConfig};
@@ -24,7 +25,7 @@ struct File {
 }
 
 fn read_file(path: &Path) -> anyhow::Result<Vec<ScheduleConfig>> {
-    let text = std::fs::read_to_string(path).map_err(|e| invalid(path, vec![e.to_string()]))?;
+    let text = std::fs::read_to_string(path).map_err(|e| invalid(path, e.to_string()))?;
     let trimmed = text.trim_start();
     let parsed = if trimmed.starts_with('[') && !trimmed.starts_with("[[") {
         serde_json::from_str::<Vec<ScheduleConfig>>(&text).map_err(|e| e.to_string())
@@ -37,18 +38,20 @@ fn read_file(path: &Path) -> anyhow::Result<Vec<ScheduleConfig>> {
             .map(|f| f.schedules)
             .map_err(|e| e.to_string())
     };
-    parsed.map_err(|e| invalid(path, vec![e]))
+    parsed.map_err(|e| invalid(path, e))
 }
 
-fn invalid(path: &Path, problems: Vec<String>) -> anyhow::Error {
+/// A file that cannot be read or parsed (exit 2).
+fn invalid(path: &Path, message: String) -> anyhow::Error {
     warren::config::ConfigError::Invalid {
         origin: path.display().to_string(),
-        message: problems.join("\n  "),
+        message,
     }
     .into()
 }
 
-/// Every problem of the file at once: the checks of `[[schedules]]`, names
+/// Every problem of the file at once, keyed by entry
+/// (`schedules[0] (`nightly`)`): the checks of `[[schedules]]`, names
 /// given twice, names the config file holds.
 fn check_all(
     path: &Path,
@@ -57,27 +60,25 @@ fn check_all(
     defs: &[ScheduleConfig],
 ) -> anyhow::Result<()> {
     let workflows: Vec<String> = cfg.workflows.iter().map(|w| w.name.clone()).collect();
-    let mut problems = Vec::new();
+    let mut p = Problems::new();
     let mut seen = HashSet::new();
     for (i, d) in defs.iter().enumerate() {
         let who = format!("schedules[{i}] (`{}`)", d.name);
         if let Err(e) = crate::config::compile_one(d, &workflows) {
-            problems.extend(e.into_iter().map(|m| format!("{who}: {m}")));
+            for m in e {
+                p.push(&who, m);
+            }
         }
         if !seen.insert(d.name.as_str()) {
-            problems.push(format!("{who}: name given twice in the file"));
+            p.push(&who, "name given twice in the file");
         }
         if config_schedules.iter().any(|s| s.name() == d.name) {
-            problems.push(format!(
-                "{who}: the producer's config file defines this schedule (change it there)"
-            ));
+            let why = "the producer's config file defines this schedule (change it there)";
+            p.push(&who, why);
         }
     }
-    if problems.is_empty() {
-        Ok(())
-    } else {
-        Err(invalid(path, problems))
-    }
+    p.into_result()
+        .map_err(|p| p.into_error(path.display().to_string()).into())
 }
 
 /// The catalog as stored now, and a consumer that keeps it current.

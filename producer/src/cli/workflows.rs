@@ -1,12 +1,14 @@
 //! `workflows list|start|status|resume`: the same messages and the same
 //! snapshot the HTTP API uses (see `crate::api` and docs/workflows.md).
 
+use std::sync::Arc;
+
 use anyhow::Context;
 use chrono::{DateTime, SecondsFormat, Utc};
 use clap::Subcommand;
 
 use super::UsageError;
-use crate::config::ProducerConfig;
+use crate::config::{Checked, ProducerConfig};
 use crate::workflow::run::{Run, RunStatus};
 use crate::workflow::{self, store, Workflow};
 
@@ -37,60 +39,29 @@ pub enum WorkflowsCommand {
     Resume { name: String, run_id: String },
 }
 
-fn definition<'a>(wfs: &'a [Workflow], name: &str) -> anyhow::Result<&'a Workflow> {
+fn definition<'a>(wfs: &'a [Arc<Workflow>], name: &str) -> anyhow::Result<&'a Workflow> {
     wfs.iter()
         .find(|w| w.name == name)
+        .map(|w| &**w)
         .ok_or_else(|| UsageError::Workflow(name.to_owned()).into())
 }
 
-pub async fn run(cfg: ProducerConfig, cmd: WorkflowsCommand) -> anyhow::Result<()> {
-    let wfs = workflow::definition::compile(&cfg.workflows).unwrap_or_default();
+pub async fn run(checked: Checked, cmd: WorkflowsCommand) -> anyhow::Result<()> {
+    let Checked {
+        cfg,
+        workflows: wfs,
+        ..
+    } = checked;
     match cmd {
         WorkflowsCommand::List => {
-            for w in &wfs {
-                warren::outln!("{}", w.name);
-                for s in &w.steps {
-                    let after = if s.after.is_empty() {
-                        String::new()
-                    } else {
-                        format!("  after {}", s.after.join(", "))
-                    };
-                    let comp = s
-                        .compensate
-                        .as_ref()
-                        .map(|c| format!("  compensate {c}"))
-                        .unwrap_or_default();
-                    warren::outln!("  {}  → {}{after}{comp}", s.name, s.task);
-                }
-            }
+            list(&wfs);
             Ok(())
         }
         WorkflowsCommand::Start {
             name,
             input,
             run_id,
-        } => {
-            let wf = definition(&wfs, &name)?;
-            let input = match input {
-                None => serde_json::Value::Null,
-                Some(a) => super::read_payload(Some(&a))?,
-            };
-            let id = run_id.unwrap_or_else(|| uuid::Uuid::new_v4().to_string());
-            let (props, body) = workflow::start_message(&wf.name, &input, &id, None);
-            let (conn, publisher, topo) = super::connect(&cfg).await?;
-            let res = publisher
-                .publish(
-                    &topo.workflows_exchange(),
-                    warren::workflow::START,
-                    props,
-                    &body,
-                )
-                .await;
-            let _ = conn.close(200, "done".into()).await;
-            res.with_context(|| format!("starting a run of `{name}`"))?;
-            warren::outln!("{id}");
-            Ok(())
-        }
+        } => start(&cfg, definition(&wfs, &name)?, input, run_id).await,
         WorkflowsCommand::Status { name, run_id, json } => {
             let wf = definition(&wfs, &name)?;
             let run = fetch(&cfg, &name, &run_id).await?;
@@ -103,33 +74,85 @@ pub async fn run(cfg: ProducerConfig, cmd: WorkflowsCommand) -> anyhow::Result<(
         }
         WorkflowsCommand::Resume { name, run_id } => {
             definition(&wfs, &name)?;
-            let run = fetch(&cfg, &name, &run_id).await?;
-            let resumable = matches!(
-                run.status,
-                RunStatus::Failed | RunStatus::Compensated | RunStatus::CompensationFailed
-            ) && run.is_finished();
-            if !resumable {
-                anyhow::bail!(
-                    "run `{run_id}` is {}: only a finished failed, compensated or compensation_failed run can be resumed",
-                    run.status.name()
-                );
-            }
-            let (props, body) = workflow::resume_message(&name, &run_id);
-            let (conn, publisher, topo) = super::connect(&cfg).await?;
-            let res = publisher
-                .publish(
-                    &topo.workflows_exchange(),
-                    warren::workflow::RESUME,
-                    props,
-                    &body,
-                )
-                .await;
-            let _ = conn.close(200, "done".into()).await;
-            res.with_context(|| format!("resuming run `{run_id}`"))?;
-            warren::outln!("{run_id}: resume requested");
-            Ok(())
+            resume(&cfg, &name, &run_id).await
         }
     }
+}
+
+/// `workflows list`: each workflow and its steps.
+fn list(wfs: &[Arc<Workflow>]) {
+    for w in wfs {
+        warren::outln!("{}", w.name);
+        for s in &w.steps {
+            let after = if s.after.is_empty() {
+                String::new()
+            } else {
+                format!("  after {}", s.after.join(", "))
+            };
+            let comp = s
+                .compensate
+                .as_ref()
+                .map(|c| format!("  compensate {c}"))
+                .unwrap_or_default();
+            warren::outln!("  {}  → {}{after}{comp}", s.name, s.task);
+        }
+    }
+}
+
+/// `workflows start`: send the start message, print the run id.
+async fn start(
+    cfg: &ProducerConfig,
+    wf: &Workflow,
+    input: Option<String>,
+    run_id: Option<String>,
+) -> anyhow::Result<()> {
+    let input = match input {
+        None => serde_json::Value::Null,
+        Some(a) => super::read_payload(Some(&a))?,
+    };
+    let id = run_id.unwrap_or_else(|| uuid::Uuid::new_v4().to_string());
+    let (props, body) = workflow::start_message(&wf.name, &input, &id, None);
+    let what = || format!("starting a run of `{}`", wf.name);
+    send(cfg, warren::workflow::START, props, &body, what).await?;
+    warren::outln!("{id}");
+    Ok(())
+}
+
+/// `workflows resume`: only a finished run that did not succeed.
+async fn resume(cfg: &ProducerConfig, name: &str, run_id: &str) -> anyhow::Result<()> {
+    let run = fetch(cfg, name, run_id).await?;
+    let resumable = matches!(
+        run.status,
+        RunStatus::Failed | RunStatus::Compensated | RunStatus::CompensationFailed
+    ) && run.is_finished();
+    if !resumable {
+        anyhow::bail!(
+            "run `{run_id}` is {}: only a finished failed, compensated or compensation_failed run can be resumed",
+            run.status.name()
+        );
+    }
+    let (props, body) = workflow::resume_message(name, run_id);
+    let what = || format!("resuming run `{run_id}`");
+    send(cfg, warren::workflow::RESUME, props, &body, what).await?;
+    warren::outln!("{run_id}: resume requested");
+    Ok(())
+}
+
+/// Publish one message to the workflows exchange on a connection of its
+/// own; a refused publish is reported as `what` failed.
+async fn send(
+    cfg: &ProducerConfig,
+    key: &str,
+    props: lapin::BasicProperties,
+    body: &[u8],
+    what: impl FnOnce() -> String,
+) -> anyhow::Result<()> {
+    let (conn, publisher, topo) = super::connect(cfg).await?;
+    let res = publisher
+        .publish(&topo.workflows_exchange(), key, props, body)
+        .await;
+    let _ = conn.close(200, "done".into()).await;
+    res.with_context(what)
 }
 
 async fn fetch(cfg: &ProducerConfig, name: &str, id: &str) -> anyhow::Result<Run> {

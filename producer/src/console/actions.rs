@@ -14,17 +14,19 @@ use crate::request::pairs;
 /// what went wrong in words for the page.
 pub async fn publish(ctx: &Ctx, tasks: &[(Task, Duration)]) -> Result<Vec<String>, String> {
     let p = ctx
-        .api_publisher()
+        .link()
+        .publisher()
         .ok_or("not connected to the broker; retry in a moment")?;
     if p.blocked.is_blocked() {
         return Err("the broker is blocking publishers (resource alarm); retry later".into());
     }
-    let results = tokio::select! {
-        r = p.publisher.publish_tasks(ctx.topo(), pairs(tasks), 256) => r,
-        () = p.blocked.until_blocked() => {
-            count(ctx, 0, tasks.len());
-            return Err("the broker started blocking publishers (resource alarm); retry later".into());
-        }
+    let publish = p.publisher.publish_tasks(ctx.topo(), pairs(tasks), 256);
+    let source = Source::Console;
+    let Some(results) = p
+        .unless_blocked(ctx.metrics(), source, tasks.len(), publish)
+        .await
+    else {
+        return Err("the broker started blocking publishers (resource alarm); retry later".into());
     };
     let mut ids = Vec::new();
     let mut first_error = None;

@@ -26,7 +26,7 @@ use super::guard::{refused, wants_fresh, Fields, Signed};
 use super::layout::{self, Nav};
 use super::session::Session;
 use super::Console;
-use crate::config::Scope;
+use crate::auth::Scope;
 
 /// Age after which a page shows the grouping it has and has it rescanned
 /// in the background (an action on this replica forgets it at once).
@@ -240,15 +240,34 @@ pub async fn page(
         Err(e) => return problem(&s, &e),
     };
     let total = broker.unwrap_or(o.total);
-    let age = c.dead.age().map_or(0, |a| a.as_secs());
-    let can_replay = s.may(Scope::Publish);
-    let can_purge = s.may(Scope::Admin);
     let body = html! {
         (layout::flash(&c, &s, q.flash.as_deref()))
+        (total_hint(&c, &o, total, broker.is_none()))
+        (search_form(""))
+        (layout::scope_note(&s, &[("replay", Scope::Publish), ("purge", Scope::Admin)]))
+        @if o.groups.is_empty() {
+            @if total == 0 {
+                p.notice { "Nothing is dead." }
+            } @else {
+                p.notice { "None of them could be read just now (another scan may hold them); reload in a moment." }
+            }
+        } @else {
+            (groups_table(&s, &o))
+            (bulk_actions(&s, total))
+        }
+    };
+    layout::page("Dead letters", Some(&s), Nav::Dead, body)
+}
+
+/// How many are dead (the broker's count, or the scan's without it), and
+/// how old and how complete the grouping below is.
+fn total_hint(c: &Console, o: &Overview, total: u64, no_broker_count: bool) -> Markup {
+    let age = c.dead.age().map_or(0, |a| a.as_secs());
+    html! {
         p.hint.total {
             code { (c.ctx.topo().dead_queue()) } " holds "
             strong data-total=(total) { (layout::count(total, "dead letter", "dead letters")) }
-            @if broker.is_none() { " (the broker's count is unavailable; from the last scan)" }
+            @if no_broker_count { " (the broker's count is unavailable; from the last scan)" }
             "."
             @if o.truncated {
                 " " strong.warn { "Groups of the first " (layout::num(o.scanned)) " only" }
@@ -261,63 +280,68 @@ pub async fn page(
                 " Grouped " (age) " s ago."
             }
         }
-        (search_form(""))
-        (layout::scope_note(&s, &[("replay", Scope::Publish), ("purge", Scope::Admin)]))
-        @if o.groups.is_empty() {
-            @if total == 0 {
-                p.notice { "Nothing is dead." }
-            } @else {
-                p.notice { "None of them could be read just now (another scan may hold them); reload in a moment." }
-            }
-        } @else {
-            div.scroll { table.groups {
-                thead { tr {
-                    th { "Task" } th { "Kind" } th { "Reason (fingerprint)" } th.num { "Count" }
-                    th { "Example" } th { "Newest" } th { "Actions" }
-                } }
-                tbody {
-                    @for g in &o.groups {
-                        @let key = GroupKey::new(&g.task, &g.kind, &g.fingerprint);
-                        tr.group data-task=(g.task) data-kind=(g.kind) {
-                            td { a href=(key.link()) { code { (g.task) } } }
-                            td { (g.kind) }
-                            td.fingerprint { a href=(key.link()) { (layout::say(&g.fingerprint)) } }
-                            td.num.count data-count=(g.count) { (layout::num(g.count)) }
-                            td.example title=(g.example) { (layout::say(&clip(&dead::cause_first(&g.example), 160))) }
-                            td.nowrap { (g.newest.as_deref().unwrap_or("—")) }
-                            td.actions {
-                                form method="post" action="/ui/dead/replay" {
-                                    (layout::csrf(&s)) input type="hidden" name="what" value="group"; (key.hidden())
-                                    button.replay type="submit" disabled[!can_replay]
-                                        title=(layout::needs(can_replay, Scope::Publish, "republish every dead letter of this group")) { "Replay" }
-                                }
-                                " "
-                                form method="post" action="/ui/dead/purge" {
-                                    (layout::csrf(&s)) input type="hidden" name="what" value="group"; (key.hidden())
-                                    button.danger.purge type="submit" disabled[!can_purge]
-                                        title=(layout::needs(can_purge, Scope::Admin, "delete this group, after a confirmation")) { "Purge…" }
-                                }
+    }
+}
+
+/// One row per group, with its replay and purge buttons.
+fn groups_table(s: &Session, o: &Overview) -> Markup {
+    let can_replay = s.may(Scope::Publish);
+    let can_purge = s.may(Scope::Admin);
+    html! {
+        div.scroll { table.groups {
+            thead { tr {
+                th { "Task" } th { "Kind" } th { "Reason (fingerprint)" } th.num { "Count" }
+                th { "Example" } th { "Newest" } th { "Actions" }
+            } }
+            tbody {
+                @for g in &o.groups {
+                    @let key = GroupKey::new(&g.task, &g.kind, &g.fingerprint);
+                    tr.group data-task=(g.task) data-kind=(g.kind) {
+                        td { a href=(key.link()) { code { (g.task) } } }
+                        td { (g.kind) }
+                        td.fingerprint { a href=(key.link()) { (layout::say(&g.fingerprint)) } }
+                        td.num.count data-count=(g.count) { (layout::num(g.count)) }
+                        td.example title=(g.example) { (layout::say(&clip(&dead::cause_first(&g.example), 160))) }
+                        td.nowrap { (g.newest.as_deref().unwrap_or("—")) }
+                        td.actions {
+                            form method="post" action="/ui/dead/replay" {
+                                (layout::csrf(s)) input type="hidden" name="what" value="group"; (key.hidden())
+                                button.replay type="submit" disabled[!can_replay]
+                                    title=(layout::needs(can_replay, Scope::Publish, "republish every dead letter of this group")) { "Replay" }
+                            }
+                            " "
+                            form method="post" action="/ui/dead/purge" {
+                                (layout::csrf(s)) input type="hidden" name="what" value="group"; (key.hidden())
+                                button.danger.purge type="submit" disabled[!can_purge]
+                                    title=(layout::needs(can_purge, Scope::Admin, "delete this group, after a confirmation")) { "Purge…" }
                             }
                         }
                     }
                 }
-            } }
-            div.bulk {
-                form method="post" action="/ui/dead/replay" {
-                    (layout::csrf(&s)) input type="hidden" name="what" value="all";
-                    button.secondary type="submit" disabled[!can_replay]
-                        title=(layout::needs(can_replay, Scope::Publish, "republish every dead letter in the queue")) { "Replay all " (layout::num(total)) }
-                }
-                " "
-                form method="post" action="/ui/dead/purge" {
-                    (layout::csrf(&s)) input type="hidden" name="what" value="all";
-                    button.danger type="submit" disabled[!can_purge]
-                        title=(layout::needs(can_purge, Scope::Admin, "empty the dead-letter queue, after a confirmation")) { "Purge all…" }
-                }
+            }
+        } }
+    }
+}
+
+/// Replay all and purge all, for the whole queue.
+fn bulk_actions(s: &Session, total: u64) -> Markup {
+    let can_replay = s.may(Scope::Publish);
+    let can_purge = s.may(Scope::Admin);
+    html! {
+        div.bulk {
+            form method="post" action="/ui/dead/replay" {
+                (layout::csrf(s)) input type="hidden" name="what" value="all";
+                button.secondary type="submit" disabled[!can_replay]
+                    title=(layout::needs(can_replay, Scope::Publish, "republish every dead letter in the queue")) { "Replay all " (layout::num(total)) }
+            }
+            " "
+            form method="post" action="/ui/dead/purge" {
+                (layout::csrf(s)) input type="hidden" name="what" value="all";
+                button.danger type="submit" disabled[!can_purge]
+                    title=(layout::needs(can_purge, Scope::Admin, "empty the dead-letter queue, after a confirmation")) { "Purge all…" }
             }
         }
-    };
-    layout::page("Dead letters", Some(&s), Nav::Dead, body)
+    }
 }
 
 /// The latest failures for the overview: the groups with the newest dead
@@ -799,7 +823,7 @@ pub async fn edit(State(c): State<Console>, Signed(s): Signed, body: Bytes) -> R
     let new_id = f.get("new_id").is_some();
     // The API's publisher seals: the edit goes out signed with the
     // producer's keys (the old signature cannot cover the new body).
-    let Some(api) = c.ctx.api_publisher() else {
+    let Some(api) = c.ctx.link().publisher() else {
         return layout::see_other(
             &c,
             &s,
@@ -807,18 +831,31 @@ pub async fn edit(State(c): State<Console>, Signed(s): Signed, body: Bytes) -> R
             html! { "Not replayed: not connected to the broker." },
         );
     };
-    let report = c
-        .dead
+    let report = replay_edited(&c, &s, &id, payload, new_id, &api.publisher).await;
+    edited(&c, &s, &id, back, report)
+}
+
+/// Republish dead letter `id` with `payload`; the error says whether it is
+/// gone from the dead queue (`true`) and why it was not replayed.
+async fn replay_edited(
+    c: &Console,
+    s: &Session,
+    id: &str,
+    payload: &str,
+    new_id: bool,
+    publisher: &warren::amqp::Publisher,
+) -> Result<dead::ReplayReport, (bool, String)> {
+    c.dead
         .exclusive(&c.sampler, || async {
             let conn = c.broker.connection(&c.ctx).await.map_err(|e| (false, e))?;
             dead::replay_edited(
                 &conn,
                 c.ctx.topo(),
-                &id,
+                id,
                 payload.as_bytes().to_vec(),
                 new_id,
                 &s.who,
-                &api.publisher,
+                publisher,
             )
             .await
             .map_err(|e| match e {
@@ -826,34 +863,40 @@ pub async fn edit(State(c): State<Console>, Signed(s): Signed, body: Bytes) -> R
                 e => (false, e.to_string()),
             })
         })
-        .await;
+        .await
+}
+
+/// Audit an edited replay and say how it went: back to the dead letters
+/// once it is replayed or gone, else to the message (`back`).
+fn edited(
+    c: &Console,
+    s: &Session,
+    id: &str,
+    back: String,
+    report: Result<dead::ReplayReport, (bool, String)>,
+) -> Response {
     match report {
         Ok(r) if r.failed.is_empty() => {
-            actions::audit(&c.ctx, &s.who, "replay_edited", &id, 1, true);
+            actions::audit(&c.ctx, &s.who, "replay_edited", id, 1, true);
             let new = r.replayed.first().cloned().unwrap_or_default();
             layout::see_other(
-                &c,
-                &s,
+                c,
+                s,
                 "/ui/dead",
                 html! { "Replayed " code { (id) } " with the edited payload as task " code { (new) } "." },
             )
         }
         Ok(r) => {
-            actions::audit(&c.ctx, &s.who, "replay_edited", &id, 0, false);
+            actions::audit(&c.ctx, &s.who, "replay_edited", id, 0, false);
             let why = r.failed.first().map(|(_, w)| w.clone()).unwrap_or_default();
-            layout::see_other(
-                &c,
-                &s,
-                &back,
-                html! { "Not replayed: " (layout::say(&why)) },
-            )
+            layout::see_other(c, s, &back, html! { "Not replayed: " (layout::say(&why)) })
         }
         Err((gone, e)) => {
-            actions::audit(&c.ctx, &s.who, "replay_edited", &id, 0, false);
+            actions::audit(&c.ctx, &s.who, "replay_edited", id, 0, false);
             let to = if gone { "/ui/dead".to_owned() } else { back };
             layout::see_other(
-                &c,
-                &s,
+                c,
+                s,
                 &to,
                 html! { "Not replayed " code { (id) } ": " (layout::say(&e)) },
             )

@@ -11,7 +11,7 @@ use maud::{html, Markup};
 use super::layout;
 use super::session::{self, Session};
 use super::Console;
-use crate::config::Scope;
+use crate::auth::Scope;
 
 /// A request from a signed-in browser.
 pub struct Signed(pub Session);

@@ -11,7 +11,7 @@ use maud::{html, Markup, DOCTYPE};
 
 use super::session::Session;
 use super::Console;
-use crate::config::Scope;
+use crate::auth::Scope;
 
 const CSS: &str = include_str!("assets/console.css");
 const JS: &str = include_str!("assets/console.js");

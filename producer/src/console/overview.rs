@@ -32,13 +32,13 @@ pub async fn fragment(State(c): State<Console>, Signed(_): Signed) -> Response {
 async fn fragment_markup(c: &Console, fresh: bool) -> Markup {
     let sample = c.sampler.get(&c.ctx, &c.broker, fresh).await;
     let latest = super::dead::latest(c, fresh, sample.dead.map(u64::from)).await;
-    let connected = c.ctx.api_publisher().is_some();
+    let connected = c.ctx.link().publisher().is_some();
     html! {
         section.cards {
             div.card.producer {
                 h2 { "Producer" }
                 p { "This replica: " code { (c.ctx.instance()) } }
-                p { @if c.ctx.is_leader() { span.ok { "leader" } " — fires the schedules" }
+                p { @if c.ctx.leadership().is_leader() { span.ok { "leader" } " — fires the schedules" }
                     @else { span.warn { "standby" } " — another replica fires" } }
                 ul.replicas {
                     @for r in c.ctx.replicas() {

@@ -15,7 +15,7 @@ use super::guard::{refused, Fields, Signed};
 use super::layout::{self, FlashKey, Nav};
 use super::session::Session;
 use super::Console;
-use crate::config::Scope;
+use crate::auth::Scope;
 use crate::request::{json_error, TaskRequest};
 
 pub async fn form(

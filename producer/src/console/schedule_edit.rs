@@ -17,9 +17,10 @@ use super::guard::{refused, Fields, Signed};
 use super::layout::{self, Nav};
 use super::session::Session;
 use super::Console;
+use crate::auth::Scope;
 use crate::book::Origin;
 use crate::catalog::{self, Change, Outcome};
-use crate::config::{Schedule, ScheduleConfig, Scope};
+use crate::config::{Schedule, ScheduleConfig};
 
 /// Instants shown before saving.
 const PREVIEW: usize = 5;
@@ -252,7 +253,8 @@ pub async fn delete(State(c): State<Console>, Signed(s): Signed, body: Bytes) ->
 async fn write(c: &Console, change: Change) -> Result<Outcome, String> {
     let p = c
         .ctx
-        .api_publisher()
+        .link()
+        .publisher()
         .ok_or_else(|| "Not connected to the broker; try again.".to_owned())?;
     catalog::write(c.ctx.catalog(), &p.publisher, c.ctx.topo().prefix(), change)
         .await

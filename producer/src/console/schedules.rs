@@ -12,7 +12,7 @@ use super::actions;
 use super::guard::{refused, Fields, Signed};
 use super::layout::{self, FlashKey, Nav};
 use super::Console;
-use crate::config::Scope;
+use crate::auth::Scope;
 
 /// Schedules the page shows.
 const PAGE: usize = 500;
@@ -113,7 +113,7 @@ fn table(c: &Console, s: &super::session::Session) -> Markup {
                 (layout::count(total as u64, "schedule", "schedules"))
                 @if total > set.len() { " (the first " (set.len()) " shown; " code { "GET /v1/schedules?after=" } " lists them all)" }
                 " · this replica "
-                @if c.ctx.is_leader() { strong { "leads" } " and fires them" } @else { "is a standby (another replica fires)" }
+                @if c.ctx.leadership().is_leader() { strong { "leads" } " and fires them" } @else { "is a standby (another replica fires)" }
             }
             (layout::scope_note(s, &[("trigger", Scope::Publish), ("pause or resume", Scope::Admin)]))
             div.scroll { table.schedules {
@@ -150,7 +150,7 @@ pub async fn trigger(
     };
     let id = format!("{}@manual-{}", sch.name(), uuid::Uuid::new_v4());
     let result = match &sch.cfg.workflow {
-        Some(w) => match c.ctx.api_publisher() {
+        Some(w) => match c.ctx.link().publisher() {
             Some(p) => {
                 crate::workflow::start_scheduled(&p.publisher, c.ctx.topo(), w, &sch.payload, &id)
                     .await

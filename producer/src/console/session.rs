@@ -19,7 +19,7 @@ use std::time::{Duration, Instant};
 use rand::RngCore;
 use subtle::ConstantTimeEq;
 
-use crate::config::Scope;
+use crate::auth::Scope;
 
 /// The cookie's name.
 pub const COOKIE: &str = "warren_session";

@@ -16,7 +16,7 @@ use super::layout::{self, Nav};
 use super::session::Session;
 use super::Console;
 use crate::api::workflows as api;
-use crate::config::Scope;
+use crate::auth::Scope;
 use crate::request::json_error;
 use crate::workflow::run::{Exec, Run, StepRun};
 use crate::workflow::{self, Workflow};

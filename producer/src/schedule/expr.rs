@@ -316,46 +316,7 @@ fn compile_field(f: &Field, text: &str) -> Result<String, CronError> {
             None => (item, None),
             Some((r, s)) => (r, Some(step(f, item, s)?)),
         };
-        let (lo, hi, is_star) = if range.is_empty() {
-            return Err(CronError::NothingBeforeSlash {
-                field,
-                item: item.to_owned(),
-            });
-        } else if range == "*" || range == "?" {
-            (f.min, f.star_max, true)
-        } else if let Some((a, b)) = range.split_once('-') {
-            if a.is_empty() {
-                return Err(CronError::RangeWithoutStart {
-                    field,
-                    range: range.to_owned(),
-                });
-            }
-            if b.is_empty() {
-                return Err(CronError::RangeWithoutEnd {
-                    field,
-                    range: range.to_owned(),
-                });
-            }
-            let lo = f.value(a)?;
-            let mut hi = f.value(b)?;
-            // `fri-sun`: a range ending on Sunday by name ends on day 7.
-            if f.kind == Kind::DayOfWeek && hi == 0 && lo > 0 {
-                hi = 7;
-            }
-            if lo > hi {
-                return Err(CronError::RangeBackwards {
-                    field,
-                    range: range.to_owned(),
-                    lo,
-                    hi,
-                });
-            }
-            (lo, hi, false)
-        } else {
-            let v = f.value(range)?;
-            // robfig: `N/step` runs from N to the end of the field.
-            (v, if step.is_some() { f.star_max.max(v) } else { v }, false)
-        };
+        let (lo, hi, is_star) = bounds(f, item, range, step.is_some())?;
         let step = step.unwrap_or(1);
         // robfig: `*` and `*/1` leave the field unrestricted, `*/2` does not.
         // Nothing to list then: the year field's `*` alone would be
@@ -376,6 +337,65 @@ fn compile_field(f: &Field, text: &str) -> Result<String, CronError> {
     let mut out: Vec<String> = values.iter().map(u32::to_string).collect();
     out.extend(specials);
     Ok(out.join(","))
+}
+
+/// The first and last value `range` (the part of `item` before any `/`)
+/// covers, and whether it is `*`.
+fn bounds(
+    f: &Field,
+    item: &str,
+    range: &str,
+    stepped: bool,
+) -> Result<(u32, u32, bool), CronError> {
+    let field = f.name;
+    if range.is_empty() {
+        return Err(CronError::NothingBeforeSlash {
+            field,
+            item: item.to_owned(),
+        });
+    }
+    if range == "*" || range == "?" {
+        return Ok((f.min, f.star_max, true));
+    }
+    if let Some((a, b)) = range.split_once('-') {
+        let (lo, hi) = range_bounds(f, range, a, b)?;
+        return Ok((lo, hi, false));
+    }
+    let v = f.value(range)?;
+    // robfig: `N/step` runs from N to the end of the field.
+    Ok((v, if stepped { f.star_max.max(v) } else { v }, false))
+}
+
+/// `a-b`, checked: both ends given, not backwards.
+fn range_bounds(f: &Field, range: &str, a: &str, b: &str) -> Result<(u32, u32), CronError> {
+    let field = f.name;
+    if a.is_empty() {
+        return Err(CronError::RangeWithoutStart {
+            field,
+            range: range.to_owned(),
+        });
+    }
+    if b.is_empty() {
+        return Err(CronError::RangeWithoutEnd {
+            field,
+            range: range.to_owned(),
+        });
+    }
+    let lo = f.value(a)?;
+    let mut hi = f.value(b)?;
+    // `fri-sun`: a range ending on Sunday by name ends on day 7.
+    if f.kind == Kind::DayOfWeek && hi == 0 && lo > 0 {
+        hi = 7;
+    }
+    if lo > hi {
+        return Err(CronError::RangeBackwards {
+            field,
+            range: range.to_owned(),
+            lo,
+            hi,
+        });
+    }
+    Ok((lo, hi))
 }
 
 fn step(f: &Field, item: &str, s: &str) -> Result<u32, CronError> {

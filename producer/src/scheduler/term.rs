@@ -403,7 +403,7 @@ impl<'a> Term<'a> {
         let mut in_flight: VecDeque<(usize, Pending)> = VecDeque::new();
         // Signed and encrypted with the keys in force now (`security.*`,
         // reloaded on SIGHUP), looked up once per wake-up.
-        let sealed = self.publisher.clone().sealed(self.ctx.seal());
+        let sealed = self.publisher.clone().sealed(self.ctx.link().seal());
         for (i, t) in ticks.iter().enumerate() {
             if i % 256 == 255 && !self.fence.holds() {
                 return Err(Fenced);
@@ -537,7 +537,7 @@ impl<'a> Term<'a> {
             if !self.fence.holds() {
                 return Err(Fenced);
             }
-            let sealed = self.publisher.clone().sealed(self.ctx.seal());
+            let sealed = self.publisher.clone().sealed(self.ctx.link().seal());
             let sent = async { self.send_tick(&sealed, t).await?.confirmed().await };
             match sent.await {
                 Ok(()) => {

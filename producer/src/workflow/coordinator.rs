@@ -59,7 +59,7 @@ pub async fn run(
     let mut c = Coordinator {
         ctx,
         fence,
-        publisher: publisher.clone().sealed(ctx.seal()),
+        publisher: publisher.clone().sealed(ctx.link().seal()),
         runs,
         prefix,
         tail,
@@ -70,7 +70,7 @@ pub async fn run(
     };
     let res = c.serve(conn, stop).await;
     // Only the leader reports active runs.
-    ctx.metrics().wf_active.set(0);
+    ctx.metrics().workflow.active.set(0);
     c.tail.close().await;
     if conn.status().connected() {
         let _ = publisher
@@ -189,7 +189,11 @@ impl Coordinator<'_> {
                 tasks = republished,
                 "republished workflow tasks the previous leader had not confirmed"
             );
-            self.ctx.metrics().wf_republished.inc_by(republished as u64);
+            self.ctx
+                .metrics()
+                .workflow
+                .republished
+                .inc_by(republished as u64);
         }
         self.append().await?;
         self.touched.clear();
@@ -304,7 +308,8 @@ impl Coordinator<'_> {
     fn ignored(&self, why: &str) {
         self.ctx
             .metrics()
-            .wf_ignored
+            .workflow
+            .ignored
             .with_label_values(&[why])
             .inc();
     }
@@ -342,7 +347,8 @@ impl Coordinator<'_> {
         tracing::info!(workflow = %wf.name, run = %id, trace_id = %trace.trace_id_hex(), "workflow run started");
         self.ctx
             .metrics()
-            .wf_runs
+            .workflow
+            .runs
             .with_label_values(&[&wf.name, "started"])
             .inc();
         self.touch(&id);
@@ -366,17 +372,17 @@ impl Coordinator<'_> {
             }
             Applied::Replayed => {
                 tracing::info!(workflow = %run.workflow, run = %run.id, step = %ev.step, "the failed step succeeded when replayed: run resumed");
-                m.wf_runs
+                m.workflow.runs
                     .with_label_values(&[&run.workflow, "resumed"])
                     .inc();
             }
             Applied::Duplicate => {
                 tracing::info!(workflow = %run.workflow, run = %run.id, step = %ev.step, task_id = %ev.task_id, "duplicate or stale step event ignored");
-                m.wf_duplicates.inc();
+                m.workflow.duplicates.inc();
             }
             Applied::Unknown => {
                 tracing::warn!(workflow = %run.workflow, run = %run.id, step = %ev.step, "event for a step this run does not have; ignored");
-                m.wf_ignored.with_label_values(&["unknown_step"]).inc();
+                m.workflow.ignored.with_label_values(&["unknown_step"]).inc();
             }
         });
     }
@@ -398,13 +404,13 @@ impl Coordinator<'_> {
         self.runs.update(&req.run, |run| match run.resume() {
             Ok(()) => {
                 tracing::info!(workflow = %run.workflow, run = %run.id, generation = run.generation, "workflow run resumed");
-                m.wf_runs
+                m.workflow.runs
                     .with_label_values(&[&run.workflow, "resumed"])
                     .inc();
             }
             Err(why) => {
                 tracing::warn!(workflow = %run.workflow, run = %run.id, reason = %why, "resume refused");
-                m.wf_ignored.with_label_values(&["not_resumable"]).inc();
+                m.workflow.ignored.with_label_values(&["not_resumable"]).inc();
             }
         });
     }
@@ -420,11 +426,15 @@ impl Coordinator<'_> {
             };
             let before = self.before.get(id).copied().flatten();
             for event in transitions(before, r) {
-                m.wf_runs.with_label_values(&[&r.workflow, event]).inc();
+                m.workflow
+                    .runs
+                    .with_label_values(&[&r.workflow, event])
+                    .inc();
             }
             if r.is_finished() && !before.is_some_and(|b| b.1) {
                 let secs = (Utc::now() - r.started_at).to_std().unwrap_or_default();
-                m.wf_duration
+                m.workflow
+                    .duration
                     .with_label_values(&[&r.workflow, r.status.name()])
                     .observe(secs.as_secs_f64());
             }
@@ -434,7 +444,11 @@ impl Coordinator<'_> {
     }
 
     fn update_gauges(&self) {
-        self.ctx.metrics().wf_active.set(self.runs.active() as i64);
+        self.ctx
+            .metrics()
+            .workflow
+            .active
+            .set(self.runs.active() as i64);
     }
 
     /// Append the touched runs and the forgotten ids to the log

@@ -7,6 +7,7 @@ use std::collections::{BTreeMap, BTreeSet, HashSet};
 use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
+use warren::config::Problems;
 use warren::retry::RetryOverrides;
 
 use super::template::{self, Template};
@@ -95,79 +96,39 @@ fn valid_name(s: &str) -> bool {
             .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
 }
 
-/// Validate every workflow; all problems at once, each naming its key.
-pub fn compile(list: &[WorkflowConfig]) -> Result<Vec<Workflow>, Vec<String>> {
-    let mut errors = Vec::new();
+/// Validate every workflow; all problems at once, each keyed by its config
+/// path (`workflows[0].steps[1].after`), several in one workflow too.
+pub fn compile(list: &[WorkflowConfig]) -> Result<Vec<Workflow>, Problems> {
+    let mut p = Problems::new();
     let mut out = Vec::new();
     let mut names = HashSet::new();
     for (wi, w) in list.iter().enumerate() {
         let at = format!("workflows[{wi}]");
         if !valid_name(&w.name) {
-            errors.push(format!(
-                "{at}.name = {:?}: must be non-empty ASCII letters, digits, `-`, `_` or `.`",
-                w.name
-            ));
+            let why = "must be non-empty ASCII letters, digits, `-`, `_` or `.`";
+            p.push_value(format!("{at}.name"), format!("{:?}", w.name), why);
         } else if !names.insert(w.name.clone()) {
-            errors.push(format!("{at}.name: duplicate workflow name {:?}", w.name));
+            let why = format!("duplicate workflow name {:?}", w.name);
+            p.push(format!("{at}.name"), why);
         }
-        match compile_one(w, &at) {
-            Ok(wf) => out.push(wf),
-            Err(e) => errors.extend(e),
+        if let Some(wf) = compile_one(w, &at, &mut p) {
+            out.push(wf);
         }
     }
-    if errors.is_empty() {
-        Ok(out)
-    } else {
-        Err(errors)
-    }
+    p.into_result().map(|()| out)
 }
 
-fn compile_one(w: &WorkflowConfig, at: &str) -> Result<Workflow, Vec<String>> {
-    let mut errors = Vec::new();
+/// One workflow: its steps one by one, then the graph they make (cycles,
+/// steps behind them), then the payload templates. Each stage reports
+/// what it finds, so one workflow can show several kinds of problem.
+fn compile_one(w: &WorkflowConfig, at: &str, p: &mut Problems) -> Option<Workflow> {
+    let before = p.len();
     if w.steps.is_empty() {
-        errors.push(format!("{at}.steps: a workflow needs at least one step"));
+        p.push(format!("{at}.steps"), "a workflow needs at least one step");
     }
-    let all: Vec<&str> = w.steps.iter().map(|s| s.name.as_str()).collect();
-    let mut seen = HashSet::new();
-    for (si, s) in w.steps.iter().enumerate() {
-        let at = format!("{at}.steps[{si}]");
-        if !valid_name(&s.name) || s.name.ends_with(warren::workflow::COMPENSATE_SUFFIX) {
-            errors.push(format!(
-                "{at}.name = {:?}: must be non-empty ASCII letters, digits, `-`, `_` or `.`, \
-                 not ending in `{}`",
-                s.name,
-                warren::workflow::COMPENSATE_SUFFIX
-            ));
-        } else if !seen.insert(s.name.as_str()) {
-            errors.push(format!("{at}.name: duplicate step name {:?}", s.name));
-        }
-        for (task, key) in [
-            (Some(&s.task), "task"),
-            (s.compensate.as_ref(), "compensate"),
-        ] {
-            if let Some(t) = task {
-                if t.is_empty() || t.len() > warren::delay::MAX_TASK_NAME_LEN {
-                    errors.push(format!(
-                        "{at}.{key} = {t:?}: must be a task name of 1 to {} bytes",
-                        warren::delay::MAX_TASK_NAME_LEN
-                    ));
-                }
-            }
-        }
-        for dep in &s.after {
-            if !all.contains(&dep.as_str()) {
-                errors.push(format!(
-                    "{at}.after: unknown step {dep:?} (steps are: {})",
-                    all.join(", ")
-                ));
-            }
-        }
-        if let Err(e) = s.retry().validate() {
-            errors.push(format!("{at}.{} = {}: {}", e.field(), e.value(), e.rule()));
-        }
-    }
-    if !errors.is_empty() {
-        return Err(errors);
+    // Without unique, valid step names the graph is not defined.
+    if !check_steps(w, at, p) {
+        return None;
     }
     let deps: BTreeMap<&str, Vec<&str>> = w
         .steps
@@ -179,42 +140,110 @@ fn compile_one(w: &WorkflowConfig, at: &str) -> Result<Workflow, Vec<String>> {
             )
         })
         .collect();
-    if let Some(cycle) = find_cycle(&w.steps, &deps) {
-        let first = cycle[0];
-        let si = w.steps.iter().position(|s| s.name == first).unwrap_or(0);
-        let text = cycle.join(" → ");
-        errors.push(format!("{at}.steps[{si}].after: cycle {text}"));
-        // Steps that wait, directly or not, on a step of a cycle can never run.
-        let stuck = behind_cycles(&w.steps, &deps);
-        for (si, s) in w.steps.iter().enumerate() {
-            if stuck.contains(s.name.as_str()) {
-                errors.push(format!(
-                    "{at}.steps[{si}]: step {:?} is unreachable: it waits on the cycle {text}",
-                    s.name
-                ));
+    check_cycles(w, at, &deps, p);
+    let steps = compile_steps(w, at, &deps, p);
+    (p.len() == before).then(|| Workflow {
+        name: w.name.clone(),
+        steps,
+    })
+}
+
+/// Each step on its own: name, task names, `after` naming known steps,
+/// retry values. False when a step name is invalid or given twice.
+fn check_steps(w: &WorkflowConfig, at: &str, p: &mut Problems) -> bool {
+    let all: Vec<&str> = w.steps.iter().map(|s| s.name.as_str()).collect();
+    let mut seen = HashSet::new();
+    let mut names_ok = true;
+    for (si, s) in w.steps.iter().enumerate() {
+        let at = format!("{at}.steps[{si}]");
+        if !valid_name(&s.name) || s.name.ends_with(warren::workflow::COMPENSATE_SUFFIX) {
+            let why = format!(
+                "must be non-empty ASCII letters, digits, `-`, `_` or `.`, not ending in `{}`",
+                warren::workflow::COMPENSATE_SUFFIX
+            );
+            p.push_value(format!("{at}.name"), format!("{:?}", s.name), why);
+            names_ok = false;
+        } else if !seen.insert(s.name.as_str()) {
+            p.push(
+                format!("{at}.name"),
+                format!("duplicate step name {:?}", s.name),
+            );
+            names_ok = false;
+        }
+        for (task, key) in [
+            (Some(&s.task), "task"),
+            (s.compensate.as_ref(), "compensate"),
+        ] {
+            if let Some(t) = task {
+                if t.is_empty() || t.len() > warren::delay::MAX_TASK_NAME_LEN {
+                    let why = format!(
+                        "must be a task name of 1 to {} bytes",
+                        warren::delay::MAX_TASK_NAME_LEN
+                    );
+                    p.push_value(format!("{at}.{key}"), format!("{t:?}"), why);
+                }
             }
         }
-        return Err(errors);
+        for dep in &s.after {
+            if !all.contains(&dep.as_str()) {
+                let why = format!("unknown step {dep:?} (steps are: {})", all.join(", "));
+                p.push(format!("{at}.after"), why);
+            }
+        }
+        if let Err(e) = s.retry().validate() {
+            p.push_value(format!("{at}.{}", e.field()), e.value(), e.rule());
+        }
     }
+    names_ok
+}
+
+/// The first cycle (named `a → b → a`), and every step waiting on it.
+fn check_cycles(w: &WorkflowConfig, at: &str, deps: &BTreeMap<&str, Vec<&str>>, p: &mut Problems) {
+    let Some(cycle) = find_cycle(&w.steps, deps) else {
+        return;
+    };
+    let first = cycle[0];
+    let si = w.steps.iter().position(|s| s.name == first).unwrap_or(0);
+    let text = cycle.join(" → ");
+    p.push(format!("{at}.steps[{si}].after"), format!("cycle {text}"));
+    // Steps that wait, directly or not, on a step of a cycle can never run.
+    let stuck = behind_cycles(&w.steps, deps);
+    for (si, s) in w.steps.iter().enumerate() {
+        if stuck.contains(s.name.as_str()) {
+            let why = format!(
+                "step {:?} is unreachable: it waits on the cycle {text}",
+                s.name
+            );
+            p.push(format!("{at}.steps[{si}]"), why);
+        }
+    }
+}
+
+/// The compiled steps: payload templates checked against the steps each
+/// step waits for, `after` without repeats.
+fn compile_steps(
+    w: &WorkflowConfig,
+    at: &str,
+    deps: &BTreeMap<&str, Vec<&str>>,
+    p: &mut Problems,
+) -> Vec<Step> {
     let mut steps = Vec::new();
     for (si, s) in w.steps.iter().enumerate() {
         let payload = match &s.payload {
             None => None,
             Some(v) => {
+                let key = format!("{at}.steps[{si}].payload");
                 let json = match serde_json::to_value(v) {
                     Ok(j) => j,
                     Err(e) => {
-                        errors.push(format!(
-                            "{at}.steps[{si}].payload: not representable as JSON: {e}"
-                        ));
+                        p.push(key, format!("not representable as JSON: {e}"));
                         continue;
                     }
                 };
-                let ancestors = ancestors(&s.name, &deps);
-                match template::parse(json, &ancestors) {
+                match template::parse(json, &ancestors(&s.name, deps)) {
                     Ok(t) => Some(t),
                     Err(e) => {
-                        errors.push(format!("{at}.steps[{si}].payload: {e}"));
+                        p.push(key, e);
                         continue;
                     }
                 }
@@ -237,13 +266,7 @@ fn compile_one(w: &WorkflowConfig, at: &str) -> Result<Workflow, Vec<String>> {
             priority: s.priority,
         });
     }
-    if !errors.is_empty() {
-        return Err(errors);
-    }
-    Ok(Workflow {
-        name: w.name.clone(),
-        steps,
-    })
+    steps
 }
 
 /// Every step `name` waits for, directly or not.
@@ -321,7 +344,11 @@ fn behind_cycles<'a>(
         for s in steps {
             if deps
                 .get(s.name.as_str())
-                .is_some_and(|d| d.iter().all(|d| runnable.contains(d)))
+                // An unknown step (reported on its own) blocks nothing here.
+                .is_some_and(|d| {
+                    d.iter()
+                        .all(|d| runnable.contains(d) || !deps.contains_key(d))
+                })
             {
                 runnable.insert(s.name.as_str());
             }
@@ -354,7 +381,8 @@ mod tests {
 
     fn errors(text: &str) -> Vec<String> {
         let d: Doc = toml::from_str(text).unwrap();
-        compile(&d.workflows).unwrap_err()
+        let p = compile(&d.workflows).unwrap_err();
+        p.iter().map(ToString::to_string).collect()
     }
 
     #[test]
@@ -449,5 +477,23 @@ mod tests {
         assert_eq!(e.len(), 1, "{e:?}");
         assert!(e[0].starts_with("workflows[0].steps[1].payload: "), "{e:?}");
         assert!(e[0].contains("\"b\""), "{e:?}");
+    }
+
+    #[test]
+    fn one_workflow_reports_a_cycle_an_unknown_after_and_a_bad_template_together() {
+        let e = errors(
+            "[[workflows]]\nname='w'\n\
+             [[workflows.steps]]\nname='a'\ntask='t'\nafter=['b']\n\
+             [[workflows.steps]]\nname='b'\ntask='t'\nafter=['a']\n\
+             [[workflows.steps]]\nname='c'\ntask='t'\nafter=['nope']\n\
+             [[workflows.steps]]\nname='d'\ntask='t'\npayload={x='{{results.a}}'}\n",
+        );
+        assert_eq!(e.len(), 3, "{e:?}");
+        assert!(
+            e[0].starts_with(r#"workflows[0].steps[2].after: unknown step "nope""#),
+            "{e:?}"
+        );
+        assert_eq!(e[1], "workflows[0].steps[0].after: cycle a → b → a");
+        assert!(e[2].starts_with("workflows[0].steps[3].payload: "), "{e:?}");
     }
 }

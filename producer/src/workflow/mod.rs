@@ -59,18 +59,17 @@ impl Default for WorkflowSettings {
 }
 
 impl WorkflowSettings {
-    pub fn validate(&self) -> Vec<String> {
-        let mut e = Vec::new();
+    /// Every problem of `[workflow]`, keyed by its path.
+    pub fn check(&self, p: &mut warren::config::Problems) {
         if self.retention.is_zero() {
-            e.push("workflow.retention = 0s: must be positive".into());
+            p.push_value("workflow.retention", "0s", "must be positive");
         }
         if self.batch == 0 {
-            e.push("workflow.batch = 0: must be at least 1".into());
+            p.push_value("workflow.batch", 0, "must be at least 1");
         }
         if self.compact_every.is_zero() {
-            e.push("workflow.compact_every = 0s: must be positive".into());
+            p.push_value("workflow.compact_every", "0s", "must be positive");
         }
-        e
     }
 }
 

@@ -19,6 +19,18 @@ fn exits(args: &[&str]) -> std::process::Output {
     cmd.output().expect("run warren-producer")
 }
 
+/// `cmd` with `--config path`, which must exit 2; its stderr.
+fn exits_2(path: &str, cmd: &[&str]) -> String {
+    let args: Vec<&str> = ["--config", path]
+        .into_iter()
+        .chain(cmd.iter().copied())
+        .collect();
+    let out = exits(&args);
+    let err = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert_eq!(out.status.code(), Some(2), "{cmd:?}: {err}");
+    err
+}
+
 const STEPS: &str = "[[workflows]]\nname = \"nightly\"\n\
     [[workflows.steps]]\nname = \"export\"\ntask = \"t.export\"\n";
 
@@ -68,13 +80,7 @@ fn bad_workflows_exit_2_naming_the_key() {
             &["run"][..],
             &["workflows", "list"][..],
         ] {
-            let args: Vec<&str> = ["--config", path.as_str()]
-                .into_iter()
-                .chain(cmd.iter().copied())
-                .collect();
-            let out = exits(&args);
-            let err = String::from_utf8_lossy(&out.stderr);
-            assert_eq!(out.status.code(), Some(2), "{what}, {cmd:?}: {err}");
+            let err = exits_2(&path, cmd);
             assert!(err.contains(names), "{what}, {cmd:?}: {err}");
         }
     }
@@ -97,4 +103,33 @@ fn bad_workflows_exit_2_naming_the_key() {
     let out = exits(&["--config", &path, "workflows", "start", "nope"]);
     assert_eq!(out.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&out.stderr).contains("no workflow named `nope`"));
+}
+
+/// One workflow with three kinds of problem reports all three at once
+/// (a cycle used to hide the rest of its workflow, an unknown step the
+/// cycle and the templates).
+#[test]
+fn one_workflow_with_a_cycle_an_unknown_step_and_a_bad_template_names_all_three() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("three.toml");
+    let text = format!(
+        "{STEPS}[[workflows.steps]]\nname = \"a\"\ntask = \"t\"\nafter = [\"b\"]\n\
+         [[workflows.steps]]\nname = \"b\"\ntask = \"t\"\nafter = [\"a\"]\n\
+         [[workflows.steps]]\nname = \"report\"\ntask = \"t\"\nafter = [\"exprot\"]\n\
+         [[workflows.steps]]\nname = \"mail\"\ntask = \"t\"\nafter = [\"export\"]\n\
+         payload = {{ x = \"{{{{results.report}}}}\" }}\n"
+    );
+    std::fs::write(&path, text).unwrap();
+    let path = path.display().to_string();
+    for cmd in [&["schedules", "check"][..], &["workflows", "list"][..]] {
+        let err = exits_2(&path, cmd);
+        assert!(err.contains("3 problems:"), "{cmd:?}: {err}");
+        for names in [
+            r#"workflows[0].steps[3].after: unknown step "exprot""#,
+            "workflows[0].steps[1].after: cycle a → b → a",
+            "workflows[0].steps[4].payload: `{{results.report}}`",
+        ] {
+            assert!(err.contains(names), "{cmd:?}: {names}: {err}");
+        }
+    }
 }
