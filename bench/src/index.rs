@@ -9,7 +9,7 @@ use warren_producer::tasks::Index;
 
 const N: usize = 1_000_000;
 
-fn rss_kib() -> u64 {
+pub(crate) fn rss_kib() -> u64 {
     std::fs::read_to_string("/proc/self/status")
         .unwrap_or_default()
         .lines()
@@ -29,12 +29,12 @@ fn batch(role: &str, events: Vec<Event>) -> Batch {
     }
 }
 
-fn id(i: usize) -> String {
+pub(crate) fn id(i: usize) -> String {
     format!("{:08x}-1b2c-4d5e-8f90-{:012x}", i, i * 7919)
 }
 
 /// The events of task `i`: (published, [started, succeeded]).
-fn story(i: usize) -> (Event, [Event; 2]) {
+pub(crate) fn story(i: usize) -> (Event, [Event; 2]) {
     let name = format!("bench.task{}", i % 20);
     let mut p = Event::new(
         &id(i),

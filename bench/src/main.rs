@@ -37,6 +37,7 @@ mod latency;
 mod meter;
 mod peers;
 mod publish;
+mod rebuild;
 mod retry;
 mod schedules;
 mod steady;
@@ -77,8 +78,12 @@ struct Args {
     /// `--max-priority`), `cluster` (quorum queue on a local 3-node cluster
     /// against a classic queue on one node), `schedules` (the producer's
     /// scheduler at `--schedules` N), `workflows` (steps/s at `--active`
-    /// runs), `steady` (consumer CPU per task at paced `--steady-rates`) or
-    /// `retry-heavy` (N tasks failing once, against N succeeding at once).
+    /// runs), `steady` (consumer CPU per task at paced `--steady-rates`),
+    /// `retry-heavy` (N tasks failing once, against N succeeding at once),
+    /// `index` (the task index in memory), `index-rebuild` (the task index
+    /// rebuilt from `--index-tasks` tasks' events on the stream, and
+    /// `GET /v1/tasks/{id}` at that size) or `index-latency` (a task's
+    /// `succeeded` to the API's answer at `--rate`).
     #[arg(long, default_value = "all")]
     scenario: String,
     /// Prefetch for both consumers.
@@ -181,6 +186,10 @@ struct Args {
     /// own): the queue to consume.
     #[arg(long)]
     queue: Option<String>,
+    /// `index-rebuild`: tasks whose events are written to the stream and
+    /// read back.
+    #[arg(long, default_value_t = 1_000_000)]
+    index_tasks: usize,
     /// Append each scenario's summary as Markdown table rows to this file
     /// (`bench/run.sh` builds the README's table from it).
     #[arg(long)]
@@ -255,6 +264,12 @@ async fn main() -> Result<()> {
     }
     if args.scenario == "plain-consume" {
         steady::plain_consume(&conn, &args).await?;
+    }
+    if args.scenario == "index-rebuild" {
+        rebuild::rebuild_scenario(&conn, &args, &url).await?;
+    }
+    if args.scenario == "index-latency" {
+        rebuild::latency_scenario(&conn, &args, &url).await?;
     }
     if args.scenario == "retry-heavy" {
         retry::retry_scenario(&conn, &args, &url).await?;

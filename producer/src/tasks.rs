@@ -5,10 +5,11 @@
 //! standby as on the leader (docs/tasks.md).
 //!
 //! Memory per task is kept small: names, queues, consumers and dead kinds
-//! are interned (a `u32` each), the trace id is 16 raw bytes, attempts are
-//! one boxed slice, and a ring of slots in first-seen order is the
-//! eviction order, with a hash table of slot numbers (no second copy of
-//! the id) to find them.
+//! are interned (a `u32` each), a canonical UUID id and the trace id are
+//! 16 raw bytes each, the first attempt is inline (more: one exact
+//! allocation), and a ring of slots in first-seen order is the eviction
+//! order, with a hash table of slot numbers (no second copy of the id) to
+//! find them.
 
 use std::collections::HashMap;
 use std::hash::BuildHasher;
@@ -19,6 +20,13 @@ use hashbrown::HashTable;
 use serde::Serialize;
 use warren::events::{Batch, Event, Source, What, Worker, WORKER_TTL};
 
+/// Stream messages a replica has in flight while it reads: each holds up
+/// to 1,000 events (about 110 KiB), so 64 keep the broker ahead of the
+/// fold (a rebuild is bound by decoding and folding, not by the wire)
+/// while buffering at most ~7 MiB, where 1,000 buffered up to 110 MiB
+/// during a rebuild.
+const READ_PREFETCH: u16 = 64;
+
 /// Read the events stream into `index`: from after its last offset, from
 /// the start of retention without one. `None` when the stream cannot be
 /// read (missing, refused); the caller tries again later.
@@ -28,7 +36,7 @@ pub async fn follow(
     index: &Index,
 ) -> Option<(lapin::Channel, lapin::Consumer)> {
     let tag = format!("warren-producer-tasks.{}", uuid::Uuid::new_v4().simple());
-    match crate::state::consume_log(conn, stream, &tag, index.offset(), 1000).await {
+    match crate::state::consume_log(conn, stream, &tag, index.offset(), READ_PREFETCH).await {
         Ok(f) => Some(f),
         Err(e) => {
             tracing::debug!(error = %e, stream, "cannot read the task events stream; trying again later");
@@ -170,10 +178,134 @@ struct Attempt {
     outcome: Outcome,
 }
 
+/// A task id: a canonical UUID (what warren's producers and most
+/// clients give) in 16 bytes instead of a 36-byte allocation; any other
+/// id as text.
+#[derive(Debug, Clone)]
+enum TaskId {
+    Uuid([u8; 16]),
+    Text(Box<str>),
+}
+
+/// An id to look up or hash: the same for a string and its stored form.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+enum Key<'a> {
+    Uuid([u8; 16]),
+    Text(&'a str),
+}
+
+impl<'a> Key<'a> {
+    fn of(id: &'a str) -> Self {
+        match canonical_uuid(id) {
+            Some(b) => Key::Uuid(b),
+            None => Key::Text(id),
+        }
+    }
+}
+
+impl TaskId {
+    fn new(key: Key<'_>) -> Self {
+        match key {
+            Key::Uuid(b) => TaskId::Uuid(b),
+            Key::Text(t) => TaskId::Text(t.into()),
+        }
+    }
+
+    fn key(&self) -> Key<'_> {
+        match self {
+            TaskId::Uuid(b) => Key::Uuid(*b),
+            TaskId::Text(t) => Key::Text(t),
+        }
+    }
+}
+
+impl std::fmt::Display for TaskId {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            TaskId::Uuid(b) => uuid::Uuid::from_bytes(*b).hyphenated().fmt(f),
+            TaskId::Text(t) => f.write_str(t),
+        }
+    }
+}
+
+/// The 16 bytes of `id` when it is a UUID written exactly as it would be
+/// printed back (lowercase, hyphenated): only then is the compact form
+/// the same id.
+fn canonical_uuid(id: &str) -> Option<[u8; 16]> {
+    fn nibble(c: u8) -> Option<u8> {
+        match c {
+            b'0'..=b'9' => Some(c - b'0'),
+            b'a'..=b'f' => Some(c - b'a' + 10),
+            _ => None,
+        }
+    }
+    let b = id.as_bytes();
+    if b.len() != 36 {
+        return None;
+    }
+    let mut out = [0u8; 16];
+    let (mut i, mut n) = (0, 0);
+    while i < 36 {
+        if matches!(i, 8 | 13 | 18 | 23) {
+            if b[i] != b'-' {
+                return None;
+            }
+            i += 1;
+            continue;
+        }
+        out[n] = (nibble(b[i])? << 4) | nibble(b[i + 1])?;
+        n += 1;
+        i += 2;
+    }
+    Some(out)
+}
+
+/// A task's attempts: the usual one inline, more in one exact allocation.
+#[derive(Debug, Clone)]
+enum Attempts {
+    One(Attempt),
+    /// Empty (no allocation) before the first attempt.
+    Many(Box<[Attempt]>),
+}
+
+impl Attempts {
+    fn as_slice(&self) -> &[Attempt] {
+        match self {
+            Attempts::One(a) => std::slice::from_ref(a),
+            Attempts::Many(v) => v,
+        }
+    }
+
+    fn as_mut_slice(&mut self) -> &mut [Attempt] {
+        match self {
+            Attempts::One(a) => std::slice::from_mut(a),
+            Attempts::Many(v) => v,
+        }
+    }
+
+    fn insert(&mut self, i: usize, a: Attempt) {
+        // Exactly as long as needed: a `Vec` grown by `insert` would
+        // allocate room for four and shrink, leaving holes behind.
+        let old = self.as_slice();
+        let mut v = Vec::with_capacity(old.len() + 1);
+        v.extend_from_slice(&old[..i]);
+        v.push(a);
+        v.extend_from_slice(&old[i..]);
+        *self = if v.len() == 1 {
+            match v.pop() {
+                Some(a) => Attempts::One(a),
+                None => Attempts::Many(Box::new([])),
+            }
+        } else {
+            Attempts::Many(v.into_boxed_slice())
+        };
+    }
+}
+
 #[derive(Debug, Clone)]
 struct Entry {
-    id: Box<str>,
-    attempts: Box<[Attempt]>,
+    id: TaskId,
+    attempts: Attempts,
     /// What few tasks have, out of line.
     extra: Option<Box<Extra>>,
     published_at: i64,
@@ -307,7 +439,7 @@ fn ms(t: i64) -> Option<DateTime<Utc>> {
 
 impl Entry {
     fn state(&self) -> State {
-        match self.attempts.iter().max_by_key(|a| a.number) {
+        match self.attempts.as_slice().iter().max_by_key(|a| a.number) {
             None => State::Published,
             Some(a) => match a.outcome {
                 Outcome::Running => State::Running,
@@ -409,29 +541,29 @@ impl Entry {
     /// The attempt numbered `n`, added when new (kept sorted).
     fn attempt(&mut self, n: u32, at: i64) -> &mut Attempt {
         let n = u16::try_from(n).unwrap_or(u16::MAX);
-        let pos = match self.attempts.binary_search_by_key(&n, |a| a.number) {
+        let pos = match self
+            .attempts
+            .as_slice()
+            .binary_search_by_key(&n, |a| a.number)
+        {
             Ok(i) => i,
             Err(i) => {
-                // Exactly as long as needed: a `Vec` grown by `insert` would
-                // allocate room for four and shrink, leaving holes behind.
-                let mut old = std::mem::take(&mut self.attempts).into_vec();
-                let mut v = Vec::with_capacity(old.len() + 1);
-                v.extend(old.drain(..i));
-                v.push(Attempt {
-                    start: at,
-                    text: None,
-                    consumer: NONE,
-                    kind: NONE,
-                    duration_ms: 0,
-                    number: n,
-                    outcome: Outcome::Running,
-                });
-                v.append(&mut old);
-                self.attempts = v.into_boxed_slice();
+                self.attempts.insert(
+                    i,
+                    Attempt {
+                        start: at,
+                        text: None,
+                        consumer: NONE,
+                        kind: NONE,
+                        duration_ms: 0,
+                        number: n,
+                        outcome: Outcome::Running,
+                    },
+                );
                 i
             }
         };
-        &mut self.attempts[pos]
+        &mut self.attempts.as_mut_slice()[pos]
     }
 }
 
@@ -479,7 +611,7 @@ impl Index {
 
     pub fn get(&self, id: &str) -> Option<TaskView> {
         let g = self.inner.read().ok()?;
-        let slot = g.find(id)?;
+        let slot = g.find(Key::of(id))?;
         g.slots.get(slot)?.as_ref().map(|e| g.view(e))
     }
 
@@ -579,26 +711,27 @@ impl Inner {
         self.workers.insert(w.instance.clone(), w.clone());
     }
 
-    fn hash(&self, id: &str) -> u64 {
-        self.hasher.hash_one(id)
+    fn hash(&self, key: Key<'_>) -> u64 {
+        self.hasher.hash_one(key)
     }
 
-    fn find(&self, id: &str) -> Option<usize> {
-        let h = self.hash(id);
+    fn find(&self, key: Key<'_>) -> Option<usize> {
+        let h = self.hash(key);
         let slots = &self.slots;
         self.table
             .find(h, |&s| {
                 slots
                     .get(s as usize)
                     .and_then(Option::as_ref)
-                    .is_some_and(|e| &*e.id == id)
+                    .is_some_and(|e| e.id.key() == key)
             })
             .map(|&s| s as usize)
     }
 
     /// The slot of `id`, taking the oldest slot when new.
     fn slot_of(&mut self, id: &str, cap: usize) -> usize {
-        if let Some(s) = self.find(id) {
+        let key = Key::of(id);
+        if let Some(s) = self.find(key) {
             return s;
         }
         // Filling up, slots are pushed; full, `head` (the oldest) goes round.
@@ -611,15 +744,15 @@ impl Inner {
             s
         };
         if let Some(old) = self.slots[slot].take() {
-            let h = self.hash(&old.id);
+            let h = self.hash(old.id.key());
             if let Ok(found) = self.table.find_entry(h, |&s| s as usize == slot) {
                 found.remove();
             }
             self.len -= 1;
         }
         self.slots[slot] = Some(Entry {
-            id: id.into(),
-            attempts: Box::new([]),
+            id: TaskId::new(key),
+            attempts: Attempts::Many(Box::new([])),
             extra: None,
             published_at: 0,
             updated: 0,
@@ -629,14 +762,14 @@ impl Inner {
             source: None,
         });
         self.len += 1;
-        let h = self.hash(id);
+        let h = self.hash(key);
         let hasher = &self.hasher;
         let slots = &self.slots;
         self.table.insert_unique(h, slot as u32, |&s| {
             slots
                 .get(s as usize)
                 .and_then(Option::as_ref)
-                .map(|e| hasher.hash_one(&*e.id))
+                .map(|e| hasher.hash_one(e.id.key()))
                 .unwrap_or(0)
         });
         slot
@@ -658,6 +791,7 @@ impl Inner {
             trace_id: (e.trace != [0; 16]).then(|| hex::encode(e.trace)),
             attempts: e
                 .attempts
+                .as_slice()
                 .iter()
                 .map(|a| AttemptView {
                     attempt: u32::from(a.number),
@@ -846,6 +980,53 @@ mod tests {
         }
         assert_eq!(idx.len(), 3);
         assert!(idx.get("x99").is_some() && idx.get("x96").is_none());
+    }
+
+    #[test]
+    fn ids_come_back_exactly_as_given() {
+        let idx = Index::new(10);
+        let ids = [
+            "0190f7a2-1b2c-7d5e-8f90-0123456789ab",
+            "0190F7A2-1B2C-7D5E-8F90-0123456789AB",
+            "0190f7a21b2c7d5e8f900123456789ab",
+            "0190f7a2-1b2c-7d5e-8f90-0123456789ag",
+            "order-123",
+            "",
+        ];
+        for id in ids {
+            idx.apply(
+                &batch("consumer", vec![ev(id, 1, What::Started { attempt: 1 })]),
+                None,
+            );
+        }
+        assert_eq!(idx.len(), ids.len());
+        for id in ids {
+            assert_eq!(idx.get(id).unwrap().id, id);
+        }
+        assert!(idx.get("0190f7a2-1b2c-7d5e-8f90-0123456789ac").is_none());
+        assert_eq!(
+            canonical_uuid("0190f7a2-1b2c-7d5e-8f90-0123456789ab").unwrap()[15],
+            0xab
+        );
+        assert!(canonical_uuid("0190f7a2x1b2c-7d5e-8f90-0123456789ab").is_none());
+    }
+
+    #[test]
+    fn many_attempts_stay_in_order() {
+        let idx = Index::new(10);
+        for n in [3, 1, 2] {
+            idx.apply(
+                &batch(
+                    "consumer",
+                    vec![ev("m", n, What::Started { attempt: n as u32 })],
+                ),
+                None,
+            );
+        }
+        let t = idx.get("m").unwrap();
+        let numbers: Vec<_> = t.attempts.iter().map(|a| a.attempt).collect();
+        assert_eq!(numbers, [1, 2, 3]);
+        assert_eq!(t.state, State::Running);
     }
 
     #[test]

@@ -1,8 +1,10 @@
 //! `tasks get|ls|wait|watch` and `workers`: read the task events stream
 //! directly, like the other commands that read the producer's state from
 //! the broker (no running producer needed). `get`, `ls` and `wait` read the
-//! stream from `--since` (default: its whole retention) up to a marker they
-//! append, into the same index a replica keeps ([`crate::tasks`]).
+//! stream from `--since` (default [`DEFAULT_WINDOW`] back; the stream's
+//! timestamp offset, so what was stored well before is never read) up to a
+//! marker they append, into the same index a replica keeps
+//! ([`crate::tasks`]).
 
 use std::time::Duration;
 
@@ -25,7 +27,8 @@ pub enum TasksCommand {
         id: String,
         #[arg(long)]
         json: bool,
-        /// Read events from this far back only (`1h`, or an RFC 3339 instant).
+        /// Read events from this far back (`24h`, `7d`, or an RFC 3339
+        /// instant; default 1h).
         #[arg(long)]
         since: Option<String>,
     },
@@ -37,7 +40,8 @@ pub enum TasksCommand {
         /// published, running, retrying, succeeded or dead.
         #[arg(long)]
         state: Option<String>,
-        /// Tasks updated since (`10m`, or an RFC 3339 instant).
+        /// Tasks updated since (`10m`, or an RFC 3339 instant); events are
+        /// read from there (default 1h back).
         #[arg(long)]
         since: Option<String>,
         #[arg(long, default_value_t = 50)]
@@ -51,6 +55,7 @@ pub enum TasksCommand {
         id: String,
         #[arg(long, default_value = "30s")]
         timeout: humantime::Duration,
+        /// Read past events from this far back (default 1h), then live ones.
         #[arg(long)]
         since: Option<String>,
     },
@@ -70,6 +75,20 @@ pub struct WaitTimedOut(pub String, pub String);
 #[derive(Debug, thiserror::Error)]
 #[error("task `{0}` was dead-lettered: {1}")]
 pub struct TaskDead(pub String, pub String);
+
+/// How far back `get`, `ls` and `wait` read the stream without `--since`:
+/// the stream keeps up to `events.max_age` (7 days) and `events.max_bytes`,
+/// and reading all of it would make every command cost what is stored.
+/// "What happened to the task I just sent" is the common question.
+pub const DEFAULT_WINDOW: Duration = Duration::from_secs(3600);
+
+/// Where to start reading: `--since`, or [`DEFAULT_WINDOW`] back from `now`.
+fn window(v: Option<&str>, now: DateTime<Utc>) -> anyhow::Result<DateTime<Utc>> {
+    Ok(match since_arg(v)? {
+        Some(t) => t,
+        None => now - chrono::TimeDelta::from_std(DEFAULT_WINDOW)?,
+    })
+}
 
 fn since_arg(v: Option<&str>) -> anyhow::Result<Option<DateTime<Utc>>> {
     match v {
@@ -106,18 +125,17 @@ async fn consume(
     Ok((ch, c))
 }
 
-fn start_at(since: Option<DateTime<Utc>>) -> AMQPValue {
-    match since {
-        Some(t) => AMQPValue::Timestamp(u64::try_from(t.timestamp()).unwrap_or(0)),
-        None => AMQPValue::LongString("first".into()),
-    }
+/// The stream's timestamp offset (whole seconds): the broker starts at the
+/// chunk written just before `since`, skipping everything older.
+fn start_at(since: DateTime<Utc>) -> AMQPValue {
+    AMQPValue::Timestamp(u64::try_from(since.timestamp()).unwrap_or(0))
 }
 
 /// Append a marker batch (no events) and read into `index` up to it.
 async fn read_up(
     conn: &Connection,
     stream: &str,
-    since: Option<DateTime<Utc>>,
+    since: DateTime<Utc>,
     index: &Index,
 ) -> anyhow::Result<(Channel, Consumer)> {
     let marker = format!("cli-marker/{}", uuid::Uuid::new_v4());
@@ -235,13 +253,16 @@ async fn get(
     json: bool,
     since: Option<String>,
 ) -> anyhow::Result<()> {
-    let since = since_arg(since.as_deref())?;
+    let from = window(since.as_deref(), Utc::now())?;
     let conn = connect(cfg).await?;
-    let res = read_up(&conn, stream, since, index).await;
+    let res = read_up(&conn, stream, from, index).await;
     let _ = conn.close(200, "done".into()).await;
     res?;
     let Some(t) = index.get(id) else {
-        anyhow::bail!("no task `{id}` in the task events stream (state unknown)");
+        anyhow::bail!(
+            "no task `{id}` in the task events since {} (state unknown; `--since` reads further back)",
+            fmt_time(Some(from))
+        );
     };
     if json {
         warren::outln!("{}", serde_json::to_string_pretty(&t)?);
@@ -260,8 +281,12 @@ async fn ls(
     query: &crate::tasks::Query,
     json: bool,
 ) -> anyhow::Result<()> {
+    let from = match query.since {
+        Some(t) => t,
+        None => window(None, Utc::now())?,
+    };
     let conn = connect(cfg).await?;
-    let res = read_up(&conn, stream, None, index).await;
+    let res = read_up(&conn, stream, from, index).await;
     let _ = conn.close(200, "done".into()).await;
     res?;
     let tasks = index.list(query);
@@ -292,9 +317,9 @@ async fn wait_for(
     timeout: std::time::Duration,
     since: Option<String>,
 ) -> anyhow::Result<()> {
-    let since = since_arg(since.as_deref())?;
+    let from = window(since.as_deref(), Utc::now())?;
     let conn = connect(cfg).await?;
-    let res = tokio::time::timeout(timeout, wait(&conn, stream, since, index, id)).await;
+    let res = tokio::time::timeout(timeout, wait(&conn, stream, from, index, id)).await;
     let _ = conn.close(200, "done".into()).await;
     match res {
         Err(_) => Err(WaitTimedOut(
@@ -353,7 +378,7 @@ async fn watch(cfg: &ProducerConfig, stream: &str, json: bool) -> anyhow::Result
 async fn wait(
     conn: &Connection,
     stream: &str,
-    since: Option<DateTime<Utc>>,
+    since: DateTime<Utc>,
     index: &Index,
     id: &str,
 ) -> anyhow::Result<TaskView> {
@@ -406,7 +431,7 @@ pub async fn workers(cfg: ProducerConfig, json: bool) -> anyhow::Result<()> {
     let index = Index::new(1000);
     let since = Utc::now() - chrono::TimeDelta::seconds(20);
     let conn = connect(&cfg).await?;
-    let res = read_up(&conn, &stream, Some(since), &index).await;
+    let res = read_up(&conn, &stream, since, &index).await;
     let _ = conn.close(200, "done".into()).await;
     res?;
     let ws = index.workers(Utc::now());
@@ -427,4 +452,25 @@ pub async fn workers(cfg: ProducerConfig, json: bool) -> anyhow::Result<()> {
         );
     }
     Ok(())
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn without_since_the_window_is_an_hour() {
+        let now = Utc::now();
+        assert_eq!(
+            window(None, now).unwrap(),
+            now - chrono::TimeDelta::hours(1)
+        );
+        assert!(window(Some("10m"), now).unwrap() >= now - chrono::TimeDelta::minutes(10));
+        assert!(window(Some("soon"), now).is_err());
+        assert_eq!(
+            start_at(DateTime::from_timestamp(1_800_000_000, 0).unwrap()),
+            AMQPValue::Timestamp(1_800_000_000)
+        );
+    }
 }

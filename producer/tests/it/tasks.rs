@@ -438,6 +438,54 @@ async fn tasks_wait_exit_codes_get_ls_and_workers_from_the_cli() {
     wk.shut().await;
 }
 
+/// `get`, `ls` and `wait` read the stream from their window (the stream's
+/// timestamp offset), not from its start: events stored before it are not
+/// read at all.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_cli_reads_the_stream_from_its_window_only() {
+    let w = World::new("tasks-window").await;
+    let wk = worker(&w, Duration::from_secs(5)).await;
+    let out = cli(&w, &["publish", "it.tasks.plain", "--id", "win-1"]).await;
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let out = cli(&w, &["tasks", "wait", "win-1", "--timeout", "60s"]).await;
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // The default window (an hour) holds it; `get` appends its marker, a
+    // later chunk: the broker starts a timestamp offset at the chunk just
+    // before the instant, which is then that marker, not the task's events.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let out = cli(&w, &["tasks", "get", "win-1", "--json"]).await;
+    let t: Value = serde_json::from_slice(&out.stdout).unwrap_or_default();
+    assert_eq!(t["state"], json!("succeeded"), "{t}");
+    // The stream's timestamps are the broker's, in whole seconds.
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    let out = cli(&w, &["tasks", "get", "win-1", "--since", "2s"]).await;
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(err.contains("--since"), "{err}");
+    let out = cli(
+        &w,
+        &["tasks", "wait", "win-1", "--since", "2s", "--timeout", "2s"],
+    )
+    .await;
+    assert_eq!(out.status.code(), Some(124));
+    let out = cli(&w, &["tasks", "ls", "--json"]).await;
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.contains("win-1"), "{text}");
+    let out = cli(&w, &["tasks", "ls", "--since", "2s", "--json"]).await;
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(!text.contains("win-1"), "{text}");
+    wk.shut().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_encrypted_tasks_result_and_payload_never_reach_the_stream() {
     let w = World::new("tasks-sealed").await;
