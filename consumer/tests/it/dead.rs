@@ -88,7 +88,7 @@ async fn dead_list_replay_and_purge() {
     let lost = l.iter().find(|v| v["id"] == "lost-1").unwrap();
     assert_eq!(lost["reason"], "unroutable after delay");
     assert_eq!(lost["task"], "t.lost");
-    assert_eq!(queue_len(&app.conn, &app.topo.dead_queue()).await, 6);
+    settles_at(&app.conn, &app.topo.dead_queue(), 6).await;
     let (ok, table, _) = cli(&cfg, &["list"]);
     assert!(ok && table.contains(&a[1].id) && table.contains("permanent error: not yet"));
     let (ok, grouped, _) = cli(&cfg, &["list", "--group"]);
@@ -109,13 +109,13 @@ async fn dead_list_replay_and_purge() {
     let again = runs.of(&a[0].id);
     assert_eq!(again.len(), 2);
     assert_eq!(again[1].0, 1, "attempts reset on replay");
-    assert_eq!(queue_len(&app.conn, &app.topo.dead_queue()).await, 5);
+    settles_at(&app.conn, &app.topo.dead_queue(), 5).await;
 
     // replay by task name
     let (ok, _, err) = cli(&cfg, &["replay", "--task", "t.a"]);
     assert!(ok, "{err}");
     runs.wait_total(8).await;
-    assert_eq!(queue_len(&app.conn, &app.topo.dead_queue()).await, 3);
+    settles_at(&app.conn, &app.topo.dead_queue(), 3).await;
     let left: Vec<String> = list(&cfg)
         .iter()
         .map(|v| v["id"].as_str().unwrap().to_owned())
@@ -127,10 +127,10 @@ async fn dead_list_replay_and_purge() {
     // purge by id, then everything
     let (ok, out, _) = cli(&cfg, &["purge", "--id", &b[0].id]);
     assert!(ok && out.trim() == "purged 1", "{out}");
-    assert_eq!(queue_len(&app.conn, &app.topo.dead_queue()).await, 2);
+    settles_at(&app.conn, &app.topo.dead_queue(), 2).await;
     let (ok, out, _) = cli(&cfg, &["purge", "--all"]);
     assert!(ok && out.trim() == "purged 2", "{out}");
-    assert_eq!(queue_len(&app.conn, &app.topo.dead_queue()).await, 0);
+    settles_at(&app.conn, &app.topo.dead_queue(), 0).await;
     assert_eq!(runs.of(&b[1].id).len(), 1, "purged tasks never ran again");
 
     // A selector is required.

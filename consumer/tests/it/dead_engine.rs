@@ -119,7 +119,7 @@ async fn groups_inspect_edit_replay_and_purge_by_group() {
         .example
         .starts_with("permanent error: timeout after "));
     assert!(o.groups[0].oldest.is_some() && o.groups[0].newest.is_some());
-    assert_eq!(queue_len(&app.conn, &dead_queue).await, 5);
+    settles_at(&app.conn, &dead_queue, 5).await;
     let in_group = dead::list_where(&app.conn, &app.topo, 100, 100, |t| {
         group("t.flaky", "exhausted", flaky_fp).matches(t)
     })
@@ -197,7 +197,7 @@ async fn groups_inspect_edit_replay_and_purge_by_group() {
         assert!(warren::envelope::header_str(h, headers::EDITED_AT).is_some());
         assert!(!h.contains_key(headers::DEAD_REASON));
     }
-    assert_eq!(queue_len(&app.conn, &dead_queue).await, 3);
+    settles_at(&app.conn, &dead_queue, 3).await;
     let gone = dead::replay_edited(
         &app.conn,
         &app.topo,
@@ -237,7 +237,7 @@ async fn groups_inspect_edit_replay_and_purge_by_group() {
     .await
     .unwrap();
     assert_eq!(n, 2);
-    assert_eq!(queue_len(&app.conn, &dead_queue).await, 1);
+    settles_at(&app.conn, &dead_queue, 1).await;
     let left = dead::overview(&app.conn, &app.topo, 100).await.unwrap();
     assert_eq!(left.groups.len(), 1);
     assert_eq!(
@@ -260,7 +260,7 @@ async fn groups_inspect_edit_replay_and_purge_by_group() {
         s.iter().filter(|t| t.id == slow[2].id).count() == 2
     })
     .await;
-    assert_eq!(queue_len(&app.conn, &dead_queue).await, 0);
+    settles_at(&app.conn, &dead_queue, 0).await;
     assert!(seen
         .all()
         .iter()
@@ -317,6 +317,6 @@ async fn overview_of_a_queue_larger_than_the_scan_limit_is_truncated() {
         (l.total, l.scanned, l.truncated, l.tasks.len()),
         (30, 10, true, 10)
     );
-    assert_eq!(queue_len(&app.conn, &app.topo.dead_queue()).await, 30);
+    settles_at(&app.conn, &app.topo.dead_queue(), 30).await;
     app.stop().await;
 }

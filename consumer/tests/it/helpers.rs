@@ -148,6 +148,10 @@ pub async fn queue_len(conn: &Connection, queue: &str) -> u32 {
     testing::queue_len(conn, queue).await
 }
 
+pub async fn settles_at(conn: &Connection, queue: &str, n: u32) {
+    testing::settles_at(conn, queue, n).await
+}
+
 /// Sum of a metric's samples whose labels include `labels`.
 pub fn metric_value(prom: &prometheus::Registry, name: &str, labels: &[(&str, &str)]) -> f64 {
     testing::registry_value(prom, name, labels)

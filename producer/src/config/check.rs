@@ -45,9 +45,15 @@ pub fn load_checked(path: Option<&Path>) -> anyhow::Result<Checked> {
 /// Validate a config however it was made (a file, or built in code by a
 /// library user): everything, schedules and workflows included, as one
 /// [`ConfigError`](warren::config::ConfigError) naming `path` as its origin.
-pub fn check(cfg: ProducerConfig, path: Option<&Path>) -> anyhow::Result<Checked> {
+///
+/// The definitions move into the compiled schedules: `cfg.schedules` of
+/// the result is empty (the schedules in force are in `schedules`).
+pub fn check(mut cfg: ProducerConfig, path: Option<&Path>) -> anyhow::Result<Checked> {
     let mut p = cfg.validate().err().unwrap_or_default();
-    let schedules = compile_into(&cfg.schedules, &mut p);
+    // Read before the definitions move; reported after the others, as ever.
+    let mut unknown_workflows = Problems::new();
+    check_schedule_workflows(&cfg, &mut unknown_workflows);
+    let schedules = compile_into(std::mem::take(&mut cfg.schedules), &mut p);
     let workflows = match crate::workflow::definition::compile(&cfg.workflows) {
         Ok(w) => w.into_iter().map(Arc::new).collect(),
         Err(e) => {
@@ -55,7 +61,7 @@ pub fn check(cfg: ProducerConfig, path: Option<&Path>) -> anyhow::Result<Checked
             Vec::new()
         }
     };
-    check_schedule_workflows(&cfg, &mut p);
+    p.extend(unknown_workflows);
     match p.into_result() {
         Ok(()) => Ok(Checked {
             cfg,

@@ -18,7 +18,7 @@ pub mod queues;
 
 pub use metrics::{registry_value, scraped_value};
 pub use process::Process;
-pub use queues::{header, queue_len, take, take_one};
+pub use queues::{header, queue_len, settles_at, take, take_one};
 
 use std::future::Future;
 use std::path::PathBuf;

@@ -27,6 +27,25 @@ pub async fn queue_len(conn: &Connection, queue: &str) -> u32 {
     q.message_count()
 }
 
+/// Wait until `queue` holds `n` ready messages, up to 5 s, and fail naming
+/// the count it stayed at. A quorum queue applies what a closed channel gave
+/// back after the close returns, so a count read at once from another
+/// channel may still miss those messages.
+pub async fn settles_at(conn: &Connection, queue: &str, n: u32) {
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    loop {
+        let len = queue_len(conn, queue).await;
+        if len == n {
+            return;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "queue `{queue}` holds {len} ready messages, expected {n}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
 /// Take (and ack) exactly `n` messages from `queue`, waiting up to `within`
 /// for them to arrive.
 pub async fn take(conn: &Connection, queue: &str, n: usize, within: Duration) -> Vec<Delivery> {
