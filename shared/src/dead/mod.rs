@@ -268,10 +268,8 @@ pub async fn list_where(
         }
     }
     let scanned = scan.seen as u64;
-    scan.stop().await?;
-    ch.close(200, "dead list done".into())
-        .await
-        .tried(|| "close the channel".into())?;
+    scan.finish(conn, scanned as usize, "dead list done")
+        .await?;
     Ok(Listing {
         total,
         scanned,
@@ -321,10 +319,8 @@ pub async fn page_where(
         }
     }
     let scanned = scan.seen as u64;
-    scan.stop().await?;
-    ch.close(200, "dead page done".into())
-        .await
-        .tried(|| "close the dead-letter scan".into())?;
+    scan.finish(conn, scanned as usize, "dead page done")
+        .await?;
     Ok(Page {
         total: total.max(scanned),
         scanned,
@@ -376,11 +372,8 @@ pub async fn list(
     while let Some(d) = scan.next().await? {
         out.push(describe(d.routing_key.as_str(), &d.properties, &d.data));
     }
-    scan.stop().await?;
     // Closing the channel returns every fetched message to the queue.
-    ch.close(200, "dead list done".into())
-        .await
-        .tried(|| "close the channel".into())?;
+    scan.finish(conn, out.len(), "dead list done").await?;
     Ok(out)
 }
 
@@ -406,6 +399,9 @@ struct Scan<'a> {
 /// How long a scan waits for a delivery before asking the broker whether
 /// anything is still ready (another scan may hold the rest, unacked).
 const SCAN_IDLE: Duration = Duration::from_millis(200);
+
+/// Longest wait for the queue to count again what a closed scan held.
+const RETURN_WAIT: Duration = Duration::from_secs(1);
 
 impl<'a> Scan<'a> {
     async fn new(ch: &'a Channel, topo: &Topology, limit: usize) -> Result<Self, DeadError> {
@@ -443,6 +439,36 @@ impl<'a> Scan<'a> {
             .basic_cancel(self.consumer.tag(), BasicCancelOptions::default())
             .await
             .tried(|| format!("stop reading queue `{}`", self.queue))?;
+        Ok(())
+    }
+
+    /// Stop, close the channel (the broker returns what this pass holds
+    /// unacked: `kept` messages) and wait, up to [`RETURN_WAIT`], until the
+    /// queue counts them again. A quorum queue applies the returns of a
+    /// closed channel after the close is answered; without the wait, a count
+    /// or a scan right after this one (the next page, the total shown next to
+    /// it) misses them.
+    async fn finish(self, conn: &Connection, kept: usize, what: &str) -> Result<(), DeadError> {
+        let (ch, queue) = (self.ch, self.queue.clone());
+        self.stop().await?;
+        let held_back = ready(ch, &queue).await?;
+        ch.close(200, what.into())
+            .await
+            .tried(|| "close the channel".into())?;
+        if kept == 0 {
+            return Ok(());
+        }
+        let want = u64::from(held_back) + kept as u64;
+        let look = conn.create_channel().await.tried(open_channel)?;
+        let deadline = tokio::time::Instant::now() + RETURN_WAIT;
+        // Another reader may hold some of them meanwhile: then the count
+        // never gets there, and the wait ends at its deadline.
+        while u64::from(ready(&look, &queue).await?) < want
+            && tokio::time::Instant::now() < deadline
+        {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        let _ = look.close(200, "dead count done".into()).await;
         Ok(())
     }
 
@@ -539,10 +565,8 @@ pub async fn replay(
             Err(e) => report.failed.push((id, e.to_string())),
         }
     }
-    scan.stop().await?;
-    ch.close(200, "dead replay done".into())
-        .await
-        .tried(|| "close the channel".into())?;
+    let kept = scan.seen - report.replayed.len();
+    scan.finish(conn, kept, "dead replay done").await?;
     let _ = publisher
         .channel()
         .close(200, "dead replay done".into())
@@ -569,7 +593,8 @@ pub async fn purge(
         )
     } else {
         let mut n = 0;
-        let mut scan = Scan::new(&ch, topo, limit).await?;
+        let scan_ch = conn.create_channel().await.tried(open_channel)?;
+        let mut scan = Scan::new(&scan_ch, topo, limit).await?;
         while let Some(delivery) = scan.next().await? {
             let d = &delivery;
             if selector.matches(&describe(d.routing_key.as_str(), &d.properties, &d.data)) {
@@ -580,7 +605,8 @@ pub async fn purge(
                 n += 1;
             }
         }
-        scan.stop().await?;
+        let kept = scan.seen - n as usize;
+        scan.finish(conn, kept, "dead purge done").await?;
         n
     };
     ch.close(200, "dead purge done".into())

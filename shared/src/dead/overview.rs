@@ -51,11 +51,8 @@ pub async fn overview(
     while let Some(d) = scan.next().await? {
         tasks.push(describe(d.routing_key.as_str(), &d.properties, &d.data));
     }
-    scan.stop().await?;
     // Closing the channel returns every fetched message to the queue.
-    ch.close(200, "dead overview done".into())
-        .await
-        .tried(|| "close the channel".into())?;
+    scan.finish(conn, tasks.len(), "dead overview done").await?;
     let scanned = tasks.len() as u64;
     Ok(Overview {
         // Messages dead-lettered during the scan can make it see more than
