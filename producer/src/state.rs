@@ -362,7 +362,6 @@ pub fn stream_offset(d: &lapin::message::Delivery) -> Option<u64> {
 /// Declare the log stream (idempotent). Retention only needs to outlive
 /// the next snapshot; a day and 512 MiB leave room for any outage.
 pub async fn declare_log(conn: &Connection, queue: &str) -> Result<(), lapin::Error> {
-    let ch = conn.create_channel().await?;
     let mut args = FieldTable::default();
     args.insert(
         ShortString::from("x-queue-type"),
@@ -380,17 +379,7 @@ pub async fn declare_log(conn: &Connection, queue: &str) -> Result<(), lapin::Er
         ShortString::from("x-stream-max-segment-size-bytes"),
         AMQPValue::LongInt(8 << 20),
     );
-    ch.queue_declare(
-        queue.into(),
-        QueueDeclareOptions {
-            durable: true,
-            ..QueueDeclareOptions::default()
-        },
-        args,
-    )
-    .await?;
-    let _ = ch.close(200, "log declared".into()).await;
-    Ok(())
+    warren::topology::declare_stream(conn, queue, args).await
 }
 
 /// Append `r` to the log without waiting for its confirm.

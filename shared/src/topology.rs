@@ -533,8 +533,19 @@ pub async fn declare(conn: &Connection, topo: &Topology) -> Result<(), Error> {
     // Own channel: a failed declare closes it, and the caller's channels
     // must survive that.
     let mut ch = conn.create_channel().await?;
+    let mut new_stream = false;
     for obj in topo.objects() {
-        if let Object::Queue { name, .. } = &obj {
+        if let Object::Queue { name, args } = &obj {
+            if is_stream(args) {
+                match passive_queue(&ch, name).await {
+                    Ok(()) => {}
+                    Err(e) if not_found(&e) => {
+                        ch = conn.create_channel().await?;
+                        new_stream = true;
+                    }
+                    Err(e) => return Err(Error::Amqp(e)),
+                }
+            }
             if topo.adopts_existing(name) {
                 match passive_queue(&ch, name).await {
                     Ok(()) => {
@@ -557,6 +568,55 @@ pub async fn declare(conn: &Connection, topo: &Topology) -> Result<(), Error> {
         }
     }
     let _ = ch.close(200, "topology declared".into()).await;
+    if new_stream {
+        tokio::time::sleep(NEW_STREAM_SETTLE).await;
+    }
+    Ok(())
+}
+
+/// How long whoever creates a stream waits before anyone publishes to it.
+/// RabbitMQ 3.10 crashes a channel that publishes to a stream a few
+/// milliseconds old, before its writer was announced (`osiris_writer:write`,
+/// `function_clause`), and closes that connection with INTERNAL_ERROR: a
+/// first leader lost its lock that way in the test suite. Paid once per
+/// stream, when it is created.
+pub const NEW_STREAM_SETTLE: Duration = Duration::from_millis(500);
+
+/// Whether queue arguments make a stream.
+pub fn is_stream(args: &FieldTable) -> bool {
+    matches!(
+        args.inner().get("x-queue-type"),
+        Some(AMQPValue::LongString(t)) if t.as_bytes() == b"stream"
+    )
+}
+
+/// Declare the stream `name` (durable, `args`), waiting
+/// [`NEW_STREAM_SETTLE`] when this created it.
+pub async fn declare_stream(
+    conn: &Connection,
+    name: &str,
+    args: FieldTable,
+) -> Result<(), lapin::Error> {
+    let ch = conn.create_channel().await?;
+    let created = match passive_queue(&ch, name).await {
+        Ok(()) => {
+            let _ = ch.close(200, "stream exists".into()).await;
+            false
+        }
+        // The refused passive declare closed that channel.
+        Err(e) if not_found(&e) => true,
+        Err(e) => return Err(e),
+    };
+    let ch = conn.create_channel().await?;
+    let durable = QueueDeclareOptions {
+        durable: true,
+        ..QueueDeclareOptions::default()
+    };
+    ch.queue_declare(name.into(), durable, args).await?;
+    let _ = ch.close(200, "stream declared".into()).await;
+    if created {
+        tokio::time::sleep(NEW_STREAM_SETTLE).await;
+    }
     Ok(())
 }
 

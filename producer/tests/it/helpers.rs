@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 
 use chrono::{DateTime, Utc};
 use futures_util::StreamExt;
-use lapin::options::{BasicConsumeOptions, QueueDeclareOptions};
+use lapin::options::BasicConsumeOptions;
 use lapin::types::FieldTable;
 use lapin::Connection;
 use warren::config::QueueType;
@@ -226,40 +226,14 @@ impl World {
         Collector { msgs }
     }
 
-    /// Wait until `queue` holds `n` ready messages, up to 5 s, and fail
-    /// naming the count it stayed at. A quorum queue applies what a closed
-    /// channel gives back after the close returns, so a count read at once
-    /// from another channel can still miss those messages.
+    /// Wait until `queue` holds `n` ready messages (see
+    /// [`warren::testing::settles_at`]).
     pub async fn settles_at(&self, queue: &str, n: u32) {
-        let deadline = Instant::now() + Duration::from_secs(5);
-        loop {
-            let len = self.queue_len(queue).await;
-            if len == n {
-                return;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "queue `{queue}` holds {len} ready messages, expected {n}"
-            );
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
+        warren::testing::settles_at(&self.conn, queue, n).await
     }
 
     pub async fn queue_len(&self, queue: &str) -> u32 {
-        let ch = self.conn.create_channel().await.expect("channel");
-        let q = ch
-            .queue_declare(
-                queue.into(),
-                QueueDeclareOptions {
-                    passive: true,
-                    ..QueueDeclareOptions::default()
-                },
-                FieldTable::default(),
-            )
-            .await
-            .expect("passive declare");
-        let _ = ch.close(200, "".into()).await;
-        q.message_count()
+        warren::testing::queue_len(&self.conn, queue).await
     }
 }
 
