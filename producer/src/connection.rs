@@ -237,10 +237,27 @@ async fn serve(
     }
 }
 
+/// Longest wait between two tries to set up the topology.
+const SETUP_RETRY_MAX: Duration = Duration::from_secs(10);
+
+/// Waits between tries to set up the topology after a transient error
+/// (the broker under an alarm, a node restarting): 0.5 s doubling to 10 s,
+/// jittered so that replicas do not retry in step.
+fn setup_backoff() -> impl Iterator<Item = Duration> {
+    use backon::BackoffBuilder;
+    backon::ExponentialBuilder::default()
+        .with_min_delay(Duration::from_millis(500))
+        .with_max_delay(SETUP_RETRY_MAX)
+        .with_jitter()
+        .without_max_times()
+        .build()
+}
+
 /// Keep the API's publishing connection up: connect, declare the topology,
 /// serve, and start over when it drops.
 pub async fn api_connection(ctx: Arc<Ctx>, stop: CancellationToken) {
     let mut first = true;
+    let mut setup_retry = setup_backoff();
     loop {
         let Some(conn) = connect_retry(&ctx, "producer", &stop).await else {
             return;
@@ -256,6 +273,7 @@ pub async fn api_connection(ctx: Arc<Ctx>, stop: CancellationToken) {
         };
         match setup.await {
             Ok(publisher) => {
+                setup_retry = setup_backoff();
                 let blocked = warren::amqp::watch_connection(&conn, ctx.amqp_metrics().clone());
                 ctx.events().attach(&conn).await;
                 ctx.link().set_publisher(Some(ApiPublisher {
@@ -286,10 +304,11 @@ pub async fn api_connection(ctx: Arc<Ctx>, stop: CancellationToken) {
                 give_up(&ctx, &stop, "cannot set up the topology", &e.into());
             }
             Err(e) => {
-                tracing::error!(error = %e, "cannot set up the topology; retrying");
+                let wait = setup_retry.next().unwrap_or(SETUP_RETRY_MAX);
+                tracing::error!(error = %e, retry_in_ms = wait.as_millis() as u64, "cannot set up the topology; retrying");
                 tokio::select! {
                     _ = stop.cancelled() => {}
-                    _ = tokio::time::sleep(Duration::from_secs(2)) => {}
+                    _ = tokio::time::sleep(wait) => {}
                 }
             }
         }

@@ -318,7 +318,7 @@ async fn overview_of_a_queue_larger_than_the_scan_limit_is_truncated() {
         (30, 10, true, 10)
     );
     // Read at once: a listing answers only once the queue counts again
-    // what it held (a quorum queue applies those returns after the close).
+    // what it held (the broker applies those returns after the close).
     assert_eq!(queue_len(&app.conn, &app.topo.dead_queue()).await, 30);
     app.stop().await;
 }

@@ -207,6 +207,7 @@ async fn a_tasks_story_retry_success_dead_result_and_standby() {
     let cfg = w.write_config("p.toml", "");
     let a = w.start("a", &cfg, &[]);
     a.wait_leader(WAIT, true).await;
+    a.wait_ready(WAIT).await;
     let b = w.start("b", &cfg, &[]);
     b.wait_ready(WAIT).await;
     let wk = worker(&w, Duration::from_secs(5)).await;
@@ -296,6 +297,8 @@ async fn sigterm_requeue_is_told_and_the_index_is_rebuilt_after_a_restart() {
     let cfg = w.write_config("p.toml", "");
     let mut a = w.start("a", &cfg, &[]);
     a.wait_leader(WAIT, true).await;
+    // Leading is not serving: the API answers once its own connection is up.
+    a.wait_ready(WAIT).await;
     let wk = worker(&w, Duration::from_millis(300)).await;
     publish(&a, "it.tasks.slow", "slow-1").await;
     task_in(&a, "slow-1", "running").await;

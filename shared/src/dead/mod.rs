@@ -444,8 +444,9 @@ impl<'a> Scan<'a> {
 
     /// Stop, close the channel (the broker returns what this pass holds
     /// unacked: `kept` messages) and wait, up to [`RETURN_WAIT`], until the
-    /// queue counts them again. A quorum queue applies the returns of a
-    /// closed channel after the close is answered; without the wait, a count
+    /// queue counts them again. The broker applies the returns of a closed
+    /// channel a moment after the close is answered (seen on classic
+    /// queues too); without the wait, a count
     /// or a scan right after this one (the next page, the total shown next to
     /// it) misses them.
     async fn finish(self, conn: &Connection, kept: usize, what: &str) -> Result<(), DeadError> {

@@ -28,9 +28,9 @@ pub async fn queue_len(conn: &Connection, queue: &str) -> u32 {
 }
 
 /// Wait until `queue` holds `n` ready messages, up to 5 s, and fail naming
-/// the count it stayed at. A quorum queue applies what a closed channel gave
-/// back after the close returns, so a count read at once from another
-/// channel may still miss those messages.
+/// the count it stayed at. The broker applies what a closed channel gave
+/// back a moment after the close returns, so a count read at once from
+/// another channel may still miss those messages.
 pub async fn settles_at(conn: &Connection, queue: &str, n: u32) {
     let deadline = std::time::Instant::now() + Duration::from_secs(5);
     loop {
