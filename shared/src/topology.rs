@@ -569,18 +569,74 @@ pub async fn declare(conn: &Connection, topo: &Topology) -> Result<(), Error> {
     }
     let _ = ch.close(200, "topology declared".into()).await;
     if new_stream {
-        tokio::time::sleep(NEW_STREAM_SETTLE).await;
+        for obj in topo.objects() {
+            if let Object::Queue { name, args } = &obj {
+                if is_stream(args) {
+                    stream_ready(conn, name).await;
+                }
+            }
+        }
     }
     Ok(())
 }
 
-/// How long whoever creates a stream waits before anyone publishes to it.
-/// RabbitMQ 3.10 crashes a channel that publishes to a stream a few
-/// milliseconds old, before its writer was announced (`osiris_writer:write`,
-/// `function_clause`), and closes that connection with INTERNAL_ERROR: a
-/// first leader lost its lock that way in the test suite. Paid once per
-/// stream, when it is created.
-pub const NEW_STREAM_SETTLE: Duration = Duration::from_millis(500);
+/// Longest wait for a new stream to get its writer.
+const NEW_STREAM_WAIT: Duration = Duration::from_secs(10);
+
+/// Wait until the stream `name` has a running writer, up to
+/// [`NEW_STREAM_WAIT`]. RabbitMQ 3.10 crashes a channel that publishes to a
+/// stream before its writer was announced (`osiris_writer:write` with no
+/// writer, `function_clause`) and closes that whole connection with
+/// INTERNAL_ERROR: a first leader lost its lock that way in the test suite,
+/// 0.5 s after creating the stream on a busy machine. A consumer on a stream
+/// without a running member on this node is refused with a channel error
+/// instead (PRECONDITION_FAILED), so subscribing on a throwaway channel tells
+/// when the writer runs; a short pause then covers the queue record's
+/// update, which follows it. Paid once per stream, by whoever creates it.
+async fn stream_ready(conn: &Connection, name: &str) {
+    use lapin::options::{BasicCancelOptions, BasicConsumeOptions, BasicQosOptions};
+    let deadline = tokio::time::Instant::now() + NEW_STREAM_WAIT;
+    loop {
+        let Ok(ch) = conn.create_channel().await else {
+            return;
+        };
+        let mut args = FieldTable::default();
+        put(
+            &mut args,
+            "x-stream-offset",
+            AMQPValue::LongString("next".into()),
+        );
+        let subscribed = async {
+            ch.basic_qos(1, BasicQosOptions::default()).await?;
+            ch.basic_consume(
+                name.into(),
+                "warren-stream-probe".into(),
+                BasicConsumeOptions::default(),
+                args,
+            )
+            .await
+        };
+        match subscribed.await {
+            Ok(c) => {
+                let _ = ch
+                    .basic_cancel(c.tag(), BasicCancelOptions::default())
+                    .await;
+                let _ = ch.close(200, "stream ready".into()).await;
+                // The consume check reads the coordinator's members; the
+                // record a publishing channel reads is updated right after.
+                tokio::time::sleep(Duration::from_millis(250)).await;
+                return;
+            }
+            Err(e) => {
+                tracing::debug!(stream = %name, error = %e, "new stream not ready yet");
+                if !conn.status().connected() || tokio::time::Instant::now() >= deadline {
+                    return;
+                }
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        }
+    }
+}
 
 /// Whether queue arguments make a stream.
 pub fn is_stream(args: &FieldTable) -> bool {
@@ -590,8 +646,8 @@ pub fn is_stream(args: &FieldTable) -> bool {
     )
 }
 
-/// Declare the stream `name` (durable, `args`), waiting
-/// [`NEW_STREAM_SETTLE`] when this created it.
+/// Declare the stream `name` (durable, `args`); when this created it, wait
+/// until it can take publishes (see `stream_ready`).
 pub async fn declare_stream(
     conn: &Connection,
     name: &str,
@@ -615,7 +671,7 @@ pub async fn declare_stream(
     ch.queue_declare(name.into(), durable, args).await?;
     let _ = ch.close(200, "stream declared".into()).await;
     if created {
-        tokio::time::sleep(NEW_STREAM_SETTLE).await;
+        stream_ready(conn, name).await;
     }
     Ok(())
 }
