@@ -10,12 +10,7 @@ use warren_producer::tasks::Index;
 const N: usize = 1_000_000;
 
 pub(crate) fn rss_kib() -> u64 {
-    std::fs::read_to_string("/proc/self/status")
-        .unwrap_or_default()
-        .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
-        .and_then(|v| v.trim().trim_end_matches(" kB").parse().ok())
-        .unwrap_or(0)
+    crate::meter::status_kib("self", "VmRSS:").unwrap_or(0)
 }
 
 fn batch(role: &str, events: Vec<Event>) -> Batch {

@@ -528,14 +528,7 @@ fn cpu_seconds(pid: u32) -> Option<f64> {
 }
 
 fn peak_rss_kib(pid: u32) -> Option<u64> {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
-    status
-        .lines()
-        .find(|l| l.starts_with("VmHWM:"))?
-        .split_whitespace()
-        .nth(1)?
-        .parse()
-        .ok()
+    meter::status_kib(&pid.to_string(), "VmHWM:")
 }
 
 fn consumer_bin(args: &Args) -> Result<PathBuf> {

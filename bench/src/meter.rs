@@ -15,6 +15,19 @@ use crate::cpu_seconds;
 
 /// How often a drain's queue is polled: slow enough not to load the broker
 /// or anyone else, fast enough for a few samples in a one-second drain.
+/// A field of `/proc/<pid>/status` in KiB (`VmRSS:`, `VmHWM:`); `pid`
+/// is a number or `self`.
+pub fn status_kib(pid: &str, field: &str) -> Option<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    status
+        .lines()
+        .find(|l| l.starts_with(field))?
+        .split_whitespace()
+        .nth(1)?
+        .parse()
+        .ok()
+}
+
 pub const POLL: Duration = Duration::from_millis(100);
 
 /// CPU seconds of `pid` and every process below it (a Python worker may

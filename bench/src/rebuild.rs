@@ -56,12 +56,7 @@ fn topo(name: &str) -> Topology {
 }
 
 fn rss_of(pid: u32) -> u64 {
-    std::fs::read_to_string(format!("/proc/{pid}/status"))
-        .unwrap_or_default()
-        .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
-        .and_then(|v| v.trim().trim_end_matches(" kB").parse().ok())
-        .unwrap_or(0)
+    crate::meter::status_kib(&pid.to_string(), "VmRSS:").unwrap_or(0)
 }
 
 fn batch(role: &str, events: Vec<Event>) -> Batch {

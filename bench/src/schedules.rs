@@ -221,14 +221,7 @@ async fn sleep_until(t: DateTime<Utc>) {
 }
 
 fn status_kib(pid: u32, field: &str) -> Option<u64> {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
-    status
-        .lines()
-        .find(|l| l.starts_with(field))?
-        .split_whitespace()
-        .nth(1)?
-        .parse()
-        .ok()
+    crate::meter::status_kib(&pid.to_string(), field)
 }
 
 fn mib(kib: Option<u64>) -> String {

@@ -50,14 +50,7 @@ struct Steady {
 }
 
 fn rss_kib(pid: u32) -> Option<u64> {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
-    status
-        .lines()
-        .find(|l| l.starts_with("VmRSS:"))?
-        .split_whitespace()
-        .nth(1)?
-        .parse()
-        .ok()
+    crate::meter::status_kib(&pid.to_string(), "VmRSS:")
 }
 
 pub async fn steady_scenario(conn: &Connection, args: &Args, url: &str) -> Result<()> {
