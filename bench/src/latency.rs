@@ -171,14 +171,7 @@ async fn paced_publish(
     n: usize,
 ) -> Result<Vec<Option<DateTime<Utc>>>> {
     let publisher = Publisher::new(conn, Duration::from_secs(30)).await?;
-    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
-    let confirmer = tokio::spawn(async move {
-        while let Some(p) = rx.recv().await {
-            let p: warren::amqp::Pending = p;
-            p.confirmed().await?;
-        }
-        Ok::<_, warren::Error>(())
-    });
+    let (tx, confirmer) = crate::meter::confirm_in_order();
     let mut published = vec![None; n];
     let start = tokio::time::Instant::now();
     for (i, slot) in published.iter_mut().enumerate() {

@@ -28,6 +28,23 @@ pub fn status_kib(pid: &str, field: &str) -> Option<u64> {
         .ok()
 }
 
+/// Await the confirms of paced publishes off the pacing loop, in order:
+/// send each `Pending` to the returned sender; the task ends with the first
+/// failed confirm, or when the sender is dropped.
+pub fn confirm_in_order() -> (
+    tokio::sync::mpsc::UnboundedSender<warren::amqp::Pending>,
+    tokio::task::JoinHandle<Result<(), warren::Error>>,
+) {
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<warren::amqp::Pending>();
+    let confirmer = tokio::spawn(async move {
+        while let Some(p) = rx.recv().await {
+            p.confirmed().await?;
+        }
+        Ok(())
+    });
+    (tx, confirmer)
+}
+
 pub const POLL: Duration = Duration::from_millis(100);
 
 /// CPU seconds of `pid` and every process below it (a Python worker may

@@ -321,14 +321,7 @@ pub async fn latency_scenario(conn: &Connection, args: &Args, url: &str) -> Resu
     let samples: Arc<Mutex<Vec<f64>>> = Arc::default();
     let missing = Arc::new(std::sync::atomic::AtomicUsize::new(0));
     let publisher = Publisher::new(conn, Duration::from_secs(30)).await?;
-    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
-    let confirmer = tokio::spawn(async move {
-        while let Some(p) = rx.recv().await {
-            let p: warren::amqp::Pending = p;
-            p.confirmed().await?;
-        }
-        Ok::<_, warren::Error>(())
-    });
+    let (tx, confirmer) = crate::meter::confirm_in_order();
     let http = reqwest::Client::new();
     let mut pollers = Vec::new();
     let start = tokio::time::Instant::now();

@@ -182,14 +182,7 @@ async fn one(
 /// `n` tasks at `rate`/s, every [`DEAD_EVERY`]th to no handler.
 async fn paced(conn: &Connection, t: &Topology, rate: f64, n: usize) -> Result<()> {
     let publisher = Publisher::new(conn, Duration::from_secs(30)).await?;
-    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
-    let confirmer = tokio::spawn(async move {
-        while let Some(p) = rx.recv().await {
-            let p: warren::amqp::Pending = p;
-            p.confirmed().await?;
-        }
-        Ok::<_, warren::Error>(())
-    });
+    let (tx, confirmer) = crate::meter::confirm_in_order();
     let start = tokio::time::Instant::now();
     for i in 0..n {
         tokio::time::sleep_until(start + Duration::from_secs_f64(i as f64 / rate)).await;
