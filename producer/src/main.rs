@@ -14,6 +14,9 @@ use warren_producer::{config, App};
 static ALLOC: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 fn main() -> std::process::ExitCode {
+    // Test builds only: the scheduler's fail points, from `FAILPOINTS`.
+    #[cfg(feature = "failpoints")]
+    let _failpoints = fail::FailScenario::setup();
     let cli = Cli::parse();
     let path = cli.config.as_deref();
     let result = match cli.command.unwrap_or(Command::Run) {

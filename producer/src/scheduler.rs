@@ -24,6 +24,7 @@ use crate::state;
 
 mod agenda;
 mod clock;
+mod fault;
 mod term;
 
 /// Longest single sleep: guards against wall-clock jumps (NTP steps) while
@@ -153,8 +154,7 @@ struct TickPlan {
 /// The overdue instants of one schedule at `now` and the misfire plan for
 /// them; `None` when nothing is due. Pure schedule math, no I/O.
 fn plan_tick(s: &Schedule, track: &Track, now: DateTime<Utc>) -> Option<TickPlan> {
-    #[cfg(feature = "fault-injection")]
-    fault::maybe_panic(s.name());
+    fault::schedule_math(s.name());
     if track.next(&s.spec)? > now {
         return None;
     }
@@ -206,26 +206,6 @@ fn plan_tick_guarded(
         );
         ctx.metrics().missed(s.name(), 1);
     })
-}
-
-/// Test-only faults, compiled in with the `fault-injection` feature.
-#[cfg(feature = "fault-injection")]
-mod fault {
-    /// Panic in the schedule math of the schedule named by
-    /// `WARREN_FAULT_PANIC_SCHEDULE`.
-    pub fn maybe_panic(schedule: &str) {
-        if std::env::var("WARREN_FAULT_PANIC_SCHEDULE").is_ok_and(|n| n == schedule) {
-            panic!("injected fault: WARREN_FAULT_PANIC_SCHEDULE={schedule}");
-        }
-    }
-
-    /// Panic in the leader term (outside the per-schedule guard) when
-    /// `WARREN_FAULT_PANIC_TERM` is set.
-    pub fn maybe_panic_term() {
-        if std::env::var_os("WARREN_FAULT_PANIC_TERM").is_some() {
-            panic!("injected fault: WARREN_FAULT_PANIC_TERM");
-        }
-    }
 }
 
 async fn lead(

@@ -212,8 +212,7 @@ impl<'a> Term<'a> {
                 _ = self.fence.lost() => return Ok(()),
                 _ = shutdown.cancelled() => return Ok(()),
             }
-            #[cfg(feature = "fault-injection")]
-            super::fault::maybe_panic_term();
+            super::fault::term();
             let now = self.observe_clock();
             if self.wake(now).await.is_err() {
                 return Ok(());

@@ -111,7 +111,7 @@ async fn producer_and_cli_users_need_only_their_documented_permissions() {
     );
     let mut refused = world.start("refused", &config, &env);
     let status = eventually(WAIT, "the producer to exit", || {
-        let s = refused.child.try_wait().unwrap();
+        let s = refused.process.child.try_wait().unwrap();
         async move { s }
     })
     .await;

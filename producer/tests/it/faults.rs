@@ -1,5 +1,5 @@
-//! Panics in the scheduler, injected through the test-only
-//! `fault-injection` feature: one schedule's panic must not stop the others,
+//! Panics in the scheduler, injected through its fail points (feature
+//! `failpoints`, configured by `FAILPOINTS`): one schedule's panic must not stop the others,
 //! and a leader whose fire loop dies must let a standby take over.
 
 use std::time::Duration;
@@ -26,7 +26,7 @@ async fn a_panicking_schedule_is_counted_and_the_others_keep_firing() {
     let p = w.start(
         "producer",
         &cfg,
-        &[("WARREN_FAULT_PANIC_SCHEDULE", "broken")],
+        &[("FAILPOINTS", "scheduler/schedule_math=return(broken)")],
     );
     rx.wait_for(Duration::from_secs(20), "five healthy ticks", |m| {
         m.iter()
@@ -71,7 +71,7 @@ async fn a_dead_fire_loop_releases_the_lock_and_exits_1_for_a_standby() {
     let w = World::new("panic_term").await;
     let rx = w.collect().await;
     let cfg = w.write_config("p.toml", ONE);
-    let mut bad = w.start("bad", &cfg, &[("WARREN_FAULT_PANIC_TERM", "1")]);
+    let mut bad = w.start("bad", &cfg, &[("FAILPOINTS", "scheduler/term=panic")]);
     // The standby joins once the bad replica leads (it panics at its
     // first wake-up, so it may be gone already: the standby leads then).
     warren::testing::eventually(Duration::from_secs(20), "the bad replica to lead", || {
@@ -82,7 +82,7 @@ async fn a_dead_fire_loop_releases_the_lock_and_exits_1_for_a_standby() {
     let good = w.start("good", &cfg, &[]);
     let status =
         warren::testing::eventually(Duration::from_secs(20), "the bad leader to exit", || {
-            let st = bad.child.try_wait().ok().flatten();
+            let st = bad.process.child.try_wait().ok().flatten();
             async move { st }
         })
         .await;
@@ -115,7 +115,7 @@ async fn a_topology_conflict_stops_the_producer_naming_it() {
     let mut p = w.start("a", &cfg, &[]);
     let status =
         warren::testing::eventually(Duration::from_secs(30), "the producer to exit", || {
-            let s = p.child.try_wait().ok().flatten();
+            let s = p.process.child.try_wait().ok().flatten();
             async move { s }
         })
         .await;

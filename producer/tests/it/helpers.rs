@@ -6,7 +6,7 @@ use std::collections::HashMap;
 use std::io::Write;
 use std::net::TcpListener;
 use std::path::PathBuf;
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -16,6 +16,7 @@ use lapin::options::BasicConsumeOptions;
 use lapin::types::FieldTable;
 use lapin::Connection;
 use warren::config::QueueType;
+use warren::testing::Process;
 use warren::Topology;
 
 pub const BIN: &str = env!("CARGO_BIN_EXE_warren-producer");
@@ -107,8 +108,6 @@ impl World {
     /// Start `warren-producer run` with this config file.
     pub fn start(&self, label: &str, config: &PathBuf, extra: &[(&str, &str)]) -> Producer {
         let port = free_port();
-        let log_path = self.dir.path().join(format!("{label}.log"));
-        let log = std::fs::File::create(&log_path).expect("log file");
         let mut cmd = Command::new(BIN);
         cmd.arg("--config").arg(config).arg("run");
         clean_env(&mut cmd);
@@ -119,14 +118,11 @@ impl World {
         for (k, v) in extra {
             cmd.env(k, v);
         }
-        cmd.stdout(Stdio::null())
-            .stderr(log.try_clone().expect("log file"));
-        let child = cmd.spawn().expect("spawn warren-producer");
+        let process = Process::spawn(&mut cmd).expect("spawn warren-producer");
         Producer {
-            pid: child.id(),
-            child,
+            pid: process.pid(),
+            process,
             port,
-            log_path,
             label: label.into(),
         }
     }
@@ -376,12 +372,12 @@ pub fn duplicates(msgs: &[Msg]) -> Vec<String> {
     d
 }
 
-/// A running producer; killed (SIGKILL) on drop.
+/// A running producer (`warren::testing::Process`, its log lines captured);
+/// killed (SIGKILL) on drop.
 pub struct Producer {
-    pub child: Child,
+    pub process: Process,
     pub pid: u32,
     pub port: u16,
-    pub log_path: PathBuf,
     pub label: String,
 }
 
@@ -391,16 +387,11 @@ impl Producer {
     }
 
     pub fn logs(&self) -> String {
-        std::fs::read_to_string(&self.log_path).unwrap_or_default()
+        self.process.lines().join("\n")
     }
 
     pub fn signal(&self, sig: &str) {
-        let st = Command::new("kill")
-            .arg(format!("-{sig}"))
-            .arg(self.pid.to_string())
-            .status()
-            .expect("run kill");
-        assert!(st.success(), "kill -{sig} {}", self.pid);
+        self.process.signal(sig)
     }
 
     pub async fn metrics(&self) -> Option<String> {
@@ -439,29 +430,21 @@ impl Producer {
     }
 
     pub fn kill9(&mut self) -> Instant {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+        let _ = self.process.child.kill();
+        let _ = self.process.child.wait();
         Instant::now()
     }
 
     pub fn is_running(&mut self) -> bool {
-        matches!(self.child.try_wait(), Ok(None))
+        self.process.is_running()
     }
 }
 
 impl Drop for Producer {
     fn drop(&mut self) {
-        // A stopped process must be continued to die cleanly from SIGKILL's
-        // perspective of the test harness (it dies either way).
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+        // The process prints its last lines itself; say whose they are.
         if std::thread::panicking() {
-            eprintln!(
-                "---- {} log ({}) ----\n{}",
-                self.label,
-                self.pid,
-                self.logs()
-            );
+            eprintln!("---- producer {} (pid {}) ----", self.label, self.pid);
         }
     }
 }
