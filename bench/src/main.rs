@@ -110,8 +110,10 @@ struct Args {
     /// The warren-producer binary (default: next to this one).
     #[arg(long)]
     producer_bin: Option<PathBuf>,
-    /// `publish`: tasks per `POST /v1/tasks` request.
-    #[arg(long, default_value_t = 500)]
+    /// `publish`: tasks per `POST /v1/tasks` request (with the default
+    /// concurrency, at most 1,000 tasks await their confirms: the plain
+    /// loop's window).
+    #[arg(long, default_value_t = 250)]
     api_batch: usize,
     /// `publish`: only these sides (`plain`, `library`, `cli`, `api`, and
     /// `plain-contract`: the plain loop sending warren's properties), e.g.
@@ -120,7 +122,7 @@ struct Args {
     #[arg(long, value_delimiter = ',', default_value = "plain,library,cli,api")]
     sides: Vec<String>,
     /// `publish`: `POST /v1/tasks` requests in flight at once.
-    #[arg(long, default_value_t = 2)]
+    #[arg(long, default_value_t = 4)]
     api_concurrency: usize,
     /// `latency`: tasks per second, paced.
     #[arg(long, default_value_t = 5000.0)]
