@@ -86,7 +86,7 @@ pub async fn page(
     Query(q): Query<ListQuery>,
 ) -> Response {
     let id = q.id.trim();
-    if !id.is_empty() && c.ctx.index().get(id).is_some() {
+    if !id.is_empty() && c.ctx.task_events().index().get(id).is_some() {
         return Redirect::to(&task_link(id)).into_response();
     }
     let filters = q.filters();
@@ -142,8 +142,8 @@ pub async fn fragment(
 }
 
 fn list(c: &Console, f: &TaskQuery) -> Markup {
-    let tasks = c.ctx.index().list(f);
-    let index = c.ctx.index();
+    let tasks = c.ctx.task_events().index().list(f);
+    let index = c.ctx.task_events().index();
     html! {
         p.hint {
             (layout::count(index.len() as u64, "task", "tasks")) " indexed on this replica"
@@ -181,7 +181,7 @@ pub async fn task(
     Signed(s): Signed,
     Query(q): Query<TaskQueryParam>,
 ) -> Response {
-    let Some(t) = c.ctx.index().get(&q.id) else {
+    let Some(t) = c.ctx.task_events().index().get(&q.id) else {
         let mut r = layout::page(
             "Task",
             Some(&s),
@@ -244,7 +244,7 @@ fn dead_link(id: &str) -> String {
 
 /// Consumers heard in the last 16 s.
 pub async fn workers(State(c): State<Console>, Signed(s): Signed) -> Response {
-    let ws = c.ctx.index().workers(Utc::now());
+    let ws = c.ctx.task_events().index().workers(Utc::now());
     let body = html! {
         div #workers {
             @if ws.is_empty() {
