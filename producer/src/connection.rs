@@ -59,13 +59,13 @@ async fn follow_catalog(
     publisher: &Publisher,
 ) -> Option<(lapin::Channel, lapin::Consumer)> {
     let prefix = ctx.topo().prefix();
-    let effect = |e| ctx.timetable().catalog_effect(e);
-    match crate::catalog::follow(conn, publisher, prefix, ctx.timetable().catalog(), &effect).await
-    {
+    let timetable = ctx.timetable();
+    let effect = |e| timetable.catalog_effect(e);
+    match crate::catalog::follow(conn, publisher, prefix, timetable.catalog(), &effect).await {
         Ok(f) => {
-            ctx.timetable().set_catalog_loaded();
+            timetable.set_catalog_loaded();
             tracing::debug!(
-                schedules = ctx.timetable().catalog().len(),
+                schedules = timetable.catalog().len(),
                 "schedule catalog read"
             );
             Some(f)
@@ -172,31 +172,33 @@ async fn serve(
     let mut runs = follow_runs(ctx, conn).await;
     let mut presence = tokio::time::interval(control::PRESENCE_EVERY);
     let stream = ctx.topo().events_stream();
-    let mut tasks = crate::tasks::follow(conn, &stream, ctx.task_events().index()).await;
+    let index = ctx.task_events().index();
+    let timetable = ctx.timetable();
+    let mut tasks = crate::tasks::follow(conn, &stream, index).await;
     let mut tasks_tried = std::time::Instant::now();
     loop {
         tokio::select! {
             _ = stop.cancelled() => break,
             _ = tokio::time::sleep(Duration::from_millis(250)) => {
                 if let Some(m) = ctx.task_events().index_metrics() {
-                    m.update(ctx.task_events().index());
+                    m.update(index);
                 }
                 // A missing stream may be declared later (by a consumer).
                 if tasks.is_none() && tasks_tried.elapsed() >= TASKS_RETRY {
-                    tasks = crate::tasks::follow(conn, &stream, ctx.task_events().index()).await;
+                    tasks = crate::tasks::follow(conn, &stream, index).await;
                     tasks_tried = std::time::Instant::now();
                 }
             }
             d = next_delivery(&mut tasks) => match d {
                 Some(d) => {
-                    crate::tasks::apply_delivery(ctx.task_events().index(), &d);
+                    crate::tasks::apply_delivery(index, &d);
                     let _ = d.acker.ack(lapin::options::BasicAckOptions::default()).await;
                 }
                 None if conn.status().connected() => {
                     // The broker cancels the consumer of a deleted stream;
                     // a new one starts again at offset 0.
                     tracing::warn!(stream = %stream, "task events stream consumer ended; reading it again from its start");
-                    ctx.task_events().index().reset_offset();
+                    index.reset_offset();
                     tasks_tried = std::time::Instant::now();
                 }
                 None => {}
@@ -207,7 +209,7 @@ async fn serve(
             _ = ctx.leadership().changed() => announce(ctx, &events).await,
             d = next_delivery(&mut catalog) => match d {
                 Some(d) => {
-                    crate::catalog::apply_delivery(ctx.timetable().catalog(), &d, &|e| ctx.timetable().catalog_effect(e));
+                    crate::catalog::apply_delivery(timetable.catalog(), &d, &|e| timetable.catalog_effect(e));
                     let _ = d.acker.ack(lapin::options::BasicAckOptions::default()).await;
                 }
                 None => {

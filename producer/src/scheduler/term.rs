@@ -484,17 +484,15 @@ impl<'a> Term<'a> {
         self.ctx.timetable().set_last(name, t.at);
         let id = &t.id;
         // A workflow schedule starts a run, not a task.
-        if self.ctx.task_events().recorder().enabled() && t.schedule.cfg.workflow.is_none() {
-            self.ctx
-                .task_events()
-                .recorder()
-                .record(warren::events::Event::new(
-                    id,
-                    &t.schedule.cfg.task,
-                    warren::events::What::Published {
-                        source: warren::events::Source::Schedule,
-                    },
-                ));
+        let recorder = self.ctx.task_events().recorder();
+        if recorder.enabled() && t.schedule.cfg.workflow.is_none() {
+            recorder.record(warren::events::Event::new(
+                id,
+                &t.schedule.cfg.task,
+                warren::events::What::Published {
+                    source: warren::events::Source::Schedule,
+                },
+            ));
         }
         tracing::debug!(schedule = name, %id, lag_ms = lag.as_millis() as u64, "fired");
     }
