@@ -119,3 +119,53 @@ impl Replicas {
         }
     }
 }
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+
+    fn replicas(leading: bool) -> Replicas {
+        let gauge = prometheus::IntGauge::new("leader", "leader").unwrap();
+        let leadership = Arc::new(Leadership::new(gauge));
+        leadership.set(leading);
+        Replicas::new("me:1".into(), leadership)
+    }
+
+    fn heard(r: &Replicas, instance: &str, leader: bool) {
+        r.on_presence(Presence {
+            instance: instance.into(),
+            leader,
+        });
+    }
+
+    fn leaders(r: &Replicas) -> Vec<String> {
+        r.list()
+            .into_iter()
+            .filter(|p| p.leader)
+            .map(|p| p.instance)
+            .collect()
+    }
+
+    #[test]
+    fn this_replica_comes_first_and_the_newest_leader_claim_wins() {
+        let r = replicas(false);
+        heard(&r, "b:2", true);
+        heard(&r, "a:3", false);
+        // Its own announcement comes back through the exchange.
+        heard(&r, "me:1", false);
+        let names: Vec<String> = r.list().into_iter().map(|p| p.instance).collect();
+        assert_eq!(names, ["me:1", "a:3", "b:2"]);
+        assert_eq!(leaders(&r), ["b:2"]);
+
+        heard(&r, "a:3", true);
+        assert_eq!(leaders(&r), ["a:3"]);
+    }
+
+    #[test]
+    fn a_leading_replica_lists_no_other_leader() {
+        let r = replicas(true);
+        heard(&r, "b:2", true);
+        assert_eq!(leaders(&r), ["me:1"]);
+    }
+}

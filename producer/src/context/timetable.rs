@@ -185,3 +185,69 @@ impl Timetable {
         }
     }
 }
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use std::time::Duration;
+
+    use super::*;
+    use crate::book::Origin;
+
+    fn timetable() -> Timetable {
+        let metrics = Metrics::register(&prometheus::Registry::new(), 100).unwrap();
+        let compile =
+            Box::new(|def: &crate::config::ScheduleConfig| crate::config::compile_one(def, &[]));
+        Timetable::new(Catalog::new(compile), metrics)
+    }
+
+    fn schedule(name: &str, origin: Origin) -> Schedule {
+        let def = toml::from_str(&format!(
+            "name = \"{name}\"\ncron = \"0 * * * *\"\ntask = \"t\"\n"
+        ))
+        .unwrap();
+        let mut s = crate::config::compile_one(&def, &[]).unwrap();
+        s.origin = origin;
+        s
+    }
+
+    #[test]
+    fn a_schedules_status_shows_its_fires_and_pause_until_it_leaves_the_book() {
+        let t = timetable();
+        assert!(t.put_api_schedule(schedule("a", Origin::Api)));
+        let at = Utc::now();
+        t.set_next("a", Some(at));
+        t.set_last("a", at);
+        t.set_paused(BTreeSet::from(["a".to_owned()]));
+        let st = t.status_of("a");
+        assert_eq!(
+            (st.next_fire, st.last_fired, st.paused),
+            (Some(at), Some(at), true)
+        );
+        assert!(!t.is_paused("b"));
+
+        t.remove_api_schedule("a");
+        assert!(t.book().get("a").is_none());
+        let st = t.status_of("a");
+        assert_eq!((st.next_fire, st.last_fired), (None, None));
+    }
+
+    #[test]
+    fn a_config_schedule_keeps_its_name_from_the_api() {
+        let t = timetable();
+        t.apply_schedules(vec![schedule("a", Origin::Config)]);
+        assert!(!t.put_api_schedule(schedule("a", Origin::Api)));
+        assert_eq!(t.book().counts(), (1, 0));
+    }
+
+    #[tokio::test]
+    async fn catalog_loaded_waits_until_the_catalog_was_read() {
+        let t = timetable();
+        let wait = Duration::from_millis(50);
+        assert!(tokio::time::timeout(wait, t.catalog_loaded())
+            .await
+            .is_err());
+        t.set_catalog_loaded();
+        assert!(tokio::time::timeout(wait, t.catalog_loaded()).await.is_ok());
+    }
+}
