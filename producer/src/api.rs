@@ -18,7 +18,7 @@ use serde_json::json;
 
 use crate::audit;
 use crate::auth::{Admin, Caller, Publish, Read, RequireScope, TokenStore};
-use crate::context::{ApiPublisher, Ctx};
+use crate::context::{ApiPublisher, Ctx, Leadership, Replicas, TaskEvents, Timetable};
 use crate::control::ControlError;
 use crate::error::ApiError;
 use crate::metrics::Source;
@@ -31,10 +31,47 @@ pub(crate) mod tasks;
 pub(crate) use schedules::definition_value as schedule_definition;
 pub(crate) mod workflows;
 
+/// The API's router state: the whole context, of which each handler takes
+/// the part it needs as its `State` (`FromRef`); a handler that needs
+/// several takes `State<Arc<Ctx>>`. A type of this crate, so that it may
+/// give out `Arc`s of the parts.
+#[derive(Clone)]
+pub struct ApiState(Arc<Ctx>);
+
+impl FromRef<ApiState> for Arc<Ctx> {
+    fn from_ref(s: &ApiState) -> Arc<Ctx> {
+        s.0.clone()
+    }
+}
+
 /// The extractor of [`crate::auth`] finds the tokens in force here.
-impl FromRef<Arc<Ctx>> for TokenStore {
-    fn from_ref(ctx: &Arc<Ctx>) -> TokenStore {
-        ctx.tokens().clone()
+impl FromRef<ApiState> for TokenStore {
+    fn from_ref(s: &ApiState) -> TokenStore {
+        s.0.tokens().clone()
+    }
+}
+
+impl FromRef<ApiState> for Arc<Timetable> {
+    fn from_ref(s: &ApiState) -> Arc<Timetable> {
+        s.0.timetable().clone()
+    }
+}
+
+impl FromRef<ApiState> for Arc<Leadership> {
+    fn from_ref(s: &ApiState) -> Arc<Leadership> {
+        s.0.leadership().clone()
+    }
+}
+
+impl FromRef<ApiState> for Arc<Replicas> {
+    fn from_ref(s: &ApiState) -> Arc<Replicas> {
+        s.0.replicas().clone()
+    }
+}
+
+impl FromRef<ApiState> for Arc<TaskEvents> {
+    fn from_ref(s: &ApiState) -> Arc<TaskEvents> {
+        s.0.task_events().clone()
     }
 }
 
@@ -51,7 +88,7 @@ pub fn router(ctx: Arc<Ctx>) -> Router {
         .merge(workflows::routes())
         .merge(tasks::routes())
         .layer(DefaultBodyLimit::max(limit))
-        .with_state(ctx)
+        .with_state(ApiState(ctx))
 }
 
 fn body_error(r: BytesRejection) -> ApiError {
@@ -221,7 +258,8 @@ fn answer_published(
         match r {
             Ok(()) => {
                 log_published(task);
-                ctx.published(task, warren::events::Source::Api);
+                ctx.task_events()
+                    .published(task, warren::events::Source::Api);
                 ids.push(task.id.clone());
             }
             Err(e) => {
@@ -306,9 +344,9 @@ fn fmt_time(t: Option<chrono::DateTime<Utc>>) -> serde_json::Value {
 /// The producer replicas heard in the last few seconds, and which leads.
 async fn get_replicas(
     _: RequireScope<Read>,
-    State(ctx): State<Arc<Ctx>>,
+    State(replicas): State<Arc<Replicas>>,
 ) -> Result<Response, ApiError> {
-    Ok(Json(json!({ "replicas": ctx.replicas() })).into_response())
+    Ok(Json(json!({ "replicas": replicas.list() })).into_response())
 }
 
 async fn trigger(
@@ -316,7 +354,7 @@ async fn trigger(
     State(ctx): State<Arc<Ctx>>,
     Path(name): Path<String>,
 ) -> Result<Response, ApiError> {
-    let s = ctx.book().get(&name).ok_or_else(|| {
+    let s = ctx.timetable().book().get(&name).ok_or_else(|| {
         ApiError::new(
             StatusCode::NOT_FOUND,
             "not_found",
@@ -354,7 +392,8 @@ async fn trigger(
     };
     let count = u64::from(published.is_ok());
     if published.is_ok() && s.cfg.workflow.is_none() {
-        ctx.published(&task, warren::events::Source::Api);
+        ctx.task_events()
+            .published(&task, warren::events::Source::Api);
     }
     audit::record(
         ctx.metrics(),

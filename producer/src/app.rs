@@ -130,7 +130,7 @@ impl App {
             ops,
         } = self;
         let ctx = Arc::new(ctx);
-        ctx.apply_schedules(schedules);
+        ctx.timetable().apply_schedules(schedules);
         // A fatal error stops this app without cancelling the caller's token.
         let stop = shutdown.child_token();
 

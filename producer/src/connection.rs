@@ -59,11 +59,15 @@ async fn follow_catalog(
     publisher: &Publisher,
 ) -> Option<(lapin::Channel, lapin::Consumer)> {
     let prefix = ctx.topo().prefix();
-    let effect = |e| ctx.catalog_effect(e);
-    match crate::catalog::follow(conn, publisher, prefix, ctx.catalog(), &effect).await {
+    let timetable = ctx.timetable();
+    let effect = |e| timetable.catalog_effect(e);
+    match crate::catalog::follow(conn, publisher, prefix, timetable.catalog(), &effect).await {
         Ok(f) => {
-            ctx.set_catalog_loaded();
-            tracing::debug!(schedules = ctx.catalog().len(), "schedule catalog read");
+            timetable.set_catalog_loaded();
+            tracing::debug!(
+                schedules = timetable.catalog().len(),
+                "schedule catalog read"
+            );
             Some(f)
         }
         Err(e) => {
@@ -168,31 +172,33 @@ async fn serve(
     let mut runs = follow_runs(ctx, conn).await;
     let mut presence = tokio::time::interval(control::PRESENCE_EVERY);
     let stream = ctx.topo().events_stream();
-    let mut tasks = crate::tasks::follow(conn, &stream, ctx.index()).await;
+    let index = ctx.task_events().index();
+    let timetable = ctx.timetable();
+    let mut tasks = crate::tasks::follow(conn, &stream, index).await;
     let mut tasks_tried = std::time::Instant::now();
     loop {
         tokio::select! {
             _ = stop.cancelled() => break,
             _ = tokio::time::sleep(Duration::from_millis(250)) => {
-                if let Some(m) = ctx.index_metrics() {
-                    m.update(ctx.index());
+                if let Some(m) = ctx.task_events().index_metrics() {
+                    m.update(index);
                 }
                 // A missing stream may be declared later (by a consumer).
                 if tasks.is_none() && tasks_tried.elapsed() >= TASKS_RETRY {
-                    tasks = crate::tasks::follow(conn, &stream, ctx.index()).await;
+                    tasks = crate::tasks::follow(conn, &stream, index).await;
                     tasks_tried = std::time::Instant::now();
                 }
             }
             d = next_delivery(&mut tasks) => match d {
                 Some(d) => {
-                    crate::tasks::apply_delivery(ctx.index(), &d);
+                    crate::tasks::apply_delivery(index, &d);
                     let _ = d.acker.ack(lapin::options::BasicAckOptions::default()).await;
                 }
                 None if conn.status().connected() => {
                     // The broker cancels the consumer of a deleted stream;
                     // a new one starts again at offset 0.
                     tracing::warn!(stream = %stream, "task events stream consumer ended; reading it again from its start");
-                    ctx.index().reset_offset();
+                    index.reset_offset();
                     tasks_tried = std::time::Instant::now();
                 }
                 None => {}
@@ -203,7 +209,7 @@ async fn serve(
             _ = ctx.leadership().changed() => announce(ctx, &events).await,
             d = next_delivery(&mut catalog) => match d {
                 Some(d) => {
-                    crate::catalog::apply_delivery(ctx.catalog(), &d, &|e| ctx.catalog_effect(e));
+                    crate::catalog::apply_delivery(timetable.catalog(), &d, &|e| timetable.catalog_effect(e));
                     let _ = d.acker.ack(lapin::options::BasicAckOptions::default()).await;
                 }
                 None => {
@@ -223,7 +229,7 @@ async fn serve(
             },
             ev = next_event(&mut events) => match ev {
                 Some(control::Incoming::Event(ev)) => ctx.on_event(ev),
-                Some(control::Incoming::Presence { presence }) => ctx.on_presence(presence),
+                Some(control::Incoming::Presence { presence }) => ctx.replicas().on_presence(presence),
                 None => {
                     tracing::warn!("producer events subscription ended; subscribing again");
                     events = listen(ctx, conn).await;
@@ -275,7 +281,7 @@ pub async fn api_connection(ctx: Arc<Ctx>, stop: CancellationToken) {
             Ok(publisher) => {
                 setup_retry = setup_backoff();
                 let blocked = warren::amqp::watch_connection(&conn, ctx.amqp_metrics().clone());
-                ctx.events().attach(&conn).await;
+                ctx.task_events().recorder().attach(&conn).await;
                 ctx.link().set_publisher(Some(ApiPublisher {
                     publisher: publisher.clone(),
                     blocked,
@@ -296,7 +302,10 @@ pub async fn api_connection(ctx: Arc<Ctx>, stop: CancellationToken) {
                 ctx.amqp_metrics().connected.set(0);
                 ctx.link().set_publisher(None);
                 if conn.status().connected() {
-                    ctx.events().flush(Duration::from_secs(2)).await;
+                    ctx.task_events()
+                        .recorder()
+                        .flush(Duration::from_secs(2))
+                        .await;
                     let _ = publisher.channel().close(200, "shutting down".into()).await;
                 }
             }

@@ -5,7 +5,7 @@
 //! | module | owns |
 //! |---|---|
 //! | [`app`] | [`App`]: build (validate, bind), run, orderly shutdown |
-//! | `api` | the `/v1` HTTP handlers |
+//! | `api` | the `/v1` HTTP handlers; their router state `ApiState` hands each the part of `Ctx` it needs |
 //! | `audit` | the audit line and counter of every mutating request |
 //! | `auth` | bearer tokens, scopes as types, the `RequireScope` extractor |
 //! | `console` | the operator console under `/ui/` (sessions, pages) |
@@ -15,7 +15,7 @@
 //! | `catalog` | the API's schedules in RabbitMQ: a change log on a stream, versions, snapshot |
 //! | `reload` | SIGHUP: schedules and API tokens swapped at runtime |
 //! | `connection` | broker connections: retries, the API's publisher |
-//! | `context` | `Ctx`, the state the parts above share (below all of them) |
+//! | `context` | `Ctx`, the state the parts above share (below all of them), made of `Timetable` (schedules in force and how each stands), `Leadership`, `Replicas` (replicas heard, control events), `BrokerLink` and `TaskEvents` (recorder, task index), each in an `Arc` a handler may take alone |
 //! | `control` | pause/resume requests to the leader, paused-set events to every replica |
 //! | `leader` | election on an exclusive queue and the fence before each tick |
 //! | `state` | what a new leader resumes from: the cursors' log (a stream) and its compacted snapshot |

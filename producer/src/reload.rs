@@ -41,7 +41,7 @@ pub async fn on_sighup(ctx: Arc<Ctx>, stop: CancellationToken) {
                     let keys = changed.join(", ");
                     tracing::warn!(keys = %keys, "SIGHUP: {keys} changed; restart to apply");
                 }
-                ctx.apply_schedules(schedules);
+                ctx.timetable().apply_schedules(schedules);
                 ctx.metrics().reload_success.set(1.0);
                 tracing::info!("SIGHUP: schedules reloaded");
             }

@@ -260,7 +260,7 @@ async fn lead_term(
     // API schedules are part of the book once the catalog is read: a term
     // that started without them would restart their cursors at now. The
     // config file's schedules are not held back for long by it.
-    if tokio::time::timeout(CATALOG_WAIT, ctx.catalog_loaded())
+    if tokio::time::timeout(CATALOG_WAIT, ctx.timetable().catalog_loaded())
         .await
         .is_err()
     {
@@ -284,7 +284,7 @@ async fn announce(
     let event = control::Event {
         answers,
         error,
-        paused: ctx.paused(),
+        paused: ctx.timetable().paused(),
         leader: ctx.instance().to_owned(),
     };
     // This replica hears its own events too; apply them here as well in case

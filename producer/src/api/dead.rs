@@ -19,7 +19,7 @@ use serde::Deserialize;
 use serde_json::json;
 use warren::dead::{self, DeadError, ReplayReport, Selector};
 
-use super::{body_error, publisher};
+use super::{body_error, publisher, ApiState};
 use crate::audit;
 use crate::auth::{Admin, Publish, Read, RequireScope};
 use crate::context::Ctx;
@@ -32,7 +32,7 @@ const DEFAULT_LIST_LIMIT: usize = 100;
 /// refresh a page; up to `api.dead_scan_limit` on request.
 const DEFAULT_OVERVIEW_SCAN: usize = 1000;
 
-pub fn routes() -> Router<Arc<Ctx>> {
+pub fn routes() -> Router<ApiState> {
     Router::new()
         .route("/v1/dead", get(get_overview))
         .route("/v1/dead/messages", get(get_messages))

@@ -19,20 +19,20 @@ use chrono::Utc;
 use serde::Deserialize;
 use serde_json::json;
 
-use super::{body_error, fmt_time, publisher};
+use super::{body_error, fmt_time, publisher, ApiState};
 use crate::audit;
 use crate::auth::{Admin, Read, RequireScope};
 use crate::book::Origin;
 use crate::catalog::{self, Change, Outcome, WriteError};
 use crate::config::{Schedule, ScheduleConfig};
-use crate::context::Ctx;
+use crate::context::{Ctx, Leadership, Replicas, Timetable};
 use crate::error::ApiError;
 
 /// Schedules one page lists by default, and at most.
 const PAGE: usize = 100;
 const MAX_PAGE: usize = 1000;
 
-pub fn routes() -> Router<Arc<Ctx>> {
+pub fn routes() -> Router<ApiState> {
     Router::new()
         .route("/v1/schedules", get(list))
         .route("/v1/schedules/{name}", get(read).put(put).delete(delete))
@@ -48,8 +48,8 @@ struct ListQuery {
 }
 
 /// What the API shows of a schedule.
-pub(crate) fn describe(ctx: &Ctx, s: &Schedule) -> serde_json::Value {
-    let st = ctx.status_of(s.name());
+pub(crate) fn describe(timetable: &Timetable, s: &Schedule) -> serde_json::Value {
+    let st = timetable.status_of(s.name());
     let next = if s.cfg.enabled && !st.paused {
         st.next_fire.or_else(|| s.spec.next_after(Utc::now()))
     } else {
@@ -78,7 +78,9 @@ pub(crate) fn describe(ctx: &Ctx, s: &Schedule) -> serde_json::Value {
 
 async fn list(
     _: RequireScope<Read>,
-    State(ctx): State<Arc<Ctx>>,
+    State(timetable): State<Arc<Timetable>>,
+    State(leadership): State<Arc<Leadership>>,
+    State(replicas): State<Arc<Replicas>>,
     q: Result<Query<ListQuery>, axum::extract::rejection::QueryRejection>,
 ) -> Result<Response, ApiError> {
     let Query(q) =
@@ -91,15 +93,15 @@ async fn list(
             format!("limit = {limit}: must be 1 to {MAX_PAGE}"),
         ));
     }
-    let page = ctx.book().page(&q.prefix, q.after.as_deref(), limit);
+    let page = timetable.book().page(&q.prefix, q.after.as_deref(), limit);
     let next_after = (page.len() == limit)
         .then(|| page.last().map(|s| s.name().to_owned()))
         .flatten();
-    let list: Vec<_> = page.iter().map(|s| describe(&ctx, s)).collect();
+    let list: Vec<_> = page.iter().map(|s| describe(&timetable, s)).collect();
     Ok(Json(json!({
-        "leader": ctx.leadership().is_leader(),
-        "instance": ctx.instance(),
-        "total": ctx.book().len(),
+        "leader": leadership.is_leader(),
+        "instance": replicas.instance(),
+        "total": timetable.book().len(),
         "schedules": list,
         "next_after": next_after,
     }))
@@ -120,12 +122,19 @@ fn etag(version: u64) -> HeaderValue {
 
 async fn read(
     _: RequireScope<Read>,
-    State(ctx): State<Arc<Ctx>>,
+    State(timetable): State<Arc<Timetable>>,
     Path(name): Path<String>,
 ) -> Result<Response, ApiError> {
-    let s = ctx.book().get(&name).ok_or_else(|| not_found(&name))?;
-    let mut body = describe(&ctx, &s);
-    if let Some(stored) = ctx.catalog().get(&name).filter(|_| s.origin == Origin::Api) {
+    let s = timetable
+        .book()
+        .get(&name)
+        .ok_or_else(|| not_found(&name))?;
+    let mut body = describe(&timetable, &s);
+    if let Some(stored) = timetable
+        .catalog()
+        .get(&name)
+        .filter(|_| s.origin == Origin::Api)
+    {
         body["definition"] = serde_json::to_value(&stored.def).unwrap_or_default();
         body["updated_at"] = fmt_time(Some(stored.updated_at));
     }
@@ -170,6 +179,7 @@ fn precondition(headers: &HeaderMap, exists: Option<u64>) -> Result<Option<u64>,
 /// 409 for a name the config file holds.
 fn config_owned(ctx: &Ctx, name: &str) -> Result<(), ApiError> {
     if ctx
+        .timetable()
         .book()
         .get(name)
         .is_some_and(|s| s.origin == Origin::Config)
@@ -230,7 +240,7 @@ async fn put(
     let who = scope.caller().name.clone();
     let def = definition(&name, &body)?;
     // The one validation of `[[schedules]]`, every problem at once.
-    ctx.catalog().check(&def).map_err(|problems| {
+    ctx.timetable().catalog().check(&def).map_err(|problems| {
         ApiError::new(
             StatusCode::UNPROCESSABLE_ENTITY,
             "invalid_schedule",
@@ -239,7 +249,7 @@ async fn put(
         .with_extra(json!({ "problems": problems }))
     })?;
     config_owned(&ctx, &name)?;
-    let exists = ctx.catalog().get(&name).map(|s| s.version);
+    let exists = ctx.timetable().catalog().get(&name).map(|s| s.version);
     let if_version = precondition(&headers, exists)?;
     let change = Change::Put {
         def: Box::new(def),
@@ -259,8 +269,8 @@ async fn put(
         Outcome::Replaced { version } => (StatusCode::OK, version),
         other => return Err(refusal(&name, other)),
     };
-    let body = match ctx.book().get(&name) {
-        Some(s) => describe(&ctx, &s),
+    let body = match ctx.timetable().book().get(&name) {
+        Some(s) => describe(ctx.timetable(), &s),
         None => json!({"name": name, "version": version}),
     };
     Ok((status, [(header::ETAG, etag(version))], Json(body)).into_response())
@@ -273,7 +283,7 @@ async fn delete(
     headers: HeaderMap,
 ) -> Result<Response, ApiError> {
     config_owned(&ctx, &name)?;
-    let exists = ctx.catalog().get(&name).map(|s| s.version);
+    let exists = ctx.timetable().catalog().get(&name).map(|s| s.version);
     if exists.is_none() {
         return Err(not_found(&name));
     }
@@ -305,18 +315,23 @@ async fn delete(
 
 async fn write(ctx: &Ctx, change: Change) -> Result<Outcome, ApiError> {
     let p = publisher(ctx)?;
-    catalog::write(ctx.catalog(), &p.publisher, ctx.topo().prefix(), change)
-        .await
-        .map_err(|e| match e {
-            WriteError::Broker(e) => ApiError::new(
-                StatusCode::SERVICE_UNAVAILABLE,
-                "broker_unavailable",
-                e.to_string(),
-            ),
-            WriteError::NoOutcome => {
-                ApiError::new(StatusCode::GATEWAY_TIMEOUT, "no_outcome", e.to_string())
-            }
-        })
+    catalog::write(
+        ctx.timetable().catalog(),
+        &p.publisher,
+        ctx.topo().prefix(),
+        change,
+    )
+    .await
+    .map_err(|e| match e {
+        WriteError::Broker(e) => ApiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "broker_unavailable",
+            e.to_string(),
+        ),
+        WriteError::NoOutcome => {
+            ApiError::new(StatusCode::GATEWAY_TIMEOUT, "no_outcome", e.to_string())
+        }
+    })
 }
 
 fn refusal(name: &str, o: Outcome) -> ApiError {

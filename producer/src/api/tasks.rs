@@ -13,8 +13,9 @@ use axum::{Json, Router};
 use chrono::{DateTime, Utc};
 use serde_json::json;
 
+use super::ApiState;
 use crate::auth::{Read, RequireScope};
-use crate::context::Ctx;
+use crate::context::{Replicas, TaskEvents};
 use crate::error::ApiError;
 use crate::tasks::{State as TaskState, TaskView};
 
@@ -22,7 +23,7 @@ use crate::tasks::{State as TaskState, TaskView};
 pub const DEFAULT_LIMIT: usize = 100;
 pub const MAX_LIMIT: usize = 1000;
 
-pub fn routes() -> Router<Arc<Ctx>> {
+pub fn routes() -> Router<ApiState> {
     Router::new()
         .route("/v1/tasks/{id}", get(get_task))
         .route("/v1/tasks/{id}/result", get(get_result))
@@ -109,28 +110,30 @@ pub fn parse_query(
 
 pub async fn list(
     _: RequireScope<Read>,
-    State(ctx): State<Arc<Ctx>>,
+    State(events): State<Arc<TaskEvents>>,
+    State(replicas): State<Arc<Replicas>>,
     q: Result<Query<HashMap<String, String>>, axum::extract::rejection::QueryRejection>,
 ) -> Result<Response, ApiError> {
     let Query(q) =
         q.map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, "bad_query", e.body_text()))?;
     let query = parse_query(&q, Utc::now())?;
-    let tasks = ctx.index().list(&query);
+    let index = events.index();
+    let tasks = index.list(&query);
     Ok(Json(json!({
         "tasks": tasks,
-        "indexed": ctx.index().len(),
-        "newest_event_at": ctx.index().newest(),
-        "instance": ctx.instance(),
+        "indexed": index.len(),
+        "newest_event_at": index.newest(),
+        "instance": replicas.instance(),
     }))
     .into_response())
 }
 
 async fn get_task(
     _: RequireScope<Read>,
-    State(ctx): State<Arc<Ctx>>,
+    State(events): State<Arc<TaskEvents>>,
     Path(id): Path<String>,
 ) -> Result<Response, ApiError> {
-    let t = ctx.index().get(&id).ok_or_else(|| unknown(&id))?;
+    let t = events.index().get(&id).ok_or_else(|| unknown(&id))?;
     Ok(Json(t).into_response())
 }
 
@@ -157,18 +160,18 @@ fn result_of(t: TaskView) -> Result<Response, ApiError> {
 
 async fn get_result(
     _: RequireScope<Read>,
-    State(ctx): State<Arc<Ctx>>,
+    State(events): State<Arc<TaskEvents>>,
     Path(id): Path<String>,
 ) -> Result<Response, ApiError> {
-    result_of(ctx.index().get(&id).ok_or_else(|| unknown(&id))?)
+    result_of(events.index().get(&id).ok_or_else(|| unknown(&id))?)
 }
 
 async fn get_workers(
     _: RequireScope<Read>,
-    State(ctx): State<Arc<Ctx>>,
+    State(events): State<Arc<TaskEvents>>,
 ) -> Result<Response, ApiError> {
     let now = Utc::now();
-    let workers: Vec<_> = ctx
+    let workers: Vec<_> = events
         .index()
         .workers(now)
         .into_iter()

@@ -19,7 +19,7 @@ use serde::Deserialize;
 use serde_json::json;
 use warren::trace::TraceContext;
 
-use super::{body_error, publisher};
+use super::{body_error, publisher, ApiState};
 use crate::audit;
 use crate::auth::{Publish, Read, RequireScope};
 use crate::context::Ctx;
@@ -30,7 +30,7 @@ use crate::workflow::{self, store, Workflow};
 /// Runs `GET /v1/workflows/<name>/runs` lists at most, newest first.
 const LIST_LIMIT: usize = 100;
 
-pub fn routes() -> Router<Arc<Ctx>> {
+pub fn routes() -> Router<ApiState> {
     Router::new()
         .route("/v1/workflows", get(list))
         .route("/v1/workflows/{name}/runs", get(runs).post(start))

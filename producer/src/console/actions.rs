@@ -33,7 +33,8 @@ pub async fn publish(ctx: &Ctx, tasks: &[(Task, Duration)]) -> Result<Vec<String
     for ((task, _), r) in tasks.iter().zip(results) {
         match r {
             Ok(()) => {
-                ctx.published(task, warren::events::Source::Console);
+                ctx.task_events()
+                    .published(task, warren::events::Source::Console);
                 ids.push(task.id.clone())
             }
             Err(e) => {

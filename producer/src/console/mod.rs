@@ -112,3 +112,10 @@ async fn server_timing(
     }
     r
 }
+
+/// The task pages read the task index alone.
+impl axum::extract::FromRef<Console> for Arc<crate::context::TaskEvents> {
+    fn from_ref(c: &Console) -> Self {
+        c.ctx.task_events().clone()
+    }
+}

@@ -41,7 +41,7 @@ async fn fragment_markup(c: &Console, fresh: bool) -> Markup {
                 p { @if c.ctx.leadership().is_leader() { span.ok { "leader" } " — fires the schedules" }
                     @else { span.warn { "standby" } " — another replica fires" } }
                 ul.replicas {
-                    @for r in c.ctx.replicas() {
+                    @for r in c.ctx.replicas().list() {
                         li data-replica=(r.instance) { code { (r.instance) } " "
                             @if r.leader { span.ok { "leader" } } @else { span.hint { "standby" } } }
                     }

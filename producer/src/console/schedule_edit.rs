@@ -35,7 +35,7 @@ pub struct Which {
 pub async fn form(State(c): State<Console>, Signed(s): Signed, Query(q): Query<Which>) -> Response {
     let mut f = Fields::parse(b"timezone=UTC&payload=%7B%7D&enabled=on");
     if let Some(name) = q.name.as_deref() {
-        let Some(stored) = c.ctx.catalog().get(name) else {
+        let Some(stored) = c.ctx.timetable().catalog().get(name) else {
             return layout::see_other(
                 &c,
                 &s,
@@ -160,7 +160,7 @@ pub async fn submit(State(c): State<Console>, Signed(s): Signed, body: Bytes) ->
         Ok(d) => d,
         Err(e) => return refuse(&e, None),
     };
-    let compiled = match c.ctx.catalog().check(&def) {
+    let compiled = match c.ctx.timetable().catalog().check(&def) {
         Ok(sch) => sch,
         Err(problems) => return refuse(&problems.join("; "), None),
     };
@@ -171,6 +171,7 @@ pub async fn submit(State(c): State<Console>, Signed(s): Signed, body: Bytes) ->
         return r;
     }
     if c.ctx
+        .timetable()
         .book()
         .get(&def.name)
         .is_some_and(|x| x.origin == Origin::Config)
@@ -256,7 +257,12 @@ async fn write(c: &Console, change: Change) -> Result<Outcome, String> {
         .link()
         .publisher()
         .ok_or_else(|| "Not connected to the broker; try again.".to_owned())?;
-    catalog::write(c.ctx.catalog(), &p.publisher, c.ctx.topo().prefix(), change)
-        .await
-        .map_err(|e| e.to_string())
+    catalog::write(
+        c.ctx.timetable().catalog(),
+        &p.publisher,
+        c.ctx.topo().prefix(),
+        change,
+    )
+    .await
+    .map_err(|e| e.to_string())
 }

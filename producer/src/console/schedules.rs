@@ -39,7 +39,7 @@ fn row(
     let can_publish = s.may(Scope::Publish);
     let can_admin = s.may(Scope::Admin);
     html! {
-        @let st = c.ctx.status_of(sch.name());
+        @let st = c.ctx.timetable().status_of(sch.name());
         @let next = if sch.cfg.enabled && !st.paused { st.next_fire.or_else(|| sch.spec.next_after(now)) } else { None };
         @let late = next.map(|n| now - n).filter(|d| d.num_seconds() >= 2);
         tr data-schedule=(sch.name()) data-paused=(st.paused) {
@@ -100,8 +100,8 @@ fn row(
 
 fn table(c: &Console, s: &super::session::Session) -> Markup {
     // One page: the API lists every schedule (`?after=`).
-    let set = c.ctx.book().page("", None, PAGE);
-    let total = c.ctx.book().len();
+    let set = c.ctx.timetable().book().page("", None, PAGE);
+    let total = c.ctx.timetable().book().len();
     let now = Utc::now();
     let can_admin = s.may(Scope::Admin);
     html! {
@@ -140,7 +140,7 @@ pub async fn trigger(
     if let Some(r) = refused(&s, &f, Scope::Publish) {
         return r;
     }
-    let Some(sch) = c.ctx.book().get(&name) else {
+    let Some(sch) = c.ctx.timetable().book().get(&name) else {
         return layout::see_other(
             &c,
             &s,

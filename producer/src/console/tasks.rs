@@ -2,6 +2,8 @@
 //! by id, refreshed live), one task's timeline across its attempts, and the
 //! Workers page. Reading only: the same index as `GET /v1/tasks...`.
 
+use std::sync::Arc;
+
 use axum::extract::{Query, State};
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Redirect, Response};
@@ -11,7 +13,7 @@ use serde::Deserialize;
 
 use super::guard::Signed;
 use super::layout::{self, Nav};
-use super::Console;
+use crate::context::TaskEvents;
 use crate::tasks::{Query as TaskQuery, State as TaskState, TaskView};
 
 /// Tasks listed on the page.
@@ -81,12 +83,12 @@ fn badge(state: &str) -> Markup {
 }
 
 pub async fn page(
-    State(c): State<Console>,
+    State(events): State<Arc<TaskEvents>>,
     Signed(s): Signed,
     Query(q): Query<ListQuery>,
 ) -> Response {
     let id = q.id.trim();
-    if !id.is_empty() && c.ctx.index().get(id).is_some() {
+    if !id.is_empty() && events.index().get(id).is_some() {
         return Redirect::to(&task_link(id)).into_response();
     }
     let filters = q.filters();
@@ -114,7 +116,7 @@ pub async fn page(
         @match &filters {
             Err(e) => p.error role="alert" { (layout::say(e)) },
             Ok(f) => div #tasks data-refresh=(format!("/ui/tasks/fragment?{}", q.query_string())) data-every=(REFRESH_SECS) {
-                (list(&c, f))
+                (list(&events, f))
             },
         }
     };
@@ -131,19 +133,19 @@ pub async fn page(
 
 /// The list alone, for the page's live refresh.
 pub async fn fragment(
-    State(c): State<Console>,
+    State(events): State<Arc<TaskEvents>>,
     Signed(_): Signed,
     Query(q): Query<ListQuery>,
 ) -> Response {
     match q.filters() {
-        Ok(f) => layout::html_response(StatusCode::OK, list(&c, &f)),
+        Ok(f) => layout::html_response(StatusCode::OK, list(&events, &f)),
         Err(e) => layout::html_response(StatusCode::UNPROCESSABLE_ENTITY, layout::say(&e)),
     }
 }
 
-fn list(c: &Console, f: &TaskQuery) -> Markup {
-    let tasks = c.ctx.index().list(f);
-    let index = c.ctx.index();
+fn list(events: &TaskEvents, f: &TaskQuery) -> Markup {
+    let index = events.index();
+    let tasks = index.list(f);
     html! {
         p.hint {
             (layout::count(index.len() as u64, "task", "tasks")) " indexed on this replica"
@@ -177,11 +179,11 @@ pub struct TaskQueryParam {
 
 /// One task's timeline.
 pub async fn task(
-    State(c): State<Console>,
+    State(events): State<Arc<TaskEvents>>,
     Signed(s): Signed,
     Query(q): Query<TaskQueryParam>,
 ) -> Response {
-    let Some(t) = c.ctx.index().get(&q.id) else {
+    let Some(t) = events.index().get(&q.id) else {
         let mut r = layout::page(
             "Task",
             Some(&s),
@@ -243,8 +245,8 @@ fn dead_link(id: &str) -> String {
 }
 
 /// Consumers heard in the last 16 s.
-pub async fn workers(State(c): State<Console>, Signed(s): Signed) -> Response {
-    let ws = c.ctx.index().workers(Utc::now());
+pub async fn workers(State(events): State<Arc<TaskEvents>>, Signed(s): Signed) -> Response {
+    let ws = events.index().workers(Utc::now());
     let body = html! {
         div #workers {
             @if ws.is_empty() {

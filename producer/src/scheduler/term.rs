@@ -117,7 +117,7 @@ impl<'a> Term<'a> {
                 "resuming from the previous leader's state"
             );
         }
-        ctx.set_paused(previous.paused.clone());
+        ctx.timetable().set_paused(previous.paused.clone());
         let sample = Sample::now();
         let cursors = previous
             .schedules
@@ -146,7 +146,7 @@ impl<'a> Term<'a> {
             logged_bytes: 0,
             snapshot_at: Instant::now(),
             snapshot_bytes: 0,
-            catalog_snapshot: (ctx.catalog().applied(), Instant::now()),
+            catalog_snapshot: (ctx.timetable().catalog().applied(), Instant::now()),
             fresh: Vec::new(),
         };
         term.resync(sample.wall);
@@ -159,7 +159,7 @@ impl<'a> Term<'a> {
         shutdown: &CancellationToken,
         control: &mut lapin::Consumer,
     ) -> anyhow::Result<()> {
-        let mut feed = self.ctx.book().subscribe();
+        let mut feed = self.ctx.timetable().book().subscribe();
         // Changes made between `start` and now.
         self.resync(Utc::now());
         let res = self.run_loop(shutdown, control, &mut feed).await;
@@ -226,7 +226,7 @@ impl<'a> Term<'a> {
     /// Put every schedule of the book on the agenda, and forget cursors of
     /// schedules no longer in it (start, reload, a lagging change feed).
     fn resync(&mut self, now: DateTime<Utc>) {
-        let book = self.ctx.book().all();
+        let book = self.ctx.timetable().book().all();
         let names: std::collections::HashSet<&str> = book
             .iter()
             .filter(|s| s.cfg.enabled)
@@ -241,7 +241,7 @@ impl<'a> Term<'a> {
 
     /// Re-plan the schedule `name` after a change to it.
     fn place_named(&mut self, name: &str, now: DateTime<Utc>) {
-        match self.ctx.book().get(name) {
+        match self.ctx.timetable().book().get(name) {
             Some(s) => self.place(&s, now),
             None => {
                 self.cursors.remove(name);
@@ -280,9 +280,9 @@ impl<'a> Term<'a> {
                 self.fresh.push(name.to_owned());
             }
         }
-        if self.ctx.is_paused(name) {
+        if self.ctx.timetable().is_paused(name) {
             self.agenda.remove(name);
-            self.ctx.set_next(name, None);
+            self.ctx.timetable().set_next(name, None);
             return;
         }
         let Some(c) = self.cursors.get(name) else {
@@ -292,7 +292,7 @@ impl<'a> Term<'a> {
         // a wake-up a second later, not in a tight loop.
         let next = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| c.track.next(&s.spec)))
             .unwrap_or(Some(now + chrono::TimeDelta::seconds(1)));
-        self.ctx.set_next(name, next);
+        self.ctx.timetable().set_next(name, next);
         self.agenda.set(name, next);
     }
 
@@ -333,11 +333,11 @@ impl<'a> Term<'a> {
         let mut record = Record::default();
         let mut decided = Vec::with_capacity(due.len());
         for name in due {
-            let Some(s) = self.ctx.book().get(&name) else {
+            let Some(s) = self.ctx.timetable().book().get(&name) else {
                 self.cursors.remove(&*name);
                 continue;
             };
-            if !s.cfg.enabled || self.ctx.is_paused(&name) {
+            if !s.cfg.enabled || self.ctx.timetable().is_paused(&name) {
                 continue;
             }
             let Some(c) = self.cursors.get_mut(&*name) else {
@@ -481,11 +481,12 @@ impl<'a> Term<'a> {
         m.published
             .with_label_values(&[Source::Schedule.label()])
             .inc();
-        self.ctx.set_last(name, t.at);
+        self.ctx.timetable().set_last(name, t.at);
         let id = &t.id;
         // A workflow schedule starts a run, not a task.
-        if self.ctx.events().enabled() && t.schedule.cfg.workflow.is_none() {
-            self.ctx.events().record(warren::events::Event::new(
+        let recorder = self.ctx.task_events().recorder();
+        if recorder.enabled() && t.schedule.cfg.workflow.is_none() {
+            recorder.record(warren::events::Event::new(
                 id,
                 &t.schedule.cfg.task,
                 warren::events::What::Published {
@@ -554,8 +555,8 @@ impl<'a> Term<'a> {
     /// skipped, not caught up.
     async fn apply_control(&mut self, req: control::Request) -> Result<(), Fenced> {
         let ctx = self.ctx;
-        let before = ctx.paused();
-        let book = ctx.book();
+        let before = ctx.timetable().paused();
+        let book = ctx.timetable().book();
         let next = match control::apply(&before, &req, |n| book.contains(n)) {
             Ok(next) => next,
             Err(why) => {
@@ -588,7 +589,7 @@ impl<'a> Term<'a> {
             };
         }
         self.unsnapshotted += 1;
-        ctx.set_paused(next);
+        ctx.timetable().set_paused(next);
         for name in record.paused.iter().chain(&record.resumed) {
             if record.resumed.contains(name) {
                 if let Some(c) = self.cursors.get_mut(name) {
@@ -606,7 +607,7 @@ impl<'a> Term<'a> {
     /// starts from it): rewritten when the log grew, at most every
     /// `scheduler.compact_every`.
     async fn compact_catalog(&mut self) -> Result<(), Fenced> {
-        let applied = self.ctx.catalog().applied();
+        let applied = self.ctx.timetable().catalog().applied();
         let (covered, at) = self.catalog_snapshot;
         if applied == covered || at.elapsed() < self.ctx.cfg().scheduler.compact_every {
             return Ok(());
@@ -615,7 +616,8 @@ impl<'a> Term<'a> {
             return Err(Fenced);
         }
         let prefix = self.ctx.topo().prefix();
-        match crate::catalog::compact(self.ctx.catalog(), self.publisher, prefix).await {
+        match crate::catalog::compact(self.ctx.timetable().catalog(), self.publisher, prefix).await
+        {
             Ok(()) => self.catalog_snapshot = (applied, Instant::now()),
             Err(e) => {
                 tracing::warn!(error = %e, "could not write the schedule catalog snapshot");
@@ -678,7 +680,7 @@ impl<'a> Term<'a> {
     /// tail has seen (all of it was appended before this snapshot's state).
     async fn compact(&mut self) -> Result<(), Fenced> {
         let offset = self.tail.offset();
-        let paused = self.ctx.paused();
+        let paused = self.ctx.timetable().paused();
         let snap = state::SnapshotRef {
             v: 3,
             writer: self.ctx.instance(),

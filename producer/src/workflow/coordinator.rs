@@ -536,13 +536,16 @@ impl Coordinator<'_> {
         let source = [crate::metrics::Source::Workflow.label()];
         match confirmed {
             Ok(()) => {
-                self.ctx.events().record(warren::events::Event::new(
-                    task_id,
-                    name,
-                    warren::events::What::Published {
-                        source: warren::events::Source::Workflow,
-                    },
-                ));
+                self.ctx
+                    .task_events()
+                    .recorder()
+                    .record(warren::events::Event::new(
+                        task_id,
+                        name,
+                        warren::events::What::Published {
+                            source: warren::events::Source::Workflow,
+                        },
+                    ));
                 self.runs.update(run, |r| r.published(task_id));
                 self.ctx
                     .metrics()
