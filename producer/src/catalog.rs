@@ -40,7 +40,7 @@ pub fn snapshot_queue(prefix: &str) -> String {
 }
 
 /// How long a writer waits to read its own record back.
-const OUTCOME_TIMEOUT: Duration = Duration::from_secs(30);
+const READ_BACK_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// One record of the log.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -78,7 +78,7 @@ impl Change {
 
 /// What became of a change, the same on every replica.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Outcome {
+pub enum Applied {
     Created {
         version: u64,
     },
@@ -109,7 +109,7 @@ pub struct Stored {
 
 /// The snapshot: every definition, and the log offset it covers.
 #[derive(Debug, Default, Serialize, Deserialize)]
-pub struct Snapshot {
+pub struct CatalogSnapshot {
     pub offset: Option<u64>,
     pub schedules: Vec<Stored>,
 }
@@ -124,7 +124,7 @@ pub struct Catalog {
     /// The last offset applied.
     applied: Mutex<Option<u64>>,
     /// Writers waiting for the outcome of their record, by request id.
-    waiting: Mutex<HashMap<String, oneshot::Sender<Outcome>>>,
+    waiting: Mutex<HashMap<String, oneshot::Sender<Applied>>>,
     compile: Box<Compile>,
 }
 
@@ -170,18 +170,18 @@ impl Catalog {
     }
 
     /// The snapshot of what is applied now.
-    pub fn snapshot(&self) -> Snapshot {
+    pub fn snapshot(&self) -> CatalogSnapshot {
         let (Ok(stored), Ok(applied)) = (self.stored.lock(), self.applied.lock()) else {
-            return Snapshot::default();
+            return CatalogSnapshot::default();
         };
-        Snapshot {
+        CatalogSnapshot {
             offset: *applied,
             schedules: stored.values().cloned().collect(),
         }
     }
 
     /// Start from a snapshot: the schedules it holds, to put in force.
-    pub fn restore(&self, snap: Snapshot) -> Vec<Schedule> {
+    pub fn restore(&self, snap: CatalogSnapshot) -> Vec<Schedule> {
         let mut out = Vec::new();
         let (Ok(mut stored), Ok(mut applied)) = (self.stored.lock(), self.applied.lock()) else {
             return out;
@@ -213,7 +213,7 @@ impl Catalog {
 
     /// Register interest in the outcome of the record with request id `req`
     /// (before appending it).
-    pub fn expect(&self, req: &str) -> oneshot::Receiver<Outcome> {
+    pub fn expect(&self, req: &str) -> oneshot::Receiver<Applied> {
         let (tx, rx) = oneshot::channel();
         if let Ok(mut w) = self.waiting.lock() {
             w.insert(req.to_owned(), tx);
@@ -243,7 +243,7 @@ impl Catalog {
         effect
     }
 
-    fn decide(&self, offset: u64, change: Change) -> (Option<Outcome>, Effect) {
+    fn decide(&self, offset: u64, change: Change) -> (Option<Applied>, Effect) {
         let Ok(mut stored) = self.stored.lock() else {
             return (None, Effect::None);
         };
@@ -259,7 +259,7 @@ impl Catalog {
                 if let Some(want) = if_version {
                     if current.unwrap_or(0) != want {
                         return (
-                            Some(Outcome::Stale {
+                            Some(Applied::Stale {
                                 current: current.unwrap_or(0),
                             }),
                             Effect::None,
@@ -268,12 +268,12 @@ impl Catalog {
                 }
                 if let (None, Some(max)) = (current, max) {
                     if stored.len() >= max {
-                        return (Some(Outcome::Full { max }), Effect::None);
+                        return (Some(Applied::Full { max }), Effect::None);
                     }
                 }
                 let compiled = match self.compiled(&def, offset) {
                     Ok(c) => c,
-                    Err(e) => return (Some(Outcome::Invalid(e)), Effect::None),
+                    Err(e) => return (Some(Applied::Invalid(e)), Effect::None),
                 };
                 let stored_def = Stored {
                     def: *def,
@@ -282,8 +282,8 @@ impl Catalog {
                 };
                 stored.insert(stored_def.def.name.clone(), stored_def);
                 let outcome = match current {
-                    Some(_) => Outcome::Replaced { version: offset },
-                    None => Outcome::Created { version: offset },
+                    Some(_) => Applied::Replaced { version: offset },
+                    None => Applied::Created { version: offset },
                 };
                 (Some(outcome), Effect::Put(Box::new(compiled)))
             }
@@ -291,13 +291,13 @@ impl Catalog {
                 name, if_version, ..
             } => {
                 let Some(current) = stored.get(&name).map(|s| s.version) else {
-                    return (Some(Outcome::NotFound), Effect::None);
+                    return (Some(Applied::NotFound), Effect::None);
                 };
                 if if_version.is_some_and(|want| want != current) {
-                    return (Some(Outcome::Stale { current }), Effect::None);
+                    return (Some(Applied::Stale { current }), Effect::None);
                 }
                 stored.remove(&name);
-                (Some(Outcome::Deleted), Effect::Remove(name))
+                (Some(Applied::Deleted), Effect::Remove(name))
             }
         }
     }
@@ -337,18 +337,18 @@ pub async fn write(
     publisher: &Publisher,
     prefix: &str,
     change: Change,
-) -> Result<Outcome, WriteError> {
+) -> Result<Applied, WriteError> {
     let req = change.req().to_owned();
     let rx = catalog.expect(&req);
     if let Err(e) = append(publisher, prefix, &change).await {
         catalog.forget(&req);
         return Err(WriteError::Broker(e));
     }
-    match tokio::time::timeout(OUTCOME_TIMEOUT, rx).await {
+    match tokio::time::timeout(READ_BACK_TIMEOUT, rx).await {
         Ok(Ok(o)) => Ok(o),
         _ => {
             catalog.forget(&req);
-            Err(WriteError::NoOutcome)
+            Err(WriteError::NotReadBack)
         }
     }
 }
@@ -358,7 +358,7 @@ pub enum WriteError {
     #[error("the broker did not take the change: {0}")]
     Broker(warren::Error),
     #[error("the change was stored but this replica has not read it back yet; read the schedule to see it")]
-    NoOutcome,
+    NotReadBack,
 }
 
 /// Replace the snapshot with what `catalog` holds (confirmed).
@@ -485,13 +485,13 @@ mod tests {
             c.apply(10, put("x", Some(0), "a")),
             Effect::Put(_)
         ));
-        assert_eq!(a.try_recv().unwrap(), Outcome::Created { version: 10 });
+        assert_eq!(a.try_recv().unwrap(), Applied::Created { version: 10 });
         // Two writers saw version 10; the first in the log wins.
         let (mut b, mut d) = (c.expect("b"), c.expect("d"));
         c.apply(11, put("x", Some(10), "b"));
         c.apply(12, put("x", Some(10), "d"));
-        assert_eq!(b.try_recv().unwrap(), Outcome::Replaced { version: 11 });
-        assert_eq!(d.try_recv().unwrap(), Outcome::Stale { current: 11 });
+        assert_eq!(b.try_recv().unwrap(), Applied::Replaced { version: 11 });
+        assert_eq!(d.try_recv().unwrap(), Applied::Stale { current: 11 });
         assert_eq!(c.get("x").unwrap().version, 11);
     }
 
@@ -502,7 +502,7 @@ mod tests {
         c.apply(2, put("b", None, "2"));
         let mut full = c.expect("3");
         c.apply(3, put("c", None, "3"));
-        assert_eq!(full.try_recv().unwrap(), Outcome::Full { max: 2 });
+        assert_eq!(full.try_recv().unwrap(), Applied::Full { max: 2 });
         // Replacing an existing one is not held back by the limit.
         assert!(matches!(c.apply(4, put("a", None, "4")), Effect::Put(_)));
         let mut gone = c.expect("5");
@@ -512,7 +512,7 @@ mod tests {
             req: "5".into(),
         };
         assert!(matches!(c.apply(5, del), Effect::Remove(n) if n == "a"));
-        assert_eq!(gone.try_recv().unwrap(), Outcome::Deleted);
+        assert_eq!(gone.try_recv().unwrap(), Applied::Deleted);
         let mut bad = c.expect("6");
         let broken = Change::Put {
             def: Box::new(def("z", "not cron")),
@@ -521,7 +521,7 @@ mod tests {
             req: "6".into(),
         };
         assert!(matches!(c.apply(6, broken), Effect::None));
-        assert!(matches!(bad.try_recv().unwrap(), Outcome::Invalid(_)));
+        assert!(matches!(bad.try_recv().unwrap(), Applied::Invalid(_)));
         assert_eq!(c.applied(), Some(6));
     }
 

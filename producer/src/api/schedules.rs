@@ -23,7 +23,7 @@ use super::{body_error, fmt_time, publisher};
 use crate::audit;
 use crate::auth::{Admin, Read, RequireScope};
 use crate::book::Origin;
-use crate::catalog::{self, Change, Outcome, WriteError};
+use crate::catalog::{self, Applied, Change, WriteError};
 use crate::config::{Schedule, ScheduleConfig};
 use crate::context::Ctx;
 use crate::error::ApiError;
@@ -255,8 +255,8 @@ async fn put(
     };
     audit::record(ctx.metrics(), &who, "schedule_put", &name, result, 1);
     let (status, version) = match outcome? {
-        Outcome::Created { version } => (StatusCode::CREATED, version),
-        Outcome::Replaced { version } => (StatusCode::OK, version),
+        Applied::Created { version } => (StatusCode::CREATED, version),
+        Applied::Replaced { version } => (StatusCode::OK, version),
         other => return Err(refusal(&name, other)),
     };
     let body = match ctx.book().get(&name) {
@@ -298,12 +298,12 @@ async fn delete(
         1,
     );
     match outcome? {
-        Outcome::Deleted => Ok(StatusCode::NO_CONTENT.into_response()),
+        Applied::Deleted => Ok(StatusCode::NO_CONTENT.into_response()),
         other => Err(refusal(&name, other)),
     }
 }
 
-async fn write(ctx: &Ctx, change: Change) -> Result<Outcome, ApiError> {
+async fn write(ctx: &Ctx, change: Change) -> Result<Applied, ApiError> {
     let p = publisher(ctx)?;
     catalog::write(ctx.catalog(), &p.publisher, ctx.topo().prefix(), change)
         .await
@@ -313,15 +313,15 @@ async fn write(ctx: &Ctx, change: Change) -> Result<Outcome, ApiError> {
                 "broker_unavailable",
                 e.to_string(),
             ),
-            WriteError::NoOutcome => {
+            WriteError::NotReadBack => {
                 ApiError::new(StatusCode::GATEWAY_TIMEOUT, "no_outcome", e.to_string())
             }
         })
 }
 
-fn refusal(name: &str, o: Outcome) -> ApiError {
+fn refusal(name: &str, o: Applied) -> ApiError {
     match o {
-        Outcome::Stale { current } => ApiError::new(
+        Applied::Stale { current } => ApiError::new(
             StatusCode::PRECONDITION_FAILED,
             "precondition_failed",
             format!(
@@ -329,16 +329,16 @@ fn refusal(name: &str, o: Outcome) -> ApiError {
             ),
         )
         .with_extra(json!({ "version": current })),
-        Outcome::NotFound => not_found(name),
-        Outcome::Full { max } => ApiError::new(
+        Applied::NotFound => not_found(name),
+        Applied::Full { max } => ApiError::new(
             StatusCode::CONFLICT,
             "too_many_schedules",
             format!("the catalog holds scheduler.max_schedules = {max} schedules already"),
         ),
-        Outcome::Invalid(why) => {
+        Applied::Invalid(why) => {
             ApiError::new(StatusCode::UNPROCESSABLE_ENTITY, "invalid_schedule", why)
         }
-        Outcome::Created { .. } | Outcome::Replaced { .. } | Outcome::Deleted => ApiError::new(
+        Applied::Created { .. } | Applied::Replaced { .. } | Applied::Deleted => ApiError::new(
             StatusCode::INTERNAL_SERVER_ERROR,
             "internal",
             "unexpected outcome",

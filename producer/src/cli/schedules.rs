@@ -13,7 +13,7 @@ use serde::Deserialize;
 use warren::amqp::Publisher;
 use warren::config::Problems;
 
-use crate::catalog::{self, Catalog, Change, Outcome};
+use crate::catalog::{self, Applied, Catalog, Change};
 use crate::config::{ProducerConfig, Schedule, ScheduleConfig};
 
 /// A file of schedules: TOML with `[[schedules]]`, or JSON (an array of
@@ -214,8 +214,8 @@ async fn write_all(
             .ok()
             .and_then(Result::ok);
         let what = match outcome {
-            Some(Outcome::Created { .. }) => "created",
-            Some(Outcome::Replaced { .. }) => "updated",
+            Some(Applied::Created { .. }) => "created",
+            Some(Applied::Replaced { .. }) => "updated",
             Some(o) => {
                 refused += 1;
                 warren::errln!("{name}: refused: {}", describe(&o));
@@ -235,13 +235,13 @@ async fn write_all(
     Ok(())
 }
 
-fn describe(o: &Outcome) -> String {
+fn describe(o: &Applied) -> String {
     match o {
-        Outcome::Stale { .. } => "changed by someone else meanwhile; run apply again".into(),
-        Outcome::Full { max } => format!("the catalog is full (scheduler.max_schedules = {max})"),
-        Outcome::Invalid(why) => why.clone(),
-        Outcome::NotFound => "not found".into(),
-        Outcome::Created { .. } | Outcome::Replaced { .. } | Outcome::Deleted => "ok".into(),
+        Applied::Stale { .. } => "changed by someone else meanwhile; run apply again".into(),
+        Applied::Full { max } => format!("the catalog is full (scheduler.max_schedules = {max})"),
+        Applied::Invalid(why) => why.clone(),
+        Applied::NotFound => "not found".into(),
+        Applied::Created { .. } | Applied::Replaced { .. } | Applied::Deleted => "ok".into(),
     }
 }
 
@@ -265,7 +265,7 @@ pub async fn delete(
             req: uuid::Uuid::new_v4().to_string(),
         };
         match catalog::write(&cat, &publisher, &cfg.topology.prefix, change).await? {
-            Outcome::Deleted => Ok(()),
+            Applied::Deleted => Ok(()),
             o => anyhow::bail!("not deleted: {}", describe(&o)),
         }
     }

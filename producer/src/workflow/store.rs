@@ -48,7 +48,7 @@ pub fn log_stream(prefix: &str) -> String {
 
 /// Every run, as the snapshot queues hold it.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
-pub struct Snapshot {
+pub struct RunsSnapshot {
     pub v: u32,
     pub writer: String,
     pub written_at: Option<DateTime<Utc>>,
@@ -80,12 +80,12 @@ pub struct Record {
 /// finished so that pruning touches only what it forgets.
 #[derive(Debug, Clone, Default)]
 pub struct Runs {
-    snap: Snapshot,
+    snap: RunsSnapshot,
     finished: BTreeSet<(DateTime<Utc>, String)>,
 }
 
-impl From<Snapshot> for Runs {
-    fn from(snap: Snapshot) -> Self {
+impl From<RunsSnapshot> for Runs {
+    fn from(snap: RunsSnapshot) -> Self {
         let finished = snap
             .runs
             .values()
@@ -97,7 +97,7 @@ impl From<Snapshot> for Runs {
 
 impl<'de> Deserialize<'de> for Runs {
     fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        Snapshot::deserialize(d).map(Runs::from)
+        RunsSnapshot::deserialize(d).map(Runs::from)
     }
 }
 

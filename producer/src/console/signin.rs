@@ -1,4 +1,5 @@
-//! Console sessions: a random id in an HttpOnly, SameSite=Strict cookie
+//! Console sign-ins ([`SignIn`], the session of an operator in a browser):
+//! a random id in an HttpOnly, SameSite=Strict cookie
 //! points into a server-side table; each entry remembers who signed in
 //! (grant name and scopes), its CSRF token and when it was last used. An
 //! entry unused for `console.session_ttl` is gone.
@@ -53,7 +54,7 @@ impl std::fmt::Debug for Token {
 
 /// Who is signed in, as the console sees them.
 #[derive(Debug, Clone)]
-pub struct Session {
+pub struct SignIn {
     pub id: String,
     /// The grant's name (for the audit trail and the header line).
     pub who: String,
@@ -63,7 +64,7 @@ pub struct Session {
     pub token: Token,
 }
 
-impl Session {
+impl SignIn {
     pub fn may(&self, scope: Scope) -> bool {
         self.scopes.contains(&scope)
     }
@@ -75,19 +76,19 @@ impl Session {
 }
 
 struct Entry {
-    session: Session,
+    session: SignIn,
     last_used: Instant,
     /// Notices for the page after an action, by one-time id (oldest first).
     flashes: VecDeque<(String, String)>,
 }
 
 /// The server-side session table.
-pub struct Sessions {
+pub struct SignIns {
     ttl: Duration,
     table: Mutex<HashMap<String, Entry>>,
 }
 
-impl Sessions {
+impl SignIns {
     pub fn new(ttl: Duration) -> Self {
         Self {
             ttl,
@@ -96,8 +97,8 @@ impl Sessions {
     }
 
     /// A new session for `who` with `scopes`, signed in with `token`.
-    pub fn create(&self, who: String, scopes: Vec<Scope>, token: Token) -> Session {
-        let session = Session {
+    pub fn create(&self, who: String, scopes: Vec<Scope>, token: Token) -> SignIn {
+        let session = SignIn {
             id: random_hex(32),
             who,
             scopes,
@@ -129,11 +130,11 @@ impl Sessions {
     }
 
     /// The live session `id` names, its idle clock restarted.
-    pub fn touch(&self, id: &str) -> Option<Session> {
+    pub fn touch(&self, id: &str) -> Option<SignIn> {
         self.touch_at(id, Instant::now())
     }
 
-    fn touch_at(&self, id: &str, now: Instant) -> Option<Session> {
+    fn touch_at(&self, id: &str, now: Instant) -> Option<SignIn> {
         let mut t = self.table.lock().ok()?;
         let expired = match t.get_mut(id) {
             None => return None,
@@ -223,7 +224,7 @@ mod tests {
 
     #[test]
     fn a_session_expires_after_idle_ttl_and_use_extends_it() {
-        let s = Sessions::new(Duration::from_secs(60));
+        let s = SignIns::new(Duration::from_secs(60));
         let a = s.create("ops".into(), vec![Scope::Read], Token::new("t"));
         let t0 = Instant::now();
         assert!(s.touch_at(&a.id, t0 + Duration::from_secs(50)).is_some());
@@ -236,7 +237,7 @@ mod tests {
 
     #[test]
     fn ids_and_csrf_tokens_are_random_and_distinct() {
-        let s = Sessions::new(Duration::from_secs(60));
+        let s = SignIns::new(Duration::from_secs(60));
         let a = s.create("a".into(), vec![], Token::new("t"));
         let b = s.create("a".into(), vec![], Token::new("t"));
         assert_ne!(a.id, b.id);
@@ -250,7 +251,7 @@ mod tests {
 
     #[test]
     fn a_flash_is_shown_once_and_only_to_its_session() {
-        let s = Sessions::new(Duration::from_secs(60));
+        let s = SignIns::new(Duration::from_secs(60));
         let a = s.create("a".into(), vec![], Token::new("t"));
         let b = s.create("b".into(), vec![], Token::new("t"));
         let key = s
@@ -281,7 +282,7 @@ mod tests {
 
     #[test]
     fn the_token_never_shows_in_debug() {
-        let s = Sessions::new(Duration::from_secs(60)).create(
+        let s = SignIns::new(Duration::from_secs(60)).create(
             "a".into(),
             vec![],
             Token::new("sekrit-0123456789abcdef"),
@@ -291,7 +292,7 @@ mod tests {
 
     #[test]
     fn csrf_check() {
-        let s = Sessions::new(Duration::from_secs(60)).create("a".into(), vec![], Token::new("t"));
+        let s = SignIns::new(Duration::from_secs(60)).create("a".into(), vec![], Token::new("t"));
         let good = s.csrf.clone();
         assert!(s.csrf_ok(Some(&good)));
         assert!(!s.csrf_ok(None));
