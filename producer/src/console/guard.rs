@@ -7,6 +7,7 @@ use axum::http::request::Parts;
 use axum::http::{header, HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Redirect, Response};
 use maud::{html, Markup};
+use secrecy::ExposeSecret;
 
 use super::layout;
 use super::signin::{self, SignIn};
@@ -25,7 +26,11 @@ impl FromRequestParts<Console> for Signed {
             .and_then(|id| state.sign_ins.touch(id))
             .ok_or_else(to_login)?;
         // The tokens in force decide, not those at sign-in (SIGHUP).
-        let Some(caller) = state.ctx.tokens().authenticate(s.token.expose().as_bytes()) else {
+        let Some(caller) = state
+            .ctx
+            .tokens()
+            .authenticate(s.token.expose_secret().as_bytes())
+        else {
             tracing::info!(who = %s.who, "console session ended: its token is no longer configured");
             state.sign_ins.remove(&s.id);
             return Err(to_login());

@@ -72,9 +72,11 @@ fn open_session(c: &Console, headers: &HeaderMap, token: &str, via: &str) -> Res
         tracing::info!(via, "console sign-in refused: unknown token");
         return login_page(StatusCode::UNAUTHORIZED, Some("Unknown token."));
     };
-    let s = c
-        .sign_ins
-        .create(caller.name, caller.scopes, signin::Token::new(token));
+    let s = c.sign_ins.create(
+        caller.name,
+        caller.scopes,
+        secrecy::SecretString::from(token),
+    );
     tracing::info!(who = %s.who, via, "console sign-in");
     let cookie = signin::set_cookie(&s.id, guard::over_tls(headers));
     let mut r = with_cookie(Redirect::to("/ui/").into_response(), &cookie);

@@ -18,6 +18,7 @@ use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use rand::RngCore;
+use secrecy::SecretString;
 use subtle::ConstantTimeEq;
 
 use crate::auth::Scope;
@@ -32,26 +33,6 @@ const MAX_SESSIONS: usize = 10_000;
 /// past it the oldest is dropped.
 const MAX_FLASHES: usize = 16;
 
-/// A token kept to check it again on every request; `Debug` never shows it.
-#[derive(Clone)]
-pub struct Token(String);
-
-impl Token {
-    pub fn new(t: &str) -> Self {
-        Self(t.to_owned())
-    }
-
-    pub fn expose(&self) -> &str {
-        &self.0
-    }
-}
-
-impl std::fmt::Debug for Token {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str("<token>")
-    }
-}
-
 /// Who is signed in, as the console sees them.
 #[derive(Debug, Clone)]
 pub struct SignIn {
@@ -60,8 +41,9 @@ pub struct SignIn {
     pub who: String,
     pub scopes: Vec<Scope>,
     pub csrf: String,
-    /// The token signed in with (redacted in `Debug`; never shown).
-    pub token: Token,
+    /// The token signed in with (`SecretString`: redacted in `Debug`, zeroed
+    /// on drop, never shown).
+    pub token: SecretString,
 }
 
 impl SignIn {
@@ -97,7 +79,7 @@ impl SignIns {
     }
 
     /// A new session for `who` with `scopes`, signed in with `token`.
-    pub fn create(&self, who: String, scopes: Vec<Scope>, token: Token) -> SignIn {
+    pub fn create(&self, who: String, scopes: Vec<Scope>, token: SecretString) -> SignIn {
         let session = SignIn {
             id: random_hex(32),
             who,
@@ -225,7 +207,7 @@ mod tests {
     #[test]
     fn a_session_expires_after_idle_ttl_and_use_extends_it() {
         let s = SignIns::new(Duration::from_secs(60));
-        let a = s.create("ops".into(), vec![Scope::Read], Token::new("t"));
+        let a = s.create("ops".into(), vec![Scope::Read], SecretString::from("t"));
         let t0 = Instant::now();
         assert!(s.touch_at(&a.id, t0 + Duration::from_secs(50)).is_some());
         // Used at 50 s: still alive at 100 s.
@@ -238,8 +220,8 @@ mod tests {
     #[test]
     fn ids_and_csrf_tokens_are_random_and_distinct() {
         let s = SignIns::new(Duration::from_secs(60));
-        let a = s.create("a".into(), vec![], Token::new("t"));
-        let b = s.create("a".into(), vec![], Token::new("t"));
+        let a = s.create("a".into(), vec![], SecretString::from("t"));
+        let b = s.create("a".into(), vec![], SecretString::from("t"));
         assert_ne!(a.id, b.id);
         assert_ne!(a.csrf, a.id);
         assert_eq!(a.id.len(), 64);
@@ -252,8 +234,8 @@ mod tests {
     #[test]
     fn a_flash_is_shown_once_and_only_to_its_session() {
         let s = SignIns::new(Duration::from_secs(60));
-        let a = s.create("a".into(), vec![], Token::new("t"));
-        let b = s.create("b".into(), vec![], Token::new("t"));
+        let a = s.create("a".into(), vec![], SecretString::from("t"));
+        let b = s.create("b".into(), vec![], SecretString::from("t"));
         let key = s
             .put_flash(&a.id, maud::html! { "Paused " code { "x" } "." })
             .unwrap();
@@ -285,14 +267,18 @@ mod tests {
         let s = SignIns::new(Duration::from_secs(60)).create(
             "a".into(),
             vec![],
-            Token::new("sekrit-0123456789abcdef"),
+            SecretString::from("sekrit-0123456789abcdef"),
         );
         assert!(!format!("{s:?}").contains("sekrit"));
     }
 
     #[test]
     fn csrf_check() {
-        let s = SignIns::new(Duration::from_secs(60)).create("a".into(), vec![], Token::new("t"));
+        let s = SignIns::new(Duration::from_secs(60)).create(
+            "a".into(),
+            vec![],
+            SecretString::from("t"),
+        );
         let good = s.csrf.clone();
         assert!(s.csrf_ok(Some(&good)));
         assert!(!s.csrf_ok(None));
