@@ -23,7 +23,7 @@ use super::{body_error, fmt_time, publisher};
 use crate::audit;
 use crate::auth::{Admin, Read, RequireScope};
 use crate::book::Origin;
-use crate::catalog::{self, Applied, Change, WriteError};
+use crate::catalog::{self, Change, Resolution, WriteError};
 use crate::config::{Schedule, ScheduleConfig};
 use crate::context::Ctx;
 use crate::error::ApiError;
@@ -255,8 +255,8 @@ async fn put(
     };
     audit::record(ctx.metrics(), &who, "schedule_put", &name, result, 1);
     let (status, version) = match outcome? {
-        Applied::Created { version } => (StatusCode::CREATED, version),
-        Applied::Replaced { version } => (StatusCode::OK, version),
+        Resolution::Created { version } => (StatusCode::CREATED, version),
+        Resolution::Replaced { version } => (StatusCode::OK, version),
         other => return Err(refusal(&name, other)),
     };
     let body = match ctx.book().get(&name) {
@@ -298,12 +298,12 @@ async fn delete(
         1,
     );
     match outcome? {
-        Applied::Deleted => Ok(StatusCode::NO_CONTENT.into_response()),
+        Resolution::Deleted => Ok(StatusCode::NO_CONTENT.into_response()),
         other => Err(refusal(&name, other)),
     }
 }
 
-async fn write(ctx: &Ctx, change: Change) -> Result<Applied, ApiError> {
+async fn write(ctx: &Ctx, change: Change) -> Result<Resolution, ApiError> {
     let p = publisher(ctx)?;
     catalog::write(ctx.catalog(), &p.publisher, ctx.topo().prefix(), change)
         .await
@@ -319,9 +319,9 @@ async fn write(ctx: &Ctx, change: Change) -> Result<Applied, ApiError> {
         })
 }
 
-fn refusal(name: &str, o: Applied) -> ApiError {
+fn refusal(name: &str, o: Resolution) -> ApiError {
     match o {
-        Applied::Stale { current } => ApiError::new(
+        Resolution::Stale { current } => ApiError::new(
             StatusCode::PRECONDITION_FAILED,
             "precondition_failed",
             format!(
@@ -329,19 +329,21 @@ fn refusal(name: &str, o: Applied) -> ApiError {
             ),
         )
         .with_extra(json!({ "version": current })),
-        Applied::NotFound => not_found(name),
-        Applied::Full { max } => ApiError::new(
+        Resolution::NotFound => not_found(name),
+        Resolution::Full { max } => ApiError::new(
             StatusCode::CONFLICT,
             "too_many_schedules",
             format!("the catalog holds scheduler.max_schedules = {max} schedules already"),
         ),
-        Applied::Invalid(why) => {
+        Resolution::Invalid(why) => {
             ApiError::new(StatusCode::UNPROCESSABLE_ENTITY, "invalid_schedule", why)
         }
-        Applied::Created { .. } | Applied::Replaced { .. } | Applied::Deleted => ApiError::new(
-            StatusCode::INTERNAL_SERVER_ERROR,
-            "internal",
-            "unexpected outcome",
-        ),
+        Resolution::Created { .. } | Resolution::Replaced { .. } | Resolution::Deleted => {
+            ApiError::new(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "internal",
+                "unexpected outcome",
+            )
+        }
     }
 }

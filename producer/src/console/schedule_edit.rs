@@ -19,7 +19,7 @@ use super::signin::SignIn;
 use super::Console;
 use crate::auth::Scope;
 use crate::book::Origin;
-use crate::catalog::{self, Applied, Change};
+use crate::catalog::{self, Change, Resolution};
 use crate::config::{Schedule, ScheduleConfig};
 
 /// Instants shown before saving.
@@ -198,21 +198,21 @@ pub async fn submit(State(c): State<Console>, Signed(s): Signed, body: Bytes) ->
         1,
         matches!(
             outcome,
-            Ok(Applied::Created { .. } | Applied::Replaced { .. })
+            Ok(Resolution::Created { .. } | Resolution::Replaced { .. })
         ),
     );
     match outcome {
-        Ok(Applied::Created { .. } | Applied::Replaced { .. }) => layout::see_other(
+        Ok(Resolution::Created { .. } | Resolution::Replaced { .. }) => layout::see_other(
             &c,
             &s,
             "/ui/schedules",
             html! { "Saved schedule " code { (name) } "." },
         ),
-        Ok(Applied::Stale { .. }) => refuse(
+        Ok(Resolution::Stale { .. }) => refuse(
             "Someone changed this schedule since you opened it (or it exists already): open it again.",
             Some(&compiled),
         ),
-        Ok(Applied::Full { max }) => refuse(&format!("The catalog is full (scheduler.max_schedules = {max})."), Some(&compiled)),
+        Ok(Resolution::Full { max }) => refuse(&format!("The catalog is full (scheduler.max_schedules = {max})."), Some(&compiled)),
         Ok(o) => refuse(&format!("Not saved: {o:?}"), Some(&compiled)),
         Err(e) => refuse(&e, Some(&compiled)),
     }
@@ -237,11 +237,11 @@ pub async fn delete(State(c): State<Console>, Signed(s): Signed, body: Bytes) ->
         "schedule_delete",
         &name,
         1,
-        matches!(outcome, Ok(Applied::Deleted)),
+        matches!(outcome, Ok(Resolution::Deleted)),
     );
     let notice = match outcome {
-        Ok(Applied::Deleted) => html! { "Deleted schedule " code { (name) } "." },
-        Ok(Applied::Stale { .. }) => {
+        Ok(Resolution::Deleted) => html! { "Deleted schedule " code { (name) } "." },
+        Ok(Resolution::Stale { .. }) => {
             html! { "Not deleted: " code { (name) } " changed meanwhile." }
         }
         Ok(_) => html! { "Not deleted: no API schedule named " code { (name) } "." },
@@ -250,7 +250,7 @@ pub async fn delete(State(c): State<Console>, Signed(s): Signed, body: Bytes) ->
     layout::see_other(&c, &s, "/ui/schedules", notice)
 }
 
-async fn write(c: &Console, change: Change) -> Result<Applied, String> {
+async fn write(c: &Console, change: Change) -> Result<Resolution, String> {
     let p = c
         .ctx
         .link()

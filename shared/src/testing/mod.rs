@@ -249,12 +249,16 @@ pub async fn connect() -> Connection {
         .expect("connect to test broker")
 }
 
-/// Delete everything a test declared (matters only on a reused broker).
+/// Delete everything a test declared, the producer's objects included
+/// (matters only on a reused broker).
 pub async fn delete_topology(conn: &Connection, topo: &Topology) {
     let Ok(ch) = conn.create_channel().await else {
         return;
     };
-    for obj in topo.objects() {
+    let producer = crate::topology::producer::Part::ALL
+        .iter()
+        .flat_map(|p| crate::topology::producer::objects(topo.prefix(), topo.queue_type(), *p));
+    for obj in topo.objects().into_iter().chain(producer) {
         match obj {
             Object::Queue { name, .. } => {
                 let _ = ch
