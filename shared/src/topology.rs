@@ -1,5 +1,7 @@
 //! Every AMQP object warren uses, as data, and the one idempotent `declare`
-//! both roles call at start and after each reconnect.
+//! both roles call at start and after each reconnect; the producer's own
+//! objects (its lock, logs, snapshots and control queue) are in [`producer`],
+//! declared or checked by the same code ([`declare_objects`]).
 //!
 //! ```text
 //! publish ──► <p>.tasks (topic) ──#──► <p>.route (topic, alternate-exchange <p>.unclaimed)

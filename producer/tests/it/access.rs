@@ -196,42 +196,6 @@ async fn producer_and_cli_users_need_only_their_documented_permissions() {
     assert_eq!(err.matches("ACCESS_REFUSED").count(), 1, "{err}");
 }
 
-/// Whether the queue or exchange `obj` exists (a passive declare).
-async fn exists(conn: &lapin::Connection, obj: &warren::topology::Object) -> bool {
-    use lapin::options::{ExchangeDeclareOptions, QueueDeclareOptions};
-    let ch = conn.create_channel().await.unwrap();
-    let found = match obj {
-        warren::topology::Object::Queue { name, .. } => ch
-            .queue_declare(
-                name.as_str().into(),
-                QueueDeclareOptions {
-                    passive: true,
-                    ..QueueDeclareOptions::default()
-                },
-                Default::default(),
-            )
-            .await
-            .is_ok(),
-        warren::topology::Object::Exchange { name, kind, .. } => ch
-            .exchange_declare(
-                name.as_str().into(),
-                kind.clone(),
-                ExchangeDeclareOptions {
-                    passive: true,
-                    ..ExchangeDeclareOptions::default()
-                },
-                Default::default(),
-            )
-            .await
-            .is_ok(),
-        other => panic!("not a queue or exchange: {other:?}"),
-    };
-    if found {
-        let _ = ch.close(200, "checked".into()).await;
-    }
-    found
-}
-
 /// With `topology.declare = false` the producer checks its own objects
 /// (control, catalog, workflow runs, the scheduler's log and snapshot) like
 /// the rest of the topology: missing, it stops with exit 1 naming one and
@@ -265,7 +229,10 @@ async fn without_declaring_the_producer_refuses_its_missing_objects() {
     });
     assert!(named, "no missing producer object named: {logs}");
     for o in &objects {
-        assert!(!exists(&world.conn, o).await, "{o:?} was declared: {logs}");
+        assert!(
+            !testing::exists(&world.conn, o).await,
+            "{o:?} was declared: {logs}"
+        );
     }
 
     warren::topology::producer::declare(&world.conn, &world.topo, &Part::ALL)
