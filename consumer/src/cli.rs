@@ -33,7 +33,8 @@ pub enum Command {
     /// Inspect, replay or purge dead-lettered tasks.
     #[command(subcommand)]
     Dead(DeadCommand),
-    /// Declare the topology of the config (exchanges, queues, bindings) and
+    /// Declare the topology of the config (exchanges, queues, bindings, and
+    /// the producer's own queues, streams and exchange) and
     /// exit: the deployer's step when the roles run with
     /// `topology.declare = false` under users without configure permission.
     Declare,

@@ -11,8 +11,9 @@ use warren_consumer::ConsumerConfig;
 
 use crate::cli::DeadCommand;
 
-/// `warren-consumer declare`: declare the whole topology of `cfg`, whatever
-/// `topology.declare` says (running it is asking for it).
+/// `warren-consumer declare`: declare the whole topology of `cfg` and the
+/// producer's objects, whatever `topology.declare` says (running it is
+/// asking for it).
 pub async fn declare(cfg: ConsumerConfig) -> anyhow::Result<()> {
     warren::telemetry::init(&warren::config::LogConfig {
         level: "warn".into(),
@@ -27,11 +28,18 @@ pub async fn declare(cfg: ConsumerConfig) -> anyhow::Result<()> {
     let conn = warren::amqp::connect(&cfg.amqp, "warren-consumer-declare")
         .await
         .context("connecting to the broker")?;
-    let res = warren::topology::declare(&conn, &topo).await;
+    // The producer's own objects too, so that one deployer declares all a
+    // least-privilege deployment needs (docs/operations.md).
+    let res = async {
+        warren::topology::declare(&conn, &topo).await?;
+        let parts = warren::topology::producer::Part::ALL;
+        warren::topology::producer::declare(&conn, &topo, &parts).await
+    }
+    .await;
     close(&conn, "declared").await;
     res?;
     warren::errln!(
-        "declared the topology of prefix `{}` ({} work queue(s))",
+        "declared the topology of prefix `{}` ({} work queue(s)) and the producer's objects",
         topo.prefix(),
         topo.work_queues().len()
     );

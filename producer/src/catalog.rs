@@ -28,19 +28,12 @@ use lapin::{BasicProperties, Connection};
 use serde::{Deserialize, Serialize};
 use tokio::sync::oneshot;
 use warren::amqp::Publisher;
+use warren::topology::producer::{catalog_log, catalog_snapshot};
 
 use crate::config::{Schedule, ScheduleConfig};
 
-pub fn log_stream(prefix: &str) -> String {
-    format!("{prefix}.producer.schedules")
-}
-
-pub fn snapshot_queue(prefix: &str) -> String {
-    format!("{prefix}.producer.schedules.snapshot")
-}
-
 /// How long a writer waits to read its own record back.
-const OUTCOME_TIMEOUT: Duration = Duration::from_secs(30);
+const READ_BACK_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// One record of the log.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -78,7 +71,7 @@ impl Change {
 
 /// What became of a change, the same on every replica.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Outcome {
+pub enum Resolution {
     Created {
         version: u64,
     },
@@ -109,7 +102,7 @@ pub struct Stored {
 
 /// The snapshot: every definition, and the log offset it covers.
 #[derive(Debug, Default, Serialize, Deserialize)]
-pub struct Snapshot {
+pub struct CatalogSnapshot {
     pub offset: Option<u64>,
     pub schedules: Vec<Stored>,
 }
@@ -124,7 +117,7 @@ pub struct Catalog {
     /// The last offset applied.
     applied: Mutex<Option<u64>>,
     /// Writers waiting for the outcome of their record, by request id.
-    waiting: Mutex<HashMap<String, oneshot::Sender<Outcome>>>,
+    waiting: Mutex<HashMap<String, oneshot::Sender<Resolution>>>,
     compile: Box<Compile>,
 }
 
@@ -170,18 +163,18 @@ impl Catalog {
     }
 
     /// The snapshot of what is applied now.
-    pub fn snapshot(&self) -> Snapshot {
+    pub fn snapshot(&self) -> CatalogSnapshot {
         let (Ok(stored), Ok(applied)) = (self.stored.lock(), self.applied.lock()) else {
-            return Snapshot::default();
+            return CatalogSnapshot::default();
         };
-        Snapshot {
+        CatalogSnapshot {
             offset: *applied,
             schedules: stored.values().cloned().collect(),
         }
     }
 
     /// Start from a snapshot: the schedules it holds, to put in force.
-    pub fn restore(&self, snap: Snapshot) -> Vec<Schedule> {
+    pub fn restore(&self, snap: CatalogSnapshot) -> Vec<Schedule> {
         let mut out = Vec::new();
         let (Ok(mut stored), Ok(mut applied)) = (self.stored.lock(), self.applied.lock()) else {
             return out;
@@ -213,7 +206,7 @@ impl Catalog {
 
     /// Register interest in the outcome of the record with request id `req`
     /// (before appending it).
-    pub fn expect(&self, req: &str) -> oneshot::Receiver<Outcome> {
+    pub fn expect(&self, req: &str) -> oneshot::Receiver<Resolution> {
         let (tx, rx) = oneshot::channel();
         if let Ok(mut w) = self.waiting.lock() {
             w.insert(req.to_owned(), tx);
@@ -243,7 +236,7 @@ impl Catalog {
         effect
     }
 
-    fn decide(&self, offset: u64, change: Change) -> (Option<Outcome>, Effect) {
+    fn decide(&self, offset: u64, change: Change) -> (Option<Resolution>, Effect) {
         let Ok(mut stored) = self.stored.lock() else {
             return (None, Effect::None);
         };
@@ -259,7 +252,7 @@ impl Catalog {
                 if let Some(want) = if_version {
                     if current.unwrap_or(0) != want {
                         return (
-                            Some(Outcome::Stale {
+                            Some(Resolution::Stale {
                                 current: current.unwrap_or(0),
                             }),
                             Effect::None,
@@ -268,12 +261,12 @@ impl Catalog {
                 }
                 if let (None, Some(max)) = (current, max) {
                     if stored.len() >= max {
-                        return (Some(Outcome::Full { max }), Effect::None);
+                        return (Some(Resolution::Full { max }), Effect::None);
                     }
                 }
                 let compiled = match self.compiled(&def, offset) {
                     Ok(c) => c,
-                    Err(e) => return (Some(Outcome::Invalid(e)), Effect::None),
+                    Err(e) => return (Some(Resolution::Invalid(e)), Effect::None),
                 };
                 let stored_def = Stored {
                     def: *def,
@@ -282,8 +275,8 @@ impl Catalog {
                 };
                 stored.insert(stored_def.def.name.clone(), stored_def);
                 let outcome = match current {
-                    Some(_) => Outcome::Replaced { version: offset },
-                    None => Outcome::Created { version: offset },
+                    Some(_) => Resolution::Replaced { version: offset },
+                    None => Resolution::Created { version: offset },
                 };
                 (Some(outcome), Effect::Put(Box::new(compiled)))
             }
@@ -291,26 +284,16 @@ impl Catalog {
                 name, if_version, ..
             } => {
                 let Some(current) = stored.get(&name).map(|s| s.version) else {
-                    return (Some(Outcome::NotFound), Effect::None);
+                    return (Some(Resolution::NotFound), Effect::None);
                 };
                 if if_version.is_some_and(|want| want != current) {
-                    return (Some(Outcome::Stale { current }), Effect::None);
+                    return (Some(Resolution::Stale { current }), Effect::None);
                 }
                 stored.remove(&name);
-                (Some(Outcome::Deleted), Effect::Remove(name))
+                (Some(Resolution::Deleted), Effect::Remove(name))
             }
         }
     }
-}
-
-/// Declare the log and the snapshot queue (idempotent).
-pub async fn declare(
-    conn: &Connection,
-    prefix: &str,
-    qt: warren::config::QueueType,
-) -> Result<(), lapin::Error> {
-    crate::state::declare_log(conn, &log_stream(prefix)).await?;
-    crate::state::declare(conn, &snapshot_queue(prefix), qt).await
 }
 
 fn json_props() -> BasicProperties {
@@ -327,7 +310,7 @@ pub async fn append(
 ) -> Result<(), warren::Error> {
     let body = serde_json::to_vec(change).unwrap_or_default();
     publisher
-        .publish("", &log_stream(prefix), json_props(), &body)
+        .publish("", &catalog_log(prefix), json_props(), &body)
         .await
 }
 
@@ -337,18 +320,18 @@ pub async fn write(
     publisher: &Publisher,
     prefix: &str,
     change: Change,
-) -> Result<Outcome, WriteError> {
+) -> Result<Resolution, WriteError> {
     let req = change.req().to_owned();
     let rx = catalog.expect(&req);
     if let Err(e) = append(publisher, prefix, &change).await {
         catalog.forget(&req);
         return Err(WriteError::Broker(e));
     }
-    match tokio::time::timeout(OUTCOME_TIMEOUT, rx).await {
+    match tokio::time::timeout(READ_BACK_TIMEOUT, rx).await {
         Ok(Ok(o)) => Ok(o),
         _ => {
             catalog.forget(&req);
-            Err(WriteError::NoOutcome)
+            Err(WriteError::NotReadBack)
         }
     }
 }
@@ -358,7 +341,7 @@ pub enum WriteError {
     #[error("the broker did not take the change: {0}")]
     Broker(warren::Error),
     #[error("the change was stored but this replica has not read it back yet; read the schedule to see it")]
-    NoOutcome,
+    NotReadBack,
 }
 
 /// Replace the snapshot with what `catalog` holds (confirmed).
@@ -369,7 +352,7 @@ pub async fn compact(
 ) -> Result<(), warren::Error> {
     let body = serde_json::to_vec(&catalog.snapshot()).unwrap_or_default();
     publisher
-        .publish("", &snapshot_queue(prefix), json_props(), &body)
+        .publish("", &catalog_snapshot(prefix), json_props(), &body)
         .await
 }
 
@@ -386,7 +369,7 @@ pub async fn follow(
 ) -> anyhow::Result<(lapin::Channel, lapin::Consumer)> {
     if catalog.applied().is_none() {
         for s in catalog.restore(
-            crate::state::peek_shared(conn, &snapshot_queue(prefix), "schedule catalog snapshot")
+            crate::state::peek_shared(conn, &catalog_snapshot(prefix), "schedule catalog snapshot")
                 .await?,
         ) {
             effect(Effect::Put(Box::new(s)));
@@ -403,7 +386,7 @@ pub async fn follow(
     .await?;
     let (ch, mut consumer) = crate::state::consume_log(
         conn,
-        &log_stream(prefix),
+        &catalog_log(prefix),
         "warren-producer-catalog",
         catalog.applied(),
         2000,
@@ -485,13 +468,13 @@ mod tests {
             c.apply(10, put("x", Some(0), "a")),
             Effect::Put(_)
         ));
-        assert_eq!(a.try_recv().unwrap(), Outcome::Created { version: 10 });
+        assert_eq!(a.try_recv().unwrap(), Resolution::Created { version: 10 });
         // Two writers saw version 10; the first in the log wins.
         let (mut b, mut d) = (c.expect("b"), c.expect("d"));
         c.apply(11, put("x", Some(10), "b"));
         c.apply(12, put("x", Some(10), "d"));
-        assert_eq!(b.try_recv().unwrap(), Outcome::Replaced { version: 11 });
-        assert_eq!(d.try_recv().unwrap(), Outcome::Stale { current: 11 });
+        assert_eq!(b.try_recv().unwrap(), Resolution::Replaced { version: 11 });
+        assert_eq!(d.try_recv().unwrap(), Resolution::Stale { current: 11 });
         assert_eq!(c.get("x").unwrap().version, 11);
     }
 
@@ -502,7 +485,7 @@ mod tests {
         c.apply(2, put("b", None, "2"));
         let mut full = c.expect("3");
         c.apply(3, put("c", None, "3"));
-        assert_eq!(full.try_recv().unwrap(), Outcome::Full { max: 2 });
+        assert_eq!(full.try_recv().unwrap(), Resolution::Full { max: 2 });
         // Replacing an existing one is not held back by the limit.
         assert!(matches!(c.apply(4, put("a", None, "4")), Effect::Put(_)));
         let mut gone = c.expect("5");
@@ -512,7 +495,7 @@ mod tests {
             req: "5".into(),
         };
         assert!(matches!(c.apply(5, del), Effect::Remove(n) if n == "a"));
-        assert_eq!(gone.try_recv().unwrap(), Outcome::Deleted);
+        assert_eq!(gone.try_recv().unwrap(), Resolution::Deleted);
         let mut bad = c.expect("6");
         let broken = Change::Put {
             def: Box::new(def("z", "not cron")),
@@ -521,7 +504,7 @@ mod tests {
             req: "6".into(),
         };
         assert!(matches!(c.apply(6, broken), Effect::None));
-        assert!(matches!(bad.try_recv().unwrap(), Outcome::Invalid(_)));
+        assert!(matches!(bad.try_recv().unwrap(), Resolution::Invalid(_)));
         assert_eq!(c.applied(), Some(6));
     }
 

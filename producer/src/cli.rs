@@ -9,6 +9,7 @@ use anyhow::Context;
 use chrono::{DateTime, SecondsFormat, Utc};
 use clap::{Args, Parser, Subcommand};
 use warren::amqp::Publisher;
+use warren::topology::producer::Part;
 use warren::Topology;
 
 use crate::config::{self, ProducerConfig};
@@ -270,7 +271,8 @@ pub async fn pause_or_resume(
         .context("connecting to the broker")?;
     let prefix = cfg.topology.prefix.as_str();
     let res = async {
-        control::declare(&conn, prefix, cfg.topology.queue_type).await?;
+        let topo = warren::Topology::new(&cfg.topology);
+        warren::topology::producer::declare(&conn, &topo, &[Part::Control]).await?;
         let (_ch, mut events) = control::subscribe(&conn, prefix).await?;
         let req = control::Request {
             id: uuid::Uuid::new_v4().to_string(),

@@ -8,6 +8,7 @@ use std::time::Duration;
 use lapin::Connection;
 use tokio_util::sync::CancellationToken;
 use warren::amqp::Publisher;
+use warren::topology::producer::Part;
 
 use crate::context::{ApiPublisher, Ctx};
 use crate::control;
@@ -271,10 +272,8 @@ pub async fn api_connection(ctx: Arc<Ctx>, stop: CancellationToken) {
         let conn = Arc::new(conn);
         let setup = async {
             warren::topology::declare(&conn, ctx.topo()).await?;
-            control::declare(&conn, ctx.topo().prefix(), ctx.topo().queue_type()).await?;
-            crate::catalog::declare(&conn, ctx.topo().prefix(), ctx.topo().queue_type()).await?;
-            crate::workflow::store::declare(&conn, ctx.topo().prefix(), ctx.topo().queue_type())
-                .await?;
+            let parts = [Part::Control, Part::Catalog, Part::Runs];
+            warren::topology::producer::declare(&conn, ctx.topo(), &parts).await?;
             Publisher::new(&conn, ctx.cfg().amqp.confirm_timeout).await
         };
         match setup.await {

@@ -26,13 +26,11 @@ use std::collections::BTreeSet;
 use std::time::Duration;
 
 use futures_util::StreamExt;
-use lapin::options::{
-    BasicConsumeOptions, ExchangeDeclareOptions, QueueBindOptions, QueueDeclareOptions,
-};
-use lapin::types::{AMQPValue, FieldTable, ShortString};
-use lapin::{BasicProperties, Channel, Connection, Consumer, ExchangeKind};
+use lapin::options::{BasicConsumeOptions, QueueBindOptions, QueueDeclareOptions};
+use lapin::types::FieldTable;
+use lapin::{BasicProperties, Channel, Connection, Consumer};
 use serde::{Deserialize, Serialize};
-use warren::config::QueueType;
+use warren::topology::producer::{control_exchange, control_queue};
 
 /// A request older than this is dropped by the broker, unapplied.
 pub const REQUEST_TTL: Duration = Duration::from_secs(4);
@@ -67,7 +65,7 @@ pub async fn announce(ch: &Channel, prefix: &str, me: Presence) -> Result<(), la
         .with_content_type("application/json".into())
         .with_expiration(PRESENCE_TTL.as_millis().to_string().into());
     ch.basic_publish(
-        events_exchange(prefix).as_str().into(),
+        control_exchange(prefix).as_str().into(),
         "".into(),
         Default::default(),
         &body,
@@ -75,14 +73,6 @@ pub async fn announce(ch: &Channel, prefix: &str, me: Presence) -> Result<(), la
     )
     .await
     .map(|_| ())
-}
-
-pub fn control_queue(prefix: &str) -> String {
-    format!("{prefix}.producer.control")
-}
-
-pub fn events_exchange(prefix: &str) -> String {
-    format!("{prefix}.producer.events")
 }
 
 /// Why a pause or resume did not happen (or is not known to have happened).
@@ -130,40 +120,6 @@ pub struct Event {
     pub leader: String,
 }
 
-/// Declare the control queue and the events exchange (idempotent; both roles
-/// of a replica call it).
-pub async fn declare(conn: &Connection, prefix: &str, qt: QueueType) -> Result<(), lapin::Error> {
-    let ch = conn.create_channel().await?;
-    let mut args = FieldTable::default();
-    if qt == QueueType::Quorum {
-        args.insert(
-            ShortString::from("x-queue-type"),
-            AMQPValue::LongString("quorum".into()),
-        );
-    }
-    ch.queue_declare(
-        control_queue(prefix).as_str().into(),
-        QueueDeclareOptions {
-            durable: true,
-            ..QueueDeclareOptions::default()
-        },
-        args,
-    )
-    .await?;
-    ch.exchange_declare(
-        events_exchange(prefix).as_str().into(),
-        ExchangeKind::Fanout,
-        ExchangeDeclareOptions {
-            durable: true,
-            ..ExchangeDeclareOptions::default()
-        },
-        FieldTable::default(),
-    )
-    .await?;
-    let _ = ch.close(200, "control declared".into()).await;
-    Ok(())
-}
-
 /// Send `req` to whichever replica leads (expires after [`REQUEST_TTL`]).
 pub async fn send(conn: &Connection, prefix: &str, req: &Request) -> Result<(), lapin::Error> {
     let ch = conn.create_channel().await?;
@@ -204,7 +160,7 @@ pub async fn subscribe(
         .await?;
     ch.queue_bind(
         q.name().as_str().into(),
-        events_exchange(prefix).as_str().into(),
+        control_exchange(prefix).as_str().into(),
         "".into(),
         QueueBindOptions::default(),
         FieldTable::default(),

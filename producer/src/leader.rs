@@ -30,11 +30,6 @@ use lapin::types::FieldTable;
 use lapin::{Connection, Event};
 use tokio_util::sync::CancellationToken;
 
-/// The lock queue of a topology prefix.
-pub fn lock_queue(prefix: &str) -> String {
-    format!("{prefix}.producer.leader")
-}
-
 /// Outcome of one attempt to take the lock.
 pub enum Attempt {
     Acquired,

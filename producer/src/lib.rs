@@ -8,7 +8,7 @@
 //! | `api` | the `/v1` HTTP handlers; their router state `ApiState` hands each the part of `Ctx` it needs |
 //! | `audit` | the audit line and counter of every mutating request |
 //! | `auth` | bearer tokens, scopes as types, the `RequireScope` extractor |
-//! | `console` | the operator console under `/ui/` (sessions, pages) |
+//! | `console` | the operator console under `/ui/` (sign-ins, pages) |
 //! | `error` | the JSON error body of every `/v1` answer |
 //! | `scheduler` | election loop and fire loop (`term`: one leader term; `agenda`: next instants in a heap) |
 //! | `book` | the schedules in force from both sources, by name, and a feed of what changed |
@@ -18,7 +18,7 @@
 //! | `context` | `Ctx`, the state the parts above share (below all of them), made of `Timetable` (schedules in force and how each stands), `Leadership`, `Replicas` (replicas heard, control events), `BrokerLink` and `TaskEvents` (recorder, task index), each in an `Arc` a handler may take alone |
 //! | `control` | pause/resume requests to the leader, paused-set events to every replica |
 //! | `leader` | election on an exclusive queue and the fence before each tick |
-//! | `state` | what a new leader resumes from: the cursors' log (a stream) and its compacted snapshot |
+//! | `state` | log-and-snapshot state (append, compact, load) and the scheduler's: what a new leader resumes from; the queues themselves are named and declared in [`warren::topology::producer`] |
 //! | [`request`] | ad-hoc task requests (CLI batch lines, API bodies) |
 //! | [`cli`] | command line: `run`, `schedules check|next`, `publish` |
 //! | `batch` | `publish --batch`: NDJSON from stdin at the broker's pace |

@@ -11,6 +11,7 @@ use futures_util::FutureExt;
 use lapin::Connection;
 use tokio_util::sync::CancellationToken;
 use warren::amqp::Publisher;
+use warren::topology::producer::{self, Part};
 
 use crate::config::Schedule;
 use crate::connection::connect_retry;
@@ -20,7 +21,6 @@ use crate::leader::{self, Attempt, Fence};
 use crate::schedule::{self, plan, ON_TIME};
 use crate::scheduler::clock::Track;
 use crate::scheduler::term::Term;
-use crate::state;
 
 mod agenda;
 mod clock;
@@ -40,7 +40,7 @@ const MAX_DUE: usize = 100_000;
 
 /// Run the election loop until shutdown.
 pub async fn run(ctx: Arc<Ctx>, shutdown: CancellationToken) {
-    let lock_queue = leader::lock_queue(ctx.topo().prefix());
+    let lock_queue = producer::lock_queue(ctx.topo().prefix());
     loop {
         if shutdown.is_cancelled() {
             return;
@@ -215,11 +215,12 @@ async fn lead(
     shutdown: &CancellationToken,
 ) -> anyhow::Result<()> {
     warren::topology::declare(conn, ctx.topo()).await?;
-    let prefix = ctx.topo().prefix();
-    state::declare(conn, &state::state_queue(prefix), ctx.topo().queue_type()).await?;
-    state::declare_log(conn, &state::log_stream(prefix)).await?;
-    crate::catalog::declare(conn, prefix, ctx.topo().queue_type()).await?;
-    control::declare(conn, prefix, ctx.topo().queue_type()).await?;
+    producer::declare(
+        conn,
+        ctx.topo(),
+        &[Part::Scheduler, Part::Catalog, Part::Control],
+    )
+    .await?;
     let publisher = Publisher::new(conn, ctx.cfg().amqp.confirm_timeout).await?;
     // The workflow coordinator shares the term: it stops with the fire
     // loop, and a coordinator failure ends the term (step down, start over).
@@ -292,7 +293,7 @@ async fn announce(
     ctx.on_event(event.clone());
     let body = serde_json::to_vec(&event).unwrap_or_default();
     let props = lapin::BasicProperties::default().with_content_type("application/json".into());
-    let exchange = control::events_exchange(ctx.topo().prefix());
+    let exchange = producer::control_exchange(ctx.topo().prefix());
     if let Err(e) = publisher.publish(&exchange, "", props, &body).await {
         tracing::debug!(error = %e, "producer event not delivered (no replica listening?)");
     }

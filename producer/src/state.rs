@@ -17,6 +17,10 @@
 //! appended comes before it (their connections, and so their locks, are
 //! gone). Records merge by maximum (a cursor never moves back), so reading a
 //! record twice, or one the snapshot already covers, changes nothing.
+//!
+//! The names and definitions of the log and snapshot queues, the scheduler's
+//! and the others that use these functions, are in
+//! [`warren::topology::producer`].
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -27,21 +31,11 @@ use chrono::{DateTime, Utc};
 use futures_util::StreamExt;
 use lapin::options::{
     BasicAckOptions, BasicConsumeOptions, BasicGetOptions, BasicQosOptions, BasicRejectOptions,
-    QueueDeclareOptions,
 };
 use lapin::types::{AMQPValue, FieldTable, ShortString};
 use lapin::{BasicProperties, Connection};
 use serde::{Deserialize, Serialize};
 use warren::amqp::{Pending, Publisher};
-use warren::config::QueueType;
-
-pub fn state_queue(prefix: &str) -> String {
-    format!("{prefix}.producer.state")
-}
-
-pub fn log_stream(prefix: &str) -> String {
-    format!("{prefix}.producer.fires")
-}
 
 /// How long a new leader may take to read the log up to its marker.
 const CATCH_UP_TIMEOUT: Duration = Duration::from_secs(60);
@@ -230,29 +224,6 @@ fn none_paused(p: &&BTreeSet<String>) -> bool {
     p.is_empty()
 }
 
-pub async fn declare(conn: &Connection, queue: &str, qt: QueueType) -> Result<(), lapin::Error> {
-    let ch = conn.create_channel().await?;
-    let mut args = FieldTable::default();
-    args.insert(ShortString::from("x-max-length"), AMQPValue::LongInt(1));
-    if qt == QueueType::Quorum {
-        args.insert(
-            ShortString::from("x-queue-type"),
-            AMQPValue::LongString("quorum".into()),
-        );
-    }
-    ch.queue_declare(
-        queue.into(),
-        QueueDeclareOptions {
-            durable: true,
-            ..QueueDeclareOptions::default()
-        },
-        args,
-    )
-    .await?;
-    let _ = ch.close(200, "state queue declared".into()).await;
-    Ok(())
-}
-
 /// Read the snapshot without consuming it. A corrupt snapshot reads as empty.
 pub async fn read<S: Fold>(conn: &Connection, queue: &str) -> Result<S, lapin::Error> {
     peek(conn, queue, "producer state snapshot").await
@@ -357,29 +328,6 @@ pub fn stream_offset(d: &lapin::message::Delivery) -> Option<u64> {
         AMQPValue::LongUInt(o) => Some(u64::from(*o)),
         _ => None,
     }
-}
-
-/// Declare the log stream (idempotent). Retention only needs to outlive
-/// the next snapshot; a day and 512 MiB leave room for any outage.
-pub async fn declare_log(conn: &Connection, queue: &str) -> Result<(), lapin::Error> {
-    let mut args = FieldTable::default();
-    args.insert(
-        ShortString::from("x-queue-type"),
-        AMQPValue::LongString("stream".into()),
-    );
-    args.insert(
-        ShortString::from("x-max-age"),
-        AMQPValue::LongString("1D".into()),
-    );
-    args.insert(
-        ShortString::from("x-max-length-bytes"),
-        AMQPValue::LongLongInt(512 << 20),
-    );
-    args.insert(
-        ShortString::from("x-stream-max-segment-size-bytes"),
-        AMQPValue::LongInt(8 << 20),
-    );
-    warren::topology::declare_stream(conn, queue, args).await
 }
 
 /// Append `r` to the log without waiting for its confirm.

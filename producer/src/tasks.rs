@@ -141,7 +141,7 @@ impl State {
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 #[repr(u8)]
-enum Outcome {
+enum AttemptState {
     Running,
     Succeeded,
     Retried,
@@ -149,14 +149,14 @@ enum Outcome {
     Requeued,
 }
 
-impl Outcome {
+impl AttemptState {
     fn as_str(self) -> &'static str {
         match self {
-            Outcome::Running => "running",
-            Outcome::Succeeded => "succeeded",
-            Outcome::Retried => "retried",
-            Outcome::Dead => "dead",
-            Outcome::Requeued => "requeued",
+            AttemptState::Running => "running",
+            AttemptState::Succeeded => "succeeded",
+            AttemptState::Retried => "retried",
+            AttemptState::Dead => "dead",
+            AttemptState::Requeued => "requeued",
         }
     }
 }
@@ -175,7 +175,7 @@ struct Attempt {
     kind: u32,
     duration_ms: u32,
     number: u16,
-    outcome: Outcome,
+    outcome: AttemptState,
 }
 
 /// A task id: a canonical UUID (what warren's producers and most
@@ -442,11 +442,11 @@ impl Entry {
         match self.attempts.as_slice().iter().max_by_key(|a| a.number) {
             None => State::Published,
             Some(a) => match a.outcome {
-                Outcome::Running => State::Running,
-                Outcome::Succeeded => State::Succeeded,
-                Outcome::Retried => State::Retrying,
-                Outcome::Dead => State::Dead,
-                Outcome::Requeued => State::Published,
+                AttemptState::Running => State::Running,
+                AttemptState::Succeeded => State::Succeeded,
+                AttemptState::Retried => State::Retrying,
+                AttemptState::Dead => State::Dead,
+                AttemptState::Requeued => State::Published,
             },
         }
     }
@@ -479,11 +479,11 @@ impl Entry {
                 let a = self.attempt(*attempt, ev.at);
                 // A redelivery of a requeued attempt runs it again; a
                 // late start of a finished one changes nothing.
-                if a.outcome == Outcome::Requeued && ev.at >= a.start {
-                    a.outcome = Outcome::Running;
+                if a.outcome == AttemptState::Requeued && ev.at >= a.start {
+                    a.outcome = AttemptState::Running;
                     a.text = None;
                 }
-                if a.outcome == Outcome::Running {
+                if a.outcome == AttemptState::Running {
                     a.start = ev.at;
                     a.consumer = consumer;
                 }
@@ -496,7 +496,7 @@ impl Entry {
             } => {
                 let a = self.attempt(*attempt, ev.at);
                 a.duration_ms = u32::try_from(ev.at - a.start).unwrap_or(0);
-                a.outcome = Outcome::Retried;
+                a.outcome = AttemptState::Retried;
                 a.text = Some(error.as_str().into());
                 a.consumer = consumer;
                 self.extra.get_or_insert_default().next_at = *next_at;
@@ -508,7 +508,7 @@ impl Entry {
             } => {
                 let a = self.attempt(*attempt, ev.at);
                 a.duration_ms = u32::try_from(*duration_ms).unwrap_or(u32::MAX);
-                a.outcome = Outcome::Succeeded;
+                a.outcome = AttemptState::Succeeded;
                 a.consumer = consumer;
                 if let Some(r) = result {
                     self.extra.get_or_insert_default().result = Some(r.to_string().into());
@@ -518,10 +518,10 @@ impl Entry {
                 attempt, reason, ..
             } => {
                 let a = self.attempt(*attempt, ev.at);
-                if a.start != ev.at && a.outcome == Outcome::Running {
+                if a.start != ev.at && a.outcome == AttemptState::Running {
                     a.duration_ms = u32::try_from(ev.at - a.start).unwrap_or(0);
                 }
-                a.outcome = Outcome::Dead;
+                a.outcome = AttemptState::Dead;
                 a.text = Some(reason.as_str().into());
                 a.kind = kind;
                 if consumer != NONE {
@@ -530,8 +530,8 @@ impl Entry {
             }
             What::Requeued { attempt, why } => {
                 let a = self.attempt(*attempt, ev.at);
-                if a.outcome == Outcome::Running && ev.at >= a.start {
-                    a.outcome = Outcome::Requeued;
+                if a.outcome == AttemptState::Running && ev.at >= a.start {
+                    a.outcome = AttemptState::Requeued;
                     a.text = Some(why.as_str().into());
                 }
             }
@@ -557,7 +557,7 @@ impl Entry {
                         kind: NONE,
                         duration_ms: 0,
                         number: n,
-                        outcome: Outcome::Running,
+                        outcome: AttemptState::Running,
                     },
                 );
                 i
@@ -797,7 +797,8 @@ impl Inner {
                     attempt: u32::from(a.number),
                     consumer: self.words.get(a.consumer).map(str::to_owned),
                     started_at: ms(a.start),
-                    duration_ms: (a.outcome != Outcome::Running && a.outcome != Outcome::Requeued)
+                    duration_ms: (a.outcome != AttemptState::Running
+                        && a.outcome != AttemptState::Requeued)
                         .then_some(u64::from(a.duration_ms)),
                     outcome: a.outcome.as_str(),
                     error: a.text.as_deref().map(str::to_owned),

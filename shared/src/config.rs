@@ -15,6 +15,7 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+use secrecy::{ExposeSecret, SecretString};
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 
@@ -33,23 +34,52 @@ const ALIASES: &[(&str, &[&str])] = &[
     ("WARREN_LOG_LEVEL", &["log", "level"]),
 ];
 
-/// A value that must never be printed (the broker URL carries a password).
-#[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
+/// A value that must never be printed (the broker URL carries a password,
+/// a token is one): held in a [`secrecy::SecretString`], so it is zeroed on
+/// drop and has no `Display`; `Debug` shows a URL with its password
+/// replaced ([`redact_url`]) and anything else as `<redacted>`.
+#[derive(Clone, Deserialize)]
 #[serde(transparent)]
-pub struct Secret(String);
+pub struct Secret(SecretString);
 
 impl Secret {
     pub fn new(s: impl Into<String>) -> Self {
-        Self(s.into())
+        Self(SecretString::from(s.into()))
     }
     pub fn expose(&self) -> &str {
-        &self.0
+        self.0.expose_secret()
+    }
+}
+
+impl ExposeSecret<str> for Secret {
+    fn expose_secret(&self) -> &str {
+        self.0.expose_secret()
+    }
+}
+
+/// Two configurations are compared on reload (what changed decides what is
+/// applied), so equal secrets must compare equal.
+impl PartialEq for Secret {
+    fn eq(&self, other: &Self) -> bool {
+        self.expose() == other.expose()
+    }
+}
+
+impl Eq for Secret {}
+
+/// Serialized as its SHA-256 digest, never the value: configurations are
+/// serialized only to compare them on reload, and a digest compares the same.
+impl Serialize for Secret {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        use sha2::{Digest, Sha256};
+        let digest = Sha256::digest(self.expose().as_bytes());
+        s.serialize_str(&format!("sha256:{}", hex::encode(digest)))
     }
 }
 
 impl fmt::Debug for Secret {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(&redact_url(&self.0))
+        f.write_str(&redact_url(self.expose()))
     }
 }
 
@@ -989,6 +1019,21 @@ mod tests {
         let shown = format!("{s:?}");
         assert!(!shown.contains("hunter2"), "{shown}");
         assert!(shown.contains("host:5672"));
+        let token = Secret::new("a-token-only-its-holder-knows");
+        assert_eq!(format!("{token:?}"), "<redacted>");
+    }
+
+    #[test]
+    fn a_serialized_secret_is_its_digest_and_compares_like_the_value() {
+        let ser = |s: &Secret| serde_json::to_string(s).unwrap();
+        let a = Secret::new("amqp://guest:hunter2@host:5672/%2f");
+        assert!(!ser(&a).contains("hunter2"), "{}", ser(&a));
+        assert!(ser(&a).starts_with("\"sha256:"), "{}", ser(&a));
+        assert_eq!(ser(&a), ser(&a.clone()));
+        assert_ne!(
+            ser(&a),
+            ser(&Secret::new("amqp://guest:other@host:5672/%2f"))
+        );
     }
 
     fn url_error(url: &str) -> String {

@@ -3,7 +3,7 @@
 //! | module | owns |
 //! |---|---|
 //! | [`envelope`] | the message contract: [`Task`] ⇄ AMQP properties and `x-warren-*` headers |
-//! | [`topology`] | every exchange, queue and binding, declared idempotently |
+//! | [`topology`] | every exchange, queue and binding, declared idempotently (or only checked); [`topology::producer`]: the producer's own queues, streams and exchange |
 //! | [`delay`] | plugin-free delay levels: delay ⇄ routing-key bits |
 //! | [`retry`] | retry policy: attempts and backoff delays |
 //! | [`security`] | signed and encrypted tasks: keys, HMAC signatures, AES-GCM payloads |

@@ -1,5 +1,7 @@
 //! Every AMQP object warren uses, as data, and the one idempotent `declare`
-//! both roles call at start and after each reconnect.
+//! both roles call at start and after each reconnect; the producer's own
+//! objects (its lock, logs, snapshots and control queue) are in [`producer`],
+//! declared or checked by the same code ([`declare_objects`]).
 //!
 //! ```text
 //! publish ──► <p>.tasks (topic) ──#──► <p>.route (topic, alternate-exchange <p>.unclaimed)
@@ -36,6 +38,8 @@ use lapin::{Connection, ExchangeKind};
 use crate::config::{QueueType, TopologyConfig};
 use crate::delay;
 use crate::error::Error;
+
+pub mod producer;
 
 /// A work queue as declared.
 #[derive(Debug, Clone, PartialEq)]
@@ -527,21 +531,31 @@ fn put(t: &mut FieldTable, k: &str, v: AMQPValue) {
 /// yields [`Error::TopologyConflict`] naming it and the argument that differs.
 /// With `topology.declare = false`, only [`check`]s.
 pub async fn declare(conn: &Connection, topo: &Topology) -> Result<(), Error> {
+    declare_objects(conn, topo, &topo.objects()).await
+}
+
+/// [`declare`] for `objects` of `topo` (the producer's own, for example):
+/// each declared, or with `topology.declare = false` only checked.
+pub async fn declare_objects(
+    conn: &Connection,
+    topo: &Topology,
+    objects: &[Object],
+) -> Result<(), Error> {
     if !topo.declares() {
-        return check(conn, topo).await;
+        return check_objects(conn, topo, objects).await;
     }
     // Own channel: a failed declare closes it, and the caller's channels
     // must survive that.
     let mut ch = conn.create_channel().await?;
-    let mut new_stream = false;
-    for obj in topo.objects() {
-        if let Object::Queue { name, args } = &obj {
+    let mut new_streams = Vec::new();
+    for obj in objects {
+        if let Object::Queue { name, args } = obj {
             if is_stream(args) {
                 match passive_queue(&ch, name).await {
                     Ok(()) => {}
                     Err(e) if not_found(&e) => {
                         ch = conn.create_channel().await?;
-                        new_stream = true;
+                        new_streams.push(name.as_str());
                     }
                     Err(e) => return Err(Error::Amqp(e)),
                 }
@@ -558,24 +572,19 @@ pub async fn declare(conn: &Connection, topo: &Topology) -> Result<(), Error> {
                 }
             }
         }
-        if let Err(e) = declare_one(&ch, &obj).await {
-            if topo.is_optional(&obj) {
-                tracing::warn!(error = %conflict(&obj, e), "task events will be dropped");
+        if let Err(e) = declare_one(&ch, obj).await {
+            if topo.is_optional(obj) {
+                tracing::warn!(error = %conflict(obj, e), "task events will be dropped");
                 ch = conn.create_channel().await?;
                 continue;
             }
-            return Err(conflict(&obj, e));
+            return Err(conflict(obj, e));
         }
     }
     let _ = ch.close(200, "topology declared".into()).await;
-    if new_stream {
-        for obj in topo.objects() {
-            if let Object::Queue { name, args } = &obj {
-                if is_stream(args) {
-                    stream_ready(conn, name).await;
-                }
-            }
-        }
+    // Only a stream this created can still lack its writer.
+    for name in new_streams {
+        stream_ready(conn, name).await;
     }
     Ok(())
 }
@@ -644,36 +653,6 @@ pub fn is_stream(args: &FieldTable) -> bool {
         args.inner().get("x-queue-type"),
         Some(AMQPValue::LongString(t)) if t.as_bytes() == b"stream"
     )
-}
-
-/// Declare the stream `name` (durable, `args`); when this created it, wait
-/// until it can take publishes (see `stream_ready`).
-pub async fn declare_stream(
-    conn: &Connection,
-    name: &str,
-    args: FieldTable,
-) -> Result<(), lapin::Error> {
-    let ch = conn.create_channel().await?;
-    let created = match passive_queue(&ch, name).await {
-        Ok(()) => {
-            let _ = ch.close(200, "stream exists".into()).await;
-            false
-        }
-        // The refused passive declare closed that channel.
-        Err(e) if not_found(&e) => true,
-        Err(e) => return Err(e),
-    };
-    let ch = conn.create_channel().await?;
-    let durable = QueueDeclareOptions {
-        durable: true,
-        ..QueueDeclareOptions::default()
-    };
-    ch.queue_declare(name.into(), durable, args).await?;
-    let _ = ch.close(200, "stream declared".into()).await;
-    if created {
-        stream_ready(conn, name).await;
-    }
-    Ok(())
 }
 
 /// Declare one object (durable), or bind or unbind.
@@ -746,9 +725,18 @@ async fn declare_one(ch: &lapin::Channel, obj: &Object) -> Result<(), lapin::Err
 /// this way; a missing one shows as an unroutable publish. A missing object
 /// yields [`Error::Missing`] naming it.
 pub async fn check(conn: &Connection, topo: &Topology) -> Result<(), Error> {
+    check_objects(conn, topo, &topo.objects()).await
+}
+
+/// [`check`] for `objects` of `topo`.
+pub async fn check_objects(
+    conn: &Connection,
+    topo: &Topology,
+    objects: &[Object],
+) -> Result<(), Error> {
     let mut ch = conn.create_channel().await?;
-    for obj in topo.objects() {
-        let res = match &obj {
+    for obj in objects {
+        let res = match obj {
             Object::Exchange { name, kind, .. } => {
                 let passive = ExchangeDeclareOptions {
                     passive: true,
@@ -766,16 +754,16 @@ pub async fn check(conn: &Connection, topo: &Topology) -> Result<(), Error> {
             _ => continue,
         };
         if let Err(e) = res {
-            if topo.is_optional(&obj) {
+            if topo.is_optional(obj) {
                 tracing::warn!(error = %crate::error::broker_reason(&e), stream = %topo.events_stream(), "the task events stream is missing; task events will be dropped");
                 ch = conn.create_channel().await?;
                 continue;
             }
             if not_found(&e) {
-                let object = describe(&obj);
+                let object = describe(obj);
                 return Err(Error::Missing { object });
             }
-            return Err(conflict(&obj, e));
+            return Err(conflict(obj, e));
         }
         // A refused passive declare closes the channel; none was refused.
         if !ch.status().connected() {

@@ -39,7 +39,7 @@ pub struct Resume {
 /// How a step's task ended, as far as the workflow cares.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
-pub enum Outcome {
+pub enum StepOutcome {
     Succeeded,
     /// Dead-lettered: exhausted, permanent, bad signature, poison.
     Dead,
@@ -52,7 +52,7 @@ pub struct StepEvent {
     pub run: String,
     pub step: String,
     pub task_id: String,
-    pub outcome: Outcome,
+    pub outcome: StepOutcome,
     pub attempt: u32,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub error: Option<String>,
@@ -80,7 +80,7 @@ mod tests {
             run: "r".into(),
             step: "a".into(),
             task_id: "r:a".into(),
-            outcome: Outcome::Dead,
+            outcome: StepOutcome::Dead,
             attempt: 3,
             error: Some("boom".into()),
             dead_kind: Some("exhausted".into()),

@@ -9,7 +9,7 @@ use lapin::types::FieldTable;
 use lapin::BasicProperties;
 use serde_json::Value;
 use warren::envelope::{header_str, headers, PERSISTENT};
-use warren::workflow::{Outcome, StepEvent};
+use warren::workflow::{StepEvent, StepOutcome};
 use warren::Task;
 
 /// The event of a step task that succeeded with `result` (dropped when its
@@ -36,7 +36,7 @@ pub(super) fn succeeded(
         run: step.run.clone(),
         step: step.step.clone(),
         task_id: task.id.clone(),
-        outcome: Outcome::Succeeded,
+        outcome: StepOutcome::Succeeded,
         attempt: task.attempt,
         error: None,
         dead_kind: None,
@@ -65,7 +65,7 @@ pub(super) fn dead(props: &BasicProperties) -> Option<Vec<u8>> {
             .as_ref()
             .map(|s| s.as_str().to_owned())
             .unwrap_or_default(),
-        outcome: Outcome::Dead,
+        outcome: StepOutcome::Dead,
         attempt,
         error: header_str(h, headers::DEAD_REASON),
         dead_kind: header_str(h, headers::DEAD_KIND),

@@ -231,7 +231,7 @@ async fn least_privilege_users_run_the_pipeline_and_a_missing_permission_is_name
     let ev: warren::workflow::StepEvent = serde_json::from_slice(&ev.data).unwrap();
     assert_eq!(
         (ev.task_id, ev.outcome),
-        (step.id.clone(), warren::workflow::Outcome::Succeeded)
+        (step.id.clone(), warren::workflow::StepOutcome::Succeeded)
     );
     // A drain, not a kill: a kill could lose the (coalesced) ack of the dead
     // task's last attempt, and its redelivery to the next worker would be

@@ -133,7 +133,7 @@ fn parse<T: serde::de::DeserializeOwned>(
 }
 
 /// The API's broker connection, or 503 while it is down.
-fn broker(ctx: &Ctx) -> Result<Arc<lapin::Connection>, ApiError> {
+fn connection(ctx: &Ctx) -> Result<Arc<lapin::Connection>, ApiError> {
     ctx.link().connection().ok_or_else(|| {
         ApiError::new(
             StatusCode::SERVICE_UNAVAILABLE,
@@ -190,7 +190,7 @@ async fn get_overview(
 ) -> Result<Response, ApiError> {
     let max = ctx.dead_scan_limit();
     let limit = q.limit.unwrap_or(DEFAULT_OVERVIEW_SCAN).clamp(1, max);
-    let b = broker(&ctx)?;
+    let b = connection(&ctx)?;
     let o = dead::overview(&b, ctx.topo(), limit)
         .await
         .map_err(dead_error)?;
@@ -204,7 +204,7 @@ async fn get_messages(
 ) -> Result<Response, ApiError> {
     let scan = ctx.dead_scan_limit();
     let limit = q.limit.unwrap_or(DEFAULT_LIST_LIMIT).clamp(1, scan);
-    let b = broker(&ctx)?;
+    let b = connection(&ctx)?;
     let keep = |t: &dead::DeadTask| {
         q.task.as_ref().is_none_or(|v| *v == t.task)
             && q.kind.as_ref().is_none_or(|v| *v == t.kind)
@@ -222,7 +222,7 @@ async fn get_message(
     Path(id): Path<String>,
 ) -> Result<Response, ApiError> {
     let scan = ctx.dead_scan_limit();
-    let b = broker(&ctx)?;
+    let b = connection(&ctx)?;
     let m = dead::inspect(&b, ctx.topo(), &id, scan)
         .await
         .map_err(dead_error)?
@@ -333,7 +333,7 @@ async fn purge(
             "purging deletes dead tasks for good: send `\"confirm\": true`",
         ));
     }
-    let b = broker(&ctx)?;
+    let b = connection(&ctx)?;
     let scan = ctx.dead_scan_limit();
     let r = dead::purge(&b, ctx.topo(), &sel, scan).await;
     let (result, count) = match &r {

@@ -23,7 +23,7 @@ use super::{body_error, fmt_time, publisher, ApiState};
 use crate::audit;
 use crate::auth::{Admin, Read, RequireScope};
 use crate::book::Origin;
-use crate::catalog::{self, Change, Outcome, WriteError};
+use crate::catalog::{self, Change, Resolution, WriteError};
 use crate::config::{Schedule, ScheduleConfig};
 use crate::context::{Ctx, Leadership, Replicas, Timetable};
 use crate::error::ApiError;
@@ -265,8 +265,8 @@ async fn put(
     };
     audit::record(ctx.metrics(), &who, "schedule_put", &name, result, 1);
     let (status, version) = match outcome? {
-        Outcome::Created { version } => (StatusCode::CREATED, version),
-        Outcome::Replaced { version } => (StatusCode::OK, version),
+        Resolution::Created { version } => (StatusCode::CREATED, version),
+        Resolution::Replaced { version } => (StatusCode::OK, version),
         other => return Err(refusal(&name, other)),
     };
     let body = match ctx.timetable().book().get(&name) {
@@ -308,12 +308,12 @@ async fn delete(
         1,
     );
     match outcome? {
-        Outcome::Deleted => Ok(StatusCode::NO_CONTENT.into_response()),
+        Resolution::Deleted => Ok(StatusCode::NO_CONTENT.into_response()),
         other => Err(refusal(&name, other)),
     }
 }
 
-async fn write(ctx: &Ctx, change: Change) -> Result<Outcome, ApiError> {
+async fn write(ctx: &Ctx, change: Change) -> Result<Resolution, ApiError> {
     let p = publisher(ctx)?;
     catalog::write(
         ctx.timetable().catalog(),
@@ -328,15 +328,15 @@ async fn write(ctx: &Ctx, change: Change) -> Result<Outcome, ApiError> {
             "broker_unavailable",
             e.to_string(),
         ),
-        WriteError::NoOutcome => {
+        WriteError::NotReadBack => {
             ApiError::new(StatusCode::GATEWAY_TIMEOUT, "no_outcome", e.to_string())
         }
     })
 }
 
-fn refusal(name: &str, o: Outcome) -> ApiError {
+fn refusal(name: &str, o: Resolution) -> ApiError {
     match o {
-        Outcome::Stale { current } => ApiError::new(
+        Resolution::Stale { current } => ApiError::new(
             StatusCode::PRECONDITION_FAILED,
             "precondition_failed",
             format!(
@@ -344,19 +344,21 @@ fn refusal(name: &str, o: Outcome) -> ApiError {
             ),
         )
         .with_extra(json!({ "version": current })),
-        Outcome::NotFound => not_found(name),
-        Outcome::Full { max } => ApiError::new(
+        Resolution::NotFound => not_found(name),
+        Resolution::Full { max } => ApiError::new(
             StatusCode::CONFLICT,
             "too_many_schedules",
             format!("the catalog holds scheduler.max_schedules = {max} schedules already"),
         ),
-        Outcome::Invalid(why) => {
+        Resolution::Invalid(why) => {
             ApiError::new(StatusCode::UNPROCESSABLE_ENTITY, "invalid_schedule", why)
         }
-        Outcome::Created { .. } | Outcome::Replaced { .. } | Outcome::Deleted => ApiError::new(
-            StatusCode::INTERNAL_SERVER_ERROR,
-            "internal",
-            "unexpected outcome",
-        ),
+        Resolution::Created { .. } | Resolution::Replaced { .. } | Resolution::Deleted => {
+            ApiError::new(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "internal",
+                "unexpected outcome",
+            )
+        }
     }
 }

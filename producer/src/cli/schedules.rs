@@ -12,8 +12,9 @@ use futures_util::StreamExt;
 use serde::Deserialize;
 use warren::amqp::Publisher;
 use warren::config::Problems;
+use warren::topology::producer::Part;
 
-use crate::catalog::{self, Catalog, Change, Outcome};
+use crate::catalog::{self, Catalog, Change, Resolution};
 use crate::config::{ProducerConfig, Schedule, ScheduleConfig};
 
 /// A file of schedules: TOML with `[[schedules]]`, or JSON (an array of
@@ -89,7 +90,8 @@ async fn open(
         .await
         .context("connecting to the broker")?;
     let prefix = cfg.topology.prefix.as_str();
-    catalog::declare(&conn, prefix, cfg.topology.queue_type).await?;
+    let topo = warren::Topology::new(&cfg.topology);
+    warren::topology::producer::declare(&conn, &topo, &[Part::Catalog]).await?;
     let publisher = Publisher::new(&conn, cfg.amqp.confirm_timeout).await?;
     let cat = Arc::new(Catalog::new(crate::context::api_compiler(cfg)));
     let (_ch, mut consumer) = catalog::follow(&conn, &publisher, prefix, &cat, &|_| {}).await?;
@@ -200,7 +202,12 @@ async fn write_all(
             .with_delivery_mode(warren::envelope::PERSISTENT);
         pending.push(
             publisher
-                .send("", &catalog::log_stream(prefix), props, &body)
+                .send(
+                    "",
+                    &warren::topology::producer::catalog_log(prefix),
+                    props,
+                    &body,
+                )
                 .await?,
         );
     }
@@ -214,8 +221,8 @@ async fn write_all(
             .ok()
             .and_then(Result::ok);
         let what = match outcome {
-            Some(Outcome::Created { .. }) => "created",
-            Some(Outcome::Replaced { .. }) => "updated",
+            Some(Resolution::Created { .. }) => "created",
+            Some(Resolution::Replaced { .. }) => "updated",
             Some(o) => {
                 refused += 1;
                 warren::errln!("{name}: refused: {}", describe(&o));
@@ -235,13 +242,17 @@ async fn write_all(
     Ok(())
 }
 
-fn describe(o: &Outcome) -> String {
+fn describe(o: &Resolution) -> String {
     match o {
-        Outcome::Stale { .. } => "changed by someone else meanwhile; run apply again".into(),
-        Outcome::Full { max } => format!("the catalog is full (scheduler.max_schedules = {max})"),
-        Outcome::Invalid(why) => why.clone(),
-        Outcome::NotFound => "not found".into(),
-        Outcome::Created { .. } | Outcome::Replaced { .. } | Outcome::Deleted => "ok".into(),
+        Resolution::Stale { .. } => "changed by someone else meanwhile; run apply again".into(),
+        Resolution::Full { max } => {
+            format!("the catalog is full (scheduler.max_schedules = {max})")
+        }
+        Resolution::Invalid(why) => why.clone(),
+        Resolution::NotFound => "not found".into(),
+        Resolution::Created { .. } | Resolution::Replaced { .. } | Resolution::Deleted => {
+            "ok".into()
+        }
     }
 }
 
@@ -265,7 +276,7 @@ pub async fn delete(
             req: uuid::Uuid::new_v4().to_string(),
         };
         match catalog::write(&cat, &publisher, &cfg.topology.prefix, change).await? {
-            Outcome::Deleted => Ok(()),
+            Resolution::Deleted => Ok(()),
             o => anyhow::bail!("not deleted: {}", describe(&o)),
         }
     }

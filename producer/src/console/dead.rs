@@ -24,7 +24,7 @@ use warren::dead::{self, DeadError, DeadTask, Overview, Page, Search, Selector};
 use super::actions;
 use super::guard::{refused, wants_fresh, Fields, Signed};
 use super::layout::{self, Nav};
-use super::session::Session;
+use super::signin::SignIn;
 use super::Console;
 use crate::auth::Scope;
 
@@ -85,7 +85,7 @@ impl Workbench {
 
     async fn rescan(&self, c: &Console) -> Result<Arc<Overview>, String> {
         let _scan = self.scan.lock().await;
-        let conn = c.broker.connection(&c.ctx).await?;
+        let conn = c.conn.connection(&c.ctx).await?;
         let limit = c.ctx.cfg().console.dead_scan_limit;
         let o = Arc::new(
             dead::overview(&conn, c.ctx.topo(), limit)
@@ -203,7 +203,7 @@ fn page_number(p: Option<&str>) -> usize {
         .unwrap_or(1)
 }
 
-fn problem(s: &Session, e: &str) -> Response {
+fn problem(s: &SignIn, e: &str) -> Response {
     let mut r = layout::page(
         "Dead letters",
         Some(s),
@@ -233,7 +233,7 @@ pub async fn page(
     let fresh = wants_fresh(&headers);
     // The total is the broker's (the overview's sample, 2 s at most);
     // the groups come from the latest scan, which may be older.
-    let sample = c.sampler.get(&c.ctx, &c.broker, fresh).await;
+    let sample = c.sampler.get(&c.ctx, &c.conn, fresh).await;
     let broker = sample.dead.map(u64::from);
     let o = match c.dead.overview(&c, fresh, broker).await {
         Ok(o) => o,
@@ -284,7 +284,7 @@ fn total_hint(c: &Console, o: &Overview, total: u64, no_broker_count: bool) -> M
 }
 
 /// One row per group, with its replay and purge buttons.
-fn groups_table(s: &Session, o: &Overview) -> Markup {
+fn groups_table(s: &SignIn, o: &Overview) -> Markup {
     let can_replay = s.may(Scope::Publish);
     let can_purge = s.may(Scope::Admin);
     html! {
@@ -324,7 +324,7 @@ fn groups_table(s: &Session, o: &Overview) -> Markup {
 }
 
 /// Replay all and purge all, for the whole queue.
-fn bulk_actions(s: &Session, total: u64) -> Markup {
+fn bulk_actions(s: &SignIn, total: u64) -> Markup {
     let can_replay = s.may(Scope::Publish);
     let can_purge = s.may(Scope::Admin);
     html! {
@@ -382,7 +382,7 @@ async fn read_page(
     let limit = c.ctx.cfg().console.dead_scan_limit;
     c.dead
         .reading(|| async {
-            let conn = c.broker.connection(&c.ctx).await?;
+            let conn = c.conn.connection(&c.ctx).await?;
             dead::page_where(&conn, c.ctx.topo(), limit, (page - 1) * PAGE, PAGE, filter)
                 .await
                 .map_err(|e| e.to_string())
@@ -411,7 +411,7 @@ fn pager(p: &Page, page: usize, link: impl Fn(usize) -> String) -> Markup {
 
 /// The table of one page of messages, with checkboxes to replay a
 /// selection; `back` is where the replay returns to.
-fn messages_table(s: &Session, tasks: &[DeadTask], back: &str, with_task: bool) -> Markup {
+fn messages_table(s: &SignIn, tasks: &[DeadTask], back: &str, with_task: bool) -> Markup {
     let can_replay = s.may(Scope::Publish);
     html! {
         form method="post" action="/ui/dead/replay" {
@@ -587,7 +587,7 @@ pub async fn message(
     let found = c
         .dead
         .reading(|| async {
-            let conn = c.broker.connection(&c.ctx).await?;
+            let conn = c.conn.connection(&c.ctx).await?;
             dead::inspect(&conn, c.ctx.topo(), &q.id, limit)
                 .await
                 .map_err(|e| e.to_string())
@@ -763,7 +763,7 @@ pub async fn replay(State(c): State<Console>, Signed(s): Signed, body: Bytes) ->
     let report = c
         .dead
         .exclusive(&c.sampler, || async {
-            let conn = c.broker.connection(&c.ctx).await?;
+            let conn = c.conn.connection(&c.ctx).await?;
             dead::replay(&conn, c.ctx.topo(), &selector, usize::MAX, timeout)
                 .await
                 .map_err(|e| e.to_string())
@@ -839,7 +839,7 @@ pub async fn edit(State(c): State<Console>, Signed(s): Signed, body: Bytes) -> R
 /// gone from the dead queue (`true`) and why it was not replayed.
 async fn replay_edited(
     c: &Console,
-    s: &Session,
+    s: &SignIn,
     id: &str,
     payload: &str,
     new_id: bool,
@@ -847,7 +847,7 @@ async fn replay_edited(
 ) -> Result<dead::ReplayReport, (bool, String)> {
     c.dead
         .exclusive(&c.sampler, || async {
-            let conn = c.broker.connection(&c.ctx).await.map_err(|e| (false, e))?;
+            let conn = c.conn.connection(&c.ctx).await.map_err(|e| (false, e))?;
             dead::replay_edited(
                 &conn,
                 c.ctx.topo(),
@@ -870,7 +870,7 @@ async fn replay_edited(
 /// once it is replayed or gone, else to the message (`back`).
 fn edited(
     c: &Console,
-    s: &Session,
+    s: &SignIn,
     id: &str,
     back: String,
     report: Result<dead::ReplayReport, (bool, String)>,
@@ -919,7 +919,7 @@ pub async fn purge(State(c): State<Console>, Signed(s): Signed, body: Bytes) -> 
     let purged = c
         .dead
         .exclusive(&c.sampler, || async {
-            let conn = c.broker.connection(&c.ctx).await?;
+            let conn = c.conn.connection(&c.ctx).await?;
             dead::purge(&conn, c.ctx.topo(), &selector, usize::MAX)
                 .await
                 .map_err(|e| e.to_string())
@@ -951,12 +951,12 @@ pub async fn purge(State(c): State<Console>, Signed(s): Signed, body: Bytes) -> 
 /// `confirm=yes`.
 async fn confirm_purge(
     c: &Console,
-    s: &Session,
+    s: &SignIn,
     f: &Fields,
     selector: &Selector,
     words: Markup,
 ) -> Response {
-    let sample = c.sampler.get(&c.ctx, &c.broker, false).await;
+    let sample = c.sampler.get(&c.ctx, &c.conn, false).await;
     let broker = sample.dead.map(u64::from);
     let estimate = match (selector, c.dead.overview(c, false, broker).await) {
         (Selector::All, Ok(o)) => html! {

@@ -7,14 +7,15 @@ use axum::http::request::Parts;
 use axum::http::{header, HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Redirect, Response};
 use maud::{html, Markup};
+use secrecy::ExposeSecret;
 
 use super::layout;
-use super::session::{self, Session};
+use super::signin::{self, SignIn};
 use super::Console;
 use crate::auth::Scope;
 
 /// A request from a signed-in browser.
-pub struct Signed(pub Session);
+pub struct Signed(pub SignIn);
 
 impl FromRequestParts<Console> for Signed {
     type Rejection = Response;
@@ -22,12 +23,16 @@ impl FromRequestParts<Console> for Signed {
     async fn from_request_parts(parts: &mut Parts, state: &Console) -> Result<Self, Response> {
         let to_login = || Redirect::to("/ui/login").into_response();
         let mut s = session_id(&parts.headers)
-            .and_then(|id| state.sessions.touch(id))
+            .and_then(|id| state.sign_ins.touch(id))
             .ok_or_else(to_login)?;
         // The tokens in force decide, not those at sign-in (SIGHUP).
-        let Some(caller) = state.ctx.tokens().authenticate(s.token.expose().as_bytes()) else {
+        let Some(caller) = state
+            .ctx
+            .tokens()
+            .authenticate(s.token.expose_secret().as_bytes())
+        else {
             tracing::info!(who = %s.who, "console session ended: its token is no longer configured");
-            state.sessions.remove(&s.id);
+            state.sign_ins.remove(&s.id);
             return Err(to_login());
         };
         s.who = caller.name;
@@ -42,7 +47,7 @@ pub fn session_id(headers: &HeaderMap) -> Option<&str> {
         .get_all(header::COOKIE)
         .iter()
         .filter_map(|v| v.to_str().ok())
-        .find_map(session::from_cookie_header)
+        .find_map(signin::from_cookie_header)
 }
 
 /// Whether the browser reached us over TLS (directly or through a proxy
@@ -98,7 +103,7 @@ impl Fields {
 /// The 403 page if `s` may not perform an action needing `scope` with this
 /// form: the CSRF token is checked first (a forged request learns nothing
 /// about scopes), then the scope.
-pub fn refused(s: &Session, f: &Fields, scope: Scope) -> Option<Response> {
+pub fn refused(s: &SignIn, f: &Fields, scope: Scope) -> Option<Response> {
     if !s.csrf_ok(f.get("csrf")) {
         return Some(forbidden(
             s,
@@ -114,7 +119,7 @@ pub fn refused(s: &Session, f: &Fields, scope: Scope) -> Option<Response> {
     None
 }
 
-fn forbidden(s: &Session, why: Markup) -> Response {
+fn forbidden(s: &SignIn, why: Markup) -> Response {
     (
         StatusCode::FORBIDDEN,
         layout::page(

@@ -9,7 +9,7 @@ use axum::response::{IntoResponse, Response};
 use chrono::{DateTime, SecondsFormat, Utc};
 use maud::{html, Markup, DOCTYPE};
 
-use super::session::Session;
+use super::signin::SignIn;
 use super::Console;
 use crate::auth::Scope;
 
@@ -29,7 +29,7 @@ pub enum Nav {
     None,
 }
 
-pub fn page(title: &str, who: Option<&Session>, nav: Nav, body: Markup) -> Response {
+pub fn page(title: &str, who: Option<&SignIn>, nav: Nav, body: Markup) -> Response {
     let markup = html! {
         (DOCTYPE)
         html lang="en" {
@@ -111,8 +111,8 @@ pub fn message(text: Markup) -> Markup {
 /// The one-line notice an action left for this page: `key` is the
 /// one-time id in `?flash=` of the redirect, looked up in the session, so
 /// an unknown or foreign key (or text put in the URL) shows nothing.
-pub fn flash(c: &Console, s: &Session, key: Option<&str>) -> Markup {
-    let text = key.and_then(|k| c.sessions.take_flash(&s.id, k));
+pub fn flash(c: &Console, s: &SignIn, key: Option<&str>) -> Markup {
+    let text = key.and_then(|k| c.sign_ins.take_flash(&s.id, k));
     html! {
         @if let Some(t) = text { p.flash role="status" { (t) } }
     }
@@ -159,7 +159,7 @@ pub fn needs(can: bool, scope: Scope, does: &str) -> String {
 }
 
 /// The scopes of a session, as the header shows them.
-pub fn scope_list(s: &Session) -> String {
+pub fn scope_list(s: &SignIn) -> String {
     s.scopes
         .iter()
         .map(|s| s.name())
@@ -170,7 +170,7 @@ pub fn scope_list(s: &Session) -> String {
 /// What the session's token may not do on this page, in words (a phone
 /// shows no tooltips): "Your token (read) cannot replay (needs publish),
 /// nor purge (needs admin)." Nothing when it may do all.
-pub fn scope_note(s: &Session, needs: &[(&str, Scope)]) -> Markup {
+pub fn scope_note(s: &SignIn, needs: &[(&str, Scope)]) -> Markup {
     let missing: Vec<_> = needs.iter().filter(|(_, sc)| !s.may(*sc)).collect();
     html! {
         @if !missing.is_empty() {
@@ -187,7 +187,7 @@ pub fn scope_note(s: &Session, needs: &[(&str, Scope)]) -> Markup {
 }
 
 /// A hidden CSRF field for a form of this session.
-pub fn csrf(s: &Session) -> Markup {
+pub fn csrf(s: &SignIn) -> Markup {
     html! { input type="hidden" name="csrf" value=(s.csrf); }
 }
 
@@ -224,9 +224,9 @@ pub fn span(d: chrono::TimeDelta) -> String {
 
 /// A redirect after a POST, with a notice for the next page (kept in the
 /// session; the URL carries only its one-time id).
-pub fn see_other(c: &Console, s: &Session, path: &str, notice: Markup) -> Response {
+pub fn see_other(c: &Console, s: &SignIn, path: &str, notice: Markup) -> Response {
     let mut target = String::from(path);
-    if let Some(key) = c.sessions.put_flash(&s.id, notice) {
+    if let Some(key) = c.sign_ins.put_flash(&s.id, notice) {
         target.push(if path.contains('?') { '&' } else { '?' });
         target.push_str("flash=");
         target.push_str(&key);
@@ -247,7 +247,7 @@ pub async fn not_found(
     headers: axum::http::HeaderMap,
     uri: axum::http::Uri,
 ) -> Response {
-    let who = super::guard::session_id(&headers).and_then(|id| c.sessions.touch(id));
+    let who = super::guard::session_id(&headers).and_then(|id| c.sign_ins.touch(id));
     let body = html! {
         p.notice { "There is no console page at " code { (uri.path()) } "." }
         p { a href="/ui/" { "Overview" } " · " a href="/ui/dead" { "Dead letters" } " · " a href="/ui/schedules" { "Schedules" } }

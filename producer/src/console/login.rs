@@ -12,7 +12,7 @@ use maud::html;
 
 use super::guard::{self, Fields, Signed};
 use super::layout::{self, Nav};
-use super::{session, Console};
+use super::{signin, Console};
 
 pub async fn form(
     State(c): State<Console>,
@@ -31,7 +31,7 @@ pub async fn form(
         return open_session(&c, &headers, token.trim(), "link");
     }
     // Already signed in: straight to the overview.
-    if guard::session_id(&headers).is_some_and(|id| c.sessions.touch(id).is_some()) {
+    if guard::session_id(&headers).is_some_and(|id| c.sign_ins.touch(id).is_some()) {
         return Redirect::to("/ui/").into_response();
     }
     login_page(StatusCode::OK, None)
@@ -72,11 +72,13 @@ fn open_session(c: &Console, headers: &HeaderMap, token: &str, via: &str) -> Res
         tracing::info!(via, "console sign-in refused: unknown token");
         return login_page(StatusCode::UNAUTHORIZED, Some("Unknown token."));
     };
-    let s = c
-        .sessions
-        .create(caller.name, caller.scopes, session::Token::new(token));
+    let s = c.sign_ins.create(
+        caller.name,
+        caller.scopes,
+        secrecy::SecretString::from(token),
+    );
     tracing::info!(who = %s.who, via, "console sign-in");
-    let cookie = session::set_cookie(&s.id, guard::over_tls(headers));
+    let cookie = signin::set_cookie(&s.id, guard::over_tls(headers));
     let mut r = with_cookie(Redirect::to("/ui/").into_response(), &cookie);
     // The link's URL carries the token: keep it out of caches and of any
     // Referer (the overview's own answers say the same).
@@ -98,8 +100,8 @@ pub async fn sign_out(
     if !s.csrf_ok(Fields::parse(&body).get("csrf")) {
         return (StatusCode::FORBIDDEN, "CSRF token missing or wrong").into_response();
     }
-    c.sessions.remove(&s.id);
-    let cookie = session::clear_cookie(guard::over_tls(&headers));
+    c.sign_ins.remove(&s.id);
+    let cookie = signin::clear_cookie(guard::over_tls(&headers));
     with_cookie(Redirect::to("/ui/login").into_response(), &cookie)
 }
 

@@ -4,10 +4,10 @@
 //!
 //! | module | owns |
 //! |---|---|
-//! | `session` | the session table, cookies, CSRF tokens |
+//! | `signin` | the sign-in table (`SignIn`, `SignIns`), cookies, CSRF tokens |
 //! | `guard` | the signed-in extractor, form fields, the checks before an action |
 //! | `layout` | the page shell, embedded assets, security headers |
-//! | `sample` | the console's broker connection; queue depths (and optional management API rates), cached |
+//! | `sample` | the console's broker connection (`ConsoleConnection`); queue depths (and optional management API rates), cached |
 //! | `actions` | publishing on behalf of the console, the audit line |
 //! | `dead` | the dead-letter workbench on [`warren::dead`] |
 //! | `login`, `overview`, `schedules`, `publish` | one page each |
@@ -27,7 +27,7 @@ mod publish;
 mod sample;
 mod schedule_edit;
 mod schedules;
-mod session;
+mod signin;
 mod tasks;
 mod workflows;
 
@@ -44,18 +44,18 @@ use crate::context::Ctx;
 #[derive(Clone)]
 pub struct Console {
     ctx: Arc<Ctx>,
-    sessions: Arc<session::Sessions>,
+    sign_ins: Arc<signin::SignIns>,
     sampler: Arc<sample::Sampler>,
-    broker: Arc<sample::Broker>,
+    conn: Arc<sample::ConsoleConnection>,
     dead: Arc<dead::Workbench>,
 }
 
 pub fn router(ctx: Arc<Ctx>) -> Router {
     let limit = ctx.cfg().api.max_body_bytes;
     let state = Console {
-        sessions: Arc::new(session::Sessions::new(ctx.cfg().console.session_ttl)),
+        sign_ins: Arc::new(signin::SignIns::new(ctx.cfg().console.session_ttl)),
         sampler: Arc::new(sample::Sampler::new()),
-        broker: Arc::default(),
+        conn: Arc::default(),
         dead: Arc::default(),
         ctx,
     };

@@ -30,7 +30,7 @@ pub async fn fragment(State(c): State<Console>, Signed(_): Signed) -> Response {
 }
 
 async fn fragment_markup(c: &Console, fresh: bool) -> Markup {
-    let sample = c.sampler.get(&c.ctx, &c.broker, fresh).await;
+    let sample = c.sampler.get(&c.ctx, &c.conn, fresh).await;
     let latest = super::dead::latest(c, fresh, sample.dead.map(u64::from)).await;
     let connected = c.ctx.link().publisher().is_some();
     html! {

@@ -13,7 +13,7 @@ use serde_json::{json, Map, Value};
 use super::actions;
 use super::guard::{refused, Fields, Signed};
 use super::layout::{self, FlashKey, Nav};
-use super::session::Session;
+use super::signin::SignIn;
 use super::Console;
 use crate::auth::Scope;
 use crate::request::{json_error, TaskRequest};
@@ -27,7 +27,7 @@ pub async fn form(
     render(&s, flash, None, &Fields::parse(b""))
 }
 
-fn render(s: &Session, flash: Markup, error: Option<&str>, f: &Fields) -> Response {
+fn render(s: &SignIn, flash: Markup, error: Option<&str>, f: &Fields) -> Response {
     let can = s.may(Scope::Publish);
     let body = html! {
         (flash)

@@ -51,11 +51,11 @@ pub struct Sample {
 /// The console's own broker connection, opened on first use and again
 /// after it dropped; the sampler and the dead-letter workbench share it.
 #[derive(Default)]
-pub struct Broker {
+pub struct ConsoleConnection {
     conn: Mutex<Option<Arc<Connection>>>,
 }
 
-impl Broker {
+impl ConsoleConnection {
     pub async fn connection(&self, ctx: &Ctx) -> Result<Arc<Connection>, String> {
         let mut g = self.conn.lock().await;
         if let Some(c) = g.as_ref().filter(|c| c.status().connected()) {
@@ -107,7 +107,7 @@ impl Sampler {
     /// The latest sample, taken now if the last one is older than [`FRESH`]
     /// or `fresh` is asked. Concurrent callers wait for one sample instead
     /// of each taking one.
-    pub async fn get(&self, ctx: &Ctx, broker: &Broker, fresh: bool) -> Arc<Sample> {
+    pub async fn get(&self, ctx: &Ctx, conn: &ConsoleConnection, fresh: bool) -> Arc<Sample> {
         let mut st = self.state.lock().await;
         let fresh = fresh
             || self
@@ -118,18 +118,18 @@ impl Sampler {
                 return last.clone();
             }
         }
-        let sample = Arc::new(self.take(ctx, broker, &mut st).await);
+        let sample = Arc::new(self.take(ctx, conn, &mut st).await);
         st.last = Some(sample.clone());
         sample
     }
 
-    async fn take(&self, ctx: &Ctx, broker: &Broker, st: &mut State) -> Sample {
+    async fn take(&self, ctx: &Ctx, conn: &ConsoleConnection, st: &mut State) -> Sample {
         let topo = ctx.topo();
         let previous = st.last.clone();
         let mut problem = None;
         let mut queues = Vec::new();
         for q in topo.work_queues() {
-            let (ready, consumers) = match depth(ctx, broker, st, &q.name).await {
+            let (ready, consumers) = match depth(ctx, conn, st, &q.name).await {
                 Ok(d) => (Some(d.0), Some(d.1)),
                 Err(e) => {
                     problem.get_or_insert(e);
@@ -152,7 +152,7 @@ impl Sampler {
                 deliver_rate: None,
             });
         }
-        let dead = match depth(ctx, broker, st, &topo.dead_queue()).await {
+        let dead = match depth(ctx, conn, st, &topo.dead_queue()).await {
             Ok(d) => Some(d.0),
             Err(e) => {
                 problem.get_or_insert(e);
@@ -243,12 +243,12 @@ struct MgmtRate {
 /// (404 for a missing queue), so the next call opens a new one.
 async fn depth(
     ctx: &Ctx,
-    broker: &Broker,
+    conn: &ConsoleConnection,
     st: &mut State,
     queue: &str,
 ) -> Result<(u32, u32), String> {
     let result = tokio::time::timeout(ASK_TIMEOUT, async {
-        let ch = channel(ctx, broker, st).await?;
+        let ch = channel(ctx, conn, st).await?;
         let q = ch
             .queue_declare(
                 queue.into(),
@@ -270,13 +270,13 @@ async fn depth(
     result
 }
 
-async fn channel(ctx: &Ctx, broker: &Broker, st: &mut State) -> Result<Channel, String> {
+async fn channel(ctx: &Ctx, conn: &ConsoleConnection, st: &mut State) -> Result<Channel, String> {
     if let Some(ch) = &st.channel {
         if ch.status().connected() {
             return Ok(ch.clone());
         }
     }
-    let conn = broker.connection(ctx).await?;
+    let conn = conn.connection(ctx).await?;
     let ch = conn
         .create_channel()
         .await

@@ -15,11 +15,11 @@ use serde_json::{json, Value};
 
 use super::guard::{refused, Fields, Signed};
 use super::layout::{self, Nav};
-use super::session::Session;
+use super::signin::SignIn;
 use super::Console;
 use crate::auth::Scope;
 use crate::book::Origin;
-use crate::catalog::{self, Change, Outcome};
+use crate::catalog::{self, Change, Resolution};
 use crate::config::{Schedule, ScheduleConfig};
 
 /// Instants shown before saving.
@@ -68,7 +68,7 @@ fn fields_of(d: &ScheduleConfig, version: u64) -> Fields {
     Fields::parse(body.as_bytes())
 }
 
-fn render(s: &Session, f: &Fields, error: Option<&str>, preview: Option<&Schedule>) -> Response {
+fn render(s: &SignIn, f: &Fields, error: Option<&str>, preview: Option<&Schedule>) -> Response {
     let can = s.may(Scope::Admin);
     let editing = f.opt("version").is_some();
     let title = if editing {
@@ -199,21 +199,21 @@ pub async fn submit(State(c): State<Console>, Signed(s): Signed, body: Bytes) ->
         1,
         matches!(
             outcome,
-            Ok(Outcome::Created { .. } | Outcome::Replaced { .. })
+            Ok(Resolution::Created { .. } | Resolution::Replaced { .. })
         ),
     );
     match outcome {
-        Ok(Outcome::Created { .. } | Outcome::Replaced { .. }) => layout::see_other(
+        Ok(Resolution::Created { .. } | Resolution::Replaced { .. }) => layout::see_other(
             &c,
             &s,
             "/ui/schedules",
             html! { "Saved schedule " code { (name) } "." },
         ),
-        Ok(Outcome::Stale { .. }) => refuse(
+        Ok(Resolution::Stale { .. }) => refuse(
             "Someone changed this schedule since you opened it (or it exists already): open it again.",
             Some(&compiled),
         ),
-        Ok(Outcome::Full { max }) => refuse(&format!("The catalog is full (scheduler.max_schedules = {max})."), Some(&compiled)),
+        Ok(Resolution::Full { max }) => refuse(&format!("The catalog is full (scheduler.max_schedules = {max})."), Some(&compiled)),
         Ok(o) => refuse(&format!("Not saved: {o:?}"), Some(&compiled)),
         Err(e) => refuse(&e, Some(&compiled)),
     }
@@ -238,11 +238,11 @@ pub async fn delete(State(c): State<Console>, Signed(s): Signed, body: Bytes) ->
         "schedule_delete",
         &name,
         1,
-        matches!(outcome, Ok(Outcome::Deleted)),
+        matches!(outcome, Ok(Resolution::Deleted)),
     );
     let notice = match outcome {
-        Ok(Outcome::Deleted) => html! { "Deleted schedule " code { (name) } "." },
-        Ok(Outcome::Stale { .. }) => {
+        Ok(Resolution::Deleted) => html! { "Deleted schedule " code { (name) } "." },
+        Ok(Resolution::Stale { .. }) => {
             html! { "Not deleted: " code { (name) } " changed meanwhile." }
         }
         Ok(_) => html! { "Not deleted: no API schedule named " code { (name) } "." },
@@ -251,7 +251,7 @@ pub async fn delete(State(c): State<Console>, Signed(s): Signed, body: Bytes) ->
     layout::see_other(&c, &s, "/ui/schedules", notice)
 }
 
-async fn write(c: &Console, change: Change) -> Result<Outcome, String> {
+async fn write(c: &Console, change: Change) -> Result<Resolution, String> {
     let p = c
         .ctx
         .link()

@@ -32,7 +32,7 @@ pub async fn page(
 /// One schedule's row: what it is, when it fires, and what may be done.
 fn row(
     c: &Console,
-    s: &super::session::Session,
+    s: &super::signin::SignIn,
     sch: &crate::config::Schedule,
     now: chrono::DateTime<Utc>,
 ) -> Markup {
@@ -98,7 +98,7 @@ fn row(
     }
 }
 
-fn table(c: &Console, s: &super::session::Session) -> Markup {
+fn table(c: &Console, s: &super::signin::SignIn) -> Markup {
     // One page: the API lists every schedule (`?after=`).
     let set = c.ctx.timetable().book().page("", None, PAGE);
     let total = c.ctx.timetable().book().len();
@@ -211,7 +211,7 @@ pub async fn resume(
 /// survives a failover.
 async fn pause_or_resume(
     c: &Console,
-    s: &super::session::Session,
+    s: &super::signin::SignIn,
     name: &str,
     body: &[u8],
     pause: bool,

@@ -13,7 +13,7 @@ use serde::Deserialize;
 
 use super::guard::{refused, Fields, Signed};
 use super::layout::{self, Nav};
-use super::session::Session;
+use super::signin::SignIn;
 use super::Console;
 use crate::api::workflows as api;
 use crate::auth::Scope;
@@ -47,12 +47,7 @@ struct Refused<'a> {
     error: String,
 }
 
-async fn render_list(
-    c: &Console,
-    s: &Session,
-    flash: Markup,
-    bad: Option<Refused<'_>>,
-) -> Response {
+async fn render_list(c: &Console, s: &SignIn, flash: Markup, bad: Option<Refused<'_>>) -> Response {
     let set = c.ctx.workflows();
     // One peek serves every workflow's table; without it the page still
     // shows the definitions and the start forms.
@@ -95,7 +90,7 @@ async fn render_list(
     r
 }
 
-fn start_form(s: &Session, wf: &Workflow, bad: Option<&Refused<'_>>) -> Markup {
+fn start_form(s: &SignIn, wf: &Workflow, bad: Option<&Refused<'_>>) -> Markup {
     let can = s.may(Scope::Publish);
     let typed = |k: &str| bad.and_then(|b| b.fields.get(k)).map(str::to_owned);
     let area = format!("input-{}", wf.name);

@@ -105,8 +105,8 @@ impl<'a> Term<'a> {
         publisher: &'a Publisher,
     ) -> anyhow::Result<Term<'a>> {
         let prefix = ctx.topo().prefix();
-        let state_queue = state::state_queue(prefix);
-        let log = state::log_stream(prefix);
+        let state_queue = warren::topology::producer::scheduler_snapshot(prefix);
+        let log = warren::topology::producer::fires_log(prefix);
         let (previous, tail) =
             state::load::<state::Snapshot>(conn, publisher, &state_queue, &log, ctx.instance())
                 .await?;

@@ -27,6 +27,7 @@ use lapin::types::FieldTable;
 use lapin::Connection;
 use tokio_util::sync::CancellationToken;
 use warren::amqp::Publisher;
+use warren::topology::producer::{self, Part};
 use warren::trace::TraceContext;
 use warren::workflow::{Resume, Start, StepEvent, EVENT, RESUME, START};
 
@@ -46,13 +47,13 @@ pub async fn run(
     stop: &CancellationToken,
 ) -> anyhow::Result<()> {
     let prefix = ctx.topo().prefix().to_owned();
-    store::declare(conn, &prefix, ctx.topo().queue_type()).await?;
+    producer::declare(conn, ctx.topo(), &[Part::Runs]).await?;
     let publisher = Publisher::new(conn, ctx.cfg().amqp.confirm_timeout).await?;
     let (runs, tail) = state::load::<Runs>(
         conn,
         &publisher,
-        &store::state_queue(&prefix),
-        &store::log_stream(&prefix),
+        &producer::runs_snapshot(&prefix),
+        &producer::runs_log(&prefix),
         ctx.instance(),
     )
     .await?;

@@ -17,7 +17,7 @@ use std::collections::BTreeMap;
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
-use warren::workflow::{Outcome, StepEvent, COMPENSATE_SUFFIX};
+use warren::workflow::{StepEvent, StepOutcome, COMPENSATE_SUFFIX};
 
 use super::definition::Workflow;
 use super::template::Inputs;
@@ -122,8 +122,8 @@ impl Exec {
 
     fn settle(&mut self, ev: &StepEvent, now: DateTime<Utc>) {
         self.state = match ev.outcome {
-            Outcome::Succeeded => StepState::Succeeded,
-            Outcome::Dead => StepState::Failed,
+            StepOutcome::Succeeded => StepState::Succeeded,
+            StepOutcome::Dead => StepState::Failed,
         };
         self.attempts = ev.attempt;
         self.finished_at = Some(now);
@@ -298,7 +298,7 @@ impl Run {
             // the run continues from there, as a resume would.
             let replayable = exec.state == StepState::Failed
                 && s.state == StepState::Failed
-                && ev.outcome == Outcome::Succeeded
+                && ev.outcome == StepOutcome::Succeeded
                 && failed_step.as_deref() == Some(ev.step.as_str())
                 && matches!(
                     status,
@@ -322,14 +322,14 @@ impl Run {
         }
         exec.settle(ev, now);
         match ev.outcome {
-            Outcome::Succeeded => {
+            StepOutcome::Succeeded => {
                 s.state = StepState::Succeeded;
                 s.result = ev.result.clone();
                 s.result_dropped = ev.result_dropped;
                 s.completed = Some(seq);
                 self.seq = seq;
             }
-            Outcome::Dead => {
+            StepOutcome::Dead => {
                 s.state = StepState::Failed;
                 if self.status == RunStatus::Running {
                     self.status = RunStatus::Failed;
@@ -361,8 +361,8 @@ impl Run {
         }
         c.settle(ev, now);
         match ev.outcome {
-            Outcome::Succeeded => s.state = StepState::Compensated,
-            Outcome::Dead => {
+            StepOutcome::Succeeded => s.state = StepState::Compensated,
+            StepOutcome::Dead => {
                 self.status = RunStatus::CompensationFailed;
                 self.finished_at = Some(now);
                 self.compensation_failure = Some(Failure {
@@ -545,7 +545,7 @@ impl Run {
                 run: self.id.clone(),
                 step,
                 task_id: task_id.to_owned(),
-                outcome: Outcome::Dead,
+                outcome: StepOutcome::Dead,
                 attempt: 0,
                 error: Some(error.to_owned()),
                 dead_kind: Some("unroutable".into()),
@@ -626,7 +626,7 @@ mod tests {
         compile(&d.workflows).unwrap().remove(0)
     }
 
-    fn ev(step: &str, task_id: &str, outcome: Outcome, result: Option<Value>) -> StepEvent {
+    fn ev(step: &str, task_id: &str, outcome: StepOutcome, result: Option<Value>) -> StepEvent {
         StepEvent {
             workflow: "w".into(),
             run: "r".into(),
@@ -634,8 +634,8 @@ mod tests {
             task_id: task_id.into(),
             outcome,
             attempt: 1,
-            error: (outcome == Outcome::Dead).then(|| "boom".into()),
-            dead_kind: (outcome == Outcome::Dead).then(|| "permanent".into()),
+            error: (outcome == StepOutcome::Dead).then(|| "boom".into()),
+            dead_kind: (outcome == StepOutcome::Dead).then(|| "permanent".into()),
             result,
             result_dropped: false,
             at: Utc::now(),
@@ -659,21 +659,21 @@ mod tests {
         assert_eq!(step(&mut run, &wf), ["r:a"]);
         assert_eq!(step(&mut run, &wf), Vec::<String>::new());
         run.apply(
-            &ev("a", "r:a", Outcome::Succeeded, Some(json!(1))),
+            &ev("a", "r:a", StepOutcome::Succeeded, Some(json!(1))),
             Utc::now(),
         );
         assert_eq!(step(&mut run, &wf), ["r:b", "r:c"]);
         run.apply(
-            &ev("b", "r:b", Outcome::Succeeded, Some(json!("B"))),
+            &ev("b", "r:b", StepOutcome::Succeeded, Some(json!("B"))),
             Utc::now(),
         );
         assert!(step(&mut run, &wf).is_empty(), "d waits for c");
         assert_eq!(
-            run.apply(&ev("b", "r:b", Outcome::Succeeded, None), Utc::now()),
+            run.apply(&ev("b", "r:b", StepOutcome::Succeeded, None), Utc::now()),
             Applied::Duplicate
         );
         run.apply(
-            &ev("c", "r:c", Outcome::Succeeded, Some(json!("C"))),
+            &ev("c", "r:c", StepOutcome::Succeeded, Some(json!("C"))),
             Utc::now(),
         );
         run.advance(&wf, Utc::now());
@@ -684,7 +684,7 @@ mod tests {
             json!({"input": {"n": 1}, "results": {"b": "B", "c": "C"}})
         );
         run.published("r:d");
-        run.apply(&ev("d", "r:d", Outcome::Succeeded, None), Utc::now());
+        run.apply(&ev("d", "r:d", StepOutcome::Succeeded, None), Utc::now());
         run.advance(&wf, Utc::now());
         assert_eq!(run.status, RunStatus::Succeeded);
         assert!(run.is_finished());
@@ -695,24 +695,34 @@ mod tests {
         let wf = diamond(true);
         let mut run = Run::new("r".into(), &wf, json!({}), None, Utc::now());
         step(&mut run, &wf);
-        run.apply(&ev("a", "r:a", Outcome::Succeeded, None), Utc::now());
+        run.apply(&ev("a", "r:a", StepOutcome::Succeeded, None), Utc::now());
         step(&mut run, &wf);
-        run.apply(&ev("c", "r:c", Outcome::Dead, None), Utc::now());
+        run.apply(&ev("c", "r:c", StepOutcome::Dead, None), Utc::now());
         assert_eq!(run.status, RunStatus::Failed);
         assert_eq!(run.step("d").unwrap().state, StepState::Skipped);
         // b still runs: nothing compensates until it finished.
         assert!(step(&mut run, &wf).is_empty());
-        run.apply(&ev("b", "r:b", Outcome::Succeeded, None), Utc::now());
+        run.apply(&ev("b", "r:b", StepOutcome::Succeeded, None), Utc::now());
         assert_eq!(step(&mut run, &wf), ["r:b.compensate"]);
         assert_eq!(run.status, RunStatus::Compensating);
         assert!(step(&mut run, &wf).is_empty(), "one at a time");
         run.apply(
-            &ev("b.compensate", "r:b.compensate", Outcome::Succeeded, None),
+            &ev(
+                "b.compensate",
+                "r:b.compensate",
+                StepOutcome::Succeeded,
+                None,
+            ),
             Utc::now(),
         );
         assert_eq!(step(&mut run, &wf), ["r:a.compensate"]);
         run.apply(
-            &ev("a.compensate", "r:a.compensate", Outcome::Succeeded, None),
+            &ev(
+                "a.compensate",
+                "r:a.compensate",
+                StepOutcome::Succeeded,
+                None,
+            ),
             Utc::now(),
         );
         step(&mut run, &wf);
@@ -733,11 +743,11 @@ mod tests {
         let wf = diamond(false);
         let mut run = Run::new("r".into(), &wf, json!({}), None, Utc::now());
         step(&mut run, &wf);
-        run.apply(&ev("a", "r:a", Outcome::Succeeded, None), Utc::now());
+        run.apply(&ev("a", "r:a", StepOutcome::Succeeded, None), Utc::now());
         step(&mut run, &wf);
-        run.apply(&ev("b", "r:b", Outcome::Succeeded, None), Utc::now());
+        run.apply(&ev("b", "r:b", StepOutcome::Succeeded, None), Utc::now());
         assert!(run.resume().is_err(), "a running run is not resumable");
-        run.apply(&ev("c", "r:c", Outcome::Dead, None), Utc::now());
+        run.apply(&ev("c", "r:c", StepOutcome::Dead, None), Utc::now());
         step(&mut run, &wf);
         assert_eq!(run.status, RunStatus::Failed);
         assert!(run.is_finished(), "nothing to compensate: final");
@@ -745,10 +755,10 @@ mod tests {
         assert_eq!(step(&mut run, &wf), ["r:c:g1"]);
         // The old execution's late event is stale.
         assert_eq!(
-            run.apply(&ev("c", "r:c", Outcome::Succeeded, None), Utc::now()),
+            run.apply(&ev("c", "r:c", StepOutcome::Succeeded, None), Utc::now()),
             Applied::Duplicate
         );
-        run.apply(&ev("c", "r:c:g1", Outcome::Succeeded, None), Utc::now());
+        run.apply(&ev("c", "r:c:g1", StepOutcome::Succeeded, None), Utc::now());
         assert_eq!(step(&mut run, &wf), ["r:d:g1"]);
     }
 
@@ -757,12 +767,12 @@ mod tests {
         let wf = diamond(false);
         let mut run = Run::new("r".into(), &wf, json!({}), None, Utc::now());
         step(&mut run, &wf);
-        run.apply(&ev("a", "r:a", Outcome::Dead, None), Utc::now());
+        run.apply(&ev("a", "r:a", StepOutcome::Dead, None), Utc::now());
         step(&mut run, &wf);
         assert_eq!(run.status, RunStatus::Failed);
         assert_eq!(
             run.apply(
-                &ev("a", "r:a", Outcome::Succeeded, Some(json!(5))),
+                &ev("a", "r:a", StepOutcome::Succeeded, Some(json!(5))),
                 Utc::now()
             ),
             Applied::Replayed
@@ -771,7 +781,7 @@ mod tests {
         assert_eq!(step(&mut run, &wf), ["r:b:g1", "r:c:g1"]);
         // Any other late event is ignored.
         assert_eq!(
-            run.apply(&ev("a", "r:a", Outcome::Succeeded, None), Utc::now()),
+            run.apply(&ev("a", "r:a", StepOutcome::Succeeded, None), Utc::now()),
             Applied::Duplicate
         );
     }
@@ -781,13 +791,13 @@ mod tests {
         let wf = diamond(true);
         let mut run = Run::new("r".into(), &wf, json!({}), None, Utc::now());
         step(&mut run, &wf);
-        run.apply(&ev("a", "r:a", Outcome::Succeeded, None), Utc::now());
+        run.apply(&ev("a", "r:a", StepOutcome::Succeeded, None), Utc::now());
         step(&mut run, &wf);
-        run.apply(&ev("b", "r:b", Outcome::Dead, None), Utc::now());
-        run.apply(&ev("c", "r:c", Outcome::Succeeded, None), Utc::now());
+        run.apply(&ev("b", "r:b", StepOutcome::Dead, None), Utc::now());
+        run.apply(&ev("c", "r:c", StepOutcome::Succeeded, None), Utc::now());
         assert_eq!(step(&mut run, &wf), ["r:c.compensate"]);
         run.apply(
-            &ev("c.compensate", "r:c.compensate", Outcome::Dead, None),
+            &ev("c.compensate", "r:c.compensate", StepOutcome::Dead, None),
             Utc::now(),
         );
         assert_eq!(run.status, RunStatus::CompensationFailed);
@@ -800,7 +810,7 @@ mod tests {
         let wf = diamond(true);
         let mut run = Run::new("r".into(), &wf, json!({}), None, Utc::now());
         step(&mut run, &wf);
-        run.apply(&ev("a", "r:a", Outcome::Succeeded, None), Utc::now());
+        run.apply(&ev("a", "r:a", StepOutcome::Succeeded, None), Utc::now());
         run.advance(&wf, Utc::now());
         run.published("r:b");
         run.unroutable("r:c", "no queue takes `t.c`", Utc::now());
@@ -810,7 +820,7 @@ mod tests {
             (f.step.as_str(), f.dead_kind.as_deref()),
             ("c", Some("unroutable"))
         );
-        run.apply(&ev("b", "r:b", Outcome::Succeeded, None), Utc::now());
+        run.apply(&ev("b", "r:b", StepOutcome::Succeeded, None), Utc::now());
         assert_eq!(step(&mut run, &wf), ["r:b.compensate"]);
     }
 

@@ -30,25 +30,14 @@ use lapin::options::BasicAckOptions;
 use lapin::Connection;
 use serde::{Deserialize, Serialize};
 use warren::amqp::{Pending, Publisher};
+use warren::topology::producer::{runs_log, runs_snapshot, runs_view};
 
 use super::run::Run;
 use crate::state;
 
-pub fn state_queue(prefix: &str) -> String {
-    format!("{prefix}.producer.workflows")
-}
-
-pub fn view_queue(prefix: &str) -> String {
-    format!("{prefix}.producer.workflows.view")
-}
-
-pub fn log_stream(prefix: &str) -> String {
-    format!("{prefix}.producer.workflows.log")
-}
-
 /// Every run, as the snapshot queues hold it.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
-pub struct Snapshot {
+pub struct RunsSnapshot {
     pub v: u32,
     pub writer: String,
     pub written_at: Option<DateTime<Utc>>,
@@ -80,12 +69,12 @@ pub struct Record {
 /// finished so that pruning touches only what it forgets.
 #[derive(Debug, Clone, Default)]
 pub struct Runs {
-    snap: Snapshot,
+    snap: RunsSnapshot,
     finished: BTreeSet<(DateTime<Utc>, String)>,
 }
 
-impl From<Snapshot> for Runs {
-    fn from(snap: Snapshot) -> Self {
+impl From<RunsSnapshot> for Runs {
+    fn from(snap: RunsSnapshot) -> Self {
         let finished = snap
             .runs
             .values()
@@ -97,7 +86,7 @@ impl From<Snapshot> for Runs {
 
 impl<'de> Deserialize<'de> for Runs {
     fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        Snapshot::deserialize(d).map(Runs::from)
+        RunsSnapshot::deserialize(d).map(Runs::from)
     }
 }
 
@@ -251,23 +240,13 @@ impl Runs {
     }
 }
 
-pub async fn declare(
-    conn: &Connection,
-    prefix: &str,
-    qt: warren::config::QueueType,
-) -> Result<(), lapin::Error> {
-    state::declare(conn, &state_queue(prefix), qt).await?;
-    state::declare(conn, &view_queue(prefix), qt).await?;
-    state::declare_log(conn, &log_stream(prefix)).await
-}
-
 /// Append what a round changed (not waiting for the confirm).
 pub async fn append(
     publisher: &Publisher,
     prefix: &str,
     record: &Record,
 ) -> Result<Pending, warren::Error> {
-    state::append(publisher, &log_stream(prefix), record).await
+    state::append(publisher, &runs_log(prefix), record).await
 }
 
 /// Rewrite both snapshot queues with `runs` (confirmed).
@@ -277,8 +256,8 @@ pub async fn compact(
     runs: &Runs,
 ) -> Result<(), warren::Error> {
     let body = serde_json::to_vec(runs).unwrap_or_default();
-    let state = state::send_raw(publisher, &state_queue(prefix), &body).await?;
-    let view = state::send_raw(publisher, &view_queue(prefix), &body).await?;
+    let state = state::send_raw(publisher, &runs_snapshot(prefix), &body).await?;
+    let view = state::send_raw(publisher, &runs_view(prefix), &body).await?;
     state.confirmed().await?;
     if let Err(e) = view.confirmed().await {
         tracing::warn!(error = %e, "workflow status view not updated");
@@ -342,12 +321,12 @@ impl View {
         prefix: &str,
     ) -> Result<(lapin::Channel, lapin::Consumer), lapin::Error> {
         let runs: Runs =
-            state::peek_shared(conn, &view_queue(prefix), "workflow status view").await?;
+            state::peek_shared(conn, &runs_view(prefix), "workflow status view").await?;
         let after = state::Fold::offset(&runs);
         self.replace(runs);
         state::consume_log(
             conn,
-            &log_stream(prefix),
+            &runs_log(prefix),
             "warren-producer-workflows",
             after,
             1000,

@@ -5,6 +5,7 @@ use std::time::Duration;
 
 use warren::config::TopologyConfig;
 use warren::testing::{self, eventually, Node};
+use warren::topology::producer::Part;
 use warren::Topology;
 
 use crate::helpers::World;
@@ -53,6 +54,11 @@ async fn producer_and_cli_users_need_only_their_documented_permissions() {
     let world = World::on("perm", node.url()).await;
     let topo = Topology::new(&TopologyConfig::default());
     warren::topology::declare(&world.conn, &topo).await.unwrap();
+    // The deployer's step (`warren-consumer declare`): with `declare =
+    // false` the producer only checks its own objects too.
+    warren::topology::producer::declare(&world.conn, &topo, &Part::ALL)
+        .await
+        .unwrap();
     let config = world.write_config(
         "producer.toml",
         "[topology]\ndeclare = false\n\n[[schedules]]\nname = \"tick\"\ncron = \"* * * * * *\"\ntask = \"it.tick\"\n",
@@ -178,13 +184,63 @@ async fn producer_and_cli_users_need_only_their_documented_permissions() {
     ]);
     let err = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(1), "{err}");
-    assert_eq!(
-        err.lines().last(),
-        Some(
-            "warren-producer: pausing schedule `tick`: ACCESS_REFUSED - access to queue \
-             'warren.producer.control' in vhost '/' refused for user 'warren-cli'"
-        ),
+    // The control queue only checked (it exists), the first refusal is the
+    // private queue the answers come back on.
+    let last = err.lines().last().unwrap_or_default();
+    assert!(
+        last.starts_with(
+            "warren-producer: pausing schedule `tick`: ACCESS_REFUSED - access to queue 'amq.gen-"
+        ) && last.ends_with("' in vhost '/' refused for user 'warren-cli'"),
         "{err}"
     );
     assert_eq!(err.matches("ACCESS_REFUSED").count(), 1, "{err}");
+}
+
+/// With `topology.declare = false` the producer checks its own objects
+/// (control, catalog, workflow runs, the scheduler's log and snapshot) like
+/// the rest of the topology: missing, it stops with exit 1 naming one and
+/// creates none of them; once the deployer declared them, it starts and leads.
+#[tokio::test]
+async fn without_declaring_the_producer_refuses_its_missing_objects() {
+    let world = World::new("pchk").await;
+    let config = world.write_config("producer.toml", "[topology]\ndeclare = false\n");
+    let objects: Vec<_> = Part::ALL
+        .iter()
+        .flat_map(|p| {
+            warren::topology::producer::objects(&world.prefix, world.topo.queue_type(), *p)
+        })
+        .collect();
+
+    let mut missing = world.start("missing", &config, &[]);
+    let status = eventually(WAIT, "the producer to exit", || {
+        let s = missing.process.child.try_wait().unwrap();
+        async move { s }
+    })
+    .await;
+    let logs = missing.logs();
+    assert_eq!(status.code(), Some(1), "{logs}");
+    let named = objects.iter().any(|o| {
+        let name = match o {
+            warren::topology::Object::Queue { name, .. } => format!("queue `{name}`"),
+            warren::topology::Object::Exchange { name, .. } => format!("exchange `{name}`"),
+            _ => return false,
+        };
+        logs.contains(&format!("{name} does not exist"))
+    });
+    assert!(named, "no missing producer object named: {logs}");
+    for o in &objects {
+        assert!(
+            !testing::exists(&world.conn, o).await,
+            "{o:?} was declared: {logs}"
+        );
+    }
+
+    warren::topology::producer::declare(&world.conn, &world.topo, &Part::ALL)
+        .await
+        .unwrap();
+    let started = world.start("declared", &config, &[]);
+    started.wait_leader(WAIT, true).await;
+    started.wait_ready(WAIT).await;
+    let logs = started.logs();
+    assert!(!logs.contains("does not exist"), "{logs}");
 }

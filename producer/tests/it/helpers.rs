@@ -260,7 +260,7 @@ impl Drop for World {
     }
 }
 
-/// Delete a test's topology and the producer's state queue (the leader's
+/// Delete a test's topology, the producer's objects included (the leader's
 /// lock queue is exclusive and went with its connection).
 async fn delete_all(url: &str, topo: &Topology) {
     let mut amqp = warren::testing::amqp_config();
@@ -269,12 +269,6 @@ async fn delete_all(url: &str, topo: &Topology) {
         return;
     };
     warren::testing::delete_topology(&conn, topo).await;
-    if let Ok(ch) = conn.create_channel().await {
-        let state = format!("{}.producer.state", topo.prefix());
-        let _ = ch
-            .queue_delete(state.as_str().into(), Default::default())
-            .await;
-    }
     let _ = conn.close(200, "test done".into()).await;
 }
 

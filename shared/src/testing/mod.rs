@@ -27,7 +27,10 @@ use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
-use lapin::options::{ExchangeDeleteOptions, QueueDeleteOptions};
+use lapin::options::{
+    ExchangeDeclareOptions, ExchangeDeleteOptions, QueueDeclareOptions, QueueDeleteOptions,
+};
+use lapin::types::FieldTable;
 use lapin::Connection;
 
 mod cluster;
@@ -249,12 +252,54 @@ pub async fn connect() -> Connection {
         .expect("connect to test broker")
 }
 
-/// Delete everything a test declared (matters only on a reused broker).
+/// Whether the queue or exchange `obj` exists (a passive declare on a
+/// channel of its own, which a missing object closes).
+pub async fn exists(conn: &Connection, obj: &Object) -> bool {
+    let Ok(ch) = conn.create_channel().await else {
+        return false;
+    };
+    let found = match obj {
+        Object::Queue { name, .. } => {
+            let passive = QueueDeclareOptions {
+                passive: true,
+                ..QueueDeclareOptions::default()
+            };
+            ch.queue_declare(name.as_str().into(), passive, FieldTable::default())
+                .await
+                .is_ok()
+        }
+        Object::Exchange { name, kind, .. } => {
+            let passive = ExchangeDeclareOptions {
+                passive: true,
+                ..ExchangeDeclareOptions::default()
+            };
+            ch.exchange_declare(
+                name.as_str().into(),
+                kind.clone(),
+                passive,
+                FieldTable::default(),
+            )
+            .await
+            .is_ok()
+        }
+        other => panic!("only a queue or an exchange can exist: {other:?}"),
+    };
+    if found {
+        let _ = ch.close(200, "checked".into()).await;
+    }
+    found
+}
+
+/// Delete everything a test declared, the producer's objects included
+/// (matters only on a reused broker).
 pub async fn delete_topology(conn: &Connection, topo: &Topology) {
     let Ok(ch) = conn.create_channel().await else {
         return;
     };
-    for obj in topo.objects() {
+    let producer = crate::topology::producer::Part::ALL
+        .iter()
+        .flat_map(|p| crate::topology::producer::objects(topo.prefix(), topo.queue_type(), *p));
+    for obj in topo.objects().into_iter().chain(producer) {
         match obj {
             Object::Queue { name, .. } => {
                 let _ = ch

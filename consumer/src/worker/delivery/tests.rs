@@ -873,7 +873,7 @@ async fn a_succeeded_step_sends_its_event_with_the_result_then_acks() {
         (ev.run.as_str(), ev.step.as_str(), ev.task_id.as_str()),
         ("run-1", "a", "run-1:a")
     );
-    assert_eq!(ev.outcome, warren::workflow::Outcome::Succeeded);
+    assert_eq!(ev.outcome, warren::workflow::StepOutcome::Succeeded);
     assert_eq!(ev.result, Some(json!({"rows": 3})));
     assert_eq!(b.acks(), 1);
     w.assert_counted_once(NAME, labels::SUCCEEDED);
@@ -904,7 +904,7 @@ async fn a_dead_step_sends_a_dead_event_after_its_dead_letter() {
     assert_eq!(p[0].exchange, w.topo().dead_exchange());
     assert_eq!(p[1].exchange, w.topo().workflows_exchange());
     let ev = event_of(&p[1]);
-    assert_eq!(ev.outcome, warren::workflow::Outcome::Dead);
+    assert_eq!(ev.outcome, warren::workflow::StepOutcome::Dead);
     assert_eq!(ev.dead_kind.as_deref(), Some("permanent"));
     assert!(ev.error.is_some_and(|e| e.contains("bad input")));
     assert_eq!(ev.task_id, "run-1:a");
@@ -932,7 +932,7 @@ async fn a_poison_step_message_still_reports_its_step_dead() {
     assert_eq!(p.len(), 2);
     assert_eq!(p[0].exchange, w.topo().dead_exchange());
     let ev = event_of(&p[1]);
-    assert_eq!(ev.outcome, warren::workflow::Outcome::Dead);
+    assert_eq!(ev.outcome, warren::workflow::StepOutcome::Dead);
     assert_eq!(ev.dead_kind.as_deref(), Some("invalid_json"));
     assert_eq!((ev.run.as_str(), ev.task_id.as_str()), ("run-1", "run-1:a"));
     assert_eq!(b.acks(), 1);

@@ -1,4 +1,5 @@
-//! Console sessions: a random id in an HttpOnly, SameSite=Strict cookie
+//! Console sign-ins ([`SignIn`], the session of an operator in a browser):
+//! a random id in an HttpOnly, SameSite=Strict cookie
 //! points into a server-side table; each entry remembers who signed in
 //! (grant name and scopes), its CSRF token and when it was last used. An
 //! entry unused for `console.session_ttl` is gone.
@@ -17,6 +18,7 @@ use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use rand::RngCore;
+use secrecy::SecretString;
 use subtle::ConstantTimeEq;
 
 use crate::auth::Scope;
@@ -31,39 +33,20 @@ const MAX_SESSIONS: usize = 10_000;
 /// past it the oldest is dropped.
 const MAX_FLASHES: usize = 16;
 
-/// A token kept to check it again on every request; `Debug` never shows it.
-#[derive(Clone)]
-pub struct Token(String);
-
-impl Token {
-    pub fn new(t: &str) -> Self {
-        Self(t.to_owned())
-    }
-
-    pub fn expose(&self) -> &str {
-        &self.0
-    }
-}
-
-impl std::fmt::Debug for Token {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str("<token>")
-    }
-}
-
 /// Who is signed in, as the console sees them.
 #[derive(Debug, Clone)]
-pub struct Session {
+pub struct SignIn {
     pub id: String,
     /// The grant's name (for the audit trail and the header line).
     pub who: String,
     pub scopes: Vec<Scope>,
     pub csrf: String,
-    /// The token signed in with (redacted in `Debug`; never shown).
-    pub token: Token,
+    /// The token signed in with (`SecretString`: redacted in `Debug`, zeroed
+    /// on drop, never shown).
+    pub token: SecretString,
 }
 
-impl Session {
+impl SignIn {
     pub fn may(&self, scope: Scope) -> bool {
         self.scopes.contains(&scope)
     }
@@ -75,19 +58,19 @@ impl Session {
 }
 
 struct Entry {
-    session: Session,
+    session: SignIn,
     last_used: Instant,
     /// Notices for the page after an action, by one-time id (oldest first).
     flashes: VecDeque<(String, String)>,
 }
 
 /// The server-side session table.
-pub struct Sessions {
+pub struct SignIns {
     ttl: Duration,
     table: Mutex<HashMap<String, Entry>>,
 }
 
-impl Sessions {
+impl SignIns {
     pub fn new(ttl: Duration) -> Self {
         Self {
             ttl,
@@ -96,8 +79,8 @@ impl Sessions {
     }
 
     /// A new session for `who` with `scopes`, signed in with `token`.
-    pub fn create(&self, who: String, scopes: Vec<Scope>, token: Token) -> Session {
-        let session = Session {
+    pub fn create(&self, who: String, scopes: Vec<Scope>, token: SecretString) -> SignIn {
+        let session = SignIn {
             id: random_hex(32),
             who,
             scopes,
@@ -129,11 +112,11 @@ impl Sessions {
     }
 
     /// The live session `id` names, its idle clock restarted.
-    pub fn touch(&self, id: &str) -> Option<Session> {
+    pub fn touch(&self, id: &str) -> Option<SignIn> {
         self.touch_at(id, Instant::now())
     }
 
-    fn touch_at(&self, id: &str, now: Instant) -> Option<Session> {
+    fn touch_at(&self, id: &str, now: Instant) -> Option<SignIn> {
         let mut t = self.table.lock().ok()?;
         let expired = match t.get_mut(id) {
             None => return None,
@@ -223,8 +206,8 @@ mod tests {
 
     #[test]
     fn a_session_expires_after_idle_ttl_and_use_extends_it() {
-        let s = Sessions::new(Duration::from_secs(60));
-        let a = s.create("ops".into(), vec![Scope::Read], Token::new("t"));
+        let s = SignIns::new(Duration::from_secs(60));
+        let a = s.create("ops".into(), vec![Scope::Read], SecretString::from("t"));
         let t0 = Instant::now();
         assert!(s.touch_at(&a.id, t0 + Duration::from_secs(50)).is_some());
         // Used at 50 s: still alive at 100 s.
@@ -236,9 +219,9 @@ mod tests {
 
     #[test]
     fn ids_and_csrf_tokens_are_random_and_distinct() {
-        let s = Sessions::new(Duration::from_secs(60));
-        let a = s.create("a".into(), vec![], Token::new("t"));
-        let b = s.create("a".into(), vec![], Token::new("t"));
+        let s = SignIns::new(Duration::from_secs(60));
+        let a = s.create("a".into(), vec![], SecretString::from("t"));
+        let b = s.create("a".into(), vec![], SecretString::from("t"));
         assert_ne!(a.id, b.id);
         assert_ne!(a.csrf, a.id);
         assert_eq!(a.id.len(), 64);
@@ -250,9 +233,9 @@ mod tests {
 
     #[test]
     fn a_flash_is_shown_once_and_only_to_its_session() {
-        let s = Sessions::new(Duration::from_secs(60));
-        let a = s.create("a".into(), vec![], Token::new("t"));
-        let b = s.create("b".into(), vec![], Token::new("t"));
+        let s = SignIns::new(Duration::from_secs(60));
+        let a = s.create("a".into(), vec![], SecretString::from("t"));
+        let b = s.create("b".into(), vec![], SecretString::from("t"));
         let key = s
             .put_flash(&a.id, maud::html! { "Paused " code { "x" } "." })
             .unwrap();
@@ -281,17 +264,21 @@ mod tests {
 
     #[test]
     fn the_token_never_shows_in_debug() {
-        let s = Sessions::new(Duration::from_secs(60)).create(
+        let s = SignIns::new(Duration::from_secs(60)).create(
             "a".into(),
             vec![],
-            Token::new("sekrit-0123456789abcdef"),
+            SecretString::from("sekrit-0123456789abcdef"),
         );
         assert!(!format!("{s:?}").contains("sekrit"));
     }
 
     #[test]
     fn csrf_check() {
-        let s = Sessions::new(Duration::from_secs(60)).create("a".into(), vec![], Token::new("t"));
+        let s = SignIns::new(Duration::from_secs(60)).create(
+            "a".into(),
+            vec![],
+            SecretString::from("t"),
+        );
         let good = s.csrf.clone();
         assert!(s.csrf_ok(Some(&good)));
         assert!(!s.csrf_ok(None));
