@@ -190,20 +190,11 @@ async fn serve(
                     tasks_tried = std::time::Instant::now();
                 }
             }
-            d = next_delivery(&mut tasks) => match d {
-                Some(d) => {
-                    crate::tasks::apply_delivery(index, &d);
-                    let _ = d.acker.ack(lapin::options::BasicAckOptions::default()).await;
-                }
-                None if conn.status().connected() => {
-                    // The broker cancels the consumer of a deleted stream;
-                    // a new one starts again at offset 0.
-                    tracing::warn!(stream = %stream, "task events stream consumer ended; reading it again from its start");
-                    index.reset_offset();
+            d = next_delivery(&mut tasks) => {
+                if task_event(index, d, conn, &stream).await {
                     tasks_tried = std::time::Instant::now();
                 }
-                None => {}
-            },
+            }
             _ = presence.tick() => announce(ctx, &events).await,
             // Replicas list the new leader at once, not at the
             // next periodic announcement.
@@ -241,6 +232,32 @@ async fn serve(
             tracing::warn!("publishing connection lost; reconnecting");
             break;
         }
+    }
+}
+
+/// Apply one message of the task events stream; `true` when its consumer
+/// ended on a live connection (read again from the start, after
+/// [`TASKS_RETRY`]).
+async fn task_event(
+    index: &crate::tasks::Index,
+    d: Option<lapin::message::Delivery>,
+    conn: &Connection,
+    stream: &str,
+) -> bool {
+    match d {
+        Some(d) => {
+            crate::tasks::apply_delivery(index, &d);
+            let _ = d.acker.ack(lapin::options::BasicAckOptions::default()).await;
+            false
+        }
+        None if conn.status().connected() => {
+            // The broker cancels the consumer of a deleted stream; a new one
+            // starts again at offset 0.
+            tracing::warn!(stream = %stream, "task events stream consumer ended; reading it again from its start");
+            index.reset_offset();
+            true
+        }
+        None => false,
     }
 }
 
