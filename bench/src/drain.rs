@@ -39,7 +39,7 @@ use lapin::Connection;
 use warren::config::{QueueConfig, QueueType, TopologyConfig};
 use warren::topology::{self, Topology};
 
-use crate::meter::Watch;
+use crate::meter::{Drained, Watch};
 use crate::peers;
 use crate::table::{self, list, median, Spread};
 use crate::{consumer_bin, peak_rss_kib, plain_publish_body, spawn_consumer_with, Args};
@@ -97,31 +97,6 @@ impl Setting {
         match self {
             Setting::Same(p) => p,
             Setting::Defaults => 0,
-        }
-    }
-}
-
-/// One timed drain.
-#[derive(Clone, Copy)]
-pub struct Drained {
-    /// Tasks per second over the measured window.
-    pub rate: f64,
-    /// Consumer CPU per task over the window, µs.
-    pub cpu_us: Option<f64>,
-    /// Broker CPU per task over the window, µs (with `--broker-pid`).
-    pub broker_us: Option<f64>,
-    /// Consumer peak RSS, KiB (warren side only: the plain side shares the
-    /// bench process).
-    pub rss_kib: Option<u64>,
-}
-
-impl Drained {
-    pub fn of(w: &crate::meter::DrainWindow, rss_kib: Option<u64>) -> Drained {
-        Drained {
-            rate: w.rate(),
-            cpu_us: w.client_us,
-            broker_us: w.broker_us,
-            rss_kib,
         }
     }
 }

@@ -287,6 +287,31 @@ impl DrainWindow {
     }
 }
 
+/// One timed drain.
+#[derive(Clone, Copy)]
+pub struct Drained {
+    /// Tasks per second over the measured window.
+    pub rate: f64,
+    /// Consumer CPU per task over the window, µs.
+    pub cpu_us: Option<f64>,
+    /// Broker CPU per task over the window, µs (with `--broker-pid`).
+    pub broker_us: Option<f64>,
+    /// Consumer peak RSS, KiB (warren side only: the plain side shares the
+    /// bench process).
+    pub rss_kib: Option<u64>,
+}
+
+impl Drained {
+    pub fn of(w: &DrainWindow, rss_kib: Option<u64>) -> Drained {
+        Drained {
+            rate: w.rate(),
+            cpu_us: w.client_us,
+            broker_us: w.broker_us,
+            rss_kib,
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -21,8 +21,7 @@ use std::time::Duration;
 use anyhow::{bail, Context, Result};
 use lapin::Connection;
 
-use crate::drain::Drained;
-use crate::meter::{final_cpu, Meter, Watch};
+use crate::meter::{final_cpu, Drained, Meter, Watch};
 use crate::table::{self, Spread};
 use crate::Args;
 

@@ -60,7 +60,7 @@ impl Tally {
     fn confirmed(&mut self, task: &Task) {
         self.confirmed += 1;
         if self.events.enabled() {
-            self.events.record(crate::cli::published_event(task));
+            self.events.record(published_event(task));
         }
     }
 }
@@ -201,4 +201,16 @@ fn read<R: Read>(input: R, tx: &mpsc::Sender<Vec<Line>>) -> std::io::Result<()> 
         let _ = tx.blocking_send(chunk);
     }
     Ok(())
+}
+
+/// A `published` event of a task the command line sent.
+pub(crate) fn published_event(task: &warren::Task) -> warren::events::Event {
+    warren::events::Event::new(
+        &task.id,
+        &task.name,
+        warren::events::What::Published {
+            source: warren::events::Source::Cli,
+        },
+    )
+    .trace(task.trace.as_ref().map(|t| t.trace_id_hex()))
 }

@@ -15,25 +15,7 @@ use tokio::sync::broadcast;
 
 use crate::config::Schedule;
 
-/// Where a schedule comes from (`source` in the API).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize)]
-#[serde(rename_all = "snake_case")]
-pub enum Origin {
-    /// `[[schedules]]` in the config file: read-only through the API.
-    #[default]
-    Config,
-    /// Created through the API or `schedules apply`, stored in RabbitMQ.
-    Api,
-}
-
-impl Origin {
-    pub fn label(self) -> &'static str {
-        match self {
-            Origin::Config => "config",
-            Origin::Api => "api",
-        }
-    }
-}
+pub use crate::config::Origin;
 
 /// What changed in the book.
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -385,7 +385,7 @@ pub async fn publish(cfg: ProducerConfig, args: PublishArgs) -> anyhow::Result<(
     let res = publisher.publish_task(&topo, &task, delay).await;
     if res.is_ok() {
         let events = recorder(&cfg, &topo, &conn).await;
-        events.record(published_event(&task));
+        events.record(crate::batch::published_event(&task));
         events.flush(FLUSH_TIMEOUT).await;
     }
     let _ = conn.close(200, "done".into()).await;
@@ -406,18 +406,6 @@ async fn publish_batch(cfg: ProducerConfig, window: usize) -> anyhow::Result<()>
 
 /// How long `publish` waits for its task events before it exits.
 const FLUSH_TIMEOUT: Duration = Duration::from_secs(2);
-
-/// A `published` event of a task the command line sent.
-pub(crate) fn published_event(task: &warren::Task) -> warren::events::Event {
-    warren::events::Event::new(
-        &task.id,
-        &task.name,
-        warren::events::What::Published {
-            source: warren::events::Source::Cli,
-        },
-    )
-    .trace(task.trace.as_ref().map(|t| t.trace_id_hex()))
-}
 
 /// The task events recorder of a `publish` run (its counters go nowhere:
 /// the command serves no metrics).

@@ -351,6 +351,26 @@ fn default_true() -> bool {
     true
 }
 
+/// Where a schedule comes from (`source` in the API).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Origin {
+    /// `[[schedules]]` in the config file: read-only through the API.
+    #[default]
+    Config,
+    /// Created through the API or `schedules apply`, stored in RabbitMQ.
+    Api,
+}
+
+impl Origin {
+    pub fn label(self) -> &'static str {
+        match self {
+            Origin::Config => "config",
+            Origin::Api => "api",
+        }
+    }
+}
+
 /// A validated schedule, ready to fire.
 #[derive(Debug, Clone)]
 pub struct Schedule {
@@ -358,7 +378,7 @@ pub struct Schedule {
     pub spec: Spec,
     /// The payload as JSON bytes.
     pub payload: Vec<u8>,
-    pub origin: crate::book::Origin,
+    pub origin: Origin,
     /// The catalog's version of an API schedule (its `ETag`); 0 for the
     /// config file's.
     pub version: u64,
@@ -543,7 +563,7 @@ fn compile_schedule(s: ScheduleConfig, err: &mut impl FnMut(String)) -> Option<S
         cfg: s,
         spec,
         payload,
-        origin: crate::book::Origin::Config,
+        origin: Origin::Config,
         version: 0,
     })
 }

@@ -552,12 +552,20 @@ impl EventsConfig {
     }
 
     /// The stream to declare, when this role records events.
-    pub fn stream(&self) -> Option<crate::topology::EventStream> {
-        self.enabled.then_some(crate::topology::EventStream {
+    pub fn stream(&self) -> Option<EventStream> {
+        self.enabled.then_some(EventStream {
             max_age: self.max_age,
             max_bytes: self.max_bytes,
         })
     }
+}
+
+/// Retention of the task events stream `<prefix>.events` (`[events]`), as
+/// the topology declares it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct EventStream {
+    pub max_age: Duration,
+    pub max_bytes: u64,
 }
 
 /// Why the `[topology]` section is unusable. Names the key.

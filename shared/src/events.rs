@@ -57,11 +57,6 @@ pub mod reason {
     pub const ALL: &[&str] = &[QUEUE_FULL, UNAVAILABLE, MISSING, REFUSED, TIMEOUT];
 }
 
-/// The stream's name for a topology prefix.
-pub fn stream_name(prefix: &str) -> String {
-    format!("{prefix}.events")
-}
-
 /// One step of one task's life.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Event {

@@ -62,12 +62,7 @@ pub struct Topology {
     events: Option<EventStream>,
 }
 
-/// Retention of the task events stream `<prefix>.events` (`[events]`).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct EventStream {
-    pub max_age: Duration,
-    pub max_bytes: u64,
-}
+pub use crate::config::EventStream;
 
 /// One object to declare, as data.
 #[derive(Debug, Clone, PartialEq)]
@@ -133,7 +128,7 @@ impl Topology {
 
     /// `<prefix>.events`, the task events stream.
     pub fn events_stream(&self) -> String {
-        crate::events::stream_name(&self.prefix)
+        format!("{}.events", self.prefix)
     }
 
     /// Whether [`declare`] declares (`topology.declare`) or only checks.

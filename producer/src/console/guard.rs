@@ -22,7 +22,7 @@ impl FromRequestParts<Console> for Signed {
 
     async fn from_request_parts(parts: &mut Parts, state: &Console) -> Result<Self, Response> {
         let to_login = || Redirect::to("/ui/login").into_response();
-        let mut s = session_id(&parts.headers)
+        let mut s = signin::session_id(&parts.headers)
             .and_then(|id| state.sign_ins.touch(id))
             .ok_or_else(to_login)?;
         // The tokens in force decide, not those at sign-in (SIGHUP).
@@ -39,15 +39,6 @@ impl FromRequestParts<Console> for Signed {
         s.scopes = caller.scopes;
         Ok(Signed(s))
     }
-}
-
-/// The session cookie's value, from any `Cookie` header.
-pub fn session_id(headers: &HeaderMap) -> Option<&str> {
-    headers
-        .get_all(header::COOKIE)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .find_map(signin::from_cookie_header)
 }
 
 /// Whether the browser reached us over TLS (directly or through a proxy

@@ -247,7 +247,7 @@ pub async fn not_found(
     headers: axum::http::HeaderMap,
     uri: axum::http::Uri,
 ) -> Response {
-    let who = super::guard::session_id(&headers).and_then(|id| c.sign_ins.touch(id));
+    let who = super::signin::session_id(&headers).and_then(|id| c.sign_ins.touch(id));
     let body = html! {
         p.notice { "There is no console page at " code { (uri.path()) } "." }
         p { a href="/ui/" { "Overview" } " · " a href="/ui/dead" { "Dead letters" } " · " a href="/ui/schedules" { "Schedules" } }

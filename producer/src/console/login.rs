@@ -31,7 +31,7 @@ pub async fn form(
         return open_session(&c, &headers, token.trim(), "link");
     }
     // Already signed in: straight to the overview.
-    if guard::session_id(&headers).is_some_and(|id| c.sign_ins.touch(id).is_some()) {
+    if signin::session_id(&headers).is_some_and(|id| c.sign_ins.touch(id).is_some()) {
         return Redirect::to("/ui/").into_response();
     }
     login_page(StatusCode::OK, None)

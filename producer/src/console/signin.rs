@@ -17,6 +17,7 @@ use std::collections::{HashMap, VecDeque};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
+use axum::http::{header, HeaderMap};
 use rand::RngCore;
 use secrecy::SecretString;
 use subtle::ConstantTimeEq;
@@ -197,6 +198,16 @@ fn random_hex(bytes: usize) -> String {
     let mut buf = vec![0u8; bytes];
     rand::rng().fill_bytes(&mut buf);
     buf.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+
+/// The session cookie's value, from any `Cookie` header.
+pub fn session_id(headers: &HeaderMap) -> Option<&str> {
+    headers
+        .get_all(header::COOKIE)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .find_map(from_cookie_header)
 }
 
 #[cfg(test)]
