@@ -247,7 +247,10 @@ async fn task_event(
     match d {
         Some(d) => {
             crate::tasks::apply_delivery(index, &d);
-            let _ = d.acker.ack(lapin::options::BasicAckOptions::default()).await;
+            let _ = d
+                .acker
+                .ack(lapin::options::BasicAckOptions::default())
+                .await;
             false
         }
         None if conn.status().connected() => {

@@ -200,7 +200,6 @@ fn random_hex(bytes: usize) -> String {
     buf.iter().map(|b| format!("{b:02x}")).collect()
 }
 
-
 /// The session cookie's value, from any `Cookie` header.
 pub fn session_id(headers: &HeaderMap) -> Option<&str> {
     headers
