@@ -116,11 +116,7 @@ async fn producer_and_cli_users_need_only_their_documented_permissions() {
         ],
     );
     let mut refused = world.start("refused", &config, &env);
-    let status = eventually(WAIT, "the producer to exit", || {
-        let s = refused.process.child.try_wait().unwrap();
-        async move { s }
-    })
-    .await;
+    let status = refused.process.wait_exit(WAIT).await;
     let logs = refused.logs();
     assert_eq!(status.code(), Some(1), "{logs}");
     assert!(
@@ -212,11 +208,7 @@ async fn without_declaring_the_producer_refuses_its_missing_objects() {
         .collect();
 
     let mut missing = world.start("missing", &config, &[]);
-    let status = eventually(WAIT, "the producer to exit", || {
-        let s = missing.process.child.try_wait().unwrap();
-        async move { s }
-    })
-    .await;
+    let status = missing.process.wait_exit(WAIT).await;
     let logs = missing.logs();
     assert_eq!(status.code(), Some(1), "{logs}");
     let named = objects.iter().any(|o| {

@@ -80,12 +80,7 @@ async fn a_dead_fire_loop_releases_the_lock_and_exits_1_for_a_standby() {
     })
     .await;
     let good = w.start("good", &cfg, &[]);
-    let status =
-        warren::testing::eventually(Duration::from_secs(20), "the bad leader to exit", || {
-            let st = bad.process.child.try_wait().ok().flatten();
-            async move { st }
-        })
-        .await;
+    let status = bad.process.wait_exit(Duration::from_secs(20)).await;
     assert_eq!(status.code(), Some(1), "{}", bad.logs());
     assert!(
         bad.logs().contains("releasing the leader lock"),
@@ -113,12 +108,7 @@ async fn a_topology_conflict_stops_the_producer_naming_it() {
         "[[topology.queues]]\nname = \"default\"\nbindings = [\"#\"]\nmax_priority = 10\n",
     );
     let mut p = w.start("a", &cfg, &[]);
-    let status =
-        warren::testing::eventually(Duration::from_secs(30), "the producer to exit", || {
-            let s = p.process.child.try_wait().ok().flatten();
-            async move { s }
-        })
-        .await;
+    let status = p.process.wait_exit(Duration::from_secs(30)).await;
     assert_eq!(status.code(), Some(1), "{}", p.logs());
     let logs = p.logs();
     assert!(
