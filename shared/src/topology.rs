@@ -731,22 +731,8 @@ pub async fn check_objects(
 ) -> Result<(), Error> {
     let mut ch = conn.create_channel().await?;
     for obj in objects {
-        let res = match obj {
-            Object::Exchange { name, kind, .. } => {
-                let passive = ExchangeDeclareOptions {
-                    passive: true,
-                    ..ExchangeDeclareOptions::default()
-                };
-                ch.exchange_declare(
-                    name.as_str().into(),
-                    kind.clone(),
-                    passive,
-                    FieldTable::default(),
-                )
-                .await
-            }
-            Object::Queue { name, .. } => passive_queue(&ch, name).await,
-            _ => continue,
+        let Some(res) = passive_declare(&ch, obj).await else {
+            continue;
         };
         if let Err(e) = res {
             if topo.is_optional(obj) {
@@ -771,6 +757,31 @@ pub async fn check_objects(
 
 /// Whether `name` exists, whatever its arguments (a passive declare; a
 /// missing queue closes `ch`).
+/// A passive declare of `obj` (a missing one closes `ch`); `None` for
+/// what is not a queue or an exchange.
+pub async fn passive_declare(
+    ch: &lapin::Channel,
+    obj: &Object,
+) -> Option<Result<(), lapin::Error>> {
+    Some(match obj {
+        Object::Exchange { name, kind, .. } => {
+            let passive = ExchangeDeclareOptions {
+                passive: true,
+                ..ExchangeDeclareOptions::default()
+            };
+            ch.exchange_declare(
+                name.as_str().into(),
+                kind.clone(),
+                passive,
+                FieldTable::default(),
+            )
+            .await
+        }
+        Object::Queue { name, .. } => passive_queue(ch, name).await,
+        _ => return None,
+    })
+}
+
 async fn passive_queue(ch: &lapin::Channel, name: &str) -> Result<(), lapin::Error> {
     let passive = QueueDeclareOptions {
         passive: true,

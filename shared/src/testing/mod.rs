@@ -27,10 +27,7 @@ use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
-use lapin::options::{
-    ExchangeDeclareOptions, ExchangeDeleteOptions, QueueDeclareOptions, QueueDeleteOptions,
-};
-use lapin::types::FieldTable;
+use lapin::options::{ExchangeDeleteOptions, QueueDeleteOptions};
 use lapin::Connection;
 
 mod cluster;
@@ -258,31 +255,9 @@ pub async fn exists(conn: &Connection, obj: &Object) -> bool {
     let Ok(ch) = conn.create_channel().await else {
         return false;
     };
-    let found = match obj {
-        Object::Queue { name, .. } => {
-            let passive = QueueDeclareOptions {
-                passive: true,
-                ..QueueDeclareOptions::default()
-            };
-            ch.queue_declare(name.as_str().into(), passive, FieldTable::default())
-                .await
-                .is_ok()
-        }
-        Object::Exchange { name, kind, .. } => {
-            let passive = ExchangeDeclareOptions {
-                passive: true,
-                ..ExchangeDeclareOptions::default()
-            };
-            ch.exchange_declare(
-                name.as_str().into(),
-                kind.clone(),
-                passive,
-                FieldTable::default(),
-            )
-            .await
-            .is_ok()
-        }
-        other => panic!("only a queue or an exchange can exist: {other:?}"),
+    let found = match crate::topology::passive_declare(&ch, obj).await {
+        Some(res) => res.is_ok(),
+        None => panic!("only a queue or an exchange can exist: {obj:?}"),
     };
     if found {
         let _ = ch.close(200, "checked".into()).await;
