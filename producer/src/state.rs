@@ -421,10 +421,14 @@ pub async fn send_raw(
     queue: &str,
     body: &[u8],
 ) -> Result<Pending, warren::Error> {
-    let props = BasicProperties::default()
+    publisher.send("", queue, properties(), body).await
+}
+
+/// The properties of a state message (snapshot or log record).
+pub fn properties() -> BasicProperties {
+    BasicProperties::default()
         .with_content_type("application/json".into())
-        .with_delivery_mode(warren::envelope::PERSISTENT);
-    publisher.send("", queue, props, body).await
+        .with_delivery_mode(warren::envelope::PERSISTENT)
 }
 
 #[cfg(test)]

@@ -34,6 +34,9 @@ use crate::metrics::AmqpMetrics;
 use crate::security::Seal;
 use crate::topology::Topology;
 
+mod transaction;
+pub use transaction::{Batch, Returned, Transaction};
+
 /// Connect with the configured heartbeat (unless the URL sets one) and a
 /// connection name that shows up in the management UI.
 ///

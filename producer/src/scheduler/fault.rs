@@ -7,7 +7,10 @@
 //! * `scheduler/schedule_math=return(NAME)`: the schedule math of the
 //!   schedule `NAME` panics (one schedule's panic must not stop the others);
 //! * `scheduler/term=panic`: the leader's fire loop panics outside the
-//!   per-schedule guard (the lock must be released for a standby).
+//!   per-schedule guard (the lock must be released for a standby);
+//! * `scheduler/commit=return`: the leader dies (abort, no clean-up, like
+//!   `kill -9`) once a wake-up's ticks and record are written to the socket
+//!   but not committed (they must never reach a queue).
 
 /// Panic in the schedule math of `schedule` when the point names it.
 #[cfg(feature = "failpoints")]
@@ -26,6 +29,21 @@ pub(super) fn schedule_math(schedule: &str) {
 pub(super) fn term() {
     fail::fail_point!("scheduler/term");
 }
+
+/// Die before the commit when `scheduler/commit` is set: first give lapin's
+/// I/O thread time to write what is queued, so that the broker holds the
+/// uncommitted ticks.
+#[cfg(feature = "failpoints")]
+pub(super) fn commit() {
+    if fail::eval("scheduler/commit", |_| ()).is_some() {
+        std::thread::sleep(std::time::Duration::from_millis(500));
+        std::process::abort();
+    }
+}
+
+#[cfg(not(feature = "failpoints"))]
+#[inline(always)]
+pub(super) fn commit() {}
 
 #[cfg(not(feature = "failpoints"))]
 #[inline(always)]

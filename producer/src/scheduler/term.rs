@@ -3,10 +3,12 @@
 //!
 //! * the [`Agenda`] orders schedules by their next instant, so a wake-up
 //!   takes off only the due ones;
-//! * the ticks due together go out pipelined (up to [`FIRE_WINDOW`] confirms
-//!   outstanding), followed on the same channel by one log [`Record`] of the
-//!   cursors they moved ([`crate::state`]); a snapshot of every cursor is
-//!   written once that log holds half a snapshot's size;
+//! * the ticks due together go out in one transaction (up to [`TX_TICKS`]
+//!   each) with the log [`Record`] of the cursors they moved
+//!   ([`crate::state`]): the broker takes the ticks and their record
+//!   together or neither, so a successor never fires a tick again; a
+//!   snapshot of every cursor is written once that log holds half a
+//!   snapshot's size;
 //! * a change to the schedule book re-plans only the schedule it names.
 
 use std::collections::{HashMap, VecDeque};
@@ -18,7 +20,7 @@ use chrono::{DateTime, Utc};
 use lapin::options::BasicAckOptions;
 use tokio::sync::broadcast::error::RecvError;
 use tokio_util::sync::CancellationToken;
-use warren::amqp::{Pending, Publisher};
+use warren::amqp::{Pending, Publisher, Transaction};
 
 use super::agenda::Agenda;
 use super::clock::{self, Sample, Step, Track};
@@ -32,8 +34,14 @@ use crate::metrics::Source;
 use crate::schedule::{self, ON_TIME};
 use crate::state::{self, Entry, Record, Tail};
 
-/// Ticks in flight at once (unconfirmed) within one wake-up.
+/// Ticks in flight at once (unconfirmed) when a wake-up's ticks are sent
+/// again with confirms after their transaction failed.
 const FIRE_WINDOW: usize = 1024;
+
+/// Most ticks in one transaction: a wake-up with more (a catch-up after a
+/// failover) commits them in several, each with the record of its own
+/// schedules, so that no commit comes near the confirm timeout.
+const TX_TICKS: usize = 1024;
 
 /// A snapshot older than this is rewritten whatever the log's size.
 const SNAPSHOT_MAX_AGE: Duration = Duration::from_secs(600);
@@ -67,13 +75,27 @@ struct Tick {
     id: String,
 }
 
+/// The ticks of one transaction and the record of the cursors they moved.
+#[derive(Default)]
+struct Chunk {
+    ticks: Vec<Tick>,
+    record: Record,
+}
+
+/// A tick as it goes out: exchange, routing key, properties, body.
+type Message = (String, String, lapin::BasicProperties, Vec<u8>);
+
 /// How a term ended (or a step of it).
 pub(super) struct Fenced;
 
 pub(super) struct Term<'a> {
     ctx: &'a Ctx,
+    conn: &'a lapin::Connection,
     fence: &'a Fence,
     publisher: &'a Publisher,
+    /// The ticks' transactional channel, opened when first needed and
+    /// again after a failed commit.
+    tx: Option<Transaction>,
     state_queue: String,
     log: String,
     tail: Tail,
@@ -100,7 +122,7 @@ impl<'a> Term<'a> {
     /// force on the agenda.
     pub(super) async fn start(
         ctx: &'a Ctx,
-        conn: &lapin::Connection,
+        conn: &'a lapin::Connection,
         fence: &'a Fence,
         publisher: &'a Publisher,
     ) -> anyhow::Result<Term<'a>> {
@@ -134,8 +156,10 @@ impl<'a> Term<'a> {
             .collect();
         let mut term = Term {
             ctx,
+            conn,
             fence,
             publisher,
+            tx: None,
             state_queue,
             log,
             tail,
@@ -164,6 +188,9 @@ impl<'a> Term<'a> {
         self.resync(Utc::now());
         let res = self.run_loop(shutdown, control, &mut feed).await;
         self.tail.close().await;
+        if let Some(tx) = self.tx.take() {
+            tx.close().await;
+        }
         res
     }
 
@@ -329,8 +356,7 @@ impl<'a> Term<'a> {
         if due.is_empty() {
             return Ok(());
         }
-        let mut ticks = Vec::new();
-        let mut record = Record::default();
+        let mut chunks = vec![Chunk::default()];
         let mut decided = Vec::with_capacity(due.len());
         for name in due {
             let Some(s) = self.ctx.timetable().book().get(&name) else {
@@ -343,6 +369,12 @@ impl<'a> Term<'a> {
             let Some(c) = self.cursors.get_mut(&*name) else {
                 continue;
             };
+            if chunks.last().is_some_and(|k| k.ticks.len() >= TX_TICKS) {
+                chunks.push(Chunk::default());
+            }
+            let Some(chunk) = chunks.last_mut() else {
+                continue;
+            };
             let plan = match plan_tick_guarded(self.ctx, &s, &c.track, now) {
                 Ok(Some(t)) => t,
                 Ok(None) => {
@@ -351,7 +383,7 @@ impl<'a> Term<'a> {
                 }
                 Err(()) => {
                     c.track.advance(now);
-                    record.entries.insert(name.to_string(), entry(c));
+                    chunk.record.entries.insert(name.to_string(), entry(c));
                     decided.push(s);
                     continue;
                 }
@@ -367,17 +399,15 @@ impl<'a> Term<'a> {
                 );
                 self.ctx.metrics().missed(s.name(), p.missed);
             }
-            // The cursor as it will be once these ticks are confirmed; the
-            // record goes out right behind them, so that a crash can hardly
-            // fall between the two (a new leader would re-fire a tick, under
-            // the same id).
+            // The cursor as it will be once these ticks are committed: the
+            // record goes out in the same transaction.
             c.track.advance(latest);
             if let Some(last) = p.fire.last() {
                 c.last_fired = Some(*last);
             }
-            record.entries.insert(name.to_string(), entry(c));
+            chunk.record.entries.insert(name.to_string(), entry(c));
             for at in p.fire {
-                ticks.push(Tick {
+                chunk.ticks.push(Tick {
                     id: schedule::fire_id(s.name(), at),
                     schedule: s.clone(),
                     at,
@@ -385,23 +415,134 @@ impl<'a> Term<'a> {
             }
             decided.push(s);
         }
-        let res = self.fire_all(&ticks, &record).await;
+        let mut res = Ok(());
+        for chunk in &chunks {
+            if chunk.ticks.is_empty() && chunk.record.is_empty() {
+                continue;
+            }
+            res = self.fire_all(&chunk.ticks, &chunk.record).await;
+            if res.is_err() {
+                break;
+            }
+        }
         for s in &decided {
             self.place(s, now);
         }
         res
     }
 
-    /// Publish `ticks` pipelined, then `record` behind them; count each
-    /// confirmed tick, retry a failed one on its own within its grace.
+    /// Commit `ticks` and `record` in one transaction and count each tick
+    /// the broker took; a tick it returned (no queue bound) goes to
+    /// [`Term::fire_again`], which counts it missed. When the commit itself
+    /// fails, which ticks the broker took is unknown: they go out again
+    /// with confirms, so a tick is never lost, though one may then arrive
+    /// twice under its id.
     async fn fire_all(&mut self, ticks: &[Tick], record: &Record) -> Result<(), Fenced> {
+        if !self.fence.holds() {
+            return Err(Fenced);
+        }
+        // Signed and encrypted with the keys in force now (`security.*`,
+        // reloaded on SIGHUP), looked up once per wake-up.
+        let sealed = self.publisher.clone().sealed(self.ctx.link().seal());
+        let record_body = if record.is_empty() {
+            None
+        } else {
+            let body = serde_json::to_vec(record).unwrap_or_default();
+            self.logged_bytes += body.len();
+            Some(body)
+        };
+        if !self.tx.as_ref().is_some_and(Transaction::is_open) {
+            if let Some(old) = self.tx.take() {
+                old.close().await;
+            }
+            match Transaction::new(self.conn, self.ctx.cfg().amqp.confirm_timeout).await {
+                Ok(tx) => self.tx = Some(tx),
+                Err(e) => {
+                    tracing::warn!(error = %e, "could not open the ticks' transaction channel");
+                    return self.fire_confirmed(ticks, record).await;
+                }
+            }
+        }
+        let Some(tx) = self.tx.as_ref() else {
+            return Err(Fenced);
+        };
+        let mut batch = tx.batch();
+        let mut unsent: Vec<(usize, warren::Error)> = Vec::new();
+        for (i, t) in ticks.iter().enumerate() {
+            // A batch dropped here is never committed: nothing of it fires.
+            if i % 256 == 255 && !self.fence.holds() {
+                return Err(Fenced);
+            }
+            let sent = self
+                .tick_message(&sealed, t)
+                .and_then(|(ex, key, props, body)| batch.publish(&ex, &key, props, &body));
+            if let Err(e) = sent {
+                unsent.push((i, e));
+            }
+        }
+        if let Some(body) = &record_body {
+            if let Err(e) = batch.publish("", &self.log, state::properties(), body) {
+                tracing::warn!(error = %e, "could not queue the scheduler's log record");
+                drop(batch);
+                return self.fire_confirmed(ticks, record).await;
+            }
+        }
+        if !self.fence.holds() {
+            return Err(Fenced);
+        }
+        super::fault::commit();
+        let mut returned = match batch.commit().await {
+            Ok(returned) => returned,
+            Err(e) => {
+                if !self.publisher.is_open() || !self.fence.holds() {
+                    return Err(Fenced);
+                }
+                tracing::warn!(error = %e, ticks = ticks.len(), "a wake-up's ticks were not committed: sending them again with confirms (one the broker took arrives twice, under its id)");
+                return self.fire_confirmed(ticks, record).await;
+            }
+        };
+        if record_body.is_some() {
+            if returned.iter().any(|r| r.routing_key == self.log) {
+                tracing::warn!(log = %self.log, "could not record the scheduler state: the log was returned unroutable");
+            } else {
+                self.unsnapshotted += 1;
+            }
+        }
+        let mut unsent = unsent.into_iter().peekable();
+        for (i, t) in ticks.iter().enumerate() {
+            if unsent.peek().is_some_and(|(j, _)| *j == i) {
+                if let Some((_, e)) = unsent.next() {
+                    self.fire_again(t, e).await?;
+                }
+                continue;
+            }
+            let back = returned
+                .iter()
+                .position(|r| r.message_id.as_deref() == Some(t.id.as_str()));
+            match back.map(|k| returned.swap_remove(k)) {
+                None => self.fired(t),
+                Some(r) => {
+                    let e = warren::Error::Unroutable {
+                        exchange: r.exchange,
+                        routing_key: r.routing_key,
+                        reply: r.reply,
+                    };
+                    self.fire_again(t, e).await?;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Publish `ticks` pipelined with confirms, then `record` behind them;
+    /// count each confirmed tick, retry a failed one on its own within its
+    /// grace. The way out when a transaction cannot be used.
+    async fn fire_confirmed(&mut self, ticks: &[Tick], record: &Record) -> Result<(), Fenced> {
         if !self.fence.holds() {
             return Err(Fenced);
         }
         let mut outcomes: Vec<Option<warren::Error>> = Vec::with_capacity(ticks.len());
         let mut in_flight: VecDeque<(usize, Pending)> = VecDeque::new();
-        // Signed and encrypted with the keys in force now (`security.*`,
-        // reloaded on SIGHUP), looked up once per wake-up.
         let sealed = self.publisher.clone().sealed(self.ctx.link().seal());
         for (i, t) in ticks.iter().enumerate() {
             if i % 256 == 255 && !self.fence.holds() {
@@ -450,11 +591,12 @@ impl<'a> Term<'a> {
         Ok(())
     }
 
-    async fn send_tick(&self, sealed: &Publisher, t: &Tick) -> Result<Pending, warren::Error> {
+    /// What `t` goes out as: a task, or for a workflow schedule the start
+    /// of a run whose id is the fire id.
+    fn tick_message(&self, sealed: &Publisher, t: &Tick) -> Result<Message, warren::Error> {
         let s = &t.schedule;
         let id = t.id.clone();
         let (props, body, exchange, key) = match &s.cfg.workflow {
-            // A workflow schedule starts a run whose id is the fire id.
             Some(w) => {
                 let input: serde_json::Value =
                     serde_json::from_slice(&s.payload).unwrap_or_default();
@@ -470,6 +612,11 @@ impl<'a> Term<'a> {
             }
         };
         let props = props.with_app_id(self.ctx.instance().into());
+        Ok((exchange, key, props, body))
+    }
+
+    async fn send_tick(&self, sealed: &Publisher, t: &Tick) -> Result<Pending, warren::Error> {
+        let (exchange, key, props, body) = self.tick_message(sealed, t)?;
         self.publisher.send(&exchange, &key, props, &body).await
     }
 

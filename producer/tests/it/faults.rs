@@ -117,3 +117,44 @@ async fn a_topology_conflict_stops_the_producer_naming_it() {
     );
     assert!(!logs.contains("; retrying"), "{logs}");
 }
+
+/// A leader that dies (abort: no clean-up, as `kill -9`) after writing a
+/// wake-up's ticks and their log record to the socket, before committing
+/// them: the broker drops the uncommitted ticks, so none of them reaches a
+/// queue, and the standby fires those instants itself, each once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_leader_killed_before_its_commit_leaves_no_tick_behind() {
+    let w = World::new("kill_before_commit").await;
+    let rx = w.collect().await;
+    let cfg = w.write_config("p.toml", TWO);
+    let mut bad = w.start("bad", &cfg, &[("FAILPOINTS", "scheduler/commit=return")]);
+    warren::testing::eventually(Duration::from_secs(20), "the bad replica to lead", || {
+        let led = bad.logs().contains("elected leader");
+        async move { led.then_some(()) }
+    })
+    .await;
+    let good = w.start("good", &cfg, &[]);
+    let status = bad.process.wait_exit(Duration::from_secs(20)).await;
+    assert!(status.code().is_none(), "died by a signal: {status}");
+    good.wait_leader(Duration::from_secs(20), true).await;
+    let all = rx
+        .wait_for(Duration::from_secs(20), "ticks from the new leader", |m| {
+            m.iter().filter(|m| m.sent_by(good.pid)).count() >= 6
+        })
+        .await;
+    let from_bad: Vec<&String> = all
+        .iter()
+        .filter(|m| m.sent_by(bad.pid))
+        .map(|m| &m.id)
+        .collect();
+    assert!(
+        from_bad.is_empty(),
+        "uncommitted ticks arrived: {from_bad:?}"
+    );
+    assert!(duplicates(&all).is_empty(), "{:?}", duplicates(&all));
+    // Both schedules were in the dead leader's one transaction; the standby
+    // fires both.
+    for s in ["healthy", "broken"] {
+        assert!(!rx.of_schedule(s).is_empty(), "no tick of {s}");
+    }
+}

@@ -85,3 +85,61 @@ async fn per_second_schedule_publishes_n_messages_with_deterministic_ids() {
     assert!(fires >= N as f64, "fires_total {fires}");
     let _ = Utc::now();
 }
+
+/// A tick no queue binds is returned by the broker at the commit of its
+/// wake-up and counted as missed; the ticks committed with it arrive.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unroutable_tick_counts_as_missed_and_the_rest_of_its_commit_fires() {
+    let w = World::new("unroutable_tick").await;
+    // Only `it.*` is bound: `report.daily` is unroutable.
+    warren::testing::delete_topology(&w.conn, &w.topo).await;
+    let cfg = w.write_config(
+        "p.toml",
+        r#"
+[[topology.queues]]
+name = "default"
+bindings = ["it.*"]
+
+[[schedules]]
+name = "routed"
+cron = "* * * * * *"
+task = "it.tick"
+
+[[schedules]]
+name = "lost"
+cron = "* * * * * *"
+task = "report.daily"
+"#,
+    );
+    let p = w.start("producer", &cfg, &[]);
+    p.wait_leader(Duration::from_secs(20), true).await;
+    let rx = w.collect().await;
+    let all = rx
+        .wait_for(Duration::from_secs(20), "three routed ticks", |m| {
+            m.len() >= 3
+        })
+        .await;
+    assert!(all.iter().all(|m| m.schedule.as_deref() == Some("routed")));
+    warren::testing::eventually(
+        Duration::from_secs(10),
+        "missed fires of `lost`",
+        || async {
+            let v = p
+                .metric(r#"warren_producer_schedule_missed_fires_total{schedule="lost"}"#)
+                .await?;
+            (v >= 2.0).then_some(())
+        },
+    )
+    .await;
+    let logs = p.logs();
+    assert!(
+        logs.contains("tick not published: counted as missed"),
+        "{logs}"
+    );
+    assert!(!logs.contains("were not committed"), "{logs}");
+    assert_eq!(
+        p.metric(r#"warren_producer_schedule_missed_fires_total{schedule="routed"}"#)
+            .await,
+        Some(0.0)
+    );
+}
