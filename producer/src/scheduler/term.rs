@@ -17,10 +17,12 @@ use std::time::{Duration, Instant};
 
 use backon::BackoffBuilder;
 use chrono::{DateTime, Utc};
+use futures_util::stream::{FuturesOrdered, StreamExt};
+use futures_util::FutureExt;
 use lapin::options::BasicAckOptions;
 use tokio::sync::broadcast::error::RecvError;
 use tokio_util::sync::CancellationToken;
-use warren::amqp::{Pending, Publisher, Transaction};
+use warren::amqp::{Batch, Pending, Publisher, Returned, Transaction};
 
 use super::agenda::Agenda;
 use super::clock::{self, Sample, Step, Track};
@@ -38,10 +40,16 @@ use crate::state::{self, Entry, Record, Tail};
 /// again with confirms after their transaction failed.
 const FIRE_WINDOW: usize = 1024;
 
-/// Most ticks in one transaction: a wake-up with more (a catch-up after a
-/// failover) commits them in several, each with the record of its own
-/// schedules, so that no commit comes near the confirm timeout.
-const TX_TICKS: usize = 1024;
+/// Most ticks in one transaction: a wake-up with more commits them in
+/// several, each with the record of its own schedules, so that the first
+/// ticks reach their queues while the later ones are sent, and no commit
+/// (a catch-up after a failover) comes near the confirm timeout.
+const TX_TICKS: usize = 256;
+
+/// Transactions committing at once: the broker routes one while the next
+/// is sent, and the first ticks reach their queues before the last are
+/// written.
+const TX_CHANNELS: usize = 4;
 
 /// A snapshot older than this is rewritten whatever the log's size.
 const SNAPSHOT_MAX_AGE: Duration = Duration::from_secs(600);
@@ -85,6 +93,13 @@ struct Chunk {
 /// A tick as it goes out: exchange, routing key, properties, body.
 type Message = (String, String, lapin::BasicProperties, Vec<u8>);
 
+/// A chunk's ticks that could not be built (by their index), e.g. a
+/// signing key that fails.
+type Unsent = Vec<(usize, warren::Error)>;
+
+/// What became of one chunk: its unsent ticks and its commit.
+type ChunkOutcome = (Unsent, Result<Vec<Returned>, warren::Error>);
+
 /// How a term ended (or a step of it).
 pub(super) struct Fenced;
 
@@ -93,9 +108,9 @@ pub(super) struct Term<'a> {
     conn: &'a lapin::Connection,
     fence: &'a Fence,
     publisher: &'a Publisher,
-    /// The ticks' transactional channel, opened when first needed and
+    /// The ticks' transactional channels, opened when first needed and
     /// again after a failed commit.
-    tx: Option<Transaction>,
+    txs: Vec<Transaction>,
     state_queue: String,
     log: String,
     tail: Tail,
@@ -159,7 +174,7 @@ impl<'a> Term<'a> {
             conn,
             fence,
             publisher,
-            tx: None,
+            txs: Vec::new(),
             state_queue,
             log,
             tail,
@@ -188,7 +203,7 @@ impl<'a> Term<'a> {
         self.resync(Utc::now());
         let res = self.run_loop(shutdown, control, &mut feed).await;
         self.tail.close().await;
-        if let Some(tx) = self.tx.take() {
+        for tx in self.txs.drain(..) {
             tx.close().await;
         }
         res
@@ -415,93 +430,165 @@ impl<'a> Term<'a> {
             }
             decided.push(s);
         }
-        let mut res = Ok(());
-        for chunk in &chunks {
-            if chunk.ticks.is_empty() && chunk.record.is_empty() {
-                continue;
-            }
-            res = self.fire_all(&chunk.ticks, &chunk.record).await;
-            if res.is_err() {
-                break;
-            }
-        }
+        let res = self.fire_all(&chunks).await;
         for s in &decided {
             self.place(s, now);
         }
         res
     }
 
-    /// Commit `ticks` and `record` in one transaction and count each tick
-    /// the broker took; a tick it returned (no queue bound) goes to
-    /// [`Term::fire_again`], which counts it missed. When the commit itself
-    /// fails, which ticks the broker took is unknown: they go out again
-    /// with confirms, so a tick is never lost, though one may then arrive
-    /// twice under its id.
-    async fn fire_all(&mut self, ticks: &[Tick], record: &Record) -> Result<(), Fenced> {
+    /// Commit each chunk's ticks and record in one transaction, up to
+    /// [`TX_CHANNELS`] commits in flight, and count each tick the broker
+    /// took; a tick it returned (no queue bound) goes to
+    /// [`Term::fire_again`], which counts it missed. When a commit itself
+    /// fails, which of its ticks the broker took is unknown: they go out
+    /// again with confirms, so a tick is never lost, though one may then
+    /// arrive twice under its id.
+    async fn fire_all(&mut self, chunks: &[Chunk]) -> Result<(), Fenced> {
+        let chunks: Vec<&Chunk> = chunks
+            .iter()
+            .filter(|c| !c.ticks.is_empty() || !c.record.is_empty())
+            .collect();
+        if chunks.is_empty() {
+            return Ok(());
+        }
         if !self.fence.holds() {
             return Err(Fenced);
         }
-        // Signed and encrypted with the keys in force now (`security.*`,
-        // reloaded on SIGHUP), looked up once per wake-up.
-        let sealed = self.publisher.clone().sealed(self.ctx.link().seal());
-        let record_body = if record.is_empty() {
-            None
-        } else {
-            let body = serde_json::to_vec(record).unwrap_or_default();
-            self.logged_bytes += body.len();
-            Some(body)
-        };
-        if !self.tx.as_ref().is_some_and(Transaction::is_open) {
-            if let Some(old) = self.tx.take() {
-                old.close().await;
+        let bodies: Vec<Option<Vec<u8>>> = chunks
+            .iter()
+            .map(|c| {
+                (!c.record.is_empty()).then(|| serde_json::to_vec(&c.record).unwrap_or_default())
+            })
+            .collect();
+        self.logged_bytes += bodies.iter().flatten().map(Vec::len).sum::<usize>();
+        if let Err(e) = self.open_channels(chunks.len().min(TX_CHANNELS)).await {
+            tracing::warn!(error = %e, "could not open the ticks' transaction channel");
+            for c in chunks {
+                self.fire_confirmed(&c.ticks, &c.record).await?;
             }
-            match Transaction::new(self.conn, self.ctx.cfg().amqp.confirm_timeout).await {
-                Ok(tx) => self.tx = Some(tx),
-                Err(e) => {
-                    tracing::warn!(error = %e, "could not open the ticks' transaction channel");
-                    return self.fire_confirmed(ticks, record).await;
-                }
+            return Ok(());
+        }
+        let results = self.commit_chunks(&chunks, &bodies).await?;
+        for ((chunk, body), (unsent, committed)) in chunks.iter().zip(&bodies).zip(results) {
+            self.settle(chunk, body.is_some(), unsent, committed)
+                .await?;
+        }
+        Ok(())
+    }
+
+    /// Keep `n` transaction channels open (one replaced after a failed
+    /// commit).
+    async fn open_channels(&mut self, n: usize) -> Result<(), warren::Error> {
+        for i in 0..n {
+            if self.txs.get(i).is_some_and(Transaction::is_open) {
+                continue;
+            }
+            let tx = Transaction::new(self.conn, self.ctx.cfg().amqp.confirm_timeout).await?;
+            if i < self.txs.len() {
+                let old = std::mem::replace(&mut self.txs[i], tx);
+                old.close().await;
+            } else {
+                self.txs.push(tx);
             }
         }
-        let Some(tx) = self.tx.as_ref() else {
-            return Err(Fenced);
-        };
+        Ok(())
+    }
+
+    /// Stage and commit every chunk, chunk `i` on channel `i % n`: each
+    /// chunk's ticks that could not be built, and its commit's outcome.
+    async fn commit_chunks(
+        &self,
+        chunks: &[&Chunk],
+        bodies: &[Option<Vec<u8>>],
+    ) -> Result<Vec<ChunkOutcome>, Fenced> {
+        let sealed = self.publisher.clone().sealed(self.ctx.link().seal());
+        let n = chunks.len().min(self.txs.len()).max(1);
+        let mut results = Vec::with_capacity(chunks.len());
+        let mut in_flight = FuturesOrdered::new();
+        let mut staged = 0;
+        loop {
+            while in_flight.len() < n && staged < chunks.len() {
+                let Some(tx) = self.txs.get(staged % n) else {
+                    return Err(Fenced);
+                };
+                let (batch, unsent) =
+                    self.stage(tx, &sealed, chunks[staged], bodies[staged].as_deref())?;
+                in_flight.push_back(async move {
+                    let committed = match batch {
+                        Ok(b) => b.commit().await,
+                        Err(e) => Err(e),
+                    };
+                    (unsent, committed)
+                });
+                staged += 1;
+                // Send this commit now (once its frames are written), not
+                // after the next chunk is staged.
+                if let Some(Some(r)) = in_flight.next().now_or_never() {
+                    results.push(r);
+                }
+            }
+            match in_flight.next().await {
+                Some(r) => results.push(r),
+                None => return Ok(results),
+            }
+        }
+    }
+
+    /// Queue one chunk's ticks and record on `tx`.
+    fn stage<'t>(
+        &self,
+        tx: &'t Transaction,
+        sealed: &Publisher,
+        chunk: &Chunk,
+        record: Option<&[u8]>,
+    ) -> Result<(Result<Batch<'t>, warren::Error>, Unsent), Fenced> {
         let mut batch = tx.batch();
-        let mut unsent: Vec<(usize, warren::Error)> = Vec::new();
-        for (i, t) in ticks.iter().enumerate() {
+        let mut unsent = Vec::new();
+        for (i, t) in chunk.ticks.iter().enumerate() {
             // A batch dropped here is never committed: nothing of it fires.
             if i % 256 == 255 && !self.fence.holds() {
                 return Err(Fenced);
             }
             let sent = self
-                .tick_message(&sealed, t)
+                .tick_message(sealed, t)
                 .and_then(|(ex, key, props, body)| batch.publish(&ex, &key, props, &body));
             if let Err(e) = sent {
                 unsent.push((i, e));
             }
         }
-        if let Some(body) = &record_body {
+        if let Some(body) = record {
             if let Err(e) = batch.publish("", &self.log, state::properties(), body) {
-                tracing::warn!(error = %e, "could not queue the scheduler's log record");
-                drop(batch);
-                return self.fire_confirmed(ticks, record).await;
+                return Ok((Err(e), unsent));
             }
         }
         if !self.fence.holds() {
             return Err(Fenced);
         }
         super::fault::commit();
-        let mut returned = match batch.commit().await {
+        Ok((Ok(batch), unsent))
+    }
+
+    /// Count a committed chunk's ticks as fired, or hand them on.
+    async fn settle(
+        &mut self,
+        chunk: &Chunk,
+        recorded: bool,
+        unsent: Unsent,
+        committed: Result<Vec<Returned>, warren::Error>,
+    ) -> Result<(), Fenced> {
+        let ticks = &chunk.ticks;
+        let mut returned = match committed {
             Ok(returned) => returned,
             Err(e) => {
                 if !self.publisher.is_open() || !self.fence.holds() {
                     return Err(Fenced);
                 }
                 tracing::warn!(error = %e, ticks = ticks.len(), "a wake-up's ticks were not committed: sending them again with confirms (one the broker took arrives twice, under its id)");
-                return self.fire_confirmed(ticks, record).await;
+                return self.fire_confirmed(ticks, &chunk.record).await;
             }
         };
-        if record_body.is_some() {
+        if recorded {
             if returned.iter().any(|r| r.routing_key == self.log) {
                 tracing::warn!(log = %self.log, "could not record the scheduler state: the log was returned unroutable");
             } else {

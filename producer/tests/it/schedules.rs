@@ -112,7 +112,23 @@ task = "report.daily"
 "#,
     );
     let p = w.start("producer", &cfg, &[]);
-    p.wait_leader(Duration::from_secs(20), true).await;
+    let missed = |n: f64| {
+        let p = &p;
+        move || async move {
+            let v = p
+                .metric(r#"warren_producer_schedule_missed_fires_total{schedule="lost"}"#)
+                .await?;
+            (v >= n).then_some(())
+        }
+    };
+    // A missed fire: the leader declared the topology (the work queue
+    // exists) and fired.
+    warren::testing::eventually(
+        Duration::from_secs(20),
+        "a missed fire of `lost`",
+        missed(1.0),
+    )
+    .await;
     let rx = w.collect().await;
     let all = rx
         .wait_for(Duration::from_secs(20), "three routed ticks", |m| {
@@ -123,12 +139,7 @@ task = "report.daily"
     warren::testing::eventually(
         Duration::from_secs(10),
         "missed fires of `lost`",
-        || async {
-            let v = p
-                .metric(r#"warren_producer_schedule_missed_fires_total{schedule="lost"}"#)
-                .await?;
-            (v >= 2.0).then_some(())
-        },
+        missed(3.0),
     )
     .await;
     let logs = p.logs();

@@ -151,7 +151,6 @@ impl Batch<'_> {
     /// or connection failed, the broker refused part of it, the timeout)
     /// the outcome is unknown: some of it may have been taken.
     pub async fn commit(mut self) -> Result<Vec<Returned>, Error> {
-        self.committed = true;
         let timeout = self.tx.timeout;
         let channel = &self.tx.channel;
         let last = self.last.take();
@@ -179,6 +178,8 @@ impl Batch<'_> {
                 });
             }
         };
+        // Until here a dropped commit (its caller gave up) spoils the channel.
+        self.committed = true;
         Ok(returned
             .into_iter()
             .map(|r| Returned {
