@@ -23,6 +23,7 @@ use lapin::options::BasicAckOptions;
 use tokio::sync::broadcast::error::RecvError;
 use tokio_util::sync::CancellationToken;
 use warren::amqp::{Batch, Pending, Publisher, Returned, Transaction};
+use warren::config::QueueType;
 
 use super::agenda::Agenda;
 use super::clock::{self, Sample, Step, Track};
@@ -371,6 +372,11 @@ impl<'a> Term<'a> {
         if due.is_empty() {
             return Ok(());
         }
+        let chunk_ticks = if self.transactional() {
+            TX_TICKS
+        } else {
+            usize::MAX
+        };
         let mut chunks = vec![Chunk::default()];
         let mut decided = Vec::with_capacity(due.len());
         for name in due {
@@ -384,7 +390,7 @@ impl<'a> Term<'a> {
             let Some(c) = self.cursors.get_mut(&*name) else {
                 continue;
             };
-            if chunks.last().is_some_and(|k| k.ticks.len() >= TX_TICKS) {
+            if chunks.last().is_some_and(|k| k.ticks.len() >= chunk_ticks) {
                 chunks.push(Chunk::default());
             }
             let Some(chunk) = chunks.last_mut() else {
@@ -455,6 +461,12 @@ impl<'a> Term<'a> {
         if !self.fence.holds() {
             return Err(Fenced);
         }
+        if !self.transactional() {
+            for c in chunks {
+                self.fire_confirmed(&c.ticks, &c.record).await?;
+            }
+            return Ok(());
+        }
         let bodies: Vec<Option<Vec<u8>>> = chunks
             .iter()
             .map(|c| {
@@ -475,6 +487,15 @@ impl<'a> Term<'a> {
                 .await?;
         }
         Ok(())
+    }
+
+    /// Whether ticks go out in transactions. Not on quorum queues: RabbitMQ
+    /// 3.10 drops a transaction's messages that a quorum queue refuses
+    /// (`reject-publish` at its length limit) and still answers
+    /// `tx.commit-ok` (measured), where a classic queue fails the commit
+    /// and a confirm would be a nack. There ticks go out with confirms.
+    fn transactional(&self) -> bool {
+        self.ctx.topo().queue_type() == QueueType::Classic
     }
 
     /// Keep `n` transaction channels open (one replaced after a failed

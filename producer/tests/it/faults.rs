@@ -158,3 +158,70 @@ async fn a_leader_killed_before_its_commit_leaves_no_tick_behind() {
         assert!(!rx.of_schedule(s).is_empty(), "no tick of {s}");
     }
 }
+
+/// A commit the broker refuses in part (a classic queue at its length
+/// limit under `reject-publish`: `partial tx completion`) leaves unknown
+/// which ticks it took: the leader sends them again with confirms and
+/// retries a nacked one within its grace, so the refused instant still
+/// arrives once the queue has room, and nothing arrives twice.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refused_commit_is_sent_again_with_confirms_and_loses_nothing() {
+    let node = std::sync::Arc::new(
+        tokio::task::spawn_blocking(warren::testing::Node::start)
+            .await
+            .expect("start a broker node"),
+    );
+    let w = World::on("refused_commit", node.url()).await;
+    let ctl = |args: Vec<String>| {
+        let node = node.clone();
+        async move {
+            let o = tokio::task::spawn_blocking(move || {
+                let refs: Vec<&str> = args.iter().map(String::as_str).collect();
+                node.ctl(&refs)
+            })
+            .await
+            .expect("rabbitmqctl");
+            assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+        }
+    };
+    let pattern = format!("^{}$", regex_escape(&w.work_queue()));
+    ctl(vec![
+        "set_policy".into(),
+        "full".into(),
+        pattern,
+        r#"{"max-length":1,"overflow":"reject-publish"}"#.into(),
+        "--apply-to".into(),
+        "queues".into(),
+    ])
+    .await;
+    let cfg = w.write_config("p.toml", ONE);
+    let p = w.start("producer", &cfg, &[]);
+    warren::testing::eventually(Duration::from_secs(30), "a refused commit", || {
+        let refused = p.logs().contains("were not committed");
+        async move { refused.then_some(()) }
+    })
+    .await;
+    ctl(vec!["clear_policy".into(), "full".into()]).await;
+    let rx = w.collect().await;
+    let all = rx
+        .wait_for(Duration::from_secs(30), "four ticks", |m| m.len() >= 4)
+        .await;
+    let instants: Vec<_> = all.iter().filter_map(|m| m.instant()).collect();
+    assert_eq!(
+        instants[1] - instants[0],
+        chrono::TimeDelta::seconds(1),
+        "the refused instant arrives right after the one the queue held: {instants:?}\n{}",
+        p.logs()
+    );
+    assert!(duplicates(&all).is_empty(), "{:?}", duplicates(&all));
+}
+
+fn regex_escape(s: &str) -> String {
+    s.chars()
+        .flat_map(|c| match c {
+            '.' | '-' | '+' | '*' | '?' | '(' | ')' | '[' | ']' | '{' | '}' | '^' | '$' | '|'
+            | '\\' => vec!['\\', c],
+            _ => vec![c],
+        })
+        .collect()
+}
