@@ -4,21 +4,12 @@
 //! Two stages run side by side so neither waits for the other: a blocking
 //! thread reads and validates lines (one reused line buffer, chunks of
 //! [`CHUNK`] lines handed over a bounded channel), and the async side keeps
-//! up to `window` tasks unconfirmed *continuously*, so the broker never
-//! idles between chunks:
-//!
-//! * on classic queues, in AMQP transactions of up to [`TX_TASKS`] tasks,
-//!   several committing at once: a commit answers for all its tasks, which
-//!   halves the client's CPU per task against a confirm each (see
-//!   [`warren::amqp::Transaction`]);
-//! * on quorum queues, and after a commit failed, with confirms: RabbitMQ
-//!   3.10 drops a transaction's messages that a quorum queue refuses and
-//!   still answers the commit, where a confirm is a nack to send again.
-//!
-//! Every task is still stored by the broker before the command succeeds; a
-//! line that is not a task, or a task the broker refused (nack, return,
-//! timeout), is reported with its line number and makes the command exit 1.
-//! A task whose commit failed is sent again with confirms, same id.
+//! up to `window` confirms outstanding *continuously* — it awaits the oldest
+//! confirm only when the window is full, never a whole chunk at once, so the
+//! broker never idles between chunks. Every task is still confirmed before
+//! the command succeeds; a line that is not a task, or a task the broker
+//! refused (nack, return, timeout), is reported with its line number and
+//! makes the command exit 1.
 
 use std::collections::VecDeque;
 use std::io::{BufRead, Read};
@@ -26,11 +17,8 @@ use std::time::Duration;
 
 use anyhow::Context;
 use chrono::Utc;
-use futures_util::stream::{FuturesOrdered, StreamExt};
-use futures_util::FutureExt;
 use tokio::sync::mpsc;
-use warren::amqp::{Pending, Publisher, Returned, Transaction};
-use warren::config::QueueType;
+use warren::amqp::{Pending, Publisher};
 use warren::{Task, Topology};
 
 use crate::request::{RequestError, TaskRequest};
@@ -42,8 +30,6 @@ const CHUNK: usize = 512;
 const CHUNKS_AHEAD: usize = 8;
 /// Read buffer for stdin.
 const READ_BUFFER: usize = 256 * 1024;
-/// Most tasks in one transaction.
-const TX_TASKS: usize = 256;
 
 /// One non-empty input line, validated.
 struct Line {
@@ -122,7 +108,6 @@ impl Tally {
 
 /// Publish every task of `input`; `Ok` only when all were confirmed.
 pub async fn publish<R: Read + Send + 'static>(
-    conn: &lapin::Connection,
     publisher: &Publisher,
     topo: &Topology,
     input: R,
@@ -136,165 +121,6 @@ pub async fn publish<R: Read + Send + 'static>(
         events: events.clone(),
         ..Tally::default()
     };
-    if topo.queue_type() == QueueType::Classic {
-        committed(conn, publisher, topo, &mut rx, window, &mut tally).await;
-    }
-    confirmed(publisher, topo, &mut rx, window, &mut tally).await;
-    tally.retry_nacked(publisher, topo, window).await;
-    reader
-        .await
-        .context("the stdin reader stopped")?
-        .context("reading stdin")?;
-    warren::outln!("{} confirmed, {} failed", tally.confirmed, tally.failed);
-    if tally.failed > 0 {
-        anyhow::bail!("{} task(s) were not published", tally.failed);
-    }
-    Ok(())
-}
-
-/// A task on its way: its line, the task, its delay.
-type Sent = (u64, Task, Duration);
-
-/// The lines of `rx` in transactions of up to [`TX_TASKS`] tasks, as many
-/// committing at once as `window` allows. Returns early, leaving the rest of
-/// `rx` to [`confirmed`], when a transaction channel cannot be opened or a
-/// commit fails (that commit's tasks go to the nacked, sent again).
-async fn committed(
-    conn: &lapin::Connection,
-    publisher: &Publisher,
-    topo: &Topology,
-    rx: &mut mpsc::Receiver<Vec<Line>>,
-    window: usize,
-    tally: &mut Tally,
-) {
-    let size = window.min(TX_TASKS);
-    let mut txs = Vec::new();
-    for _ in 0..window.div_ceil(size).clamp(1, 16) {
-        match Transaction::new(conn, publisher.confirm_timeout()).await {
-            Ok(tx) => txs.push(tx),
-            Err(_) if !txs.is_empty() => break,
-            Err(_) => return,
-        }
-    }
-    let mut in_flight = FuturesOrdered::new();
-    let mut staged = 0usize;
-    let mut next: Vec<Sent> = Vec::with_capacity(size);
-    let mut failed = false;
-    let mut input_done = false;
-    while !(failed || input_done && next.is_empty() && in_flight.is_empty()) {
-        // Fill the next transaction from the input while one is free.
-        if !input_done && next.len() < size && in_flight.len() < txs.len() {
-            match rx.recv().await {
-                Some(chunk) => {
-                    for Line { no, parsed } in chunk {
-                        match parsed {
-                            Ok((task, delay)) => next.push((no, task, delay)),
-                            Err(e) => {
-                                tally.failed += 1;
-                                warren::errln!("line {no}: {e}");
-                            }
-                        }
-                    }
-                }
-                None => input_done = true,
-            }
-        }
-        while (next.len() >= size || (input_done && !next.is_empty()))
-            && in_flight.len() < txs.len()
-        {
-            let take = next.len().min(size);
-            let sent: Vec<Sent> = next.drain(..take).collect();
-            let Some(tx) = txs.get(staged % txs.len()) else {
-                return;
-            };
-            staged += 1;
-            in_flight.push_back(commit(tx, publisher, topo, sent));
-            // Stage it and send its commit now, not when a commit is awaited.
-            if let Some(Some((sent, outcome))) = in_flight.next().now_or_never() {
-                failed |= settle_commit(tally, sent, outcome);
-            }
-        }
-        let must_wait = in_flight.len() >= txs.len() || input_done;
-        if must_wait {
-            if let Some((sent, outcome)) = in_flight.next().await {
-                failed |= settle_commit(tally, sent, outcome);
-            }
-        }
-    }
-    // After a failure: the commits still in flight settle, and what was
-    // read but not sent goes out with confirms.
-    while let Some((sent, outcome)) = in_flight.next().await {
-        settle_commit(tally, sent, outcome);
-    }
-    tally.nacked.extend(next);
-    for tx in &txs {
-        tx.close().await;
-    }
-}
-
-/// Stage `sent` on `tx` and commit it.
-async fn commit(
-    tx: &Transaction,
-    publisher: &Publisher,
-    topo: &Topology,
-    sent: Vec<Sent>,
-) -> (Vec<Sent>, Result<Vec<Returned>, warren::Error>) {
-    let mut batch = tx.batch();
-    for (_, task, delay) in &sent {
-        let (exchange, key) = topo.route(&task.name, *delay);
-        let staged = publisher
-            .wire(task)
-            .and_then(|(props, body)| batch.publish(&exchange, &key, props, &body));
-        if let Err(e) = staged {
-            // Nothing of this batch is committed: it goes out again.
-            return (sent, Err(e));
-        }
-    }
-    let outcome = batch.commit().await;
-    (sent, outcome)
-}
-
-/// Count a commit's tasks; `true` when it failed (its tasks go out again
-/// with confirms).
-fn settle_commit(
-    tally: &mut Tally,
-    sent: Vec<Sent>,
-    outcome: Result<Vec<Returned>, warren::Error>,
-) -> bool {
-    let returned = match outcome {
-        Ok(returned) => returned,
-        Err(_) => {
-            tally.nacked.extend(sent);
-            return true;
-        }
-    };
-    for (line, task, _) in sent {
-        let back = returned
-            .iter()
-            .find(|r| r.message_id.as_deref() == Some(task.id.as_str()));
-        match back {
-            None => tally.confirmed(&task),
-            Some(r) => {
-                let e = warren::Error::Unroutable {
-                    exchange: r.exchange.clone(),
-                    routing_key: r.routing_key.clone(),
-                    reply: r.reply.clone(),
-                };
-                tally.fail(line, &task, &e);
-            }
-        }
-    }
-    false
-}
-
-/// The lines of `rx` with up to `window` confirms outstanding.
-async fn confirmed(
-    publisher: &Publisher,
-    topo: &Topology,
-    rx: &mut mpsc::Receiver<Vec<Line>>,
-    window: usize,
-    tally: &mut Tally,
-) {
     let mut in_flight: VecDeque<InFlight> = VecDeque::with_capacity(window);
     while let Some(chunk) = rx.recv().await {
         for Line { no, parsed } in chunk {
@@ -333,6 +159,16 @@ async fn confirmed(
     for f in in_flight {
         tally.settle(f).await;
     }
+    tally.retry_nacked(publisher, topo, window).await;
+    reader
+        .await
+        .context("the stdin reader stopped")?
+        .context("reading stdin")?;
+    warren::outln!("{} confirmed, {} failed", tally.confirmed, tally.failed);
+    if tally.failed > 0 {
+        anyhow::bail!("{} task(s) were not published", tally.failed);
+    }
+    Ok(())
 }
 
 /// The reader thread: lines to validated tasks, in chunks. Stops early if

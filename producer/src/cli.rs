@@ -398,8 +398,7 @@ pub async fn publish(cfg: ProducerConfig, args: PublishArgs) -> anyhow::Result<(
 async fn publish_batch(cfg: ProducerConfig, window: usize) -> anyhow::Result<()> {
     let (conn, publisher, topo) = connect(&cfg).await?;
     let events = recorder(&cfg, &topo, &conn).await;
-    let res =
-        crate::batch::publish(&conn, &publisher, &topo, std::io::stdin(), window, &events).await;
+    let res = crate::batch::publish(&publisher, &topo, std::io::stdin(), window, &events).await;
     events.flush(FLUSH_TIMEOUT).await;
     let _ = conn.close(200, "done".into()).await;
     res

@@ -482,11 +482,6 @@ impl Publisher {
         &self.channel
     }
 
-    /// How long a confirm may take before the publish counts as failed.
-    pub fn confirm_timeout(&self) -> Duration {
-        self.confirm_timeout
-    }
-
     /// Whether the channel can still publish.
     pub fn is_open(&self) -> bool {
         self.channel.status().connected()
