@@ -849,3 +849,58 @@ async fn a_nacked_publish_is_sent_again_with_the_same_id() {
         .queue_delete(full.as_str().into(), Default::default())
         .await;
 }
+
+/// A transaction's messages reach their queue at its commit and not before;
+/// the commit hands back the ones no queue took; a batch dropped without
+/// its commit marks the channel unusable, so its publishes can never go out
+/// with a later commit, and closing the channel discards them.
+#[tokio::test]
+async fn a_transaction_delivers_at_its_commit_and_a_dropped_batch_spoils_its_channel() {
+    use warren::amqp::Transaction;
+    let (conn, topo, _publisher) = setup("transaction", QueueType::Classic).await;
+    let queue = topo.work_queues()[0].name.clone();
+    let props = |id: &str| {
+        BasicProperties::default()
+            .with_message_id(id.into())
+            .with_delivery_mode(2)
+    };
+    let tx = Transaction::new(&conn, Duration::from_secs(10))
+        .await
+        .unwrap();
+
+    let mut batch = tx.batch();
+    for id in ["a", "b", "c"] {
+        batch.publish("", &queue, props(id), b"{}").unwrap();
+    }
+    batch
+        .publish("", "no-such-queue-anywhere", props("lost"), b"{}")
+        .unwrap();
+    assert_eq!(batch.len(), 4);
+    // Written to the socket, not committed: nothing in the queue yet.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(
+        get_one(&conn, &queue).await.is_none(),
+        "delivered before the commit"
+    );
+    let returned = batch.commit().await.unwrap();
+    let ids: Vec<_> = returned.iter().map(|r| r.message_id.clone()).collect();
+    assert_eq!(ids, vec![Some("lost".to_owned())]);
+    assert_eq!(returned[0].routing_key, "no-such-queue-anywhere");
+    assert!(tx.is_open());
+    let mut got = Vec::new();
+    while let Some(d) = get_one(&conn, &queue).await {
+        got.push(d.properties.message_id().clone().unwrap().to_string());
+    }
+    assert_eq!(got, ["a", "b", "c"]);
+
+    let mut stale = tx.batch();
+    stale.publish("", &queue, props("stale"), b"{}").unwrap();
+    drop(stale);
+    assert!(!tx.is_open(), "a dropped batch spoils the channel");
+    tx.close().await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(
+        get_one(&conn, &queue).await.is_none(),
+        "an uncommitted publish arrived"
+    );
+}
