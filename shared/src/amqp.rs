@@ -362,6 +362,47 @@ struct Identity {
 /// A started `basic_publish`: resolves once lapin wrote its frames.
 type Started = Pin<Box<dyn Future<Output = lapin::Result<PublisherConfirm>> + Send>>;
 
+/// A `mandatory` publish of `body` on `channel`, not yet polled.
+fn mandatory_publish(
+    channel: &Channel,
+    exchange: &str,
+    routing_key: &str,
+    properties: BasicProperties,
+    body: &[u8],
+) -> Started {
+    let channel = channel.clone();
+    let (exchange, routing_key) = (exchange.into(), routing_key.into());
+    let body = body.to_vec();
+    Box::pin(async move {
+        channel
+            .basic_publish(
+                exchange,
+                routing_key,
+                BasicPublishOptions {
+                    mandatory: true,
+                    ..BasicPublishOptions::default()
+                },
+                &body,
+                properties,
+            )
+            .await
+    })
+}
+
+/// Poll `publish` once: lapin's `basic_publish` takes the delivery tag and
+/// queues the frames for its I/O thread before its first suspension point
+/// (it then waits for the write), so this fixes the message's place on the
+/// channel without waiting for the write. What is left resolves once the
+/// frames are written.
+fn queue_frames(mut publish: Started) -> Result<Started, Error> {
+    let mut cx = std::task::Context::from_waker(std::task::Waker::noop());
+    match publish.as_mut().poll(&mut cx) {
+        Poll::Ready(Err(e)) => Err(Error::Amqp(e)),
+        Poll::Ready(Ok(confirm)) => Ok(Box::pin(std::future::ready(Ok(confirm)))),
+        Poll::Pending => Ok(publish),
+    }
+}
+
 struct Tracked {
     publish: Started,
     identity: Identity,
@@ -510,36 +551,12 @@ impl Publisher {
                 .map(|s| s.as_str().to_owned()),
         };
         let (done, verdict) = oneshot::channel();
-        let channel = self.channel.clone();
-        let (exchange, routing_key) = (exchange.into(), routing_key.into());
-        let body = body.to_vec();
-        let mut publish: Started = Box::pin(async move {
-            channel
-                .basic_publish(
-                    exchange,
-                    routing_key,
-                    BasicPublishOptions {
-                        mandatory: true,
-                        ..BasicPublishOptions::default()
-                    },
-                    &body,
-                    properties,
-                )
-                .await
-        });
+        let publish = mandatory_publish(&self.channel, exchange, routing_key, properties, body);
         {
             let order = self.order.lock().map_err(|_| Error::ChannelGone)?;
-            // lapin's `basic_publish` takes the delivery tag and queues the
-            // frames before its first suspension point (it then waits for the
-            // write), so one poll under the lock fixes the tag order that the
-            // sequencer relies on.
-            // The sequencer polls it again with its own waker.
-            let mut cx = std::task::Context::from_waker(std::task::Waker::noop());
-            let publish: Started = match publish.as_mut().poll(&mut cx) {
-                Poll::Ready(Err(e)) => return Err(Error::Amqp(e)),
-                Poll::Ready(Ok(confirm)) => Box::pin(std::future::ready(Ok(confirm))),
-                Poll::Pending => publish,
-            };
+            // One poll under the lock fixes the tag order that the sequencer
+            // relies on; the sequencer polls it again with its own waker.
+            let publish = queue_frames(publish)?;
             order
                 .send(Tracked {
                     publish,

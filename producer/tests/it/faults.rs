@@ -4,7 +4,7 @@
 
 use std::time::Duration;
 
-use crate::helpers::{duplicates, World};
+use crate::helpers::{duplicates, Producer, World};
 
 const TWO: &str = r#"
 [[schedules]]
@@ -66,21 +66,31 @@ cron = "* * * * * *"
 task = "it.tick"
 "#;
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_dead_fire_loop_releases_the_lock_and_exits_1_for_a_standby() {
-    let w = World::new("panic_term").await;
-    let rx = w.collect().await;
-    let cfg = w.write_config("p.toml", ONE);
-    let mut bad = w.start("bad", &cfg, &[("FAILPOINTS", "scheduler/term=panic")]);
-    // The standby joins once the bad replica leads (it panics at its
-    // first wake-up, so it may be gone already: the standby leads then).
+/// A replica with `failpoint` set, a standby started once it leads, and how
+/// the first one exited. The standby joins only then: the bad replica fails
+/// at its first wake-up, so it may be gone already (the standby leads then).
+async fn bad_leader_then_standby(
+    w: &World,
+    cfg: &std::path::PathBuf,
+    failpoint: &str,
+) -> (Producer, Producer, std::process::ExitStatus) {
+    let mut bad = w.start("bad", cfg, &[("FAILPOINTS", failpoint)]);
     warren::testing::eventually(Duration::from_secs(20), "the bad replica to lead", || {
         let led = bad.logs().contains("elected leader");
         async move { led.then_some(()) }
     })
     .await;
-    let good = w.start("good", &cfg, &[]);
+    let good = w.start("good", cfg, &[]);
     let status = bad.process.wait_exit(Duration::from_secs(20)).await;
+    (bad, good, status)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dead_fire_loop_releases_the_lock_and_exits_1_for_a_standby() {
+    let w = World::new("panic_term").await;
+    let rx = w.collect().await;
+    let cfg = w.write_config("p.toml", ONE);
+    let (bad, good, status) = bad_leader_then_standby(&w, &cfg, "scheduler/term=panic").await;
     assert_eq!(status.code(), Some(1), "{}", bad.logs());
     assert!(
         bad.logs().contains("releasing the leader lock"),
@@ -127,14 +137,7 @@ async fn a_leader_killed_before_its_commit_leaves_no_tick_behind() {
     let w = World::new("kill_before_commit").await;
     let rx = w.collect().await;
     let cfg = w.write_config("p.toml", TWO);
-    let mut bad = w.start("bad", &cfg, &[("FAILPOINTS", "scheduler/commit=return")]);
-    warren::testing::eventually(Duration::from_secs(20), "the bad replica to lead", || {
-        let led = bad.logs().contains("elected leader");
-        async move { led.then_some(()) }
-    })
-    .await;
-    let good = w.start("good", &cfg, &[]);
-    let status = bad.process.wait_exit(Duration::from_secs(20)).await;
+    let (bad, good, status) = bad_leader_then_standby(&w, &cfg, "scheduler/commit=return").await;
     assert!(status.code().is_none(), "died by a signal: {status}");
     good.wait_leader(Duration::from_secs(20), true).await;
     let all = rx

@@ -10,13 +10,10 @@
 //! they moved, so that a leader killed mid-burst cannot leave ticks without
 //! their record (which made its successor fire them again).
 
-use std::future::Future;
-use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
-use lapin::options::BasicPublishOptions;
-use lapin::{BasicProperties, Channel, Connection, PublisherConfirm};
+use lapin::{BasicProperties, Channel, Connection};
 
 use crate::error::Error;
 
@@ -39,15 +36,13 @@ pub struct Returned {
     pub reply: String,
 }
 
-type Written = Pin<Box<dyn Future<Output = lapin::Result<PublisherConfirm>> + Send>>;
-
 /// The publishes of one transaction, not yet committed.
 #[must_use = "nothing is published until the batch is committed"]
 pub struct Batch<'t> {
     tx: &'t Transaction,
     /// The last publish's write: frames go out in the order they were
     /// queued, so once it is written every earlier one is too.
-    last: Option<Written>,
+    last: Option<super::Started>,
     len: usize,
     committed: bool,
 }
@@ -99,7 +94,7 @@ impl Transaction {
 }
 
 impl Batch<'_> {
-    /// Queue a persistent, `mandatory` message's frames for lapin's I/O
+    /// Queue a `mandatory` message's frames for lapin's I/O
     /// thread without waiting for the write (one thread round trip per
     /// batch, not per message).
     pub fn publish(
@@ -109,31 +104,9 @@ impl Batch<'_> {
         properties: BasicProperties,
         body: &[u8],
     ) -> Result<(), Error> {
-        let channel = self.tx.channel.clone();
-        let (exchange, routing_key) = (exchange.into(), routing_key.into());
-        let body = body.to_vec();
-        let mut write: Written = Box::pin(async move {
-            channel
-                .basic_publish(
-                    exchange,
-                    routing_key,
-                    BasicPublishOptions {
-                        mandatory: true,
-                        ..BasicPublishOptions::default()
-                    },
-                    &body,
-                    properties,
-                )
-                .await
-        });
-        // `basic_publish` queues its frames before its first suspension
-        // point, so one poll fixes their place in the batch.
-        let mut cx = std::task::Context::from_waker(std::task::Waker::noop());
-        match write.as_mut().poll(&mut cx) {
-            std::task::Poll::Ready(Err(e)) => return Err(Error::Amqp(e)),
-            std::task::Poll::Ready(Ok(_)) => self.last = None,
-            std::task::Poll::Pending => self.last = Some(write),
-        }
+        let publish =
+            super::mandatory_publish(&self.tx.channel, exchange, routing_key, properties, body);
+        self.last = Some(super::queue_frames(publish)?);
         self.len += 1;
         Ok(())
     }
