@@ -570,7 +570,17 @@ fn compile_schedule(s: ScheduleConfig, err: &mut impl FnMut(String)) -> Option<S
 
 /// Defaults < file < `WARREN_*` environment, before any validation.
 fn load_env(path: Option<&Path>) -> anyhow::Result<ProducerConfig> {
-    Ok(warren::config::load(path, warren::config::process_env())?)
+    let env = warren::config::process_env();
+    Ok(warren::config::load_with_array(
+        path,
+        env,
+        "schedules",
+        schedules_of,
+    )?)
+}
+
+fn schedules_of(cfg: &mut ProducerConfig) -> &mut Vec<ScheduleConfig> {
+    &mut cfg.schedules
 }
 
 /// Keys SIGHUP applies without a restart: the schedules, the API tokens

@@ -20,8 +20,10 @@ use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 
 mod problems;
+pub mod split;
 
 pub use problems::{Problem, Problems};
+pub use split::Split;
 
 /// The default broker URL (documented).
 pub const DEFAULT_AMQP_URL: &str = "amqp://guest:guest@127.0.0.1:5672/%2f";
@@ -730,22 +732,73 @@ pub fn load<T: DeserializeOwned>(
     path: Option<&Path>,
     env: impl IntoIterator<Item = (String, String)>,
 ) -> Result<T, ConfigError> {
-    let env: Vec<(String, String)> = env
-        .into_iter()
+    let env = overrides(env);
+    let text = path.map(read).transpose()?;
+    layer(path, text.as_deref(), env)
+}
+
+/// [`load`], reading a long `[[key]]` array of tables a chunk at a time
+/// ([`Split`]) into the list `entries` points at: the same answer and the
+/// same errors, without a tree of the whole file in memory.
+pub fn load_with_array<T: DeserializeOwned, E: DeserializeOwned>(
+    path: Option<&Path>,
+    env: impl IntoIterator<Item = (String, String)>,
+    key: &str,
+    entries: fn(&mut T) -> &mut Vec<E>,
+) -> Result<T, ConfigError> {
+    let env = overrides(env);
+    let text = path.map(read).transpose()?;
+    let touches_key = |(k, _): &(String, String)| {
+        env_path(k).is_some_and(|p| p.first().map(String::as_str) == Some(key))
+    };
+    if let Some(split) = text
+        .as_deref()
+        .and_then(|t| Split::find(t, key, split::PER_CHUNK))
+    {
+        if !env.iter().any(touches_key) {
+            if let Some(list) = split.entries::<E>() {
+                if let Ok(mut cfg) = layer::<T>(path, Some(split.head), env.clone()) {
+                    if entries(&mut cfg).is_empty() {
+                        *entries(&mut cfg) = list;
+                        return Ok(cfg);
+                    }
+                }
+            }
+        }
+    }
+    layer(path, text.as_deref(), env)
+}
+
+/// The `WARREN_*` pairs that name a key.
+fn overrides(env: impl IntoIterator<Item = (String, String)>) -> Vec<(String, String)> {
+    env.into_iter()
         .filter(|(key, _)| env_path(key).is_some())
-        .collect();
-    let mut table = match path {
-        Some(path) => {
-            let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
-                path: path.to_owned(),
-                source,
-            })?;
+        .collect()
+}
+
+fn read(path: &Path) -> Result<String, ConfigError> {
+    std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+        path: path.to_owned(),
+        source,
+    })
+}
+
+/// Defaults < `text` (the file at `path`) < `env`.
+fn layer<T: DeserializeOwned>(
+    path: Option<&Path>,
+    text: Option<&str>,
+    env: Vec<(String, String)>,
+) -> Result<T, ConfigError> {
+    let file_error = |message: String| ConfigError::File {
+        path: path.map(Path::to_owned).unwrap_or_default(),
+        message,
+    };
+    let mut table = match text {
+        Some(text) => {
             // Parse straight into T first: toml's errors then carry line,
             // column and the offending key.
-            let parsed = toml::from_str::<T>(&text).map_err(|e| ConfigError::File {
-                path: path.to_owned(),
-                message: scrub_snippet(e.to_string().trim_end()),
-            })?;
+            let parsed = toml::from_str::<T>(text)
+                .map_err(|e| file_error(scrub_snippet(e.to_string().trim_end())))?;
             // Without overrides that is the answer: a table of the whole
             // file next to T doubled the peak memory of a file with
             // 100,000 schedules (about 300 MiB for `schedules check`).
@@ -753,10 +806,8 @@ pub fn load<T: DeserializeOwned>(
                 return Ok(parsed);
             }
             drop(parsed);
-            toml::from_str::<toml::Table>(&text).map_err(|e| ConfigError::File {
-                path: path.to_owned(),
-                message: scrub_snippet(&e.to_string()),
-            })?
+            toml::from_str::<toml::Table>(text)
+                .map_err(|e| file_error(scrub_snippet(&e.to_string())))?
         }
         None => toml::Table::new(),
     };
@@ -987,6 +1038,55 @@ mod tests {
         assert_eq!(d.worker.concurrency, 42);
         assert_eq!(d.amqp.heartbeat, Duration::from_secs(5));
         assert_eq!(d.amqp.url_list(), "amqp://u:p@h:1/v");
+    }
+
+    #[derive(Debug, Deserialize, PartialEq, Default)]
+    #[serde(deny_unknown_fields, default)]
+    struct Listed {
+        worker: Worker,
+        jobs: Vec<Job>,
+    }
+    #[derive(Debug, Deserialize, PartialEq)]
+    #[serde(deny_unknown_fields)]
+    struct Job {
+        name: String,
+        #[serde(default)]
+        every: Option<u32>,
+    }
+    fn jobs(l: &mut Listed) -> &mut Vec<Job> {
+        &mut l.jobs
+    }
+
+    #[test]
+    fn a_long_array_read_in_chunks_is_the_whole_file_s_answer_and_error() {
+        let n = 3 * split::PER_CHUNK + 5;
+        let mut text = String::from("# jobs\n[worker]\nconcurrency = 3\n\n");
+        for i in 0..n {
+            text.push_str(&format!("[[jobs]]\nname = \"j{i}\"\nevery = {i}\n\n"));
+        }
+        let f = file(&text);
+        let chunked: Listed = load_with_array(Some(f.path()), env(&[]), "jobs", jobs).unwrap();
+        assert_eq!(chunked, load::<Listed>(Some(f.path()), env(&[])).unwrap());
+        assert_eq!((chunked.jobs.len(), chunked.worker.concurrency), (n, 3));
+        assert_eq!(chunked.jobs[n - 1].every, Some(n as u32 - 1));
+        let vars = env(&[("WARREN_WORKER__CONCURRENCY", "7")]);
+        let overridden: Listed = load_with_array(Some(f.path()), vars, "jobs", jobs).unwrap();
+        assert_eq!(
+            (overridden.jobs.len(), overridden.worker.concurrency),
+            (n, 7)
+        );
+
+        // A bad entry far down, and a bad key in the head: the errors name
+        // the whole file's line.
+        let bad_entry = text.replacen("every = 3000\n", "every = 3000\nevry = 1\n", 1);
+        let bad_head = text.replacen("concurrency = 3", "concurency = 3", 1);
+        for (bad, line) in [(bad_entry, "line 12008"), (bad_head, "line 3")] {
+            let f = file(&bad);
+            let whole = load::<Listed>(Some(f.path()), env(&[])).unwrap_err();
+            let e = load_with_array(Some(f.path()), env(&[]), "jobs", jobs).unwrap_err();
+            assert_eq!(e.to_string(), whole.to_string());
+            assert!(e.to_string().contains(line), "{e}");
+        }
     }
 
     #[test]

@@ -34,12 +34,25 @@ fn read_file(path: &Path) -> anyhow::Result<Vec<ScheduleConfig>> {
         serde_json::from_str::<File>(&text)
             .map(|f| f.schedules)
             .map_err(|e| e.to_string())
+    } else if let Some(entries) = chunked(&text) {
+        Ok(entries)
     } else {
         toml::from_str::<File>(&text)
             .map(|f| f.schedules)
             .map_err(|e| e.to_string())
     };
     parsed.map_err(|e| invalid(path, e))
+}
+
+/// A long file read a chunk at a time, as the config file is
+/// ([`warren::config::Split`]); `None` to parse it whole.
+fn chunked(text: &str) -> Option<Vec<ScheduleConfig>> {
+    let split = warren::config::Split::find(text, "schedules", warren::config::split::PER_CHUNK)?;
+    let head: toml::Table = toml::from_str(split.head).ok()?;
+    if !head.is_empty() {
+        return None;
+    }
+    split.entries()
 }
 
 /// A file that cannot be read or parsed (exit 2).
@@ -285,4 +298,36 @@ pub async fn delete(
     res?;
     warren::outln!("{name}: deleted");
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use std::io::Write;
+
+    use super::*;
+
+    fn written(text: &str) -> tempfile::NamedTempFile {
+        let mut f = tempfile::NamedTempFile::new().unwrap();
+        f.write_all(text.as_bytes()).unwrap();
+        f
+    }
+
+    #[test]
+    fn a_long_file_reads_as_parsed_whole_and_a_stray_key_is_still_refused() {
+        let n = 2 * warren::config::split::PER_CHUNK + 1;
+        let mut text = String::new();
+        for i in 0..n {
+            text.push_str(&format!(
+                "[[schedules]]\nname = \"s{i}\"\ncron = \"{} * * * * *\"\ntask = \"t\"\n\n",
+                i % 60
+            ));
+        }
+        let whole = toml::from_str::<File>(&text).unwrap().schedules;
+        let read = read_file(written(&text).path()).unwrap();
+        assert_eq!(read.len(), n);
+        assert_eq!(read, whole);
+
+        let e = read_file(written(&format!("owner = \"x\"\n{text}")).path()).unwrap_err();
+        assert!(e.to_string().contains("unknown field `owner`"), "{e}");
+    }
 }
