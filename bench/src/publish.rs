@@ -210,6 +210,26 @@ pub async fn publish_scenario(conn: &Connection, args: &Args, url: &str) -> Resu
         );
     }
     warren::outln!("publish: plain lapin {}", Spread::of(plain));
+    // The target's yardstick: the same loop sending the same properties,
+    // run by run (each round runs every side once, so a round's ratio
+    // compares sides that met the same load).
+    if let Some(contract) = SIDES
+        .iter()
+        .position(|s| *s == Side::PlainContract)
+        .filter(|_| chosen(Side::PlainContract))
+    {
+        for (i, side) in SIDES.iter().enumerate().filter(|(_, s)| {
+            chosen(**s) && matches!(s, Side::Library | Side::Cli | Side::Api)
+        }) {
+            let ratios = table::ratios(&rates[contract], &rates[i]);
+            warren::outln!(
+                "publish: {} / plain lapin with warren's properties per run [{}], median {:.2}",
+                side.name(),
+                table::list(&ratios, 2),
+                table::median(&ratios)
+            );
+        }
+    }
     let cpu_cell = |i: usize| {
         let f = |v: &[f64]| {
             if v.is_empty() {
