@@ -92,12 +92,15 @@ impl TraceContext {
 
     /// The `traceparent` header value (version 00).
     pub fn traceparent(&self) -> String {
-        format!(
-            "00-{}-{}-{:02x}",
-            hex::encode(self.trace_id),
-            hex::encode(self.parent_id),
-            self.flags
-        )
+        // Every task carries one, so it is written straight into its 55
+        // bytes: `format!` over `hex::encode` was ~5 % of a publishing
+        // process's CPU.
+        let mut out = *b"00-00000000000000000000000000000000-0000000000000000-00";
+        let ok = hex::encode_to_slice(self.trace_id, &mut out[3..35]).is_ok()
+            && hex::encode_to_slice(self.parent_id, &mut out[36..52]).is_ok()
+            && hex::encode_to_slice([self.flags], &mut out[53..55]).is_ok();
+        debug_assert!(ok, "the slices fit the ids");
+        String::from_utf8_lossy(&out).into_owned()
     }
 
     /// The trace id as 32 lowercase hex digits (what logs show).
