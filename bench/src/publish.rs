@@ -308,7 +308,7 @@ pub async fn publish_scenario(conn: &Connection, args: &Args, url: &str) -> Resu
             .filter(|_| chosen(Side::PlainContract) && matches!(side, Side::Cli | Side::Api));
         let note = match contract {
             Some(c) => format!(
-                "/ plain lapin with warren's properties **{}**, client CPU {}× its; {note}",
+                "/ plain lapin with warren's properties {}, client CPU {}× its; {note}",
                 Spread::of(&table::ratios(&rates[c], &rates[i])).ratio(),
                 if cpu[c].is_empty() || cpu[i].is_empty() {
                     "—".to_owned()

@@ -105,7 +105,8 @@ impl TraceContext {
 
     /// The trace id as 32 lowercase hex digits (what logs show).
     pub fn trace_id_hex(&self) -> String {
-        hex::encode(self.trace_id)
+        // Task events carry it for every task: no `hex::encode` iterator.
+        String::from_utf8_lossy(&hex32(&self.trace_id)).into_owned()
     }
 
     /// The trace id as a log field: the same 32 hex digits, written only
@@ -121,15 +122,17 @@ pub struct TraceIdHex<'a>(&'a [u8; 16]);
 
 impl fmt::Display for TraceIdHex<'_> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        const DIGITS: &[u8; 16] = b"0123456789abcdef";
-        let mut out = [0u8; 32];
-        for (i, b) in self.0.iter().enumerate() {
-            out[2 * i] = DIGITS[usize::from(b >> 4)];
-            out[2 * i + 1] = DIGITS[usize::from(b & 0x0f)];
-        }
         // Hex digits are ASCII.
-        f.write_str(std::str::from_utf8(&out).map_err(|_| fmt::Error)?)
+        f.write_str(std::str::from_utf8(&hex32(self.0)).map_err(|_| fmt::Error)?)
     }
+}
+
+/// A trace id's 32 lowercase hex digits, on the stack.
+fn hex32(id: &[u8; 16]) -> [u8; 32] {
+    let mut out = [b'0'; 32];
+    // 16 bytes always fill 32 digits.
+    let _ = hex::encode_to_slice(id, &mut out);
+    out
 }
 
 impl fmt::Debug for TraceContext {
