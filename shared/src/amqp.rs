@@ -512,7 +512,17 @@ impl Publisher {
     /// The properties and body `task` goes out with: signed and encrypted
     /// when this publisher seals.
     pub fn wire<'t>(&self, task: &'t Task) -> Result<(BasicProperties, Cow<'t, [u8]>), Error> {
-        let props = task.properties();
+        self.wire_at(task, chrono::Utc::now())
+    }
+
+    /// [`wire`](Self::wire), stamped as published at `at`
+    /// ([`Task::properties_at`]).
+    pub fn wire_at<'t>(
+        &self,
+        task: &'t Task,
+        at: chrono::DateTime<chrono::Utc>,
+    ) -> Result<(BasicProperties, Cow<'t, [u8]>), Error> {
+        let props = task.properties_at(at);
         match &self.seal {
             None => Ok((props, Cow::Borrowed(&task.payload))),
             Some(seal) => seal.apply(props, &task.payload).map_err(Error::Seal),

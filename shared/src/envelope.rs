@@ -241,7 +241,13 @@ impl Task {
     /// this copy's publish instant stamped now (`x-warren-published-at-ms`),
     /// `timestamp`, content type and encoding as first published.
     pub fn properties(&self) -> BasicProperties {
-        let now = Utc::now();
+        self.properties_at(Utc::now())
+    }
+
+    /// [`properties`](Self::properties) with `now` as this copy's publish
+    /// instant: a scheduled tick staged ahead of its instant is stamped
+    /// with the instant, when its transaction makes it visible.
+    pub fn properties_at(&self, now: DateTime<Utc>) -> BasicProperties {
         let mut h = self.extra_headers.clone();
         if self.attempt > 1 {
             put(

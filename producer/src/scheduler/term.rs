@@ -193,10 +193,16 @@ impl<'a> Term<'a> {
             if self.compact_catalog().await.is_err() || self.record_fresh().await.is_err() {
                 return Ok(());
             }
+            let lead = self.stage_lead();
             let sleep = self
                 .agenda
                 .next_at()
-                .map(|w| (w - Utc::now()).to_std().unwrap_or(Duration::ZERO))
+                .map(|w| {
+                    (w - Utc::now())
+                        .to_std()
+                        .unwrap_or(Duration::ZERO)
+                        .saturating_sub(lead)
+                })
                 .unwrap_or(MAX_SLEEP)
                 .min(MAX_SLEEP);
             tokio::select! {
@@ -341,6 +347,18 @@ impl<'a> Term<'a> {
     /// Decide every schedule due at `now`, publish the ticks that fire,
     /// record the cursors, and put the schedules back on the agenda.
     async fn wake(&mut self, now: DateTime<Utc>) -> Result<(), Fenced> {
+        // Woken [`fire::STAGE_LEAD`] ahead of the next instant: its ticks are
+        // planned and staged as at that instant, and committed then.
+        let ahead = self
+            .agenda
+            .next_at()
+            .filter(|w| *w > now)
+            .and_then(|w| (w - now).to_std().ok().map(|d| (w, d)))
+            .filter(|(_, d)| *d <= self.stage_lead());
+        let (now, hold) = match ahead {
+            Some((w, d)) => (w, Some(tokio::time::Instant::now() + d)),
+            None => (now, None),
+        };
         let due = self.agenda.pop_due(now);
         if due.is_empty() {
             return Ok(());
@@ -409,11 +427,21 @@ impl<'a> Term<'a> {
             }
             decided.push(s);
         }
-        let res = self.fire_all(&chunks).await;
+        let res = self.fire_all(&chunks, hold).await;
         for s in &decided {
             self.place(s, now);
         }
         res
+    }
+
+    /// How early ticks are staged ahead of their instant: only in
+    /// transactions (a confirm-mode publish is visible at once).
+    fn stage_lead(&self) -> Duration {
+        if self.transactional() {
+            fire::STAGE_LEAD
+        } else {
+            Duration::ZERO
+        }
     }
 
     /// Apply a pause, resume or sync request: append it to the log

@@ -33,6 +33,15 @@ pub(super) const TX_TICKS: usize = 256;
 /// written.
 const TX_CHANNELS: usize = 4;
 
+/// How long before an instant its ticks are staged: published into their
+/// transactions ahead, so that at the instant only the commits go out and
+/// the producer's work and the broker's parsing and routing of each tick
+/// are done. Nothing is visible before its commit.
+pub(super) const STAGE_LEAD: Duration = Duration::from_millis(200);
+
+/// Transactions staged at once for one instant (then committed together).
+const STAGE_CHANNELS: usize = 16;
+
 /// A tick as it goes out: exchange, routing key, properties, body.
 type Message = (String, String, lapin::BasicProperties, Vec<u8>);
 
@@ -51,7 +60,14 @@ impl Term<'_> {
     /// fails, which of its ticks the broker took is unknown: they go out
     /// again with confirms, so a tick is never lost, though one may then
     /// arrive twice under its id.
-    pub(super) async fn fire_all(&mut self, chunks: &[Chunk]) -> Result<(), Fenced> {
+    ///
+    /// With `hold`, the ticks are due at that moment, not yet: up to
+    /// [`STAGE_CHANNELS`] transactions are staged now and committed then.
+    pub(super) async fn fire_all(
+        &mut self,
+        chunks: &[Chunk],
+        hold: Option<tokio::time::Instant>,
+    ) -> Result<(), Fenced> {
         let chunks: Vec<&Chunk> = chunks
             .iter()
             .filter(|c| !c.ticks.is_empty() || !c.record.is_empty())
@@ -75,14 +91,23 @@ impl Term<'_> {
             })
             .collect();
         self.logged_bytes += bodies.iter().flatten().map(Vec::len).sum::<usize>();
-        if let Err(e) = self.open_channels(chunks.len().min(TX_CHANNELS)).await {
+        let width = if hold.is_some() {
+            STAGE_CHANNELS
+        } else {
+            TX_CHANNELS
+        };
+        let width = chunks.len().min(width);
+        if let Err(e) = self.open_channels(width).await {
             tracing::warn!(error = %e, "could not open the ticks' transaction channel");
+            if let Some(at) = hold {
+                tokio::time::sleep_until(at).await;
+            }
             for c in chunks {
                 self.fire_confirmed(&c.ticks, &c.record).await?;
             }
             return Ok(());
         }
-        let results = self.commit_chunks(&chunks, &bodies).await?;
+        let results = self.commit_chunks(&chunks, &bodies, width, hold).await?;
         for ((chunk, body), (unsent, committed)) in chunks.iter().zip(&bodies).zip(results) {
             self.settle(chunk, body.is_some(), unsent, committed)
                 .await?;
@@ -117,15 +142,19 @@ impl Term<'_> {
         Ok(())
     }
 
-    /// Stage and commit every chunk, chunk `i` on channel `i % n`: each
-    /// chunk's ticks that could not be built, and its commit's outcome.
+    /// Stage and commit every chunk, chunk `i` on channel `i % width`, no
+    /// commit before `hold`: each chunk's ticks that could not be built,
+    /// and its commit's outcome.
     async fn commit_chunks(
         &self,
         chunks: &[&Chunk],
         bodies: &[Option<Vec<u8>>],
+        width: usize,
+        hold: Option<tokio::time::Instant>,
     ) -> Result<Vec<ChunkOutcome>, Fenced> {
         let sealed = self.publisher.clone().sealed(self.ctx.link().seal());
-        let n = chunks.len().min(self.txs.len()).max(1);
+        let n = width.min(self.txs.len()).max(1);
+        let fence = &self.fence;
         let mut results = Vec::with_capacity(chunks.len());
         let mut in_flight = FuturesOrdered::new();
         let mut staged = 0;
@@ -137,21 +166,28 @@ impl Term<'_> {
                 let (batch, unsent) =
                     self.stage(tx, &sealed, chunks[staged], bodies[staged].as_deref())?;
                 in_flight.push_back(async move {
+                    if let Some(at) = hold {
+                        tokio::time::sleep_until(at).await;
+                        // Dropped uncommitted, a staged batch fires nothing.
+                        if !fence.holds() {
+                            return None;
+                        }
+                    }
                     let committed = match batch {
                         Ok(b) => b.commit().await,
                         Err(e) => Err(e),
                     };
-                    (unsent, committed)
+                    Some((unsent, committed))
                 });
                 staged += 1;
                 // Send this commit now (once its frames are written), not
                 // after the next chunk is staged.
                 if let Some(Some(r)) = in_flight.next().now_or_never() {
-                    results.push(r);
+                    results.push(r.ok_or(Fenced)?);
                 }
             }
             match in_flight.next().await {
-                Some(r) => results.push(r),
+                Some(r) => results.push(r.ok_or(Fenced)?),
                 None => return Ok(results),
             }
         }
@@ -314,9 +350,13 @@ impl Term<'_> {
                 (p, b, ex, warren::workflow::START.to_owned())
             }
             None => {
-                let task = s.task(id);
+                // Staged ahead, a tick is published when its commit makes
+                // it visible: at its instant.
+                let stamp = Utc::now().max(t.at);
+                let mut task = s.task(id);
+                task.timestamp = Some(stamp.timestamp().max(0) as u64);
                 let (exchange, key) = self.ctx.topo().route(&task.name, Duration::ZERO);
-                let (p, b) = sealed.wire(&task)?;
+                let (p, b) = sealed.wire_at(&task, stamp)?;
                 (p, b.into_owned(), exchange, key)
             }
         };
