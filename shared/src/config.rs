@@ -757,7 +757,7 @@ pub fn load_with_array<T: DeserializeOwned, E: DeserializeOwned>(
     {
         if !env.iter().any(touches_key) {
             if let Some(list) = split.entries::<E>() {
-                if let Ok(mut cfg) = layer::<T>(path, Some(split.head), env.clone()) {
+                if let Ok(mut cfg) = layer::<T>(path, Some(&split.rest), env.clone()) {
                     if entries(&mut cfg).is_empty() {
                         *entries(&mut cfg) = list;
                         return Ok(cfg);
@@ -1075,6 +1075,17 @@ mod tests {
             (overridden.jobs.len(), overridden.worker.concurrency),
             (n, 7)
         );
+
+        // A table after the entries is read with the head.
+        let after = format!("{text}[worker]\nconcurrency = 5\n").replacen(
+            "[worker]\nconcurrency = 3\n",
+            "",
+            1,
+        );
+        let f = file(&after);
+        let chunked: Listed = load_with_array(Some(f.path()), env(&[]), "jobs", jobs).unwrap();
+        assert_eq!(chunked, load::<Listed>(Some(f.path()), env(&[])).unwrap());
+        assert_eq!((chunked.jobs.len(), chunked.worker.concurrency), (n, 5));
 
         // A bad entry far down, and a bad key in the head: the errors name
         // the whole file's line.

@@ -48,8 +48,8 @@ fn read_file(path: &Path) -> anyhow::Result<Vec<ScheduleConfig>> {
 /// ([`warren::config::Split`]); `None` to parse it whole.
 fn chunked(text: &str) -> Option<Vec<ScheduleConfig>> {
     let split = warren::config::Split::find(text, "schedules", warren::config::split::PER_CHUNK)?;
-    let head: toml::Table = toml::from_str(split.head).ok()?;
-    if !head.is_empty() {
+    let rest: toml::Table = toml::from_str(&split.rest).ok()?;
+    if !rest.is_empty() {
         return None;
     }
     split.entries()

@@ -6,6 +6,10 @@
 //! header lines, the file parses as a head (everything before the first
 //! header) and chunks of entries, each tree freed before the next is built.
 //!
+//! Tables after the last entry (`[[workflows]]` below the schedules) are
+//! read with the head: TOML tables mean the same in any order, save the
+//! sub-tables of an entry (`[schedules.retry]`), which stay with it.
+//!
 //! The cut is only trusted when every piece parses and each chunk holds
 //! nothing but `key`: a header line inside a multi-line string leaves the
 //! chunk it ends unterminated, and a table such as `[api]` between the
@@ -25,8 +29,9 @@ pub const PER_CHUNK: usize = 1024;
 #[derive(Debug)]
 pub struct Split<'a> {
     key: &'a str,
-    /// Everything before the first header.
-    pub head: &'a str,
+    /// Everything but the entries: the text before the first header, then
+    /// the tables after the last entry.
+    pub rest: String,
     chunks: Vec<&'a str>,
 }
 
@@ -50,13 +55,20 @@ impl<'a> Split<'a> {
         if starts.len() < 2 {
             return None;
         }
-        let head = &text[..starts[0]];
+        let mut rest = text[..starts[0]].to_owned();
         let mut chunks = Vec::with_capacity(starts.len());
         for (i, &start) in starts.iter().enumerate() {
-            let end = starts.get(i + 1).copied().unwrap_or(text.len());
+            let end = match starts.get(i + 1) {
+                Some(&next) => next,
+                None => {
+                    let tail = tail_start(&text[start..], key).map_or(text.len(), |t| start + t);
+                    rest.push_str(&text[tail..]);
+                    tail
+                }
+            };
             chunks.push(&text[start..end]);
         }
-        Some(Split { key, head, chunks })
+        Some(Split { key, rest, chunks })
     }
 
     /// Every chunk's entries in file order, or `None` when a chunk does not
@@ -73,6 +85,38 @@ impl<'a> Split<'a> {
         }
         Some(all)
     }
+}
+
+/// Where the first table other than `key`'s starts in `chunk` (after its
+/// own first line), if one does.
+fn tail_start(chunk: &str, key: &str) -> Option<usize> {
+    let mut offset = 0;
+    for (i, line) in chunk.split_inclusive('\n').enumerate() {
+        if i > 0 && opens_other_table(line, key) {
+            return Some(offset);
+        }
+        offset += line.len();
+    }
+    None
+}
+
+/// Whether `line` is a table header (`[name]`, `[[name]]`) for anything
+/// but `key` and its sub-tables. A line taken for one wrongly (a line of a
+/// multi-line string) only spoils the cut: see the module.
+fn opens_other_table(line: &str, key: &str) -> bool {
+    let t = line.trim();
+    let t = t.split_once(" #").map_or(t, |(h, _)| h).trim_end();
+    let Some(inner) = t.strip_prefix('[') else {
+        return false;
+    };
+    let inner = inner.strip_prefix('[').unwrap_or(inner).trim_start();
+    // A header names a key; a line of an array value (`[1, 2],`) does not
+    // end in `]`.
+    let names = inner.starts_with(|c: char| c.is_ascii_alphanumeric() || "_-\"'".contains(c));
+    let of_key = inner
+        .strip_prefix(key)
+        .is_some_and(|r| r.starts_with([']', '.', ' ']));
+    names && t.ends_with(']') && !of_key
 }
 
 #[cfg(test)]
@@ -122,12 +166,46 @@ mod tests {
         let text = file(10);
         let split = Split::find(&text, "items", 3).unwrap();
         assert_eq!(split.chunks.len(), 4);
-        assert_eq!(split.head, "title = \"t\"\n\n");
+        assert_eq!(split.rest, "title = \"t\"\n\n");
         let entries: Vec<Entry> = split.entries().unwrap();
         assert_eq!(entries, whole(&text));
         assert_eq!(entries[9].name, "e9");
         assert_eq!(entries[3].retry.as_ref().unwrap()["max"], 3);
         assert_eq!(entries[4].retry, None);
+    }
+
+    #[test]
+    fn tables_after_the_last_entry_are_read_with_the_head() {
+        let mut text = file(7);
+        text.push_str("[api] # after the entries\nport = 1\n");
+        let split = Split::find(&text, "items", 3).unwrap();
+        let entries: Vec<Entry> = split.entries().unwrap();
+        let rest: Doc = toml::from_str(&split.rest).unwrap();
+        let whole: Doc = toml::from_str(&text).unwrap();
+        assert_eq!(entries, whole.items);
+        assert_eq!((rest.title, rest.api), (whole.title, whole.api));
+        assert!(rest.items.is_empty());
+        // The last entry's sub-table stays with it.
+        assert_eq!(entries[6].retry.as_ref().unwrap()["max"], 3);
+    }
+
+    #[test]
+    fn headers_are_told_from_sub_tables_and_array_lines() {
+        for (line, other) in [
+            ("[api]\n", true),
+            ("  [ api ]  \n", true),
+            ("[[workflows]]\n", true),
+            ("[api] # port\n", true),
+            ("[\"quoted\"]\n", true),
+            ("[[items]]\n", false),
+            ("[items.retry]\n", false),
+            ("[ items . retry ]\n", false),
+            ("[1, 2],\n", false),
+            ("[\n", false),
+            ("name = \"[api]\"\n", false),
+        ] {
+            assert_eq!(opens_other_table(line, "items"), other, "{line:?}");
+        }
     }
 
     #[test]
