@@ -174,6 +174,11 @@ struct Args {
     /// CPU from the task index's.
     #[arg(long)]
     no_events: bool,
+    /// `schedules`: spread the ticks over this many work queues (schedule i
+    /// publishes `bench.sched.<i mod K>`, one queue bound to each), to see
+    /// how much of the fire lag is one queue's own work. warren only.
+    #[arg(long, default_value_t = 1)]
+    sched_queues: usize,
     /// `workflows`: runs held active (their one step waits in a queue no
     /// consumer reads), one measurement each.
     #[arg(long, value_delimiter = ',', default_value = "100,10000")]

@@ -86,17 +86,36 @@ fn parse_id(id: &str) -> Option<(usize, i64)> {
 /// tick as soon as it is routed.
 struct Collector {
     recs: Recs,
-    task: tokio::task::JoinHandle<()>,
+    tasks: Vec<tokio::task::JoinHandle<()>>,
     channel: lapin::Channel,
 }
 
 impl Collector {
-    async fn start(conn: &Connection, queue: &str) -> Result<Collector> {
+    /// Read every work queue of `t` into one record.
+    async fn start(conn: &Connection, t: &Topology) -> Result<Collector> {
         let channel = conn.create_channel().await?;
+        let recs: Recs = Arc::default();
+        let mut tasks = Vec::new();
+        for (i, q) in t.work_queues().iter().enumerate() {
+            tasks.push(Self::consume(&channel, &q.name, i, recs.clone()).await?);
+        }
+        Ok(Collector {
+            recs,
+            tasks,
+            channel,
+        })
+    }
+
+    async fn consume(
+        channel: &lapin::Channel,
+        queue: &str,
+        i: usize,
+        sink: Recs,
+    ) -> Result<tokio::task::JoinHandle<()>> {
         let mut consumer = channel
             .basic_consume(
                 queue.into(),
-                "bench-schedules".into(),
+                format!("bench-schedules-{i}").into(),
                 BasicConsumeOptions {
                     no_ack: true,
                     ..BasicConsumeOptions::default()
@@ -104,9 +123,7 @@ impl Collector {
                 FieldTable::default(),
             )
             .await?;
-        let recs: Recs = Arc::default();
-        let sink = recs.clone();
-        let task = tokio::spawn(async move {
+        Ok(tokio::spawn(async move {
             while let Some(Ok(d)) = consumer.next().await {
                 let at = Utc::now();
                 let id = d
@@ -125,12 +142,7 @@ impl Collector {
                     v.push(Rec { id, key, pid, at });
                 }
             }
-        });
-        Ok(Collector {
-            recs,
-            task,
-            channel,
-        })
+        }))
     }
 
     /// Apply `f` to what was received so far.
@@ -143,7 +155,9 @@ impl Collector {
     }
 
     async fn stop(self) {
-        self.task.abort();
+        for t in &self.tasks {
+            t.abort();
+        }
         self.channel.close(200, "done".into()).await.ok();
     }
 }
@@ -232,6 +246,35 @@ fn mib(kib: Option<u64>) -> String {
 /// `S * * * * *` with S = i mod 60 when `None`.
 /// `--no-events`, for every producer config this scenario writes.
 static NO_EVENTS: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+/// `--sched-queues`, for every config and topology this scenario makes.
+static QUEUES: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
+
+fn queues() -> usize {
+    QUEUES.get().copied().unwrap_or(1).max(1)
+}
+
+/// The task schedule `i` publishes: one queue's, or one of `--sched-queues`.
+fn task_of(i: usize) -> String {
+    match queues() {
+        1 => TASK.to_owned(),
+        k => format!("{TASK}.{}", i % k),
+    }
+}
+
+/// The work queues of a run: one for every task, or one per task of
+/// [`task_of`].
+fn queue_configs() -> Vec<warren::config::QueueConfig> {
+    match queues() {
+        1 => TopologyConfig::default().queues,
+        k => (0..k)
+            .map(|j| warren::config::QueueConfig {
+                name: format!("q{j}"),
+                bindings: vec![format!("{TASK}.{j}")],
+                ..Default::default()
+            })
+            .collect(),
+    }
+}
 
 fn config_text(n: usize, cron: Option<&str>) -> String {
     let mut s = String::with_capacity(n * 80 + 64);
@@ -239,11 +282,20 @@ fn config_text(n: usize, cron: Option<&str>) -> String {
     if NO_EVENTS.get().copied().unwrap_or(false) {
         s.push_str("[events]\nenabled = false\n");
     }
+    if queues() > 1 {
+        for q in queue_configs() {
+            s.push_str(&format!(
+                "\n[[topology.queues]]\nname = \"{}\"\nbindings = [\"{}\"]\n",
+                q.name, q.bindings[0]
+            ));
+        }
+    }
     for i in 0..n {
         let expr = cron.map_or_else(|| format!("{} * * * * *", i % 60), str::to_owned);
         s.push_str(&format!(
-            "\n[[schedules]]\nname = \"{}\"\ncron = \"{expr}\"\ntask = \"{TASK}\"\n",
-            schedule_name(i)
+            "\n[[schedules]]\nname = \"{}\"\ncron = \"{expr}\"\ntask = \"{}\"\n",
+            schedule_name(i),
+            task_of(i)
         ));
     }
     s
@@ -253,6 +305,7 @@ fn sched_topo(name: &str) -> Topology {
     Topology::new(&TopologyConfig {
         prefix: format!("bench.{name}.{}", std::process::id()),
         queue_type: QueueType::Classic,
+        queues: queue_configs(),
         ..TopologyConfig::default()
     })
 }
@@ -562,6 +615,10 @@ const TABLE_HEAD: &str = "| scheduler | schedules | start → leading | fires/s 
 
 pub async fn schedules_scenario(conn: &Connection, args: &Args, url: &str) -> Result<()> {
     let _ = NO_EVENTS.set(args.no_events);
+    let _ = QUEUES.set(args.sched_queues);
+    if args.sched_queues > 1 && !args.peers.is_empty() {
+        anyhow::bail!("--sched-queues applies to warren only: drop --peers");
+    }
     let secs = args.seconds.unwrap_or(60.0);
     let producer = Side::Warren(sibling_bin(&args.producer_bin, "warren-producer")?);
     let mut sides = vec![producer.clone()];
@@ -706,7 +763,7 @@ async fn window_run(
         }
         Side::Robfig(_) => None,
     };
-    let c = Collector::start(conn, &t.work_queues()[0].name).await?;
+    let c = Collector::start(conn, &t).await?;
     let spawned = Instant::now();
     let r = async {
         let mut p = side
@@ -789,7 +846,7 @@ async fn burst_run(conn: &Connection, args: &Args, url: &str, side: &Side) -> Re
     let t = sched_topo("burst");
     topology::declare(conn, &t).await?;
     let dir = tempfile::tempdir()?;
-    let c = Collector::start(conn, &t.work_queues()[0].name).await?;
+    let c = Collector::start(conn, &t).await?;
     let r = async {
         let mut p = side
             .start(
@@ -874,7 +931,7 @@ async fn failover_run(
     let dir = tempfile::tempdir()?;
     let cfg = dir.path().join("producer.toml");
     std::fs::write(&cfg, config_text(n, None))?;
-    let c = Collector::start(conn, &t.work_queues()[0].name).await?;
+    let c = Collector::start(conn, &t).await?;
     let http = reqwest::Client::new();
     let lead_timeout = Duration::from_secs(args.lead_timeout);
     let r = async {
