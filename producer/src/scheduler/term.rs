@@ -347,22 +347,47 @@ impl<'a> Term<'a> {
     /// Decide every schedule due at `now`, publish the ticks that fire,
     /// record the cursors, and put the schedules back on the agenda.
     async fn wake(&mut self, now: DateTime<Utc>) -> Result<(), Fenced> {
-        // Woken [`fire::STAGE_LEAD`] ahead of the next instant: its ticks are
-        // planned and staged as at that instant, and committed then.
+        let (now, hold) = self.staged_instant(now);
+        let due = self.agenda.pop_due(now);
+        if due.is_empty() {
+            return Ok(());
+        }
+        let (chunks, decided) = self.plan_due(due, now);
+        let res = self.fire_all(&chunks, hold).await;
+        for s in &decided {
+            self.place(s, now);
+        }
+        res
+    }
+
+    /// The instant a wake-up decides for, and until when its commits wait:
+    /// woken [`fire::STAGE_LEAD`] ahead of the next instant, its ticks are
+    /// planned and staged as at that instant, and committed then.
+    fn staged_instant(
+        &mut self,
+        now: DateTime<Utc>,
+    ) -> (DateTime<Utc>, Option<tokio::time::Instant>) {
+        let lead = self.stage_lead();
         let ahead = self
             .agenda
             .next_at()
             .filter(|w| *w > now)
             .and_then(|w| (w - now).to_std().ok().map(|d| (w, d)))
-            .filter(|(_, d)| *d <= self.stage_lead());
-        let (now, hold) = match ahead {
+            .filter(|(_, d)| *d <= lead);
+        match ahead {
             Some((w, d)) => (w, Some(tokio::time::Instant::now() + d)),
             None => (now, None),
-        };
-        let due = self.agenda.pop_due(now);
-        if due.is_empty() {
-            return Ok(());
         }
+    }
+
+    /// Plan the ticks of every schedule in `due` as at `now`, in chunks that
+    /// each carry the record of the cursors they move, and the schedules
+    /// decided (to put back on the agenda).
+    fn plan_due(
+        &mut self,
+        due: Vec<Arc<str>>,
+        now: DateTime<Utc>,
+    ) -> (Vec<Chunk>, Vec<Arc<Schedule>>) {
         let chunk_ticks = if self.transactional() {
             fire::TX_TICKS
         } else {
@@ -427,11 +452,7 @@ impl<'a> Term<'a> {
             }
             decided.push(s);
         }
-        let res = self.fire_all(&chunks, hold).await;
-        for s in &decided {
-            self.place(s, now);
-        }
-        res
+        (chunks, decided)
     }
 
     /// How early ticks are staged ahead of their instant: only in
