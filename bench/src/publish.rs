@@ -216,11 +216,11 @@ pub async fn publish_scenario(conn: &Connection, args: &Args, url: &str) -> Resu
     // The target's yardstick: the same loop sending the same properties,
     // run by run (each round runs every side once, so a round's ratio
     // compares sides that met the same load).
-    if let Some(contract) = SIDES
+    let contract = SIDES
         .iter()
         .position(|s| *s == Side::PlainContract)
-        .filter(|_| chosen(Side::PlainContract))
-    {
+        .filter(|_| chosen(Side::PlainContract));
+    if let Some(contract) = contract {
         for (i, side) in SIDES
             .iter()
             .enumerate()
@@ -302,11 +302,7 @@ pub async fn publish_scenario(conn: &Connection, args: &Args, url: &str) -> Resu
         }
         // The target's yardstick, for the CLI and the API: the plain loop
         // sending the same properties, run by run.
-        let contract = SIDES
-            .iter()
-            .position(|s| *s == Side::PlainContract)
-            .filter(|_| chosen(Side::PlainContract) && matches!(side, Side::Cli | Side::Api));
-        let note = match contract {
+        let note = match contract.filter(|_| matches!(side, Side::Cli | Side::Api)) {
             Some(c) => format!(
                 "/ plain lapin with warren's properties {}, client CPU {}× its; {note}",
                 Spread::of(&table::ratios(&rates[c], &rates[i])).ratio(),

@@ -751,22 +751,35 @@ pub fn load_with_array<T: DeserializeOwned, E: DeserializeOwned>(
     let touches_key = |(k, _): &(String, String)| {
         env_path(k).is_some_and(|p| p.first().map(String::as_str) == Some(key))
     };
-    if let Some(split) = text
-        .as_deref()
-        .and_then(|t| Split::find(t, key, split::PER_CHUNK))
-    {
-        if !env.iter().any(touches_key) {
-            if let Some(list) = split.entries::<E>() {
-                if let Ok(mut cfg) = layer::<T>(path, Some(&split.rest), env.clone()) {
-                    if entries(&mut cfg).is_empty() {
-                        *entries(&mut cfg) = list;
-                        return Ok(cfg);
-                    }
-                }
-            }
+    if !env.iter().any(touches_key) {
+        let chunked = text
+            .as_deref()
+            .and_then(|t| chunked(path, t, key, &env, entries));
+        if let Some(cfg) = chunked {
+            return Ok(cfg);
         }
     }
     layer(path, text.as_deref(), env)
+}
+
+/// `text` read as its head and tail, then its `[[key]]` entries a chunk at
+/// a time; `None` when the cut cannot be trusted (read it whole).
+fn chunked<T: DeserializeOwned, E: DeserializeOwned>(
+    path: Option<&Path>,
+    text: &str,
+    key: &str,
+    env: &[(String, String)],
+    entries: fn(&mut T) -> &mut Vec<E>,
+) -> Option<T> {
+    let split = Split::find(text, key, split::PER_CHUNK)?;
+    let list = split.entries::<E>()?;
+    let mut cfg = layer::<T>(path, Some(&split.rest), env.to_vec()).ok()?;
+    let slot = entries(&mut cfg);
+    if !slot.is_empty() {
+        return None;
+    }
+    *slot = list;
+    Some(cfg)
 }
 
 /// The `WARREN_*` pairs that name a key.
