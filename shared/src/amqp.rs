@@ -284,6 +284,17 @@ impl Blocked {
     }
 }
 
+/// Whether `e` only says a channel or the connection was already closing
+/// or closed when an operation met it.
+fn is_close_echo(e: &lapin::Error) -> bool {
+    use lapin::{ChannelState as Ch, ConnectionState as Conn, ErrorKind};
+    matches!(
+        e.kind(),
+        ErrorKind::InvalidChannelState(Ch::Closing | Ch::Closed, _)
+            | ErrorKind::InvalidConnectionState(Conn::Closing | Conn::Closed)
+    )
+}
+
 /// Watches a connection's events: [`Blocked`] follows
 /// connection.blocked/unblocked so callers can refuse work (503) instead of
 /// hanging on publishes.
@@ -308,6 +319,12 @@ pub fn watch_connection(conn: &Connection, metrics: AmqpMetrics) -> Blocked {
                 // fine and the caller of that channel reports it.
                 Event::Error(e) if e.is_amqp_soft_error() => {
                     tracing::debug!(error = %crate::error::broker_reason(&e), "channel closed by the broker");
+                }
+                // An operation that met a channel or connection already
+                // closing or closed: the echo of a close, ours on shutdown
+                // or one whose cause was reported first.
+                Event::Error(e) if is_close_echo(&e) => {
+                    tracing::debug!(error = %e, "operation after close");
                 }
                 Event::Error(e) => {
                     tracing::warn!(error = %crate::error::broker_reason(&e), "connection error");
@@ -695,6 +712,30 @@ pub fn nack_backoff() -> ExponentialBuilder {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn an_operation_after_a_close_is_an_echo_and_a_lost_socket_is_not() {
+        use lapin::{ChannelState as Ch, ConnectionState as Conn, ErrorKind};
+        let echo = |k: ErrorKind| is_close_echo(&lapin::Error::from(k));
+        assert!(echo(ErrorKind::InvalidConnectionState(Conn::Closed)));
+        assert!(echo(ErrorKind::InvalidConnectionState(Conn::Closing)));
+        assert!(echo(ErrorKind::InvalidChannelState(
+            Ch::Closing,
+            "channel.close"
+        )));
+        assert!(echo(ErrorKind::InvalidChannelState(
+            Ch::Closed,
+            "basic.ack"
+        )));
+        assert!(!echo(ErrorKind::InvalidConnectionState(Conn::Connecting)));
+        assert!(!echo(ErrorKind::InvalidChannelState(
+            Ch::Initial,
+            "basic.publish"
+        )));
+        assert!(!echo(ErrorKind::IOError(std::sync::Arc::new(
+            std::io::Error::from(std::io::ErrorKind::ConnectionReset)
+        ))));
+    }
 
     #[test]
     fn connect_backoff_grows_but_stays_short() {

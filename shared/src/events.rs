@@ -262,6 +262,9 @@ struct Inner {
     origin: Origin,
     metrics: EventMetrics,
     confirm_timeout: Duration,
+    /// Cuts the batch's linger short: a flush waits for nothing (a CLI's
+    /// exit, a role's shutdown).
+    hurry: tokio::sync::Notify,
 }
 
 /// Records events without ever waiting; see the module docs. Cheap to
@@ -294,6 +297,7 @@ impl Recorder {
                 origin,
                 metrics,
                 confirm_timeout,
+                hurry: tokio::sync::Notify::new(),
             })),
         }
     }
@@ -337,6 +341,7 @@ impl Recorder {
         let Some(inner) = &self.inner else { return };
         let (tx, rx) = oneshot::channel();
         let sent = tokio::time::timeout(timeout, inner.tx.send(Item::Flush(tx))).await;
+        inner.hurry.notify_one();
         if matches!(sent, Ok(Ok(()))) {
             let _ = tokio::time::timeout(timeout, rx).await;
         }
@@ -377,9 +382,14 @@ async fn run(inner: Arc<Inner>, mut rx: mpsc::Receiver<Item>) {
         };
         take(first, &mut batch, &mut flushes);
         // One sleep per batch, not a timer per event: what comes meanwhile
-        // waits in the channel and rides along. A flush does not wait.
+        // waits in the channel and rides along. A flush does not wait, nor
+        // does a batch that is lingering when one arrives (a stale wake-up
+        // left by a flush taken first only ends one later linger early).
         if flushes.is_empty() && rx.len() < MAX_BATCH {
-            tokio::time::sleep(LINGER).await;
+            tokio::select! {
+                () = tokio::time::sleep(LINGER) => {}
+                () = inner.hurry.notified() => {}
+            }
         }
         while flushes.is_empty() && batch.events.len() < MAX_BATCH {
             match rx.try_recv() {
@@ -521,5 +531,31 @@ mod tests {
         }
         assert_eq!(m.dropped.with_label_values(&[reason::QUEUE_FULL]).get(), 10);
         Recorder::disabled().record(Event::new("x", "n", What::Started { attempt: 1 }));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_flush_does_not_wait_out_the_linger_of_the_batch_it_ends() {
+        let reg = Registry::new();
+        let m = EventMetrics::register(&reg).unwrap();
+        let origin = Origin {
+            role: "producer-cli".into(),
+            instance: "i".into(),
+            host: "h".into(),
+        };
+        let r = Recorder::new("s".into(), origin, m.clone(), Duration::from_secs(5));
+        // The publishing task without a connection: its batches are
+        // dropped as `unavailable`, which is enough to see when it sends.
+        let inner = r.inner.clone().unwrap();
+        let rx = inner.start.lock().unwrap().take().unwrap();
+        tokio::spawn(run(inner, rx));
+        r.record(Event::new("1", "n", What::Started { attempt: 1 }));
+        // The task takes the event and starts its linger.
+        tokio::task::yield_now().await;
+        // Paused time jumps to the next timer when all tasks wait, so a
+        // flush that waited for the linger would take all of it here.
+        let t0 = tokio::time::Instant::now();
+        r.flush(Duration::from_secs(5)).await;
+        assert!(t0.elapsed() < LINGER, "flush took {:?}", t0.elapsed());
+        assert_eq!(m.dropped.with_label_values(&[reason::UNAVAILABLE]).get(), 1);
     }
 }
