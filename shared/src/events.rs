@@ -511,17 +511,22 @@ mod tests {
         assert_eq!(cut("ééé", 3), "é…");
     }
 
-    #[tokio::test]
-    async fn a_full_channel_drops_and_counts_without_waiting() {
-        let reg = Registry::new();
-        let m = EventMetrics::register(&reg).unwrap();
+    /// A recorder never attached to a connection, and its counters.
+    fn unattached(role: &str) -> (Recorder, EventMetrics) {
+        let m = EventMetrics::register(&Registry::new()).unwrap();
         let origin = Origin {
-            role: "consumer".into(),
+            role: role.into(),
             instance: "i".into(),
             host: "h".into(),
         };
+        let r = Recorder::new("s".into(), origin, m.clone(), Duration::from_secs(5));
+        (r, m)
+    }
+
+    #[tokio::test]
+    async fn a_full_channel_drops_and_counts_without_waiting() {
         // Never attached: nothing drains the channel.
-        let r = Recorder::new("s".into(), origin, m.clone(), Duration::from_secs(1));
+        let (r, m) = unattached("consumer");
         for i in 0..CHANNEL_CAPACITY + 10 {
             r.record(Event::new(
                 &i.to_string(),
@@ -535,14 +540,7 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn a_flush_does_not_wait_out_the_linger_of_the_batch_it_ends() {
-        let reg = Registry::new();
-        let m = EventMetrics::register(&reg).unwrap();
-        let origin = Origin {
-            role: "producer-cli".into(),
-            instance: "i".into(),
-            host: "h".into(),
-        };
-        let r = Recorder::new("s".into(), origin, m.clone(), Duration::from_secs(5));
+        let (r, m) = unattached("producer-cli");
         // The publishing task without a connection: its batches are
         // dropped as `unavailable`, which is enough to see when it sends.
         let inner = r.inner.clone().unwrap();
